@@ -1,0 +1,190 @@
+"""The embedding cache: one HDF5 file per (model, cohort), readable without torch.
+
+Layout (format ``cxrfair-embeddings`` v1)::
+
+    /                      attrs: format, format_version, complete, model, weights_id, cohort_hash,
+                                  embed_dim, logit_scale, classes (JSON), preprocessing (JSON),
+                                  versions (JSON), created, and any other provenance (JSON)
+    /images/embeddings     float32 (N, D)   encoder outputs in cohort order, not normalised
+    /cohort/csv            str              the cohort rows (cohort.csv text) in the same order
+    /text/<set>/embeddings float32 (draws, C, D)  per prompt set; attrs: prompts (JSON [draw][class][k])
+
+The file only ever exists complete: ``write_cache`` builds it under a temporary name and renames
+it, so a reader that finds the file can trust it. Extraction keeps its partial progress
+elsewhere (see ``cxrfair.extract.extractor``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+from cxrfair.errors import CxrfairError
+from cxrfair.io import atomic_path
+
+FORMAT = "cxrfair-embeddings"
+FORMAT_VERSION = 1
+_JSON_ATTRS = ("classes", "preprocessing", "versions")
+
+
+@dataclass(frozen=True)
+class TextEmbeddings:
+    """Class text embeddings of one prompt set.
+
+    Attributes:
+        embeddings: (draws, C, D) float32, one row per class per draw (mean of its prompts'
+            normalised embeddings).
+        prompts: [draw][class] -> list of prompt strings used for that class in that draw.
+    """
+
+    embeddings: np.ndarray
+    prompts: list
+
+
+@dataclass
+class EmbeddingCache:
+    """A complete cache read back into memory.
+
+    Attributes:
+        image_embeddings: (N, D) float32, rows in cohort order.
+        table: the cohort rows (N rows, cohort.csv columns) in the same order.
+        classes: class names; ``labels()`` indexes into this list.
+        text: prompt set name -> TextEmbeddings.
+        attrs: provenance (model, weights_id, cohort_hash, embed_dim, logit_scale, ...).
+        path: the file it was read from.
+    """
+
+    image_embeddings: np.ndarray
+    table: pd.DataFrame
+    classes: list[str]
+    text: dict[str, TextEmbeddings]
+    attrs: dict[str, Any]
+    path: Path | None = field(default=None)
+
+    @property
+    def model(self) -> str:
+        return self.attrs["model"]
+
+    @property
+    def cohort_hash(self) -> str:
+        return self.attrs["cohort_hash"]
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.attrs["logit_scale"])
+
+    def split_mask(self, name: str) -> np.ndarray:
+        """(N,) bool: rows of split ``name`` (train / val / test)."""
+        return (self.table["split"] == name).to_numpy()
+
+    def labels(self) -> np.ndarray:
+        """(N,) int: each row's label as an index into ``classes``."""
+        index = {c: i for i, c in enumerate(self.classes)}
+        return self.table["label"].map(index).to_numpy(dtype=np.int64)
+
+
+def _encode_attr(key: str, value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool, np.integer, np.floating, np.bool_)):
+        return value
+    return "json:" + json.dumps(value, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+
+
+def _decode_attr(value: Any) -> Any:
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, str) and value.startswith("json:"):
+        return json.loads(value[5:])
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def write_cache(
+    path: Path | str,
+    *,
+    image_embeddings: np.ndarray,
+    cohort_table: pd.DataFrame,
+    classes: list[str],
+    text: Mapping[str, TextEmbeddings],
+    attrs: Mapping[str, Any],
+) -> Path:
+    """Write a complete cache atomically (temp file + rename).
+
+    Args:
+        image_embeddings: (N, D) float array, rows aligned with ``cohort_table``.
+        cohort_table: N cohort rows (cohort.csv columns).
+        classes: C class names, the order of the text embeddings' class axis.
+        text: prompt set -> TextEmbeddings with embeddings (draws, C, D).
+        attrs: provenance; must include model, weights_id, cohort_hash, logit_scale.
+    """
+    import h5py
+
+    emb = np.asarray(image_embeddings, dtype=np.float32)
+    if emb.ndim != 2 or emb.shape[0] != len(cohort_table):
+        raise ValueError(f"image_embeddings {emb.shape} do not match {len(cohort_table)} cohort rows")
+    for key in ("model", "weights_id", "cohort_hash", "logit_scale"):
+        if key not in attrs:
+            raise ValueError(f"cache attrs need {key!r}")
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            meta = dict(attrs)
+            meta.update(format=FORMAT, format_version=FORMAT_VERSION, embed_dim=int(emb.shape[1]),
+                        classes=list(classes), n_images=int(emb.shape[0]),
+                        created=meta.get("created", datetime.now(timezone.utc).isoformat(timespec="seconds")))
+            for key, value in meta.items():
+                f.attrs[key] = _encode_attr(key, value)
+            f.create_dataset("images/embeddings", data=emb, chunks=(min(len(emb), 1024) or 1, emb.shape[1]))
+            f.create_dataset("cohort/csv", data=cohort_table.to_csv(index=False), dtype=h5py.string_dtype())
+            for name, te in text.items():
+                t = np.asarray(te.embeddings, dtype=np.float32)
+                if t.ndim != 3 or t.shape[1] != len(classes) or t.shape[2] != emb.shape[1]:
+                    raise ValueError(f"text embeddings {name!r} have shape {t.shape}, want (draws, {len(classes)}, {emb.shape[1]})")
+                ds = f.create_dataset(f"text/{name}/embeddings", data=t)
+                ds.attrs["prompts"] = json.dumps(te.prompts)
+            # Written last: a file that has this flag was closed cleanly after everything above.
+            f.attrs["complete"] = True
+    return path
+
+
+def read_cache(path: Path | str) -> EmbeddingCache:
+    """Read a complete cache; CxrfairError naming the file if it is missing, partial or foreign."""
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        partial = path.with_name(path.name + ".partial")
+        hint = f" (an interrupted extraction left {partial}; rerun the same `cxrfair extract` command to finish it)" if partial.exists() else ""
+        raise CxrfairError(f"cache {path}: no such file{hint}")
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        raise CxrfairError(f"cache {path}: not a readable HDF5 file (corrupt or not a cache); re-run `cxrfair extract`") from None
+    with f:
+        attrs = {k: _decode_attr(v) for k, v in f.attrs.items()}
+        if attrs.get("format") != FORMAT:
+            raise CxrfairError(f"cache {path}: not a cxrfair embedding cache (format={attrs.get('format')!r}); pass a file written by `cxrfair extract`")
+        if attrs.get("format_version") != FORMAT_VERSION:
+            raise CxrfairError(f"cache {path}: format version {attrs.get('format_version')} is not supported (want {FORMAT_VERSION}); re-run `cxrfair extract`")
+        if not attrs.get("complete"):
+            raise CxrfairError(f"cache {path}: incomplete (extraction was interrupted); rerun the same `cxrfair extract` command")
+        for key in ("images/embeddings", "cohort/csv"):
+            if key not in f:
+                raise CxrfairError(f"cache {path}: missing dataset {key}; re-run `cxrfair extract --force`")
+        emb = f["images/embeddings"][...]
+        csv_text = f["cohort/csv"][()]
+        csv_text = csv_text.decode() if isinstance(csv_text, bytes) else csv_text
+        text = {}
+        for name, group in f.get("text", {}).items():
+            text[name] = TextEmbeddings(group["embeddings"][...], json.loads(group["embeddings"].attrs["prompts"]))
+    table = pd.read_csv(io.StringIO(csv_text), dtype={"image_id": str, "path": str, "label": str, "sex": str, "split": str, "age_group": str})
+    if len(table) != emb.shape[0]:
+        raise CxrfairError(f"cache {path}: {emb.shape[0]} embeddings but {len(table)} cohort rows; re-run `cxrfair extract --force`")
+    return EmbeddingCache(emb, table, list(attrs["classes"]), text, attrs, path)

@@ -1,0 +1,130 @@
+"""One registry maps model names to loaders; every loader returns the same small interface.
+
+Architecture and weights are kept apart (as in open_clip): a ``ModelSpec`` names the encoders and
+where the released weights come from; its ``loader`` builds the architecture and loads weights
+from ``--weights``, an environment variable or the hub cache. Importing this module is cheap (no
+torch); loaders import torch when called.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from cxrfair.errors import CxrfairError
+from cxrfair.extract.preprocess import Preprocess
+
+if TYPE_CHECKING:
+    import torch
+
+# Modules whose import registers the built-in models (each calls ``register`` at import time).
+BUILTIN_MODULES = (
+    "cxrfair.extract.models.openclip",
+    "cxrfair.extract.models.medclip",
+    "cxrfair.extract.models.gloria",
+)
+
+
+@dataclass
+class FoundationModel:
+    """A loaded model behind the interface every stage uses.
+
+    Attributes:
+        name: registry name.
+        spec: its ModelSpec.
+        model: the whole model (for ``.to(device)``, ``.eval()``, dtype casts).
+        image_encoder: the module fine-tuning adapts; maps (B, 3, S, S) normalised float -> (B, D).
+        preprocess: geometry + normalisation of the checkpoint (``prepare`` / ``normalize``).
+        tokenize: list of T prompts -> tokens accepted by ``encode_text``.
+        encode_image: (B, 3, S, S) normalised float -> (B, D) embeddings (not normalised).
+        encode_text: tokens for T prompts -> (T, D) embeddings (not normalised).
+        logit_scale: the learned temperature, already exponentiated (e.g. 100.0 for CLIP).
+        embed_dim: D.
+        weights_id: identity of the weights (``sha256:<hex>`` of a file, a hub revision, or
+            ``random-init(seed=0)``), recorded in every cache and run.
+    """
+
+    name: str
+    spec: "ModelSpec"
+    model: "torch.nn.Module"
+    image_encoder: "torch.nn.Module"
+    preprocess: Preprocess
+    tokenize: Callable[[list[str]], Any]
+    encode_image: Callable[["torch.Tensor"], "torch.Tensor"]
+    encode_text: Callable[[Any], "torch.Tensor"]
+    logit_scale: float
+    embed_dim: int
+    weights_id: str
+    extras: dict = field(default_factory=dict)  # model-specific capabilities (e.g. GLoRIA local features)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the registry knows about a model before loading it (shown by ``cxrfair models list``)."""
+
+    name: str
+    image_encoder: str  # e.g. "ViT-B/16"
+    text_encoder: str  # e.g. "CLIP text transformer"; "" for image-only models
+    embed_dim: int
+    weights_source: str  # where the released weights come from (tag, hub id or URL)
+    loader: Callable[..., FoundationModel]  # loader(spec, weights: Path | None, device: str) -> FoundationModel
+    zero_shot: bool = True
+    lora_targets: tuple[str, ...] | str | None = None  # peft target_modules: names, or one regex string
+    tiny: bool = False  # offline test/demo model with random weights
+    description: str = ""
+    weights_env: str | None = None  # environment variable that may point at the weights
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+_loaded_builtins = False
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    """Add a model; a second spec with the same name is refused (one name, one meaning)."""
+    if spec.name in _REGISTRY:
+        raise ValueError(f"model {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def _ensure_builtins() -> None:
+    global _loaded_builtins
+    if _loaded_builtins:
+        return
+    _loaded_builtins = True
+    for module in BUILTIN_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:  # a real missing dependency inside the module: surface it
+                raise
+
+
+def list_specs() -> list[ModelSpec]:
+    """All registered models, paper models first, tiny ones last."""
+    _ensure_builtins()
+    return sorted(_REGISTRY.values(), key=lambda s: (s.tiny, list(_REGISTRY).index(s.name)))
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The spec of ``name``; CxrfairError listing the known names if there is none."""
+    _ensure_builtins()
+    if name not in _REGISTRY:
+        known = ", ".join(s.name for s in list_specs())
+        raise CxrfairError(f"--model {name!r}: unknown model; known models: {known}")
+    return _REGISTRY[name]
+
+
+def load_model(name: str, weights: Path | str | None = None, device: str = "cpu") -> FoundationModel:
+    """Build model ``name`` and load its weights (``weights`` overrides env var and hub cache).
+
+    The model is returned in eval mode on ``device``.
+    """
+    spec = get_spec(name)
+    if weights is not None and not Path(weights).exists():
+        raise CxrfairError(f"--weights {weights}: no such file or folder")
+    fm = spec.loader(spec, Path(weights) if weights is not None else None, device)
+    fm.model.eval()
+    return fm
