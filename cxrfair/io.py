@@ -18,6 +18,18 @@ from typing import Any, Iterator
 from cxrfair.errors import CxrfairError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path: Path, is_dir: bool) -> None:
+    # mkstemp/mkdtemp create 0600/0700 entries; give the final output the usual umask-based
+    # mode so colleagues on a shared machine can read results.
+    os.chmod(path, (0o777 if is_dir else 0o666) & ~_umask())
+
+
 def ensure_writable_dir(path: Path, option: str = "--out") -> Path:
     """Create ``path`` (and parents) or raise a CxrfairError naming the option."""
     path = Path(path)
@@ -40,6 +52,8 @@ def atomic_path(path: Path | str, option: str = "--out") -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        if tmp.exists():
+            _publish_mode(tmp, is_dir=False)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -61,6 +75,7 @@ def atomic_dir(path: Path | str, force: bool = False, option: str = "--out") -> 
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        _publish_mode(tmp, is_dir=True)
         if path.exists():
             # Move the old output aside first so the final swap is a single rename.
             old = path.with_name(f".{path.name}.old-{os.getpid()}")

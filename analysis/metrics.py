@@ -1,0 +1,431 @@
+"""Utility and fairness metrics: pure NumPy functions ``f(y_true, y_prob, *, weights=None)``.
+
+Every metric takes integer labels ``y_true`` (N,), class probabilities ``y_prob`` (N, C) and
+optional sample ``weights`` of shape (N,) or (..., N). A bootstrap replicate is the same data
+with weights equal to how often each image was drawn, so passing a (R, N) matrix of resample
+counts computes all R replicates at once as arrays (no Python loop over replicates), and the
+result gains a leading (R,) axis. ``weights=None`` is the plain metric on the data as given.
+
+Predictions are the arg-max class (ties go to the lower class index, as ``np.argmax``).
+
+NaN rule (the only one): a ratio whose denominator is zero (no samples, no positives, no
+negatives, nothing present and nothing predicted) is NaN. Reductions over classes (macro means,
+``var_f1``, the class sums inside gap metrics) skip NaN terms, like scikit-learn's
+``zero_division=np.nan``; they are NaN only when every term is. Combinations over groups (gaps,
+minima, sums over groups) propagate NaN: a gap involving an undefined group is NaN.
+
+Disaggregation lives in one place, ``by_group``; the group-level fairness metrics are generated
+from one spec table, ``GROUP_METRICS``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import numpy as np
+
+ECE_BINS = 15
+
+
+class Counts(NamedTuple):
+    """Weighted one-vs-rest confusion counts, each (..., C)."""
+
+    tp: np.ndarray
+    fp: np.ndarray
+    fn: np.ndarray
+    tn: np.ndarray
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _weights(weights, n: int) -> np.ndarray:
+    """(..., N) float weights; ones (N,) when None."""
+    if weights is None:
+        return np.ones(n)
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape[-1] != n:
+        raise ValueError(f"weights have {w.shape[-1]} columns for {n} samples")
+    return w
+
+
+def _ratio(num, den) -> np.ndarray:
+    """num / den with NaN where den == 0 (the NaN rule)."""
+    num, den = np.broadcast_arrays(np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64))
+    return np.divide(num, den, out=np.full(num.shape, np.nan), where=den > 0)
+
+
+def _segment_sum(w: np.ndarray, codes: np.ndarray, k: int, values=None) -> np.ndarray:
+    """Sum of ``w * values`` over the samples of each code: (..., N) -> (..., k).
+
+    The same as ``w @ one_hot(codes)`` but without BLAS: these products are tiny, and a
+    multi-threaded BLAS spinning on two shared cores made them 8x slower than plain sums.
+    """
+    x = w if values is None else w * values
+    return np.stack([x[..., codes == j].sum(-1) for j in range(k)], axis=-1)
+
+
+def _nanmean_last(x: np.ndarray) -> np.ndarray:
+    """Mean over the last axis skipping NaN; NaN (no warning) if all terms are NaN."""
+    ok = ~np.isnan(x)
+    return _ratio(np.where(ok, x, 0).sum(-1), ok.sum(-1))
+
+
+def predicted(y_prob: np.ndarray) -> np.ndarray:
+    """(N, C) -> (N,) arg-max class."""
+    return np.asarray(y_prob).argmax(axis=1)
+
+
+# ----------------------------------------------------------------------------- per-sample metrics
+
+
+def confusion_counts(y_true, y_prob, *, weights=None) -> Counts:
+    """One-vs-rest confusion counts of the arg-max prediction, per class.
+
+    Args:
+        y_true: (N,) int labels in [0, C).
+        y_prob: (N, C) probabilities.
+        weights: (N,) or (..., N) sample weights (bootstrap counts).
+
+    Returns:
+        Counts of arrays (..., C).
+    """
+    y_true = np.asarray(y_true)
+    n, c = np.shape(y_prob)
+    w = _weights(weights, n)
+    pred = predicted(y_prob)
+    pos, pp = _segment_sum(w, y_true, c), _segment_sum(w, pred, c)
+    # A hit on class c is a sample with y == pred == c; misses get code c (out of range).
+    tp = _segment_sum(w, np.where(pred == y_true, y_true, c), c)
+    total = w.sum(-1)[..., None]
+    return Counts(tp, pp - tp, pos - tp, total - pos - pp + tp)
+
+
+def accuracy(y_true, y_prob, *, weights=None) -> np.ndarray:
+    """Fraction of arg-max predictions equal to the label. Returns (...)."""
+    y_true = np.asarray(y_true)
+    w = _weights(weights, len(y_true))
+    return _ratio((w * (predicted(y_prob) == y_true)).sum(-1), w.sum(-1))
+
+
+def f1(y_true, y_prob, *, weights=None) -> np.ndarray:
+    """One-vs-rest F1 per class, 2TP / (2TP + FP + FN). Returns (..., C)."""
+    k = confusion_counts(y_true, y_prob, weights=weights)
+    return _ratio(2 * k.tp, 2 * k.tp + k.fp + k.fn)
+
+
+def f1_macro(y_true, y_prob, *, weights=None) -> np.ndarray:
+    """Unweighted mean of class F1 (NaN classes skipped). Returns (...)."""
+    return _nanmean_last(f1(y_true, y_prob, weights=weights))
+
+
+def var_f1(y_true, y_prob, *, weights=None) -> np.ndarray:
+    """Population variance of class F1 over classes, PAPER.md eq. 1. Returns (...).
+
+    References:
+        Sun et al., "Fairness Analysis of CLIP-Based Foundation Models for X-Ray Image
+        Classification", ISBI 2025, Var_F1.
+    """
+    f = f1(y_true, y_prob, weights=weights)
+    dev = f - _nanmean_last(f)[..., None]
+    return _nanmean_last(dev * dev)
+
+
+def tpr(y_true, y_prob, *, weights=None) -> np.ndarray:
+    """True-positive rate (recall) per class, TP / (TP + FN). Returns (..., C)."""
+    k = confusion_counts(y_true, y_prob, weights=weights)
+    return _ratio(k.tp, k.tp + k.fn)
+
+
+def fpr(y_true, y_prob, *, weights=None) -> np.ndarray:
+    """False-positive rate per class, FP / (FP + TN). Returns (..., C)."""
+    k = confusion_counts(y_true, y_prob, weights=weights)
+    return _ratio(k.fp, k.fp + k.tn)
+
+
+def fnr(y_true, y_prob, *, weights=None) -> np.ndarray:
+    """False-negative rate (missed diagnosis) per class, FN / (TP + FN). Returns (..., C)."""
+    k = confusion_counts(y_true, y_prob, weights=weights)
+    return _ratio(k.fn, k.tp + k.fn)
+
+
+def selection_rate(y_true, y_prob, *, weights=None) -> np.ndarray:
+    """Fraction of samples predicted as each class (demographic parity's base). Returns (..., C)."""
+    k = confusion_counts(y_true, y_prob, weights=weights)
+    return _ratio(k.tp + k.fp, (k.tp + k.fp + k.fn + k.tn))
+
+
+def _top_label(y_true, y_prob) -> tuple[np.ndarray, np.ndarray]:
+    """(N,) top-label confidence p_i and (N,) 0/1 correctness o_i."""
+    y_prob = np.asarray(y_prob, dtype=np.float64)
+    return y_prob.max(axis=1), (predicted(y_prob) == np.asarray(y_true)).astype(np.float64)
+
+
+def ece(y_true, y_prob, *, weights=None, n_bins: int = ECE_BINS) -> np.ndarray:
+    """Binned top-label expected calibration error. Returns (...).
+
+    ECE = sum_b (n_b / n) |acc_b - conf_b| over ``n_bins`` equal-width confidence bins
+    (lo, hi] of [0, 1], with conf the top-label probability and acc whether that label is right.
+
+    References:
+        Guo et al., "On Calibration of Modern Neural Networks", ICML 2017.
+    """
+    conf, correct = _top_label(y_true, y_prob)
+    w = _weights(weights, len(conf))
+    bins = np.clip(np.ceil(conf * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
+    # Per bin, sum_i w_i (o_i - p_i) = n_b (acc_b - conf_b): one matrix product for all replicates.
+    gap = _segment_sum(w, bins, n_bins, correct - conf)
+    return _ratio(np.abs(gap).sum(-1), w.sum(-1))
+
+
+def ece_paper(y_true, y_prob, *, weights=None) -> np.ndarray:
+    """Unbinned calibration error as written in PAPER.md eq. 4: (1/N) sum_i |p_i - o_i|.
+
+    p_i is the top-label confidence (the largest class probability of image i) and o_i is 1 if
+    that top label is the true label, else 0. Unlike ``ece`` nothing is binned, so it measures
+    per-image miscalibration (it is large even for a perfectly calibrated but unsure model).
+    Returns (...).
+    """
+    conf, correct = _top_label(y_true, y_prob)
+    w = _weights(weights, len(conf))
+    return _ratio((w * np.abs(conf - correct)).sum(-1), w.sum(-1))
+
+
+def _auc_binary(positive: np.ndarray, score: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Weighted Mann-Whitney AUC of one score, ties counted one half.
+
+    Sorting depends only on the scores, so it happens once; each replicate then only needs
+    cumulative sums of its weights over tie levels: O(R N) for R replicates.
+
+    Args:
+        positive: (N,) bool. score: (N,). w: (..., N) weights.
+
+    Returns:
+        (...) AUC, NaN without weighted positives or negatives.
+    """
+    order = np.argsort(score, kind="stable")
+    s, pos = score[order], positive[order]
+    ws = w[..., order]
+    wp = ws * pos
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])  # first index of each tie level
+    if len(starts) < len(s):  # ties: pool each tie level (skipped for continuous scores)
+        ws, wp = np.add.reduceat(ws, starts, axis=-1), np.add.reduceat(wp, starts, axis=-1)
+    wn = ws - wp
+    below = np.cumsum(wn, axis=-1) - wn  # negatives strictly below each level
+    u = (wp * (below + 0.5 * wn)).sum(-1)
+    return _ratio(u, wp.sum(-1) * wn.sum(-1))
+
+
+def roc_auc(y_true, y_prob, *, weights=None) -> np.ndarray:
+    """One-vs-rest ROC AUC per class (class-c probability as the score). Returns (..., C)."""
+    y_true, y_prob = np.asarray(y_true), np.asarray(y_prob, dtype=np.float64)
+    w = _weights(weights, len(y_true))
+    if len(y_true) == 0:
+        return np.full(w.shape[:-1] + (y_prob.shape[1],), np.nan)
+    return np.stack([_auc_binary(y_true == c, y_prob[:, c], w) for c in range(y_prob.shape[1])], axis=-1)
+
+
+def auc_macro(y_true, y_prob, *, weights=None) -> np.ndarray:
+    """Unweighted mean of one-vs-rest AUC over classes (NaN classes skipped). Returns (...)."""
+    return _nanmean_last(roc_auc(y_true, y_prob, weights=weights))
+
+
+# Name -> (function, per_class). The per-image metrics reported overall and per group.
+METRICS: dict[str, tuple[Callable, bool]] = {
+    "accuracy": (accuracy, False),
+    "f1": (f1, True),
+    "f1_macro": (f1_macro, False),
+    "auc": (roc_auc, True),
+    "auc_macro": (auc_macro, False),
+    "var_f1": (var_f1, False),
+    "ece": (ece, False),
+    "ece_paper": (ece_paper, False),
+    "tpr": (tpr, True),
+    "fpr": (fpr, True),
+    "fnr": (fnr, True),
+    "selection_rate": (selection_rate, True),
+}
+
+
+# ----------------------------------------------------------------------------- groups
+
+
+def by_group(metric: Callable, y_true, y_prob, groups, *, levels=None, weights=None) -> dict[str, np.ndarray]:
+    """Evaluate ``metric`` on each group separately (the one disaggregation helper).
+
+    Args:
+        metric: a function of this module, ``f(y_true, y_prob, *, weights)``.
+        y_true: (N,) int labels. y_prob: (N, C).
+        groups: (N,) group label of each sample.
+        levels: group labels in output order (default: sorted unique); a level with no samples
+            gets the metric of empty data (NaN).
+        weights: (N,) or (..., N).
+
+    Returns:
+        {group: metric value (...) or (..., C)}.
+    """
+    y_true, y_prob, groups = np.asarray(y_true), np.asarray(y_prob), np.asarray(groups)
+    w = _weights(weights, len(y_true))
+    levels = sorted(set(groups.tolist())) if levels is None else list(levels)
+    out = {}
+    for g in levels:
+        # Subsetting (not zero-weighting) keeps the work over all groups at one pass over N.
+        m = groups == g
+        out[g] = metric(y_true[m], y_prob[m], weights=w[..., m])
+    return out
+
+
+@dataclass(frozen=True)
+class GroupMetric:
+    """A fairness metric built from per-group values of base metrics.
+
+    Attributes:
+        name: output name.
+        bases: names in METRICS whose per-group values it combines (mean over bases).
+        combine: how groups are combined:
+            "difference": value(A) - value(A') per class, mean over classes; signed.
+            "abs_difference": |value(A) - value(A')| per class, mean over classes.
+            "min": the smallest group value.
+            "equity": overall / (1 + sum_g |overall - value(g)|).
+            For the two differences, A is the first level (``M``, ``young``); with more than two
+            groups the result is the largest of the pairwise values over all ordered pairs, which
+            for a signed difference is the max - min gap.
+        doc: what it is, for the report.
+    """
+
+    name: str
+    bases: tuple[str, ...]
+    combine: str
+    doc: str
+
+
+GROUP_METRICS: tuple[GroupMetric, ...] = (
+    GroupMetric("f1_gap", ("f1",), "difference", "F1_Δ = (1/C) Σ_c (F1_A^c − F1_A'^c), signed (PAPER eq. 2)"),
+    GroupMetric("eqodds", ("tpr", "fpr"), "abs_difference",
+                "EqOdds = (1/2C) Σ_c (|ΔTPR_c| + |ΔFPR_c|) (PAPER eq. 3)"),
+    GroupMetric("ece_gap", ("ece",), "abs_difference", "|ECE_A − ECE_A'|, binned top-label ECE (15 bins)"),
+    GroupMetric("ece_gap_paper", ("ece_paper",), "abs_difference",
+                "PAPER eq. 4 as written: |mean_A |p−o| − mean_A' |p−o||, p top-label confidence, o correctness"),
+    GroupMetric("es_auc", ("auc_macro",), "equity", "ES-AUC = AUC / (1 + Σ_g |AUC − AUC_g|) (FairCLIP)"),
+    GroupMetric("fnr_gap", ("fnr",), "difference", "(1/C) Σ_c (FNR_A^c − FNR_A'^c): under-diagnosis of A, signed"),
+    GroupMetric("dp_gap", ("selection_rate",), "abs_difference",
+                "(1/C) Σ_c |P(ŷ=c | A) − P(ŷ=c | A')|: demographic parity difference"),
+    GroupMetric("worst_group_accuracy", ("accuracy",), "min", "min_g accuracy_g"),
+)
+
+
+def _pairwise(values: np.ndarray, combine: str) -> np.ndarray:
+    """(G, ...[, C]) per-group values -> (G, G, ...) pairwise gaps (class axis reduced)."""
+    d = values[:, None] - values[None, :]
+    if combine == "abs_difference":
+        d = np.abs(d)
+    return d
+
+
+def combine_groups(spec: GroupMetric, per_group: dict[str, dict[str, np.ndarray]], overall: dict[str, np.ndarray]) -> np.ndarray:
+    """Apply one GroupMetric to per-group base values.
+
+    Args:
+        spec: the metric.
+        per_group: {base name: {group: (...) or (..., C)}} with groups in reference order.
+        overall: {base name: value on all samples}, for "equity".
+
+    Returns:
+        (...) the fairness metric.
+    """
+    if spec.combine in ("difference", "abs_difference"):
+        terms = []
+        for base in spec.bases:
+            v = np.stack(list(per_group[base].values()))  # (G, ...[, C])
+            d = _pairwise(v, spec.combine)
+            terms.append(_nanmean_last(d) if METRICS[base][1] else d)  # class mean skips NaN
+        d = sum(terms) / len(terms)  # (G, G, ...)
+        g = d.shape[0]
+        if g < 2:
+            return np.full(d.shape[2:], np.nan)
+        if g == 2:
+            return d[0, 1]
+        off = ~np.eye(g, dtype=bool)
+        return d[off].max(axis=0)  # NaN propagates
+    (base,) = spec.bases
+    v = np.stack(list(per_group[base].values()))
+    if spec.combine == "min":
+        return v.min(axis=0)
+    if spec.combine == "equity":
+        return overall[base] / (1 + np.abs(overall[base] - v).sum(axis=0))
+    raise ValueError(f"unknown combine {spec.combine!r}")
+
+
+# ----------------------------------------------------------------------------- the full set
+
+# Metrics reported on the whole split (issue 7: metrics.csv names), and per group.
+OVERALL_METRICS = ("accuracy", "f1", "f1_macro", "auc", "auc_macro", "var_f1", "ece")
+GROUP_VALUE_METRICS = ("accuracy", "f1", "f1_macro", "auc", "auc_macro", "ece", "ece_paper", "tpr", "fpr", "selection_rate")
+
+Key = tuple  # (metric, attribute, group, class); "" where one does not apply
+
+
+def all_metrics(y_true, y_prob, *, weights=None) -> dict[str, np.ndarray]:
+    """Every per-image metric of METRICS from one set of confusion counts and one AUC pass.
+
+    Same values as calling each function of METRICS (tested), but the counts and the AUC
+    sorting are shared, which is what makes a thousand replicates of thirty runs cheap.
+
+    Returns:
+        {name: (...) or (..., C)}.
+    """
+    k = confusion_counts(y_true, y_prob, weights=weights)
+    f = _ratio(2 * k.tp, 2 * k.tp + k.fp + k.fn)
+    auc = roc_auc(y_true, y_prob, weights=weights)
+    f_mean = _nanmean_last(f)
+    dev = f - f_mean[..., None]
+    return {
+        "accuracy": _ratio(k.tp.sum(-1), (k.tp + k.fn).sum(-1)),
+        "f1": f,
+        "f1_macro": f_mean,
+        "auc": auc,
+        "auc_macro": _nanmean_last(auc),
+        "var_f1": _nanmean_last(dev * dev),
+        "ece": ece(y_true, y_prob, weights=weights),
+        "ece_paper": ece_paper(y_true, y_prob, weights=weights),
+        "tpr": _ratio(k.tp, k.tp + k.fn),
+        "fpr": _ratio(k.fp, k.fp + k.tn),
+        "fnr": _ratio(k.fn, k.tp + k.fn),
+        "selection_rate": _ratio(k.tp + k.fp, k.tp + k.fp + k.fn + k.tn),
+    }
+
+
+def evaluate_all(y_true, y_prob, classes: list[str], attributes: dict[str, tuple[np.ndarray, list[str]]],
+                 *, weights=None) -> dict[Key, np.ndarray]:
+    """All reported metrics of one set of predictions, keyed for the long metrics table.
+
+    Args:
+        y_true: (N,) int labels. y_prob: (N, C). classes: C names.
+        attributes: {attribute: ((N,) group label per sample, levels in reference order)}.
+        weights: (N,) or (R, N) bootstrap counts; values gain the leading (R,) axis.
+
+    Returns:
+        {(metric, attribute, group, class): (...)}; "" for attribute/group/class where none applies.
+    """
+    out: dict[Key, np.ndarray] = {}
+    overall = all_metrics(y_true, y_prob, weights=weights)
+    _put(out, overall, OVERALL_METRICS, "", "", classes)
+    for attr, (labels, levels) in attributes.items():
+        groups = by_group(all_metrics, y_true, y_prob, labels, levels=levels, weights=weights)
+        per_group = {m: {g: groups[g][m] for g in levels} for m in METRICS}
+        for spec in GROUP_METRICS:
+            out[(spec.name, attr, "", "")] = combine_groups(spec, per_group, overall)
+        for g in levels:
+            _put(out, groups[g], GROUP_VALUE_METRICS, attr, g, classes)
+    return out
+
+
+def _put(out: dict, values: dict[str, np.ndarray], names, attr: str, group: str, classes: list[str]) -> None:
+    for name in names:
+        v = values[name]
+        if METRICS[name][1]:
+            for j, c in enumerate(classes):
+                out[(name, attr, group, c)] = v[..., j]
+        else:
+            out[(name, attr, group, "")] = v

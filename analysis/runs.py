@@ -1,0 +1,324 @@
+"""The run format: one folder per trained/evaluated model, written by probe and finetune, read by analyze.
+
+A run folder ``RUNS/<run_id>/`` holds
+
+- ``predictions.csv``: ``image_id, patient_id, split, label, sex, age, age_group`` (+ any other
+  attribute columns), then one ``p_<Class>`` column per class in class order (rows sum to 1);
+  one row per val and test image.
+- ``run.json``: ``run_id, model, method, seed, classes, cohort_hash, hyperparameters,
+  selected_epoch, trainable_params, timings`` plus optional ``curves, prompt_set, draw, notes,
+  source, created``.
+
+The folder is written in one rename (``cxrfair.io.atomic_dir``), so a folder that exists is
+complete. Readers validate everything and raise ``CxrfairError`` naming the run and the column.
+numpy + pandas only.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+import numpy as np
+import pandas as pd
+
+from cxrfair.errors import CxrfairError
+from cxrfair.io import atomic_dir, write_json_atomic
+
+METHODS = ("zeroshot", "linear", "mlp", "lora", "full")
+BASE_COLUMNS = ("image_id", "patient_id", "split", "label", "sex", "age", "age_group")
+REQUIRED_META = (
+    "run_id", "model", "method", "seed", "classes", "cohort_hash",
+    "hyperparameters", "selected_epoch", "trainable_params", "timings",
+)
+SPLITS = ("train", "val", "test")
+PROB_PREFIX = "p_"
+# float32 softmax outputs written as text sum to 1 within ~1e-6; 1e-3 catches real mistakes
+# (logits, unnormalised scores, a dropped column) without rejecting rounding.
+PROB_SUM_TOL = 1e-3
+PREDICTIONS_FILE = "predictions.csv"
+META_FILE = "run.json"
+# Columns of cohort.csv that are not attributes of the image and so do not travel into runs.
+_NON_ATTRIBUTE_COLUMNS = ("path",)
+_RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")
+_STRING_COLUMNS = ("image_id", "split", "label", "sex", "age_group")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run as read from disk.
+
+    Attributes:
+        meta: the contents of run.json.
+        predictions: predictions.csv as a DataFrame (validated).
+        path: the run folder.
+    """
+
+    meta: dict
+    predictions: pd.DataFrame
+    path: Path
+
+    @property
+    def run_id(self) -> str:
+        return str(self.meta["run_id"])
+
+    @property
+    def model(self) -> str:
+        return str(self.meta["model"])
+
+    @property
+    def method(self) -> str:
+        return str(self.meta["method"])
+
+    @property
+    def seed(self) -> int:
+        return int(self.meta["seed"])
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta["classes"])
+
+    def split(self, name: str) -> pd.DataFrame:
+        """The prediction rows of one split (``train``/``val``/``test``), in file order."""
+        return self.predictions[self.predictions["split"] == name]
+
+    def arrays(self, split: str = "test") -> tuple[np.ndarray, np.ndarray]:
+        """Labels and probabilities of one split.
+
+        Returns:
+            y: (N,) int, index into ``classes``.
+            probs: (N, C) float64, rows sum to 1.
+        """
+        rows = self.split(split)
+        index = {c: i for i, c in enumerate(self.classes)}
+        y = rows["label"].map(index).to_numpy(dtype=np.int64)
+        probs = rows[prob_columns(self.classes)].to_numpy(dtype=np.float64)
+        return y, probs
+
+
+def prob_columns(classes: list[str]) -> list[str]:
+    """The probability column names for ``classes``, in class order."""
+    return [f"{PROB_PREFIX}{c}" for c in classes]
+
+
+def make_predictions(rows: pd.DataFrame, probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
+    """Build a predictions table from cohort rows and predicted probabilities.
+
+    Args:
+        rows: cohort rows (cohort.csv columns) of the images that were predicted, usually every
+            val and test image; their order is kept.
+        probs: (N, C) class probabilities, row i for ``rows.iloc[i]``, columns in ``classes`` order.
+        classes: the class names (cohort order).
+
+    Returns:
+        DataFrame with ``BASE_COLUMNS``, then any extra attribute columns of ``rows`` (``path``
+        dropped), then ``p_<Class>`` per class. Raises CxrfairError if shapes or values are wrong.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape != (len(rows), len(classes)):
+        raise CxrfairError(
+            f"make_predictions: probabilities have shape {probs.shape}, expected "
+            f"({len(rows)} rows, {len(classes)} classes)"
+        )
+    missing = [c for c in BASE_COLUMNS if c not in rows.columns]
+    if missing:
+        raise CxrfairError(f"make_predictions: cohort rows lack column(s) {', '.join(missing)}")
+    extra = [c for c in rows.columns if c not in BASE_COLUMNS and c not in _NON_ATTRIBUTE_COLUMNS]
+    out = rows[list(BASE_COLUMNS) + extra].reset_index(drop=True).copy()
+    out = pd.concat([out, pd.DataFrame(probs, columns=prob_columns(classes))], axis=1)
+    validate_predictions(out, classes, where="make_predictions")
+    return out
+
+
+def write_run(runs_dir: Path | str, meta: dict, predictions: pd.DataFrame, force: bool = False) -> Path:
+    """Write one run folder ``runs_dir/<run_id>/`` atomically.
+
+    Args:
+        runs_dir: the RUNS folder (created if needed).
+        meta: run.json contents; must hold ``REQUIRED_META``. ``created`` is filled in if absent.
+        predictions: from ``make_predictions`` (validated again here).
+        force: replace an existing run folder of the same id.
+
+    Returns:
+        The run folder path. Raises CxrfairError on invalid meta/predictions or an existing run
+        without ``force``.
+    """
+    meta = dict(meta)
+    meta.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    where = f"run {meta.get('run_id', '?')}"
+    validate_meta(meta, where)
+    validate_predictions(predictions, meta["classes"], where)
+    run_dir = Path(runs_dir) / meta["run_id"]
+    with atomic_dir(run_dir, force=force, option="run folder") as tmp:
+        # Full precision (repr) so a reread run gives bit-identical probabilities and ties.
+        predictions.to_csv(tmp / PREDICTIONS_FILE, index=False)
+        write_json_atomic(tmp / META_FILE, meta)
+    return run_dir
+
+
+def run_is_complete(run_dir: Path | str) -> bool:
+    """True if ``run_dir`` holds a readable run.json and a predictions.csv (cheap; no validation)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / PREDICTIONS_FILE).is_file() or not (run_dir / META_FILE).is_file():
+        return False
+    try:
+        meta = json.loads((run_dir / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "run_id" in meta
+
+
+def read_run(run_dir: Path | str) -> Run:
+    """Read and validate one run folder; CxrfairError naming the run and the column otherwise."""
+    run_dir = Path(run_dir)
+    where = f"run {run_dir.name} ({run_dir})"
+    meta = _read_meta(run_dir, where)
+    if meta["run_id"] != run_dir.name:
+        raise CxrfairError(
+            f"{where}: run.json says run_id '{meta['run_id']}' but the folder is '{run_dir.name}'; "
+            "rename the folder back or fix run_id"
+        )
+    predictions = _read_predictions(run_dir / PREDICTIONS_FILE, where)
+    validate_predictions(predictions, meta["classes"], where)
+    return Run(meta=meta, predictions=predictions, path=run_dir)
+
+
+def read_runs(runs_dir: Path | str) -> list[Run]:
+    """Read every run folder under ``runs_dir`` (sorted by run_id).
+
+    Hidden folders (atomic-write temporaries) and folders holding neither run file are skipped;
+    a folder holding only one of the two files is an error. No runs at all is an error.
+    """
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        raise CxrfairError(f"RUNS {runs_dir}: not a folder; pass the folder that probe/finetune wrote runs into")
+    runs = []
+    for sub in sorted(p for p in runs_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        has = [(sub / f).is_file() for f in (META_FILE, PREDICTIONS_FILE)]
+        if not any(has):
+            continue
+        if not all(has):
+            lacking = META_FILE if not has[0] else PREDICTIONS_FILE
+            raise CxrfairError(f"run {sub.name} ({sub}): {lacking} is missing; rerun that step or delete the folder")
+        runs.append(read_run(sub))
+    if not runs:
+        raise CxrfairError(
+            f"RUNS {runs_dir}: no runs found (expected <run_id>/{META_FILE} + {PREDICTIONS_FILE}); "
+            "run `cxrfair probe` or `cxrfair finetune` first"
+        )
+    return runs
+
+
+def validate_meta(meta: dict, where: str) -> None:
+    """Check run.json contents: required keys, run_id usable as a folder name, known method."""
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise CxrfairError(f"{where}: run.json lacks key(s) {', '.join(missing)}")
+    if not isinstance(meta["run_id"], str) or not _RUN_ID_RE.match(meta["run_id"]):
+        raise CxrfairError(f"{where}: run_id {meta['run_id']!r} is not a usable folder name (letters, digits, . _ + = -)")
+    if meta["method"] not in METHODS:
+        raise CxrfairError(f"{where}: method {meta['method']!r} is unknown; expected one of {', '.join(METHODS)}")
+    classes = meta["classes"]
+    if not isinstance(classes, list) or len(classes) < 2 or len(set(classes)) != len(classes):
+        raise CxrfairError(f"{where}: classes must be a list of at least two distinct names, got {classes!r}")
+    try:
+        int(meta["seed"])
+    except (TypeError, ValueError):
+        raise CxrfairError(f"{where}: seed {meta['seed']!r} is not an integer") from None
+
+
+def validate_predictions(df: pd.DataFrame, classes: list[str], where: str) -> None:
+    """Check a predictions table against the run format; CxrfairError naming the column otherwise."""
+    missing = [c for c in BASE_COLUMNS if c not in df.columns]
+    if missing:
+        raise CxrfairError(f"{where}: {PREDICTIONS_FILE} lacks column(s) {', '.join(missing)}")
+    _check_prob_columns(df, classes, where)
+    for col in ("image_id", "split", "label", "sex", "age_group"):
+        if df[col].isna().any():
+            first = df.index[df[col].isna()][0]
+            raise CxrfairError(f"{where}: column {col} is empty in row {first}")
+    if df["image_id"].duplicated().any():
+        dup = df["image_id"][df["image_id"].duplicated()].iloc[0]
+        raise CxrfairError(f"{where}: column image_id repeats {dup!r}; one row per image")
+    _check_values(df, "split", SPLITS, where)
+    _check_values(df, "label", classes, where)
+    _check_probabilities(df, classes, where)
+
+
+def _check_prob_columns(df: pd.DataFrame, classes: list[str], where: str) -> None:
+    have = [c for c in df.columns if str(c).startswith(PROB_PREFIX)]
+    want = prob_columns(classes)
+    unknown = [c for c in have if c not in want]
+    if unknown:
+        raise CxrfairError(
+            f"{where}: column(s) {', '.join(unknown)} name class(es) not in run.json classes {classes}"
+        )
+    lacking = [c for c in want if c not in have]
+    if lacking:
+        raise CxrfairError(f"{where}: {PREDICTIONS_FILE} lacks probability column(s) {', '.join(lacking)}")
+
+
+def _check_values(df: pd.DataFrame, col: str, allowed, where: str) -> None:
+    bad = ~df[col].astype(str).isin([str(a) for a in allowed])
+    if bad.any():
+        values = sorted(set(df.loc[bad, col].astype(str)))[:5]
+        raise CxrfairError(f"{where}: column {col} has unknown value(s) {values}; expected one of {list(allowed)}")
+
+
+def _check_probabilities(df: pd.DataFrame, classes: list[str], where: str) -> None:
+    cols = prob_columns(classes)
+    for col in cols:
+        if not pd.api.types.is_numeric_dtype(df[col]):
+            raise CxrfairError(f"{where}: column {col} is not numeric")
+    p = df[cols].to_numpy(dtype=np.float64)
+    bad_cell = ~np.isfinite(p) | (p < -PROB_SUM_TOL) | (p > 1 + PROB_SUM_TOL)
+    if bad_cell.any():
+        r, c = np.argwhere(bad_cell)[0]
+        raise CxrfairError(
+            f"{where}: column {cols[c]} has {float(p[r, c])} for image {df['image_id'].iloc[r]} "
+            "(probabilities must be finite and in [0, 1])"
+        )
+    sums = p.sum(axis=1)
+    off = np.abs(sums - 1) > PROB_SUM_TOL
+    if off.any():
+        r = int(np.flatnonzero(off)[0])
+        raise CxrfairError(
+            f"{where}: columns {cols[0]}..{cols[-1]} sum to {sums[r]:.6g} for image "
+            f"{df['image_id'].iloc[r]} ({int(off.sum())} row(s) off); probabilities must sum to 1 "
+            "(apply softmax)"
+        )
+
+
+def _read_meta(run_dir: Path, where: str) -> dict:
+    path = run_dir / META_FILE
+    if not path.is_file():
+        raise CxrfairError(f"{where}: {META_FILE} is missing")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise CxrfairError(f"{where}: {META_FILE} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise CxrfairError(f"{where}: {META_FILE} must hold a JSON object")
+    validate_meta(meta, where)
+    return meta
+
+
+def _read_predictions(path: Path, where: str) -> pd.DataFrame:
+    if not path.is_file():
+        raise CxrfairError(f"{where}: {PREDICTIONS_FILE} is missing")
+    try:
+        # Identifiers and group labels stay strings (an image id or a group "1" must not become int).
+        df = pd.read_csv(path, dtype={c: str for c in _STRING_COLUMNS})
+    except (ValueError, pd.errors.ParserError) as e:
+        raise CxrfairError(f"{where}: {PREDICTIONS_FILE} cannot be parsed ({e})") from None
+    return df
+
+
+def runs_table(runs: list[Run]) -> pd.DataFrame:
+    """One row per run: ``run_id, model, method, seed``."""
+    return pd.DataFrame(
+        [{"run_id": r.run_id, "model": r.model, "method": r.method, "seed": r.seed} for r in runs],
+        columns=["run_id", "model", "method", "seed"],
+    )

@@ -1,0 +1,163 @@
+"""The run format: write -> read round trip, atomicity, and errors naming the run and column."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cxrfair.analysis.runs import (
+    BASE_COLUMNS,
+    make_predictions,
+    prob_columns,
+    read_run,
+    read_runs,
+    run_is_complete,
+    write_run,
+)
+from cxrfair.errors import CxrfairError
+
+from .synth import CLASSES, cohort_rows, meta_for, probs_for
+
+
+@pytest.fixture
+def rows():
+    return cohort_rows(12)
+
+
+def _write(tmp_path, rows, **kw):
+    meta = meta_for("tinyclip", "linear", 0)
+    preds = make_predictions(rows, probs_for(rows), CLASSES)
+    return write_run(tmp_path / "RUNS", meta, preds, **kw)
+
+
+def test_make_predictions_columns_in_contract_order(rows):
+    preds = make_predictions(rows, probs_for(rows), CLASSES)
+    assert list(preds.columns) == list(BASE_COLUMNS) + ["view"] + prob_columns(CLASSES)
+    assert "path" not in preds.columns
+
+
+def test_round_trip_is_exact(tmp_path, rows):
+    probs = probs_for(rows)
+    run_dir = _write(tmp_path, rows)
+    assert run_dir.name == "tinyclip__linear__best__s0" and run_is_complete(run_dir)
+    run = read_run(run_dir)
+    assert run.model == "tinyclip" and run.method == "linear" and run.seed == 0 and run.classes == CLASSES
+    assert "created" in run.meta
+    y, p = run.arrays("test")
+    test = (rows["split"] == "test").to_numpy()
+    np.testing.assert_array_equal(p, probs[test])  # bit-exact: ties survive the round trip
+    np.testing.assert_array_equal(y, rows["label"][test].map(CLASSES.index).to_numpy())
+    assert run.predictions["image_id"].tolist() == rows["image_id"].tolist()
+    assert run.predictions["image_id"].map(type).eq(str).all()
+
+
+def test_existing_run_needs_force(tmp_path, rows):
+    _write(tmp_path, rows)
+    with pytest.raises(CxrfairError, match="--force"):
+        _write(tmp_path, rows)
+    _write(tmp_path, rows, force=True)
+    assert [p.name for p in (tmp_path / "RUNS").iterdir()] == ["tinyclip__linear__best__s0"]
+
+
+def test_failed_write_leaves_nothing(tmp_path, rows):
+    meta = meta_for("tinyclip", "linear", 0)
+    preds = make_predictions(rows, probs_for(rows), CLASSES)
+    preds.to_csv = None  # the write inside the temp folder fails
+    with pytest.raises(TypeError):
+        write_run(tmp_path / "RUNS", meta, preds)
+    assert list((tmp_path / "RUNS").iterdir()) == []
+
+
+def test_read_runs_skips_temporaries_and_sorts(tmp_path, rows):
+    for m in ("zeroshot", "full"):
+        write_run(tmp_path / "RUNS", meta_for("tinyclip", m, 0), make_predictions(rows, probs_for(rows), CLASSES))
+    (tmp_path / "RUNS" / ".half.tmp").mkdir()
+    (tmp_path / "RUNS" / "logs").mkdir()
+    assert [r.method for r in read_runs(tmp_path / "RUNS")] == ["full", "zeroshot"]
+
+
+def test_no_runs_is_an_error(tmp_path):
+    (tmp_path / "RUNS").mkdir()
+    with pytest.raises(CxrfairError, match="no runs found"):
+        read_runs(tmp_path / "RUNS")
+    with pytest.raises(CxrfairError, match="not a folder"):
+        read_runs(tmp_path / "nope")
+
+
+def test_half_run_folder_is_an_error(tmp_path, rows):
+    run_dir = _write(tmp_path, rows)
+    (run_dir / "predictions.csv").unlink()
+    assert not run_is_complete(run_dir)
+    with pytest.raises(CxrfairError, match=r"run tinyclip__linear__best__s0 .*predictions.csv is missing"):
+        read_runs(tmp_path / "RUNS")
+
+
+def _corrupt(run_dir, edit):
+    df = pd.read_csv(run_dir / "predictions.csv", dtype={"image_id": str})
+    df = edit(df)
+    df.to_csv(run_dir / "predictions.csv", index=False)
+
+
+def _scale(df):
+    df["p_Effusion"] *= 0.5
+    return df
+
+
+def _set(df, col, value, row=3):
+    df.loc[row, col] = value
+    return df
+
+
+@pytest.mark.parametrize("edit, pattern", [
+    (_scale, r"p_Atelectasis..p_No Finding sum to .* image 0000000"),
+    (lambda d: d.rename(columns={"p_Effusion": "p_Pneumonia"}), r"p_Pneumonia name class"),
+    (lambda d: d.drop(columns=["p_Effusion"]), r"lacks probability column\(s\) p_Effusion"),
+    (lambda d: d.drop(columns=["age_group"]), r"lacks column\(s\) age_group"),
+    (lambda d: _set(d, "label", "Pneumonia"), r"column label has unknown value\(s\) \['Pneumonia'\]"),
+    (lambda d: _set(d, "split", "holdout"), r"column split has unknown value"),
+    (lambda d: _set(d, "p_Effusion", np.nan), r"column p_Effusion has nan"),
+    (lambda d: _set(d, "sex", np.nan), r"column sex is empty"),
+    (lambda d: _set(d, "image_id", "00000000_000.png"), r"image_id repeats"),
+])
+def test_malformed_predictions_name_run_and_column(tmp_path, rows, edit, pattern):
+    run_dir = _write(tmp_path, rows)
+    _corrupt(run_dir, edit)
+    with pytest.raises(CxrfairError, match=r"run tinyclip__linear__best__s0") as e:
+        read_run(run_dir)
+    assert e.match(pattern)
+
+
+@pytest.mark.parametrize("edit, pattern", [
+    (lambda m: m.pop("classes"), r"lacks key\(s\) classes"),
+    (lambda m: m.update(method="boosting"), r"method 'boosting' is unknown"),
+    (lambda m: m.update(run_id="other"), r"run_id 'other' but the folder"),
+    (lambda m: m.update(seed="x"), r"seed 'x'"),
+])
+def test_bad_run_json(tmp_path, rows, edit, pattern):
+    run_dir = _write(tmp_path, rows)
+    meta = json.loads((run_dir / "run.json").read_text())
+    edit(meta)
+    (run_dir / "run.json").write_text(json.dumps(meta))
+    with pytest.raises(CxrfairError, match=pattern):
+        read_run(run_dir)
+
+
+def test_invalid_json(tmp_path, rows):
+    run_dir = _write(tmp_path, rows)
+    (run_dir / "run.json").write_text("{")
+    assert not run_is_complete(run_dir)
+    with pytest.raises(CxrfairError, match="not valid JSON"):
+        read_run(run_dir)
+
+
+def test_make_predictions_rejects_bad_probs(rows):
+    with pytest.raises(CxrfairError, match="shape"):
+        make_predictions(rows, probs_for(rows)[:, :2], CLASSES)
+    logits = np.random.default_rng(0).normal(size=(len(rows), len(CLASSES)))
+    with pytest.raises(CxrfairError, match="must be finite and in|sum to"):
+        make_predictions(rows, logits, CLASSES)
+    with pytest.raises(CxrfairError, match="lack column"):
+        make_predictions(rows.drop(columns=["sex"]), probs_for(rows), CLASSES)
