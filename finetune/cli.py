@@ -1,0 +1,72 @@
+"""``cxrfair finetune lora|full``: build a FinetuneConfig from options and call ``finetune``.
+
+Only click and stdlib at module level; torch/peft load inside the command.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+def _options(fn):
+    """The options both commands share (LoRA-only ones are added to ``lora`` separately)."""
+    opts = [
+        click.option("--model", required=True, help="Registry name (see `cxrfair models list`)."),
+        click.option("--cohort", required=True, type=click.Path(path_type=Path), help="Cohort folder (cohort.csv + cohort.json)."),
+        click.option("--out", required=True, type=click.Path(path_type=Path), help="RUNS folder; the run goes to OUT/<run_id>/."),
+        click.option("--epochs", default=150, show_default=True, type=int),
+        click.option("--batch-size", default=64, show_default=True, type=int),
+        click.option("--lr", default=None, type=float, help="AdamW peak learning rate [default: 5e-4 lora, 1e-5 full]."),
+        click.option("--weight-decay", default=0.01, show_default=True, type=float),
+        click.option("--seed", default=0, show_default=True, type=int),
+        click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])),
+        click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "fp32"]),
+                     help="auto: bf16 autocast on CUDA, fp32 on CPU."),
+        click.option("--workers", default=4, show_default=True, type=int, help="Threads decoding images into the cache (once)."),
+        click.option("--augment/--no-augment", default=False, show_default=True, help="Light shifts + brightness on uint8 pixels."),
+        click.option("--cache", default="auto", show_default=True, type=click.Choice(["auto", "memory", "file"]),
+                     help="Decoded-image cache: in memory, or a memmap file under OUT/.image-cache."),
+        click.option("--weights", default=None, type=click.Path(path_type=Path), help="Model weights overriding the registry's."),
+        click.option("--images", default=None, type=click.Path(path_type=Path), help="Images root overriding cohort.json's."),
+        click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint."),
+        click.option("--force", is_flag=True, help="Replace an existing run / discard a stale checkpoint."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _run(method: str, **options) -> None:
+    from cxrfair.finetune.config import FinetuneConfig
+    from cxrfair.finetune.train import finetune as run_finetune
+
+    config = FinetuneConfig(method=method, **options)
+    result = run_finetune(config)
+    click.echo(
+        f"{result.run_dir}: selected epoch {result.selected_epoch}/{config.epochs}, "
+        f"val loss {min(result.curves['val_loss']):.4f}, {result.trainable_params:,} trainable parameters"
+    )
+
+
+@click.group()
+def finetune() -> None:
+    """Adapt a model's image encoder: LoRA adapters or full fine-tuning, + a linear head."""
+
+
+@finetune.command()
+@_options
+@click.option("--lora-rank", default=8, show_default=True, type=int)
+@click.option("--lora-alpha", default=16.0, show_default=True, type=float)
+@click.option("--lora-dropout", default=0.0, show_default=True, type=float)
+def lora(**options) -> None:
+    """LoRA on every attention and MLP linear of the image encoder (targets from the registry)."""
+    _run("lora", **options)
+
+
+@finetune.command()
+@_options
+def full(**options) -> None:
+    """Train the whole image encoder and the head."""
+    _run("full", **options)

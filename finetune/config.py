@@ -1,0 +1,95 @@
+"""The one configuration of a fine-tuning run: a frozen dataclass, validated once on creation.
+
+Torch-free, so the CLI can build and check it before importing anything heavy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from cxrfair.errors import CxrfairError
+
+METHODS = ("lora", "full")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "bf16", "fp32")
+CACHE_MODES = ("auto", "memory", "file")
+
+# Learning rates when --lr is not given: LoRA adapters and a fresh head tolerate a much larger
+# step than pretrained encoder weights do (common practice for ViT fine-tuning).
+DEFAULT_LR = {"lora": 5e-4, "full": 1e-5}
+
+# Fields that change what a run computes. A resume checkpoint records them and must match; the
+# others (device, workers, out, resume, force, cache placement) only change where/how fast.
+TRAINING_FIELDS = (
+    "model", "method", "epochs", "batch_size", "lr", "weight_decay", "lora_rank", "lora_alpha",
+    "lora_dropout", "seed", "precision", "augment", "tag",
+)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Everything ``finetune`` needs; the click layer only builds one of these."""
+
+    model: str  # registry name of the foundation model (see `cxrfair models list`)
+    cohort: Path  # cohort folder (cohort.csv + cohort.json)
+    out: Path  # RUNS folder; the run lands in out/<run_id>/
+    method: str = "lora"  # "lora": adapters on attention + MLP linears; "full": whole encoder
+    epochs: int = 150  # paper recipe: 150 epochs, best epoch chosen on validation loss
+    batch_size: int = 64  # paper recipe
+    lr: float | None = None  # AdamW peak learning rate; None -> DEFAULT_LR[method]
+    weight_decay: float = 0.01  # AdamW decoupled weight decay (torch's default)
+    lora_rank: int = 8  # r of each low-rank update
+    lora_alpha: float = 16.0  # LoRA scaling numerator (update scaled by alpha / r)
+    lora_dropout: float = 0.0  # dropout on the LoRA input path; 0 keeps runs easy to compare
+    seed: int = 0  # seeds head init, LoRA init, batch order, augmentation and dropout
+    device: str = "auto"  # "auto": cuda when available, else cpu
+    precision: str = "auto"  # "auto": bf16 autocast on cuda, fp32 on cpu
+    workers: int = 4  # threads decoding PNGs into the uint8 image cache (done once)
+    augment: bool = False  # light uint8 augmentation (small shifts, brightness); the paper used none
+    weights: Path | None = None  # checkpoint file/folder overriding the registry's weights
+    images: Path | None = None  # images root overriding the one recorded in cohort.json
+    cache: str = "auto"  # image cache: "memory", "file" (np.memmap), "auto" (file above cache_max_gb)
+    cache_max_gb: float = 4.0  # "auto" keeps caches up to this size in memory
+    resume: bool = False  # continue from out/.<run_id>.work/checkpoint.pt if present
+    force: bool = False  # replace an existing run folder / discard a stale checkpoint
+    tag: str = "best"  # run_id tag: <model>__<method>__<tag>__s<seed>
+
+    def __post_init__(self) -> None:
+        _check(self.method in METHODS, f"--method {self.method!r}: expected one of {', '.join(METHODS)}")
+        _check(self.device in DEVICES, f"--device {self.device!r}: expected one of {', '.join(DEVICES)}")
+        _check(self.precision in PRECISIONS, f"--precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
+        _check(self.cache in CACHE_MODES, f"cache {self.cache!r}: expected one of {', '.join(CACHE_MODES)}")
+        for name in ("epochs", "batch_size", "lora_rank", "workers"):
+            _check(int(getattr(self, name)) >= 1, f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        _check(self.lr is None or self.lr > 0, f"--lr {self.lr}: must be positive")
+        _check(self.weight_decay >= 0, f"--weight-decay {self.weight_decay}: must be >= 0")
+        _check(self.lora_alpha > 0, f"--lora-alpha {self.lora_alpha}: must be positive")
+        _check(0 <= self.lora_dropout < 1, f"--lora-dropout {self.lora_dropout}: must be in [0, 1)")
+        _check(self.tag.replace("-", "").replace(".", "").isalnum(), f"tag {self.tag!r}: letters, digits, '-' and '.' only")
+        object.__setattr__(self, "cohort", Path(self.cohort))
+        object.__setattr__(self, "out", Path(self.out))
+        if self.lr is None:
+            object.__setattr__(self, "lr", DEFAULT_LR[self.method])
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.model}__{self.method}__{self.tag}__s{self.seed}"
+
+    def training_fields(self) -> dict:
+        """The fields a resume checkpoint must agree on (JSON-able)."""
+        return {name: getattr(self, name) for name in TRAINING_FIELDS}
+
+    def hyperparameters(self) -> dict:
+        """What run.json records under ``hyperparameters``."""
+        keep = [f.name for f in fields(self) if f.name not in ("cohort", "out", "resume", "force", "weights", "images")]
+        hp = {name: getattr(self, name) for name in keep}
+        if self.method == "full":  # LoRA settings mean nothing here; don't suggest they did
+            for name in ("lora_rank", "lora_alpha", "lora_dropout"):
+                hp.pop(name)
+        return hp
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise CxrfairError(message)
