@@ -1,0 +1,307 @@
+"""Synthetic chest X-rays in the NIH ChestX-ray14 layout, with known, planted group differences.
+
+``cxrfair cohort synth --out DIR`` writes
+
+- ``DIR/Data_Entry_2017.csv``: the NIH metadata columns in the 2017 release's exact layout
+  (``Image Index, Finding Labels, Follow-up #, Patient ID, Patient Age, Patient Gender,
+  View Position, OriginalImage[Width,Height], OriginalImagePixelSpacing[x,y]`` and the trailing
+  empty column that release has);
+- ``DIR/images_001/images/00000001_000.png`` ...: 8-bit grayscale PNGs, ``size`` px square,
+  spread over ``images_00k/images/`` folders of 500 like the NIH download;
+- ``DIR/synth_info.json``: everything below, as data (seed, counts, patterns, group effects).
+
+What is planted (all intensities on a 0..1 scale before 8-bit quantisation):
+
+- Background: a chest-like template (body ellipse ~0.55, two darker lung fields ~0.25, a brighter
+  mediastinum), per-image smooth low-frequency variation (sd 0.04), brightness/contrast jitter
+  (+-0.03 / x0.9..1.1) and white pixel noise whose sd depends on the group (below).
+- One pattern per finding, at its place (coordinates are fractions of the image, y down; ``side``
+  = one lung chosen at random per image; positions jitter by +-0.03):
+
+  ============== ===============================================================================
+  Cardiomegaly   enlarged bright heart: ellipse at (0.62, 0.50), radii 0.17 x 0.24, +0.35
+  Effusion       bright fluid level filling the base of one lung below y ~ 0.70, +0.40
+  Atelectasis    two thin bright horizontal plates (y ~ 0.55, 0.62) across one lung, +0.45
+  Pneumothorax   dark apex of one lung above y ~ 0.36 (-0.30) with a bright pleural line
+  Edema          both lungs: perihilar haze (+0.15) and horizontal stripes (period 4/64 of the
+                 image, +-0.12; "Kerley lines")
+  Consolidation  mottled bright blob in one mid lung (sd 0.08 of the image), +0.40 x texture
+  ============== ===============================================================================
+
+- Group differences (controlled, so fairness gaps are real and their direction is known):
+
+  * pattern amplitude factor: young M 1.00, young F 0.75, old M 0.70, old F 0.50 (the finding is
+    fainter for old and for female patients, most for old women);
+  * pixel-noise sd: young M 0.04, young F 0.06, old M 0.08, old F 0.10 (old images noisiest);
+  * a side marker (a small bright square, 5% of the image) in the top-left corner for F and the
+    top-right corner for M: sex is readable from the image, as it is on real radiographs, but the
+    marker carries no label information.
+
+  A classifier should therefore be least accurate on old female and most accurate on young male
+  images, with an age gap larger than the sex gap (a nearest-centroid classifier on the pixels of
+  64 px images scores about 0.87 young M, 0.82 young F, 0.80 old M, 0.63 old F, over seeds 0-2).
+
+- Rows: per (sex, age band) group, ``per_cell`` single-label images of each of the six preset
+  diseases, ``per_cell // 2`` "No Finding" images and ``per_cell // 4`` images with two findings
+  (so the single-label filter has something to drop). The images of a group are dealt out in
+  random order to patients of 1-4 images each (several findings per patient, so patient-disjoint
+  splits are exercised); a patient's age stays in its band over follow-ups. Ages: young 18-58,
+  old 60-89. View Position: PA with probability 0.6, else AP (independent of everything else).
+
+Everything is drawn from one ``numpy.random.default_rng(seed)``: same seed, same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cxrfair.errors import CxrfairError
+from cxrfair.io import atomic_dir
+
+DISEASES = ("Cardiomegaly", "Effusion", "Atelectasis", "Pneumothorax", "Edema", "Consolidation")
+GROUPS = (("M", "young"), ("F", "young"), ("M", "old"), ("F", "old"))
+AMPLITUDE = {("M", "young"): 1.0, ("F", "young"): 0.75, ("M", "old"): 0.7, ("F", "old"): 0.5}
+NOISE_SD = {("M", "young"): 0.04, ("F", "young"): 0.06, ("M", "old"): 0.08, ("F", "old"): 0.10}
+AGE_RANGE = {"young": (18, 57), "old": (60, 88)}  # base age; follow-ups add at most 1 year
+PATIENT_SIZES, PATIENT_PROBS = (1, 2, 3, 4), (0.4, 0.3, 0.2, 0.1)
+PER_FOLDER = 500  # images per images_00k/ folder (NIH uses ~10,000)
+NIH_HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
+              "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],")
+METADATA_NAME = "Data_Entry_2017.csv"
+PATTERNS = {
+    "Cardiomegaly": "enlarged bright heart: ellipse at (0.62, 0.50), radii 0.17 x 0.24, +0.35",
+    "Effusion": "bright fluid level filling the base of one lung below y ~ 0.70, +0.40",
+    "Atelectasis": "two thin bright horizontal plates (y ~ 0.55, 0.62) across one lung, +0.45",
+    "Pneumothorax": "dark apex of one lung above y ~ 0.36 (-0.30) with a bright pleural line",
+    "Edema": "both lungs: perihilar haze (+0.15) and horizontal stripes (period 4/64, +-0.12)",
+    "Consolidation": "mottled bright blob in one mid lung (sd 0.08), +0.40 x texture",
+}
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """Synthetic NIH-format data set; validated once on construction."""
+
+    out: Path  # output folder (Data_Entry_2017.csv, images_00k/images/*.png, synth_info.json)
+    seed: int = 0  # one numpy Generator draws everything
+    size: int = 64  # image side in pixels
+    per_cell: int = 64  # single-label images per disease x (sex, age band); the preset needs >= 50
+    force: bool = False  # replace an existing output folder
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out", Path(self.out))
+        if not 32 <= self.size <= 1024:
+            raise CxrfairError(f"--size {self.size}: must be between 32 and 1024 pixels")
+        if not 1 <= self.per_cell <= 10_000:
+            raise CxrfairError(f"--per-cell {self.per_cell}: must be between 1 and 10000")
+        if self.seed < 0:
+            raise CxrfairError(f"--seed {self.seed}: must be a non-negative integer")
+
+
+# --------------------------------------------------------------------------------------------
+# Rows (the metadata table)
+
+
+def _group_findings(per_cell: int, rng: np.random.Generator) -> list[str]:
+    """The 'Finding Labels' of one group's images, shuffled."""
+    labels = [d for d in DISEASES for _ in range(per_cell)] + ["No Finding"] * (per_cell // 2)
+    for _ in range(per_cell // 4):
+        pair = rng.choice(len(DISEASES), size=2, replace=False)
+        labels.append("|".join(sorted(DISEASES[i] for i in pair)))
+    return [labels[i] for i in rng.permutation(len(labels))]
+
+
+def _deal_to_patients(n: int, rng: np.random.Generator) -> list[int]:
+    """Split n images into consecutive patients of 1-4 images; returns the patient sizes."""
+    sizes = []
+    while sum(sizes) < n:
+        sizes.append(min(int(rng.choice(PATIENT_SIZES, p=PATIENT_PROBS)), n - sum(sizes)))
+    return sizes
+
+
+def plan_rows(config: SynthConfig, rng: np.random.Generator) -> pd.DataFrame:
+    """The metadata rows, NIH-sorted by image index.
+
+    Returns:
+        DataFrame with ``image_id, labels, follow_up, patient_id, age, sex, age_group, view``.
+    """
+    patients = []  # (sex, band, [findings]) per patient
+    for sex, band in GROUPS:
+        findings = _group_findings(config.per_cell, rng)
+        start = 0
+        for k in _deal_to_patients(len(findings), rng):
+            patients.append((sex, band, findings[start:start + k]))
+            start += k
+    rows = []
+    for pid, p in enumerate(rng.permutation(len(patients)), start=1):
+        sex, band, findings = patients[p]
+        base = int(rng.integers(AGE_RANGE[band][0], AGE_RANGE[band][1] + 1))
+        for k, f in enumerate(findings):
+            rows.append(dict(image_id=f"{pid:08d}_{k:03d}.png", labels=f, follow_up=k, patient_id=pid,
+                             age=base + k // 2, sex=sex, age_group=band, view="PA" if rng.random() < 0.6 else "AP"))
+    return pd.DataFrame(rows).sort_values("image_id", ignore_index=True)
+
+
+def metadata_csv(rows: pd.DataFrame, size: int) -> str:
+    """The 2017-release CSV text (trailing empty column included) for ``rows``."""
+    spacing = round(0.143 * 1024 / size, 6)
+    lines = [NIH_HEADER] + [
+        f"{r.image_id},{r.labels},{r.follow_up},{r.patient_id},{r.age},{r.sex},{r.view},{size},{size},{spacing},{spacing},"
+        for r in rows.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Pixels
+
+
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(1, S, S) y and x coordinates in [0, 1] (pixel centres)."""
+    c = (np.arange(size) + 0.5) / size
+    return c[None, :, None], c[None, None, :]
+
+
+def _ellipse(y, x, cy, cx, ry, rx, soft=0.05):
+    """Soft-edged ellipse mask in [0, 1]; cy, cx broadcast as (N, 1, 1)."""
+    r = np.sqrt(((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2)
+    return 1.0 / (1.0 + np.exp((r - 1.0) / soft))
+
+
+def _lung(y, x, side, dy=0.0, dx=0.0):
+    """Mask of the lung on ``side`` (N,) in {0: image-left, 1: image-right}."""
+    cx = np.where(side == 0, 0.30, 0.70)[:, None, None] + dx
+    return _ellipse(y, x, 0.48 + dy, cx, 0.30, 0.15)
+
+
+def chest_background(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """(n, S, S) float chest-like images without findings or pixel noise."""
+    y, x = _grid(size)
+    body = 0.1 + 0.45 * _ellipse(y, x, 0.55, 0.5, 0.52, 0.46)
+    lungs = _lung(y, x, np.zeros(1, int)) + _lung(y, x, np.ones(1, int))
+    mediastinum = 0.15 * np.exp(-((x - 0.5) / 0.07) ** 2) * (y > 0.15)
+    template = body - 0.3 * lungs + mediastinum  # (1, S, S)
+    coarse = rng.normal(0, 0.04, size=(n, 5, 5))
+    interp = _interp_matrix(5, size)  # smooth field: bilinear upsampling of a 5x5 grid
+    smooth = np.einsum("sa,nab,tb->nst", interp, coarse, interp)
+    contrast = rng.uniform(0.9, 1.1, size=(n, 1, 1))
+    brightness = rng.uniform(-0.03, 0.03, size=(n, 1, 1))
+    return template * contrast + brightness + smooth
+
+
+def _interp_matrix(k: int, size: int) -> np.ndarray:
+    """(size, k) linear interpolation weights from k control points to size pixels."""
+    pos = np.linspace(0, k - 1, size)
+    lo = np.clip(np.floor(pos).astype(int), 0, k - 2)
+    w = pos - lo
+    m = np.zeros((size, k))
+    m[np.arange(size), lo] = 1 - w
+    m[np.arange(size), lo + 1] = w
+    return m
+
+
+def disease_pattern(disease: str, n: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """(n, S, S) additive pattern of one finding at full amplitude, positions jittered per image."""
+    y, x = _grid(size)
+    dy, dx = (rng.uniform(-0.03, 0.03, size=(n, 1, 1)) for _ in range(2))
+    side = rng.integers(0, 2, size=n)
+    lung = _lung(y, x, side, dy, dx)
+    if disease == "Cardiomegaly":
+        return 0.35 * _ellipse(y, x, 0.62 + dy, 0.5 + dx, 0.17, 0.24)
+    if disease == "Effusion":
+        return 0.40 * lung / (1 + np.exp(-(y - 0.70 - dy) / 0.02))
+    if disease == "Atelectasis":
+        plates = np.exp(-(((y - 0.55 - dy) / 0.015) ** 2)) + np.exp(-(((y - 0.62 - dy) / 0.015) ** 2))
+        return 0.45 * lung * plates
+    if disease == "Pneumothorax":
+        edge = 0.36 + dy
+        return lung * (-0.30 / (1 + np.exp((y - edge) / 0.01)) + 0.25 * np.exp(-(((y - edge) / 0.012) ** 2)))
+    if disease == "Edema":
+        both = _lung(y, x, np.zeros(n, int), dy, dx) + _lung(y, x, np.ones(n, int), dy, dx)
+        haze = 0.15 * np.exp(-(((x - 0.5) / 0.25) ** 2) - (((y - 0.5 - dy) / 0.2) ** 2))
+        return both * (haze + 0.12 * np.sin(2 * np.pi * y * 16))
+    if disease == "Consolidation":
+        cx = np.where(side == 0, 0.30, 0.70)[:, None, None] + dx
+        blob = np.exp(-(((y - 0.5 - dy) ** 2 + (x - cx) ** 2) / (2 * 0.08**2)))
+        return 0.40 * blob * rng.uniform(0.6, 1.0, size=(n, size, size))
+    raise ValueError(f"no pattern for {disease!r}")
+
+
+def side_marker(sex: np.ndarray, size: int) -> np.ndarray:
+    """(n, S, S) bright square in the top-left corner for F, top-right for M."""
+    k = max(2, round(0.05 * size))
+    out = np.zeros((len(sex), size, size))
+    out[sex == "F", 2:2 + k, 2:2 + k] = 0.6
+    out[sex == "M", 2:2 + k, size - 2 - k:size - 2] = 0.6
+    return out
+
+
+def render(rows: pd.DataFrame, size: int, rng: np.random.Generator) -> np.ndarray:
+    """(N, S, S) uint8 images for ``rows`` (see the module docstring for what is planted)."""
+    n = len(rows)
+    img = chest_background(n, size, rng)
+    amp = np.array([AMPLITUDE[(s, b)] for s, b in zip(rows["sex"], rows["age_group"])])[:, None, None]
+    for d in DISEASES:
+        has = rows["labels"].str.split("|").apply(lambda ls, d=d: d in ls).to_numpy()
+        if has.any():
+            img[has] += amp[has] * disease_pattern(d, int(has.sum()), size, rng)
+    img += side_marker(rows["sex"].to_numpy(), size)
+    sd = np.array([NOISE_SD[(s, b)] for s, b in zip(rows["sex"], rows["age_group"])])[:, None, None]
+    img += rng.normal(0, 1, size=img.shape) * sd
+    return np.clip(np.round(img * 255), 0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+def image_relpath(index: int, image_id: str) -> str:
+    """NIH-style location of the index-th image: ``images_001/images/<id>`` (500 per folder)."""
+    return f"images_{index // PER_FOLDER + 1:03d}/images/{image_id}"
+
+
+def synth_info(config: SynthConfig, rows: pd.DataFrame) -> dict:
+    """What was generated and planted, for synth_info.json."""
+    single = rows[rows["labels"].isin(DISEASES)]
+    counts = single.groupby(["labels", "age_group", "sex"]).size()
+    return {
+        "generator": "cxrfair.extract.synth",
+        "seed": config.seed, "size": config.size, "per_cell": config.per_cell,
+        "metadata": METADATA_NAME, "images": int(len(rows)), "patients": int(rows["patient_id"].nunique()),
+        "single_label_counts": {d: {f"{b}_{s}": int(counts.get((d, b, s), 0)) for s, b in GROUPS} for d in DISEASES},
+        "other_rows": {"No Finding": int((rows["labels"] == "No Finding").sum()),
+                       "multi_label": int(rows["labels"].str.contains("|", regex=False).sum())},
+        "patterns": PATTERNS,
+        "group_effects": {
+            "pattern_amplitude": {f"{b}_{s}": a for (s, b), a in AMPLITUDE.items()},
+            "pixel_noise_sd": {f"{b}_{s}": v for (s, b), v in NOISE_SD.items()},
+            "side_marker": "bright square, 5% of the image: top-left for F, top-right for M",
+            "expected": "accuracy lowest for old_F, highest for young_M; age gap > sex gap",
+        },
+        "ages": {band: [lo, hi + 1] for band, (lo, hi) in AGE_RANGE.items()},
+    }
+
+
+def make_synth(config: SynthConfig) -> dict:
+    """Write the synthetic data set to ``config.out`` atomically; returns synth_info."""
+    from PIL import Image
+
+    rng = np.random.default_rng(config.seed)
+    rows = plan_rows(config, rng)
+    pixels = render(rows, config.size, rng)
+    info = synth_info(config, rows)
+    with atomic_dir(config.out, force=config.force) as tmp:
+        for i, (image_id, px) in enumerate(zip(rows["image_id"], pixels)):
+            path = tmp / image_relpath(i, image_id)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(px).save(path, compress_level=6)
+        (tmp / METADATA_NAME).write_text(metadata_csv(rows, config.size), encoding="utf-8")
+        (tmp / "synth_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return info
+
+
+__all__ = ["DISEASES", "SynthConfig", "make_synth", "plan_rows", "render", "synth_info"]
