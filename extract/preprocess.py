@@ -20,7 +20,8 @@ if TYPE_CHECKING:  # torch only where normalize runs
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
-_INTERPOLATION = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+# "box" averages source pixels, like cv2.INTER_AREA when shrinking (GLoRIA resizes with INTER_AREA).
+_INTERPOLATION = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST, "box": Image.BOX}
 
 
 @dataclass(frozen=True)
