@@ -1,0 +1,106 @@
+"""`cxrfair probe ...` end to end on tiny caches, and every bad input as one clean error line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import h5py
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from cxrfair.analysis.runs import read_runs
+from cxrfair.cli import main
+from tests.probe.synth import make_cache
+
+FAST = ["--epochs", "3", "--batch-size", "16", "--seeds", "2", "--lr", "1e-3,1e-2", "--weight-decay", "0,0.1"]
+
+
+def _cli(*args):
+    return CliRunner().invoke(main, ["probe", *map(str, args)])
+
+
+@pytest.fixture()
+def cache(tmp_path):
+    return make_cache(tmp_path / "c.h5")[0]
+
+
+def test_import_does_not_load_torch():
+    code = "import sys, cxrfair.probe, cxrfair.probe.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_linear_writes_a_run_per_seed_and_the_sweep_table(tmp_path, cache):
+    res = _cli("linear", "--cache", cache, "--out", tmp_path / "runs", *FAST)
+    assert res.exit_code == 0, res.output
+    runs = read_runs(tmp_path / "runs")
+    assert [r.run_id for r in runs] == ["tiny-clip__linear__best__s0", "tiny-clip__linear__best__s1"]
+    meta = runs[0].meta
+    assert meta["trainable_params"] == 16 * 6 + 6 and 1 <= meta["selected_epoch"] <= 3
+    assert len(meta["curves"]["train_loss"]) == len(meta["curves"]["val_loss"]) == 3
+    assert meta["hyperparameters"]["lr"] in (1e-3, 1e-2) and meta["hyperparameters"]["epochs"] == 3
+    assert set(runs[0].predictions["split"]) == {"val", "test"}
+    table = pd.read_csv(tmp_path / "runs" / "tiny-clip__linear__sweep.csv")
+    assert len(table) == 4 * 2 and table["selected"].sum() == 2
+    # Rerunning refuses to overwrite; --force replaces.
+    again = _cli("linear", "--cache", cache, "--out", tmp_path / "runs", *FAST)
+    assert again.exit_code == 1 and "--force" in again.output
+    assert _cli("linear", "--cache", cache, "--out", tmp_path / "runs", *FAST, "--force").exit_code == 0
+
+
+def test_mlp_and_zeroshot_commands(tmp_path, cache):
+    res = _cli("mlp", "--cache", cache, "--out", tmp_path / "runs", *FAST, "--hidden", "4,8")
+    assert res.exit_code == 0, res.output
+    assert _cli("zeroshot", "--cache", cache, "--out", tmp_path / "runs").exit_code == 0
+    runs = {r.run_id: r for r in read_runs(tmp_path / "runs")}
+    hidden = runs["tiny-clip__mlp__best__s0"].meta["hyperparameters"]["hidden"]
+    assert runs["tiny-clip__mlp__best__s0"].meta["trainable_params"] == 16 * hidden + hidden + hidden * 6 + 6
+    assert any(r.method == "zeroshot" for r in runs.values())
+
+
+def _partial(tmp_path):
+    path = make_cache(tmp_path / "partial.h5")[0]
+    with h5py.File(path, "a") as f:
+        del f.attrs["complete"]
+    return path
+
+
+def _foreign(tmp_path):
+    path = tmp_path / "foreign.h5"
+    path.write_bytes(b"not an hdf5 file at all")
+    return path
+
+
+@pytest.mark.parametrize("command", ["linear", "zeroshot"])
+@pytest.mark.parametrize("case, make, extra, words", [
+    ("partial", _partial, [], "incomplete"),
+    ("foreign", _foreign, [], "not a readable HDF5"),
+    ("missing", lambda p: p / "nope.h5", [], "no such file"),
+    ("nan", lambda p: make_cache(p / "nan.h5", nan_rows=3)[0], [], "NaN"),
+    ("other cohort", lambda p: make_cache(p / "other.h5", cohort_hash="f" * 64)[0], [], "cohort"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, cache, command, case, make, extra, words):
+    _assert_clean_failure(tmp_path, cache, command, make, extra, words)
+
+
+@pytest.mark.parametrize("command, extra, words", [
+    ("linear", ["--lr", ""], "--lr: the grid is empty"),
+    ("linear", ["--seeds", "0"], "--seeds: the grid is empty"),
+    ("mlp", ["--hidden", ""], "--hidden: the grid is empty"),
+    ("linear", ["--lr", "fast"], "--lr 'fast'"),
+])
+def test_bad_grid_is_one_line_and_writes_nothing(tmp_path, cache, command, extra, words):
+    _assert_clean_failure(tmp_path, cache, command, lambda p: cache, extra, words)
+
+
+def _assert_clean_failure(tmp_path, cache, command, make, extra, words):
+    runs = tmp_path / "runs"
+    assert _cli("zeroshot", "--cache", cache, "--out", runs).exit_code == 0  # existing runs of cohort c0ffee...
+    before = sorted(p.name for p in runs.iterdir())
+    res = _cli(command, "--cache", make(tmp_path), "--out", runs, *(FAST if command != "zeroshot" else []), *extra)
+    assert res.exit_code == 1, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error:") and words in lines[0], res.output
+    assert "Traceback" not in res.output
+    assert sorted(p.name for p in runs.iterdir()) == before
