@@ -102,10 +102,17 @@ def _ensure_builtins() -> None:
                 raise
 
 
+def _module_rank(spec: ModelSpec) -> int:
+    # Built-ins in BUILTIN_MODULES order whatever order they were imported in; others after.
+    module = getattr(spec.loader, "__module__", "")
+    return BUILTIN_MODULES.index(module) if module in BUILTIN_MODULES else len(BUILTIN_MODULES)
+
+
 def list_specs() -> list[ModelSpec]:
-    """All registered models, paper models first, tiny ones last."""
+    """All registered models: paper models first, tiny ones last, in a stable order."""
     _ensure_builtins()
-    return sorted(_REGISTRY.values(), key=lambda s: (s.tiny, list(_REGISTRY).index(s.name)))
+    order = list(_REGISTRY)
+    return sorted(_REGISTRY.values(), key=lambda s: (s.tiny, _module_rank(s), order.index(s.name)))
 
 
 def get_spec(name: str) -> ModelSpec:
