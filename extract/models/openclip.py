@@ -1,18 +1,31 @@
 """open_clip models: CLIP ViT-B/16, BiomedCLIP, and tiny offline models built from configs.
 
-Module import is cheap; open_clip and torch are imported by the loaders.
+Architectures are open_clip configs (built-in, or small dicts registered here); weights come
+from ``--weights``, an environment variable or the Hugging Face hub cache, found by
+``cxrfair.extract.weights.resolve_weights`` and never downloaded. Module import is cheap; open_clip
+and torch are imported by the loaders.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import json
+import logging
+import os
+import tempfile
+import zlib
 from pathlib import Path
 
+from cxrfair.errors import CxrfairError
 from cxrfair.extract.preprocess import OPENAI_MEAN, OPENAI_STD, Preprocess
 from cxrfair.extract.registry import FoundationModel, ModelSpec, register
 
 # peft targets for open_clip's own ViT blocks: `attn` is nn.MultiheadAttention (peft wraps it
 # whole; targeting only out_proj breaks backward), `c_fc`/`c_proj` are the MLP linears.
 OPENCLIP_VIT_LORA = ("attn", "c_fc", "c_proj")
+# timm towers (BiomedCLIP): a bare `proj` would also hit the patch embedding and the head.
+TIMM_VIT_LORA = r".*trunk\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
 
 # A 2-layer, width-64 CLIP: real open_clip code path, random weights, fast on CPU.
 TINY_CLIP_CONFIG = {
@@ -22,13 +35,63 @@ TINY_CLIP_CONFIG = {
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
 TINY_SEED = 0
+CLIP_PREPROCESS = Preprocess(size=224, resize=224, mode="shortest", interpolation="bicubic", mean=OPENAI_MEAN, std=OPENAI_STD)
+
+# --- CLIP ViT-B/16 (OpenAI weights; QuickGELU is what they were trained with) -----------------
+CLIP_ARCH = "ViT-B-16-quickgelu"
+CLIP_HUB_ID = "timm/vit_base_patch16_clip_224.openai"  # where open_clip's `openai` tag resolves
+CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+# --- BiomedCLIP ---------------------------------------------------------------------------------
+BIOMEDCLIP_HUB_ID = "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+BIOMEDCLIP_FILE = "open_clip_pytorch_model.bin"
+BIOMEDBERT_HUB_ID = "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract"
+BIOMEDBERT_FILES = ("config.json", "vocab.txt")  # the text tower's config and WordPiece vocab
+
+
+def biomedclip_config(text_dir: str, *, timm_model: str = "vit_base_patch16_224", image_size: int = 224,
+                      embed_dim: int = 512, context_length: int = 256) -> dict:
+    """open_clip ``model_cfg`` of BiomedCLIP (its hub ``open_clip_config.json``), text tower at ``text_dir``.
+
+    The released config names the BERT hub repo; HFTextEncoder calls
+    ``AutoConfig.from_pretrained`` on it even without text weights, so offline we point it at a
+    local folder holding that repo's ``config.json`` and ``vocab.txt``.
+    """
+    return {
+        "embed_dim": embed_dim,
+        "vision_cfg": {"timm_model_name": timm_model, "timm_model_pretrained": False, "timm_pool": "",
+                       "timm_proj": "linear", "image_size": image_size},
+        "text_cfg": {"hf_model_name": text_dir, "hf_tokenizer_name": text_dir, "hf_proj_type": "mlp",
+                     "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": context_length},
+    }
+
+
+# A BiomedCLIP-shaped model: timm `test_vit` (6x64) + a 2-layer width-32 BERT with a toy vocab.
+TINY_BIOMEDCLIP = {"timm_model": "test_vit", "image_size": 64, "embed_dim": 64, "context_length": 64}
+TINY_BERT_CONFIG = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                    "intermediate_size": 64, "max_position_embeddings": 64}
+
+
+@contextlib.contextmanager
+def _quiet_random_init():
+    """Hide open_clip's "No pretrained weights loaded" warning: random init is the point of tiny models."""
+    class _Filter(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "No pretrained weights loaded" not in record.getMessage()
+
+    root, f = logging.getLogger(), _Filter()
+    root.addFilter(f)
+    try:
+        yield
+    finally:
+        root.removeFilter(f)
 
 
 def _register_config(name: str, config: dict) -> None:
     import open_clip.factory
 
     # open_clip keeps architectures in a module-level dict; adding ours is its documented extension point.
-    open_clip.factory._MODEL_CONFIGS.setdefault(name, config)
+    open_clip.factory._MODEL_CONFIGS[name] = copy.deepcopy(config)
 
 
 def _weights_id(weights: Path | None, fallback: str) -> str:
@@ -39,6 +102,31 @@ def _weights_id(weights: Path | None, fallback: str) -> str:
     if weights.is_file():
         return f"sha256:{sha256_file(weights)}"
     return f"dir:{weights.resolve()}"
+
+
+def cache_dir(model: str) -> Path:
+    """``~/.cache/cxrfair/<model>``: the default place for files downloaded by hand."""
+    return Path.home() / ".cache" / "cxrfair" / model
+
+
+def _hub_cached(repo_id: str, filename: str) -> Path | None:
+    """The file's path in the local Hugging Face hub cache, or None (never downloads)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    found = try_to_load_from_cache(repo_id, filename)
+    return Path(found) if isinstance(found, str) else None
+
+
+def _file_in(path: Path, names: tuple[str, ...], option: str) -> Path:
+    """``path`` itself if a file, else the first of ``names`` inside the folder ``path``."""
+    if path.is_file():
+        return path
+    for name in names:
+        if (path / name).is_file():
+            return path / name
+    raise CxrfairError(f"{option} {path}: holds none of {', '.join(names)}")
 
 
 def openclip_bundle(spec: ModelSpec, model, tokenizer, preprocess: Preprocess, weights_id: str) -> FoundationModel:
@@ -58,20 +146,200 @@ def openclip_bundle(spec: ModelSpec, model, tokenizer, preprocess: Preprocess, w
     )
 
 
-def _load_tiny_clip(spec: ModelSpec, weights: Path | None, device: str) -> FoundationModel:
+def _create(arch: str, checkpoint: Path | None, device: str, seed: int | None = None):
+    """open_clip.create_model on a registered/built-in ``arch``; random init seeded when no checkpoint."""
     import open_clip
     import torch
 
-    _register_config("cxrfair-tiny-clip", TINY_CLIP_CONFIG)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _quiet_random_init():
         # Random weights, but the same ones every time: caches and runs are reproducible.
-        torch.manual_seed(TINY_SEED)
-        model = open_clip.create_model("cxrfair-tiny-clip", pretrained=str(weights) if weights else None, device=device)
+        torch.manual_seed(TINY_SEED if seed is None else seed)
+        # pretrained_text=False: an HF text tower must never fetch its own weights (offline; and a
+        # full checkpoint, when given, overwrites it anyway).
+        return open_clip.create_model(arch, pretrained=str(checkpoint) if checkpoint else None, device=device,
+                                      pretrained_text=False)
+
+
+# --- tiny-clip ---------------------------------------------------------------------------------
+
+def _load_tiny_clip(spec: ModelSpec, weights: Path | None, device: str) -> FoundationModel:
+    import open_clip
+
+    _register_config("cxrfair-tiny-clip", TINY_CLIP_CONFIG)
+    ckpt = _file_in(weights, CLIP_FILES, "--weights") if weights else None
+    model = _create("cxrfair-tiny-clip", ckpt, device)
     tokenizer = open_clip.get_tokenizer("cxrfair-tiny-clip")
     size = TINY_CLIP_CONFIG["vision_cfg"]["image_size"]
     pre = Preprocess(size=size, resize=size, mode="shortest", interpolation="bicubic", mean=OPENAI_MEAN, std=OPENAI_STD)
-    return openclip_bundle(spec, model, tokenizer, pre, _weights_id(weights, f"random-init(seed={TINY_SEED})"))
+    return openclip_bundle(spec, model, tokenizer, pre, _weights_id(ckpt, f"random-init(seed={TINY_SEED})"))
 
+
+# --- clip-vit-b16 ------------------------------------------------------------------------------
+
+def build_clip_vit_b16(checkpoint: Path | None = None, device: str = "cpu"):
+    """The real ViT-B-16-quickgelu architecture; random init (seed 0) if ``checkpoint`` is None."""
+    return _create(CLIP_ARCH, checkpoint, device)
+
+
+def find_clip_weights(spec: ModelSpec, weights: Path | None) -> Path:
+    """OpenAI ViT-B/16 weights in open_clip layout: --weights, $env, hub cache or ~/.cache/cxrfair."""
+    from cxrfair.extract.weights import resolve_weights
+
+    candidates = [cache_dir(spec.name) / CLIP_FILES[0]]
+    hub = _hub_cached(CLIP_HUB_ID, CLIP_FILES[0])
+    candidates += [hub] if hub else []
+    path = resolve_weights(spec.name, weights, spec.weights_env, candidates,
+                           f"the Hugging Face hub repo {CLIP_HUB_ID}", CLIP_FILES[0])
+    return _file_in(path, CLIP_FILES, "--weights")
+
+
+def _load_clip_vit_b16(spec: ModelSpec, weights: Path | None, device: str) -> FoundationModel:
+    import open_clip
+
+    ckpt = find_clip_weights(spec, weights)
+    model = build_clip_vit_b16(ckpt, device)
+    return openclip_bundle(spec, model, open_clip.get_tokenizer(CLIP_ARCH), CLIP_PREPROCESS, _weights_id(ckpt, ""))
+
+
+# --- biomedclip --------------------------------------------------------------------------------
+
+def build_biomedclip(text_dir: Path, checkpoint: Path | None = None, device: str = "cpu", **arch):
+    """A BiomedCLIP-layout model (timm ViT + HF BERT tower at ``text_dir``); ``arch`` overrides sizes."""
+    name = f"cxrfair-biomedclip-{zlib.crc32(repr((str(text_dir), sorted(arch.items()))).encode()):08x}"
+    _register_config(name, biomedclip_config(str(text_dir), **arch))
+    return _create(name, checkpoint, device)
+
+
+def biomedclip_tokenizer(text_dir: Path, context_length: int):
+    """open_clip's HFTokenizer over the local BERT folder (lower-cased WordPiece, padded to context)."""
+    from open_clip.tokenizer import HFTokenizer
+
+    return HFTokenizer(str(text_dir), context_length=context_length)
+
+
+def find_biomedclip_files(spec: ModelSpec, weights: Path | None) -> tuple[Path, Path]:
+    """(checkpoint file, text folder) for BiomedCLIP, found offline or a CxrfairError naming both downloads.
+
+    The text folder is looked for beside the weights (``text/`` or the same folder), in
+    ``~/.cache/cxrfair/biomedclip/text`` and in the hub cache.
+    """
+    from cxrfair.extract.weights import resolve_weights
+
+    download = (f"the Hugging Face hub repo {BIOMEDCLIP_HUB_ID} (also {', '.join(BIOMEDBERT_FILES)} of "
+                f"{BIOMEDBERT_HUB_ID}, into {cache_dir(spec.name) / 'text'})")
+    hub = _hub_cached(BIOMEDCLIP_HUB_ID, BIOMEDCLIP_FILE)
+    candidates = [cache_dir(spec.name) / BIOMEDCLIP_FILE] + ([hub] if hub else [])
+    path = resolve_weights(spec.name, weights, spec.weights_env, candidates, download, BIOMEDCLIP_FILE)
+    ckpt = _file_in(path, (BIOMEDCLIP_FILE, "open_clip_model.safetensors"), "--weights")
+    return ckpt, find_biomedbert_dir(spec, ckpt)
+
+
+def find_biomedbert_dir(spec: ModelSpec, ckpt: Path) -> Path:
+    """A folder holding BiomedBERT's config.json + vocab.txt, or a CxrfairError saying where to put one."""
+    places = [ckpt.parent / "text", ckpt.parent, cache_dir(spec.name) / "text"]
+    hub = _hub_cached(BIOMEDBERT_HUB_ID, "config.json")
+    places += [hub.parent] if hub else []
+    for place in places:
+        if all((place / f).is_file() for f in BIOMEDBERT_FILES):
+            return place
+    raise CxrfairError(
+        f"model {spec.name}: text tower files not found offline. Download {', '.join(BIOMEDBERT_FILES)} "
+        f"(and tokenizer_config.json) from the Hugging Face hub repo {BIOMEDBERT_HUB_ID} and place them in "
+        f"{ckpt.parent / 'text'} or {cache_dir(spec.name) / 'text'}")
+
+
+def _load_biomedclip(spec: ModelSpec, weights: Path | None, device: str) -> FoundationModel:
+    ckpt, text_dir = find_biomedclip_files(spec, weights)
+    model = build_biomedclip(text_dir, ckpt, device)
+    return openclip_bundle(spec, model, biomedclip_tokenizer(text_dir, 256), CLIP_PREPROCESS, _weights_id(ckpt, ""))
+
+
+# --- tiny-biomedclip ---------------------------------------------------------------------------
+
+def tiny_bert_dir(words: list[str] | None = None) -> Path:
+    """A local tiny BERT folder (config.json, vocab.txt, tokenizer_config.json), built once offline.
+
+    The toy WordPiece vocab holds the special tokens, the letters and the prompt words, so
+    prompts tokenise into real pieces. Built under the temp folder and renamed into place, so
+    concurrent processes (sharded extraction) see it whole or not at all.
+    """
+    import hashlib
+
+    vocab = _toy_vocab(words if words is not None else _prompt_words())
+    config = {"model_type": "bert", "vocab_size": len(vocab), "type_vocab_size": 2, "pad_token_id": 0,
+              **TINY_BERT_CONFIG}
+    key = hashlib.sha256(json.dumps([vocab, config]).encode()).hexdigest()[:12]
+    root = Path(os.environ.get("CXRFAIR_TINY_DIR", tempfile.gettempdir())) / f"cxrfair-tiny-bert-{key}"
+    if not root.is_dir():
+        _write_tiny_bert(root, vocab, config)
+    return root
+
+
+def _toy_vocab(words: list[str]) -> list[str]:
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789.,'-")
+    pieces = ["##" + ch for ch in letters]
+    return specials + sorted(set(letters) | set(words)) + pieces
+
+
+def _prompt_words() -> list[str]:
+    from cxrfair.extract.prompts import vocabulary_words
+
+    return vocabulary_words()
+
+
+def _write_tiny_bert(root: Path, vocab: list[str], config: dict) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    (tmp / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    (tmp / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    (tmp / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": config["max_position_embeddings"]}),
+        encoding="utf-8")
+    try:
+        os.replace(tmp, root)
+    except OSError:  # another process won the race; its folder is identical
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_tiny_biomedclip(spec: ModelSpec, weights: Path | None, device: str) -> FoundationModel:
+    text_dir = tiny_bert_dir()
+    ckpt = _file_in(weights, (BIOMEDCLIP_FILE, "open_clip_model.safetensors"), "--weights") if weights else None
+    model = build_biomedclip(text_dir, ckpt, device, **TINY_BIOMEDCLIP)
+    size = TINY_BIOMEDCLIP["image_size"]
+    pre = Preprocess(size=size, resize=size, mode="shortest", interpolation="bicubic", mean=OPENAI_MEAN, std=OPENAI_STD)
+    tok = biomedclip_tokenizer(text_dir, TINY_BIOMEDCLIP["context_length"])
+    return openclip_bundle(spec, model, tok, pre, _weights_id(ckpt, f"random-init(seed={TINY_SEED})"))
+
+
+# --- registry entries --------------------------------------------------------------------------
+
+register(ModelSpec(
+    name="clip-vit-b16",
+    image_encoder="ViT-B/16 (QuickGELU)",
+    text_encoder="CLIP text transformer",
+    embed_dim=512,
+    weights_source=f"open_clip ViT-B-16-quickgelu 'openai' (hub {CLIP_HUB_ID})",
+    loader=_load_clip_vit_b16,
+    zero_shot=True,
+    lora_targets=OPENCLIP_VIT_LORA,
+    description="OpenAI CLIP ViT-B/16, 400M natural image-text pairs",
+    weights_env="CXRFAIR_CLIP_VIT_B16_WEIGHTS",
+))
+
+register(ModelSpec(
+    name="biomedclip",
+    image_encoder="ViT-B/16 (timm)",
+    text_encoder="PubMedBERT (256 tokens)",
+    embed_dim=512,
+    weights_source=f"hub {BIOMEDCLIP_HUB_ID}",
+    loader=_load_biomedclip,
+    zero_shot=True,
+    lora_targets=TIMM_VIT_LORA,
+    description="BiomedCLIP, PMC-15M",
+    weights_env="CXRFAIR_BIOMEDCLIP_WEIGHTS",
+))
 
 register(ModelSpec(
     name="tiny-clip",
@@ -84,4 +352,17 @@ register(ModelSpec(
     lora_targets=OPENCLIP_VIT_LORA,
     tiny=True,
     description="offline test/demo model: open_clip code path, random weights",
+))
+
+register(ModelSpec(
+    name="tiny-biomedclip",
+    image_encoder="timm test_vit 6x64, 64 px",
+    text_encoder="HF BERT 2x32, toy WordPiece",
+    embed_dim=TINY_BIOMEDCLIP["embed_dim"],
+    weights_source="random init (seed 0) or --weights FILE",
+    loader=_load_tiny_biomedclip,
+    zero_shot=True,
+    lora_targets=TIMM_VIT_LORA,
+    tiny=True,
+    description="offline test/demo model: BiomedCLIP's timm + HF-text code path, random weights",
 ))

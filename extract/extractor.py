@@ -1,0 +1,460 @@
+"""Streaming, resumable extraction of one model's embeddings over a cohort into an HDF5 cache.
+
+Pipeline: DataLoader workers decode (``Image.open``) and ``Preprocess.prepare`` each image into a
+uint8 (3, S, S) array; uint8 batches travel to the device (4x less traffic than float), where
+``normalize`` and ``encode_image`` run under ``torch.inference_mode`` (and autocast for bf16/fp16).
+
+Resumability: progress lives in ``FILE.h5.partial/``: a ``manifest.json`` pinning what the rows
+mean (model, weights, cohort, precision, rows, chunk size) and one ``chunk-XXXXXX.npy`` per chunk
+of rows, each written atomically. A chunk is one loader batch, aligned to fixed row ranges, so a
+resumed run batches every row exactly as an uninterrupted one and yields identical arrays. When
+every chunk is there the cache is assembled with ``write_cache`` and the partial folder removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from cxrfair.errors import CxrfairError
+from cxrfair.io import atomic_path, write_json_atomic
+
+if TYPE_CHECKING:
+    import torch
+
+    from cxrfair.extract.registry import FoundationModel
+
+PARTIAL_FORMAT = "cxrfair-extract-partial"
+PRECISIONS = ("fp32", "bf16", "fp16")
+# Fields of the manifest that must agree before chunks from an earlier run may be reused.
+PINNED = ("model", "weights_id", "cohort_hash", "precision", "rows", "chunk_rows")
+# Test hook: SIGKILL ourselves after this many chunks are written (proves kill -9 resumability).
+KILL_AFTER_ENV = "CXRFAIR_EXTRACT_KILL_AFTER_CHUNKS"
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """One ``cxrfair extract`` invocation."""
+
+    model: str  # registry name
+    cohort: Path  # cohort folder (cohort.csv + cohort.json)
+    out: Path  # the .h5 cache to write
+    batch_size: int = 64  # images per forward pass (= rows per resumable chunk)
+    workers: int = 2  # DataLoader decode workers (0: decode in this process)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; stored embeddings are float32)
+    weights: Path | None = None  # overrides the env var / hub cache
+    images: Path | None = None  # images root, overriding the one in cohort.json
+    force: bool = False  # discard any partial progress or existing cache at ``out``
+    skip_bad: bool = False  # drop unreadable images (recorded in attrs) instead of failing
+    prompt_seed: int = 0  # seed of the sampled prompt sets
+    progress: bool = True  # tqdm bar with images/s
+    rows: tuple[int, int] | None = None  # (start, stop) shard of cohort rows; None = all
+    extra_attrs: dict = field(default_factory=dict)  # merged into the cache's attributes
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise CxrfairError(f"--batch-size {self.batch_size}: must be >= 1")
+        if self.workers < 0:
+            raise CxrfairError(f"--workers {self.workers}: must be >= 0")
+        if self.precision not in PRECISIONS:
+            raise CxrfairError(f"--precision {self.precision}: choose one of {', '.join(PRECISIONS)}")
+
+
+@dataclass
+class ExtractResult:
+    """What an extraction did: ``status`` is "written" or "exists" (complete cache left alone)."""
+
+    path: Path
+    status: str
+    n_images: int
+    skipped: list[dict]
+    seconds: float
+    images_per_s: float
+
+
+# --- the public entry point --------------------------------------------------------------------
+
+def extract(config: ExtractConfig) -> ExtractResult:
+    """Embed the cohort's images (and every prompt set's class texts) into ``config.out``."""
+    from cxrfair.extract.cohort import load_cohort
+    from cxrfair.extract.registry import get_spec
+
+    t0 = time.perf_counter()
+    cohort = load_cohort(config.cohort)
+    get_spec(config.model)  # unknown model: fail before touching any file
+    existing = check_existing_cache(config.out, config.model, cohort.hash, config.force)
+    if existing is not None:
+        # A partial folder beside a complete cache is left over from a run killed after the rename.
+        shutil.rmtree(partial_dir(config.out), ignore_errors=True)
+        return ExtractResult(config.out, "exists", existing, [], time.perf_counter() - t0, 0.0)
+    start, stop = config.rows or (0, len(cohort.table))
+    paths = [str(p) for p in cohort.image_paths(config.images)[start:stop]]
+    device = resolve_device(config.device)
+    fm = load_on(config.model, config.weights, device)
+    partial, config = start_partial(config, fm, cohort.hash, (start, stop))
+    t1 = time.perf_counter()
+    n_new = embed_missing(fm, paths, partial, config.batch_size, config, device)
+    rate = n_new / max(time.perf_counter() - t1, 1e-9)
+    n, skipped = assemble(partial, fm, cohort, paths, config, device)
+    return ExtractResult(config.out, "written", n, skipped, time.perf_counter() - t0, rate)
+
+
+def start_partial(config: ExtractConfig, fm: "FoundationModel", cohort_hash: str, rows: tuple[int, int]):
+    """Open (or resume) the partial folder; returns it and the config with the chunk size in force.
+
+    A resumed run keeps the first run's chunk size whatever ``--batch-size`` says, so every row is
+    batched as in an uninterrupted run.
+    """
+    folder = partial_dir(config.out)
+    chunk_rows = resumed_chunk_rows(folder, config.force) or config.batch_size
+    ident = {"model": config.model, "weights_id": fm.weights_id, "cohort_hash": cohort_hash,
+             "precision": config.precision, "rows": list(rows), "chunk_rows": chunk_rows}
+    return open_partial(folder, ident, config.force), replace(config, batch_size=chunk_rows)
+
+
+def assemble(folder: Path, fm: "FoundationModel", cohort, paths: list[str], config: ExtractConfig,
+             device: "torch.device") -> tuple[int, list[dict]]:
+    """Chunks + text embeddings + provenance -> the cache (atomically); then drop the partial folder.
+
+    Returns (rows written, skipped images).
+    """
+    from cxrfair.extract.cache import write_cache
+
+    start, stop = config.rows or (0, len(cohort.table))
+    emb, bad = load_chunks(folder, len(paths), config.batch_size)
+    rows = cohort.table.iloc[start:stop].reset_index(drop=True)
+    skipped = describe_bad(bad, rows, paths)
+    keep = np.setdiff1d(np.arange(len(paths)), np.fromiter(bad, int, len(bad)))
+    text = text_embeddings_all(fm, cohort.classes, device, config.precision, config.prompt_seed)
+    attrs = provenance(fm, cohort, config, device, skipped) | dict(config.extra_attrs)
+    write_cache(config.out, image_embeddings=emb[keep], cohort_table=rows.iloc[keep].reset_index(drop=True),
+                classes=cohort.classes, text=text, attrs=attrs)
+    shutil.rmtree(folder, ignore_errors=True)
+    return len(keep), skipped
+
+
+# --- what is already there ---------------------------------------------------------------------
+
+def partial_dir(out: Path) -> Path:
+    """Where progress towards ``out`` is kept: ``FILE.h5.partial/``."""
+    return Path(out).with_name(Path(out).name + ".partial")
+
+
+def cache_identity(path: Path) -> dict | None:
+    """The (model, cohort_hash, weights_id, complete) attributes of an existing HDF5 file, torch-free."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()
+                    if k in ("model", "cohort_hash", "weights_id", "complete", "format", "n_images")}
+    except OSError:
+        return None
+
+
+def check_existing_cache(out: Path, model: str, cohort_hash: str, force: bool) -> int | None:
+    """None if extraction should go on; the row count of a complete cache for the same model+cohort.
+
+    Raises CxrfairError if ``out`` holds something else (another model or cohort, not a cache).
+    """
+    out = Path(out)
+    if force or not out.exists():
+        return None
+    ident = cache_identity(out)
+    if ident is None or ident.get("format") != "cxrfair-embeddings":
+        raise CxrfairError(f"--out {out}: exists and is not a cxrfair embedding cache; choose another path or pass --force")
+    if ident.get("model") != model or ident.get("cohort_hash") != cohort_hash:
+        raise CxrfairError(
+            f"--out {out}: holds model {ident.get('model')!r} for cohort {str(ident.get('cohort_hash'))[:12]}, "
+            f"not model {model!r} for cohort {cohort_hash[:12]}; one file per (model, cohort): "
+            "choose another --out or pass --force to replace it")
+    return int(ident.get("n_images", 0))
+
+
+def resumed_chunk_rows(folder: Path, force: bool) -> int | None:
+    """The chunk size of an unfinished run in ``folder`` (a resumed run keeps it, whatever --batch-size says)."""
+    manifest = folder / "manifest.json"
+    if force or not manifest.is_file():
+        return None
+    return int(json.loads(manifest.read_text(encoding="utf-8")).get("chunk_rows", 0)) or None
+
+
+def open_partial(folder: Path, ident: dict, force: bool) -> Path:
+    """Create or reuse ``folder`` for progress of ``ident``; refuse to mix runs that differ."""
+    manifest = folder / "manifest.json"
+    if force and folder.exists():
+        shutil.rmtree(folder)
+    if manifest.is_file():
+        old = json.loads(manifest.read_text(encoding="utf-8"))
+        diff = [f"{k}: {old.get(k)!r} there, {ident[k]!r} now" for k in PINNED if old.get(k) != ident[k]]
+        if diff:
+            raise CxrfairError(f"partial extraction {folder} was started with different settings ({'; '.join(diff)}); "
+                               "rerun with the same settings to finish it, or pass --force to start over")
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(manifest, {"format": PARTIAL_FORMAT, **ident})
+    return folder
+
+
+def _chunk_file(folder: Path, index: int) -> Path:
+    return folder / f"chunk-{index:06d}.npy"
+
+
+def _bad_file(folder: Path, index: int) -> Path:
+    return folder / f"chunk-{index:06d}.bad.json"
+
+
+def chunk_ranges(n: int, chunk_rows: int) -> list[range]:
+    """Fixed row ranges [i*chunk_rows, (i+1)*chunk_rows) covering ``n`` rows (last one shorter)."""
+    return [range(s, min(s + chunk_rows, n)) for s in range(0, n, chunk_rows)]
+
+
+def pending_chunks(folder: Path, n: int, chunk_rows: int) -> list[int]:
+    """Indices of the chunks whose ``.npy`` is not written yet."""
+    return [i for i in range(len(chunk_ranges(n, chunk_rows))) if not _chunk_file(folder, i).is_file()]
+
+
+def write_chunk(folder: Path, index: int, emb: np.ndarray, bad: dict[int, str]) -> None:
+    """Save one chunk atomically: its bad rows first, then the (n, D) embeddings that mark it done."""
+    if bad:
+        write_json_atomic(_bad_file(folder, index), {str(k): v for k, v in bad.items()})
+    with atomic_path(_chunk_file(folder, index)) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, np.asarray(emb, dtype=np.float32))
+
+
+def load_chunks(folder: Path, n: int, chunk_rows: int) -> tuple[np.ndarray, dict[int, str]]:
+    """All chunks joined: (n, D) float32 embeddings and {row: error} of the unreadable rows."""
+    parts, bad = [], {}
+    for i, _ in enumerate(chunk_ranges(n, chunk_rows)):
+        parts.append(np.load(_chunk_file(folder, i)))
+        if _bad_file(folder, i).is_file():
+            bad.update({int(k): v for k, v in json.loads(_bad_file(folder, i).read_text()).items()})
+    return np.concatenate(parts), bad
+
+
+# --- the image stream --------------------------------------------------------------------------
+
+class ImageRows:
+    """Dataset of cohort rows: index -> (row, uint8 (3, S, S) pixels, error or "")."""
+
+    def __init__(self, paths: list[str], rows: list[int], preprocess) -> None:
+        self.paths, self.rows, self.preprocess = paths, rows, preprocess
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        from PIL import Image, UnidentifiedImageError
+
+        row = self.rows[i]
+        try:
+            with Image.open(self.paths[row]) as im:
+                return row, self.preprocess.prepare(im), ""
+        except (OSError, ValueError, SyntaxError, UnidentifiedImageError) as e:
+            # Recorded, not raised: the main process decides (error naming the files, or --skip-bad).
+            s = self.preprocess.size
+            return row, np.zeros((3, s, s), np.uint8), f"{type(e).__name__}: {e}"
+
+
+def collate_rows(items):
+    """[(row, (3,S,S) uint8, err)] -> (rows list, (B,3,S,S) uint8 tensor, errors list)."""
+    import torch
+
+    rows, pixels, errors = zip(*items)
+    return list(rows), torch.from_numpy(np.stack(pixels)), list(errors)
+
+
+def make_loader(paths: list[str], rows: list[int], preprocess, batch_size: int, workers: int, pin: bool):
+    """A sequential DataLoader over ``rows``; batches align with chunks because rows come chunk by chunk."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(ImageRows(paths, rows, preprocess), batch_size=batch_size, shuffle=False,
+                      num_workers=workers, collate_fn=collate_rows, pin_memory=pin,
+                      persistent_workers=False, prefetch_factor=4 if workers else None)
+
+
+def embed_missing(fm: "FoundationModel", paths: list[str], folder: Path, chunk_rows: int,
+                  config: ExtractConfig, device: "torch.device") -> int:
+    """Embed every chunk not yet on disk; returns the number of images embedded now."""
+    pending = pending_chunks(folder, len(paths), chunk_rows)
+    ranges = chunk_ranges(len(paths), chunk_rows)
+    rows = [r for i in pending for r in ranges[i]]
+    if not rows:
+        return 0
+    loader = make_loader(paths, rows, fm.preprocess, chunk_rows, config.workers, device.type == "cuda")
+    bar = progress_bar(len(paths), len(paths) - len(rows), config.progress, config.model)
+    kill_after = int(os.environ.get(KILL_AFTER_ENV, "0") or 0)
+    for n_done, (index, (batch_rows, pixels, errors)) in enumerate(zip(pending, loader), start=1):
+        bad = {r: e for r, e in zip(batch_rows, errors) if e}
+        if bad and not config.skip_bad:
+            raise CxrfairError(bad_images_message(bad, paths))
+        write_chunk(folder, index, encode_batch(fm, pixels, device, config.precision), bad)
+        bar.update(len(batch_rows))
+        if kill_after and n_done >= kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+    bar.close()
+    return len(rows)
+
+
+def bad_images_message(bad: dict[int, str], paths: list[str]) -> str:
+    """One line naming the unreadable files (first five) and the way out."""
+    named = "; ".join(f"{paths[r]} ({e})" for r, e in list(bad.items())[:5])
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    return (f"unreadable image(s): {named}{more}; fix or replace them, or pass --skip-bad to leave them out "
+            "(recorded in the cache)")
+
+
+def encode_batch(fm: "FoundationModel", pixels: "torch.Tensor", device: "torch.device", precision: str) -> np.ndarray:
+    """(B, 3, S, S) uint8 -> (B, D) float32 embeddings (normalised on the device, not L2-normalised)."""
+    import torch
+
+    with torch.inference_mode(), autocast(device, precision):
+        x = fm.preprocess.normalize(pixels.to(device, non_blocking=True))
+        return fm.encode_image(x).float().cpu().numpy()
+
+
+def autocast(device: "torch.device", precision: str):
+    """Autocast context for bf16/fp16; a no-op for fp32."""
+    import contextlib
+
+    import torch
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def progress_bar(total: int, initial: int, enabled: bool, model: str):
+    """tqdm bar in images (its rate reads images/s); resumed runs start at the rows already done."""
+    from tqdm.auto import tqdm
+
+    # `disable` only when asked: otherwise tqdm's own defaults (TQDM_DISABLE, non-TTY) apply.
+    return tqdm(total=total, initial=initial, unit="img", desc=f"extract {model}", smoothing=0.1,
+                **({} if enabled else {"disable": True}))
+
+
+# --- text side ---------------------------------------------------------------------------------
+
+def class_text_embeddings(fm: "FoundationModel", prompts: list, device: "torch.device", precision: str) -> np.ndarray:
+    """[draw][class] prompt lists -> (draws, C, D) float32: mean of each class's L2-normalised prompt embeddings."""
+    unique = sorted({p for draw in prompts for plist in draw for p in plist})
+    if _fixed_length_tokens(fm, unique[:2]):
+        # Tokens padded to a fixed context: a prompt's embedding does not depend on its call, so
+        # every distinct prompt is encoded once, in large batches.
+        table = dict(zip(unique, _encode_prompts(fm, unique, device, precision)))
+        per_list = lambda plist: np.stack([table[p] for p in plist])  # noqa: E731
+    else:
+        # Tokenizers that pad to the longest prompt of the call (MedCLIP, GLoRIA): encode each
+        # class's list in one call, as the original zero-shot code does.
+        per_list = lambda plist: _encode_prompts(fm, list(plist), device, precision)  # noqa: E731
+    memo: dict[tuple, np.ndarray] = {}
+    for plist in (tuple(pl) for draw in prompts for pl in draw):
+        if plist not in memo:
+            memo[plist] = per_list(plist).mean(0)
+    return np.stack([np.stack([memo[tuple(pl)] for pl in draw]) for draw in prompts]).astype(np.float32)
+
+
+def _fixed_length_tokens(fm: "FoundationModel", sample: list[str]) -> bool:
+    """True if ``tokenize`` returns a plain tensor whose width does not depend on the prompts."""
+    import torch
+
+    a, b = fm.tokenize(sample[:1]), fm.tokenize(sample)
+    return isinstance(a, torch.Tensor) and a.shape[-1] == b.shape[-1] == fm.tokenize(["x"]).shape[-1]
+
+
+def _encode_prompts(fm: "FoundationModel", prompts: list[str], device: "torch.device", precision: str,
+                    batch: int = 256) -> np.ndarray:
+    """(T,) prompts -> (T, D) L2-normalised text embeddings, ``batch`` prompts per call."""
+    import torch
+
+    out = []
+    for i in range(0, len(prompts), batch):
+        with torch.inference_mode(), autocast(device, precision):
+            tokens = fm.tokenize(prompts[i:i + batch])
+            tokens = tokens.to(device) if hasattr(tokens, "to") else tokens
+            t = fm.encode_text(tokens).float()
+        out.append(torch.nn.functional.normalize(t, dim=-1).cpu().numpy())
+    return np.concatenate(out)
+
+
+def text_embeddings_all(fm: "FoundationModel", classes: list[str], device: "torch.device", precision: str, seed: int) -> dict:
+    """Every prompt set for ``classes`` -> TextEmbeddings; models without a text tower get none."""
+    from cxrfair.extract.cache import TextEmbeddings
+    from cxrfair.extract.prompts import build_all
+
+    if not fm.spec.zero_shot:
+        return {}
+    sets = build_all(classes, seed=seed)
+    return {name: TextEmbeddings(class_text_embeddings(fm, p, device, precision), p) for name, p in sets.items()}
+
+
+# --- model, device, provenance -----------------------------------------------------------------
+
+def resolve_device(name: str) -> "torch.device":
+    """``auto`` -> cuda if available else cpu; ``cuda`` without a GPU is a CxrfairError."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CxrfairError(f"--device {name}: no CUDA device is available; use --device cpu or auto")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise CxrfairError(f"--device {name}: not a device; use auto, cpu or cuda") from None
+
+
+def load_on(model: str, weights: Path | None, device: "torch.device") -> "FoundationModel":
+    """Load ``model`` in eval mode on ``device``."""
+    from cxrfair.extract.registry import load_model
+
+    fm = load_model(model, weights=weights, device="cpu")
+    fm.model.to(device).eval()
+    return fm
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages that shape the numbers."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("torch", "open_clip_torch", "transformers", "timm", "cxrfair"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def provenance(fm: "FoundationModel", cohort, config: ExtractConfig, device: "torch.device", skipped: list[dict]) -> dict[str, Any]:
+    """The cache's attributes: what made these numbers."""
+    from cxrfair.extract.prompts import PROMPT_SETS, describe
+
+    return {
+        "model": fm.name, "weights_id": fm.weights_id, "cohort_hash": cohort.hash, "logit_scale": fm.logit_scale,
+        "preprocessing": fm.preprocess.describe(), "versions": versions(), "device": str(device),
+        "precision": config.precision, "batch_size": config.batch_size,
+        "prompt_sets": {name: describe(name) for name in PROMPT_SETS} if fm.spec.zero_shot else {},
+        "prompt_seed": config.prompt_seed, "skipped_images": skipped,
+        "cohort_folder": str(Path(config.cohort).resolve()),
+    }
+
+
+def describe_bad(bad: dict[int, str], table, paths: list[str]) -> list[dict]:
+    """[{image_id, path, error}] for the skipped rows (row indices relative to ``table``)."""
+    return [{"image_id": str(table.iloc[r]["image_id"]), "path": paths[r], "error": e} for r, e in sorted(bad.items())]
+
+
+__all__ = ["ExtractConfig", "ExtractResult", "extract", "partial_dir", "class_text_embeddings", "encode_batch",
+           "chunk_ranges", "resolve_device"]

@@ -1,0 +1,89 @@
+"""`cxrfair models list` and `cxrfair extract [merge]` through click: happy paths and clean one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from cxrfair.cli import main
+from cxrfair.extract.cache import read_cache
+from cxrfair.extract.cohort import load_cohort
+from tests.extract.extract_helpers import copy_images, fake_parts, make_cohort
+
+
+def run(*args):
+    return CliRunner().invoke(main, [*map(str, args)])
+
+
+def assert_clean_error(result, *needles):
+    """Non-zero exit, one line 'Error: ...' naming what is wrong, no traceback."""
+    lines = result.output.strip().splitlines()
+    assert result.exit_code != 0, result.output
+    assert lines and lines[-1].startswith("Error: ") and "Traceback" not in result.output, result.output
+    assert isinstance(result.exception, SystemExit), result.exception
+    for needle in needles:
+        assert needle in lines[-1], (needle, lines[-1])
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    return make_cohort(tmp_path_factory.mktemp("cli"))
+
+
+def test_models_list_shows_every_column_and_model():
+    result = run("models", "list")
+    assert result.exit_code == 0, result.output
+    header = result.output.splitlines()[0]
+    for col in ("name", "image encoder", "text encoder", "dim", "weights source", "zero-shot", "LoRA targets"):
+        assert col in header
+    clip = next(line for line in result.output.splitlines() if line.startswith("clip-vit-b16 "))
+    assert "512" in clip and "QuickGELU" in clip and "attn,c_fc,c_proj" in clip
+    assert any(line.startswith("tiny-biomedclip ") for line in result.output.splitlines())
+
+
+def test_extract_writes_then_leaves_a_complete_cache_alone(cohort, tmp_path):
+    out = tmp_path / "t.h5"
+    args = ("extract", "--model", "tiny-clip", "--cohort", cohort, "--out", out, "--batch-size", 16, "--workers", 0)
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out}: 48 images" in result.output and "images/s" in result.output
+    assert read_cache(out).model == "tiny-clip"
+    again = run(*args)
+    assert again.exit_code == 0 and "already complete" in again.output and "--force" in again.output
+    assert_clean_error(run(*args[:2], "tiny-biomedclip", *args[3:]), "holds model 'tiny-clip'", "--force")
+
+
+def test_extract_errors_are_one_line(cohort, tmp_path):
+    assert_clean_error(run("extract", "--model", "nope", "--cohort", cohort, "--out", tmp_path / "x.h5"),
+                       "unknown model; known models:", "tiny-clip")
+    assert_clean_error(run("extract", "--cohort", cohort), "--model", "--out")
+    assert_clean_error(run("extract", "--model", "tiny-clip", "--cohort", tmp_path / "none", "--out", tmp_path / "x.h5"),
+                       "cohort.json")
+    assert_clean_error(run("extract", "--model", "tiny-clip", "--cohort", cohort, "--out", tmp_path / "x.h5",
+                           "--device", "cuda:7"), "--device cuda:7")
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_corrupt_image_named_then_skipped(cohort, tmp_path):
+    images = copy_images(cohort, tmp_path / "imgs")
+    row = load_cohort(cohort).table.iloc[-1]
+    (images / row["path"]).write_bytes(b"\x89PNG truncated")
+    args = ("extract", "--model", "tiny-clip", "--cohort", cohort, "--out", tmp_path / "b.h5", "--images", images,
+            "--workers", 0)
+    assert_clean_error(run(*args), row["image_id"], "--skip-bad")
+    result = run(*args, "--skip-bad")
+    assert result.exit_code == 0 and "skipped 1 unreadable image" in result.output, result.output
+    assert read_cache(tmp_path / "b.h5").attrs["skipped_images"][0]["image_id"] == row["image_id"]
+
+
+def test_merge_needs_parts_and_names_problems(tmp_path):
+    assert_clean_error(run("extract", "merge", "--out", tmp_path / "m.h5"), "PARTS", "--parts-dir")
+    assert_clean_error(run("extract", "merge", "--parts-dir", tmp_path, "--out", tmp_path / "m.h5"), "no part-")
+    assert_clean_error(run("extract", "merge", tmp_path / "p.h5", "--out", tmp_path / "m.h5"), "no such file")
+
+
+def test_merge_cli_joins_parts(tmp_path):
+    paths = fake_parts(tmp_path, world=2)
+    result = run("extract", "merge", "--parts-dir", paths[0].parent, "--out", tmp_path / "m.h5")
+    assert result.exit_code == 0 and "merged 2 part(s)" in result.output, result.output
+    assert len(read_cache(tmp_path / "m.h5").table) == 6

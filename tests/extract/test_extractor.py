@@ -1,0 +1,178 @@
+"""Extraction into the HDF5 cache: round trip, reference values, resume after kill -9, refusals, bad images."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from cxrfair.errors import CxrfairError
+from cxrfair.extract.cache import read_cache
+from cxrfair.extract.cohort import load_cohort
+from cxrfair.extract.extractor import (KILL_AFTER_ENV, ExtractConfig, chunk_ranges, class_text_embeddings, extract,
+                                       open_partial, partial_dir)
+from cxrfair.extract.registry import load_model
+from tests.extract.extract_helpers import copy_images, make_cohort, reference_image_embeddings
+
+BATCH = 8
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    return make_cohort(tmp_path_factory.mktemp("extract"))
+
+
+@pytest.fixture(scope="module")
+def baseline(cohort, tmp_path_factory):
+    """An uninterrupted tiny-clip extraction (48 images, batches of 8, 2 workers)."""
+    out = tmp_path_factory.mktemp("base") / "tiny.h5"
+    result = extract(ExtractConfig(model="tiny-clip", cohort=cohort, out=out, batch_size=BATCH, workers=2, progress=False))
+    assert result.status == "written"
+    return out
+
+
+def config(cohort, out, **kw):
+    return ExtractConfig(**{"model": "tiny-clip", "cohort": cohort, "out": out, "batch_size": BATCH, "workers": 0,
+                            "progress": False, **kw})
+
+
+def test_round_trip_matches_a_one_image_at_a_time_reference(cohort, baseline):
+    c, co = read_cache(baseline), load_cohort(cohort)
+    fm = load_model("tiny-clip")
+    assert c.image_embeddings.shape == (48, 64) and c.image_embeddings.dtype == np.float32
+    assert c.table[["image_id", "split", "label"]].equals(co.table[["image_id", "split", "label"]])
+    assert c.classes == co.classes and c.cohort_hash == co.hash and c.model == "tiny-clip"
+    np.testing.assert_allclose(c.image_embeddings, reference_image_embeddings(fm, co.image_paths()), atol=1e-5)
+    assert c.logit_scale == pytest.approx(fm.logit_scale)
+    assert c.attrs["weights_id"] == "random-init(seed=0)" and c.attrs["precision"] == "fp32"
+    assert c.attrs["preprocessing"]["size"] == 64 and c.attrs["skipped_images"] == []
+    assert {"torch", "open_clip_torch", "transformers", "cxrfair"} <= set(c.attrs["versions"])
+    assert not partial_dir(baseline).exists()
+
+
+def test_text_embeddings_are_means_of_normalised_prompt_embeddings(baseline):
+    c = read_cache(baseline)
+    fm = load_model("tiny-clip")
+    assert set(c.text) == {"clip", "gloria", "cxr-clip"}
+    for name, te in c.text.items():
+        assert te.embeddings.shape == (10, 6, 64) and len(te.prompts) == 10
+    prompts = c.text["gloria"].prompts[3][4]  # draw 3, Effusion
+    with torch.inference_mode():
+        ref = torch.nn.functional.normalize(fm.encode_text(fm.tokenize(prompts)), dim=-1).mean(0).numpy()
+    np.testing.assert_allclose(c.text["gloria"].embeddings[3, 4], ref, atol=1e-6)
+    again = class_text_embeddings(fm, [[prompts]], torch.device("cpu"), "fp32")
+    np.testing.assert_allclose(again[0, 0], ref, atol=1e-6)
+
+
+def test_existing_complete_cache_is_left_alone_and_other_models_refused(cohort, baseline):
+    before = baseline.stat().st_mtime_ns
+    assert extract(config(cohort, baseline)).status == "exists"
+    assert baseline.stat().st_mtime_ns == before
+    with pytest.raises(CxrfairError, match=r"holds model 'tiny-clip'.*--force"):
+        extract(config(cohort, baseline, model="tiny-biomedclip"))
+
+
+def test_other_cohort_refused_and_force_rewrites(cohort, baseline, tmp_path):
+    other = make_cohort(tmp_path / "o", per_group=1)
+    out = tmp_path / "c.h5"
+    out.write_bytes(baseline.read_bytes())
+    with pytest.raises(CxrfairError, match="for cohort"):
+        extract(config(other, out))
+    assert extract(config(other, out, force=True)).status == "written"
+    assert read_cache(out).cohort_hash == load_cohort(other).hash and len(read_cache(out).table) == 24
+
+
+def test_partial_from_different_settings_is_refused(cohort, tmp_path):
+    out = tmp_path / "p.h5"
+    ident = {"model": "tiny-clip", "weights_id": "random-init(seed=0)", "cohort_hash": load_cohort(cohort).hash,
+             "precision": "bf16", "rows": [0, 48], "chunk_rows": BATCH}
+    open_partial(partial_dir(out), ident, force=False)
+    with pytest.raises(CxrfairError, match=r"precision: 'bf16' there, 'fp32' now.*--force"):
+        extract(config(cohort, out))
+    assert extract(config(cohort, out, force=True)).status == "written"
+
+
+def test_chunk_ranges_cover_rows_once():
+    ranges = chunk_ranges(19, 8)
+    assert [(r.start, r.stop) for r in ranges] == [(0, 8), (8, 16), (16, 19)]
+
+
+KILLED_RUN = textwrap.dedent("""
+    import sys, torch
+    from pathlib import Path
+    torch.set_num_threads(int(sys.argv[3]))
+    from cxrfair.extract.extractor import ExtractConfig, extract
+    extract(ExtractConfig(model="tiny-clip", cohort=Path(sys.argv[1]), out=Path(sys.argv[2]), batch_size=8,
+                          workers=2, progress=False))
+""")
+
+
+def test_resume_after_kill_9_equals_an_uninterrupted_run(cohort, baseline, tmp_path):
+    out = tmp_path / "k.h5"
+    env = {**os.environ, KILL_AFTER_ENV: "2"}
+    proc = subprocess.run([sys.executable, "-c", KILLED_RUN, str(cohort), str(out), str(torch.get_num_threads())],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    part = partial_dir(out)
+    assert sorted(p.name for p in part.glob("chunk-*.npy")) == ["chunk-000000.npy", "chunk-000001.npy"]
+    assert json.loads((part / "manifest.json").read_text())["model"] == "tiny-clip"
+    assert not out.exists()
+    with pytest.raises(CxrfairError, match="interrupted extraction"):
+        read_cache(out)
+    # Resumed with another --batch-size: the chunks of the first run fix how rows are batched.
+    result = extract(ExtractConfig(model="tiny-clip", cohort=cohort, out=out, batch_size=32, workers=2, progress=False))
+    assert result.n_images == 48 and not part.exists()
+    done, ref = read_cache(out), read_cache(baseline)
+    np.testing.assert_array_equal(done.image_embeddings, ref.image_embeddings)
+    assert done.table.equals(ref.table)
+    for name in ref.text:
+        np.testing.assert_array_equal(done.text[name].embeddings, ref.text[name].embeddings)
+
+
+def _corrupt_one(cohort, tmp_path):
+    images = copy_images(cohort, tmp_path / "imgs")
+    row = load_cohort(cohort).table.iloc[5]
+    (images / row["path"]).write_bytes(b"not a png at all")
+    return images, row
+
+
+def test_corrupt_image_is_named(cohort, tmp_path):
+    images, row = _corrupt_one(cohort, tmp_path)
+    with pytest.raises(CxrfairError, match=rf"unreadable image\(s\): .*{row['image_id']}.*--skip-bad"):
+        extract(config(cohort, tmp_path / "bad.h5", images=images))
+    assert not (tmp_path / "bad.h5").exists()
+
+
+def test_skip_bad_records_and_drops_the_image(cohort, baseline, tmp_path):
+    images, row = _corrupt_one(cohort, tmp_path)
+    result = extract(config(cohort, tmp_path / "skip.h5", images=images, skip_bad=True))
+    c, ref = read_cache(tmp_path / "skip.h5"), read_cache(baseline)
+    assert result.n_images == 47 and len(c.table) == 47 and row["image_id"] not in set(c.table["image_id"])
+    assert [s["image_id"] for s in c.attrs["skipped_images"]] == [row["image_id"]]
+    keep = ref.table["image_id"] != row["image_id"]
+    np.testing.assert_allclose(c.image_embeddings, ref.image_embeddings[keep.to_numpy()], atol=1e-6)
+
+
+def test_bf16_autocast_runs_and_stays_close(cohort, baseline, tmp_path):
+    extract(config(cohort, tmp_path / "bf.h5", precision="bf16"))
+    c, ref = read_cache(tmp_path / "bf.h5"), read_cache(baseline)
+    assert c.attrs["precision"] == "bf16" and c.image_embeddings.dtype == np.float32
+    cos = np.sum(c.image_embeddings * ref.image_embeddings, 1) / (
+        np.linalg.norm(c.image_embeddings, axis=1) * np.linalg.norm(ref.image_embeddings, axis=1))
+    assert cos.min() > 0.99
+
+
+def test_bad_config_values_are_refused(cohort, tmp_path):
+    with pytest.raises(CxrfairError, match="--batch-size"):
+        config(cohort, tmp_path / "x.h5", batch_size=0)
+    with pytest.raises(CxrfairError, match="--precision"):
+        config(cohort, tmp_path / "x.h5", precision="fp8")
+    with pytest.raises(CxrfairError, match="unknown model; known models: .*tiny-clip"):
+        extract(config(cohort, tmp_path / "x.h5", model="nope"))
