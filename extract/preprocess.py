@@ -45,18 +45,19 @@ class Preprocess:
 
     def prepare(self, image: Image.Image) -> np.ndarray:
         """Decode-side geometry: any PIL image -> (3, size, size) uint8, RGB."""
-        image = _to_rgb(image)
+        # Geometry first, RGB last (open_clip's order): a grayscale X-ray is resized as one
+        # channel, a third of the work, with the same pixels.
+        image = _to_8bit(image)
         if self.mode == "pad":
             image = _pad_to_square(image)
             image = image.resize((self.resize, self.resize), _INTERPOLATION[self.interpolation])
         else:
             w, h = image.size
-            scale = self.resize / min(w, h)
             # Rounding as torchvision's Resize(int) does, so pixels match open_clip's transform.
             new = (self.resize, int(self.resize * h / w)) if w <= h else (int(self.resize * w / h), self.resize)
-            if scale != 1.0 or new != (w, h):
+            if new != (w, h):
                 image = image.resize(new, _INTERPOLATION[self.interpolation])
-        image = _center_crop(image, self.size)
+        image = _center_crop(image, self.size).convert("RGB")
         return np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
 
     def normalize(self, pixels: "torch.Tensor") -> "torch.Tensor":
@@ -72,13 +73,13 @@ class Preprocess:
         return asdict(self)
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    # A few NIH PNGs are 16-bit or RGBA; bring everything to 8-bit RGB the same way.
+def _to_8bit(image: Image.Image) -> Image.Image:
+    # A few NIH PNGs are 16-bit or RGBA; bring everything to 8-bit L or RGB the same way.
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(image, dtype=np.float64)
         hi = arr.max() or 1.0
-        image = Image.fromarray((arr * (255.0 / hi)).round().astype(np.uint8), mode="L")
-    return image.convert("RGB")
+        return Image.fromarray((arr * (255.0 / hi)).round().astype(np.uint8))
+    return image if image.mode in ("L", "RGB") else image.convert("RGB")
 
 
 def _pad_to_square(image: Image.Image) -> Image.Image:
@@ -86,7 +87,7 @@ def _pad_to_square(image: Image.Image) -> Image.Image:
     if w == h:
         return image
     side = max(w, h)
-    canvas = Image.new("RGB", (side, side), (0, 0, 0))
+    canvas = Image.new(image.mode, (side, side), 0)
     canvas.paste(image, ((side - w) // 2, (side - h) // 2))
     return canvas
 
