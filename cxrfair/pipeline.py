@@ -55,8 +55,21 @@ def _cohort_step(config: ExperimentConfig, p: dict) -> Step:
                                               seed=c.seed, force=True))
 
     settings = settings_dict(c) | {"metadata": str(metadata), "images": str(images)}
+    if not config.synth.enabled:
+        # The file's content, not just its name: an edited metadata file must rebuild the cohort.
+        settings["metadata_sha256"] = _metadata_identity(metadata)
     deps = ("synth",) if config.synth.enabled else ()
     return Step("cohort", settings, [p["cohort"] / "cohort.json"], run, deps)
+
+
+def _metadata_identity(metadata: str | None) -> str:
+    from cxrfair.extract.cohort import vendored_metadata
+    from cxrfair.io import sha256_file
+
+    path = Path(metadata) if metadata else vendored_metadata()
+    if not path.is_file():
+        raise CxrfairError(f"[cohort] metadata {path}: no such file; point it at Data_Entry_2017*.csv[.gz] or leave it empty for the vendored file")
+    return sha256_file(path)
 
 
 def _extract_step(config: ExperimentConfig, p: dict, model: str) -> Step:
@@ -227,15 +240,33 @@ def check_models(config: ExperimentConfig) -> None:
             raise CxrfairError(f"models: {model} has no LoRA target list, so it cannot run lora; remove one of them")
 
 
+def _missing_images(config: ExperimentConfig) -> str | None:
+    """Why extraction would fail for lack of images, said before any work starts."""
+    images = config.cohort.images
+    if config.synth.enabled:
+        return None
+    if not images:
+        return "[cohort] images is empty: set it to the folder of the NIH ChestX-ray14 download (images_001/images/...)"
+    if not Path(images).is_dir():
+        return (f"[cohort] images {images}: no such folder; download NIH ChestX-ray14 "
+                "(https://nihcc.app.box.com/v/ChestXray-NIHCC) and unpack images_*.tar.gz there")
+    return None
+
+
 def run_experiment(config: ExperimentConfig, dry_run: bool = False, echo: Callable[[str], None] = print) -> Path | None:
     """Print the plan, then run every step that is not complete; returns report.html (None on dry run)."""
     check_models(config)
+    problem = _missing_images(config)
+    if problem and not dry_run:
+        raise CxrfairError(problem)
     steps = experiment_steps(config)
     decisions = plan(steps, Path(config.out))
     echo(f"Experiment in {config.out}: {sum(a == 'run' for _, a in decisions)} step(s) to run, "
          f"{sum(a == 'reuse' for _, a in decisions)} reused")
     echo(format_plan(decisions))
     if dry_run:
+        if problem:
+            echo(f"note: {problem}")
         return None
     execute(decisions, Path(config.out), echo)
     return _paths(config)["report"] / "report.html"

@@ -165,3 +165,22 @@ def test_steps_follow_the_config(tmp_path):
     names = [s.name for s in experiment_steps(cfg)]
     assert names == ["synth", "cohort", "extract-tiny-clip", "zeroshot-tiny-clip", "linear-tiny-clip",
                      "lora-tiny-clip-lr0.0005-s0", "lora-tiny-clip", "analyze"]
+
+
+def test_real_run_without_images_stops_before_any_work(tmp_path):
+    out = tmp_path / "paper"
+    result = CliRunner().invoke(main, ["run", str(REPO / "configs" / "paper.toml"), "--out", str(out)])
+    assert result.exit_code == 1
+    assert "images" in result.output and "download NIH ChestX-ray14" in result.output
+    assert not out.exists()
+
+
+def test_edited_metadata_rebuilds_the_cohort(tmp_path):
+    meta = tmp_path / "Data_Entry_2017.csv"
+    meta.write_text("a\n")
+    text = f'models = ["tiny-clip"]\nout = "{tmp_path / "exp"}"\n[cohort]\nmetadata = "{meta}"\nimages = "{tmp_path}"\n'
+    (tmp_path / "exp.toml").write_text(text)
+    before = [s for s in experiment_steps(load_config(tmp_path / "exp.toml")) if s.name == "cohort"][0]
+    meta.write_text("b\n")
+    after = [s for s in experiment_steps(load_config(tmp_path / "exp.toml")) if s.name == "cohort"][0]
+    assert before.settings["metadata_sha256"] != after.settings["metadata_sha256"]
