@@ -129,7 +129,7 @@ def tables(results) -> list[tuple[str, str, pd.DataFrame]]:
     s = summary(results)
     attrs = list(dict.fromkeys(a for a in results.metrics["attribute"] if a))
     out = [
-        ("Utility", "Values in % with bootstrap 95% intervals; ±: sd over the seeds counted in `seeds`.",
+        ("Utility", "Values in % with bootstrap 95% intervals; ±: sd over the seeds counted in `seeds` (for zero-shot: over the prompt draws of the chosen set).",
          table_utility(s)),
         ("Class-wise F1 and Var_F1", "Var_F1 = population variance of class F1 (× 100, as the paper's %).",
          table_class_f1(s)),

@@ -276,11 +276,17 @@ def collate_rows(items):
 
 def make_loader(paths: list[str], rows: list[int], preprocess, batch_size: int, workers: int, pin: bool):
     """A sequential DataLoader over ``rows``; batches align with chunks because rows come chunk by chunk."""
+    import sys
+
     from torch.utils.data import DataLoader
 
+    # Forking a process that has started JAX's thread pool can deadlock the child; in that case
+    # (e.g. extraction called from Python after probes ran) start workers with spawn instead.
+    context = "spawn" if workers and "jax" in sys.modules else None
     return DataLoader(ImageRows(paths, rows, preprocess), batch_size=batch_size, shuffle=False,
                       num_workers=workers, collate_fn=collate_rows, pin_memory=pin,
-                      persistent_workers=False, prefetch_factor=4 if workers else None)
+                      persistent_workers=False, prefetch_factor=4 if workers else None,
+                      multiprocessing_context=context)
 
 
 def embed_missing(fm: "FoundationModel", paths: list[str], folder: Path, chunk_rows: int,
@@ -448,6 +454,9 @@ def provenance(fm: "FoundationModel", cohort, config: ExtractConfig, device: "to
         "prompt_sets": {name: describe(name) for name in PROMPT_SETS} if fm.spec.zero_shot else {},
         "prompt_seed": config.prompt_seed, "skipped_images": skipped,
         "cohort_folder": str(Path(config.cohort).resolve()),
+        # Zero-shot from this cache uses cosine similarity of these global embeddings (GLoRIA's
+        # local attention term needs word-level features the cache does not hold).
+        "zero_shot_term": fm.extras.get("zero_shot_term", "global"),
     }
 
 

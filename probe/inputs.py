@@ -41,6 +41,7 @@ class ProbeInputs:
     logit_scale: float
     source: str
     text: dict
+    zero_shot_term: str = "global"  # which image-text similarity the cache's embeddings support
 
 
 def load_inputs(cache_path: Path | str) -> ProbeInputs:
@@ -63,7 +64,8 @@ def load_inputs(cache_path: Path | str) -> ProbeInputs:
     rows = pd.concat([cache.table[cache.split_mask(s)] for s in ("val", "test")], ignore_index=True)
     text = {name: np.asarray(te.embeddings, dtype=np.float32) for name, te in cache.text.items()}
     return ProbeInputs(x, y, rows, list(cache.classes), str(cache.model), str(cache.cohort_hash),
-                       float(cache.logit_scale), str(cache_path), text)
+                       float(cache.logit_scale), str(cache_path), text,
+                       str(cache.attrs.get("zero_shot_term", "global")))
 
 
 def _check_finite(emb: np.ndarray, table: pd.DataFrame, where: str) -> None:

@@ -286,6 +286,8 @@ def test_extract_and_zeroshot_end_to_end(tiny_cohort, tmp_path, monkeypatch):  #
     assert cache.image_embeddings.shape == (16, 64) and np.isfinite(cache.image_embeddings).all()
     assert cache.attrs["logit_scale"] == 10.0
     assert runs and all(r.meta["model"] == "tiny-gloria" for r in runs)
+    # The run says which similarity it used: the global term (the cache holds no local features).
+    assert cache.attrs["zero_shot_term"] == "global" and all(r.meta["zero_shot_term"] == "global" for r in runs)
 
 
 @pytest.mark.slow
