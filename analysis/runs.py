@@ -28,6 +28,9 @@ from cxrfair.errors import CxrfairError
 from cxrfair.io import atomic_dir, write_json_atomic
 
 METHODS = ("zeroshot", "linear", "mlp", "lora", "full")
+# Fairness interventions (issue 13); "erm" is plain training and the default.
+MITIGATIONS = ("erm", "reweight", "groupdro", "adversarial", "fairot", "erase", "thresholds")
+TASKS = ("multiclass", "multilabel")
 BASE_COLUMNS = ("image_id", "patient_id", "split", "label", "sex", "age", "age_group")
 REQUIRED_META = (
     "run_id", "model", "method", "seed", "classes", "cohort_hash",
@@ -96,6 +99,80 @@ class Run:
         y = rows["label"].map(index).to_numpy(dtype=np.int64)
         probs = rows[prob_columns(self.classes)].to_numpy(dtype=np.float64)
         return y, probs
+
+
+@dataclass(frozen=True)
+class RunKey:
+    """What identifies a run; the one place run ids are built and parsed.
+
+    ``run_id`` is ``<model>__<method>[+<mitigation>-<sensitive>]__<tag>__s<seed>``; the bracketed
+    part is present only for a mitigation other than ``erm``. ``family`` (the run id without tag
+    and seed) names every run of one sweep, and its ``<family>__sweep.csv`` file.
+
+    Attributes:
+        model: registry name, made safe for a folder name (see ``safe_name``).
+        method: one of ``METHODS``.
+        tag: what else sets the run apart (``best``, a prompt set and draw ``clip-d0``, ``lr0.001``).
+        seed: training seed, or the prompt draw for zero-shot.
+        mitigation: one of ``MITIGATIONS``.
+        sensitive: the attribute a mitigation targets (None for ``erm``).
+    """
+
+    model: str
+    method: str
+    tag: str
+    seed: int
+    mitigation: str = "erm"
+    sensitive: str | None = None
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise CxrfairError(f"method {self.method!r} is unknown; expected one of {', '.join(METHODS)}")
+        if self.mitigation not in MITIGATIONS:
+            raise CxrfairError(f"mitigation {self.mitigation!r} is unknown; expected one of {', '.join(MITIGATIONS)}")
+        if (self.mitigation == "erm") != (self.sensitive is None):
+            raise CxrfairError(f"mitigation {self.mitigation!r} with sensitive attribute {self.sensitive!r}: "
+                               "a mitigation other than erm needs one sensitive attribute, erm none")
+        for name, value in (("model", self.model), ("tag", self.tag), ("sensitive", self.sensitive or "x")):
+            if "__" in value or not _RUN_ID_RE.match(value):
+                raise CxrfairError(f"run id part {name} {value!r}: use letters, digits, . _ + = - and no '__'")
+
+    @property
+    def method_part(self) -> str:
+        """``linear`` or ``linear+groupdro-sex``."""
+        return self.method if self.mitigation == "erm" else f"{self.method}+{self.mitigation}-{self.sensitive}"
+
+    @property
+    def family(self) -> str:
+        """``<model>__<method part>``: every run of one sweep, whatever its tag and seed."""
+        return f"{self.model}__{self.method_part}"
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.family}__{self.tag}__s{self.seed}"
+
+    @property
+    def sweep_file(self) -> str:
+        """The sweep table of this run's family (a file beside the run folders)."""
+        return f"{self.family}__sweep.csv"
+
+
+_RUN_KEY_RE = re.compile(r"^(?P<model>.+?)__(?P<method>[a-z]+)(\+(?P<mit>[a-z]+)-(?P<sens>[A-Za-z0-9._=-]+?))?"
+                         r"__(?P<tag>.+)__s(?P<seed>-?\d+)$")
+
+
+def parse_run_id(run_id: str) -> RunKey:
+    """Inverse of ``RunKey.run_id``; CxrfairError naming the run id when it does not follow the convention."""
+    m = _RUN_KEY_RE.match(run_id)
+    if not m:
+        raise CxrfairError(f"run id {run_id!r} does not follow <model>__<method>[+<mitigation>-<attr>]__<tag>__s<seed>")
+    return RunKey(model=m["model"], method=m["method"], tag=m["tag"], seed=int(m["seed"]),
+                  mitigation=m["mit"] or "erm", sensitive=m["sens"])
+
+
+def safe_name(name: str) -> str:
+    """A model name made usable inside a run id (letters, digits, ``. _ + = -``; no ``__``)."""
+    return re.sub(r"_{2,}", "_", re.sub(r"[^A-Za-z0-9._+=-]", "-", name)).strip("-_") or "model"
 
 
 def prob_columns(classes: list[str]) -> list[str]:

@@ -130,6 +130,12 @@ def _finetune_config(config: ExperimentConfig, p: dict, model: str, method: str,
                           resume=True, force=True, tag=tag)
 
 
+def _run_id(model: str, method: str, tag: str, seed: int) -> str:
+    from cxrfair.analysis.runs import RunKey, safe_name
+
+    return RunKey(safe_name(model), method, tag, seed).run_id
+
+
 def _lr_tag(lr: float) -> str:
     return f"lr{lr:g}".replace("+", "")
 
@@ -149,14 +155,14 @@ def _finetune_steps(config: ExperimentConfig, p: dict, model: str, method: str) 
             finetune(_finetune_config(config, p, model, method, 0, lr, sweep_dir, _lr_tag(lr)), progress=True)
 
         steps.append(Step(f"{method}-{model}-{_lr_tag(lr)}-s0", base | {"lr": lr, "seed": 0},
-                          [sweep_dir / f"{model}__{method}__{_lr_tag(lr)}__s0"], run, ("cohort",)))
+                          [sweep_dir / _run_id(model, method, _lr_tag(lr), 0)], run, ("cohort",)))
 
     def select_and_seed(force: bool) -> None:
         from cxrfair.finetune.train import finetune
 
         best = _select_lr(sweep_dir, model, method, lrs)
         _clear_runs(p["runs"], model, method)
-        src = sweep_dir / f"{model}__{method}__{_lr_tag(best)}__s0"
+        src = sweep_dir / _run_id(model, method, _lr_tag(best), 0)
         produced = [_copy_run(src, p["runs"], model, method, 0, {"lr_candidates": list(lrs), "lr_selected_on": "val loss (seed 0)"})]
         for seed in range(1, config.seeds):
             produced.append(finetune(_finetune_config(config, p, model, method, seed, best, p["runs"], "best"), progress=True).run_dir)
@@ -171,7 +177,7 @@ def _select_lr(sweep_dir: Path, model: str, method: str, lrs) -> float:
     """The learning rate whose seed-0 run reached the lowest validation loss."""
     scores = {}
     for lr in lrs:
-        meta = json.loads((sweep_dir / f"{model}__{method}__{_lr_tag(lr)}__s0" / "run.json").read_text())
+        meta = json.loads((sweep_dir / _run_id(model, method, _lr_tag(lr), 0) / "run.json").read_text())
         scores[lr] = min(meta["curves"]["val_loss"])
     return min(scores, key=scores.get)
 
@@ -180,7 +186,7 @@ def _copy_run(src: Path, runs: Path, model: str, method: str, seed: int, extra: 
     from cxrfair.analysis.runs import read_run, write_run
 
     run = read_run(src)
-    run_id = f"{model}__{method}__best__s{seed}"
+    run_id = _run_id(model, method, "best", seed)
     meta = dict(run.meta) | {"run_id": run_id} | extra
     return write_run(runs, meta, run.predictions, force=True)
 

@@ -74,7 +74,9 @@ class FinetuneConfig:
 
     @property
     def run_id(self) -> str:
-        return f"{self.model}__{self.method}__{self.tag}__s{self.seed}"
+        from cxrfair.analysis.runs import RunKey, safe_name
+
+        return RunKey(safe_name(self.model), self.method, self.tag, self.seed).run_id
 
     def training_fields(self) -> dict:
         """The fields a resume checkpoint must agree on (JSON-able)."""

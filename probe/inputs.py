@@ -7,13 +7,13 @@ before training, so a failing command leaves the runs folder as it was.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from cxrfair.analysis.runs import safe_name  # noqa: F401  (re-exported; the run-id owner defines it)
 from cxrfair.errors import CxrfairError
 
 SPLITS = ("train", "val", "test")
@@ -76,9 +76,6 @@ def _check_finite(emb: np.ndarray, table: pd.DataFrame, where: str) -> None:
                            "re-run `cxrfair extract --force` for this model")
 
 
-def safe_name(name: str) -> str:
-    """A model name made usable inside a run id (letters, digits, ``. _ + = -``)."""
-    return re.sub(r"[^A-Za-z0-9._+=-]", "-", name).strip("-") or "model"
 
 
 def check_runs_dir(out: Path | str, cohort_hash: str, run_ids: list[str], force: bool) -> None:

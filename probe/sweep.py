@@ -235,13 +235,13 @@ def probe_cache(cache_path: Path | str, out: Path | str, cfg: SweepConfig, force
     Returns:
         The run folders written.
     """
-    from cxrfair.probe.inputs import check_runs_dir, load_inputs, safe_name
+    from cxrfair.analysis.runs import RunKey, safe_name
+    from cxrfair.probe.inputs import check_runs_dir, load_inputs
 
     cfg.validate()
     t0 = time.perf_counter()
     inputs = load_inputs(cache_path)
-    prefix = f"{safe_name(inputs.model)}__{cfg.method}"
-    run_ids = [f"{prefix}__best__s{s}" for s in cfg.seeds]
+    run_ids = [RunKey(safe_name(inputs.model), cfg.method, "best", int(s)).run_id for s in cfg.seeds]
     check_runs_dir(out, inputs.cohort_hash, run_ids, force)
     result = run_sweep(inputs.x, inputs.y, len(inputs.classes), cfg)
     result.timings["total_s"] = time.perf_counter() - t0
@@ -278,7 +278,9 @@ def write_sweep(out, inputs, cfg: SweepConfig, result: SweepResult, run_ids: lis
 
 
 def _sweep_name(run_id: str) -> str:
-    return run_id.rsplit("__", 2)[0] + "__sweep.csv"
+    from cxrfair.analysis.runs import parse_run_id
+
+    return parse_run_id(run_id).sweep_file
 
 
 def _hyperparameters(cfg: SweepConfig, best: dict) -> dict:

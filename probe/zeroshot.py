@@ -87,7 +87,8 @@ def zeroshot_cache(cache_path: Path | str, out: Path | str, all_sets: bool = Fal
         The run folders written.
     """
     from cxrfair.errors import CxrfairError
-    from cxrfair.probe.inputs import check_runs_dir, load_inputs, safe_name
+    from cxrfair.analysis.runs import RunKey, safe_name
+    from cxrfair.probe.inputs import check_runs_dir, load_inputs
 
     t0 = time.perf_counter()
     inputs = load_inputs(cache_path)
@@ -101,8 +102,7 @@ def zeroshot_cache(cache_path: Path | str, out: Path | str, all_sets: bool = Fal
     n_val = len(inputs.x["val"])
     scores = score_sets({n: p[:, :n_val] for n, p in probs.items()}, inputs.y["val"], inputs.text, len(inputs.classes))
     plan = [(s, d) for s in (scores if all_sets else scores[:1]) for d in range(1 if s.identical_draws else len(s.macro_f1))]
-    prefix = f"{safe_name(inputs.model)}__zeroshot"
-    run_ids = [f"{prefix}__{safe_name(s.name)}-d{d}__s{d}" for s, d in plan]
+    run_ids = [RunKey(safe_name(inputs.model), "zeroshot", f"{safe_name(s.name)}-d{d}", d).run_id for s, d in plan]
     check_runs_dir(out, inputs.cohort_hash, run_ids, force)
     elapsed = time.perf_counter() - t0
     return [_write(out, inputs, s, d, rid, probs[s.name][d], scores, elapsed, force) for (s, d), rid in zip(plan, run_ids)]

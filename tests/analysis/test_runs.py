@@ -161,3 +161,48 @@ def test_make_predictions_rejects_bad_probs(rows):
         make_predictions(rows, logits, CLASSES)
     with pytest.raises(CxrfairError, match="lack column"):
         make_predictions(rows.drop(columns=["sex"]), probs_for(rows), CLASSES)
+
+
+# ---------------------------------------------------------------- run identity
+
+
+def test_run_key_round_trip_and_family():
+    from cxrfair.analysis.runs import RunKey, parse_run_id
+
+    plain = RunKey("clip-vit-b16", "linear", "best", 2)
+    assert plain.run_id == "clip-vit-b16__linear__best__s2"
+    assert plain.sweep_file == "clip-vit-b16__linear__sweep.csv"
+    mitigated = RunKey("tiny-clip", "lora", "lr0.001", 0, mitigation="groupdro", sensitive="age_group")
+    assert mitigated.run_id == "tiny-clip__lora+groupdro-age_group__lr0.001__s0"
+    assert mitigated.family == "tiny-clip__lora+groupdro-age_group"
+    for key in (plain, mitigated, RunKey("m", "zeroshot", "gloria-d3", 3)):
+        assert parse_run_id(key.run_id) == key
+    # A family prefix must not match another family's runs (the pipeline's cleanup relies on it).
+    assert not mitigated.run_id.startswith(plain.family.replace("clip-vit-b16", "tiny-clip") + "__")
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(method="svm"), dict(mitigation="magic", sensitive="sex"), dict(mitigation="groupdro"),
+    dict(sensitive="sex"), dict(tag="a__b"), dict(model="bad name"),
+])
+def test_run_key_rejects_bad_parts(kwargs):
+    from cxrfair.analysis.runs import RunKey
+
+    base = dict(model="m", method="linear", tag="best", seed=0) | kwargs
+    with pytest.raises(CxrfairError):
+        RunKey(**base)
+
+
+def test_parse_run_id_rejects_foreign_names():
+    from cxrfair.analysis.runs import parse_run_id
+
+    for bad in ("m__linear__sweep.csv", "no-seed__linear__best", "m__linear+groupdro__best__s0"):
+        with pytest.raises(CxrfairError):
+            parse_run_id(bad)
+
+
+def test_safe_name_never_makes_a_separator():
+    from cxrfair.analysis.runs import safe_name
+
+    assert safe_name("hf-hub:microsoft/x y") == "hf-hub-microsoft-x-y"
+    assert "__" not in safe_name("a__b")
