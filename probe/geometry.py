@@ -255,8 +255,8 @@ def centroid_differences(x: np.ndarray, attr: Attribute, counts: np.ndarray) -> 
     out = []
     for g in range(1, len(attr.groups)):
         grp = attr.codes == g
-        diff = _smd(x, grp, ref, np.ones(len(x)))  # (D,)
-        lo, hi = interval(_smd(x, grp, ref, counts))  # (D,) each
+        diff = mean_difference(x, grp, ref, np.ones(len(x)))  # (D,)
+        lo, hi = interval(mean_difference(x, grp, ref, counts))  # (D,) each
         order = np.argsort(-np.abs(diff), kind="stable")
         out.append(pd.DataFrame({"attribute": attr.name, "group": attr.groups[g], "reference": attr.reference,
                                  "dim": order, "diff": diff[order], "abs_diff": np.abs(diff[order]), "ci_low": lo[order],
@@ -265,8 +265,16 @@ def centroid_differences(x: np.ndarray, attr: Attribute, counts: np.ndarray) -> 
     return pd.concat(out, ignore_index=True)
 
 
-def _smd(x: np.ndarray, a: np.ndarray, b: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """(mean_a - mean_b) / pooled sd under weights w (N,) or (R, N): returns (D,) or (R, D)."""
+def mean_difference(x: np.ndarray, a: np.ndarray, b: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Standardised mean difference (mean_a - mean_b) / pooled sd, per dimension, under weights.
+
+    Args:
+        x: (N, D). a, b: (N,) bool rows of the two groups. w: (N,) or (R, N) weights.
+
+    Returns:
+        (D,) or (R, D); NaN where the pooled sd is 0.
+    """
+    x = x - x.mean(0)  # shift-invariant; centring keeps the sum-of-squares variance accurate
     stats = []
     for m in (a, b):
         wm = w[..., m]

@@ -137,18 +137,7 @@ def leakage(data: EmbeddingData, cfg: LeakageConfig, progress: bool = False) -> 
     t0 = time.perf_counter()
     attrs = resolve_attributes(data, cfg.attributes)
     split = leakage_split(data, cfg)
-    plan, rows, notes = [], [], []
-    for attr in attrs:
-        problem = group_problem(attr, split, cfg.min_group)
-        if problem and attr.requested:
-            raise CxrfairError(problem)
-        if problem:
-            notes.append(f"skipped {problem}")
-            rows += [_skipped(data.model, attr, "", p, notes[-1]) for p in cfg.probes]
-        else:
-            plan.append(attr)
-    if not plan:
-        raise CxrfairError(f"cache {data.source}: no attribute can be analysed ({'; '.join(notes) or 'none found'})")
+    plan, rows, notes = _plan(data, attrs, split, cfg)
     conds = conditions(data) if cfg.conditional else []
     perm_rows, timings = [], {}
     with _bar(len(plan) * (1 + cfg.n_perm), progress, data.model) as bar:
@@ -161,6 +150,23 @@ def leakage(data: EmbeddingData, cfg: LeakageConfig, progress: bool = False) -> 
     table = pd.DataFrame(rows, columns=COLUMNS)
     meta = _meta(data, cfg, attrs, timings, notes)
     return LeakageResult(table, pd.DataFrame(perm_rows, columns=PERMUTATION_COLUMNS), _split_table(data, split), notes, meta)
+
+
+def _plan(data: EmbeddingData, attrs: list, split: np.ndarray, cfg: LeakageConfig) -> tuple[list, list, list]:
+    """(attributes to probe, skipped rows, notes); a named attribute that cannot be probed raises."""
+    plan, rows, notes = [], [], []
+    for attr in attrs:
+        problem = group_problem(attr, split, cfg.min_group)
+        if problem and attr.requested:
+            raise CxrfairError(problem)
+        if problem:
+            notes.append(f"skipped {problem}")
+            rows += [_skipped(data.model, attr, "", p, notes[-1]) for p in cfg.probes]
+        else:
+            plan.append(attr)
+    if not plan:
+        raise CxrfairError(f"cache {data.source}: no attribute can be analysed ({'; '.join(notes) or 'none found'})")
+    return plan, rows, notes
 
 
 def leakage_split(data: EmbeddingData, cfg: LeakageConfig) -> np.ndarray:
@@ -178,18 +184,8 @@ def attribute_leakage(data: EmbeddingData, attr: Attribute, split: np.ndarray, c
     Returns:
         (leakage rows, permutation rows, notes).
     """
-    idx = {name: np.flatnonzero((attr.codes >= 0) & (split == i)) for i, name in enumerate(SPLIT_NAMES)}
-    x = standardize({s: data.x[i] for s, i in idx.items()})
-    index = knn_index(x, cfg.ks, cfg.knn_metrics) if "knn" in cfg.probes else None
-    real = fit_probes(x, {s: attr.codes[i] for s, i in idx.items()}, len(attr.groups), cfg, index)
-    _tick(bar)
-    shuffled = []
-    for p in range(cfg.n_perm):
-        codes = shuffled_codes(attr, data.patients, split, seeded_rng(cfg.seed, "permute", attr.name, p))
-        fits = fit_probes(x, {s: codes[i] for s, i in idx.items()}, len(attr.groups), cfg, index)
-        shuffled.append((codes[idx["test"]], fits))
-        _tick(bar)
-    ctx = _Context(data, attr, cfg, idx, real, shuffled)
+    ctx = _fit_labellings(data, attr, split, cfg, bar)
+    idx = ctx.idx
     rows, perm_rows, notes = [], [], []
     for name, mask in [("", np.ones(len(split), bool))] + conds:
         test_rows = mask[idx["test"]]
@@ -201,6 +197,25 @@ def attribute_leakage(data: EmbeddingData, attr: Attribute, split: np.ndarray, c
         found, perms = _evaluate(ctx, name, test_rows)
         rows, perm_rows = rows + found, perm_rows + perms
     return rows, perm_rows, notes
+
+
+def _fit_labellings(data: EmbeddingData, attr: Attribute, split: np.ndarray, cfg: LeakageConfig, bar) -> "_Context":
+    """Fit every probe on the attribute, then on each of ``cfg.n_perm`` shuffles of it.
+
+    Features are standardised and kNN neighbours searched once: shuffling changes labels only.
+    """
+    idx = {name: np.flatnonzero((attr.codes >= 0) & (split == i)) for i, name in enumerate(SPLIT_NAMES)}
+    x = standardize({s: data.x[i] for s, i in idx.items()})
+    index = knn_index(x, cfg.ks, cfg.knn_metrics) if "knn" in cfg.probes else None
+    real = fit_probes(x, {s: attr.codes[i] for s, i in idx.items()}, len(attr.groups), cfg, index)
+    _tick(bar)
+    shuffled = []
+    for p in range(cfg.n_perm):
+        codes = shuffled_codes(attr, data.patients, split, seeded_rng(cfg.seed, "permute", attr.name, p))
+        fits = fit_probes(x, {s: codes[i] for s, i in idx.items()}, len(attr.groups), cfg, index)
+        shuffled.append((codes[idx["test"]], fits))
+        _tick(bar)
+    return _Context(data, attr, cfg, idx, real, shuffled)
 
 
 def fit_probes(x: dict, y: dict, n_groups: int, cfg: LeakageConfig, index: KnnIndex | None) -> dict[str, ProbeFit]:

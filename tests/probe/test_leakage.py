@@ -339,14 +339,18 @@ def test_probe_modules_do_not_import_torch(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_synthetic_sex_marker_is_found_in_a_real_tiny_clip_extraction(tmp_path):
+def test_sex_is_found_in_a_real_tiny_clip_extraction_of_the_synthetic_images(tmp_path):
+    """Pixels -> tiny-clip -> cache -> leakage. The synthetic images reveal sex (a corner marker,
+    fainter and noisier findings for F). tiny-clip has random weights and sees 64 px images, in
+    which the marker is 3 x 3 pixels, so the probes find sex well above the measured chance level
+    but not near 1 (about 0.7 here); the planted-direction tests above check "near 1"."""
     from cxrfair.extract.extractor import ExtractConfig, extract
     from tests.extract.extract_helpers import make_cohort
 
-    folder = make_cohort(tmp_path, per_group=6, size=64)
+    folder = make_cohort(tmp_path, per_group=30, size=64)
     extract(ExtractConfig(model="tiny-clip", cohort=folder, out=tmp_path / "c.h5", workers=0, progress=False))
     data = load_embedding_data(tmp_path / "c.h5")
     result = leakage(data, LeakageConfig(attributes=("sex",), probes=("linear", "knn"), n_perm=2, n_boot=300,
-                                         min_group=5, conditional=False, linear=FAST))
+                                         conditional=False, linear=LINEAR))
     for _, row in result.table.iterrows():
-        assert row["auc"] > 0.9 and row["ci_low"] > row["chance_high"], row.to_dict()
+        assert row["auc"] > 0.6 and row["ci_low"] > row["chance_high"], row.to_dict()
