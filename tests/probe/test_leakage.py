@@ -15,6 +15,7 @@ from sklearn.metrics import log_loss, roc_auc_score
 from sklearn.neighbors import KNeighborsClassifier
 
 from cxrfair.cli import main
+from cxrfair.extract.cache import write_cache
 from cxrfair.errors import CxrfairError
 from cxrfair.probe.attribute_probes import SweepGrid, knn_fit, knn_index, knn_probs, leakage_auc, neighbours, standardize
 from cxrfair.probe.embedding_data import (
@@ -274,6 +275,24 @@ def test_multilabel_conditions_are_positives_and_negatives_of_each_condition():
     assert list(found) == ["y_Pneumothorax=1", "y_Pneumothorax=0", "y_Effusion=1", "y_Effusion=0"]
     assert found["y_Pneumothorax=1"].tolist() == [True, False, False, True]
     assert found["y_Effusion=0"].tolist() == [True, True, False, False]  # uncertain rows in neither
+
+
+def test_a_multilabel_cache_is_conditioned_on_each_conditions_positives_and_negatives(tmp_path):
+    table = cohort(n_patients=400, seed=11)
+    rng = np.random.default_rng(11)
+    for c in ("Atelectasis", "Effusion"):
+        table[f"y_{c}"] = np.where(rng.random(len(table)) < 0.1, np.nan, (rng.random(len(table)) < 0.4).astype(float))
+    table = table.drop(columns="label")
+    x = np.random.default_rng(12).normal(size=(len(table), 8)).astype(np.float32)
+    x[:, 0] += np.where(table["sex"] == "M", 2.0, -2.0)
+    path = tmp_path / "ml.h5"
+    write_cache(path, image_embeddings=x, cohort_table=table, classes=["Atelectasis", "Effusion"], text={},
+                attrs={"model": "m", "weights_id": "w", "cohort_hash": "h", "logit_scale": 1.0, "task": "multilabel"})
+    result = leakage(load_embedding_data(path), LeakageConfig(attributes=("sex",), probes=("knn",), n_perm=1, n_boot=200))
+    t = result.table.set_index("condition")
+    assert list(t.index) == ["", "y_Atelectasis=1", "y_Atelectasis=0", "y_Effusion=1", "y_Effusion=0"]
+    assert (t["auc"] > 0.9).all()
+    assert t.loc["y_Atelectasis=1", "n_test"] + t.loc["y_Atelectasis=0", "n_test"] < t.loc["", "n_test"]  # uncertain rows out
 
 
 def test_a_defaulted_attribute_with_one_group_is_a_skipped_row_with_a_note(tmp_path):
