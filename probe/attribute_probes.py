@@ -80,6 +80,11 @@ def leakage_auc(y, probs, *, weights=None) -> np.ndarray:
 def sweep_fit(x: dict, y: dict, n_classes: int, method: str, grid: SweepGrid, seed: int) -> ProbeFit:
     """Sweep ``grid`` with the probe stage's machinery and keep the configuration it selects.
 
+    The only call into ``run_sweep``. Its AdamW recipe underfits a weak signal spread thin over
+    many noisy dimensions compared with a tuned L2 logistic regression (test AUC 0.51 vs 0.59 on
+    a 512-d toy with one informative dimension; equal within 0.02 on the 16-d tests); the probe
+    stage's full-batch L-BFGS solver, once merged, is the one to select here.
+
     Args:
         x: split -> (N_split, D) standardised features ("train", "val", "test").
         y: split -> (N_split,) int group codes ("train", "val").
