@@ -282,7 +282,7 @@ class GroupMetric:
 
     Attributes:
         name: output name.
-        bases: names in METRICS whose per-group values it combines (mean over bases).
+        bases: names in METRICS whose per-group values it combines (mean over bases; max for max_range).
         combine: how groups are combined:
             "difference": value(A) - value(A') per class, mean over classes; signed.
             "magnitude": |mean over classes of value(A) - value(A')|, the size of "difference".
