@@ -1,9 +1,12 @@
 """Bootstrap resampling as weight matrices: all replicates of every metric in one pass.
 
 A replicate is represented by how often each test image was drawn, a row of an (R, N) count
-matrix; the metrics in ``metrics`` accept it as ``weights``. Resampling is stratified: images
-are redrawn within their stratum (the sex × age cell), so every replicate keeps the group sizes
-of the test set, as the cohort design fixes them.
+matrix; the metrics in ``metrics`` accept it as ``weights``. Resampling is stratified and by
+patient (``patient_counts``): patients are redrawn with replacement within their stratum (the
+sex × age cell), and every image of a drawn patient comes with it. Images of one patient are
+correlated, so redrawing them one by one (``stratified_indices`` on images) would make intervals
+too narrow whenever a patient has several test images. Each replicate keeps the number of
+patients per stratum, as the cohort design fixes them.
 """
 
 from __future__ import annotations
@@ -31,6 +34,49 @@ def stratified_indices(strata, n_boot: int, rng: np.random.Generator) -> np.ndar
         members = np.flatnonzero(strata == s)
         idx[:, members] = members[rng.integers(0, len(members), size=(n_boot, len(members)))]
     return idx
+
+
+def patient_strata(patients, strata) -> tuple[np.ndarray, np.ndarray]:
+    """Number the patients and give each one stratum.
+
+    A patient whose images fall in several strata (the age band changes between visits) belongs
+    to the stratum of their first image in the given order (analyze passes images sorted by
+    ``image_id``, which for NIH ids ``<patient>_<visit>.png`` is the first visit).
+
+    Args:
+        patients: (N,) patient id of each image.
+        strata: (N,) stratum label of each image.
+
+    Returns:
+        code: (N,) int patient index in [0, P), numbered by first appearance (so with one image
+            per patient, patient i is image i and the draws equal an image bootstrap's).
+        patient_stratum: (P,) stratum of each patient.
+    """
+    patients, strata = np.asarray(patients), np.asarray(strata)
+    _, first, inverse = np.unique(patients, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    return rank[inverse.reshape(-1)], strata[np.sort(first)]
+
+
+def patient_counts(patients, strata, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """Stratified patient (cluster) bootstrap as an (R, N) matrix of image counts.
+
+    Patients are drawn with replacement within their stratum (``patient_strata``); an image's
+    count in a replicate is its patient's count, so all of a patient's images move together.
+
+    Args:
+        patients: (N,) patient id of each image.
+        strata: (N,) stratum label of each image.
+        n_boot: R, the number of replicates.
+        rng: numpy Generator (the caller seeds it).
+
+    Returns:
+        (R, N) float64 counts, usable as ``weights`` by every metric.
+    """
+    code, patient_stratum = patient_strata(patients, strata)
+    per_patient = resample_counts(stratified_indices(patient_stratum, n_boot, rng), len(patient_stratum))  # (R, P)
+    return per_patient[:, code]
 
 
 def resample_counts(idx: np.ndarray, n: int) -> np.ndarray:

@@ -393,6 +393,29 @@ def _read_predictions(path: Path, where: str) -> pd.DataFrame:
     return df
 
 
+# What a run.json without ``attributes`` means: the v1 cohort's sensitive attributes (CONTRACTS.md, Version 2).
+V1_ATTRIBUTES = {"sex": {"groups": ["M", "F"], "reference": "M"},
+                 "age_group": {"groups": ["young", "old"], "reference": "young"}}
+
+
+def run_attributes(run: Run) -> dict[str, dict]:
+    """The run's sensitive attributes ``{column: {"groups": [...], "reference": group}}``.
+
+    From run.json ``attributes`` when present, else ``V1_ATTRIBUTES``; CxrfairError naming the
+    run and the attribute when the mapping is malformed.
+    """
+    attrs = run.meta.get("attributes", V1_ATTRIBUTES)
+    where = f"run {run.run_id}: run.json attributes"
+    if not isinstance(attrs, dict):
+        raise CxrfairError(f"{where} must map column -> {{groups, reference}}, got {type(attrs).__name__}")
+    for col, spec in attrs.items():
+        groups = spec.get("groups") if isinstance(spec, dict) else None
+        if (not isinstance(groups, list) or not groups or len(set(map(str, groups))) != len(groups)
+                or spec.get("reference") not in groups):
+            raise CxrfairError(f"{where}: {col} needs a list of distinct groups and a reference among them, got {spec!r}")
+    return attrs
+
+
 def runs_table(runs: list[Run]) -> pd.DataFrame:
     """One row per run: ``run_id, model, method, seed``."""
     return pd.DataFrame(

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from cxrfair.analysis.bootstrap import interval, resample_counts, stratified_indices
+from cxrfair.analysis.bootstrap import interval, patient_counts, patient_strata, resample_counts, stratified_indices
 
 
 def test_stratified_indices_stay_in_stratum_and_keep_sizes():
@@ -38,6 +38,52 @@ def test_interval_is_the_percentile_interval_and_skips_nan():
     assert lo[0] == pytest.approx(np.percentile(reps[:, 0], 5)) and hi[0] == pytest.approx(np.percentile(reps[:, 0], 95))
     assert lo[1] == pytest.approx(np.percentile(reps[10:, 1], 5))
     assert np.isnan(lo[2]) and np.isnan(hi[2])
+
+
+def _clustered(seed=0, n_patients=40):
+    """(N,) patient ids (1-4 images each, ids not in image order) and (N,) strata, in image order."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, 5, n_patients)
+    ids = rng.permutation(1000)[:n_patients]
+    patients = np.repeat(ids, sizes)
+    strata = np.repeat(rng.choice(["M×young", "F×young", "M×old", "F×old"], n_patients), sizes)
+    order = rng.permutation(len(patients))  # a patient's images are not contiguous
+    return patients[order], strata[order]
+
+
+def test_a_patients_images_are_drawn_together():
+    patients, strata = _clustered()
+    w = patient_counts(patients, strata, 300, np.random.default_rng(1))
+    assert w.shape == (300, len(patients))
+    for pid in np.unique(patients):
+        cols = w[:, patients == pid]
+        np.testing.assert_array_equal(cols, np.repeat(cols[:, :1], cols.shape[1], axis=1))
+    # The number of patients drawn per stratum is the number there is, in every replicate.
+    first = {pid: i for i, pid in reversed(list(enumerate(patients)))}
+    for s in np.unique(strata):
+        members = [i for pid, i in first.items() if strata[i] == s]
+        assert (w[:, members].sum(1) == len(members)).all()
+    assert (w > 1).any() and (w == 0).any()  # it does resample
+
+
+def test_one_image_per_patient_is_the_image_bootstrap():
+    """With distinct patients the draws are exactly the stratified image bootstrap's, whatever the ids."""
+    strata = np.array(list("aabbbbcccccd") * 3)
+    patients = np.random.default_rng(0).permutation(10_000)[:len(strata)]
+    got = patient_counts(patients, strata, 500, np.random.default_rng(7))
+    want = resample_counts(stratified_indices(strata, 500, np.random.default_rng(7)), len(strata))
+    np.testing.assert_array_equal(got, want)
+
+
+def test_a_patient_in_several_strata_belongs_to_its_first_images():
+    patients = np.array(["p2", "p1", "p2", "p3", "p1"])
+    strata = np.array(["young", "old", "old", "old", "young"])  # p2 and p1 change age band
+    code, stratum = patient_strata(patients, strata)
+    np.testing.assert_array_equal(code, [0, 1, 0, 2, 1])  # numbered by first appearance
+    np.testing.assert_array_equal(stratum, ["young", "old", "old"])
+    w = patient_counts(patients, strata, 200, np.random.default_rng(0))
+    assert (w[:, 0] == 1).all()  # p2 is alone in "young": always drawn once
+    assert (w[:, 1] + w[:, 3] == 2).all()  # p1 and p3 share "old": two draws between them
 
 
 def test_package_import_is_light():
