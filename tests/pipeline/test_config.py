@@ -24,7 +24,7 @@ BASE = {
     "extract": ["workers = 0"],
     "probe": ["epochs = 5"],
     "finetune": ["epochs = 1"],
-    "analysis": ["bootstrap = 20"],
+    "analysis": ["bootstrap = 100"],
 }
 
 # (section, line replacing or adding that key, the part of the one-line message that must appear)
