@@ -357,3 +357,55 @@ def resnet_trunk(resnet, x: "torch.Tensor") -> "torch.Tensor":
 def resnet_pooled(resnet, x: "torch.Tensor") -> "torch.Tensor":
     """(B, 3, H, W) -> (B, 2048): layer4 average-pooled, before ``fc`` (torchvision's own pooling)."""
     return resnet.avgpool(resnet_trunk(resnet, x)).flatten(1)
+
+
+# --- Hugging Face image processors ----------------------------------------------------------------------
+
+# PIL resample codes as saved in preprocessor_config.json -> our interpolation names.
+_HF_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic", 4: "box"}
+
+
+def preprocess_from_hf(config: dict, source: str):
+    """Our Preprocess from an HF ``preprocessor_config.json`` (Bit/Siglip/CLIP image processors).
+
+    ``size`` as ``{"shortest_edge": n}`` means resize the short side (then ``crop_size`` centre crop
+    if ``do_center_crop``); ``{"height": h, "width": w}`` with h == w means resize to that square
+    ignoring aspect ("squash"). Pixels are assumed rescaled by 1/255 (all these processors do).
+    """
+    from cxrfair.extract.preprocess import Preprocess
+
+    size, resample = config.get("size", {}), config.get("resample", 3)
+    if resample not in _HF_RESAMPLE:
+        raise CxrfairError(f"{source}: resample {resample} is not supported (use 0, 2, 3 or 4)")
+    if "shortest_edge" in size:
+        mode, resize = "shortest", size["shortest_edge"]
+    elif size.get("height") == size.get("width") is not None:
+        mode, resize = "squash", size["height"]
+    else:
+        raise CxrfairError(f"{source}: size {size} is not supported (shortest_edge, or a square height/width)")
+    crop = config.get("crop_size", {}) if config.get("do_center_crop", False) else {}
+    crop = crop.get("height", resize) if isinstance(crop, dict) else crop
+    mean, std = ((0.0,) * 3, (1.0,) * 3)
+    if config.get("do_normalize", True):
+        mean, std = tuple(config["image_mean"]), tuple(config["image_std"])
+    return Preprocess(size=crop, resize=resize, mode=mode, interpolation=_HF_RESAMPLE[resample], mean=mean, std=std)
+
+
+def hf_preprocess(folder: Path | None, fallback):
+    """``preprocessor_config.json`` of ``folder`` as a Preprocess if present, else ``fallback``."""
+    import json
+
+    file = folder / "preprocessor_config.json" if folder is not None else None
+    if file is None or not file.is_file():
+        return fallback
+    return preprocess_from_hf(json.loads(file.read_text(encoding="utf-8")), str(file))
+
+
+def hf_from_folder(model_cls, folder: Path, source: str):
+    """``model_cls.from_pretrained(folder)`` (transformers converts old key names), strictly, fp32."""
+    model, info = model_cls.from_pretrained(str(folder), output_loading_info=True)
+    problems = [f"{kind.replace('_keys', '')}: {', '.join(sorted(map(str, info[kind]))[:5])}"
+                for kind in ("missing_keys", "unexpected_keys", "mismatched_keys") if info[kind]]
+    if problems or info.get("error_msgs"):
+        raise CxrfairError(f"{source}: weights do not match {model_cls.__name__} ({'; '.join(problems)})")
+    return model.float()
