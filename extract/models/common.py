@@ -292,16 +292,18 @@ def _check_derived(derived: dict, module, source: str, prefix: str) -> None:
             raise CxrfairError(f"{source}: {prefix}{key} does not match the {type(module).__name__} architecture")
 
 
-def hf_from_state_dict(model_cls, config, state: dict, source: str, prefix: str):
+def hf_from_state_dict(model_cls, config, state: dict, source: str, prefix: str, **model_kwargs):
     """Build ``model_cls`` from a (possibly transformers-4.x) state dict, strictly.
 
     transformers' ``from_pretrained`` applies its own key conversion for the architecture
     (e.g. Swin ``attention.self.query`` -> ``attention.q_proj``); any missing, unexpected or
-    mis-shaped key is an error naming ``prefix`` + key.
+    mis-shaped key is an error naming ``prefix`` + key. ``model_kwargs`` go to the model's
+    constructor (e.g. ``add_pooling_layer=False``).
     """
     derived = {k: v for k, v in state.items() if _DERIVED_BUFFER.search(k)}
     weights = {k: v for k, v in state.items() if k not in derived}
-    model, info = model_cls.from_pretrained(None, config=config, state_dict=weights, output_loading_info=True)
+    model, info = model_cls.from_pretrained(None, config=config, state_dict=weights, output_loading_info=True,
+                                            **model_kwargs)
     problems = [f"{kind.replace('_keys', '')}: {', '.join(prefix + k for k in sorted(map(str, info[kind]))[:5])}"
                 for kind in ("missing_keys", "unexpected_keys", "mismatched_keys") if info[kind]]
     if problems or info.get("error_msgs"):
