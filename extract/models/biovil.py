@@ -67,6 +67,7 @@ UNUSED_IMAGE = ("encoder.encoder.fc.", "encoder.vit_pooler.")
 UNUSED_TEXT = ("cls.predictions.",)
 # config.json keys that are not BertConfig fields of the architecture.
 _NOT_BERT = ("model_type", "auto_map", "architectures", "projection_size", "transformers_version", "torch_dtype")
+RESNET_WIDTH = 64  # ResNet-50's bottleneck width (tests shrink it with RESNET50_LAYERS)
 MAX_TEXT_LENGTH = 512  # CXR-BERT's max_position_embeddings (hi-ml refuses longer input)
 
 # CXR-BERT-specialized's architecture (BERT-base with its own 30,522-token vocabulary); used to
@@ -203,7 +204,7 @@ def _loader(name: str):
             weights = weights.parent
         folder = folder_with(spec.name, weights, spec.weights_env, variant.hub_id,
                              (variant.image_file, "config.json", "vocab.txt"), TEXT_FILES[1:])
-        model, tokenizer, wid = load_folder(folder, variant, str(folder))
+        model, tokenizer, wid = load_folder(folder, variant, str(folder), RESNET50_LAYERS, RESNET_WIDTH)
         return _bundle(spec, model, tokenizer, preprocess_for(variant.crop), wid, device)
 
     return load

@@ -56,6 +56,7 @@ URLS = {  # the cxr-clip README's "M,C,C14" checkpoints
     "resnet": "https://twg.kakaocdn.net/brainrepo/models/cxr-clip/de4b5e4ae2047c1fb7960ddcd8d861cb/r50_mcc.tar",
     "swin": "https://twg.kakaocdn.net/brainrepo/models/cxr-clip/a25ce760064591c899f67c97ed7790de/swint_mcc.tar",
 }
+RESNET_WIDTH = 64  # ResNet-50's bottleneck width (tests shrink it with RESNET50_LAYERS)
 TEXT_MAX_LENGTH = 256  # configs/train.yaml base.text_max_length
 TEMPERATURE = 0.07  # configs/model/clip_*_clinical.yaml: logit_scale init log(1 / 0.07)
 PREPROCESS = {
@@ -173,7 +174,7 @@ def _loader(want: str):
                                f"{URLS[want]} (the cxr-clip README; also needs {VOCAB_HINT})", name)
         vocab = find_bert_vocab(spec.name, path)
         model, kind = cxrclip_from_state(read_checkpoint(path), BIO_CLINICALBERT_CONFIG, SWIN_TINY_CONFIG,
-                                         RESNET50_LAYERS, 64, str(path))
+                                         RESNET50_LAYERS, RESNET_WIDTH, str(path))
         return _bundle(spec, _checked(model, kind, want, str(path)), bert_tokenizer(vocab), PREPROCESS[want],
                        weights_id(path, ""), device)
 

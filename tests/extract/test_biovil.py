@@ -161,3 +161,47 @@ def test_preprocessing_is_himl_inference_transform():
     want = np.asarray(want.crop((left, top, left + 56, top + 56)))
     got = pre.prepare(image)
     assert np.array_equal(got[0], want)
+
+
+@pytest.mark.parametrize("name", ["biovil", "biovil-t"])
+def test_release_loader_reads_a_hub_style_folder(tmp_path, monkeypatch, name):
+    """The real loaders (ResNet-50 shrunk by swapping its layer counts) on a folder named by $env."""
+    variant = biovil.VARIANTS[name]
+    monkeypatch.setattr(biovil, "RESNET50_LAYERS", TINY_RESNET_LAYERS)
+    monkeypatch.setattr(biovil, "RESNET_WIDTH", TINY_RESNET_WIDTH)
+    folder = tmp_path / "snapshot"
+    folder.mkdir()
+    state, resnet = himl_image_state(variant.temporal, joint=128)
+    torch.save(state, folder / variant.image_file)
+    cxr_bert_folder(folder, {**biovil.tiny_text_fields(), "projection_size": 128})
+    monkeypatch.setenv(get_spec_env(name), str(folder))
+    fm = load_model(name)
+    assert fm.preprocess == biovil.preprocess_for(variant.crop)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fm.encode_image(x), reference_image(state, resnet, x, variant.temporal)[0],
+                                   atol=1e-4, rtol=1e-4)
+    (folder / "vocab.txt").unlink()
+    with pytest.raises(CxrfairError, match="lacks vocab.txt"):
+        load_model(name)
+
+
+def get_spec_env(name):
+    from cxrfair.extract.registry import get_spec
+
+    return get_spec(name).weights_env
+
+
+@pytest.mark.slow
+def test_full_size_biovil_folder_round_trip(tmp_path):
+    """ResNet-50 + BERT-base CXR-BERT (random weights) through the biovil loader."""
+    state, resnet = himl_image_state(False, layers=(3, 4, 6, 3), width=64, joint=128)
+    torch.save(state, tmp_path / biovil.VARIANTS["biovil"].image_file)
+    fields = {**biovil.CXR_BERT_CONFIG, "vocab_size": len(toy_vocab())}
+    mlm, head = cxr_bert_folder(tmp_path, fields)
+    fm = load_model("biovil", weights=tmp_path)
+    x = torch.rand(1, 3, 480, 480)
+    tokens = fm.tokenize(["small left pleural effusion"])
+    with torch.no_grad():
+        torch.testing.assert_close(fm.encode_image(x), reference_image(state, resnet, x, False)[0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(fm.encode_text(tokens), reference_text(mlm, head, tokens), atol=1e-4, rtol=1e-4)

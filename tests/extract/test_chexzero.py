@@ -90,3 +90,37 @@ def test_preprocessing_is_the_authors_not_openais():
     pre = chexzero.CHEXZERO_PREPROCESS
     assert (pre.size, pre.resize, pre.mode, pre.interpolation) == (224, 224, "pad", "bicubic")
     assert pre.mean == (101.48761 / 255,) * 3 and pre.std == (83.43944 / 255,) * 3
+
+
+def test_release_loader_finds_the_file_in_the_cache_folder(tmp_path, monkeypatch):
+    """The real ``chexzero`` loader, its ViT-B/32 swapped for the tiny architecture."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("CXRFAIR_CHEXZERO_WEIGHTS", raising=False)
+    load_model("tiny-chexzero")  # registers the tiny architecture with open_clip
+    monkeypatch.setattr(chexzero, "ARCH", chexzero.TINY_ARCH)
+    fm, state = _perturbed_state()
+    file = tmp_path / ".cache" / "cxrfair" / "chexzero" / chexzero.WEIGHTS_NAME
+    file.parent.mkdir(parents=True)
+    torch.save(state, file)
+    loaded = load_model("chexzero")
+    assert loaded.preprocess == chexzero.CHEXZERO_PREPROCESS
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(x), fm.encode_image(x))
+
+
+@pytest.mark.slow
+def test_full_size_release_file_round_trip(tmp_path):
+    """Full ViT-B/32 (random weights) saved in OpenAI format through the chexzero loader."""
+    import open_clip
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        source = open_clip.CLIP(**open_clip.get_model_config(chexzero.ARCH)).eval()
+    torch.save(source.state_dict(), tmp_path / chexzero.WEIGHTS_NAME)
+    loaded = load_model("chexzero", weights=tmp_path / chexzero.WEIGHTS_NAME)
+    x = torch.randn(1, 3, 224, 224)
+    tokens = loaded.tokenize(["no pneumothorax"])
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(x), source.encode_image(x))
+        assert torch.equal(loaded.encode_text(tokens), source.encode_text(tokens))

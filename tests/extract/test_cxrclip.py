@@ -80,3 +80,30 @@ def test_real_architecture_key_names(kind):
         assert "image_encoder.image_encoder.embeddings.patch_embeddings.projection.weight" in keys
         assert model.image_projection.projection.weight.shape == (512, 768)
     assert cxrclip.PREPROCESS["resnet"].mean == (0.485, 0.456, 0.406) and cxrclip.PREPROCESS["swin"].mean == (0.5,) * 3
+
+
+def test_release_loader_reads_tar_and_vocab_from_cache(tmp_path, monkeypatch, fake_omegaconf):  # noqa: F811
+    """The real ``cxr-clip-r50`` loader (ResNet-50 and BERT shrunk by swapping the shipped configs)."""
+    from cxrfair.extract.models import common
+    from cxrfair.extract.models.medclip import tiny_bert_fields
+    from cxrfair.extract.models.common import TINY_RESNET_LAYERS, TINY_RESNET_WIDTH, toy_vocab, write_vocab
+
+    monkeypatch.setattr(cxrclip, "BIO_CLINICALBERT_CONFIG", tiny_bert_fields())
+    monkeypatch.setattr(cxrclip, "RESNET50_LAYERS", TINY_RESNET_LAYERS)
+    monkeypatch.setattr(cxrclip, "RESNET_WIDTH", TINY_RESNET_WIDTH)
+    monkeypatch.setattr(common, "hub_cached_vocab", lambda: None)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("CXRFAIR_CXR_CLIP_R50_WEIGHTS", raising=False)
+    monkeypatch.delenv(common.VOCAB_ENV, raising=False)
+    fm = load_model("tiny-cxr-clip-r50")
+    folder = tmp_path / ".cache" / "cxrfair" / "cxr-clip-r50"
+    folder.mkdir(parents=True)
+    torch.save(released_checkpoint(fm.model, fake_omegaconf({})), folder / "r50_mcc.tar")
+    with pytest.raises(CxrfairError, match="vocab.txt"):
+        load_model("cxr-clip-r50")
+    write_vocab(folder / "vocab.txt", toy_vocab())
+    loaded = load_model("cxr-clip-r50")
+    assert loaded.preprocess == cxrclip.PREPROCESS["resnet"]
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(x), fm.encode_image(x))

@@ -57,3 +57,19 @@ def test_hf_processor_configs_map_to_our_preprocess():
     assert (pre.size, pre.resize, pre.mode, pre.interpolation, pre.mean) == (518, 518, "shortest", "bicubic", (0.53,) * 3)
     with pytest.raises(CxrfairError, match="size"):
         preprocess_from_hf({"size": {"height": 10, "width": 20}}, "x")
+
+
+def test_release_loader_reads_the_folder_config(tmp_path, monkeypatch):
+    """The real ``medsiglip`` loader: architecture, tokenizer and preprocessing all come from the folder."""
+    fm = load_model("tiny-medsiglip")
+    fm.model.save_pretrained(tmp_path)
+    from transformers import AutoTokenizer
+
+    from cxrfair.extract.models.common import tiny_bert_dir
+    AutoTokenizer.from_pretrained(str(tiny_bert_dir())).save_pretrained(tmp_path)
+    monkeypatch.setenv("CXRFAIR_MEDSIGLIP_WEIGHTS", str(tmp_path))
+    loaded = load_model("medsiglip")
+    assert loaded.preprocess == medsiglip.MEDSIGLIP_PREPROCESS  # no preprocessor_config.json: the constant
+    x = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(x), fm.encode_image(x))

@@ -47,3 +47,17 @@ def test_real_config_key_names_and_shapes():
     assert "encoder.layer.11.layer_scale2.lambda1" in state
     pre = raddino.RAD_DINO_PREPROCESS
     assert (pre.size, pre.resize, pre.interpolation) == (518, 518, "bicubic")
+
+
+def test_release_loader_reads_folder_and_its_preprocessor_config(tmp_path):
+    fm = load_model("tiny-rad-dino")
+    fm.model.save_pretrained(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(
+        {"image_processor_type": "BitImageProcessor", "size": {"shortest_edge": 60}, "do_center_crop": True,
+         "crop_size": {"height": 56, "width": 56}, "resample": 3, "image_mean": [0.5307] * 3,
+         "image_std": [0.2583] * 3}))
+    loaded = load_model("rad-dino", weights=tmp_path)
+    assert (loaded.preprocess.size, loaded.preprocess.resize, loaded.preprocess.mode) == (56, 60, "shortest")
+    x = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(x), fm.encode_image(x))

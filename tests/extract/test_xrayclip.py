@@ -42,3 +42,15 @@ def test_folder_without_config_is_refused(tmp_path):
     (tmp_path / "open_clip_pytorch_model.bin").write_bytes(b"x")
     with pytest.raises(CxrfairError, match="open_clip_config.json"):
         load_model("xrayclip", weights=tmp_path)
+
+
+def test_release_loader_reads_the_hub_folder(tmp_path, monkeypatch):
+    fm = load_model("tiny-xrayclip")
+    (tmp_path / "open_clip_config.json").write_text((xrayclip.tiny_folder() / "open_clip_config.json").read_text())
+    torch.save(fm.model.state_dict(), tmp_path / "open_clip_pytorch_model.bin")
+    monkeypatch.setenv("CXRFAIR_XRAYCLIP_WEIGHTS", str(tmp_path))
+    loaded = load_model("xrayclip")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(x), fm.encode_image(x))
+    assert loaded.weights_id.startswith("sha256:")
