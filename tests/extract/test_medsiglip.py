@@ -73,3 +73,18 @@ def test_release_loader_reads_the_folder_config(tmp_path, monkeypatch):
     x = torch.randn(1, 3, 56, 56)
     with torch.no_grad():
         assert torch.equal(loaded.encode_image(x), fm.encode_image(x))
+
+
+def test_squash_resizes_both_sides_ignoring_aspect_like_siglips_processor():
+    import numpy as np
+    from PIL import Image
+
+    from cxrfair.extract.preprocess import Preprocess
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 60), dtype=np.uint8), mode="L")
+    pre = Preprocess(size=40, resize=40, mode="squash", interpolation="bilinear", mean=(0.5,) * 3, std=(0.5,) * 3)
+    want = np.asarray(image.resize((40, 40), Image.BILINEAR))
+    got = pre.prepare(image)
+    assert got.shape == (3, 40, 40) and all(np.array_equal(got[c], want) for c in range(3))
+    assert "minmax" not in pre.describe()  # off: descriptions (and cache keys) made before it still match
+    assert Preprocess(minmax=True).describe()["minmax"] is True
