@@ -51,6 +51,9 @@ from .datasets.nih import read_nih_metadata, vendored_metadata
 VIEWS = ("frontal", "all")
 # Standard-table columns that never reach cohort.csv (the split column and y_ targets replace them).
 NOT_CARRIED = {"frontal", "official_split", "label", "labels", "line", "group"}
+# Standard columns that are never a sensitive attribute (drain is a shortcut, the rest ids or image facts).
+NOT_ATTRIBUTES = NOT_CARRIED | {"drain", "view", "study_id", "study_date", "patient_key", "path", "image_id",
+                                "patient_id", "age", "split", "sex", "age_group"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,6 +282,10 @@ def build_cohort(config: CohortConfig) -> Cohort:
 
 def _attribute_names(config: CohortConfig, preset: Preset, data: DatasetTable) -> list[str]:
     if config.attributes is not None:
+        reserved = [a for a in config.attributes[2:] if a in NOT_ATTRIBUTES or a in data.findings]
+        if reserved:
+            raise CxrfairError(f"--attributes: '{reserved[0]}' is not a sensitive attribute (a shortcut, id, finding or "
+                               "image property); attributes are sex, age_group, race or a csv column mapped as NAME=COL")
         missing = [a for a in config.attributes[2:] if not data.has(a)]
         if missing:
             raise CxrfairError(f"--attributes: '{missing[0]}' is not in the data of --dataset {data.dataset}"
