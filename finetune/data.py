@@ -5,6 +5,7 @@ decoded and ``Preprocess.prepare``d exactly once (in a thread pool, with a progr
 ``(N, 3, S, S)`` uint8 array — in memory, or an ``np.memmap`` file for cohorts too big for RAM.
 Epochs gather batches from that array in a background thread (pinned memory and non-blocking
 copies on CUDA), so the device never waits on PNG decoding; ``normalize`` runs on the device.
+Under torchrun the file is decoded by all processes together (``distributed.shared_image_cache``).
 """
 
 from __future__ import annotations
