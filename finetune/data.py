@@ -62,7 +62,10 @@ def cache_key(cohort_hash: str, preprocess: "Preprocess", images_root: str | Non
 
 def fill_cache(out: np.ndarray, paths: Sequence[Path], preprocess: "Preprocess", workers: int, desc: str = "decode",
                progress: bool = True) -> None:
-    """Decode ``paths`` into ``out`` (N, 3, S, S) uint8, ``workers`` threads (PIL releases the GIL)."""
+    """Decode ``paths`` into ``out`` with ``workers`` threads (PIL releases the GIL).
+
+    ``out``: (N, 3, S, S) uint8 array, or anything taking ``out[i] = row``.
+    """
     from tqdm.auto import tqdm
 
     def one(i: int) -> int:
@@ -198,7 +201,8 @@ class Prefetcher:
                  augment_seed: int | None = None, depth: int = 2):
         from cxrfair.finetune.sampler import Step, plain_steps
 
-        self.steps = [s if isinstance(s, Step) else plain_steps(s, max(len(s), 1))[0] for s in steps]
+        self.steps = [s if isinstance(s, Step) else plain_steps(s, len(s))[0]
+                      for s in steps if isinstance(s, Step) or len(s)]
         self.pixels, self.labels = pixels, labels
         self.device, self.augment_seed, self.depth = device, augment_seed, depth
         self.wait_s = 0.0

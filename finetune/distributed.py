@@ -67,10 +67,6 @@ class Dist:
         dist.all_gather_object(out, obj)
         return out
 
-    def sum(self, value: float) -> float:
-        """Sum of a float over processes (float64, the same on every process)."""
-        return float(np.sum(self.gather(float(value)), dtype=np.float64))
-
     def on_main(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on rank 0 only; its result (small, picklable) or its error reaches every process."""
         if not self.active:
@@ -221,9 +217,9 @@ def wrap_ddp(model, d: Dist, device, size: int):
 def shared_image_cache(paths: list, preprocess, file: Path, workers: int, d: Dist) -> np.ndarray:
     """The uint8 image cache at ``file``, decoded once by all processes together, memory-mapped by each.
 
-    Rank 0 creates a blank file, each process decodes its contiguous slice of rows into it, rank 0
-    publishes it (rename + sidecar), and every process checks it can see the result: ``--out``
-    must be on a filesystem all processes share (CxrfairError otherwise).
+    Rank 0 creates a blank file, each process decodes its contiguous slice of rows and writes them
+    into it, rank 0 publishes it (rename + sidecar), and every process checks it can see the
+    result: ``--out`` must be on a filesystem all processes share (CxrfairError otherwise).
 
     Returns:
         (N, 3, S, S) uint8 read-only memmap.
@@ -258,8 +254,23 @@ def _blank(file: Path, shape: tuple) -> str:
 
     ensure_writable_dir(file.parent, "image cache")
     tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
-    np.memmap(tmp, dtype=np.uint8, mode="w+", shape=shape).flush()
+    with open(tmp, "wb") as f:
+        f.truncate(int(np.prod(shape)))
     return str(tmp)
+
+
+class _RowWriter:
+    """``out[i] = row`` as a positioned write of row ``first + i`` into an open file.
+
+    Not a memmap: processes on different nodes writing neighbouring rows through mmap would each
+    write back whole pages, the other's bytes included (rows are not page-aligned).
+    """
+
+    def __init__(self, fd: int, first: int, row_bytes: int):
+        self.fd, self.first, self.row_bytes = fd, first, row_bytes
+
+    def __setitem__(self, i: int, row: np.ndarray) -> None:
+        os.pwrite(self.fd, np.ascontiguousarray(row, dtype=np.uint8).tobytes(), (self.first + i) * self.row_bytes)
 
 
 def _fill_slice(tmp: Path, shape: tuple, paths: list, start: int, preprocess, workers: int, d: Dist) -> None:
@@ -267,11 +278,13 @@ def _fill_slice(tmp: Path, shape: tuple, paths: list, start: int, preprocess, wo
 
     if not tmp.is_file():
         raise CxrfairError(_not_shared(tmp, d))
-    mm = np.memmap(tmp, dtype=np.uint8, mode="r+", shape=shape)
-    fdata.fill_cache(mm[start:start + len(paths)], paths, preprocess, workers,
-                     desc=f"decode (1/{d.world} per process)", progress=d.main)
-    mm.flush()
-    del mm
+    fd = os.open(tmp, os.O_WRONLY)
+    try:
+        fdata.fill_cache(_RowWriter(fd, start, int(np.prod(shape[1:]))), paths, preprocess, workers,
+                         desc=f"decode (1/{d.world} per process)", progress=d.main)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _open_shared(file: Path, shape: tuple, d: Dist) -> np.ndarray:

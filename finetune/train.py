@@ -160,7 +160,7 @@ def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor, w: torch.Ten
         total += losses.detach().double().sum()
     state.optimizer.step()
     state.scheduler.step()
-    return total * 0 if step.pad else total
+    return torch.zeros_like(total) if step.pad else total
 
 
 def train_epoch(state: TrainState, batches: fdata.Prefetcher, rt: Runtime, bar=None, d: Dist = Dist()) -> dict:
