@@ -2,9 +2,9 @@
 
 The end-to-end test launches ``python -m torch.distributed.run --standalone`` (torchrun picks a
 free port itself) in a subprocess: ~35 s of CPU for the three Python processes' imports and
-training. Kill-and-resume, the collective helpers and the shared image cache run in 2 forked
-processes that set torchrun's environment variables (no re-import: seconds each); the same
-kill-and-resume through torchrun and the CLI is a slow test.
+training. Kill-and-resume, the collective helpers and the shared image cache run in 2 processes
+that set torchrun's environment variables, forked from a fork server that imported torch once
+(seconds each); the same kill-and-resume through torchrun and the CLI is a slow test.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import sys
 import time
 import traceback
 from dataclasses import replace
+from functools import partial
 from queue import Empty
 
 import numpy as np
@@ -92,19 +93,11 @@ def test_torchrun_two_gloo_processes_equal_one_process(cohort, reference, tmp_pa
     np.testing.assert_array_equal(fdata.open_cache(file, whole.shape), whole)
 
 
-@pytest.fixture(scope="module")
-def imported():
-    """Import what training needs before forking, so forked processes don't each import it again."""
-    import peft  # noqa: F401
-
-    load_model("tiny-clip")
-
-
-def test_two_processes_resume_after_one_is_killed_bit_identical(cohort, tmp_path, capfd, imported):
+def test_two_processes_resume_after_one_is_killed_bit_identical(cohort, tmp_path, capfd):
     """Killed mid-epoch, resumed with --resume: the same curves, predictions and weights as an
     uninterrupted 2-process run, bit for bit (dropout on: each process's RNG comes back)."""
     cfg = FinetuneConfig(cohort=cohort, out=tmp_path / "a", **{**RUN, "lora_dropout": 0.2, "micro_batch": 3})
-    straight = in_processes(lambda d: T.finetune(cfg, progress=False))
+    straight = in_processes(partial(_finetune, cfg))
     assert straight[0][0] == "ok", straight
     b = replace(cfg, out=tmp_path / "b", resume=True)
     ckpt = b.out / f".{b.run_id}.work" / T.CHECKPOINT
@@ -112,14 +105,14 @@ def test_two_processes_resume_after_one_is_killed_bit_identical(cohort, tmp_path
 
     # Process 1 is SIGKILLed after optimizer step 8 of 18 (in epoch 2); process 0 then fails in
     # its next collective (or is killed, as torchrun does when a worker dies).
-    killed = in_processes(lambda d: T.finetune(b, progress=False), env={T.KILL_AFTER_ENV: "8", T.KILL_RANK_ENV: "1"})
+    killed = in_processes(partial(_finetune, b), env={T.KILL_AFTER_ENV: "8", T.KILL_RANK_ENV: "1"})
     assert killed["exitcodes"][1] == -9
     assert capfd.readouterr().err.count("--resume: no checkpoint of") == 1  # rank 0 only
     assert not (b.out / b.run_id).exists()
     saved = T.read_checkpoint(ckpt)
     assert saved["epoch"] == 1 and saved["world_size"] == 2 and len(saved["rng_ranks"]) == 2
 
-    resumed = in_processes(lambda d: T.finetune(b, progress=False))
+    resumed = in_processes(partial(_finetune, b))
     assert f"resuming {b.run_id} after epoch 1 of 3" in capfd.readouterr().err
     (_, ra), (_, rb) = straight[0], resumed[0]
     assert ra.curves["train_loss"] == rb.curves["train_loss"] and ra.curves["val_loss"] == rb.curves["val_loss"]
@@ -165,7 +158,11 @@ def test_two_gpus_full_finetuning_of_a_resnet_with_syncbatchnorm_equals_one_gpu(
 
 
 # ---------------------------------------------------------------------------------------------
-# Collective helpers and the shared cache, in 2 forked processes
+# Processes started the way torchrun starts them, cheaply
+
+# Forked from a fork server that imported these once: cheap to start, and never forked from the
+# test process, which may hold JAX's threads by then (forking those can deadlock).
+PRELOAD = ["torch", "peft", "open_clip", "cxrfair.finetune.train", "tests.finetune.test_distributed"]
 
 
 def _free_port() -> int:
@@ -175,7 +172,7 @@ def _free_port() -> int:
 
 
 def _rank_main(rank: int, world: int, port: int, target, queue, env: dict) -> None:
-    """One process as torchrun would start it (same environment variables), in a forked child."""
+    """One process with torchrun's environment variables; puts ``(rank, "ok", target(Dist))`` or the error."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), **env)
     torch.set_num_threads(1)
@@ -188,16 +185,19 @@ def _rank_main(rank: int, world: int, port: int, target, queue, env: dict) -> No
     except BaseException:
         traceback.print_exc()
     finally:
+        queue.close()
+        queue.join_thread()
         os._exit(0)
 
 
 def in_processes(target, world: int = 2, env: dict | None = None, timeout: float = 300) -> dict:
-    """``target(Dist)`` in ``world`` forked processes: rank -> ("ok", result) or (error type, message).
+    """``target(Dist)`` (picklable) in ``world`` processes: rank -> ("ok", result) or (error type, message).
 
     When a process dies without a result (a kill), the others are killed as torchrun would, and
     the answer is ``{"exitcodes": [...]}``.
     """
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
     queue, port = ctx.Queue(), _free_port()
     procs = [ctx.Process(target=_rank_main, args=(r, world, port, target, queue, env or {})) for r in range(world)]
     for p in procs:
@@ -219,6 +219,14 @@ def in_processes(target, world: int = 2, env: dict | None = None, timeout: float
         p.join(timeout=30)
     assert len(results) == world, f"processes timed out: {results}"
     return results
+
+
+def _finetune(config: FinetuneConfig, d: D.Dist):
+    return T.finetune(config, progress=False)
+
+
+def _cache_sums(paths, pre, file, d: D.Dist):
+    return D.shared_image_cache(paths, pre, file, 1, d).sum(axis=(1, 2, 3)).tolist()
 
 
 def _main_fails(d: D.Dist):
@@ -253,9 +261,7 @@ def test_two_processes_decode_one_shared_image_cache(cohort, tmp_path):
     pre = load_model("tiny-clip").preprocess
     file = tmp_path / "cache" / "images.u8"
 
-    def build(d: D.Dist):
-        return D.shared_image_cache(paths, pre, file, 1, d).sum(axis=(1, 2, 3)).tolist()
-
+    build = partial(_cache_sums, paths, pre, file)
     results = in_processes(build)
     whole = fdata.image_cache(paths, pre, workers=1)
     assert results[0] == results[1] == ("ok", whole.sum(axis=(1, 2, 3)).tolist())
@@ -272,7 +278,7 @@ def test_a_bad_image_in_one_shard_fails_every_process_and_leaves_no_cache(cohort
     paths = paths[:3] + [bad]  # row 3: process 1's shard
     pre = load_model("tiny-clip").preprocess
     file = tmp_path / "cache" / "images.u8"
-    results = in_processes(lambda d: D.shared_image_cache(paths, pre, file, 1, d))
+    results = in_processes(partial(_cache_sums, paths, pre, file))
     assert {kind for kind, _ in results.values()} == {"CxrfairError"}
     assert all("bad.png" in msg and "cannot be decoded" in msg for _, msg in results.values())
     assert not file.exists() and list(file.parent.iterdir()) == []
