@@ -247,6 +247,35 @@ def run_is_complete(run_dir: Path | str) -> bool:
     return isinstance(meta, dict) and "run_id" in meta
 
 
+def check_runs_folder(out: Path | str, cohort_hash: str, run_ids: list[str], force: bool) -> None:
+    """Refuse, before any work, a runs folder holding another cohort's runs or (without force) these runs.
+
+    Only ``*/run.json`` of visible folders is read (hidden ones are temporaries and work files);
+    an unreadable run.json is left for ``read_runs`` to report. Used by every stage that writes
+    runs, so ``analyze`` never finds two cohorts in one folder.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CxrfairError(f"--out {out}: exists and is not a folder; pass a runs folder")
+    if not out.is_dir():
+        return
+    for meta_path in sorted(out.glob("*/run.json")):
+        if meta_path.parent.name.startswith("."):
+            continue
+        try:
+            other = json.loads(meta_path.read_text(encoding="utf-8")).get("cohort_hash")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if other is not None and other != cohort_hash:
+            raise CxrfairError(
+                f"--out {out}: run {meta_path.parent.name} was made on cohort {str(other)[:12]}…, this one is "
+                f"{cohort_hash[:12]}…; write runs of different cohorts to different folders")
+    existing = [r for r in run_ids if (out / r).exists()]
+    if existing and not force:
+        raise CxrfairError(f"--out {out}: run {existing[0]} already exists ({len(existing)} of {len(run_ids)}); "
+                           "pass --force to replace it")
+
+
 def read_run(run_dir: Path | str) -> Run:
     """Read and validate one run folder; CxrfairError naming the run and the column otherwise."""
     run_dir = Path(run_dir)
