@@ -3,7 +3,8 @@
 A replicate is represented by how often each test image was drawn, a row of an (R, N) count
 matrix; the metrics in ``metrics`` accept it as ``weights``. Resampling is stratified and by
 patient (``patient_counts``): patients are redrawn with replacement within their stratum (the
-sex × age cell), and every image of a drawn patient comes with it. Images of one patient are
+sex × age cell by default; strata of fewer than a few patients pooled, ``merge_small_strata``),
+and every image of a drawn patient comes with it. Images of one patient are
 correlated, so redrawing them one by one (``stratified_indices`` on images) would make intervals
 too narrow whenever a patient has several test images. Each replicate keeps the number of
 patients per stratum, as the cohort design fixes them.
@@ -57,6 +58,39 @@ def patient_strata(patients, strata) -> tuple[np.ndarray, np.ndarray]:
     rank = np.empty(len(first), dtype=np.int64)
     rank[np.argsort(first, kind="stable")] = np.arange(len(first))
     return rank[inverse.reshape(-1)], strata[np.sort(first)]
+
+
+def merge_small_strata(patients, strata, min_patients: int) -> tuple[np.ndarray, list[str]]:
+    """Pool the strata that hold fewer than ``min_patients`` patients.
+
+    Within a stratum of n patients the bootstrap variance is (n − 1)/n of the plain one (none at
+    all for n = 1), so tiny cells of a fine cross (sex × five age bins × race) would make the
+    intervals too narrow. Rule: every stratum with fewer than ``min_patients`` patients (each
+    patient counted in the stratum of its first image, as ``patient_strata``) joins one pooled
+    stratum; if the pool itself has fewer than ``min_patients`` patients, it joins the smallest
+    remaining stratum (fewest patients, then first by name). With no stratum left, everything is
+    one stratum.
+
+    Args:
+        patients: (N,) patient id of each image. strata: (N,) stratum label of each image.
+        min_patients: the smallest stratum kept as it is.
+
+    Returns:
+        ((N,) stratum labels after pooling (a pooled stratum is named by its members joined
+        with "+"), the sorted names of the strata that were pooled; empty if none).
+    """
+    strata = np.asarray(strata).astype(str)
+    _, patient_stratum = patient_strata(patients, strata)
+    names, sizes = np.unique(patient_stratum, return_counts=True)
+    small = [str(n) for n, k in zip(names, sizes) if k < min_patients]
+    if not small:
+        return strata, []
+    big = {str(n): int(k) for n, k in zip(names, sizes) if k >= min_patients}
+    pooled = set(small)
+    if sum(int(k) for n, k in zip(names, sizes) if str(n) in pooled) < min_patients and big:
+        pooled.add(min(big, key=lambda n: (big[n], n)))
+    label = "+".join(sorted(pooled))
+    return np.where(np.isin(strata, sorted(pooled)), label, strata), sorted(pooled)
 
 
 def patient_counts(patients, strata, n_boot: int, rng: np.random.Generator) -> np.ndarray:

@@ -8,7 +8,14 @@ import sys
 import numpy as np
 import pytest
 
-from cxrfair.analysis.bootstrap import interval, patient_counts, patient_strata, resample_counts, stratified_indices
+from cxrfair.analysis.bootstrap import (
+    interval,
+    merge_small_strata,
+    patient_counts,
+    patient_strata,
+    resample_counts,
+    stratified_indices,
+)
 
 
 def test_stratified_indices_stay_in_stratum_and_keep_sizes():
@@ -84,6 +91,36 @@ def test_a_patient_in_several_strata_belongs_to_its_first_images():
     w = patient_counts(patients, strata, 200, np.random.default_rng(0))
     assert (w[:, 0] == 1).all()  # p2 is alone in "young": always drawn once
     assert (w[:, 1] + w[:, 3] == 2).all()  # p1 and p3 share "old": two draws between them
+
+
+def _strata_of(sizes: dict) -> tuple[np.ndarray, np.ndarray]:
+    """One image per patient: (patients, strata) with ``sizes[name]`` patients in each stratum."""
+    strata = np.array([name for name, k in sizes.items() for _ in range(k)])
+    return np.arange(len(strata)).astype(str), strata
+
+
+@pytest.mark.parametrize("sizes, pooled", [
+    ({"A": 10, "B": 6, "C": 2, "D": 1}, ["B", "C", "D"]),  # pool of 3 < 5: joins B, the smallest big stratum
+    ({"A": 10, "C": 3, "D": 3}, ["C", "D"]),  # pool of 6 stands alone
+    ({"A": 2, "B": 1}, ["A", "B"]),  # all small: one stratum
+    ({"A": 5, "B": 5}, []),  # nothing to pool
+    ({"B": 6, "A": 6, "C": 4}, ["A", "C"]),  # A and B tie at 6 patients: the first by name takes the pool
+])
+def test_merge_small_strata_rule(sizes, pooled):
+    patients, strata = _strata_of(sizes)
+    merged, names = merge_small_strata(patients, strata, 5)
+    assert names == pooled
+    want = np.where(np.isin(strata, pooled), "+".join(pooled), strata)
+    np.testing.assert_array_equal(merged, want)
+
+
+def test_merge_counts_patients_in_their_first_images_stratum():
+    # p0's first image is in A, its four others in B: A holds one patient, B six (p1-p6), C five.
+    patients = np.array(["p0"] * 5 + [f"p{i}" for i in range(1, 7)] + [f"q{i}" for i in range(5)])
+    strata = np.array(["A"] + ["B"] * 10 + ["C"] * 5)
+    merged, names = merge_small_strata(patients, strata, 5)
+    assert names == ["A", "C"]  # A alone is still small: it joins C, smaller than B
+    np.testing.assert_array_equal(merged, ["A+C"] + ["B"] * 10 + ["A+C"] * 5)
 
 
 def test_package_import_is_light():
