@@ -613,14 +613,20 @@ def _recoding_notes(recoded: dict) -> list[str]:
             f"groups in {len(ids)} run(s) (e.g. {ids[0]})" for (col, changes), ids in recoded.items()]
 
 
+def _replicate_matrix(ev: _Evaluated, keys: list) -> np.ndarray:
+    """(R, K) replicates of ``keys`` (a NaN column for a key the run lacks)."""
+    missing = np.full(next(iter(ev.replicates.values())).shape, np.nan)
+    return np.stack([ev.replicates.get(k, missing) for k in keys], axis=1)
+
+
 def _metrics_table(evaluated: list[_Evaluated], config: AnalyzeConfig) -> pd.DataFrame:
     records = []
     for ev in evaluated:
-        r = ev.run
-        for (metric, attr, group, cls), v in ev.values.items():
-            lo, hi = interval(ev.replicates[(metric, attr, group, cls)], config.level) if ev.replicates else (np.nan, np.nan)
-            records.append((r.run_id, r.model, r.method, r.seed, config.split, metric, attr, group, cls,
-                            float(v), float(lo), float(hi)))
+        r, keys = ev.run, list(ev.values)
+        # All intervals of a run in one call: one sort of its (R, K) replicates.
+        lo, hi = interval(_replicate_matrix(ev, keys), config.level) if ev.replicates else (np.full(len(keys), np.nan),) * 2
+        records.extend((r.run_id, r.model, r.method, r.seed, config.split, *k, float(ev.values[k]), float(lo[i]),
+                        float(hi[i])) for i, k in enumerate(keys))
     return pd.DataFrame.from_records(records, columns=METRIC_COLUMNS)
 
 
@@ -666,20 +672,25 @@ def _nanmean0(x: np.ndarray) -> np.ndarray:
         return np.nanmean(x, axis=0)
 
 
-def _average(evs: list[_Evaluated]) -> tuple[dict, dict | None]:
+def _average(evs: list[_Evaluated], keys: list | None = None) -> tuple[list, np.ndarray, np.ndarray, np.ndarray | None]:
     """Mean over runs of every metric's value and, when they share one test set, of its replicates.
 
     The mean of replicate r over runs is the seed mean on resample r, so percentiles of these
     means are the interval of the seed mean (not a mean of intervals).
 
+    Args:
+        evs: the runs. keys: the metric keys (default: the first run's).
+
     Returns:
-        ({key: float}, {key: (R,)}); replicates None without bootstrap or when test sets differ.
+        (keys, (runs, K) values per run, (K,) means, (R, K) mean replicates or None without
+        bootstrap or when test sets differ).
     """
-    keys = list(evs[0].values)
-    values = {k: float(_nanmean0(np.array([e.values.get(k, np.nan) for e in evs]))) for k in keys}
+    keys = list(evs[0].values) if keys is None else keys
+    per_run = np.array([[e.values.get(k, np.nan) for k in keys] for e in evs], dtype=np.float64)
     if evs[0].replicates is None or any(e.key != evs[0].key for e in evs):
-        return values, None
-    return values, {k: _nanmean0(np.stack([e.replicates[k] for e in evs])) for k in keys}
+        return keys, per_run, _nanmean0(per_run), None
+    reps = _nanmean0(np.stack([_replicate_matrix(e, keys) for e in evs]))
+    return keys, per_run, _nanmean0(per_run), reps
 
 
 SEED_COLUMNS = ["model", "method", "tag", "metric", "attribute", "group", "class", "n_seeds", "mean", "sd",
@@ -697,15 +708,16 @@ def _seeds_table(evaluated, runs_df, config: AnalyzeConfig, notes: list[str]) ->
         groups[(e.run.model, e.run.method, tags[e.run.run_id])].append(e)
     records = []
     for (model, method, tag), evs in groups.items():
-        values, reps = _average(evs)
+        keys, per_run, means, reps = _average(evs)
         if config.n_boot and reps is None:
             notes.append(f"{model} {method} {tag}: its runs are on different test images; their mean has no interval")
-        for k, v in values.items():
-            per_run = np.array([e.values.get(k, np.nan) for e in evs])
-            ok = per_run[~np.isnan(per_run)]
-            lo, hi = interval(reps[k], config.level) if reps else (np.nan, np.nan)
-            sd = float(np.std(ok, ddof=1)) if len(ok) > 1 else np.nan
-            records.append((model, method, tag, *k, len(ok), v, sd, float(lo), float(hi)))
+        lo, hi = interval(reps, config.level) if reps is not None else (np.full(len(keys), np.nan),) * 2
+        n = (~np.isnan(per_run)).sum(axis=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # fewer than two defined runs: NaN, set below
+            sd = np.where(n > 1, np.nanstd(per_run, axis=0, ddof=1), np.nan)
+        records.extend((model, method, tag, *k, int(n[i]), float(means[i]), float(sd[i]), float(lo[i]), float(hi[i]))
+                       for i, k in enumerate(keys))
     return pd.DataFrame.from_records(records, columns=SEED_COLUMNS)
 
 
@@ -732,19 +744,22 @@ def _comparisons_table(evaluated, runs_df, config: AnalyzeConfig, notes: list[st
     for model, df in prim.groupby("model", sort=True):
         base = baseline_method(df["method"].unique())
         base_evs = [by_id[i] for i in df.loc[df["method"] == base].sort_values("seed")["run_id"]]
-        values, reps = _average(base_evs)
-        if reps is None:
+        if any(e.key != base_evs[0].key for e in base_evs):
             notes.append(f"{model}: its {base} runs are on different test images; not compared")
             continue
         names = ";".join(e.run.run_id for e in base_evs)
+        baselines: dict[tuple, tuple] = {}  # the baseline averaged once per set of metric keys
         for b in (by_id[i] for i in _in_method_order(df[df["method"] != base])["run_id"]):
             if b.key != base_evs[0].key or b.run.classes != base_evs[0].run.classes:
                 notes.append(f"{b.run.run_id} vs {names}: different test images or classes; not compared")
                 continue
-            for k, v in b.values.items():
-                lo, hi = interval(b.replicates[k] - reps[k], config.level)
-                records.append((model, base, names, len(base_evs), b.run.method, b.run.run_id, b.run.seed,
-                                config.split, *k, float(v - values[k]), float(lo), float(hi)))
+            if tuple(b.values) not in baselines:
+                baselines[tuple(b.values)] = _average(base_evs, list(b.values))
+            keys, _, base_values, base_reps = baselines[tuple(b.values)]
+            lo, hi = interval(_replicate_matrix(b, keys) - base_reps, config.level)
+            records.extend((model, base, names, len(base_evs), b.run.method, b.run.run_id, b.run.seed, config.split,
+                            *k, float(b.values[k] - base_values[i]), float(lo[i]), float(hi[i]))
+                           for i, k in enumerate(keys))
     return pd.DataFrame.from_records(records, columns=COMPARISON_COLUMNS)
 
 

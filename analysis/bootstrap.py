@@ -12,8 +12,6 @@ patients per stratum, as the cohort design fixes them.
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 
 
@@ -126,6 +124,11 @@ def resample_counts(idx: np.ndarray, n: int) -> np.ndarray:
 def interval(replicates, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
     """Percentile interval over the replicate axis, ignoring NaN replicates.
 
+    The same numbers as ``np.nanquantile(replicates, [a, 1 - a], axis=0)`` (linear
+    interpolation), but for every column at once: one sort of the (R, K) block instead of a
+    Python-level loop per column, which for thousands of metric values was most of the time of
+    ``compute``.
+
     Args:
         replicates: (R, ...) replicate values.
         level: coverage, e.g. 0.95 for the 2.5th and 97.5th percentiles.
@@ -134,8 +137,23 @@ def interval(replicates, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
         (low, high), each (...); NaN where every replicate is NaN.
     """
     reps = np.asarray(replicates, dtype=np.float64)
+    shape = reps.shape[1:]
+    x = np.sort(reps.reshape(len(reps), -1), axis=0)  # NaN sort last
+    n = (~np.isnan(x)).sum(axis=0)  # (K,) defined replicates per column
     alpha = (1 - level) / 2
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices give NaN, by the NaN rule
-        lo, hi = np.nanquantile(reps, [alpha, 1 - alpha], axis=0)
-    return lo, hi
+    return tuple(_quantile_sorted(x, n, q).reshape(shape) for q in (alpha, 1 - alpha))
+
+
+def _quantile_sorted(x: np.ndarray, n: np.ndarray, q: float) -> np.ndarray:
+    """(R, K) columns sorted with NaN last, (K,) counts of numbers -> (K,) q-quantiles (numpy's linear method)."""
+    virtual = q * (n - 1)
+    below = np.floor(virtual)
+    gamma = virtual - below
+    lo = np.clip(below, 0, None).astype(np.int64)
+    hi = np.minimum(lo + 1, np.maximum(n - 1, 0))
+    cols = np.arange(x.shape[1])
+    a, b = x[np.minimum(lo, len(x) - 1), cols], x[np.minimum(hi, len(x) - 1), cols]
+    diff = b - a
+    # numpy's _lerp: from b downwards when gamma >= 0.5, so the two ends are exact.
+    out = np.where(gamma >= 0.5, b - diff * (1 - gamma), a + diff * gamma)
+    return np.where(n > 0, out, np.nan)

@@ -128,3 +128,21 @@ def test_package_import_is_light():
             "print(*(m in sys.modules for m in ('torch', 'jax', 'matplotlib')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False", "False"]
+
+
+@pytest.mark.parametrize("level", [0.95, 0.9, 0.5])
+def test_interval_equals_nanquantile_column_by_column(level):
+    rng = np.random.default_rng(4)
+    reps = rng.normal(size=(101, 40, 3))
+    reps[rng.random(reps.shape) < 0.2] = np.nan  # scattered NaN replicates
+    reps[:, 0, 0] = np.nan  # a column with none defined
+    reps[1:, 1, 0] = np.nan  # one defined
+    reps[:, 2, 0] = 0.25  # all equal
+    lo, hi = interval(reps, level)
+    assert lo.shape == hi.shape == (40, 3)
+    a = (1 - level) / 2
+    with np.errstate(all="ignore"), pytest.warns(RuntimeWarning):
+        want_lo, want_hi = np.nanquantile(reps, [a, 1 - a], axis=0)
+    np.testing.assert_array_equal(lo, want_lo)  # bit for bit
+    np.testing.assert_array_equal(hi, want_hi)
+    assert np.isnan(lo[0, 0]) and lo[1, 0] == hi[1, 0] == reps[0, 1, 0] and lo[2, 0] == 0.25
