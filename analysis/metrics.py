@@ -20,6 +20,7 @@ from one spec table, ``GROUP_METRICS``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -470,7 +471,43 @@ _VALUE_DEFINITIONS = {
 
 # One sentence per metric name of metrics.csv, for the report and for readers of the CSV files.
 # Group metrics: A is the reference group (M, young; run.json ``attributes``), Δ = A − A'.
-METRIC_DEFINITIONS: dict[str, str] = {**_VALUE_DEFINITIONS, **{s.name: s.doc for s in GROUP_METRICS}}
+MULTICLASS_METRIC_DEFINITIONS: dict[str, str] = {**_VALUE_DEFINITIONS, **{s.name: s.doc for s in GROUP_METRICS}}
+# The shortcut test (``cxrfair analyze --shortcut COLUMN --shortcut-class CLASS``), either task.
+SHORTCUT_DEFINITIONS: dict[str, str] = {
+    "shortcut_auc_with": "AUC of the class on its positives whose shortcut column is 1 plus every negative "
+                         "(attribute = the shortcut column, class = the class).",
+    "shortcut_auc_without": "AUC of the class on its positives whose shortcut column is 0 plus every negative; "
+                            "positives with the column empty are in neither subset.",
+    "shortcut_delta": "shortcut_auc_with − shortcut_auc_without on the same resamples: > 0 means the model "
+                      "finds the class more easily when the shortcut (e.g. a chest drain) is present.",
+}
+
+
+def metric_definitions(task: str = "multiclass") -> dict[str, str]:
+    """{metric name: one sentence} for the metrics.csv of one task (``multiclass`` | ``multilabel``)."""
+    if task == "multilabel":
+        from cxrfair.analysis.multilabel import MULTILABEL_METRIC_DEFINITIONS  # imports this module
+
+        return {**MULTILABEL_METRIC_DEFINITIONS, **SHORTCUT_DEFINITIONS}
+    return {**MULTICLASS_METRIC_DEFINITIONS, **SHORTCUT_DEFINITIONS}
+
+
+@functools.cache
+def _both_tasks() -> dict[str, str]:
+    """Every name of either task; a name whose meaning differs by task gets both sentences."""
+    mc, ml = metric_definitions("multiclass"), metric_definitions("multilabel")
+    out = dict(mc)
+    for name, text in ml.items():
+        out[name] = text if name not in mc or mc[name] == text else f"Multi-class: {mc[name]} Multi-label: {text}"
+    return out
+
+
+def __getattr__(name: str):
+    # METRIC_DEFINITIONS (both tasks) is built on first use: multilabel imports this module, so
+    # importing it here at load time would be circular.
+    if name == "METRIC_DEFINITIONS":
+        return dict(_both_tasks())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _put(out: dict, values: dict[str, np.ndarray], names, attr: str, group: str, classes: list[str]) -> None:

@@ -49,8 +49,10 @@ def _one_line_error(result, pattern):
 def seeded(tmp_path_factory):
     """Three linear seeds, one full run and three zero-shot draws on one test set of paired images."""
     d = tmp_path_factory.mktemp("seeded")
-    rows = cohort_rows(32)
-    rows["patient_id"] = rows.index // 2  # two images per patient: the patient bootstrap matters
+    rows = cohort_rows(48)
+    # Two images per patient (the patient bootstrap matters), six patients per sex × age stratum
+    # (MIN_STRATUM_PATIENTS: no stratum is pooled, so the reference below draws within sex × age).
+    rows["patient_id"] = rows.index // 2
     for s in range(3):
         _write(d, rows, "linear", s, skill=1.2, probs_seed=10 + s)
         _write(d, rows, "zeroshot", s, tag=f"clip-d{s}", skill=0.6, probs_seed=20 + s, draw=s)
@@ -230,9 +232,14 @@ def test_run_json_attributes_set_groups_and_reference(tmp_path):
     _write(tmp_path / "BAD", rows, "linear", 0, attributes=attrs)
     with pytest.raises(CxrfairError, match=r"column race has unknown group code\(s\) \['C'\]; expected A, B"):
         compute(read_runs(tmp_path / "BAD"), cfg)
-    _write(tmp_path / "MALFORMED", rows, "linear", 0, attributes={"sex": {"groups": ["M", "F"], "reference": "X"}})
+    malformed = {"sex": {"groups": ["M", "F"], "reference": "X"}}
     with pytest.raises(CxrfairError, match=r"run m__linear__best__s0: run.json attributes: sex needs"):
-        compute(read_runs(tmp_path / "MALFORMED"), cfg)
+        _write(tmp_path / "MALFORMED", rows, "linear", 0, attributes=malformed)  # the writer refuses it
+    run_dir = _write(tmp_path / "MALFORMED", rows, "linear", 0)
+    meta = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps(meta | {"attributes": malformed}))  # and so does the reader
+    with pytest.raises(CxrfairError, match=r"run m__linear__best__s0 .*: run.json attributes: sex needs"):
+        read_runs(tmp_path / "MALFORMED")
 
 
 @pytest.mark.parametrize("n", [1, 20, 99, -1])

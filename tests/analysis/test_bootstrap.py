@@ -8,7 +8,14 @@ import sys
 import numpy as np
 import pytest
 
-from cxrfair.analysis.bootstrap import interval, patient_counts, patient_strata, resample_counts, stratified_indices
+from cxrfair.analysis.bootstrap import (
+    interval,
+    merge_small_strata,
+    patient_counts,
+    patient_strata,
+    resample_counts,
+    stratified_indices,
+)
 
 
 def test_stratified_indices_stay_in_stratum_and_keep_sizes():
@@ -86,8 +93,56 @@ def test_a_patient_in_several_strata_belongs_to_its_first_images():
     assert (w[:, 1] + w[:, 3] == 2).all()  # p1 and p3 share "old": two draws between them
 
 
+def _strata_of(sizes: dict) -> tuple[np.ndarray, np.ndarray]:
+    """One image per patient: (patients, strata) with ``sizes[name]`` patients in each stratum."""
+    strata = np.array([name for name, k in sizes.items() for _ in range(k)])
+    return np.arange(len(strata)).astype(str), strata
+
+
+@pytest.mark.parametrize("sizes, pooled", [
+    ({"A": 10, "B": 6, "C": 2, "D": 1}, ["B", "C", "D"]),  # pool of 3 < 5: joins B, the smallest big stratum
+    ({"A": 10, "C": 3, "D": 3}, ["C", "D"]),  # pool of 6 stands alone
+    ({"A": 2, "B": 1}, ["A", "B"]),  # all small: one stratum
+    ({"A": 5, "B": 5}, []),  # nothing to pool
+    ({"B": 6, "A": 6, "C": 4}, ["A", "C"]),  # A and B tie at 6 patients: the first by name takes the pool
+])
+def test_merge_small_strata_rule(sizes, pooled):
+    patients, strata = _strata_of(sizes)
+    merged, names = merge_small_strata(patients, strata, 5)
+    assert names == pooled
+    want = np.where(np.isin(strata, pooled), "+".join(pooled), strata)
+    np.testing.assert_array_equal(merged, want)
+
+
+def test_merge_counts_patients_in_their_first_images_stratum():
+    # p0's first image is in A, its four others in B: A holds one patient, B six (p1-p6), C five.
+    patients = np.array(["p0"] * 5 + [f"p{i}" for i in range(1, 7)] + [f"q{i}" for i in range(5)])
+    strata = np.array(["A"] + ["B"] * 10 + ["C"] * 5)
+    merged, names = merge_small_strata(patients, strata, 5)
+    assert names == ["A", "C"]  # A alone is still small: it joins C, smaller than B
+    np.testing.assert_array_equal(merged, ["A+C"] + ["B"] * 10 + ["A+C"] * 5)
+
+
 def test_package_import_is_light():
     code = ("import sys, cxrfair.analysis, cxrfair.analysis.cli\n"
             "print(*(m in sys.modules for m in ('torch', 'jax', 'matplotlib')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False", "False"]
+
+
+@pytest.mark.parametrize("level", [0.95, 0.9, 0.5])
+def test_interval_equals_nanquantile_column_by_column(level):
+    rng = np.random.default_rng(4)
+    reps = rng.normal(size=(101, 40, 3))
+    reps[rng.random(reps.shape) < 0.2] = np.nan  # scattered NaN replicates
+    reps[:, 0, 0] = np.nan  # a column with none defined
+    reps[1:, 1, 0] = np.nan  # one defined
+    reps[:, 2, 0] = 0.25  # all equal
+    lo, hi = interval(reps, level)
+    assert lo.shape == hi.shape == (40, 3)
+    a = (1 - level) / 2
+    with np.errstate(all="ignore"), pytest.warns(RuntimeWarning):
+        want_lo, want_hi = np.nanquantile(reps, [a, 1 - a], axis=0)
+    np.testing.assert_array_equal(lo, want_lo)  # bit for bit
+    np.testing.assert_array_equal(hi, want_hi)
+    assert np.isnan(lo[0, 0]) and lo[1, 0] == hi[1, 0] == reps[0, 1, 0] and lo[2, 0] == 0.25

@@ -217,8 +217,11 @@ def test_eqodds_worst_and_f1_gap_abs_by_hand():
 
 
 def test_every_metric_has_a_definition():
+    from cxrfair.analysis.multilabel import MULTILABEL_METRIC_DEFINITIONS
+
     names = set(M.METRICS) | {s.name for s in M.GROUP_METRICS}
-    assert set(M.METRIC_DEFINITIONS) == names
+    assert set(M.metric_definitions("multiclass")) == names | set(M.SHORTCUT_DEFINITIONS)
+    assert set(M.METRIC_DEFINITIONS) == names | set(MULTILABEL_METRIC_DEFINITIONS) | set(M.SHORTCUT_DEFINITIONS)
     assert all(isinstance(v, str) and len(v) > 10 for v in M.METRIC_DEFINITIONS.values())
     assert "fairlearn" in M.METRIC_DEFINITIONS["eqodds_worst"] and "eq. 3" in M.METRIC_DEFINITIONS["eqodds"]
 
