@@ -392,13 +392,25 @@ def _add(ev: _Evaluated, score, weights: np.ndarray | None) -> None:
 
 
 def _validation_thresholds(run: Run) -> tuple[np.ndarray, np.ndarray]:
-    """(C,) max-F1 thresholds on the run's validation rows (``multilabel.THRESHOLD_RULE``) and the
-    (2, C) validation positives and negatives per condition; NaN thresholds without validation rows."""
+    """(C,) decision thresholds and the (2, C) validation positives and negatives per condition.
+
+    Max-F1 thresholds on the run's validation rows (``multilabel.THRESHOLD_RULE``), NaN without
+    validation rows; a post-processed run (``cxrfair postprocess``) carries its own
+    ``decision_thresholds`` in run.json, which must be used as they are: a new max-F1 choice on
+    its rescaled scores would undo the group thresholds it encodes.
+    """
     rows = run.split("val")
+    C = len(run.classes)
+    counts = np.zeros((2, C), dtype=np.int64)
+    if not rows.empty:
+        Y, P = targets_and_probs(rows, run.classes, "multilabel")
+        counts = np.stack([(Y == 1).sum(0), (Y == 0).sum(0)])
+    fixed = run.meta.get("decision_thresholds")
+    if isinstance(fixed, dict):
+        return np.array([np.nan if fixed.get(c) is None else float(fixed[c]) for c in run.classes]), counts
     if rows.empty:
-        return np.full(len(run.classes), np.nan), np.zeros((2, len(run.classes)), dtype=np.int64)
-    Y, P = targets_and_probs(rows, run.classes, "multilabel")
-    return ML.choose_thresholds(Y, P), np.stack([(Y == 1).sum(0), (Y == 0).sum(0)])
+        return np.full(C, np.nan), counts
+    return ML.choose_thresholds(Y, P), counts
 
 
 # ----------------------------------------------------------------------------- shortcut test
