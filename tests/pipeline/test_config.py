@@ -24,7 +24,7 @@ BASE = {
     "extract": ["workers = 0"],
     "probe": ["epochs = 5"],
     "finetune": ["epochs = 1"],
-    "analysis": ["bootstrap = 20"],
+    "analysis": ["bootstrap = 100"],
 }
 
 # (section, line replacing or adding that key, the part of the one-line message that must appear)
@@ -76,7 +76,8 @@ STAGE_ERRORS = [
     ("extract", "batch_size = 0", "[extract] batch_size 0: must be >= 1"),
     ("extract", 'precision = "fp8"', "[extract] precision fp8"),
     ("synth", "size = 8", "[synth] size 8: must be between 32 and 1024"),
-    ("analysis", "bootstrap = -1", "[analysis] bootstrap -1: must be 0 or more"),
+    ("analysis", "bootstrap = -1", "[analysis] bootstrap -1: use 0 (point estimates"),
+    ("analysis", "bootstrap = 20", "[analysis] bootstrap 20: use 0 (point estimates"),
     ("analysis", 'split = "dev"', "[analysis] split dev: must be train, val or test"),
     ("", 'models = ["no-such-model"]', "unknown model"),
 ]

@@ -46,7 +46,7 @@ epochs = 1
 workers = 1
 
 [analysis]
-bootstrap = 20
+bootstrap = 100
 """
 
 
