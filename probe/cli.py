@@ -12,7 +12,7 @@ import click
 from cxrfair.errors import CxrfairError
 
 # Mirrors cxrfair.probe.sweep.L2_GRIDS (this module imports only click; a test keeps them equal).
-L2_GRIDS = {"linear": (1e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2), "mlp": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)}
+L2_GRIDS = {"linear": (1e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2), "mlp": (1e-3, 3e-3, 1e-2, 2e-2, 3e-2, 1e-1)}
 
 _cache = click.option("--cache", required=True, type=click.Path(path_type=Path), help="Embedding cache (.h5) from `cxrfair extract`.")
 _out = click.option("--out", required=True, type=click.Path(path_type=Path), help="Runs folder to write into.")
