@@ -3,7 +3,7 @@
 Layout of REPORT/:
     metrics.csv      long format, one row per run × metric × attribute × group × class
     comparisons.csv  paired bootstrap differences, each method minus its model's baseline
-    seeds.csv        mean and sd over runs that differ only by seed
+    seeds.csv        mean, sd and the mean's interval over runs that differ only by seed
     runs.csv         the runs read, their tag and whether the tables show them (primary)
     analysis.json    the options used
     figures/*.png    the figures
@@ -37,17 +37,12 @@ def summary(results) -> pd.DataFrame:
     """Primary runs' metrics averaged over seeds: one row per (model, method, metric, attribute, group, class).
 
     Returns:
-        DataFrame with value, ci_low, ci_high (means over seeds of each run's value and interval
-        bounds), sd (over seeds; NaN with one seed) and n_seeds.
+        DataFrame with value (mean over seeds), ci_low, ci_high (the interval of that mean, from
+        the seed-averaged bootstrap replicates; ``results.seeds``), sd (over seeds; NaN with one
+        seed) and n_seeds.
     """
-    prim = results.runs.loc[results.runs["primary"], "run_id"]
-    m = results.metrics[results.metrics["run_id"].isin(prim)]
-    keys = ["model", "method", "metric", "attribute", "group", "class"]
-    g = m.groupby(keys, sort=False)
-    out = g[["value", "ci_low", "ci_high"]].mean()
-    out["sd"] = g["value"].std()
-    out["n_seeds"] = g["value"].size()
-    return out.reset_index()
+    prim = results.runs.loc[results.runs["primary"], ["model", "method", "tag"]].drop_duplicates()
+    return results.seeds.merge(prim, on=["model", "method", "tag"]).rename(columns={"mean": "value"}).drop(columns="tag")
 
 
 def fmt(value, lo=np.nan, hi=np.nan, sd=np.nan, n: int = 1, scale: float = 100.0, digits: int = 1) -> str:
@@ -194,14 +189,13 @@ def _html_table(df: pd.DataFrame) -> str:
 
 
 def _intro(results) -> list[str]:
+    from cxrfair.analysis.analyze import describe_intervals
+
     c = results.config
-    n_boot = (f"{c.n_boot} bootstrap replicates, resampling {c.split} images with replacement within each "
-              f"{' × '.join(c.attributes)} cell (seed {c.seed}); intervals are {100 * c.level:.0f}% percentile intervals"
-              if c.n_boot else "no bootstrap (point estimates only)")
     return [
         f"Runs: {len(results.runs)} from `{c.runs_dir}`; metrics on the **{c.split}** split.",
-        f"Uncertainty: {n_boot}. Runs that differ only by seed are averaged (value and interval bounds) "
-        "and their sd is shown. Absolute gaps are biased upward under resampling, so their interval "
+        f"Uncertainty: {describe_intervals(c)} Runs that differ only by seed are averaged and their sd "
+        "is shown. Absolute gaps are biased upward under resampling, so their interval "
         "may not contain the point estimate.",
         ECE_NOTE,
         NAN_NOTE,

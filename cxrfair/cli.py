@@ -21,6 +21,7 @@ COMMANDS = {
     "extract": ("cxrfair.extract.cli:extract", "Embed a cohort with one model into an HDF5 cache (resumable)."),
     "probe": ("cxrfair.probe.cli:probe", "Zero-shot, linear and MLP probes on cached embeddings (JAX)."),
     "finetune": ("cxrfair.finetune.cli:finetune", "LoRA or full fine-tuning of a model's image encoder."),
+    "postprocess": ("cxrfair.analysis.postprocess_cli:postprocess", "Group thresholds / class offsets fitted on validation: a fairer run from any run."),
     "analyze": ("cxrfair.analysis.cli:analyze", "Metrics with bootstrap intervals, figures and a report from runs."),
     "run": ("cxrfair.pipeline_cli:run", "Run a whole experiment from a TOML config, skipping finished steps."),
     "demo": ("cxrfair.pipeline_cli:demo", "The whole pipeline on synthetic data with a tiny model (minutes, CPU)."),

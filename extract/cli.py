@@ -19,11 +19,18 @@ def models() -> None:
 
 @models.command("list")
 def list_models() -> None:
-    """Table of models: encoders, embedding dim, weights source, zero-shot, LoRA targets."""
+    """Table of models: encoders, cached embedding, weights source and licence, zero-shot, LoRA targets.
+
+    "dim" and "cached embedding" say what extraction stores by default (the joint-space projection
+    for image-text models); "pre-projection" is the dimension of the features before that
+    projection a model also offers (``encode_image_unprojected``), "-" where it has none.
+    """
     from cxrfair.extract.registry import list_specs
 
-    header = ("name", "image encoder", "text encoder", "dim", "weights source", "zero-shot", "LoRA targets")
-    rows = [(s.name, s.image_encoder, s.text_encoder or "-", str(s.embed_dim), s.weights_source,
+    header = ("name", "image encoder", "text encoder", "dim", "cached embedding", "pre-projection", "weights source",
+              "licence", "zero-shot", "LoRA targets")
+    rows = [(s.name, s.image_encoder, s.text_encoder or "-", str(s.embed_dim), s.embedding,
+             str(s.unprojected_dim or "-"), s.weights_source, s.license or "-",
              "yes" if s.zero_shot else "no", _targets(s.lora_targets)) for s in list_specs()]
     click.echo(_table(header, rows))
 

@@ -80,13 +80,13 @@ def test_existing_complete_cache_is_left_alone_and_other_models_refused(cohort, 
 
 
 def test_other_cohort_refused_and_force_rewrites(cohort, baseline, tmp_path):
-    other = make_cohort(tmp_path / "o", per_group=1)
+    other = make_cohort(tmp_path / "o", per_group=3)  # per_group=1 leaves val empty, which cohorts now refuse
     out = tmp_path / "c.h5"
     out.write_bytes(baseline.read_bytes())
     with pytest.raises(CxrfairError, match="for cohort"):
         extract(config(other, out))
     assert extract(config(other, out, force=True)).status == "written"
-    assert read_cache(out).cohort_hash == load_cohort(other).hash and len(read_cache(out).table) == 24
+    assert read_cache(out).cohort_hash == load_cohort(other).hash and len(read_cache(out).table) == 72
 
 
 def test_partial_from_different_settings_is_refused(cohort, tmp_path):

@@ -43,7 +43,7 @@ def report(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("browser")
     grid = [("tiny-clip", m, s) for m in ("zeroshot", "linear", "mlp", "lora", "full") for s in (0, 1)]
     write_runs(tmp / "runs", grid, n_per_split=40)
-    return analyze(AnalyzeConfig(runs_dir=tmp / "runs", out=tmp / "report", n_boot=50, seed=0))
+    return analyze(AnalyzeConfig(runs_dir=tmp / "runs", out=tmp / "report", n_boot=100, seed=0))
 
 
 def test_figures_decode_and_tables_render_in_chromium(report, tmp_path):
