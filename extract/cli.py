@@ -58,8 +58,12 @@ def _table(header: tuple, rows: list[tuple]) -> str:
 @click.option("--force", is_flag=True, help="Start over: discard partial progress and any existing cache at --out.")
 @click.option("--skip-bad", is_flag=True, help="Leave unreadable images out (recorded in the cache) instead of failing.")
 @click.option("--parts-dir", type=click.Path(path_type=Path), default=None, help="Under torchrun: where ranks write parts [FILE.h5.parts].")
+@click.option("--prompt-scores/--no-prompt-scores", default=True, show_default=True,
+              help="GLoRIA models: also store every image's global and local similarity to every prompt "
+                   "(what GLoRIA's own zero-shot scoring needs; slower extraction). Ignored by other models.")
 @click.pass_context
-def extract(ctx, model, cohort, out, batch_size, workers, device, precision, weights, images, force, skip_bad, parts_dir) -> None:
+def extract(ctx, model, cohort, out, batch_size, workers, device, precision, weights, images, force, skip_bad, parts_dir,
+            prompt_scores) -> None:
     """Embed a cohort with one model into an HDF5 cache (resumable; sharded under torchrun)."""
     if ctx.invoked_subcommand is not None:
         return
@@ -71,7 +75,8 @@ def extract(ctx, model, cohort, out, batch_size, workers, device, precision, wei
     from cxrfair.extract.extractor import extract as run_extract
 
     config = ExtractConfig(model=model, cohort=cohort, out=out, batch_size=batch_size, workers=workers, device=device,
-                           precision=precision, weights=weights, images=images, force=force, skip_bad=skip_bad)
+                           precision=precision, weights=weights, images=images, force=force, skip_bad=skip_bad,
+                           prompt_scores=prompt_scores)
     if torchrun_env():
         result, merged = run_distributed(config, parts_dir)
         if result.status == "exists" and result.path == out:
