@@ -229,7 +229,8 @@ def _command(stage: str, method: str):
 def _probe_mitigation(config, p, entry, model, method, name, producers) -> Step:
     cfg = sweep_config(config, method)
     args = ["probe", method, "--cache", p["cache"] / f"{model}.h5", "--force", *_sweep_args(cfg), *_mitigation_args(entry)]
-    settings = sweep_settings(cfg) | _entry_settings(entry) | {"model": model}
+    # [probe] select is the ERM sweep's rule; the entry's own `select` replaces it here.
+    settings = {k: v for k, v in sweep_settings(cfg).items() if k != "select"} | _entry_settings(entry) | {"model": model}
 
     def build(staging: Path) -> None:
         call_cli([*args, "--out", staging])

@@ -166,7 +166,11 @@ def test_values_keep_their_types_and_paths_resolve_from_the_base(tmp_path):
 def _leaf_types(cls) -> list:
     out = []
     for name, tp in typing.get_type_hints(cls).items():
-        out += _leaf_types(tp) if dataclasses.is_dataclass(tp) else [(cls.__name__, name, tp)]
+        element = typing.get_args(tp)[0] if typing.get_origin(tp) is tuple else None
+        if dataclasses.is_dataclass(element):  # [[section]] tables: the list itself and each key
+            out += [(cls.__name__, name, tp)] + _leaf_types(element)
+        else:
+            out += _leaf_types(tp) if dataclasses.is_dataclass(tp) else [(cls.__name__, name, tp)]
     return out
 
 
