@@ -53,6 +53,8 @@ class CohortSettings:
     official_split: Path | None = None  # nih: folder holding test_list.txt and train_val_list.txt
     mimic_iv: Path | None = None  # mimic: MIMIC-IV folder holding hosp/patients.csv.gz, hosp/admissions.csv.gz
     race_map: Path | None = None  # CSV code,group adding race codes to the built-in maps
+    columns: dict[str, str] = field(default_factory=dict)  # csv: { path = "COL", patient = "COL", sex = "COL", age = "COL", ... }
+    labels: tuple[str, ...] = ()  # csv: finding columns, "Name" or "Name=COLUMN"
     # The rules: the preset's, with any of these overriding it.
     preset: str = "nih-6x200"  # see `cxrfair cohort build --help`; nih-6x200 = the paper's 6 diseases x 4 groups x 50 images
     diseases: tuple[str, ...] | None = None  # classes / conditions in order; empty = the preset's
@@ -60,6 +62,7 @@ class CohortSettings:
     age_bins: tuple[int, ...] | None = None  # age group edges: [60] (young/old) or [18, 25, 50, 65, 80]; empty = the preset's
     uncertain: str | None = None  # multi-label: uncertain labels ignore (masked) | zeros | ones; empty = the preset's
     per_group: int | None = None  # multi-class: images per disease x group cell; empty = the preset's 50
+    split: str | None = None  # train,val,test ratio ("0.7,0.1,0.2") or "official"; empty = the preset's
     max_train: int | None = None  # at most this many training images (whole patients); empty = all
     seed: int = 0  # sampling and split seed
 

@@ -1,8 +1,10 @@
-"""The whole protocol as a list of steps: cohort -> extract -> probes -> fine-tuning -> analysis.
+"""The whole protocol as a list of steps: cohort -> extract -> probes -> fine-tuning -> fairness steps -> analysis.
 
 ``experiment_steps(config)`` turns an ExperimentConfig into Steps (see ``cxrfair.steps``);
 ``run_experiment`` prints the plan, runs what is not already complete and returns the report
-path. Every stage is called through its library function, never through the CLI.
+path. Every stage is called through its library function, except mitigated training, which
+goes through the stage's CLI options (see ``cxrfair.fairness_steps``, which also builds the
+embedding-analysis and post-processing steps).
 
 Layout under ``config.out``::
 
@@ -144,7 +146,8 @@ def _cohort_step(config: ExperimentConfig, p: dict) -> tuple[Step, object, list[
     _check_dataset(dataset)
     cfg = _stage_config("cohort", lambda: CohortConfig.from_preset(
         c.preset, out=p["cohort"], dataset=dataset, **sources, diseases=c.diseases, attributes=c.attributes,
-        age_bins=c.age_bins, uncertain=c.uncertain, per_group=c.per_group, max_train=c.max_train, seed=c.seed, force=True))
+        age_bins=c.age_bins, uncertain=c.uncertain, per_group=c.per_group, max_train=c.max_train, seed=c.seed,
+        columns=tuple(c.columns.items()) or None, labels=c.labels or None, split=c.split, force=True))
 
     def run(force: bool) -> None:
         from cxrfair.extract.cohort import build_cohort

@@ -317,6 +317,19 @@ def test_changing_a_cohort_file_reruns_the_cohort(tmp_path):
     assert len({first, second, cohort_print()}) == 3
 
 
+def test_a_csv_cohort_takes_its_column_map_from_the_config(tmp_path):
+    (tmp_path / "m.csv").write_text("P,ID,S,A,E\na.png,1,M,40,1\n")
+    cfg = config_from_dict({"models": ["tiny-clip"], "methods": ["linear"], "out": str(tmp_path / "e"), "cohort": {
+        "dataset": "csv", "preset": "all-multilabel", "metadata": "m.csv", "images": ".",
+        "columns": {"path": "P", "patient": "ID", "sex": "S", "age": "A"}, "labels": ["Edema=E"], "split": "0.6,0.2,0.2"}},
+        base=tmp_path)
+    cohort = experiment_steps(cfg)[0]
+    assert (cohort.settings["dataset"], cohort.settings["columns"]["patient"], cohort.settings["split"]) == ("csv", "ID", "0.6,0.2,0.2")
+    assert set(cohort.settings["sources_sha256"]) == {"metadata"}
+    with pytest.raises(CxrfairError, match=r"\[cohort\] split"):
+        experiment_steps(config_from_dict({"models": ["tiny-clip"], "cohort": {"split": "1,2"}}, base=tmp_path))
+
+
 # ---------------------------------------------------------------- the shipped configs
 
 def _fake_mimic(root: Path) -> None:
