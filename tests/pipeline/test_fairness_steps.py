@@ -101,6 +101,11 @@ def test_the_installed_stage_without_mitigation_options_is_told_at_dry_run(tmp_p
     assert "set enabled = false" in result.output and not (tmp_path / "exp").exists()
 
 
+def test_the_support_check_reads_the_real_stage_commands():
+    assert {"cache", "out", "solver"} <= {p.name for p in fairness_steps._command("probe", "linear").params}
+    assert {"model", "cohort", "lr"} <= {p.name for p in fairness_steps._command("finetune", "lora").params}
+
+
 def _write_fake_run(runs: Path, key: RunKey, n: int = 48, hyper: dict | None = None) -> Path:
     """A multi-class run with enough validation rows per sex for post-processing."""
     rng = np.random.default_rng(key.seed)
