@@ -34,17 +34,36 @@ METHODS = ("zeroshot", "linear", "mlp", "lora", "full")
 
 @dataclass(frozen=True)
 class SynthSettings:
-    enabled: bool = False  # make synthetic NIH-format data first and build the cohort from it (demo)
+    enabled: bool = False  # make synthetic data first and build the cohort from it (demo, tests)
+    format: str = "nih"  # nih | chexpert | mimic: the real dataset whose files are imitated
     seed: int = 0  # seed of the synthetic images
-    size: int = 64  # side of the synthetic PNGs in pixels
+    size: int = 64  # side of the synthetic images in pixels
+    patients: int | None = None  # chexpert / mimic: number of patients; empty = 400
+    drains: bool = False  # nih: give the cohort the synthetic NEATX drain labels (the shortcut test)
 
 
 @dataclass(frozen=True)
 class CohortSettings:
-    metadata: Path | None = None  # NIH metadata CSV; empty = the vendored Data_Entry_2017_v2020.csv.gz
-    images: Path | None = None  # folder of the NIH download (images_001/images/...); needed to extract
-    preset: str = "nih-6x200"  # the paper's 6 diseases x 4 groups x 50 images
-    per_group: int | None = None  # images per disease x group cell; empty = the preset's 50
+    # The files (as on `cxrfair cohort build`; with [synth] enabled they come from the synthetic data).
+    dataset: str | None = None  # reader: nih | chexpert | mimic | csv; empty = the preset's
+    metadata: Path | None = None  # main metadata file (MIMIC: its folder); NIH: empty = the vendored Data_Entry_2017_v2020.csv.gz
+    images: Path | None = None  # images root the metadata's paths start from; needed to extract
+    demographics: Path | None = None  # chexpert: CHEXPERT DEMO.xlsx / .csv (race)
+    drains: Path | None = None  # nih: NEATX NIH-CX14_TubeAnnotations_NonExperts_aggregated.csv (drain column)
+    official_split: Path | None = None  # nih: folder holding test_list.txt and train_val_list.txt
+    mimic_iv: Path | None = None  # mimic: MIMIC-IV folder holding hosp/patients.csv.gz, hosp/admissions.csv.gz
+    race_map: Path | None = None  # CSV code,group adding race codes to the built-in maps
+    columns: dict[str, str] = field(default_factory=dict)  # csv: { path = "COL", patient = "COL", sex = "COL", age = "COL", ... }
+    labels: tuple[str, ...] = ()  # csv: finding columns, "Name" or "Name=COLUMN"
+    # The rules: the preset's, with any of these overriding it.
+    preset: str = "nih-6x200"  # see `cxrfair cohort build --help`; nih-6x200 = the paper's 6 diseases x 4 groups x 50 images
+    diseases: tuple[str, ...] | None = None  # classes / conditions in order; empty = the preset's
+    attributes: tuple[str, ...] | None = None  # sensitive attributes, e.g. ["sex", "age_group", "race"]; empty = the preset's
+    age_bins: tuple[int, ...] | None = None  # age group edges: [60] (young/old) or [18, 25, 50, 65, 80]; empty = the preset's
+    uncertain: str | None = None  # multi-label: uncertain labels ignore (masked) | zeros | ones; empty = the preset's
+    per_group: int | None = None  # multi-class: images per disease x group cell; empty = the preset's 50
+    split: str | None = None  # train,val,test ratio ("0.7,0.1,0.2") or "official"; empty = the preset's
+    max_train: int | None = None  # at most this many training images (whole patients); empty = all
     seed: int = 0  # sampling and split seed
 
 
@@ -59,12 +78,18 @@ class ExtractSettings:
 
 @dataclass(frozen=True)
 class ProbeSettings:
-    lr: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3)  # grid, selected on validation loss
-    weight_decay: tuple[float, ...] = (0.0, 1e-4, 1e-2)  # AdamW weight decay grid
+    lr: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3)  # adamw: learning-rate grid, selected on validation
+    weight_decay: tuple[float, ...] = (0.0, 1e-4, 1e-2)  # adamw: weight decay grid
     hidden: tuple[int, ...] = (256, 512)  # MLP hidden widths
-    epochs: int = 150  # paper: 150, cosine-annealed
-    batch_size: int = 64  # paper: 64
+    epochs: int = 150  # adamw: paper 150, cosine-annealed
+    batch_size: int = 64  # adamw: paper 64
+    solver: str = "lbfgs"  # lbfgs: full-batch L-BFGS over the l2 grid (a tuned logistic regression); adamw: the paper's recipe (lr, weight_decay, epochs, batch_size)
+    standardize: bool = True  # z-score features with the training split's mean and sd (paper: false)
+    l2: tuple[float, ...] | None = None  # lbfgs: L2 penalty grid; empty = the probe stage's default grid per method
+    max_iter: int = 1000  # lbfgs: iterations at most
+    select: str = "loss"  # choose the configuration by mean validation loss | accuracy
     all_prompt_sets: bool = False  # zero-shot: also write runs of the prompt sets not selected on val
+    zeroshot_term: str | None = None  # zero-shot scoring: global | both (GLoRIA's); empty = both where the cache allows
 
 
 @dataclass(frozen=True)
@@ -85,9 +110,56 @@ class FinetuneSettings:
 @dataclass(frozen=True)
 class AnalysisSettings:
     bootstrap: int = 1000  # bootstrap replicates per metric
-    attributes: tuple[str, ...] = ("sex", "age_group")  # cohort columns to measure gaps across
+    attributes: tuple[str, ...] = ()  # cohort columns to measure gaps across; empty = every attribute the runs declare
+    cross: tuple[str, ...] | None = None  # attributes crossed into one more (and the bootstrap strata); empty "" = the first two, [] = none
+    shortcut: str = "auto"  # binary column of the shortcut test; auto: drain + Pneumothorax when present; none: off
+    shortcut_class: str | None = None  # the class (condition) the shortcut test compares, with an explicit shortcut
     split: str = "test"  # split the metrics are computed on
     seed: int = 0  # seed of the bootstrap draws
+
+
+@dataclass(frozen=True)
+class EmbeddingsSettings:
+    """`cxrfair embeddings leakage|geometry` per model; written to <out>/embeddings/<model>/<analysis>/."""
+
+    leakage: tuple[str, ...] = ()  # models whose embeddings are probed for the attributes (each one of `models`)
+    geometry: tuple[str, ...] = ()  # models whose embedding geometry (PCA, centroids, modality gap) is analysed
+    attributes: tuple[str, ...] = ()  # cohort columns; empty = the cohort's sensitive attributes
+    probes: tuple[str, ...] = ("linear", "mlp", "knn")  # leakage probes
+    permutations: int = 5  # leakage: reruns on shuffled attributes (the chance level)
+    conditional: bool = True  # leakage: also within each label condition
+    components: int = 10  # geometry: principal components kept and tested
+    normalize: str = "l2"  # geometry: l2 | standard | none
+    geometry_permutations: int = 1000  # geometry: patient shuffles per component test
+    bootstrap: int = 1000  # patient-bootstrap replicates per interval
+    min_group: int = 10  # fewest images per group
+    cohort_split: tuple[str, ...] = ()  # cohort splits whose rows are used; empty = every row
+    seed: int = 0  # splits, shuffles and resamples
+
+
+@dataclass(frozen=True)
+class PostprocessSettings:
+    """One [[postprocess]] entry: `cxrfair postprocess` on every run of each model x method listed."""
+
+    methods: tuple[str, ...]  # the (ERM) run families to post-process, e.g. ["linear"]; each one of `methods`
+    sensitive: str  # attribute whose groups are equalised, e.g. "sex"
+    constraint: str = "equalized_odds"  # equalized_odds | tpr | fpr
+    strength: float = 0.02  # validation utility the fit may give up (absolute, in [0, 1])
+    models: tuple[str, ...] = ()  # empty = every model
+
+
+@dataclass(frozen=True)
+class MitigationSettings:
+    """One [[mitigations]] entry: one step per model x method, the stage's CLI with --mitigation."""
+
+    methods: tuple[str, ...]  # linear | mlp | lora | full; each one of `methods` (fine-tuning reuses its ERM learning rate)
+    mitigation: str  # reweight | groupdro | adversarial | fairot | erase (docs/CONTRACTS.md "Mitigations")
+    sensitive: str  # attribute the mitigation targets, e.g. "sex"
+    strengths: tuple[float, ...] = ()  # probes: the sweep axis; fine-tuning: one value; erase: none
+    select: str | None = None  # probes: worst_group | loss | gap; empty = the stage's default (worst_group)
+    adversary: str | None = None  # adversarial only: grl | projection (probes)
+    models: tuple[str, ...] = ()  # empty = every model
+    enabled: bool = True  # false: kept and type-checked, but no steps
 
 
 @dataclass(frozen=True)
@@ -102,6 +174,9 @@ class ExperimentConfig:
     probe: ProbeSettings = ProbeSettings()
     finetune: FinetuneSettings = FinetuneSettings()
     analysis: AnalysisSettings = AnalysisSettings()
+    embeddings: EmbeddingsSettings = EmbeddingsSettings()
+    postprocess: tuple[PostprocessSettings, ...] = ()  # [[postprocess]] entries
+    mitigations: tuple[MitigationSettings, ...] = ()  # [[mitigations]] entries
 
     def __post_init__(self) -> None:
         bad = [m for m in self.methods if m not in METHODS]
@@ -139,7 +214,9 @@ class _Where:
 
     @property
     def prefix(self) -> str:
-        return f"[{self.section}] " if self.section else ""
+        if not self.section:
+            return ""
+        return f"{self.section} " if self.section.startswith("[") else f"[{self.section}] "
 
     def key(self, name: str) -> str:
         return self.prefix + name
@@ -172,6 +249,9 @@ def _build(cls: type, values: dict, where: _Where) -> Any:
                 raise where.error(f"{name} = {_show(value)}: expected a table [{name}]")
             kwargs[name] = _build(tp, value, dataclasses.replace(where, section=name))
             continue
+        if _table_list(tp):
+            kwargs[name] = _build_tables(_table_list(tp), name, value, where)
+            continue
         try:
             kwargs[name] = _coerce(value, tp, where.base)
         except _Mismatch:
@@ -180,6 +260,21 @@ def _build(cls: type, values: dict, where: _Where) -> Any:
         return cls(**kwargs)
     except CxrfairError as e:  # the dataclass's own checks (e.g. unknown methods)
         raise where.error(f"{where.prefix}{e}") from None
+
+
+def _table_list(tp: Any) -> type | None:
+    """The element dataclass of a ``tuple[Settings, ...]`` field (a TOML array of tables), else None."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is tuple and args and dataclasses.is_dataclass(args[0]):
+        return args[0]
+    return None
+
+
+def _build_tables(cls: type, name: str, values: Any, where: _Where) -> tuple:
+    """``[[name]]`` entries, each built as ``cls``; messages say ``[[name]] #2 key``."""
+    if not isinstance(values, list) or not all(isinstance(v, dict) for v in values):
+        raise where.error(f"{name} = {_show(values)}: expected tables [[{name}]]")
+    return tuple(_build(cls, v, dataclasses.replace(where, section=f"[[{name}]] #{i}")) for i, v in enumerate(values, 1))
 
 
 def _required(f: dataclasses.Field) -> bool:
@@ -232,6 +327,8 @@ def _describe(tp: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         inner = next(a for a in args if a is not type(None))
         return f'{_describe(inner)}, or "" for the default'
+    if _table_list(tp):
+        return "tables, e.g. [[section]] entries"
     if origin is tuple:
         return f"a list of {_NAMES[args[0]][1]}, e.g. [{_NAMES[args[0]][2]}]"
     if origin is dict or tp is dict:

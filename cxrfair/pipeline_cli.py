@@ -38,9 +38,11 @@ def run(config: Path, dry_run: bool, out: Path | None) -> None:
 def demo(out: Path, dry_run: bool) -> None:
     """The whole pipeline on synthetic NIH-format data with the tiny model, on CPU in minutes.
 
-    Synthesises X-ray-like images with planted disease patterns and group differences, builds
-    the paper's 6x200 cohort from them, extracts tiny-clip embeddings, runs zero-shot, linear and
-    MLP probes, LoRA and full fine-tuning, and writes the report. Rerunning reuses finished steps.
+    Synthesises X-ray-like images with planted disease patterns, group differences and chest
+    drains, builds the paper's 6x200 cohort from them, extracts tiny-clip embeddings, runs
+    zero-shot, linear and MLP probes, LoRA and full fine-tuning, attribute leakage and embedding
+    geometry, group thresholds on the linear probe, and writes the report (with the drain
+    shortcut test). Rerunning reuses finished steps.
     """
     from cxrfair.pipeline import demo_config, run_experiment
 

@@ -66,7 +66,17 @@ TYPE_ERRORS = [
 # Values of the right type that a stage refuses: caught while planning, named by config key.
 STAGE_ERRORS = [
     ("probe", "epochs = -1", "[probe] epochs: must be >= 1"),
-    ("probe", "lr = []", "[probe] lr: the grid is empty"),
+    ("probe", "l2 = []", "[probe] l2: the grid is empty"),
+    ("probe", 'solver = "sgd"', "[probe] solver 'sgd': expected one of"),
+    ("probe", 'select = "auc"', "[probe] select: choose one of"),
+    ("probe", "l2 = [-1.0]", "[probe] l2: L2 penalties must be numbers >= 0"),
+    ("probe", 'zeroshot_term = "local"', "[probe] zeroshot_term 'local': choose one of global, both"),
+    ("cohort", 'uncertain = "maybe"', "[cohort] uncertain"),
+    ("cohort", "age_bins = [50, 20]", "[cohort] age_bins"),
+    ("cohort", 'dataset = "padchest"', "[cohort] dataset"),
+    ("synth", 'format = "dicom"', "[synth] format dicom: expected one of"),
+    ("analysis", 'shortcut = "drain"', "[analysis] shortcut COLUMN and --shortcut-class CLASS go together"),
+    ("analysis", "cross = [\"sex\"]", "[analysis] cross sex: give two or more distinct attributes"),
     ("probe", "weight_decay = [-1.0]", "[probe] weight_decay: weight decays must be >= 0"),
     ("finetune", "epochs = 0", "[finetune] epochs 0: must be at least 1"),
     ("finetune", 'device = "tpu"', "[finetune] device 'tpu'"),
@@ -156,7 +166,11 @@ def test_values_keep_their_types_and_paths_resolve_from_the_base(tmp_path):
 def _leaf_types(cls) -> list:
     out = []
     for name, tp in typing.get_type_hints(cls).items():
-        out += _leaf_types(tp) if dataclasses.is_dataclass(tp) else [(cls.__name__, name, tp)]
+        element = typing.get_args(tp)[0] if typing.get_origin(tp) is tuple else None
+        if dataclasses.is_dataclass(element):  # [[section]] tables: the list itself and each key
+            out += [(cls.__name__, name, tp)] + _leaf_types(element)
+        else:
+            out += _leaf_types(tp) if dataclasses.is_dataclass(tp) else [(cls.__name__, name, tp)]
     return out
 
 

@@ -37,6 +37,7 @@ workers = 0
 batch_size = 32
 
 [probe]
+solver = "adamw"
 lr = [1e-3]
 weight_decay = [0.0]
 epochs = 5
@@ -183,7 +184,7 @@ def test_edited_metadata_rebuilds_the_cohort(tmp_path):
     before = [s for s in experiment_steps(load_config(tmp_path / "exp.toml")) if s.name == "cohort"][0]
     meta.write_text("b\n")
     after = [s for s in experiment_steps(load_config(tmp_path / "exp.toml")) if s.name == "cohort"][0]
-    assert before.settings["metadata_sha256"] != after.settings["metadata_sha256"]
+    assert before.settings["sources_sha256"]["metadata"] != after.settings["sources_sha256"]["metadata"]
 
 
 # ---------------------------------------------------------------- rerunning a finished experiment
@@ -201,6 +202,7 @@ seeds = {seeds}
 enabled = true
 
 [probe]
+solver = "adamw"
 lr = [1e-3]
 epochs = {epochs}
 """
@@ -240,7 +242,7 @@ def fake_stages(monkeypatch):
             _fake_run(Path(out), RunKey("tiny-clip", cfg.method, "best", seed), {"epochs": cfg.epochs})
         touch(Path(out) / RunKey("tiny-clip", cfg.method, "best", 0).sweep_file, f"epochs={cfg.epochs}")
 
-    def zeroshot_cache(cache, out, all_sets=False, force=False):
+    def zeroshot_cache(cache, out, all_sets=False, force=False, term=None):
         return [_fake_run(Path(out), RunKey("tiny-clip", "zeroshot", f"clip-d{d}", d), {}) for d in range(2)]
 
     def analyze(cfg):
@@ -248,7 +250,7 @@ def fake_stages(monkeypatch):
         seen.append({r.run_id: r.meta["hyperparameters"].get("epochs") for r in runs})
         touch(cfg.out / "report.html")
 
-    monkeypatch.setattr("cxrfair.extract.synth.make_synth", lambda cfg: touch(cfg.out / "Data_Entry_2017.csv"))
+    monkeypatch.setattr("cxrfair.extract.synth.make_synth", lambda cfg: touch(cfg.out / "synth_info.json"))
     monkeypatch.setattr("cxrfair.extract.cohort.build_cohort", lambda cfg: touch(cfg.out / "cohort.json"))
     monkeypatch.setattr("cxrfair.extract.extractor.extract", lambda cfg: touch(cfg.out))
     monkeypatch.setattr("cxrfair.probe.zeroshot.zeroshot_cache", zeroshot_cache)
