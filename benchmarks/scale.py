@@ -19,8 +19,10 @@ Stages (synthetic data, no images, no model):
   written by the preparation) into one N x 768 cache.
 - ``lbfgs``: ``probe_cache`` (read the cache, standardise, the default linear L-BFGS sweep over
   the 8-value L2 grid, write the runs) on an N x 768 cache of 6 classes, split 80 / 6.7 / 13.3 %.
-  ``--lbfgs-seeds`` and ``--lbfgs-iters`` (default 1 seed, 100 iterations) fix the work per row,
-  so the curve shows growth in rows, not in how many iterations a lane happens to need.
+  ``--lbfgs-seeds`` and ``--lbfgs-iters`` (default 1 seed, at most 30 iterations: every lane runs
+  all of them, converged lanes frozen) fix the work per row, so the curve shows growth in rows,
+  not in how many iterations a lane happens to need. From about 27k rows on (1 GB budget) the
+  lanes run one after another (``Recipe.sequential``) instead of vmapped.
 - ``adamw``: the same with the paper's recipe (AdamW, batch 64, 12-configuration lr x weight decay
   grid, 3 seeds) for ``--adamw-epochs`` epochs (default 2).
 - ``analysis``: ``read_runs`` + ``analyze.compute`` with 1,000 patient-bootstrap replicates on 4
@@ -30,8 +32,10 @@ Stages (synthetic data, no images, no model):
 - ``analysis-mc``: the same for 2 multi-class runs (6 classes, sex and age group).
 
 Printed: one table row per (stage, N) and, between successive sizes, the growth exponent
-log(t2 / t1) / log(N2 / N1) of the stage's time and of its memory above the imports (1.0 is
-linear growth). ``--json FILE`` keeps the raw measurements.
+log(t2 / t1) / log(N2 / N1) of the stage's CPU time, of the probes' training time and of its
+memory above the imports (1.0 is linear growth). On a shared machine CPU time is the steadier
+measure; wall time mostly says how many other jobs were running. ``--json FILE`` keeps the raw
+measurements (and is rewritten after every measurement, so an interrupted run keeps its rows).
 
     python benchmarks/scale.py --quick
     nice -n 10 python benchmarks/scale.py --sizes 10000,30000,100000,300000 --json /tmp/scale.json
@@ -326,20 +330,23 @@ def exponent(a: float, b: float, na: int, nb: int) -> float:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"\n{'stage':<12}{'N':>9} {'time s':>9} {'CPU s':>9} {'x time':>7} {'peak MiB':>9} {'above base':>11} "
-          f"{'x mem':>6} {'load':>5}  details")
+    print(f"\n{'stage':<12}{'N':>9} {'CPU s':>9} {'x CPU':>6} {'wall s':>9} {'train s':>8} {'x train':>8} "
+          f"{'peak MiB':>9} {'above base':>11} {'x mem':>6} {'load':>5}  details")
     prev = None
     for r in rows:
         same = prev is not None and prev["stage"] == r["stage"]
-        gt = exponent(prev["seconds"], r["seconds"], prev["n"], r["n"]) if same else float("nan")
-        gm = exponent(prev["above_base_mib"], r["above_base_mib"], prev["n"], r["n"]) if same else float("nan")
+        grow = lambda key: exponent(prev.get(key) or 0, r.get(key) or 0, prev["n"], r["n"]) if same else float("nan")  # noqa: E731
         details = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items() if k not in
-                   ("stage", "n", "seconds", "cpu", "peak_mib", "above_base_mib", "base_mib", "load", "prep",
+                   ("stage", "n", "seconds", "cpu", "train_s", "peak_mib", "above_base_mib", "base_mib", "load", "prep",
                     "prep_wall", "process_wall", "process_cpu")}
-        print(f"{r['stage']:<12}{r['n']:>9,} {r['seconds']:>9.2f} {r['cpu']:>9.2f} {_fmt(gt):>7} {r['peak_mib']:>9.0f} "
-              f"{r['above_base_mib']:>11.0f} {_fmt(gm):>6} {r['load']:>5.1f}  {details}")
+        train = "" if r.get("train_s") is None else f"{r['train_s']:.2f}"
+        print(f"{r['stage']:<12}{r['n']:>9,} {r['cpu']:>9.2f} {_fmt(grow('cpu')):>6} {r['seconds']:>9.2f} {train:>8} "
+              f"{_fmt(grow('train_s')):>8} {r['peak_mib']:>9.0f} {r['above_base_mib']:>11.0f} {_fmt(grow('above_base_mib')):>6} "
+              f"{r['load']:>5.1f}  {details}")
         prev = r
-    print("x time / x mem: growth exponent against the previous size, log(ratio) / log(size ratio); 1.00 = linear.")
+    print("x CPU / x train / x mem: growth exponent against the previous size, log(ratio) / log(size ratio); "
+          "1.00 = linear. CPU s and wall s: the stage without start-up and imports (probes: with XLA compilation, "
+          "which does not grow with N; train s is the probes' training alone). above base: peak RSS minus RSS after imports.")
 
 
 def _fmt(x: float) -> str:
@@ -353,7 +360,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="sizes 2000,6000, 200 replicates, 1 AdamW epoch, 20 L-BFGS iterations")
     parser.add_argument("--replicates", type=int, default=1000, help="bootstrap replicates of the analysis")
     parser.add_argument("--lbfgs-seeds", type=int, default=1)
-    parser.add_argument("--lbfgs-iters", type=int, default=100)
+    parser.add_argument("--lbfgs-iters", type=int, default=30)
     parser.add_argument("--adamw-epochs", type=int, default=2)
     parser.add_argument("--json", type=Path, help="write the raw measurements here")
     parser.add_argument("--workdir", type=Path, help="scratch folder (default: a temporary one)")
