@@ -91,7 +91,7 @@ def merge_small_strata(patients, strata, min_patients: int) -> tuple[np.ndarray,
     return np.where(np.isin(strata, sorted(pooled)), label, strata), sorted(pooled)
 
 
-def patient_counts(patients, strata, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+def patient_counts(patients, strata, n_boot: int, rng: np.random.Generator, dtype=np.float64) -> np.ndarray:
     """Stratified patient (cluster) bootstrap as an (R, N) matrix of image counts.
 
     Patients are drawn with replacement within their stratum (``patient_strata``); an image's
@@ -102,13 +102,34 @@ def patient_counts(patients, strata, n_boot: int, rng: np.random.Generator) -> n
         strata: (N,) stratum label of each image.
         n_boot: R, the number of replicates.
         rng: numpy Generator (the caller seeds it).
+        dtype: of the result; None = the smallest unsigned integer type that holds the counts
+            (uint8 in practice: 1,000 x 40,000 counts take 40 MB instead of 320 MB as float64).
 
     Returns:
-        (R, N) float64 counts, usable as ``weights`` by every metric.
+        (R, N) counts, usable as ``weights`` by every metric.
     """
     code, patient_stratum = patient_strata(patients, strata)
-    per_patient = resample_counts(stratified_indices(patient_stratum, n_boot, rng), len(patient_stratum))  # (R, P)
-    return per_patient[:, code]
+    per_patient = stratified_counts(patient_stratum, n_boot, rng)  # (R, P)
+    if dtype is None:
+        dtype = np.min_scalar_type(int(per_patient.max(initial=0)))
+    return per_patient.astype(dtype)[:, code]
+
+
+def stratified_counts(strata, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """``resample_counts(stratified_indices(strata, n_boot, rng), N)`` (the same draws, bit for bit)
+    without the (R, N) int64 index matrix: one stratum's draws at a time.
+
+    Returns:
+        (R, N) int32 counts.
+    """
+    strata = np.asarray(strata)
+    counts = np.zeros((n_boot, len(strata)), dtype=np.int32)
+    for s in sorted(set(strata.tolist())):  # the order and calls of ``stratified_indices``
+        members = np.flatnonzero(strata == s)
+        draws = rng.integers(0, len(members), size=(n_boot, len(members)))
+        counts[:, members] = np.bincount((draws + len(members) * np.arange(n_boot)[:, None]).ravel(),
+                                         minlength=n_boot * len(members)).reshape(n_boot, len(members))
+    return counts
 
 
 def resample_counts(idx: np.ndarray, n: int) -> np.ndarray:

@@ -9,6 +9,7 @@ over seeds; ties go to the first in grid order. One run per seed is written for 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -169,6 +170,18 @@ def lane_bytes(dim: int, n_classes: int, max_hidden: int, batch_size: int, n_eva
     return 4 * (copies * n_params + activations + outputs)
 
 
+# Vmapped L-BFGS lanes each hold about this many broadcast copies of the training features
+# (measured with XLA's memory analysis: ~41 kB per row for 8 lanes of 768 dims; see
+# ``train._sequential_sweep``).
+LBFGS_FEATURE_COPIES = 2
+
+
+def sequential_lanes(solver: str, feature_bytes: int, per_lane: int, n_lanes: int, budget_bytes: float) -> bool:
+    """Whether L-BFGS lanes run one after another: when every lane vmapped, with its copies of the
+    training features, would pass the budget. Small sweeps keep the fused (vmapped) program."""
+    return solver == "lbfgs" and n_lanes * (per_lane + LBFGS_FEATURE_COPIES * feature_bytes) > budget_bytes
+
+
 def plan_chunks(n_seeds: int, n_configs: int, per_lane: int, budget_bytes: float) -> tuple[int, int]:
     """(seeds per chunk, configurations per chunk) whose lanes fit ``budget_bytes``.
 
@@ -212,7 +225,12 @@ def run_sweep(x: dict, y: dict, n_classes: int, cfg: SweepConfig) -> SweepResult
                           len(x["train"]) if cfg.solver == "lbfgs" else cfg.batch_size,
                           len(x["val"]) + len(x["test"]), cfg.max_iter if cfg.solver == "lbfgs" else cfg.epochs,
                           copies=LBFGS_COPIES if cfg.solver == "lbfgs" else ADAMW_COPIES)
-    s_chunk, k_chunk = plan_chunks(len(cfg.seeds), len(configs), per_lane, cfg.memory_budget_mb * 2**20)
+    budget = cfg.memory_budget_mb * 2**20
+    if sequential_lanes(cfg.solver, data.x_train.nbytes, per_lane, len(cfg.seeds) * len(configs), budget):
+        recipe = dataclasses.replace(recipe, sequential=True)
+    else:
+        per_lane += LBFGS_FEATURE_COPIES * data.x_train.nbytes if cfg.solver == "lbfgs" else 0
+    s_chunk, k_chunk = plan_chunks(len(cfg.seeds), len(configs), per_lane, budget)
     seeds = np.array(cfg.seeds)
 
     t0 = time.perf_counter()
@@ -220,7 +238,7 @@ def run_sweep(x: dict, y: dict, n_classes: int, cfg: SweepConfig) -> SweepResult
     t1 = time.perf_counter()
     lanes = _run_chunks(program, data, hyper, seeds, s_chunk, k_chunk)
     timings = {"compile_s": t1 - t0, "train_s": time.perf_counter() - t1, "seeds_per_chunk": s_chunk,
-               "configs_per_chunk": k_chunk, "chunks": math.ceil(len(seeds) / s_chunk) * math.ceil(len(configs) / k_chunk)}
+               "configs_per_chunk": k_chunk, "sequential_lanes": recipe.sequential, "chunks": math.ceil(len(seeds) / s_chunk) * math.ceil(len(configs) / k_chunk)}
     return _result(configs, tuple(int(s) for s in seeds), lanes, y["val"], timings, stats, cfg.solver, cfg.select)
 
 

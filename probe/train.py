@@ -58,6 +58,7 @@ class Recipe:
     solver: str = "adamw"  # "adamw" (the paper's minibatch recipe) or "lbfgs" (full batch)
     max_iter: int = 500  # L-BFGS: iterations at most (a converged lane stops moving)
     gtol: float = GTOL  # L-BFGS: converged when every gradient entry is at most this in magnitude
+    sequential: bool = False  # run lanes one after another (lax.map) instead of vmapped (large N, L-BFGS)
 
     def steps_per_epoch(self, n_train: int) -> int:
         return math.ceil(n_train / self.batch_size)
@@ -232,9 +233,15 @@ def train_epoch(state: EpochState, epoch: jax.Array, order_key: jax.Array, data:
     """One pass over the training split, then the validation loss; returns (state, (train, val) loss)."""
     n = data.x_train.shape[0]
     index, weight = epoch_batches(order_key, epoch, n, recipe.batch_size)
-    step = partial(train_step, total_steps=recipe.epochs * recipe.steps_per_epoch(n))
-    batches = (data.x_train[index], data.y_train[index], weight)
-    (params, opt_state), losses = jax.lax.scan(step, (state.params, state.opt_state), batches)
+    total_steps = recipe.epochs * recipe.steps_per_epoch(n)
+
+    def step(carry, batch):
+        # Rows are gathered per step: gathering the whole epoch up front would hold a permuted
+        # copy of the training split per seed (S x N x D floats: 2.2 GB at 240k x 768 x 3 seeds).
+        rows, w = batch
+        return train_step(carry, (data.x_train[rows], data.y_train[rows], w), total_steps)
+
+    (params, opt_state), losses = jax.lax.scan(step, (state.params, state.opt_state), (index, weight))
     # The epoch's training loss weights each step by its real rows (the last may be short).
     train_loss = jnp.sum(losses * weight.sum(1)) / n
     val_loss = jnp.mean(example_losses(params, data.x_val, data.y_val))
@@ -368,10 +375,25 @@ def train_sweep(keys: jax.Array, hyper: Hyper, data: Data, recipe: Recipe) -> La
     Returns:
         LaneResult whose fields have leading axes (S, K).
     """
+    if recipe.sequential:
+        return _sequential_sweep(keys, hyper, data, recipe)
     # Inner vmap: configurations share the key, hence the data order, so each step's minibatch
     # is one unbatched array and the K lanes' matmuls fuse into one [B, D] x [D, K*C].
     per_seed = jax.vmap(fit_lane, in_axes=(None, 0, None, None))
     return jax.vmap(per_seed, in_axes=(0, None, None, None))(keys, hyper, data, recipe)
+
+
+def _sequential_sweep(keys: jax.Array, hyper: Hyper, data: Data, recipe: Recipe) -> LaneResult:
+    """``train_sweep`` with the lanes run one after another (``lax.map``), each exactly ``fit_lane``.
+
+    Why: vmapped, L-BFGS's line search branches per lane (``lax.cond`` on a batched predicate),
+    and JAX then broadcasts every operand of the branch, the training features included, to all
+    lanes: ~1.6 copies of the (N, D) features per lane (12 GB for 8 lanes of 240k x 768).
+    One lane at a time needs the features once, at the cost of unfused matmuls.
+    """
+    lane = lambda key, h: fit_lane(key, h, data, recipe)  # noqa: E731
+    per_seed = lambda key: jax.lax.map(lambda h: lane(key, h), hyper)  # noqa: E731
+    return jax.lax.map(per_seed, keys)
 
 
 def seed_keys(seeds) -> jax.Array:

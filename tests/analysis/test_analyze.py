@@ -15,7 +15,9 @@ import pytest
 from click.testing import CliRunner
 from sklearn.metrics import f1_score
 
-from cxrfair.analysis.analyze import AnalyzeConfig, check_runs, compute, tag_of
+from cxrfair.analysis import metrics as M
+from cxrfair.analysis import multilabel as ML
+from cxrfair.analysis.analyze import AnalyzeConfig, check_runs, compute, in_blocks, tag_of
 from cxrfair.analysis.bootstrap import patient_counts
 from cxrfair.analysis.runs import Run, make_predictions, read_runs, write_run
 from cxrfair.cli import main
@@ -302,3 +304,22 @@ def test_cohort_hash_is_read_from_run_json(tmp_path):
     (a / "run.json").write_text(json.dumps(meta | {"cohort_hash": "0123456789abcdef"}))
     with pytest.raises(CxrfairError, match="come from different cohorts"):
         compute(read_runs(tmp_path), AnalyzeConfig(tmp_path, tmp_path, n_boot=0))
+
+
+@pytest.mark.parametrize("task", ["multiclass", "multilabel"])
+def test_replicates_in_blocks_equal_one_call_on_all_of_them(task):
+    """``compute`` scores the (R, N) counts a block of replicates at a time (bounded memory)."""
+    rng = np.random.default_rng(0)
+    n, groups = 90, {"sex": (rng.choice(["M", "F"], 90), ["M", "F"])}
+    counts = patient_counts(np.arange(n) // 2, groups["sex"][0], 37, rng, dtype=None)
+    if task == "multiclass":
+        y, p = rng.integers(0, 3, n), rng.dirichlet(np.ones(3), n)
+        score = lambda **kw: M.evaluate_all(y, p, ["a", "b", "c"], groups, **kw)  # noqa: E731
+    else:
+        y, p = (rng.random((n, 2)) < 0.4).astype(float), rng.random((n, 2))
+        score = lambda **kw: ML.evaluate_multilabel(y, p, ["a", "b"], groups, np.array([0.5, 0.3]), **kw)  # noqa: E731
+    whole = score(weights=counts.astype(np.float64))
+    blocks = in_blocks(score, counts, chunk_bytes=8 * n * 5)  # 5 replicates a block, the last one 2
+    assert blocks.keys() == whole.keys()
+    for key, value in whole.items():
+        np.testing.assert_array_equal(blocks[key], value, err_msg=str(key))

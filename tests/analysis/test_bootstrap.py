@@ -14,6 +14,7 @@ from cxrfair.analysis.bootstrap import (
     patient_counts,
     patient_strata,
     resample_counts,
+    stratified_counts,
     stratified_indices,
 )
 
@@ -146,3 +147,21 @@ def test_interval_equals_nanquantile_column_by_column(level):
     np.testing.assert_array_equal(lo, want_lo)  # bit for bit
     np.testing.assert_array_equal(hi, want_hi)
     assert np.isnan(lo[0, 0]) and lo[1, 0] == hi[1, 0] == reps[0, 1, 0] and lo[2, 0] == 0.25
+
+
+def test_stratified_counts_are_the_counts_of_stratified_indices():
+    """The lean path (one stratum's draws at a time) makes the same draws as the index matrix."""
+    strata = np.random.default_rng(3).choice(list("abcde"), 300, p=[0.5, 0.2, 0.2, 0.09, 0.01])
+    got = stratified_counts(strata, 250, np.random.default_rng(11))
+    want = resample_counts(stratified_indices(strata, 250, np.random.default_rng(11)), len(strata))
+    np.testing.assert_array_equal(got, want)
+    assert got.dtype == np.int32
+
+
+def test_compact_patient_counts_equal_the_float_counts():
+    patients = np.random.default_rng(0).integers(0, 40, 120)
+    strata = patients % 3
+    want = patient_counts(patients, strata, 300, np.random.default_rng(5))
+    got = patient_counts(patients, strata, 300, np.random.default_rng(5), dtype=None)
+    assert want.dtype == np.float64 and got.dtype == np.uint8
+    np.testing.assert_array_equal(got, want)

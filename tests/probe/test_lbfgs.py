@@ -4,6 +4,8 @@ the linear probe against scikit-learn at every C, and the default sweeps against
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -197,3 +199,29 @@ def test_default_mlp_probe_reaches_a_tuned_logistic_regression():
     res = run_sweep(x, y, 6, SweepConfig(method="mlp"))
     accs = (res.test_probs[:, res.selected].argmax(-1) == y["test"]).mean(-1)
     assert accs.mean() >= ref - 0.03, (accs, ref)
+
+
+def test_sequential_lanes_equal_the_vmapped_sweep(small):
+    """Large L-BFGS sweeps run their lanes one after another (vmapped, each lane would hold copies
+    of the training features); each lane is the same probe either way."""
+    x, y = small
+    recipe = train.Recipe(n_classes=3, solver="lbfgs", max_iter=40)
+    hyper = train.Hyper(jnp.zeros(2), jnp.zeros(2), jnp.zeros(2, jnp.int32), jnp.array([1e-3, 1e-1], jnp.float32))
+    keys, data = train.seed_keys([0, 5]), _data(x, y)
+    fused = jax.device_get(train.train_sweep(keys, hyper, data, recipe))
+    one_by_one = jax.device_get(train.train_sweep(keys, hyper, data, dataclasses.replace(recipe, sequential=True)))
+    for field in ("test_probs", "val_probs", "val_loss", "train_loss", "best_val_loss"):
+        np.testing.assert_allclose(getattr(one_by_one, field), getattr(fused, field), rtol=1e-4, atol=1e-5, err_msg=field)
+    assert np.abs(one_by_one.best_epoch - fused.best_epoch).max() <= 1  # float noise may shift the last test
+
+
+def test_a_small_budget_runs_lanes_one_after_another_with_the_same_result(small):
+    x, y = small
+    cfg = SweepConfig(l2s=(1e-3, 1e-1), seeds=(0, 1), max_iter=30)
+    whole = run_sweep(x, y, 3, cfg)
+    budget = 0.02  # MB: less than one lane with its copies of the 50 x 8 training features
+    tiny = run_sweep(x, y, 3, SweepConfig(**{**cfg.__dict__, "memory_budget_mb": budget}))
+    assert not whole.timings["sequential_lanes"] and tiny.timings["sequential_lanes"]
+    assert whole.timings["chunks"] == 1 and tiny.timings["chunks"] > 1
+    np.testing.assert_allclose(tiny.test_probs, whole.test_probs, rtol=1e-4, atol=1e-5)
+    assert tiny.selected == whole.selected
