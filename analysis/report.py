@@ -136,6 +136,7 @@ def tables(results) -> list[tuple[str, str, pd.DataFrame]]:
     out.append(("Paired comparisons against the baseline method",
                 "Difference in points (method − baseline) on the same bootstrap resamples of the same test images.",
                 table_comparisons(results.comparisons)))
+    out += _mitigation(results, figures=False)[0]  # Mitigation section (issue 13); nothing without mitigated runs
     out.append(("Runs", "Primary: the tag shown for its model and method (best validation accuracy).",
                 results.runs.assign(val_accuracy=results.runs["val_accuracy"].round(4))))
     return out
@@ -162,7 +163,14 @@ def figures(results) -> list[tuple[str, str, bytes]]:
         for a in attrs:
             out.append((f"{metric}_{_slug(a)}.png", f"{label} by {a} for each method (paper Fig. 3c–d).",
                         F.to_png(F.fairness_by_method, s, metric, a, label=label)))
-    return out
+    return out + _mitigation(results)[1]
+
+
+def _mitigation(results, figures: bool = True) -> tuple[list, list]:
+    """The Mitigation section's (tables, figures) from ``mitigation_figures.mitigation_section``."""
+    from cxrfair.analysis.mitigation_figures import mitigation_section
+
+    return mitigation_section(results, figures=figures)
 
 
 def _slug(s: str) -> str:
