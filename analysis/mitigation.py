@@ -257,6 +257,10 @@ def mitigation_tables(evaluated, runs_df: pd.DataFrame, config, notes: list[str]
     if not any(is_mitigated(e) for e in evaluated):
         return None, None
     task = evaluated[0].run.task
+    erm_primary = primary_erm_tags(runs_df, evaluated)
+    for (model, method), tag in runs_df.loc[runs_df["primary"]].groupby(["model", "method"], sort=False)["tag"].first().items():
+        if (model, method) not in erm_primary:
+            notes.append(f"{model} {method}: no erm run; the tables show its mitigated runs {tag} under the method's name")
     groups = pair_runs(evaluated, runs_df, config.attributes, notes)
     return (mitigation_table(groups, task, config.level, notes),
             tradeoff_table(evaluated, groups, runs_df, task, config.level, notes))

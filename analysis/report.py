@@ -5,6 +5,8 @@ Layout of REPORT/:
     comparisons.csv  paired bootstrap differences, each method minus its model's baseline
     seeds.csv        mean, sd and the mean's interval over runs that differ only by seed
     runs.csv         the runs read, their tag and whether the tables show them (primary)
+    mitigation.csv, tradeoff.csv  mitigated runs vs ERM (written by analyze.write_tables; section via
+                     mitigation_figures.mitigation_section)
     analysis.json    the options used
     figures/*.png    the figures
     report.md        tables + figure links;  report.html: the same with figures embedded (base64)

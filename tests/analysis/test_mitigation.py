@@ -197,6 +197,7 @@ def test_pairing_strengths_missing_counterpart_and_primary(tmp_path):
     prim = res.runs[res.runs["primary"]]
     assert set(prim.loc[prim["model"] == "m1", "tag"]) == {"best"}
     assert set(prim.loc[prim["model"] == "m2", "tag"]) == {"fairot-sex__best"}  # no erm: the mitigated run is shown
+    assert any(n.startswith("m2 linear: no erm run; the tables show its mitigated runs fairot-sex__best") for n in res.notes)
 
     t = res.tradeoff
     assert list(t.columns) == MIT.TRADEOFF_COLUMNS
