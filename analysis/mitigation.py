@@ -160,7 +160,8 @@ def common_strength(evs, notes: list[str]) -> float:
     if len(values) == 1:
         return values.pop()
     defined = sorted(v for v in values if not np.isnan(v))
-    notes.append(f"mitigation: runs {evs[0].run.run_id} … differ in strength over seeds ({defined}); strength left empty")
+    notes.append(f"mitigation: runs {evs[0].run.run_id} … differ in strength over seeds ({defined}); "
+                 "strength left empty")
     return np.nan
 
 
@@ -239,7 +240,8 @@ def tradeoff_table(evaluated, groups: dict, runs_df: pd.DataFrame, task: str, le
             chosen = {v for v in (common_strength(by_group[g], []) for g in mine if g[4] == "best") if not np.isnan(v)}
             for g in _strength_groups(mine):
                 s = common_strength(by_group[g], [])
-                rows.append((model, method, sensitive, mitigation, s, g[4], *_point(by_group[g], task, sensitive, level),
+                point = _point(by_group[g], task, sensitive, level)
+                rows.append((model, method, sensitive, mitigation, s, g[4], *point,
                              g[4] == "best" or (not np.isnan(s) and s in chosen)))
         flags = pareto_front([r[8] for r in rows], [r[12] for r in rows])
         records += [(*r, bool(f)) for r, f in zip(rows, flags)]
@@ -258,9 +260,11 @@ def mitigation_tables(evaluated, runs_df: pd.DataFrame, config, notes: list[str]
         return None, None
     task = evaluated[0].run.task
     erm_primary = primary_erm_tags(runs_df, evaluated)
-    for (model, method), tag in runs_df.loc[runs_df["primary"]].groupby(["model", "method"], sort=False)["tag"].first().items():
+    shown = runs_df.loc[runs_df["primary"]].groupby(["model", "method"], sort=False)["tag"].first()
+    for (model, method), tag in shown.items():
         if (model, method) not in erm_primary:
-            notes.append(f"{model} {method}: no erm run; the tables show its mitigated runs {tag} under the method's name")
+            notes.append(f"{model} {method}: no erm run; the tables show its mitigated runs {tag} under the "
+                         "method's name")
     groups = pair_runs(evaluated, runs_df, config.attributes, notes)
     return (mitigation_table(groups, task, config.level, notes),
             tradeoff_table(evaluated, groups, runs_df, task, config.level, notes))
