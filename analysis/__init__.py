@@ -14,7 +14,9 @@ Public surface:
     bootstrap (bootstrap.py): ``patient_counts, patient_strata, merge_small_strata, stratified_indices,
         resample_counts, interval``;
     pipeline (analyze.py): ``AnalyzeConfig, Results, compute, analyze, describe_intervals,
-        shortcut_subsets, shortcut_metrics`` (the ``cxrfair analyze`` command).
+        shortcut_subsets, shortcut_metrics`` (the ``cxrfair analyze`` command);
+    mitigation (mitigation.py): mitigated runs against ERM, ``Results.mitigation`` / ``tradeoff``;
+        its report section and trade-off figure in ``mitigation_figures``.
 """
 
 from cxrfair.analysis.analyze import (

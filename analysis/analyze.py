@@ -112,6 +112,10 @@ class Results:
     strata: dict = field(default_factory=dict)  # {"attributes": [...], "min_patients": k, "pooled": [stratum names]}
     thresholds: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=THRESHOLD_COLUMNS))  # multi-label
     shortcut: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=SHORTCUT_COLUMNS))  # per run
+    # Mitigated runs against their ERM counterparts (``mitigation.MITIGATION_COLUMNS``, ``TRADEOFF_COLUMNS``);
+    # None when no run has a mitigation.
+    mitigation: pd.DataFrame | None = None
+    tradeoff: pd.DataFrame | None = None
 
     @property
     def definitions(self) -> dict[str, str]:
@@ -135,10 +139,16 @@ def tag_of(run: Run) -> str:
     part of the tag (``groupdro-sex__best``), so mitigated and plain runs are never averaged.
     """
     key = parse_run_id(run.run_id)
-    tag = key.tag
+    tag = base_tag(run)
+    return tag if key.mitigation == "erm" else f"{key.mitigation}-{key.sensitive}__{tag}"
+
+
+def base_tag(run: Run) -> str:
+    """The run id's tag without a zero-shot draw suffix (``clip-d3`` -> ``clip``) and without the mitigation."""
+    tag = parse_run_id(run.run_id).tag
     if "draw" in run.meta:
         tag = re.sub(rf"-d{re.escape(str(run.meta['draw']))}$", "", tag)
-    return tag if key.mitigation == "erm" else f"{key.mitigation}-{key.sensitive}__{tag}"
+    return tag
 
 
 def check_runs(runs: list[Run]) -> None:
@@ -548,6 +558,9 @@ def compute(runs: list[Run], config: AnalyzeConfig, progress=None) -> Results:
     evaluated = [_evaluate(run, ctx) for run in (progress(runs) if progress else runs)]
     runs_df = _runs_table(evaluated)
     notes = _recoding_notes(ctx.recoded) + _pooling_notes(ctx) + _task_notes(evaluated, config) + notes
+    from cxrfair.analysis import mitigation as MIT  # imports this module
+
+    mitigation, tradeoff = MIT.mitigation_tables(evaluated, runs_df, config, notes)
     return Results(
         metrics=_metrics_table(evaluated, config),
         runs=runs_df,
@@ -561,6 +574,8 @@ def compute(runs: list[Run], config: AnalyzeConfig, progress=None) -> Results:
                 "pooled": sorted({s for names in ctx.pooled.values() for s in names})},
         thresholds=_thresholds_table(evaluated),
         shortcut=_shortcut_table(evaluated, config),
+        mitigation=mitigation,
+        tradeoff=tradeoff,
     )
 
 
@@ -671,23 +686,26 @@ def _runs_table(evaluated: list[_Evaluated]) -> pd.DataFrame:
     With several tags (e.g. zero-shot prompt sets) for one model and method, the primary one is
     the tag a run marks with ``prompt_set_selected: true`` (the probe's choice on val), else the
     best mean validation score over seeds (as the paper picks prompts, but on val, not test):
-    accuracy for multi-class runs, macro AUC for multi-label ones.
+    accuracy for multi-class runs, macro AUC for multi-label ones. Plain (``erm``) tags come
+    first: a mitigated run is primary only for a model and method without any erm run (its
+    mitigation section compares it with ERM instead).
     """
     df = pd.DataFrame([{
         "run_id": e.run.run_id, "model": e.run.model, "method": e.run.method, "seed": e.run.seed,
         "tag": tag_of(e.run), "n_images": len(e.key[0]),
         **dict(zip(("val_accuracy", "val_auc_macro"), _val_scores(e.run))),
         "selected": bool(e.run.meta.get("prompt_set_selected", False)),
+        "erm": parse_run_id(e.run.run_id).mitigation == "erm",
     } for e in evaluated])
     criterion = "val_auc_macro" if evaluated[0].run.task == "multilabel" else "val_accuracy"
     score = df.groupby(["model", "method", "tag"], sort=False).agg(
-        selected=("selected", "any"), val=(criterion, "mean")).reset_index()
+        erm=("erm", "all"), selected=("selected", "any"), val=(criterion, "mean")).reset_index()
     score["val"] = score["val"].fillna(-1.0)
-    best = score.sort_values(["model", "method", "selected", "val", "tag"],
-                             ascending=[True, True, False, False, True]).drop_duplicates(["model", "method"])
+    best = score.sort_values(["model", "method", "erm", "selected", "val", "tag"],
+                             ascending=[True, True, False, False, False, True]).drop_duplicates(["model", "method"])
     primary = set(zip(best["model"], best["method"], best["tag"]))
     df["primary"] = [(m, me, t) in primary for m, me, t in zip(df["model"], df["method"], df["tag"])]
-    return df.drop(columns="selected")
+    return df.drop(columns=["selected", "erm"])
 
 
 def _nanmean0(x: np.ndarray) -> np.ndarray:
@@ -811,7 +829,8 @@ def analysis_record(results: Results) -> dict:
 
 def write_tables(results: Results, folder: Path) -> None:
     """The files of the report folder that the report layout does not write: thresholds.csv
-    (multi-label), shortcut.csv (when the shortcut test ran) and analysis.json (replacing the
+    (multi-label), shortcut.csv (when the shortcut test ran), mitigation.csv and tradeoff.csv
+    (when a run has a mitigation) and analysis.json (replacing the
     layout's, with the resolved attributes, strata and rules)."""
     from cxrfair.io import write_json_atomic
 
@@ -820,6 +839,9 @@ def write_tables(results: Results, folder: Path) -> None:
         results.thresholds.to_csv(folder / "thresholds.csv", index=False)
     if len(results.shortcut):
         results.shortcut.to_csv(folder / "shortcut.csv", index=False)
+    if results.mitigation is not None:
+        results.mitigation.to_csv(folder / "mitigation.csv", index=False)
+        results.tradeoff.to_csv(folder / "tradeoff.csv", index=False)
     write_json_atomic(folder / "analysis.json", analysis_record(results))
 
 

@@ -5,6 +5,8 @@ Layout of REPORT/:
     comparisons.csv  paired bootstrap differences, each method minus its model's baseline
     seeds.csv        mean, sd and the mean's interval over runs that differ only by seed
     runs.csv         the runs read, their tag and whether the tables show them (primary)
+    mitigation.csv, tradeoff.csv  mitigated runs vs ERM (written by analyze.write_tables; section via
+                     mitigation_figures.mitigation_section)
     analysis.json    the options used
     figures/*.png    the figures
     report.md        tables + figure links;  report.html: the same with figures embedded (base64)
@@ -136,6 +138,7 @@ def tables(results) -> list[tuple[str, str, pd.DataFrame]]:
     out.append(("Paired comparisons against the baseline method",
                 "Difference in points (method − baseline) on the same bootstrap resamples of the same test images.",
                 table_comparisons(results.comparisons)))
+    out += _mitigation(results, figures=False)[0]  # Mitigation section (issue 13); nothing without mitigated runs
     out.append(("Runs", "Primary: the tag shown for its model and method (best validation accuracy).",
                 results.runs.assign(val_accuracy=results.runs["val_accuracy"].round(4))))
     return out
@@ -162,7 +165,14 @@ def figures(results) -> list[tuple[str, str, bytes]]:
         for a in attrs:
             out.append((f"{metric}_{_slug(a)}.png", f"{label} by {a} for each method (paper Fig. 3c–d).",
                         F.to_png(F.fairness_by_method, s, metric, a, label=label)))
-    return out
+    return out + _mitigation(results)[1]
+
+
+def _mitigation(results, figures: bool = True) -> tuple[list, list]:
+    """The Mitigation section's (tables, figures) from ``mitigation_figures.mitigation_section``."""
+    from cxrfair.analysis.mitigation_figures import mitigation_section
+
+    return mitigation_section(results, figures=figures)
 
 
 def _slug(s: str) -> str:

@@ -1,0 +1,186 @@
+"""The report's Mitigation section: delta tables and the utility–fairness trade-off figure.
+
+Reads only ``Results.mitigation`` / ``Results.tradeoff`` (``mitigation.mitigation_tables``); computes
+no metric. ``mitigation_section(results)`` gives the section's (title, caption, table) and
+(file name, caption, PNG) lists, empty when no run has a mitigation.
+
+The figure is readable in greyscale: mitigations differ by marker shape and line style, ERM is a
+large black star, the Pareto front a thick light-grey step line behind the points.
+"""
+
+from __future__ import annotations
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never a display
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from cxrfair.analysis.mitigation import STRENGTH_TAG  # noqa: E402
+from cxrfair.analysis.runs import MITIGATIONS  # noqa: E402
+
+# Marker, grey face and line style per mitigation (ERM drawn apart), stable across panels.
+_STYLES = dict(zip([m for m in MITIGATIONS if m != "erm"],
+                   [("o", "0.25", "--"), ("s", "0.55", ":"), ("^", "0.85", "-."), ("D", "0.4", (0, (5, 1))),
+                    ("v", "0.7", (0, (1, 1))), ("P", "0.1", (0, (3, 1, 1, 1)))]))
+_FALLBACK = ("X", "0.5", "-")
+AXIS_LABELS = {"accuracy": "Accuracy (%)", "auc_macro": "Macro AUC (%)", "eqodds": "EqOdds gap (%)"}
+
+
+def _panels(tradeoff: pd.DataFrame) -> list[tuple]:
+    return list(dict.fromkeys(zip(tradeoff["model"], tradeoff["method"], tradeoff["sensitive"])))
+
+
+def pareto_line(points: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """x, y (in %) of the Pareto front as a step line: its points by increasing utility."""
+    front = points[points["pareto"]].sort_values(["utility", "gap"])
+    return 100 * front["utility"].to_numpy(), 100 * front["gap"].to_numpy()
+
+
+def _interval_lines(ax, p: pd.DataFrame, color) -> None:
+    """Both intervals as plain lines (an absolute gap's interval need not contain its estimate)."""
+    x, y = 100 * p["utility"].to_numpy(), 100 * p["gap"].to_numpy()
+    ax.hlines(y, 100 * p["utility_ci_low"], 100 * p["utility_ci_high"], colors=color, lw=1, zorder=2)
+    ax.vlines(x, 100 * p["gap_ci_low"], 100 * p["gap_ci_high"], colors=color, lw=1, zorder=2)
+
+
+def tradeoff_panel(points: pd.DataFrame, ax, title: str = ""):
+    """One model × method × attribute: utility (x) against the gap (y), one point per strength.
+
+    Args:
+        points: rows of ``Results.tradeoff`` for one panel (fractions; drawn in %).
+        ax: matplotlib Axes.
+
+    Returns:
+        The Axes.
+    """
+    points = points.dropna(subset=["utility", "gap"])
+    if points.empty:
+        ax.text(0.5, 0.5, f"no data for {title}", ha="center", va="center", transform=ax.transAxes)
+        return ax
+    x, y = pareto_line(points)
+    ax.step(x, y, where="pre", color="0.8", lw=6, zorder=0, label="Pareto front")
+    ax.plot(x, y, "o", ms=18, mfc="none", mec="0.6", mew=2, zorder=0)  # a ring: visible with one front point too
+    for mitigation, p in points.groupby("mitigation", sort=False):
+        p = p.sort_values("strength")
+        if mitigation == "erm":
+            _interval_lines(ax, p, "black")
+            ax.plot(100 * p["utility"], 100 * p["gap"], "*", ms=16, color="black", mec="white", zorder=4, label="ERM")
+            continue
+        marker, face, style = _STYLES.get(mitigation, _FALLBACK)
+        _interval_lines(ax, p, "0.35")
+        ax.plot(100 * p["utility"], 100 * p["gap"], linestyle=style, color="0.35", lw=1, zorder=1)
+        ax.plot(100 * p["utility"], 100 * p["gap"], marker, ms=8, mfc=face, mec="black", ls="none", zorder=3,
+                label=mitigation)
+        for r in p.itertuples():
+            ax.annotate(_strength_label(r), (100 * r.utility, 100 * r.gap), textcoords="offset points",
+                        xytext=(5, 4), fontsize=7, fontweight="bold" if r.selected else "normal")
+    first = points.iloc[0]
+    ax.set_xlabel(AXIS_LABELS.get(first["utility_metric"], first["utility_metric"]) + " →")
+    ax.set_ylabel("← " + AXIS_LABELS.get(first["gap_metric"], first["gap_metric"]))
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(True, lw=0.3, color="0.85")
+    return ax
+
+
+def _strength_label(r) -> str:
+    """``0.3`` for a strength run, the tag for another (``best``), ``*`` appended where selected."""
+    text = f"{r.strength:g}" if np.isfinite(r.strength) else str(r.tag)
+    return text + ("*" if r.selected and STRENGTH_TAG.match(str(r.tag)) else "")
+
+
+def tradeoff_figure(tradeoff: pd.DataFrame, ncols: int = 3):
+    """A grid of ``tradeoff_panel``s, one per model × method × sensitive attribute. Returns the Figure."""
+    panels = _panels(tradeoff) or [("", "", "")]
+    ncols = min(ncols, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.8 * nrows), squeeze=False, constrained_layout=True)
+    for ax, (model, method, sensitive) in zip(axes.ravel(), panels):
+        sel = (tradeoff["model"] == model) & (tradeoff["method"] == method) & (tradeoff["sensitive"] == sensitive)
+        tradeoff_panel(tradeoff[sel], ax, f"{model} · {method} · {sensitive}")
+    for ax in axes.ravel()[len(panels):]:
+        ax.set_axis_off()
+    return fig
+
+
+def tradeoff_png(tradeoff: pd.DataFrame) -> bytes:
+    """``tradeoff_figure`` as PNG bytes (figure closed)."""
+    fig = tradeoff_figure(tradeoff)
+    try:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110)
+        return buf.getvalue()
+    finally:
+        plt.close(fig)
+
+
+def _cell(value, lo, hi, signed: bool = False) -> str:
+    if not np.isfinite(value):
+        return "–"
+    s = f"{100 * value:+.1f}" if signed else f"{100 * value:.1f}"
+    return s + (f" [{100 * lo:.1f}, {100 * hi:.1f}]" if np.isfinite(lo) and np.isfinite(hi) else "")
+
+
+def delta_table(mitigation: pd.DataFrame) -> pd.DataFrame:
+    """Selected runs (every tag but ``st<s>``): one row per model × method × mitigation × attribute,
+    one column per metric, cells ``Δ [low, high]`` in points with ``*`` where the interval excludes 0."""
+    t = mitigation[~mitigation["tag"].astype(str).str.match(STRENGTH_TAG.pattern)]
+    if t.empty:
+        return pd.DataFrame()
+    t = t.assign(cell=[_cell(r.delta, r.ci_low, r.ci_high, signed=True) + ("*" if r.excludes_zero else "")
+                       for r in t.itertuples()])
+    index = ["model", "method", "mitigation", "sensitive", "tag", "strength"]
+    w = t.assign(strength=t["strength"].map(lambda s: f"{s:g}" if np.isfinite(s) else "–")).pivot_table(
+        index=index, columns="metric", values="cell", aggfunc="first", sort=False)
+    w = w[list(dict.fromkeys(t["metric"]))].rename_axis(columns=None)
+    seeds = t.groupby(index[:5], sort=False)["n_seeds"].max().to_numpy()
+    return w.reset_index().assign(seeds=seeds)
+
+
+def tradeoff_rows(tradeoff: pd.DataFrame) -> pd.DataFrame:
+    """The trade-off points as strings: utility and gap with intervals (%), selected and Pareto marks."""
+    if tradeoff.empty:
+        return pd.DataFrame()
+    return pd.DataFrame({
+        "model": tradeoff["model"], "method": tradeoff["method"], "sensitive": tradeoff["sensitive"],
+        "mitigation": tradeoff["mitigation"], "tag": tradeoff["tag"],
+        "strength": tradeoff["strength"].map(lambda s: f"{s:g}" if np.isfinite(s) else "–"),
+        "utility": [f"{r.utility_metric} " + _cell(r.utility, r.utility_ci_low, r.utility_ci_high)
+                    for r in tradeoff.itertuples()],
+        "gap": [f"{r.gap_metric} " + _cell(r.gap, r.gap_ci_low, r.gap_ci_high) for r in tradeoff.itertuples()],
+        "seeds": tradeoff["n_seeds"], "selected": np.where(tradeoff["selected"], "✓", ""),
+        "pareto": np.where(tradeoff["pareto"], "✓", ""),
+    })
+
+
+DELTA_CAPTION = ("Each mitigation minus ERM (same model, method and seed), in points, averaged over the paired "
+                 "seeds on the same patient-bootstrap resamples; * where the 95% interval excludes 0. Gaps are "
+                 "those of the mitigation's sensitive attribute; better: higher utility and worst-group values, "
+                 "lower absolute gaps, signed gaps (A − A') nearer 0. mitigation.csv has every strength.")
+TRADEOFF_CAPTION = ("One point per mitigation and strength (mean over seeds, 95% intervals), ERM included; "
+                    "selected: the strength chosen on validation; pareto: no other point has utility at least as "
+                    "high and a gap at least as low (point estimates). tradeoff.csv has the numbers.")
+
+
+def mitigation_section(results, figures: bool = True) -> tuple[list[tuple[str, str, pd.DataFrame]],
+                                                                 list[tuple[str, str, bytes]]]:
+    """(tables, figures) of the Mitigation section; both empty when no run has a mitigation.
+
+    tables: (title, caption, table of strings); figures: (file name, caption, PNG bytes), drawn
+    only when ``figures`` and ``results.config.figures``.
+    """
+    if results.mitigation is None:
+        return [], []
+    tables = [("Mitigation: paired deltas against ERM", DELTA_CAPTION, delta_table(results.mitigation)),
+              ("Mitigation: utility–fairness trade-off", TRADEOFF_CAPTION, tradeoff_rows(results.tradeoff))]
+    figs = []
+    if figures and results.config.figures and len(results.tradeoff):
+        figs.append(("mitigation_tradeoff.png", "Utility–fairness trade-off per model, method and sensitive "
+                     "attribute: one point per strength (labelled; * selected on validation), bars the 95% "
+                     "intervals, ERM the star, the Pareto front the grey step line.", tradeoff_png(results.tradeoff)))
+    return tables, figs
