@@ -118,7 +118,9 @@ def extract(config: ExtractConfig) -> ExtractResult:
     paths = [str(p) for p in cohort.image_paths(config.images)[start:stop]]
     device = resolve_device(config.device)
     fm = load_on(config.model, config.weights, device)
-    scorer = prompt_scorer(fm, cohort.classes, device, config) if config.prompt_scores else None
+    # GLoRIA's own scoring (max over a class's prompts, z-scored per class) is multi-class only.
+    scored = config.prompt_scores and cohort.task != "multilabel"
+    scorer = prompt_scorer(fm, cohort.classes, device, config) if scored else None
     partial, config = start_partial(config, fm, cohort.hash, (start, stop), scorer)
     t1 = time.perf_counter()
     n_new = embed_missing(fm, paths, partial, config.batch_size, config, device, scorer)
@@ -155,7 +157,7 @@ def assemble(folder: Path, fm: "FoundationModel", cohort, paths: list[str], conf
     rows = cohort.table.iloc[start:stop].reset_index(drop=True)
     skipped = describe_bad(bad, rows, paths)
     keep = np.setdiff1d(np.arange(len(paths)), np.fromiter(bad, int, len(bad)))
-    text = text_embeddings_all(fm, cohort.classes, device, config.precision, config.prompt_seed)
+    text = text_embeddings_all(fm, cohort.classes, device, config.precision, config.prompt_seed, cohort.task)
     attrs = provenance(fm, cohort, config, device, skipped, scorer) | dict(config.extra_attrs)
     prompt_scores = None if scorer is None else PromptScores(scorer.prompts, scores[keep, 0], scores[keep, 1])
     check_free_space(config.out, emb[keep].nbytes + (0 if scores is None else scores[keep].nbytes))
@@ -510,15 +512,29 @@ def _encode_prompts(fm: "FoundationModel", prompts: list[str], device: "torch.de
     return np.concatenate(out)
 
 
-def text_embeddings_all(fm: "FoundationModel", classes: list[str], device: "torch.device", precision: str, seed: int) -> dict:
-    """Every prompt set for ``classes`` -> TextEmbeddings; models without a text tower get none."""
+def text_embeddings_all(fm: "FoundationModel", classes: list[str], device: "torch.device", precision: str, seed: int,
+                        task: str = "multiclass") -> dict:
+    """Every prompt set of ``task`` for ``classes`` -> TextEmbeddings; models without a text tower get none.
+
+    Multi-class sets are (draws, C, D); multi-label sets (draws, C, 2, D): per condition the mean
+    of the negative prompts' and of the positive prompts' normalised embeddings.
+    """
     from cxrfair.extract.cache import TextEmbeddings
-    from cxrfair.extract.prompts import build_all
+    from cxrfair.extract.prompts import build_all_for
 
     if not fm.spec.zero_shot:
         return {}
-    sets = build_all(classes, seed=seed)
-    return {name: TextEmbeddings(class_text_embeddings(fm, p, device, precision), p) for name, p in sets.items()}
+    sets = build_all_for(task, classes, seed=seed)
+    if task != "multilabel":
+        return {name: TextEmbeddings(class_text_embeddings(fm, p, device, precision), p) for name, p in sets.items()}
+    return {name: TextEmbeddings(pair_text_embeddings(fm, p, device, precision), p) for name, p in sets.items()}
+
+
+def pair_text_embeddings(fm: "FoundationModel", prompts: list, device: "torch.device", precision: str) -> np.ndarray:
+    """[draw][condition][2] prompt lists -> (draws, C, 2, D): the pair's lists embedded as classes."""
+    flat = [[plist for pair in draw for plist in pair] for draw in prompts]  # [draw][2C], (neg, pos) per condition
+    emb = class_text_embeddings(fm, flat, device, precision)
+    return emb.reshape(emb.shape[0], -1, 2, emb.shape[-1])
 
 
 @dataclass
@@ -568,6 +584,7 @@ def prompt_scorer(fm: "FoundationModel", classes: list[str], device: "torch.devi
 
     if not fm.spec.zero_shot or not all(k in fm.extras for k in SCORING_EXTRAS):
         return None
+
     sets = build_all(classes, seed=config.prompt_seed)
     prompts = sorted({p for draws in sets.values() for draw in draws for plist in draw for p in plist})
     sentences, words, counts = [], [], []
@@ -626,13 +643,15 @@ def versions() -> dict[str, str]:
 def provenance(fm: "FoundationModel", cohort, config: ExtractConfig, device: "torch.device", skipped: list[dict],
                scorer: PromptScorer | None = None) -> dict[str, Any]:
     """The cache's attributes: what made these numbers."""
-    from cxrfair.extract.prompts import PROMPT_SETS, describe
+    from cxrfair.extract.prompts import MULTILABEL_SETS, PROMPT_SETS, describe
 
+    sets = MULTILABEL_SETS if cohort.task == "multilabel" else PROMPT_SETS
     return {
         "model": fm.name, "weights_id": fm.weights_id, "cohort_hash": cohort.hash, "logit_scale": fm.logit_scale,
+        "task": cohort.task, "attributes": cohort.attributes,
         "preprocessing": fm.preprocess.describe(), "versions": versions(), "device": str(device),
         "precision": config.precision, "batch_size": config.batch_size,
-        "prompt_sets": {name: describe(name) for name in PROMPT_SETS} if fm.spec.zero_shot else {},
+        "prompt_sets": {name: describe(name, cohort.task) for name in sets} if fm.spec.zero_shot else {},
         "prompt_seed": config.prompt_seed, "skipped_images": skipped,
         "cohort_folder": str(Path(config.cohort).resolve()),
         # What zero-shot from this cache uses by default: "both" (global + local, GLoRIA's own

@@ -270,3 +270,29 @@ def test_truncated_chunk_is_dropped_and_redone(cohort, baseline, tmp_path, monke
     done, ref = read_cache(out), read_cache(baseline)
     np.testing.assert_array_equal(done.image_embeddings, ref.image_embeddings)
     assert done.table.equals(ref.table)
+
+
+def test_multilabel_text_sets_are_pairs_of_mean_normalised_prompt_embeddings():
+    from cxrfair.extract.extractor import text_embeddings_all
+    from cxrfair.extract.prompts import MULTILABEL_SETS
+
+    fm = load_model("tiny-clip")
+    conditions = ["Pleural Effusion", "Pneumothorax"]
+    text = text_embeddings_all(fm, conditions, torch.device("cpu"), "fp32", 0, "multilabel")
+    assert list(text) == list(MULTILABEL_SETS)
+    for name, te in text.items():
+        assert te.embeddings.shape == (10, 2, 2, 64)
+        for c in range(2):
+            for side in (0, 1):
+                plist = te.prompts[0][c][side]
+                with torch.inference_mode():
+                    ref = torch.nn.functional.normalize(fm.encode_text(fm.tokenize(plist)), dim=-1).mean(0).numpy()
+                np.testing.assert_allclose(te.embeddings[4, c, side], ref, atol=1e-6)
+    assert text["sourget"].prompts[0][1] == [["Chest No findings"], ["Chest Pneumothorax"]]
+
+
+def test_a_cache_records_the_cohorts_task_and_attributes(baseline):
+    c = read_cache(baseline)
+    assert c.attrs["task"] == "multiclass" and c.task == "multiclass"
+    assert c.attrs["attributes"] == {"sex": {"groups": ["M", "F"], "reference": "M"},
+                                     "age_group": {"groups": ["young", "old"], "reference": "young"}}
