@@ -48,7 +48,8 @@ if TYPE_CHECKING:
 PARTIAL_FORMAT = "cxrfair-extract-partial"
 PRECISIONS = ("fp32", "bf16", "fp16")
 # Fields of the manifest that must agree before chunks from an earlier run may be reused.
-PINNED = ("model", "weights_id", "cohort_hash", "precision", "rows", "chunk_rows", "prompt_scores")
+PINNED = ("model", "weights_id", "cohort_hash", "precision", "rows", "chunk_rows", "prompt_scores", "features")
+FEATURES = ("projected", "unprojected")
 # What a model's extras must offer for prompt scores to be stored (see the module docstring).
 SCORING_EXTRAS = ("encode_image_local", "encode_text_words", "global_similarity", "local_similarity")
 # Test hook: SIGKILL ourselves after this many chunks are written (proves kill -9 resumability).
@@ -75,8 +76,11 @@ class ExtractConfig:
     rows: tuple[int, int] | None = None  # (start, stop) shard of cohort rows; None = all
     extra_attrs: dict = field(default_factory=dict)  # merged into the cache's attributes
     prompt_scores: bool = True  # store per-image prompt similarities where the model needs them (GLoRIA)
+    features: str = "projected"  # projected (encode_image: the joint image-text space) | unprojected (before it; no text)
 
     def __post_init__(self) -> None:
+        if self.features not in FEATURES:
+            raise CxrfairError(f"--features {self.features}: choose one of {', '.join(FEATURES)}")
         if self.batch_size < 1:
             raise CxrfairError(f"--batch-size {self.batch_size}: must be >= 1")
         if self.workers < 0:
@@ -106,8 +110,8 @@ def extract(config: ExtractConfig) -> ExtractResult:
 
     t0 = time.perf_counter()
     cohort = load_cohort(config.cohort)
-    get_spec(config.model)  # unknown model: fail before touching any file
-    existing = check_existing_cache(config.out, config.model, cohort.hash, config.force)
+    check_features(get_spec(config.model), config.features)  # unknown model / no such features: fail before any file
+    existing = check_existing_cache(config.out, config.model, cohort.hash, config.force, config.features)
     if existing is not None:
         # A partial folder beside a complete cache is left over from a run killed after the rename.
         shutil.rmtree(partial_dir(config.out), ignore_errors=True)
@@ -119,7 +123,7 @@ def extract(config: ExtractConfig) -> ExtractResult:
     device = resolve_device(config.device)
     fm = load_on(config.model, config.weights, device)
     # GLoRIA's own scoring (max over a class's prompts, z-scored per class) is multi-class only.
-    scored = config.prompt_scores and cohort.task != "multilabel"
+    scored = config.prompt_scores and cohort.task != "multilabel" and config.features == "projected"
     scorer = prompt_scorer(fm, cohort.classes, device, config) if scored else None
     partial, config = start_partial(config, fm, cohort.hash, (start, stop), scorer)
     t1 = time.perf_counter()
@@ -140,7 +144,9 @@ def start_partial(config: ExtractConfig, fm: "FoundationModel", cohort_hash: str
     chunk_rows = resumed_chunk_rows(folder, config.force) or config.batch_size
     ident = {"model": config.model, "weights_id": fm.weights_id, "cohort_hash": cohort_hash,
              "precision": config.precision, "rows": list(rows), "chunk_rows": chunk_rows,
-             "prompt_scores": scorer.digest if scorer else None}
+             "prompt_scores": scorer.digest if scorer else None,
+             # Absent for projected features, so partial folders of earlier versions still resume.
+             **({"features": config.features} if config.features != "projected" else {})}
     return open_partial(folder, ident, config.force), replace(config, batch_size=chunk_rows)
 
 
@@ -157,7 +163,9 @@ def assemble(folder: Path, fm: "FoundationModel", cohort, paths: list[str], conf
     rows = cohort.table.iloc[start:stop].reset_index(drop=True)
     skipped = describe_bad(bad, rows, paths)
     keep = np.setdiff1d(np.arange(len(paths)), np.fromiter(bad, int, len(bad)))
-    text = text_embeddings_all(fm, cohort.classes, device, config.precision, config.prompt_seed, cohort.task)
+    # Unprojected features are not in the text's space: no text sets, so no zero-shot from them.
+    text = (text_embeddings_all(fm, cohort.classes, device, config.precision, config.prompt_seed, cohort.task)
+            if config.features == "projected" else {})
     attrs = provenance(fm, cohort, config, device, skipped, scorer) | dict(config.extra_attrs)
     prompt_scores = None if scorer is None else PromptScores(scorer.prompts, scores[keep, 0], scores[keep, 1])
     check_free_space(config.out, emb[keep].nbytes + (0 if scores is None else scores[keep].nbytes))
@@ -177,6 +185,13 @@ def writing(path: Path, what: str):
         reason = e.strerror or str(e)
         raise CxrfairError(f"--out {path}: cannot write {what} ({reason}); free disk space or choose a writable "
                            "location, then rerun (chunks already written are kept and reused)") from None
+
+
+def check_features(spec, features: str) -> None:
+    """Unprojected features need a model with ``encode_image_unprojected`` (``ModelSpec.unprojected_dim``)."""
+    if features == "unprojected" and spec.unprojected_dim is None:
+        raise CxrfairError(f"--features unprojected: model {spec.name} has no features before a projection "
+                           f"({spec.embedding} embedding); use --features projected")
 
 
 def check_free_space(out: Path, payload_bytes: int) -> None:
@@ -206,12 +221,12 @@ def cache_identity(path: Path) -> dict | None:
     try:
         with h5py.File(path, "r") as f:
             return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()
-                    if k in ("model", "cohort_hash", "weights_id", "complete", "format", "n_images")}
+                    if k in ("model", "cohort_hash", "weights_id", "complete", "format", "n_images", "features")}
     except OSError:
         return None
 
 
-def check_existing_cache(out: Path, model: str, cohort_hash: str, force: bool) -> int | None:
+def check_existing_cache(out: Path, model: str, cohort_hash: str, force: bool, features: str = "projected") -> int | None:
     """None if extraction should go on; the row count of a complete cache for the same model+cohort.
 
     Raises CxrfairError if ``out`` holds something else (another model or cohort, not a cache).
@@ -227,6 +242,9 @@ def check_existing_cache(out: Path, model: str, cohort_hash: str, force: bool) -
             f"--out {out}: holds model {ident.get('model')!r} for cohort {str(ident.get('cohort_hash'))[:12]}, "
             f"not model {model!r} for cohort {cohort_hash[:12]}; one file per (model, cohort): "
             "choose another --out or pass --force to replace it")
+    if ident.get("features", "projected") != features:
+        raise CxrfairError(f"--out {out}: holds {ident.get('features', 'projected')} features, not {features}; "
+                           "choose another --out or pass --force to replace it")
     return int(ident.get("n_images", 0))
 
 
@@ -258,7 +276,7 @@ def open_partial(folder: Path, ident: dict, force: bool) -> Path:
             shutil.rmtree(folder)
         if manifest.is_file():
             old = read_manifest(manifest)
-            diff = [f"{k}: {old.get(k)!r} there, {ident[k]!r} now" for k in PINNED if old.get(k) != ident[k]]
+            diff = [f"{k}: {old.get(k)!r} there, {ident.get(k)!r} now" for k in PINNED if old.get(k) != ident.get(k)]
             if diff:
                 raise CxrfairError(f"partial extraction {folder} was started with different settings ({'; '.join(diff)}); "
                                    "rerun with the same settings to finish it, or pass --force to start over")
@@ -419,7 +437,7 @@ def embed_missing(fm: "FoundationModel", paths: list[str], folder: Path, chunk_r
         if bad and not config.skip_bad:
             raise CxrfairError(bad_images_message(bad, paths))
         if scorer is None:
-            write_chunk(folder, index, encode_batch(fm, pixels, device, config.precision), bad)
+            write_chunk(folder, index, encode_batch(fm, pixels, device, config.precision, config.features), bad)
         else:
             emb, scores = scorer.encode(pixels, device, config.precision)
             write_chunk(folder, index, emb, bad, scores)
@@ -438,13 +456,16 @@ def bad_images_message(bad: dict[int, str], paths: list[str]) -> str:
             "(recorded in the cache)")
 
 
-def encode_batch(fm: "FoundationModel", pixels: "torch.Tensor", device: "torch.device", precision: str) -> np.ndarray:
-    """(B, 3, S, S) uint8 -> (B, D) float32 embeddings (normalised on the device, not L2-normalised)."""
+def encode_batch(fm: "FoundationModel", pixels: "torch.Tensor", device: "torch.device", precision: str,
+                 features: str = "projected") -> np.ndarray:
+    """(B, 3, S, S) uint8 -> (B, D) float32 embeddings (normalised on the device, not L2-normalised);
+    ``features="unprojected"``: (B, D') from ``encode_image_unprojected``."""
     import torch
 
+    encode = fm.encode_image_unprojected if features == "unprojected" else fm.encode_image
     with torch.inference_mode(), autocast(device, precision):
         x = fm.preprocess.normalize(pixels.to(device, non_blocking=True))
-        return fm.encode_image(x).float().cpu().numpy()
+        return encode(x).float().cpu().numpy()
 
 
 def autocast(device: "torch.device", precision: str):
@@ -649,9 +670,12 @@ def provenance(fm: "FoundationModel", cohort, config: ExtractConfig, device: "to
     return {
         "model": fm.name, "weights_id": fm.weights_id, "cohort_hash": cohort.hash, "logit_scale": fm.logit_scale,
         "task": cohort.task, "attributes": cohort.attributes,
+        # "projected": encode_image (the joint image-text space); "unprojected": the features before it.
+        "features": config.features,
         "preprocessing": fm.preprocess.describe(), "versions": versions(), "device": str(device),
         "precision": config.precision, "batch_size": config.batch_size,
-        "prompt_sets": {name: describe(name, cohort.task) for name in sets} if fm.spec.zero_shot else {},
+        "prompt_sets": ({name: describe(name, cohort.task) for name in sets}
+                        if fm.spec.zero_shot and config.features == "projected" else {}),
         "prompt_seed": config.prompt_seed, "skipped_images": skipped,
         "cohort_folder": str(Path(config.cohort).resolve()),
         # What zero-shot from this cache uses by default: "both" (global + local, GLoRIA's own

@@ -296,3 +296,32 @@ def test_a_cache_records_the_cohorts_task_and_attributes(baseline):
     assert c.attrs["task"] == "multiclass" and c.task == "multiclass"
     assert c.attrs["attributes"] == {"sex": {"groups": ["M", "F"], "reference": "M"},
                                      "age_group": {"groups": ["young", "old"], "reference": "young"}}
+
+
+def test_unprojected_features_are_the_encoders_features_before_the_projection(cohort, tmp_path):
+    from cxrfair.extract.registry import get_spec
+
+    out = tmp_path / "unproj.h5"
+    extract(config(cohort, out, features="unprojected"))
+    c, co, fm = read_cache(out), load_cohort(cohort), load_model("tiny-clip")
+    assert c.attrs["features"] == "unprojected" and c.text == {} and c.prompt_scores is None
+    assert c.image_embeddings.shape == (48, get_spec("tiny-clip").unprojected_dim)
+    paths = co.image_paths()[:3]
+    ref = []
+    with torch.inference_mode():
+        for p in paths:
+            from PIL import Image
+
+            with Image.open(p) as im:
+                x = fm.preprocess.normalize(torch.from_numpy(fm.preprocess.prepare(im))[None])
+            ref.append(fm.encode_image_unprojected(x).float().numpy()[0])
+    np.testing.assert_allclose(c.image_embeddings[:3], np.stack(ref), atol=1e-5)
+    # The same --out with projected features is another cache, refused without --force.
+    with pytest.raises(CxrfairError, match="holds unprojected features, not projected"):
+        extract(config(cohort, out))
+
+
+def test_unprojected_features_need_a_model_that_has_them(cohort, tmp_path):
+    with pytest.raises(CxrfairError, match="--features unprojected: model tiny-rad-dino has no features before a projection"):
+        extract(config(cohort, tmp_path / "r.h5", model="tiny-rad-dino", features="unprojected"))
+    assert not list(tmp_path.iterdir())
