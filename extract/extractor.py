@@ -540,14 +540,15 @@ def text_embeddings_all(fm: "FoundationModel", classes: list[str], device: "torc
     Multi-class sets are (draws, C, D); multi-label sets (draws, C, 2, D): per condition the mean
     of the negative prompts' and of the positive prompts' normalised embeddings.
     """
+    from cxrfair.extract import prompts
     from cxrfair.extract.cache import TextEmbeddings
-    from cxrfair.extract.prompts import build_all_for
 
     if not fm.spec.zero_shot:
         return {}
-    sets = build_all_for(task, classes, seed=seed)
-    if task != "multilabel":
+    if task != "multilabel":  # the same call prompt_scorer makes, so scores and text share their prompts
+        sets = prompts.build_all(classes, seed=seed)
         return {name: TextEmbeddings(class_text_embeddings(fm, p, device, precision), p) for name, p in sets.items()}
+    sets = prompts.build_all_for(task, classes, seed=seed)
     return {name: TextEmbeddings(pair_text_embeddings(fm, p, device, precision), p) for name, p in sets.items()}
 
 
