@@ -7,13 +7,17 @@ Layout (format ``cxrfair-embeddings`` v2)::
                                   versions (JSON), created, and any other provenance (JSON)
     /images/embeddings     float32 (N, D)   encoder outputs in cohort order, not normalised
     /cohort/csv            str              the cohort rows (cohort.csv text) in the same order
-    /text/<set>/embeddings float32 (draws, C, D)  per prompt set; attrs: prompts (JSON [draw][class][k])
+    /text/<set>/embeddings float32 (draws, C, D)  per prompt set; attrs: prompts (JSON [draw][class][k]);
+                           multi-label cohorts: (draws, C, 2, D), index 0 the negative prompt(s), 1 the
+                           positive (prompts [draw][class][2][k])
     /prompt_scores/global  float32 (N, P)   optional: image-prompt similarities of models whose own
     /prompt_scores/local   float32 (N, P)   zero-shot needs more than pooled embeddings (GLoRIA);
                                             attrs of the group: prompts (JSON, the P distinct prompts
                                             of every set, the columns' order)
 
-Version 1 files (no ``/prompt_scores``) still read; v2 only adds that optional group.
+Version 1 files (no ``/prompt_scores``) still read; v2 only adds that optional group. Caches of
+cohort v2 also carry the cohort's ``task`` and ``attributes`` (its sensitive attributes) as attrs;
+a file without them is a multi-class cache of the v1 attributes (sex, age_group).
 
 The file only ever exists complete: ``write_cache`` builds it under a temporary name and renames
 it, so a reader that finds the file can trust it. Extraction keeps its partial progress
@@ -47,8 +51,10 @@ class TextEmbeddings:
 
     Attributes:
         embeddings: (draws, C, D) float32, one row per class per draw (mean of its prompts'
-            normalised embeddings).
-        prompts: [draw][class] -> list of prompt strings used for that class in that draw.
+            normalised embeddings); multi-label: (draws, C, 2, D), per condition the negative
+            (index 0) and positive (index 1) prompts' mean.
+        prompts: [draw][class] -> list of prompt strings used for that class in that draw;
+            multi-label: [draw][class] -> [negative prompts, positive prompts].
     """
 
     embeddings: np.ndarray
@@ -114,10 +120,30 @@ class EmbeddingCache:
         """(N,) bool: rows of split ``name`` (train / val / test)."""
         return (self.table["split"] == name).to_numpy()
 
+    @property
+    def task(self) -> str:
+        """``multiclass`` or ``multilabel`` (attr ``task``; absent in caches of v1 cohorts = multiclass)."""
+        return str(self.attrs.get("task") or "multiclass")
+
+    @property
+    def attributes(self) -> dict:
+        """The cohort's sensitive attributes ``{column: {"groups", "reference"}}`` (absent: sex, age_group)."""
+        from cxrfair.extract.cohort_format import DEFAULT_ATTRIBUTES
+
+        value = self.attrs.get("attributes")
+        return json.loads(json.dumps(value if isinstance(value, dict) and value else DEFAULT_ATTRIBUTES))
+
     def labels(self) -> np.ndarray:
         """(N,) int: each row's label as an index into ``classes``."""
         index = {c: i for i, c in enumerate(self.classes)}
         return self.table["label"].map(index).to_numpy(dtype=np.int64)
+
+    def targets(self) -> np.ndarray:
+        """As ``Cohort.targets()``: (N,) int64 class index (multi-class) or (N, C) float32 in
+        {0, 1, NaN} (multi-label; NaN = masked)."""
+        if self.task == "multilabel":
+            return self.table[[f"y_{c}" for c in self.classes]].to_numpy(dtype=np.float32)
+        return self.labels()
 
 
 def _encode_attr(key: str, value: Any) -> Any:
@@ -179,8 +205,7 @@ def write_cache(
         f.create_dataset("cohort/csv", data=cohort_table.to_csv(index=False), dtype=h5py.string_dtype())
         for name, te in text.items():
             t = np.asarray(te.embeddings, dtype=np.float32)
-            if t.ndim != 3 or t.shape[1] != len(classes) or t.shape[2] != emb.shape[1]:
-                raise ValueError(f"text embeddings {name!r} have shape {t.shape}, want (draws, {len(classes)}, {emb.shape[1]})")
+            _check_text_shape(name, t, len(classes), emb.shape[1], meta.get("task") == "multilabel")
             ds = f.create_dataset(f"text/{name}/embeddings", data=t)
             ds.attrs["prompts"] = json.dumps(te.prompts)
         if prompt_scores is not None:
@@ -191,6 +216,13 @@ def write_cache(
         with open(tmp, "wb") as out:
             out.write(buffer.getbuffer())
     return path
+
+
+def _check_text_shape(name: str, t: np.ndarray, n_classes: int, dim: int, multilabel: bool) -> None:
+    """Multi-class sets are (draws, C, D); multi-label sets (draws, C, 2, D) (negative, positive)."""
+    want = (n_classes, 2, dim) if multilabel else (n_classes, dim)
+    if t.shape[1:] != want or t.shape[0] < 1:
+        raise ValueError(f"text embeddings {name!r} have shape {t.shape}, want (draws, {', '.join(map(str, want))})")
 
 
 def _write_scores(f, scores: PromptScores, n: int) -> None:
@@ -208,6 +240,23 @@ def _read_scores(f) -> PromptScores | None:
         return None
     group = f["prompt_scores"]
     return PromptScores(json.loads(group.attrs["prompts"]), group["global"][...], group["local"][...])
+
+
+def read_table(csv_text: str) -> pd.DataFrame:
+    """The stored cohort rows, typed as ``Cohort.table``: ``patient_id``, ``age``, ``study_id``
+    int64; ``y_<C>`` and ``drain`` float64 1.0 / 0.0 / NaN; every other column str (empty cells
+    "")."""
+    from cxrfair.extract.cohort_format import INT_COLUMNS, is_flag_column
+
+    table = pd.read_csv(io.StringIO(csv_text), dtype=str, keep_default_na=False, na_filter=False)
+    for col in table.columns:
+        if is_flag_column(col):
+            table[col] = pd.to_numeric(table[col].replace("", np.nan), errors="coerce").astype(np.float64)
+        elif col in INT_COLUMNS:
+            num = pd.to_numeric(table[col], errors="coerce")
+            if not num.isna().any():  # a foreign table with non-integer ids keeps them as text
+                table[col] = num.astype(np.int64)
+    return table
 
 
 def read_cache(path: Path | str) -> EmbeddingCache:
@@ -242,7 +291,7 @@ def read_cache(path: Path | str) -> EmbeddingCache:
         for name, group in f.get("text", {}).items():
             text[name] = TextEmbeddings(group["embeddings"][...], json.loads(group["embeddings"].attrs["prompts"]))
         scores = _read_scores(f)
-    table = pd.read_csv(io.StringIO(csv_text), dtype={"image_id": str, "path": str, "label": str, "sex": str, "split": str, "age_group": str})
+    table = read_table(csv_text)
     if len(table) != emb.shape[0]:
         raise CxrfairError(f"cache {path}: {emb.shape[0]} embeddings but {len(table)} cohort rows; re-run `cxrfair extract --force`")
     if scores is not None and scores.global_sim.shape[0] != len(table):

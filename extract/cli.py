@@ -61,9 +61,12 @@ def _table(header: tuple, rows: list[tuple]) -> str:
 @click.option("--prompt-scores/--no-prompt-scores", default=True, show_default=True,
               help="GLoRIA models: also store every image's global and local similarity to every prompt "
                    "(what GLoRIA's own zero-shot scoring needs; slower extraction). Ignored by other models.")
+@click.option("--features", type=click.Choice(["projected", "unprojected"]), default="projected", show_default=True,
+              help="projected: the joint image-text space (what zero-shot compares with text). unprojected: the image "
+                   "encoder's features before that projection (models that have one; no text sets, so probes only).")
 @click.pass_context
 def extract(ctx, model, cohort, out, batch_size, workers, device, precision, weights, images, force, skip_bad, parts_dir,
-            prompt_scores) -> None:
+            prompt_scores, features) -> None:
     """Embed a cohort with one model into an HDF5 cache (resumable; sharded under torchrun)."""
     if ctx.invoked_subcommand is not None:
         return
@@ -76,7 +79,7 @@ def extract(ctx, model, cohort, out, batch_size, workers, device, precision, wei
 
     config = ExtractConfig(model=model, cohort=cohort, out=out, batch_size=batch_size, workers=workers, device=device,
                            precision=precision, weights=weights, images=images, force=force, skip_bad=skip_bad,
-                           prompt_scores=prompt_scores)
+                           prompt_scores=prompt_scores, features=features)
     if torchrun_env():
         result, merged = run_distributed(config, parts_dir)
         if result.status == "exists" and result.path == out:

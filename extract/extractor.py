@@ -48,7 +48,8 @@ if TYPE_CHECKING:
 PARTIAL_FORMAT = "cxrfair-extract-partial"
 PRECISIONS = ("fp32", "bf16", "fp16")
 # Fields of the manifest that must agree before chunks from an earlier run may be reused.
-PINNED = ("model", "weights_id", "cohort_hash", "precision", "rows", "chunk_rows", "prompt_scores")
+PINNED = ("model", "weights_id", "cohort_hash", "precision", "rows", "chunk_rows", "prompt_scores", "features")
+FEATURES = ("projected", "unprojected")
 # What a model's extras must offer for prompt scores to be stored (see the module docstring).
 SCORING_EXTRAS = ("encode_image_local", "encode_text_words", "global_similarity", "local_similarity")
 # Test hook: SIGKILL ourselves after this many chunks are written (proves kill -9 resumability).
@@ -75,8 +76,11 @@ class ExtractConfig:
     rows: tuple[int, int] | None = None  # (start, stop) shard of cohort rows; None = all
     extra_attrs: dict = field(default_factory=dict)  # merged into the cache's attributes
     prompt_scores: bool = True  # store per-image prompt similarities where the model needs them (GLoRIA)
+    features: str = "projected"  # projected (encode_image: the joint image-text space) | unprojected (before it; no text)
 
     def __post_init__(self) -> None:
+        if self.features not in FEATURES:
+            raise CxrfairError(f"--features {self.features}: choose one of {', '.join(FEATURES)}")
         if self.batch_size < 1:
             raise CxrfairError(f"--batch-size {self.batch_size}: must be >= 1")
         if self.workers < 0:
@@ -106,8 +110,8 @@ def extract(config: ExtractConfig) -> ExtractResult:
 
     t0 = time.perf_counter()
     cohort = load_cohort(config.cohort)
-    get_spec(config.model)  # unknown model: fail before touching any file
-    existing = check_existing_cache(config.out, config.model, cohort.hash, config.force)
+    check_features(get_spec(config.model), config.features)  # unknown model / no such features: fail before any file
+    existing = check_existing_cache(config.out, config.model, cohort.hash, config.force, config.features)
     if existing is not None:
         # A partial folder beside a complete cache is left over from a run killed after the rename.
         shutil.rmtree(partial_dir(config.out), ignore_errors=True)
@@ -118,7 +122,9 @@ def extract(config: ExtractConfig) -> ExtractResult:
     paths = [str(p) for p in cohort.image_paths(config.images)[start:stop]]
     device = resolve_device(config.device)
     fm = load_on(config.model, config.weights, device)
-    scorer = prompt_scorer(fm, cohort.classes, device, config) if config.prompt_scores else None
+    # GLoRIA's own scoring (max over a class's prompts, z-scored per class) is multi-class only.
+    scored = config.prompt_scores and cohort.task != "multilabel" and config.features == "projected"
+    scorer = prompt_scorer(fm, cohort.classes, device, config) if scored else None
     partial, config = start_partial(config, fm, cohort.hash, (start, stop), scorer)
     t1 = time.perf_counter()
     n_new = embed_missing(fm, paths, partial, config.batch_size, config, device, scorer)
@@ -138,7 +144,9 @@ def start_partial(config: ExtractConfig, fm: "FoundationModel", cohort_hash: str
     chunk_rows = resumed_chunk_rows(folder, config.force) or config.batch_size
     ident = {"model": config.model, "weights_id": fm.weights_id, "cohort_hash": cohort_hash,
              "precision": config.precision, "rows": list(rows), "chunk_rows": chunk_rows,
-             "prompt_scores": scorer.digest if scorer else None}
+             "prompt_scores": scorer.digest if scorer else None,
+             # Absent for projected features, so partial folders of earlier versions still resume.
+             **({"features": config.features} if config.features != "projected" else {})}
     return open_partial(folder, ident, config.force), replace(config, batch_size=chunk_rows)
 
 
@@ -155,7 +163,9 @@ def assemble(folder: Path, fm: "FoundationModel", cohort, paths: list[str], conf
     rows = cohort.table.iloc[start:stop].reset_index(drop=True)
     skipped = describe_bad(bad, rows, paths)
     keep = np.setdiff1d(np.arange(len(paths)), np.fromiter(bad, int, len(bad)))
-    text = text_embeddings_all(fm, cohort.classes, device, config.precision, config.prompt_seed)
+    # Unprojected features are not in the text's space: no text sets, so no zero-shot from them.
+    text = (text_embeddings_all(fm, cohort.classes, device, config.precision, config.prompt_seed, cohort.task)
+            if config.features == "projected" else {})
     attrs = provenance(fm, cohort, config, device, skipped, scorer) | dict(config.extra_attrs)
     prompt_scores = None if scorer is None else PromptScores(scorer.prompts, scores[keep, 0], scores[keep, 1])
     check_free_space(config.out, emb[keep].nbytes + (0 if scores is None else scores[keep].nbytes))
@@ -175,6 +185,13 @@ def writing(path: Path, what: str):
         reason = e.strerror or str(e)
         raise CxrfairError(f"--out {path}: cannot write {what} ({reason}); free disk space or choose a writable "
                            "location, then rerun (chunks already written are kept and reused)") from None
+
+
+def check_features(spec, features: str) -> None:
+    """Unprojected features need a model with ``encode_image_unprojected`` (``ModelSpec.unprojected_dim``)."""
+    if features == "unprojected" and spec.unprojected_dim is None:
+        raise CxrfairError(f"--features unprojected: model {spec.name} has no features before a projection "
+                           f"({spec.embedding} embedding); use --features projected")
 
 
 def check_free_space(out: Path, payload_bytes: int) -> None:
@@ -204,12 +221,12 @@ def cache_identity(path: Path) -> dict | None:
     try:
         with h5py.File(path, "r") as f:
             return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()
-                    if k in ("model", "cohort_hash", "weights_id", "complete", "format", "n_images")}
+                    if k in ("model", "cohort_hash", "weights_id", "complete", "format", "n_images", "features")}
     except OSError:
         return None
 
 
-def check_existing_cache(out: Path, model: str, cohort_hash: str, force: bool) -> int | None:
+def check_existing_cache(out: Path, model: str, cohort_hash: str, force: bool, features: str = "projected") -> int | None:
     """None if extraction should go on; the row count of a complete cache for the same model+cohort.
 
     Raises CxrfairError if ``out`` holds something else (another model or cohort, not a cache).
@@ -225,6 +242,9 @@ def check_existing_cache(out: Path, model: str, cohort_hash: str, force: bool) -
             f"--out {out}: holds model {ident.get('model')!r} for cohort {str(ident.get('cohort_hash'))[:12]}, "
             f"not model {model!r} for cohort {cohort_hash[:12]}; one file per (model, cohort): "
             "choose another --out or pass --force to replace it")
+    if ident.get("features", "projected") != features:
+        raise CxrfairError(f"--out {out}: holds {ident.get('features', 'projected')} features, not {features}; "
+                           "choose another --out or pass --force to replace it")
     return int(ident.get("n_images", 0))
 
 
@@ -256,7 +276,7 @@ def open_partial(folder: Path, ident: dict, force: bool) -> Path:
             shutil.rmtree(folder)
         if manifest.is_file():
             old = read_manifest(manifest)
-            diff = [f"{k}: {old.get(k)!r} there, {ident[k]!r} now" for k in PINNED if old.get(k) != ident[k]]
+            diff = [f"{k}: {old.get(k)!r} there, {ident.get(k)!r} now" for k in PINNED if old.get(k) != ident.get(k)]
             if diff:
                 raise CxrfairError(f"partial extraction {folder} was started with different settings ({'; '.join(diff)}); "
                                    "rerun with the same settings to finish it, or pass --force to start over")
@@ -417,7 +437,7 @@ def embed_missing(fm: "FoundationModel", paths: list[str], folder: Path, chunk_r
         if bad and not config.skip_bad:
             raise CxrfairError(bad_images_message(bad, paths))
         if scorer is None:
-            write_chunk(folder, index, encode_batch(fm, pixels, device, config.precision), bad)
+            write_chunk(folder, index, encode_batch(fm, pixels, device, config.precision, config.features), bad)
         else:
             emb, scores = scorer.encode(pixels, device, config.precision)
             write_chunk(folder, index, emb, bad, scores)
@@ -436,13 +456,16 @@ def bad_images_message(bad: dict[int, str], paths: list[str]) -> str:
             "(recorded in the cache)")
 
 
-def encode_batch(fm: "FoundationModel", pixels: "torch.Tensor", device: "torch.device", precision: str) -> np.ndarray:
-    """(B, 3, S, S) uint8 -> (B, D) float32 embeddings (normalised on the device, not L2-normalised)."""
+def encode_batch(fm: "FoundationModel", pixels: "torch.Tensor", device: "torch.device", precision: str,
+                 features: str = "projected") -> np.ndarray:
+    """(B, 3, S, S) uint8 -> (B, D) float32 embeddings (normalised on the device, not L2-normalised);
+    ``features="unprojected"``: (B, D') from ``encode_image_unprojected``."""
     import torch
 
+    encode = fm.encode_image_unprojected if features == "unprojected" else fm.encode_image
     with torch.inference_mode(), autocast(device, precision):
         x = fm.preprocess.normalize(pixels.to(device, non_blocking=True))
-        return fm.encode_image(x).float().cpu().numpy()
+        return encode(x).float().cpu().numpy()
 
 
 def autocast(device: "torch.device", precision: str):
@@ -510,15 +533,30 @@ def _encode_prompts(fm: "FoundationModel", prompts: list[str], device: "torch.de
     return np.concatenate(out)
 
 
-def text_embeddings_all(fm: "FoundationModel", classes: list[str], device: "torch.device", precision: str, seed: int) -> dict:
-    """Every prompt set for ``classes`` -> TextEmbeddings; models without a text tower get none."""
+def text_embeddings_all(fm: "FoundationModel", classes: list[str], device: "torch.device", precision: str, seed: int,
+                        task: str = "multiclass") -> dict:
+    """Every prompt set of ``task`` for ``classes`` -> TextEmbeddings; models without a text tower get none.
+
+    Multi-class sets are (draws, C, D); multi-label sets (draws, C, 2, D): per condition the mean
+    of the negative prompts' and of the positive prompts' normalised embeddings.
+    """
+    from cxrfair.extract import prompts
     from cxrfair.extract.cache import TextEmbeddings
-    from cxrfair.extract.prompts import build_all
 
     if not fm.spec.zero_shot:
         return {}
-    sets = build_all(classes, seed=seed)
-    return {name: TextEmbeddings(class_text_embeddings(fm, p, device, precision), p) for name, p in sets.items()}
+    if task != "multilabel":  # the same call prompt_scorer makes, so scores and text share their prompts
+        sets = prompts.build_all(classes, seed=seed)
+        return {name: TextEmbeddings(class_text_embeddings(fm, p, device, precision), p) for name, p in sets.items()}
+    sets = prompts.build_all_for(task, classes, seed=seed)
+    return {name: TextEmbeddings(pair_text_embeddings(fm, p, device, precision), p) for name, p in sets.items()}
+
+
+def pair_text_embeddings(fm: "FoundationModel", prompts: list, device: "torch.device", precision: str) -> np.ndarray:
+    """[draw][condition][2] prompt lists -> (draws, C, 2, D): the pair's lists embedded as classes."""
+    flat = [[plist for pair in draw for plist in pair] for draw in prompts]  # [draw][2C], (neg, pos) per condition
+    emb = class_text_embeddings(fm, flat, device, precision)
+    return emb.reshape(emb.shape[0], -1, 2, emb.shape[-1])
 
 
 @dataclass
@@ -568,6 +606,7 @@ def prompt_scorer(fm: "FoundationModel", classes: list[str], device: "torch.devi
 
     if not fm.spec.zero_shot or not all(k in fm.extras for k in SCORING_EXTRAS):
         return None
+
     sets = build_all(classes, seed=config.prompt_seed)
     prompts = sorted({p for draws in sets.values() for draw in draws for plist in draw for p in plist})
     sentences, words, counts = [], [], []
@@ -626,13 +665,18 @@ def versions() -> dict[str, str]:
 def provenance(fm: "FoundationModel", cohort, config: ExtractConfig, device: "torch.device", skipped: list[dict],
                scorer: PromptScorer | None = None) -> dict[str, Any]:
     """The cache's attributes: what made these numbers."""
-    from cxrfair.extract.prompts import PROMPT_SETS, describe
+    from cxrfair.extract.prompts import MULTILABEL_SETS, PROMPT_SETS, describe
 
+    sets = MULTILABEL_SETS if cohort.task == "multilabel" else PROMPT_SETS
     return {
         "model": fm.name, "weights_id": fm.weights_id, "cohort_hash": cohort.hash, "logit_scale": fm.logit_scale,
+        "task": cohort.task, "attributes": cohort.attributes,
+        # "projected": encode_image (the joint image-text space); "unprojected": the features before it.
+        "features": config.features,
         "preprocessing": fm.preprocess.describe(), "versions": versions(), "device": str(device),
         "precision": config.precision, "batch_size": config.batch_size,
-        "prompt_sets": {name: describe(name) for name in PROMPT_SETS} if fm.spec.zero_shot else {},
+        "prompt_sets": ({name: describe(name, cohort.task) for name in sets}
+                        if fm.spec.zero_shot and config.features == "projected" else {}),
         "prompt_seed": config.prompt_seed, "skipped_images": skipped,
         "cohort_folder": str(Path(config.cohort).resolve()),
         # What zero-shot from this cache uses by default: "both" (global + local, GLoRIA's own

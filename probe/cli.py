@@ -37,6 +37,8 @@ def zeroshot(cache: Path, out: Path, all_sets: bool, term: str | None, force: bo
     """Zero-shot runs of the prompt set chosen on val.
 
     One run per draw of the set with the best mean validation macro-F1 (--all-sets: every set).
+    Multi-label cohorts: per condition a softmax over its (negative, positive) prompt pair, the
+    set chosen by mean validation macro AUC.
     """
     from cxrfair.probe.zeroshot import zeroshot_cache
 
@@ -59,7 +61,7 @@ def _sweep_options(f):
         click.option("--max-iter", default=1000, show_default=True, type=int, help="lbfgs: iterations at most."),
         click.option("--select", type=click.Choice(["loss", "accuracy"]), default="loss", show_default=True,
                      help="Choose the configuration by mean validation loss, or by mean validation accuracy "
-                          "(ties: lower loss)."),
+                          "(ties: lower loss; multi-class cohorts only)."),
         click.option("--lr", default="1e-4,3e-4,1e-3,3e-3", show_default=True, help="adamw: comma-separated peak learning rates."),
         click.option("--weight-decay", default="0,1e-4,1e-2", show_default=True, help="adamw: comma-separated weight decays."),
         click.option("--seeds", default=3, show_default=True, type=int, help="Seeds 0..K-1 (initialisation; adamw: data order)."),

@@ -25,13 +25,18 @@ class ProbeInputs:
 
     Attributes:
         x: split -> (N_split, D) float32 image embeddings (as the encoder output them).
-        y: split -> (N_split,) int32 labels indexing ``classes``.
+        y: split -> (N_split,) int32 labels indexing ``classes`` (multi-class), or (N_split, C)
+            float32 targets in {1, 0, NaN} (multi-label; NaN = masked).
         rows: val and test cohort rows, in the order of ``predicted_probs``' rows.
         classes: class names (cohort order).
         model, cohort_hash, logit_scale, source: from the cache.
-        text: prompt set -> (draws, C, D) float32 class text embeddings.
+        text: prompt set -> (draws, C, D) float32 class text embeddings; multi-label (draws, C, 2, D)
+            (negative, positive).
         prompts: prompt set -> [draw][class] prompt lists (what ``text`` was built from).
         prompt_scores: "val" / "test" -> ``PromptScores`` of those rows (GLoRIA caches), else None.
+        task: "multiclass" or "multilabel" (the cohort's).
+        attributes: the cohort's sensitive attributes ``{column: {"groups", "reference"}}``,
+            written into every run so that analysis compares the cohort's own groups.
     """
 
     x: dict
@@ -45,6 +50,22 @@ class ProbeInputs:
     text: dict
     prompts: dict
     prompt_scores: dict | None = None
+    task: str = "multiclass"
+    attributes: dict | None = None
+
+    @property
+    def multilabel(self) -> bool:
+        return self.task == "multilabel"
+
+    def run_meta(self) -> dict:
+        """What every run of these inputs says about its cohort (run.json ``task``, ``attributes``)."""
+        return {"task": self.task, "attributes": self.attributes}
+
+    def predictions(self, probs: np.ndarray):
+        """The predictions table of the val + test ``rows`` for (N, C) ``probs``."""
+        from cxrfair.analysis.runs import make_predictions
+
+        return make_predictions(self.rows, probs, self.classes, task=self.task, attributes=self.attributes)
 
 
 def load_inputs(cache_path: Path | str) -> ProbeInputs:
@@ -55,20 +76,35 @@ def load_inputs(cache_path: Path | str) -> ProbeInputs:
     where = f"cache {cache_path}"
     emb = np.asarray(cache.image_embeddings, dtype=np.float32)
     _check_finite(emb, cache.table, where)
-    labels = cache.labels()
-    if (labels < 0).any():
-        raise CxrfairError(f"{where}: a cohort row has a label outside the classes {cache.classes}; rebuild the cohort and re-extract")
+    labels = _targets(cache, where)
     x, y = {}, {}
     for split in SPLITS:
         mask = cache.split_mask(split)
         if not mask.any():
             raise CxrfairError(f"{where}: the cohort has no {split} rows; probes need train, val and test splits")
-        x[split], y[split] = emb[mask], labels[mask].astype(np.int32)
+        x[split], y[split] = emb[mask], labels[mask]
     rows = pd.concat([cache.table[cache.split_mask(s)] for s in ("val", "test")], ignore_index=True)
     text = {name: np.asarray(te.embeddings, dtype=np.float32) for name, te in cache.text.items()}
     prompts = {name: te.prompts for name, te in cache.text.items()}
     return ProbeInputs(x, y, rows, list(cache.classes), str(cache.model), str(cache.cohort_hash),
-                       float(cache.logit_scale), str(cache_path), text, prompts, _split_scores(cache, where))
+                       float(cache.logit_scale), str(cache_path), text, prompts, _split_scores(cache, where),
+                       cache.task, cache.attributes)
+
+
+def _targets(cache, where: str) -> np.ndarray:
+    """(N,) int32 labels (multi-class) or (N, C) float32 targets in {1, 0, NaN} (multi-label)."""
+    if cache.task == "multilabel":
+        missing = [f"y_{c}" for c in cache.classes if f"y_{c}" not in cache.table.columns]
+        if missing:
+            raise CxrfairError(f"{where}: a multi-label cache without column {missing[0]!r}; rebuild the cohort and re-extract")
+        y = cache.targets()
+        if not np.isin(y[np.isfinite(y)], (0.0, 1.0)).all():
+            raise CxrfairError(f"{where}: multi-label targets must be 1, 0 or empty; rebuild the cohort and re-extract")
+        return y
+    labels = cache.labels()
+    if (labels < 0).any():
+        raise CxrfairError(f"{where}: a cohort row has a label outside the classes {cache.classes}; rebuild the cohort and re-extract")
+    return labels.astype(np.int32)
 
 
 def _split_scores(cache, where: str) -> dict | None:

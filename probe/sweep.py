@@ -5,6 +5,11 @@ by the CLI (cache in, runs + ``<model>__<method>__sweep.csv`` out).
 
 Selection: the configuration with the lowest validation loss (each lane's best epoch), averaged
 over seeds; ties go to the first in grid order. One run per seed is written for it.
+
+Multi-label caches (targets (N, C) in {1, 0, NaN}) train the same sweep on the masked sigmoid
+cross-entropy (``cxrfair.probe.train.task_losses``) and write one ``p_<C>`` per condition;
+they are selected by validation loss (``--select accuracy`` is multi-class only), and the sweep
+table's ``val_accuracy`` is empty and ``val_auc_macro`` (masked macro AUC) filled instead.
 """
 
 from __future__ import annotations
@@ -207,20 +212,24 @@ def run_sweep(x: dict, y: dict, n_classes: int, cfg: SweepConfig) -> SweepResult
 
     Args:
         x: split -> (N_split, D) float32 features for "train", "val", "test".
-        y: split -> (N_split,) int labels for "train", "val".
+        y: split -> (N_split,) int labels for "train", "val"; multi-label: (N_split, C) float
+            targets in {1, 0, NaN} (NaN masked).
         n_classes: C.
         cfg: the sweep (validated here).
     """
     from cxrfair.probe import train
 
     configs = cfg.validate().configurations()
+    multilabel = np.ndim(y["train"]) == 2
+    _check(not (multilabel and cfg.select == "accuracy"), "--select accuracy",
+           "multi-class only; multi-label probes are selected by validation loss (--select loss)")
     hyper = {k: np.array([c[k] for c in configs]) for k in ("lr", "weight_decay", "hidden", "l2")}
     recipe = train.Recipe(n_classes=n_classes, epochs=cfg.epochs, batch_size=cfg.batch_size,
                           max_hidden=int(hyper["hidden"].max()), solver=cfg.solver, max_iter=cfg.max_iter)
     stats = feature_stats(x["train"]) if cfg.standardize else None
     x = {k: standardize(v, stats) for k, v in x.items()}
-    data = train.Data(np.asarray(x["train"], np.float32), np.asarray(y["train"], np.int32),
-                      np.asarray(x["val"], np.float32), np.asarray(y["val"], np.int32), np.asarray(x["test"], np.float32))
+    data = train.Data(np.asarray(x["train"], np.float32), _labels(y["train"]),
+                      np.asarray(x["val"], np.float32), _labels(y["val"]), np.asarray(x["test"], np.float32))
     per_lane = lane_bytes(x["train"].shape[1], n_classes, recipe.max_hidden,
                           len(x["train"]) if cfg.solver == "lbfgs" else cfg.batch_size,
                           len(x["val"]) + len(x["test"]), cfg.max_iter if cfg.solver == "lbfgs" else cfg.epochs,
@@ -234,12 +243,17 @@ def run_sweep(x: dict, y: dict, n_classes: int, cfg: SweepConfig) -> SweepResult
     seeds = np.array(cfg.seeds)
 
     t0 = time.perf_counter()
-    program = _program(recipe, tuple(a.shape for a in data), s_chunk, k_chunk)
+    program = _program(recipe, tuple((a.shape, a.dtype.name) for a in data), s_chunk, k_chunk)
     t1 = time.perf_counter()
     lanes = _run_chunks(program, data, hyper, seeds, s_chunk, k_chunk)
     timings = {"compile_s": t1 - t0, "train_s": time.perf_counter() - t1, "seeds_per_chunk": s_chunk,
                "configs_per_chunk": k_chunk, "sequential_lanes": recipe.sequential, "chunks": math.ceil(len(seeds) / s_chunk) * math.ceil(len(configs) / k_chunk)}
     return _result(configs, tuple(int(s) for s in seeds), lanes, y["val"], timings, stats, cfg.solver, cfg.select)
+
+
+def _labels(y) -> np.ndarray:
+    """(N,) int32 labels, or (N, C) float32 multi-label targets (NaN kept: the loss masks it)."""
+    return np.asarray(y, np.float32) if np.ndim(y) == 2 else np.asarray(y, np.int32)
 
 
 def feature_stats(x_train: np.ndarray) -> dict:
@@ -269,7 +283,7 @@ def _program(recipe, shapes: tuple, s_chunk: int, k_chunk: int):
 
     f32, i32 = jax.numpy.float32, jax.numpy.int32
     spec = jax.ShapeDtypeStruct
-    data = train.Data(spec(shapes[0], f32), spec(shapes[1], i32), spec(shapes[2], f32), spec(shapes[3], i32), spec(shapes[4], f32))
+    data = train.Data(*(spec(shape, dtype) for shape, dtype in shapes))
     hyper = train.Hyper(spec((k_chunk,), f32), spec((k_chunk,), f32), spec((k_chunk,), i32), spec((k_chunk,), f32))
     return train.train_sweep.lower(spec((s_chunk, 2), jax.numpy.uint32), hyper, data, recipe).compile()
 
@@ -304,7 +318,9 @@ def _hyper(hyper: dict, idx: np.ndarray, size: int):
 
 def _result(configs: list, seeds: tuple, lanes: dict, y_val: np.ndarray, timings: dict, stats: dict | None,
             solver: str, select: str = "loss") -> SweepResult:
-    val_acc = (lanes["val_probs"].argmax(-1) == np.asarray(y_val)).mean(-1)  # (S, K)
+    multilabel = np.ndim(y_val) == 2
+    val_acc = (np.full(lanes["best_val_loss"].shape, np.nan) if multilabel
+               else (lanes["val_probs"].argmax(-1) == np.asarray(y_val)).mean(-1))  # (S, K)
     mean_loss = lanes["best_val_loss"].mean(0)  # a lane that diverged from epoch 1 keeps inf
     mean_loss = np.where(np.isfinite(mean_loss), mean_loss, np.inf)
     if not np.isfinite(mean_loss).any():
@@ -313,10 +329,20 @@ def _result(configs: list, seeds: tuple, lanes: dict, y_val: np.ndarray, timings
     selected = select_config(mean_loss, val_acc.mean(0), select)
     rows = [{"config": k, "lr": c["lr"], "weight_decay": c["weight_decay"], "l2": c["l2"], "hidden": c["hidden"], "seed": s,
              "best_val_loss": float(lanes["best_val_loss"][i, k]), **_progress(solver, lanes["best_epoch"][i, k]),
-             "val_accuracy": float(val_acc[i, k]), "selected": k == selected}
+             "val_accuracy": float(val_acc[i, k]), **_val_auc(lanes["val_probs"][i, k], y_val),
+             "selected": k == selected}
             for k, c in enumerate(configs) for i, s in enumerate(seeds)]
     return SweepResult(configs, seeds, pd.DataFrame(rows), selected, lanes["best_val_loss"], lanes["best_epoch"],
                        lanes["train_loss"], lanes["val_loss"], lanes["val_probs"], lanes["test_probs"], timings, stats)
+
+
+def _val_auc(probs: np.ndarray, y_val: np.ndarray) -> dict:
+    """Multi-label sweep rows also get the masked validation macro AUC; multi-class rows nothing."""
+    if np.ndim(y_val) != 2:
+        return {}
+    from cxrfair.analysis.multilabel import auc_macro
+
+    return {"val_auc_macro": float(auc_macro(np.asarray(y_val, np.float64), probs))}
 
 
 def select_config(mean_loss: np.ndarray, mean_acc: np.ndarray, select: str) -> int:
@@ -362,7 +388,7 @@ def probe_cache(cache_path: Path | str, out: Path | str, cfg: SweepConfig, force
 
 def write_sweep(out, inputs, cfg: SweepConfig, result: SweepResult, run_ids: list[str], force: bool) -> list[Path]:
     """Write the selected configuration's runs (one per seed), then the sweep table."""
-    from cxrfair.analysis.runs import make_predictions, write_run
+    from cxrfair.analysis.runs import write_run
     from cxrfair.io import atomic_path
     from cxrfair.probe.train import count_params
 
@@ -375,7 +401,7 @@ def write_sweep(out, inputs, cfg: SweepConfig, result: SweepResult, run_ids: lis
         meta = {
             "run_id": run_id, "model": inputs.model, "method": cfg.method, "seed": int(seed),
             "classes": inputs.classes, "cohort_hash": inputs.cohort_hash,
-            "hyperparameters": _hyperparameters(cfg, best) | ({"iterations": steps} if cfg.solver == "lbfgs" else {}),
+            "hyperparameters": _hyperparameters(cfg, best, inputs.multilabel) | ({"iterations": steps} if cfg.solver == "lbfgs" else {}),
             # 1-based epoch of the kept AdamW parameters; L-BFGS keeps its final iterate (no epochs).
             "selected_epoch": steps + 1 if cfg.solver == "adamw" else None,
             "trainable_params": count_params(dim, len(inputs.classes), best["hidden"]),
@@ -383,10 +409,10 @@ def write_sweep(out, inputs, cfg: SweepConfig, result: SweepResult, run_ids: lis
             "curves": _curves(result, i, k, cfg.solver),
             "solver": cfg.solver, "standardize": cfg.standardize,
             **({"standardization": _stats_meta(result.feature_stats, len(inputs.x["train"]))} if cfg.standardize else {}),
-            "source": inputs.source,
-            "notes": _notes(cfg, result, run_id),
+            "source": inputs.source, **inputs.run_meta(),
+            "notes": _notes(cfg, result, run_id, inputs.multilabel),
         }
-        paths.append(write_run(out, meta, make_predictions(inputs.rows, probs, inputs.classes), force=force))
+        paths.append(write_run(out, meta, inputs.predictions(probs), force=force))
     with atomic_path(Path(out) / _sweep_name(run_ids[0])) as tmp:
         result.table.to_csv(tmp, index=False)
     return paths
@@ -404,11 +430,12 @@ def _stats_meta(stats: dict, n_train: int) -> dict:
             "mean": [float(v) for v in stats["mean"]], "std": [float(v) for v in stats["std"]]}
 
 
-def _notes(cfg: SweepConfig, result: SweepResult, run_id: str) -> str:
+def _notes(cfg: SweepConfig, result: SweepResult, run_id: str, multilabel: bool = False) -> str:
     how = ("full-batch L-BFGS to convergence (final iterate)" if cfg.solver == "lbfgs"
            else "AdamW, cosine annealing, best-validation-loss epoch kept")
     feats = "features standardised with the training split's mean and sd" if cfg.standardize else "raw features"
-    return (f"{how}; {feats}; selected by {SELECTION_TEXT[cfg.select]} ({len(result.seeds)} seeds) "
+    task = f"; multi-label: {LOSS_TEXT['multilabel']}, p = per-condition sigmoid" if multilabel else ""
+    return (f"{how}; {feats}{task}; selected by {SELECTION_TEXT[cfg.select]} ({len(result.seeds)} seeds) "
             f"among {len(result.configs)} configurations; see {_sweep_name(run_id)}")
 
 
@@ -418,8 +445,14 @@ def _sweep_name(run_id: str) -> str:
     return parse_run_id(run_id).sweep_file
 
 
-def _hyperparameters(cfg: SweepConfig, best: dict) -> dict:
+LOSS_TEXT = {"multiclass": "cross-entropy",
+             "multilabel": "masked sigmoid cross-entropy (per image, the mean over its observed conditions; "
+                           "empty labels contribute nothing)"}
+
+
+def _hyperparameters(cfg: SweepConfig, best: dict, multilabel: bool = False) -> dict:
     """run.json ``hyperparameters``: the chosen values, the solver's settings and the grid."""
+    loss = LOSS_TEXT["multilabel" if multilabel else "multiclass"]
     hidden = {"hidden": best["hidden"]} if cfg.method == "mlp" else {}
     hidden_grid = {"hidden": list(cfg.hiddens)} if cfg.method == "mlp" else {}
     common = {"selection": SELECTION_TEXT[cfg.select], "seeds": list(cfg.seeds)}
@@ -427,12 +460,12 @@ def _hyperparameters(cfg: SweepConfig, best: dict) -> dict:
         from cxrfair.probe.train import GTOL
 
         return {"l2": best["l2"], **hidden, "optimizer": "lbfgs", "batch": "full training split",
-                "objective": "mean cross-entropy + l2/2 * ||weights||^2 (biases not penalised)",
+                "objective": f"mean {loss} + l2/2 * ||weights||^2 (biases not penalised)", "loss": loss,
                 "max_iter": cfg.max_iter, "gtol": GTOL, "memory_size": 10,
                 "linesearch": "zoom (strong Wolfe)", **common, "grid": {"l2": list(cfg.l2_grid), **hidden_grid}}
     from cxrfair.probe.train import ADAM_B1, ADAM_B2, ADAM_EPS
 
-    return {"lr": best["lr"], "weight_decay": best["weight_decay"], **hidden, "epochs": cfg.epochs,
+    return {"lr": best["lr"], "weight_decay": best["weight_decay"], **hidden, "loss": loss, "epochs": cfg.epochs,
             "batch_size": cfg.batch_size, "optimizer": "adamw", "betas": [ADAM_B1, ADAM_B2], "eps": ADAM_EPS,
             "schedule": "cosine annealing to 0 over all steps", "last_batch": "kept, padded and masked (drop_last=False)",
             **common, "grid": {"lr": list(cfg.lrs), "weight_decay": list(cfg.weight_decays), **hidden_grid}}

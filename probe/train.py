@@ -26,6 +26,14 @@ matrix and neither the forward nor the backward matmul needs a transpose of the 
 Minibatches: every epoch is ``ceil(N / B)`` steps over a fresh permutation; the last batch is
 padded with weight-0 rows (drop_last=False, as PyTorch's DataLoader), and each step's loss is
 the mean over its real rows only.
+
+Tasks: the labels' shape says which loss applies (a static fact, so one traced program per task).
+Multi-class labels are (N,) int32 and the per-example loss is softmax cross-entropy. Multi-label
+targets are (N, C) float32 in {1, 0, NaN} (NaN = masked, e.g. an uncertain label under
+``--uncertain ignore``) and the per-example loss is the sigmoid cross-entropy averaged over that
+example's observed conditions (an example with none contributes 0); probabilities are then the
+per-condition sigmoids. Both are functions of (logits, targets, mask) returning one loss per
+example, so per-example weights (mitigations) wrap them unchanged.
 """
 
 from __future__ import annotations
@@ -65,12 +73,13 @@ class Recipe:
 
 
 class Data(NamedTuple):
-    """Features and labels of the three splits (float32 features, int32 labels)."""
+    """Features and labels of the three splits: float32 features; int32 labels (N,) (multi-class)
+    or float32 targets (N, C) in {1, 0, NaN} (multi-label, NaN = masked)."""
 
     x_train: jax.Array  # (N, D)
-    y_train: jax.Array  # (N,)
+    y_train: jax.Array  # (N,) or (N, C)
     x_val: jax.Array  # (Nv, D)
-    y_val: jax.Array  # (Nv,)
+    y_val: jax.Array  # (Nv,) or (Nv, C)
     x_test: jax.Array  # (Nt, D)
 
 
@@ -90,7 +99,7 @@ class LaneResult(NamedTuple):
     best_epoch: jax.Array  # () int, 0-based; L-BFGS: iterations run (the final iterate is kept)
     train_loss: jax.Array  # (E,) mean minibatch loss of each epoch; L-BFGS: objective per iteration
     val_loss: jax.Array  # (E,) validation loss after each epoch (L-BFGS: iteration)
-    val_probs: jax.Array  # (Nv, C) from the kept parameters
+    val_probs: jax.Array  # (Nv, C) from the kept parameters (multi-label: per-condition sigmoids)
     test_probs: jax.Array  # (Nt, C) from the kept parameters
 
 
@@ -156,12 +165,51 @@ def apply(params: dict, x: jax.Array) -> jax.Array:
     return logits_t(params, x).T
 
 
-def example_losses(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
-    """Per-example softmax cross-entropy (B,) of int labels y (B,); callers weight and reduce."""
-    z = logits_t(params, x)  # (C, B)
+def is_multilabel(y: jax.Array) -> bool:
+    """Multi-label targets are (N, C); multi-class labels (N,). Static under tracing."""
+    return y.ndim == 2
+
+
+def softmax_ce(z: jax.Array, y: jax.Array) -> jax.Array:
+    """Per-example softmax cross-entropy (B,) of logits z (C, B) (classes first) and int labels y (B,)."""
     # The label mask depends only on y, which lanes sharing a seed share: computed once per step.
     is_label = jnp.arange(z.shape[0])[:, None] == y[None, :]
     return jax.nn.logsumexp(z, axis=0) - jnp.sum(jnp.where(is_label, z, 0.0), axis=0)
+
+
+def masked_sigmoid_ce(z: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+    """Per-example sigmoid cross-entropy (B,), the mean over each example's observed conditions.
+
+    Args:
+        z: (C, B) logits, conditions first (the fused matmul's layout).
+        targets: (C, B) in {0, 1} (any value where masked).
+        mask: (C, B) float, 1 where the label is observed, 0 where masked.
+
+    Returns:
+        (B,); an example with no observed condition gets 0.
+    """
+    entry = jnp.logaddexp(0.0, z) - jnp.where(mask > 0, targets, 0.0) * z  # -log σ(±z), stable
+    return jnp.sum(entry * mask, axis=0) / jnp.maximum(jnp.sum(mask, axis=0), 1.0)
+
+
+def task_losses(z: jax.Array, y: jax.Array) -> jax.Array:
+    """Per-example loss (B,) of logits z (C, B) for labels y: (B,) int or (B, C) float with NaN masked."""
+    if is_multilabel(y):
+        yt = y.T
+        mask = jnp.isfinite(yt).astype(z.dtype)
+        return masked_sigmoid_ce(z, jnp.where(mask > 0, yt, 0.0), mask)
+    return softmax_ce(z, y)
+
+
+def example_losses(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
+    """Per-example loss (B,) of features x (B, D) and labels y (``task_losses``); callers weight and reduce."""
+    return task_losses(logits_t(params, x), y)
+
+
+def probabilities(params: dict, x: jax.Array, multilabel: bool) -> jax.Array:
+    """(B, C): softmax over classes, or (multi-label) each condition's sigmoid."""
+    z = apply(params, x)
+    return jax.nn.sigmoid(z) if multilabel else jax.nn.softmax(z)
 
 
 def batch_loss(params: dict, x: jax.Array, y: jax.Array, w: jax.Array) -> jax.Array:
@@ -276,8 +324,9 @@ def fit_lane_adamw(key: jax.Array, hyper: Hyper, data: Data, recipe: Recipe) -> 
     state = EpochState(params, opt_state, params, jnp.array(jnp.inf, jnp.float32), jnp.array(-1, jnp.int32))
     epoch = partial(train_epoch, order_key=order_key, data=data, recipe=recipe)
     state, (train_curve, val_curve) = jax.lax.scan(epoch, state, jnp.arange(recipe.epochs, dtype=jnp.int32))
+    ml = is_multilabel(data.y_val)
     return LaneResult(state.best_loss, state.best_epoch, train_curve, val_curve,
-                      jax.nn.softmax(apply(state.best, data.x_val)), jax.nn.softmax(apply(state.best, data.x_test)))
+                      probabilities(state.best, data.x_val, ml), probabilities(state.best, data.x_test, ml))
 
 
 # ---------------------------------------------------------------- L-BFGS (full batch)
@@ -289,10 +338,13 @@ def weight_norm_sq(params: dict) -> jax.Array:
 
 
 def objective(params: dict, x: jax.Array, y: jax.Array, l2: jax.Array) -> jax.Array:
-    """Mean cross-entropy over the training split + l2/2 * ||W||^2.
+    """Mean per-example loss over the training split + l2/2 * ||W||^2.
 
     For the linear probe this is scikit-learn's multinomial ``LogisticRegression`` objective
-    divided by C*N, i.e. the same minimiser at ``C = 1 / (l2 * N)``.
+    divided by C*N, i.e. the same minimiser at ``C = 1 / (l2 * N)``. Multi-label: the conditions'
+    weights are separate, so it is one binary ``LogisticRegression`` per condition at that C, over
+    the rows where the condition is observed, each with sample weight 1 / (the row's observed
+    conditions).
     """
     return jnp.mean(example_losses(params, x, y)) + 0.5 * l2 * weight_norm_sq(params)
 
@@ -355,8 +407,9 @@ def fit_lane_lbfgs(key: jax.Array, hyper: Hyper, data: Data, recipe: Recipe) -> 
     state = LbfgsState(params, lbfgs_solver().init(params), value, grad, jnp.array(False), jnp.array(0, jnp.int32))
     step = partial(lbfgs_iteration, data=data, l2=hyper.l2, gtol=recipe.gtol)
     state, (train_curve, val_curve) = jax.lax.scan(step, state, None, length=recipe.max_iter)
+    ml = is_multilabel(data.y_val)
     return LaneResult(val_curve[-1], state.iterations, train_curve, val_curve,
-                      jax.nn.softmax(apply(state.params, data.x_val)), jax.nn.softmax(apply(state.params, data.x_test)))
+                      probabilities(state.params, data.x_val, ml), probabilities(state.params, data.x_test, ml))
 
 
 # ---------------------------------------------------------------- a sweep

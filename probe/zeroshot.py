@@ -15,9 +15,19 @@ Two scorings (``term``; run.json ``zero_shot_term``):
   the validation labels by negative log-likelihood (a 1-D search, ``fit_scale``); it changes no
   prediction, only calibration.
 
-The prompt set is chosen per model on the validation split by the mean macro-F1 over its draws
-(ties: mean accuracy, then name); runs are written for every draw of the chosen set, and of the
-other sets on request.
+Multi-label cohorts (``task`` multilabel): each condition is its own binary task with a
+(negative, positive) pair of prompt lists (``cxrfair.extract.prompts.MULTILABEL_SETS``), and
+p = softmax over the pair of logit_scale · cos(image, text) -- Sourget et al.'s rule, i.e.
+sigmoid(logit_scale · (cos⁺ − cos⁻)); no softmax across conditions. GLoRIA's scoring (``both``)
+is multi-class only.
+
+The prompt set is chosen per model on the validation split by the mean over its draws of macro-F1
+(ties: mean accuracy, then name) or, for multi-label cohorts, of the macro AUC over conditions
+(each condition's masked labels left out; ties: name); runs are written for every draw of the
+chosen set, and of the other sets on request.
+
+References:
+    Sourget et al., Fairness and Robustness of CLIP-Based Models for Chest X-rays, FAIMI 2025.
 """
 
 from __future__ import annotations
@@ -29,6 +39,8 @@ from pathlib import Path
 import numpy as np
 
 SELECTION = "mean validation macro-F1 over draws (ties: mean accuracy, then set name)"
+SELECTION_MULTILABEL = ("mean validation macro AUC over draws (per condition, masked labels left out; "
+                        "mean over conditions; ties: set name)")
 TERMS = ("global", "both")
 # The scale grid fit_scale searches: log-spaced, wide enough for z-scores of any spread.
 SCALES = np.logspace(-2, 2, 401)
@@ -51,6 +63,26 @@ def zeroshot_probs(image_emb, text_emb, logit_scale: float):
     img = _unit(jnp.asarray(image_emb, jnp.float32))
     txt = _unit(jnp.asarray(text_emb, jnp.float32))
     return np.asarray(jax.nn.softmax(logit_scale * jnp.einsum("nd,tcd->tnc", img, txt), axis=-1))
+
+
+def pair_probs(image_emb, text_emb, logit_scale: float):
+    """Per-condition probabilities of multi-label prompt pairs, for every draw.
+
+    Args:
+        image_emb: (N, D) image embeddings (any norm).
+        text_emb: (draws, C, 2, D) text embeddings, index 0 the negative, 1 the positive (any norm).
+        logit_scale: the model's multiplier of cosine similarity (already exponentiated).
+
+    Returns:
+        (draws, N, C) float32: softmax over the pair, positive column.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    img = _unit(jnp.asarray(image_emb, jnp.float32))
+    txt = _unit(jnp.asarray(text_emb, jnp.float32))
+    logits = logit_scale * jnp.einsum("nd,tckd->tnck", img, txt)
+    return np.asarray(jax.nn.softmax(logits, axis=-1)[..., 1])
 
 
 def _unit(a):
@@ -140,6 +172,9 @@ def resolve_term(term: str | None, inputs) -> str:
     term = term or ("both" if inputs.prompt_scores is not None else "global")
     if term not in TERMS:
         raise CxrfairError(f"--term {term!r}: choose one of {', '.join(TERMS)}")
+    if term == "both" and inputs.multilabel:
+        raise CxrfairError(f"--term both: cache {inputs.source} is of a multi-label cohort; GLoRIA's scoring is "
+                           "multi-class only; use --term global (a softmax over each condition's prompt pair)")
     if term == "both" and inputs.prompt_scores is None:
         raise CxrfairError(f"--term both: cache {inputs.source} holds no prompt scores (only GLoRIA models have a "
                            "local term, stored by `cxrfair extract` since cache format 2); use --term global, "
@@ -159,17 +194,37 @@ def macro_f1(y: np.ndarray, pred: np.ndarray, n_classes: int) -> float:
 
 @dataclass
 class SetScores:
-    """Validation scores of one prompt set: per draw, and whether its draws are all the same."""
+    """Validation scores of one prompt set: per draw, and whether its draws are all the same.
+
+    Attributes:
+        name: the prompt set.
+        scores: metric -> one value per draw; the first metric ranks the sets (higher is better),
+            the second (if any) breaks ties, then the name.
+        identical_draws: every draw's text embeddings are equal (written once).
+    """
 
     name: str
-    macro_f1: list
-    accuracy: list
+    scores: dict
     identical_draws: bool
 
     @property
+    def draws(self) -> int:
+        return len(next(iter(self.scores.values())))
+
+    @property
     def key(self) -> tuple:
-        # Sort key: higher F1, then higher accuracy, then name (min() on negatives).
-        return (-float(np.mean(self.macro_f1)), -float(np.mean(self.accuracy)), self.name)
+        # Sort key: higher primary metric, then higher tie-breaker, then name (min() on negatives).
+        return (*(-float(np.nanmean(v)) for v in self.scores.values()), self.name)
+
+    def record(self) -> dict:
+        """run.json ``selection.val_scores`` entry: per-draw values, their means, identical_draws."""
+        return {**{m: list(map(float, v)) for m, v in self.scores.items()},
+                **{f"mean_{m}": float(np.nanmean(v)) for m, v in self.scores.items()},
+                "identical_draws": self.identical_draws}
+
+
+def _identical(t: np.ndarray) -> bool:
+    return bool(all(np.array_equal(t[0], d) for d in t))
 
 
 def score_sets(probs: dict, y_val: np.ndarray, text: dict, n_classes: int) -> list[SetScores]:
@@ -177,9 +232,23 @@ def score_sets(probs: dict, y_val: np.ndarray, text: dict, n_classes: int) -> li
     scores = []
     for name, p in probs.items():
         pred = p.argmax(-1)
-        scores.append(SetScores(name, [macro_f1(y_val, d, n_classes) for d in pred],
-                                [float(np.mean(d == y_val)) for d in pred],
-                                bool(all(np.array_equal(text[name][0], t) for t in text[name]))))
+        scores.append(SetScores(name, {"macro_f1": [macro_f1(y_val, d, n_classes) for d in pred],
+                                       "accuracy": [float(np.mean(d == y_val)) for d in pred]}, _identical(text[name])))
+    return sorted(scores, key=lambda s: s.key)
+
+
+def score_pair_sets(probs: dict, y_val: np.ndarray, text: dict) -> list[SetScores]:
+    """Multi-label validation scores per prompt set, best first.
+
+    Args:
+        probs: set -> (draws, Nv, C) per-condition probabilities.
+        y_val: (Nv, C) targets in {1, 0, NaN} (NaN left out of that condition's AUC).
+        text: set -> (draws, C, 2, D) text embeddings (to detect identical draws).
+    """
+    from cxrfair.analysis.multilabel import auc_macro
+
+    scores = [SetScores(name, {"auc_macro": [float(auc_macro(y_val, d)) for d in p]}, _identical(text[name]))
+              for name, p in probs.items()]
     return sorted(scores, key=lambda s: s.key)
 
 
@@ -207,8 +276,10 @@ def zeroshot_cache(cache_path: Path | str, out: Path | str, all_sets: bool = Fal
     term = resolve_term(term, inputs)
     probs, fitted = _all_probs(inputs, term)
     n_val = len(inputs.x["val"])
-    scores = score_sets({n: p[:, :n_val] for n, p in probs.items()}, inputs.y["val"], inputs.text, len(inputs.classes))
-    plan = [(s, d) for s in (scores if all_sets else scores[:1]) for d in range(1 if s.identical_draws else len(s.macro_f1))]
+    val_probs = {n: p[:, :n_val] for n, p in probs.items()}
+    scores = (score_pair_sets(val_probs, inputs.y["val"], inputs.text) if inputs.multilabel
+              else score_sets(val_probs, inputs.y["val"], inputs.text, len(inputs.classes)))
+    plan = [(s, d) for s in (scores if all_sets else scores[:1]) for d in range(1 if s.identical_draws else s.draws)]
     run_ids = [RunKey(safe_name(inputs.model), "zeroshot", f"{safe_name(s.name)}-d{d}", d).run_id for s, d in plan]
     check_runs_dir(out, inputs.cohort_hash, run_ids, force)
     elapsed = time.perf_counter() - t0
@@ -222,9 +293,13 @@ def _all_probs(inputs, term: str) -> tuple[dict, dict]:
         out = {n: gloria_probs(inputs, n) for n in inputs.text}
         return {n: p for n, (p, _) in out.items()}, {n: [_both_hyper(f) for f in fs] for n, (_, fs) in out.items()}
     x_eval = np.concatenate([inputs.x["val"], inputs.x["test"]])
-    probs = {n: zeroshot_probs(x_eval, t, inputs.logit_scale) for n, t in inputs.text.items()}
-    return probs, {n: [{"logit_scale": inputs.logit_scale, "class_text": "mean of the normalised prompt embeddings"}] * len(t)
-                   for n, t in inputs.text.items()}
+    score = pair_probs if inputs.multilabel else zeroshot_probs
+    probs = {n: score(x_eval, t, inputs.logit_scale) for n, t in inputs.text.items()}
+    hyper = {"logit_scale": inputs.logit_scale, "class_text": "mean of the normalised prompt embeddings"}
+    if inputs.multilabel:
+        hyper = {**hyper, "rule": "per condition, softmax over (negative, positive) of logit_scale * cosine; "
+                                  "p = the positive column (Sourget et al.)"}
+    return probs, {n: [hyper] * len(t) for n, t in inputs.text.items()}
 
 
 def _both_hyper(fitted: dict) -> dict:
@@ -236,11 +311,14 @@ def _both_hyper(fitted: dict) -> dict:
 
 def _write(out, inputs, s: SetScores, draw: int, run_id: str, probs: np.ndarray, scores: list, elapsed: float,
            force: bool, term: str, hyper: dict) -> Path:
-    from cxrfair.analysis.runs import make_predictions, write_run
+    from cxrfair.analysis.runs import write_run
 
     how = ("GLoRIA's scoring: (global + local) / 2 per prompt, max over a class's prompts, z-scored per class "
            "with validation statistics, softmax(scale * z) with scale fitted on validation NLL"
            if term == "both" else "cosine of the global embeddings x logit_scale, softmax")
+    if inputs.multilabel:
+        how = ("per condition, softmax over its (negative, positive) prompt pair of cosine x logit_scale "
+               "(Sourget et al.); GLoRIA's own scoring is multi-class only")
     meta = {
         "run_id": run_id, "model": inputs.model, "method": "zeroshot", "seed": draw,
         "classes": inputs.classes, "cohort_hash": inputs.cohort_hash,
@@ -248,12 +326,9 @@ def _write(out, inputs, s: SetScores, draw: int, run_id: str, probs: np.ndarray,
         "selected_epoch": None, "trainable_params": 0, "timings": {"total_s": elapsed},
         "prompt_set": s.name, "draw": draw, "zero_shot_term": term,
         "prompt_set_selected": s.name == scores[0].name,
-        "selection": {"criterion": SELECTION, "chosen": scores[0].name,
-                      "val_scores": {o.name: {"macro_f1": o.macro_f1, "accuracy": o.accuracy,
-                                              "mean_macro_f1": float(np.mean(o.macro_f1)),
-                                              "mean_accuracy": float(np.mean(o.accuracy)),
-                                              "identical_draws": o.identical_draws} for o in scores}},
-        "source": inputs.source,
-        "notes": ("draws identical; written once" if s.identical_draws else f"draw {draw} of {len(s.macro_f1)}") + f"; {how}",
+        "selection": {"criterion": SELECTION_MULTILABEL if inputs.multilabel else SELECTION, "chosen": scores[0].name,
+                      "val_scores": {o.name: o.record() for o in scores}},
+        "source": inputs.source, **inputs.run_meta(),
+        "notes": ("draws identical; written once" if s.identical_draws else f"draw {draw} of {s.draws}") + f"; {how}",
     }
-    return write_run(out, meta, make_predictions(inputs.rows, probs, inputs.classes), force=force)
+    return write_run(out, meta, inputs.predictions(probs), force=force)

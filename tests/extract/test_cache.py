@@ -107,3 +107,60 @@ def test_prompt_scores_round_trip_and_version_1_files_still_read(tmp_path):
         f.attrs["format_version"] = 3
     with pytest.raises(CxrfairError, match="format version 3 is not supported"):
         read_cache(old)
+
+
+# ---------------------------------------------------------------- cache v2: multi-label cohorts
+
+CONDITIONS = ["Pleural Effusion", "Pneumothorax"]
+ATTRIBUTES = {"sex": {"groups": ["M", "F"], "reference": "M"},
+              "age_group": {"groups": ["18-25", "25-50"], "reference": "18-25"},
+              "race": {"groups": ["White", "Black", "Asian"], "reference": "White"}}
+
+
+def _multilabel_table(n):
+    table = _table(n).drop(columns="label")
+    table["age_group"] = np.where(table["age"] < 50, "18-25", "25-50")
+    table["study_id"] = np.arange(n) + 50_000_000
+    table["race"] = np.array(["White", "Black", "Asian"])[np.arange(n) % 3]
+    table["drain"] = np.array([1.0, 0.0, np.nan])[np.arange(n) % 3]
+    table["y_Pleural Effusion"] = np.array([1.0, 0.0, np.nan, 0.0])[np.arange(n) % 4]
+    table["y_Pneumothorax"] = np.array([0.0, 1.0])[np.arange(n) % 2]
+    return table
+
+
+def test_a_multilabel_cache_keeps_every_column_typed_its_task_attributes_and_pair_text(tmp_path):
+    path, n, d = tmp_path / "ml.h5", 12, 4
+    rng = np.random.default_rng(2)
+    pairs = [[[["Chest No findings"], [f"Chest {c}"]] for c in CONDITIONS]] * 3
+    text = {"sourget": TextEmbeddings(rng.normal(size=(3, 2, 2, d)).astype(np.float32), pairs)}
+    write_cache(path, image_embeddings=rng.normal(size=(n, d)), cohort_table=_multilabel_table(n), classes=CONDITIONS,
+                text=text, attrs={"model": "m", "weights_id": "w", "cohort_hash": "h", "logit_scale": 1.0,
+                                  "task": "multilabel", "attributes": ATTRIBUTES})
+    cache = read_cache(path)
+    assert cache.task == "multilabel" and cache.attributes == ATTRIBUTES
+    pd.testing.assert_frame_equal(cache.table, _multilabel_table(n), check_dtype=True)
+    assert pd.api.types.is_string_dtype(cache.table["race"]) and cache.table["study_id"].dtype == np.int64
+    want = _multilabel_table(n)[["y_Pleural Effusion", "y_Pneumothorax"]].to_numpy(np.float32)
+    np.testing.assert_array_equal(cache.targets(), want)  # NaN where masked
+    assert cache.targets().dtype == np.float32 and cache.targets().shape == (n, 2)
+    np.testing.assert_array_equal(cache.text["sourget"].embeddings, text["sourget"].embeddings)
+    assert cache.text["sourget"].prompts == pairs
+
+
+def test_a_v1_cache_reads_as_multiclass_with_the_default_attributes(tmp_path):
+    _write(tmp_path / "m.h5")
+    cache = read_cache(tmp_path / "m.h5")
+    assert cache.task == "multiclass" and list(cache.attributes) == ["sex", "age_group"]
+    assert cache.targets().tolist() == cache.labels().tolist()
+
+
+def test_text_shapes_must_match_the_task(tmp_path):
+    common = dict(image_embeddings=np.zeros((4, 3)), cohort_table=_multilabel_table(4), classes=CONDITIONS)
+    attrs = {"model": "m", "weights_id": "w", "cohort_hash": "h", "logit_scale": 1.0}
+    flat = {"s": TextEmbeddings(np.zeros((1, 2, 3), np.float32), [[["a"], ["b"]]])}
+    pair = {"s": TextEmbeddings(np.zeros((1, 2, 2, 3), np.float32), [[[["a"], ["b"]]] * 2])}
+    with pytest.raises(ValueError, match=r"want \(draws, 2, 2, 3\)"):
+        write_cache(tmp_path / "a.h5", text=flat, attrs={**attrs, "task": "multilabel"}, **common)
+    with pytest.raises(ValueError, match=r"want \(draws, 2, 3\)"):
+        write_cache(tmp_path / "b.h5", text=pair, attrs=attrs, **common)
+    assert not list(tmp_path.iterdir())

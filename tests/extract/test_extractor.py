@@ -270,3 +270,58 @@ def test_truncated_chunk_is_dropped_and_redone(cohort, baseline, tmp_path, monke
     done, ref = read_cache(out), read_cache(baseline)
     np.testing.assert_array_equal(done.image_embeddings, ref.image_embeddings)
     assert done.table.equals(ref.table)
+
+
+def test_multilabel_text_sets_are_pairs_of_mean_normalised_prompt_embeddings():
+    from cxrfair.extract.extractor import text_embeddings_all
+    from cxrfair.extract.prompts import MULTILABEL_SETS
+
+    fm = load_model("tiny-clip")
+    conditions = ["Pleural Effusion", "Pneumothorax"]
+    text = text_embeddings_all(fm, conditions, torch.device("cpu"), "fp32", 0, "multilabel")
+    assert list(text) == list(MULTILABEL_SETS)
+    for name, te in text.items():
+        assert te.embeddings.shape == (10, 2, 2, 64)
+        for c in range(2):
+            for side in (0, 1):
+                plist = te.prompts[0][c][side]
+                with torch.inference_mode():
+                    ref = torch.nn.functional.normalize(fm.encode_text(fm.tokenize(plist)), dim=-1).mean(0).numpy()
+                np.testing.assert_allclose(te.embeddings[4, c, side], ref, atol=1e-6)
+    assert text["sourget"].prompts[0][1] == [["Chest No findings"], ["Chest Pneumothorax"]]
+
+
+def test_a_cache_records_the_cohorts_task_and_attributes(baseline):
+    c = read_cache(baseline)
+    assert c.attrs["task"] == "multiclass" and c.task == "multiclass"
+    assert c.attrs["attributes"] == {"sex": {"groups": ["M", "F"], "reference": "M"},
+                                     "age_group": {"groups": ["young", "old"], "reference": "young"}}
+
+
+def test_unprojected_features_are_the_encoders_features_before_the_projection(cohort, tmp_path):
+    from cxrfair.extract.registry import get_spec
+
+    out = tmp_path / "unproj.h5"
+    extract(config(cohort, out, features="unprojected"))
+    c, co, fm = read_cache(out), load_cohort(cohort), load_model("tiny-clip")
+    assert c.attrs["features"] == "unprojected" and c.text == {} and c.prompt_scores is None
+    assert c.image_embeddings.shape == (48, get_spec("tiny-clip").unprojected_dim)
+    paths = co.image_paths()[:3]
+    ref = []
+    with torch.inference_mode():
+        for p in paths:
+            from PIL import Image
+
+            with Image.open(p) as im:
+                x = fm.preprocess.normalize(torch.from_numpy(fm.preprocess.prepare(im))[None])
+            ref.append(fm.encode_image_unprojected(x).float().numpy()[0])
+    np.testing.assert_allclose(c.image_embeddings[:3], np.stack(ref), atol=1e-5)
+    # The same --out with projected features is another cache, refused without --force.
+    with pytest.raises(CxrfairError, match="holds unprojected features, not projected"):
+        extract(config(cohort, out))
+
+
+def test_unprojected_features_need_a_model_that_has_them(cohort, tmp_path):
+    with pytest.raises(CxrfairError, match="--features unprojected: model tiny-rad-dino has no features before a projection"):
+        extract(config(cohort, tmp_path / "r.h5", model="tiny-rad-dino", features="unprojected"))
+    assert not list(tmp_path.iterdir())

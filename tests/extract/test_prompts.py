@@ -74,3 +74,32 @@ def test_unknown_set_or_class_is_a_clear_error():
     with pytest.raises(CxrfairError, match="no words for class 'Hernia'"):
         P.build_prompts("gloria", ["Hernia"])
     assert P.build_prompts("clip", ["Hernia"])[0][0][0] == "a photo of hernia."
+
+
+# ---------------------------------------------------------------- multi-label (binary) sets
+
+SIX_CHEXPERT = ["Atelectasis", "Cardiomegaly", "Consolidation", "Pleural Effusion", "Pneumonia", "Pneumothorax"]
+
+
+def test_sourget_and_chexzero_pairs_are_the_published_ones():
+    sourget = P.build_binary_prompts("sourget", SIX_CHEXPERT)
+    chexzero = P.build_binary_prompts("chexzero", SIX_CHEXPERT)
+    assert len(sourget) == len(chexzero) == P.DRAWS and all(d == sourget[0] for d in sourget)
+    assert sourget[0][3] == [["Chest No findings"], ["Chest Pleural Effusion"]]
+    assert chexzero[0][4] == [["no Pneumonia"], ["Pneumonia"]]
+
+
+def test_binary_clip_pairs_each_template_with_its_negation():
+    clip = P.build_binary_prompts("clip", ["Effusion"])[0][0]
+    positives = P.build_prompts("clip", ["Effusion"])[0][0]
+    assert clip[1] == positives and len(clip[0]) == len(positives)
+    assert clip[0][1] == "a chest x-ray showing no pleural effusion."
+
+
+def test_multilabel_sets_by_task_and_no_multilabel_gloria():
+    assert list(P.build_all_for("multilabel", ["Pneumothorax"])) == list(P.MULTILABEL_SETS)
+    assert P.build_all_for("multiclass", CLASSES6) == P.build_all(CLASSES6)
+    with pytest.raises(CxrfairError, match="'gloria': no multi-label version"):
+        P.build_binary_prompts("gloria", ["Pneumothorax"])
+    assert "multi-label" not in " ".join(P.vocabulary_words())  # the toy vocabulary ignores the pairs
+    assert "sourget" not in P.vocabulary_words() and "theosourget" not in P.vocabulary_words()

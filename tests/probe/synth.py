@@ -77,3 +77,69 @@ def embedding_like(sizes: dict, dim: int, n_classes: int, spread: float, seed: i
         y[split] = (np.arange(n) % n_classes).astype(np.int32)
         x[split] = (means[y[split]] + rng.normal(size=(n, dim)) @ mix.T + 0.5).astype(np.float32)
     return x, y
+
+
+CONDITIONS = ["Atelectasis", "Pleural Effusion", "Pneumothorax"]
+ML_ATTRIBUTES = {"sex": {"groups": ["M", "F"], "reference": "M"},
+                 "age_group": {"groups": ["young", "old"], "reference": "young"},
+                 "race": {"groups": ["White", "Black", "Asian"], "reference": "White"}}
+
+
+def multilabel_features(sizes: dict, dim: int, n_conditions: int, signal: float, seed: int = 0, masked: float = 0.1):
+    """Features where each condition adds its own direction: x = noise + signal * Σ_c y_c u_c.
+
+    Returns:
+        x: split -> (N, dim) float32; y: split -> (N, C) float32 in {1, 0, NaN} (a share
+        ``masked`` of the labels NaN, as uncertain labels under ``--uncertain ignore``);
+        directions: (C, dim) the unit vectors u_c.
+    """
+    rng = np.random.default_rng(seed)
+    u = rng.normal(size=(n_conditions, dim))
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    x, y = {}, {}
+    for split, n in sizes.items():
+        t = (rng.random((n, n_conditions)) < 0.35).astype(np.float32)
+        t[0], t[1] = 1.0, 0.0  # every condition has a positive and a negative in every split
+        x[split] = (rng.normal(size=(n, dim)) + signal * t @ u).astype(np.float32)
+        t[2:][rng.random((n - 2, n_conditions)) < masked] = np.nan
+        y[split] = t
+    return x, y, u
+
+
+def multilabel_table(y: dict, conditions=CONDITIONS) -> pd.DataFrame:
+    """Multi-label cohort rows (no ``label``; race; ``y_`` columns last) for targets per split."""
+    rows, k = [], 0
+    for split in ("train", "val", "test"):
+        for t in y[split]:
+            age = 30 + (k * 7) % 60
+            rows.append({"image_id": f"{k:08d}_000.png", "path": f"{k:08d}_000.png", "patient_id": k, "sex": "MF"[k % 2],
+                         "age": age, "age_group": "young" if age < 60 else "old", "split": split,
+                         "race": ML_ATTRIBUTES["race"]["groups"][k % 3],
+                         **{f"y_{c}": v for c, v in zip(conditions, t)}})
+            k += 1
+    return pd.DataFrame(rows)
+
+
+def make_multilabel_cache(path, *, sizes=None, dim: int = 12, signal: float = 2.0, seed: int = 0, text=None,
+                          logit_scale: float = 50.0, conditions=CONDITIONS, cohort_hash: str = "ab12" * 16):
+    """Write a multi-label cache (task, attributes with race, pair text sets); returns (path, x, y, text).
+
+    Default text sets: ``good`` (3 draws: −u_c / +u_c plus noise), ``bad`` (2 random draws),
+    ``fixed`` (identical draws of a weak direction).
+    """
+    from cxrfair.extract.cache import TextEmbeddings, write_cache
+
+    sizes = sizes or {"train": 60, "val": 40, "test": 40}
+    x, y, u = multilabel_features(sizes, dim, len(conditions), signal, seed)
+    rng = np.random.default_rng(seed + 1)
+    if text is None:
+        pair = np.stack([-u, u], axis=1)  # (C, 2, D)
+        prompts = lambda d: [[[["no x"], ["x"]]] * len(conditions)] * d  # noqa: E731
+        text = {"good": TextEmbeddings(np.stack([pair + 0.3 * rng.normal(size=pair.shape) for _ in range(3)]).astype(np.float32), prompts(3)),
+                "bad": TextEmbeddings(rng.normal(size=(2, *pair.shape)).astype(np.float32), prompts(2)),
+                "fixed": TextEmbeddings(np.repeat((pair + 2 * rng.normal(size=pair.shape))[None], 4, 0).astype(np.float32), prompts(4))}
+    emb = np.concatenate([x["train"], x["val"], x["test"]])
+    write_cache(path, image_embeddings=emb, cohort_table=multilabel_table(y, conditions), classes=list(conditions),
+                text=text, attrs={"model": "tiny-clip", "weights_id": "test", "cohort_hash": cohort_hash,
+                                  "logit_scale": logit_scale, "task": "multilabel", "attributes": ML_ATTRIBUTES})
+    return path, x, y, text

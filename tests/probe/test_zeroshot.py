@@ -153,3 +153,77 @@ def test_term_global_is_the_embedding_scoring_and_both_needs_prompt_scores(tmp_p
     with pytest.raises(CxrfairError, match="--term both: cache .* holds no prompt scores"):
         zeroshot_cache(plain, tmp_path / "runs3", term="both")
     assert not (tmp_path / "runs3").exists()
+
+
+# ---------------------------------------------------------------- multi-label (per-condition prompt pairs)
+
+
+def _sklearn_macro_auc(y, p):
+    """Mean over conditions of scikit-learn's ROC AUC on the rows whose label is not NaN."""
+    from sklearn.metrics import roc_auc_score
+
+    return float(np.mean([roc_auc_score(y[~np.isnan(y[:, c]), c], p[~np.isnan(y[:, c]), c]) for c in range(y.shape[1])]))
+
+
+def test_pair_probabilities_are_a_softmax_over_each_conditions_pair():
+    from cxrfair.probe.zeroshot import pair_probs
+
+    rng = np.random.default_rng(3)
+    img, txt = rng.normal(size=(5, 4)) * 2, rng.normal(size=(2, 3, 2, 4))
+    got = pair_probs(img, txt, 30.0)
+    assert got.shape == (2, 5, 3)
+    for t in range(2):
+        for n in range(5):
+            for c in range(3):
+                cos = [img[n] @ txt[t, c, k] / np.linalg.norm(img[n]) / np.linalg.norm(txt[t, c, k]) for k in (0, 1)]
+                want = np.exp(30 * cos[1]) / (np.exp(30 * cos[0]) + np.exp(30 * cos[1]))
+                np.testing.assert_allclose(got[t, n, c], want, rtol=1e-4, atol=1e-6)
+
+
+def test_multilabel_zeroshot_chooses_the_set_by_masked_macro_auc_and_writes_multilabel_runs(tmp_path):
+    from cxrfair.probe.zeroshot import SELECTION_MULTILABEL
+    from tests.probe.synth import CONDITIONS, ML_ATTRIBUTES, make_multilabel_cache
+
+    path, x, y, text = make_multilabel_cache(tmp_path / "ml.h5")
+    paths = zeroshot_cache(path, tmp_path / "runs", all_sets=True)
+    runs = {r.run_id: r for r in read_runs(tmp_path / "runs")}
+    assert len(paths) == 3 + 2 + 1 and "tiny-clip__zeroshot__fixed-d0__s0" in runs
+    meta = runs["tiny-clip__zeroshot__good-d1__s1"].meta
+    assert meta["task"] == "multilabel" and meta["attributes"] == ML_ATTRIBUTES and meta["classes"] == CONDITIONS
+    assert meta["zero_shot_term"] == "global" and meta["selection"]["criterion"] == SELECTION_MULTILABEL
+    # Every set's recorded validation score is scikit-learn's masked macro AUC of its draws' probabilities.
+    val = meta["selection"]["val_scores"]
+    for name, te in text.items():
+        for d, emb in enumerate(te.embeddings):
+            unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)  # noqa: E731
+            cos = np.einsum("nd,ckd->nck", unit(x["val"]), unit(emb))
+            p = 1 / (1 + np.exp(-50.0 * (cos[..., 1] - cos[..., 0])))
+            assert np.isclose(val[name]["auc_macro"][d], _sklearn_macro_auc(y["val"], p), atol=1e-6)
+            if name == "good" and d == 1:
+                _, probs = runs["tiny-clip__zeroshot__good-d1__s1"].arrays("val")
+                np.testing.assert_allclose(probs, p, atol=1e-5)
+    best = max(val, key=lambda n: val[n]["mean_auc_macro"])
+    assert meta["selection"]["chosen"] == best == "good"
+    assert [r.meta["prompt_set_selected"] for r in runs.values()].count(True) == 3
+    pred = runs["tiny-clip__zeroshot__good-d0__s0"].predictions
+    assert {"race", "y_Pleural Effusion", "p_Pleural Effusion"} <= set(pred.columns) and "label" not in pred.columns
+    Y, _ = runs["tiny-clip__zeroshot__good-d0__s0"].arrays("test")
+    np.testing.assert_array_equal(Y, y["test"])  # NaN (masked) labels travel as empty cells
+
+
+def test_multilabel_zeroshot_refuses_gloria_scoring(tmp_path):
+    import pytest
+
+    from cxrfair.errors import CxrfairError
+    from tests.probe.synth import make_multilabel_cache
+
+    path, *_ = make_multilabel_cache(tmp_path / "ml.h5")
+    with pytest.raises(CxrfairError, match="multi-label cohort; GLoRIA's scoring is multi-class only"):
+        zeroshot_cache(path, tmp_path / "runs", term="both")
+
+
+def test_multiclass_zeroshot_runs_carry_the_caches_task_and_attributes(tmp_path):
+    path, *_ = make_cache(tmp_path / "c.h5")
+    zeroshot_cache(path, tmp_path / "runs")
+    meta = read_runs(tmp_path / "runs")[0].meta
+    assert meta["task"] == "multiclass" and list(meta["attributes"]) == ["sex", "age_group"]
