@@ -509,6 +509,9 @@ def prepare(config: FinetuneConfig, d: Dist = Dist()) -> Setup:
     cohort = load_cohort(config.cohort)
     check_splits(cohort)
     inputs = mitigation_inputs(config, cohort)
+    if config.mitigation == "fairot" and config.micro_batch and config.micro_batch < math.ceil(config.batch_size / d.world):
+        raise CxrfairError(f"--mitigation fairot with --micro-batch {config.micro_batch}: the term compares the whole "
+                           "batch's scores, so each process needs its share in one forward pass; drop --micro-batch")
     d.on_main(lambda: check_runs_folder(config.out, cohort.hash, [config.run_id], config.force))
     device = resolve_device(config.device, d)
     precision = resolve_precision(config.precision, device)
