@@ -72,6 +72,9 @@ def save_checkpoint(path: Path, state, fingerprint: dict, rng_ranks: list[dict])
         "best_epoch": state.best_epoch, "best_val": state.best_val, "best_state": state.best_state,
         "curves": state.curves, "epoch_seconds": state.epoch_seconds, "wait_seconds": state.wait_seconds,
         "images_seen": state.images_seen,
+        # A mitigation's training state (GroupDRO's q, the adversary's weights); its optimizer
+        # moments are in "optimizer" (the adversary's parameters follow the model's there).
+        "objective": state.objective.state_dict() if state.objective is not None else None,
     }
     with atomic_path(path, option="checkpoint") as tmp:
         torch.save(ckpt, tmp)
@@ -126,3 +129,5 @@ def restore(state, ckpt: dict, rank: int = 0, world: int = 1) -> None:
     state.best_state, state.curves = ckpt["best_state"], ckpt["curves"]
     state.epoch_seconds, state.wait_seconds = ckpt["epoch_seconds"], ckpt["wait_seconds"]
     state.images_seen = ckpt["images_seen"]
+    if state.objective is not None:
+        state.objective.load_state_dict(ckpt["objective"])

@@ -34,6 +34,13 @@ def _options(fn):
                      help="Decoded-image cache: in memory, or a memmap file under OUT/.image-cache."),
         click.option("--weights", default=None, type=click.Path(path_type=Path), help="Model weights overriding the registry's."),
         click.option("--images", default=None, type=click.Path(path_type=Path), help="Images root overriding cohort.json's."),
+        click.option("--mitigation", default="erm", show_default=True,
+                     help="Fairness mitigation trained into the run: erm (plain), reweight, groupdro, adversarial, "
+                          "fairot (see README 'Mitigations')."),
+        click.option("--sensitive", default=None, help="The cohort attribute a mitigation targets (e.g. sex, age_group, race)."),
+        click.option("--strength", default=None, type=float,
+                     help="Mitigation strength, one value per run: reweight s in [0, 1] (default 1), groupdro step "
+                          "size > 0 (0.01), adversarial λ >= 0 (1), fairot λ >= 0 (1). The run id gets tag st<strength>."),
         click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint."),
         click.option("--force", is_flag=True, help="Replace an existing run / discard a stale checkpoint."),
     ]

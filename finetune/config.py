@@ -5,6 +5,7 @@ Torch-free, so the CLI can build and check it before importing anything heavy.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -14,6 +15,17 @@ METHODS = ("lora", "full")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "bf16", "fp32")
 CACHE_MODES = ("auto", "memory", "file")
+
+# Mitigations fine-tuning trains with (names and meanings: analysis.runs.MITIGATIONS, CONTRACTS
+# "Mitigations"): (lowest, highest, lowest allowed?, default strength).
+STRENGTHS = {
+    "reweight": (0.0, 1.0, True, 1.0),  # exponent s of w ∝ n_cell^-s; 1: every cell counts equally
+    "groupdro": (0.0, math.inf, False, 0.01),  # step size η of q (Sagawa et al.'s default)
+    "adversarial": (0.0, math.inf, True, 1.0),  # λ of the reversed adversary gradient
+    "fairot": (0.0, math.inf, True, 1.0),  # λ of the Sinkhorn term
+}
+ELSEWHERE = {"erase": "probes only (`cxrfair probe ... --mitigation erase`)",
+             "thresholds": "post-processing of a finished run (`cxrfair postprocess RUN --sensitive ATTR`)"}
 
 # Learning rates when --lr is not given: LoRA adapters and a fresh head tolerate a much larger
 # step than pretrained encoder weights do (common practice for ViT fine-tuning).
@@ -25,6 +37,7 @@ TRAINING_FIELDS = (
     "model", "method", "epochs", "batch_size", "lr", "weight_decay", "lora_rank", "lora_alpha",
     "lora_dropout", "seed", "precision", "augment", "tag",
 )
+MITIGATION_FIELDS = ("mitigation", "sensitive", "strength")  # run.json top level, not hyperparameters
 
 
 @dataclass(frozen=True)
@@ -55,6 +68,9 @@ class FinetuneConfig:
     force: bool = False  # replace an existing run folder / discard a stale checkpoint
     tag: str = "best"  # run_id tag: <model>__<method>__<tag>__s<seed>
     micro_batch: int | None = None  # most images per forward pass and process (gradient accumulation); None: a whole share
+    mitigation: str = "erm"  # erm | reweight | groupdro | adversarial | fairot (CONTRACTS "Mitigations")
+    sensitive: str | None = None  # the cohort attribute a mitigation targets (None for erm)
+    strength: float | None = None  # the mitigation's strength; None: its default (STRENGTHS); erm: none
 
     def __post_init__(self) -> None:
         _check(self.method in METHODS, f"--method {self.method!r}: expected one of {', '.join(METHODS)}")
@@ -69,6 +85,11 @@ class FinetuneConfig:
         _check(self.lora_alpha > 0, f"--lora-alpha {self.lora_alpha}: must be positive")
         _check(0 <= self.lora_dropout < 1, f"--lora-dropout {self.lora_dropout}: must be in [0, 1)")
         _check(self.tag.replace("-", "").replace(".", "").isalnum(), f"tag {self.tag!r}: letters, digits, '-' and '.' only")
+        check_mitigation(self)
+        if self.mitigation != "erm" and self.strength is None:
+            object.__setattr__(self, "strength", STRENGTHS[self.mitigation][3])
+        if self.mitigation != "erm" and self.tag == "best":  # one run per strength: keep them apart
+            object.__setattr__(self, "tag", f"st{float(self.strength):g}")
         object.__setattr__(self, "cohort", Path(self.cohort))
         object.__setattr__(self, "out", Path(self.out))
         if self.lr is None:
@@ -78,20 +99,42 @@ class FinetuneConfig:
     def run_id(self) -> str:
         from cxrfair.analysis.runs import RunKey, safe_name
 
-        return RunKey(safe_name(self.model), self.method, self.tag, self.seed).run_id
+        return RunKey(safe_name(self.model), self.method, self.tag, self.seed, self.mitigation, self.sensitive).run_id
 
     def training_fields(self) -> dict:
-        """The fields a resume checkpoint must agree on (JSON-able)."""
-        return {name: getattr(self, name) for name in TRAINING_FIELDS}
+        """The fields a resume checkpoint must agree on (JSON-able); erm checkpoints keep their old fields."""
+        names = TRAINING_FIELDS + (() if self.mitigation == "erm" else MITIGATION_FIELDS)
+        return {name: getattr(self, name) for name in names}
 
     def hyperparameters(self) -> dict:
         """What run.json records under ``hyperparameters``."""
-        keep = [f.name for f in fields(self) if f.name not in ("cohort", "out", "resume", "force", "weights", "images")]
+        skip = ("cohort", "out", "resume", "force", "weights", "images", *MITIGATION_FIELDS)
+        keep = [f.name for f in fields(self) if f.name not in skip]
         hp = {name: getattr(self, name) for name in keep}
         if self.method == "full":  # LoRA settings mean nothing here; don't suggest they did
             for name in ("lora_rank", "lora_alpha", "lora_dropout"):
                 hp.pop(name)
         return hp
+
+
+def check_mitigation(config: FinetuneConfig) -> None:
+    """--mitigation / --sensitive / --strength: a known name, an attribute when needed, a strength in range."""
+    name, strength = config.mitigation, config.strength
+    _check(name not in ELSEWHERE, f"--mitigation {name}: not a fine-tuning mitigation; it is {ELSEWHERE.get(name)}")
+    known = ("erm", *STRENGTHS)
+    _check(name in known, f"--mitigation {name!r}: unknown; expected one of {', '.join(known)}")
+    if name == "erm":
+        _check(config.sensitive is None, f"--sensitive {config.sensitive}: erm targets no attribute; "
+                                         "add --mitigation NAME or drop --sensitive")
+        _check(strength is None, f"--strength {strength}: erm has no strength; add --mitigation NAME or drop --strength")
+        return
+    _check(bool(config.sensitive), f"--mitigation {name}: needs --sensitive ATTR (a sensitive attribute of the cohort)")
+    if strength is None:
+        return
+    low, high, closed, _ = STRENGTHS[name]
+    ok = math.isfinite(strength) and (strength >= low if closed else strength > low) and strength <= high
+    span = f"{'[' if closed else '('}{low:g}, {high:g}{']' if math.isfinite(high) else ')'}"
+    _check(ok, f"--strength {strength}: out of range for {name}; expected a value in {span}")
 
 
 def _check(ok: bool, message: str) -> None:

@@ -189,7 +189,9 @@ def augment(x: "torch.Tensor", generator: "torch.Generator", max_shift: float = 
 
 
 class Prefetcher:
-    """Iterate steps as ``(x (b,3,S,S) uint8, y (b,) int64, w (b,) float32, step)`` on ``device``, prepared in a background thread.
+    """Iterate steps as ``(x (b,3,S,S) uint8, y, w (b,) float32, step)`` on ``device``, prepared in a background thread.
+
+    ``y`` is ``labels[rows]`` in the labels' own dtype: (b,) int64 classes or (b, C) float32 targets.
 
     ``steps`` are ``sampler.Step``s (or plain index arrays, taken as unweighted batches). The
     thread gathers rows of the uint8 cache (numpy fancy indexing, cheap next to a training
@@ -220,7 +222,7 @@ class Prefetcher:
             shifts, scale = augment_params(gen, step.global_size, x.shape[-1])
             pos = torch.from_numpy(np.asarray(step.positions, np.int64))
             x = apply_augment(x, shifts[pos], scale[pos]) if len(idx) else x
-        y = torch.from_numpy(self.labels[idx].astype(np.int64))
+        y = torch.from_numpy(np.ascontiguousarray(self.labels[idx]))  # int64 classes or float32 (b, C) targets
         w = torch.from_numpy(np.asarray(step.weights, np.float32))
         if self.device.type == "cuda":
             x, y, w = (t.pin_memory().to(self.device, non_blocking=True) for t in (x, y, w))

@@ -28,7 +28,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -78,19 +78,30 @@ class TrainState:
     wait_seconds: list = field(default_factory=list)
     images_seen: int = 0  # over all processes
     ddp: nn.Module | None = None  # DistributedDataParallel(model) under torchrun; training steps run through it
+    objective: object | None = None  # finetune.objectives.Objective of the mitigation (None: erm, reweight)
+    trainee: nn.Module | None = None  # what a step calls when the objective adds modules (model + adversary)
+    total_steps: int = 1  # optimizer steps of the whole run (training progress for the adversary's schedule)
 
     @property
     def net(self) -> nn.Module:
         """The module a training step calls: the DDP wrapper when there is one."""
-        return self.ddp if self.ddp is not None else self.model
+        if self.ddp is not None:
+            return self.ddp
+        return self.trainee if self.trainee is not None else self.model
 
 
-def create_state(model: nn.Module, config: FinetuneConfig, total_steps: int) -> TrainState:
-    """AdamW over the trainable parameters + cosine annealing to 0 over ``total_steps`` steps."""
+def create_state(model: nn.Module, config: FinetuneConfig, total_steps: int, objective=None) -> TrainState:
+    """AdamW over the trainable parameters (and the objective's, e.g. an adversary) + cosine
+    annealing to 0 over ``total_steps`` steps."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    extra = objective.parameters() if objective is not None else []
+    opt = torch.optim.AdamW(params + extra, lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total_steps, 1))
-    return TrainState(model=model, optimizer=opt, scheduler=sched)
+    state = TrainState(model=model, optimizer=opt, scheduler=sched, objective=objective, total_steps=max(total_steps, 1))
+    if objective is not None:
+        wrapped = objective.wrap(model)
+        state.trainee = wrapped if wrapped is not model else None
+    return state
 
 
 @dataclass(frozen=True)
@@ -105,19 +116,45 @@ class Runtime:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
 
-def example_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rt: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-example cross-entropy and logits.
+def example_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rt: Runtime,
+                   n_logits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example task loss and the model's outputs.
 
     Args:
-        x: (B, 3, S, S) uint8; y: (B,) int64 class indices.
+        x: (B, 3, S, S) uint8; y: (B,) int64 class indices (multi-class) or (B, C) float32 in
+            {0, 1, NaN} (multi-label, NaN = masked).
+        n_logits: the task's logits are the first ``n_logits`` output columns (a model with
+            more outputs, e.g. classifier + adversary); None: all of them.
 
     Returns:
-        losses (B,) float32, logits (B, C) float32 (fp32 even under bf16 autocast).
+        losses (B,) float32 (``task_losses``), outputs (B, C) or (B, n_logits + ...) float32
+        (fp32 even under bf16 autocast).
     """
     with rt.autocast():
         logits = model(rt.normalize(x))
     logits = logits.float()
-    return nn.functional.cross_entropy(logits, y, reduction="none"), logits
+    return task_losses(logits if n_logits is None else logits[:, :n_logits], y), logits
+
+
+def task_losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(B,) cross-entropy for (B,) class indices; masked binary cross-entropy for (B, C) float targets."""
+    if y.is_floating_point():
+        return masked_bce(logits, y)
+    return nn.functional.cross_entropy(logits, y, reduction="none")
+
+
+def masked_bce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Multi-label loss: (B, C) logits and (B, C) targets in {0, 1, NaN} -> (B,) mean binary
+    cross-entropy over each row's observed conditions (NaN contributes nothing; 0 when none is)."""
+    observed = ~torch.isnan(y)
+    per = nn.functional.binary_cross_entropy_with_logits(logits, torch.nan_to_num(y), reduction="none")
+    per = torch.where(observed, per, 0.0)
+    return per.sum(dim=1) / observed.sum(dim=1).clamp(min=1)
+
+
+def output_probs(logits: torch.Tensor, multilabel: bool) -> torch.Tensor:
+    """Softmax over classes (multi-class) or a sigmoid per condition (multi-label)."""
+    return torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)
 
 
 def reduce_loss(losses: torch.Tensor, weights: torch.Tensor, denominator: float) -> torch.Tensor:
@@ -139,17 +176,22 @@ def no_sync(state: TrainState, skip: bool):
     return state.ddp.no_sync() if skip and state.ddp is not None else contextlib.nullcontext()
 
 
-def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, step: Step, rt: Runtime) -> torch.Tensor:
+def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, step: Step, rt: Runtime,
+               cells: torch.Tensor | None = None, groups: torch.Tensor | None = None) -> torch.Tensor:
     """One AdamW + scheduler step over this process's share of a global batch.
 
-    Each micro-batch's ``reduce_loss`` is back-propagated (DDP syncs after the last one).
+    Each micro-batch's ``reduce_loss`` is back-propagated (DDP syncs after the last one); with
+    a mitigation's objective, ``mitigated_step`` instead.
 
     Args:
-        x: (b, 3, S, S) uint8, y: (b,) int64, w: (b,) float32: the share (see ``sampler.Step``).
+        x: (b, 3, S, S) uint8, y: (b,) int64 or (b, C) float32, w: (b,) float32: the share
+            (see ``sampler.Step``); cells, groups: (b,) int64 for an objective.
 
     Returns:
-        The share's summed per-example loss, float64, detached and not synced (0 for padding).
+        The share's summed per-example task loss, float64, detached and not synced (0 for padding).
     """
+    if state.objective is not None:
+        return mitigated_step(state, x, y, w, step, rt, cells, groups)
     state.optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), dtype=torch.float64, device=x.device)
     last = len(step.chunks) - 1
@@ -163,13 +205,48 @@ def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor, w: torch.Ten
     return torch.zeros_like(total) if step.pad else total
 
 
-def train_epoch(state: TrainState, batches: fdata.Prefetcher, rt: Runtime, bar=None, d: Dist = Dist()) -> dict:
-    """One pass over the training steps. Returns ``{"loss", "seconds", "wait", "images"}`` (loss and images over all processes)."""
+def mitigated_step(state: TrainState, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, step: Step, rt: Runtime,
+                   cells: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """``train_step`` with a mitigation's objective: its hooks see the step's losses (``batch_statistics``:
+    a gradient-free first pass over the micro-batches, with the RNG state replayed for the real one),
+    and each micro-batch back-propagates ``objective.chunk_loss``."""
+    obj = state.objective
+    n_logits = obj.n_classes if state.trainee is not None else None  # the adversary's logits follow the task's
+    state.optimizer.zero_grad(set_to_none=True)
+    obj.begin_step(state.scheduler.last_epoch / state.total_steps)
+    if obj.batch_statistics and len(step.chunks) > 1:
+        with torch.no_grad(), torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):
+            first = torch.cat([example_losses(state.net, x[a:b], y[a:b], rt, n_logits)[0] for a, b in step.chunks])
+        obj.step_statistics(first, cells, w)
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    last = len(step.chunks) - 1
+    for i, (a, b) in enumerate(step.chunks):
+        with no_sync(state, i < last):
+            losses, out = example_losses(state.net, x[a:b], y[a:b], rt, n_logits)
+            if obj.batch_statistics and len(step.chunks) == 1:
+                obj.step_statistics(losses.detach(), cells, w)
+            obj.chunk_loss(out, losses, y[a:b], cells[a:b], groups[a:b], w[a:b], step.denominator, step).backward()
+        total += losses.detach().double().sum()
+    state.optimizer.step()
+    state.scheduler.step()
+    return torch.zeros_like(total) if step.pad else total
+
+
+def train_epoch(state: TrainState, batches: fdata.Prefetcher, rt: Runtime, bar=None, d: Dist = Dist(),
+                cells: np.ndarray | None = None, groups: np.ndarray | None = None) -> dict:
+    """One pass over the training steps. Returns ``{"loss", "seconds", "wait", "images"}`` (loss and images over all processes).
+
+    ``cells``, ``groups``: (N,) int64 per cohort row, for a mitigation's objective.
+    """
     train_mode(state.model)
     t0 = time.perf_counter()
     total, n = torch.zeros((), dtype=torch.float64, device=rt.device), 0
     for x, y, w, step in batches:
-        total += train_step(state, x, y, w, step, rt)
+        if state.objective is not None:
+            c, g = (torch.from_numpy(a[step.rows]).to(rt.device) for a in (cells, groups))
+            total += train_step(state, x, y, w, step, rt, c, g)
+        else:
+            total += train_step(state, x, y, w, step, rt)
         n += step.images
         kill_hook(state, d)
         if bar is not None:
@@ -190,12 +267,14 @@ def kill_hook(state: TrainState, d: Dist) -> None:
 @torch.no_grad()
 def evaluate(model: nn.Module, pixels: np.ndarray, labels: np.ndarray, idx: np.ndarray, batch_size: int,
              rt: Runtime, d: Dist = Dist()) -> tuple[float, np.ndarray]:
-    """Mean cross-entropy and softmax probabilities on rows ``idx`` of the cache.
+    """Mean task loss and probabilities (softmax, or a sigmoid per condition) on rows ``idx`` of the cache.
 
     Each process evaluates a contiguous shard of ``idx``; the shards are gathered in rank order.
 
     Returns:
         loss: float (mean over ``idx``); probs: (len(idx), C) float64, rows in ``idx`` order.
+        (Multi-label rows without an observed condition add 0 to the mean: a constant factor
+        across epochs, which leaves the selected epoch alone.)
     """
     model.eval()
     start, stop = shard_rows(len(idx), d.rank, d.world)
@@ -203,7 +282,7 @@ def evaluate(model: nn.Module, pixels: np.ndarray, labels: np.ndarray, idx: np.n
     for x, y, _, _ in fdata.Prefetcher(pixels, labels, plain_steps(idx[start:stop], batch_size), rt.device):
         loss, logits = example_losses(model, x, y, rt)
         losses.append(loss.double().cpu().numpy())
-        probs.append(torch.softmax(logits, dim=1).double().cpu().numpy())
+        probs.append(output_probs(logits, labels.ndim == 2).double().cpu().numpy())
     shards = [s for s in d.gather((losses, probs)) if s[0]]
     all_losses = np.concatenate([a for s in shards for a in s[0]])
     return float(all_losses.sum() / len(idx)), np.concatenate([p for s in shards for p in s[1]])
@@ -215,11 +294,14 @@ def evaluate(model: nn.Module, pixels: np.ndarray, labels: np.ndarray, idx: np.n
 
 @dataclass(frozen=True)
 class Data:
-    """The decoded cohort: pixels (N,3,S,S) uint8, labels (N,) int, row indices per split."""
+    """The decoded cohort: pixels (N,3,S,S) uint8, labels, row indices per split, mitigation inputs."""
 
     pixels: np.ndarray
-    labels: np.ndarray
+    labels: np.ndarray  # (N,) int64 class index (multi-class) or (N, C) float32 in {0, 1, NaN} (multi-label)
     split: dict  # name -> (n_split,) int64 row indices, cohort order
+    row_weights: np.ndarray | None = None  # (N,) float32 loss weight per row; None: all 1
+    groups: np.ndarray | None = None  # (N,) int64 group of the sensitive attribute (a mitigation's)
+    cells: np.ndarray | None = None  # (N,) int64 (group, class) or group cell
 
 
 @dataclass(frozen=True)
@@ -252,11 +334,12 @@ def fit(state: TrainState, data: Data, config: FinetuneConfig, rt: Runtime, ckpt
                   desc=f"{config.method} {config.model}", unit="epoch", disable=not progress)
     for epoch in epochs:
         order = train_idx[epoch_order(len(train_idx), config.seed, epoch)]
-        steps = plan_epoch(order, config.batch_size, d.rank, d.world, config.micro_batch, keep_empty=synced_bn)
+        steps = plan_epoch(order, config.batch_size, d.rank, d.world, config.micro_batch, keep_empty=synced_bn,
+                           row_weights=data.row_weights)
         batches = fdata.Prefetcher(data.pixels, data.labels, steps, rt.device,
                                    augment_seed=augment_seed(config.seed, epoch) if config.augment else None)
         with tqdm(total=len(steps), desc=f"epoch {epoch + 1}", unit="batch", leave=False, disable=not progress) as bar:
-            stats = train_epoch(state, batches, rt, bar, d)
+            stats = train_epoch(state, batches, rt, bar, d, data.cells, data.groups)
         val_loss, _ = evaluate(state.model, data.pixels, data.labels, data.split["val"], config.batch_size, rt, d)
         record_epoch(state, stats, val_loss)
         rngs = d.gather(rng_states())
@@ -335,10 +418,38 @@ def load_data(cohort, fm, config: FinetuneConfig, d: Dist = Dist()) -> Data:
         pixels = np.array(pixels) if config.cache == "memory" else pixels
     else:
         pixels = fdata.image_cache(paths, fm.preprocess, workers=config.workers, file=file)
-    index = {c: i for i, c in enumerate(cohort.classes)}
-    labels = table["label"].map(index).to_numpy(np.int64)
     split = {s: np.flatnonzero(table["split"].to_numpy() == s) for s in SPLITS}
-    return Data(pixels=pixels, labels=labels, split=split)
+    return Data(pixels=pixels, labels=cohort.targets(), split=split)
+
+
+def mitigation_inputs(config: FinetuneConfig, cohort) -> dict:
+    """Row weights, groups and cells for ``config.mitigation`` (checked against the cohort before any work).
+
+    Multi-label rows without any observed condition get weight 0 (they carry no loss). Returns
+    ``Data`` fields: ``row_weights``, ``groups``, ``cells`` (absent when not needed).
+    """
+    from cxrfair.finetune import objectives
+
+    train = np.flatnonzero(cohort.table["split"].to_numpy() == "train")
+    multilabel = cohort.task == "multilabel"
+    out: dict = {}
+    if multilabel:
+        out["row_weights"] = (~np.isnan(cohort.targets())).any(axis=1).astype(np.float32)
+    if config.mitigation == "erm":
+        return out
+    attrs = cohort.attributes
+    if config.sensitive not in attrs:
+        raise CxrfairError(f"--sensitive {config.sensitive}: cohort {cohort.folder} has no such sensitive attribute; "
+                           f"expected one of {', '.join(attrs)}")
+    groups = objectives.group_ids(cohort.table, config.sensitive, list(attrs[config.sensitive]["groups"]), train,
+                                  str(cohort.folder))
+    labels = np.zeros(len(groups), np.int64) if multilabel else cohort.targets()
+    cells, n_cells = objectives.cell_ids(groups, labels, len(attrs[config.sensitive]["groups"]), len(cohort.classes),
+                                         multilabel)
+    if config.mitigation == "reweight":
+        w = objectives.reweight_weights(cells, train, float(config.strength), n_cells)
+        out["row_weights"] = w * out.get("row_weights", 1.0)
+    return {**out, "groups": groups, "cells": cells}
 
 
 def finetune(config: FinetuneConfig, *, on_epoch_end: Callable[[EpochLog], None] | None = None,
@@ -397,6 +508,10 @@ def prepare(config: FinetuneConfig, d: Dist = Dist()) -> Setup:
     d.on_main(lambda: check_outputs(config.out / config.run_id, ckpt_path, config))
     cohort = load_cohort(config.cohort)
     check_splits(cohort)
+    inputs = mitigation_inputs(config, cohort)
+    if config.mitigation == "fairot" and config.micro_batch and config.micro_batch < math.ceil(config.batch_size / d.world):
+        raise CxrfairError(f"--mitigation fairot with --micro-batch {config.micro_batch}: the term compares the whole "
+                           "batch's scores, so each process needs its share in one forward pass; drop --micro-batch")
     d.on_main(lambda: check_runs_folder(config.out, cohort.hash, [config.run_id], config.force))
     device = resolve_device(config.device, d)
     precision = resolve_precision(config.precision, device)
@@ -409,7 +524,7 @@ def prepare(config: FinetuneConfig, d: Dist = Dist()) -> Setup:
     resuming = d.on_main(resumer.check)
     checkpoint = d.everywhere(lambda: resumer.loaded if d.main else read_checkpoint(ckpt_path) if resuming else None)
     t0 = time.perf_counter()
-    data = load_data(cohort, fm, config, d)
+    data = replace(load_data(cohort, fm, config, d), **inputs)
     rt = Runtime(device=device, bf16=precision == "bf16", normalize=fm.preprocess.normalize)
     return Setup(cohort, fm, data, rt, fingerprint, ckpt_path, checkpoint, time.perf_counter() - t0)
 
@@ -441,13 +556,26 @@ def build_state(config: FinetuneConfig, setup: Setup, d: Dist = Dist()) -> Train
     model = build_classifier(setup.fm, len(setup.cohort.classes), config).to(device)
     model = sync_batchnorm(model, d, device)
     steps = config.epochs * math.ceil(len(setup.data.split["train"]) / config.batch_size)
-    state = create_state(model, config, steps)
+    state = create_state(model, config, steps, build_objective(config, setup, d))
     if d.active:
-        state.ddp = wrap_ddp(model, d, device, setup.fm.preprocess.size)
+        state.ddp = wrap_ddp(state.trainee or model, d, device, setup.fm.preprocess.size)
     seed_globals(rank_seed(config.seed, d.rank))
     if setup.checkpoint is not None:
         restore(state, setup.checkpoint, d.rank, d.world)
     return state
+
+
+def build_objective(config: FinetuneConfig, setup: Setup, d: Dist = Dist()):
+    """The mitigation's step-time objective (``finetune.objectives``), or None (erm, reweight)."""
+    from cxrfair.finetune.objectives import make_objective
+
+    if config.mitigation == "erm":
+        return None
+    cohort = setup.cohort
+    n_groups = len(cohort.attributes[config.sensitive]["groups"])
+    n_cells = n_groups if cohort.task == "multilabel" else n_groups * len(cohort.classes)
+    return make_objective(config.mitigation, config.strength, n_groups, n_cells, len(cohort.classes),
+                          cohort.task == "multilabel", d, setup.fm.embed_dim, config.seed)
 
 
 def finish(config: FinetuneConfig, setup: Setup, state: TrainState, t_start: float, d: Dist = Dist()) -> RunResult:
@@ -532,7 +660,8 @@ def run_meta(config: FinetuneConfig, setup: Setup, state: TrainState, timings: d
     precision = setup.fingerprint["precision"]
     return {
         "run_id": config.run_id, "model": config.model, "method": config.method, "seed": config.seed,
-        "classes": cohort.classes, "cohort_hash": cohort.hash,
+        "classes": cohort.classes, "cohort_hash": cohort.hash, "task": cohort.task, "attributes": cohort.attributes,
+        "mitigation": config.mitigation, "sensitive": config.sensitive, "strength": config.strength,
         "hyperparameters": {**config.hyperparameters(), "precision": precision},
         "selected_epoch": state.best_epoch, "trainable_params": count_trainable(state.model),
         "timings": timings, "curves": state.curves, "weights_id": fm.weights_id,
@@ -551,7 +680,8 @@ def write_outputs(config: FinetuneConfig, cohort, model: nn.Module, meta: dict, 
     """
     from cxrfair.analysis.runs import make_predictions, write_run
 
-    predictions = make_predictions(cohort.table.iloc[eval_idx], probs, cohort.classes)
+    predictions = make_predictions(cohort.table.iloc[eval_idx], probs, cohort.classes, task=cohort.task,
+                                   attributes=cohort.attributes)
     staging = config.out / f".{config.run_id}.weights"
     with atomic_dir(staging, force=True, option="--out") as tmp:
         save_weights(model, tmp, config.method)
