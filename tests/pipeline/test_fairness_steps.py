@@ -425,7 +425,6 @@ def test_multilabel_config_dry_run(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="needs multi-label probes (branch probe-multilabel)", strict=True)
 def test_multilabel_config_runs_end_to_end(tmp_path):
     import subprocess
     import sys
