@@ -45,6 +45,8 @@ class ProbeInputs:
     text: dict
     prompts: dict
     prompt_scores: dict | None = None
+    train_rows: pd.DataFrame | None = None  # the training split's cohort rows (x["train"]'s order)
+    attributes: dict | None = None  # the cohort's sensitive attributes {column: {"groups", "reference"}}
 
 
 def load_inputs(cache_path: Path | str) -> ProbeInputs:
@@ -68,7 +70,57 @@ def load_inputs(cache_path: Path | str) -> ProbeInputs:
     text = {name: np.asarray(te.embeddings, dtype=np.float32) for name, te in cache.text.items()}
     prompts = {name: te.prompts for name, te in cache.text.items()}
     return ProbeInputs(x, y, rows, list(cache.classes), str(cache.model), str(cache.cohort_hash),
-                       float(cache.logit_scale), str(cache_path), text, prompts, _split_scores(cache, where))
+                       float(cache.logit_scale), str(cache_path), text, prompts, _split_scores(cache, where),
+                       cache.table[cache.split_mask("train")].reset_index(drop=True), _attributes(cache, where))
+
+
+def _attributes(cache, where: str) -> dict:
+    """The cohort's sensitive attributes (cache attr ``attributes``; absent: the v1 sex / age_group)."""
+    from cxrfair.analysis.runs import V1_ATTRIBUTES, check_attributes
+
+    value = cache.attrs.get("attributes")
+    if value is None or value == "":
+        return V1_ATTRIBUTES
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise CxrfairError(f"{where}: attr 'attributes' is not JSON; re-run `cxrfair extract`") from None
+    return check_attributes(value, f"{where}: attr 'attributes'")
+
+
+def group_codes(inputs: ProbeInputs, attr: str) -> dict:
+    """The sensitive attribute's group code of every train / val / test row, checked for training.
+
+    Returns ``{"train": (N,), "val": (Nv,), "test": (Nt,)}`` int32 indices into ``"names"`` (the
+    declared groups, in order). CxrfairError (one line) for an attribute the cohort does not
+    declare, an empty or undeclared value, or a group without training rows.
+    """
+    where = f"cache {inputs.source}"
+    if attr not in inputs.attributes:
+        raise CxrfairError(f"--sensitive {attr}: not a sensitive attribute of the cohort of {where}; "
+                           f"choose one of {', '.join(inputs.attributes)}")
+    names = [str(g) for g in inputs.attributes[attr]["groups"]]
+    val_test = inputs.rows.groupby("split", sort=False)
+    tables = {"train": inputs.train_rows, "val": val_test.get_group("val"), "test": val_test.get_group("test")}
+    out = {}
+    for split, table in tables.items():
+        values = table[attr].astype("string").fillna("").str.strip().to_numpy() if attr in table else None
+        if values is None:
+            raise CxrfairError(f"--sensitive {attr}: {where} has no column {attr!r}; re-run `cxrfair extract` on the cohort")
+        codes = np.array([names.index(v) if v in names else -1 for v in values], np.int32)
+        if (codes < 0).any():
+            bad = values[codes < 0][0]
+            why = "is empty" if bad == "" else f"is {bad!r}, not one of the declared groups {', '.join(names)}"
+            raise CxrfairError(f"--sensitive {attr}: {where}: {int((codes < 0).sum())} {split} row(s) where {attr} {why} "
+                               f"(first: {table['image_id'].to_numpy()[codes < 0][0]}); fix the cohort and re-extract")
+        out[split] = codes
+    missing = [g for i, g in enumerate(names) if not (out["train"] == i).any()]
+    if missing:
+        raise CxrfairError(f"--sensitive {attr}: group {missing[0]!r} has no training rows in {where}; "
+                           f"a mitigation needs every group of {attr} in the training split")
+    out["names"] = names
+    return out
 
 
 def _split_scores(cache, where: str) -> dict | None:
