@@ -49,9 +49,10 @@ def zeroshot(cache: Path, out: Path, all_sets: bool, term: str | None, force: bo
 def _sweep_options(f):
     for option in reversed([
         _cache, _out,
-        click.option("--solver", type=click.Choice(["lbfgs", "adamw"]), default="lbfgs", show_default=True,
+        click.option("--solver", type=click.Choice(["lbfgs", "adamw"]), default=None,
                      help="lbfgs: full-batch L-BFGS over the --l2 grid; adamw: the paper's recipe (AdamW, cosine, "
-                          "--epochs, --batch-size) over --lr x --weight-decay."),
+                          "--epochs, --batch-size) over --lr x --weight-decay. [default: lbfgs; adamw for the "
+                          "mitigations groupdro, adversarial, fairot, whose objective changes every step]"),
         click.option("--standardize/--no-standardize", default=True, show_default=True,
                      help="z-score features with the training split's mean and sd (stored in run.json). "
                           "The paper's recipe: --solver adamw --no-standardize."),
@@ -59,9 +60,22 @@ def _sweep_options(f):
                      "(sklearn C = 1/(l2*N_train)). [default: " + "; ".join(
                          f"{m} {','.join(f'{v:g}' for v in g)}" for m, g in L2_GRIDS.items()) + "]"),
         click.option("--max-iter", default=1000, show_default=True, type=int, help="lbfgs: iterations at most."),
-        click.option("--select", type=click.Choice(["loss", "accuracy"]), default="loss", show_default=True,
-                     help="Choose the configuration by mean validation loss, or by mean validation accuracy "
-                          "(ties: lower loss; multi-class cohorts only)."),
+        click.option("--select", type=click.Choice(["loss", "accuracy", "worst_group", "gap"]), default=None,
+                     help="Choose the configuration on validation (mean over seeds): loss; accuracy (ties: lower "
+                          "loss; multi-class only); worst_group: best worst-group accuracy of --sensitive (ties: lower loss); gap: "
+                          "smallest group accuracy gap within 0.01 of the best accuracy. "
+                          "[default: loss; worst_group with a --mitigation]"),
+        click.option("--mitigation", default="erm", show_default=True,
+                     help="Fairness mitigation: erm (plain training), reweight, groupdro, adversarial, fairot, erase "
+                          "(see README, Mitigations). Needs --sensitive unless erm."),
+        click.option("--sensitive", default=None, help="The cohort attribute a mitigation targets, e.g. sex, age_group, race."),
+        click.option("--strength", default=None,
+                     help="Comma-separated strengths, a grid axis (reweight: in [0, 1]; groupdro: step size > 0; "
+                          "adversarial, fairot: lambda >= 0). [default: reweight 0.5,1; groupdro 0.01,0.1,1; "
+                          "adversarial 0.1,0.3,1; fairot 0.1,1,10]"),
+        click.option("--adversary", type=click.Choice(["grl", "projection"]), default="grl", show_default=True,
+                     help="adversarial: grl = gradient reversal on the features the head reads; projection = Zhang "
+                          "et al.'s projected gradient with the adversary on the outputs and label."),
         click.option("--lr", default="1e-4,3e-4,1e-3,3e-3", show_default=True, help="adamw: comma-separated peak learning rates."),
         click.option("--weight-decay", default="0,1e-4,1e-2", show_default=True, help="adamw: comma-separated weight decays."),
         click.option("--seeds", default=3, show_default=True, type=int, help="Seeds 0..K-1 (initialisation; adamw: data order)."),
@@ -92,10 +106,12 @@ def _run(method: str, hidden: str, **kw) -> None:
     from cxrfair.probe.sweep import SweepConfig, probe_cache
 
     l2s = None if kw["l2"] is None else _floats(kw["l2"], "--l2")
+    strengths = None if kw["strength"] is None else _floats(kw["strength"], "--strength")
     cfg = SweepConfig(method=method, solver=kw["solver"], standardize=kw["standardize"], l2s=l2s, select=kw["select"],
                       lrs=_floats(kw["lr"], "--lr"), weight_decays=_floats(kw["weight_decay"], "--weight-decay"),
                       hiddens=_ints(hidden, "--hidden"), seeds=tuple(range(kw["seeds"])), epochs=kw["epochs"],
-                      batch_size=kw["batch_size"], max_iter=kw["max_iter"], memory_budget_mb=kw["memory_budget"])
+                      batch_size=kw["batch_size"], max_iter=kw["max_iter"], memory_budget_mb=kw["memory_budget"],
+                      mitigation=kw["mitigation"], sensitive=kw["sensitive"], strengths=strengths, adversary=kw["adversary"])
     paths = probe_cache(kw["cache"], kw["out"], cfg, force=kw["force"])
     click.echo(f"wrote {len(paths)} {method} run(s) to {kw['out']}")
 

@@ -51,7 +51,8 @@ class ProbeInputs:
     prompts: dict
     prompt_scores: dict | None = None
     task: str = "multiclass"
-    attributes: dict | None = None
+    attributes: dict | None = None  # the cohort's sensitive attributes {column: {"groups", "reference"}}
+    train_rows: pd.DataFrame | None = None  # the training split's cohort rows (x["train"]'s order)
 
     @property
     def multilabel(self) -> bool:
@@ -88,7 +89,8 @@ def load_inputs(cache_path: Path | str) -> ProbeInputs:
     prompts = {name: te.prompts for name, te in cache.text.items()}
     return ProbeInputs(x, y, rows, list(cache.classes), str(cache.model), str(cache.cohort_hash),
                        float(cache.logit_scale), str(cache_path), text, prompts, _split_scores(cache, where),
-                       cache.task, cache.attributes)
+                       cache.task, cache.attributes,
+                       cache.table[cache.split_mask("train")].reset_index(drop=True))
 
 
 def _targets(cache, where: str) -> np.ndarray:
@@ -105,6 +107,40 @@ def _targets(cache, where: str) -> np.ndarray:
     if (labels < 0).any():
         raise CxrfairError(f"{where}: a cohort row has a label outside the classes {cache.classes}; rebuild the cohort and re-extract")
     return labels.astype(np.int32)
+
+
+def group_codes(inputs: ProbeInputs, attr: str) -> dict:
+    """The sensitive attribute's group code of every train / val / test row, checked for training.
+
+    Returns ``{"train": (N,), "val": (Nv,), "test": (Nt,)}`` int32 indices into ``"names"`` (the
+    declared groups, in order). CxrfairError (one line) for an attribute the cohort does not
+    declare, an empty or undeclared value, or a group without training rows.
+    """
+    where = f"cache {inputs.source}"
+    if attr not in inputs.attributes:
+        raise CxrfairError(f"--sensitive {attr}: not a sensitive attribute of the cohort of {where}; "
+                           f"choose one of {', '.join(inputs.attributes)}")
+    names = [str(g) for g in inputs.attributes[attr]["groups"]]
+    val_test = inputs.rows.groupby("split", sort=False)
+    tables = {"train": inputs.train_rows, "val": val_test.get_group("val"), "test": val_test.get_group("test")}
+    out = {}
+    for split, table in tables.items():
+        values = table[attr].astype("string").fillna("").str.strip().to_numpy() if attr in table else None
+        if values is None:
+            raise CxrfairError(f"--sensitive {attr}: {where} has no column {attr!r}; re-run `cxrfair extract` on the cohort")
+        codes = np.array([names.index(v) if v in names else -1 for v in values], np.int32)
+        if (codes < 0).any():
+            bad = values[codes < 0][0]
+            why = "is empty" if bad == "" else f"is {bad!r}, not one of the declared groups {', '.join(names)}"
+            raise CxrfairError(f"--sensitive {attr}: {where}: {int((codes < 0).sum())} {split} row(s) where {attr} {why} "
+                               f"(first: {table['image_id'].to_numpy()[codes < 0][0]}); fix the cohort and re-extract")
+        out[split] = codes
+    missing = [g for i, g in enumerate(names) if not (out["train"] == i).any()]
+    if missing:
+        raise CxrfairError(f"--sensitive {attr}: group {missing[0]!r} has no training rows in {where}; "
+                           f"a mitigation needs every group of {attr} in the training split")
+    out["names"] = names
+    return out
 
 
 def _split_scores(cache, where: str) -> dict | None:

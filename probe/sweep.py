@@ -29,9 +29,14 @@ from cxrfair.errors import CxrfairError
 
 METHODS = ("linear", "mlp")
 SOLVERS = ("lbfgs", "adamw")
-SELECTIONS = ("loss", "accuracy")
+SELECTIONS = ("loss", "accuracy", "worst_group", "gap")
 SELECTION_TEXT = {"loss": "lowest validation loss, mean over seeds",
-                  "accuracy": "highest validation accuracy, mean over seeds (ties: lower validation loss)"}
+                  "accuracy": "highest validation accuracy, mean over seeds (ties: lower validation loss)",
+                  "worst_group": "highest validation worst-group accuracy of the sensitive attribute, mean over seeds "
+                                 "(ties: lower validation loss)",
+                  "gap": "smallest validation accuracy gap (max - min over groups) of the sensitive attribute among "
+                         "configurations within 0.01 of the best validation accuracy, mean over seeds (ties: lower loss)"}
+GAP_TOLERANCE = 0.01  # --select gap: configurations within this much of the best validation accuracy compete
 # Default L2 penalties per method (linear: sklearn C = 1/(l2*N), for N = 840 from C ~ 1200 to
 # C ~ 0.12). The MLP's two weight layers share the penalty and need more of it (measured on the
 # demo cache: benchmarks/RESULTS.md, "Probes against a tuned logistic regression").
@@ -49,7 +54,7 @@ class SweepConfig:
     """
 
     method: str = "linear"  # "linear" or "mlp"
-    solver: str = "lbfgs"  # "lbfgs" (full batch, L2 grid) or "adamw" (the paper's minibatch recipe)
+    solver: str | None = None  # "lbfgs" (full batch, L2 grid) or "adamw" (minibatch); None: objectives.SOLVER_FOR[mitigation]
     standardize: bool = True  # z-score features with the training split's mean and sd first
     l2s: tuple | None = None  # L-BFGS: L2 penalties l2/2*||W||^2 (sklearn C = 1/(l2*N)); None: L2_GRIDS[method]
     lrs: tuple = (1e-4, 3e-4, 1e-3, 3e-3)  # AdamW: peak learning rates (cosine-annealed to 0)
@@ -59,8 +64,27 @@ class SweepConfig:
     epochs: int = 150  # AdamW; paper: 150
     batch_size: int = 64  # AdamW; paper: 64
     max_iter: int = 1000  # L-BFGS: iterations at most
-    select: str = "loss"  # choose the configuration by mean validation "loss" or "accuracy" (ties: loss)
+    select: str | None = None  # "loss", "accuracy", "worst_group", "gap"; None: loss (erm), worst_group (mitigations)
     memory_budget_mb: float = 1024.0  # estimated working set per compiled chunk
+    mitigation: str = "erm"  # one of objectives.PROBE_MITIGATIONS (docs/CONTRACTS.md "Mitigations")
+    sensitive: str | None = None  # the cohort attribute a mitigation targets (None for erm)
+    strengths: tuple | None = None  # the strength axis of the grid; None: objectives.DEFAULT_STRENGTHS
+    adversary: str = "grl"  # adversarial: "grl" (gradient reversal) or "projection" (Zhang et al.)
+
+    def __post_init__(self):
+        from cxrfair.probe.objectives import DEFAULT_STRENGTHS, SOLVER_FOR
+
+        if self.solver is None:
+            object.__setattr__(self, "solver", SOLVER_FOR.get(self.mitigation, "lbfgs"))
+        if self.select is None:
+            object.__setattr__(self, "select", "loss" if self.mitigation == "erm" else "worst_group")
+        if self.strengths is None:
+            object.__setattr__(self, "strengths", DEFAULT_STRENGTHS.get(self.mitigation, ()))
+
+    @property
+    def has_strength(self) -> bool:
+        """Whether strength is a grid axis (every mitigation but erm and erase)."""
+        return self.mitigation not in ("erm", "erase")
 
     @property
     def l2_grid(self) -> tuple:
@@ -84,6 +108,7 @@ class SweepConfig:
         _check(all(math.isfinite(v) and v >= 0 for v in self.weight_decays), "--weight-decay", "weight decays must be >= 0")
         _check(all(math.isfinite(v) and v >= 0 for v in self.l2_grid), "--l2", "L2 penalties must be numbers >= 0")
         _check(self.select in SELECTIONS, "--select", f"choose one of {', '.join(SELECTIONS)}")
+        self._validate_mitigation()
         _check(self.method != "mlp" or all(_is_int(h) and h >= 1 for h in self.hiddens), "--hidden",
                "hidden widths must be whole numbers >= 1, e.g. 256,512")
         _check(len(set(self.seeds)) == len(self.seeds), "--seeds", "seeds must be distinct")
@@ -93,18 +118,49 @@ class SweepConfig:
         _check(self.memory_budget_mb > 0, "--memory-budget", "must be > 0 MB")
         return self
 
-    def configurations(self) -> list[dict]:
-        """The grid in a fixed order: hidden (MLP), then lr and weight decay (AdamW) or l2 (L-BFGS).
+    def _validate_mitigation(self) -> None:
+        from cxrfair.probe.objectives import ADVERSARIES, PROBE_MITIGATIONS, SOLVER_FOR, STRENGTH_RANGE
 
-        Every configuration has all four keys; those the solver does not use are NaN.
+        if self.mitigation == "thresholds":
+            raise CxrfairError("--mitigation thresholds is post-processing: run `cxrfair postprocess RUN --sensitive ATTR`")
+        _check(self.mitigation in PROBE_MITIGATIONS, "--mitigation", f"{self.mitigation!r} is unknown; choose one of "
+               f"{', '.join(PROBE_MITIGATIONS)}")
+        erm = self.mitigation == "erm"
+        _check(erm or bool(self.sensitive), "--sensitive", f"--mitigation {self.mitigation} needs the attribute it targets, e.g. sex")
+        _check(not erm or self.sensitive is None, "--sensitive", "only with a --mitigation other than erm")
+        _check(erm or self.select != "accuracy", "--select", "a mitigation selects by worst_group, loss or gap")
+        _check(not erm or self.select in ("loss", "accuracy"), "--select",
+               "worst_group and gap need a --mitigation and --sensitive attribute; plain probes use loss or accuracy")
+        _check(self.adversary in ADVERSARIES, "--adversary", f"choose one of {', '.join(ADVERSARIES)}")
+        _check(not (SOLVER_FOR[self.mitigation] == "adamw" and self.solver == "lbfgs"), "--solver",
+               f"{self.mitigation} changes its objective every step, which full-batch L-BFGS cannot follow; use --solver adamw")
+        if not self.has_strength:
+            _check(not self.strengths, "--strength", f"--mitigation {self.mitigation} has no strength; leave --strength out")
+            return
+        low, high, closed, text = STRENGTH_RANGE[self.mitigation]
+        _check(len(self.strengths) > 0, "--strength", "give at least one value")
+        _check(len(set(self.strengths)) == len(self.strengths), "--strength", "strengths must be distinct")
+        ok = all(math.isfinite(v) and (v >= low if closed else v > low) and v <= high for v in self.strengths)
+        _check(ok, "--strength", f"{self.mitigation} strengths must be {text}, got {','.join(f'{v:g}' for v in self.strengths)}")
+
+    def configurations(self) -> list[dict]:
+        """The grid in a fixed order: strength (mitigations), hidden (MLP), then lr and weight decay
+        (AdamW) or l2 (L-BFGS).
+
+        Every configuration has all four keys; those the solver does not use are NaN. A mitigation
+        with a strength adds a ``strength`` key (erm's configurations stay as they were).
         """
         hiddens = [int(h) for h in self.hiddens] if self.method == "mlp" else [0]
         nan = float("nan")
         if self.solver == "lbfgs":
-            return [{"lr": nan, "weight_decay": nan, "l2": float(l2), "hidden": h}
+            base = [{"lr": nan, "weight_decay": nan, "l2": float(l2), "hidden": h}
                     for h, l2 in itertools.product(hiddens, self.l2_grid)]
-        return [{"lr": float(lr), "weight_decay": float(wd), "l2": nan, "hidden": h}
-                for h, lr, wd in itertools.product(hiddens, self.lrs, self.weight_decays)]
+        else:
+            base = [{"lr": float(lr), "weight_decay": float(wd), "l2": nan, "hidden": h}
+                    for h, lr, wd in itertools.product(hiddens, self.lrs, self.weight_decays)]
+        if not self.has_strength:
+            return base
+        return [{"strength": float(st), **c} for st in self.strengths for c in base]
 
 
 def _check(ok: bool, option: str, why: str) -> None:
@@ -146,6 +202,8 @@ class SweepResult:
     test_probs: np.ndarray
     timings: dict = field(default_factory=dict)
     feature_stats: dict | None = None  # {"mean": (D,), "std": (D,)} of the training split if standardised
+    erasure: dict | None = None  # erase: what was fitted (run.json ``erasure``)
+    by_strength: dict = field(default_factory=dict)  # strength -> index into configs of its best configuration
 
     @property
     def best_config(self) -> dict:
@@ -207,8 +265,8 @@ def _pad(values: np.ndarray, size: int) -> np.ndarray:
 # ---------------------------------------------------------------- the sweep
 
 
-def run_sweep(x: dict, y: dict, n_classes: int, cfg: SweepConfig) -> SweepResult:
-    """Train every configuration × seed of ``cfg`` and select one on validation loss.
+def run_sweep(x: dict, y: dict, n_classes: int, cfg: SweepConfig, groups: dict | None = None) -> SweepResult:
+    """Train every configuration × seed of ``cfg`` and select one on validation.
 
     Args:
         x: split -> (N_split, D) float32 features for "train", "val", "test".
@@ -216,20 +274,39 @@ def run_sweep(x: dict, y: dict, n_classes: int, cfg: SweepConfig) -> SweepResult
             targets in {1, 0, NaN} (NaN masked).
         n_classes: C.
         cfg: the sweep (validated here).
+        groups: for a mitigation, split -> (N_split,) int group codes of the sensitive attribute
+            for "train" and "val", and "names": the groups in order (``group_codes``).
     """
-    from cxrfair.probe import train
+    from cxrfair.probe import objectives, train
 
     configs = cfg.validate().configurations()
     multilabel = np.ndim(y["train"]) == 2
     _check(not (multilabel and cfg.select == "accuracy"), "--select accuracy",
            "multi-class only; multi-label probes are selected by validation loss (--select loss)")
+    if cfg.mitigation != "erm" and groups is None:
+        raise CxrfairError(f"--mitigation {cfg.mitigation}: needs the group codes of --sensitive")
+    _check(not (multilabel and cfg.mitigation != "erm"), f"--mitigation {cfg.mitigation}",
+           "probe mitigations are multi-class only for now; for a multi-label cohort use `cxrfair postprocess` "
+           "(group thresholds) or fine-tuning's --mitigation")
     hyper = {k: np.array([c[k] for c in configs]) for k in ("lr", "weight_decay", "hidden", "l2")}
+    if cfg.has_strength:
+        hyper["strength"] = np.array([c["strength"] for c in configs])
+    erasure = None
+    if cfg.mitigation == "erase":
+        eraser = objectives.leace_fit(x["train"], groups["train"], len(groups["names"]))
+        x = {k: objectives.leace_apply(eraser, v) for k, v in x.items()}
+        erasure = {"method": "LEACE (Belrose et al. 2023), closed form", "fitted_on": "train", "attribute": cfg.sensitive,
+                   "rank": eraser["rank"], "applied_to": list(SPLITS_ALL), "before": "standardisation"}
+    spec = mitigation_spec(cfg, y["train"], groups, n_classes)
     recipe = train.Recipe(n_classes=n_classes, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                          max_hidden=int(hyper["hidden"].max()), solver=cfg.solver, max_iter=cfg.max_iter)
+                          max_hidden=int(hyper["hidden"].max()), solver=cfg.solver, max_iter=cfg.max_iter, mitigation=spec)
     stats = feature_stats(x["train"]) if cfg.standardize else None
     x = {k: standardize(v, stats) for k, v in x.items()}
+    cells = {} if spec.name == "erm" else {"cell_train": cell_codes(y["train"], groups["train"], n_classes),
+                                           "group_train": np.asarray(groups["train"], np.int32)}
     data = train.Data(np.asarray(x["train"], np.float32), _labels(y["train"]),
-                      np.asarray(x["val"], np.float32), _labels(y["val"]), np.asarray(x["test"], np.float32))
+                      np.asarray(x["val"], np.float32), _labels(y["val"]), np.asarray(x["test"], np.float32),
+                      **cells)
     per_lane = lane_bytes(x["train"].shape[1], n_classes, recipe.max_hidden,
                           len(x["train"]) if cfg.solver == "lbfgs" else cfg.batch_size,
                           len(x["val"]) + len(x["test"]), cfg.max_iter if cfg.solver == "lbfgs" else cfg.epochs,
@@ -243,12 +320,35 @@ def run_sweep(x: dict, y: dict, n_classes: int, cfg: SweepConfig) -> SweepResult
     seeds = np.array(cfg.seeds)
 
     t0 = time.perf_counter()
-    program = _program(recipe, tuple((a.shape, a.dtype.name) for a in data), s_chunk, k_chunk)
+    program = _program(recipe, tuple(None if a is None else (a.shape, a.dtype.name) for a in data), s_chunk, k_chunk)
     t1 = time.perf_counter()
     lanes = _run_chunks(program, data, hyper, seeds, s_chunk, k_chunk)
     timings = {"compile_s": t1 - t0, "train_s": time.perf_counter() - t1, "seeds_per_chunk": s_chunk,
                "configs_per_chunk": k_chunk, "sequential_lanes": recipe.sequential, "chunks": math.ceil(len(seeds) / s_chunk) * math.ceil(len(configs) / k_chunk)}
-    return _result(configs, tuple(int(s) for s in seeds), lanes, y["val"], timings, stats, cfg.solver, cfg.select)
+    result = _result(configs, tuple(int(s) for s in seeds), lanes, y["val"], timings, stats, cfg.solver, cfg.select,
+                     None if groups is None else groups["val"])
+    result.erasure = erasure
+    return result
+
+
+SPLITS_ALL = ("train", "val", "test")
+
+
+def cell_codes(y_train: np.ndarray, group_train: np.ndarray, n_classes: int) -> np.ndarray:
+    """(N,) int32 cell of each training row: group * C + class (multi-class)."""
+    return (np.asarray(group_train, np.int64) * n_classes + np.asarray(y_train, np.int64)).astype(np.int32)
+
+
+def mitigation_spec(cfg: SweepConfig, y_train: np.ndarray, groups: dict | None, n_classes: int):
+    """The static ``objectives.Spec`` of a sweep's training (erase trains as erm: it acts on the features)."""
+    from cxrfair.probe.objectives import Spec
+
+    if cfg.mitigation in ("erm", "erase"):
+        return Spec()
+    n_groups = len(groups["names"])
+    counts = np.bincount(cell_codes(y_train, groups["train"], n_classes), minlength=n_groups * n_classes)
+    steps = cfg.epochs * math.ceil(len(y_train) / cfg.batch_size)
+    return Spec(cfg.mitigation, n_groups, tuple(int(c) for c in counts), cfg.adversary, steps)
 
 
 def _labels(y) -> np.ndarray:
@@ -283,8 +383,9 @@ def _program(recipe, shapes: tuple, s_chunk: int, k_chunk: int):
 
     f32, i32 = jax.numpy.float32, jax.numpy.int32
     spec = jax.ShapeDtypeStruct
-    data = train.Data(*(spec(shape, dtype) for shape, dtype in shapes))
-    hyper = train.Hyper(spec((k_chunk,), f32), spec((k_chunk,), f32), spec((k_chunk,), i32), spec((k_chunk,), f32))
+    data = train.Data(*(None if s is None else spec(s[0], s[1]) for s in shapes))  # mitigations add cell/group codes
+    strength = None if recipe.mitigation.name == "erm" else spec((k_chunk,), f32)
+    hyper = train.Hyper(spec((k_chunk,), f32), spec((k_chunk,), f32), spec((k_chunk,), i32), spec((k_chunk,), f32), strength)
     return train.train_sweep.lower(spec((s_chunk, 2), jax.numpy.uint32), hyper, data, recipe).compile()
 
 
@@ -313,27 +414,39 @@ def _hyper(hyper: dict, idx: np.ndarray, size: int):
     idx = _pad(idx, size)
     # Keys a solver does not use are NaN in the grid; the program gets 0 for them.
     value = lambda k, dtype: np.nan_to_num(np.asarray(hyper[k][idx], np.float64)).astype(dtype)  # noqa: E731
-    return Hyper(value("lr", np.float32), value("weight_decay", np.float32), value("hidden", np.int32), value("l2", np.float32))
+    strength = value("strength", np.float32) if "strength" in hyper else None
+    return Hyper(value("lr", np.float32), value("weight_decay", np.float32), value("hidden", np.int32), value("l2", np.float32),
+                 strength)
 
 
 def _result(configs: list, seeds: tuple, lanes: dict, y_val: np.ndarray, timings: dict, stats: dict | None,
-            solver: str, select: str = "loss") -> SweepResult:
+            solver: str, select: str = "loss", group_val: np.ndarray | None = None) -> SweepResult:
     multilabel = np.ndim(y_val) == 2
-    val_acc = (np.full(lanes["best_val_loss"].shape, np.nan) if multilabel
-               else (lanes["val_probs"].argmax(-1) == np.asarray(y_val)).mean(-1))  # (S, K)
+    correct = None if multilabel else lanes["val_probs"].argmax(-1) == np.asarray(y_val)  # (S, K, Nv)
+    val_acc = np.full(lanes["best_val_loss"].shape, np.nan) if multilabel else correct.mean(-1)  # (S, K)
     mean_loss = lanes["best_val_loss"].mean(0)  # a lane that diverged from epoch 1 keeps inf
     mean_loss = np.where(np.isfinite(mean_loss), mean_loss, np.inf)
     if not np.isfinite(mean_loss).any():
         fix = "lower --lr" if solver == "adamw" else "check the features, or try --solver adamw"
         raise CxrfairError(f"every configuration diverged (validation loss NaN/inf from the start); {fix}")
-    selected = select_config(mean_loss, val_acc.mean(0), select)
-    rows = [{"config": k, "lr": c["lr"], "weight_decay": c["weight_decay"], "l2": c["l2"], "hidden": c["hidden"], "seed": s,
+    fair = {} if group_val is None or multilabel else group_accuracy_summary(correct, group_val)
+    means = {"loss": mean_loss, "accuracy": val_acc.mean(0), **{k: v.mean(0) for k, v in fair.items()}}
+    selected = select_config(means, select)
+    by_strength = {}
+    if "strength" in configs[0]:
+        for st in dict.fromkeys(c["strength"] for c in configs):
+            idx = np.array([k for k, c in enumerate(configs) if c["strength"] == st])
+            by_strength[st] = int(idx[select_config({k: v[idx] for k, v in means.items()}, select)])
+    rows = [{"config": k, **({"strength": c["strength"]} if "strength" in c else {}), "lr": c["lr"],
+             "weight_decay": c["weight_decay"], "l2": c["l2"], "hidden": c["hidden"], "seed": s,
              "best_val_loss": float(lanes["best_val_loss"][i, k]), **_progress(solver, lanes["best_epoch"][i, k]),
              "val_accuracy": float(val_acc[i, k]), **_val_auc(lanes["val_probs"][i, k], y_val),
+             **{f"val_{m}": float(v[i, k]) for m, v in fair.items()},
              "selected": k == selected}
             for k, c in enumerate(configs) for i, s in enumerate(seeds)]
     return SweepResult(configs, seeds, pd.DataFrame(rows), selected, lanes["best_val_loss"], lanes["best_epoch"],
-                       lanes["train_loss"], lanes["val_loss"], lanes["val_probs"], lanes["test_probs"], timings, stats)
+                       lanes["train_loss"], lanes["val_loss"], lanes["val_probs"], lanes["test_probs"], timings, stats,
+                       by_strength=by_strength)
 
 
 def _val_auc(probs: np.ndarray, y_val: np.ndarray) -> dict:
@@ -345,13 +458,28 @@ def _val_auc(probs: np.ndarray, y_val: np.ndarray) -> dict:
     return {"val_auc_macro": float(auc_macro(np.asarray(y_val, np.float64), probs))}
 
 
-def select_config(mean_loss: np.ndarray, mean_acc: np.ndarray, select: str) -> int:
-    """Index of the chosen configuration: lowest mean validation loss, or (``"accuracy"``) highest
-    mean validation accuracy with ties to the lower loss; then the first in grid order."""
-    if select == "accuracy":
-        order = np.lexsort((np.arange(len(mean_loss)), mean_loss, -mean_acc))
-        return int(order[0])
-    return int(np.argmin(mean_loss))  # argmin takes the first of ties
+def group_accuracy_summary(correct: np.ndarray, groups: np.ndarray) -> dict:
+    """``{"worst_group": (S, K) lowest group accuracy, "gap": (S, K) highest - lowest}`` over the
+    groups that have rows; correct (S, K, N) bool, groups (N,) int codes."""
+    codes = np.asarray(groups)
+    acc = np.stack([correct[..., codes == g].mean(-1) for g in np.unique(codes)], -1)  # (S, K, G)
+    return {"worst_group": acc.min(-1), "gap": acc.max(-1) - acc.min(-1)}
+
+
+def select_config(means: dict, select: str) -> int:
+    """Index of the chosen configuration from mean validation ``means`` (name -> (K,)).
+
+    ``loss``: lowest loss. ``accuracy`` / ``worst_group``: highest of it, ties to the lower loss.
+    ``gap``: smallest gap among configurations within GAP_TOLERANCE of the best accuracy, ties to
+    the lower loss. Remaining ties go to the first in grid order.
+    """
+    loss, first = means["loss"], np.arange(len(means["loss"]))
+    if select == "loss":
+        return int(np.argmin(loss))  # argmin takes the first of ties
+    if select in ("accuracy", "worst_group"):
+        return int(np.lexsort((first, loss, -means[select]))[0])
+    near = means["accuracy"] >= means["accuracy"].max() - GAP_TOLERANCE
+    return int(np.lexsort((first, loss, np.where(near, means["gap"], np.inf)))[0])
 
 
 def _progress(solver: str, value) -> dict:
@@ -376,23 +504,52 @@ def probe_cache(cache_path: Path | str, out: Path | str, cfg: SweepConfig, force
     from cxrfair.analysis.runs import RunKey, safe_name
     from cxrfair.probe.inputs import check_runs_dir, load_inputs
 
+    from cxrfair.probe.inputs import group_codes
+
     cfg.validate()
     t0 = time.perf_counter()
     inputs = load_inputs(cache_path)
-    run_ids = [RunKey(safe_name(inputs.model), cfg.method, "best", int(s)).run_id for s in cfg.seeds]
-    check_runs_dir(out, inputs.cohort_hash, run_ids, force)
-    result = run_sweep(inputs.x, inputs.y, len(inputs.classes), cfg)
+    groups = None if cfg.mitigation == "erm" else group_codes(inputs, cfg.sensitive)
+    key = lambda tag, s: RunKey(safe_name(inputs.model), cfg.method, tag, int(s), cfg.mitigation, cfg.sensitive).run_id  # noqa: E731
+    tags = ["best"] + [strength_tag(st) for st in (cfg.strengths if cfg.has_strength else ())]
+    run_ids = {tag: [key(tag, s) for s in cfg.seeds] for tag in tags}
+    check_runs_dir(out, inputs.cohort_hash, [r for ids in run_ids.values() for r in ids], force)
+    result = run_sweep(inputs.x, inputs.y, len(inputs.classes), cfg, groups)
     result.timings["total_s"] = time.perf_counter() - t0
-    return write_sweep(out, inputs, cfg, result, run_ids, force)
+    paths = []
+    for tag, ids in run_ids.items():
+        k = result.selected if tag == "best" else result.by_strength[cfg.strengths[tags.index(tag) - 1]]
+        paths += write_runs(out, inputs, cfg, result, ids, k, force)
+    write_table(out, result, run_ids["best"][0])
+    return paths
+
+
+def strength_tag(strength: float) -> str:
+    """The run tag of one strength's best configuration: ``st<strength:g>`` (``st0.3``)."""
+    return f"st{strength:g}"
 
 
 def write_sweep(out, inputs, cfg: SweepConfig, result: SweepResult, run_ids: list[str], force: bool) -> list[Path]:
     """Write the selected configuration's runs (one per seed), then the sweep table."""
-    from cxrfair.analysis.runs import write_run
+    paths = write_runs(out, inputs, cfg, result, run_ids, result.selected, force)
+    write_table(out, result, run_ids[0])
+    return paths
+
+
+def write_table(out, result: SweepResult, run_id: str) -> None:
+    """``<family>__sweep.csv``: every configuration × seed."""
     from cxrfair.io import atomic_path
+
+    with atomic_path(Path(out) / _sweep_name(run_id)) as tmp:
+        result.table.to_csv(tmp, index=False)
+
+
+def write_runs(out, inputs, cfg: SweepConfig, result: SweepResult, run_ids: list[str], k: int, force: bool) -> list[Path]:
+    """Write configuration ``k``'s runs, one per seed."""
+    from cxrfair.analysis.runs import write_run
     from cxrfair.probe.train import count_params
 
-    best, k = result.best_config, result.selected
+    best = result.configs[k]
     dim = inputs.x["train"].shape[1]
     paths = []
     for i, (seed, run_id) in enumerate(zip(result.seeds, run_ids)):
@@ -411,11 +568,28 @@ def write_sweep(out, inputs, cfg: SweepConfig, result: SweepResult, run_ids: lis
             **({"standardization": _stats_meta(result.feature_stats, len(inputs.x["train"]))} if cfg.standardize else {}),
             "source": inputs.source, **inputs.run_meta(),
             "notes": _notes(cfg, result, run_id, inputs.multilabel),
+            **_mitigation_meta(cfg, result, best),
         }
         paths.append(write_run(out, meta, inputs.predictions(probs), force=force))
-    with atomic_path(Path(out) / _sweep_name(run_ids[0])) as tmp:
-        result.table.to_csv(tmp, index=False)
     return paths
+
+
+def _mitigation_meta(cfg: SweepConfig, result: SweepResult, config: dict) -> dict:
+    """run.json keys of a mitigation run (none for erm, whose runs stay as they were)."""
+    if cfg.mitigation == "erm":
+        return {}
+    from cxrfair.probe import objectives
+
+    meta = {"mitigation": cfg.mitigation, "sensitive": cfg.sensitive, "strength": config.get("strength"),
+            "select": cfg.select, "selection": SELECTION_TEXT[cfg.select]}
+    if cfg.mitigation == "adversarial":
+        meta["adversary"] = {"kind": cfg.adversary, "hidden": objectives.ADVERSARY_HIDDEN}
+    if cfg.mitigation == "fairot":
+        meta["sinkhorn"] = {"eps": objectives.SINKHORN_EPS, "iterations": objectives.SINKHORN_ITERS, "cost": "squared",
+                            "score": "probability of the true class", "debiased": True}
+    if result.erasure is not None:
+        meta["erasure"] = result.erasure
+    return meta
 
 
 def _curves(result: SweepResult, i: int, k: int, solver: str) -> dict:
@@ -455,6 +629,8 @@ def _hyperparameters(cfg: SweepConfig, best: dict, multilabel: bool = False) -> 
     loss = LOSS_TEXT["multilabel" if multilabel else "multiclass"]
     hidden = {"hidden": best["hidden"]} if cfg.method == "mlp" else {}
     hidden_grid = {"hidden": list(cfg.hiddens)} if cfg.method == "mlp" else {}
+    if cfg.has_strength:  # the mitigation's strength is one more grid axis
+        hidden, hidden_grid = {"strength": best["strength"], **hidden}, {"strength": list(cfg.strengths), **hidden_grid}
     common = {"selection": SELECTION_TEXT[cfg.select], "seeds": list(cfg.seeds)}
     if cfg.solver == "lbfgs":
         from cxrfair.probe.train import GTOL

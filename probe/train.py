@@ -47,6 +47,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from cxrfair.probe import objectives
+
 # AdamW moments as in PyTorch's defaults, so the paper's recipe means the same thing here.
 ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8
 
@@ -67,6 +69,7 @@ class Recipe:
     max_iter: int = 500  # L-BFGS: iterations at most (a converged lane stops moving)
     gtol: float = GTOL  # L-BFGS: converged when every gradient entry is at most this in magnitude
     sequential: bool = False  # run lanes one after another (lax.map) instead of vmapped (large N, L-BFGS)
+    mitigation: objectives.Spec = objectives.Spec()  # the loss's fairness mitigation (default: erm)
 
     def steps_per_epoch(self, n_train: int) -> int:
         return math.ceil(n_train / self.batch_size)
@@ -81,6 +84,8 @@ class Data(NamedTuple):
     x_val: jax.Array  # (Nv, D)
     y_val: jax.Array  # (Nv,) or (Nv, C)
     x_test: jax.Array  # (Nt, D)
+    cell_train: jax.Array | None = None  # (N,) int cell of each training row (mitigations only)
+    group_train: jax.Array | None = None  # (N,) int group of each training row (mitigations only)
 
 
 class Hyper(NamedTuple):
@@ -90,6 +95,7 @@ class Hyper(NamedTuple):
     wd: jax.Array  # AdamW: decoupled weight decay (PyTorch AdamW convention: multiplied by lr)
     hidden: jax.Array  # hidden width, <= Recipe.max_hidden (ignored by the linear probe)
     l2: jax.Array  # L-BFGS: penalty l2/2 * ||weights||^2 added to the mean loss (biases free)
+    strength: jax.Array | None = None  # the mitigation's strength (None for erm)
 
 
 class LaneResult(NamedTuple):
@@ -153,11 +159,17 @@ def logits_t(params: dict, x: jax.Array) -> jax.Array:
     Classes-first is the layout the fused matmul produces (stacked lanes give (K*C, B)), so the
     loss is taken along axis 0 with no transpose inside the step (~9% faster on CPU).
     """
+    return forward_t(params, x)[0]
+
+
+def forward_t(params: dict, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(logits (C, B), the features the head reads: the MLP's hidden layer (H, B), else the logits)."""
     xt = x.T
     if "w" in params:
-        return params["w"] @ xt + params["b"][:, None]
+        z = params["w"] @ xt + params["b"][:, None]
+        return z, z
     h = jax.nn.relu(params["w1"] @ xt + params["b1"][:, None])  # (H, B)
-    return params["w2"] @ h + params["b2"][:, None]
+    return params["w2"] @ h + params["b2"][:, None], h
 
 
 def apply(params: dict, x: jax.Array) -> jax.Array:
@@ -256,14 +268,25 @@ def epoch_batches(key: jax.Array, epoch: jax.Array, n: int, batch_size: int) -> 
     return index, weight
 
 
-def train_step(carry: tuple, batch: tuple, total_steps: int) -> tuple[tuple, jax.Array]:
-    """One AdamW step on one padded minibatch; returns the new (params, opt_state) and the loss."""
-    params, opt_state = carry
-    x, y, w = batch
-    loss, grads = jax.value_and_grad(batch_loss)(params, x, y, w)
+def train_step(carry: tuple, batch: tuple, total_steps: int, spec: objectives.Spec = objectives.Spec(),
+               strength=None) -> tuple[tuple, jax.Array]:
+    """One AdamW step on one padded minibatch; returns the new (params, opt_state, aux) and the loss.
+
+    ``aux`` is () for erm; with a mitigation, (its carried state, the step count), and the
+    gradients come from ``objectives.value_and_grad`` on the per-example losses.
+    """
+    params, opt_state, aux = carry
+    x, y, w = batch[:3]
+    if spec.name == "erm":
+        loss, grads = jax.value_and_grad(batch_loss)(params, x, y, w)
+    else:
+        state, step = aux
+        ctx = objectives.Context(w, batch[3], batch[4], strength, step)
+        (loss, state), grads = objectives.value_and_grad(spec, example_losses, forward_t, params, x, y, ctx, state)
+        aux = (state, step + 1)
     # The hyperparameters come from opt_state, so the transform built here needs no values.
     updates, opt_state = optimizer(0.0, 0.0, total_steps).update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state), loss
+    return (optax.apply_updates(params, updates), opt_state, aux), loss
 
 
 class EpochState(NamedTuple):
@@ -274,26 +297,31 @@ class EpochState(NamedTuple):
     best: dict  # parameters after the best epoch (the initial ones until an epoch improves)
     best_loss: jax.Array  # () its validation loss (inf at first)
     best_epoch: jax.Array  # () int, 0-based (-1 at first)
+    aux: tuple = ()  # the mitigation's (carried state, step count); () for erm
 
 
 def train_epoch(state: EpochState, epoch: jax.Array, order_key: jax.Array, data: Data,
-                recipe: Recipe) -> tuple[EpochState, tuple[jax.Array, jax.Array]]:
+                recipe: Recipe, strength=None) -> tuple[EpochState, tuple[jax.Array, jax.Array]]:
     """One pass over the training split, then the validation loss; returns (state, (train, val) loss)."""
     n = data.x_train.shape[0]
     index, weight = epoch_batches(order_key, epoch, n, recipe.batch_size)
     total_steps = recipe.epochs * recipe.steps_per_epoch(n)
+    erm = recipe.mitigation.name == "erm"
 
     def step(carry, batch):
         # Rows are gathered per step: gathering the whole epoch up front would hold a permuted
         # copy of the training split per seed (S x N x D floats: 2.2 GB at 240k x 768 x 3 seeds).
         rows, w = batch
-        return train_step(carry, (data.x_train[rows], data.y_train[rows], w), total_steps)
+        rows_batch = (data.x_train[rows], data.y_train[rows], w)
+        if not erm:
+            rows_batch += (data.cell_train[rows], data.group_train[rows])
+        return train_step(carry, rows_batch, total_steps, spec=recipe.mitigation, strength=strength)
 
-    (params, opt_state), losses = jax.lax.scan(step, (state.params, state.opt_state), (index, weight))
+    (params, opt_state, aux), losses = jax.lax.scan(step, (state.params, state.opt_state, state.aux), (index, weight))
     # The epoch's training loss weights each step by its real rows (the last may be short).
     train_loss = jnp.sum(losses * weight.sum(1)) / n
     val_loss = jnp.mean(example_losses(params, data.x_val, data.y_val))
-    return keep_best(state, params, opt_state, val_loss, epoch), (train_loss, val_loss)
+    return keep_best(state, params, opt_state, val_loss, epoch)._replace(aux=aux), (train_loss, val_loss)
 
 
 def keep_best(state: EpochState, params: dict, opt_state, val_loss: jax.Array, epoch: jax.Array) -> EpochState:
@@ -301,7 +329,7 @@ def keep_best(state: EpochState, params: dict, opt_state, val_loss: jax.Array, e
     better = val_loss < state.best_loss
     best = jax.tree.map(lambda new, old: jnp.where(better, new, old), params, state.best)
     return EpochState(params, opt_state, best, jnp.where(better, val_loss, state.best_loss),
-                      jnp.where(better, epoch, state.best_epoch))
+                      jnp.where(better, epoch, state.best_epoch), state.aux)
 
 
 def fit_lane(key: jax.Array, hyper: Hyper, data: Data, recipe: Recipe) -> LaneResult:
@@ -320,9 +348,15 @@ def fit_lane_adamw(key: jax.Array, hyper: Hyper, data: Data, recipe: Recipe) -> 
     n, dim = data.x_train.shape
     init_key, order_key = jax.random.split(key)
     params = init_params(init_key, dim, recipe, hyper.hidden)
+    spec, aux = recipe.mitigation, ()
+    if spec.name != "erm":
+        # The adversary's key is folded from the seed's, so the probe's own init matches erm's.
+        params |= objectives.init_extra_params(jax.random.fold_in(init_key, 1), spec,
+                                               recipe.max_hidden or recipe.n_classes, recipe.n_classes)
+        aux = (objectives.init_state(spec), jnp.array(0, jnp.int32))
     opt_state = optimizer(hyper.lr, hyper.wd, recipe.epochs * recipe.steps_per_epoch(n)).init(params)
-    state = EpochState(params, opt_state, params, jnp.array(jnp.inf, jnp.float32), jnp.array(-1, jnp.int32))
-    epoch = partial(train_epoch, order_key=order_key, data=data, recipe=recipe)
+    state = EpochState(params, opt_state, params, jnp.array(jnp.inf, jnp.float32), jnp.array(-1, jnp.int32), aux)
+    epoch = partial(train_epoch, order_key=order_key, data=data, recipe=recipe, strength=hyper.strength)
     state, (train_curve, val_curve) = jax.lax.scan(epoch, state, jnp.arange(recipe.epochs, dtype=jnp.int32))
     ml = is_multilabel(data.y_val)
     return LaneResult(state.best_loss, state.best_epoch, train_curve, val_curve,
@@ -337,16 +371,17 @@ def weight_norm_sq(params: dict) -> jax.Array:
     return sum(jnp.sum(params[k] ** 2) for k in ("w", "w1", "w2") if k in params)
 
 
-def objective(params: dict, x: jax.Array, y: jax.Array, l2: jax.Array) -> jax.Array:
+def objective(params: dict, x: jax.Array, y: jax.Array, l2: jax.Array, weights: jax.Array | None = None) -> jax.Array:
     """Mean per-example loss over the training split + l2/2 * ||W||^2.
 
     For the linear probe this is scikit-learn's multinomial ``LogisticRegression`` objective
     divided by C*N, i.e. the same minimiser at ``C = 1 / (l2 * N)``. Multi-label: the conditions'
     weights are separate, so it is one binary ``LogisticRegression`` per condition at that C, over
     the rows where the condition is observed, each with sample weight 1 / (the row's observed
-    conditions).
+    conditions). ``weights`` (N,) (the ``reweight`` mitigation; mean 1) weight each example's loss.
     """
-    return jnp.mean(example_losses(params, x, y)) + 0.5 * l2 * weight_norm_sq(params)
+    losses = example_losses(params, x, y)
+    return jnp.mean(losses if weights is None else losses * weights) + 0.5 * l2 * weight_norm_sq(params)
 
 
 def lbfgs_solver() -> optax.GradientTransformationExtraArgs:
@@ -366,7 +401,8 @@ class LbfgsState(NamedTuple):
     iterations: jax.Array  # () int: iterations that moved the parameters
 
 
-def lbfgs_iteration(state: LbfgsState, _, data: Data, l2: jax.Array, gtol: float) -> tuple[LbfgsState, tuple]:
+def lbfgs_iteration(state: LbfgsState, _, data: Data, l2: jax.Array, gtol: float,
+                    weights: jax.Array | None = None) -> tuple[LbfgsState, tuple]:
     """One L-BFGS step on the full training split; a lane that is done keeps its parameters.
 
     The objective and gradient at the new point are the line search's (stored in its state), so
@@ -374,7 +410,7 @@ def lbfgs_iteration(state: LbfgsState, _, data: Data, l2: jax.Array, gtol: float
 
     Returns the new state and (objective, validation loss) at the parameters it leaves.
     """
-    fun = partial(objective, x=data.x_train, y=data.y_train, l2=l2)
+    fun = partial(objective, x=data.x_train, y=data.y_train, l2=l2, weights=weights)
     converged = max_abs(state.grad) <= gtol
     updates, opt_state = lbfgs_solver().update(state.grad, state.opt_state, state.params,
                                                value=state.value, grad=state.grad, value_fn=fun)
@@ -387,6 +423,15 @@ def lbfgs_iteration(state: LbfgsState, _, data: Data, l2: jax.Array, gtol: float
                        state.iterations + (~done).astype(jnp.int32))
     val_loss = jnp.mean(example_losses(state.params, data.x_val, data.y_val))
     return state, (state.value, val_loss)
+
+
+def lbfgs_weights(spec: objectives.Spec, data: Data, strength) -> jax.Array | None:
+    """(N,) example weights of the full-batch objective: ``reweight``'s cell weights, else None (plain mean)."""
+    if spec.name == "erm" or spec.name == "erase":
+        return None
+    if spec.name != "reweight":
+        raise ValueError(f"mitigation {spec.name!r} needs the adamw solver (its objective changes every step)")
+    return objectives.cell_weights(jnp.array(spec.cell_counts), strength)[data.cell_train]
 
 
 def max_abs(tree) -> jax.Array:
@@ -403,9 +448,10 @@ def fit_lane_lbfgs(key: jax.Array, hyper: Hyper, data: Data, recipe: Recipe) -> 
     """
     dim = data.x_train.shape[1]
     params = init_params(jax.random.split(key)[0], dim, recipe, hyper.hidden)
-    value, grad = jax.value_and_grad(objective)(params, data.x_train, data.y_train, hyper.l2)
+    weights = lbfgs_weights(recipe.mitigation, data, hyper.strength)
+    value, grad = jax.value_and_grad(objective)(params, data.x_train, data.y_train, hyper.l2, weights)
     state = LbfgsState(params, lbfgs_solver().init(params), value, grad, jnp.array(False), jnp.array(0, jnp.int32))
-    step = partial(lbfgs_iteration, data=data, l2=hyper.l2, gtol=recipe.gtol)
+    step = partial(lbfgs_iteration, data=data, l2=hyper.l2, gtol=recipe.gtol, weights=weights)
     state, (train_curve, val_curve) = jax.lax.scan(step, state, None, length=recipe.max_iter)
     ml = is_multilabel(data.y_val)
     return LaneResult(val_curve[-1], state.iterations, train_curve, val_curve,

@@ -133,8 +133,8 @@ def test_a_constant_feature_is_centred_not_divided_by_zero():
 
 def test_selection_by_loss_or_by_accuracy():
     loss, acc = np.array([0.9, 0.8, 0.8, 1.0]), np.array([0.5, 0.6, 0.7, 0.7])
-    assert select_config(loss, acc, "loss") == 1  # lowest loss, first of ties
-    assert select_config(loss, acc, "accuracy") == 2  # highest accuracy, ties to the lower loss
+    assert select_config({"loss": loss, "accuracy": acc}, "loss") == 1  # lowest loss, first of ties
+    assert select_config({"loss": loss, "accuracy": acc}, "accuracy") == 2  # highest accuracy, ties to the lower loss
 
 
 def offset_features(seed: int, sizes: dict, dim: int = 24):

@@ -1,0 +1,328 @@
+"""Fairness mitigations for the probes: small pure functions plugged into the per-example loss.
+
+The training loop (``cxrfair.probe.train``) computes a per-example loss vector ``(B,)`` (whatever
+the task: softmax cross-entropy for multi-class, masked sigmoid for multi-label) and hands it to
+``value_and_grad`` here, with a ``Context`` (the batch's real-row mask, each row's group and
+cell, the lane's strength and training progress) and the mitigation's carried state. Each
+mitigation is one reducer ``(losses, ctx, state, spec) -> (loss, state)`` in ``REDUCERS``; the
+adversary, which needs the model's outputs and its own parameters, is ``adversarial_grads``.
+Nothing here copies the loop, so each lane of a vmapped sweep runs its own strength.
+
+Names and semantics: docs/CONTRACTS.md, "Mitigations". ``erase`` is not a loss: ``leace_fit``
+/ ``leace_apply`` transform the features before the probe.
+
+Cells are (group, class) for multi-class (cell = group * C + class) and groups for multi-label.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Mitigations the probes train with (``thresholds`` is post-processing: cxrfair.analysis.postprocess).
+PROBE_MITIGATIONS = ("erm", "reweight", "groupdro", "adversarial", "fairot", "erase")
+# groupdro's q, the adversary's min-max and fairot's per-batch Sinkhorn change the objective every
+# step, which full-batch L-BFGS (a line search on one fixed function) cannot follow: AdamW minibatches.
+SOLVER_FOR = {"erm": "lbfgs", "reweight": "lbfgs", "erase": "lbfgs",
+              "groupdro": "adamw", "adversarial": "adamw", "fairot": "adamw"}
+# (low, high, low inclusive, text) of each mitigation's strength.
+STRENGTH_RANGE = {"reweight": (0.0, 1.0, True, "in [0, 1]"), "groupdro": (0.0, np.inf, False, "> 0"),
+                  "adversarial": (0.0, np.inf, True, ">= 0"), "fairot": (0.0, np.inf, True, ">= 0")}
+DEFAULT_STRENGTHS = {"reweight": (0.5, 1.0), "groupdro": (0.01, 0.1, 1.0),
+                     "adversarial": (0.1, 0.3, 1.0), "fairot": (0.1, 1.0, 10.0)}
+ADVERSARIES = ("grl", "projection")
+ADVERSARY_HIDDEN = 64  # the adversary: an MLP with one hidden ReLU layer of this width
+SINKHORN_EPS = 0.01  # entropic blur of fairot's Sinkhorn divergence (squared cost on scores in [0, 1])
+SINKHORN_ITERS = 200  # log-domain iterations (eps annealed from 1 to SINKHORN_EPS first); 60 left 0.5% error on small samples
+SINKHORN_DECAY = 0.7  # eps-scaling factor per iteration during the annealing
+
+
+@dataclass(frozen=True)
+class Spec:
+    """The static part of a mitigation, shared by every lane of a sweep (hashable: a jit static)."""
+
+    name: str = "erm"  # one of PROBE_MITIGATIONS
+    n_groups: int = 0  # groups of the sensitive attribute
+    cell_counts: tuple = ()  # training rows per cell (n_cells,), cell = group * C + class (multi-label: group)
+    adversary: str = "grl"  # adversarial: "grl" (gradient reversal on features) or "projection" (Zhang et al.)
+    total_steps: int = 1  # optimizer steps of one lane (the GRL ramp's training progress)
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.cell_counts)
+
+
+class Context(NamedTuple):
+    """What the loss sees of one training step (one lane)."""
+
+    w: jax.Array  # (B,) 1 for real rows, 0 for padding
+    cell: jax.Array  # (B,) int cell of each row
+    group: jax.Array  # (B,) int group of each row
+    strength: jax.Array  # () the lane's strength
+    step: jax.Array  # () int optimizer step, 0-based
+
+
+# ---------------------------------------------------------------- reducers
+
+
+def masked_mean(values: jax.Array, w: jax.Array) -> jax.Array:
+    """Mean of values (B,) over the real rows (w 1) of a padded batch."""
+    return jnp.sum(values * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def erm(losses, ctx: Context, state, spec: Spec):
+    """Plain training: the mean per-example loss."""
+    return masked_mean(losses, ctx.w), state
+
+
+def cell_weights(cell_counts: jax.Array, strength: jax.Array) -> jax.Array:
+    """Per-cell example weights (n_cells,): w ∝ n_cell^(-s), mean 1 over the training rows.
+
+    s = 0 gives 1 everywhere (ERM); s = 1 makes every non-empty cell's total weight equal.
+    Empty cells get weight 0 (no row uses it).
+    """
+    n = jnp.asarray(cell_counts, jnp.float32)
+    raw = jnp.where(n > 0, jnp.maximum(n, 1.0) ** -strength, 0.0)
+    return raw * jnp.sum(n) / jnp.sum(n * raw)
+
+
+def reweight(losses, ctx: Context, state, spec: Spec):
+    """Mean of per-example losses weighted by their cell's ``cell_weights``."""
+    weights = cell_weights(jnp.array(spec.cell_counts), ctx.strength)[ctx.cell]
+    return masked_mean(losses * weights, ctx.w), state
+
+
+def cell_means(losses: jax.Array, ctx: Context, n_cells: int) -> tuple[jax.Array, jax.Array]:
+    """(mean loss of each cell in the batch (n_cells,), 0 where absent; rows per cell (n_cells,))."""
+    onehot = jax.nn.one_hot(ctx.cell, n_cells, dtype=losses.dtype) * ctx.w[:, None]  # (B, n_cells)
+    count = onehot.sum(0)
+    return (losses @ onehot) / jnp.maximum(count, 1.0), count
+
+
+def groupdro_init(spec: Spec) -> jax.Array:
+    """q (n_cells,): uniform over the cells that have training rows."""
+    live = (np.asarray(spec.cell_counts) > 0).astype(np.float32)
+    return jnp.asarray(live / live.sum())
+
+
+def groupdro_update(q: jax.Array, cell_loss: jax.Array, eta: jax.Array) -> jax.Array:
+    """Sagawa et al.'s step: q_c <- q_c exp(eta L_c), renormalised (absent cells have L_c = 0)."""
+    logits = jnp.where(q > 0, jnp.log(jnp.where(q > 0, q, 1.0)) + eta * cell_loss, -jnp.inf)
+    return jax.nn.softmax(logits)
+
+
+def groupdro(losses, ctx: Context, q, spec: Spec):
+    """Online group DRO: q moves towards the worst cells, then loss = sum_c q_c L_c (q not differentiated)."""
+    cell_loss, _ = cell_means(losses, ctx, spec.n_cells)
+    q = groupdro_update(q, jax.lax.stop_gradient(cell_loss), ctx.strength)
+    return jnp.dot(q, cell_loss), q
+
+
+# ---------------------------------------------------------------- fairot: debiased Sinkhorn in 1-D
+
+
+def _log_weights(a: jax.Array) -> jax.Array:
+    # Absent points (weight 0) get a very negative log weight instead of -inf, so gradients stay finite.
+    return jnp.where(a > 0, jnp.log(jnp.where(a > 0, a, 1.0)), -1e30)
+
+
+def sinkhorn_ot(x: jax.Array, a: jax.Array, y: jax.Array, b: jax.Array, eps: float = SINKHORN_EPS,
+                iters: int = SINKHORN_ITERS) -> jax.Array:
+    """Entropic OT cost OT_eps(a, b) = min_P <P, C> + eps KL(P | a ⊗ b) between 1-D samples.
+
+    x (n,), a (n,) weights summing to 1 (0 = absent); y (m,), b (m,). C = (x_i - y_j)^2.
+    Log-domain Sinkhorn with eps annealed from 1 down to ``eps``; the potentials are then held
+    fixed and one differentiable extrapolation gives the dual value <a, f> + <b, g>, whose
+    gradient at convergence is the plan's (no backpropagation through the iterations).
+    """
+    cost = (x[:, None] - y[None, :]) ** 2
+    la, lb = _log_weights(a), _log_weights(b)
+    c_const = jax.lax.stop_gradient(cost)
+
+    def update(f, g, e):
+        f = -e * jax.nn.logsumexp(lb[None, :] + (g[None, :] - c_const) / e, axis=1)
+        g = -e * jax.nn.logsumexp(la[:, None] + (f[:, None] - c_const) / e, axis=0)
+        return f, g
+
+    def body(fg, t):
+        e = jnp.maximum(eps, SINKHORN_DECAY ** t.astype(jnp.float32))
+        return update(*fg, e), None
+
+    (f, g), _ = jax.lax.scan(body, (jnp.zeros_like(x), jnp.zeros_like(y)), jnp.arange(iters))
+    f, g = jax.lax.stop_gradient(f), jax.lax.stop_gradient(g)
+    f1 = -eps * jax.nn.logsumexp(lb[None, :] + (g[None, :] - cost) / eps, axis=1)
+    g1 = -eps * jax.nn.logsumexp(la[:, None] + (f[:, None] - cost) / eps, axis=0)
+    return jnp.sum(jnp.where(a > 0, a * f1, 0.0)) + jnp.sum(jnp.where(b > 0, b * g1, 0.0))
+
+
+def sinkhorn_divergence(x, a, y, b, eps: float = SINKHORN_EPS) -> jax.Array:
+    """Debiased S_eps(a, b) = OT(a, b) - OT(a, a)/2 - OT(b, b)/2 (>= 0, 0 iff a = b)."""
+    return sinkhorn_ot(x, a, y, b, eps) - 0.5 * sinkhorn_ot(x, a, x, a, eps) - 0.5 * sinkhorn_ot(y, b, y, b, eps)
+
+
+def fairot_penalty(scores: jax.Array, ctx: Context, n_groups: int) -> jax.Array:
+    """Σ_g S_eps(scores of the batch, scores of the batch's rows in group g); groups with < 2 rows skipped.
+
+    scores (B,): each row's probability of its true class (multi-class: exp(-cross-entropy)).
+    """
+    a = ctx.w / jnp.maximum(ctx.w.sum(), 1.0)
+
+    def one(g):
+        in_g = ctx.w * (ctx.group == g)
+        b = in_g / jnp.maximum(in_g.sum(), 1.0)
+        return jnp.where(in_g.sum() >= 2, sinkhorn_divergence(scores, a, scores, b), 0.0)
+
+    return jnp.sum(jax.vmap(one)(jnp.arange(n_groups)))
+
+
+def fairot(losses, ctx: Context, state, spec: Spec):
+    """FairCLIP's idea done right: mean loss + strength × Σ_g S_eps(batch, group g) of true-class scores."""
+    return masked_mean(losses, ctx.w) + ctx.strength * fairot_penalty(jnp.exp(-losses), ctx, spec.n_groups), state
+
+
+REDUCERS: dict[str, Callable] = {"erm": erm, "reweight": reweight, "groupdro": groupdro, "fairot": fairot}
+
+
+# ---------------------------------------------------------------- adversarial
+
+
+@jax.custom_vjp
+def reverse_gradient(x: jax.Array, scale: jax.Array) -> jax.Array:
+    """Identity forward; the gradient is multiplied by -scale on the way back (Ganin & Lempitsky)."""
+    return x
+
+
+def _reverse_fwd(x, scale):
+    return x, scale
+
+
+def _reverse_bwd(scale, g):
+    return -scale * g, jnp.zeros_like(scale)
+
+
+reverse_gradient.defvjp(_reverse_fwd, _reverse_bwd)
+
+
+def grl_ramp(progress: jax.Array) -> jax.Array:
+    """Ganin & Lempitsky's schedule 2 / (1 + e^(-10 p)) - 1, p in [0, 1]."""
+    return 2.0 / (1.0 + jnp.exp(-10.0 * progress)) - 1.0
+
+
+def adversary_init(key: jax.Array, n_in: int, n_groups: int) -> dict:
+    """The adversary MLP (n_in -> 64 -> n_groups), PyTorch-style uniform init; weights (out, in)."""
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    u = lambda k, shape, fan: jax.random.uniform(k, shape, jnp.float32, -1.0, 1.0) / np.sqrt(fan)  # noqa: E731
+    return {"w1": u(k1, (ADVERSARY_HIDDEN, n_in), n_in), "b1": u(k2, (ADVERSARY_HIDDEN,), n_in),
+            "w2": u(k3, (n_groups, ADVERSARY_HIDDEN), ADVERSARY_HIDDEN), "b2": u(k4, (n_groups,), ADVERSARY_HIDDEN)}
+
+
+def adversary_loss(adv: dict, feat_t: jax.Array, ctx: Context) -> jax.Array:
+    """Mean cross-entropy of the adversary predicting each row's group from feat_t (F, B)."""
+    h = jax.nn.relu(adv["w1"] @ feat_t + adv["b1"][:, None])
+    z = adv["w2"] @ h + adv["b2"][:, None]  # (G, B)
+    ce = jax.nn.logsumexp(z, axis=0) - jnp.take_along_axis(z, ctx.group[None, :], axis=0)[0]
+    return masked_mean(ce, ctx.w)
+
+
+def _tree_vdot(a, b) -> jax.Array:
+    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def adversarial_grads(params: dict, loss_fn, forward_fn, x, y, ctx: Context, state, spec: Spec):
+    """Loss and gradients of the probe (``params`` minus ``"adv"``) and its adversary (``params["adv"]``).
+
+    grl: the adversary reads the features the head reads (``forward_fn``'s second output: the
+    MLP's hidden layer, the linear probe's logits) through a gradient reversal of
+    strength × ramp(progress). projection (Zhang et al. 2018): the adversary reads the softmax
+    outputs and the one-hot label (equalised odds); the probe's gradient is
+    ∇L_P − proj_{∇L_A} ∇L_P − strength ∇L_A, with one inner product over all its parameters.
+    """
+    probe = {k: v for k, v in params.items() if k != "adv"}
+    if spec.adversary == "grl":
+        scale = ctx.strength * grl_ramp(ctx.step / spec.total_steps)
+
+        def total(p):
+            task = masked_mean(loss_fn(p, x, y), ctx.w)
+            return task + adversary_loss(p["adv"], reverse_gradient(forward_fn(p, x)[1], scale), ctx)
+
+        loss, grads = jax.value_and_grad(total)(params)
+        return (loss, state), grads
+
+    def task(p):
+        return masked_mean(loss_fn(p, x, y), ctx.w)
+
+    def adv(p, a):
+        z = forward_fn(p, x)[0]  # (C, B)
+        label = jax.nn.one_hot(y, z.shape[0], axis=0, dtype=z.dtype)
+        return adversary_loss(a, jnp.concatenate([jax.nn.softmax(z, axis=0), label]), ctx)
+
+    loss, g_p = jax.value_and_grad(task)(probe)
+    _, (g_a, g_adv) = jax.value_and_grad(adv, argnums=(0, 1))(probe, params["adv"])
+    coef = _tree_vdot(g_p, g_a) / jnp.maximum(_tree_vdot(g_a, g_a), 1e-30)
+    grads = jax.tree.map(lambda gp, ga: gp - coef * ga - ctx.strength * ga, g_p, g_a)
+    return (loss, state), {**grads, "adv": g_adv}
+
+
+# ---------------------------------------------------------------- the seam the loop calls
+
+
+def init_state(spec: Spec):
+    """The mitigation's carried training state: GroupDRO's q, else an empty tuple."""
+    return groupdro_init(spec) if spec.name == "groupdro" else ()
+
+
+def init_extra_params(key: jax.Array, spec: Spec, n_features: int, n_classes: int) -> dict:
+    """Parameters the mitigation trains beside the probe (``{"adv": ...}`` for adversarial, else {})."""
+    if spec.name != "adversarial":
+        return {}
+    n_in = n_features if spec.adversary == "grl" else 2 * n_classes
+    return {"adv": adversary_init(key, n_in, spec.n_groups)}
+
+
+def value_and_grad(spec: Spec, loss_fn, forward_fn, params: dict, x, y, ctx: Context, state):
+    """((loss, new state), gradients) of one step of mitigation ``spec.name``.
+
+    loss_fn(params, x, y) -> (B,) per-example losses; forward_fn(params, x) -> (logits (C, B),
+    features (F, B)). Both are the loop's own, so a new task (multi-label) plugs in unchanged.
+    """
+    if spec.name == "adversarial":
+        return adversarial_grads(params, loss_fn, forward_fn, x, y, ctx, state, spec)
+    reducer = REDUCERS[spec.name]
+    return jax.value_and_grad(lambda p: reducer(loss_fn(p, x, y), ctx, state, spec), has_aux=True)(params)
+
+
+# ---------------------------------------------------------------- erase: LEACE (NumPy, closed form)
+
+
+def leace_fit(x: np.ndarray, groups: np.ndarray, n_groups: int, tol: float = 1e-8) -> dict:
+    """LEACE (Belrose et al. 2023): the least-squares eraser of the group from x, fitted on these rows.
+
+    x (N, D), groups (N,) int in [0, n_groups). With whitening W = Σ_xx^{-1/2} (pseudo-inverse on
+    the numerical null space) and P the orthogonal projection onto the column space of W Σ_xz
+    (z the one-hot group), r(x) = x − W⁺ P W (x − μ): after it no linear function of x is
+    correlated with the group, so a linear classifier does no better than a constant one.
+
+    Returns ``{"mean": (D,), "proj": (D, D) W⁺PW, "rank": rank of P}`` (float64).
+    """
+    x = np.asarray(x, np.float64)
+    z = np.eye(n_groups)[np.asarray(groups)]
+    mean = x.mean(0)
+    xc, zc = x - mean, z - z.mean(0)
+    vals, vecs = np.linalg.eigh(xc.T @ xc / len(x))
+    keep = vals > tol * max(vals.max(), 1e-300)
+    root = np.where(keep, np.sqrt(np.where(keep, vals, 1.0)), 0.0)
+    whiten = (vecs * np.where(keep, 1.0 / np.where(keep, root, 1.0), 0.0)) @ vecs.T
+    unwhiten = (vecs * root) @ vecs.T
+    u, s, _ = np.linalg.svd(whiten @ (xc.T @ zc / len(x)), full_matrices=False)
+    basis = u[:, s > tol * max(s.max(initial=0.0), 1e-300)]
+    return {"mean": mean, "proj": unwhiten @ basis @ basis.T @ whiten, "rank": int(basis.shape[1])}
+
+
+def leace_apply(eraser: dict, x: np.ndarray) -> np.ndarray:
+    """x (N, D) with the fitted group erased (float32)."""
+    x64 = np.asarray(x, np.float64)
+    return (x64 - (x64 - eraser["mean"]) @ eraser["proj"].T).astype(np.float32)
