@@ -131,6 +131,8 @@ class EmbeddingCache:
         from cxrfair.extract.cohort_format import DEFAULT_ATTRIBUTES
 
         value = self.attrs.get("attributes")
+        if isinstance(value, str) and value:  # stored as JSON text by writers that pass it through attrs
+            value = json.loads(value)
         return json.loads(json.dumps(value if isinstance(value, dict) and value else DEFAULT_ATTRIBUTES))
 
     def labels(self) -> np.ndarray:
