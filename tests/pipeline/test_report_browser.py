@@ -3,6 +3,7 @@
 Skipped when Chromium is not installed (`.ci/run` installs Debian's `chromium`).
 """
 
+import html
 import json
 import re
 import shutil
@@ -22,12 +23,21 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
 
-# Appended to a copy of the report: after load, put each image's decoded size into the title.
+# Appended to a copy of the report: after load, put what a reader would see into the title.
 PROBE = """<script>
 window.addEventListener('load', () => {
   const imgs = [...document.images].map(i => [i.alt || i.src.slice(0, 30), i.naturalWidth, i.naturalHeight]);
   const tables = [...document.querySelectorAll('table')].map(t => t.rows.length);
-  document.title = 'PROBE' + JSON.stringify({imgs, tables}) + 'PROBE';
+  const sections = [...document.querySelectorAll('main > section')].map(s => s.id);
+  const toc = [...document.querySelectorAll('nav#toc a')].map(a => a.getAttribute('href').slice(1));
+  const resolved = toc.filter(id => document.getElementById(id) !== null).length;
+  const findings = document.getElementById('findings');
+  const items = findings ? [...findings.querySelectorAll('li')].map(li => li.textContent) : [];
+  const top = findings ? findings.getBoundingClientRect().top : -1;
+  const folded = [...document.querySelectorAll('details')].filter(d => !d.open && d.querySelector('table')).length;
+  const overflow = document.documentElement.scrollWidth - window.innerWidth;
+  document.title = 'PROBE' + JSON.stringify({imgs, tables, sections, toc, resolved, items, top,
+                                             height: window.innerHeight, folded, overflow}) + 'PROBE';
 });
 </script>"""
 
@@ -43,23 +53,46 @@ def report(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("browser")
     grid = [("tiny-clip", m, s) for m in ("zeroshot", "linear", "mlp", "lora", "full") for s in (0, 1)]
     write_runs(tmp / "runs", grid, n_per_split=40)
-    return analyze(AnalyzeConfig(runs_dir=tmp / "runs", out=tmp / "report", n_boot=50, seed=0))
+    return analyze(AnalyzeConfig(runs_dir=tmp / "runs", out=tmp / "report", n_boot=100, seed=0))
+
+
+def _probe(report: Path, tmp_path: Path, size: str = "1280,800") -> dict:
+    probe_page = tmp_path / "probe.html"
+    probe_page.write_text(report.read_text().replace("</body>", PROBE + "</body>"))
+    dom = _chromium(tmp_path, "--dump-dom", "--virtual-time-budget=5000", f"--window-size={size}", probe_page.as_uri())
+    found = re.search(r"PROBE(.*?)PROBE", dom)
+    assert found, dom[:500]
+    return json.loads(html.unescape(found.group(1)))
 
 
 def test_figures_decode_and_tables_render_in_chromium(report, tmp_path):
-    html = report.read_text()
-    assert re.search(r"<img [^>]*src=['\"]data:image/png;base64,", html)  # self-contained
-    probe_page = tmp_path / "probe.html"
-    probe_page.write_text(html.replace("</body>", PROBE + "</body>"))
-    dom = _chromium(tmp_path, "--dump-dom", "--virtual-time-budget=5000", probe_page.as_uri())
-    found = re.search(r"PROBE(.*?)PROBE", dom)
-    assert found, dom[:500]
-    seen = json.loads(found.group(1).replace("&quot;", '"'))
+    page = report.read_text()
+    assert re.search(r"<img [^>]*src=['\"]data:image/png;base64,", page)  # self-contained
+    assert not re.search(r"<(img|script|link)[^>]+(src|href)=['\"](?!data:|#)", page)  # nothing fetched
+    seen = _probe(report, tmp_path)
     figures = list((report.parent / "figures").glob("*.png"))
-    assert len(seen["imgs"]) == len(figures) >= 5
+    assert len(seen["imgs"]) == len(figures) >= 10
     for name, width, height in seen["imgs"]:
         assert width > 200 and height > 100, f"figure {name} did not decode in the browser"
-    assert len(seen["tables"]) >= 5 and all(rows >= 2 for rows in seen["tables"])
+    names = [name for name, _, _ in seen["imgs"]]
+    for prefix in ("roc_", "reliability_", "f1_by_group_", "fairness_"):
+        assert sum(n.startswith(prefix) for n in names) == 3, prefix  # one per attribute (sex, age, sex×age)
+    assert len(seen["tables"]) >= 8 and all(rows >= 2 for rows in seen["tables"])
+    assert seen["folded"] >= 3  # wide tables' extra columns and the runs list start folded
+
+
+def test_the_page_opens_on_findings_with_a_working_contents_list(report, tmp_path):
+    seen = _probe(report, tmp_path)
+    assert seen["sections"][0] == "findings"
+    assert 0 <= seen["top"] < seen["height"] / 2  # visible without scrolling, in the upper half
+    assert seen["toc"] == seen["sections"] and seen["resolved"] == len(seen["toc"])
+    assert {"roc-sex", "calibration-age_group", "fairness-sex_x_age"} <= set(seen["sections"])
+    # One item per compared run (4 methods × 2 seeds), each with intervals and a verdict.
+    assert len(seen["items"]) == 8
+    for item in seen["items"]:
+        assert re.match(r"tiny-clip, (linear probe|MLP probe|LoRA|full fine-tuning) vs zero-shot \(seed \d\): "
+                        r"accuracy [+−]?\d+\.\d points \[[−\d.]+, [−\d.]+\] \((higher|lower|no clear change)\)", item), item
+    assert seen["overflow"] <= 0  # no sideways scrolling on a laptop-sized window: wide tables scroll in place
 
 
 def test_screenshot_shows_content_not_a_blank_page(report, tmp_path):

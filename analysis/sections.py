@@ -1,0 +1,274 @@
+"""The report's sections, in page order: ``SECTIONS``.
+
+Each entry is a small function ``(data: ReportData) -> Section | list[Section] | None`` that
+returns its sections only when its data is present. To add a section (multi-label metrics,
+mitigations, leakage, shortcuts, ...), write one such function (here or in its own module) and
+add it to ``SECTIONS``; the renderers in ``report`` need no change. Figures are given as
+``Figure(name, caption, draw)`` and drawn only when the report has figures on.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from cxrfair.analysis import findings as F
+from cxrfair.analysis.report import (
+    Figure,
+    ReportData,
+    Section,
+    Table,
+    seed_intervals_averaged,
+    slug,
+    table_class_f1,
+    table_comparisons,
+    table_fairness,
+    table_group_f1,
+    table_group_metric,
+    table_utility,
+)
+
+ECE_NOTE = ("`ece_gap` uses the usual binned top-label ECE (15 equal-width confidence bins); "
+            "`ece_gap_paper` is PAPER.md eq. 4 as written, unbinned: p_i is the top-label confidence and "
+            "o_i is 1 if the top label is correct, else 0. Figures show the binned `ece_gap`.")
+NAN_NOTE = ("A ratio with a zero denominator (e.g. TPR of a class with no positives in a group) is NaN, "
+            "shown as –. Means over classes skip NaN terms; gaps and minima over groups are NaN if any group is.")
+CELLS = ("Cells: value [interval] in %; ±: sd over the seeds counted in `seeds` (for zero-shot: over the "
+         "prompt draws of the chosen set).")
+ZERO_SHOT_TERMS = {
+    "global": "global image–text cosine similarity only",
+    "both": "GLoRIA's own scoring: the mean of the global and the local (word–region attention) similarity, "
+            "the max over a class's prompts, standardised per class",
+    "local": "the local (word–region attention) similarity only",
+}
+
+
+def _figures() -> object:
+    from cxrfair.analysis import figures
+
+    return figures
+
+
+def _single(draw, *args, width=7.0, height=4.0, **kwargs):
+    """A zero-argument drawer for a one-panel figure function ``draw(*args, ax=...)``."""
+    import matplotlib.pyplot as plt
+
+    def make():
+        fig, ax = plt.subplots(figsize=(width, height), constrained_layout=True)
+        draw(*args, ax=ax, **kwargs)
+        return fig
+
+    return make
+
+
+def _n_rows(data: ReportData) -> int:
+    return max(1, data.summary.groupby(["model", "method"]).ngroups)
+
+
+# ----------------------------------------------------------------------------- findings and setup
+
+
+def findings(data: ReportData) -> Section | None:
+    """Findings: the paired comparisons against the baseline, one sentence per model × method."""
+    t = data.findings
+    if t.empty:
+        return None
+    lines = F.summary_lines(t, data.config.level)
+    fig = Figure("findings.png", "The findings at a glance: each comparison's difference (points, method − "
+                 "baseline) with its interval; filled where the interval excludes zero.",
+                 partial(_figures().findings_forest, t))
+    notes = ("\n".join("- " + s for s in F.sentences(t)), lines[-1],
+             "Every number here is a row of `comparisons.csv` (and `findings.csv`); the section "
+             "[Paired comparisons](#comparisons) tabulates them with more metrics.")
+    return Section("findings", "Findings", prose=tuple(lines[:-1]), figures=(fig,), notes=notes)
+
+
+def _uncertainty(data: ReportData) -> str:
+    from cxrfair.analysis import analyze
+
+    c = data.config
+    describe = getattr(analyze, "describe_intervals", None)
+    if describe is not None:
+        return describe(c)
+    if not c.n_boot:
+        return "No bootstrap: point estimates only, no intervals."
+    averaged = ("the interval of a seed mean is the percentile interval of the seed-averaged replicates"
+                if seed_intervals_averaged(data.results) else "a seed mean shows the mean of its runs' interval bounds")
+    return (f"{c.n_boot} bootstrap replicates, resampling {c.split} images with replacement within each "
+            f"{' × '.join(c.attributes)} cell (seed {c.seed}); {100 * c.level:.0f}% percentile intervals; {averaged}.")
+
+
+def zero_shot_scoring(data: ReportData) -> list[str]:
+    """One line per model with zero-shot runs: the prompt set shown and the similarity its scores use."""
+    runs = data.results.runs
+    zs = runs[runs["primary"] & (runs["method"] == "zeroshot")]
+    meta = {r.run_id: r.meta for r in data.primary_runs}
+    out = []
+    for model, rows in zs.groupby("model", sort=True):
+        terms = sorted({str(meta.get(i, {}).get("zero_shot_term", "")) for i in rows["run_id"]})
+        said = "; ".join(ZERO_SHOT_TERMS.get(t, f"`{t}`") if t else "not recorded (run.json has no `zero_shot_term`; "
+                         "runs before it scored with the global similarity)" for t in terms)
+        if not meta:
+            said = "unknown (the runs could not be read again)"
+        draws = f"{len(rows)} draw" + ("s" if len(rows) > 1 else "")
+        out.append(f"- `{model}`: prompt set `{rows['tag'].iloc[0]}` ({draws}); scoring: {said}.")
+    return out
+
+
+def setup(data: ReportData) -> Section:
+    """How the numbers were made: split, intervals, zero-shot scoring per model, notes, metric definitions."""
+    prose = [f"**Uncertainty.** {_uncertainty(data)} Absolute gaps are biased upward under resampling, so "
+             "their interval may not contain the point estimate."]
+    zs = zero_shot_scoring(data)
+    if zs:
+        prose += ["**Zero-shot** (prompt set chosen on validation; the draws of a sampled set are averaged like seeds):",
+                  "\n".join(zs)]
+    prose += [ECE_NOTE, NAN_NOTE] + [f"Note: {n}" for n in data.results.notes]
+    defs = "\n".join(f"- `{k}`: {v}" for k, v in sorted(data.definitions.items()))
+    return Section("setup", "Setup and definitions", prose=tuple(prose),
+                   details=(("Metric definitions", (defs,)),) if defs else ())
+
+
+# ----------------------------------------------------------------------------- utility and diseases
+
+
+def utility(data: ReportData) -> Section | None:
+    t = table_utility(data.summary)
+    if t.empty:
+        return None
+    fig = Figure("accuracy.png", "Accuracy by model and method with 95% intervals (paper Fig. 2a).",
+                 _single(_figures().accuracy_by_model, data.summary))
+    return Section("utility", "Utility", figures=(fig,), tables=(Table(t, CELLS),))
+
+
+def diseases(data: ReportData) -> Section | None:
+    t = table_class_f1(data.summary)
+    if t.empty:
+        return None
+    n_classes = max(1, data.summary.loc[data.summary["metric"] == "f1", "class"].nunique())
+    figs = (
+        Figure("f1_heatmap.png", "Class-wise F1 with intervals (paper Fig. 2b).",
+               _single(_figures().f1_heatmap, data.summary, width=1.4 * n_classes + 3, height=0.5 * _n_rows(data) + 1.8)),
+        Figure("var_f1.png", "Var_F1 per model and method (paper Fig. 3a): lower is fairer across diseases.",
+               _single(_figures().var_f1_by_model, data.summary)),
+    )
+    caption = "Var_F1 = population variance of class F1 (× 100, as the paper's %). " + CELLS
+    return Section("diseases", "Fairness across diseases", figures=figs,
+                   tables=(Table(t, caption, visible=8, stacked=True),))
+
+
+# ----------------------------------------------------------------------------- groups
+
+
+def group_fairness(data: ReportData) -> list[Section]:
+    """Per attribute: F1 by group (paper Fig. 3b), the gap metrics (Fig. 3c–d), their tables."""
+    out = []
+    s = data.summary
+    for a in data.attributes:
+        fair = table_fairness(s, a)
+        if fair.empty:
+            continue
+        panels = [("f1_gap", "F1 gap (A − A')"), ("eqodds", "EqOdds"), ("fnr_gap", "FNR gap (A − A')")]
+        panels = [p for p in panels if (s["metric"] == p[0]).any()]
+        figs = (
+            Figure(f"f1_by_group_{slug(a)}.png", f"Macro F1 within each {a} group with 95% intervals (paper Fig. 3b).",
+                   _single(_figures().f1_by_group, s, a, width=max(7.0, 0.9 * _n_rows(data) + 2))),
+            Figure(f"fairness_{slug(a)}.png", f"Group-fairness metrics by {a} for each model and method "
+                   "(paper Fig. 3c–d); signed gaps are A − A' with A the reference group.",
+                   partial(_figures().fairness_panels, s, a, panels)),
+        )
+        tables = (
+            Table(fair, f"Group fairness by {a}: signed gaps are A − A' with A = M / young; with more than two "
+                  "groups a gap is the largest over pairs of groups (max − min). Headline metrics first; "
+                  "the rest fold away. Hover a column name for its definition (all in [Setup](#setup)).",
+                  visible=4, titles=data.definitions),
+            Table(table_group_f1(s, a), f"Macro F1 within each {a} group. " + CELLS),
+        )
+        out.append(Section(f"fairness-{slug(a)}", f"Fairness by {a}", figures=figs, tables=tables))
+    return out
+
+
+def _models(df) -> list[str]:
+    return sorted(set(df["model"]))
+
+
+def roc_curves(data: ReportData) -> list[Section]:
+    """Per attribute: per-group ROC curves, one figure per model; per-group macro AUC and ES-AUC."""
+    roc = data.roc
+    if roc.empty:
+        return []
+    out = []
+    for a in data.attributes:
+        r = roc[roc["attribute"] == a]
+        if r.empty:
+            continue
+        n_seeds = int(r["n_runs"].max())
+        figs = tuple(Figure(f"roc_{slug(model)}_{slug(a)}.png",
+                            f"{model}: one-vs-rest ROC curve of each class (columns) for each method (rows), a line "
+                            f"per {a} group; the box gives each group's AUC (%) from the tables. Curves of several "
+                            f"seeds or prompt draws (up to {n_seeds}) are averaged vertically (TPR at each FPR).",
+                            partial(_figures().roc_by_group, r, data.summary, model, a))
+                     for model in _models(r))
+        t = table_group_metric(data.summary, a, "auc_macro", extra=("es_auc",))
+        out.append(Section(f"roc-{slug(a)}", f"ROC curves by {a}", figures=figs,
+                           tables=(Table(t, f"Macro AUC within each {a} group, and ES-AUC (FairCLIP's equity-scaled "
+                                         "AUC; higher is fairer). " + CELLS, titles=data.definitions),)))
+    return out
+
+
+def calibration(data: ReportData) -> list[Section]:
+    """Per attribute: reliability diagrams by group with the ECE gap drawn, one figure per model; ECE table."""
+    rel = data.reliability
+    if rel.empty:
+        return []
+    out = []
+    for a in data.attributes:
+        r = rel[rel["attribute"] == a]
+        if r.empty:
+            continue
+        figs = tuple(Figure(f"reliability_{slug(model)}_{slug(a)}.png",
+                            f"{model}: reliability diagram per method (top; accuracy against mean confidence in 15 "
+                            f"equal-width bins, a line per {a} group, the diagonal is perfect calibration; seeds "
+                            "pooled) and each group's ECE with its interval (bottom); the arrow spans the ECE gap, "
+                            "whose value and interval head the panel.",
+                            partial(_figures().reliability_by_group, r, data.summary, model, a))
+                     for model in _models(r))
+        t = table_group_metric(data.summary, a, "ece", extra=("ece_gap", "ece_gap_paper"))
+        out.append(Section(f"calibration-{slug(a)}", f"Calibration by {a}", figures=figs,
+                           tables=(Table(t, f"Binned ECE within each {a} group, its gap, and the paper's "
+                                         "unbinned eq. 4 gap. " + CELLS, titles=data.definitions),)))
+    return out
+
+
+# ----------------------------------------------------------------------------- reference tables
+
+
+def comparisons(data: ReportData) -> Section | None:
+    t = table_comparisons(data.results.comparisons)
+    if t.empty:
+        return None
+    return Section("comparisons", "Paired comparisons against the baseline method", tables=(Table(
+        t, "Difference in points (method − baseline) on the same bootstrap resamples of the same test images, "
+        "one row per method run; every metric is in `comparisons.csv`.", index=("model", "baseline", "method", "seed"),
+        visible=4),))
+
+
+def runs(data: ReportData) -> Section:
+    r = data.results.runs
+    t = r.assign(val_accuracy=r["val_accuracy"].round(4)) if "val_accuracy" in r else r
+    return Section("runs", "Runs", prose=(f"{len(r)} runs read; {int(r['primary'].sum())} primary (shown in the "
+                                           "tables): the tag chosen for its model and method on validation.",),
+                   tables=(Table(t, "All runs", collapsed=True),))
+
+
+# The page, in order. Add a section: one function above (or in its own module) and one entry here.
+SECTIONS = [
+    findings,
+    setup,
+    utility,
+    diseases,
+    group_fairness,
+    roc_curves,
+    calibration,
+    comparisons,
+    runs,
+]
