@@ -275,6 +275,8 @@ def roc_by_group(roc: pd.DataFrame, summary: pd.DataFrame, model: str, attribute
             if i == len(methods) - 1:
                 ax.set_xlabel("FPR", fontsize=8)
     _unit_square(axes[0, 0])  # shared axes: once for all panels
+    for ax in axes.flat:
+        ax.tick_params(labelsize=7)
     fig = axes[0, 0].figure
     _group_legend(fig, groups, attribute)
     fig.suptitle(f"{model}: ROC per class by {attribute}", fontsize=10, x=0.02, ha="left")
@@ -318,10 +320,13 @@ def reliability_by_group(rel: pd.DataFrame, summary: pd.DataFrame, model: str, a
                               gap.get((model, method, "", ""), NAN3)))
     _unit_square(axes[0, 0])
     bottom = axes[1, 0]
-    bottom.set_xticks(range(len(groups)), groups, fontsize=7, rotation=30 if len(groups) > 2 else 0)
+    bottom.set_xticks(range(len(groups)), groups)
     bottom.set_xlim(-0.6, len(groups) - 0.15)
     bottom.set_ylim(0, 1.15 * max(tops))
-    bottom.tick_params(labelsize=7)
+    for ax in axes.flat:  # tick labels are each panel's own, even on shared axes
+        ax.tick_params(labelsize=7)
+    for ax in axes[1]:
+        ax.tick_params(axis="x", labelrotation=30 if len(groups) > 2 else 0)
     axes[0, 0].set_ylabel("accuracy", fontsize=8)
     bottom.set_ylabel("ECE (%)", fontsize=8)
     fig = axes[0, 0].figure

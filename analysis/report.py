@@ -387,7 +387,8 @@ code{background:#f1f3f5;padding:0 3px;border-radius:3px}
 
 def _figure_html(f: Figure, png: bytes) -> str:
     data = base64.b64encode(png).decode("ascii")
-    return (f"<figure id='fig-{slug(f.name.removesuffix('.png'))}'><img alt='{html.escape(f.name)}' "
+    alt = re.sub(r"[`*]", "", f.caption)  # the caption, as plain text, for readers who cannot see the image
+    return (f"<figure id='fig-{slug(f.name.removesuffix('.png'))}'><img alt='{html.escape(alt)}' "
             f"src='data:image/png;base64,{data}'><figcaption>{md_inline(f.caption)}</figcaption></figure>")
 
 

@@ -9,8 +9,6 @@ add it to ``SECTIONS``; the renderers in ``report`` need no change. Figures are 
 
 from __future__ import annotations
 
-from functools import partial
-
 from cxrfair.analysis import findings as F
 from cxrfair.analysis.report import (
     Figure,
@@ -42,19 +40,28 @@ ZERO_SHOT_TERMS = {
 }
 
 
-def _figures() -> object:
-    from cxrfair.analysis import figures
+def _draw(name: str, *args, **kwargs):
+    """A zero-argument drawer for ``figures.<name>(*args, **kwargs)`` returning its Figure.
 
-    return figures
-
-
-def _single(draw, *args, width=7.0, height=4.0, **kwargs):
-    """A zero-argument drawer for a one-panel figure function ``draw(*args, ax=...)``."""
-    import matplotlib.pyplot as plt
-
+    matplotlib is imported only when a figure is drawn, not when sections are built.
+    """
     def make():
+        from cxrfair.analysis import figures
+
+        return figures.__dict__[name](*args, **kwargs)
+
+    return make
+
+
+def _single(name: str, *args, width=7.0, height=4.0, **kwargs):
+    """A zero-argument drawer for a one-panel figure function ``figures.<name>(*args, ax=...)``."""
+    def make():
+        import matplotlib.pyplot as plt
+
+        from cxrfair.analysis import figures
+
         fig, ax = plt.subplots(figsize=(width, height), constrained_layout=True)
-        draw(*args, ax=ax, **kwargs)
+        figures.__dict__[name](*args, ax=ax, **kwargs)
         return fig
 
     return make
@@ -75,7 +82,7 @@ def findings(data: ReportData) -> Section | None:
     lines = F.summary_lines(t, data.config.level)
     fig = Figure("findings.png", "The findings at a glance: each comparison's difference (points, method − "
                  "baseline) with its interval; filled where the interval excludes zero.",
-                 partial(_figures().findings_forest, t))
+                 _draw("findings_forest", t))
     notes = ("\n".join("- " + s for s in F.sentences(t)), lines[-1],
              "Every number here is a row of `comparisons.csv` (and `findings.csv`); the section "
              "[Paired comparisons](#comparisons) tabulates them with more metrics.")
@@ -132,24 +139,26 @@ def setup(data: ReportData) -> Section:
 
 
 def utility(data: ReportData) -> Section | None:
+    """Accuracy, macro F1, macro AUC and ECE per model × method (paper Fig. 2a)."""
     t = table_utility(data.summary)
     if t.empty:
         return None
     fig = Figure("accuracy.png", "Accuracy by model and method with 95% intervals (paper Fig. 2a).",
-                 _single(_figures().accuracy_by_model, data.summary))
+                 _single("accuracy_by_model", data.summary))
     return Section("utility", "Utility", figures=(fig,), tables=(Table(t, CELLS),))
 
 
 def diseases(data: ReportData) -> Section | None:
+    """Class-wise F1 and Var_F1 (paper Figs. 2b and 3a)."""
     t = table_class_f1(data.summary)
     if t.empty:
         return None
     n_classes = max(1, data.summary.loc[data.summary["metric"] == "f1", "class"].nunique())
     figs = (
         Figure("f1_heatmap.png", "Class-wise F1 with intervals (paper Fig. 2b).",
-               _single(_figures().f1_heatmap, data.summary, width=1.4 * n_classes + 3, height=0.5 * _n_rows(data) + 1.8)),
+               _single("f1_heatmap", data.summary, width=1.4 * n_classes + 3, height=0.5 * _n_rows(data) + 1.8)),
         Figure("var_f1.png", "Var_F1 per model and method (paper Fig. 3a): lower is fairer across diseases.",
-               _single(_figures().var_f1_by_model, data.summary)),
+               _single("var_f1_by_model", data.summary)),
     )
     caption = "Var_F1 = population variance of class F1 (× 100, as the paper's %). " + CELLS
     return Section("diseases", "Fairness across diseases", figures=figs,
@@ -171,10 +180,10 @@ def group_fairness(data: ReportData) -> list[Section]:
         panels = [p for p in panels if (s["metric"] == p[0]).any()]
         figs = (
             Figure(f"f1_by_group_{slug(a)}.png", f"Macro F1 within each {a} group with 95% intervals (paper Fig. 3b).",
-                   _single(_figures().f1_by_group, s, a, width=max(7.0, 0.9 * _n_rows(data) + 2))),
+                   _single("f1_by_group", s, a, width=max(7.0, 0.9 * _n_rows(data) + 2))),
             Figure(f"fairness_{slug(a)}.png", f"Group-fairness metrics by {a} for each model and method "
                    "(paper Fig. 3c–d); signed gaps are A − A' with A the reference group.",
-                   partial(_figures().fairness_panels, s, a, panels)),
+                   _draw("fairness_panels", s, a, panels)),
         )
         tables = (
             Table(fair, f"Group fairness by {a}: signed gaps are A − A' with A = M / young; with more than two "
@@ -206,7 +215,7 @@ def roc_curves(data: ReportData) -> list[Section]:
                             f"{model}: one-vs-rest ROC curve of each class (columns) for each method (rows), a line "
                             f"per {a} group; the box gives each group's AUC (%) from the tables. Curves of several "
                             f"seeds or prompt draws (up to {n_seeds}) are averaged vertically (TPR at each FPR).",
-                            partial(_figures().roc_by_group, r, data.summary, model, a))
+                            _draw("roc_by_group", r, data.summary, model, a))
                      for model in _models(r))
         t = table_group_metric(data.summary, a, "auc_macro", extra=("es_auc",))
         out.append(Section(f"roc-{slug(a)}", f"ROC curves by {a}", figures=figs,
@@ -230,7 +239,7 @@ def calibration(data: ReportData) -> list[Section]:
                             f"equal-width bins, a line per {a} group, the diagonal is perfect calibration; seeds "
                             "pooled) and each group's ECE with its interval (bottom); the arrow spans the ECE gap, "
                             "whose value and interval head the panel.",
-                            partial(_figures().reliability_by_group, r, data.summary, model, a))
+                            _draw("reliability_by_group", r, data.summary, model, a))
                      for model in _models(r))
         t = table_group_metric(data.summary, a, "ece", extra=("ece_gap", "ece_gap_paper"))
         out.append(Section(f"calibration-{slug(a)}", f"Calibration by {a}", figures=figs,
@@ -243,6 +252,7 @@ def calibration(data: ReportData) -> list[Section]:
 
 
 def comparisons(data: ReportData) -> Section | None:
+    """The paired comparisons of headline metrics as a table, one row per compared run."""
     t = table_comparisons(data.results.comparisons)
     if t.empty:
         return None
@@ -253,6 +263,7 @@ def comparisons(data: ReportData) -> Section | None:
 
 
 def runs(data: ReportData) -> Section:
+    """Every run read, folded: which are primary, their tags and validation accuracy."""
     r = data.results.runs
     t = r.assign(val_accuracy=r["val_accuracy"].round(4)) if "val_accuracy" in r else r
     return Section("runs", "Runs", prose=(f"{len(r)} runs read; {int(r['primary'].sum())} primary (shown in the "

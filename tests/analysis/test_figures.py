@@ -111,3 +111,22 @@ def test_figures_without_data_say_so(data):
         plt.close(fig)
     png = FG.to_png(FG.accuracy_by_model, summary.iloc[:0])
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_findings_forest_draws_each_comparison_as_given():
+    from cxrfair.analysis.findings import findings_table
+
+    cols = ["model", "baseline", "method", "seed", "metric", "attribute", "group", "class", "delta", "ci_low", "ci_high"]
+    c = pd.DataFrame([("m", "zeroshot", me, 0, "accuracy", "", "", "", d, lo, hi)
+                      for me, d, lo, hi in (("linear", 0.1, 0.05, 0.15), ("lora", 0.02, -0.01, 0.05))]
+                     + [("m", "zeroshot", "lora", 0, "eqodds", "sex", "", "", -0.03, -0.06, -0.01)], columns=cols)
+    fig = FG.findings_forest(findings_table(c))
+    acc, eq = fig.axes[0], fig.axes[1]
+    assert acc.get_title() == "accuracy" and eq.get_title() == "sex EqOdds"
+    filled, hollow = [ln for ln in acc.lines if ln.get_marker() == "o"]
+    assert filled.get_xdata().tolist() == pytest.approx([10.0]) and filled.get_ydata().tolist() == [0]
+    assert hollow.get_xdata().tolist() == pytest.approx([2.0]) and hollow.get_mfc() == "white"  # includes zero
+    segs = acc.collections[0].get_segments()
+    assert [tuple(s[:, 0]) for s in segs] == [pytest.approx((5.0, 15.0)), pytest.approx((-1.0, 5.0))]
+    assert [t.get_text() for t in acc.get_yticklabels()] == ["m · linear s0", "m · lora s0"]
+    plt.close(fig)

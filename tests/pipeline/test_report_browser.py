@@ -26,7 +26,7 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 # Appended to a copy of the report: after load, put what a reader would see into the title.
 PROBE = """<script>
 window.addEventListener('load', () => {
-  const imgs = [...document.images].map(i => [i.alt || i.src.slice(0, 30), i.naturalWidth, i.naturalHeight]);
+  const imgs = [...document.images].map(i => [(i.closest('figure') || i).id, i.naturalWidth, i.naturalHeight, i.alt]);
   const tables = [...document.querySelectorAll('table')].map(t => t.rows.length);
   const sections = [...document.querySelectorAll('main > section')].map(s => s.id);
   const toc = [...document.querySelectorAll('nav#toc a')].map(a => a.getAttribute('href').slice(1));
@@ -72,9 +72,10 @@ def test_figures_decode_and_tables_render_in_chromium(report, tmp_path):
     seen = _probe(report, tmp_path)
     figures = list((report.parent / "figures").glob("*.png"))
     assert len(seen["imgs"]) == len(figures) >= 10
-    for name, width, height in seen["imgs"]:
+    for name, width, height, alt in seen["imgs"]:
         assert width > 200 and height > 100, f"figure {name} did not decode in the browser"
-    names = [name for name, _, _ in seen["imgs"]]
+        assert len(alt) > 20, f"figure {name} has no text alternative"
+    names = [name.removeprefix("fig-") for name, _, _, _ in seen["imgs"]]
     for prefix in ("roc_", "reliability_", "f1_by_group_", "fairness_"):
         assert sum(n.startswith(prefix) for n in names) == 3, prefix  # one per attribute (sex, age, sex×age)
     assert len(seen["tables"]) >= 8 and all(rows >= 2 for rows in seen["tables"])
