@@ -96,8 +96,11 @@ def reliability_bins(confidence, correct, n_bins: int = ECE_BINS) -> pd.DataFram
 # ----------------------------------------------------------------------------- tables over runs
 
 
-def _group_rows(runs, split: str, attributes) -> list[tuple]:
-    """(model, method, attribute, group, y (n,), probs (n, C), classes) per run and group."""
+def _group_rows(runs, split: str, attributes, cross=None) -> list[tuple]:
+    """(model, method, attribute, group, targets, probs (n, C), classes, task) per run and group.
+
+    Targets as ``Run.arrays``: multi-class (n,) class indices, multi-label (n, C) in {1, 0, NaN}.
+    """
     from cxrfair.analysis.analyze import group_labels
 
     out = []
@@ -105,29 +108,51 @@ def _group_rows(runs, split: str, attributes) -> list[tuple]:
         rows = run.split(split)
         y, probs = run.arrays(split)
         # The run itself, not its id: group_labels reads the run's declared groups (runs v2).
-        for attr, (labels, levels) in group_labels(rows, list(attributes), run).items():
+        for attr, (labels, levels) in group_labels(rows, list(attributes), run, cross=cross).items():
             for g in levels:
                 m = labels == g
-                out.append((run.model, run.method, attr, g, y[m], probs[m], run.classes))
+                out.append((run.model, run.method, attr, g, y[m], probs[m], run.classes, run.task))
     return out
 
 
-def roc_table(runs, split: str, attributes, grid=FPR_GRID) -> pd.DataFrame:
+def _class_curve(y: np.ndarray, probs: np.ndarray, j: int, task: str):
+    """ROC points of class j: one-vs-rest on indices (multi-class), its own labelled rows (multi-label)."""
+    if task == "multilabel":
+        keep = ~np.isnan(y[:, j])
+        return roc_points(y[keep, j] == 1, probs[keep, j])
+    return roc_points(y == j, probs[:, j])
+
+
+def _calibration_pairs(y: np.ndarray, probs: np.ndarray, task: str) -> tuple[np.ndarray, np.ndarray]:
+    """(confidence, outcome) pairs of a reliability diagram.
+
+    Multi-class: top-label confidence and whether the top label is right (as ``metrics.ece``).
+    Multi-label: every labelled (image, condition) cell, p against the label (binary
+    calibration, as ``multilabel.ece``, with all conditions pooled).
+    """
+    if task == "multilabel":
+        keep = ~np.isnan(y)
+        return probs[keep], y[keep]
+    return probs.max(axis=1), probs.argmax(axis=1) == y
+
+
+def roc_table(runs, split: str, attributes, grid=FPR_GRID, cross=None) -> pd.DataFrame:
     """Per-group one-vs-rest ROC curves, averaged vertically over the runs of a model · method.
 
     Args:
         runs: the runs to draw (``Run``), typically the primary runs; runs of one model and
             method (seeds, prompt draws) are averaged: TPR at each grid FPR, mean over runs.
-        split: the split the report is on. attributes: attribute columns (their cross is added).
+        split: the split the report is on. attributes: attribute columns.
+        cross: attributes crossed into one more (``analyze.group_labels``; None: the first two).
 
     Returns:
         Long DataFrame (ROC_COLUMNS): one row per model, method, attribute, group, class and
         grid point.
     """
     curves: dict[tuple, list[np.ndarray]] = {}
-    for model, method, attr, g, y, probs, classes in _group_rows(runs, split, attributes):
+    for model, method, attr, g, y, probs, classes, task in _group_rows(runs, split, attributes, cross):
         for j, c in enumerate(classes):
-            fpr, tpr, _ = roc_points(y == j, probs[:, j])
+            fpr, tpr, _ = _class_curve(y, probs, j, task)
             curves.setdefault((model, method, attr, g, c), []).append(roc_on_grid(fpr, tpr, grid))
     frames = [pd.DataFrame({"model": k[0], "method": k[1], "attribute": k[2], "group": k[3], "class": k[4],
                             "n_runs": len(v), "fpr": grid, "tpr": np.mean(v, axis=0)})
@@ -135,16 +160,16 @@ def roc_table(runs, split: str, attributes, grid=FPR_GRID) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=ROC_COLUMNS)
 
 
-def reliability_table(runs, split: str, attributes, n_bins: int = ECE_BINS) -> pd.DataFrame:
-    """Per-group reliability bins of top-label confidence, pooling the runs of a model · method.
+def reliability_table(runs, split: str, attributes, n_bins: int = ECE_BINS, cross=None) -> pd.DataFrame:
+    """Per-group reliability bins, pooling the runs of a model · method (``_calibration_pairs``).
 
     Returns:
         Long DataFrame (RELIABILITY_COLUMNS): one row per model, method, attribute, group and
         non-empty bin.
     """
     pooled: dict[tuple, list[tuple]] = {}
-    for model, method, attr, g, y, probs, _ in _group_rows(runs, split, attributes):
-        pooled.setdefault((model, method, attr, g), []).append((probs.max(axis=1), probs.argmax(axis=1) == y))
+    for model, method, attr, g, y, probs, _, task in _group_rows(runs, split, attributes, cross):
+        pooled.setdefault((model, method, attr, g), []).append(_calibration_pairs(y, probs, task))
     frames = []
     for (model, method, attr, g), parts in pooled.items():
         conf, ok = (np.concatenate(p) for p in zip(*parts))

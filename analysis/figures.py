@@ -283,7 +283,8 @@ def roc_by_group(roc: pd.DataFrame, summary: pd.DataFrame, model: str, attribute
     return fig
 
 
-def reliability_by_group(rel: pd.DataFrame, summary: pd.DataFrame, model: str, attribute: str, axes=None):
+def reliability_by_group(rel: pd.DataFrame, summary: pd.DataFrame, model: str, attribute: str, axes=None,
+                         ece_metric: str = "ece", what: str = "binned top-label ECE, 15 bins"):
     """Reliability diagrams of one model by group (top row) and each group's ECE with the gap drawn (bottom row).
 
     One column per method. Top: accuracy against mean confidence per confidence bin, a line per
@@ -294,6 +295,8 @@ def reliability_by_group(rel: pd.DataFrame, summary: pd.DataFrame, model: str, a
     Args:
         rel: ``curves.reliability_table`` rows (this model's and attribute's are drawn).
         axes: (2, methods) Axes, or None for a new figure.
+        ece_metric: the per-group ECE of the bottom row (multi-label: ``ece_macro``).
+        what: the calibration measure, for the title.
 
     Returns:
         The Figure.
@@ -305,7 +308,7 @@ def reliability_by_group(rel: pd.DataFrame, summary: pd.DataFrame, model: str, a
     if r.empty:
         _no_data(axes[0, 0], f"calibration of {model} by {attribute}")
         return axes[0, 0].figure
-    gap, ece = _lookup(summary, "ece_gap", attribute), _lookup(summary, "ece", attribute)
+    gap, ece = _lookup(summary, "ece_gap", attribute), _lookup(summary, ece_metric, attribute)
     bins = {k: (v["confidence"].to_numpy(), v["accuracy"].to_numpy()) for k, v in r.groupby(["method", "group"], sort=False)}
     tops = []
     for j, method in enumerate(methods):
@@ -315,7 +318,7 @@ def reliability_by_group(rel: pd.DataFrame, summary: pd.DataFrame, model: str, a
             if (method, g) in bins:
                 ax.plot(*bins[(method, g)], lw=1.1, ms=3.5, **group_style(k))
         ax.set_title(method, fontsize=9)
-        ax.set_xlabel("confidence", fontsize=8)
+        ax.set_xlabel("predicted probability" if ece_metric != "ece" else "confidence", fontsize=8)
         tops.append(_ece_bars(axes[1, j], [ece.get((model, method, g, ""), NAN3) for g in groups], groups,
                               gap.get((model, method, "", ""), NAN3)))
     _unit_square(axes[0, 0])
@@ -327,11 +330,11 @@ def reliability_by_group(rel: pd.DataFrame, summary: pd.DataFrame, model: str, a
         ax.tick_params(labelsize=7)
     for ax in axes[1]:
         ax.tick_params(axis="x", labelrotation=30 if len(groups) > 2 else 0)
-    axes[0, 0].set_ylabel("accuracy", fontsize=8)
+    axes[0, 0].set_ylabel("accuracy" if ece_metric == "ece" else "positive rate", fontsize=8)
     bottom.set_ylabel("ECE (%)", fontsize=8)
     fig = axes[0, 0].figure
     _group_legend(fig, groups, attribute)
-    fig.suptitle(f"{model}: calibration by {attribute} (binned top-label ECE, 15 bins)", fontsize=10, x=0.02, ha="left")
+    fig.suptitle(f"{model}: calibration by {attribute} ({what})", fontsize=10, x=0.02, ha="left")
     return fig
 
 

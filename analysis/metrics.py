@@ -20,6 +20,7 @@ from one spec table, ``GROUP_METRICS``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -282,13 +283,17 @@ class GroupMetric:
 
     Attributes:
         name: output name.
-        bases: names in METRICS whose per-group values it combines (mean over bases).
+        bases: names in METRICS whose per-group values it combines (mean over bases; max for max_range).
         combine: how groups are combined:
             "difference": value(A) - value(A') per class, mean over classes; signed.
+            "magnitude": |mean over classes of value(A) - value(A')|, the size of "difference".
             "abs_difference": |value(A) - value(A')| per class, mean over classes.
+            "max_range": per class, max - min over groups of each base, the largest over bases,
+                then the mean over classes (fairlearn's worst-case ``equalized_odds_difference``
+                per class when the bases are tpr and fpr).
             "min": the smallest group value.
             "equity": overall / (1 + sum_g |overall - value(g)|).
-            For the two differences, A is the first level (``M``, ``young``); with more than two
+            For the first three, A is the first level (``M``, ``young``); with more than two
             groups the result is the largest of the pairwise values over all ordered pairs, which
             for a signed difference is the max - min gap.
         doc: what it is, for the report.
@@ -302,16 +307,22 @@ class GroupMetric:
 
 GROUP_METRICS: tuple[GroupMetric, ...] = (
     GroupMetric("f1_gap", ("f1",), "difference", "F1_Δ = (1/C) Σ_c (F1_A^c − F1_A'^c), signed (PAPER eq. 2)"),
+    GroupMetric("f1_gap_abs", ("f1",), "magnitude", "|F1_Δ|: the size of f1_gap whichever group is ahead"),
     GroupMetric("eqodds", ("tpr", "fpr"), "abs_difference",
-                "EqOdds = (1/2C) Σ_c (|ΔTPR_c| + |ΔFPR_c|) (PAPER eq. 3)"),
-    GroupMetric("ece_gap", ("ece",), "abs_difference", "|ECE_A − ECE_A'|, binned top-label ECE (15 bins)"),
+                "EqOdds = (1/2C) Σ_c (|ΔTPR_c| + |ΔFPR_c|): the average of the TPR and FPR gaps (fairlearn's "
+                "equalized_odds_difference with agg='mean', one-vs-rest), mean over classes (PAPER eq. 3)"),
+    GroupMetric("eqodds_worst", ("tpr", "fpr"), "max_range",
+                "(1/C) Σ_c max(|ΔTPR_c|, |ΔFPR_c|): per class the larger of the TPR and FPR gaps "
+                "(fairlearn's equalized_odds_difference, one-vs-rest), then the mean over classes"),
+    GroupMetric("ece_gap", ("ece",), "abs_difference", "|ECE_A − ECE_A'|, with the binned top-label ECE (15 bins)"),
     GroupMetric("ece_gap_paper", ("ece_paper",), "abs_difference",
                 "PAPER eq. 4 as written: |mean_A |p−o| − mean_A' |p−o||, p top-label confidence, o correctness"),
-    GroupMetric("es_auc", ("auc_macro",), "equity", "ES-AUC = AUC / (1 + Σ_g |AUC − AUC_g|) (FairCLIP)"),
+    GroupMetric("es_auc", ("auc_macro",), "equity",
+                "ES-AUC = AUC / (1 + Σ_g |AUC − AUC_g|), macro AUC scaled down by its spread over groups (FairCLIP)"),
     GroupMetric("fnr_gap", ("fnr",), "difference", "(1/C) Σ_c (FNR_A^c − FNR_A'^c): under-diagnosis of A, signed"),
     GroupMetric("dp_gap", ("selection_rate",), "abs_difference",
                 "(1/C) Σ_c |P(ŷ=c | A) − P(ŷ=c | A')|: demographic parity difference"),
-    GroupMetric("worst_group_accuracy", ("accuracy",), "min", "min_g accuracy_g"),
+    GroupMetric("worst_group_accuracy", ("accuracy",), "min", "min_g accuracy_g: the accuracy of the worst-served group"),
 )
 
 
@@ -321,6 +332,36 @@ def _pairwise(values: np.ndarray, combine: str) -> np.ndarray:
     if combine == "abs_difference":
         d = np.abs(d)
     return d
+
+
+def _pairwise_gap(spec: GroupMetric, per_group: dict) -> np.ndarray:
+    """The (signed or absolute) gap A − A' averaged over bases; with > 2 groups the largest pair. Returns (...)."""
+    terms = []
+    for base in spec.bases:
+        v = np.stack(list(per_group[base].values()))  # (G, ...[, C])
+        d = _pairwise(v, "abs_difference" if spec.combine == "abs_difference" else "difference")
+        terms.append(_nanmean_last(d) if METRICS[base][1] else d)  # class mean skips NaN
+    d = sum(terms) / len(terms)  # (G, G, ...)
+    g = d.shape[0]
+    if g < 2:
+        return np.full(d.shape[2:], np.nan)
+    if g == 2:
+        return d[0, 1]
+    off = ~np.eye(g, dtype=bool)
+    return d[off].max(axis=0)  # NaN propagates
+
+
+def _max_range(spec: GroupMetric, per_group: dict) -> np.ndarray:
+    """Per class, max − min over groups of each base, the largest over bases; mean over classes. Returns (...).
+
+    A class whose range is undefined for any base (a group without positives or negatives) is
+    NaN and skipped by the class mean, as in every class reduction.
+    """
+    values = [np.stack(list(per_group[base].values())) for base in spec.bases]  # each (G, ..., C)
+    if values[0].shape[0] < 2:
+        return np.full(values[0].shape[1:-1], np.nan)
+    ranges = np.stack([v.max(axis=0) - v.min(axis=0) for v in values])  # (bases, ..., C); NaN propagates
+    return _nanmean_last(ranges.max(axis=0))
 
 
 def combine_groups(spec: GroupMetric, per_group: dict[str, dict[str, np.ndarray]], overall: dict[str, np.ndarray]) -> np.ndarray:
@@ -334,20 +375,11 @@ def combine_groups(spec: GroupMetric, per_group: dict[str, dict[str, np.ndarray]
     Returns:
         (...) the fairness metric.
     """
-    if spec.combine in ("difference", "abs_difference"):
-        terms = []
-        for base in spec.bases:
-            v = np.stack(list(per_group[base].values()))  # (G, ...[, C])
-            d = _pairwise(v, spec.combine)
-            terms.append(_nanmean_last(d) if METRICS[base][1] else d)  # class mean skips NaN
-        d = sum(terms) / len(terms)  # (G, G, ...)
-        g = d.shape[0]
-        if g < 2:
-            return np.full(d.shape[2:], np.nan)
-        if g == 2:
-            return d[0, 1]
-        off = ~np.eye(g, dtype=bool)
-        return d[off].max(axis=0)  # NaN propagates
+    if spec.combine in ("difference", "abs_difference", "magnitude"):
+        d = _pairwise_gap(spec, per_group)
+        return np.abs(d) if spec.combine == "magnitude" else d
+    if spec.combine == "max_range":
+        return _max_range(spec, per_group)
     (base,) = spec.bases
     v = np.stack(list(per_group[base].values()))
     if spec.combine == "min":
@@ -419,6 +451,63 @@ def evaluate_all(y_true, y_prob, classes: list[str], attributes: dict[str, tuple
         for g in levels:
             _put(out, groups[g], GROUP_VALUE_METRICS, attr, g, classes)
     return out
+
+
+_VALUE_DEFINITIONS = {
+    "accuracy": "Fraction of images whose arg-max class is the label.",
+    "f1": "One-vs-rest F1 of one class, 2TP / (2TP + FP + FN), predictions by arg-max.",
+    "f1_macro": "Unweighted mean of the class F1 values.",
+    "auc": "One-vs-rest ROC AUC of one class, its probability as the score (ties count one half).",
+    "auc_macro": "Unweighted mean of the class AUCs.",
+    "var_f1": "Var_F1: population variance of the class F1 values over classes (PAPER eq. 1); disease fairness.",
+    "ece": "Binned top-label expected calibration error: 15 equal-width confidence bins, Σ_b (n_b/n) |acc_b − conf_b|.",
+    "ece_paper": "Unbinned calibration error of PAPER eq. 4 as written: mean over images of |p_i − o_i|, "
+                 "p_i the top-label confidence, o_i 1 if that label is right.",
+    "tpr": "True-positive rate (recall) of one class, TP / (TP + FN).",
+    "fpr": "False-positive rate of one class, FP / (FP + TN).",
+    "fnr": "False-negative rate (missed diagnosis) of one class, FN / (TP + FN).",
+    "selection_rate": "Fraction of images predicted as one class.",
+}
+
+# One sentence per metric name of metrics.csv, for the report and for readers of the CSV files.
+# Group metrics: A is the reference group (M, young; run.json ``attributes``), Δ = A − A'.
+MULTICLASS_METRIC_DEFINITIONS: dict[str, str] = {**_VALUE_DEFINITIONS, **{s.name: s.doc for s in GROUP_METRICS}}
+# The shortcut test (``cxrfair analyze --shortcut COLUMN --shortcut-class CLASS``), either task.
+SHORTCUT_DEFINITIONS: dict[str, str] = {
+    "shortcut_auc_with": "AUC of the class on its positives whose shortcut column is 1 plus every negative "
+                         "(attribute = the shortcut column, class = the class).",
+    "shortcut_auc_without": "AUC of the class on its positives whose shortcut column is 0 plus every negative; "
+                            "positives with the column empty are in neither subset.",
+    "shortcut_delta": "shortcut_auc_with − shortcut_auc_without on the same resamples: > 0 means the model "
+                      "finds the class more easily when the shortcut (e.g. a chest drain) is present.",
+}
+
+
+def metric_definitions(task: str = "multiclass") -> dict[str, str]:
+    """{metric name: one sentence} for the metrics.csv of one task (``multiclass`` | ``multilabel``)."""
+    if task == "multilabel":
+        from cxrfair.analysis.multilabel import MULTILABEL_METRIC_DEFINITIONS  # imports this module
+
+        return {**MULTILABEL_METRIC_DEFINITIONS, **SHORTCUT_DEFINITIONS}
+    return {**MULTICLASS_METRIC_DEFINITIONS, **SHORTCUT_DEFINITIONS}
+
+
+@functools.cache
+def _both_tasks() -> dict[str, str]:
+    """Every name of either task; a name whose meaning differs by task gets both sentences."""
+    mc, ml = metric_definitions("multiclass"), metric_definitions("multilabel")
+    out = dict(mc)
+    for name, text in ml.items():
+        out[name] = text if name not in mc or mc[name] == text else f"Multi-class: {mc[name]} Multi-label: {text}"
+    return out
+
+
+def __getattr__(name: str):
+    # METRIC_DEFINITIONS (both tasks) is built on first use: multilabel imports this module, so
+    # importing it here at load time would be circular.
+    if name == "METRIC_DEFINITIONS":
+        return dict(_both_tasks())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _put(out: dict, values: dict[str, np.ndarray], names, attr: str, group: str, classes: list[str]) -> None:

@@ -4,7 +4,7 @@ Layout of REPORT/:
     metrics.csv      long format, one row per run × metric × attribute × group × class
     comparisons.csv  paired bootstrap differences, each method minus its model's baseline
     findings.csv     the comparisons the report's findings state, with their verdicts
-    seeds.csv        mean and sd over runs that differ only by seed
+    seeds.csv        mean, sd and the mean's interval over runs that differ only by seed
     runs.csv         the runs read, their tag and whether the tables show them (primary)
     roc.csv          per-group ROC curves of the primary runs (seeds averaged vertically)
     reliability.csv  per-group reliability-diagram bins of the primary runs (seeds pooled)
@@ -100,8 +100,17 @@ class ReportData:
 
     @cached_property
     def attributes(self) -> list[str]:
-        """Attributes in metrics order (the crossed one last), e.g. ``["sex", "age_group", "sex×age"]``."""
-        return list(dict.fromkeys(a for a in self.results.metrics["attribute"] if a))
+        """The analysed attributes in order, the crossed one last (``Results.attributes``), e.g.
+        ``["sex", "age_group", "sex×age"]``; the shortcut column is never one."""
+        declared = list(getattr(self.results, "attributes", None) or {})
+        if declared:
+            return declared
+        m = self.results.metrics
+        return list(dict.fromkeys(a for a, k in zip(m["attribute"], m["metric"]) if a and not k.startswith("shortcut_")))
+
+    @property
+    def task(self) -> str:
+        return getattr(self.results, "task", "multiclass")
 
     @cached_property
     def primary_runs(self) -> list:
@@ -119,13 +128,13 @@ class ReportData:
     def roc(self) -> pd.DataFrame:
         from cxrfair.analysis.curves import roc_table
 
-        return roc_table(self.primary_runs, self.config.split, self.config.attributes)
+        return roc_table(self.primary_runs, self.config.split, self.config.attributes, cross=self.config.cross)
 
     @cached_property
     def reliability(self) -> pd.DataFrame:
         from cxrfair.analysis.curves import reliability_table
 
-        return reliability_table(self.primary_runs, self.config.split, self.config.attributes)
+        return reliability_table(self.primary_runs, self.config.split, self.config.attributes, cross=self.config.cross)
 
     @cached_property
     def findings(self) -> pd.DataFrame:
@@ -135,13 +144,8 @@ class ReportData:
 
     @cached_property
     def definitions(self) -> dict[str, str]:
-        """One-sentence metric definitions: GROUP_METRICS' docs, then the analysis' METRIC_DEFINITIONS if it has them."""
-        from cxrfair.analysis import analyze, metrics
-
-        out = {s.name: s.doc for s in GROUP_METRICS}
-        for module in (metrics, analyze):
-            out.update(getattr(module, "METRIC_DEFINITIONS", None) or {})
-        return out
+        """One-sentence definitions of this task's metrics (``Results.definitions``)."""
+        return dict(self.results.definitions)
 
 
 # ----------------------------------------------------------------------------- summary and tables
@@ -151,27 +155,13 @@ def summary(results) -> pd.DataFrame:
     """Primary runs' metrics over seeds: one row per (model, method, metric, attribute, group, class).
 
     Returns:
-        DataFrame with value (mean over seeds), ci_low, ci_high, sd (over seeds; NaN with one
-        seed) and n_seeds. The interval is ``seeds.csv``'s when the analysis gives one (the
-        percentile interval of seed-averaged replicates), else the mean of each run's bounds.
+        DataFrame with value (mean over seeds), ci_low, ci_high (the interval of that mean, from
+        the seed-averaged bootstrap replicates; ``results.seeds``), sd (over seeds; NaN with one
+        seed) and n_seeds.
     """
-    prim = results.runs[results.runs["primary"]]
-    s = results.seeds
-    if {"ci_low", "ci_high", "mean"} <= set(s.columns) and "tag" in prim:
-        tags = prim[["model", "method", "tag"]].drop_duplicates()
-        t = s.merge(tags, on=["model", "method", "tag"]).rename(columns={"mean": "value"})
-        return t[SUMMARY_KEYS + ["value", "ci_low", "ci_high", "sd", "n_seeds"]].reset_index(drop=True)
-    m = results.metrics[results.metrics["run_id"].isin(prim["run_id"])]
-    g = m.groupby(SUMMARY_KEYS, sort=False)
-    out = g[["value", "ci_low", "ci_high"]].mean()
-    out["sd"] = g["value"].std()
-    out["n_seeds"] = g["value"].size()
-    return out.reset_index()
-
-
-def seed_intervals_averaged(results) -> bool:
-    """True when seed means carry the interval of seed-averaged replicates (seeds.csv has ci_low)."""
-    return "ci_low" in results.seeds.columns
+    prim = results.runs.loc[results.runs["primary"], ["model", "method", "tag"]].drop_duplicates()
+    t = results.seeds.merge(prim, on=["model", "method", "tag"]).rename(columns={"mean": "value"})
+    return t[SUMMARY_KEYS + ["value", "ci_low", "ci_high", "sd", "n_seeds"]].reset_index(drop=True)
 
 
 def fmt(value, lo=np.nan, hi=np.nan, sd=np.nan, n: int = 1, scale: float = 100.0, digits: int = 1) -> str:

@@ -2,12 +2,16 @@
 
 A run folder ``RUNS/<run_id>/`` holds
 
-- ``predictions.csv``: ``image_id, patient_id, split, label, sex, age, age_group`` (+ any other
-  attribute columns), then one ``p_<Class>`` column per class in class order (rows sum to 1);
-  one row per val and test image.
+- ``predictions.csv``, one row per val and test image:
+  multi-class: ``image_id, patient_id, split, label`` + the attribute columns (``sex, age,
+  age_group`` for v1 cohorts) + any other cohort columns, then one ``p_<Class>`` per class in
+  class order (rows sum to 1);
+  multi-label: ``image_id, patient_id, split`` + the attribute and other cohort columns, then
+  ``y_<Condition>`` (1 / 0 / empty = masked) per condition, then ``p_<Condition>`` per condition
+  (each in [0, 1], no sum-to-one rule).
 - ``run.json``: ``run_id, model, method, seed, classes, cohort_hash, hyperparameters,
-  selected_epoch, trainable_params, timings`` plus optional ``curves, prompt_set, draw, notes,
-  source, created``.
+  selected_epoch, trainable_params, timings`` plus optional ``task`` (absent = multiclass),
+  ``attributes`` (absent = ``V1_ATTRIBUTES``), ``curves, prompt_set, draw, notes, source, created``.
 
 The folder is written in one rename (``cxrfair.io.atomic_dir``), so a folder that exists is
 complete. Readers validate everything and raise ``CxrfairError`` naming the run and the column.
@@ -31,6 +35,9 @@ METHODS = ("zeroshot", "linear", "mlp", "lora", "full")
 # Fairness interventions (issue 13); "erm" is plain training and the default.
 MITIGATIONS = ("erm", "reweight", "groupdro", "adversarial", "fairot", "erase", "thresholds")
 TASKS = ("multiclass", "multilabel")
+# Columns every run has; multi-class runs add "label". Attribute columns come from run.json.
+ID_COLUMNS = ("image_id", "patient_id", "split")
+# The v1 (multi-class NIH) leading columns, kept in this order when present.
 BASE_COLUMNS = ("image_id", "patient_id", "split", "label", "sex", "age", "age_group")
 REQUIRED_META = (
     "run_id", "model", "method", "seed", "classes", "cohort_hash",
@@ -38,6 +45,7 @@ REQUIRED_META = (
 )
 SPLITS = ("train", "val", "test")
 PROB_PREFIX = "p_"
+LABEL_PREFIX = "y_"  # multi-label targets: 1, 0 or empty (masked)
 # float32 softmax outputs written as text sum to 1 within ~1e-6; 1e-3 catches real mistakes
 # (logits, unnormalised scores, a dropped column) without rejecting rounding.
 PROB_SUM_TOL = 1e-3
@@ -47,6 +55,10 @@ META_FILE = "run.json"
 _NON_ATTRIBUTE_COLUMNS = ("path",)
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")
 _STRING_COLUMNS = ("image_id", "split", "label", "sex", "age_group")
+
+# What a run.json without ``attributes`` means: the v1 cohort's sensitive attributes (CONTRACTS.md, Version 2).
+V1_ATTRIBUTES = {"sex": {"groups": ["M", "F"], "reference": "M"},
+                 "age_group": {"groups": ["young", "old"], "reference": "young"}}
 
 
 @dataclass(frozen=True)
@@ -83,22 +95,42 @@ class Run:
     def classes(self) -> list[str]:
         return list(self.meta["classes"])
 
+    @property
+    def task(self) -> str:
+        """``multiclass`` (also when run.json has no ``task``) or ``multilabel``."""
+        return task_of(self.meta)
+
     def split(self, name: str) -> pd.DataFrame:
         """The prediction rows of one split (``train``/``val``/``test``), in file order."""
         return self.predictions[self.predictions["split"] == name]
 
     def arrays(self, split: str = "test") -> tuple[np.ndarray, np.ndarray]:
-        """Labels and probabilities of one split.
+        """Targets and probabilities of one split, in file order.
 
         Returns:
-            y: (N,) int, index into ``classes``.
-            probs: (N, C) float64, rows sum to 1.
+            multi-class: y (N,) int index into ``classes``, probs (N, C) float64 (rows sum to 1);
+            multi-label: Y (N, C) float64 in {1, 0, NaN} (NaN = masked), probs (N, C) float64.
         """
-        rows = self.split(split)
-        index = {c: i for i, c in enumerate(self.classes)}
-        y = rows["label"].map(index).to_numpy(dtype=np.int64)
-        probs = rows[prob_columns(self.classes)].to_numpy(dtype=np.float64)
-        return y, probs
+        return targets_and_probs(self.split(split), self.classes, self.task)
+
+
+def task_of(meta: dict) -> str:
+    """The task a run.json declares; absent means ``multiclass`` (v1 runs)."""
+    return str(meta.get("task", "multiclass"))
+
+
+def label_columns(classes: list[str]) -> list[str]:
+    """The multi-label target column names ``y_<Condition>``, in class order."""
+    return [f"{LABEL_PREFIX}{c}" for c in classes]
+
+
+def targets_and_probs(rows: pd.DataFrame, classes: list[str], task: str) -> tuple[np.ndarray, np.ndarray]:
+    """(targets, (N, C) probabilities) of prediction rows; targets as in ``Run.arrays``."""
+    probs = rows[prob_columns(classes)].to_numpy(dtype=np.float64)
+    if task == "multilabel":
+        return rows[label_columns(classes)].to_numpy(dtype=np.float64), probs
+    index = {c: i for i, c in enumerate(classes)}
+    return rows["label"].map(index).to_numpy(dtype=np.int64), probs
 
 
 @dataclass(frozen=True)
@@ -180,32 +212,51 @@ def prob_columns(classes: list[str]) -> list[str]:
     return [f"{PROB_PREFIX}{c}" for c in classes]
 
 
-def make_predictions(rows: pd.DataFrame, probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
+def required_columns(task: str, attributes: dict | None = None) -> list[str]:
+    """Columns a predictions table must have besides ``p_``/``y_``: ``ID_COLUMNS``, ``label`` for
+    multi-class, and the attribute columns (``attributes``, else ``V1_ATTRIBUTES``)."""
+    label = ["label"] if task == "multiclass" else []
+    return [*ID_COLUMNS, *label, *(V1_ATTRIBUTES if attributes is None else attributes)]
+
+
+def make_predictions(rows: pd.DataFrame, probs: np.ndarray, classes: list[str], task: str = "multiclass",
+                     attributes: dict | None = None) -> pd.DataFrame:
     """Build a predictions table from cohort rows and predicted probabilities.
 
     Args:
         rows: cohort rows (cohort.csv columns) of the images that were predicted, usually every
-            val and test image; their order is kept.
-        probs: (N, C) class probabilities, row i for ``rows.iloc[i]``, columns in ``classes`` order.
-        classes: the class names (cohort order).
+            val and test image; their order is kept. Multi-label rows carry ``y_<Condition>``.
+        probs: (N, C) probabilities, row i for ``rows.iloc[i]``, columns in ``classes`` order:
+            class probabilities summing to 1 (multi-class) or one probability per condition
+            (multi-label).
+        classes: the class (condition) names, cohort order.
+        task: ``multiclass`` or ``multilabel`` (the cohort's ``task``).
+        attributes: the cohort's attribute declaration (``Cohort.attributes``); its columns must
+            be present. None: the v1 default (``sex``, ``age_group``).
 
     Returns:
-        DataFrame with ``BASE_COLUMNS``, then any extra attribute columns of ``rows`` (``path``
-        dropped), then ``p_<Class>`` per class. Raises CxrfairError if shapes or values are wrong.
+        DataFrame with the ``BASE_COLUMNS`` that ``rows`` has (in that order), then its other
+        columns (``path`` dropped; for multi-label the ``y_`` columns moved to the end), then
+        ``p_<Class>`` per class. Raises CxrfairError if columns, shapes or values are wrong.
     """
+    _check_task(task, "make_predictions")
     probs = np.asarray(probs, dtype=np.float64)
     if probs.ndim != 2 or probs.shape != (len(rows), len(classes)):
         raise CxrfairError(
             f"make_predictions: probabilities have shape {probs.shape}, expected "
             f"({len(rows)} rows, {len(classes)} classes)"
         )
-    missing = [c for c in BASE_COLUMNS if c not in rows.columns]
+    targets = label_columns(classes) if task == "multilabel" else []
+    missing = [c for c in [*required_columns(task, attributes), *targets] if c not in rows.columns]
     if missing:
-        raise CxrfairError(f"make_predictions: cohort rows lack column(s) {', '.join(missing)}")
-    extra = [c for c in rows.columns if c not in BASE_COLUMNS and c not in _NON_ATTRIBUTE_COLUMNS]
-    out = rows[list(BASE_COLUMNS) + extra].reset_index(drop=True).copy()
+        hint = "; for a multi-label cohort pass task='multilabel'" if missing == ["label"] else ""
+        raise CxrfairError(f"make_predictions: cohort rows lack column(s) {', '.join(missing)}{hint}")
+    lead = [c for c in BASE_COLUMNS if c in rows.columns]
+    extra = [c for c in rows.columns if c not in lead and c not in targets and c not in _NON_ATTRIBUTE_COLUMNS
+             and not str(c).startswith(PROB_PREFIX)]
+    out = rows[lead + extra + targets].reset_index(drop=True).copy()
     out = pd.concat([out, pd.DataFrame(probs, columns=prob_columns(classes))], axis=1)
-    validate_predictions(out, classes, where="make_predictions")
+    validate_predictions(out, classes, where="make_predictions", task=task, attributes=attributes)
     return out
 
 
@@ -226,7 +277,7 @@ def write_run(runs_dir: Path | str, meta: dict, predictions: pd.DataFrame, force
     meta.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     where = f"run {meta.get('run_id', '?')}"
     validate_meta(meta, where)
-    validate_predictions(predictions, meta["classes"], where)
+    validate_predictions(predictions, meta["classes"], where, task=task_of(meta), attributes=meta.get("attributes"))
     run_dir = Path(runs_dir) / meta["run_id"]
     with atomic_dir(run_dir, force=force, option="run folder") as tmp:
         # Full precision (repr) so a reread run gives bit-identical probabilities and ties.
@@ -247,6 +298,35 @@ def run_is_complete(run_dir: Path | str) -> bool:
     return isinstance(meta, dict) and "run_id" in meta
 
 
+def check_runs_folder(out: Path | str, cohort_hash: str, run_ids: list[str], force: bool) -> None:
+    """Refuse, before any work, a runs folder holding another cohort's runs or (without force) these runs.
+
+    Only ``*/run.json`` of visible folders is read (hidden ones are temporaries and work files);
+    an unreadable run.json is left for ``read_runs`` to report. Used by every stage that writes
+    runs, so ``analyze`` never finds two cohorts in one folder.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CxrfairError(f"--out {out}: exists and is not a folder; pass a runs folder")
+    if not out.is_dir():
+        return
+    for meta_path in sorted(out.glob("*/run.json")):
+        if meta_path.parent.name.startswith("."):
+            continue
+        try:
+            other = json.loads(meta_path.read_text(encoding="utf-8")).get("cohort_hash")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if other is not None and other != cohort_hash:
+            raise CxrfairError(
+                f"--out {out}: run {meta_path.parent.name} was made on cohort {str(other)[:12]}…, this one is "
+                f"{cohort_hash[:12]}…; write runs of different cohorts to different folders")
+    existing = [r for r in run_ids if (out / r).exists()]
+    if existing and not force:
+        raise CxrfairError(f"--out {out}: run {existing[0]} already exists ({len(existing)} of {len(run_ids)}); "
+                           "pass --force to replace it")
+
+
 def read_run(run_dir: Path | str) -> Run:
     """Read and validate one run folder; CxrfairError naming the run and the column otherwise."""
     run_dir = Path(run_dir)
@@ -257,8 +337,9 @@ def read_run(run_dir: Path | str) -> Run:
             f"{where}: run.json says run_id '{meta['run_id']}' but the folder is '{run_dir.name}'; "
             "rename the folder back or fix run_id"
         )
-    predictions = _read_predictions(run_dir / PREDICTIONS_FILE, where)
-    validate_predictions(predictions, meta["classes"], where)
+    attributes = meta.get("attributes")
+    predictions = _read_predictions(run_dir / PREDICTIONS_FILE, where, list(V1_ATTRIBUTES if attributes is None else attributes))
+    validate_predictions(predictions, meta["classes"], where, task=task_of(meta), attributes=attributes)
     return Run(meta=meta, predictions=predictions, path=run_dir)
 
 
@@ -297,22 +378,54 @@ def validate_meta(meta: dict, where: str) -> None:
         raise CxrfairError(f"{where}: run_id {meta['run_id']!r} is not a usable folder name (letters, digits, . _ + = -)")
     if meta["method"] not in METHODS:
         raise CxrfairError(f"{where}: method {meta['method']!r} is unknown; expected one of {', '.join(METHODS)}")
+    _check_task(task_of(meta), f"{where}: run.json")
+    # A binary task (one condition, e.g. NIH + NEATX Pneumothorax) is multi-label with C = 1.
+    fewest = 2 if task_of(meta) == "multiclass" else 1
     classes = meta["classes"]
-    if not isinstance(classes, list) or len(classes) < 2 or len(set(classes)) != len(classes):
-        raise CxrfairError(f"{where}: classes must be a list of at least two distinct names, got {classes!r}")
+    if not isinstance(classes, list) or len(classes) < fewest or len(set(classes)) != len(classes):
+        raise CxrfairError(f"{where}: classes must be a list of at least {fewest} distinct name(s), got {classes!r}")
     try:
         int(meta["seed"])
     except (TypeError, ValueError):
         raise CxrfairError(f"{where}: seed {meta['seed']!r} is not an integer") from None
+    if "attributes" in meta:
+        check_attributes(meta["attributes"], f"{where}: run.json attributes")
 
 
-def validate_predictions(df: pd.DataFrame, classes: list[str], where: str) -> None:
-    """Check a predictions table against the run format; CxrfairError naming the column otherwise."""
-    missing = [c for c in BASE_COLUMNS if c not in df.columns]
+def _check_task(task: str, where: str) -> None:
+    if task not in TASKS:
+        raise CxrfairError(f"{where}: task {task!r} is unknown; expected one of {', '.join(TASKS)}")
+
+
+def check_attributes(attrs, where: str) -> dict[str, dict]:
+    """Check an attribute declaration ``{column: {"groups": [...], "reference": group}}``; returns it."""
+    if not isinstance(attrs, dict):
+        raise CxrfairError(f"{where} must map column -> {{groups, reference}}, got {type(attrs).__name__}")
+    for col, spec in attrs.items():
+        groups = spec.get("groups") if isinstance(spec, dict) else None
+        if (not isinstance(groups, list) or not groups or len(set(map(str, groups))) != len(groups)
+                or spec.get("reference") not in groups):
+            raise CxrfairError(f"{where}: {col} needs a list of distinct groups and a reference among them, got {spec!r}")
+    return attrs
+
+
+def validate_predictions(df: pd.DataFrame, classes: list[str], where: str, task: str = "multiclass",
+                         attributes: dict | None = None) -> None:
+    """Check a predictions table against the run format for its task; CxrfairError naming the column.
+
+    Args:
+        df: the table. classes: run.json classes. where: the run, for messages.
+        task: ``multiclass`` (``label`` column, rows of p summing to 1) or ``multilabel``
+            (``y_<C>`` in {1, 0, empty} and ``p_<C>`` in [0, 1] per condition).
+        attributes: run.json ``attributes``; their columns must be present and non-empty
+            (None: the v1 default, ``sex`` and ``age_group``).
+    """
+    required = required_columns(task, attributes)
+    missing = [c for c in required if c not in df.columns]
     if missing:
         raise CxrfairError(f"{where}: {PREDICTIONS_FILE} lacks column(s) {', '.join(missing)}")
     _check_prob_columns(df, classes, where)
-    for col in ("image_id", "split", "label", "sex", "age_group"):
+    for col in [c for c in required if c != "patient_id"]:
         if df[col].isna().any():
             first = df.index[df[col].isna()][0]
             raise CxrfairError(f"{where}: column {col} is empty in row {first}")
@@ -320,8 +433,30 @@ def validate_predictions(df: pd.DataFrame, classes: list[str], where: str) -> No
         dup = df["image_id"][df["image_id"].duplicated()].iloc[0]
         raise CxrfairError(f"{where}: column image_id repeats {dup!r}; one row per image")
     _check_values(df, "split", SPLITS, where)
-    _check_values(df, "label", classes, where)
-    _check_probabilities(df, classes, where)
+    if task == "multilabel":
+        _check_targets(df, classes, where)
+    else:
+        _check_values(df, "label", classes, where)
+    _check_probabilities(df, classes, where, sum_to_one=task == "multiclass")
+
+
+def _check_targets(df: pd.DataFrame, classes: list[str], where: str) -> None:
+    """Multi-label targets: one ``y_<C>`` per condition, each 1, 0 or empty."""
+    want = label_columns(classes)
+    unknown = [c for c in df.columns if str(c).startswith(LABEL_PREFIX) and c not in want]
+    if unknown:
+        raise CxrfairError(f"{where}: column(s) {', '.join(unknown)} name condition(s) not in run.json classes {classes}")
+    lacking = [c for c in want if c not in df.columns]
+    if lacking:
+        raise CxrfairError(f"{where}: {PREDICTIONS_FILE} lacks target column(s) {', '.join(lacking)} (multi-label runs "
+                           "carry the cohort's y_<Condition> columns)")
+    for col in want:
+        values = pd.to_numeric(df[col], errors="coerce")
+        bad = (values.isna() & df[col].notna()) | ~(values.isna() | values.isin((0, 1)))
+        if bad.any():
+            shown = sorted(set(df.loc[bad, col].astype(str)))[:5]
+            raise CxrfairError(f"{where}: column {col} has value(s) {shown}; multi-label targets are 1, 0 or empty "
+                               "(masked)")
 
 
 def _check_prob_columns(df: pd.DataFrame, classes: list[str], where: str) -> None:
@@ -344,7 +479,7 @@ def _check_values(df: pd.DataFrame, col: str, allowed, where: str) -> None:
         raise CxrfairError(f"{where}: column {col} has unknown value(s) {values}; expected one of {list(allowed)}")
 
 
-def _check_probabilities(df: pd.DataFrame, classes: list[str], where: str) -> None:
+def _check_probabilities(df: pd.DataFrame, classes: list[str], where: str, sum_to_one: bool = True) -> None:
     cols = prob_columns(classes)
     for col in cols:
         if not pd.api.types.is_numeric_dtype(df[col]):
@@ -357,6 +492,8 @@ def _check_probabilities(df: pd.DataFrame, classes: list[str], where: str) -> No
             f"{where}: column {cols[c]} has {float(p[r, c])} for image {df['image_id'].iloc[r]} "
             "(probabilities must be finite and in [0, 1])"
         )
+    if not sum_to_one:  # multi-label: each condition its own probability
+        return
     sums = p.sum(axis=1)
     off = np.abs(sums - 1) > PROB_SUM_TOL
     if off.any():
@@ -382,15 +519,24 @@ def _read_meta(run_dir: Path, where: str) -> dict:
     return meta
 
 
-def _read_predictions(path: Path, where: str) -> pd.DataFrame:
+def _read_predictions(path: Path, where: str, attribute_columns: list[str]) -> pd.DataFrame:
     if not path.is_file():
         raise CxrfairError(f"{where}: {PREDICTIONS_FILE} is missing")
     try:
         # Identifiers and group labels stay strings (an image id or a group "1" must not become int).
-        df = pd.read_csv(path, dtype={c: str for c in _STRING_COLUMNS})
+        df = pd.read_csv(path, dtype={c: str for c in (*_STRING_COLUMNS, *attribute_columns)})
     except (ValueError, pd.errors.ParserError) as e:
         raise CxrfairError(f"{where}: {PREDICTIONS_FILE} cannot be parsed ({e})") from None
     return df
+
+
+def run_attributes(run: Run) -> dict[str, dict]:
+    """The run's sensitive attributes ``{column: {"groups": [...], "reference": group}}``.
+
+    From run.json ``attributes`` when present, else ``V1_ATTRIBUTES``; CxrfairError naming the
+    run and the attribute when the mapping is malformed.
+    """
+    return check_attributes(run.meta.get("attributes", V1_ATTRIBUTES), f"run {run.run_id}: run.json attributes")
 
 
 def runs_table(runs: list[Run]) -> pd.DataFrame:

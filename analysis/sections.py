@@ -15,7 +15,6 @@ from cxrfair.analysis.report import (
     ReportData,
     Section,
     Table,
-    seed_intervals_averaged,
     slug,
     table_class_f1,
     table_comparisons,
@@ -90,18 +89,9 @@ def findings(data: ReportData) -> Section | None:
 
 
 def _uncertainty(data: ReportData) -> str:
-    from cxrfair.analysis import analyze
+    from cxrfair.analysis.analyze import describe_intervals
 
-    c = data.config
-    describe = getattr(analyze, "describe_intervals", None)
-    if describe is not None:
-        return describe(c)
-    if not c.n_boot:
-        return "No bootstrap: point estimates only, no intervals."
-    averaged = ("the interval of a seed mean is the percentile interval of the seed-averaged replicates"
-                if seed_intervals_averaged(data.results) else "a seed mean shows the mean of its runs' interval bounds")
-    return (f"{c.n_boot} bootstrap replicates, resampling {c.split} images with replacement within each "
-            f"{' × '.join(c.attributes)} cell (seed {c.seed}); {100 * c.level:.0f}% percentile intervals; {averaged}.")
+    return describe_intervals(data.config)
 
 
 def zero_shot_scoring(data: ReportData) -> list[str]:
@@ -129,7 +119,7 @@ def setup(data: ReportData) -> Section:
     if zs:
         prose += ["**Zero-shot** (prompt set chosen on validation; the draws of a sampled set are averaged like seeds):",
                   "\n".join(zs)]
-    prose += [ECE_NOTE, NAN_NOTE] + [f"Note: {n}" for n in data.results.notes]
+    prose += ([] if data.task == "multilabel" else [ECE_NOTE]) + [NAN_NOTE] + [f"Note: {n}" for n in data.results.notes]
     defs = "\n".join(f"- `{k}`: {v}" for k, v in sorted(data.definitions.items()))
     return Section("setup", "Setup and definitions", prose=tuple(prose),
                    details=(("Metric definitions", (defs,)),) if defs else ())
@@ -229,22 +219,30 @@ def calibration(data: ReportData) -> list[Section]:
     rel = data.reliability
     if rel.empty:
         return []
+    multilabel = data.task == "multilabel"
+    ece = "ece_macro" if multilabel else "ece"
+    what = ("binary calibration of every condition's probability, conditions pooled; ECE: mean over conditions"
+            if multilabel else "binned top-label ECE, 15 bins")
+    diagram = ("predicted probability against the positive rate of every labelled (image, condition) cell in 15 "
+               "equal-width bins, conditions pooled" if multilabel else
+               "accuracy against mean confidence in 15 equal-width bins")
     out = []
     for a in data.attributes:
         r = rel[rel["attribute"] == a]
         if r.empty:
             continue
         figs = tuple(Figure(f"reliability_{slug(model)}_{slug(a)}.png",
-                            f"{model}: reliability diagram per method (top; accuracy against mean confidence in 15 "
-                            f"equal-width bins, a line per {a} group, the diagonal is perfect calibration; seeds "
-                            "pooled) and each group's ECE with its interval (bottom); the arrow spans the ECE gap, "
-                            "whose value and interval head the panel.",
-                            _draw("reliability_by_group", r, data.summary, model, a))
+                            f"{model}: reliability diagram per method (top; {diagram}, a line per {a} group, the "
+                            "diagonal is perfect calibration; seeds pooled) and each group's ECE with its interval "
+                            "(bottom); the arrow spans the ECE gap, whose value and interval head the panel.",
+                            _draw("reliability_by_group", r, data.summary, model, a, ece_metric=ece, what=what))
                      for model in _models(r))
-        t = table_group_metric(data.summary, a, "ece", extra=("ece_gap", "ece_gap_paper"))
+        extra = ("ece_gap",) if multilabel else ("ece_gap", "ece_gap_paper")
+        t = table_group_metric(data.summary, a, ece, extra=extra)
+        caption = (f"ECE (mean over conditions) within each {a} group and the ECE gap. " if multilabel else
+                   f"Binned ECE within each {a} group, its gap, and the paper's unbinned eq. 4 gap. ")
         out.append(Section(f"calibration-{slug(a)}", f"Calibration by {a}", figures=figs,
-                           tables=(Table(t, f"Binned ECE within each {a} group, its gap, and the paper's "
-                                         "unbinned eq. 4 gap. " + CELLS, titles=data.definitions),)))
+                           tables=(Table(t, caption + CELLS, titles=data.definitions),)))
     return out
 
 

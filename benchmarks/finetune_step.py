@@ -7,14 +7,17 @@ training, by ``finetune.data.image_cache``). Goal: data wait < 5% of step time.
 - tiny-clip (2 layers, width 64, 64 px) on CPU, fp32, LoRA and full;
 - when CUDA is available: a ViT-B/16-sized open_clip model (``ViT-B-16-quickgelu``, random
   weights, 224 px) in bf16 autocast, LoRA and full. Skipped cleanly without a GPU.
+- ``--vit-cpu N``: the same ViT-B/16 on CPU in fp32, N steps of ``--vit-cpu-batch`` images (what
+  a step costs at real model size without a GPU; slow).
 
-Usage: python benchmarks/finetune_step.py [--steps 30] [--batch-size 64] [--threads 1]
+Usage: python benchmarks/finetune_step.py [--steps 30] [--batch-size 64] [--threads 1] [--vit-cpu 0]
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import platform
 import tempfile
 import time
@@ -30,6 +33,7 @@ from cxrfair.extract.registry import load_model
 from cxrfair.finetune import data as fdata
 from cxrfair.finetune import train as T
 from cxrfair.finetune.config import FinetuneConfig
+from cxrfair.finetune.sampler import index_batches
 
 
 def bench(fm, method: str, size: int, batch: int, steps: int, device: torch.device, bf16: bool,
@@ -54,8 +58,8 @@ def bench(fm, method: str, size: int, batch: int, steps: int, device: torch.devi
     labels = rng.integers(0, 6, len(pixels))
     order = np.arange(n) % len(pixels)
     warm, timed = order[: 3 * batch], order[3 * batch:]
-    T.train_epoch(state, fdata.Prefetcher(pixels, labels, fdata.index_batches(warm, batch), device), rt)
-    stats = T.train_epoch(state, fdata.Prefetcher(pixels, labels, fdata.index_batches(timed, batch), device), rt)
+    T.train_epoch(state, fdata.Prefetcher(pixels, labels, index_batches(warm, batch), device), rt)
+    stats = T.train_epoch(state, fdata.Prefetcher(pixels, labels, index_batches(timed, batch), device), rt)
     return {"method": method, "trainable": T.count_trainable(model), "ms_per_step": 1e3 * stats["seconds"] / steps,
             "wait_pct": 100 * stats["wait"] / stats["seconds"], "images_per_s": stats["images"] / stats["seconds"]}
 
@@ -74,6 +78,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)  # the dev machines share 2 cores
+    p.add_argument("--vit-cpu", type=int, default=0, help="timed ViT-B/16 steps on CPU (0: skip)")
+    p.add_argument("--vit-cpu-batch", type=int, default=8)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     logging.disable(logging.WARNING)  # open_clip's "no pretrained weights" notice
@@ -85,6 +91,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         rows.append({"model": "tiny-clip (64 px), memmap cache", "device": f"CPU x{args.threads}", "precision": "fp32",
                      **bench(load_model("tiny-clip"), "lora", 64, args.batch_size, args.steps, cpu, False, Path(tmp))})
+    for method in ("lora", "full") if args.vit_cpu else ():
+        rows.append({"model": "ViT-B/16 (224 px)", "device": f"CPU x{args.threads}", "precision": "fp32",
+                     **bench(vit_b16(cpu), method, 224, args.vit_cpu_batch, args.vit_cpu, cpu, bf16=False)})
     if torch.cuda.is_available():
         gpu = torch.device("cuda")
         for method in ("lora", "full"):
@@ -93,7 +102,7 @@ def main() -> None:
     else:
         print("CUDA not available: ViT-B/16 bf16 benchmark skipped")
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, batch {args.batch_size}, "
-          f"{args.steps} timed steps, {time.strftime('%Y-%m-%d')}")
+          f"{args.steps} timed steps, load {os.getloadavg()[0]:.1f}, {time.strftime('%Y-%m-%d')}")
     print("| model | device | precision | method | trainable params | ms/step | data wait | images/s |")
     print("|---|---|---|---|---:|---:|---:|---:|")
     for r in rows:

@@ -1,6 +1,7 @@
-"""Benchmark: a 64-configuration linear-probe sweep in JAX against a plain PyTorch loop.
+"""Benchmark: a 64-configuration linear-probe sweep in JAX against a plain PyTorch loop, and the
+default L-BFGS sweep against scikit-learn.
 
-    .venv/bin/python benchmarks/probe_sweep.py [--torch-configs 3] [--repeats 3]
+    .venv/bin/python benchmarks/probe_sweep.py [--torch-configs 3] [--repeats 3] [--skip-lbfgs]
 
 Workload (the paper's linear probe): 840 train / 120 val / 240 test features of 512 dims,
 6 classes, AdamW + cosine annealing over all steps, batch 64 (last batch kept), 150 epochs,
@@ -16,6 +17,10 @@ Measures
   - The machine's matmul peak: a large ``jnp.dot`` timed in this script; the sweep's FLOP rate
     counts its matrix multiplies (forward x W and backward dW, padded rows included, plus the
     validation pass each epoch).
+  - L-BFGS (the default solver since issue 11): the default linear sweep (standardised features,
+    the default L2 grid, one seed, full batch) as one compiled program, against scikit-learn's
+    ``LogisticRegression`` (lbfgs) fitted once per grid value at the same C = 1/(l2 N) on the
+    same standardised features, with the same gradient tolerance (1e-4) and iteration cap.
 
 This script may import torch; the probe stage itself never does.
 """
@@ -59,9 +64,10 @@ def jax_sweep(x, y, repeats: int) -> dict:
     from cxrfair.probe import train
     from cxrfair.probe.sweep import SweepConfig, _hyper
 
-    cfg = SweepConfig(lrs=tuple(LRS), weight_decays=tuple(WDS), seeds=(0,), epochs=EPOCHS, batch_size=BATCH)
+    cfg = SweepConfig(solver="adamw", standardize=False, lrs=tuple(LRS), weight_decays=tuple(WDS), seeds=(0,),
+                      epochs=EPOCHS, batch_size=BATCH)
     configs = cfg.configurations()
-    hyper = _hyper({k: np.array([c[k] for c in configs]) for k in ("lr", "weight_decay", "hidden")},
+    hyper = _hyper({k: np.array([c[k] for c in configs]) for k in ("lr", "weight_decay", "hidden", "l2")},
                    np.arange(len(configs)), len(configs))
     data = train.Data(*(jax.numpy.asarray(a) for a in (x["train"], y["train"], x["val"], y["val"], x["test"])))
     recipe = train.Recipe(n_classes=N_CLASSES, epochs=EPOCHS, batch_size=BATCH)
@@ -153,13 +159,52 @@ def end_to_end(x, y) -> dict:
                     attrs={"model": "bench", "weights_id": "none", "cohort_hash": "0" * 64, "logit_scale": 100.0})
         cli = Path(sys.executable).with_name("cxrfair")
         cmd = [str(cli), "probe", "linear", "--cache", str(tmp / "cache.h5"), "--out", str(tmp / "runs"),
-               "--lr", ",".join(map(str, LRS)), "--weight-decay", ",".join(map(str, WDS)), "--seeds", "1",
+               "--solver", "adamw", "--no-standardize", "--lr", ",".join(map(str, LRS)), "--weight-decay", ",".join(map(str, WDS)), "--seeds", "1",
                "--epochs", str(EPOCHS), "--batch-size", str(BATCH)]
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
         wall = time.perf_counter() - t0
         meta = json.loads((tmp / "runs" / "bench__linear__best__s0" / "run.json").read_text())
     return {"wall_s": wall, "timings_in_run": meta["timings"]}
+
+
+def lbfgs_vs_sklearn(x, y, repeats: int) -> dict:
+    """The default linear sweep (L-BFGS, standardised, default L2 grid, one seed) against
+    scikit-learn's LogisticRegression at the same C values, one fit after another."""
+    import jax
+    from sklearn.linear_model import LogisticRegression
+
+    from cxrfair.probe import train
+    from cxrfair.probe.sweep import SweepConfig, _hyper, feature_stats, standardize
+
+    cfg = SweepConfig(seeds=(0,))
+    stats = feature_stats(x["train"])
+    xs = {k: standardize(v, stats) for k, v in x.items()}
+    configs = cfg.configurations()
+    hyper = _hyper({k: np.array([c[k] for c in configs]) for k in ("lr", "weight_decay", "hidden", "l2")},
+                   np.arange(len(configs)), len(configs))
+    data = train.Data(*(jax.numpy.asarray(a) for a in (xs["train"], y["train"], xs["val"], y["val"], xs["test"])))
+    recipe = train.Recipe(n_classes=N_CLASSES, solver="lbfgs", max_iter=cfg.max_iter)
+    keys = train.seed_keys([0])
+    t0 = time.perf_counter()
+    program = train.train_sweep.lower(keys, hyper, data, recipe).compile()
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(program(keys, hyper, data))
+        times.append(time.perf_counter() - t0)
+    sk_times, sk_iters, agree = [], [], []
+    for k, l2 in enumerate(cfg.l2_grid):
+        t0 = time.perf_counter()
+        model = LogisticRegression(C=1 / (l2 * N_TRAIN), tol=recipe.gtol, max_iter=cfg.max_iter).fit(xs["train"], y["train"])
+        sk_times.append(time.perf_counter() - t0)
+        sk_iters.append(int(model.n_iter_[0]))
+        agree.append(float(np.mean(model.predict(xs["test"]) == np.asarray(out.test_probs[0, k]).argmax(-1))))
+    return {"configs": len(configs), "compile_s": compile_s, "train_s": min(times), "train_runs_s": times,
+            "iterations": np.asarray(out.best_epoch[0]).tolist(), "sklearn_s": float(np.sum(sk_times)),
+            "sklearn_per_config_s": sk_times, "sklearn_iterations": sk_iters, "test_prediction_agreement": agree,
+            "speedup_vs_sklearn": float(np.sum(sk_times)) / min(times)}
 
 
 def matmul_peak(n: int = 4096, repeats: int = 5) -> float:
@@ -191,16 +236,18 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="timed runs of the compiled sweep (best taken)")
     ap.add_argument("--torch-threads", type=int, default=1, help="torch.set_num_threads for the baseline")
     ap.add_argument("--skip-cli", action="store_true")
+    ap.add_argument("--skip-lbfgs", action="store_true")
     args = ap.parse_args()
     x, y = features()
     peak = matmul_peak()
     jx = jax_sweep(x, y, args.repeats)
     th = torch_baseline(x, y, args.torch_configs, args.torch_threads)
     e2e = None if args.skip_cli else end_to_end(x, y)
+    lb = None if args.skip_lbfgs else lbfgs_vs_sklearn(x, y, args.repeats)
     rate = sweep_flops(jx["lanes"]) / jx["train_s"]
     result = {
         "machine": {"cpu_count": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]},
-        "jax": jx, "torch": th, "end_to_end": e2e,
+        "jax": jx, "torch": th, "end_to_end": e2e, "lbfgs": lb,
         **{f"speedup_training_vs_{k}": th[k]["extrapolated_64_s"] / jx["train_s"] for k in ("plain", "lean")},
         **({} if e2e is None else {f"speedup_end_to_end_vs_{k}": th[k]["extrapolated_64_s"] / e2e["wall_s"]
                                    for k in ("plain", "lean")}),

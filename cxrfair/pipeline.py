@@ -13,46 +13,98 @@ Layout under ``config.out``::
     sweeps/           probe sweep tables and fine-tuning learning-rate candidates
     report/           metrics.csv, report.md, report.html, figures/
     .steps/           one stamp per finished step (what makes reruns skip it)
+    .staging/<step>/  runs being built; swapped into runs/ when the step succeeds
+
+Every stage's config is built while planning (``--dry-run`` included), so a bad value stops the
+run before anything is written or replaced. A step that writes runs replaces only its own
+family (``<model>__<method>`` runs and sweep file) and only after its new runs are complete.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import shutil
+import re
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 from cxrfair.config import ExperimentConfig, settings_dict
 from cxrfair.errors import CxrfairError
+from cxrfair.publish import Family, finish_interrupted, open_staging, publish
 from cxrfair.steps import Step, execute, format_plan, plan
+
+T = TypeVar("T")
 
 
 def _paths(config: ExperimentConfig) -> dict[str, Path]:
     out = Path(config.out)
     return {"out": out, "synth": out / "synth", "cohort": out / "cohort", "cache": out / "cache",
-            "runs": out / "runs", "sweeps": out / "sweeps", "report": out / "report"}
+            "runs": out / "runs", "sweeps": out / "sweeps", "report": out / "report", "staging": out / ".staging"}
+
+
+def _stage_config(section: str, build: Callable[[], T]) -> T:
+    """Build a stage's config while planning, so its own checks fail before any step runs.
+
+    The stage names its options as on its CLI (``--epochs``); here they are config keys, so the
+    message says ``[probe] epochs: must be >= 1``.
+    """
+    try:
+        return build()
+    except CxrfairError as e:
+        message = re.sub(r"^--([a-z][a-z-]*)", lambda m: m[1].replace("-", "_"), str(e))
+        raise CxrfairError(f"[{section}] {message}") from None
+
+
+def _family(model: str, method: str) -> Family:
+    """The run folders (and sweep file) of ``model`` x ``method`` in the runs folder."""
+    from cxrfair.analysis.runs import RunKey, safe_name
+
+    return Family.of([RunKey(safe_name(model), method, "best", 0)])
+
+
+def _publishing_step(name: str, settings: dict, deps: tuple, p: dict, family: Family,
+                     build: Callable[[Path], object]) -> Step:
+    """A step that builds its runs in ``.staging/<name>/`` and only then swaps them into runs/.
+
+    Until the build has succeeded the family's old runs stay as they were; the swap touches no
+    other entry of the runs folder (see ``cxrfair.publish``).
+    """
+    def run(force: bool) -> list[Path]:
+        staging = open_staging(p["staging"] / name, step.fingerprint)
+        build(staging)
+        return publish(staging, p["runs"], family)
+
+    step = Step(name, settings, [], run, deps)
+    return step
 
 
 def _synth_step(config: ExperimentConfig, p: dict) -> Step:
-    def run(force: bool) -> None:
-        from cxrfair.extract.synth import SynthConfig, make_synth
+    from cxrfair.extract.synth import SynthConfig
 
-        make_synth(SynthConfig(out=p["synth"], seed=config.synth.seed, size=config.synth.size, force=True))
+    cfg = _stage_config("synth", lambda: SynthConfig(out=p["synth"], seed=config.synth.seed, size=config.synth.size,
+                                                     force=True))
+
+    def run(force: bool) -> None:
+        from cxrfair.extract.synth import make_synth
+
+        make_synth(cfg)
 
     return Step("synth", settings_dict(config.synth), [p["synth"] / "Data_Entry_2017.csv"], run)
 
 
 def _cohort_step(config: ExperimentConfig, p: dict) -> Step:
+    from cxrfair.extract.cohort import CohortConfig
+
     c = config.cohort
     metadata = p["synth"] / "Data_Entry_2017.csv" if config.synth.enabled else c.metadata
     images = p["synth"] if config.synth.enabled else c.images
+    cfg = _stage_config("cohort", lambda: CohortConfig.from_preset(
+        c.preset, out=p["cohort"], metadata=metadata, images=images, per_group=c.per_group, seed=c.seed, force=True))
 
     def run(force: bool) -> None:
-        from cxrfair.extract.cohort import CohortConfig, build_cohort
+        from cxrfair.extract.cohort import build_cohort
 
-        build_cohort(CohortConfig.from_preset(c.preset, out=p["cohort"], metadata=Path(metadata) if metadata else None,
-                                              images=Path(images) if images else None, per_group=c.per_group,
-                                              seed=c.seed, force=True))
+        build_cohort(cfg)
 
     settings = settings_dict(c) | {"metadata": str(metadata), "images": str(images)}
     if not config.synth.enabled:
@@ -62,7 +114,7 @@ def _cohort_step(config: ExperimentConfig, p: dict) -> Step:
     return Step("cohort", settings, [p["cohort"] / "cohort.json"], run, deps)
 
 
-def _metadata_identity(metadata: str | None) -> str:
+def _metadata_identity(metadata: Path | None) -> str:
     from cxrfair.extract.cohort import vendored_metadata
     from cxrfair.io import sha256_file
 
@@ -73,67 +125,71 @@ def _metadata_identity(metadata: str | None) -> str:
 
 
 def _extract_step(config: ExperimentConfig, p: dict, model: str) -> Step:
+    from cxrfair.extract.extractor import ExtractConfig
+
     e = config.extract
     cache = p["cache"] / f"{model}.h5"
+    weights = e.weights.get(model)
+    cfg = _stage_config("extract", lambda: ExtractConfig(
+        model=model, cohort=p["cohort"], out=cache, batch_size=e.batch_size, workers=e.workers, device=e.device,
+        precision=e.precision, weights=weights))
 
     def run(force: bool) -> None:
-        from cxrfair.extract.extractor import ExtractConfig, extract
+        from cxrfair.extract.extractor import extract
 
-        weights = e.weights.get(model)
-        extract(ExtractConfig(model=model, cohort=p["cohort"], out=cache, batch_size=e.batch_size,
-                              workers=e.workers, device=e.device, precision=e.precision,
-                              weights=Path(weights) if weights else None, force=force))
+        extract(dataclasses.replace(cfg, force=force))
 
-    settings = {k: v for k, v in settings_dict(e).items() if k != "weights"} | {"model": model, "weights": e.weights.get(model)}
+    settings = ({k: v for k, v in settings_dict(e).items() if k != "weights"}
+                | {"model": model, "weights": str(weights) if weights else None})
     return Step(f"extract-{model}", settings, [cache], run, ("cohort",))
 
 
 def _zeroshot_step(config: ExperimentConfig, p: dict, model: str) -> Step:
     cache = p["cache"] / f"{model}.h5"
 
-    def run(force: bool) -> None:
+    def build(staging: Path) -> None:
         from cxrfair.probe.zeroshot import zeroshot_cache
 
-        _clear_runs(p["runs"], model, "zeroshot")
-        return zeroshot_cache(cache, p["runs"], all_sets=config.probe.all_prompt_sets, force=True)
+        zeroshot_cache(cache, staging, all_sets=config.probe.all_prompt_sets, force=True)
 
     settings = {"model": model, "all_prompt_sets": config.probe.all_prompt_sets}
-    return Step(f"zeroshot-{model}", settings, [], run, (f"extract-{model}",))
+    return _publishing_step(f"zeroshot-{model}", settings, (f"extract-{model}",), p, _family(model, "zeroshot"), build)
 
 
 def _probe_step(config: ExperimentConfig, p: dict, model: str, method: str) -> Step:
+    from cxrfair.probe.sweep import SweepConfig
+
     pr = config.probe
     cache = p["cache"] / f"{model}.h5"
     seeds = tuple(range(config.seeds))
+    cfg = _stage_config("probe", lambda: SweepConfig(
+        method=method, lrs=pr.lr, weight_decays=pr.weight_decay, hiddens=pr.hidden, seeds=seeds, epochs=pr.epochs,
+        batch_size=pr.batch_size).validate())
 
-    def run(force: bool) -> None:
-        from cxrfair.probe.sweep import SweepConfig, probe_cache
+    def build(staging: Path) -> None:
+        from cxrfair.probe.sweep import probe_cache
 
-        _clear_runs(p["runs"], model, method)
-        cfg = SweepConfig(method=method, lrs=pr.lr, weight_decays=pr.weight_decay, hiddens=pr.hidden,
-                          seeds=seeds, epochs=pr.epochs, batch_size=pr.batch_size).validate()
-        return probe_cache(cache, p["runs"], cfg, force=True)
+        probe_cache(cache, staging, cfg, force=True)
 
     settings = settings_dict(pr) | {"model": model, "method": method, "seeds": list(seeds)}
-    return Step(f"{method}-{model}", settings, [], run, (f"extract-{model}",))
+    return _publishing_step(f"{method}-{model}", settings, (f"extract-{model}",), p, _family(model, method), build)
 
 
-def _finetune_config(config: ExperimentConfig, p: dict, model: str, method: str, seed: int, lr: float, out: Path, tag: str):
+def _finetune_config(config: ExperimentConfig, p: dict, model: str, method: str, lr: float):
+    """Seed 0 of one learning-rate candidate, written to the sweeps folder (other runs use replace)."""
     from cxrfair.finetune.config import FinetuneConfig
 
     f = config.finetune
     weights = config.extract.weights.get(model)
-    return FinetuneConfig(model=model, cohort=p["cohort"], out=out, method=method, epochs=f.epochs,
-                          batch_size=f.batch_size, lr=lr, weight_decay=f.weight_decay, lora_rank=f.lora_rank,
-                          lora_alpha=f.lora_alpha, lora_dropout=f.lora_dropout, seed=seed, device=f.device,
-                          precision=f.precision, workers=f.workers, weights=Path(weights) if weights else None,
-                          resume=True, force=True, tag=tag)
+    return _stage_config("finetune", lambda: FinetuneConfig(
+        model=model, cohort=p["cohort"], out=_lr_sweep_dir(p, model, method), method=method, epochs=f.epochs,
+        batch_size=f.batch_size, lr=lr, weight_decay=f.weight_decay, lora_rank=f.lora_rank, lora_alpha=f.lora_alpha,
+        lora_dropout=f.lora_dropout, seed=0, device=f.device, precision=f.precision, workers=f.workers,
+        weights=weights, resume=True, force=True, tag=_lr_tag(lr)))
 
 
-def _run_id(model: str, method: str, tag: str, seed: int) -> str:
-    from cxrfair.analysis.runs import RunKey, safe_name
-
-    return RunKey(safe_name(model), method, tag, seed).run_id
+def _lr_sweep_dir(p: dict, model: str, method: str) -> Path:
+    return p["sweeps"] / f"{model}__{method}"
 
 
 def _lr_tag(lr: float) -> str:
@@ -144,68 +200,68 @@ def _finetune_steps(config: ExperimentConfig, p: dict, model: str, method: str) 
     """Learning rates are chosen on validation loss with seed 0; other seeds reuse the choice."""
     f = config.finetune
     lrs = f.lora_lr if method == "lora" else f.full_lr
-    lrs = lrs if isinstance(lrs, tuple) else (lrs,)
-    base = settings_dict(f) | {"model": model, "method": method, "weights": config.extract.weights.get(model)}
-    sweep_dir = p["sweeps"] / f"{model}__{method}"
+    if not lrs:
+        raise CxrfairError(f"[finetune] {method}_lr: give at least one learning rate")
+    candidates = {lr: _finetune_config(config, p, model, method, lr) for lr in lrs}
+    base = settings_dict(f) | {"model": model, "method": method, "weights": _weights_str(config, model)}
     steps = []
-    for lr in lrs:
-        def run(force: bool, lr=lr) -> None:
+    for lr, cfg in candidates.items():
+        def run(force: bool, cfg=cfg) -> None:
             from cxrfair.finetune.train import finetune
 
-            finetune(_finetune_config(config, p, model, method, 0, lr, sweep_dir, _lr_tag(lr)), progress=True)
+            finetune(cfg, progress=True)
 
         steps.append(Step(f"{method}-{model}-{_lr_tag(lr)}-s0", base | {"lr": lr, "seed": 0},
-                          [sweep_dir / _run_id(model, method, _lr_tag(lr), 0)], run, ("cohort",)))
+                          [cfg.out / cfg.run_id], run, ("cohort",)))
 
-    def select_and_seed(force: bool) -> None:
+    def build(staging: Path) -> None:
         from cxrfair.finetune.train import finetune
 
-        best = _select_lr(sweep_dir, model, method, lrs)
-        _clear_runs(p["runs"], model, method)
-        src = sweep_dir / _run_id(model, method, _lr_tag(best), 0)
-        produced = [_copy_run(src, p["runs"], model, method, 0, {"lr_candidates": list(lrs), "lr_selected_on": "val loss (seed 0)"})]
+        best = _select_lr(candidates)
+        _copy_run(candidates[best], staging, {"lr_candidates": list(lrs), "lr_selected_on": "val loss (seed 0)"})
         for seed in range(1, config.seeds):
-            produced.append(finetune(_finetune_config(config, p, model, method, seed, best, p["runs"], "best"), progress=True).run_dir)
-        return produced
+            finetune(dataclasses.replace(candidates[best], seed=seed, out=staging, tag="best"), progress=True)
 
-    steps.append(Step(f"{method}-{model}", base | {"lrs": list(lrs), "seeds": config.seeds}, [],
-                      select_and_seed, tuple(s.name for s in steps)))
+    steps.append(_publishing_step(f"{method}-{model}", base | {"lrs": list(lrs), "seeds": config.seeds},
+                                  tuple(s.name for s in steps), p, _family(model, method), build))
     return steps
 
 
-def _select_lr(sweep_dir: Path, model: str, method: str, lrs) -> float:
+def _weights_str(config: ExperimentConfig, model: str) -> str | None:
+    weights = config.extract.weights.get(model)
+    return str(weights) if weights else None
+
+
+def _select_lr(candidates: dict) -> float:
     """The learning rate whose seed-0 run reached the lowest validation loss."""
     scores = {}
-    for lr in lrs:
-        meta = json.loads((sweep_dir / _run_id(model, method, _lr_tag(lr), 0) / "run.json").read_text())
+    for lr, cfg in candidates.items():
+        meta = json.loads((cfg.out / cfg.run_id / "run.json").read_text())
         scores[lr] = min(meta["curves"]["val_loss"])
     return min(scores, key=scores.get)
 
 
-def _copy_run(src: Path, runs: Path, model: str, method: str, seed: int, extra: dict) -> Path:
+def _copy_run(cfg, runs: Path, extra: dict) -> Path:
+    """The selected candidate's seed-0 run, renamed to the ``best`` tag (predictions + run.json)."""
     from cxrfair.analysis.runs import read_run, write_run
 
-    run = read_run(src)
-    run_id = _run_id(model, method, "best", seed)
-    meta = dict(run.meta) | {"run_id": run_id} | extra
+    run = read_run(cfg.out / cfg.run_id)
+    meta = dict(run.meta) | {"run_id": dataclasses.replace(cfg, tag="best").run_id} | extra
     return write_run(runs, meta, run.predictions, force=True)
 
 
-def _clear_runs(runs: Path, model: str, method: str) -> None:
-    # A rerun with new settings must not leave runs of the old settings behind for analysis.
-    if runs.is_dir():
-        for d in runs.glob(f"{model}__{method}__*"):
-            shutil.rmtree(d)
-
-
 def _analysis_step(config: ExperimentConfig, p: dict, deps: list[str]) -> Step:
+    from cxrfair.analysis.analyze import AnalyzeConfig
+
     a = config.analysis
+    cfg = _stage_config("analysis", lambda: AnalyzeConfig(
+        runs_dir=p["runs"], out=p["report"], n_boot=a.bootstrap, attributes=tuple(a.attributes), split=a.split,
+        seed=a.seed, force=True))
 
     def run(force: bool) -> None:
-        from cxrfair.analysis.analyze import AnalyzeConfig, analyze
+        from cxrfair.analysis.analyze import analyze
 
-        analyze(AnalyzeConfig(runs_dir=p["runs"], out=p["report"], n_boot=a.bootstrap,
-                              attributes=tuple(a.attributes), split=a.split, seed=a.seed, force=True))
+        analyze(cfg)
 
     return Step("analyze", settings_dict(a), [p["report"] / "report.html"], run, tuple(deps))
 
@@ -259,13 +315,22 @@ def _missing_images(config: ExperimentConfig) -> str | None:
     return None
 
 
-def run_experiment(config: ExperimentConfig, dry_run: bool = False, echo: Callable[[str], None] = print) -> Path | None:
-    """Print the plan, then run every step that is not complete; returns report.html (None on dry run)."""
-    check_models(config)
-    problem = _missing_images(config)
-    if problem and not dry_run:
-        raise CxrfairError(problem)
-    steps = experiment_steps(config)
+def run_experiment(config: ExperimentConfig, dry_run: bool = False, echo: Callable[[str], None] = print,
+                   source: str | None = None) -> Path | None:
+    """Print the plan, then run every step that is not complete; returns report.html (None on dry run).
+
+    Everything that can be checked is checked before the first step (and on a dry run): models,
+    images, every stage's settings. ``source`` (the config file) prefixes those messages.
+    """
+    try:
+        steps, problem = _check_experiment(config)
+        if problem and not dry_run:
+            raise CxrfairError(problem)
+    except CxrfairError as e:
+        raise CxrfairError(f"config {source}: {e}" if source else str(e)) from None
+    if not dry_run:
+        for family in finish_interrupted(_paths(config)["staging"]):
+            echo(f"note: finished replacing the runs of {family}, interrupted last time")
     decisions = plan(steps, Path(config.out))
     echo(f"Experiment in {config.out}: {sum(a == 'run' for _, a in decisions)} step(s) to run, "
          f"{sum(a == 'reuse' for _, a in decisions)} reused")
@@ -276,6 +341,12 @@ def run_experiment(config: ExperimentConfig, dry_run: bool = False, echo: Callab
         return None
     execute(decisions, Path(config.out), echo)
     return _paths(config)["report"] / "report.html"
+
+
+def _check_experiment(config: ExperimentConfig) -> tuple[list[Step], str | None]:
+    """The steps (every stage's config built and checked) and why extraction would lack images, if so."""
+    check_models(config)
+    return experiment_steps(config), _missing_images(config)
 
 
 def demo_config(out: Path) -> ExperimentConfig:

@@ -26,7 +26,7 @@ def run(config: Path, dry_run: bool, out: Path | None) -> None:
     cfg = load_config(config)
     if out is not None:
         cfg = dataclasses.replace(cfg, out=out.resolve())
-    report = run_experiment(cfg, dry_run=dry_run, echo=click.echo)
+    report = run_experiment(cfg, dry_run=dry_run, echo=click.echo, source=str(config))
     if report is not None:
         click.echo(f"Report: {report}")
 

@@ -1,6 +1,6 @@
 """The embedding cache: one HDF5 file per (model, cohort), readable without torch.
 
-Layout (format ``cxrfair-embeddings`` v1)::
+Layout (format ``cxrfair-embeddings`` v2)::
 
     /                      attrs: format, format_version, complete, model, weights_id, cohort_hash,
                                   embed_dim, logit_scale, classes (JSON), preprocessing (JSON),
@@ -8,6 +8,12 @@ Layout (format ``cxrfair-embeddings`` v1)::
     /images/embeddings     float32 (N, D)   encoder outputs in cohort order, not normalised
     /cohort/csv            str              the cohort rows (cohort.csv text) in the same order
     /text/<set>/embeddings float32 (draws, C, D)  per prompt set; attrs: prompts (JSON [draw][class][k])
+    /prompt_scores/global  float32 (N, P)   optional: image-prompt similarities of models whose own
+    /prompt_scores/local   float32 (N, P)   zero-shot needs more than pooled embeddings (GLoRIA);
+                                            attrs of the group: prompts (JSON, the P distinct prompts
+                                            of every set, the columns' order)
+
+Version 1 files (no ``/prompt_scores``) still read; v2 only adds that optional group.
 
 The file only ever exists complete: ``write_cache`` builds it under a temporary name and renames
 it, so a reader that finds the file can trust it. Extraction keeps its partial progress
@@ -30,7 +36,8 @@ from cxrfair.errors import CxrfairError
 from cxrfair.io import atomic_path
 
 FORMAT = "cxrfair-embeddings"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # v2 adds the optional /prompt_scores group
 _JSON_ATTRS = ("classes", "preprocessing", "versions")
 
 
@@ -48,6 +55,27 @@ class TextEmbeddings:
     prompts: list
 
 
+@dataclass(frozen=True)
+class PromptScores:
+    """Per-image similarity to every distinct prompt, for zero-shot scoring that pooled
+    embeddings cannot reproduce (GLoRIA's word-region attention term).
+
+    Attributes:
+        prompts: the P distinct prompt strings (of every prompt set), the columns' order.
+        global_sim: (N, P) float32 cosine of the global image and sentence embeddings.
+        local_sim: (N, P) float32 the model's local (word-region attention) similarity.
+    """
+
+    prompts: list
+    global_sim: np.ndarray
+    local_sim: np.ndarray
+
+    def columns(self, prompts: list) -> np.ndarray:
+        """Column indices of ``prompts`` (KeyError naming a prompt that is not stored)."""
+        index = {p: i for i, p in enumerate(self.prompts)}
+        return np.array([index[p] for p in prompts], dtype=np.int64)
+
+
 @dataclass
 class EmbeddingCache:
     """A complete cache read back into memory.
@@ -59,6 +87,7 @@ class EmbeddingCache:
         text: prompt set name -> TextEmbeddings.
         attrs: provenance (model, weights_id, cohort_hash, embed_dim, logit_scale, ...).
         path: the file it was read from.
+        prompt_scores: per-image prompt similarities (GLoRIA caches), else None.
     """
 
     image_embeddings: np.ndarray
@@ -67,6 +96,7 @@ class EmbeddingCache:
     text: dict[str, TextEmbeddings]
     attrs: dict[str, Any]
     path: Path | None = field(default=None)
+    prompt_scores: PromptScores | None = field(default=None)
 
     @property
     def model(self) -> str:
@@ -114,6 +144,7 @@ def write_cache(
     classes: list[str],
     text: Mapping[str, TextEmbeddings],
     attrs: Mapping[str, Any],
+    prompt_scores: PromptScores | None = None,
 ) -> Path:
     """Write a complete cache atomically (temp file + rename).
 
@@ -123,6 +154,7 @@ def write_cache(
         classes: C class names, the order of the text embeddings' class axis.
         text: prompt set -> TextEmbeddings with embeddings (draws, C, D).
         attrs: provenance; must include model, weights_id, cohort_hash, logit_scale.
+        prompt_scores: optional (N, P) image-prompt similarities (rows aligned like the embeddings).
     """
     import h5py
 
@@ -133,25 +165,49 @@ def write_cache(
         if key not in attrs:
             raise ValueError(f"cache attrs need {key!r}")
     path = Path(path)
+    # Built in memory, then written with plain file I/O: on a full disk HDF5 itself fails
+    # uncleanly (RuntimeError, then a segfault at exit); a plain write raises OSError(ENOSPC).
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as f:
+        meta = dict(attrs)
+        meta.update(format=FORMAT, format_version=FORMAT_VERSION, embed_dim=int(emb.shape[1]),
+                    classes=list(classes), n_images=int(emb.shape[0]),
+                    created=meta.get("created", datetime.now(timezone.utc).isoformat(timespec="seconds")))
+        for key, value in meta.items():
+            f.attrs[key] = _encode_attr(key, value)
+        f.create_dataset("images/embeddings", data=emb, chunks=(min(len(emb), 1024) or 1, emb.shape[1]))
+        f.create_dataset("cohort/csv", data=cohort_table.to_csv(index=False), dtype=h5py.string_dtype())
+        for name, te in text.items():
+            t = np.asarray(te.embeddings, dtype=np.float32)
+            if t.ndim != 3 or t.shape[1] != len(classes) or t.shape[2] != emb.shape[1]:
+                raise ValueError(f"text embeddings {name!r} have shape {t.shape}, want (draws, {len(classes)}, {emb.shape[1]})")
+            ds = f.create_dataset(f"text/{name}/embeddings", data=t)
+            ds.attrs["prompts"] = json.dumps(te.prompts)
+        if prompt_scores is not None:
+            _write_scores(f, prompt_scores, len(emb))
+        # Written last: a file that has this flag was closed cleanly after everything above.
+        f.attrs["complete"] = True
     with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            meta = dict(attrs)
-            meta.update(format=FORMAT, format_version=FORMAT_VERSION, embed_dim=int(emb.shape[1]),
-                        classes=list(classes), n_images=int(emb.shape[0]),
-                        created=meta.get("created", datetime.now(timezone.utc).isoformat(timespec="seconds")))
-            for key, value in meta.items():
-                f.attrs[key] = _encode_attr(key, value)
-            f.create_dataset("images/embeddings", data=emb, chunks=(min(len(emb), 1024) or 1, emb.shape[1]))
-            f.create_dataset("cohort/csv", data=cohort_table.to_csv(index=False), dtype=h5py.string_dtype())
-            for name, te in text.items():
-                t = np.asarray(te.embeddings, dtype=np.float32)
-                if t.ndim != 3 or t.shape[1] != len(classes) or t.shape[2] != emb.shape[1]:
-                    raise ValueError(f"text embeddings {name!r} have shape {t.shape}, want (draws, {len(classes)}, {emb.shape[1]})")
-                ds = f.create_dataset(f"text/{name}/embeddings", data=t)
-                ds.attrs["prompts"] = json.dumps(te.prompts)
-            # Written last: a file that has this flag was closed cleanly after everything above.
-            f.attrs["complete"] = True
+        with open(tmp, "wb") as out:
+            out.write(buffer.getbuffer())
     return path
+
+
+def _write_scores(f, scores: PromptScores, n: int) -> None:
+    group = f.create_group("prompt_scores")
+    for name, values in (("global", scores.global_sim), ("local", scores.local_sim)):
+        values = np.asarray(values, dtype=np.float32)
+        if values.shape != (n, len(scores.prompts)):
+            raise ValueError(f"prompt_scores {name} have shape {values.shape}, want ({n}, {len(scores.prompts)})")
+        group.create_dataset(name, data=values)
+    group.attrs["prompts"] = json.dumps(list(scores.prompts))
+
+
+def _read_scores(f) -> PromptScores | None:
+    if "prompt_scores" not in f:
+        return None
+    group = f["prompt_scores"]
+    return PromptScores(json.loads(group.attrs["prompts"]), group["global"][...], group["local"][...])
 
 
 def read_cache(path: Path | str) -> EmbeddingCache:
@@ -171,8 +227,9 @@ def read_cache(path: Path | str) -> EmbeddingCache:
         attrs = {k: _decode_attr(v) for k, v in f.attrs.items()}
         if attrs.get("format") != FORMAT:
             raise CxrfairError(f"cache {path}: not a cxrfair embedding cache (format={attrs.get('format')!r}); pass a file written by `cxrfair extract`")
-        if attrs.get("format_version") != FORMAT_VERSION:
-            raise CxrfairError(f"cache {path}: format version {attrs.get('format_version')} is not supported (want {FORMAT_VERSION}); re-run `cxrfair extract`")
+        if attrs.get("format_version") not in READABLE_VERSIONS:
+            raise CxrfairError(f"cache {path}: format version {attrs.get('format_version')} is not supported "
+                               f"(this cxrfair reads {', '.join(map(str, READABLE_VERSIONS))}); re-run `cxrfair extract`")
         if not attrs.get("complete"):
             raise CxrfairError(f"cache {path}: incomplete (extraction was interrupted); rerun the same `cxrfair extract` command")
         for key in ("images/embeddings", "cohort/csv"):
@@ -184,7 +241,11 @@ def read_cache(path: Path | str) -> EmbeddingCache:
         text = {}
         for name, group in f.get("text", {}).items():
             text[name] = TextEmbeddings(group["embeddings"][...], json.loads(group["embeddings"].attrs["prompts"]))
+        scores = _read_scores(f)
     table = pd.read_csv(io.StringIO(csv_text), dtype={"image_id": str, "path": str, "label": str, "sex": str, "split": str, "age_group": str})
     if len(table) != emb.shape[0]:
         raise CxrfairError(f"cache {path}: {emb.shape[0]} embeddings but {len(table)} cohort rows; re-run `cxrfair extract --force`")
-    return EmbeddingCache(emb, table, list(attrs["classes"]), text, attrs, path)
+    if scores is not None and scores.global_sim.shape[0] != len(table):
+        raise CxrfairError(f"cache {path}: prompt scores for {scores.global_sim.shape[0]} images but {len(table)} cohort rows; "
+                           "re-run `cxrfair extract --force`")
+    return EmbeddingCache(emb, table, list(attrs["classes"]), text, attrs, path, scores)

@@ -19,11 +19,18 @@ def models() -> None:
 
 @models.command("list")
 def list_models() -> None:
-    """Table of models: encoders, embedding dim, weights source, zero-shot, LoRA targets."""
+    """Table of models: encoders, cached embedding, weights source and licence, zero-shot, LoRA targets.
+
+    "dim" and "cached embedding" say what extraction stores by default (the joint-space projection
+    for image-text models); "pre-projection" is the dimension of the features before that
+    projection a model also offers (``encode_image_unprojected``), "-" where it has none.
+    """
     from cxrfair.extract.registry import list_specs
 
-    header = ("name", "image encoder", "text encoder", "dim", "weights source", "zero-shot", "LoRA targets")
-    rows = [(s.name, s.image_encoder, s.text_encoder or "-", str(s.embed_dim), s.weights_source,
+    header = ("name", "image encoder", "text encoder", "dim", "cached embedding", "pre-projection", "weights source",
+              "licence", "zero-shot", "LoRA targets")
+    rows = [(s.name, s.image_encoder, s.text_encoder or "-", str(s.embed_dim), s.embedding,
+             str(s.unprojected_dim or "-"), s.weights_source, s.license or "-",
              "yes" if s.zero_shot else "no", _targets(s.lora_targets)) for s in list_specs()]
     click.echo(_table(header, rows))
 
@@ -51,8 +58,12 @@ def _table(header: tuple, rows: list[tuple]) -> str:
 @click.option("--force", is_flag=True, help="Start over: discard partial progress and any existing cache at --out.")
 @click.option("--skip-bad", is_flag=True, help="Leave unreadable images out (recorded in the cache) instead of failing.")
 @click.option("--parts-dir", type=click.Path(path_type=Path), default=None, help="Under torchrun: where ranks write parts [FILE.h5.parts].")
+@click.option("--prompt-scores/--no-prompt-scores", default=True, show_default=True,
+              help="GLoRIA models: also store every image's global and local similarity to every prompt "
+                   "(what GLoRIA's own zero-shot scoring needs; slower extraction). Ignored by other models.")
 @click.pass_context
-def extract(ctx, model, cohort, out, batch_size, workers, device, precision, weights, images, force, skip_bad, parts_dir) -> None:
+def extract(ctx, model, cohort, out, batch_size, workers, device, precision, weights, images, force, skip_bad, parts_dir,
+            prompt_scores) -> None:
     """Embed a cohort with one model into an HDF5 cache (resumable; sharded under torchrun)."""
     if ctx.invoked_subcommand is not None:
         return
@@ -64,7 +75,8 @@ def extract(ctx, model, cohort, out, batch_size, workers, device, precision, wei
     from cxrfair.extract.extractor import extract as run_extract
 
     config = ExtractConfig(model=model, cohort=cohort, out=out, batch_size=batch_size, workers=workers, device=device,
-                           precision=precision, weights=weights, images=images, force=force, skip_bad=skip_bad)
+                           precision=precision, weights=weights, images=images, force=force, skip_bad=skip_bad,
+                           prompt_scores=prompt_scores)
     if torchrun_env():
         result, merged = run_distributed(config, parts_dir)
         if result.status == "exists" and result.path == out:

@@ -1,29 +1,30 @@
-"""The study cohort: NIH ChestX-ray14 metadata -> a balanced, patient-disjoint, split image list.
+"""The study cohort: a dataset's files -> a patient-disjoint, split image list (cohort.csv + cohort.json).
 
-The preset ``nih-6x200`` is PAPER.md §1: single-label images of six diseases, four groups
-(sex M/F x age band young < 60 <= old), 50 images per disease x group (a short cell takes all it
-has and the other sex of the same age band makes up the shortfall), split 7:1:2 per disease with
-no patient in two splits. The result is a folder with ``cohort.csv`` and ``cohort.json`` (format in
-docs/CONTRACTS.md, "Cohort").
+A reader (``cxrfair.extract.datasets``: nih, chexpert, mimic, csv) turns the user's files into
+one standard table; a preset (``cohort_presets.PRESETS``) says which images to keep, how to
+split them and which attributes to compare; this module applies the rules and writes the folder
+(format in docs/CONTRACTS.md, "Cohort" and "Cohort v2").
 
-Public surface:
+- Multi-class presets (``nih-6x200``, PAPER.md §1): single-label images of each class, a fixed
+  number per class x (sex, age band) cell (a short cell takes all it has and the other sex of
+  the same band makes up the shortfall), split with exact per-class totals, patient-disjoint.
+- Multi-label presets (``mimic-sourget``, ``chexpert-6``, ``nih-neatx-pneumothorax``,
+  ``all-multilabel``): every image that passes the filters (frontal, sex known, age known and in
+  the bins, every sensitive attribute known), one ``y_<Condition>`` target per condition, split
+  by the dataset's official split or by patients.
 
-- ``CohortConfig`` (frozen dataclass; ``CohortConfig.from_preset(name, **overrides)``)
-- ``build_cohort(config) -> Cohort``: read, sample, split, write atomically.
-- ``load_cohort(folder) -> Cohort``: read back and validate (hash included).
-- ``read_nih_metadata(path) -> DataFrame``: both ``Data_Entry_2017.csv`` (trailing empty column)
-  and ``Data_Entry_2017_v2020.csv``, gzipped or not, validated.
-- ``sample_cohort``, ``split_cohort``, ``find_images``, ``cohort_hash``, ``composition_table``.
+Public surface: ``CohortConfig`` (``CohortConfig.from_preset(name, **overrides)``),
+``build_cohort(config) -> Cohort``, ``load_cohort(folder) -> Cohort``, ``Cohort`` (``.table``,
+``.meta``, ``.classes``, ``.hash``, ``.task``, ``.attributes``, ``.targets()``,
+``.image_paths()``), ``composition_table``, plus the pieces (``read_nih_metadata``,
+``sample_cohort``, ``split_cohort``, ``deal_patients``, ``cohort_hash``, ``find_images``, ...).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import zlib
-from dataclasses import dataclass
-from importlib import resources
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Iterable
 
@@ -33,42 +34,26 @@ import pandas as pd
 from cxrfair.errors import CxrfairError
 from cxrfair.io import atomic_dir, sha256_file
 
-FORMAT = "cxrfair-cohort"
-VERSION = 1
-COLUMNS = ["image_id", "path", "patient_id", "label", "sex", "age", "age_group", "split"]
-HASH_COLUMNS = ["image_id", "patient_id", "label", "sex", "age", "age_group", "split"]
-SPLITS = ("train", "val", "test")
-SEXES = ("M", "F")
-AGE_GROUPS = ("young", "old")
-# Group order used in tables and cohort.json: young male, young female, old male, old female.
-GROUPS = tuple(f"{a}_{s}" for a in AGE_GROUPS for s in SEXES)
+from .cohort_format import (
+    AGE_GROUPS, COLUMNS, EXTRA_ORDER, FORMAT, GROUPS, HASH_COLUMNS, ML_COLUMNS, SEXES, SPLITS, VERSION, Cohort,
+    cell_texts, cohort_hash, composition_table, count_composition, count_multilabel, load_cohort, write_cohort_files,
+)
+from .cohort_presets import PRESETS, SPLIT_RULES, UNCERTAIN, Preset
+from .cohort_select import (
+    age_labels, attribute_groups, bin_ages, cell_quotas, check_groups, check_multilabel, parse_age_bins,
+    resolve_names, sample_cohort, select_rows, targets,
+)
+from .cohort_split import deal_patients, patient_strata, split_cohort, split_targets
+from .datasets import DatasetTable, Sources, read_dataset
+from .datasets.base import MAX_AGE
+from .datasets.nih import read_nih_metadata, vendored_metadata
 
-# NIH column -> our column. The first five are required; View Position becomes the extra `view`.
-NIH_COLUMNS = {
-    "Image Index": "image_id",
-    "Finding Labels": "labels",
-    "Patient ID": "patient_id",
-    "Patient Age": "age",
-    "Patient Gender": "sex",
-}
-NIH_OPTIONAL = {"View Position": "view"}
-MAX_AGE = 120  # older is a data-entry error (the 2017 release had ages such as 413)
-SEX_CODES = {"M": "M", "F": "F", "MALE": "M", "FEMALE": "F"}
-
-PRESETS = {
-    "nih-6x200": dict(
-        diseases=("Cardiomegaly", "Effusion", "Atelectasis", "Pneumothorax", "Edema", "Consolidation"),
-        per_group=50,
-        age_threshold=60,
-        split=(0.7, 0.1, 0.2),
-    ),
-}
-VENDORED_METADATA = "data/Data_Entry_2017_v2020.csv.gz"
-
-
-def vendored_metadata() -> Path:
-    """Path of the vendored NIH ``Data_Entry_2017_v2020.csv.gz`` (see extract/data/README.md)."""
-    return Path(str(resources.files("cxrfair.extract").joinpath(VENDORED_METADATA)))
+VIEWS = ("frontal", "all")
+# Standard-table columns that never reach cohort.csv (the split column and y_ targets replace them).
+NOT_CARRIED = {"frontal", "official_split", "label", "labels", "line", "group"}
+# Standard columns that are never a sensitive attribute (drain is a shortcut, the rest ids or image facts).
+NOT_ATTRIBUTES = NOT_CARRIED | {"drain", "view", "study_id", "study_date", "patient_key", "path", "image_id",
+                                "patient_id", "age", "split", "sex", "age_group"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -77,59 +62,134 @@ def vendored_metadata() -> Path:
 
 @dataclass(frozen=True)
 class CohortConfig:
-    """What to build and where; validated once on construction (CxrfairError names the option)."""
+    """What to build and where. None = the preset's rule; validated once on construction
+    (CxrfairError names the option)."""
 
     out: Path  # output folder for cohort.csv + cohort.json
-    metadata: Path | None = None  # NIH Data_Entry_2017*.csv[.gz]; None = the vendored v2020 file
-    images: Path | None = None  # NIH images root, searched recursively; None = paths are file names
+    metadata: Path | None = None  # the dataset's main file (MIMIC: its folder); NIH default: the vendored v2020 file
+    images: Path | None = None  # images root; None = paths as the metadata gives them
     preset: str = "nih-6x200"  # rules started from; cohort.json says "custom" once one is changed
-    diseases: tuple[str, ...] = PRESETS["nih-6x200"]["diseases"]  # classes, in class order
-    per_group: int = 50  # images per disease x (sex, age band) cell
-    age_threshold: int = 60  # age >= this is "old", below is "young"
-    split: tuple[float, float, float] = (0.7, 0.1, 0.2)  # train/val/test ratio, normalised to sum 1
-    seed: int = 0  # seeds both the sampling and the split
+    dataset: str | None = None  # reader: nih | chexpert | mimic | csv (default: the preset's)
+    demographics: Path | None = None  # chexpert: CHEXPERT DEMO.xlsx / .csv (race)
+    drains: Path | None = None  # nih: NEATX drain annotations
+    official_split: Path | None = None  # nih: folder with test_list.txt + train_val_list.txt
+    mimic_iv: Path | None = None  # mimic: MIMIC-IV folder (hosp/patients.csv.gz, hosp/admissions.csv.gz)
+    race_map: Path | None = None  # CSV code,group extending the built-in race maps
+    columns: tuple[tuple[str, str], ...] = ()  # csv: (key, column) mapping
+    labels: tuple[str, ...] = ()  # csv: finding columns
+    diseases: tuple[str, ...] | None = None  # classes / conditions, in class order
+    per_group: int | None = None  # multi-class: images per class x (sex, age band) cell
+    age_threshold: int | None = None  # the paper's young/old cut (same as age_bins=(t,))
+    age_bins: tuple[int, ...] | None = None  # age group edges (module cohort_select.bin_ages)
+    attributes: tuple[str, ...] | None = None  # sensitive attributes; None = the preset's (+ optional ones present)
+    uncertain: str | None = None  # multi-label: ignore | zeros | ones
+    split: tuple[float, float, float] | None = None  # train/val/test ratio, normalised to sum 1
+    split_rule: str | None = None  # exact | patients | official
+    min_age: int | None = None  # leave out younger patients
+    views: str | None = None  # frontal | all
+    max_train: int | None = None  # at most this many training images (whole patients, seeded)
+    seed: int = 0  # seeds sampling and splits
     force: bool = False  # replace an existing output folder
 
     def __post_init__(self) -> None:
-        if self.preset not in PRESETS:
-            raise CxrfairError(f"--preset {self.preset}: unknown preset; known: {', '.join(PRESETS)}")
-        object.__setattr__(self, "out", Path(self.out))
-        for name in ("metadata", "images"):
+        p = _preset(self.preset)
+        for name in ("out", "metadata", "images", "demographics", "drains", "official_split", "mimic_iv", "race_map"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, Path(getattr(self, name)))
+        self._check_values(p)
+        defaults = dict(dataset=p.dataset, diseases=p.classes, per_group=p.per_group, age_bins=p.age_bins,
+                        uncertain=p.uncertain, split=p.split, split_rule=p.split_rule, min_age=p.min_age, views=p.views)
+        if self.age_threshold is not None:
+            defaults["age_bins"] = (self.age_threshold,)
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
         object.__setattr__(self, "diseases", tuple(self.diseases))
-        _check_diseases(self.diseases)
-        if self.per_group < 1:
-            raise CxrfairError(f"--per-group {self.per_group}: must be at least 1")
-        if not 0 < self.age_threshold <= MAX_AGE:
-            raise CxrfairError(f"--age-threshold {self.age_threshold}: must be between 1 and {MAX_AGE}")
         object.__setattr__(self, "split", _check_split(self.split))
-        if self.seed < 0:
-            raise CxrfairError(f"--seed {self.seed}: must be a non-negative integer")
+        if p.task == "multiclass" and self.per_group is None:
+            raise CxrfairError(f"--preset {p.name}: multi-class presets need --per-group")
+
+    def _check_values(self, p: Preset) -> None:
+        if self.diseases is not None:
+            object.__setattr__(self, "diseases", tuple(self.diseases))
+            _check_diseases(self.diseases)
+        if self.per_group is not None and (p.task != "multiclass" or self.per_group < 1):
+            raise CxrfairError(f"--per-group {self.per_group}: must be at least 1, and applies to multi-class presets "
+                               f"(nih-6x200), not {p.name}")
+        if self.age_threshold is not None:
+            if not 0 < self.age_threshold <= MAX_AGE:
+                raise CxrfairError(f"--age-threshold {self.age_threshold}: must be between 1 and {MAX_AGE}")
+            if self.age_bins is not None:
+                raise CxrfairError("--age-threshold and --age-bins: give one (--age-bins 60 is the same as --age-threshold 60)")
+        if self.age_bins is not None:
+            object.__setattr__(self, "age_bins", parse_age_bins(self.age_bins))
+        _check_choice("--uncertain", self.uncertain, UNCERTAIN)
+        _check_choice("--split", self.split_rule, SPLIT_RULES)
+        _check_choice("--views", self.views, VIEWS)
+        if self.attributes is not None:
+            object.__setattr__(self, "attributes", _check_attributes(tuple(self.attributes)))
+        for name, lo in (("seed", 0), ("min_age", 0), ("max_train", 1)):
+            value = getattr(self, name)
+            if value is not None and value < lo:
+                raise CxrfairError(f"--{name.replace('_', '-')} {value}: must be at least {lo}")
 
     @classmethod
     def from_preset(cls, name: str = "nih-6x200", **overrides) -> "CohortConfig":
-        """The preset's rules with ``overrides`` (None values keep the preset's value)."""
-        if name not in PRESETS:
-            raise CxrfairError(f"--preset {name}: unknown preset; known: {', '.join(PRESETS)}")
+        """The preset's rules with ``overrides`` (None values keep the preset's value). Text forms of
+        list options are parsed: ``diseases="Edema, Effusion"``, ``split="7,1,2"`` or ``"official"``,
+        ``age_bins="18,25"``, ``attributes="sex,race"``, ``columns="path=P,sex=S"``, ``labels="A,B"``."""
+        _preset(name)
         given = {k: v for k, v in overrides.items() if v is not None}
-        if isinstance(given.get("diseases"), str):
-            given["diseases"] = parse_list(given["diseases"])
+        for key in ("diseases", "attributes", "labels"):
+            if isinstance(given.get(key), str):
+                given[key] = parse_list(given[key])
+        if isinstance(given.get("columns"), str):
+            given["columns"] = parse_columns(given["columns"])
         if isinstance(given.get("split"), str):
-            given["split"] = parse_split(given["split"])
-        return cls(**{**PRESETS[name], **given, "preset": name})
+            if given["split"].strip() == "official":
+                given["split_rule"] = given.pop("split").strip()
+            else:
+                given["split"] = parse_split(given["split"])
+        return cls(**{**given, "preset": name})
+
+    def sources(self) -> Sources:
+        return Sources(metadata=self.metadata, demographics=self.demographics, drains=self.drains,
+                       official_split=self.official_split, mimic_iv=self.mimic_iv, race_map=self.race_map,
+                       columns=tuple(self.columns), labels=tuple(self.labels))
 
     def rules(self) -> dict:
-        """The sampling and split rules (the part of the config a preset fixes)."""
-        return dict(diseases=list(self.diseases), per_group=self.per_group,
-                    age_threshold=self.age_threshold, split=list(self.split))
+        """The rules a preset fixes, as resolved (recorded under cohort.json ``parameters``)."""
+        out = dict(diseases=list(self.diseases), per_group=self.per_group, age_bins=list(self.age_bins),
+                   split=list(self.split), split_rule=self.split_rule, min_age=self.min_age, views=self.views)
+        if _preset(self.preset).task == "multiclass":
+            out["age_threshold"] = self.age_bins[0] if len(self.age_bins) == 1 else None
+        else:
+            out.update(uncertain=self.uncertain, max_train=self.max_train)
+        return out
 
-    def preset_label(self) -> str:
-        """``preset`` when the rules are the preset's own, else ``"custom"`` (recorded in cohort.json)."""
-        p = PRESETS[self.preset]
-        same = ([d.lower() for d in self.diseases] == [d.lower() for d in p["diseases"]]
-                and (self.per_group, self.age_threshold, self.split) == (p["per_group"], p["age_threshold"], _check_split(p["split"])))
+    def preset_label(self, attributes: Iterable[str] | None = None) -> str:
+        """``preset`` when the rules are the preset's own, else ``"custom"`` (recorded in cohort.json).
+
+        ``attributes``: the resolved attribute list; it must be the preset's (plus optional ones)."""
+        p = _preset(self.preset)
+        same = ([d.lower() for d in self.diseases] == [d.lower() for d in p.classes]
+                and (self.per_group, self.age_bins, self.split, self.split_rule, self.min_age, self.views, self.uncertain)
+                == (p.per_group, p.age_bins, _check_split(p.split), p.split_rule, p.min_age, p.views, p.uncertain))
+        if attributes is not None:
+            extra = [a for a in attributes if a not in p.attributes]
+            same &= list(attributes)[: len(p.attributes)] == list(p.attributes) and set(extra) <= set(p.optional_attributes)
         return self.preset if same else "custom"
+
+
+def _preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise CxrfairError(f"--preset {name}: unknown preset; known: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def _check_choice(option: str, value, allowed) -> None:
+    if value is not None and value not in allowed:
+        raise CxrfairError(f"{option} {value}: expected one of {', '.join(allowed)}")
 
 
 def parse_list(text: str) -> tuple[str, ...]:
@@ -137,12 +197,26 @@ def parse_list(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
+def parse_columns(text: str) -> tuple[tuple[str, str], ...]:
+    """``"path=Path,sex=Sex"`` -> ``(("path", "Path"), ("sex", "Sex"))``; CxrfairError naming --columns."""
+    pairs = []
+    for item in parse_list(text):
+        key, eq, column = item.partition("=")
+        if not eq or not key.strip() or not column.strip():
+            raise CxrfairError(f"--columns: '{item}' is not key=COLUMN; e.g. --columns path=Path,patient=PatientID,sex=Sex,age=Age")
+        pairs.append((key.strip(), column.strip()))
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise CxrfairError(f"--columns: '{next(k for k in keys if keys.count(k) > 1)}' given twice")
+    return tuple(pairs)
+
+
 def parse_split(text: str) -> tuple[float, float, float]:
     """``"0.7,0.1,0.2"`` (or ``"7,1,2"``) -> three floats; CxrfairError naming --split otherwise."""
     try:
         parts = tuple(float(x) for x in text.split(","))
     except ValueError:
-        raise CxrfairError(f"--split {text}: expected three numbers such as 0.7,0.1,0.2") from None
+        raise CxrfairError(f"--split {text}: expected three numbers such as 0.7,0.1,0.2, or 'official'") from None
     return _check_split(parts)
 
 
@@ -161,339 +235,177 @@ def _check_diseases(diseases: tuple[str, ...]) -> None:
     dupes = sorted({d for d in diseases if diseases.count(d) > 1})
     if dupes:
         raise CxrfairError(f"--diseases: {', '.join(dupes)} given twice; list each finding once")
-    bad = [d for d in diseases if "|" in d]
+    bad = [d for d in diseases if "|" in d or "," in d]
     if bad:
-        raise CxrfairError(f"--diseases: '{bad[0]}' contains '|'; give single findings separated by commas")
+        raise CxrfairError(f"--diseases: '{bad[0]}' contains '|' or ','; give single findings separated by commas")
+
+
+def _check_attributes(attributes: tuple[str, ...]) -> tuple[str, ...]:
+    if not attributes or len(set(attributes)) != len(attributes):
+        raise CxrfairError(f"--attributes {','.join(attributes)}: give each attribute once, e.g. sex,age_group,race")
+    if attributes[:2] != ("sex", "age_group"):
+        # Every cohort carries sex and age_group columns; the analysis compares at least these two.
+        raise CxrfairError(f"--attributes {','.join(attributes)}: must start with sex,age_group (then e.g. race)")
+    return attributes
 
 
 # --------------------------------------------------------------------------------------------
-# Reading NIH metadata
+# Build
 
 
-def read_nih_metadata(path: Path | str) -> pd.DataFrame:
-    """Read and validate an NIH ChestX-ray14 ``Data_Entry_2017*.csv[.gz]``.
+def build_cohort(config: CohortConfig) -> Cohort:
+    """Read the dataset, choose and split the rows, resolve images and write ``config.out`` atomically.
 
-    Returns:
-        DataFrame, one row per image, columns ``image_id`` (str), ``labels`` (str, '|'-joined),
-        ``patient_id`` (int64), ``age`` (int64), ``sex`` ('M'/'F'), ``line`` (int, line in the
-        file) and ``view`` (str) when the file has ``View Position``.
-    Raises:
-        CxrfairError naming the file, column and line for anything unreadable or implausible.
+    Every check happens before anything is written; a CxrfairError leaves no output behind.
     """
-    path = Path(path)
-    raw = _read_csv(path)
-    missing = [c for c in NIH_COLUMNS if c not in raw.columns]
-    if missing:
-        raise CxrfairError(
-            f"metadata {path}: missing column(s) {', '.join(repr(c) for c in missing)}; expected the NIH "
-            f"ChestX-ray14 columns ({', '.join(list(NIH_COLUMNS) + list(NIH_OPTIONAL))}, ...)")
-    if raw.empty:
-        raise CxrfairError(f"metadata {path}: no rows; pass the NIH Data_Entry_2017*.csv[.gz]")
-    cols = {**NIH_COLUMNS, **{k: v for k, v in NIH_OPTIONAL.items() if k in raw.columns}}
-    df = raw[list(cols)].rename(columns=cols)
-    df = df.apply(lambda col: _map_unique(col, str.strip))
-    df["line"] = np.arange(len(df)) + 2  # header is line 1
-    df["image_id"] = _check_image_ids(df, path)
-    df["patient_id"] = _parse_int(df, "patient_id", "Patient ID", path, 0, None)
-    df["age"] = _parse_int(df, "age", "Patient Age", path, 0, MAX_AGE, strip_suffix="Y")
-    df["sex"] = _parse_sex(df, path)
-    return df.reset_index(drop=True)
+    data = read_dataset(config.dataset, config.sources())
+    preset = PRESETS[config.preset]
+    attributes = _attribute_names(config, preset, data)
+    _check_needs(config, preset, data, attributes)
+    rows, excluded = _filter(data, config, attributes)
+    if preset.task == "multiclass":
+        table, classes = _multiclass(rows, data, config)
+    else:
+        table, classes, dropped = _multilabel(rows, data, config, attributes)
+        excluded.update(dropped)
+    specs = {a: _attribute_spec(a, table[a], config.age_bins) for a in attributes}
+    if preset.task == "multilabel":  # balanced multi-class sampling fills every group by construction
+        check_groups(table, specs, f"cohort from metadata {data.metadata}")
+    table["path"] = _paths(table, data, config.images)
+    table = _order(table, classes, preset.task)
+    texts = {c: cell_texts(table[c]) for c in table.columns}  # once, for the hash and the file
+    meta = _cohort_json(config, preset, data, table, classes, specs, excluded, texts)
+    with atomic_dir(config.out, force=config.force) as tmp:
+        write_cohort_files(tmp, table, meta, texts)
+    return Cohort(table=table, meta=meta, folder=config.out)
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
-    """All columns as str; drops the empty trailing column of the 2017 release."""
-    if not path.is_file():
-        raise CxrfairError(f"metadata {path}: file not found (or not a file); pass --metadata Data_Entry_2017*.csv[.gz]")
-    try:
-        raw = pd.read_csv(path, dtype=str, keep_default_na=False, compression="infer")
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError, EOFError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CxrfairError(f"metadata {path}: not a readable CSV ({reason}); pass the NIH Data_Entry_2017*.csv[.gz]") from None
-    empty = [c for c in raw.columns if str(c).startswith("Unnamed:") and (raw[c] == "").all()]
-    return raw.drop(columns=empty)
+def _attribute_names(config: CohortConfig, preset: Preset, data: DatasetTable) -> list[str]:
+    if config.attributes is not None:
+        reserved = [a for a in config.attributes[2:] if a in NOT_ATTRIBUTES or a in data.findings]
+        if reserved:
+            raise CxrfairError(f"--attributes: '{reserved[0]}' is not a sensitive attribute (a shortcut, id, finding or "
+                               "image property); attributes are sex, age_group, race or a csv column mapped as NAME=COL")
+        missing = [a for a in config.attributes[2:] if not data.has(a)]
+        if missing:
+            raise CxrfairError(f"--attributes: '{missing[0]}' is not in the data of --dataset {data.dataset}"
+                               + (" (race needs --demographics)" if data.dataset == "chexpert" and missing[0] == "race" else "")
+                               + (" (race needs hosp/admissions.csv.gz under --mimic-iv)" if data.dataset == "mimic" and missing[0] == "race" else ""))
+        return list(config.attributes)
+    return list(preset.attributes) + [a for a in preset.optional_attributes if data.has(a)]
 
 
-def _map_unique(col: pd.Series, f) -> pd.Series:
-    """``col.map(f)`` computed once per distinct value (metadata columns repeat a lot; 112k rows)."""
-    codes, uniques = pd.factorize(col)
-    mapped = np.array([f(u) for u in uniques] + [None], dtype=object)
-    return pd.Series(mapped[codes], index=col.index, name=col.name)
+def _attribute_spec(name: str, values: pd.Series, bins: tuple[int, ...]) -> dict:
+    """``{"groups": [...], "reference": first group}`` (M, the youngest band, White)."""
+    groups = attribute_groups(name, values, bins)
+    return {"groups": groups, "reference": groups[0]}
 
 
-def _bad_rows(df: pd.DataFrame, bad: pd.Series) -> str:
-    """'3 rows, first on line 12 (image X, value 'v')' for an error message."""
-    first = df[bad].iloc[0]
-    n = int(bad.sum())
-    return f"{n} row{'s' if n > 1 else ''}, first on line {first['line']} (image {first['image_id'] or '?'})"
+def _check_needs(config: CohortConfig, preset: Preset, data: DatasetTable, attributes: list[str]) -> None:
+    """A preset the data cannot fill stops here, naming what to pass."""
+    how = {"drain": "--drains NEATX NIH-CX14_TubeAnnotations_NonExperts_aggregated.csv",
+           "official_split": {"nih": "--official-split DIR (test_list.txt, train_val_list.txt)",
+                              "csv": "split=COLUMN in --columns"}.get(data.dataset, "the dataset's split file"),
+           "race": {"chexpert": "--demographics", "mimic": "--mimic-iv with hosp/admissions.csv.gz",
+                    "csv": "race=COLUMN in --columns"}.get(data.dataset, "race data")}
+    needs = [n for n in preset.needs if n != "race" or "race" in attributes]
+    if config.split_rule == "official" and "official_split" not in needs:
+        needs.append("official_split")
+    for need in needs:
+        if not data.has(need):
+            raise CxrfairError(f"--preset {preset.name}: needs {need.replace('_', ' ')} data, which --dataset "
+                               f"{data.dataset} has only with {how.get(need, need)}")
+    if config.official_split is not None and config.split_rule != "official":
+        raise CxrfairError(f"--official-split: --preset {preset.name} splits by its own rule ({config.split_rule}); "
+                           "pass --split official to use the official lists")
 
 
-def _check_image_ids(df: pd.DataFrame, path: Path) -> pd.Series:
-    ids = df["image_id"]
-    if (ids == "").any():
-        raise CxrfairError(f"metadata {path}: column 'Image Index' is empty in {_bad_rows(df, ids == '')}; fix those rows")
-    dup = ids.duplicated()
-    if dup.any():
-        raise CxrfairError(f"metadata {path}: column 'Image Index' repeats '{ids[dup].iloc[0]}' "
-                           f"({_bad_rows(df, dup)}); each image must appear once")
-    return ids
+def _filter(data: DatasetTable, config: CohortConfig, attributes: list[str]) -> tuple[pd.DataFrame, dict]:
+    """Keep the rows every rule allows; counts of rows dropped, by the first rule that dropped them."""
+    t = data.table
+    age = t["age"].to_numpy(dtype=float)
+    age_group = bin_ages(age, config.age_bins)
+    steps = []
+    if config.views == "frontal":
+        steps.append(("not_frontal", t["frontal"].to_numpy(dtype=bool)))
+    if config.split_rule == "official":
+        steps.append(("no_official_split", (t["official_split"] != "").to_numpy()))
+    steps += [("sex_unknown", (t["sex"] != "").to_numpy()), ("age_unknown", ~np.isnan(age))]
+    if config.min_age is not None:
+        steps.append(("below_min_age", np.nan_to_num(age, nan=-1) >= config.min_age))
+    steps.append(("age_outside_bins", age_group != ""))
+    for a in attributes[2:]:
+        values = t[a].to_numpy()
+        if a == "race":  # a known race outside the race groups (the race maps' "other")
+            steps.append(("race_other", values != "other"))
+        steps.append((f"{a}_unknown", values != ""))
+    rows, dropped = select_rows(t.assign(age_group=age_group), steps)
+    if rows.empty:
+        raise CxrfairError(f"metadata {data.metadata}: no image passes the cohort's rules (dropped: "
+                           f"{', '.join(f'{k} {v}' for k, v in dropped.items())}); check the files and options")
+    return rows.assign(age=rows["age"].astype("int64")), dropped
 
 
-def _parse_int(df, col: str, nih: str, path: Path, lo: int, hi: int | None, strip_suffix: str = "") -> pd.Series:
-    """Integer column with a range check; the 2017 Box release wrote ages as '058Y', so a suffix may go."""
-    text = _map_unique(df[col], lambda v: v.upper().removesuffix(strip_suffix)) if strip_suffix else df[col]
-    num = pd.to_numeric(text, errors="coerce")
-    bad = num.isna() | (num != np.floor(num))
-    if bad.any():
-        value = df.loc[bad, col].iloc[0]
-        raise CxrfairError(f"metadata {path}: column '{nih}' has a non-integer value '{value}' in "
-                           f"{_bad_rows(df, bad)}; fix or remove those rows")
-    out_of_range = (num < lo) | ((num > hi) if hi is not None else False)
-    if out_of_range.any():
-        value = df.loc[out_of_range, col].iloc[0]
-        limits = f"{lo}-{hi}" if hi is not None else f">= {lo}"
-        hint = ("; the v2020 release (Data_Entry_2017_v2020.csv) corrects the 2017 file's impossible ages"
-                if col == "age" else "")
-        raise CxrfairError(f"metadata {path}: column '{nih}' has an impossible value '{value}' (allowed {limits}) "
-                           f"in {_bad_rows(df, out_of_range)}; fix or remove those rows{hint}")
-    return num.astype("int64")
+def _multiclass(rows: pd.DataFrame, data: DatasetTable, config: CohortConfig) -> tuple[pd.DataFrame, list[str]]:
+    """Balanced single-label sampling and the exact per-class split (PAPER.md §1)."""
+    if "label" not in rows.columns:
+        raise CxrfairError(f"--preset {config.preset}: needs one label per image, which --dataset {data.dataset} "
+                           "does not give" + (" (add label=COLUMN to --columns)" if data.dataset == "csv" else ""))
+    classes = resolve_names(config.diseases, data.findings, "--diseases", data.label_file)
+    bands = age_labels(config.age_bins)
+    table = sample_cohort(rows.drop(columns=list(data.findings)), classes,
+                          config.per_group, config.seed, data.label_file, bands)
+    table["group"] = table["age_group"] + "_" + table["sex"]
+    groups = tuple(f"{a}_{s}" for a in bands for s in SEXES)
+    table["split"] = split_cohort(table, classes, config.split, config.seed, groups=groups)
+    return table, classes
 
 
-def _parse_sex(df: pd.DataFrame, path: Path) -> pd.Series:
-    sex = _map_unique(df["sex"], lambda v: SEX_CODES.get(v.upper()))
-    bad = sex.isna()
-    if bad.any():
-        value = df.loc[bad, "sex"].iloc[0]
-        raise CxrfairError(f"metadata {path}: column 'Patient Gender' has an unknown code '{value}' in "
-                           f"{_bad_rows(df, bad)}; allowed codes are M and F")
-    return sex.astype(str)
+def _multilabel(rows: pd.DataFrame, data: DatasetTable, config: CohortConfig,
+                attributes: list[str]) -> tuple[pd.DataFrame, list[str], dict]:
+    """Every kept image, one target per condition, split by the rule; checks each condition fits."""
+    option = "--diseases" if config.diseases != PRESETS[config.preset].classes else f"--preset {config.preset}"
+    classes = resolve_names(config.diseases or data.findings, data.findings, option, data.label_file)
+    table = pd.concat([rows.drop(columns=list(data.findings)), targets(rows[classes], config.uncertain)], axis=1)
+    table["split"] = _split_multilabel(table, config, attributes, classes)
+    dropped = {}
+    if config.max_train is not None:
+        table, n = _cap_train(table, config.max_train, config.seed)
+        dropped["max_train"] = n
+    check_multilabel(table, classes, SPLITS, f"cohort from metadata {data.metadata}")
+    return table, classes, dropped
+
+
+def _split_multilabel(table: pd.DataFrame, config: CohortConfig, attributes: list[str], classes: list[str]) -> np.ndarray:
+    """(N,) split per row: dealt by patients, or the official split (val dealt out of train if it has none)."""
+    strata_columns = attributes + [f"y_{c}" for c in classes]
+    if config.split_rule == "patients":
+        block, strata = patient_strata(table, strata_columns)
+        return np.asarray(SPLITS)[deal_patients(strata, config.split, config.seed)][block]
+    split = table["official_split"].to_numpy().copy()
+    if not (split == "val").any():
+        train = split == "train"
+        block, strata = patient_strata(table[train], strata_columns)
+        ratio = (config.split[0], config.split[1])
+        split[train] = np.asarray(["train", "val"])[deal_patients(strata, ratio, config.seed, salt="val")][block]
+    return split
+
+
+def _cap_train(table: pd.DataFrame, n: int, seed: int) -> tuple[pd.DataFrame, int]:
+    """Keep whole training patients, in seeded random order, while the training images stay <= n."""
+    train = (table["split"] == "train").to_numpy()
+    patients, block = np.unique(table.loc[train, "patient_id"].to_numpy(), return_inverse=True)
+    order = np.random.default_rng([seed, zlib.crc32(b"max-train")]).permutation(len(patients))
+    sizes = np.bincount(block)[order]
+    keep_patient = np.zeros(len(patients), dtype=bool)
+    keep_patient[order[np.cumsum(sizes) <= n]] = True
+    keep = ~train
+    keep[train] = keep_patient[block]
+    return table[keep].reset_index(drop=True), int((~keep).sum())
 
 
 # --------------------------------------------------------------------------------------------
-# Sampling
-
-
-def known_findings(meta: pd.DataFrame) -> list[str]:
-    """Every finding named in ``labels`` (sorted)."""
-    return sorted({f.strip() for labels in meta["labels"].unique() for f in labels.split("|")} - {""})
-
-
-def resolve_diseases(diseases: Iterable[str], meta: pd.DataFrame, path: Path) -> list[str]:
-    """Map the requested findings to the data's spelling (case-insensitive); unknown -> CxrfairError."""
-    known = known_findings(meta)
-    by_lower = {k.lower(): k for k in known}
-    out = []
-    for d in diseases:
-        if d.lower() not in by_lower:
-            raise CxrfairError(f"--diseases: '{d}' is not a finding in metadata {path}; "
-                               f"known findings: {', '.join(known)}")
-        out.append(by_lower[d.lower()])
-    return out
-
-
-def add_age_group(meta: pd.DataFrame, threshold: int) -> pd.DataFrame:
-    """Add ``age_group`` ('young' if age < threshold else 'old') and ``group`` ('<age_group>_<sex>')."""
-    age_group = np.where(meta["age"] >= threshold, "old", "young")
-    return meta.assign(age_group=age_group, group=[f"{a}_{s}" for a, s in zip(age_group, meta["sex"])])
-
-
-def _cell_rng(seed: int, *key: str) -> np.random.Generator:
-    # One stream per cell, keyed by name, so adding or dropping a disease leaves the others' draws alone.
-    return np.random.default_rng([seed, zlib.crc32("/".join(key).encode())])
-
-
-def cell_quotas(available: dict[str, int], per_group: int) -> dict[str, int]:
-    """How many images each sex of one (disease, age band) takes.
-
-    Args:
-        available: sex -> number of single-label images, e.g. ``{"M": 53, "F": 47}``.
-    Returns:
-        sex -> quota; a short sex takes all it has, the other sex makes up the shortfall
-        (``{"M": 53, "F": 47}`` for 50 each), so the band always has ``2 * per_group``.
-        Returns None when the band as a whole has too few images.
-    """
-    short = {s: n for s, n in available.items() if n < per_group}
-    if not short:
-        return {s: per_group for s in available}
-    if len(short) == len(available):
-        return None
-    (s_short, n_short), = short.items()
-    (s_other,) = set(available) - {s_short}
-    need = 2 * per_group - n_short
-    return {s_short: n_short, s_other: need} if available[s_other] >= need else None
-
-
-def sample_cohort(meta: pd.DataFrame, diseases: list[str], per_group: int, seed: int, path: Path) -> pd.DataFrame:
-    """Draw the single-label images of each disease x group (PAPER.md §1 rules).
-
-    Args:
-        meta: ``read_nih_metadata`` output with ``age_group`` (see ``add_age_group``).
-    Returns:
-        The chosen rows of ``meta`` with a ``label`` column, ``len(diseases) * 4 * per_group`` rows.
-    """
-    single = meta[meta["labels"].isin(diseases)]
-    chosen = []
-    for disease in diseases:
-        for band in AGE_GROUPS:
-            pools = {s: single[(single["labels"] == disease) & (single["age_group"] == band) & (single["sex"] == s)]
-                     .sort_values("image_id") for s in SEXES}
-            quota = cell_quotas({s: len(p) for s, p in pools.items()}, per_group)
-            if quota is None:
-                have = " + ".join(f"{len(p)} {s}" for s, p in pools.items())
-                raise CxrfairError(
-                    f"cell {band} {disease}: metadata {path} has only {have} single-label images, "
-                    f"{2 * per_group} needed ({per_group} per sex, short sex filled from the other); "
-                    f"lower --per-group or drop {disease} from --diseases")
-            for s, pool in pools.items():
-                idx = _cell_rng(seed, disease, band, s).choice(len(pool), size=quota[s], replace=False)
-                chosen.append(pool.iloc[np.sort(idx)])
-    return pd.concat(chosen).rename(columns={"labels": "label"}).reset_index(drop=True)
-
-
-# --------------------------------------------------------------------------------------------
-# Patient-disjoint stratified split
-
-
-def split_targets(n: int, ratio: tuple[float, float, float]) -> np.ndarray:
-    """Largest-remainder rounding of ``n * ratio``: (3,) ints summing to n (ties go to train, val, test)."""
-    ideal = n * np.asarray(ratio, dtype=float)
-    base = np.floor(ideal + 1e-9).astype(int)
-    # Rounded so float noise (28 * 0.2 = 5.6000000000000005) does not break ties against train.
-    order = np.argsort(-np.round(ideal - base, 9), kind="stable")
-    base[order[: n - base.sum()]] += 1
-    return base
-
-
-@dataclass
-class _SplitProblem:
-    """Patient blocks and targets. B: (P, K) images of each patient per cell; M: (K, D) cell -> disease;
-    T: (3, D) exact disease targets; I: (3, K) ideal (fractional) cell counts."""
-
-    B: np.ndarray
-    M: np.ndarray
-    T: np.ndarray
-    I: np.ndarray
-    W: float = 1000.0  # a disease total off by one costs more than any cell imbalance we accept
-
-    def cost_terms(self, C: np.ndarray) -> float:
-        """Cost of cell counts C (3, K): W * sum |disease - T| + sum (cell - ideal)^2."""
-        return self.W * np.abs(C @ self.M - self.T).sum() + ((C - self.I) ** 2).sum()
-
-
-def _greedy(p: _SplitProblem, order: np.ndarray) -> np.ndarray:
-    """Assign blocks in ``order`` one by one to the split whose cost drops most. Returns (P,) split index."""
-    C = np.zeros_like(p.I)
-    assign = np.empty(len(p.B), dtype=int)
-    for i in order:
-        b = p.B[i]
-        deltas = [p.cost_terms(C + np.eye(3)[s][:, None] * b) for s in range(3)]
-        s = int(np.argmin(deltas))
-        assign[i] = s
-        C[s] += b
-    return assign
-
-
-def _move_deltas(p: _SplitProblem, C: np.ndarray, assign: np.ndarray) -> np.ndarray:
-    """(P, 3) cost change of moving each block to each split (0 for its own split)."""
-    E, Dv = C - p.I, C @ p.M - p.T  # (3, K), (3, D)
-    Bd = p.B @ p.M  # (P, D)
-    src = assign
-    # Leaving the source split.
-    out_cells = (p.B**2 - 2 * p.B * E[src]).sum(1)
-    out_dis = (np.abs(Dv[src] - Bd) - np.abs(Dv[src])).sum(1)
-    deltas = np.zeros((len(p.B), 3))
-    for t in range(3):
-        in_cells = (p.B**2 + 2 * p.B * E[t]).sum(1)
-        in_dis = (np.abs(Dv[t] + Bd) - np.abs(Dv[t])).sum(1)
-        deltas[:, t] = np.where(src == t, 0.0, out_cells + in_cells + p.W * (out_dis + in_dis))
-    return deltas
-
-
-def _swap_deltas(p: _SplitProblem, C: np.ndarray, i: np.ndarray, j: np.ndarray, s: int, t: int) -> np.ndarray:
-    """(len(i), len(j)) cost change of exchanging block i (in split s) with block j (in split t)."""
-    E, Dv = C - p.I, C @ p.M - p.T
-    d = p.B[j][None, :, :] - p.B[i][:, None, :]  # (I, J, K): what split s gains
-    dd = d @ p.M
-    cells = (2 * d**2 + 2 * d * (E[s] - E[t])).sum(-1)
-    dis = (np.abs(Dv[s] + dd) - np.abs(Dv[s]) + np.abs(Dv[t] - dd) - np.abs(Dv[t])).sum(-1)
-    return cells + p.W * dis
-
-
-def _best_swap(p: _SplitProblem, C: np.ndarray, assign: np.ndarray, chunk: int = 256) -> tuple[float, tuple]:
-    """The best pairwise exchange between two splits: (delta, (block a, block b, split of a, split of b))."""
-    best = (np.inf, ())
-    for s, t in ((0, 1), (0, 2), (1, 2)):
-        i, j = np.flatnonzero(assign == s), np.flatnonzero(assign == t)
-        for lo in range(0, len(i), chunk):  # chunks bound memory at chunk * len(j) * K
-            sw = _swap_deltas(p, C, i[lo:lo + chunk], j, s, t)
-            if sw.size and sw.min() < best[0]:
-                a, b = np.unravel_index(np.argmin(sw), sw.shape)
-                best = (sw[a, b], (i[lo + a], j[b], s, t))
-    return best
-
-
-def _local_search(p: _SplitProblem, assign: np.ndarray, max_rounds: int = 5_000) -> np.ndarray:
-    """Repair: apply the best single move, or if none helps the best swap, while the cost drops."""
-    assign = assign.copy()
-    for _ in range(max_rounds):
-        C = np.stack([p.B[assign == s].sum(0) for s in range(3)])
-        moves = _move_deltas(p, C, assign)
-        if moves.min() < -1e-9:
-            blk, to = np.unravel_index(np.argmin(moves), moves.shape)
-            assign[blk] = to
-            continue
-        delta, (a, b, s, t) = _best_swap(p, C, assign)
-        if delta > -1e-9:
-            break
-        assign[a], assign[b] = t, s
-    return assign
-
-
-def split_cohort(table: pd.DataFrame, classes: list[str], ratio: tuple[float, float, float], seed: int,
-                 restarts: int = 20) -> pd.Series:
-    """Assign whole patients to train/val/test.
-
-    Each disease gets exactly its largest-remainder share of ``ratio`` (140/20/40 of 200 for
-    7:1:2); each (disease, group) cell lands as close to the ratio as the patients allow. A
-    patient may have images in several diseases and groups, so patients are the unit: a greedy
-    pass (largest patients first, seeded tie order) then best-improvement moves and swaps; if a
-    disease total is still off, up to ``restarts`` more tries from seeded random orders.
-
-    Args:
-        table: rows with ``label``, ``group``, ``patient_id``.
-    Returns:
-        (N,) Series of 'train'/'val'/'test' aligned with ``table``.
-    Raises:
-        CxrfairError if no patient-disjoint assignment with exact disease totals was found.
-    """
-    cells = [(c, g) for c in classes for g in GROUPS]
-    cell_idx = pd.MultiIndex.from_tuples(cells).get_indexer(pd.MultiIndex.from_arrays([table["label"], table["group"]]))
-    patients, block = np.unique(table["patient_id"].to_numpy(), return_inverse=True)
-    B = np.zeros((len(patients), len(cells)))
-    np.add.at(B, (block, cell_idx), 1)
-    M = np.kron(np.eye(len(classes)), np.ones((len(GROUPS), 1)))  # (K, D)
-    n_cell = B.sum(0)
-    T = np.stack([split_targets(int(n), ratio) for n in n_cell @ M], axis=1).astype(float)
-    p = _SplitProblem(B=B, M=M, T=T, I=np.outer(ratio, n_cell))
-    rng = np.random.default_rng([seed, zlib.crc32(b"split")])
-    for attempt in range(restarts + 1):
-        # First try: largest patients first (ties in seeded order); then seeded random orders,
-        # which get lumpy small cohorts out of local optima the moves and swaps cannot leave.
-        perm = rng.permutation(len(patients))
-        order = perm[np.argsort(-B.sum(1)[perm], kind="stable")] if attempt == 0 else perm
-        assign = _local_search(p, _greedy(p, order))
-        C = np.stack([B[assign == s].sum(0) for s in range(3)])
-        off = np.abs(C @ M - T).sum(0)
-        if not off.any():
-            break
-    if off.any():
-        bad = classes[int(np.flatnonzero(off)[0])]
-        raise CxrfairError(f"--split: could not split {bad} into exact {'/'.join(map(str, T[:, np.flatnonzero(off)[0]].astype(int)))} "
-                           "train/val/test without putting a patient in two splits; try another --seed or --split")
-    return pd.Series(np.asarray(SPLITS)[assign[block]], index=table.index, name="split")
-
-
-# --------------------------------------------------------------------------------------------
-# Images
+# Images, order, cohort.json
 
 
 def find_images(root: Path, names: Iterable[str], option: str = "--images") -> dict[str, str]:
@@ -521,195 +433,71 @@ def find_images(root: Path, names: Iterable[str], option: str = "--images") -> d
     return found
 
 
-# --------------------------------------------------------------------------------------------
-# The cohort object, hash, table
+def check_images(root: Path, paths: Iterable[str], option: str = "--images") -> None:
+    """Every ``root/path`` must be a file; CxrfairError with the count and first few missing."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CxrfairError(f"{option} {root}: not a folder; pass the folder the metadata's image paths start from")
+    paths = list(paths)
+    missing = [p for p in paths if not os.path.isfile(os.path.join(root, p))]
+    if missing:
+        raise CxrfairError(f"{option} {root}: {len(missing)} of {len(paths)} cohort images not found (first: "
+                           f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); point {option} at the "
+                           "folder the metadata's image paths start from")
 
 
-@dataclass(frozen=True, eq=False)
-class Cohort:
-    """A built or loaded cohort. ``table``: cohort.csv rows (COLUMNS + extras); ``meta``: cohort.json."""
-
-    table: pd.DataFrame
-    meta: dict
-    folder: Path | None = None
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self.meta["classes"])
-
-    @property
-    def hash(self) -> str:
-        return self.meta["hash"]
-
-    def image_paths(self, images_root: Path | str | None = None) -> list[Path]:
-        """Absolute image paths; ``images_root`` overrides the root recorded in cohort.json."""
-        root = images_root if images_root is not None else self.meta.get("images_root")
-        if root is None:
-            raise CxrfairError(f"cohort {self.folder}: built without --images, so it has no images root; "
-                               "pass the NIH images folder (images_root)")
-        root = Path(root).resolve()
-        return [root / p for p in self.table["path"]]
-
-
-def cohort_hash(table: pd.DataFrame, classes: list[str]) -> str:
-    """SHA-256 over the classes and the HASH_COLUMNS of every row, in order (not the paths).
-
-    Text hashed: ``classes:<c1>|<c2>|...\\n`` then one ``v1,v2,...\\n`` line per row.
-    """
-    h = hashlib.sha256(("classes:" + "|".join(classes) + "\n").encode())
-    cols = [table[c].astype("int64").tolist() if c in ("patient_id", "age") else table[c].astype(str).tolist()
-            for c in HASH_COLUMNS]
-    h.update("".join(",".join(map(str, row)) + "\n" for row in zip(*cols)).encode())
-    return h.hexdigest()
-
-
-def count_composition(table: pd.DataFrame, classes: list[str]) -> dict:
-    """Counts for cohort.json: totals, per split, per label x split and per label x group x split."""
-    def by_split(rows: pd.DataFrame) -> dict:
-        return {s: int((rows["split"] == s).sum()) for s in SPLITS}
-
-    return {
-        "images": int(len(table)),
-        "patients": int(table["patient_id"].nunique()),
-        "split": by_split(table),
-        "patients_per_split": {s: int(table.loc[table["split"] == s, "patient_id"].nunique()) for s in SPLITS},
-        "label_split": {c: by_split(table[table["label"] == c]) for c in classes},
-        "label_group_split": {c: {g: by_split(table[(table["label"] == c) & (_groups(table) == g)]) for g in GROUPS}
-                              for c in classes},
-    }
-
-
-def _groups(table: pd.DataFrame) -> pd.Series:
-    return table["age_group"] + "_" + table["sex"]
-
-
-def composition_table(cohort: Cohort) -> str:
-    """Plain-text table: one row per label x group, columns train/val/test/total, plus totals."""
-    counts = cohort.meta["counts"]["label_group_split"]
-    head = f"{'label':<16}{'group':<10}" + "".join(f"{s:>7}" for s in SPLITS) + f"{'total':>7}"
-    lines = [head, "-" * len(head)]
-    for c in cohort.classes:
-        for g in GROUPS:
-            n = [counts[c][g][s] for s in SPLITS]
-            lines.append(f"{c:<16}{g:<10}" + "".join(f"{x:>7}" for x in n) + f"{sum(n):>7}")
-    tot = [cohort.meta["counts"]["split"][s] for s in SPLITS]
-    lines += ["-" * len(head), f"{'all':<26}" + "".join(f"{x:>7}" for x in tot) + f"{sum(tot):>7}"]
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------
-# Build and load
-
-
-def build_cohort(config: CohortConfig) -> Cohort:
-    """Read the metadata, sample, split, resolve images and write ``config.out`` atomically."""
-    metadata = config.metadata or vendored_metadata()
-    meta = add_age_group(read_nih_metadata(metadata), config.age_threshold)
-    classes = resolve_diseases(config.diseases, meta, metadata)
-    table = sample_cohort(meta, classes, config.per_group, config.seed, metadata)
-    table["split"] = split_cohort(table, classes, config.split, config.seed)
-    table["path"] = _paths(table["image_id"], config.images)
-    table = _order(table, classes)
-    info = _cohort_json(config, table, classes, metadata)
-    cohort = Cohort(table=table, meta=info, folder=config.out)
-    with atomic_dir(config.out, force=config.force) as tmp:
-        table.to_csv(tmp / "cohort.csv", index=False, lineterminator="\n")
-        (tmp / "cohort.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    return cohort
-
-
-def _paths(image_ids: pd.Series, images: Path | None) -> list[str]:
+def _paths(table: pd.DataFrame, data: DatasetTable, images: Path | None) -> list[str]:
     if images is None:
-        return image_ids.tolist()
-    found = find_images(images, image_ids)
-    return [found[i] for i in image_ids]
+        return table["path"].tolist()
+    if data.dataset == "nih":  # NIH's downloads nest images in images_00k/images/: search
+        found = find_images(images, table["image_id"])
+        return [found[i] for i in table["image_id"]]
+    check_images(images, table["path"])
+    return table["path"].tolist()
 
 
-def _order(table: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
-    """Contract order: split (train, val, test), label in class order, image_id; COLUMNS then extras."""
-    key = pd.DataFrame({"s": table["split"].map({s: i for i, s in enumerate(SPLITS)}),
-                        "l": table["label"].map({c: i for i, c in enumerate(classes)}), "i": table["image_id"]})
-    table = table.loc[key.sort_values(["s", "l", "i"]).index]
-    extras = [c for c in ("view",) if c in table.columns]
-    return table[COLUMNS + extras].reset_index(drop=True)
+def _order(table: pd.DataFrame, classes: list[str], task: str) -> pd.DataFrame:
+    """Contract order. Rows: split (train, val, test), then label in class order (multi-class),
+    then image_id. Columns: the contract's, then extras, then (multi-label) the y_ targets."""
+    keys = [np.array(table["image_id"].tolist()), table["split"].map({s: i for i, s in enumerate(SPLITS)}).to_numpy()]
+    if task == "multiclass":
+        keys.insert(1, table["label"].map({c: i for i, c in enumerate(classes)}).to_numpy())
+    table = table.iloc[np.lexsort(keys)]  # numpy sorts 400k ids several times faster than pandas
+    first = COLUMNS if task == "multiclass" else ML_COLUMNS
+    ys = [f"y_{c}" for c in classes] if task == "multilabel" else []
+    rest = [c for c in table.columns if c not in first and c not in ys and c not in NOT_CARRIED]
+    extras = [c for c in EXTRA_ORDER if c in rest] + [c for c in rest if c not in EXTRA_ORDER]
+    return table[first + extras + ys].reset_index(drop=True)
 
 
-def _cohort_json(config: CohortConfig, table: pd.DataFrame, classes: list[str], metadata: Path) -> dict:
+def _cohort_json(config: CohortConfig, preset: Preset, data: DatasetTable, table: pd.DataFrame, classes: list[str],
+                 specs: dict, excluded: dict, texts: dict[str, list[str]]) -> dict:
     from cxrfair import __version__
 
-    return {
-        "format": FORMAT,
-        "version": VERSION,
-        "preset": config.preset_label(),
-        "classes": classes,
-        "parameters": {**config.rules(), "diseases": classes, "groups": list(GROUPS),
-                       "fill_rule": "a short sex takes all it has; the other sex of the same age band fills the rest"},
-        "seed": config.seed,
-        "images_root": str(config.images.resolve()) if config.images is not None else None,
-        "metadata_source": {"path": str(Path(metadata).resolve()), "sha256": sha256_file(metadata)},
-        "counts": count_composition(table, classes),
-        "hash": cohort_hash(table, classes),
-        "cxrfair_version": __version__,
-    }
-
-
-def load_cohort(folder: Path | str) -> Cohort:
-    """Read ``folder/cohort.csv`` + ``cohort.json`` and check them against each other.
-
-    Raises:
-        CxrfairError naming the file and the problem (missing, foreign format, columns, values,
-        hash mismatch).
-    """
-    folder = Path(folder)
-    meta = _load_json(folder / "cohort.json")
-    table = _load_csv(folder / "cohort.csv", meta["classes"])
-    if cohort_hash(table, meta["classes"]) != meta["hash"]:
-        raise CxrfairError(f"cohort {folder / 'cohort.csv'}: content does not match the hash in cohort.json "
-                           "(edited or mixed up?); rebuild with `cxrfair cohort build`")
-    return Cohort(table=table, meta=meta, folder=folder)
-
-
-def _load_json(path: Path) -> dict:
-    if not path.is_file():
-        raise CxrfairError(f"cohort {path}: not found; build the cohort with `cxrfair cohort build --out {path.parent}`")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CxrfairError(f"cohort {path}: not valid JSON ({e}); rebuild the cohort") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CxrfairError(f"cohort {path}: not a cxrfair cohort file (format != {FORMAT!r}); rebuild the cohort")
-    if meta.get("version") != VERSION:
-        raise CxrfairError(f"cohort {path}: version {meta.get('version')!r}, this cxrfair reads {VERSION}; rebuild the cohort")
-    missing = [k for k in ("classes", "hash", "counts") if k not in meta]
-    if missing:
-        raise CxrfairError(f"cohort {path}: missing field(s) {', '.join(missing)}; rebuild the cohort")
-    return meta
-
-
-def _load_csv(path: Path, classes: list[str]) -> pd.DataFrame:
-    if not path.is_file():
-        raise CxrfairError(f"cohort {path}: not found; rebuild the cohort")
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise CxrfairError(f"cohort {path}: not a readable CSV ({e}); rebuild the cohort") from None
-    if list(table.columns[: len(COLUMNS)]) != COLUMNS:
-        raise CxrfairError(f"cohort {path}: columns {list(table.columns)}; expected {', '.join(COLUMNS)} first")
-    for col in ("patient_id", "age"):
-        num = pd.to_numeric(table[col], errors="coerce")
-        if num.isna().any():
-            raise CxrfairError(f"cohort {path}: column '{col}' has non-integer values; rebuild the cohort")
-        table[col] = num.astype("int64")
-    allowed = {"label": set(classes), "sex": set(SEXES), "age_group": set(AGE_GROUPS), "split": set(SPLITS)}
-    for col, ok in allowed.items():
-        bad = sorted(set(table[col]) - ok)
-        if bad:
-            raise CxrfairError(f"cohort {path}: column '{col}' has unexpected value(s) {bad}; allowed {sorted(ok)}")
-    return table
+    meta = {"format": FORMAT, "version": VERSION, "dataset": data.dataset, "task": preset.task,
+            "preset": config.preset_label(specs), "classes": classes, "attributes": specs,
+            "age_bins": list(config.age_bins)}
+    parameters = {**config.rules(), "diseases": classes}
+    if preset.task == "multiclass":
+        groups = [f"{a}_{s}" for a in age_labels(config.age_bins) for s in SEXES]
+        parameters.update(groups=groups, fill_rule="a short sex takes all it has; the other sex of the same age band fills the rest")
+        counts = count_composition(table, classes, tuple(groups))
+    else:
+        meta["uncertain"] = config.uncertain
+        counts = count_multilabel(table, classes, specs)
+    if "drain" in table.columns:
+        meta["shortcuts"] = ["drain"]
+    return {**meta, "parameters": parameters, "seed": config.seed,
+            "images_root": str(config.images.resolve()) if config.images is not None else None,
+            "metadata_source": {"path": str(data.metadata.resolve()), "sha256": sha256_file(data.metadata)},
+            "sources": [{"role": role, "path": str(Path(p).resolve()), "sha256": sha256_file(p)} for role, p in data.files],
+            "counts": counts, "excluded": excluded, "notes": data.notes,
+            "hash": cohort_hash(table, classes, preset.task, specs, texts), "cxrfair_version": __version__}
 
 
 __all__ = [
-    "COLUMNS", "GROUPS", "PRESETS", "SPLITS", "Cohort", "CohortConfig", "build_cohort", "cell_quotas",
-    "cohort_hash", "composition_table", "find_images", "load_cohort", "parse_split", "read_nih_metadata",
+    "AGE_GROUPS", "COLUMNS", "FORMAT", "GROUPS", "HASH_COLUMNS", "ML_COLUMNS", "PRESETS", "SPLITS", "VERSION",
+    "Cohort", "CohortConfig", "build_cohort", "cell_quotas", "check_images", "cohort_hash", "composition_table",
+    "count_composition", "deal_patients", "find_images", "load_cohort", "parse_split", "read_nih_metadata",
     "sample_cohort", "split_cohort", "split_targets", "vendored_metadata",
 ]

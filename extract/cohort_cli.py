@@ -6,49 +6,95 @@ from pathlib import Path
 
 import click
 
+PATH = click.Path(path_type=Path)
+BUILD_HELP = """Build a cohort (cohort.csv + cohort.json) from a dataset's own files.
+
+\b
+Datasets and the files each reads:
+  nih       --metadata Data_Entry_2017*.csv[.gz] (default: the vendored v2020 file)
+            [--official-split DIR with test_list.txt, train_val_list.txt] [--drains NEATX CSV]
+  chexpert  --metadata CheXpert train.csv or valid.csv
+            [--demographics 'CHEXPERT DEMO.xlsx' or .csv: PATIENT, PRIMARY_RACE]
+  mimic     --metadata the MIMIC-CXR-JPG folder with mimic-cxr-2.0.0-metadata.csv.gz,
+            mimic-cxr-2.0.0-chexpert.csv.gz, mimic-cxr-2.0.0-split.csv.gz;
+            --mimic-iv the MIMIC-IV folder with hosp/patients.csv.gz (sex, age) and
+            hosp/admissions.csv.gz (race)
+  csv       --metadata your CSV --columns path=COL,patient=COL,sex=COL,age=COL[,view=,split=,
+            race=,label=,image=,study=,NAME=COL] [--labels A,B or Name=COL,...]
+
+\b
+Presets (--preset; options below override a preset's rules, and cohort.json then says "custom"):
+  nih-6x200               multi-class, 6 findings x 50 per sex x age band, exact 7:1:2 (PAPER.md)
+  mimic-sourget           MIMIC official split, 6 conditions, sex / 5 age bins / race W,B,A
+  nih-neatx-pneumothorax  NIH official test list + NEATX drains, binary Pneumothorax
+  chexpert-6              every frontal adult CheXpert image, 6 conditions, 70/10/20 by patients
+  all-multilabel          every frontal image and finding, 70/10/20 by patients (csv default)
+"""
+
 
 @click.group()
 def cohort() -> None:
-    """Build the study cohort from NIH metadata, or synthesise NIH-format data."""
+    """Build a cohort from NIH, CheXpert, MIMIC-CXR or any CSV; or synthesise data in their layouts."""
 
 
-@cohort.command()
-@click.option("--metadata", type=click.Path(path_type=Path), default=None,
-              help="NIH Data_Entry_2017*.csv[.gz]  [default: the vendored Data_Entry_2017_v2020.csv.gz]")
-@click.option("--images", type=click.Path(path_type=Path), default=None,
-              help="Folder of the NIH download; images are found recursively (images_001/images/...).")
-@click.option("--preset", default="nih-6x200", show_default=True, help="Cohort rules (PAPER.md §1).")
-@click.option("--diseases", default=None, help="Comma-separated findings, in class order  [default: the preset's six]")
-@click.option("--per-group", type=int, default=None, help="Images per disease x group  [default: 50]")
-@click.option("--age-threshold", type=int, default=None, help="Age from which a patient is 'old'  [default: 60]")
-@click.option("--split", default=None, help="train,val,test ratio  [default: 0.7,0.1,0.2]")
+@cohort.command(help=BUILD_HELP)
+@click.option("--dataset", type=click.Choice(["nih", "chexpert", "mimic", "csv"]), default=None,
+              help="Reader for the files  [default: the preset's]")
+@click.option("--metadata", type=PATH, default=None, help="The dataset's metadata file (MIMIC: its folder); see above.")
+@click.option("--images", type=PATH, default=None,
+              help="Images root: the folder the metadata's paths start from (NIH: searched recursively).")
+@click.option("--demographics", type=PATH, default=None, help="chexpert: demographics file (race).")
+@click.option("--drains", type=PATH, default=None, help="nih: NEATX NIH-CX14_TubeAnnotations_NonExperts_aggregated.csv.")
+@click.option("--official-split", type=PATH, default=None, help="nih: folder with test_list.txt and train_val_list.txt.")
+@click.option("--mimic-iv", type=PATH, default=None, help="mimic: MIMIC-IV folder (hosp/patients.csv.gz, hosp/admissions.csv.gz).")
+@click.option("--race-map", type=PATH, default=None, help="CSV code,group adding race codes to the built-in maps (README).")
+@click.option("--columns", default=None, help="csv: key=COLUMN pairs, e.g. path=Path,patient=PatientID,sex=Sex,age=Age.")
+@click.option("--labels", default=None, help="csv: finding columns, e.g. Edema,Pleural Effusion=PE.")
+@click.option("--preset", default=None,
+              help="Cohort rules (list above)  [default: nih-6x200; with --dataset, that dataset's first preset]")
+@click.option("--diseases", default=None, help="Comma-separated classes / conditions, in order  [default: the preset's]")
+@click.option("--attributes", default=None, help="Sensitive attributes, e.g. sex,age_group,race  [default: the preset's]")
+@click.option("--age-bins", default=None, help="Age group edges: 18,25,50,65,80 (left-closed bins) or 60 (young/old).")
+@click.option("--age-threshold", type=int, default=None, help="Same as --age-bins N (the paper's young/old cut).")
+@click.option("--uncertain", type=click.Choice(["ignore", "zeros", "ones"]), default=None,
+              help="Multi-label: uncertain (-1) labels masked, or read as 0 or 1  [default: ignore]")
+@click.option("--per-group", type=int, default=None, help="Multi-class: images per class x group  [default: 50]")
+@click.option("--split", default=None, help="train,val,test ratio (e.g. 0.7,0.1,0.2), or 'official'.")
+@click.option("--min-age", type=int, default=None, help="Leave out younger patients  [default: the preset's]")
+@click.option("--all-views", is_flag=True, help="Keep lateral and other non-AP/PA views.")
+@click.option("--max-train", type=int, default=None, help="At most N training images (whole patients, seeded).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds sampling and split.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder (cohort.csv, cohort.json).")
+@click.option("--out", type=PATH, required=True, help="Output folder (cohort.csv, cohort.json).")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
-def build(metadata, images, preset, diseases, per_group, age_threshold, split, seed, out, force) -> None:
-    """Sample the balanced, patient-disjoint cohort and write cohort.csv + cohort.json."""
+def build(preset, all_views, out, **options) -> None:
     from cxrfair.extract.cohort import CohortConfig, build_cohort, composition_table
+    from cxrfair.extract.cohort_presets import DEFAULT_PRESET
 
-    config = CohortConfig.from_preset(preset, out=out, metadata=metadata, images=images, diseases=diseases,
-                                      per_group=per_group, age_threshold=age_threshold, split=split,
-                                      seed=seed, force=force)
+    preset = preset or DEFAULT_PRESET.get(options["dataset"], "nih-6x200")
+    config = CohortConfig.from_preset(preset, out=out, views="all" if all_views else None, **options)
     result = build_cohort(config)
     click.echo(composition_table(result))
-    click.echo(f"wrote {out}/cohort.csv ({len(result.table)} images, preset {result.meta['preset']}, hash {result.hash[:12]})")
+    dropped = ", ".join(f"{k} {v}" for k, v in result.meta.get("excluded", {}).items())
+    click.echo(f"wrote {out}/cohort.csv ({len(result.table)} images, {result.meta['dataset']}, preset "
+               f"{result.meta['preset']}, hash {result.hash[:12]})" + (f"; left out: {dropped}" if dropped else ""))
 
 
 @cohort.command()
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
+@click.option("--format", "fmt", type=click.Choice(["nih", "chexpert", "mimic"]), default="nih", show_default=True,
+              help="Layout and file names of the real dataset to imitate.")
+@click.option("--out", type=PATH, required=True, help="Output folder.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same bytes.")
 @click.option("--size", type=int, default=64, show_default=True, help="Image side in pixels.")
 @click.option("--per-cell", type=int, default=64, show_default=True,
-              help="Single-label images per disease x group (the nih-6x200 preset needs >= 50).")
+              help="nih: single-label images per disease x group (the nih-6x200 preset needs >= 50).")
+@click.option("--patients", type=int, default=None, help="chexpert / mimic: number of patients  [default: 400]")
+@click.option("--no-images", is_flag=True, help="Metadata files only (for benchmarks at full size).")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
-def synth(out, seed, size, per_cell, force) -> None:
-    """Synthetic chest X-rays in the NIH layout with planted group differences (see synth_info.json)."""
-    from cxrfair.extract.synth import SynthConfig, make_synth
+def synth(fmt, out, seed, size, per_cell, patients, no_images, force) -> None:
+    """Synthetic chest X-rays in a real dataset's layout with planted group differences (see synth_info.json)."""
+    from cxrfair.extract.synth import SynthConfig, build_command, make_synth
 
-    info = make_synth(SynthConfig(out=out, seed=seed, size=size, per_cell=per_cell, force=force))
-    click.echo(f"wrote {out}: {info['images']} images of {info['size']} px from {info['patients']} patients, "
-               f"metadata {info['metadata']}; build the cohort with\n"
-               f"  cxrfair cohort build --metadata {out}/{info['metadata']} --images {out} --out COHORT")
+    info = make_synth(SynthConfig(out=out, format=fmt, seed=seed, size=size, per_cell=per_cell, patients=patients,
+                                  images=not no_images, force=force))
+    click.echo(f"wrote {out}: {info['images']} images of {info['size']} px from {info['patients']} patients "
+               f"({fmt} layout); build a cohort with\n  {build_command(info, out)}")

@@ -122,8 +122,22 @@ def merge_parts(parts: list[Path], out: Path, force: bool = False) -> Path:
     attrs["merged_from"] = [{"file": Path(c.path).name, **_shard(c)} for c in caches]
     write_cache(out, image_embeddings=np.concatenate([c.image_embeddings for c in caches]),
                 cohort_table=pd.concat([c.table for c in caches], ignore_index=True), classes=first.classes,
-                text=text, attrs=attrs)
+                text=text, attrs=attrs, prompt_scores=_merged_scores(caches))
     return Path(out)
+
+
+def _merged_scores(caches):
+    """The parts' prompt scores stacked in row order (GLoRIA caches), or None."""
+    from cxrfair.extract.cache import PromptScores
+
+    scores = [c.prompt_scores for c in caches]
+    if all(s is None for s in scores):
+        return None
+    if any(s is None or s.prompts != scores[0].prompts for s in scores):
+        raise CxrfairError("parts: their prompt scores differ (some parts have none, or other prompts); "
+                           "merge only parts of the same extraction")
+    return PromptScores(scores[0].prompts, np.concatenate([s.global_sim for s in scores]),
+                        np.concatenate([s.local_sim for s in scores]))
 
 
 def _shard(cache) -> dict:

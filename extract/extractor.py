@@ -5,14 +5,27 @@ uint8 (3, S, S) array; uint8 batches travel to the device (4x less traffic than 
 ``normalize`` and ``encode_image`` run under ``torch.inference_mode`` (and autocast for bf16/fp16).
 
 Resumability: progress lives in ``FILE.h5.partial/``: a ``manifest.json`` pinning what the rows
-mean (model, weights, cohort, precision, rows, chunk size) and one ``chunk-XXXXXX.npy`` per chunk
-of rows, each written atomically. A chunk is one loader batch, aligned to fixed row ranges, so a
-resumed run batches every row exactly as an uninterrupted one and yields identical arrays. When
-every chunk is there the cache is assembled with ``write_cache`` and the partial folder removed.
+mean (model, weights, cohort, precision, rows, chunk size, prompts scored) and one
+``chunk-XXXXXX.npy`` per chunk of rows (with ``chunk-XXXXXX.scores.npy`` for models that score
+prompts), each written atomically. A chunk is one loader batch, aligned to fixed row ranges, so a
+resumed run batches every row exactly as an uninterrupted one and yields identical arrays. A
+chunk file that does not read back whole (truncated, corrupt) is dropped and redone. When every
+chunk is there the cache is assembled with ``write_cache`` and the partial folder removed.
+
+Prompt scores: a model whose zero-shot needs more than pooled embeddings (GLoRIA: the word to
+image-region attention term) exposes ``encode_image_local``, ``encode_text_words``,
+``global_similarity`` and ``local_similarity`` in ``FoundationModel.extras``; for such a model
+every image is scored against every distinct prompt of every prompt set while its batch is on
+the device, and the cache stores the (N, P) global and local similarities (``PromptScores``).
+
+Writing: a folder that cannot be written or a disk that fills up stops with one line naming the
+path (``CxrfairError``); the cache itself only ever appears whole, and the chunks already written
+stay for the rerun.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -25,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cxrfair.errors import CxrfairError
-from cxrfair.io import atomic_path, write_json_atomic
+from cxrfair.io import atomic_path, ensure_writable_dir, write_json_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -35,7 +48,9 @@ if TYPE_CHECKING:
 PARTIAL_FORMAT = "cxrfair-extract-partial"
 PRECISIONS = ("fp32", "bf16", "fp16")
 # Fields of the manifest that must agree before chunks from an earlier run may be reused.
-PINNED = ("model", "weights_id", "cohort_hash", "precision", "rows", "chunk_rows")
+PINNED = ("model", "weights_id", "cohort_hash", "precision", "rows", "chunk_rows", "prompt_scores")
+# What a model's extras must offer for prompt scores to be stored (see the module docstring).
+SCORING_EXTRAS = ("encode_image_local", "encode_text_words", "global_similarity", "local_similarity")
 # Test hook: SIGKILL ourselves after this many chunks are written (proves kill -9 resumability).
 KILL_AFTER_ENV = "CXRFAIR_EXTRACT_KILL_AFTER_CHUNKS"
 
@@ -59,6 +74,7 @@ class ExtractConfig:
     progress: bool = True  # tqdm bar with images/s
     rows: tuple[int, int] | None = None  # (start, stop) shard of cohort rows; None = all
     extra_attrs: dict = field(default_factory=dict)  # merged into the cache's attributes
+    prompt_scores: bool = True  # store per-image prompt similarities where the model needs them (GLoRIA)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -96,19 +112,23 @@ def extract(config: ExtractConfig) -> ExtractResult:
         # A partial folder beside a complete cache is left over from a run killed after the rename.
         shutil.rmtree(partial_dir(config.out), ignore_errors=True)
         return ExtractResult(config.out, "exists", existing, [], time.perf_counter() - t0, 0.0)
+    # A folder that cannot be written fails here, before the model is loaded.
+    ensure_writable_dir(Path(config.out).parent, "--out")
     start, stop = config.rows or (0, len(cohort.table))
     paths = [str(p) for p in cohort.image_paths(config.images)[start:stop]]
     device = resolve_device(config.device)
     fm = load_on(config.model, config.weights, device)
-    partial, config = start_partial(config, fm, cohort.hash, (start, stop))
+    scorer = prompt_scorer(fm, cohort.classes, device, config) if config.prompt_scores else None
+    partial, config = start_partial(config, fm, cohort.hash, (start, stop), scorer)
     t1 = time.perf_counter()
-    n_new = embed_missing(fm, paths, partial, config.batch_size, config, device)
+    n_new = embed_missing(fm, paths, partial, config.batch_size, config, device, scorer)
     rate = n_new / max(time.perf_counter() - t1, 1e-9)
-    n, skipped = assemble(partial, fm, cohort, paths, config, device)
+    n, skipped = assemble(partial, fm, cohort, paths, config, device, scorer)
     return ExtractResult(config.out, "written", n, skipped, time.perf_counter() - t0, rate)
 
 
-def start_partial(config: ExtractConfig, fm: "FoundationModel", cohort_hash: str, rows: tuple[int, int]):
+def start_partial(config: ExtractConfig, fm: "FoundationModel", cohort_hash: str, rows: tuple[int, int],
+                  scorer: "PromptScorer | None" = None):
     """Open (or resume) the partial folder; returns it and the config with the chunk size in force.
 
     A resumed run keeps the first run's chunk size whatever ``--batch-size`` says, so every row is
@@ -117,29 +137,57 @@ def start_partial(config: ExtractConfig, fm: "FoundationModel", cohort_hash: str
     folder = partial_dir(config.out)
     chunk_rows = resumed_chunk_rows(folder, config.force) or config.batch_size
     ident = {"model": config.model, "weights_id": fm.weights_id, "cohort_hash": cohort_hash,
-             "precision": config.precision, "rows": list(rows), "chunk_rows": chunk_rows}
+             "precision": config.precision, "rows": list(rows), "chunk_rows": chunk_rows,
+             "prompt_scores": scorer.digest if scorer else None}
     return open_partial(folder, ident, config.force), replace(config, batch_size=chunk_rows)
 
 
 def assemble(folder: Path, fm: "FoundationModel", cohort, paths: list[str], config: ExtractConfig,
-             device: "torch.device") -> tuple[int, list[dict]]:
+             device: "torch.device", scorer: "PromptScorer | None" = None) -> tuple[int, list[dict]]:
     """Chunks + text embeddings + provenance -> the cache (atomically); then drop the partial folder.
 
     Returns (rows written, skipped images).
     """
-    from cxrfair.extract.cache import write_cache
+    from cxrfair.extract.cache import PromptScores, write_cache
 
     start, stop = config.rows or (0, len(cohort.table))
-    emb, bad = load_chunks(folder, len(paths), config.batch_size)
+    emb, scores, bad = load_chunks(folder, len(paths), config.batch_size, scored=scorer is not None)
     rows = cohort.table.iloc[start:stop].reset_index(drop=True)
     skipped = describe_bad(bad, rows, paths)
     keep = np.setdiff1d(np.arange(len(paths)), np.fromiter(bad, int, len(bad)))
     text = text_embeddings_all(fm, cohort.classes, device, config.precision, config.prompt_seed)
-    attrs = provenance(fm, cohort, config, device, skipped) | dict(config.extra_attrs)
-    write_cache(config.out, image_embeddings=emb[keep], cohort_table=rows.iloc[keep].reset_index(drop=True),
-                classes=cohort.classes, text=text, attrs=attrs)
+    attrs = provenance(fm, cohort, config, device, skipped, scorer) | dict(config.extra_attrs)
+    prompt_scores = None if scorer is None else PromptScores(scorer.prompts, scores[keep, 0], scores[keep, 1])
+    check_free_space(config.out, emb[keep].nbytes + (0 if scores is None else scores[keep].nbytes))
+    with writing(config.out, "the cache"):
+        write_cache(config.out, image_embeddings=emb[keep], cohort_table=rows.iloc[keep].reset_index(drop=True),
+                    classes=cohort.classes, text=text, attrs=attrs, prompt_scores=prompt_scores)
     shutil.rmtree(folder, ignore_errors=True)
     return len(keep), skipped
+
+
+@contextlib.contextmanager
+def writing(path: Path, what: str):
+    """Turn an OSError while writing ``what`` at ``path`` (read-only folder, full disk) into one line."""
+    try:
+        yield
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise CxrfairError(f"--out {path}: cannot write {what} ({reason}); free disk space or choose a writable "
+                           "location, then rerun (chunks already written are kept and reused)") from None
+
+
+def check_free_space(out: Path, payload_bytes: int) -> None:
+    """Refuse to start writing the cache where it cannot fit (HDF5 may crash on a full disk).
+
+    ``payload_bytes`` is the arrays' size; text, the cohort table and HDF5 overhead get a margin.
+    """
+    need = int(payload_bytes * 1.1) + (8 << 20)
+    free = shutil.disk_usage(Path(out).parent).free
+    if free < need:
+        raise CxrfairError(f"--out {out}: the cache needs about {need / 2**20:.1f} MB but only {free / 2**20:.1f} MB "
+                           "are free there; free disk space or choose another location, then rerun "
+                           "(chunks already written are kept and reused)")
 
 
 # --- what is already there ---------------------------------------------------------------------
@@ -185,23 +233,42 @@ def resumed_chunk_rows(folder: Path, force: bool) -> int | None:
     manifest = folder / "manifest.json"
     if force or not manifest.is_file():
         return None
-    return int(json.loads(manifest.read_text(encoding="utf-8")).get("chunk_rows", 0)) or None
+    return int(read_manifest(manifest).get("chunk_rows", 0)) or None
+
+
+def read_manifest(manifest: Path) -> dict:
+    """The partial folder's manifest; CxrfairError if it does not read back (written atomically, so rare)."""
+    try:
+        old = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        old = None
+    if not isinstance(old, dict):
+        raise CxrfairError(f"partial extraction {manifest.parent}: {manifest.name} is unreadable; "
+                           "pass --force to start over")
+    return old
 
 
 def open_partial(folder: Path, ident: dict, force: bool) -> Path:
     """Create or reuse ``folder`` for progress of ``ident``; refuse to mix runs that differ."""
     manifest = folder / "manifest.json"
-    if force and folder.exists():
-        shutil.rmtree(folder)
-    if manifest.is_file():
-        old = json.loads(manifest.read_text(encoding="utf-8"))
-        diff = [f"{k}: {old.get(k)!r} there, {ident[k]!r} now" for k in PINNED if old.get(k) != ident[k]]
-        if diff:
-            raise CxrfairError(f"partial extraction {folder} was started with different settings ({'; '.join(diff)}); "
-                               "rerun with the same settings to finish it, or pass --force to start over")
-        return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(manifest, {"format": PARTIAL_FORMAT, **ident})
+    with writing(folder, "extraction progress"):
+        if force and folder.exists():
+            shutil.rmtree(folder)
+        if manifest.is_file():
+            old = read_manifest(manifest)
+            diff = [f"{k}: {old.get(k)!r} there, {ident[k]!r} now" for k in PINNED if old.get(k) != ident[k]]
+            if diff:
+                raise CxrfairError(f"partial extraction {folder} was started with different settings ({'; '.join(diff)}); "
+                                   "rerun with the same settings to finish it, or pass --force to start over")
+            return folder
+        created = not folder.exists()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(manifest, {"format": PARTIAL_FORMAT, **ident})
+        except OSError:
+            if created:  # leave nothing behind when not even the manifest could be written
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
     return folder
 
 
@@ -213,33 +280,78 @@ def _bad_file(folder: Path, index: int) -> Path:
     return folder / f"chunk-{index:06d}.bad.json"
 
 
+def _scores_file(folder: Path, index: int) -> Path:
+    return folder / f"chunk-{index:06d}.scores.npy"
+
+
 def chunk_ranges(n: int, chunk_rows: int) -> list[range]:
     """Fixed row ranges [i*chunk_rows, (i+1)*chunk_rows) covering ``n`` rows (last one shorter)."""
     return [range(s, min(s + chunk_rows, n)) for s in range(0, n, chunk_rows)]
 
 
-def pending_chunks(folder: Path, n: int, chunk_rows: int) -> list[int]:
-    """Indices of the chunks whose ``.npy`` is not written yet."""
-    return [i for i in range(len(chunk_ranges(n, chunk_rows))) if not _chunk_file(folder, i).is_file()]
+def pending_chunks(folder: Path, n: int, chunk_rows: int, scored: bool = False) -> list[int]:
+    """Indices of the chunks still to embed: not written yet, or not reading back whole.
+
+    A chunk whose files are truncated or corrupt (a crash of the disk, a copy cut short) is
+    deleted here so that it is redone rather than failing every rerun.
+    """
+    pending = []
+    for i, rows in enumerate(chunk_ranges(n, chunk_rows)):
+        if not _chunk_file(folder, i).is_file():
+            pending.append(i)
+        elif not chunk_is_sound(folder, i, len(rows), scored):
+            for f in (_chunk_file(folder, i), _scores_file(folder, i), _bad_file(folder, i)):
+                f.unlink(missing_ok=True)
+            pending.append(i)
+    return pending
 
 
-def write_chunk(folder: Path, index: int, emb: np.ndarray, bad: dict[int, str]) -> None:
-    """Save one chunk atomically: its bad rows first, then the (n, D) embeddings that mark it done."""
-    if bad:
-        write_json_atomic(_bad_file(folder, index), {str(k): v for k, v in bad.items()})
-    with atomic_path(_chunk_file(folder, index)) as tmp:
+def chunk_is_sound(folder: Path, index: int, rows: int, scored: bool) -> bool:
+    """True if the chunk's arrays (and bad-row list) read back with ``rows`` rows."""
+    files = [_chunk_file(folder, index)] + ([_scores_file(folder, index)] if scored else [])
+    for f in files:
+        try:
+            if np.load(f, mmap_mode="r").shape[0] != rows:  # reads the header, checks the size
+                return False
+        except (OSError, ValueError, EOFError, IndexError):
+            return False
+    if _bad_file(folder, index).is_file():
+        try:
+            json.loads(_bad_file(folder, index).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+    return True
+
+
+def write_chunk(folder: Path, index: int, emb: np.ndarray, bad: dict[int, str], scores: np.ndarray | None = None) -> None:
+    """Save one chunk atomically: its bad rows and prompt scores first, then the (n, D) embeddings
+    that mark it done."""
+    with writing(folder, f"chunk {index}"):
+        if bad:
+            write_json_atomic(_bad_file(folder, index), {str(k): v for k, v in bad.items()})
+        if scores is not None:
+            _save_npy(_scores_file(folder, index), scores)
+        _save_npy(_chunk_file(folder, index), emb)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
-            np.save(f, np.asarray(emb, dtype=np.float32))
+            np.save(f, np.asarray(array, dtype=np.float32))
 
 
-def load_chunks(folder: Path, n: int, chunk_rows: int) -> tuple[np.ndarray, dict[int, str]]:
-    """All chunks joined: (n, D) float32 embeddings and {row: error} of the unreadable rows."""
-    parts, bad = [], {}
+def load_chunks(folder: Path, n: int, chunk_rows: int, scored: bool = False
+                ) -> tuple[np.ndarray, np.ndarray | None, dict[int, str]]:
+    """All chunks joined: (n, D) float32 embeddings, (n, 2, P) prompt scores (or None) and
+    {row: error} of the unreadable rows."""
+    parts, scores, bad = [], [], {}
     for i, _ in enumerate(chunk_ranges(n, chunk_rows)):
         parts.append(np.load(_chunk_file(folder, i)))
+        if scored:
+            scores.append(np.load(_scores_file(folder, i)))
         if _bad_file(folder, i).is_file():
             bad.update({int(k): v for k, v in json.loads(_bad_file(folder, i).read_text()).items()})
-    return np.concatenate(parts), bad
+    return np.concatenate(parts), (np.concatenate(scores) if scored else None), bad
 
 
 # --- the image stream --------------------------------------------------------------------------
@@ -290,9 +402,9 @@ def make_loader(paths: list[str], rows: list[int], preprocess, batch_size: int, 
 
 
 def embed_missing(fm: "FoundationModel", paths: list[str], folder: Path, chunk_rows: int,
-                  config: ExtractConfig, device: "torch.device") -> int:
-    """Embed every chunk not yet on disk; returns the number of images embedded now."""
-    pending = pending_chunks(folder, len(paths), chunk_rows)
+                  config: ExtractConfig, device: "torch.device", scorer: "PromptScorer | None" = None) -> int:
+    """Embed (and score, with a scorer) every chunk not yet on disk; returns the number of images embedded now."""
+    pending = pending_chunks(folder, len(paths), chunk_rows, scored=scorer is not None)
     ranges = chunk_ranges(len(paths), chunk_rows)
     rows = [r for i in pending for r in ranges[i]]
     if not rows:
@@ -304,7 +416,11 @@ def embed_missing(fm: "FoundationModel", paths: list[str], folder: Path, chunk_r
         bad = {r: e for r, e in zip(batch_rows, errors) if e}
         if bad and not config.skip_bad:
             raise CxrfairError(bad_images_message(bad, paths))
-        write_chunk(folder, index, encode_batch(fm, pixels, device, config.precision), bad)
+        if scorer is None:
+            write_chunk(folder, index, encode_batch(fm, pixels, device, config.precision), bad)
+        else:
+            emb, scores = scorer.encode(pixels, device, config.precision)
+            write_chunk(folder, index, emb, bad, scores)
         bar.update(len(batch_rows))
         if kill_after and n_done >= kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -405,6 +521,70 @@ def text_embeddings_all(fm: "FoundationModel", classes: list[str], device: "torc
     return {name: TextEmbeddings(class_text_embeddings(fm, p, device, precision), p) for name, p in sets.items()}
 
 
+@dataclass
+class PromptScorer:
+    """Scores image batches against every distinct prompt, for models with ``SCORING_EXTRAS``.
+
+    Attributes:
+        fm: the model (its extras compute the similarities).
+        prompts: the P distinct prompts of every prompt set, sorted (the scores' column order).
+        text_global: (P, D) float32 sentence embeddings on the device.
+        words: (P, D, L) float32 word embeddings, cut after the longest prompt's last word.
+        counts: P word counts (what ``local_similarity`` takes).
+        digest: SHA-256 of the prompt list; pins a partial folder to these prompts.
+    """
+
+    fm: "FoundationModel"
+    prompts: list
+    text_global: "torch.Tensor"
+    words: "torch.Tensor"
+    counts: list
+    digest: str
+
+    def encode(self, pixels: "torch.Tensor", device: "torch.device", precision: str) -> tuple[np.ndarray, np.ndarray]:
+        """(B, 3, S, S) uint8 -> (B, D) embeddings (``encode_image``'s) and (B, 2, P) scores
+        (index 0 global, 1 local), in float32 whatever the encoder's precision."""
+        import torch
+
+        extras = self.fm.extras
+        with torch.inference_mode():
+            with autocast(device, precision):
+                x = self.fm.preprocess.normalize(pixels.to(device, non_blocking=True))
+                emb, local = extras["encode_image_local"](x)
+            emb, local = emb.float(), local.float()
+            scores = torch.stack([extras["global_similarity"](emb, self.text_global),
+                                  extras["local_similarity"](local, self.words, self.counts)], dim=1)
+        return emb.cpu().numpy(), scores.float().cpu().numpy()
+
+
+def prompt_scorer(fm: "FoundationModel", classes: list[str], device: "torch.device", config: ExtractConfig,
+                  batch: int = 64) -> PromptScorer | None:
+    """A PromptScorer for every prompt of every set, or None if the model needs none."""
+    import hashlib
+
+    import torch
+
+    from cxrfair.extract.prompts import build_all
+
+    if not fm.spec.zero_shot or not all(k in fm.extras for k in SCORING_EXTRAS):
+        return None
+    sets = build_all(classes, seed=config.prompt_seed)
+    prompts = sorted({p for draws in sets.values() for draw in draws for plist in draw for p in plist})
+    sentences, words, counts = [], [], []
+    for i in range(0, len(prompts), batch):
+        with torch.inference_mode(), autocast(device, config.precision):
+            tokens = fm.tokenize(prompts[i:i + batch])
+            tokens = tokens.to(device) if hasattr(tokens, "to") else tokens
+            sentences.append(fm.encode_text(tokens).float())
+            w, c = fm.extras["encode_text_words"](tokens)
+        words.append(w.float())
+        counts += [int(n) for n in c]
+    width = max(counts) + 2  # [CLS], the words, [SEP]: local_similarity reads positions 1..n
+    words = torch.cat([torch.nn.functional.pad(w[:, :, :width], (0, max(0, width - w.shape[2]))) for w in words])
+    digest = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
+    return PromptScorer(fm, prompts, torch.cat(sentences), words, counts, digest)
+
+
 # --- model, device, provenance -----------------------------------------------------------------
 
 def resolve_device(name: str) -> "torch.device":
@@ -443,7 +623,8 @@ def versions() -> dict[str, str]:
     return out
 
 
-def provenance(fm: "FoundationModel", cohort, config: ExtractConfig, device: "torch.device", skipped: list[dict]) -> dict[str, Any]:
+def provenance(fm: "FoundationModel", cohort, config: ExtractConfig, device: "torch.device", skipped: list[dict],
+               scorer: PromptScorer | None = None) -> dict[str, Any]:
     """The cache's attributes: what made these numbers."""
     from cxrfair.extract.prompts import PROMPT_SETS, describe
 
@@ -454,9 +635,12 @@ def provenance(fm: "FoundationModel", cohort, config: ExtractConfig, device: "to
         "prompt_sets": {name: describe(name) for name in PROMPT_SETS} if fm.spec.zero_shot else {},
         "prompt_seed": config.prompt_seed, "skipped_images": skipped,
         "cohort_folder": str(Path(config.cohort).resolve()),
-        # Zero-shot from this cache uses cosine similarity of these global embeddings (GLoRIA's
-        # local attention term needs word-level features the cache does not hold).
-        "zero_shot_term": fm.extras.get("zero_shot_term", "global"),
+        # What zero-shot from this cache uses by default: "both" (global + local, GLoRIA's own
+        # scoring) where prompt scores are stored, else the cosine of the pooled embeddings.
+        "zero_shot_term": "both" if scorer else fm.extras.get("zero_shot_term", "global"),
+        **({"prompt_scores": {"prompts": len(scorer.prompts), "global": "cosine(image global, sentence embedding)",
+                              "local": "the model's local_similarity (word to image-region attention)"}}
+           if scorer else {}),
     }
 
 

@@ -30,14 +30,15 @@ class Preprocess:
 
     size: int = 224  # side of the square the encoder sees
     resize: int = 224  # "shortest": target of the shortest side; "pad": side of the padded square
-    mode: str = "shortest"  # "shortest": resize + center crop (CLIP); "pad": pad to square, resize, crop (MedCLIP, GLoRIA)
+    mode: str = "shortest"  # "shortest": resize + center crop (CLIP); "pad": pad to square, resize, crop (MedCLIP, GLoRIA); "squash": resize both sides to ``resize`` ignoring aspect (SigLIP)
     interpolation: str = "bicubic"
     mean: tuple[float, float, float] = OPENAI_MEAN
     std: tuple[float, float, float] = OPENAI_STD
+    minmax: bool = False  # stretch each image's grey levels to 0..255 first (hi-ml's load_image, BioViL)
 
     def __post_init__(self) -> None:
-        if self.mode not in ("shortest", "pad"):
-            raise ValueError(f"Preprocess.mode must be 'shortest' or 'pad', not {self.mode!r}")
+        if self.mode not in ("shortest", "pad", "squash"):
+            raise ValueError(f"Preprocess.mode must be 'shortest', 'pad' or 'squash', not {self.mode!r}")
         if self.interpolation not in _INTERPOLATION:
             raise ValueError(f"Preprocess.interpolation must be one of {sorted(_INTERPOLATION)}")
         if self.size > self.resize:
@@ -48,9 +49,14 @@ class Preprocess:
         # Geometry first, RGB last (open_clip's order): a grayscale X-ray is resized as one
         # channel, a third of the work, with the same pixels.
         image = _to_8bit(image)
+        if self.minmax:
+            image = _stretch(image)
         if self.mode == "pad":
             image = _pad_to_square(image)
             image = image.resize((self.resize, self.resize), _INTERPOLATION[self.interpolation])
+        elif self.mode == "squash":
+            if image.size != (self.resize, self.resize):
+                image = image.resize((self.resize, self.resize), _INTERPOLATION[self.interpolation])
         else:
             w, h = image.size
             # Rounding as torchvision's Resize(int) does, so pixels match open_clip's transform.
@@ -70,7 +76,10 @@ class Preprocess:
 
     def describe(self) -> dict:
         """Plain dict for provenance (cache attributes, run.json)."""
-        return asdict(self)
+        out = asdict(self)
+        if not self.minmax:  # absent when off, so descriptions (and cache keys) made before it existed still match
+            del out["minmax"]
+        return out
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
@@ -80,6 +89,18 @@ def _to_8bit(image: Image.Image) -> Image.Image:
         hi = arr.max() or 1.0
         return Image.fromarray((arr * (255.0 / hi)).round().astype(np.uint8))
     return image if image.mode in ("L", "RGB") else image.convert("RGB")
+
+
+def _stretch(image: Image.Image) -> Image.Image:
+    """Grey levels mapped linearly so the image's minimum is 0 and maximum 255 (hi-ml's ``remap_to_uint8``).
+
+    hi-ml stretches the whole array and truncates (``astype(uint8)``); so do we, per image.
+    """
+    arr = np.asarray(image, dtype=np.float64)
+    lo, hi = arr.min(), arr.max()
+    if hi == lo:
+        return image
+    return Image.fromarray(((arr - lo) / (hi - lo) * 255).astype(np.uint8), mode=image.mode)
 
 
 def _pad_to_square(image: Image.Image) -> Image.Image:

@@ -20,10 +20,18 @@ if TYPE_CHECKING:
     import torch
 
 # Modules whose import registers the built-in models (each calls ``register`` at import time).
+# MedImageInsight is deliberately absent: its UniCL/DaViT weights need Microsoft's own model code
+# (Florence-style DaViT, not timm's layout) or an unverifiable key mapping; see README "Models".
 BUILTIN_MODULES = (
     "cxrfair.extract.models.openclip",
     "cxrfair.extract.models.medclip",
     "cxrfair.extract.models.gloria",
+    "cxrfair.extract.models.chexzero",
+    "cxrfair.extract.models.biovil",
+    "cxrfair.extract.models.cxrclip",
+    "cxrfair.extract.models.medsiglip",
+    "cxrfair.extract.models.raddino",
+    "cxrfair.extract.models.xrayclip",
 )
 
 
@@ -44,6 +52,10 @@ class FoundationModel:
         embed_dim: D.
         weights_id: identity of the weights (``sha256:<hex>`` of a file, a hub revision, or
             ``random-init(seed=0)``), recorded in every cache and run.
+        extras: model-specific capabilities (GLoRIA's local features, SigLIP's ``logit_bias``).
+        encode_image_unprojected: (B, 3, S, S) normalised float -> (B, D') image features
+            *before* the joint-space projection (D' = ``spec.unprojected_dim``), or None where the
+            architecture has no such features (image-only models, SigLIP's attention-pool head).
     """
 
     name: str
@@ -57,7 +69,8 @@ class FoundationModel:
     logit_scale: float
     embed_dim: int
     weights_id: str
-    extras: dict = field(default_factory=dict)  # model-specific capabilities (e.g. GLoRIA local features)
+    extras: dict = field(default_factory=dict)
+    encode_image_unprojected: Callable[["torch.Tensor"], "torch.Tensor"] | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +88,9 @@ class ModelSpec:
     tiny: bool = False  # offline test/demo model with random weights
     description: str = ""
     weights_env: str | None = None  # environment variable that may point at the weights
+    license: str = ""  # licence of the released weights, as their source states it
+    embedding: str = "projected"  # what encode_image (so the cache) holds: "projected" (joint space) or e.g. "CLS"
+    unprojected_dim: int | None = None  # D' of FoundationModel.encode_image_unprojected; None: not offered
 
 
 _REGISTRY: dict[str, ModelSpec] = {}

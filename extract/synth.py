@@ -1,6 +1,11 @@
-"""Synthetic chest X-rays in the NIH ChestX-ray14 layout, with known, planted group differences.
+"""Synthetic chest X-rays in the layouts of NIH ChestX-ray14, CheXpert and MIMIC-CXR-JPG, with known,
+planted group differences.
 
-``cxrfair cohort synth --out DIR`` writes
+``cxrfair cohort synth --format nih|chexpert|mimic --out DIR``. The NIH layout is described here;
+the CheXpert and MIMIC layouts (multi-label findings, race, the real file names) in
+``synth_cxr.py``. All three share the renderer below.
+
+``cxrfair cohort synth --out DIR`` (NIH) writes
 
 - ``DIR/Data_Entry_2017.csv``: the NIH metadata columns in the 2017 release's exact layout
   (``Image Index, Finding Labels, Follow-up #, Patient ID, Patient Age, Patient Gender,
@@ -8,6 +13,11 @@
   empty column that release has);
 - ``DIR/images_001/images/00000001_000.png`` ...: 8-bit grayscale PNGs, ``size`` px square,
   spread over ``images_00k/images/`` folders of 500 like the NIH download;
+- ``DIR/test_list.txt`` and ``DIR/train_val_list.txt``: the official split, by patient (about a
+  quarter of the patients in test), one image name per line as NIH publishes them;
+- ``DIR/NIH-CX14_TubeAnnotations_NonExperts_aggregated.csv``: NEATX-style chest-drain labels
+  (``Image Index, Drain``) for every image with Pneumothorax; half of them (seeded) have a drain,
+  and those images carry a drain marker (below); other images are not annotated (unknown);
 - ``DIR/synth_info.json``: everything below, as data (seed, counts, patterns, group effects).
 
 What is planted (all intensities on a 0..1 scale before 8-bit quantisation):
@@ -48,12 +58,20 @@ What is planted (all intensities on a 0..1 scale before 8-bit quantisation):
   splits are exercised); a patient's age stays in its band over follow-ups. Ages: young 18-58,
   old 60-89. View Position: PA with probability 0.6, else AP (independent of everything else).
 
-Everything is drawn from one ``numpy.random.default_rng(seed)``: same seed, same bytes.
+- Drain marker (the shortcut NEATX lets one test): a bright tube (+0.5, 1.5% of the image wide,
+  at least 1.5 pixels)
+  from the lower outer chest wall (y 0.88) up into the apex of one lung (y 0.30), drawn on the
+  Pneumothorax images whose drain label is 1, at the same strength in every group.
+
+Everything is drawn from ``numpy.random.default_rng(seed)``; the official split and the drains from
+their own seeded streams, so images without a drain are the bytes this module wrote before drains
+existed. Same seed, same bytes.
 """
 
 from __future__ import annotations
 
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +91,12 @@ PER_FOLDER = 500  # images per images_00k/ folder (NIH uses ~10,000)
 NIH_HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
               "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],")
 METADATA_NAME = "Data_Entry_2017.csv"
+SPLIT_NAMES = ("test_list.txt", "train_val_list.txt")
+NEATX_NAME = "NIH-CX14_TubeAnnotations_NonExperts_aggregated.csv"
+TEST_SHARE = 0.25  # patients in the official test list (NIH: 25,596 of 112,120 images)
+DRAIN_SHARE = 0.5  # Pneumothorax images with a drain
+DRAIN_MARKER = "bright tube (+0.5, width 1.5% of the image, at least 1.5 px) from (0.88, chest wall) to (0.30, lung apex) on one side"
+FORMATS = ("nih", "chexpert", "mimic")
 PATTERNS = {
     "Cardiomegaly": "enlarged bright heart: ellipse at (0.62, 0.50), radii 0.17 x 0.24, +0.35",
     "Effusion": "bright fluid level filling the base of one lung below y ~ 0.70, +0.40",
@@ -80,27 +104,35 @@ PATTERNS = {
     "Pneumothorax": "dark apex of one lung above y ~ 0.36 (-0.30) with a bright pleural line",
     "Edema": "both lungs: perihilar haze (+0.15) and horizontal stripes (period 4/64, +-0.12)",
     "Consolidation": "mottled bright blob in one mid lung (sd 0.08), +0.40 x texture",
+    "Pneumonia": "three small bright patches (sd 0.04) in the lower half of one lung, +0.35",
 }
 
 
 @dataclass(frozen=True)
 class SynthConfig:
-    """Synthetic NIH-format data set; validated once on construction."""
+    """Synthetic data set in a real dataset's layout; validated once on construction."""
 
-    out: Path  # output folder (Data_Entry_2017.csv, images_00k/images/*.png, synth_info.json)
-    seed: int = 0  # one numpy Generator draws everything
+    out: Path  # output folder (the real datasets' file names and folders, plus synth_info.json)
+    format: str = "nih"  # nih | chexpert | mimic
+    seed: int = 0  # seeds every numpy Generator used
     size: int = 64  # image side in pixels
-    per_cell: int = 64  # single-label images per disease x (sex, age band); the preset needs >= 50
+    per_cell: int = 64  # nih: single-label images per disease x (sex, age band); the preset needs >= 50
+    patients: int | None = None  # chexpert / mimic: number of patients (default 400)
+    images: bool = True  # False: metadata files only (benchmarks at the real datasets' size)
     force: bool = False  # replace an existing output folder
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
+        if self.format not in FORMATS:
+            raise CxrfairError(f"--format {self.format}: expected one of {', '.join(FORMATS)}")
         if not 32 <= self.size <= 1024:
             raise CxrfairError(f"--size {self.size}: must be between 32 and 1024 pixels")
         if not 1 <= self.per_cell <= 10_000:
             raise CxrfairError(f"--per-cell {self.per_cell}: must be between 1 and 10000")
         if self.seed < 0:
             raise CxrfairError(f"--seed {self.seed}: must be a non-negative integer")
+        if self.patients is not None and (self.format == "nih" or not 10 <= self.patients <= 200_000):
+            raise CxrfairError(f"--patients {self.patients}: between 10 and 200000, for --format chexpert or mimic")
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,6 +260,11 @@ def disease_pattern(disease: str, n: int, size: int, rng: np.random.Generator) -
         cx = np.where(side == 0, 0.30, 0.70)[:, None, None] + dx
         blob = np.exp(-(((y - 0.5 - dy) ** 2 + (x - cx) ** 2) / (2 * 0.08**2)))
         return 0.40 * blob * rng.uniform(0.6, 1.0, size=(n, size, size))
+    if disease == "Pneumonia":
+        cx = np.where(side == 0, 0.30, 0.70)[:, None, None] + dx
+        spots = sum(np.exp(-(((y - cy - dy) ** 2 + (x - cx - ox) ** 2) / (2 * 0.04**2)))
+                    for cy, ox in ((0.60, -0.05), (0.68, 0.04), (0.74, -0.02)))
+        return 0.35 * lung * spots
     raise ValueError(f"no pattern for {disease!r}")
 
 
@@ -240,19 +277,78 @@ def side_marker(sex: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def render(rows: pd.DataFrame, size: int, rng: np.random.Generator) -> np.ndarray:
-    """(N, S, S) uint8 images for ``rows`` (see the module docstring for what is planted)."""
-    n = len(rows)
+def drain_marker(drain: np.ndarray, side: np.ndarray, size: int) -> np.ndarray:
+    """(n, S, S) bright tube on images with ``drain``: from the lower outer chest wall into one lung's apex."""
+    y, x = _grid(size)
+    out = np.zeros((len(drain), size, size))
+    half_width = max(0.0075, 0.75 / size)  # 1.5% of the image, at least 1.5 pixels
+    for i in np.flatnonzero(drain):
+        (y0, x0), (y1, x1) = (0.88, 0.08), (0.30, 0.30)
+        if side[i]:
+            x0, x1 = 1 - x0, 1 - x1
+        t = np.clip(((y[0] - y0) * (y1 - y0) + (x[0] - x0) * (x1 - x0)) / ((y1 - y0) ** 2 + (x1 - x0) ** 2), 0, 1)
+        dist = np.sqrt((y[0] - y0 - t * (y1 - y0)) ** 2 + (x[0] - x0 - t * (x1 - x0)) ** 2)
+        out[i] = 0.5 / (1 + np.exp((dist - half_width) / 0.002))
+    return out
+
+
+def render_images(weights: dict[str, np.ndarray], sex: np.ndarray, noise_sd: np.ndarray, size: int,
+                  rng: np.random.Generator, drain: np.ndarray | None = None,
+                  drain_side: np.ndarray | None = None) -> np.ndarray:
+    """(N, S, S) uint8 images: background, each finding's pattern times its (N,) weight (0 = absent),
+    the sex marker, drain tubes, then pixel noise of sd ``noise_sd`` (N,)."""
+    n = len(sex)
     img = chest_background(n, size, rng)
-    amp = np.array([AMPLITUDE[(s, b)] for s, b in zip(rows["sex"], rows["age_group"])])[:, None, None]
-    for d in DISEASES:
-        has = rows["labels"].str.split("|").apply(lambda ls, d=d: d in ls).to_numpy()
+    for d, w in weights.items():
+        has = w > 0
         if has.any():
-            img[has] += amp[has] * disease_pattern(d, int(has.sum()), size, rng)
-    img += side_marker(rows["sex"].to_numpy(), size)
-    sd = np.array([NOISE_SD[(s, b)] for s, b in zip(rows["sex"], rows["age_group"])])[:, None, None]
-    img += rng.normal(0, 1, size=img.shape) * sd
+            img[has] += w[has][:, None, None] * disease_pattern(d, int(has.sum()), size, rng)
+    img += side_marker(sex, size)
+    if drain is not None and drain.any():
+        img += drain_marker(drain, drain_side, size)
+    img += rng.normal(0, 1, size=img.shape) * noise_sd[:, None, None]
     return np.clip(np.round(img * 255), 0, 255).astype(np.uint8)
+
+
+def render(rows: pd.DataFrame, size: int, rng: np.random.Generator) -> np.ndarray:
+    """(N, S, S) uint8 images for NIH ``rows`` (see the module docstring for what is planted)."""
+    amp = np.array([AMPLITUDE[(s, b)] for s, b in zip(rows["sex"], rows["age_group"])])
+    findings = rows["labels"].str.split("|")
+    weights = {d: amp * findings.apply(lambda ls, d=d: d in ls).to_numpy() for d in DISEASES}
+    sd = np.array([NOISE_SD[(s, b)] for s, b in zip(rows["sex"], rows["age_group"])])
+    drain = rows["drain"].to_numpy() == 1 if "drain" in rows.columns else None
+    side = rows["drain_side"].to_numpy() if "drain" in rows.columns else None
+    return render_images(weights, rows["sex"].to_numpy(), sd, size, rng, drain, side)
+
+
+# --------------------------------------------------------------------------------------------
+# Official split and drains (their own seeded streams, so the rows and pixels above stay put)
+
+
+def _stream(seed: int, name: str) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(name.encode())])
+
+
+def plan_official_split(rows: pd.DataFrame, seed: int) -> np.ndarray:
+    """(N,) bool: the image's patient is in the official test list (``TEST_SHARE`` of patients)."""
+    patients = np.unique(rows["patient_id"])
+    test = patients[_stream(seed, "official-split").random(len(patients)) < TEST_SHARE]
+    return rows["patient_id"].isin(test).to_numpy()
+
+
+def plan_drains(rows: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """``drain`` (1 / 0 on Pneumothorax images, NaN elsewhere: not annotated) and ``drain_side``."""
+    rng = _stream(seed, "drains")
+    ptx = rows["labels"].str.split("|").apply(lambda ls: "Pneumothorax" in ls).to_numpy()
+    drain = np.where(ptx, (rng.random(len(rows)) < DRAIN_SHARE).astype(float), np.nan)
+    return rows.assign(drain=drain, drain_side=rng.integers(0, 2, size=len(rows)))
+
+
+def neatx_csv(rows: pd.DataFrame) -> str:
+    """NEATX's aggregated file for the annotated images (pandas-style leading index column)."""
+    ann = rows[rows["drain"].notna()]
+    return "".join([",Image Index,Drain\n"] + [f"{i},{im},{int(d)}\n" for i, (im, d) in
+                                                 enumerate(zip(ann["image_id"], ann["drain"]))])
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,13 +365,13 @@ def synth_info(config: SynthConfig, rows: pd.DataFrame) -> dict:
     single = rows[rows["labels"].isin(DISEASES)]
     counts = single.groupby(["labels", "age_group", "sex"]).size()
     return {
-        "generator": "cxrfair.extract.synth",
+        "generator": "cxrfair.extract.synth", "format": "nih",
         "seed": config.seed, "size": config.size, "per_cell": config.per_cell,
         "metadata": METADATA_NAME, "images": int(len(rows)), "patients": int(rows["patient_id"].nunique()),
         "single_label_counts": {d: {f"{b}_{s}": int(counts.get((d, b, s), 0)) for s, b in GROUPS} for d in DISEASES},
         "other_rows": {"No Finding": int((rows["labels"] == "No Finding").sum()),
                        "multi_label": int(rows["labels"].str.contains("|", regex=False).sum())},
-        "patterns": PATTERNS,
+        "patterns": {d: PATTERNS[d] for d in DISEASES},
         "group_effects": {
             "pattern_amplitude": {f"{b}_{s}": a for (s, b), a in AMPLITUDE.items()},
             "pixel_noise_sd": {f"{b}_{s}": v for (s, b), v in NOISE_SD.items()},
@@ -283,16 +379,36 @@ def synth_info(config: SynthConfig, rows: pd.DataFrame) -> dict:
             "expected": "accuracy lowest for old_F, highest for young_M; age gap > sex gap",
         },
         "ages": {band: [lo, hi + 1] for band, (lo, hi) in AGE_RANGE.items()},
+        "official_split": {"files": list(SPLIT_NAMES), "test_patient_share": TEST_SHARE,
+                           "test_images": int(rows["official_test"].sum())},
+        "drains": {"file": NEATX_NAME, "annotated": "every image with Pneumothorax; others unknown",
+                   "drain_share": DRAIN_SHARE, "with_drain": int((rows["drain"] == 1).sum()),
+                   "without_drain": int((rows["drain"] == 0).sum()), "marker": DRAIN_MARKER,
+                   "expected": "Pneumothorax is easier to detect on images with a drain (a shortcut)"},
     }
+
+
+def build_command(info: dict, out: Path) -> str:
+    """The ``cxrfair cohort build`` line for a synthetic folder (printed by ``cohort synth``)."""
+    q = lambda p: f"'{p}'" if " " in str(p) else str(p)  # noqa: E731
+    if info["format"] == "nih":
+        return (f"cxrfair cohort build --metadata {q(out / info['metadata'])} --images {q(out)} --out COHORT\n"
+                f"  (drains: --preset nih-neatx-pneumothorax --official-split {q(out)} --drains {q(out / NEATX_NAME)})")
+    return info["build"].replace("OUT", str(out))
 
 
 def make_synth(config: SynthConfig) -> dict:
     """Write the synthetic data set to ``config.out`` atomically; returns synth_info."""
+    if config.format != "nih":
+        from .synth_cxr import make_cxr_synth
+
+        return make_cxr_synth(config)
     from PIL import Image
 
     rng = np.random.default_rng(config.seed)
-    rows = plan_rows(config, rng)
-    pixels = render(rows, config.size, rng)
+    rows = plan_drains(plan_rows(config, rng), config.seed)
+    rows["official_test"] = plan_official_split(rows, config.seed)
+    pixels = render(rows, config.size, rng) if config.images else []
     info = synth_info(config, rows)
     with atomic_dir(config.out, force=config.force) as tmp:
         for i, (image_id, px) in enumerate(zip(rows["image_id"], pixels)):
@@ -300,8 +416,11 @@ def make_synth(config: SynthConfig) -> dict:
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(px).save(path, compress_level=6)
         (tmp / METADATA_NAME).write_text(metadata_csv(rows, config.size), encoding="utf-8")
+        for name, test in zip(SPLIT_NAMES, (True, False)):
+            (tmp / name).write_text("".join(f"{i}\n" for i in rows.loc[rows["official_test"] == test, "image_id"]), encoding="utf-8")
+        (tmp / NEATX_NAME).write_text(neatx_csv(rows), encoding="utf-8")
         (tmp / "synth_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return info
 
 
-__all__ = ["DISEASES", "SynthConfig", "make_synth", "plan_rows", "render", "synth_info"]
+__all__ = ["DISEASES", "SynthConfig", "build_command", "make_synth", "plan_rows", "render", "render_images", "synth_info"]

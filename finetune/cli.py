@@ -17,7 +17,11 @@ def _options(fn):
         click.option("--cohort", required=True, type=click.Path(path_type=Path), help="Cohort folder (cohort.csv + cohort.json)."),
         click.option("--out", required=True, type=click.Path(path_type=Path), help="RUNS folder; the run goes to OUT/<run_id>/."),
         click.option("--epochs", default=150, show_default=True, type=int),
-        click.option("--batch-size", default=64, show_default=True, type=int),
+        click.option("--batch-size", default=64, show_default=True, type=int,
+                     help="Global batch: under torchrun, all processes together (each takes its share)."),
+        click.option("--micro-batch", default=None, type=int,
+                     help="Most images per forward pass and process; smaller shares accumulate gradients "
+                          "(same result, less memory) [default: a process's whole share]."),
         click.option("--lr", default=None, type=float, help="AdamW peak learning rate [default: 5e-4 lora, 1e-5 full]."),
         click.option("--weight-decay", default=0.01, show_default=True, type=float),
         click.option("--seed", default=0, show_default=True, type=int),
@@ -39,20 +43,35 @@ def _options(fn):
 
 
 def _run(method: str, **options) -> None:
+    import os
+
+    from cxrfair.errors import CxrfairError
     from cxrfair.finetune.config import FinetuneConfig
     from cxrfair.finetune.train import finetune as run_finetune
 
-    config = FinetuneConfig(method=method, **options)
-    result = run_finetune(config)
-    click.echo(
-        f"{result.run_dir}: selected epoch {result.selected_epoch}/{config.epochs}, "
-        f"val loss {min(result.curves['val_loss']):.4f}, {result.trainable_params:,} trainable parameters"
-    )
+    main_process = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 speaks
+    try:
+        result = run_finetune(FinetuneConfig(method=method, **options))
+    except CxrfairError:
+        if not main_process:  # every process raises the same error; rank 0 prints it
+            raise SystemExit(1) from None
+        raise
+    if main_process:
+        click.echo(
+            f"{result.run_dir}: selected epoch {result.selected_epoch}/{options['epochs']}, "
+            f"val loss {min(result.curves['val_loss']):.4f}, {result.trainable_params:,} trainable parameters"
+            + (f", {result.world_size} processes" if result.world_size > 1 else "")
+        )
 
 
 @click.group()
 def finetune() -> None:
-    """Adapt a model's image encoder: LoRA adapters or full fine-tuning, + a linear head."""
+    """Adapt a model's image encoder: LoRA adapters or full fine-tuning, + a linear head.
+
+    \b
+    Several GPUs (DDP, same result as one process with the same --batch-size):
+      torchrun --standalone --nproc-per-node 4 --no-python cxrfair finetune lora ...
+    """
 
 
 @finetune.command()

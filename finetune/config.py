@@ -36,7 +36,7 @@ class FinetuneConfig:
     out: Path  # RUNS folder; the run lands in out/<run_id>/
     method: str = "lora"  # "lora": adapters on attention + MLP linears; "full": whole encoder
     epochs: int = 150  # paper recipe: 150 epochs, best epoch chosen on validation loss
-    batch_size: int = 64  # paper recipe
+    batch_size: int = 64  # paper recipe; the global batch: under torchrun, all processes together
     lr: float | None = None  # AdamW peak learning rate; None -> DEFAULT_LR[method]
     weight_decay: float = 0.01  # AdamW decoupled weight decay (torch's default)
     lora_rank: int = 8  # r of each low-rank update
@@ -54,6 +54,7 @@ class FinetuneConfig:
     resume: bool = False  # continue from out/.<run_id>.work/checkpoint.pt if present
     force: bool = False  # replace an existing run folder / discard a stale checkpoint
     tag: str = "best"  # run_id tag: <model>__<method>__<tag>__s<seed>
+    micro_batch: int | None = None  # most images per forward pass and process (gradient accumulation); None: a whole share
 
     def __post_init__(self) -> None:
         _check(self.method in METHODS, f"--method {self.method!r}: expected one of {', '.join(METHODS)}")
@@ -62,6 +63,7 @@ class FinetuneConfig:
         _check(self.cache in CACHE_MODES, f"cache {self.cache!r}: expected one of {', '.join(CACHE_MODES)}")
         for name in ("epochs", "batch_size", "lora_rank", "workers"):
             _check(int(getattr(self, name)) >= 1, f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        _check(self.micro_batch is None or int(self.micro_batch) >= 1, f"--micro-batch {self.micro_batch}: must be at least 1")
         _check(self.lr is None or self.lr > 0, f"--lr {self.lr}: must be positive")
         _check(self.weight_decay >= 0, f"--weight-decay {self.weight_decay}: must be >= 0")
         _check(self.lora_alpha > 0, f"--lora-alpha {self.lora_alpha}: must be positive")

@@ -5,6 +5,7 @@ decoded and ``Preprocess.prepare``d exactly once (in a thread pool, with a progr
 ``(N, 3, S, S)`` uint8 array — in memory, or an ``np.memmap`` file for cohorts too big for RAM.
 Epochs gather batches from that array in a background thread (pinned memory and non-blocking
 copies on CUDA), so the device never waits on PNG decoding; ``normalize`` runs on the device.
+Under torchrun the file is decoded by all processes together (``distributed.shared_image_cache``).
 """
 
 from __future__ import annotations
@@ -59,15 +60,20 @@ def cache_key(cohort_hash: str, preprocess: "Preprocess", images_root: str | Non
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def fill_cache(out: np.ndarray, paths: Sequence[Path], preprocess: "Preprocess", workers: int, desc: str = "decode") -> None:
-    """Decode ``paths`` into ``out`` (N, 3, S, S) uint8, ``workers`` threads (PIL releases the GIL)."""
+def fill_cache(out: np.ndarray, paths: Sequence[Path], preprocess: "Preprocess", workers: int, desc: str = "decode",
+               progress: bool = True) -> None:
+    """Decode ``paths`` into ``out`` with ``workers`` threads (PIL releases the GIL).
+
+    ``out``: (N, 3, S, S) uint8 array, or anything taking ``out[i] = row``.
+    """
     from tqdm.auto import tqdm
 
     def one(i: int) -> int:
         out[i] = decode(paths[i], preprocess)
         return i
 
-    with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(total=len(paths), desc=desc, unit="img") as bar:
+    quiet = {} if progress else {"disable": True}  # an explicit disable=False would override $TQDM_DISABLE
+    with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(total=len(paths), desc=desc, unit="img", **quiet) as bar:
         for _ in pool.map(one, range(len(paths))):
             bar.update(1)
 
@@ -88,23 +94,48 @@ def image_cache(
         (N, 3, S, S) uint8 array (``np.memmap`` when ``file`` is given, opened read-only).
     """
     check_images(paths)
-    shape = (len(paths), 3, preprocess.size, preprocess.size)
+    shape = cache_shape(len(paths), preprocess)
     if file is None:
         out = np.empty(shape, dtype=np.uint8)
         fill_cache(out, paths, preprocess, workers)
         return out
     file = Path(file)
-    sidecar = file.with_name(file.name + ".json")
-    want = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "shape": list(shape), "dtype": "uint8"}
-    if not (file.is_file() and sidecar.is_file() and _read_json(sidecar) == want):
+    if not cache_is_complete(file, shape):
         with atomic_path(file, option="image cache") as tmp:
             mm = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=shape)
             fill_cache(mm, paths, preprocess, workers)
             mm.flush()
             del mm
-        # The sidecar is written after the data file is complete: a sidecar that matches means
-        # the data is whole (a crash in between only costs a rebuild).
-        write_json_atomic(sidecar, want, option="image cache")
+        publish_sidecar(file, shape)
+    return open_cache(file, shape)
+
+
+def cache_shape(n: int, preprocess: "Preprocess") -> tuple[int, int, int, int]:
+    return (n, 3, preprocess.size, preprocess.size)
+
+
+def _sidecar(file: Path) -> Path:
+    return file.with_name(file.name + ".json")
+
+
+def _sidecar_content(shape: tuple) -> dict:
+    return {"format": CACHE_FORMAT, "version": CACHE_VERSION, "shape": list(shape), "dtype": "uint8"}
+
+
+def cache_is_complete(file: Path, shape: tuple) -> bool:
+    """True when ``file`` and a sidecar describing ``shape`` are both there (the data is then whole)."""
+    file = Path(file)
+    return file.is_file() and _read_json(_sidecar(file)) == _sidecar_content(shape)
+
+
+def publish_sidecar(file: Path, shape: tuple) -> None:
+    """Mark a complete data file. Written after the data, so a matching sidecar means the data is
+    whole (a crash in between only costs a rebuild)."""
+    write_json_atomic(_sidecar(Path(file)), _sidecar_content(shape), option="image cache")
+
+
+def open_cache(file: Path, shape: tuple) -> np.ndarray:
+    """The cache file as a read-only (N, 3, S, S) uint8 memmap."""
     return np.memmap(file, dtype=np.uint8, mode="r", shape=shape)
 
 
@@ -115,14 +146,30 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    """(n,) permutation for one epoch, a pure function of (seed, epoch) so a resumed run replays it."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
+def augment_params(generator: "torch.Generator", b: int, size: int, max_shift: float = 0.04,
+                   brightness: float = 0.1) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Random shifts (b, 2) int and brightness scales (b,) float for ``b`` images of ``size`` px.
+
+    Drawn for a whole global batch and indexed by each row's place in it, so every process of a
+    distributed run augments its rows exactly as a single process would.
+    """
+    import torch
+
+    m = int(round(max_shift * size))
+    shifts = torch.randint(-m, m + 1, (b, 2), generator=generator)
+    scale = 1 + (torch.rand(b, generator=generator) * 2 - 1) * brightness
+    return shifts, scale
 
 
-def index_batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
-    """Split an index order into batches of ``batch_size`` (the last one may be smaller)."""
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+def apply_augment(x: "torch.Tensor", shifts: "torch.Tensor", scale: "torch.Tensor", max_shift: float = 0.04) -> "torch.Tensor":
+    """Shift each image of (B, 3, S, S) uint8 ``x`` by ``shifts`` (zero fill) and scale its brightness."""
+    import torch
+
+    b, _, s, _ = x.shape
+    m = int(round(max_shift * s))
+    padded = torch.nn.functional.pad(x, (m, m, m, m))
+    out = torch.stack([padded[i, :, m + dy:m + dy + s, m + dx:m + dx + s] for i, (dy, dx) in enumerate(shifts.tolist())])
+    return (out.float() * scale.view(b, 1, 1, 1)).round_().clamp_(0, 255).to(torch.uint8)
 
 
 def augment(x: "torch.Tensor", generator: "torch.Generator", max_shift: float = 0.04, brightness: float = 0.1) -> "torch.Tensor":
@@ -137,30 +184,47 @@ def augment(x: "torch.Tensor", generator: "torch.Generator", max_shift: float = 
     Returns:
         (B, 3, S, S) uint8. No flips: left/right anatomy matters on chest X-rays.
     """
-    import torch
-
-    b, _, s, _ = x.shape
-    m = int(round(max_shift * s))
-    shifts = torch.randint(-m, m + 1, (b, 2), generator=generator)
-    scale = 1 + (torch.rand(b, generator=generator) * 2 - 1) * brightness
-    padded = torch.nn.functional.pad(x, (m, m, m, m))
-    out = torch.stack([padded[i, :, m + dy:m + dy + s, m + dx:m + dx + s] for i, (dy, dx) in enumerate(shifts.tolist())])
-    return (out.float() * scale.view(b, 1, 1, 1)).round_().clamp_(0, 255).to(torch.uint8)
+    shifts, scale = augment_params(generator, x.shape[0], x.shape[-1], max_shift, brightness)
+    return apply_augment(x, shifts, scale, max_shift)
 
 
 class Prefetcher:
-    """Iterate batches ``(x (B,3,S,S) uint8, y (B,) int64)`` on ``device``, prepared in a background thread.
+    """Iterate steps as ``(x (b,3,S,S) uint8, y (b,) int64, w (b,) float32, step)`` on ``device``, prepared in a background thread.
 
-    The thread gathers rows of the uint8 cache (numpy fancy indexing, cheap next to a training
+    ``steps`` are ``sampler.Step``s (or plain index arrays, taken as unweighted batches). The
+    thread gathers rows of the uint8 cache (numpy fancy indexing, cheap next to a training
     step), augments, pins and starts the host-to-device copy, while the main thread trains on the
     previous batch. ``wait_s`` accumulates the time the consumer spent blocked on data.
     """
 
-    def __init__(self, pixels: np.ndarray, labels: np.ndarray, batches: list[np.ndarray], device: "torch.device",
+    def __init__(self, pixels: np.ndarray, labels: np.ndarray, steps: list, device: "torch.device",
                  augment_seed: int | None = None, depth: int = 2):
-        self.pixels, self.labels, self.batches = pixels, labels, batches
+        from cxrfair.finetune.sampler import Step, plain_steps
+
+        self.steps = [s if isinstance(s, Step) else plain_steps(s, len(s))[0]
+                      for s in steps if isinstance(s, Step) or len(s)]
+        self.pixels, self.labels = pixels, labels
         self.device, self.augment_seed, self.depth = device, augment_seed, depth
         self.wait_s = 0.0
+
+    def _batch(self, step, gen) -> tuple:
+        import torch
+
+        idx = step.rows
+        # Sorted gather reads a memmap sequentially; the permutation inside the batch is restored.
+        srt = np.argsort(idx, kind="stable")
+        rows = np.empty((len(idx),) + self.pixels.shape[1:], dtype=np.uint8)
+        rows[srt] = self.pixels[idx[srt]]
+        x = torch.from_numpy(rows)
+        if gen is not None:  # drawn for the whole global batch, so every process agrees with one
+            shifts, scale = augment_params(gen, step.global_size, x.shape[-1])
+            pos = torch.from_numpy(np.asarray(step.positions, np.int64))
+            x = apply_augment(x, shifts[pos], scale[pos]) if len(idx) else x
+        y = torch.from_numpy(self.labels[idx].astype(np.int64))
+        w = torch.from_numpy(np.asarray(step.weights, np.float32))
+        if self.device.type == "cuda":
+            x, y, w = (t.pin_memory().to(self.device, non_blocking=True) for t in (x, y, w))
+        return x, y, w, step
 
     def _produce(self, q: queue.Queue, stop: threading.Event) -> None:
         import torch
@@ -176,27 +240,16 @@ class Prefetcher:
             return False
 
         gen = torch.Generator().manual_seed(self.augment_seed) if self.augment_seed is not None else None
-        cuda = self.device.type == "cuda"
         try:
-            for idx in self.batches:
-                # Sorted gather reads a memmap sequentially; the permutation inside the batch is restored.
-                srt = np.argsort(idx, kind="stable")
-                rows = np.empty((len(idx),) + self.pixels.shape[1:], dtype=np.uint8)
-                rows[srt] = self.pixels[idx[srt]]
-                x = torch.from_numpy(rows)
-                if gen is not None:
-                    x = augment(x, gen)
-                y = torch.from_numpy(self.labels[idx].astype(np.int64))
-                if cuda:
-                    x, y = x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
-                if not put((x, y)):
+            for step in self.steps:
+                if not put(self._batch(step, gen)):
                     return
         except BaseException as e:  # hand any failure to the consumer instead of dying silently
             put(e)
             return
         put(None)
 
-    def __iter__(self) -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:
+    def __iter__(self) -> Iterator[tuple]:
         q: queue.Queue = queue.Queue(maxsize=self.depth)
         stop = threading.Event()
         thread = threading.Thread(target=self._produce, args=(q, stop), daemon=True)
@@ -216,7 +269,7 @@ class Prefetcher:
             thread.join()
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return len(self.steps)
 
 
 def cache_file_for(out: Path, key: str) -> Path:

@@ -9,16 +9,24 @@ the model registry, or all weights for full fine-tuning) + a linear head D -> C;
 annealing over all steps; cross-entropy; validation loss every epoch; the lowest-validation-loss
 state is evaluated on val + test and written as a run. bf16 autocast on CUDA, fp32 on CPU.
 
-Resume: after every epoch a checkpoint (trainable weights + buffers, optimizer, scheduler, RNG
-states, best-so-far state, curves) is written atomically to ``RUNS/.<run_id>.work/``. Batch order
-and augmentation are pure functions of (seed, epoch), so a resumed run on CPU ends bit-identical
-to an uninterrupted one.
+The loss is computed per example first (``example_losses``: (B,) values) and reduced after, as a
+weighted sum divided by the global batch's total weight (``sampler.Step.denominator``); this is
+what keeps one process and several (``finetune.distributed``: DDP under torchrun) on the same
+gradient, and where per-example weights or other loss terms plug in.
+
+Resume: after every epoch a checkpoint (``finetune.checkpoint``) is written atomically to
+``RUNS/.<run_id>.work/``. Batch order and augmentation are pure functions of (seed, epoch), so a
+resumed run on CPU ends bit-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
 
-import random
+import contextlib
+import math
+import os
 import shutil
+import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,119 +37,25 @@ import torch
 from torch import nn
 
 from cxrfair.errors import CxrfairError
+from cxrfair.extract.distributed import shard_rows
 from cxrfair.finetune import data as fdata
+from cxrfair.finetune.checkpoint import (  # noqa: F401  (re-exported: the names tests and tools use)
+    CHECKPOINT, CHECKPOINT_VERSION, check_fingerprint, load_checkpoint, rank_seed, read_checkpoint, restore,
+    rng_states, save_checkpoint, seed_globals, set_rng_states,
+)
 from cxrfair.finetune.config import FinetuneConfig
-from cxrfair.io import atomic_dir, atomic_path
+from cxrfair.finetune.distributed import Dist, check_batchnorm, session, shared_image_cache, sync_batchnorm, wrap_ddp
+from cxrfair.finetune.model import (  # noqa: F401  (re-exported)
+    ADAPTER_DIR, FULL_WEIGHTS, Classifier, build_classifier, count_trainable, load_finetuned, load_trainable_state,
+    lora_targets, pin_frozen_attention, save_weights, train_mode, trainable_state, wrap_lora,
+)
+from cxrfair.finetune.sampler import Step, epoch_order, plain_steps, plan_epoch
+from cxrfair.io import atomic_dir
 
 SPLITS = ("train", "val", "test")
-CHECKPOINT = "checkpoint.pt"
-ADAPTER_DIR = "adapter"  # peft save_pretrained folder inside the run (LoRA)
-FULL_WEIGHTS = "model.safetensors"  # state dict of encoder + head (full fine-tuning)
-CHECKPOINT_VERSION = 1
-
-
-# ---------------------------------------------------------------------------------------------
-# Model
-
-
-class Classifier(nn.Module):
-    """Image encoder + linear head: (B, 3, S, S) normalised float -> (B, C) logits."""
-
-    def __init__(self, encoder: nn.Module, embed_dim: int, num_classes: int):
-        super().__init__()
-        self.encoder = encoder
-        self.head = nn.Linear(embed_dim, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(x))
-
-
-def lora_targets(spec) -> tuple[str, ...] | str:
-    """The registry's peft ``target_modules`` for a model; CxrfairError if it has none."""
-    if not spec.lora_targets:
-        raise CxrfairError(
-            f"--model {spec.name}: the registry has no LoRA target list for this architecture; "
-            "use `cxrfair finetune full`, or add lora_targets to its ModelSpec"
-        )
-    return spec.lora_targets if isinstance(spec.lora_targets, str) else list(spec.lora_targets)
-
-
-def build_classifier(fm, num_classes: int, config: FinetuneConfig) -> nn.Module:
-    """Classifier for ``config.method``: peft-wrapped (LoRA + trainable head) or fully trainable.
-
-    Head and LoRA initialisation draw from a generator seeded with ``config.seed`` (the global
-    RNG is left alone), so the same seed always gives the same starting point.
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        model = Classifier(fm.image_encoder, fm.embed_dim, num_classes)
-        if config.method == "full":
-            model.requires_grad_(True)
-            return model
-        return wrap_lora(model, lora_targets(fm.spec), config)
-
-
-def wrap_lora(model: Classifier, targets, config: FinetuneConfig) -> nn.Module:
-    """peft LoRA on ``targets`` of the encoder; the head is trained whole (``modules_to_save``)."""
-    from peft import LoraConfig, get_peft_model
-
-    lcfg = LoraConfig(
-        r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-        target_modules=targets, modules_to_save=["head"],
-    )
-    try:
-        peft_model = get_peft_model(model, lcfg)
-    except ValueError as e:  # peft: "Target modules ... not found in the base model"
-        raise CxrfairError(f"--model: LoRA targets {targets!r} do not match the encoder ({e})") from None
-    pin_frozen_attention(peft_model)
-    return peft_model
-
-
-def pin_frozen_attention(model: nn.Module) -> None:
-    """Keep frozen ``nn.MultiheadAttention`` weights bit-identical under peft's LoRA.
-
-    peft's LoRA for MultiheadAttention merges the update into the base weights for each forward
-    and subtracts it again afterwards; ``(W + dW) - dW`` is not ``W`` in floating point, so the
-    "frozen" weights random-walk by a few ulps per forward. A forward hook copies the pristine
-    weights back after every call (the merged tensors are fresh, so nothing else sees the copy).
-    """
-    from peft.tuners.lora.layer import MultiheadAttention as LoraMHA
-
-    for module in model.modules():
-        if not isinstance(module, LoraMHA):
-            continue
-        base = module.get_base_layer()
-        pristine = (base.in_proj_weight.detach().clone(), base.out_proj.get_base_layer().weight.detach().clone())
-
-        def restore(mod, args, output, pristine=pristine):
-            b = mod.get_base_layer()
-            with torch.no_grad():
-                b.in_proj_weight.copy_(pristine[0])
-                b.out_proj.get_base_layer().weight.copy_(pristine[1])
-
-        module.register_forward_hook(restore)
-
-
-def count_trainable(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors training changes: trainable parameters and all buffers (e.g. BatchNorm stats), on CPU."""
-    params = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-    buffers = {n: b.detach().cpu().clone() for n, b in model.named_buffers()}
-    return {**params, **buffers}
-
-
-def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy ``state`` (from ``trainable_state``) into ``model`` in place (parameters keep identity)."""
-    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    unknown = sorted(set(state) - set(tensors))
-    if unknown:
-        raise CxrfairError(f"checkpoint holds tensors this model lacks ({unknown[:3]}...); pass --force to start over")
-    with torch.no_grad():
-        for name, t in state.items():
-            tensors[name].copy_(t)
+# Test hooks: SIGKILL the process of rank KILL_RANK (default 0) right after optimizer step N.
+KILL_AFTER_ENV = "CXRFAIR_FINETUNE_KILL_AFTER_STEPS"
+KILL_RANK_ENV = "CXRFAIR_FINETUNE_KILL_RANK"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,7 +66,7 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
 class TrainState:
     """Everything that evolves during training (and is checkpointed)."""
 
-    model: nn.Module
+    model: nn.Module  # the classifier itself: evaluated, checkpointed and saved
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     epoch: int = 0  # epochs completed
@@ -162,7 +76,13 @@ class TrainState:
     curves: dict = field(default_factory=lambda: {"train_loss": [], "val_loss": [], "lr": []})
     epoch_seconds: list = field(default_factory=list)
     wait_seconds: list = field(default_factory=list)
-    images_seen: int = 0
+    images_seen: int = 0  # over all processes
+    ddp: nn.Module | None = None  # DistributedDataParallel(model) under torchrun; training steps run through it
+
+    @property
+    def net(self) -> nn.Module:
+        """The module a training step calls: the DDP wrapper when there is one."""
+        return self.ddp if self.ddp is not None else self.model
 
 
 def create_state(model: nn.Module, config: FinetuneConfig, total_steps: int) -> TrainState:
@@ -185,141 +105,108 @@ class Runtime:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
 
-def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rt: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy and logits. x: (B,3,S,S) uint8; y: (B,) int64 -> (scalar, (B, C) float32)."""
+def example_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rt: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example cross-entropy and logits.
+
+    Args:
+        x: (B, 3, S, S) uint8; y: (B,) int64 class indices.
+
+    Returns:
+        losses (B,) float32, logits (B, C) float32 (fp32 even under bf16 autocast).
+    """
     with rt.autocast():
         logits = model(rt.normalize(x))
-    logits = logits.float()  # loss and softmax in fp32 even under bf16 autocast
-    return nn.functional.cross_entropy(logits, y), logits
+    logits = logits.float()
+    return nn.functional.cross_entropy(logits, y, reduction="none"), logits
 
 
-def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor, rt: Runtime) -> torch.Tensor:
-    """One AdamW step + one scheduler step; returns the batch loss (detached, not synced)."""
-    loss, _ = loss_fn(state.model, x, y, rt)
+def reduce_loss(losses: torch.Tensor, weights: torch.Tensor, denominator: float) -> torch.Tensor:
+    """A micro-batch's share of a global batch's loss: ``sum_i w_i * losses_i / denominator``.
+
+    Args:
+        losses: (b,) per-example losses; weights: (b,) per-example weights (0 for padding rows);
+        denominator: the global batch's total weight, the same on every process.
+
+    Summed over a step's micro-batches and over processes (DDP sums gradients), this is the
+    weighted mean loss of the global batch, so the gradient does not depend on how the batch
+    was split.
+    """
+    return (losses * weights).sum() / denominator
+
+
+def no_sync(state: TrainState, skip: bool):
+    """DDP's ``no_sync`` for all but a step's last micro-batch (gradients accumulate locally), else nothing."""
+    return state.ddp.no_sync() if skip and state.ddp is not None else contextlib.nullcontext()
+
+
+def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, step: Step, rt: Runtime) -> torch.Tensor:
+    """One AdamW + scheduler step over this process's share of a global batch.
+
+    Each micro-batch's ``reduce_loss`` is back-propagated (DDP syncs after the last one).
+
+    Args:
+        x: (b, 3, S, S) uint8, y: (b,) int64, w: (b,) float32: the share (see ``sampler.Step``).
+
+    Returns:
+        The share's summed per-example loss, float64, detached and not synced (0 for padding).
+    """
     state.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    last = len(step.chunks) - 1
+    for i, (a, b) in enumerate(step.chunks):
+        with no_sync(state, i < last):
+            losses, _ = example_losses(state.net, x[a:b], y[a:b], rt)
+            reduce_loss(losses, w[a:b], step.denominator).backward()
+        total += losses.detach().double().sum()
     state.optimizer.step()
     state.scheduler.step()
-    return loss.detach()
+    return torch.zeros_like(total) if step.pad else total
 
 
-def train_mode(model: nn.Module) -> None:
-    """``model.train()``, except BatchNorm layers whose affine weights are frozen stay in eval mode.
-
-    Under LoRA the backbone is frozen, and that includes its normalisation statistics: the saved
-    adapter holds only adapters + head, so running stats updated in training would be lost and
-    the reloaded model would predict differently.
-    """
-    model.train()
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
-            m.eval()
-
-
-def train_epoch(state: TrainState, batches: fdata.Prefetcher, rt: Runtime, bar=None) -> dict:
-    """One pass over the training batches. Returns ``{"loss", "seconds", "wait", "images"}``."""
+def train_epoch(state: TrainState, batches: fdata.Prefetcher, rt: Runtime, bar=None, d: Dist = Dist()) -> dict:
+    """One pass over the training steps. Returns ``{"loss", "seconds", "wait", "images"}`` (loss and images over all processes)."""
     train_mode(state.model)
     t0 = time.perf_counter()
-    total, n = torch.zeros((), device=rt.device), 0
-    for x, y in batches:
-        total += train_step(state, x, y, rt) * len(y)
-        n += len(y)
+    total, n = torch.zeros((), dtype=torch.float64, device=rt.device), 0
+    for x, y, w, step in batches:
+        total += train_step(state, x, y, w, step, rt)
+        n += step.images
+        kill_hook(state, d)
         if bar is not None:
             bar.update(1)
-    loss = float(total) / max(n, 1)  # one host sync per epoch
-    return {"loss": loss, "seconds": time.perf_counter() - t0, "wait": batches.wait_s, "images": n}
+    seconds = time.perf_counter() - t0
+    sums = d.gather((float(total), n))  # one host sync per epoch
+    loss_sum, images = math.fsum(s[0] for s in sums), sum(s[1] for s in sums)
+    return {"loss": loss_sum / max(images, 1), "seconds": seconds, "wait": batches.wait_s, "images": images}
+
+
+def kill_hook(state: TrainState, d: Dist) -> None:
+    """Test hook: SIGKILL this process after optimizer step ``$CXRFAIR_FINETUNE_KILL_AFTER_STEPS`` (counted from the start)."""
+    after = int(os.environ.get(KILL_AFTER_ENV, "0") or 0)
+    if after and state.scheduler.last_epoch == after and d.rank == int(os.environ.get(KILL_RANK_ENV, "0") or 0):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, pixels: np.ndarray, labels: np.ndarray, idx: np.ndarray, batch_size: int,
-             rt: Runtime) -> tuple[float, np.ndarray]:
+             rt: Runtime, d: Dist = Dist()) -> tuple[float, np.ndarray]:
     """Mean cross-entropy and softmax probabilities on rows ``idx`` of the cache.
 
+    Each process evaluates a contiguous shard of ``idx``; the shards are gathered in rank order.
+
     Returns:
-        loss: float; probs: (len(idx), C) float64, rows in ``idx`` order.
+        loss: float (mean over ``idx``); probs: (len(idx), C) float64, rows in ``idx`` order.
     """
     model.eval()
-    batches = fdata.Prefetcher(pixels, labels, fdata.index_batches(idx, batch_size), rt.device)
-    total, probs = 0.0, []
-    for x, y in batches:
-        loss, logits = loss_fn(model, x, y, rt)
-        total += float(loss) * len(y)
+    start, stop = shard_rows(len(idx), d.rank, d.world)
+    losses, probs = [], []
+    for x, y, _, _ in fdata.Prefetcher(pixels, labels, plain_steps(idx[start:stop], batch_size), rt.device):
+        loss, logits = example_losses(model, x, y, rt)
+        losses.append(loss.double().cpu().numpy())
         probs.append(torch.softmax(logits, dim=1).double().cpu().numpy())
-    return total / len(idx), np.concatenate(probs)
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def rng_states() -> dict:
-    """Every global RNG a training step could touch (dropout, anything random in user code)."""
-    np_state = np.random.get_state()
-    states = {
-        "torch": torch.get_rng_state(),
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: dict) -> None:
-    torch.set_rng_state(states["torch"])
-    name, keys, *rest = states["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    random.setstate(states["python"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def save_checkpoint(path: Path, state: TrainState, fingerprint: dict) -> None:
-    """Write the whole training state atomically (a crash leaves the previous checkpoint)."""
-    ckpt = {
-        "version": CHECKPOINT_VERSION, "fingerprint": fingerprint, "epoch": state.epoch,
-        "model": trainable_state(state.model), "optimizer": state.optimizer.state_dict(),
-        "scheduler": state.scheduler.state_dict(), "rng": rng_states(),
-        "best_epoch": state.best_epoch, "best_val": state.best_val, "best_state": state.best_state,
-        "curves": state.curves, "epoch_seconds": state.epoch_seconds, "wait_seconds": state.wait_seconds,
-        "images_seen": state.images_seen,
-    }
-    with atomic_path(path, option="checkpoint") as tmp:
-        torch.save(ckpt, tmp)
-
-
-def load_checkpoint(path: Path, fingerprint: dict) -> dict:
-    """Read a checkpoint and check it was written by the same configuration (CxrfairError otherwise)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file: say so instead of a pickle traceback
-        raise CxrfairError(f"checkpoint {path}: cannot be read ({type(e).__name__}); pass --force to start over") from None
-    if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION:
-        raise CxrfairError(f"checkpoint {path}: not a cxrfair fine-tuning checkpoint; pass --force to start over")
-    check_fingerprint(ckpt["fingerprint"], fingerprint, path)
-    return ckpt
-
-
-def check_fingerprint(saved: dict, now: dict, path: Path) -> None:
-    """CxrfairError naming every field of ``now`` whose value differs from the checkpoint's."""
-    diff = ", ".join(f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in now.items() if saved.get(k) != v)
-    if diff:
-        raise CxrfairError(
-            f"checkpoint {path} was written by another configuration ({diff}); resume with the "
-            "checkpoint's options, or pass --force to discard it and start over"
-        )
-
-
-def restore(state: TrainState, ckpt: dict) -> None:
-    """Put a loaded checkpoint back into ``state`` (model, optimizer, scheduler, RNGs, bookkeeping)."""
-    load_trainable_state(state.model, ckpt["model"])
-    state.optimizer.load_state_dict(ckpt["optimizer"])
-    state.scheduler.load_state_dict(ckpt["scheduler"])
-    set_rng_states(ckpt["rng"])
-    state.epoch, state.best_epoch, state.best_val = ckpt["epoch"], ckpt["best_epoch"], ckpt["best_val"]
-    state.best_state, state.curves = ckpt["best_state"], ckpt["curves"]
-    state.epoch_seconds, state.wait_seconds = ckpt["epoch_seconds"], ckpt["wait_seconds"]
-    state.images_seen = ckpt["images_seen"]
+    shards = [s for s in d.gather((losses, probs)) if s[0]]
+    all_losses = np.concatenate([a for s in shards for a in s[0]])
+    return float(all_losses.sum() / len(idx)), np.concatenate([p for s in shards for p in s[1]])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,7 +224,7 @@ class Data:
 
 @dataclass(frozen=True)
 class EpochLog:
-    """What ``on_epoch_end`` sees after an epoch has been checkpointed."""
+    """What ``on_epoch_end`` sees after an epoch has been checkpointed (on every process)."""
 
     epoch: int  # 1-based
     train_loss: float
@@ -351,27 +238,29 @@ def augment_seed(seed: int, epoch: int) -> int:
 
 
 def fit(state: TrainState, data: Data, config: FinetuneConfig, rt: Runtime, ckpt_path: Path, fingerprint: dict,
-        on_epoch_end: Callable[[EpochLog], None] | None = None, progress: bool = True) -> TrainState:
+        on_epoch_end: Callable[[EpochLog], None] | None = None, progress: bool = True, d: Dist = Dist()) -> TrainState:
     """Train from ``state.epoch`` to ``config.epochs``, keeping the lowest-validation-loss state.
 
-    After each epoch: validation loss, best-state bookkeeping, an atomic checkpoint, then
-    ``on_epoch_end`` (which may raise to stop the run; the checkpoint is already on disk).
+    After each epoch: validation loss, best-state bookkeeping, an atomic checkpoint (rank 0),
+    then ``on_epoch_end`` (which may raise to stop the run; the checkpoint is already on disk).
     """
     from tqdm.auto import tqdm
 
     train_idx = data.split["train"]
-    n_batches = len(fdata.index_batches(train_idx, config.batch_size))
+    synced_bn = any(isinstance(m, nn.SyncBatchNorm) for m in state.model.modules())
     epochs = tqdm(range(state.epoch, config.epochs), initial=state.epoch, total=config.epochs,
                   desc=f"{config.method} {config.model}", unit="epoch", disable=not progress)
     for epoch in epochs:
-        order = train_idx[fdata.epoch_order(len(train_idx), config.seed, epoch)]
-        batches = fdata.Prefetcher(data.pixels, data.labels, fdata.index_batches(order, config.batch_size), rt.device,
+        order = train_idx[epoch_order(len(train_idx), config.seed, epoch)]
+        steps = plan_epoch(order, config.batch_size, d.rank, d.world, config.micro_batch, keep_empty=synced_bn)
+        batches = fdata.Prefetcher(data.pixels, data.labels, steps, rt.device,
                                    augment_seed=augment_seed(config.seed, epoch) if config.augment else None)
-        with tqdm(total=n_batches, desc=f"epoch {epoch + 1}", unit="batch", leave=False, disable=not progress) as bar:
-            stats = train_epoch(state, batches, rt, bar)
-        val_loss, _ = evaluate(state.model, data.pixels, data.labels, data.split["val"], config.batch_size, rt)
+        with tqdm(total=len(steps), desc=f"epoch {epoch + 1}", unit="batch", leave=False, disable=not progress) as bar:
+            stats = train_epoch(state, batches, rt, bar, d)
+        val_loss, _ = evaluate(state.model, data.pixels, data.labels, data.split["val"], config.batch_size, rt, d)
         record_epoch(state, stats, val_loss)
-        save_checkpoint(ckpt_path, state, fingerprint)
+        rngs = d.gather(rng_states())
+        d.on_main(lambda: save_checkpoint(ckpt_path, state, fingerprint, rngs))
         ips = stats["images"] / max(stats["seconds"], 1e-9)
         epochs.set_postfix(loss=f"{stats['loss']:.4f}", val_loss=f"{val_loss:.4f}", img_s=f"{ips:.0f}")
         if on_epoch_end is not None:
@@ -409,14 +298,16 @@ class RunResult:
     probs: np.ndarray  # (N_val + N_test, C), rows in predictions.csv order
     timings: dict
     weights: Path  # adapter folder (lora) or model.safetensors (full)
+    world_size: int = 1  # processes that trained it (torchrun)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(name: str, d: Dist = Dist()) -> torch.device:
+    """``--device`` as a torch device; under torchrun each CUDA process takes GPU ``LOCAL_RANK``."""
     if name == "cuda" and not torch.cuda.is_available():
         raise CxrfairError("--device cuda: no CUDA device is visible; use --device cpu or auto")
-    return torch.device(name)
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", d.local_rank) if d.active else torch.device("cuda")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -425,18 +316,25 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def load_data(cohort, fm, config: FinetuneConfig) -> Data:
-    """Decode the cohort once into the uint8 cache (memory or memmap) and index its splits."""
+def load_data(cohort, fm, config: FinetuneConfig, d: Dist = Dist()) -> Data:
+    """Decode the cohort once into the uint8 cache (memory or memmap) and index its splits.
+
+    Under torchrun the cache is always the shared file, decoded by all processes together and
+    memory-mapped by each (``--cache memory`` then copies it into each process's memory).
+    """
     table = cohort.table
     paths = cohort.image_paths(config.images)
-    size = fm.preprocess.size
-    to_file = config.cache == "file" or (
-        config.cache == "auto" and fdata.cache_bytes(len(paths), size) > config.cache_max_gb * 2**30)
+    to_file = d.active or config.cache == "file" or (
+        config.cache == "auto" and fdata.cache_bytes(len(paths), fm.preprocess.size) > config.cache_max_gb * 2**30)
     file = None
     if to_file:
         root = str(config.images or cohort.meta.get("images_root"))
         file = fdata.cache_file_for(config.out, fdata.cache_key(cohort.hash, fm.preprocess, root))
-    pixels = fdata.image_cache(paths, fm.preprocess, workers=config.workers, file=file)
+    if d.active:
+        pixels = shared_image_cache(paths, fm.preprocess, file, config.workers, d)
+        pixels = np.array(pixels) if config.cache == "memory" else pixels
+    else:
+        pixels = fdata.image_cache(paths, fm.preprocess, workers=config.workers, file=file)
     index = {c: i for i, c in enumerate(cohort.classes)}
     labels = table["label"].map(index).to_numpy(np.int64)
     split = {s: np.flatnonzero(table["split"].to_numpy() == s) for s in SPLITS}
@@ -447,26 +345,26 @@ def finetune(config: FinetuneConfig, *, on_epoch_end: Callable[[EpochLog], None]
              progress: bool = True) -> RunResult:
     """Fine-tune ``config.model`` on ``config.cohort`` and write the run to ``config.out``.
 
+    Launched by torchrun with several processes, every process calls this and they train one
+    run together with DDP (see ``finetune.distributed``); rank 0 writes it.
+
     Args:
-        config: the run's configuration.
-        on_epoch_end: called after each epoch's checkpoint; raising in it interrupts the run
-            (``config.resume`` continues it later).
-        progress: show tqdm bars.
+        config: the run's configuration (``batch_size`` is the global batch, all processes together).
+        on_epoch_end: called after each epoch's checkpoint, on every process; raising in it
+            interrupts the run (``config.resume`` continues it later).
+        progress: show tqdm bars (rank 0 only).
 
     Returns:
-        RunResult. Raises CxrfairError for anything the user can fix; nothing is written to
-        ``out/<run_id>`` unless the run completes.
+        RunResult (the same on every process). Raises CxrfairError for anything the user can
+        fix; nothing is written to ``out/<run_id>`` unless the run completes.
     """
     t_start = time.perf_counter()
-    setup = prepare(config)
-    model = build_classifier(setup.fm, len(setup.cohort.classes), config).to(setup.rt.device)
-    steps = config.epochs * len(fdata.index_batches(setup.data.split["train"], config.batch_size))
-    state = create_state(model, config, steps)
-    seed_globals(config.seed)
-    if setup.checkpoint is not None:
-        restore(state, setup.checkpoint)
-    fit(state, setup.data, config, setup.rt, setup.ckpt_path, setup.fingerprint, on_epoch_end, progress)
-    return finish(config, setup, state, t_start)
+    with session(config.device) as d:
+        setup = prepare(config, d)
+        state = build_state(config, setup, d)
+        fit(state, setup.data, config, setup.rt, setup.ckpt_path, setup.fingerprint, on_epoch_end,
+            progress and d.main, d)
+        return finish(config, setup, state, t_start, d)
 
 
 @dataclass(frozen=True)
@@ -483,8 +381,12 @@ class Setup:
     cache_s: float  # seconds spent building the image cache
 
 
-def prepare(config: FinetuneConfig) -> Setup:
-    """Check everything cheap first (model spec, outputs, cohort, checkpoint), then load model and images."""
+def prepare(config: FinetuneConfig, d: Dist = Dist()) -> Setup:
+    """Check everything cheap first (model spec, outputs, cohort, checkpoint), then load model and images.
+
+    Checks that touch files run on rank 0; their errors reach every process.
+    """
+    from cxrfair.analysis.runs import check_runs_folder
     from cxrfair.extract.cohort import load_cohort
     from cxrfair.extract.registry import get_spec, load_model
 
@@ -492,35 +394,80 @@ def prepare(config: FinetuneConfig) -> Setup:
     if config.method == "lora":
         lora_targets(spec)
     ckpt_path = config.out / f".{config.run_id}.work" / CHECKPOINT
-    check_outputs(config.out / config.run_id, ckpt_path, config)
+    d.on_main(lambda: check_outputs(config.out / config.run_id, ckpt_path, config))
     cohort = load_cohort(config.cohort)
     check_splits(cohort)
-    device = resolve_device(config.device)
+    d.on_main(lambda: check_runs_folder(config.out, cohort.hash, [config.run_id], config.force))
+    device = resolve_device(config.device, d)
     precision = resolve_precision(config.precision, device)
     fingerprint = {**config.training_fields(), "precision": precision, "cohort_hash": cohort.hash}
-    checkpoint = resume_checkpoint(ckpt_path, fingerprint, config)
+    resumer = Resumer(ckpt_path, fingerprint, config)
+    d.on_main(resumer.check)
     fm = load_model(config.model, config.weights, str(device))
+    check_batchnorm(fm.image_encoder, config.method, d, device)
     fingerprint["weights_id"] = fm.weights_id
-    checkpoint = resume_checkpoint(ckpt_path, fingerprint, config, checkpoint)
+    resuming = d.on_main(resumer.check)
+    checkpoint = d.everywhere(lambda: resumer.loaded if d.main else read_checkpoint(ckpt_path) if resuming else None)
     t0 = time.perf_counter()
-    data = load_data(cohort, fm, config)
+    data = load_data(cohort, fm, config, d)
     rt = Runtime(device=device, bf16=precision == "bf16", normalize=fm.preprocess.normalize)
     return Setup(cohort, fm, data, rt, fingerprint, ckpt_path, checkpoint, time.perf_counter() - t0)
 
 
-def finish(config: FinetuneConfig, setup: Setup, state: TrainState, t_start: float) -> RunResult:
-    """Evaluate the lowest-validation-loss state on val + test, write run + weights, drop the checkpoint."""
+class Resumer:
+    """Rank 0's view of ``--resume``: the checkpoint to continue from (checked twice: before and after
+    loading the model, whose weights id joins the fingerprint), and one line on stderr saying what happens."""
+
+    def __init__(self, path: Path, fingerprint: dict, config: FinetuneConfig):
+        self.path, self.fingerprint, self.config = path, fingerprint, config
+        self.loaded: dict | None = None
+        self.calls = 0
+
+    def check(self) -> bool:
+        self.calls += 1
+        if self.config.resume and self.calls == 1 and not self.path.is_file():
+            print(f"note: --resume: no checkpoint of {self.config.run_id} at {self.path}; starting from epoch 1",
+                  file=sys.stderr)
+        self.loaded = resume_checkpoint(self.path, self.fingerprint, self.config, self.loaded)
+        if self.config.resume and self.calls == 2 and self.loaded is not None:
+            print(f"resuming {self.config.run_id} after epoch {self.loaded['epoch']} of {self.config.epochs} "
+                  f"({self.path})", file=sys.stderr)
+        return self.loaded is not None
+
+
+def build_state(config: FinetuneConfig, setup: Setup, d: Dist = Dist()) -> TrainState:
+    """Model (SyncBatchNorm and DDP under torchrun), optimizer and schedule; seeded; restored when resuming."""
+    device = setup.rt.device
+    model = build_classifier(setup.fm, len(setup.cohort.classes), config).to(device)
+    model = sync_batchnorm(model, d, device)
+    steps = config.epochs * math.ceil(len(setup.data.split["train"]) / config.batch_size)
+    state = create_state(model, config, steps)
+    if d.active:
+        state.ddp = wrap_ddp(model, d, device, setup.fm.preprocess.size)
+    seed_globals(rank_seed(config.seed, d.rank))
+    if setup.checkpoint is not None:
+        restore(state, setup.checkpoint, d.rank, d.world)
+    return state
+
+
+def finish(config: FinetuneConfig, setup: Setup, state: TrainState, t_start: float, d: Dist = Dist()) -> RunResult:
+    """Evaluate the lowest-validation-loss state on val + test, write run + weights (rank 0), drop the checkpoint."""
     t0 = time.perf_counter()
     load_trainable_state(state.model, state.best_state)
     eval_idx = np.concatenate([setup.data.split["val"], setup.data.split["test"]])
-    _, probs = evaluate(state.model, setup.data.pixels, setup.data.labels, eval_idx, config.batch_size, setup.rt)
+    _, probs = evaluate(state.model, setup.data.pixels, setup.data.labels, eval_idx, config.batch_size, setup.rt, d)
     timings = summarize_timings(state, setup.cache_s, time.perf_counter() - t0, time.perf_counter() - t_start)
-    meta = run_meta(config, setup, state, timings)
-    weights = write_outputs(config, setup.cohort, state.model, meta, eval_idx, probs)
-    shutil.rmtree(setup.ckpt_path.parent, ignore_errors=True)
+    meta = run_meta(config, setup, state, timings, d.world)
+
+    def write() -> Path:
+        weights = write_outputs(config, setup.cohort, state.model, meta, eval_idx, probs)
+        shutil.rmtree(setup.ckpt_path.parent, ignore_errors=True)
+        return weights
+
+    weights = d.on_main(write)
     return RunResult(run_dir=config.out / config.run_id, run_id=config.run_id, selected_epoch=state.best_epoch,
                      trainable_params=meta["trainable_params"], curves=state.curves, probs=probs,
-                     timings=timings, weights=weights)
+                     timings=timings, weights=weights, world_size=d.world)
 
 
 def resume_checkpoint(path: Path, fingerprint: dict, config: FinetuneConfig, loaded: dict | None = None) -> dict | None:
@@ -540,6 +487,8 @@ def resume_checkpoint(path: Path, fingerprint: dict, config: FinetuneConfig, loa
         if not config.force:
             raise
         path.unlink()
+        print(f"note: --force: discarded checkpoint {path} (another configuration's, or unreadable); "
+              "starting from epoch 1", file=sys.stderr)
         return None
 
 
@@ -566,13 +515,6 @@ def check_outputs(run_dir: Path, ckpt_path: Path, config: FinetuneConfig) -> Non
         ckpt_path.unlink()
 
 
-def seed_globals(seed: int) -> None:
-    """Seed the global RNGs (dropout etc.); a resumed run overwrites them from the checkpoint."""
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-
 def summarize_timings(state: TrainState, cache_s: float, eval_s: float, total_s: float) -> dict:
     """Seconds (and two rates) for run.json; epoch lists cover resumed epochs too."""
     train_s = float(sum(state.epoch_seconds))
@@ -584,7 +526,7 @@ def summarize_timings(state: TrainState, cache_s: float, eval_s: float, total_s:
     }
 
 
-def run_meta(config: FinetuneConfig, setup: Setup, state: TrainState, timings: dict) -> dict:
+def run_meta(config: FinetuneConfig, setup: Setup, state: TrainState, timings: dict, world_size: int = 1) -> dict:
     """run.json contents (the shared run format + fine-tuning extras)."""
     cohort, fm = setup.cohort, setup.fm
     precision = setup.fingerprint["precision"]
@@ -594,8 +536,8 @@ def run_meta(config: FinetuneConfig, setup: Setup, state: TrainState, timings: d
         "hyperparameters": {**config.hyperparameters(), "precision": precision},
         "selected_epoch": state.best_epoch, "trainable_params": count_trainable(state.model),
         "timings": timings, "curves": state.curves, "weights_id": fm.weights_id,
-        "source": str(config.cohort),
-        "notes": "selected_epoch is 1-based; curves hold one value per epoch; "
+        "world_size": world_size, "source": str(config.cohort),
+        "notes": "selected_epoch is 1-based; curves hold one value per epoch; batch_size is the global batch; "
                  f"weights in {ADAPTER_DIR if config.method == 'lora' else FULL_WEIGHTS}",
     }
 
@@ -618,39 +560,3 @@ def write_outputs(config: FinetuneConfig, cohort, model: nn.Module, meta: dict, 
     (staging / name).replace(run_dir / name)
     shutil.rmtree(staging, ignore_errors=True)
     return run_dir / name
-
-
-def save_weights(model: nn.Module, folder: Path, method: str) -> None:
-    """LoRA: peft ``save_pretrained`` (adapters + head) into ``folder/adapter``; full: safetensors state dict."""
-    if method == "lora":
-        model.save_pretrained(str(folder / ADAPTER_DIR))
-    else:
-        from safetensors.torch import save_file
-
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(folder / FULL_WEIGHTS))
-
-
-def load_finetuned(run_dir: Path | str, device: str = "cpu", weights: Path | None = None) -> nn.Module:
-    """Rebuild a finished run's classifier from its saved weights (eval mode).
-
-    Returns:
-        Module mapping (B, 3, S, S) normalised float -> (B, C) logits.
-    """
-    import json
-
-    from peft import PeftModel
-
-    from cxrfair.extract.registry import load_model
-
-    run_dir = Path(run_dir)
-    meta = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
-    fm = load_model(meta["model"], weights, device)
-    model = Classifier(fm.image_encoder, fm.embed_dim, len(meta["classes"]))
-    if meta["method"] == "lora":
-        model = PeftModel.from_pretrained(model, str(run_dir / ADAPTER_DIR))
-        pin_frozen_attention(model)
-    else:
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(str(run_dir / FULL_WEIGHTS)))
-    return model.to(device).eval()

@@ -30,6 +30,8 @@ class ProbeInputs:
         classes: class names (cohort order).
         model, cohort_hash, logit_scale, source: from the cache.
         text: prompt set -> (draws, C, D) float32 class text embeddings.
+        prompts: prompt set -> [draw][class] prompt lists (what ``text`` was built from).
+        prompt_scores: "val" / "test" -> ``PromptScores`` of those rows (GLoRIA caches), else None.
     """
 
     x: dict
@@ -41,7 +43,8 @@ class ProbeInputs:
     logit_scale: float
     source: str
     text: dict
-    zero_shot_term: str = "global"  # which image-text similarity the cache's embeddings support
+    prompts: dict
+    prompt_scores: dict | None = None
 
 
 def load_inputs(cache_path: Path | str) -> ProbeInputs:
@@ -63,9 +66,22 @@ def load_inputs(cache_path: Path | str) -> ProbeInputs:
         x[split], y[split] = emb[mask], labels[mask].astype(np.int32)
     rows = pd.concat([cache.table[cache.split_mask(s)] for s in ("val", "test")], ignore_index=True)
     text = {name: np.asarray(te.embeddings, dtype=np.float32) for name, te in cache.text.items()}
+    prompts = {name: te.prompts for name, te in cache.text.items()}
     return ProbeInputs(x, y, rows, list(cache.classes), str(cache.model), str(cache.cohort_hash),
-                       float(cache.logit_scale), str(cache_path), text,
-                       str(cache.attrs.get("zero_shot_term", "global")))
+                       float(cache.logit_scale), str(cache_path), text, prompts, _split_scores(cache, where))
+
+
+def _split_scores(cache, where: str) -> dict | None:
+    """The cache's prompt scores (if any) for the val and test rows; non-finite ones refused."""
+    from cxrfair.extract.cache import PromptScores
+
+    scores = cache.prompt_scores
+    if scores is None:
+        return None
+    if not (np.isfinite(scores.global_sim).all() and np.isfinite(scores.local_sim).all()):
+        raise CxrfairError(f"{where}: prompt scores are NaN or infinite; re-run `cxrfair extract --force` for this model")
+    return {s: PromptScores(scores.prompts, scores.global_sim[cache.split_mask(s)], scores.local_sim[cache.split_mask(s)])
+            for s in ("val", "test")}
 
 
 def _check_finite(emb: np.ndarray, table: pd.DataFrame, where: str) -> None:

@@ -1,7 +1,14 @@
 """Linear and MLP probes as small pure functions, and the compiled program that trains a sweep.
 
-One probe (one hyperparameter configuration, one seed) is ``fit_lane``: ``lax.scan`` over
-epochs, an inner ``lax.scan`` over minibatch steps, AdamW (``optax.inject_hyperparams`` so the
+One probe (one hyperparameter configuration, one seed) is ``fit_lane``, with one of two solvers.
+
+L-BFGS (``fit_lane_lbfgs``, the default): full-batch ``optax.lbfgs`` with a zoom line search on
+mean cross-entropy + l2/2 * ||W||^2, ``lax.scan`` over at most ``max_iter`` iterations; a lane
+whose largest gradient entry falls to ``gtol`` stops moving (its state is frozen with
+``jnp.where``, since vmapped lanes run the same number of steps), and its final iterate is
+evaluated. For the linear probe this is scikit-learn's ``LogisticRegression`` at C = 1/(l2 N).
+
+AdamW (``fit_lane_adamw``, the paper's recipe): ``lax.scan`` over epochs, an inner ``lax.scan`` over minibatch steps, AdamW (``optax.inject_hyperparams`` so the
 learning rate and weight decay are values in the optimizer state, not Python constants) with
 cosine annealing over all steps, and the validation loss evaluated after every epoch; the
 parameters of the epoch with the lowest validation loss are kept with ``jnp.where``.
@@ -36,14 +43,21 @@ import optax
 ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8
 
 
+# L-BFGS convergence: the largest gradient entry at most this (scikit-learn's default tol).
+GTOL = 1e-4
+
+
 @dataclass(frozen=True)
 class Recipe:
     """The static part of training: shapes and schedule, shared by every lane of a sweep."""
 
     n_classes: int  # C, the width of the output layer
-    epochs: int = 150  # passes over the training split
-    batch_size: int = 64  # minibatch size; the last batch of an epoch is padded and masked
+    epochs: int = 150  # AdamW: passes over the training split
+    batch_size: int = 64  # AdamW: minibatch size; the last batch of an epoch is padded and masked
     max_hidden: int = 0  # 0: linear probe; >0: MLP whose hidden layer is padded to this width
+    solver: str = "adamw"  # "adamw" (the paper's minibatch recipe) or "lbfgs" (full batch)
+    max_iter: int = 500  # L-BFGS: iterations at most (a converged lane stops moving)
+    gtol: float = GTOL  # L-BFGS: converged when every gradient entry is at most this in magnitude
 
     def steps_per_epoch(self, n_train: int) -> int:
         return math.ceil(n_train / self.batch_size)
@@ -62,18 +76,19 @@ class Data(NamedTuple):
 class Hyper(NamedTuple):
     """Per-lane hyperparameters (scalars for one lane; arrays of shape (K,) for a sweep)."""
 
-    lr: jax.Array  # peak learning rate
-    wd: jax.Array  # decoupled weight decay (PyTorch AdamW convention: multiplied by lr)
+    lr: jax.Array  # AdamW: peak learning rate
+    wd: jax.Array  # AdamW: decoupled weight decay (PyTorch AdamW convention: multiplied by lr)
     hidden: jax.Array  # hidden width, <= Recipe.max_hidden (ignored by the linear probe)
+    l2: jax.Array  # L-BFGS: penalty l2/2 * ||weights||^2 added to the mean loss (biases free)
 
 
 class LaneResult(NamedTuple):
     """What one lane returns (leading axes (S, K) in a sweep)."""
 
     best_val_loss: jax.Array  # ()
-    best_epoch: jax.Array  # () int, 0-based
-    train_loss: jax.Array  # (E,) mean minibatch loss of each epoch
-    val_loss: jax.Array  # (E,) validation loss after each epoch
+    best_epoch: jax.Array  # () int, 0-based; L-BFGS: iterations run (the final iterate is kept)
+    train_loss: jax.Array  # (E,) mean minibatch loss of each epoch; L-BFGS: objective per iteration
+    val_loss: jax.Array  # (E,) validation loss after each epoch (L-BFGS: iteration)
     val_probs: jax.Array  # (Nv, C) from the kept parameters
     test_probs: jax.Array  # (Nt, C) from the kept parameters
 
@@ -235,7 +250,14 @@ def keep_best(state: EpochState, params: dict, opt_state, val_loss: jax.Array, e
 
 
 def fit_lane(key: jax.Array, hyper: Hyper, data: Data, recipe: Recipe) -> LaneResult:
-    """Train one probe (one configuration, one seed) and evaluate its best-validation epoch.
+    """Train one probe (one configuration, one seed) with ``recipe.solver`` and evaluate it."""
+    if recipe.solver == "lbfgs":
+        return fit_lane_lbfgs(key, hyper, data, recipe)
+    return fit_lane_adamw(key, hyper, data, recipe)
+
+
+def fit_lane_adamw(key: jax.Array, hyper: Hyper, data: Data, recipe: Recipe) -> LaneResult:
+    """The paper's recipe for one probe: AdamW epochs; the best-validation epoch is evaluated.
 
     ``key`` fixes both the initialisation and the data order, so lanes that share it differ
     only in their hyperparameters.
@@ -249,6 +271,85 @@ def fit_lane(key: jax.Array, hyper: Hyper, data: Data, recipe: Recipe) -> LaneRe
     state, (train_curve, val_curve) = jax.lax.scan(epoch, state, jnp.arange(recipe.epochs, dtype=jnp.int32))
     return LaneResult(state.best_loss, state.best_epoch, train_curve, val_curve,
                       jax.nn.softmax(apply(state.best, data.x_val)), jax.nn.softmax(apply(state.best, data.x_test)))
+
+
+# ---------------------------------------------------------------- L-BFGS (full batch)
+
+
+def weight_norm_sq(params: dict) -> jax.Array:
+    """Sum of squared weights (not biases), the L2 penalty's ||W||^2 (padded MLP units are 0)."""
+    return sum(jnp.sum(params[k] ** 2) for k in ("w", "w1", "w2") if k in params)
+
+
+def objective(params: dict, x: jax.Array, y: jax.Array, l2: jax.Array) -> jax.Array:
+    """Mean cross-entropy over the training split + l2/2 * ||W||^2.
+
+    For the linear probe this is scikit-learn's multinomial ``LogisticRegression`` objective
+    divided by C*N, i.e. the same minimiser at ``C = 1 / (l2 * N)``.
+    """
+    return jnp.mean(example_losses(params, x, y)) + 0.5 * l2 * weight_norm_sq(params)
+
+
+def lbfgs_solver() -> optax.GradientTransformationExtraArgs:
+    """optax's L-BFGS (memory 10) with its zoom line search (strong Wolfe conditions)."""
+    return optax.lbfgs(memory_size=10, linesearch=optax.scale_by_zoom_linesearch(
+        max_linesearch_steps=30, initial_guess_strategy="one"))
+
+
+class LbfgsState(NamedTuple):
+    """The carry of the L-BFGS loop."""
+
+    params: dict
+    opt_state: optax.OptState
+    value: jax.Array  # () the objective at params
+    grad: dict  # its gradient
+    done: jax.Array  # () bool: converged (or stopped by a non-finite step); params frozen since
+    iterations: jax.Array  # () int: iterations that moved the parameters
+
+
+def lbfgs_iteration(state: LbfgsState, _, data: Data, l2: jax.Array, gtol: float) -> tuple[LbfgsState, tuple]:
+    """One L-BFGS step on the full training split; a lane that is done keeps its parameters.
+
+    The objective and gradient at the new point are the line search's (stored in its state), so
+    an iteration costs only the line search's evaluations.
+
+    Returns the new state and (objective, validation loss) at the parameters it leaves.
+    """
+    fun = partial(objective, x=data.x_train, y=data.y_train, l2=l2)
+    converged = max_abs(state.grad) <= gtol
+    updates, opt_state = lbfgs_solver().update(state.grad, state.opt_state, state.params,
+                                               value=state.value, grad=state.grad, value_fn=fun)
+    params = optax.apply_updates(state.params, updates)
+    value, grad = optax.tree.get(opt_state, "value"), optax.tree.get(opt_state, "grad")
+    finite = jnp.isfinite(value) & jnp.isfinite(max_abs(params)) & jnp.isfinite(max_abs(grad))
+    done = state.done | converged | ~finite
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(done, b, a), new, old)  # noqa: E731
+    state = LbfgsState(*keep((params, opt_state, value, grad), state[:4]), done,
+                       state.iterations + (~done).astype(jnp.int32))
+    val_loss = jnp.mean(example_losses(state.params, data.x_val, data.y_val))
+    return state, (state.value, val_loss)
+
+
+def max_abs(tree) -> jax.Array:
+    """Largest absolute entry of a pytree of arrays."""
+    return jnp.max(jnp.stack([jnp.max(jnp.abs(leaf)) for leaf in jax.tree.leaves(tree)]))
+
+
+def fit_lane_lbfgs(key: jax.Array, hyper: Hyper, data: Data, recipe: Recipe) -> LaneResult:
+    """One probe by full-batch L-BFGS on the L2-penalised loss; the final iterate is evaluated.
+
+    At most ``recipe.max_iter`` iterations; a lane stops moving once its gradient's largest entry
+    is at most ``recipe.gtol`` (or a step would leave the finite numbers). ``key`` fixes only the
+    initialisation (the same as AdamW's), which matters for the MLP, not the convex linear probe.
+    """
+    dim = data.x_train.shape[1]
+    params = init_params(jax.random.split(key)[0], dim, recipe, hyper.hidden)
+    value, grad = jax.value_and_grad(objective)(params, data.x_train, data.y_train, hyper.l2)
+    state = LbfgsState(params, lbfgs_solver().init(params), value, grad, jnp.array(False), jnp.array(0, jnp.int32))
+    step = partial(lbfgs_iteration, data=data, l2=hyper.l2, gtol=recipe.gtol)
+    state, (train_curve, val_curve) = jax.lax.scan(step, state, None, length=recipe.max_iter)
+    return LaneResult(val_curve[-1], state.iterations, train_curve, val_curve,
+                      jax.nn.softmax(apply(state.params, data.x_val)), jax.nn.softmax(apply(state.params, data.x_test)))
 
 
 # ---------------------------------------------------------------- a sweep

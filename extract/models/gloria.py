@@ -25,12 +25,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cxrfair.errors import CxrfairError
-from cxrfair.extract.models.medclip import (
+from cxrfair.extract.models.common import (
     BIO_CLINICALBERT_CONFIG,
     RESNET50_LAYERS,
     RESNET_LORA,
     TINY_RESNET_LAYERS,
     TINY_RESNET_WIDTH,
+    TINY_WEIGHTS,
     VOCAB_HINT,
     bert_config,
     bert_tokenizer,
@@ -39,6 +40,8 @@ from cxrfair.extract.models.medclip import (
     find_bert_vocab,
     hf_from_state_dict,
     load_remaining_strict,
+    random_init_id,
+    seeded,
     split_prefix,
     toy_vocab,
     weights_id,
@@ -55,7 +58,6 @@ LAST_N_LAYERS = 4  # cfg.model.text.last_n_layers, aggregate_method "sum"
 IMAGE_FORWARD_SIZE = 299  # ImageEncoder.resnet_forward upsamples every input to 299x299
 TEMP_ATTENTION = 4.0  # get_local_similarities: attention_fn(word, context, 4.0)
 TEMP_WORD = 5.0  # get_local_similarities: row_sim.mul_(5.0).exp_()
-TINY_SEED = 0
 WEIGHTS_NAME = "chexpert_resnet50.ckpt"
 # The GLoRIA README's download link for the pretrained checkpoints (a Stanford Box folder).
 GLORIA_URL = "https://stanfordmedicine.box.com/s/j5h7q99f3pfi7enc0dom73m4nsm6yzvh"
@@ -214,112 +216,16 @@ def image_text_similarity(model, pixel_values: "torch.Tensor", tokens: Any, term
     return (scores["global"]() + scores["local"]()) / 2
 
 
-# --- torch modules --------------------------------------------------------------------------
-
-_MODULES = None
-
-
-def _torch_modules():
-    global _MODULES
-    if _MODULES is None:
-        _MODULES = _define_modules()
-    return _MODULES
-
-
-def _define_modules():
-    import torch
-    from torch import nn
-
-    class ImageEncoder(nn.Module):
-        """ResNet trunk (fc = Identity) with GLoRIA's global and local embedders."""
-
-        def __init__(self, resnet: nn.Module, embed_dim: int = EMBED_DIM) -> None:
-            super().__init__()
-            self.model = resnet
-            self.global_embedder = nn.Linear(2048, embed_dim)
-            self.local_embedder = nn.Conv2d(1024, embed_dim, kernel_size=1, stride=1, padding=0, bias=False)
-            self.pool = nn.AdaptiveAvgPool2d((1, 1))
-
-        def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            """(B, 3, S, S) -> (global (B, 2048), local (B, 1024, 19, 19)) after upsampling to 299."""
-            x = nn.functional.interpolate(x, size=(IMAGE_FORWARD_SIZE,) * 2, mode="bilinear", align_corners=True)
-            m = self.model
-            x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
-            local = m.layer3(m.layer2(m.layer1(x)))
-            return self.pool(m.layer4(local)).flatten(1), local
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            """(B, 3, S, S) normalised -> (B, 768) global embedding."""
-            return self.global_embedder(self.features(x)[0])
-
-        def encode_local(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            """(B, 3, S, S) -> (global (B, 768), local (B, 768, 19, 19))."""
-            g, local = self.features(x)
-            return self.global_embedder(g), self.local_embedder(local)
-
-    class BertEncoder(nn.Module):
-        """Bio_ClinicalBERT with GLoRIA's pooling: sum of the last 4 layers, pieces summed into words."""
-
-        def __init__(self, bert: nn.Module, id_to_token: dict[int, str]) -> None:
-            super().__init__()
-            self.model = bert
-            self.id_to_token = id_to_token
-
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    token_type_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-            """(T, L) ids -> (words (T, D, L), sentences (T, D), word counts excluding [CLS]/[SEP]).
-
-            The sentence embedding is the mean over all L word slots, zero padding included,
-            as in GLoRIA (``embeddings.mean(axis=2)``), so it depends on L (97 for real prompts).
-            """
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                             token_type_ids=token_type_ids, output_hidden_states=True)
-            hidden = torch.stack(out.hidden_states[-LAST_N_LAYERS:]).sum(dim=0)  # (T, L, D)
-            words, counts = [], []
-            for ids, h in zip(input_ids.tolist(), hidden):
-                groups = word_groups([self.id_to_token[i] for i in ids])
-                words.append(aggregate_words(h, groups))
-                counts.append(max(len(groups) - 2, 0))
-            words = torch.stack(words)  # (T, L, D)
-            return words.transpose(1, 2), words.mean(dim=1), counts
-
-    class GLoRIA(nn.Module):
-        """The two encoders under GLoRIA's names (``img_encoder``, ``text_encoder``)."""
-
-        def __init__(self, img_encoder: nn.Module, text_encoder: nn.Module) -> None:
-            super().__init__()
-            self.img_encoder = img_encoder
-            self.text_encoder = text_encoder
-
-        def _text(self, tokens: Any):
-            device = self.img_encoder.global_embedder.weight.device
-            return self.text_encoder(*(tokens[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids")))
-
-        def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-            """(B, 3, S, S) -> (B, 768) global image embeddings."""
-            return self.img_encoder(pixel_values)
-
-        def encode_text(self, tokens: Any) -> torch.Tensor:
-            """Tokenizer output for T prompts -> (T, 768) sentence embeddings."""
-            return self._text(tokens)[1]
-
-        def encode_text_words(self, tokens: Any) -> tuple[torch.Tensor, list[int]]:
-            """Tokenizer output for T prompts -> (words (T, 768, L), word counts)."""
-            words, _, counts = self._text(tokens)
-            return words, counts
-
-    return {"ImageEncoder": ImageEncoder, "BertEncoder": BertEncoder, "GLoRIA": GLoRIA}
-
-
 def build_gloria(bert_fields: dict, resnet_layers: tuple[int, ...], id_to_token: dict[int, str],
                  resnet_width: int = 64):
     """A GLoRIA model with random weights; embedding dim = the BERT hidden size."""
     from transformers import BertModel
 
-    m = _torch_modules()
+    from cxrfair.extract.models import gloria_nn as nn_
+
     bert = BertModel(bert_config(bert_fields))
-    image = m["ImageEncoder"](build_resnet(resnet_layers, fc_out=None, width=resnet_width), bert.config.hidden_size)
-    return m["GLoRIA"](image, m["BertEncoder"](bert, id_to_token))
+    image = nn_.ImageEncoder(build_resnet(resnet_layers, fc_out=None, width=resnet_width), bert.config.hidden_size)
+    return nn_.GLoRIA(image, nn_.BertEncoder(bert, id_to_token))
 
 
 def read_gloria_state(path: Path) -> dict:
@@ -343,11 +249,12 @@ def gloria_from_state_dict(state: dict, bert_fields: dict, resnet_layers: tuple[
     """A GLoRIA model holding exactly the weights in ``state`` (keys without the ``gloria.`` prefix)."""
     from transformers import BertModel
 
-    m = _torch_modules()
+    from cxrfair.extract.models import gloria_nn as nn_
+
     text_part, rest = split_prefix(state, "text_encoder.model.")
     bert = hf_from_state_dict(BertModel, bert_config(bert_fields), text_part, source, "gloria.text_encoder.model.")
-    image = m["ImageEncoder"](build_resnet(resnet_layers, fc_out=None, width=resnet_width), bert.config.hidden_size)
-    model = m["GLoRIA"](image, m["BertEncoder"](bert, id_to_token))
+    image = nn_.ImageEncoder(build_resnet(resnet_layers, fc_out=None, width=resnet_width), bert.config.hidden_size)
+    model = nn_.GLoRIA(image, nn_.BertEncoder(bert, id_to_token))
     load_remaining_strict(model, rest, ("text_encoder.model.",), source)
     return model
 
@@ -376,6 +283,7 @@ def _bundle(spec: ModelSpec, model, tokenizer, preprocess: Preprocess, wid: str,
         tokenize=_tokenizer_call(tokenizer), encode_image=model.encode_image, encode_text=model.encode_text,
         # GLoRIA has no learned temperature; its global loss scales cosines by temp3 = 10.
         logit_scale=10.0, embed_dim=spec.embed_dim, weights_id=wid, extras=extras,
+        encode_image_unprojected=model.encode_image_unprojected,
     )
 
 
@@ -401,29 +309,28 @@ def tiny_bert_fields() -> dict:
 
 
 def _load_tiny_gloria(spec: ModelSpec, weights: Path | None, device: str) -> FoundationModel:
-    import torch
-
     tokenizer = bert_tokenizer(toy_vocab())
     if weights is not None:
         model = gloria_from_state_dict(read_gloria_state(weights), tiny_bert_fields(), TINY_RESNET_LAYERS,
                                        _id_to_token(tokenizer), str(weights), TINY_RESNET_WIDTH)
     else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(TINY_SEED)
+        with seeded():
             model = build_gloria(tiny_bert_fields(), TINY_RESNET_LAYERS, _id_to_token(tokenizer), TINY_RESNET_WIDTH)
     pre = Preprocess(size=56, resize=64, mode="pad", interpolation="box", mean=(0.5,) * 3, std=(0.5,) * 3)
-    return _bundle(spec, model, tokenizer, pre, weights_id(weights, f"random-init(seed={TINY_SEED})"), device)
+    return _bundle(spec, model, tokenizer, pre, weights_id(weights, random_init_id()), device)
 
 
 register(ModelSpec(
     name="gloria-rn50", image_encoder="ResNet-50 (input upsampled to 299)", text_encoder="Bio_ClinicalBERT (GLoRIA)",
     embed_dim=EMBED_DIM, weights_source=f"{WEIGHTS_NAME} from {GLORIA_URL}", loader=_load_gloria,
     lora_targets=RESNET_LORA, weights_env="CXRFAIR_GLORIA_RN50_WEIGHTS",
+    license="none stated (marshuang80/gloria has no licence file)", embedding="projected (global)",
+    unprojected_dim=2048,
     description="GLoRIA (CheXpert); global embeddings cached, local attention term via extras",
 ))
 register(ModelSpec(
     name="tiny-gloria", image_encoder="ResNet Bottleneck [1,1,1,1] width 16 (upsampled to 299)",
     text_encoder="BERT 4x64, toy vocab", embed_dim=TINY_BERT_CONFIG["hidden_size"],
-    weights_source=f"random init (seed {TINY_SEED}) or --weights FILE", loader=_load_tiny_gloria,
-    lora_targets=RESNET_LORA, tiny=True, description="offline test/demo model: GLoRIA code path, random weights",
+    weights_source=TINY_WEIGHTS, loader=_load_tiny_gloria, license="-", embedding="projected (global)",
+    unprojected_dim=2048, lora_targets=RESNET_LORA, tiny=True, description="offline test/demo model: GLoRIA code path, random weights",
 ))

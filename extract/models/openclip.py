@@ -10,14 +10,23 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
-import os
-import tempfile
 import zlib
 from pathlib import Path
 
 from cxrfair.errors import CxrfairError
+from cxrfair.extract.models.common import (
+    TINY_BERT_FOLDER_CONFIG,
+    TINY_SEED,
+    TINY_WEIGHTS,
+    cache_dir,
+    file_in,
+    hub_cached,
+    random_init_id,
+    seeded,
+    tiny_bert_dir,
+    weights_id,
+)
 from cxrfair.extract.preprocess import OPENAI_MEAN, OPENAI_STD, Preprocess
 from cxrfair.extract.registry import FoundationModel, ModelSpec, register
 
@@ -34,7 +43,6 @@ TINY_CLIP_CONFIG = {
     "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
-TINY_SEED = 0
 CLIP_PREPROCESS = Preprocess(size=224, resize=224, mode="shortest", interpolation="bicubic", mean=OPENAI_MEAN, std=OPENAI_STD)
 
 # --- CLIP ViT-B/16 (OpenAI weights; QuickGELU is what they were trained with) -----------------
@@ -68,8 +76,7 @@ def biomedclip_config(text_dir: str, *, timm_model: str = "vit_base_patch16_224"
 
 # A BiomedCLIP-shaped model: timm `test_vit` (6x64) + a 2-layer width-32 BERT with a toy vocab.
 TINY_BIOMEDCLIP = {"timm_model": "test_vit", "image_size": 64, "embed_dim": 64, "context_length": 64}
-TINY_BERT_CONFIG = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-                    "intermediate_size": 64, "max_position_embeddings": 64}
+TINY_BERT_CONFIG = TINY_BERT_FOLDER_CONFIG
 
 
 @contextlib.contextmanager
@@ -94,42 +101,26 @@ def _register_config(name: str, config: dict) -> None:
     open_clip.factory._MODEL_CONFIGS[name] = copy.deepcopy(config)
 
 
-def _weights_id(weights: Path | None, fallback: str) -> str:
-    from cxrfair.io import sha256_file
+def openclip_unprojected(visual):
+    """(B, 3, S, S) -> (B, D') of an open_clip image tower, before its projection to the joint space.
 
-    if weights is None:
-        return fallback
-    if weights.is_file():
-        return f"sha256:{sha256_file(weights)}"
-    return f"dir:{weights.resolve()}"
+    open_clip's own ViT: the pooled (class) token after ``ln_post``, before ``@ proj``; a timm tower
+    (BiomedCLIP): the trunk's pooled output, before the ``head`` (dropout + linear projection).
+    """
+    from open_clip.timm_model import TimmModel
 
+    if isinstance(visual, TimmModel):
+        return visual.trunk
 
-def cache_dir(model: str) -> Path:
-    """``~/.cache/cxrfair/<model>``: the default place for files downloaded by hand."""
-    return Path.home() / ".cache" / "cxrfair" / model
+    def unprojected(x):
+        # The steps of VisionTransformer.forward without the final ``pooled @ self.proj``.
+        return visual._pool(visual.transformer(visual._embeds(x)))[0]
 
-
-def _hub_cached(repo_id: str, filename: str) -> Path | None:
-    """The file's path in the local Hugging Face hub cache, or None (never downloads)."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return None
-    found = try_to_load_from_cache(repo_id, filename)
-    return Path(found) if isinstance(found, str) else None
+    return unprojected
 
 
-def _file_in(path: Path, names: tuple[str, ...], option: str) -> Path:
-    """``path`` itself if a file, else the first of ``names`` inside the folder ``path``."""
-    if path.is_file():
-        return path
-    for name in names:
-        if (path / name).is_file():
-            return path / name
-    raise CxrfairError(f"{option} {path}: holds none of {', '.join(names)}")
-
-
-def openclip_bundle(spec: ModelSpec, model, tokenizer, preprocess: Preprocess, weights_id: str) -> FoundationModel:
+def openclip_bundle(spec: ModelSpec, model, tokenizer, preprocess: Preprocess, weights_id: str,
+                    extras: dict | None = None) -> FoundationModel:
     """Wrap an open_clip CLIP model in the registry interface."""
     return FoundationModel(
         name=spec.name,
@@ -143,17 +134,17 @@ def openclip_bundle(spec: ModelSpec, model, tokenizer, preprocess: Preprocess, w
         logit_scale=float(model.logit_scale.exp().item()),
         embed_dim=spec.embed_dim,
         weights_id=weights_id,
+        extras=extras or {},
+        encode_image_unprojected=openclip_unprojected(model.visual),
     )
 
 
 def _create(arch: str, checkpoint: Path | None, device: str, seed: int | None = None):
     """open_clip.create_model on a registered/built-in ``arch``; random init seeded when no checkpoint."""
     import open_clip
-    import torch
 
-    with torch.random.fork_rng(devices=[]), _quiet_random_init():
-        # Random weights, but the same ones every time: caches and runs are reproducible.
-        torch.manual_seed(TINY_SEED if seed is None else seed)
+    # Random weights, but the same ones every time: caches and runs are reproducible.
+    with seeded(TINY_SEED if seed is None else seed), _quiet_random_init():
         # pretrained_text=False: an HF text tower must never fetch its own weights (offline; and a
         # full checkpoint, when given, overwrites it anyway).
         return open_clip.create_model(arch, pretrained=str(checkpoint) if checkpoint else None, device=device,
@@ -166,12 +157,12 @@ def _load_tiny_clip(spec: ModelSpec, weights: Path | None, device: str) -> Found
     import open_clip
 
     _register_config("cxrfair-tiny-clip", TINY_CLIP_CONFIG)
-    ckpt = _file_in(weights, CLIP_FILES, "--weights") if weights else None
+    ckpt = file_in(weights, CLIP_FILES, "--weights") if weights else None
     model = _create("cxrfair-tiny-clip", ckpt, device)
     tokenizer = open_clip.get_tokenizer("cxrfair-tiny-clip")
     size = TINY_CLIP_CONFIG["vision_cfg"]["image_size"]
     pre = Preprocess(size=size, resize=size, mode="shortest", interpolation="bicubic", mean=OPENAI_MEAN, std=OPENAI_STD)
-    return openclip_bundle(spec, model, tokenizer, pre, _weights_id(ckpt, f"random-init(seed={TINY_SEED})"))
+    return openclip_bundle(spec, model, tokenizer, pre, weights_id(ckpt, random_init_id()))
 
 
 # --- clip-vit-b16 ------------------------------------------------------------------------------
@@ -186,11 +177,11 @@ def find_clip_weights(spec: ModelSpec, weights: Path | None) -> Path:
     from cxrfair.extract.weights import resolve_weights
 
     candidates = [cache_dir(spec.name) / CLIP_FILES[0]]
-    hub = _hub_cached(CLIP_HUB_ID, CLIP_FILES[0])
+    hub = hub_cached(CLIP_HUB_ID, CLIP_FILES[0])
     candidates += [hub] if hub else []
     path = resolve_weights(spec.name, weights, spec.weights_env, candidates,
                            f"the Hugging Face hub repo {CLIP_HUB_ID}", CLIP_FILES[0])
-    return _file_in(path, CLIP_FILES, "--weights")
+    return file_in(path, CLIP_FILES, "--weights")
 
 
 def _load_clip_vit_b16(spec: ModelSpec, weights: Path | None, device: str) -> FoundationModel:
@@ -198,7 +189,7 @@ def _load_clip_vit_b16(spec: ModelSpec, weights: Path | None, device: str) -> Fo
 
     ckpt = find_clip_weights(spec, weights)
     model = build_clip_vit_b16(ckpt, device)
-    return openclip_bundle(spec, model, open_clip.get_tokenizer(CLIP_ARCH), CLIP_PREPROCESS, _weights_id(ckpt, ""))
+    return openclip_bundle(spec, model, open_clip.get_tokenizer(CLIP_ARCH), CLIP_PREPROCESS, weights_id(ckpt, ""))
 
 
 # --- biomedclip --------------------------------------------------------------------------------
@@ -227,17 +218,17 @@ def find_biomedclip_files(spec: ModelSpec, weights: Path | None) -> tuple[Path, 
 
     download = (f"the Hugging Face hub repo {BIOMEDCLIP_HUB_ID} (also {', '.join(BIOMEDBERT_FILES)} of "
                 f"{BIOMEDBERT_HUB_ID}, into {cache_dir(spec.name) / 'text'})")
-    hub = _hub_cached(BIOMEDCLIP_HUB_ID, BIOMEDCLIP_FILE)
+    hub = hub_cached(BIOMEDCLIP_HUB_ID, BIOMEDCLIP_FILE)
     candidates = [cache_dir(spec.name) / BIOMEDCLIP_FILE] + ([hub] if hub else [])
     path = resolve_weights(spec.name, weights, spec.weights_env, candidates, download, BIOMEDCLIP_FILE)
-    ckpt = _file_in(path, (BIOMEDCLIP_FILE, "open_clip_model.safetensors"), "--weights")
+    ckpt = file_in(path, (BIOMEDCLIP_FILE, "open_clip_model.safetensors"), "--weights")
     return ckpt, find_biomedbert_dir(spec, ckpt)
 
 
 def find_biomedbert_dir(spec: ModelSpec, ckpt: Path) -> Path:
     """A folder holding BiomedBERT's config.json + vocab.txt, or a CxrfairError saying where to put one."""
     places = [ckpt.parent / "text", ckpt.parent, cache_dir(spec.name) / "text"]
-    hub = _hub_cached(BIOMEDBERT_HUB_ID, "config.json")
+    hub = hub_cached(BIOMEDBERT_HUB_ID, "config.json")
     places += [hub.parent] if hub else []
     for place in places:
         if all((place / f).is_file() for f in BIOMEDBERT_FILES):
@@ -251,66 +242,19 @@ def find_biomedbert_dir(spec: ModelSpec, ckpt: Path) -> Path:
 def _load_biomedclip(spec: ModelSpec, weights: Path | None, device: str) -> FoundationModel:
     ckpt, text_dir = find_biomedclip_files(spec, weights)
     model = build_biomedclip(text_dir, ckpt, device)
-    return openclip_bundle(spec, model, biomedclip_tokenizer(text_dir, 256), CLIP_PREPROCESS, _weights_id(ckpt, ""))
+    return openclip_bundle(spec, model, biomedclip_tokenizer(text_dir, 256), CLIP_PREPROCESS, weights_id(ckpt, ""))
 
 
 # --- tiny-biomedclip ---------------------------------------------------------------------------
 
-def tiny_bert_dir(words: list[str] | None = None) -> Path:
-    """A local tiny BERT folder (config.json, vocab.txt, tokenizer_config.json), built once offline.
-
-    The toy WordPiece vocab holds the special tokens, the letters and the prompt words, so
-    prompts tokenise into real pieces. Built under the temp folder and renamed into place, so
-    concurrent processes (sharded extraction) see it whole or not at all.
-    """
-    import hashlib
-
-    vocab = _toy_vocab(words if words is not None else _prompt_words())
-    config = {"model_type": "bert", "vocab_size": len(vocab), "type_vocab_size": 2, "pad_token_id": 0,
-              **TINY_BERT_CONFIG}
-    key = hashlib.sha256(json.dumps([vocab, config]).encode()).hexdigest()[:12]
-    root = Path(os.environ.get("CXRFAIR_TINY_DIR", tempfile.gettempdir())) / f"cxrfair-tiny-bert-{key}"
-    if not root.is_dir():
-        _write_tiny_bert(root, vocab, config)
-    return root
-
-
-def _toy_vocab(words: list[str]) -> list[str]:
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789.,'-")
-    pieces = ["##" + ch for ch in letters]
-    return specials + sorted(set(letters) | set(words)) + pieces
-
-
-def _prompt_words() -> list[str]:
-    from cxrfair.extract.prompts import vocabulary_words
-
-    return vocabulary_words()
-
-
-def _write_tiny_bert(root: Path, vocab: list[str], config: dict) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    (tmp / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    (tmp / "config.json").write_text(json.dumps(config), encoding="utf-8")
-    (tmp / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": config["max_position_embeddings"]}),
-        encoding="utf-8")
-    try:
-        os.replace(tmp, root)
-    except OSError:  # another process won the race; its folder is identical
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _load_tiny_biomedclip(spec: ModelSpec, weights: Path | None, device: str) -> FoundationModel:
     text_dir = tiny_bert_dir()
-    ckpt = _file_in(weights, (BIOMEDCLIP_FILE, "open_clip_model.safetensors"), "--weights") if weights else None
+    ckpt = file_in(weights, (BIOMEDCLIP_FILE, "open_clip_model.safetensors"), "--weights") if weights else None
     model = build_biomedclip(text_dir, ckpt, device, **TINY_BIOMEDCLIP)
     size = TINY_BIOMEDCLIP["image_size"]
     pre = Preprocess(size=size, resize=size, mode="shortest", interpolation="bicubic", mean=OPENAI_MEAN, std=OPENAI_STD)
     tok = biomedclip_tokenizer(text_dir, TINY_BIOMEDCLIP["context_length"])
-    return openclip_bundle(spec, model, tok, pre, _weights_id(ckpt, f"random-init(seed={TINY_SEED})"))
+    return openclip_bundle(spec, model, tok, pre, weights_id(ckpt, random_init_id()))
 
 
 # --- registry entries --------------------------------------------------------------------------
@@ -326,6 +270,8 @@ register(ModelSpec(
     lora_targets=OPENCLIP_VIT_LORA,
     description="OpenAI CLIP ViT-B/16, 400M natural image-text pairs",
     weights_env="CXRFAIR_CLIP_VIT_B16_WEIGHTS",
+    license="MIT (openai/CLIP)",
+    unprojected_dim=768,
 ))
 
 register(ModelSpec(
@@ -339,6 +285,8 @@ register(ModelSpec(
     lora_targets=TIMM_VIT_LORA,
     description="BiomedCLIP, PMC-15M",
     weights_env="CXRFAIR_BIOMEDCLIP_WEIGHTS",
+    license="MIT (model card)",
+    unprojected_dim=768,
 ))
 
 register(ModelSpec(
@@ -346,7 +294,9 @@ register(ModelSpec(
     image_encoder="ViT 2x64, patch 8, 64 px",
     text_encoder="CLIP text transformer 2x64",
     embed_dim=TINY_CLIP_CONFIG["embed_dim"],
-    weights_source="random init (seed 0) or --weights FILE",
+    weights_source=TINY_WEIGHTS,
+    license="-",
+    unprojected_dim=TINY_CLIP_CONFIG["vision_cfg"]["width"],
     loader=_load_tiny_clip,
     zero_shot=True,
     lora_targets=OPENCLIP_VIT_LORA,
@@ -359,7 +309,9 @@ register(ModelSpec(
     image_encoder="timm test_vit 6x64, 64 px",
     text_encoder="HF BERT 2x32, toy WordPiece",
     embed_dim=TINY_BIOMEDCLIP["embed_dim"],
-    weights_source="random init (seed 0) or --weights FILE",
+    weights_source=TINY_WEIGHTS,
+    license="-",
+    unprojected_dim=64,  # timm test_vit width
     loader=_load_tiny_biomedclip,
     zero_shot=True,
     lora_targets=TIMM_VIT_LORA,

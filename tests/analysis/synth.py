@@ -54,3 +54,62 @@ def write_runs(runs_dir, grid, n_per_split: int = 24, classes=CLASSES) -> list:
         probs = probs_for(rows, classes, skill=0.5 + 0.4 * (j % 5), seed=100 + j)
         out.append(write_run(runs_dir, meta_for(model, method, seed, classes), make_predictions(rows, probs, classes)))
     return out
+
+
+# ----------------------------------------------------------------------------- multi-label (Runs v2)
+
+CONDITIONS = ["Atelectasis", "Effusion", "Pneumothorax"]
+AGE_BINS = ["18-25", "25-50", "50-65", "65-80", "80+"]
+ML_ATTRIBUTES = {"sex": {"groups": ["M", "F"], "reference": "M"},
+                 "age_group": {"groups": AGE_BINS, "reference": "50-65"},
+                 "race": {"groups": ["White", "Black", "Asian"], "reference": "White"}}
+
+
+def multilabel_rows(n_per_split: int = 60, seed: int = 0, conditions=CONDITIONS, splits=("val", "test")) -> pd.DataFrame:
+    """Multi-label cohort rows: sex, five age bins, race; ``y_<C>`` 1/0/empty (about 10% masked);
+    a ``drain`` column (1/0/empty) more often 1 on Pneumothorax positives; some patients with two images."""
+    rng = np.random.default_rng(seed)
+    rows, k = [], 0
+    for split in splits:
+        patient = None
+        for i in range(n_per_split):
+            if patient is None or rng.random() > 0.25:  # a quarter of the images are a patient's second one
+                patient = {"patient_id": 1000 + k, "sex": "MF"[int(rng.integers(2))],
+                           "age_group": AGE_BINS[int(rng.integers(5))], "race": ["White", "Black", "Asian"][int(rng.integers(3))]}
+            y = {f"y_{c}": (np.nan if rng.random() < 0.1 else float(rng.random() < 0.35)) for c in conditions}
+            pneumo = y.get("y_Pneumothorax", 0.0) == 1
+            drain = rng.choice([1.0, 0.0, np.nan], p=[0.5, 0.35, 0.15] if pneumo else [0.1, 0.75, 0.15])
+            rows.append({"image_id": f"p{k:06d}.jpg", "path": f"files/p{k:06d}.jpg", **patient, "age": 40,
+                         "split": split, "view": "PA", "drain": drain, **y})
+            k += 1
+    df = pd.DataFrame(rows)
+    return df[[c for c in df.columns if not c.startswith("y_")] + [f"y_{c}" for c in conditions]]
+
+
+def multilabel_probs(rows: pd.DataFrame, conditions=CONDITIONS, skill: float = 1.5, shortcut: float = 1.0,
+                     seed: int = 0) -> np.ndarray:
+    """(N, C) independent sigmoid scores that separate positives by ``skill`` and rise by
+    ``shortcut`` where ``drain`` is 1, on a grid of 0.05 (ties)."""
+    rng = np.random.default_rng(seed)
+    y = np.nan_to_num(rows[[f"y_{c}" for c in conditions]].to_numpy(float))
+    logits = skill * (2 * y - 1) + rng.normal(size=y.shape) + shortcut * (rows["drain"].to_numpy() == 1)[:, None]
+    return np.round(20 / (1 + np.exp(-logits))) / 20
+
+
+def multilabel_meta(model: str, method: str, seed: int, conditions=CONDITIONS, tag: str = "best", **extra) -> dict:
+    return meta_for(model, method, seed, conditions, tag) | {"task": "multilabel", "attributes": ML_ATTRIBUTES,
+                                                             "cohort_hash": "ml0001"} | extra
+
+
+def write_multilabel_runs(runs_dir, grid, rows: pd.DataFrame | None = None, conditions=CONDITIONS) -> list:
+    """One multi-label run per (model, method, seed) of ``grid``; zero-shot runs are prompt draws
+    (``clip-d<seed>``, ``draw``); skill grows with the position in the grid."""
+    rows = multilabel_rows(conditions=conditions) if rows is None else rows
+    out = []
+    for j, (model, method, seed) in enumerate(grid):
+        extra = {"draw": seed} if method == "zeroshot" else {}
+        tag = f"clip-d{seed}" if method == "zeroshot" else "best"
+        probs = multilabel_probs(rows, conditions, skill=0.4 + 0.3 * j, seed=200 + j)
+        preds = make_predictions(rows, probs, conditions, task="multilabel", attributes=ML_ATTRIBUTES)
+        out.append(write_run(runs_dir, multilabel_meta(model, method, seed, conditions, tag, **extra), preds))
+    return out

@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
-from fairlearn.metrics import MetricFrame, false_positive_rate, true_positive_rate
+from fairlearn.metrics import MetricFrame, equalized_odds_difference, false_positive_rate, true_positive_rate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, roc_auc_score
@@ -164,8 +164,66 @@ def test_gap_metrics_match_masked_reference(d):
     f1_gap, eq = _gap_reference(y, p, g, levels)
     np.testing.assert_allclose(out[("f1_gap", "g", "", "")], f1_gap, equal_nan=True, atol=1e-12)
     np.testing.assert_allclose(out[("eqodds", "g", "", "")], eq, equal_nan=True, atol=1e-12)
+    np.testing.assert_allclose(out[("f1_gap_abs", "g", "", "")], abs(f1_gap), equal_nan=True, atol=1e-12)
     acc = [accuracy_score(y[g == a], p[g == a].argmax(1)) if (g == a).any() else np.nan for a in levels]
     np.testing.assert_allclose(out[("worst_group_accuracy", "g", "", "")], np.min(acc), equal_nan=True)
+
+
+def _fairlearn_per_class(y, p, g, agg):
+    """fairlearn's equalized_odds_difference of each class one-vs-rest; NaN where a group lacks
+    positives or negatives of the class (fairlearn scores 0/0 rates as 0, our rule makes them NaN)."""
+    pred, out = p.argmax(1), []
+    for c in range(p.shape[1]):
+        defined = all(((y[g == a] == c).any() and (y[g == a] != c).any()) for a in set(g.tolist()))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            v = equalized_odds_difference((y == c).astype(int), (pred == c).astype(int), sensitive_features=g, agg=agg)
+        out.append(v if defined else np.nan)
+    return np.array(out)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])  # fairlearn is slow
+@given(data(max_n=20))
+def test_eqodds_worst_is_fairlearns_equalized_odds_difference_per_class(d):
+    y, p, g = d
+    levels = _levels(g)
+    out = M.evaluate_all(y, p, [f"k{i}" for i in range(p.shape[1])], {"g": (g, levels)})
+    got = out[("eqodds_worst", "g", "", "")]
+    if len(levels) < 2:
+        assert np.isnan(got)
+        return
+    ref = _fairlearn_per_class(y, p, g, "worst_case")
+    np.testing.assert_allclose(got, np.nanmean(ref) if (~np.isnan(ref)).any() else np.nan, equal_nan=True, atol=1e-12)
+    # The paper's eqodds is fairlearn's agg="mean" per class (two groups, every class defined).
+    if len(levels) == 2 and not np.isnan(ref).any():
+        mean_ref = _fairlearn_per_class(y, p, g, "mean")
+        assert out[("eqodds", "g", "", "")] == pytest.approx(mean_ref.mean(), abs=1e-12)
+
+
+def test_eqodds_worst_and_f1_gap_abs_by_hand():
+    # Class 0: TPR 1 vs 0.5 (gap .5), FPR 0 vs 0 -> worst .5; class 1: TPR 1 vs 1, FPR 0 vs .5 -> .5.
+    y = np.array([0, 0, 1, 1, 0, 0, 1, 1])
+    pred = np.array([0, 0, 1, 1, 0, 1, 1, 1])
+    p = np.eye(2)[pred] * 0.8 + 0.1
+    g = np.array(["M"] * 4 + ["F"] * 4)
+    out = M.evaluate_all(y, p, ["a", "b"], {"sex": (g, ["F", "M"])})  # F as the reference this time
+    assert out[("eqodds_worst", "sex", "", "")] == pytest.approx(0.5)
+    assert out[("eqodds", "sex", "", "")] == pytest.approx(0.25)  # (1/2C) Σ (|ΔTPR| + |ΔFPR|) = (.5 + .5) / 4
+    assert out[("eqodds_worst", "sex", "", "")] == pytest.approx(_fairlearn_per_class(y, p, g, "worst_case").mean())
+    assert out[("eqodds", "sex", "", "")] == pytest.approx(_fairlearn_per_class(y, p, g, "mean").mean())
+    f1_m, f1_f = 1.0, np.mean([2 / 3, 0.8])  # F's F1: class a 2/3, class b 0.8
+    assert out[("f1_gap", "sex", "", "")] == pytest.approx(f1_f - f1_m)  # signed F − M: negative
+    assert out[("f1_gap_abs", "sex", "", "")] == pytest.approx(f1_m - f1_f)
+
+
+def test_every_metric_has_a_definition():
+    from cxrfair.analysis.multilabel import MULTILABEL_METRIC_DEFINITIONS
+
+    names = set(M.METRICS) | {s.name for s in M.GROUP_METRICS}
+    assert set(M.metric_definitions("multiclass")) == names | set(M.SHORTCUT_DEFINITIONS)
+    assert set(M.METRIC_DEFINITIONS) == names | set(MULTILABEL_METRIC_DEFINITIONS) | set(M.SHORTCUT_DEFINITIONS)
+    assert all(isinstance(v, str) and len(v) > 10 for v in M.METRIC_DEFINITIONS.values())
+    assert "fairlearn" in M.METRIC_DEFINITIONS["eqodds_worst"] and "eq. 3" in M.METRIC_DEFINITIONS["eqodds"]
 
 
 def test_es_auc_and_binary_signs_by_hand():

@@ -45,7 +45,7 @@ def test_metrics_csv_contract(report):
     per_attr = m[m["attribute"].notna() & m["group"].isna()]
     for attr in ("sex", "age_group", "sex×age"):
         got = set(per_attr.loc[per_attr["attribute"] == attr, "metric"])
-        assert got == {"f1_gap", "eqodds", "ece_gap", "ece_gap_paper", "es_auc", "fnr_gap", "dp_gap", "worst_group_accuracy"}
+        assert got == {"f1_gap", "f1_gap_abs", "eqodds", "eqodds_worst", "ece_gap", "ece_gap_paper", "es_auc", "fnr_gap", "dp_gap", "worst_group_accuracy"}
     assert set(m.loc[(m["metric"] == "f1") & m["attribute"].isna(), "class"]) == set(CLASSES)
     assert set(m.loc[m["attribute"] == "sex×age", "group"].dropna()) == {"M×young", "M×old", "F×young", "F×old"}
     ok = m.dropna(subset=["value", "ci_low"])
@@ -59,11 +59,11 @@ def test_comparisons_are_paired_differences(report):
     m = pd.read_csv(out / "metrics.csv", keep_default_na=False)
     c = pd.read_csv(out / "comparisons.csv", keep_default_na=False)
     row = c[(c["run_id"] == "tiny-clip__full__best__s0") & (c["metric"] == "eqodds") & (c["attribute"] == "sex")]
-    assert len(row) == 1 and row["baseline_run"].item() == "tiny-clip__zeroshot__best__s0"
+    assert len(row) == 1 and row["baseline_runs"].item() == "tiny-clip__zeroshot__best__s0"
     v = m[(m["metric"] == "eqodds") & (m["attribute"] == "sex")].set_index("run_id")["value"].astype(float)
     assert float(row["delta"].item()) == pytest.approx(v["tiny-clip__full__best__s0"] - v["tiny-clip__zeroshot__best__s0"])
-    # linear seed 1 has no zero-shot seed 1: it is paired with the zero-shot seed 0 run.
-    assert set(c.loc[c["run_id"] == "tiny-clip__linear__best__s1", "baseline_run"]) == {"tiny-clip__zeroshot__best__s0"}
+    # Every seed is paired with the (here single) zero-shot run.
+    assert set(c.loc[c["run_id"] == "tiny-clip__linear__best__s1", "baseline_runs"]) == {"tiny-clip__zeroshot__best__s0"}
     assert set(c["model"]) == {"tiny-clip", "other"}
 
 
@@ -302,11 +302,11 @@ def test_wide_tables_fold_their_extra_columns(report):
     html = html_path.read_text()
     sec = html.split("<section id='fairness-sex'>")[1].split("</section>")[0]
     first = re.search(r"<table><thead><tr>(.*?)</tr>", sec)[1]
-    assert re.findall(r"<th[^>]*>([^<]+)</th>", first) == ["model", "method", "f1_gap", "eqodds", "ece_gap",
-                                                           "worst_group_accuracy", "seeds"]
+    assert re.findall(r"<th[^>]*>([^<]+)</th>", first) == ["model", "method", "f1_gap", "f1_gap_abs", "eqodds",
+                                                           "eqodds_worst", "seeds"]
     assert "<th title='EqOdds = (1/2C)" in first  # hovering a column name gives its definition
     folded = re.search(r"<details><summary>(\d+) more columns: ([^<]+)</summary>(.*?)</details>", sec, re.S)
-    assert folded and "es_auc" in folded[2] and "<th>model</th>" in folded[3]
+    assert folded and "es_auc" in folded[2] and "ece_gap" in folded[2] and "<th>model</th>" in folded[3]
     assert "<span class='ci'>" in sec  # intervals set apart from the value
 
 
@@ -329,18 +329,14 @@ def test_setup_names_each_models_zero_shot_scoring(tmp_path):
     assert re.search(r"`old`: .*scoring: not recorded", setup)
 
 
-def test_metric_definitions_are_shown_when_the_analysis_has_them(report, monkeypatch):
-    from cxrfair.analysis import metrics
-    from cxrfair.analysis.analyze import compute as _compute
+def test_metric_definitions_of_the_task_are_shown(report):
     from cxrfair.analysis.report import ReportData, build_sections, render_markdown
 
     out, _ = report
-    monkeypatch.setattr(metrics, "METRIC_DEFINITIONS", {"accuracy": "share of images whose top class is right"},
-                        raising=False)
-    res = _compute(read_runs(out.parent / "RUNS")[:2], AnalyzeConfig(out.parent / "RUNS", out, n_boot=0, figures=False))
+    res = compute(read_runs(out.parent / "RUNS")[:2], AnalyzeConfig(out.parent / "RUNS", out, n_boot=0, figures=False))
     md = render_markdown(build_sections(ReportData(res)), set(), "t", "l")
-    assert "`accuracy`: share of images whose top class is right" in md
-    assert "`eqodds`: EqOdds = (1/2C)" in md  # GROUP_METRICS' own docs always
+    for name in ("accuracy", "eqodds", "f1_gap_abs"):  # Results.definitions, one line each
+        assert f"`{name}`: {res.definitions[name]}" in md
 
 
 def test_a_section_is_one_function_and_one_list_entry(report):
@@ -382,19 +378,15 @@ def test_report_without_the_runs_folder_omits_curves(report, tmp_path):
     assert "utility" in ids and not any(i.startswith(("roc-", "calibration-")) for i in ids)
 
 
-def test_summary_takes_the_seed_means_interval_from_seeds_csv_when_there_is_one(runs_dir):
+def test_summary_takes_the_seed_means_interval_from_seeds_csv(runs_dir):
     from cxrfair.analysis.report import summary
 
     runs = [r for r in read_runs(runs_dir) if r.method == "linear"]  # two seeds
     res = compute(runs, AnalyzeConfig(runs_dir, runs_dir, n_boot=100))
-    old = summary(res)  # without seeds.csv intervals: the mean of each run's bounds
-    acc = res.metrics[(res.metrics["metric"] == "accuracy") & (res.metrics["attribute"] == "")]
-    row = old[(old["metric"] == "accuracy") & (old["attribute"] == "")].iloc[0]
-    assert row["ci_low"] == pytest.approx(acc["ci_low"].mean()) and row["n_seeds"] == 2
-    if "ci_low" not in res.seeds:  # the analysis of this branch: give seeds.csv intervals by hand
-        res.seeds = res.seeds.assign(ci_low=0.125, ci_high=0.875)
-    new = summary(res)
+    s = summary(res)
     seeds = res.seeds[(res.seeds["metric"] == "accuracy") & (res.seeds["attribute"] == "")].iloc[0]
-    row = new[(new["metric"] == "accuracy") & (new["attribute"] == "")].iloc[0]
-    assert (row["value"], row["ci_low"], row["ci_high"]) == (seeds["mean"], seeds["ci_low"], seeds["ci_high"])
-    assert len(new) == len(old)
+    row = s[(s["metric"] == "accuracy") & (s["attribute"] == "")].iloc[0]
+    assert (row["value"], row["ci_low"], row["ci_high"], row["n_seeds"]) == (
+        seeds["mean"], seeds["ci_low"], seeds["ci_high"], 2)
+    acc = res.metrics[(res.metrics["metric"] == "accuracy") & (res.metrics["attribute"] == "")]
+    assert row["value"] == pytest.approx(acc["value"].mean())  # the seed mean, not one run

@@ -206,3 +206,93 @@ def test_safe_name_never_makes_a_separator():
 
     assert safe_name("hf-hub:microsoft/x y") == "hf-hub-microsoft-x-y"
     assert "__" not in safe_name("a__b")
+
+
+# ---------------------------------------------------------------- Runs v2: multi-label, attributes as data
+
+from .synth import CONDITIONS, ML_ATTRIBUTES, multilabel_meta, multilabel_probs, multilabel_rows  # noqa: E402
+
+
+@pytest.fixture
+def ml_rows():
+    return multilabel_rows(20)
+
+
+def _write_ml(tmp_path, rows, conditions=CONDITIONS, **meta):
+    preds = make_predictions(rows, multilabel_probs(rows, conditions), conditions, task="multilabel",
+                             attributes=ML_ATTRIBUTES)
+    return write_run(tmp_path / "RUNS", multilabel_meta("m", "linear", 0, conditions, **meta), preds)
+
+
+def test_multilabel_predictions_columns_and_round_trip(tmp_path, ml_rows):
+    probs = multilabel_probs(ml_rows)
+    preds = make_predictions(ml_rows, probs, CONDITIONS, task="multilabel", attributes=ML_ATTRIBUTES)
+    ys = [f"y_{c}" for c in CONDITIONS]
+    assert list(preds.columns) == ["image_id", "patient_id", "split", "sex", "age", "age_group", "race", "view",
+                                   "drain", *ys, *prob_columns(CONDITIONS)]
+    assert "label" not in preds.columns and not np.allclose(probs.sum(1), 1)  # no sum-to-one rule
+    run = read_run(_write_ml(tmp_path, ml_rows))
+    assert run.task == "multilabel" and run.classes == CONDITIONS
+    Y, P = run.arrays("test")
+    test = (ml_rows["split"] == "test").to_numpy()
+    np.testing.assert_array_equal(P, probs[test])
+    np.testing.assert_array_equal(Y, ml_rows.loc[test, ys].to_numpy(float))  # NaN (masked) survives
+    assert np.isnan(Y).any() and run.predictions["race"].map(type).eq(str).all()
+
+
+def test_one_condition_is_a_valid_multilabel_run_but_one_class_is_not_a_multiclass_one(tmp_path, ml_rows):
+    run = read_run(_write_ml(tmp_path, ml_rows.drop(columns=["y_Atelectasis", "y_Effusion"]), ["Pneumothorax"]))
+    assert run.arrays("val")[0].shape[1] == 1
+    from cxrfair.analysis.runs import validate_meta
+
+    with pytest.raises(CxrfairError, match=r"x: classes must be a list of at least 2 distinct"):
+        validate_meta(meta_for("m", "full", 0) | {"classes": ["Atelectasis"]}, "x")
+
+
+def test_v2_multiclass_needs_only_its_declared_attributes(tmp_path):
+    rows = cohort_rows(8).drop(columns=["sex", "age", "age_group"]).assign(race="White")
+    attrs = {"race": {"groups": ["White", "Black"], "reference": "White"}}
+    preds = make_predictions(rows, probs_for(rows), CLASSES, attributes=attrs)
+    assert list(preds.columns)[:4] == ["image_id", "patient_id", "split", "label"] and "race" in preds.columns
+    run = read_run(write_run(tmp_path, meta_for("m", "linear", 0) | {"attributes": attrs}, preds))
+    assert run.task == "multiclass" and run.arrays("test")[1].shape == (8, len(CLASSES))
+    with pytest.raises(CxrfairError, match=r"lacks column\(s\) sex, age_group"):  # v1 default without a declaration
+        write_run(tmp_path / "V1", meta_for("m", "linear", 0), preds)
+
+
+def test_make_predictions_names_the_task_it_needs(ml_rows):
+    with pytest.raises(CxrfairError, match=r"lack column\(s\) label; for a multi-label cohort pass task='multilabel'"):
+        make_predictions(ml_rows, multilabel_probs(ml_rows), CONDITIONS)
+    with pytest.raises(CxrfairError, match=r"lack column\(s\) y_Effusion"):
+        make_predictions(ml_rows.drop(columns=["y_Effusion"]), multilabel_probs(ml_rows), CONDITIONS, task="multilabel")
+    with pytest.raises(CxrfairError, match="task 'binary' is unknown"):
+        make_predictions(ml_rows, multilabel_probs(ml_rows), CONDITIONS, task="binary")
+
+
+@pytest.mark.parametrize("edit, pattern", [
+    (lambda d: _set(d, "y_Effusion", -1), r"column y_Effusion has value\(s\) \['-1.0'\]; multi-label targets are 1, 0 or empty"),
+    (lambda d: _set(d.astype({"y_Effusion": object}), "y_Effusion", "yes"), r"column y_Effusion has value\(s\) \['yes'\]"),
+    (lambda d: _set(d, "p_Effusion", 1.5), r"column p_Effusion has 1.5"),
+    (lambda d: d.drop(columns=["y_Pneumothorax"]), r"lacks target column\(s\) y_Pneumothorax"),
+    (lambda d: d.assign(y_Nodule=0), r"column\(s\) y_Nodule name condition"),
+    (lambda d: d.drop(columns=["race"]), r"lacks column\(s\) race"),
+    (lambda d: _set(d, "race", np.nan), r"column race is empty"),
+])
+def test_malformed_multilabel_predictions(tmp_path, ml_rows, edit, pattern):
+    run_dir = _write_ml(tmp_path, ml_rows)
+    _corrupt(run_dir, edit)
+    with pytest.raises(CxrfairError, match=r"run m__linear__best__s0") as e:
+        read_run(run_dir)
+    assert e.match(pattern)
+
+
+def test_run_json_task_and_attributes_are_checked(tmp_path, ml_rows):
+    run_dir = _write_ml(tmp_path, ml_rows)
+    meta = json.loads((run_dir / "run.json").read_text())
+    for bad, pattern in (({"task": "regression"}, "task 'regression' is unknown"),
+                         ({"attributes": ["sex"]}, "attributes must map column"),
+                         ({"attributes": ML_ATTRIBUTES | {"race": {"groups": ["White"], "reference": "Black"}}},
+                          "race needs a list of distinct groups and a reference among them")):
+        (run_dir / "run.json").write_text(json.dumps(meta | bad))
+        with pytest.raises(CxrfairError, match=pattern):
+            read_run(run_dir)

@@ -76,3 +76,34 @@ def test_reader_does_not_import_torch():
     code = "import sys, cxrfair.extract.cache; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_prompt_scores_round_trip_and_version_1_files_still_read(tmp_path):
+    from cxrfair.extract.cache import PromptScores
+
+    rng = np.random.default_rng(2)
+    scores = PromptScores(["p0", "p1", "p2"], rng.normal(size=(10, 3)).astype(np.float32),
+                          rng.normal(size=(10, 3)).astype(np.float32))
+    path = tmp_path / "s.h5"
+    write_cache(path, image_embeddings=np.zeros((10, 4)), cohort_table=_table(10), classes=CLASSES, text={},
+                attrs={"model": "m", "weights_id": "w", "cohort_hash": "h", "logit_scale": 1.0}, prompt_scores=scores)
+    back = read_cache(path).prompt_scores
+    assert back.prompts == scores.prompts and back.columns(["p2", "p0"]).tolist() == [2, 0]
+    np.testing.assert_array_equal(back.global_sim, scores.global_sim)
+    np.testing.assert_array_equal(back.local_sim, scores.local_sim)
+    with pytest.raises(ValueError, match="prompt_scores"):
+        write_cache(tmp_path / "bad.h5", image_embeddings=np.zeros((9, 4)), cohort_table=_table(9), classes=CLASSES,
+                    text={}, attrs={"model": "m", "weights_id": "w", "cohort_hash": "h", "logit_scale": 1.0},
+                    prompt_scores=scores)
+    # A file as cxrfair wrote it before prompt scores (format version 1) reads, without them.
+    old = tmp_path / "v1.h5"
+    emb, _ = _write(old)
+    with h5py.File(old, "a") as f:
+        f.attrs["format_version"] = 1
+    cache = read_cache(old)
+    assert cache.prompt_scores is None and cache.attrs["format_version"] == 1
+    np.testing.assert_array_equal(cache.image_embeddings, emb)
+    with h5py.File(old, "a") as f:
+        f.attrs["format_version"] = 3
+    with pytest.raises(CxrfairError, match="format version 3 is not supported"):
+        read_cache(old)

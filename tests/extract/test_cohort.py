@@ -12,8 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import cxrfair.extract.cohort as cohort_module
+import cxrfair.extract.cohort_split as split_module
 from cxrfair.errors import CxrfairError
+from cxrfair.io import sha256_file
 from cxrfair.extract.cohort import (
     COLUMNS,
     GROUPS,
@@ -31,6 +32,12 @@ from cxrfair.extract.cohort import (
 )
 
 SIX = ["Cardiomegaly", "Effusion", "Atelectasis", "Pneumothorax", "Edema", "Consolidation"]
+# (cohort hash, SHA-256 of cohort.csv) of nih-6x200 on the vendored metadata, computed with the code
+# before the dataset seam (commit c1960bf): moving NIH behind the reader must not change a byte.
+PINNED = {0: ("4144cfb57eddfebf5898c80234639552f2964cdcff72be5b1f4e95a43157c4c4",
+              "1ab7b57bd6f5f4dfb168eb0c470d9f3049b2f89b46e03a4d3ffaceaec3d588fa"),
+          1: ("90f6097146f9ee47024c0ed073b323d9a293b84599c3d92a20e4d71cdc66c9cc",
+              "dc099ccf8e0cbc6086973694ab49987d9e0377048396258af76da23754cc279e")}
 
 
 @pytest.fixture(scope="module")
@@ -120,12 +127,19 @@ def test_same_seed_same_bytes_other_seed_differs(built):
     assert a.hash != c.hash
 
 
+@pytest.mark.parametrize("which, seed", [(0, 0), (2, 1)])
+def test_nih_6x200_bytes_and_hash_are_pinned(built, which, seed):
+    cohort = built[which]
+    assert (cohort.hash, sha256_file(cohort.folder / "cohort.csv")) == PINNED[seed]
+    assert load_cohort(cohort.folder).hash == PINNED[seed][0]
+
+
 def test_cohort_json_fields(built):
     meta = json.loads((built[0].folder / "cohort.json").read_text())
     for key in ("format", "version", "preset", "classes", "parameters", "seed", "images_root",
                 "metadata_source", "counts", "hash"):
         assert key in meta
-    assert meta["format"] == "cxrfair-cohort" and meta["version"] == 1
+    assert meta["format"] == "cxrfair-cohort" and meta["version"] == 2
     assert meta["preset"] == "nih-6x200" and meta["seed"] == 0 and meta["images_root"] is None
     assert meta["counts"]["split"] == {"train": 840, "val": 120, "test": 240}
     assert meta["counts"]["label_group_split"]["Edema"]["old_F"] == {"train": 33, "val": 5, "test": 9}
@@ -294,7 +308,7 @@ def test_repair_fixes_what_the_greedy_pass_misses(monkeypatch):
     table = random_patients(11, 24)
     assert split_counts(table, split_cohort(table, ["A", "B"], (0.7, 0.1, 0.2), 11, restarts=0)) == \
         {"A": [30, 4, 8], "B": [33, 5, 9]}
-    monkeypatch.setattr(cohort_module, "_local_search", lambda problem, assign: assign)
+    monkeypatch.setattr(split_module, "_local_search", lambda problem, assign, **kw: assign)
     with pytest.raises(CxrfairError, match="could not split"):
         split_cohort(table, ["A", "B"], (0.7, 0.1, 0.2), 11, restarts=0)
 

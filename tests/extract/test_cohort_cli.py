@@ -143,3 +143,79 @@ def test_help_lists_the_options():
 def test_cli_module_imports_only_click():
     code = "import sys, cxrfair.extract.cohort_cli; print(sorted({'pandas', 'numpy', 'PIL'} & set(sys.modules)))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+# --- other datasets, presets and options --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cxr_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cxr")
+    for fmt in ("chexpert", "mimic"):
+        result = run("synth", "--format", fmt, "--out", root / fmt, "--patients", 200, "--no-images", "--seed", 3)
+        assert result.exit_code == 0, result.output
+        assert f"--dataset {fmt}" in result.output
+    return root
+
+
+def test_chexpert_and_mimic_presets_from_the_command_line(cxr_dirs, tmp_path):
+    chx, mim = cxr_dirs / "chexpert", cxr_dirs / "mimic"
+    result = run("build", "--dataset", "chexpert", "--preset", "chexpert-6", "--metadata", chx / "CheXpert-v1.0-small/train.csv",
+                 "--demographics", chx / "CHEXPERT DEMO.csv", "--out", tmp_path / "c")
+    assert result.exit_code == 0, result.output
+    assert "race Asian" in result.output and "preset chexpert-6" in result.output and "left out: not_frontal" in result.output
+    result = run("build", "--preset", "mimic-sourget", "--metadata", mim / "mimic-cxr-jpg/2.0.0",
+                 "--mimic-iv", mim / "mimiciv/2.2", "--out", tmp_path / "m", "--uncertain", "zeros", "--max-train", 300)
+    assert result.exit_code == 0, result.output
+    cohort = load_cohort(tmp_path / "m")
+    assert cohort.dataset == "mimic" and cohort.meta["uncertain"] == "zeros" and cohort.meta["preset"] == "custom"
+    assert (cohort.table["split"] == "train").sum() <= 300
+
+
+def test_nih_neatx_from_the_command_line(synth_dir, tmp_path):
+    result = run("build", "--preset", "nih-neatx-pneumothorax", "--metadata", synth_dir / "Data_Entry_2017.csv",
+                 "--official-split", synth_dir, "--drains", synth_dir / "NIH-CX14_TubeAnnotations_NonExperts_aggregated.csv",
+                 "--images", synth_dir, "--out", tmp_path / "n")
+    assert result.exit_code == 0, result.output
+    cohort = load_cohort(tmp_path / "n")
+    assert cohort.classes == ["Pneumothorax"] and all(p.is_file() for p in cohort.image_paths()[:20])
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--per-group", 1], ["class Cardiomegaly", "val has none", "raise --per-group"]),
+        (["--dataset", "mimic", "--preset", "mimic-sourget", "--metadata", "{mimic}/mimic-cxr-jpg/2.0.0"],
+         ["--mimic-iv: not given", "hosp/patients.csv.gz"]),
+        (["--dataset", "chexpert", "--preset", "chexpert-6", "--metadata", "{chexpert}/CheXpert-v1.0-small/train.csv",
+          "--drains", "x.csv"], ["--drains: not used by --dataset chexpert"]),
+        (["--dataset", "chexpert", "--preset", "chexpert-6", "--metadata", "{chexpert}/CheXpert-v1.0-small/train.csv",
+          "--demographics", "{bad_demo}"], ["bad_demo.csv", "'PRIMARY_RACE'", "unknown race code 'Vulcan'", "--race-map"]),
+        (["--dataset", "chexpert", "--preset", "chexpert-6", "--metadata", "{chexpert}/CheXpert-v1.0-small/train.csv",
+          "--split", "official"], ["--preset chexpert-6: needs official split data"]),
+        (["--preset", "chexpert-6", "--metadata", "{chexpert}/CheXpert-v1.0-small/train.csv", "--images", "{chexpert}"],
+         ["--images", "cohort images not found", "(first: CheXpert-v1.0-small/train/patient"]),
+        (["--uncertain", "maybe"], ["Invalid value for '--uncertain'"]),
+    ],
+)
+def test_bad_input_on_other_datasets(cxr_dirs, tmp_path, args, needles):
+    demo = pd.read_csv(cxr_dirs / "chexpert" / "CHEXPERT DEMO.csv")
+    demo.loc[3, "PRIMARY_RACE"] = "Vulcan"
+    demo.to_csv(tmp_path / "bad_demo.csv", index=False)
+    args = [str(a).format(mimic=cxr_dirs / "mimic", chexpert=cxr_dirs / "chexpert", bad_demo=tmp_path / "bad_demo.csv")
+            for a in args]
+    result = run("build", *args, "--out", tmp_path / "c")
+    if needles[0].startswith("Invalid value"):  # click's own usage error: exit 2, no traceback
+        assert result.exit_code == 2 and needles[0] in result.output and "Traceback" not in result.output
+        return
+    assert_clean_error(result, tmp_path / "c", *needles)
+
+
+def test_build_help_names_every_dataset_file_and_preset():
+    out = run("build", "--help").output
+    for needle in ("--dataset", "--demographics", "--drains", "--official-split", "--mimic-iv", "--columns", "--labels",
+                   "--attributes", "--age-bins", "--uncertain", "--max-train", "--all-views", "--race-map",
+                   "mimic-cxr-2.0.0-metadata.csv.gz", "hosp/patients.csv.gz", "test_list.txt", "chexpert-6",
+                   "mimic-sourget", "nih-neatx-pneumothorax"):
+        assert needle in out, needle
+    assert "--format" in run("synth", "--help").output

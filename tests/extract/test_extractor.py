@@ -80,13 +80,13 @@ def test_existing_complete_cache_is_left_alone_and_other_models_refused(cohort, 
 
 
 def test_other_cohort_refused_and_force_rewrites(cohort, baseline, tmp_path):
-    other = make_cohort(tmp_path / "o", per_group=1)
+    other = make_cohort(tmp_path / "o", per_group=3)  # per_group=1 leaves val empty, which cohorts now refuse
     out = tmp_path / "c.h5"
     out.write_bytes(baseline.read_bytes())
     with pytest.raises(CxrfairError, match="for cohort"):
         extract(config(other, out))
     assert extract(config(other, out, force=True)).status == "written"
-    assert read_cache(out).cohort_hash == load_cohort(other).hash and len(read_cache(out).table) == 24
+    assert read_cache(out).cohort_hash == load_cohort(other).hash and len(read_cache(out).table) == 72
 
 
 def test_partial_from_different_settings_is_refused(cohort, tmp_path):
@@ -176,3 +176,97 @@ def test_bad_config_values_are_refused(cohort, tmp_path):
         config(cohort, tmp_path / "x.h5", precision="fp8")
     with pytest.raises(CxrfairError, match="unknown model; known models: .*tiny-clip"):
         extract(config(cohort, tmp_path / "x.h5", model="nope"))
+
+
+# --- unwritable folders, full disks, damaged progress --------------------------------------------
+
+def _refuse(err):
+    def write(*args, **kwargs):
+        raise OSError(err, os.strerror(err))
+    return write
+
+
+@pytest.mark.parametrize("how", ["chmod", "monkeypatch"])
+def test_read_only_out_folder_is_one_line_and_writes_nothing(cohort, tmp_path, monkeypatch, how):
+    import errno
+
+    from cxrfair.extract import extractor
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if how == "chmod":
+        folder.chmod(0o555)
+        if os.access(folder, os.W_OK):
+            pytest.skip("running as root: chmod does not stop writes (the monkeypatch case covers it)")
+    else:  # what a read-only folder does at the first write, even as root
+        monkeypatch.setattr(extractor, "write_json_atomic", _refuse(errno.EACCES))
+    with pytest.raises(CxrfairError, match=rf"--out {folder}.*(not writable|Permission denied)") as err:
+        extract(config(cohort, folder / "x.h5"))
+    assert "\n" not in str(err.value)
+    folder.chmod(0o755)
+    assert list(folder.iterdir()) == []
+
+
+def test_full_disk_is_one_line_keeps_finished_chunks_and_resumes(cohort, baseline, tmp_path, monkeypatch):
+    import errno
+
+    from cxrfair.extract import extractor
+
+    out = tmp_path / "full.h5"
+    real, calls = extractor._save_npy, []
+
+    def fill_up(path, array):  # the disk fills up during the third chunk
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(path, array)
+
+    monkeypatch.setattr(extractor, "_save_npy", fill_up)
+    with pytest.raises(CxrfairError, match=rf"--out {partial_dir(out)}: cannot write chunk 2 \(No space left on device\)"):
+        extract(config(cohort, out))
+    assert not out.exists() and sorted(p.name for p in partial_dir(out).glob("chunk-*")) == ["chunk-000000.npy", "chunk-000001.npy"]
+    assert not list(partial_dir(out).glob(".*tmp"))  # no half-written chunk
+    monkeypatch.setattr(extractor, "_save_npy", real)
+    extract(config(cohort, out))
+    np.testing.assert_array_equal(read_cache(out).image_embeddings, read_cache(baseline).image_embeddings)
+
+
+def test_full_disk_at_the_cache_is_one_line_and_leaves_no_file(cohort, tmp_path, monkeypatch):
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    from cxrfair.extract import cache as cache_module
+
+    out = tmp_path / "c.h5"
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(CxrfairError, match=rf"--out {out}: the cache needs about [\d.]+ MB but only 0.0 MB are free"):
+        extract(config(cohort, out))
+    monkeypatch.undo()
+    monkeypatch.setattr(cache_module, "write_cache", _refuse(errno.ENOSPC))
+    with pytest.raises(CxrfairError, match=rf"--out {out}: cannot write the cache \(No space left on device\)"):
+        extract(config(cohort, out))
+    assert not out.exists() and not list(tmp_path.glob(".*tmp")) and partial_dir(out).is_dir()
+
+
+def test_truncated_chunk_is_dropped_and_redone(cohort, baseline, tmp_path, monkeypatch):
+    from cxrfair.extract import extractor
+
+    out = tmp_path / "t.h5"
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt  # interrupted after every chunk was written, before assembly
+
+    monkeypatch.setattr(extractor, "assemble", stop)
+    with pytest.raises(KeyboardInterrupt):
+        extract(config(cohort, out))
+    monkeypatch.undo()
+    chunk = partial_dir(out) / "chunk-000001.npy"
+    chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
+    (partial_dir(out) / "chunk-000004.npy").write_bytes(b"")
+    result = extract(config(cohort, out))
+    assert result.status == "written" and not partial_dir(out).exists()
+    done, ref = read_cache(out), read_cache(baseline)
+    np.testing.assert_array_equal(done.image_embeddings, ref.image_embeddings)
+    assert done.table.equals(ref.table)

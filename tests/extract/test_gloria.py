@@ -7,6 +7,7 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from cxrfair.errors import CxrfairError
 from cxrfair.extract.models import gloria
@@ -281,13 +282,32 @@ from tests.extract.test_medclip import extract_and_zeroshot, tiny_cohort  # noqa
 
 
 def test_extract_and_zeroshot_end_to_end(tiny_cohort, tmp_path, monkeypatch):  # noqa: F811 - the fixture above
-    """The cache carries the global embeddings (768-d for the real model, 64 here)."""
+    """The cache carries the global embeddings and every image's global and local similarity to
+    every prompt (what GLoRIA's own zero-shot needs), and zero-shot from it uses that scoring."""
+    from cxrfair.extract.cohort import load_cohort
+    from tests.extract.extract_helpers import reference_image_embeddings
+
     cache, runs = extract_and_zeroshot("tiny-gloria", tiny_cohort, tmp_path, monkeypatch)
     assert cache.image_embeddings.shape == (16, 64) and np.isfinite(cache.image_embeddings).all()
     assert cache.attrs["logit_scale"] == 10.0
     assert runs and all(r.meta["model"] == "tiny-gloria" for r in runs)
-    # The run says which similarity it used: the global term (the cache holds no local features).
-    assert cache.attrs["zero_shot_term"] == "global" and all(r.meta["zero_shot_term"] == "global" for r in runs)
+    assert cache.attrs["zero_shot_term"] == "both" and all(r.meta["zero_shot_term"] == "both" for r in runs)
+    scores = cache.prompt_scores
+    every = {p for te in cache.text.values() for draw in te.prompts for plist in draw for p in plist}
+    assert set(scores.prompts) == every and scores.global_sim.shape == scores.local_sim.shape == (16, len(every))
+    # Stored scores = the model's own similarity for those pixels; embeddings = encode_image's.
+    fm = load_model("tiny-gloria")
+    paths = load_cohort(tiny_cohort).image_paths()[:2]
+    x = torch.stack([fm.preprocess.normalize(torch.from_numpy(fm.preprocess.prepare(Image.open(p)))[None])[0]
+                     for p in paths])
+    prompts = [scores.prompts[0], scores.prompts[len(every) // 2], scores.prompts[-1]]
+    cols = scores.columns(prompts)
+    with torch.no_grad():
+        want_global = fm.extras["similarity"](x, fm.tokenize(prompts), term="global").numpy()
+        want_local = fm.extras["similarity"](x, fm.tokenize(prompts), term="local").numpy()
+    np.testing.assert_allclose(scores.global_sim[:2][:, cols], want_global, atol=1e-5)
+    np.testing.assert_allclose(scores.local_sim[:2][:, cols], want_local, atol=1e-4)
+    np.testing.assert_allclose(cache.image_embeddings[:2], reference_image_embeddings(fm, paths), atol=1e-5)
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from cxrfair.errors import CxrfairError
-from cxrfair.extract.models import medclip
+from cxrfair.extract.models import common, medclip
 from cxrfair.extract.registry import get_spec, load_model
 
 # transformers 5 Swin names -> the transformers 4.24 names MedCLIP's pytorch_model.bin was saved with.
@@ -209,7 +209,7 @@ def test_release_loader_finds_zip_and_vocab_in_cache(tmp_path, monkeypatch, imag
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("CXRFAIR_MEDCLIP_VIT_WEIGHTS", raising=False)
     monkeypatch.delenv(medclip.VOCAB_ENV, raising=False)
-    monkeypatch.setattr(medclip, "_hub_cached_vocab", lambda: None)  # this machine's hub cache is not under test
+    monkeypatch.setattr(common, "hub_cached_vocab", lambda: None)  # this machine's hub cache is not under test
     fm = _perturbed("tiny-medclip-vit")
     folder = tmp_path / ".cache" / "cxrfair" / "medclip-vit"
     folder.mkdir(parents=True)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
 from click.testing import CliRunner
 
-from cxrfair.analysis.runs import read_run
+from cxrfair.analysis.runs import check_runs_folder, read_run
 from cxrfair.cli import main
 from cxrfair.errors import CxrfairError
+from cxrfair.extract.cohort import load_cohort
 from cxrfair.extract.registry import get_spec, register
 from cxrfair.finetune import train as T
 from cxrfair.finetune.config import FinetuneConfig
@@ -107,12 +109,54 @@ def test_resume_with_force_discards_a_foreign_checkpoint(cohort, tmp_path):
     result = invoke("lora", "--model", "tiny-clip", "--cohort", cohort, "--out", tmp_path, *FAST, "--epochs", "1",
                     "--resume", "--force")
     assert result.exit_code == 0, result.output
+    assert "--force: discarded checkpoint" in result.stderr and "no checkpoint" not in result.stderr
     assert len(read_run(tmp_path / cfg.run_id).meta["curves"]["val_loss"]) == 1  # started over
+
+
+def test_resume_without_a_checkpoint_says_so(cohort, tmp_path):
+    result = invoke("lora", "--model", "tiny-clip", "--cohort", cohort, "--out", tmp_path, *FAST, "--epochs", "1",
+                    "--resume")
+    assert result.exit_code == 0, result.output
+    [note] = [ln for ln in result.stderr.splitlines() if ln.startswith("note:")]
+    assert "--resume: no checkpoint of tiny-clip__lora__best__s0" in note and "starting from epoch 1" in note
+    assert "selected epoch" in result.stdout
+
+
+def fake_run(out, run_id: str, cohort_hash: str) -> None:
+    (out / run_id).mkdir(parents=True)
+    (out / run_id / "run.json").write_text(json.dumps({"run_id": run_id, "cohort_hash": cohort_hash}))
+
+
+def test_runs_folder_holding_another_cohorts_runs_is_refused_before_any_work(cohort, tmp_path):
+    fake_run(tmp_path, "tiny-clip__linear__best__s0", "f" * 64)
+    result = invoke("lora", "--model", "tiny-clip", "--cohort", cohort, "--out", tmp_path, *FAST)
+    assert_one_line_error(result, f"--out {tmp_path}", "tiny-clip__linear__best__s0", "ffffffffffff",
+                          "different folders")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-clip__linear__best__s0"]  # no cache, no checkpoint
+
+
+def test_check_runs_folder(cohort, tmp_path):
+    own = load_cohort(cohort).hash
+    check_runs_folder(tmp_path / "new", own, ["a__lora__best__s0"], force=False)  # absent: fine
+    fake_run(tmp_path, "m__linear__best__s0", own)
+    fake_run(tmp_path, ".m__lora__best__s0.x.tmp", "0" * 64)  # hidden temporaries are not runs
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "run.json").write_text("{not json")  # left for `cxrfair analyze` to report
+    check_runs_folder(tmp_path, own, ["m__lora__best__s0"], force=False)
+    with pytest.raises(CxrfairError, match=r"run m__linear__best__s0 already exists \(1 of 2\); pass --force"):
+        check_runs_folder(tmp_path, own, ["m__lora__best__s0", "m__linear__best__s0"], force=False)
+    check_runs_folder(tmp_path, own, ["m__linear__best__s0"], force=True)
+    with pytest.raises(CxrfairError, match="made on cohort"):
+        check_runs_folder(tmp_path, "1" * 64, [], force=True)  # force never mixes cohorts
+    with pytest.raises(CxrfairError, match="not a folder"):
+        check_runs_folder(tmp_path / "broken" / "run.json", own, [], force=False)
 
 
 def test_bad_option_value_is_one_line(cohort, tmp_path):
     result = invoke("lora", "--model", "tiny-clip", "--cohort", cohort, "--out", tmp_path, "--epochs", "0")
     assert_one_line_error(result, "--epochs")
+    result = invoke("lora", "--model", "tiny-clip", "--cohort", cohort, "--out", tmp_path, "--micro-batch", "0")
+    assert_one_line_error(result, "--micro-batch")
 
 
 def test_unknown_model_is_one_line(cohort, tmp_path):

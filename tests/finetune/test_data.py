@@ -9,6 +9,7 @@ from cxrfair.errors import CxrfairError
 from cxrfair.extract.cohort import load_cohort
 from cxrfair.extract.preprocess import Preprocess
 from cxrfair.finetune import data as fdata
+from cxrfair.finetune import sampler
 
 PRE = Preprocess(size=64, resize=64)
 
@@ -42,21 +43,22 @@ def test_missing_image_is_named_before_decoding(cohort, tmp_path):
 
 
 def test_epoch_order_is_a_pure_permutation():
-    a = fdata.epoch_order(50, seed=3, epoch=4)
+    a = sampler.epoch_order(50, seed=3, epoch=4)
     assert sorted(a) == list(range(50))
-    np.testing.assert_array_equal(a, fdata.epoch_order(50, seed=3, epoch=4))
-    assert not np.array_equal(a, fdata.epoch_order(50, seed=3, epoch=5))
+    np.testing.assert_array_equal(a, sampler.epoch_order(50, seed=3, epoch=4))
+    assert not np.array_equal(a, sampler.epoch_order(50, seed=3, epoch=5))
 
 
 def test_prefetcher_yields_the_requested_rows_in_order():
     pixels = np.random.default_rng(0).integers(0, 256, (20, 3, 4, 4), dtype=np.uint8)
     labels = np.arange(20) % 3
-    order = fdata.epoch_order(20, 0, 0)
-    batches = fdata.index_batches(order, 6)
+    order = sampler.epoch_order(20, 0, 0)
+    batches = sampler.index_batches(order, 6)
     assert [len(b) for b in batches] == [6, 6, 6, 2]
     got = list(fdata.Prefetcher(pixels, labels, batches, torch.device("cpu")))
-    np.testing.assert_array_equal(torch.cat([x for x, _ in got]).numpy(), pixels[order])
-    np.testing.assert_array_equal(torch.cat([y for _, y in got]).numpy(), labels[order])
+    np.testing.assert_array_equal(torch.cat([x for x, *_ in got]).numpy(), pixels[order])
+    np.testing.assert_array_equal(torch.cat([y for _, y, *_ in got]).numpy(), labels[order])
+    assert all(torch.equal(w, torch.ones(len(b))) for (_, _, w, _), b in zip(got, batches))
 
 
 def test_prefetcher_passes_producer_errors_on():
@@ -67,7 +69,7 @@ def test_prefetcher_passes_producer_errors_on():
 
 def test_prefetcher_stops_cleanly_when_the_consumer_leaves():
     pixels = np.zeros((40, 3, 2, 2), np.uint8)
-    it = iter(fdata.Prefetcher(pixels, np.zeros(40), fdata.index_batches(np.arange(40), 1), torch.device("cpu"), depth=1))
+    it = iter(fdata.Prefetcher(pixels, np.zeros(40), sampler.index_batches(np.arange(40), 1), torch.device("cpu"), depth=1))
     next(it)
     it.close()  # joins the producer thread; would hang if it blocked on a full queue
 

@@ -46,7 +46,7 @@ epochs = 1
 workers = 1
 
 [analysis]
-bootstrap = 20
+bootstrap = 100
 """
 
 
@@ -69,7 +69,7 @@ def test_paper_config_dry_run_prints_the_whole_protocol():
 
 @pytest.mark.parametrize("text, message", [
     ('models = ["tiny-clip"]\nmethod = ["linear"]\n', "unknown key(s) method"),
-    ('models = ["tiny-clip"]\n[probe]\nepochs = "ten"\n', "[probe].epochs: expected a number"),
+    ('models = ["tiny-clip"]\n[probe]\nepochs = "ten"\n', '[probe] epochs = "ten": expected an integer'),
     ('models = ["tiny-clip"]\nmethods = ["linear", "dance"]\n', "methods: unknown ['dance']"),
     ('methods = ["linear"]\n', "`models = [...]` is required"),
     ('models = ["no-such-model"]\n', "unknown model"),
@@ -184,3 +184,211 @@ def test_edited_metadata_rebuilds_the_cohort(tmp_path):
     meta.write_text("b\n")
     after = [s for s in experiment_steps(load_config(tmp_path / "exp.toml")) if s.name == "cohort"][0]
     assert before.settings["metadata_sha256"] != after.settings["metadata_sha256"]
+
+
+# ---------------------------------------------------------------- rerunning a finished experiment
+# The stages are replaced by fakes that write real run folders (through analysis.runs) in
+# milliseconds, so the pipeline's own logic (plan, staging, swap, cleanup) is what is tested;
+# test_changing_a_probe_value_on_a_real_experiment does the same with the real stages (slow).
+
+FAKE = """
+out = "{out}"
+models = ["tiny-clip"]
+methods = ["zeroshot", "linear", "mlp"]
+seeds = {seeds}
+
+[synth]
+enabled = true
+
+[probe]
+lr = [1e-3]
+epochs = {epochs}
+"""
+CLASSES = ["Effusion", "Edema"]
+
+
+def _fake_run(out: Path, key, hyperparameters: dict) -> Path:
+    import numpy as np
+    import pandas as pd
+
+    from cxrfair.analysis.runs import make_predictions, write_run
+
+    rows = pd.DataFrame({"image_id": ["a", "b", "c", "d"], "patient_id": [1, 2, 3, 4], "split": ["val", "val", "test", "test"],
+                         "label": CLASSES * 2, "sex": ["M", "F"] * 2, "age": [30, 70, 30, 70], "age_group": ["young", "old"] * 2})
+    meta = {"run_id": key.run_id, "model": key.model, "method": key.method, "seed": key.seed, "classes": CLASSES,
+            "cohort_hash": "c0", "hyperparameters": hyperparameters, "selected_epoch": 1, "trainable_params": 0, "timings": {}}
+    return write_run(out, meta, make_predictions(rows, np.full((4, 2), 0.5), CLASSES), force=True)
+
+
+@pytest.fixture
+def fake_stages(monkeypatch):
+    """Every stage the pipeline calls, as a fake; returns what the fake analysis saw each time."""
+    import importlib
+
+    from cxrfair.analysis.runs import RunKey, read_runs
+
+    seen = []
+
+    def touch(path: Path, text: str = "x") -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+    def probe_cache(cache, out, cfg, force=False):
+        for i, seed in enumerate(cfg.seeds):
+            if cfg.epochs == 13 and i == 1:
+                raise CxrfairError("probe failed halfway")
+            _fake_run(Path(out), RunKey("tiny-clip", cfg.method, "best", seed), {"epochs": cfg.epochs})
+        touch(Path(out) / RunKey("tiny-clip", cfg.method, "best", 0).sweep_file, f"epochs={cfg.epochs}")
+
+    def zeroshot_cache(cache, out, all_sets=False, force=False):
+        return [_fake_run(Path(out), RunKey("tiny-clip", "zeroshot", f"clip-d{d}", d), {}) for d in range(2)]
+
+    def analyze(cfg):
+        runs = read_runs(cfg.runs_dir)  # the real reader: a half-replaced or mixed folder fails here
+        seen.append({r.run_id: r.meta["hyperparameters"].get("epochs") for r in runs})
+        touch(cfg.out / "report.html")
+
+    monkeypatch.setattr("cxrfair.extract.synth.make_synth", lambda cfg: touch(cfg.out / "Data_Entry_2017.csv"))
+    monkeypatch.setattr("cxrfair.extract.cohort.build_cohort", lambda cfg: touch(cfg.out / "cohort.json"))
+    monkeypatch.setattr("cxrfair.extract.extractor.extract", lambda cfg: touch(cfg.out))
+    monkeypatch.setattr("cxrfair.probe.zeroshot.zeroshot_cache", zeroshot_cache)
+    monkeypatch.setattr("cxrfair.probe.sweep.probe_cache", probe_cache)
+    monkeypatch.setattr(importlib.import_module("cxrfair.analysis.analyze"), "analyze", analyze)  # the package re-exports it
+    return seen
+
+
+def _run_fake(tmp_path: Path, epochs: int = 5, seeds: int = 2) -> list[str]:
+    """Run the FAKE experiment in-process; returns the names of the steps that ran."""
+    from cxrfair.pipeline import run_experiment
+
+    path = tmp_path / "exp.toml"
+    path.write_text(FAKE.format(out=tmp_path / "exp", epochs=epochs, seeds=seeds))
+    lines = []
+    run_experiment(load_config(path), echo=lines.append)
+    return [line[4:] for line in lines if line.startswith("==> ")]
+
+
+def _tree(root: Path) -> dict:
+    """Every path under ``root`` with its content hash (files) or None (folders)."""
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
+            for p in sorted(root.rglob("*"))}
+
+
+def _runs_and_epochs(runs: Path) -> dict:
+    out = {}
+    for p in sorted(runs.iterdir()):
+        if p.is_file():
+            out[p.name] = p.read_text()
+        else:
+            out[p.name] = json.loads((p / "run.json").read_text())["hyperparameters"].get("epochs") if (p / "run.json").exists() else "folder"
+    return out
+
+
+def test_changing_a_probe_value_reruns_the_probes_and_analysis_and_replaces_their_runs(tmp_path, fake_stages):
+    assert _run_fake(tmp_path) == ["synth", "cohort", "extract-tiny-clip", "zeroshot-tiny-clip", "linear-tiny-clip",
+                                   "mlp-tiny-clip", "analyze"]
+    runs = tmp_path / "exp" / "runs"
+    # Entries this experiment does not own: a future mitigation's runs and sweep, a user's notes.
+    from cxrfair.analysis.runs import RunKey
+
+    _fake_run(runs, RunKey("tiny-clip", "linear", "best", 0, mitigation="groupdro", sensitive="sex"), {"epochs": 99})
+    (runs / "tiny-clip__linear+groupdro-sex__sweep.csv").write_text("mine")
+    (runs / "tiny-clip__linear__notes").mkdir()
+    (runs / "notes.txt").write_text("mine")
+    zeroshot = {p.name: p.stat().st_mtime_ns for p in runs.glob("tiny-clip__zeroshot__*")}
+
+    assert _run_fake(tmp_path, epochs=6) == ["linear-tiny-clip", "mlp-tiny-clip", "analyze"]
+    assert _runs_and_epochs(runs) == {
+        "notes.txt": "mine",
+        "tiny-clip__linear+groupdro-sex__best__s0": 99, "tiny-clip__linear+groupdro-sex__sweep.csv": "mine",
+        "tiny-clip__linear__best__s0": 6, "tiny-clip__linear__best__s1": 6, "tiny-clip__linear__notes": "folder",
+        "tiny-clip__linear__sweep.csv": "epochs=6",
+        "tiny-clip__mlp__best__s0": 6, "tiny-clip__mlp__best__s1": 6, "tiny-clip__mlp__sweep.csv": "epochs=6",
+        "tiny-clip__zeroshot__clip-d0__s0": None, "tiny-clip__zeroshot__clip-d1__s1": None,
+    }
+    assert {p.name: p.stat().st_mtime_ns for p in runs.glob("tiny-clip__zeroshot__*")} == zeroshot  # not rewritten
+    assert fake_stages[-1]["tiny-clip__linear__best__s1"] == 6
+    assert not any((tmp_path / "exp" / ".staging").iterdir())
+
+    assert _run_fake(tmp_path, epochs=6) == []  # a second rerun: nothing to do, no crash
+    assert _run_fake(tmp_path, epochs=7) == ["linear-tiny-clip", "mlp-tiny-clip", "analyze"]  # and another change
+    assert _runs_and_epochs(runs)["tiny-clip__mlp__sweep.csv"] == "epochs=7"
+
+
+def test_fewer_seeds_leave_no_runs_of_the_dropped_seed(tmp_path, fake_stages):
+    _run_fake(tmp_path, seeds=2)
+    assert _run_fake(tmp_path, seeds=1) == ["linear-tiny-clip", "mlp-tiny-clip", "analyze"]
+    names = sorted(p.name for p in (tmp_path / "exp" / "runs").iterdir())
+    assert names == ["tiny-clip__linear__best__s0", "tiny-clip__linear__sweep.csv", "tiny-clip__mlp__best__s0",
+                     "tiny-clip__mlp__sweep.csv", "tiny-clip__zeroshot__clip-d0__s0", "tiny-clip__zeroshot__clip-d1__s1"]
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
+def test_an_invalid_probe_value_changes_nothing_on_a_finished_experiment(tmp_path, fake_stages, dry_run):
+    _run_fake(tmp_path)
+    before = _tree(tmp_path / "exp")
+    path = tmp_path / "exp.toml"
+    path.write_text(FAKE.format(out=tmp_path / "exp", epochs=-1, seeds=2))
+    result = CliRunner().invoke(main, ["run", str(path), *(["--dry-run"] if dry_run else [])])
+    assert result.exit_code == 1 and result.output == f"Error: config {path}: [probe] epochs: must be >= 1\n"
+    assert _tree(tmp_path / "exp") == before
+
+
+def test_a_failed_build_keeps_the_old_runs_and_the_next_run_replaces_them(tmp_path, fake_stages):
+    _run_fake(tmp_path)
+    runs = tmp_path / "exp" / "runs"
+    before = _runs_and_epochs(runs)
+    with pytest.raises(CxrfairError, match="probe failed halfway"):
+        _run_fake(tmp_path, epochs=13)
+    assert _runs_and_epochs(runs) == before  # the linear sweep broke after one seed: old runs all there
+    assert _run_fake(tmp_path, epochs=6) == ["linear-tiny-clip", "mlp-tiny-clip", "analyze"]
+    assert {k: v for k, v in _runs_and_epochs(runs).items() if "__linear__" in k} == {
+        "tiny-clip__linear__best__s0": 6, "tiny-clip__linear__best__s1": 6, "tiny-clip__linear__sweep.csv": "epochs=6"}
+
+
+def test_a_swap_killed_midway_is_finished_by_the_next_run(tmp_path, fake_stages, monkeypatch):
+    """A kill between the renames of a swap: the next `cxrfair run` completes it before planning."""
+    import cxrfair.publish as publish
+
+    _run_fake(tmp_path)
+    real = publish._finish
+    monkeypatch.setattr(publish, "_finish", lambda staging: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        _run_fake(tmp_path, epochs=6)  # journal written, nothing moved yet
+    monkeypatch.setattr(publish, "_finish", real)
+    assert _runs_and_epochs(tmp_path / "exp" / "runs")["tiny-clip__linear__best__s0"] == 5
+    assert _run_fake(tmp_path, epochs=6) == ["linear-tiny-clip", "mlp-tiny-clip", "analyze"]
+    assert _runs_and_epochs(tmp_path / "exp" / "runs")["tiny-clip__linear__best__s0"] == 6
+
+
+@pytest.mark.slow
+def test_changing_a_probe_value_on_a_real_experiment(tmp_path):
+    """The real stages: finish an experiment, change [probe] epochs, rerun twice (the reported crash)."""
+    import pandas as pd
+
+    text = SMALL.replace('methods = ["zeroshot", "linear", "lora"]', 'methods = ["zeroshot", "linear"]')
+    config = _write_config(tmp_path, text)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
+
+    def run() -> subprocess.CompletedProcess:
+        result = subprocess.run([sys.executable, "-m", "cxrfair", "run", str(config)], capture_output=True, text=True,
+                                env=env, timeout=600)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result
+
+    run()
+    runs = tmp_path / "exp" / "runs"
+    zeroshot = {p.name: p.stat().st_mtime_ns for p in runs.glob("tiny-clip__zeroshot__*")}
+    config.write_text(config.read_text().replace("epochs = 5", "epochs = 6", 1))
+    result = run()
+    assert [line[4:] for line in result.stdout.splitlines() if line.startswith("==> ")] == ["linear-tiny-clip", "analyze"]
+    linear = json.loads((runs / "tiny-clip__linear__best__s0" / "run.json").read_text())
+    assert linear["hyperparameters"]["epochs"] == 6 and len(linear["curves"]["val_loss"]) == 6
+    sweep = pd.read_csv(runs / "tiny-clip__linear__sweep.csv")  # the new sweep's table, not the old one
+    assert sweep.loc[sweep["selected"], "best_val_loss"].iloc[0] == pytest.approx(min(linear["curves"]["val_loss"]), rel=1e-5)
+    assert {p.name: p.stat().st_mtime_ns for p in runs.glob("tiny-clip__zeroshot__*")} == zeroshot
+    assert sorted(p.name for p in runs.iterdir() if "__linear" in p.name) == ["tiny-clip__linear__best__s0",
+                                                                               "tiny-clip__linear__sweep.csv"]
+    assert "0 step(s) to run" in run().stdout  # the second rerun: no crash, nothing to redo

@@ -40,8 +40,8 @@ def cohort_table(y: dict, classes=CLASSES) -> pd.DataFrame:
 
 
 def make_cache(path, *, sizes=None, dim: int = 16, spread: float = 3.0, seed: int = 0, cohort_hash: str = "c0ffee" * 10,
-               text=None, model: str = "tiny-clip", logit_scale: float = 100.0, nan_rows: int = 0):
-    """Write a cache of Gaussian clusters; returns (path, x, y, text)."""
+               text=None, model: str = "tiny-clip", logit_scale: float = 100.0, nan_rows: int = 0, prompt_scores=None):
+    """Write a cache of Gaussian clusters (and optional ``PromptScores``); returns (path, x, y, text)."""
     sizes = sizes or {"train": 60, "val": 24, "test": 30}
     x, y = clusters(sizes, dim, len(CLASSES), spread, seed)
     emb = np.concatenate([x["train"], x["val"], x["test"]])
@@ -54,7 +54,8 @@ def make_cache(path, *, sizes=None, dim: int = 16, spread: float = 3.0, seed: in
                 "gloria": TextEmbeddings(rng.normal(size=(4, len(CLASSES), dim)).astype(np.float32),
                                          [[["x"]] * len(CLASSES)] * 4)}
     write_cache(path, image_embeddings=emb, cohort_table=cohort_table(y), classes=CLASSES, text=text,
-                attrs={"model": model, "weights_id": "test", "cohort_hash": cohort_hash, "logit_scale": logit_scale})
+                attrs={"model": model, "weights_id": "test", "cohort_hash": cohort_hash, "logit_scale": logit_scale},
+                prompt_scores=prompt_scores)
     return path, x, y, text
 
 

@@ -6,15 +6,20 @@ import subprocess
 import sys
 
 import h5py
+import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
 
 from cxrfair.analysis.runs import read_runs
 from cxrfair.cli import main
+from cxrfair.extract.cache import read_cache
 from tests.probe.synth import make_cache
 
-FAST = ["--epochs", "3", "--batch-size", "16", "--seeds", "2", "--lr", "1e-3,1e-2", "--weight-decay", "0,0.1"]
+# The paper's recipe, cut short; and the default solver, cut short.
+FAST = ["--solver", "adamw", "--no-standardize", "--epochs", "3", "--batch-size", "16", "--seeds", "2", "--lr", "1e-3,1e-2",
+        "--weight-decay", "0,0.1"]
+LBFGS = ["--seeds", "2", "--l2", "1e-3,1e-1", "--max-iter", "20"]
 
 
 def _cli(*args):
@@ -40,6 +45,7 @@ def test_linear_writes_a_run_per_seed_and_the_sweep_table(tmp_path, cache):
     assert meta["trainable_params"] == 16 * 6 + 6 and 1 <= meta["selected_epoch"] <= 3
     assert len(meta["curves"]["train_loss"]) == len(meta["curves"]["val_loss"]) == 3
     assert meta["hyperparameters"]["lr"] in (1e-3, 1e-2) and meta["hyperparameters"]["epochs"] == 3
+    assert meta["solver"] == "adamw" and meta["standardize"] is False and "standardization" not in meta
     assert set(runs[0].predictions["split"]) == {"val", "test"}
     table = pd.read_csv(tmp_path / "runs" / "tiny-clip__linear__sweep.csv")
     assert len(table) == 4 * 2 and table["selected"].sum() == 2
@@ -57,6 +63,30 @@ def test_mlp_and_zeroshot_commands(tmp_path, cache):
     hidden = runs["tiny-clip__mlp__best__s0"].meta["hyperparameters"]["hidden"]
     assert runs["tiny-clip__mlp__best__s0"].meta["trainable_params"] == 16 * hidden + hidden + hidden * 6 + 6
     assert any(r.method == "zeroshot" for r in runs.values())
+
+
+def test_default_solver_is_lbfgs_on_standardised_features(tmp_path, cache):
+    res = _cli("linear", "--cache", cache, "--out", tmp_path / "runs", *LBFGS)
+    assert res.exit_code == 0, res.output
+    meta = read_runs(tmp_path / "runs")[0].meta
+    assert meta["solver"] == "lbfgs" and meta["standardize"] is True and meta["selected_epoch"] is None
+    hyper = meta["hyperparameters"]
+    assert hyper["l2"] in (1e-3, 1e-1) and 1 <= hyper["iterations"] <= 20 and hyper["grid"] == {"l2": [1e-3, 1e-1]}
+    assert len(meta["curves"]["val_loss"]) == max(hyper["iterations"], 1)
+    # The training split's statistics, stored with the run.
+    x = read_cache(cache)
+    train = x.image_embeddings[x.split_mask("train")]
+    np.testing.assert_allclose(meta["standardization"]["mean"], train.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(meta["standardization"]["std"], train.std(0), rtol=1e-5)
+    table = pd.read_csv(tmp_path / "runs" / "tiny-clip__linear__sweep.csv")
+    assert table["best_epoch"].isna().all() and (table["iterations"] >= 1).all() and table["lr"].isna().all()
+
+
+def test_l2_grid_defaults_mirror_the_library():
+    from cxrfair.probe import cli
+    from cxrfair.probe.sweep import L2_GRIDS
+
+    assert cli.L2_GRIDS == L2_GRIDS
 
 
 def _partial(tmp_path):
@@ -88,7 +118,11 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, cache, command, case
     ("linear", ["--lr", ""], "--lr: the grid is empty"),
     ("linear", ["--seeds", "0"], "--seeds: the grid is empty"),
     ("mlp", ["--hidden", ""], "--hidden: the grid is empty"),
+    ("mlp", ["--hidden", "12.5"], "--hidden '12.5': expected comma-separated whole numbers"),
+    ("mlp", ["--hidden", "0"], "--hidden: hidden widths must be whole numbers >= 1"),
     ("linear", ["--lr", "fast"], "--lr 'fast'"),
+    ("linear", ["--solver", "lbfgs", "--l2", "-1"], "--l2: L2 penalties must be numbers >= 0"),
+    ("linear", ["--solver", "lbfgs", "--max-iter", "0"], "--max-iter: must be >= 1"),
 ])
 def test_bad_grid_is_one_line_and_writes_nothing(tmp_path, cache, command, extra, words):
     _assert_clean_failure(tmp_path, cache, command, lambda p: cache, extra, words)

@@ -15,6 +15,7 @@ from cxrfair.probe.sweep import SweepConfig, lane_bytes, run_sweep
 from tests.probe.synth import clusters, embedding_like
 
 B1, B2, EPS = 0.9, 0.999, 1e-8
+ADAMW = {"solver": "adamw", "standardize": False}  # the paper's recipe, as these tests check it
 
 
 def _data(x, y):
@@ -111,7 +112,7 @@ def test_each_lane_of_the_fused_linear_sweep_equals_a_plain_numpy_run(small):
     x, y = small
     recipe = train.Recipe(n_classes=3, epochs=6, batch_size=16)
     lrs, wds, seeds = [3e-3, 3e-2, 1e-1], [0.0, 0.1, 0.5], [0, 7]
-    hyper = train.Hyper(jnp.array(lrs, jnp.float32), jnp.array(wds, jnp.float32), jnp.zeros(3, jnp.int32))
+    hyper = train.Hyper(jnp.array(lrs, jnp.float32), jnp.array(wds, jnp.float32), jnp.zeros(3, jnp.int32), jnp.zeros(3))
     out = jax.device_get(train.train_sweep(train.seed_keys(seeds), hyper, _data(x, y), recipe))
     for i, seed in enumerate(seeds):
         for k in range(3):
@@ -127,7 +128,7 @@ def test_each_lane_of_the_fused_mlp_sweep_equals_a_plain_optax_run(small):
     x, y = small
     recipe = train.Recipe(n_classes=3, epochs=4, batch_size=16, max_hidden=12)
     lrs, wds, hiddens = [1e-2, 3e-2, 1e-2], [0.0, 0.01, 0.1], [12, 5, 8]
-    hyper = train.Hyper(jnp.array(lrs, jnp.float32), jnp.array(wds, jnp.float32), jnp.array(hiddens, jnp.int32))
+    hyper = train.Hyper(jnp.array(lrs, jnp.float32), jnp.array(wds, jnp.float32), jnp.array(hiddens, jnp.int32), jnp.zeros(3))
     out = jax.device_get(train.train_sweep(train.seed_keys([4]), hyper, _data(x, y), recipe))
     for k in range(3):
         loss, epoch = optax_mlp_fit(jax.random.PRNGKey(4), lrs[k], wds[k], hiddens[k], x, y, recipe)
@@ -137,7 +138,7 @@ def test_each_lane_of_the_fused_mlp_sweep_equals_a_plain_optax_run(small):
 
 def test_chunked_sweep_equals_the_whole_sweep(small):
     x, y = small
-    cfg = SweepConfig(lrs=(1e-2, 3e-2, 1e-1), weight_decays=(0.0,), seeds=(0, 1), epochs=3, batch_size=16)
+    cfg = SweepConfig(**ADAMW, lrs=(1e-2, 3e-2, 1e-1), weight_decays=(0.0,), seeds=(0, 1), epochs=3, batch_size=16)
     whole = run_sweep(x, y, 3, cfg)
     # A budget of 2.5 lanes: chunks of 2 configurations x 1 seed, the last of each seed padded.
     budget = 2.5 * lane_bytes(8, 3, 0, 16, 40, 3) / 2**20
@@ -151,7 +152,7 @@ def test_chunked_sweep_equals_the_whole_sweep(small):
 
 def test_a_fixed_seed_gives_identical_results(small):
     x, y = small
-    cfg = SweepConfig(lrs=(3e-2,), weight_decays=(0.0,), seeds=(5,), epochs=3, batch_size=16)
+    cfg = SweepConfig(**ADAMW, lrs=(3e-2,), weight_decays=(0.0,), seeds=(5,), epochs=3, batch_size=16)
     a, b = run_sweep(x, y, 3, cfg), run_sweep(x, y, 3, cfg)
     np.testing.assert_array_equal(a.test_probs, b.test_probs)
     np.testing.assert_array_equal(a.val_loss, b.val_loss)
@@ -161,17 +162,17 @@ def test_a_fixed_seed_gives_identical_results(small):
 
 def test_linearly_separable_features_are_learned_perfectly():
     x, y = clusters({"train": 120, "val": 30, "test": 60}, dim=16, n_classes=4, spread=12.0, seed=1)
-    res = run_sweep(x, y, 4, SweepConfig(lrs=(1e-2,), weight_decays=(0.0,), seeds=(0,), epochs=20, batch_size=32))
+    res = run_sweep(x, y, 4, SweepConfig(**ADAMW, lrs=(1e-2,), weight_decays=(0.0,), seeds=(0,), epochs=20, batch_size=32))
     assert (res.test_probs[0, 0].argmax(-1) == y["test"]).mean() == 1.0
 
 
 def test_selection_picks_the_lowest_mean_validation_loss(small):
     x, y = small
-    res = run_sweep(x, y, 3, SweepConfig(lrs=(1e-4, 3e-2), weight_decays=(0.0,), seeds=(0, 1), epochs=3, batch_size=16))
+    res = run_sweep(x, y, 3, SweepConfig(**ADAMW, lrs=(1e-4, 3e-2), weight_decays=(0.0,), seeds=(0, 1), epochs=3, batch_size=16))
     means = res.best_val_loss.mean(0)
     assert res.selected == int(np.argmin(means)) and res.best_config["lr"] == 3e-2
     assert len(res.table) == 4 and res.table["selected"].sum() == 2
-    assert set(res.table.columns) >= {"lr", "weight_decay", "hidden", "seed", "best_val_loss", "best_epoch", "val_accuracy"}
+    assert set(res.table.columns) >= {"lr", "weight_decay", "l2", "hidden", "seed", "best_val_loss", "best_epoch", "val_accuracy"}
 
 
 @pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])
@@ -183,7 +184,7 @@ def test_realistic_features_match_tuned_sklearn_logistic_regression(seed):
     fits = [LogisticRegression(C=c, max_iter=5000).fit(x["train"], y["train"]) for c in (1e-3, 1e-2, 3e-2, 1e-1, 1, 10)]
     tuned = max(fits, key=lambda m: np.mean(m.predict(x["val"]) == y["val"]))  # first of ties
     sk_acc = np.mean(tuned.predict(x["test"]) == y["test"])
-    res = run_sweep(x, y, 6, SweepConfig(lrs=(3e-4, 1e-3, 3e-3), weight_decays=(0.0, 0.1), seeds=(0,), epochs=150))
+    res = run_sweep(x, y, 6, SweepConfig(**ADAMW, lrs=(3e-4, 1e-3, 3e-3), weight_decays=(0.0, 0.1), seeds=(0,), epochs=150))
     acc = np.mean(res.test_probs[0, res.selected].argmax(-1) == y["test"])
     assert 0.35 < sk_acc < 0.8, "the data should be neither trivial nor hopeless"
     assert abs(acc - sk_acc) <= 0.02, (acc, sk_acc)

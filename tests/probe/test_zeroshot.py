@@ -70,3 +70,86 @@ def test_all_sets_and_identical_draws_written_once(tmp_path):
     assert len(names) == 3 + 2 + 1 and "tiny-clip__zeroshot__fixed-d0__s0" in names
     meta = json.loads((tmp_path / "runs" / "tiny-clip__zeroshot__bad-d1__s1" / "run.json").read_text())
     assert meta["prompt_set_selected"] is False and meta["selection"]["chosen"] == "good"
+
+
+# ---------------------------------------------------------------- GLoRIA's scoring (term "both")
+
+
+def gloria_zero_shot_classification(sim_by_class: dict) -> "pd.DataFrame":
+    """GLoRIA's ``zero_shot_classification`` after ``get_similarities``, transcribed: per class the
+    max over its prompts' similarities, then each class column standardised over the images
+    scored together (numpy std, ddof 0)."""
+    import pandas as pd
+
+    class_similarities = np.stack([s.max(axis=1) for s in sim_by_class.values()], axis=1)
+    class_similarities = (class_similarities - class_similarities.mean(axis=0)) / class_similarities.std(axis=0)
+    return pd.DataFrame(class_similarities, columns=list(sim_by_class))
+
+
+def _gloria_cache(path, with_scores=True, seed=0):
+    """A cache with 2 prompt sets over distinct prompts and stored (N, P) global/local scores whose
+    class-0..5 prompts carry the label signal; returns (path, x, y, prompts, scores)."""
+    from cxrfair.extract.cache import PromptScores
+    from tests.probe.synth import clusters
+
+    rng = np.random.default_rng(seed)
+    x, y = clusters({"train": 60, "val": 24, "test": 30}, 16, 6, 3.0, seed)
+    pool = {c: [f"class {c} prompt {j}" for j in range(5)] for c in range(6)}
+    sets = {"gloria": [[list(rng.choice(pool[c], 3, replace=False)) for c in range(6)] for _ in range(3)],
+            "clip": [[pool[c][:2] for c in range(6)]] * 2}
+    prompts = sorted({p for draws in sets.values() for d in draws for pl in d for p in pl})
+    labels = np.concatenate([y["train"], y["val"], y["test"]])
+    owner = np.array([int(p.split()[1]) for p in prompts])
+    signal = (owner[None, :] == labels[:, None]).astype(np.float32)
+    scores = PromptScores(prompts, 0.3 * signal + rng.normal(size=signal.shape).astype(np.float32),
+                          2.0 * signal + 3 * rng.normal(size=signal.shape).astype(np.float32))
+    text = {n: TextEmbeddings(rng.normal(size=(len(d), 6, 16)).astype(np.float32), d) for n, d in sets.items()}
+    text["clip"] = TextEmbeddings(np.repeat(text["clip"].embeddings[:1], 2, 0), sets["clip"])
+    make_cache(path, text=text, seed=seed, prompt_scores=scores if with_scores else None)
+    return path, x, y, sets, scores
+
+
+def test_gloria_scoring_matches_a_transcription_of_gloria_zero_shot(tmp_path):
+    from cxrfair.probe.zeroshot import nll
+
+    path, x, y, sets, scores = _gloria_cache(tmp_path / "g.h5")
+    paths = zeroshot_cache(path, tmp_path / "runs", all_sets=True)
+    runs = {r.run_id: r for r in read_runs(tmp_path / "runs")}
+    assert len(paths) == 3 + 1 and all(r.meta["zero_shot_term"] == "both" for r in runs.values())
+    val, test = slice(60, 84), slice(84, 114)
+    run = runs["tiny-clip__zeroshot__gloria-d2__s2"]
+    columns = {c: [scores.prompts.index(p) for p in sets["gloria"][2][c]] for c in range(6)}
+    both = (scores.global_sim + scores.local_sim) / 2
+    # On val, our standardised scores are GLoRIA's (it standardises over the images scored together).
+    z_val = gloria_zero_shot_classification({c: both[val][:, cols] for c, cols in columns.items()}).to_numpy()
+    hyper = run.meta["hyperparameters"]
+    scale = hyper["scale"]
+    _, probs_val = run.arrays("val")
+    np.testing.assert_allclose(probs_val, np.exp(scale * z_val) / np.exp(scale * z_val).sum(1, keepdims=True), atol=1e-5)
+    # On test: the validation mean and sd, not the test images' own.
+    s_test = np.stack([both[test][:, cols].max(1) for cols in columns.values()], 1)
+    s_val = np.stack([both[val][:, cols].max(1) for cols in columns.values()], 1)
+    z_test = (s_test - s_val.mean(0)) / s_val.std(0)
+    _, probs_test = run.arrays("test")
+    np.testing.assert_allclose(probs_test, np.exp(scale * z_test) / np.exp(scale * z_test).sum(1, keepdims=True), atol=1e-5)
+    np.testing.assert_allclose(hyper["class_mean"], s_val.mean(0), rtol=1e-5)
+    # The scale is the validation-NLL minimiser (no better value nearby).
+    best = nll(z_val, y["val"], scale)
+    assert all(best <= nll(z_val, y["val"], scale * f) + 1e-9 for f in (0.9, 1.1, 0.5, 2.0))
+    assert "validation" in run.meta["notes"] and "GLoRIA" in run.meta["notes"]
+
+
+def test_term_global_is_the_embedding_scoring_and_both_needs_prompt_scores(tmp_path):
+    from cxrfair.errors import CxrfairError
+    import pytest
+
+    path, *_ = _gloria_cache(tmp_path / "g.h5")
+    zeroshot_cache(path, tmp_path / "runs", term="global")
+    meta = read_runs(tmp_path / "runs")[0].meta
+    assert meta["zero_shot_term"] == "global" and meta["hyperparameters"]["logit_scale"] == 100.0
+    plain, *_ = _gloria_cache(tmp_path / "plain.h5", with_scores=False)
+    zeroshot_cache(plain, tmp_path / "runs2")
+    assert all(r.meta["zero_shot_term"] == "global" for r in read_runs(tmp_path / "runs2"))
+    with pytest.raises(CxrfairError, match="--term both: cache .* holds no prompt scores"):
+        zeroshot_cache(plain, tmp_path / "runs3", term="both")
+    assert not (tmp_path / "runs3").exists()

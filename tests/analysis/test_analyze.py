@@ -1,0 +1,304 @@
+"""compute/analyze: seed-mean intervals, the patient bootstrap end to end, and bad input.
+
+The interval tests rebuild the replicates by hand (loop over replicates, resample the images,
+score them with scikit-learn, average over seeds or draws, take percentiles) and compare.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from sklearn.metrics import f1_score
+
+from cxrfair.analysis.analyze import AnalyzeConfig, check_runs, compute, tag_of
+from cxrfair.analysis.bootstrap import patient_counts
+from cxrfair.analysis.runs import Run, make_predictions, read_runs, write_run
+from cxrfair.cli import main
+from cxrfair.errors import CxrfairError
+
+from .synth import CLASSES, cohort_rows, meta_for, probs_for
+
+R = 100
+
+
+def _write(runs_dir, rows, method, seed, tag="best", model="m", skill=1.0, probs_seed=None, **extra):
+    meta = meta_for(model, method, seed, tag=tag) | extra
+    probs = probs_for(rows, skill=skill, seed=seed if probs_seed is None else probs_seed)
+    return write_run(runs_dir, meta, make_predictions(rows, probs, CLASSES))
+
+
+def _invoke(*args):
+    return CliRunner().invoke(main, ["analyze", *map(str, args)])
+
+
+def _one_line_error(result, pattern):
+    assert result.exit_code != 0
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output, result.output
+    assert re.search(pattern, result.output), result.output
+
+
+# ----------------------------------------------------------------------------- seed-mean intervals
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory):
+    """Three linear seeds, one full run and three zero-shot draws on one test set of paired images."""
+    d = tmp_path_factory.mktemp("seeded")
+    rows = cohort_rows(48)
+    # Two images per patient (the patient bootstrap matters), six patients per sex × age stratum
+    # (MIN_STRATUM_PATIENTS: no stratum is pooled, so the reference below draws within sex × age).
+    rows["patient_id"] = rows.index // 2
+    for s in range(3):
+        _write(d, rows, "linear", s, skill=1.2, probs_seed=10 + s)
+        _write(d, rows, "zeroshot", s, tag=f"clip-d{s}", skill=0.6, probs_seed=20 + s, draw=s)
+    _write(d, rows, "full", 0, skill=1.5, probs_seed=30)
+    runs = read_runs(d)
+    return runs, compute(runs, AnalyzeConfig(d, d, n_boot=R, seed=5))
+
+
+def _test_arrays(run: Run):
+    rows = run.split("test").sort_values("image_id", kind="stable")
+    y = rows["label"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
+    return rows, y, rows[[f"p_{c}" for c in CLASSES]].to_numpy().argmax(1)
+
+
+def _slow_replicates(runs, score):
+    """(R,) per run: ``score(y, pred, rows)`` on each resample, rebuilt by repeating images."""
+    rows, _, _ = _test_arrays(runs[0])
+    strata = (rows["sex"] + "×" + rows["age_group"]).to_numpy()
+    counts = patient_counts(rows["patient_id"].astype(str).to_numpy(), strata, R, np.random.default_rng(5))
+    out = []
+    for run in runs:
+        rows, y, pred = _test_arrays(run)
+        reps = []
+        for r in range(R):
+            idx = np.repeat(np.arange(len(y)), counts[r].astype(int))
+            reps.append(score(y[idx], pred[idx], rows.iloc[idx]))
+        out.append(np.array(reps))
+    return np.array(out)  # (runs, R)
+
+
+def _accuracy(y, pred, rows):
+    return np.mean(y == pred)
+
+
+def _macro_f1_in_f(y, pred, rows):
+    m = (rows["sex"] == "F").to_numpy()
+    return np.nanmean(f1_score(y[m], pred[m], labels=range(len(CLASSES)), average=None, zero_division=np.nan))
+
+
+def _by(runs, method):
+    return sorted((r for r in runs if r.method == method), key=lambda r: r.seed)
+
+
+@pytest.mark.parametrize("score, key, methods", [
+    (_accuracy, ("accuracy", "", ""), (("linear", "best"), ("zeroshot", "clip"))),
+    (_macro_f1_in_f, ("f1_macro", "sex", "F"), (("linear", "best"),)),  # scikit-learn is slow: one method
+])
+def test_seed_mean_interval_is_the_percentile_of_averaged_replicates(seeded, score, key, methods):
+    runs, res = seeded
+    for method, tag in methods:
+        reps = _slow_replicates(_by(runs, method), score).mean(axis=0)  # mean over seeds, replicate by replicate
+        row = res.seeds[(res.seeds["method"] == method) & (res.seeds["tag"] == tag) & (res.seeds["metric"] == key[0])
+                        & (res.seeds["attribute"] == key[1]) & (res.seeds["group"] == key[2]) & (res.seeds["class"] == "")]
+        assert len(row) == 1 and row["n_seeds"].item() == 3
+        assert row["ci_low"].item() == pytest.approx(np.percentile(reps, 2.5), abs=1e-12)
+        assert row["ci_high"].item() == pytest.approx(np.percentile(reps, 97.5), abs=1e-12)
+        per_seed = res.metrics[(res.metrics["method"] == method) & (res.metrics["metric"] == key[0])
+                               & (res.metrics["attribute"] == key[1]) & (res.metrics["group"] == key[2])]
+        assert row["mean"].item() == pytest.approx(per_seed["value"].mean())
+        # Not the mean of the seeds' own bounds (what the tables used to show).
+        assert row["ci_low"].item() != pytest.approx(per_seed["ci_low"].mean(), abs=1e-9)
+
+
+def test_one_run_keeps_its_own_interval(seeded):
+    _, res = seeded
+    s = res.seeds[res.seeds["method"] == "full"].set_index(["metric", "attribute", "group", "class"])
+    m = res.metrics[res.metrics["method"] == "full"].set_index(["metric", "attribute", "group", "class"])
+    pd.testing.assert_series_equal(s["ci_low"], m.loc[s.index, "ci_low"], check_names=False)
+    assert (s["n_seeds"] <= 1).all() and s["sd"].isna().all()
+
+
+def test_comparison_uses_the_draw_averaged_zero_shot_replicates(seeded):
+    runs, res = seeded
+    zs = _slow_replicates(_by(runs, "zeroshot"), _accuracy)  # (3 draws, R)
+    lin = _slow_replicates(_by(runs, "linear"), _accuracy)
+    values = res.metrics[(res.metrics["metric"] == "accuracy") & (res.metrics["attribute"] == "")].set_index("run_id")["value"]
+    c = res.comparisons[(res.comparisons["metric"] == "accuracy") & (res.comparisons["attribute"] == "")]
+    for s, run in enumerate(_by(runs, "linear")):
+        row = c[c["run_id"] == run.run_id]
+        assert row["n_baseline"].item() == 3
+        assert row["baseline_runs"].item() == ";".join(r.run_id for r in _by(runs, "zeroshot"))
+        zs_mean = values[[r.run_id for r in _by(runs, "zeroshot")]].mean()
+        assert row["delta"].item() == pytest.approx(values[run.run_id] - zs_mean)
+        diff = lin[s] - zs.mean(axis=0)
+        assert row["ci_low"].item() == pytest.approx(np.percentile(diff, 2.5), abs=1e-12)
+        assert row["ci_high"].item() == pytest.approx(np.percentile(diff, 97.5), abs=1e-12)
+
+
+# ----------------------------------------------------------------------------- patient bootstrap
+
+
+def test_intervals_widen_with_duplicated_patients(tmp_path):
+    """Three identical images per patient carry no more information than one: the patient
+    bootstrap gives exactly the single-image interval; resampling images would shrink it."""
+    single = cohort_rows(40, splits=("test",))
+    probs = probs_for(single, seed=3)
+    triple = single.loc[single.index.repeat(3)].reset_index(drop=True)
+    triple["image_id"] = [f"{p:08d}_{j:03d}.png" for p in single["patient_id"] for j in range(3)]
+    runs = {}
+    for name, rows, p in (("single", single, probs), ("triple", triple, np.repeat(probs, 3, axis=0)),
+                          ("triple_as_images", triple.assign(patient_id=np.arange(len(triple))), np.repeat(probs, 3, axis=0))):
+        d = tmp_path / name
+        write_run(d, meta_for("m", "linear", 0), make_predictions(rows, p, CLASSES))
+        m = compute(read_runs(d), AnalyzeConfig(d, d, n_boot=R, seed=1)).metrics
+        row = m[(m["metric"] == "accuracy") & (m["attribute"] == "")]
+        runs[name] = (row["value"].item(), row["ci_low"].item(), row["ci_high"].item())
+    assert runs["triple"] == pytest.approx(runs["single"], abs=1e-12)
+    width = {k: hi - lo for k, (_, lo, hi) in runs.items()}
+    assert width["triple_as_images"] < 0.8 * width["triple"]  # about 1/sqrt(3) of it
+
+
+def test_empty_patient_id_is_an_error(tmp_path):
+    rows = cohort_rows(8)
+    rows["patient_id"] = rows["patient_id"].astype(float)
+    rows.loc[rows.index[-1], "patient_id"] = np.nan
+    _write(tmp_path / "RUNS", rows, "linear", 0)
+    _one_line_error(_invoke(tmp_path / "RUNS", "--out", tmp_path / "R", "--bootstrap", "100"),
+                    r"run m__linear__best__s0: column patient_id is empty for image")
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_runs_of_two_cohorts_are_refused(tmp_path):
+    rows = cohort_rows(8)
+    _write(tmp_path / "RUNS", rows, "linear", 0)
+    _write(tmp_path / "RUNS", cohort_rows(12), "full", 0, cohort_hash="f00dcafe" * 8)
+    _one_line_error(_invoke(tmp_path / "RUNS", "--out", tmp_path / "R", "--bootstrap", "0"),
+                    r"runs m__full__best__s0 \(cohort f00dcafef00d\) and m__linear__best__s0 \(cohort abc123\) "
+                    r"come from different cohorts")
+    assert not (tmp_path / "R").exists()
+
+
+def _sex_recoded(rows, codes):
+    return rows.assign(sex=rows["sex"].map(codes))
+
+
+def test_sex_codes_male_female_are_read_as_m_f(tmp_path):
+    rows = cohort_rows(16)
+    _write(tmp_path / "MF", rows, "linear", 0)
+    _write(tmp_path / "MF", rows, "full", 0)
+    _write(tmp_path / "ONE", rows, "linear", 0)
+    _write(tmp_path / "ONE", _sex_recoded(rows, {"M": "male", "F": "female"}), "full", 0)
+    _write(tmp_path / "ALL", _sex_recoded(rows, {"M": "Male", "F": "FEMALE"}), "linear", 0)
+    _write(tmp_path / "ALL", _sex_recoded(rows, {"M": "m", "F": "f"}), "full", 0)
+    cfg = dict(n_boot=100, attributes=("sex", "age_group"))
+    want = compute(read_runs(tmp_path / "MF"), AnalyzeConfig(tmp_path, tmp_path, **cfg))
+    for name in ("ONE", "ALL"):
+        got = compute(read_runs(tmp_path / name), AnalyzeConfig(tmp_path, tmp_path, **cfg))
+        pd.testing.assert_frame_equal(got.metrics, want.metrics)
+        pd.testing.assert_frame_equal(got.comparisons, want.comparisons)
+        assert got.metrics.loc[got.metrics["metric"] == "eqodds", "value"].notna().all()
+        assert any("column sex" in n and "→ M" in n for n in got.notes)
+
+
+def test_unknown_group_code_is_a_one_line_error(tmp_path):
+    rows = cohort_rows(8)
+    rows.loc[rows.index[-3], "sex"] = "U"  # a test image
+    _write(tmp_path / "RUNS", rows, "linear", 0)
+    _one_line_error(_invoke(tmp_path / "RUNS", "--out", tmp_path / "R", "--bootstrap", "0"),
+                    r"run m__linear__best__s0: predictions.csv column sex has unknown group code\(s\) \['U'\]; expected M, F")
+
+
+def test_run_json_attributes_set_groups_and_reference(tmp_path):
+    rows = cohort_rows(16).assign(race=lambda r: np.where(r.index % 3 == 0, "B", "A"))
+    attrs = {"sex": {"groups": ["M", "F"], "reference": "F"}, "race": {"groups": ["A", "B"], "reference": "B"}}
+    _write(tmp_path / "V1", rows, "linear", 0)
+    _write(tmp_path / "V2", rows, "linear", 0, attributes=attrs)
+    cfg = AnalyzeConfig(tmp_path, tmp_path, n_boot=0, attributes=("sex", "race"))
+    v1 = compute(read_runs(tmp_path / "V1"), cfg).metrics.set_index(["metric", "attribute", "group", "class"])["value"]
+    v2 = compute(read_runs(tmp_path / "V2"), cfg).metrics.set_index(["metric", "attribute", "group", "class"])["value"]
+    assert v2["f1_gap", "sex", "", ""] == pytest.approx(-v1["f1_gap", "sex", "", ""])  # F − M now
+    assert v2["f1_gap_abs", "sex", "", ""] == pytest.approx(v1["f1_gap_abs", "sex", "", ""])
+    crossed = v2[v2.index.get_level_values("attribute") == "sex×race"].index.get_level_values("group")
+    assert list(dict.fromkeys(g for g in crossed if g)) == ["F×B", "F×A", "M×B", "M×A"]  # references first
+    rows.loc[rows.index[-1], "race"] = "C"
+    _write(tmp_path / "BAD", rows, "linear", 0, attributes=attrs)
+    with pytest.raises(CxrfairError, match=r"column race has unknown group code\(s\) \['C'\]; expected A, B"):
+        compute(read_runs(tmp_path / "BAD"), cfg)
+    malformed = {"sex": {"groups": ["M", "F"], "reference": "X"}}
+    with pytest.raises(CxrfairError, match=r"run m__linear__best__s0: run.json attributes: sex needs"):
+        _write(tmp_path / "MALFORMED", rows, "linear", 0, attributes=malformed)  # the writer refuses it
+    run_dir = _write(tmp_path / "MALFORMED", rows, "linear", 0)
+    meta = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps(meta | {"attributes": malformed}))  # and so does the reader
+    with pytest.raises(CxrfairError, match=r"run m__linear__best__s0 .*: run.json attributes: sex needs"):
+        read_runs(tmp_path / "MALFORMED")
+
+
+@pytest.mark.parametrize("n", [1, 20, 99, -1])
+def test_too_few_replicates_are_refused(tmp_path, n):
+    _write(tmp_path / "RUNS", cohort_rows(8), "linear", 0)
+    r = _invoke(tmp_path / "RUNS", "--out", tmp_path / "R", "--bootstrap", n)
+    assert r.exit_code != 0 and "Traceback" not in r.output and not (tmp_path / "R").exists()
+    if n > 0:
+        _one_line_error(r, r"--bootstrap \d+: use 0 \(point estimates, no intervals\) or at least 100")
+
+
+def test_help_says_what_bootstrap_values_mean():
+    out = CliRunner().invoke(main, ["analyze", "--help"]).output
+    assert "0 for point estimates only" in out and "at least 100" in out and "patient" in out
+
+
+def test_existing_out_is_refused_before_any_work(tmp_path):
+    (tmp_path / "EMPTY").mkdir()  # reading these runs would fail: the --out check must come first
+    (tmp_path / "R").mkdir()
+    (tmp_path / "R" / "keep.txt").write_text("x")
+    _one_line_error(_invoke(tmp_path / "EMPTY", "--out", tmp_path / "R"), r"--out .*R: already exists; pass --force")
+    assert (tmp_path / "R" / "keep.txt").read_text() == "x"
+
+
+@pytest.mark.parametrize("out", [".", ".."])
+def test_out_must_not_replace_the_runs(tmp_path, out):
+    run_dir = _write(tmp_path / "exp" / "RUNS", cohort_rows(8), "linear", 0)
+    r = _invoke(tmp_path / "exp" / "RUNS", "--out", tmp_path / "exp" / "RUNS" / out, "--force")
+    _one_line_error(r, r"--out .*: is or holds the runs folder")
+    assert (run_dir / "run.json").is_file()
+
+
+# ----------------------------------------------------------------------------- run identity
+
+
+def _run(run_id, method="linear", seed=0, **meta):
+    return Run({"run_id": run_id, "model": "m", "method": method, "seed": seed, "cohort_hash": "h", **meta}, None, None)
+
+
+def test_tag_comes_from_parse_run_id():
+    assert tag_of(_run("m__linear+groupdro-sex__best__s1", seed=1)) == "groupdro-sex__best"
+    assert tag_of(_run("m__zeroshot__clip-d2__s2", "zeroshot", 2, draw=2)) == "clip"
+    assert tag_of(_run("m__zeroshot__clip-d2__s2", "zeroshot", 2)) == "clip-d2"  # no draw: a plain tag
+    with pytest.raises(CxrfairError, match="does not follow"):
+        tag_of(_run("hand-made-run"))
+
+
+def test_check_runs_refuses_a_method_that_contradicts_the_id():
+    with pytest.raises(CxrfairError, match="run.json says method 'full' but the run id says 'linear'"):
+        check_runs([_run("m__linear__best__s0", method="full")])
+    check_runs([_run("m__linear__best__s0"), _run("m__full__best__s0", method="full")])
+
+
+def test_cohort_hash_is_read_from_run_json(tmp_path):
+    """The refusal is about the recorded cohort, not the test images (which may coincide)."""
+    rows = cohort_rows(8)
+    a = _write(tmp_path, rows, "linear", 0)
+    _write(tmp_path, rows, "full", 0)
+    meta = json.loads((a / "run.json").read_text())
+    (a / "run.json").write_text(json.dumps(meta | {"cohort_hash": "0123456789abcdef"}))
+    with pytest.raises(CxrfairError, match="come from different cohorts"):
+        compute(read_runs(tmp_path), AnalyzeConfig(tmp_path, tmp_path, n_boot=0))

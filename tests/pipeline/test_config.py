@@ -1,0 +1,179 @@
+"""`cxrfair run` config checks: every bad value is one line and exit 1, before anything is written.
+
+Type errors come from the config loader (derived from the settings dataclasses' annotations);
+range and choice errors from each stage's own config, built while planning. Both must stop
+`--dry-run` as well as a real run.
+"""
+
+import dataclasses
+import typing
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from cxrfair.cli import main
+from cxrfair.config import ExperimentConfig, config_from_dict, load_config
+from cxrfair.errors import CxrfairError
+
+# A valid experiment (synthetic data, so no images are needed) that each case breaks in one place.
+BASE = {
+    "": ['models = ["tiny-clip"]', 'methods = ["zeroshot", "linear", "mlp", "lora", "full"]', "seeds = 1"],
+    "synth": ["enabled = true"],
+    "cohort": ["per_group = 10"],
+    "extract": ["workers = 0"],
+    "probe": ["epochs = 5"],
+    "finetune": ["epochs = 1"],
+    "analysis": ["bootstrap = 100"],
+}
+
+# (section, line replacing or adding that key, the part of the one-line message that must appear)
+TYPE_ERRORS = [
+    ("analysis", "bootstrap = 20.7", "[analysis] bootstrap = 20.7: expected an integer"),
+    ("analysis", "bootstrap = true", "[analysis] bootstrap = true: expected an integer"),
+    ("cohort", "per_group = true", "[cohort] per_group = true: expected an integer"),
+    ("cohort", "per_group = 12.5", "[cohort] per_group = 12.5: expected an integer"),
+    ("", 'seeds = "three"', 'seeds = "three": expected an integer'),
+    ("", "seeds = true", "seeds = true: expected an integer"),
+    ("", "out = 5", "out = 5: expected a path (a string)"),
+    ("", 'out = ""', 'out = "": expected a path (a string)'),
+    ("", 'models = "tiny-clip"', 'models = "tiny-clip": expected a list of strings'),
+    ("", 'methods = "linear"', 'methods = "linear": expected a list of strings'),
+    ("", "models = [1]", "models = [1]: expected a list of strings"),
+    ("probe", "lr = 0.001", "[probe] lr = 0.001: expected a list of numbers"),
+    ("probe", 'lr = [0.001, "x"]', '[probe] lr = [0.001, "x"]: expected a list of numbers'),
+    ("probe", "hidden = [12.5]", "[probe] hidden = [12.5]: expected a list of integers"),
+    ("probe", 'epochs = "ten"', '[probe] epochs = "ten": expected an integer'),
+    ("probe", "all_prompt_sets = 1", "[probe] all_prompt_sets = 1: expected true or false"),
+    ("synth", 'enabled = "yes"', '[synth] enabled = "yes": expected true or false'),
+    ("extract", "device = 1", "[extract] device = 1: expected a string"),
+    ("extract", 'weights = "w.pt"', '[extract] weights = "w.pt": expected a table'),
+    ("extract", 'weights = { tiny-clip = 5 }', "[extract] weights = { tiny-clip = 5 }: expected a table"),
+    ("cohort", "metadata = 3", "[cohort] metadata = 3: expected a path (a string)"),
+    ("cohort", 'images = ["a"]', '[cohort] images = ["a"]: expected a path (a string)'),
+    ("analysis", 'attributes = "sex"', '[analysis] attributes = "sex": expected a list of strings'),
+    ("finetune", "lora_lr = 5e-4", "[finetune] lora_lr = 0.0005: expected a list of numbers"),
+    ("finetune", "weight_decay = [0.01]", "[finetune] weight_decay = [0.01]: expected a number"),
+    ("probe", "epoch = 3", "[probe] unknown key(s) epoch; known: lr,"),
+    ("", 'method = ["linear"]', "unknown key(s) method"),
+    ("", "probe = 5", "probe = 5: expected a table [probe]"),
+    ("", 'methods = ["linear", "dance"]', "methods: unknown ['dance']"),
+    ("", "models = []", "models: list at least one model"),
+    ("", 'methods = ["linear", "linear"]', "methods: linear listed more than once"),
+    ("", "seeds = 0", "seeds: must be at least 1"),
+]
+
+# Values of the right type that a stage refuses: caught while planning, named by config key.
+STAGE_ERRORS = [
+    ("probe", "epochs = -1", "[probe] epochs: must be >= 1"),
+    ("probe", "lr = []", "[probe] lr: the grid is empty"),
+    ("probe", "weight_decay = [-1.0]", "[probe] weight_decay: weight decays must be >= 0"),
+    ("finetune", "epochs = 0", "[finetune] epochs 0: must be at least 1"),
+    ("finetune", 'device = "tpu"', "[finetune] device 'tpu'"),
+    ("finetune", "lora_lr = []", "[finetune] lora_lr: give at least one learning rate"),
+    ("cohort", "per_group = 0", "[cohort] per_group 0: must be at least 1"),
+    ("cohort", 'preset = "nope"', "[cohort] preset nope: unknown preset"),
+    ("extract", "batch_size = 0", "[extract] batch_size 0: must be >= 1"),
+    ("extract", 'precision = "fp8"', "[extract] precision fp8"),
+    ("synth", "size = 8", "[synth] size 8: must be between 32 and 1024"),
+    ("analysis", "bootstrap = -1", "[analysis] bootstrap -1: use 0 (point estimates"),
+    ("analysis", "bootstrap = 20", "[analysis] bootstrap 20: use 0 (point estimates"),
+    ("analysis", 'split = "dev"', "[analysis] split dev: must be train, val or test"),
+    ("", 'models = ["no-such-model"]', "unknown model"),
+]
+
+
+def _render(section: str, line: str, out: Path) -> str:
+    """BASE with ``line`` set in ``section`` (replacing that key if BASE has it)."""
+    key = line.split("=")[0].strip()
+    parts = [f'out = "{out}"'] if not (section == "" and key == "out") else []
+    for name, lines in BASE.items():
+        body = [x for x in lines if x.split("=")[0].strip() != key or name != section]
+        if name == section:
+            body.append(line)
+        if name == "":
+            parts += body
+        elif key != name:  # `probe = 5` replaces the whole section
+            parts += [f"[{name}]", *body]
+    return "\n".join(parts) + "\n"
+
+
+def _invoke(tmp_path: Path, text: str, dry_run: bool):
+    path = tmp_path / "exp.toml"
+    path.write_text(text)
+    return CliRunner().invoke(main, ["run", str(path), *(["--dry-run"] if dry_run else [])])
+
+
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "run"])
+@pytest.mark.parametrize("section, line, message", TYPE_ERRORS + STAGE_ERRORS,
+                         ids=[f"{s or 'top'}:{line}" for s, line, _ in TYPE_ERRORS + STAGE_ERRORS])
+def test_a_bad_value_is_one_line_and_exit_1_before_anything_is_written(tmp_path, monkeypatch, section, line, message, dry_run):
+    monkeypatch.chdir(tmp_path)  # `out = ""` and other relative paths land here, never in the repo
+    out = tmp_path / "exp"
+    result = _invoke(tmp_path, _render(section, line, out), dry_run)
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    assert result.output.startswith(f"Error: config {tmp_path / 'exp.toml'}: "), result.output  # names the file
+    assert message in result.output, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp.toml"]  # nothing written anywhere
+
+
+def test_the_base_config_is_valid(tmp_path):
+    """The table above breaks a config that works: without the bad line the plan prints."""
+    result = _invoke(tmp_path, _render("probe", "epochs = 5", tmp_path / "exp"), dry_run=True)
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "exp").exists()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.mkdir(), "is a folder; pass the experiment's TOML file"),
+    (lambda p: p.write_bytes(b"models = [\"\xff\"]\n"), "is not UTF-8 text"),
+    (lambda p: None, "no such file"),
+    (lambda p: p.write_text("models = [\n"), "not valid TOML"),
+], ids=["folder", "binary", "missing", "toml-syntax"])
+def test_an_unreadable_config_is_one_line(tmp_path, make, message):
+    path = tmp_path / "exp.toml"
+    make(path)
+    result = CliRunner().invoke(main, ["run", str(path), "--dry-run"])
+    assert result.exit_code == 1
+    assert f"Error: config {path}: {message}" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_values_keep_their_types_and_paths_resolve_from_the_base(tmp_path):
+    cfg = config_from_dict({"models": ["tiny-clip"], "out": "exp", "seeds": 2,
+                            "cohort": {"images": "data/nih", "metadata": "", "per_group": ""},
+                            "extract": {"weights": {"tiny-clip": "w/tiny.pt"}},
+                            "probe": {"lr": [1e-3, 3e-3], "weight_decay": [0]}}, base=tmp_path)
+    assert cfg.out == tmp_path / "exp" and cfg.seeds == 2
+    assert cfg.cohort.images == tmp_path / "data" / "nih"
+    assert cfg.cohort.metadata is None and cfg.cohort.per_group is None  # "" means the default
+    assert cfg.extract.weights == {"tiny-clip": tmp_path / "w" / "tiny.pt"}
+    assert cfg.probe.lr == (1e-3, 3e-3) and cfg.probe.weight_decay == (0,)
+    assert config_from_dict({"models": ["tiny-clip"]}, base=tmp_path).out == tmp_path / "experiment"
+
+
+def _leaf_types(cls) -> list:
+    out = []
+    for name, tp in typing.get_type_hints(cls).items():
+        out += _leaf_types(tp) if dataclasses.is_dataclass(tp) else [(cls.__name__, name, tp)]
+    return out
+
+
+@pytest.mark.parametrize("owner, name, tp", _leaf_types(ExperimentConfig), ids=lambda v: str(getattr(v, "__name__", v)))
+def test_every_key_of_the_schema_has_a_checker(owner, name, tp):
+    """Adding a key of a type the loader cannot check fails here, not in a user's run."""
+    from cxrfair.config import _coerce, _describe
+
+    assert _describe(tp)
+    with pytest.raises(Exception) as info:
+        _coerce(object(), tp, Path("."))
+    assert type(info.value).__name__ == "_Mismatch"
+
+
+def test_paper_config_loads(tmp_path):
+    repo = Path(__file__).resolve().parents[2]
+    cfg = load_config(repo / "configs" / "paper.toml")
+    assert cfg.methods == ("zeroshot", "linear", "mlp", "lora", "full") and cfg.seeds == 3
+    with pytest.raises(CxrfairError, match="expected a list of strings"):
+        config_from_dict({"models": "clip-vit-b16"})

@@ -1,0 +1,199 @@
+"""Full-batch L-BFGS probes and standardisation: each lane against a plain optax loop written here,
+the linear probe against scikit-learn at every C, and the default sweeps against a tuned
+``LogisticRegression`` on features with a large common offset (the demo cache's pathology)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from cxrfair.probe import train
+from cxrfair.probe.sweep import SweepConfig, feature_stats, run_sweep, select_config
+from tests.probe.synth import clusters, embedding_like
+
+
+def _data(x, y):
+    return train.Data(*(jnp.asarray(a) for a in (x["train"], y["train"], x["val"], y["val"], x["test"])))
+
+
+def reference_lbfgs(key, l2, hidden, x, y, recipe):
+    """One probe the plain way: an unbatched Python loop over ``optax.lbfgs`` steps (no vmap, no
+    scan), the MLP at its own width. The same stopping rule as the library's (largest gradient
+    entry <= gtol, or a non-finite step) and the same initial weights (its only library call).
+
+    Returns:
+        (test probabilities (Nt, C), iterations that moved the parameters).
+    """
+    init = train.init_params(jax.random.split(key)[0], x["train"].shape[1], recipe, jnp.int32(hidden))
+    if hidden:
+        init = {"w1": init["w1"][:hidden], "b1": init["b1"][:hidden], "w2": init["w2"][:, :hidden], "b2": init["b2"]}
+
+    def forward(p, a):
+        if not hidden:
+            return a @ p["w"].T + p["b"]
+        return jax.nn.relu(a @ p["w1"].T + p["b1"]) @ p["w2"].T + p["b2"]
+
+    def fun(p):
+        ce = optax.softmax_cross_entropy_with_integer_labels(forward(p, x["train"]), y["train"]).mean()
+        return ce + 0.5 * l2 * sum(jnp.sum(p[k] ** 2) for k in p if k.startswith("w"))
+
+    solver = optax.lbfgs(memory_size=10, linesearch=optax.scale_by_zoom_linesearch(
+        max_linesearch_steps=30, initial_guess_strategy="one"))
+
+    @jax.jit
+    def step(p, state, value, grad):
+        updates, state = solver.update(grad, state, p, value=value, grad=grad, value_fn=fun)
+        return optax.apply_updates(p, updates), state
+
+    params, state = init, solver.init(init)
+    value, grad = jax.value_and_grad(fun)(params)
+    iterations = 0
+    for _ in range(recipe.max_iter):
+        if max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grad)) <= recipe.gtol:
+            break
+        new, new_state = step(params, state, value, grad)
+        new_value, new_grad = optax.tree.get(new_state, "value"), optax.tree.get(new_state, "grad")
+        if not (np.isfinite(float(new_value)) and all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(new))):
+            break
+        params, state, value, grad = new, new_state, new_value, new_grad
+        iterations += 1
+    return np.asarray(jax.nn.softmax(forward(params, x["test"]))), iterations
+
+
+@pytest.fixture(scope="module")
+def small():
+    return clusters({"train": 50, "val": 20, "test": 20}, dim=8, n_classes=3, spread=1.0, seed=3)
+
+
+def test_each_lane_of_the_lbfgs_sweep_equals_a_plain_optax_loop(small):
+    """Linear lanes (two seeds x two penalties), in one compiled vmapped program."""
+    x, y = small
+    recipe = train.Recipe(n_classes=3, solver="lbfgs", max_iter=40)
+    l2s, seeds = [1e-3, 1e-1], [0, 5]
+    hyper = train.Hyper(jnp.zeros(2), jnp.zeros(2), jnp.zeros(2, jnp.int32), jnp.array(l2s, jnp.float32))
+    out = jax.device_get(train.train_sweep(train.seed_keys(seeds), hyper, _data(x, y), recipe))
+    for i, seed in enumerate(seeds):
+        for k, l2 in enumerate(l2s):
+            probs, iterations = reference_lbfgs(jax.random.PRNGKey(seed), l2, 0, x, y, recipe)
+            np.testing.assert_allclose(out.test_probs[i, k], probs, atol=2e-4)
+            assert abs(int(out.best_epoch[i, k]) - iterations) <= 1  # float noise may shift the last test
+    assert out.best_epoch[0, 1] < 40  # the strongly penalised lane converges before the cap
+
+
+def test_each_mlp_lane_of_the_lbfgs_sweep_equals_a_plain_optax_loop(small):
+    """Different widths share a program (zero-padded units); each lane is still its own MLP."""
+    x, y = small
+    recipe = train.Recipe(n_classes=3, max_hidden=8, solver="lbfgs", max_iter=12)
+    l2s, hiddens = [1e-2, 1e-1], [8, 5]
+    hyper = train.Hyper(jnp.zeros(2), jnp.zeros(2), jnp.array(hiddens, jnp.int32), jnp.array(l2s, jnp.float32))
+    out = jax.device_get(train.train_sweep(train.seed_keys([4]), hyper, _data(x, y), recipe))
+    for k in range(2):
+        probs, iterations = reference_lbfgs(jax.random.PRNGKey(4), l2s[k], hiddens[k], x, y, recipe)
+        np.testing.assert_allclose(out.test_probs[0, k], probs, atol=1e-3)
+        assert out.best_epoch[0, k] == iterations
+
+
+def test_linear_lbfgs_is_sklearns_logistic_regression_at_each_c():
+    """Objective mean CE + l2/2 ||W||^2 is sklearn's at C = 1/(l2 N): the same minimiser."""
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = clusters({"train": 90, "val": 30, "test": 30}, dim=6, n_classes=3, spread=0.7, seed=1)
+    l2s = (1e-3, 1e-2, 1e-1)
+    res = run_sweep(x, y, 3, SweepConfig(l2s=l2s, seeds=(0,), standardize=False))
+    for k, l2 in enumerate(l2s):
+        ref = LogisticRegression(C=1 / (l2 * 90), tol=1e-10, max_iter=10_000).fit(x["train"], y["train"])
+        # Both stop at a gradient tolerance (ours 1e-4 on the largest entry): close, not equal.
+        np.testing.assert_allclose(res.test_probs[0, k], ref.predict_proba(x["test"]), atol=1e-3)
+
+
+def test_standardisation_uses_the_training_split_only(small):
+    x, y = small
+    shifted = {**x, "val": x["val"] + 5.0, "test": x["test"] * 3.0}  # val/test must not move the statistics
+    cfg = SweepConfig(l2s=(1e-2,), seeds=(0,), max_iter=50)
+    res = run_sweep(shifted, y, 3, cfg)
+    np.testing.assert_allclose(res.feature_stats["mean"], x["train"].mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(res.feature_stats["std"], x["train"].std(0), rtol=1e-5)
+    # The same as standardising by hand with the training statistics and not standardising again.
+    mean, std = x["train"].mean(0), x["train"].std(0)
+    by_hand = run_sweep({k: (v - mean) / std for k, v in shifted.items()}, y, 3, SweepConfig(**{**cfg.__dict__, "standardize": False}))
+    np.testing.assert_allclose(res.test_probs, by_hand.test_probs, atol=1e-5)
+    assert by_hand.feature_stats is None
+
+
+def test_a_constant_feature_is_centred_not_divided_by_zero():
+    x = np.array([[1.0, 2.0], [1.0, 4.0], [1.0, 6.0]], np.float32)
+    stats = feature_stats(x)
+    assert stats["std"][0] == 1.0 and stats["mean"][0] == 1.0
+
+
+def test_selection_by_loss_or_by_accuracy():
+    loss, acc = np.array([0.9, 0.8, 0.8, 1.0]), np.array([0.5, 0.6, 0.7, 0.7])
+    assert select_config(loss, acc, "loss") == 1  # lowest loss, first of ties
+    assert select_config(loss, acc, "accuracy") == 2  # highest accuracy, ties to the lower loss
+
+
+def offset_features(seed: int, sizes: dict, dim: int = 24):
+    """Features with the demo cache's pathology: a large common offset (norm ~8.5) and a small
+    per-dimension sd (~0.07) around weakly separated, anisotropic classes."""
+    x, y = embedding_like(sizes, dim=dim, n_classes=6, spread=0.35, seed=seed)
+    rng = np.random.default_rng(seed + 100)
+    offset = rng.normal(size=dim)
+    offset *= 8.5 / np.linalg.norm(offset)
+    scale = 0.07 / x["train"].std()
+    return {k: (offset + v * scale).astype(np.float32) for k, v in x.items()}, y
+
+
+def tuned_logistic_regression(x, y, criterion: str) -> float:
+    """Test accuracy of sklearn's LogisticRegression on standardised features, C chosen on val
+    (``criterion`` "loss": lowest log-loss; "accuracy": highest accuracy, then lower log-loss)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(x["train"])
+    fits = [LogisticRegression(C=c, max_iter=10_000).fit(scaler.transform(x["train"]), y["train"])
+            for c in np.logspace(-3, 3, 13)]
+    val = [(m.score(scaler.transform(x["val"]), y["val"]), log_loss(y["val"], m.predict_proba(scaler.transform(x["val"]))))
+           for m in fits]
+    key = (lambda i: val[i][1]) if criterion == "loss" else (lambda i: (-val[i][0], val[i][1]))
+    best = fits[min(range(len(fits)), key=key)]
+    return best.score(scaler.transform(x["test"]), y["test"])
+
+
+def _test_accuracy(res, y) -> float:
+    return float(np.mean(res.test_probs[:, res.selected].argmax(-1) == y["test"]))
+
+
+SIZES = {"train": 420, "val": 120, "test": 240}
+
+
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow)])
+def test_default_linear_probe_reaches_a_tuned_logistic_regression(seed):
+    x, y = offset_features(seed, SIZES)
+    assert 7.5 < np.linalg.norm(x["train"], axis=1).mean() < 9.5 and x["train"].std(0).mean() < 0.1
+    for select in ("loss", "accuracy"):
+        ref = tuned_logistic_regression(x, y, select)
+        acc = _test_accuracy(run_sweep(x, y, 6, SweepConfig(seeds=(0,), select=select)), y)
+        assert 0.3 < ref < 0.85, "the data should be neither trivial nor hopeless"
+        assert acc >= ref - 0.02, (select, acc, ref)
+
+
+def test_default_mlp_grid_reaches_a_tuned_logistic_regression_fast():
+    """The MLP's default L2 grid and solver, at one small width and one seed (the slow test below
+    runs the full default grid)."""
+    x, y = offset_features(0, SIZES)
+    ref = tuned_logistic_regression(x, y, "loss")
+    acc = _test_accuracy(run_sweep(x, y, 6, SweepConfig(method="mlp", hiddens=(32,), seeds=(0,))), y)
+    assert acc >= ref - 0.03, (acc, ref)
+
+
+@pytest.mark.slow
+def test_default_mlp_probe_reaches_a_tuned_logistic_regression():
+    x, y = offset_features(0, SIZES)
+    ref = tuned_logistic_regression(x, y, "loss")
+    res = run_sweep(x, y, 6, SweepConfig(method="mlp"))
+    accs = (res.test_probs[:, res.selected].argmax(-1) == y["test"]).mean(-1)
+    assert accs.mean() >= ref - 0.03, (accs, ref)
