@@ -119,16 +119,16 @@ def _by_method(t: pd.DataFrame, ax, ylabel: str, title: str):
                         hatches=METHOD_HATCHES, ylabel=ylabel, title=title)
 
 
-def accuracy_by_model(summary: pd.DataFrame, ax=None):
-    """Paper Fig. 2a: accuracy per model, one bar per method."""
-    return _by_method(_pick(summary, "accuracy"), ax, "Accuracy (%)", "Accuracy by model and method")
+def accuracy_by_model(summary: pd.DataFrame, ax=None, metric: str = "accuracy", label: str = "Accuracy"):
+    """Paper Fig. 2a: accuracy (or another overall ``metric``, e.g. multi-label macro AUC) per model, one bar per method."""
+    return _by_method(_pick(summary, metric), ax, f"{label} (%)", f"{label} by model and method")
 
 
-def f1_heatmap(summary: pd.DataFrame, ax=None):
-    """Paper Fig. 2b: class-wise F1 (%) per model × method, cells annotated with the interval."""
-    t = summary[(summary["metric"] == "f1") & (summary["attribute"] == "")]
+def f1_heatmap(summary: pd.DataFrame, ax=None, metric: str = "f1", label: str = "F1"):
+    """Paper Fig. 2b: class-wise F1 (or ``metric``, e.g. AUC) in % per model × method, cells annotated with the interval."""
+    t = summary[(summary["metric"] == metric) & (summary["attribute"] == "") & (summary["class"] != "")]
     if t.empty:
-        return _no_data(_ax(ax), "class-wise F1")
+        return _no_data(_ax(ax), f"class-wise {label}")
     t = t.assign(row=t["model"] + " · " + t["method"])
     rows = list(dict.fromkeys(t.sort_values(["model", "method"], key=_method_key)["row"]))
     classes = list(dict.fromkeys(t["class"]))
@@ -142,8 +142,8 @@ def f1_heatmap(summary: pd.DataFrame, ax=None):
             ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if not v > 60 else "black")
     ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
     ax.set_yticks(range(len(rows)), rows)
-    ax.figure.colorbar(im, ax=ax, label="F1 (%)")
-    ax.set_title("Class-wise F1 (%) [95% interval]")
+    ax.figure.colorbar(im, ax=ax, label=f"{label} (%)")
+    ax.set_title(f"Class-wise {label} (%) [95% interval]")
     return ax
 
 
@@ -360,6 +360,103 @@ def _ece_bars(ax, vals: list[tuple], groups: list[str], gap: tuple) -> float:
                     arrowprops=dict(arrowstyle="|-|,widthA=0.3,widthB=0.3", lw=1.2, shrinkA=0, shrinkB=0))
     ax.set_title(f"ECE gap {_interval_text(*gap)}", fontsize=8)
     return float(np.nanmax(np.r_[hi[ok], v[np.isfinite(v)], 1.0]))
+
+
+# ----------------------------------------------------------------------------- multi-label and shortcut
+
+
+def _panel_grid(n: int, width: float, height: float, ncols: int = 3):
+    """A new figure of n panels in rows of at most ``ncols`` (extra panels hidden); (fig, flat axes)."""
+    ncols = max(1, min(ncols, n))
+    nrows = -(-max(n, 1) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False,
+                             constrained_layout=True)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, axes.flat
+
+
+def auc_by_condition_group(summary: pd.DataFrame, attribute: str, metric: str = "auc", axes=None):
+    """Per-condition, per-group AUC with intervals: one panel per condition, a bar per group
+    (colour and hatch) for each model · method.
+
+    Args:
+        summary: ``report.summary`` rows (multi-label: ``auc`` per attribute, group and condition).
+        axes: one Axes per condition, or None for a new figure.
+
+    Returns:
+        The Figure.
+    """
+    t = summary[(summary["metric"] == metric) & (summary["attribute"] == attribute) & (summary["group"] != "")
+                & (summary["class"] != "")]
+    conditions = list(dict.fromkeys(t["class"]))
+    t = t.assign(run=t["model"] + " · " + t["method"]).sort_values(["model", "method"], key=_method_key)
+    n_runs = max(1, t["run"].nunique())
+    if axes is None:
+        fig, axes = _panel_grid(len(conditions), max(4.0, 0.55 * n_runs + 1.6), 3.2)
+    axes = list(np.ravel(axes))
+    if t.empty:
+        return _no_data(axes[0], f"{metric} by {attribute} and condition").figure
+    groups = list(dict.fromkeys(t["group"]))
+    for i, (ax, c) in enumerate(zip(axes, conditions)):
+        grouped_bars(t[t["class"] == c], "run", "group", ax=ax, x_order=list(dict.fromkeys(t["run"])), hue_order=groups,
+                     colors={g: group_style(k)["color"] for k, g in enumerate(groups)},
+                     hatches={g: group_hatch(k) for k, g in enumerate(groups)},
+                     ylabel=f"{metric.upper()} within group (%)" if i % 3 == 0 else "", title=c)
+        ax.set_ylim(0, 105)
+        ax.axhline(50, color="#999999", lw=0.7, ls=":")  # a random ranking
+        ax.tick_params(labelsize=7)
+        if ax.get_legend() and i < len(conditions) - 1:
+            ax.get_legend().remove()  # one legend, on the last panel
+    return axes[0].figure
+
+
+def shortcut_panels(table: pd.DataFrame, axes=None):
+    """The shortcut test across models and methods: AUC with vs without the shortcut (left, hatched
+    bars with intervals) and their paired difference with its interval (right).
+
+    Args:
+        table: ``shortcut.csv`` rows (model, method, seed, column, class, auc_with[_ci_low/_ci_high],
+            auc_without[...], delta, ci_low, ci_high), drawn as given.
+        axes: two Axes, or None for a new figure.
+
+    Returns:
+        The Figure.
+    """
+    if axes is None:
+        n = max(1, len(table))
+        _, axes = plt.subplots(1, 2, figsize=(max(9.0, 0.9 * n + 5), 3.8), constrained_layout=True,
+                               gridspec_kw={"width_ratios": [1.6, 1]})
+    left, right = axes
+    if table.empty:
+        _no_data(left, "the shortcut test")
+        return left.figure
+    t = table.sort_values(["model", "method", "seed"], key=_method_key)
+    several = t.groupby(["model", "method"])["seed"].transform("nunique") > 1
+    run = t["model"] + " · " + t["method"] + np.where(several, " s" + t["seed"].astype(str), "")
+    column, cls = str(t["column"].iloc[0]), str(t["class"].iloc[0])
+    long = pd.concat([pd.DataFrame({"run": run.to_numpy(), "subset": f"{column} = {v}",
+                                    "value": t[f"auc_{k}"].to_numpy(float), "ci_low": t[f"auc_{k}_ci_low"].to_numpy(float),
+                                    "ci_high": t[f"auc_{k}_ci_high"].to_numpy(float)})
+                      for k, v in (("with", 1), ("without", 0))])
+    subsets = [f"{column} = 1", f"{column} = 0"]
+    grouped_bars(long, "run", "subset", ax=left, x_order=list(run), hue_order=subsets,
+                 colors=dict(zip(subsets, ("#d55e00", "#56b4e9"))), hatches=dict(zip(subsets, ("///", ""))),
+                 ylabel=f"{cls} AUC (%)", title=f"{cls} AUC: positives with vs without {column}")
+    left.set_ylim(0, 105)
+    y = np.arange(len(t))
+    d, lo, hi = (100 * t[c].to_numpy(float) for c in ("delta", "ci_low", "ci_high"))
+    clear = (lo > 0) | (hi < 0)
+    right.axvline(0, color="#999999", lw=0.8)
+    right.hlines(y, lo, hi, color="black", lw=1.0)
+    right.plot(d[clear], y[clear], "o", color="black", ms=5, label="interval excludes 0")
+    right.plot(d[~clear], y[~clear], "o", mfc="white", mec="black", ms=5, label="interval covers 0")
+    right.set_yticks(y, list(run), fontsize=7)
+    right.set_ylim(len(t) - 0.5, -0.5)
+    right.set_xlabel("AUC with − without (points)")
+    right.set_title("Paired difference")
+    right.legend(fontsize=7, loc="lower right")
+    return left.figure
 
 
 # ----------------------------------------------------------------------------- findings

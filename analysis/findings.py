@@ -54,22 +54,27 @@ def _n_groups(c: pd.DataFrame, attribute: str) -> int:
 def questions(comparisons: pd.DataFrame) -> list[Question]:
     """The questions the findings answer, for the metrics and attributes present.
 
-    Accuracy, Var_F1 (fairness across diseases), and per attribute the F1 gap and EqOdds. The F1
-    gap is its magnitude ``f1_gap_abs`` when the analysis provides it; otherwise ``f1_gap``, whose
-    change has no fairer/less-fair reading for two groups (it is signed) but has one for more
-    (then it is max − min).
+    Utility: accuracy (multi-class), else macro AUC (multi-label). Var_F1 (fairness across
+    diseases). Per attribute: the F1 gap, the AUC gap (multi-label), worst-group AUC and EqOdds.
+    A gap is its magnitude (``f1_gap_abs``) when the analysis provides it; otherwise the signed
+    gap, whose change has no fairer/less-fair reading for two groups but has one for more (then
+    it is max − min).
     """
     c = comparisons
     have = set(zip(c["metric"], c["attribute"]))
-    out = [Question("accuracy", "", "accuracy", "higher", "utility"),
+    utility = "accuracy" if ("accuracy", "") in have else "auc_macro"
+    out = [Question(utility, "", "accuracy" if utility == "accuracy" else "macro AUC", "higher", "utility"),
            Question("var_f1", "", "Var_F1", "lower", "fairness")]
     for a in dict.fromkeys(x for x in c["attribute"] if x):
+        two = _n_groups(c, a) == 2
         if ("f1_gap_abs", a) in have:
             out.append(Question("f1_gap_abs", a, "|F1 gap|", "lower", "fairness"))
-        elif _n_groups(c, a) == 2:
-            out.append(Question("f1_gap", a, "F1 gap (signed)", "", "signed"))
         else:
-            out.append(Question("f1_gap", a, "F1 gap", "lower", "fairness"))
+            out.append(Question("f1_gap", a, "F1 gap (signed)" if two else "F1 gap", "" if two else "lower",
+                                "signed" if two else "fairness"))
+        out.append(Question("auc_gap", a, "AUC gap (signed)" if two else "AUC gap", "" if two else "lower",
+                            "signed" if two else "fairness"))
+        out.append(Question("worst_group_auc", a, "worst group AUC", "higher", "fairness"))
         out.append(Question("eqodds", a, "EqOdds", "lower", "fairness"))
     return [q for q in out if (q.metric, q.attribute) in have]
 
@@ -177,7 +182,7 @@ def _one_seed(table: pd.DataFrame, model: str, method: str) -> bool:
     return table.loc[(table["model"] == model) & (table["method"] == method), "seed"].nunique(dropna=False) == 1
 
 
-_KIND_WORDS = {"utility": "Accuracy", "fairness": "Fairness", "signed": "Signed F1 gaps"}
+_KIND_WORDS = {"fairness": "Fairness", "signed": "Signed gaps"}
 _KIND_NOTES = {"signed": "A − A′ with A the reference group; a move is neither fairer nor less fair"}
 
 
@@ -204,7 +209,8 @@ def summary_lines(table: pd.DataFrame, level: float) -> list[str]:
                            ("higher", "lower", "fairer", "less fair", "no clear change", "undefined") if w in counts)
         note = f"; {_KIND_NOTES[kind]}" if kind in _KIND_NOTES else ""
         what = "" if kind == "utility" else f" ({_what(rows)}{note})"
-        out.append(f"**{_KIND_WORDS[kind]}**{what}: {listed} (of {len(rows)} comparisons).")
+        word = _KIND_WORDS.get(kind) or rows["name"].iloc[0][:1].upper() + rows["name"].iloc[0][1:]  # "Accuracy"
+        out.append(f"**{word}**{what}: {listed} (of {len(rows)} comparisons).")
     n, pairs = len(table), table.groupby(["model", "method", "seed"], dropna=False).ngroups
     alpha = 1 - level
     out.append(

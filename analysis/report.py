@@ -199,7 +199,8 @@ def wide(t: pd.DataFrame, col: str, names: dict | None = None) -> pd.DataFrame:
 
 def table_utility(s: pd.DataFrame) -> pd.DataFrame:
     """Accuracy, macro F1, macro AUC and ECE per model × method."""
-    names = {"accuracy": "Accuracy", "f1_macro": "Macro F1", "auc_macro": "Macro AUC", "ece": "ECE (binned)"}
+    names = {"accuracy": "Accuracy", "f1_macro": "Macro F1", "auc_macro": "Macro AUC", "ap_macro": "Macro AP",
+             "adjusted_auprc_macro": "Macro adjusted AUPRC", "ece": "ECE (binned)", "ece_macro": "Macro ECE"}
     t = s[s["metric"].isin(names) & (s["attribute"] == "") & (s["class"] == "")]
     return wide(t, "metric", names)
 
@@ -241,6 +242,58 @@ def table_group_metric(s: pd.DataFrame, attribute: str, metric: str, extra: tupl
 def table_group_f1(s: pd.DataFrame, attribute: str) -> pd.DataFrame:
     """Macro F1 within each group of one attribute per model × method."""
     return table_group_metric(s, attribute, "f1_macro")
+
+
+def table_class_metric(s: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """``metric`` per class (condition) on the whole split, one column per class, per model × method."""
+    return wide(s[(s["metric"] == metric) & (s["attribute"] == "") & (s["class"] != "")], "class")
+
+
+def table_condition_groups(s: pd.DataFrame, attribute: str, metric: str = "auc",
+                           extra: tuple[str, ...] = ("auc_gap", "worst_group_auc", "es_auc")) -> pd.DataFrame:
+    """Multi-label: ``metric`` of each condition within each group of one attribute, then ``extra``
+    per-condition gap metrics; one row per model × method × condition."""
+    t = s[(s["attribute"] == attribute) & (s["class"] != "")]
+    per = t[(t["metric"] == metric) & (t["group"] != "")]
+    if per.empty:
+        return pd.DataFrame()
+    per = _order(per.assign(cell=_cells(per)))
+    keys = ["model", "method", "class"]
+    w = per.pivot_table(index=keys, columns="group", values="cell", aggfunc="first", sort=False)
+    w = w[list(dict.fromkeys(per["group"]))]
+    g = t[(t["group"] == "") & t["metric"].isin(extra)]
+    if not g.empty:
+        g = g.assign(cell=_cells(g)).pivot_table(index=keys, columns="metric", values="cell", aggfunc="first", sort=False)
+        w = w.join(g[[m for m in extra if m in g.columns]])
+    seeds = per.groupby(keys, sort=False)["n_seeds"].max()
+    return w.assign(seeds=seeds.reindex(w.index).to_numpy()).reset_index().rename(columns={"class": "condition"})
+
+
+def table_thresholds(thresholds: pd.DataFrame, primary: set) -> pd.DataFrame:
+    """Multi-label: each primary run's decision threshold per condition (and the validation
+    positives / negatives it was chosen on), one row per run."""
+    t = thresholds[thresholds["run_id"].isin(primary)]
+    if t.empty:
+        return pd.DataFrame()
+    cell = [("–" if not np.isfinite(r.threshold) else f"{r.threshold:.3f}") + f" ({r.n_val_pos}+/{r.n_val_neg}−)"
+            for r in t.itertuples()]
+    w = _order(t.assign(cell=cell)).pivot_table(index=["model", "method", "seed"], columns="class", values="cell",
+                                                aggfunc="first", sort=False)
+    return w[list(dict.fromkeys(t["class"]))].reset_index()
+
+
+def table_shortcut(shortcut: pd.DataFrame) -> pd.DataFrame:
+    """The shortcut test per run: AUC with and without the shortcut, their paired difference, the images counted."""
+    if shortcut.empty:
+        return pd.DataFrame()
+    t = _order(shortcut)
+    cells = {name: [fmt(getattr(r, k), getattr(r, lo), getattr(r, hi)) for r in t.itertuples()]
+             for name, k, lo, hi in (("AUC with", "auc_with", "auc_with_ci_low", "auc_with_ci_high"),
+                                     ("AUC without", "auc_without", "auc_without_ci_low", "auc_without_ci_high"),
+                                     ("difference", "delta", "ci_low", "ci_high"))}
+    out = t[["model", "method", "seed"]].assign(**cells)
+    return out.assign(**{"positives with / without / unknown": [f"{a} / {b} / {c}" for a, b, c in zip(
+        t["n_pos_with"], t["n_pos_without"], t["n_pos_unknown"])], "negatives": t["n_neg"].to_numpy()}).reset_index(drop=True)
 
 
 def table_comparisons(c: pd.DataFrame, metrics=("accuracy", "f1_macro", "f1_gap", "f1_gap_abs", "eqodds", "ece_gap")) -> pd.DataFrame:

@@ -10,6 +10,7 @@ add it to ``SECTIONS``; the renderers in ``report`` need no change. Figures are 
 from __future__ import annotations
 
 from cxrfair.analysis import findings as F
+from cxrfair.analysis.embedding_report import geometry, leakage
 from cxrfair.analysis.report import (
     Figure,
     ReportData,
@@ -17,10 +18,14 @@ from cxrfair.analysis.report import (
     Table,
     slug,
     table_class_f1,
+    table_class_metric,
     table_comparisons,
+    table_condition_groups,
     table_fairness,
     table_group_f1,
     table_group_metric,
+    table_shortcut,
+    table_thresholds,
     table_utility,
 )
 
@@ -129,17 +134,23 @@ def setup(data: ReportData) -> Section:
 
 
 def utility(data: ReportData) -> Section | None:
-    """Accuracy, macro F1, macro AUC and ECE per model × method (paper Fig. 2a)."""
+    """Overall utility per model × method (paper Fig. 2a; multi-label: macro AUC, AP, adjusted AUPRC)."""
     t = table_utility(data.summary)
     if t.empty:
         return None
-    fig = Figure("accuracy.png", "Accuracy by model and method with 95% intervals (paper Fig. 2a).",
-                 _single("accuracy_by_model", data.summary))
-    return Section("utility", "Utility", figures=(fig,), tables=(Table(t, CELLS),))
+    if data.task == "multilabel":
+        fig = Figure("auc_macro.png", "Macro AUC (mean over conditions) by model and method with 95% intervals.",
+                     _single("accuracy_by_model", data.summary, metric="auc_macro", label="Macro AUC"))
+    else:
+        fig = Figure("accuracy.png", "Accuracy by model and method with 95% intervals (paper Fig. 2a).",
+                     _single("accuracy_by_model", data.summary))
+    return Section("utility", "Utility", figures=(fig,), tables=(Table(t, CELLS, titles=data.definitions),))
 
 
 def diseases(data: ReportData) -> Section | None:
-    """Class-wise F1 and Var_F1 (paper Figs. 2b and 3a)."""
+    """Class-wise F1 and Var_F1 (paper Figs. 2b and 3a); multi-label: AUC per condition."""
+    if data.task == "multilabel":
+        return _conditions_overall(data)
     t = table_class_f1(data.summary)
     if t.empty:
         return None
@@ -155,6 +166,116 @@ def diseases(data: ReportData) -> Section | None:
                    tables=(Table(t, caption, visible=8, stacked=True),))
 
 
+def _conditions_overall(data: ReportData) -> Section | None:
+    t = table_class_metric(data.summary, "auc")
+    if t.empty:
+        return None
+    n = max(1, data.summary.loc[data.summary["metric"] == "auc", "class"].nunique())
+    fig = Figure("auc_heatmap.png", "AUC of each condition with intervals, by model and method.",
+                 _single("f1_heatmap", data.summary, metric="auc", label="AUC", width=1.4 * n + 3,
+                         height=0.5 * _n_rows(data) + 1.8))
+    tables = [Table(t, "ROC-AUC per condition (masked labels left out). " + CELLS, visible=8, stacked=True)]
+    ap = table_class_metric(data.summary, "adjusted_auprc")
+    if not ap.empty:
+        tables.append(Table(ap, "Adjusted AUPRC per condition (0: a random ranking, 1: perfect; Sourget et al.). "
+                            + CELLS, visible=8, stacked=True))
+    return Section("diseases", "Conditions", figures=(fig,), tables=tuple(tables))
+
+
+def conditions_by_group(data: ReportData) -> list[Section]:
+    """Multi-label: per attribute, each condition's AUC within each group with intervals (figure
+    and table), with the per-condition AUC gap, worst-group AUC and ES-AUC."""
+    if data.task != "multilabel":
+        return []
+    out = []
+    for a in data.attributes:
+        t = table_condition_groups(data.summary, a)
+        if t.empty:
+            continue
+        fig = Figure(f"auc_by_condition_{slug(a)}.png",
+                     f"AUC of each condition (panels) within each {a} group (bars, told apart by hatch as well as "
+                     "colour) for each model and method, with 95% intervals; the dotted line is a random ranking.",
+                     _draw("auc_by_condition_group", data.summary, a))
+        caption = (f"AUC within each {a} group, per condition, then the condition's AUC gap (reference group − "
+                   "other; max − min with more than two groups), worst-group AUC and ES-AUC. " + CELLS)
+        out.append(Section(f"conditions-{slug(a)}", f"AUC per condition by {a}", figures=(fig,),
+                           tables=(Table(t, caption, index=("model", "method", "condition"), visible=6,
+                                         titles=data.definitions),)))
+    return out
+
+
+def thresholds(data: ReportData) -> Section | None:
+    """Multi-label: the decision threshold of each condition, chosen per run on validation."""
+    th = getattr(data.results, "thresholds", None)
+    if th is None or th.empty:
+        return None
+    primary = set(data.results.runs.loc[data.results.runs["primary"], "run_id"])
+    t = table_thresholds(th, primary)
+    if t.empty:
+        return None
+    from cxrfair.analysis.multilabel import THRESHOLD_RULE
+
+    prose = (f"The threshold metrics (F1, TPR, FPR, FNR, equalized odds, FNR gap) use, {THRESHOLD_RULE}. "
+             "A post-processed run uses its own recorded thresholds. All thresholds are in `thresholds.csv`.",)
+    return Section("thresholds", "Decision thresholds", prose=prose, tables=(Table(
+        t, "Threshold per condition (validation positives+ / negatives− it was chosen on), primary runs.",
+        index=("model", "method", "seed"), collapsed=True),))
+
+
+# ----------------------------------------------------------------------------- shortcut and mitigation
+
+
+def shortcut(data: ReportData) -> Section | None:
+    """The shortcut test (``shortcut.csv``): the class's AUC with vs without the shortcut, paired difference."""
+    sc = getattr(data.results, "shortcut", None)
+    if sc is None or sc.empty:
+        return None
+    primary = set(data.results.runs.loc[data.results.runs["primary"], "run_id"])
+    sc = sc[sc["run_id"].isin(primary)]
+    if sc.empty:
+        return None
+    column, cls = str(sc["column"].iloc[0]), str(sc["class"].iloc[0])
+    n_clear = int(((sc["ci_low"] > 0) | (sc["ci_high"] < 0)).sum())
+    prose = (f"Does a model read `{column}` instead of {cls}? Each run's {cls} AUC on its positives **with** "
+             f"`{column}` = 1 (plus every negative) against its positives **without** (`{column}` = 0, plus the "
+             f"same negatives). A positive difference means {cls} is found more easily when `{column}` is present. "
+             f"The difference's interval excludes zero in {n_clear} of {len(sc)} runs (paired: both AUCs on the same "
+             "resamples; not corrected for multiplicity).",)
+    fig = Figure("shortcut.png", f"{cls} AUC with vs without `{column}` per model and method (left, with 95% "
+                 "intervals) and the paired difference (right; filled where its interval excludes zero).",
+                 _draw("shortcut_panels", sc))
+    return Section("shortcut", f"Shortcut test: {cls} with vs without {column}", prose=prose, figures=(fig,),
+                   tables=(Table(table_shortcut(sc), "Per run; every row is in `shortcut.csv`. " + CELLS.split(";")[0] + ".",
+                                 index=("model", "method", "seed")),))
+
+
+# >>> MITIGATION SLOT (issue 13) -------------------------------------------------------------
+# The mitigation analysis (analysis/mitigation.py, analysis/mitigation_figures.py, another branch)
+# puts its paired deltas against ERM on ``Results.mitigation`` (a DataFrame, or None when the runs
+# hold no mitigated run) and provides a trade-off figure function. To wire it at merge: set
+# MITIGATION_FIGURE to that function (``(mitigation: DataFrame) -> Figure``) and, if wanted,
+# replace the generic table below with the module's own. Absent (None or empty): no section.
+MITIGATION_FIGURE = None
+
+
+def mitigation(data: ReportData) -> Section | None:
+    """Mitigations against ERM: paired deltas with intervals and the utility–fairness trade-off."""
+    m = getattr(data.results, "mitigation", None)
+    if m is None or len(m) == 0:
+        return None
+    figs = ()
+    if MITIGATION_FIGURE is not None:
+        figs = (Figure("mitigation_tradeoff.png", "Utility against the targeted gap, one point per strength, ERM "
+                       "marked, the Pareto front drawn; error bars are 95% intervals.",
+                       lambda: MITIGATION_FIGURE(m)),)
+    return Section("mitigation", "Mitigation", prose=(
+        "Each mitigation against plain training (ERM) of the same model and method: paired bootstrap differences "
+        "on the same test images, not corrected for multiplicity.",), figures=figs,
+        tables=(Table(m.astype(str), "Every row of the mitigation table.", index=tuple(
+            c for c in ("model", "method", "mitigation", "sensitive") if c in m.columns), visible=6),))
+# <<< MITIGATION SLOT ------------------------------------------------------------------------
+
+
 # ----------------------------------------------------------------------------- groups
 
 
@@ -166,7 +287,8 @@ def group_fairness(data: ReportData) -> list[Section]:
         fair = table_fairness(s, a)
         if fair.empty:
             continue
-        panels = [("f1_gap", "F1 gap (A − A')"), ("eqodds", "EqOdds"), ("fnr_gap", "FNR gap (A − A')")]
+        panels = [("f1_gap", "F1 gap (A − A')"), ("auc_gap", "AUC gap (A − A')"), ("eqodds", "EqOdds"),
+                  ("fnr_gap", "FNR gap (A − A')")]
         panels = [p for p in panels if (s["metric"] == p[0]).any()]
         figs = (
             Figure(f"f1_by_group_{slug(a)}.png", f"Macro F1 within each {a} group with 95% intervals (paper Fig. 3b).",
@@ -176,7 +298,7 @@ def group_fairness(data: ReportData) -> list[Section]:
                    _draw("fairness_panels", s, a, panels)),
         )
         tables = (
-            Table(fair, f"Group fairness by {a}: signed gaps are A − A' with A = M / young; with more than two "
+            Table(fair, f"Group fairness by {a}: signed gaps are A − A' with A the reference group{_reference(data, a)}; with more than two "
                   "groups a gap is the largest over pairs of groups (max − min). Headline metrics first; "
                   "the rest fold away. Hover a column name for its definition (all in [Setup](#setup)).",
                   visible=4, titles=data.definitions),
@@ -184,6 +306,12 @@ def group_fairness(data: ReportData) -> list[Section]:
         )
         out.append(Section(f"fairness-{slug(a)}", f"Fairness by {a}", figures=figs, tables=tables))
     return out
+
+
+def _reference(data: ReportData, attribute: str) -> str:
+    """`` (M)``: the attribute's reference group as the analysis resolved it, or ""."""
+    ref = (getattr(data.results, "attributes", None) or {}).get(attribute, {}).get("reference")
+    return f" ({ref})" if ref else ""
 
 
 def _models(df) -> list[str]:
@@ -275,9 +403,15 @@ SECTIONS = [
     setup,
     utility,
     diseases,
+    conditions_by_group,
     group_fairness,
     roc_curves,
     calibration,
+    thresholds,
+    shortcut,
+    mitigation,
+    leakage,
+    geometry,
     comparisons,
     runs,
 ]

@@ -218,8 +218,9 @@ CLAUSE = re.compile(rf"(?:^|, )(?P<name>[A-Za-z_|0-9 ()]+?) (?P<d>{NUM})(?: poin
 HEAD = re.compile(r"^- \*\*(?P<model>[^,]+), (?P<method>[^*]+) vs (?P<base>[^*]+)\*\*(?: \(seed (?P<seed>\d+)\))?: (?P<body>.*)\.$")
 METHOD_NAMES = {"zero-shot": "zeroshot", "linear probe": "linear", "MLP probe": "mlp", "LoRA": "lora", "full fine-tuning": "full"}
 METRIC_NAMES = {"accuracy": "accuracy", "Var_F1": "var_f1", "F1 gap (signed)": "f1_gap", "F1 gap": "f1_gap",
-                "|F1 gap|": "f1_gap_abs", "EqOdds": "eqodds"}
-ATTRIBUTES = {"sex": "sex", "age": "age_group", "sex×age": "sex×age"}
+                "|F1 gap|": "f1_gap_abs", "EqOdds": "eqodds", "macro AUC": "auc_macro", "AUC gap (signed)": "auc_gap",
+                "AUC gap": "auc_gap", "worst group AUC": "worst_group_auc"}
+ATTRIBUTES = {"sex": "sex", "age": "age_group", "sex×age": "sex×age", "race": "race"}
 
 
 def _num(s: str) -> float:
