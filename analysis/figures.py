@@ -366,11 +366,16 @@ def _ece_bars(ax, vals: list[tuple], groups: list[str], gap: tuple) -> float:
 
 
 def _panel_grid(n: int, width: float, height: float, ncols: int = 3):
-    """A new figure of n panels in rows of at most ``ncols`` (extra panels hidden); (fig, flat axes)."""
+    """A new figure of n panels ``width`` × ``height`` inches in rows of at most ``ncols`` (extra
+    panels hidden), margins set by hand (room for a legend on the right): constrained layout
+    doubles the drawing time. Returns (fig, flat axes)."""
     ncols = max(1, min(ncols, n))
     nrows = -(-max(n, 1) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False,
-                             constrained_layout=True)
+    left, right, top, bottom = 0.7, 1.3, 0.4, 0.7
+    w, h = left + right + width * ncols, top + (height + bottom) * nrows
+    fig, axes = plt.subplots(nrows, ncols, figsize=(w, h), squeeze=False)
+    fig.subplots_adjust(left=left / w, right=1 - right / w, top=1 - top / h, bottom=bottom / h, wspace=0.25,
+                        hspace=bottom / height + 0.15)
     for ax in axes.flat[n:]:
         ax.set_visible(False)
     return fig, axes.flat
@@ -393,7 +398,7 @@ def auc_by_condition_group(summary: pd.DataFrame, attribute: str, metric: str = 
     t = t.assign(run=t["model"] + " · " + t["method"]).sort_values(["model", "method"], key=_method_key)
     n_runs = max(1, t["run"].nunique())
     if axes is None:
-        fig, axes = _panel_grid(len(conditions), max(4.0, 0.55 * n_runs + 1.6), 3.2)
+        fig, axes = _panel_grid(len(conditions), max(3.0, 0.55 * n_runs + 1.0), 2.6)
     axes = list(np.ravel(axes))
     if t.empty:
         return _no_data(axes[0], f"{metric} by {attribute} and condition").figure
@@ -476,11 +481,13 @@ def findings_forest(findings: pd.DataFrame, axes=None):
     """
     labels = list(dict.fromkeys(findings["label"]))
     rows = list(dict.fromkeys(zip(findings["model"], findings["method"], findings["seed"])))
-    names = [f"{m} · {me}" + ("" if np.isnan(s) else f" s{int(s)}") for m, me, s in rows]
+    several = {(m, me) for m, me, s in rows if sum((m2, me2) == (m, me) for m2, me2, _ in rows) > 1}
+    names = [f"{m} · {me}" + ("" if np.isnan(s) or (m, me) not in several else f" s{int(s)}") for m, me, s in rows]
     ncols = min(4, max(1, len(labels)))
     nrows = -(-max(1, len(labels)) // ncols)
     left = 0.2 + 0.06 * max((len(n) for n in names), default=10)  # room for the row names at fontsize 7
-    axes = _grid(axes, nrows, ncols, 2.2, 0.24 * len(rows) + 0.5, top=0.35, bottom=0.45, hspace=0.6, left=left,
+    height = 0.24 * len(rows) + 0.5
+    axes = _grid(axes, nrows, ncols, 2.2, height, top=0.35, bottom=0.45, hspace=0.75 / height, left=left,
                  sharey=True)
     if findings.empty:
         _no_data(axes[0, 0], "paired comparisons")

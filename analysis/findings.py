@@ -79,8 +79,10 @@ def questions(comparisons: pd.DataFrame) -> list[Question]:
     return [q for q in out if (q.metric, q.attribute) in have]
 
 
-def verdict(lo: float, hi: float, better: str) -> str:
-    """Reading of one interval: higher/lower (fairer/less fair for a gap), no clear change, or undefined."""
+def verdict(lo: float, hi: float, better: str, fairness: bool = False) -> str:
+    """Reading of one interval: higher/lower, or fairer/less fair for a fairness question (a gap,
+    where lower is better, or a worst-group score with ``fairness`` set, where higher is);
+    no clear change; or undefined."""
     if not (np.isfinite(lo) and np.isfinite(hi)):
         return "undefined"
     if lo <= 0 <= hi:
@@ -88,6 +90,8 @@ def verdict(lo: float, hi: float, better: str) -> str:
     up = lo > 0
     if better == "lower":
         return "less fair" if up else "fairer"
+    if fairness and better == "higher":
+        return "fairer" if up else "less fair"
     return "higher" if up else "lower"
 
 
@@ -126,7 +130,7 @@ def findings_table(comparisons: pd.DataFrame) -> pd.DataFrame:
                 h = hit.iloc[0]
                 lo, hi = float(h["ci_low"]), float(h["ci_high"])
                 records.append((model, method, h["baseline"], seed, q.metric, q.attribute, q.label, q.name,
-                                q.kind, q.better, float(h["delta"]), lo, hi, verdict(lo, hi, q.better)))
+                                q.kind, q.better, float(h["delta"]), lo, hi, verdict(lo, hi, q.better, q.kind == "fairness")))
     return pd.DataFrame.from_records(records, columns=cols)
 
 

@@ -98,3 +98,9 @@ def test_number_formatting():
 def test_no_comparisons_no_findings():
     t = F.findings_table(pd.DataFrame(columns=COLS))
     assert t.empty and F.sentences(t) == [] and F.summary_lines(t, 0.95) == []
+
+
+def test_a_worst_group_score_reads_as_fairer_when_it_rises():
+    assert F.verdict(0.01, 0.05, "higher", fairness=True) == "fairer"
+    assert F.verdict(-0.05, -0.01, "higher", fairness=True) == "less fair"
+    assert F.verdict(0.01, 0.05, "higher") == "higher"  # utility

@@ -106,3 +106,28 @@ def test_screenshot_shows_content_not_a_blank_page(report, tmp_path):
     # Content spreads down the page (tables, then figures), not one strip at the top.
     rows_with_ink = ink.any(axis=1).reshape(30, 100).any(axis=1)
     assert rows_with_ink.sum() >= 25
+
+
+@pytest.fixture(scope="module")
+def v2_report(tmp_path_factory) -> Path:
+    """A multi-label report with the shortcut test and embedding analyses (one attribute: few figures)."""
+    from tests.analysis.synth import ML_ATTRIBUTES, multilabel_rows, write_embedding_outputs, write_multilabel_runs
+
+    tmp = tmp_path_factory.mktemp("browser_v2")
+    rows = multilabel_rows(n_per_split=60)
+    write_multilabel_runs(tmp / "runs", [("m", "zeroshot", 0), ("m", "linear", 0)], rows)
+    write_embedding_outputs(tmp / "embeddings", "m", rows, {"race": ML_ATTRIBUTES["race"]})
+    return analyze(AnalyzeConfig(runs_dir=tmp / "runs", out=tmp / "report", n_boot=100, seed=0,
+                                 attributes=("race",), cross=()))
+
+
+def test_v2_sections_and_their_figures_render_in_chromium(v2_report, tmp_path):
+    seen = _probe(v2_report, tmp_path)
+    assert seen["sections"][0] == "findings" and seen["toc"] == seen["sections"]
+    assert {"conditions-race", "thresholds", "shortcut", "leakage", "geometry"} <= set(seen["sections"])
+    assert not [s for s in seen["sections"] if "drain" in s]
+    names = {name.removeprefix("fig-") for name, width, height, _ in seen["imgs"] if width > 200 and height > 100}
+    assert {"auc_by_condition_race", "roc_m_race", "reliability_m_race", "shortcut", "leakage", "pca_m"} <= names
+    assert len(seen["imgs"]) == len(list((v2_report.parent / "figures").glob("*.png")))
+    assert any("macro AUC" in item and "race" in item for item in seen["items"])
+    assert seen["overflow"] <= 0
