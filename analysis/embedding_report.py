@@ -217,7 +217,8 @@ def geometry(data: ReportData) -> Section | None:
                  for g in models)
     tests = pd.concat([g["pca_tests"] for g in models if "pca_tests" in g], ignore_index=True) \
         if any("pca_tests" in g for g in models) else pd.DataFrame()
-    prose = ("A 2-D picture alone misleads: groups can overlap in PC1–PC2 and still be separable (see leakage). "
+    see = " (see [Attribute leakage](#leakage))" if not read_leakage(root).empty else ""
+    prose = (f"A 2-D picture alone misleads: groups can overlap in PC1–PC2 and still be separable{see}. "
              "The table tests, per attribute, whether the groups' distributions differ along each of the first "
              "components (Kolmogorov–Smirnov statistic, permutation p-value over patients, Holm-corrected over the "
              "components).",)

@@ -391,3 +391,12 @@ def test_summary_takes_the_seed_means_interval_from_seeds_csv(runs_dir):
         seeds["mean"], seeds["ci_low"], seeds["ci_high"], 2)
     acc = res.metrics[(res.metrics["metric"] == "accuracy") & (res.metrics["attribute"] == "")]
     assert row["value"] == pytest.approx(acc["value"].mean())  # the seed mean, not one run
+
+
+def test_readme_shows_a_small_screenshot_of_the_report():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    shot = root / "docs" / "report.png"
+    assert "](docs/report.png)" in (root / "README.md").read_text()
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size < 300_000
