@@ -247,18 +247,21 @@ def parse_findings(md: str) -> list[dict]:
     return out
 
 
-def test_report_opens_on_findings_that_match_comparisons_csv(report):
-    out, html_path = report
-    html = html_path.read_text()
+def assert_findings_match_comparisons(out) -> list[dict]:
+    """The report in ``out`` opens on findings, and every claim in them is its row of comparisons.csv
+    (value and interval to the printed digit, verdict = whether the interval excludes zero).
+    Returns the claims."""
+    html = (out / "report.html").read_text()
     assert re.search(r"<main><h1>[^<]+</h1><p class='lead'>.*?</p>\s*<section id='findings'>", html, re.S)
     md = (out / "report.md").read_text()
     claims = parse_findings(md)
     c = pd.read_csv(out / "comparisons.csv", keep_default_na=False)
     c = c[(c["group"] == "") & (c["class"] == "")]
     c = c.assign(**{k: pd.to_numeric(c[k], errors="coerce") for k in ("seed", "delta", "ci_low", "ci_high")})
-    assert len(claims) == len(pd.read_csv(out / "findings.csv")) > 10
+    assert claims and len(claims) == len(pd.read_csv(out / "findings.csv"))
     n_stated = int(re.search(r"In all, (\d+) comparisons", md)[1])
     assert n_stated == len(claims)
+    assert "not corrected for multiplicity" in md.split('<a id="findings"></a>')[1].split("<a id=")[0]
     for k in claims:
         row = c[(c["model"] == k["model"]) & (c["method"] == k["method"]) & (c["metric"] == k["metric"])
                 & (c["attribute"] == k["attribute"])]
@@ -279,6 +282,12 @@ def test_report_opens_on_findings_that_match_comparisons_csv(report):
     for line in md.split('<a id="findings"></a>')[1].split("<a id=")[0].splitlines():
         if line.startswith("- **"):
             assert line[2:].replace("**", "") in text
+    return claims
+
+
+def test_report_opens_on_findings_that_match_comparisons_csv(report):
+    out, _ = report
+    assert len(assert_findings_match_comparisons(out)) > 10
 
 
 def test_sections_have_anchors_a_contents_list_and_the_same_order_in_markdown(report):
