@@ -116,10 +116,24 @@ def zero_shot_scoring(data: ReportData) -> list[str]:
     return out
 
 
+def attribute_lines(data: ReportData) -> list[str]:
+    """One line per analysed attribute: its groups, the reference first (``Results.attributes``)."""
+    out = []
+    for a, spec in (getattr(data.results, "attributes", None) or {}).items():
+        of = f" (the cross of {' × '.join(spec['of'])})" if spec.get("of") else ""
+        out.append(f"- `{a}`{of}: " + ", ".join(f"**{g}** (reference)" if g == spec.get("reference") else str(g)
+                                                for g in spec.get("groups", [])))
+    return out
+
+
 def setup(data: ReportData) -> Section:
     """How the numbers were made: split, intervals, zero-shot scoring per model, notes, metric definitions."""
     prose = [f"**Uncertainty.** {_uncertainty(data)} Absolute gaps are biased upward under resampling, so "
              "their interval may not contain the point estimate."]
+    groups = attribute_lines(data)
+    if groups:
+        prose += ["**Attributes** (groups in report order, the reference group first; gaps are the reference "
+                  "minus the other group for two groups, max − min for more):", "\n".join(groups)]
     zs = zero_shot_scoring(data)
     if zs:
         prose += ["**Zero-shot** (prompt set chosen on validation; the draws of a sampled set are averaged like seeds):",

@@ -245,3 +245,11 @@ def test_cli_embeddings_option(mc, tmp_path):
                                   "--embeddings", str(tmp_path / "missing")])
     assert r.exit_code != 0 and "--embeddings" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "R").exists()  # refused before anything is written
+
+
+def test_setup_lists_each_attribute_with_its_reference_group(ml):
+    _, _, runs, res = ml
+    md = render_markdown(build_sections(ReportData(res, runs), [S.setup]), set(), "t", "l")
+    assert "- `race`: **White** (reference), Black, Asian" in md
+    assert "- `age_group`: **50-65** (reference), 18-25, 25-50, 65-80, 80+" in md
+    assert "- `sex×age` (the cross of sex × age_group): **M×50-65** (reference)" in md
