@@ -36,6 +36,7 @@ from sklearn.neural_network import MLPClassifier
 
 from cxrfair.extract.cache import write_cache
 from cxrfair.probe.attribute_probes import MLP_GRID, standardize
+from cxrfair.probe.sweep import L2_GRIDS
 from cxrfair.probe.embedding_data import load_embedding_data
 from cxrfair.probe.leakage import LeakageConfig, leakage
 
@@ -74,8 +75,8 @@ def baseline_one_labelling(x: dict, y: dict, n_mlp: int, ks, metrics) -> dict:
     out["linear"] = min(fits, key=lambda m: log_loss(y["val"], m.predict_proba(x["val"]))).predict_proba(x["test"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        fits = [MLPClassifier((MLP_GRID.hiddens[0],), alpha=a, learning_rate_init=1e-3, max_iter=MLP_GRID.epochs,
-                              batch_size=MLP_GRID.batch_size, random_state=0).fit(x["train"], y["train"])
+        fits = [MLPClassifier((MLP_GRID.hiddens[0],), alpha=a, solver="lbfgs", max_iter=1000,
+                              random_state=0).fit(x["train"], y["train"])
                 for a in np.logspace(-4, 0, n_mlp)]
     out["mlp"] = min(fits, key=lambda m: log_loss(y["val"], m.predict_proba(x["val"]))).predict_proba(x["test"])
     best = None
@@ -129,7 +130,7 @@ def main() -> None:
     x = standardize({s: data.x[split == s] for s in ("train", "val", "test")})
     y = {s: y_all[split == s] for s in ("train", "val", "test")}
     t0 = time.perf_counter()
-    probs = baseline_one_labelling(x, y, len(MLP_GRID.lrs) * len(MLP_GRID.weight_decays), cfg.ks, cfg.knn_metrics)
+    probs = baseline_one_labelling(x, y, len(L2_GRIDS["mlp"]), cfg.ks, cfg.knn_metrics)
     fit_s = time.perf_counter() - t0
     patients = data.patients[split == "test"]
     rng = np.random.default_rng(0)

@@ -32,7 +32,7 @@ from tests.probe.embedding_synth import cohort, embeddings, make_cache
 
 V2 = {"sex": {"groups": ["M", "F"], "reference": "M"}, "age_group": {"groups": ["young", "old"], "reference": "young"},
       "race": {"groups": ["White", "Black", "Asian"], "reference": "White"}}
-FAST = SweepGrid(lrs=(1e-2,), weight_decays=(0.0, 0.1), epochs=15, batch_size=64)
+FAST = SweepGrid(l2s=(1e-3, 1e-1))
 
 
 def _cli(*args):
@@ -147,7 +147,7 @@ def test_patient_bootstrap_moves_a_patients_images_together():
 # ---------------------------------------------------------------- the analysis
 
 
-LINEAR = SweepGrid(lrs=(1e-3, 1e-2), weight_decays=(0.0, 1.0), epochs=40)
+LINEAR = SweepGrid()  # the default: L-BFGS over the probe stage's L2 grid
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +157,7 @@ def planted(tmp_path_factory):
     path = make_cache(tmp_path_factory.mktemp("planted") / "c.h5", attributes=V2, age_shift=0.4)[0]
     data = load_embedding_data(path)
     cfg = LeakageConfig(attributes=("sex", "coin", "age_group"), n_perm=2, n_boot=300, linear=LINEAR,
-                        mlp=SweepGrid(lrs=(1e-2,), weight_decays=(0.0,), hiddens=(16,), epochs=15))
+                        mlp=SweepGrid(l2s=(1e-2, 1e-1), hiddens=(16,)))
     return data, leakage(data, cfg)
 
 
