@@ -154,10 +154,15 @@ def roc_table(runs, split: str, attributes, grid=FPR_GRID, cross=None) -> pd.Dat
         for j, c in enumerate(classes):
             fpr, tpr, _ = _class_curve(y, probs, j, task)
             curves.setdefault((model, method, attr, g, c), []).append(roc_on_grid(fpr, tpr, grid))
-    frames = [pd.DataFrame({"model": k[0], "method": k[1], "attribute": k[2], "group": k[3], "class": k[4],
-                            "n_runs": len(v), "fpr": grid, "tpr": np.mean(v, axis=0)})
-              for k, v in curves.items()]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=ROC_COLUMNS)
+    if not curves:
+        return pd.DataFrame(columns=ROC_COLUMNS)
+    # One frame from whole columns: a small DataFrame per curve costs more than the curves.
+    keys, g = list(curves), len(grid)
+    out = {name: np.repeat([k[i] for k in keys], g) for i, name in enumerate(ROC_COLUMNS[:5])}
+    out["n_runs"] = np.repeat([len(curves[k]) for k in keys], g)
+    out["fpr"] = np.tile(np.asarray(grid, dtype=np.float64), len(keys))
+    out["tpr"] = np.concatenate([np.mean(curves[k], axis=0) for k in keys])
+    return pd.DataFrame(out)[ROC_COLUMNS]
 
 
 def reliability_table(runs, split: str, attributes, n_bins: int = ECE_BINS, cross=None) -> pd.DataFrame:

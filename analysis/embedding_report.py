@@ -96,7 +96,7 @@ def table_leakage(t: pd.DataFrame) -> pd.DataFrame:
     w = t.assign(cell=cell).pivot_table(index=["model", "attribute"], columns="probe", values="cell",
                                         aggfunc="first", sort=False)
     w = w[list(dict.fromkeys(t["probe"]))]
-    chance = t.groupby(["model", "attribute"], sort=False).apply(_chance_cell, include_groups=False)
+    chance = pd.Series({k: _chance_cell(rows) for k, rows in t.groupby(["model", "attribute"], sort=False)})
     n = t.groupby(["model", "attribute"], sort=False)["n_test"].max()
     return w.assign(chance=chance.reindex(w.index).to_numpy(), n_test=n.reindex(w.index).to_numpy()).reset_index()
 
