@@ -79,6 +79,9 @@ def read_geometry(folder: Path) -> dict:
     out = {name.removesuffix(".csv"): pd.read_csv(folder / name) for name in GEOMETRY_FILES if (folder / name).exists()}
     meta = folder / "geometry.json"
     out["attributes"] = json.loads(meta.read_text()).get("attributes", {}) if meta.exists() else {}
+    if not out["attributes"] and "pca_tests" in out:  # no geometry.json: the tests name each attribute's groups
+        t = out["pca_tests"].drop_duplicates("attribute")
+        out["attributes"] = {str(a): str(g).split("|") for a, g in zip(t["attribute"], t["groups"])}
     out["model"] = folder.parent.name
     return out
 

@@ -253,3 +253,12 @@ def test_setup_lists_each_attribute_with_its_reference_group(ml):
     assert "- `race`: **White** (reference), Black, Asian" in md
     assert "- `age_group`: **50-65** (reference), 18-25, 25-50, 65-80, 80+" in md
     assert "- `sex×age` (the cross of sex × age_group): **M×50-65** (reference)" in md
+
+
+def test_geometry_without_its_json_takes_the_groups_from_the_tests(ml, tmp_path):
+    from cxrfair.analysis.embedding_report import read_geometry
+
+    _, rows, _, _ = ml
+    write_embedding_outputs(tmp_path, "m", rows, {a: ML_ATTRIBUTES[a] for a in ("sex", "race")})
+    (tmp_path / "m" / "geometry" / "geometry.json").unlink()
+    assert read_geometry(tmp_path / "m" / "geometry")["attributes"] == {"sex": ["M", "F"], "race": ["White", "Black", "Asian"]}
