@@ -71,6 +71,9 @@ class AnalyzeConfig:
     cross: tuple[str, ...] | None = None  # attributes crossed into one more (and the bootstrap strata); None = the first two, () = none
     shortcut: str = "auto"  # binary column of the shortcut test; "auto": drain + Pneumothorax when present; "none": off
     shortcut_class: str | None = None  # the class whose AUC the shortcut test compares (with an explicit shortcut)
+    # Folder of `cxrfair embeddings leakage|geometry` outputs (<model>/leakage, <model>/geometry) shown in the
+    # report: "auto" = the runs folder's sibling embeddings/ when it holds some, "none" = off, or a path.
+    embeddings: str = "auto"
 
     def __post_init__(self):
         if self.n_boot < 0 or 0 < self.n_boot < MIN_BOOTSTRAP:
@@ -818,6 +821,14 @@ def _check_out(config: AnalyzeConfig) -> None:
         raise CxrfairError(f"--out {config.out}: is or holds the runs folder {config.runs_dir}; write the report elsewhere")
 
 
+def resolve_embeddings(config: AnalyzeConfig) -> AnalyzeConfig:
+    """``config`` with ``embeddings`` the folder the report will read, or "none" (``embedding_report.embeddings_root``)."""
+    from cxrfair.analysis.embedding_report import embeddings_root
+
+    root = embeddings_root(config)
+    return replace(config, embeddings="none" if root is None else str(root))
+
+
 def analysis_record(results: Results) -> dict:
     """analysis.json: the options used (resolved) and what the numbers rest on."""
     return {**asdict(results.config), "task": results.task, "attribute_groups": results.attributes,
@@ -853,10 +864,11 @@ def analyze(config: AnalyzeConfig) -> Path:
     from cxrfair.io import atomic_dir
 
     _check_out(config)
+    config = resolve_embeddings(config)  # a bad --embeddings folder is refused before any work
     # Open the output first: an existing --out (without --force) is refused before any work.
     with atomic_dir(config.out, force=config.force) as tmp:
         runs = read_runs(config.runs_dir)
         results = compute(runs, config, progress=lambda xs: tqdm(xs, desc=f"metrics × {config.n_boot} bootstrap", unit="run"))
-        write_report(results, tmp)
+        write_report(results, tmp, runs)
         write_tables(results, tmp)
     return Path(config.out) / "report.html"

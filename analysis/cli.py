@@ -34,11 +34,14 @@ def _columns(text: str | None) -> tuple[str, ...] | None:
                    "positives with COLUMN=1 vs with COLUMN=0 (plus all negatives), paired interval, shortcut.csv. "
                    "'auto': drain + Pneumothorax when the runs have both; 'none': off.")
 @click.option("--shortcut-class", default=None, metavar="CLASS", help="The class (condition) of --shortcut.")
+@click.option("--embeddings", default="auto", show_default=True, metavar="DIR",
+              help="Folder of `cxrfair embeddings leakage|geometry` outputs (DIR/<model>/leakage, DIR/<model>/geometry) "
+                   "to add as report sections. 'auto': the embeddings/ folder next to RUNS_DIR when it has some; 'none': off.")
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the bootstrap draws.")
 @click.option("--force", is_flag=True, help="Replace an existing report folder.")
 def analyze(runs_dir: Path, out: Path, n_boot: int, attributes: str | None, cross: str | None, shortcut: str,
-            shortcut_class: str | None, split: str, seed: int, force: bool) -> None:
+            shortcut_class: str | None, embeddings: str, split: str, seed: int, force: bool) -> None:
     """Read every run under RUNS_DIR (one cohort, multi-class or multi-label) and write metrics.csv,
     seeds.csv, comparisons.csv (+ thresholds.csv, shortcut.csv), figures, report.md and report.html to --out."""
     from cxrfair.analysis.analyze import AnalyzeConfig
@@ -47,5 +50,6 @@ def analyze(runs_dir: Path, out: Path, n_boot: int, attributes: str | None, cros
     config = AnalyzeConfig(
         runs_dir=runs_dir, out=out, n_boot=n_boot, split=split, seed=seed, force=force,
         attributes=_columns(attributes) or (), cross=_columns(cross), shortcut=shortcut, shortcut_class=shortcut_class,
+        embeddings=embeddings,
     )
     click.echo(run_analysis(config))

@@ -113,3 +113,47 @@ def write_multilabel_runs(runs_dir, grid, rows: pd.DataFrame | None = None, cond
         preds = make_predictions(rows, probs, conditions, task="multilabel", attributes=ML_ATTRIBUTES)
         out.append(write_run(runs_dir, multilabel_meta(model, method, seed, conditions, tag, **extra), preds))
     return out
+
+
+# ----------------------------------------------------------------------------- embedding analysis outputs
+
+
+def write_embedding_outputs(root, model: str, rows: pd.DataFrame, attributes: dict, seed: int = 0) -> None:
+    """``<root>/<model>/leakage/leakage.csv`` and ``<root>/<model>/geometry/{pca,pca_scores,pca_tests}.csv,
+    geometry.json`` in the formats of docs/CONTRACTS.md ("Embedding analysis"), with made-up numbers:
+    AUC 0.9 / 0.8 / 0.7 for linear / mlp / knn minus 0.1 per attribute index, chance 0.5 [0.44, 0.56];
+    one label-conditional row per attribute and probe; component 1 significant."""
+    from pathlib import Path
+
+    from cxrfair.probe.leakage import COLUMNS
+
+    rng = np.random.default_rng(seed)
+    leak = Path(root) / model / "leakage"
+    geo = Path(root) / model / "geometry"
+    leak.mkdir(parents=True, exist_ok=True)
+    geo.mkdir(parents=True, exist_ok=True)
+    recs = []
+    for i, (a, spec) in enumerate(attributes.items()):
+        for condition in ("", "label=Effusion"):
+            for probe, auc in (("linear", 0.9), ("mlp", 0.8), ("knn", 0.7)):
+                auc = auc - 0.1 * i - (0.05 if condition else 0.0)
+                recs.append({"model": model, "attribute": a, "condition": condition, "probe": probe, "auc": auc,
+                             "ci_low": auc - 0.05, "ci_high": auc + 0.04, "chance_auc": 0.5, "chance_low": 0.44,
+                             "chance_high": 0.56, "n_train": 60, "n_val": 20, "n_test": 20, "selected": "k=3 metric=cosine",
+                             "groups": "|".join(spec["groups"]), "n_perm": 5, "note": ""})
+    pd.DataFrame(recs, columns=COLUMNS).to_csv(leak / "leakage.csv", index=False)
+    pd.DataFrame({"model": model, "component": [1, 2, 3], "explained_variance": [3.0, 2.0, 1.0],
+                  "explained_variance_ratio": [0.3, 0.2, 0.1], "cumulative_ratio": [0.3, 0.5, 0.6],
+                  "normalize": "l2"}).to_csv(geo / "pca.csv", index=False)
+    scores = rows[["image_id", "patient_id", "split", *attributes]].copy()
+    for k in (1, 2, 3):
+        scores[f"pc{k}"] = rng.normal(size=len(scores))
+    scores.to_csv(geo / "pca_scores.csv", index=False)
+    pd.DataFrame([{"model": model, "attribute": a, "component": c, "statistic": "ks", "value": 0.1, "p_perm": 0.01 * c,
+                   "p_holm": 0.03 * c, "p_asymptotic": 0.01, "significant": c == 1, "n_groups": len(spec["groups"]),
+                   "groups": "|".join(spec["groups"]), "n_images": len(rows), "n_patients": len(rows), "n_perm": 59}
+                  for a, spec in attributes.items() for c in (1, 2, 3)]).to_csv(geo / "pca_tests.csv", index=False)
+    import json
+
+    (geo / "geometry.json").write_text(json.dumps({"format": "cxrfair-geometry", "version": 1, "model": model,
+                                                    "attributes": {a: s["groups"] for a, s in attributes.items()}}))

@@ -79,7 +79,8 @@ def test_report_files_and_embedded_figures(report):
     assert html_path == out / "report.html"
     html = html_path.read_text()
     pngs = sorted(p.name for p in (out / "figures").iterdir())
-    assert {"accuracy.png", "f1_heatmap.png", "var_f1.png", "eqodds_sex.png", "f1_by_group_sex_x_age.png"} <= set(pngs)
+    assert {"accuracy.png", "f1_heatmap.png", "var_f1.png", "fairness_sex.png", "f1_by_group_sex_x_age.png",
+            "roc_tiny-clip_sex.png", "roc_other_sex_x_age.png", "reliability_tiny-clip_age_group.png"} <= set(pngs)
     embedded = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", html)
     assert len(embedded) == len(pngs)
     assert all(base64.b64decode(e)[:8] == b"\x89PNG\r\n\x1a\n" for e in embedded)
@@ -94,7 +95,9 @@ def test_one_model_one_method_no_bootstrap(tmp_path):
     html_path = analyze(AnalyzeConfig(tmp_path / "RUNS", tmp_path / "OUT", n_boot=0, attributes=("sex",)))
     m = pd.read_csv(tmp_path / "OUT" / "metrics.csv")
     assert m["ci_low"].isna().all() and "sex×age" not in set(m["attribute"].dropna())
-    assert html_path.exists() and (tmp_path / "OUT" / "figures" / "eqodds_sex.png").exists()
+    assert html_path.exists() and (tmp_path / "OUT" / "figures" / "fairness_sex.png").exists()
+    html = html_path.read_text()
+    assert "id='findings'" not in html and re.search(r"<main>.*?<section id='setup'>", html, re.S)  # nothing to compare
 
 
 def test_same_seed_same_intervals(runs_dir):
@@ -117,7 +120,7 @@ def _invoke(*args):
 
 
 def test_cli_writes_report_and_prints_its_path(runs_dir, tmp_path):
-    r = _invoke(runs_dir, "--out", tmp_path / "R", "--bootstrap", "100", "--seed", "1")
+    r = _invoke(runs_dir, "--out", tmp_path / "R", "--bootstrap", "100", "--seed", "1", "--attributes", "sex")
     assert r.exit_code == 0, r.output
     assert r.output.strip().endswith("report.html") and (tmp_path / "R" / "report.html").exists()
     r = _invoke(runs_dir, "--out", tmp_path / "R", "--bootstrap", "0")
@@ -203,3 +206,206 @@ def test_an_attribute_with_one_level_gives_nan_gaps_not_a_crash(tmp_path):
     gaps = res.metrics[(res.metrics["attribute"] == "view") & (res.metrics["group"] == "")]
     assert gaps.loc[gaps["metric"] == "eqodds", "value"].isna().all()
     assert (gaps.loc[gaps["metric"] == "worst_group_accuracy", "value"] > 0).all()  # the one group is the worst
+
+
+
+# ----------------------------------------------------------------------------- findings and layout
+
+# The test's own reading of a findings sentence (independent of findings.py's formatting code).
+NUM = r"[+−]?\d+\.\d"
+CLAUSE = re.compile(rf"(?:^|, )(?P<name>[A-Za-z_|0-9 ()]+?) (?P<d>{NUM})(?: points)? \[(?P<lo>{NUM}), (?P<hi>{NUM})\] "
+                    r"\((?:\*\*)?(?P<verdict>[a-z ]+?)(?:\*\*)?\)")
+HEAD = re.compile(r"^- \*\*(?P<model>[^,]+), (?P<method>[^*]+) vs (?P<base>[^*]+)\*\*(?: \(seed (?P<seed>\d+)\))?: (?P<body>.*)\.$")
+METHOD_NAMES = {"zero-shot": "zeroshot", "linear probe": "linear", "MLP probe": "mlp", "LoRA": "lora", "full fine-tuning": "full"}
+METRIC_NAMES = {"accuracy": "accuracy", "Var_F1": "var_f1", "F1 gap (signed)": "f1_gap", "F1 gap": "f1_gap",
+                "|F1 gap|": "f1_gap_abs", "EqOdds": "eqodds", "macro AUC": "auc_macro", "AUC gap (signed)": "auc_gap",
+                "AUC gap": "auc_gap", "worst group AUC": "worst_group_auc"}
+ATTRIBUTES = {"sex": "sex", "age": "age_group", "sex×age": "sex×age", "race": "race"}
+
+
+def _num(s: str) -> float:
+    return float(s.replace("−", "-"))
+
+
+def parse_findings(md: str) -> list[dict]:
+    """Every clause of every findings sentence in report.md, as numbers."""
+    section = md.split('<a id="findings"></a>')[1].split("<a id=")[0]
+    out = []
+    for line in section.splitlines():
+        m = HEAD.match(line)
+        if not m:
+            continue
+        for part in m["body"].split("; "):
+            attr = ""
+            if part.startswith("by "):
+                label, part = part[3:].split(": ", 1)
+                attr = ATTRIBUTES[label]
+            for c in CLAUSE.finditer(part):
+                out.append({"model": m["model"], "method": METHOD_NAMES[m["method"]], "baseline": METHOD_NAMES[m["base"]],
+                            "seed": m["seed"], "metric": METRIC_NAMES[c["name"]], "attribute": attr,
+                            "delta": _num(c["d"]), "lo": _num(c["lo"]), "hi": _num(c["hi"]), "verdict": c["verdict"]})
+    return out
+
+
+def assert_findings_match_comparisons(out) -> list[dict]:
+    """The report in ``out`` opens on findings, and every claim in them is its row of comparisons.csv
+    (value and interval to the printed digit, verdict = whether the interval excludes zero).
+    Returns the claims."""
+    html = (out / "report.html").read_text()
+    assert re.search(r"<main><h1>[^<]+</h1><p class='lead'>.*?</p>\s*<section id='findings'>", html, re.S)
+    md = (out / "report.md").read_text()
+    claims = parse_findings(md)
+    c = pd.read_csv(out / "comparisons.csv", keep_default_na=False)
+    c = c[(c["group"] == "") & (c["class"] == "")]
+    c = c.assign(**{k: pd.to_numeric(c[k], errors="coerce") for k in ("seed", "delta", "ci_low", "ci_high")})
+    assert claims and len(claims) == len(pd.read_csv(out / "findings.csv"))
+    n_stated = int(re.search(r"In all, (\d+) comparisons", md)[1])
+    assert n_stated == len(claims)
+    assert "not corrected for multiplicity" in md.split('<a id="findings"></a>')[1].split("<a id=")[0]
+    for k in claims:
+        row = c[(c["model"] == k["model"]) & (c["method"] == k["method"]) & (c["metric"] == k["metric"])
+                & (c["attribute"] == k["attribute"])]
+        if k["seed"] is not None:  # a sentence names its seed when its model × method has several
+            row = row[row["seed"] == int(k["seed"])]
+        assert len(row) == 1, k
+        r = row.iloc[0]
+        assert r["baseline"] == k["baseline"]
+        for field, col in (("delta", "delta"), ("lo", "ci_low"), ("hi", "ci_high")):
+            assert k[field] == pytest.approx(round(100 * r[col], 1), abs=0.051), (k, field)
+        excludes = r["ci_low"] > 0 or r["ci_high"] < 0
+        assert (k["verdict"] != "no clear change") == excludes, k
+    # Every model × method × seed run compared is stated, and both pages say the same.
+    n_seeds = c.groupby(["model", "method"])["seed"].nunique()
+    assert {(k["model"], k["method"], k["seed"]) for k in claims} == {
+        (m, me, str(s) if n_seeds[(m, me)] > 1 else None) for m, me, s in zip(c["model"], c["method"], c["seed"])}
+    text = re.sub(r"<[^>]+>", "", html.split("<section id='findings'>")[1].split("</section>")[0])
+    for line in md.split('<a id="findings"></a>')[1].split("<a id=")[0].splitlines():
+        if line.startswith("- **"):
+            assert line[2:].replace("**", "") in text
+    return claims
+
+
+def test_report_opens_on_findings_that_match_comparisons_csv(report):
+    out, _ = report
+    assert len(assert_findings_match_comparisons(out)) > 10
+
+
+def test_sections_have_anchors_a_contents_list_and_the_same_order_in_markdown(report):
+    out, html_path = report
+    html = html_path.read_text()
+    ids = re.findall(r"<section id='([^']+)'>", html)
+    assert ids[:3] == ["findings", "setup", "utility"] and len(ids) == len(set(ids))
+    assert {"fairness-sex", "roc-sex", "calibration-sex_x_age", "comparisons", "runs"} <= set(ids)
+    toc = re.search(r"<nav id='toc'>(.*?)</nav>", html, re.S)[1]
+    assert re.findall(r"href='#([^']+)'", toc) == ids
+    md = (out / "report.md").read_text()
+    assert re.findall(r'<a id="([^"]+)"></a>', md) == ids
+    assert re.findall(r"\]\(#([^)]+)\)", md.split("<a id=")[0]) == ids  # markdown contents list
+    # Within a section: figures first, then tables.
+    roc = html.split("<section id='roc-sex'>")[1].split("</section>")[0]
+    assert roc.index("<figure") < roc.index("<table")
+    assert md.index('<a id="utility"></a>') < md.index("figures/accuracy.png") < md.index("| Accuracy |")
+
+
+def test_wide_tables_fold_their_extra_columns(report):
+    _, html_path = report
+    html = html_path.read_text()
+    sec = html.split("<section id='fairness-sex'>")[1].split("</section>")[0]
+    first = re.search(r"<table><thead><tr>(.*?)</tr>", sec)[1]
+    assert re.findall(r"<th[^>]*>([^<]+)</th>", first) == ["model", "method", "f1_gap", "f1_gap_abs", "eqodds",
+                                                           "eqodds_worst", "seeds"]
+    assert "<th title='EqOdds = (1/2C)" in first  # hovering a column name gives its definition
+    folded = re.search(r"<details><summary>(\d+) more columns: ([^<]+)</summary>(.*?)</details>", sec, re.S)
+    assert folded and "es_auc" in folded[2] and "ece_gap" in folded[2] and "<th>model</th>" in folded[3]
+    assert "<span class='ci'>" in sec  # intervals set apart from the value
+
+
+def test_setup_names_each_models_zero_shot_scoring(tmp_path):
+    from .synth import cohort_rows, meta_for, probs_for
+    from cxrfair.analysis.runs import make_predictions, write_run
+
+    rows = cohort_rows(16)
+    for model, term in (("gloria-ish", "both"), ("clip-ish", "global"), ("old", None)):
+        meta = meta_for(model, "zeroshot", 0, tag="gloria-d0") | {"draw": 0}
+        if term:
+            meta["zero_shot_term"] = term
+        write_run(tmp_path / "RUNS", meta, make_predictions(rows, probs_for(rows, seed=1), CLASSES))
+    analyze(AnalyzeConfig(tmp_path / "RUNS", tmp_path / "OUT", n_boot=0, figures=False))
+    md = (tmp_path / "OUT" / "report.md").read_text()
+    setup = md.split('<a id="setup"></a>')[1].split("<a id=")[0]
+    assert re.search(r"`gloria-ish`: prompt set `gloria` .*scoring: GLoRIA's own scoring: the mean of the global and "
+                     r"the local .* max over a class's prompts, standardised per class", setup)
+    assert re.search(r"`clip-ish`: .*scoring: global image–text cosine similarity only", setup)
+    assert re.search(r"`old`: .*scoring: not recorded", setup)
+
+
+def test_metric_definitions_of_the_task_are_shown(report):
+    from cxrfair.analysis.report import ReportData, build_sections, render_markdown
+
+    out, _ = report
+    res = compute(read_runs(out.parent / "RUNS")[:2], AnalyzeConfig(out.parent / "RUNS", out, n_boot=0, figures=False))
+    md = render_markdown(build_sections(ReportData(res)), set(), "t", "l")
+    for name in ("accuracy", "eqodds", "f1_gap_abs"):  # Results.definitions, one line each
+        assert f"`{name}`: {res.definitions[name]}" in md
+
+
+def test_a_section_is_one_function_and_one_list_entry(report):
+    """The renderers lay out any builder's sections; a builder without data adds nothing."""
+    from cxrfair.analysis import sections as S
+    from cxrfair.analysis.report import Figure, ReportData, Section, Table, build_sections, draw_figures, render_html
+
+    import matplotlib.pyplot as plt
+
+    out, _ = report
+    res = compute(read_runs(out.parent / "RUNS")[:2], AnalyzeConfig(out.parent / "RUNS", out, n_boot=0, figures=False))
+
+    def leakage(data):  # e.g. a future leakage section, present only when its data is
+        df = pd.DataFrame({"model": ["m"], "method": ["linear"], **{f"c{i}": [str(i)] for i in range(9)}})
+        fig = Figure("leakage.png", "AUC of a sex probe.", lambda: plt.subplots(figsize=(2, 2))[0])
+        return Section("leakage", "Attribute leakage", prose=("Probes of the attribute.",), figures=(fig,),
+                       tables=(Table(df, "Leakage.", visible=3),))
+
+    def absent(data):
+        return None
+
+    sections = build_sections(ReportData(res), [S.findings, absent, S.setup, leakage])
+    assert [s.id for s in sections] == ["setup", "leakage"]  # no comparisons without bootstrap: no findings
+    html = render_html(sections, draw_figures(sections), "T", "L")
+    assert "<section id='leakage'><h2>Attribute leakage</h2>" in html and "<figure id='fig-leakage'><img alt='AUC of a sex probe.'" in html
+    assert "6 more columns: c3, c4, c5, c6, c7, c8" in html
+    with pytest.raises(ValueError, match="duplicate section id"):
+        build_sections(ReportData(res), [leakage, leakage])
+
+
+def test_report_without_the_runs_folder_omits_curves(report, tmp_path):
+    from cxrfair.analysis.report import ReportData, build_sections
+
+    out, _ = report
+    res = compute(read_runs(out.parent / "RUNS")[:3], AnalyzeConfig(tmp_path / "gone", out, n_boot=0, figures=False))
+    data = ReportData(res)
+    assert data.primary_runs == [] and data.roc.empty
+    ids = [s.id for s in build_sections(data)]
+    assert "utility" in ids and not any(i.startswith(("roc-", "calibration-")) for i in ids)
+
+
+def test_summary_takes_the_seed_means_interval_from_seeds_csv(runs_dir):
+    from cxrfair.analysis.report import summary
+
+    runs = [r for r in read_runs(runs_dir) if r.method == "linear"]  # two seeds
+    res = compute(runs, AnalyzeConfig(runs_dir, runs_dir, n_boot=100))
+    s = summary(res)
+    seeds = res.seeds[(res.seeds["metric"] == "accuracy") & (res.seeds["attribute"] == "")].iloc[0]
+    row = s[(s["metric"] == "accuracy") & (s["attribute"] == "")].iloc[0]
+    assert (row["value"], row["ci_low"], row["ci_high"], row["n_seeds"]) == (
+        seeds["mean"], seeds["ci_low"], seeds["ci_high"], 2)
+    acc = res.metrics[(res.metrics["metric"] == "accuracy") & (res.metrics["attribute"] == "")]
+    assert row["value"] == pytest.approx(acc["value"].mean())  # the seed mean, not one run
+
+
+def test_readme_shows_a_small_screenshot_of_the_report():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    shot = root / "docs" / "report.png"
+    assert "](docs/report.png)" in (root / "README.md").read_text()
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size < 300_000

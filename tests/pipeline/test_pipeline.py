@@ -153,6 +153,9 @@ def test_killed_run_resumes_without_redoing_completed_steps(tmp_path):
         assert (out / ".steps" / f"{name}.json").stat().st_mtime_ns == done_before[name]  # not redone
     assert "==> analyze" in result.stdout
     assert (out / "report" / "report.html").is_file()
+    from tests.analysis.test_report import assert_findings_match_comparisons
+
+    assert_findings_match_comparisons(out / "report")  # the experiment's report opens on its findings
     methods = {json.loads(p.read_text())["method"] for p in (out / "runs").glob("*/run.json")}
     assert methods == {"zeroshot", "linear", "lora"}
 

@@ -3,6 +3,7 @@
 Skipped when Chromium is not installed (`.ci/run` installs Debian's `chromium`).
 """
 
+import html
 import json
 import re
 import shutil
@@ -22,12 +23,21 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
 
-# Appended to a copy of the report: after load, put each image's decoded size into the title.
+# Appended to a copy of the report: after load, put what a reader would see into the title.
 PROBE = """<script>
 window.addEventListener('load', () => {
-  const imgs = [...document.images].map(i => [i.alt || i.src.slice(0, 30), i.naturalWidth, i.naturalHeight]);
+  const imgs = [...document.images].map(i => [(i.closest('figure') || i).id, i.naturalWidth, i.naturalHeight, i.alt]);
   const tables = [...document.querySelectorAll('table')].map(t => t.rows.length);
-  document.title = 'PROBE' + JSON.stringify({imgs, tables}) + 'PROBE';
+  const sections = [...document.querySelectorAll('main > section')].map(s => s.id);
+  const toc = [...document.querySelectorAll('nav#toc a')].map(a => a.getAttribute('href').slice(1));
+  const resolved = toc.filter(id => document.getElementById(id) !== null).length;
+  const findings = document.getElementById('findings');
+  const items = findings ? [...findings.querySelectorAll('li')].map(li => li.textContent) : [];
+  const top = findings ? findings.getBoundingClientRect().top : -1;
+  const folded = [...document.querySelectorAll('details')].filter(d => !d.open && d.querySelector('table')).length;
+  const overflow = document.documentElement.scrollWidth - window.innerWidth;
+  document.title = 'PROBE' + JSON.stringify({imgs, tables, sections, toc, resolved, items, top,
+                                             height: window.innerHeight, folded, overflow}) + 'PROBE';
 });
 </script>"""
 
@@ -46,20 +56,44 @@ def report(tmp_path_factory) -> Path:
     return analyze(AnalyzeConfig(runs_dir=tmp / "runs", out=tmp / "report", n_boot=100, seed=0))
 
 
-def test_figures_decode_and_tables_render_in_chromium(report, tmp_path):
-    html = report.read_text()
-    assert re.search(r"<img [^>]*src=['\"]data:image/png;base64,", html)  # self-contained
+def _probe(report: Path, tmp_path: Path, size: str = "1280,800") -> dict:
     probe_page = tmp_path / "probe.html"
-    probe_page.write_text(html.replace("</body>", PROBE + "</body>"))
-    dom = _chromium(tmp_path, "--dump-dom", "--virtual-time-budget=5000", probe_page.as_uri())
+    probe_page.write_text(report.read_text().replace("</body>", PROBE + "</body>"))
+    dom = _chromium(tmp_path, "--dump-dom", "--virtual-time-budget=5000", f"--window-size={size}", probe_page.as_uri())
     found = re.search(r"PROBE(.*?)PROBE", dom)
     assert found, dom[:500]
-    seen = json.loads(found.group(1).replace("&quot;", '"'))
+    return json.loads(html.unescape(found.group(1)))
+
+
+def test_figures_decode_and_tables_render_in_chromium(report, tmp_path):
+    page = report.read_text()
+    assert re.search(r"<img [^>]*src=['\"]data:image/png;base64,", page)  # self-contained
+    assert not re.search(r"<(img|script|link)[^>]+(src|href)=['\"](?!data:|#)", page)  # nothing fetched
+    seen = _probe(report, tmp_path)
     figures = list((report.parent / "figures").glob("*.png"))
-    assert len(seen["imgs"]) == len(figures) >= 5
-    for name, width, height in seen["imgs"]:
+    assert len(seen["imgs"]) == len(figures) >= 10
+    for name, width, height, alt in seen["imgs"]:
         assert width > 200 and height > 100, f"figure {name} did not decode in the browser"
-    assert len(seen["tables"]) >= 5 and all(rows >= 2 for rows in seen["tables"])
+        assert len(alt) > 20, f"figure {name} has no text alternative"
+    names = [name.removeprefix("fig-") for name, _, _, _ in seen["imgs"]]
+    for prefix in ("roc_", "reliability_", "f1_by_group_", "fairness_"):
+        assert sum(n.startswith(prefix) for n in names) == 3, prefix  # one per attribute (sex, age, sex×age)
+    assert len(seen["tables"]) >= 8 and all(rows >= 2 for rows in seen["tables"])
+    assert seen["folded"] >= 3  # wide tables' extra columns and the runs list start folded
+
+
+def test_the_page_opens_on_findings_with_a_working_contents_list(report, tmp_path):
+    seen = _probe(report, tmp_path)
+    assert seen["sections"][0] == "findings"
+    assert 0 <= seen["top"] < seen["height"] / 2  # visible without scrolling, in the upper half
+    assert seen["toc"] == seen["sections"] and seen["resolved"] == len(seen["toc"])
+    assert {"roc-sex", "calibration-age_group", "fairness-sex_x_age"} <= set(seen["sections"])
+    # One item per compared run (4 methods × 2 seeds), each with intervals and a verdict.
+    assert len(seen["items"]) == 8
+    for item in seen["items"]:
+        assert re.match(r"tiny-clip, (linear probe|MLP probe|LoRA|full fine-tuning) vs zero-shot \(seed \d\): "
+                        r"accuracy [+−]?\d+\.\d points \[[−\d.]+, [−\d.]+\] \((higher|lower|no clear change)\)", item), item
+    assert seen["overflow"] <= 0  # no sideways scrolling on a laptop-sized window: wide tables scroll in place
 
 
 def test_screenshot_shows_content_not_a_blank_page(report, tmp_path):
@@ -72,3 +106,28 @@ def test_screenshot_shows_content_not_a_blank_page(report, tmp_path):
     # Content spreads down the page (tables, then figures), not one strip at the top.
     rows_with_ink = ink.any(axis=1).reshape(30, 100).any(axis=1)
     assert rows_with_ink.sum() >= 25
+
+
+@pytest.fixture(scope="module")
+def v2_report(tmp_path_factory) -> Path:
+    """A multi-label report with the shortcut test and embedding analyses (one attribute: few figures)."""
+    from tests.analysis.synth import ML_ATTRIBUTES, multilabel_rows, write_embedding_outputs, write_multilabel_runs
+
+    tmp = tmp_path_factory.mktemp("browser_v2")
+    rows = multilabel_rows(n_per_split=60)
+    write_multilabel_runs(tmp / "runs", [("m", "zeroshot", 0), ("m", "linear", 0)], rows)
+    write_embedding_outputs(tmp / "embeddings", "m", rows, {"race": ML_ATTRIBUTES["race"]})
+    return analyze(AnalyzeConfig(runs_dir=tmp / "runs", out=tmp / "report", n_boot=100, seed=0,
+                                 attributes=("race",), cross=()))
+
+
+def test_v2_sections_and_their_figures_render_in_chromium(v2_report, tmp_path):
+    seen = _probe(v2_report, tmp_path)
+    assert seen["sections"][0] == "findings" and seen["toc"] == seen["sections"]
+    assert {"conditions-race", "thresholds", "shortcut", "leakage", "geometry"} <= set(seen["sections"])
+    assert not [s for s in seen["sections"] if "drain" in s]
+    names = {name.removeprefix("fig-") for name, width, height, _ in seen["imgs"] if width > 200 and height > 100}
+    assert {"auc_by_condition_race", "roc_m_race", "reliability_m_race", "shortcut", "leakage", "pca_m"} <= names
+    assert len(seen["imgs"]) == len(list((v2_report.parent / "figures").glob("*.png")))
+    assert any("macro AUC" in item and "race" in item for item in seen["items"])
+    assert seen["overflow"] <= 0
