@@ -497,10 +497,9 @@ def _check_experiment(config: ExperimentConfig) -> tuple[list[Step], str | None]
     return steps, "; ".join(problems) or None
 
 
-# The demo's mitigation entries (ERM + groupdro + fairot on the linear probe, for sex) need
-# `cxrfair probe linear --mitigation` (docs/CONTRACTS.md "Mitigations"). Until the probe stage
-# has it they stay off; set this to True once it does (README "Quick start" says what they add).
-DEMO_MITIGATIONS = False
+# The demo's mitigation entries: ERM + groupdro + fairot on the linear probe, for sex
+# (docs/CONTRACTS.md "Mitigations"); False leaves them out of the demo's plan.
+DEMO_MITIGATIONS = True
 
 
 def demo_config(out: Path) -> ExperimentConfig:
