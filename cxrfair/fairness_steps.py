@@ -227,7 +227,17 @@ def _command(stage: str, method: str):
 
 
 def _probe_mitigation(config, p, entry, model, method, name, producers) -> Step:
+    from cxrfair.probe.objectives import SOLVER_FOR
+
     cfg = sweep_config(config, method)
+    if SOLVER_FOR.get(entry.mitigation) == "adamw" and cfg.solver != "adamw":
+        # groupdro, adversarial and fairot change their objective every step, which full-batch
+        # L-BFGS cannot follow: they train with [probe]'s AdamW grid (lr, weight_decay, epochs).
+        cfg = dataclasses.replace(cfg, solver="adamw")
+    # The whole sweep, mitigation included, is checked here so `--dry-run` catches what the stage would refuse.
+    dataclasses.replace(cfg, mitigation=entry.mitigation, sensitive=entry.sensitive,
+                        strengths=tuple(entry.strengths) or None, select=entry.select or None,
+                        adversary=entry.adversary or "grl").validate()
     args = ["probe", method, "--cache", p["cache"] / f"{model}.h5", "--force", *_sweep_args(cfg), *_mitigation_args(entry)]
     # [probe] select is the ERM sweep's rule; the entry's own `select` replaces it here.
     settings = {k: v for k, v in sweep_settings(cfg).items() if k != "select"} | _entry_settings(entry) | {"model": model}

@@ -520,7 +520,7 @@ def demo_config(out: Path) -> ExperimentConfig:
     # components can reach 0.05.
     mitigations = tuple(MitigationSettings(methods=("linear",), mitigation=name, sensitive="sex", strengths=strengths,
                                            select="worst_group", enabled=DEMO_MITIGATIONS)
-                        for name, strengths in (("groupdro", (0.01, 0.1)), ("fairot", (0.1, 0.3))))
+                        for name, strengths in (("groupdro", (0.01, 0.1)), ("fairot", (0.0, 0.1, 0.3))))
     return ExperimentConfig(
         out=Path(out),
         models=("tiny-clip",),

@@ -156,8 +156,10 @@ def test_mitigation_steps_call_the_stage_cli_with_the_entry(tmp_path, monkeypatc
     plan(list(steps.values()), exp)
     steps["mlp+groupdro-sex-tiny-clip"].run(False)
     cache, staging = exp / "cache" / "tiny-clip.h5", exp / ".staging" / "mlp+groupdro-sex-tiny-clip"
-    assert calls == [["probe", "mlp", "--cache", str(cache), "--force", "--solver", "lbfgs", "--no-standardize",
-                      "--seeds", "2", "--max-iter", "50", "--l2", "0.001,0.01", "--hidden", "16",
+    # groupdro's objective changes every step: it trains with [probe]'s AdamW grid, not L-BFGS.
+    assert calls == [["probe", "mlp", "--cache", str(cache), "--force", "--solver", "adamw", "--no-standardize",
+                      "--seeds", "2", "--lr", "0.0001,0.0003,0.001,0.003", "--weight-decay", "0,0.0001,0.01",
+                      "--epochs", "150", "--batch-size", "64", "--hidden", "16",
                       "--mitigation", "groupdro", "--sensitive", "sex", "--strength", "0.01,0.1",
                       "--select", "worst_group", "--out", str(staging)]]
     calls.clear()
@@ -240,6 +242,7 @@ ALL = {"synth", "cohort", "extract-tiny-clip", "zeroshot-tiny-clip", "linear-tin
        "linear+groupdro-sex-tiny-clip", "mlp+groupdro-sex-tiny-clip", "lora+adversarial-age_group-tiny-clip", "analyze"}
 PROBES_DOWN = {"linear-tiny-clip", "mlp-tiny-clip", "linear+thresholds-sex-tiny-clip", "linear+groupdro-sex-tiny-clip",
                "mlp+groupdro-sex-tiny-clip", "analyze"}
+GROUPDRO = {"linear+groupdro-sex-tiny-clip", "mlp+groupdro-sex-tiny-clip"}
 
 
 def _set(section, key, value, index=None):
@@ -254,14 +257,15 @@ RERUNS = [
     ("cohort attributes", _set("cohort", "attributes", ["sex", "age_group"]), ALL - {"synth"}),
     ("synth drains", _set("synth", "drains", False), ALL - {"synth"}),
     ("synth size", _set("synth", "size", 48), ALL),
-    ("probe l2", _set("probe", "l2", [1e-3]), PROBES_DOWN),
-    ("probe solver", _set("probe", "solver", "adamw"), PROBES_DOWN),
+    # groupdro sweeps always train with AdamW: L-BFGS-only settings leave them alone, AdamW ones rerun them.
+    ("probe l2", _set("probe", "l2", [1e-3]), PROBES_DOWN - GROUPDRO),
+    ("probe solver", _set("probe", "solver", "adamw"), PROBES_DOWN - GROUPDRO),
     ("probe standardize", _set("probe", "standardize", False), PROBES_DOWN),
-    ("probe max_iter", _set("probe", "max_iter", 99), PROBES_DOWN),
+    ("probe max_iter", _set("probe", "max_iter", 99), PROBES_DOWN - GROUPDRO),
     ("probe select", _set("probe", "select", "accuracy"),  # mitigation sweeps select by their entry's rule
      {"linear-tiny-clip", "mlp-tiny-clip", "linear+thresholds-sex-tiny-clip", "analyze"}),
     ("probe hidden", _set("probe", "hidden", [32]), {"mlp-tiny-clip", "mlp+groupdro-sex-tiny-clip", "analyze"}),
-    ("probe lr (ignored by lbfgs)", _set("probe", "lr", [0.5]), set()),
+    ("probe lr (ignored by lbfgs, used by groupdro)", _set("probe", "lr", [0.5]), GROUPDRO | {"analyze"}),
     ("probe zeroshot_term", _set("probe", "zeroshot_term", "global"),
      {"zeroshot-tiny-clip", "zeroshot+thresholds-sex-tiny-clip", "analyze"}),
     ("analysis cross", _set("analysis", "cross", []), {"analyze"}),
@@ -392,7 +396,8 @@ def test_the_shortcut_config_asks_for_the_drain_test():
 
 def test_demo_plans_embeddings_shortcut_and_thresholds(tmp_path):
     names = [s.name for s in experiment_steps(demo_config(tmp_path))]
-    assert names[-4:] == ["leakage-tiny-clip", "geometry-tiny-clip", "linear+thresholds-sex-tiny-clip", "analyze"]
+    assert names[-6:] == ["leakage-tiny-clip", "geometry-tiny-clip", "linear+thresholds-sex-tiny-clip",
+                          "linear+groupdro-sex-tiny-clip", "linear+fairot-sex-tiny-clip", "analyze"]
     cohort = next(s for s in experiment_steps(demo_config(tmp_path)) if s.name == "cohort")
     assert cohort.settings["drains"]  # the synthetic NEATX labels: the report's shortcut test has its column
 
