@@ -3,10 +3,10 @@
 One probe (one hyperparameter configuration, one seed) is ``fit_lane``, with one of two solvers.
 
 L-BFGS (``fit_lane_lbfgs``, the default): full-batch ``optax.lbfgs`` with a zoom line search on
-mean cross-entropy + l2/2 * ||W||^2, ``lax.scan`` over at most ``max_iter`` iterations; a lane
-whose largest gradient entry falls to ``gtol`` stops moving (its state is frozen with
-``jnp.where``, since vmapped lanes run the same number of steps), and its final iterate is
-evaluated. For the linear probe this is scikit-learn's ``LogisticRegression`` at C = 1/(l2 N).
+mean cross-entropy + l2/2 * ||W||^2, a ``lax.while_loop`` of at most ``max_iter`` iterations; a
+lane whose largest gradient entry falls to ``gtol`` stops moving (its state is frozen with
+``jnp.where`` while other vmapped lanes still run; the loop ends when every lane is done), and
+its final iterate is evaluated. For the linear probe this is scikit-learn's ``LogisticRegression`` at C = 1/(l2 N).
 
 AdamW (``fit_lane_adamw``, the paper's recipe): ``lax.scan`` over epochs, an inner ``lax.scan`` over minibatch steps, AdamW (``optax.inject_hyperparams`` so the
 learning rate and weight decay are values in the optimizer state, not Python constants) with
@@ -425,6 +425,33 @@ def lbfgs_iteration(state: LbfgsState, _, data: Data, l2: jax.Array, gtol: float
     return state, (state.value, val_loss)
 
 
+def lbfgs_loop(step, state: LbfgsState, val0: jax.Array, max_iter: int, gtol: float) -> tuple:
+    """Iterate ``step`` until the lane is done (converged or non-finite) or ``max_iter`` steps.
+
+    A ``while_loop``, not a ``scan`` of ``max_iter`` steps: vmapped lanes stop together once every
+    lane is done, instead of running frozen line searches to the cap (most lanes converge in a
+    fraction of it). The curves come out as the scan's would: (max_iter,) each, the steps after
+    the stop repeating the last one written (a done lane's state no longer changes), or the
+    initial (objective, ``val0``) if the lane was done before its first step.
+
+    Returns (state, train_curve, val_curve).
+    """
+    curves = (jnp.full((max_iter,), state.value), jnp.full((max_iter,), val0))
+
+    def running(carry) -> jax.Array:
+        i, s, _ = carry
+        return (i < max_iter) & ~(s.done | (max_abs(s.grad) <= gtol))
+
+    def body(carry):
+        i, s, (tc, vc) = carry
+        s, (t, v) = step(s, None)
+        return i + 1, s, (tc.at[i].set(t), vc.at[i].set(v))
+
+    n, state, (tc, vc) = jax.lax.while_loop(running, body, (jnp.array(0, jnp.int32), state, curves))
+    idx = jnp.minimum(jnp.arange(max_iter), jnp.maximum(n - 1, 0))
+    return state, tc[idx], vc[idx]
+
+
 def lbfgs_weights(spec: objectives.Spec, data: Data, strength) -> jax.Array | None:
     """(N,) example weights of the full-batch objective: ``reweight``'s cell weights, else None (plain mean)."""
     if spec.name == "erm" or spec.name == "erase":
@@ -452,7 +479,8 @@ def fit_lane_lbfgs(key: jax.Array, hyper: Hyper, data: Data, recipe: Recipe) -> 
     value, grad = jax.value_and_grad(objective)(params, data.x_train, data.y_train, hyper.l2, weights)
     state = LbfgsState(params, lbfgs_solver().init(params), value, grad, jnp.array(False), jnp.array(0, jnp.int32))
     step = partial(lbfgs_iteration, data=data, l2=hyper.l2, gtol=recipe.gtol, weights=weights)
-    state, (train_curve, val_curve) = jax.lax.scan(step, state, None, length=recipe.max_iter)
+    val0 = jnp.mean(example_losses(params, data.x_val, data.y_val))
+    state, train_curve, val_curve = lbfgs_loop(step, state, val0, recipe.max_iter, recipe.gtol)
     ml = is_multilabel(data.y_val)
     return LaneResult(val_curve[-1], state.iterations, train_curve, val_curve,
                       probabilities(state.params, data.x_val, ml), probabilities(state.params, data.x_test, ml))
