@@ -114,6 +114,7 @@ KILLED_RUN = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # keeps the default suite under ~10 min; `make test-all` runs it
 def test_resume_after_kill_9_equals_an_uninterrupted_run(cohort, baseline, tmp_path):
     out = tmp_path / "k.h5"
     env = {**os.environ, KILL_AFTER_ENV: "2"}

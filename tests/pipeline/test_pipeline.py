@@ -128,6 +128,7 @@ def _run_cli(config: Path) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
 
 
+@pytest.mark.slow  # keeps the default suite under ~10 min; `make test-all` runs it
 def test_killed_run_resumes_without_redoing_completed_steps(tmp_path):
     config = _write_config(tmp_path, SMALL)
     out = tmp_path / "exp"

@@ -85,6 +85,7 @@ def test_each_lane_of_the_lbfgs_sweep_equals_a_plain_optax_loop(small):
     assert out.best_epoch[0, 1] < 40  # the strongly penalised lane converges before the cap
 
 
+@pytest.mark.slow  # keeps the default suite under ~10 min; `make test-all` runs it
 def test_each_mlp_lane_of_the_lbfgs_sweep_equals_a_plain_optax_loop(small):
     """Different widths share a program (zero-padded units); each lane is still its own MLP."""
     x, y = small

@@ -105,6 +105,7 @@ def test_each_lane_of_the_fused_multilabel_adamw_sweep_equals_a_plain_numpy_run(
             np.testing.assert_allclose(out.test_probs[i, k], test_probs, atol=2e-5)
 
 
+@pytest.mark.slow  # keeps the default suite under ~10 min; `make test-all` runs it
 def test_each_mlp_lane_of_the_multilabel_adamw_sweep_equals_a_plain_optax_run(small):
     x, y = small
     recipe = train.Recipe(n_classes=3, epochs=3, batch_size=16, max_hidden=10)
