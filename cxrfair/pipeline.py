@@ -527,7 +527,9 @@ def demo_config(out: Path) -> ExperimentConfig:
         seeds=2,
         synth=SynthSettings(enabled=True, seed=0, size=64, drains=True),
         extract=ExtractSettings(workers=2),
-        probe=ProbeSettings(hidden=(128,)),
+        # lr / weight_decay / epochs reach only the AdamW-trained mitigation sweeps (ERM probes use
+        # L-BFGS); a small grid keeps fairot's per-step Sinkhorn affordable on 2 cores.
+        probe=ProbeSettings(hidden=(128,), lr=(3e-3,), weight_decay=(0.0, 1e-2), epochs=50),
         finetune=FinetuneSettings(epochs=30, lora_lr=(1e-3,), full_lr=(1e-4,), workers=2),
         analysis=AnalysisSettings(bootstrap=1000),
         embeddings=EmbeddingsSettings(leakage=("tiny-clip",), geometry=("tiny-clip",), probes=("linear", "knn"),
