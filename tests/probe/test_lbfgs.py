@@ -184,6 +184,7 @@ def test_default_linear_probe_reaches_a_tuned_logistic_regression(seed):
         assert acc >= ref - 0.02, (select, acc, ref)
 
 
+@pytest.mark.slow  # 30 s; the MLP-vs-logistic-regression check is measured in benchmarks/probe_vs_logreg.py
 def test_default_mlp_grid_reaches_a_tuned_logistic_regression_fast():
     """The MLP's default L2 grid and solver, at one small width and one seed (the slow test below
     runs the full default grid)."""
