@@ -6,7 +6,6 @@ before training, so a failing command leaves the runs folder as it was.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,29 +161,3 @@ def _check_finite(emb: np.ndarray, table: pd.DataFrame, where: str) -> None:
         first = table["image_id"].iloc[int(np.flatnonzero(bad)[0])]
         raise CxrfairError(f"{where}: {int(bad.sum())} image embedding(s) are NaN or infinite (first: {first}); "
                            "re-run `cxrfair extract --force` for this model")
-
-
-
-
-def check_runs_dir(out: Path | str, cohort_hash: str, run_ids: list[str], force: bool) -> None:
-    """Refuse a runs folder that holds another cohort's runs, or (without force) these run ids.
-
-    Reads only run.json files, so a folder with unrelated content still fails clearly.
-    """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise CxrfairError(f"--out {out}: exists and is not a folder; pass a runs folder")
-    if not out.is_dir():
-        return
-    for meta_path in sorted(out.glob("*/run.json")):
-        try:
-            other = json.loads(meta_path.read_text(encoding="utf-8")).get("cohort_hash")
-        except (OSError, ValueError, AttributeError):
-            continue  # not ours to judge; `cxrfair analyze` reports broken runs
-        if other is not None and other != cohort_hash:
-            raise CxrfairError(
-                f"--out {out}: run {meta_path.parent.name} was made on cohort {str(other)[:12]}…, this cache on "
-                f"{cohort_hash[:12]}…; write runs of different cohorts to different folders")
-    existing = [r for r in run_ids if (out / r).exists()]
-    if existing and not force:
-        raise CxrfairError(f"--out {out}: run {existing[0]} already exists ({len(existing)} of {len(run_ids)}); pass --force to replace")

@@ -502,7 +502,8 @@ def probe_cache(cache_path: Path | str, out: Path | str, cfg: SweepConfig, force
         The run folders written.
     """
     from cxrfair.analysis.runs import RunKey, safe_name
-    from cxrfair.probe.inputs import check_runs_dir, load_inputs
+    from cxrfair.analysis.runs import check_runs_folder
+    from cxrfair.probe.inputs import load_inputs
 
     from cxrfair.probe.inputs import group_codes
 
@@ -513,7 +514,7 @@ def probe_cache(cache_path: Path | str, out: Path | str, cfg: SweepConfig, force
     key = lambda tag, s: RunKey(safe_name(inputs.model), cfg.method, tag, int(s), cfg.mitigation, cfg.sensitive).run_id  # noqa: E731
     tags = ["best"] + [strength_tag(st) for st in (cfg.strengths if cfg.has_strength else ())]
     run_ids = {tag: [key(tag, s) for s in cfg.seeds] for tag in tags}
-    check_runs_dir(out, inputs.cohort_hash, [r for ids in run_ids.values() for r in ids], force)
+    check_runs_folder(out, inputs.cohort_hash, [r for ids in run_ids.values() for r in ids], force)
     result = run_sweep(inputs.x, inputs.y, len(inputs.classes), cfg, groups)
     result.timings["total_s"] = time.perf_counter() - t0
     paths = []

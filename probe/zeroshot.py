@@ -264,7 +264,8 @@ def zeroshot_cache(cache_path: Path | str, out: Path | str, all_sets: bool = Fal
     """
     from cxrfair.errors import CxrfairError
     from cxrfair.analysis.runs import RunKey, safe_name
-    from cxrfair.probe.inputs import check_runs_dir, load_inputs
+    from cxrfair.analysis.runs import check_runs_folder
+    from cxrfair.probe.inputs import load_inputs
 
     t0 = time.perf_counter()
     inputs = load_inputs(cache_path)
@@ -281,7 +282,7 @@ def zeroshot_cache(cache_path: Path | str, out: Path | str, all_sets: bool = Fal
               else score_sets(val_probs, inputs.y["val"], inputs.text, len(inputs.classes)))
     plan = [(s, d) for s in (scores if all_sets else scores[:1]) for d in range(1 if s.identical_draws else s.draws)]
     run_ids = [RunKey(safe_name(inputs.model), "zeroshot", f"{safe_name(s.name)}-d{d}", d).run_id for s, d in plan]
-    check_runs_dir(out, inputs.cohort_hash, run_ids, force)
+    check_runs_folder(out, inputs.cohort_hash, run_ids, force)
     elapsed = time.perf_counter() - t0
     return [_write(out, inputs, s, d, rid, probs[s.name][d], scores, elapsed, force, term, fitted[s.name][d])
             for (s, d), rid in zip(plan, run_ids)]
