@@ -515,11 +515,11 @@ def findings_forest(findings: pd.DataFrame, axes=None):
 # ----------------------------------------------------------------------------- output
 
 
-def png(fig) -> bytes:
+def png(fig, dpi: int = 100) -> bytes:
     """PNG bytes of a Figure; the figure is closed."""
     try:
         buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=100)
+        fig.savefig(buf, format="png", dpi=dpi)
         return buf.getvalue()
     finally:
         plt.close(fig)

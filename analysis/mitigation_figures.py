@@ -10,8 +10,6 @@ large black star, the Pareto front a thick light-grey step line behind the point
 
 from __future__ import annotations
 
-import io
-
 import matplotlib
 
 matplotlib.use("Agg")  # files only; never a display
@@ -110,13 +108,9 @@ def tradeoff_figure(tradeoff: pd.DataFrame, ncols: int = 3):
 
 def tradeoff_png(tradeoff: pd.DataFrame) -> bytes:
     """``tradeoff_figure`` as PNG bytes (figure closed)."""
-    fig = tradeoff_figure(tradeoff)
-    try:
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110)
-        return buf.getvalue()
-    finally:
-        plt.close(fig)
+    from cxrfair.analysis.figures import png
+
+    return png(tradeoff_figure(tradeoff), dpi=110)
 
 
 def _cell(value, lo, hi, signed: bool = False) -> str:
