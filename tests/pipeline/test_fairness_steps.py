@@ -423,7 +423,9 @@ def test_multilabel_config_dry_run(tmp_path):
     result = CliRunner().invoke(main, ["run", str(MULTILABEL), "--dry-run", "--out", str(tmp_path / "ml")])
     assert result.exit_code == 0, result.output
     planned = [line.split()[0] for line in result.output.splitlines()[2:]]
-    assert planned == ["synth", "cohort", "extract-tiny-clip", "zeroshot-tiny-clip", "linear-tiny-clip", "analyze"]
+    assert planned == ["synth", "cohort", "extract-tiny-clip", "zeroshot-tiny-clip", "linear-tiny-clip",
+                       "lora-tiny-clip-lr0.001-s0", "lora-tiny-clip", "full-tiny-clip-lr0.0001-s0", "full-tiny-clip",
+                       "analyze"]
     cohort = next(s for s in experiment_steps(load_config(MULTILABEL)) if s.name == "cohort")
     assert (cohort.settings["dataset"], cohort.settings["preset"]) == ("mimic", "mimic-sourget")
     assert cohort.settings["mimic_iv"].endswith("mimiciv/2.2") and not (tmp_path / "ml").exists()
@@ -439,7 +441,8 @@ def test_multilabel_config_runs_end_to_end(tmp_path):
                             capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     runs = [json.loads(p.read_text()) for p in (tmp_path / "ml" / "runs").glob("*/run.json")]
-    assert {r["method"] for r in runs} == {"zeroshot", "linear"} and {r["task"] for r in runs} == {"multilabel"}
+    assert {r["method"] for r in runs} == {"zeroshot", "linear", "lora", "full"}
+    assert {r["task"] for r in runs} == {"multilabel"}
     assert {"race", "sex", "age_group"} <= set(runs[0]["attributes"])
     metrics = pd.read_csv(tmp_path / "ml" / "report" / "metrics.csv")
     assert {"race", "age_group"} <= set(metrics.get("attribute", pd.Series(dtype=str)).dropna())
