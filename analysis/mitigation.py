@@ -271,10 +271,11 @@ def pairing(pairs: list[tuple]) -> tuple[str, str, str, str, bool]:
 def mitigation_table(groups: dict, task: str, level: float, notes: list[str], chosen: dict | None = None) -> pd.DataFrame:
     """mitigation.csv: one row per group of ``pair_runs`` and metric of ``metric_keys``; ``selected`` from
     ``chosen`` (``chosen_strengths``; None: only runs that are no strength point)."""
+    has_best = {f for f, gkeys in _families(groups).items() if any(g[4] == "best" for g in gkeys)}
     records = []
     for gkey, pairs in groups.items():
         rows = _mitigation_rows(gkey, pairs, task, level, notes)
-        records += [(*r, is_selected(gkey, r[4], chosen or {})) for r in rows]
+        records += [(*r, is_selected(gkey, r[4], chosen or {}, has_best)) for r in rows]
     return pd.DataFrame.from_records(records, columns=MITIGATION_COLUMNS)
 
 
@@ -319,6 +320,8 @@ def validation_scores(run, sensitive: str) -> dict[str, float]:
     group figures of the per-group macro AUC.
     """
     y, p = run.arrays("val")
+    if len(y) == 0:
+        return dict.fromkeys(("loss", "accuracy", "worst_group", "gap"), np.nan)
     groups = run.split("val")[sensitive].astype("string").to_numpy(dtype=object, na_value=None)
     have = np.array([g is not None and g != "" for g in groups], dtype=bool)
     if run.task == "multilabel":
@@ -387,22 +390,27 @@ def choose_strength(by_group: dict, gkeys: list[tuple], notes: list[str]) -> flo
     return common_strength(by_group[chosen], [])
 
 
-def is_selected(gkey: tuple, strength: float, chosen: dict) -> bool:
-    """A group's row is the validation choice: a run that is no strength point (``best``, a post-processed
-    run), or the ``st<s>`` point whose strength its family chose (``choose_strength``)."""
+def is_selected(gkey: tuple, strength: float, chosen: dict, has_best: set) -> bool:
+    """A group's mitigation.csv rows are the validation choice: a run that is no strength point (``best``,
+    a post-processed run), or, in a family without ``best``, the ``st<s>`` whose strength it chose."""
     if not STRENGTH_TAG.match(gkey[4]):
         return True
     value = chosen.get(gkey[:4], np.nan)
-    return not np.isnan(strength) and strength == value
+    return gkey[:4] not in has_best and not np.isnan(strength) and strength == value
+
+
+def _families(groups) -> dict:
+    """{(model, method, mitigation, sensitive): [group keys]}."""
+    families = defaultdict(list)
+    for g in groups:
+        families[g[:4]].append(g)
+    return families
 
 
 def chosen_strengths(evaluated, groups: dict, notes: list[str]) -> dict:
     """{(model, method, mitigation, sensitive): strength chosen on validation} over the paired groups."""
     by_group = mitigated_by_group(evaluated)
-    families = defaultdict(list)
-    for g in groups:
-        families[g[:4]].append(g)
-    return {f: choose_strength(by_group, gkeys, notes) for f, gkeys in families.items()}
+    return {f: choose_strength(by_group, gkeys, notes) for f, gkeys in _families(groups).items()}
 
 
 def mitigated_by_group(evaluated) -> dict:

@@ -297,6 +297,10 @@ def test_adamw_mitigations_pair_with_an_adamw_strength_zero_run_not_the_lbfgs_er
     erm = t[t["mitigation"] == "erm"]
     assert list(zip(erm["tag"], erm["solver"])) == [("best", "lbfgs"), ("fairot-sex__st0", "adamw"),
                                                     ("reweight-sex__st0", "lbfgs")]
+    # Probe sweeps chose while training: the report's deltas are their best runs, once each.
+    assert sorted(delta_table(m)["mitigation"]) == ["fairot", "groupdro", "reweight"]
+    assert set(m.loc[m["selected"], "tag"]) == {"best"}
+    assert set(t.loc[t["selected"] & (t["mitigation"] == "fairot"), "tag"]) == {"st0.3"}
 
 
 def test_a_plain_adamw_erm_run_is_preferred_and_another_grid_is_flagged(tmp_path):
