@@ -118,12 +118,13 @@ def is_erm_like(ev) -> bool:
 
 def _same_seed_erm_like(ev, by_id: dict) -> list:
     """ERM-like runs of the mitigated run's model, method and seed other than itself: erm runs first, then
-    strength-0 runs of the same sensitive attribute, then of others (run id order within each)."""
+    strength-0 runs of the same sensitive attribute, then of others; ``st0`` before a ``best`` that chose
+    strength 0 (the same configuration), then run id order."""
     sensitive = parse_run_id(ev.run.run_id).sensitive
 
     def rank(e):
         key = parse_run_id(e.run.run_id)
-        return (key.mitigation != "erm", key.sensitive != sensitive, e.run.run_id)
+        return (key.mitigation != "erm", key.sensitive != sensitive, key.tag != "st0", e.run.run_id)
 
     return sorted((e for e in by_id.values() if e is not ev and is_erm_like(e) and e.run.model == ev.run.model
                    and e.run.method == ev.run.method and e.run.seed == ev.run.seed), key=rank)

@@ -320,6 +320,19 @@ def test_a_plain_adamw_erm_run_is_preferred_and_another_grid_is_flagged(tmp_path
     assert "†" not in delta_table(m).set_index("mitigation").loc["groupdro", "accuracy"]
 
 
+def test_a_sweeps_st0_is_preferred_to_its_best_run_that_chose_strength_zero(tmp_path):
+    runs = tmp_path / "runs"
+    rows = cohort_rows(24)
+    _write(runs, rows, 0, 1.0, 0, **LBFGS)
+    _write(runs, rows, 0, 1.0, 1, "fairot", "sex", "best", 0.0, **_adamw((0.0, 0.3)))  # chose 0: plain training
+    _write(runs, rows, 0, 1.0, 1, "fairot", "sex", "st0", 0.0, **_adamw((0.0, 0.3)))
+    _write(runs, rows, 0, 1.2, 3, "groupdro", "sex", "best", 0.1, **_adamw((0.1,)))
+    m = _compute(runs).mitigation
+    assert _by(m, "groupdro", "best").erm_run == "m1__linear+fairot-sex__st0__s0"
+    assert _by(m, "fairot", "best").erm_run == "m1__linear+fairot-sex__st0__s0"  # its own st0: delta 0, as it should
+    assert _by(m[m["metric"] == "accuracy"], "fairot", "best").delta == 0
+
+
 def test_solver_and_erm_likeness_from_run_json():
     from cxrfair.analysis.runs import Run
 
@@ -334,6 +347,30 @@ def test_solver_and_erm_likeness_from_run_json():
     assert not MIT.is_erm_like(ev("m__linear+groupdro-sex__st0__s0", strength=0.0))  # η = 0 keeps q uniform: cell-balanced, not ERM
     assert not MIT.is_erm_like(ev("m__linear+adversarial-sex__st0__s0", strength=0.0, adversary={"kind": "projection"}))
     assert MIT.is_erm_like(ev("m__linear+adversarial-sex__st0__s0", strength=0.0, adversary={"kind": "grl"}))
+
+
+@pytest.mark.slow
+def test_real_probe_runs_pair_groupdro_with_the_adamw_strength_zero_run(tmp_path):
+    """Runs written by `cxrfair probe` (their own run.json solver and grid): the L-BFGS ERM run stays the
+    primary tag, yet groupdro (AdamW) is compared with reweight's AdamW strength-0 run of the same grid.
+    (~1 min of three sweeps' compilation; the synthetic-run tests above check the same rules fast.)"""
+    from tests.probe.synth import make_cache
+
+    cache = make_cache(tmp_path / "c.h5")[0]
+    runs = tmp_path / "runs"
+    grid = ["--epochs", "2", "--batch-size", "16", "--seeds", "2", "--lr", "1e-2", "--weight-decay", "0"]
+    for args in (["--max-iter", "20"],
+                 ["--mitigation", "reweight", "--sensitive", "sex", "--strength", "0,1", "--solver", "adamw", *grid],
+                 ["--mitigation", "groupdro", "--sensitive", "sex", "--strength", "0.1", *grid]):
+        got = CliRunner().invoke(main, ["probe", "linear", "--cache", str(cache), "--out", str(runs), *args])
+        assert got.exit_code == 0, got.output
+    res = compute(read_runs(runs), AnalyzeConfig(runs, tmp_path / "out", n_boot=0, figures=False))
+    m = res.mitigation
+    row = _by(m, "groupdro", "best")
+    assert (row.erm_tag, row.solver, row.erm_solver, bool(row.like_for_like)) == ("reweight-sex__st0", "adamw", "adamw", True)
+    assert _by(m, "reweight", "st1").erm_tag == "reweight-sex__st0"
+    assert (m["like_for_like"] == (m["solver"] == m["erm_solver"])).all()  # one grid here: only the solver can differ
+    assert set(res.runs.loc[res.runs["primary"], "tag"]) == {"best"}
 
 
 # ----------------------------------------------------------------------------- strength chosen on validation
