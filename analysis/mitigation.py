@@ -370,7 +370,7 @@ def choose_strength(by_group: dict, gkeys: list[tuple], notes: list[str]) -> flo
     A family with a ``best`` run (probe sweeps) chose it while training: that run's strength. One
     without (fine-tuning: one ``st<s>`` run per strength) is chosen here among its ``st<s>`` runs by
     their run.json ``select`` rule (default ``worst_group``) on their validation predictions
-    (``validation_scores``), each score the mean over the seeds.
+    (``validation_scores``), each score the mean over the seeds; a single ``st<s>`` is its own choice.
     """
     best = [g for g in gkeys if g[4] == "best"]
     if best:
@@ -378,8 +378,8 @@ def choose_strength(by_group: dict, gkeys: list[tuple], notes: list[str]) -> flo
     swept = [g for g in gkeys if STRENGTH_TAG.match(g[4])]
     strengths = [common_strength(by_group[g], []) for g in swept]
     swept = [g for g, v in zip(swept, strengths) if not np.isnan(v)]
-    if len(swept) < 2:
-        return np.nan
+    if len(swept) < 2:  # one strength trained: nothing to choose, it is the one (none: NaN)
+        return common_strength(by_group[swept[0]], []) if swept else np.nan
     select = str(by_group[swept[0]][0].run.meta.get("select") or SELECT_DEFAULT)
     scores = [[validation_scores(e.run, g[3]) for e in by_group[g]] for g in swept]
     means = {k: np.array([_nanmean0(np.array([s[k] for s in per], dtype=np.float64)) for per in scores])

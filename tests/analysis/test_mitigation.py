@@ -415,6 +415,17 @@ def test_finetune_strength_is_chosen_on_validation_worst_group_like_a_reference(
     assert any(f"strength {want:g} (st{want:g}) chosen on validation by worst_group" in n for n in res.notes)
 
 
+def test_a_single_finetune_strength_is_its_own_choice(tmp_path):
+    runs = tmp_path / "runs"
+    rows = cohort_rows(24)
+    _write(runs, rows, 0, 1.0, 0, method="lora")
+    _write(runs, rows, 0, 1.2, 1, "fairot", "sex", "st1", 1.0, method="lora")
+    res = _compute(runs)
+    assert list(res.mitigation["selected"].unique()) == [True] and list(delta_table(res.mitigation)["tag"]) == ["st1"]
+    assert res.tradeoff.loc[res.tradeoff["mitigation"] == "fairot", "selected"].tolist() == [True]
+    assert not any("chosen on validation" in n for n in res.notes)  # nothing was chosen
+
+
 def test_finetune_strength_choice_reads_validation_never_test(tmp_path):
     runs = tmp_path / "runs"
     rows = cohort_rows(24)

@@ -42,7 +42,7 @@ def _base(tmp_path: Path) -> dict:
         "mitigations": [
             {"methods": ["linear", "mlp"], "mitigation": "groupdro", "sensitive": "sex", "strengths": [0.01, 0.1],
              "select": "worst_group", "enabled": False},
-            {"methods": ["lora"], "mitigation": "adversarial", "sensitive": "age_group", "strengths": [0.3],
+            {"methods": ["lora"], "mitigation": "adversarial", "sensitive": "age_group", "strengths": [0.3, 1.0],
              "adversary": "grl", "enabled": False},
         ],
     }
@@ -147,7 +147,8 @@ def test_mitigation_steps_call_the_stage_cli_with_the_entry(tmp_path, monkeypatc
     def fake_cli(args):  # writes the run the real command would, so the step can publish it
         calls.append([str(a) for a in args])
         flag = dict(zip(calls[-1], calls[-1][1:]))
-        key = RunKey("tiny-clip", args[1], "best", int(flag.get("--seed", 0)), mitigation=flag["--mitigation"],
+        tag = f"st{float(flag['--strength']):g}" if args[0] == "finetune" else "best"  # as the real stages name them
+        key = RunKey("tiny-clip", args[1], tag, int(flag.get("--seed", 0)), mitigation=flag["--mitigation"],
                      sensitive=flag["--sensitive"])
         _write_fake_run(Path(flag["--out"]), key)
 
@@ -167,11 +168,13 @@ def test_mitigation_steps_call_the_stage_cli_with_the_entry(tmp_path, monkeypatc
     staging = exp / ".staging" / "lora+adversarial-age_group-tiny-clip"
     common = ["finetune", "lora", "--model", "tiny-clip", "--cohort", str(exp / "cohort"), "--epochs", "1",
               "--batch-size", "64", "--weight-decay", "0.01", "--device", "auto", "--precision", "auto", "--workers", "4",
-              "--resume", "--force", "--mitigation", "adversarial", "--sensitive", "age_group", "--strength", "0.3",
-              "--adversary", "grl", "--lora-rank", "8", "--lora-alpha", "16", "--lora-dropout", "0.0", "--lr", "0.003"]
-    assert calls == [common + ["--seed", "0", "--out", str(staging)], common + ["--seed", "1", "--out", str(staging)]]
-    assert sorted(p.name for p in produced) == ["tiny-clip__lora+adversarial-age_group__best__s0",
-                                                "tiny-clip__lora+adversarial-age_group__best__s1"]
+              "--resume", "--force", "--mitigation", "adversarial", "--sensitive", "age_group",
+              "--adversary", "grl", "--lora-rank", "8", "--lora-alpha", "16", "--lora-dropout", "0.0"]
+    # One run per strength and seed (the analysis chooses the strength on validation).
+    assert calls == [common + ["--strength", st, "--lr", "0.003", "--seed", seed, "--out", str(staging)]
+                     for st in ("0.3", "1") for seed in ("0", "1")]
+    assert sorted(p.name for p in produced) == [f"tiny-clip__lora+adversarial-age_group__st{st}__s{seed}"
+                                                for st in ("0.3", "1") for seed in (0, 1)]
     assert (exp / "runs" / "tiny-clip__lora__best__s0").is_dir()  # the ERM family is not touched
 
 
@@ -191,7 +194,6 @@ ENTRY_ERRORS = [
     ("mitigations", 0, {"mitigation": "reweight", "strengths": [1.5]}, "strengths 1.5: reweight strengths must be in [0, 1]"),
     ("mitigations", 0, {"mitigation": "erase"}, "strengths: erase takes none"),
     ("mitigations", 1, {"mitigation": "erase", "strengths": []}, "[[mitigations]] #2 mitigation erase: probes only"),
-    ("mitigations", 1, {"strengths": [0.1, 0.3]}, "[[mitigations]] #2 strengths: fine-tuning (lora) trains one strength per run"),
     ("mitigations", 0, {"select": "auc"}, "select 'auc': choose one of worst_group, loss, gap"),
     ("mitigations", 1, {"select": "loss"}, "select 'loss': probes only"),
     ("mitigations", 0, {"adversary": "grl"}, "adversary 'grl': only with mitigation adversarial"),
