@@ -137,7 +137,8 @@ def find_erm(ev, by_id: dict, primary: dict):
     then, among plain-training runs of the same model, method and seed trained with the same solver
     and grid (``recipe``): the strength-0 run of its own sweep (``st0``, for ``ZERO_IS_ERM``), the
     ERM run with the same tag (``best`` vs ``best``), the ERM run with its model and method's primary
-    tag, any other (an ERM run, then another sweep's ``st0``); only when none shares the recipe, the
+    tag, any other (an ERM run, then another sweep's ``st0``; an ``st0`` run never takes one of its
+    own sweep); only when none shares the recipe, the
     ERM run with the same tag, else the primary tag — a pairing across solvers or grids, which
     ``mitigation.csv`` flags (``like_for_like`` false) and the report notes.
     """
@@ -153,8 +154,13 @@ def find_erm(ev, by_id: dict, primary: dict):
     prim = prim[0] if len(prim) == 1 else None
     ordered = [own_zero, same_tag, prim, *_same_seed_erm_like(ev, by_id)]
     mine = recipe(ev.run)
+    # An st0 run is its sweep's ERM point: never paired within its own sweep (a `best` that chose 0 is the
+    # same configuration), so its row shows what its solver and grid alone change. (That `best` does pair
+    # with its st0: the selected mitigation is plain training, delta 0.)
+    family = group_key(ev)[:4] if is_erm_like(ev) and STRENGTH_TAG.match(key.tag) else None
     for other in ordered:
-        if other is not None and other is not ev and is_erm_like(other) and recipe(other.run) == mine:
+        if (other is not None and other is not ev and is_erm_like(other) and recipe(other.run) == mine
+                and (family is None or not is_mitigated(other) or group_key(other)[:4] != family)):
             return other
     for other in (same_tag, prim):
         if other is not None and not is_mitigated(other):
@@ -187,13 +193,23 @@ def pair_runs(evaluated, runs_df: pd.DataFrame, attributes, notes: list[str]) ->
                          "test images; not compared")
         else:
             if recipe(erm.run) != recipe(ev.run):
-                notes.append(f"mitigation: run {ev.run.run_id} ({_trained(ev.run)}) is compared with "
-                             f"{erm.run.run_id} ({_trained(erm.run)}), the only ERM run of its seed: no plain run "
-                             "shares its solver and grid, so the delta mixes that change with the mitigation "
-                             "(like_for_like false); add a strength-0 point to its sweep or an ERM run trained "
-                             "the same way")
+                note = unlike_note(ev, erm)
+                notes.extend([note] if note not in notes else [])  # once for all seeds
             groups[group_key(ev)].append((ev, erm))
     return dict(groups)
+
+
+def unlike_note(ev, erm) -> str:
+    """The note of a pairing across solvers or grids (``like_for_like`` false), the same for every seed."""
+    model, method, mitigation, sensitive, tag = group_key(ev)
+    what = f"mitigation: {model} {method} {mitigation}-{sensitive} {tag} ({_trained(ev.run)}) against ERM " \
+           f"{tag_of(erm.run)} ({_trained(erm.run)})"
+    if is_erm_like(ev):
+        return (f"{what}: a strength-0 run is plain training, so this row measures the change of solver or grid "
+                "alone (like_for_like false)")
+    return (f"{what}: no plain run of its seed shares its solver and grid, so the delta mixes that change with the "
+            "mitigation (like_for_like false, † in the report); give its sweep a strength-0 point or train an "
+            "ERM run the same way")
 
 
 def _trained(run) -> str:

@@ -287,7 +287,9 @@ def test_adamw_mitigations_pair_with_an_adamw_strength_zero_run_not_the_lbfgs_er
     # The st0 run is never its own counterpart: its fellow AdamW st0 is not there, so the L-BFGS erm run, flagged.
     row = _by(m, "fairot", "st0")
     assert (row.erm_tag, row.erm_solver, bool(row.like_for_like)) == ("best", "lbfgs", False)
-    assert any("m1__linear+fairot-sex__st0__s0 (adamw" in n and "like_for_like false" in n for n in res.notes)
+    unlike = [n for n in res.notes if "like_for_like false" in n]
+    assert len(unlike) == 1 and unlike[0].startswith("mitigation: m1 linear fairot-sex st0 (adamw")  # once for both seeds
+    assert "against ERM best (lbfgs" in unlike[0] and "change of solver or grid alone" in unlike[0]
     # The delta is against the run it names: mitigated − that counterpart, per seed, averaged.
     v = res.metrics[(res.metrics["metric"] == "accuracy") & (res.metrics["attribute"] == "")].set_index("run_id")["value"]
     want = np.mean([v[f"m1__linear+groupdro-sex__best__s{s}"] - v[f"m1__linear+fairot-sex__st0__s{s}"] for s in (0, 1)])
@@ -317,6 +319,8 @@ def test_a_plain_adamw_erm_run_is_preferred_and_another_grid_is_flagged(tmp_path
     row = _by(m, "adversarial", "best")
     assert (row.erm_run, row.erm_solver, bool(row.like_for_like)) == ("m1__linear__best__s0", "lbfgs", False)
     assert "†" in delta_table(m).set_index("mitigation").loc["adversarial", "accuracy"]
+    assert any(n.startswith("mitigation: m1 linear adversarial-sex best (adamw") and "mixes that change" in n
+               for n in _compute(runs).notes)
     assert "†" not in delta_table(m).set_index("mitigation").loc["groupdro", "accuracy"]
 
 
@@ -331,6 +335,11 @@ def test_a_sweeps_st0_is_preferred_to_its_best_run_that_chose_strength_zero(tmp_
     assert _by(m, "groupdro", "best").erm_run == "m1__linear+fairot-sex__st0__s0"
     assert _by(m, "fairot", "best").erm_run == "m1__linear+fairot-sex__st0__s0"  # its own st0: delta 0, as it should
     assert _by(m[m["metric"] == "accuracy"], "fairot", "best").delta == 0
+    # The st0 run is its sweep's ERM point: not paired with its own best (the same configuration) but, with no
+    # other AdamW plain run, with the L-BFGS one, flagged; the trade-off's ERM points are those two.
+    assert (_by(m, "fairot", "st0").erm_run, bool(_by(m, "fairot", "st0").like_for_like)) == ("m1__linear__best__s0", False)
+    t = _compute(runs).tradeoff
+    assert t.loc[t["mitigation"] == "erm", "tag"].tolist() == ["best", "fairot-sex__st0"]
 
 
 def test_solver_and_erm_likeness_from_run_json():
