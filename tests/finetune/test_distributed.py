@@ -379,3 +379,15 @@ def test_fairot_under_ddp_gathers_the_global_batch_and_its_summed_gradient_is_on
     # Not what each process's share alone would give: the term is over the global batch, not per rank.
     per_share = sum(_fairot_grad(s, None) for s in np.array_split(np.arange(FAIROT_B), 2))
     assert not np.allclose(per_share, whole, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_fairot_run_in_two_processes_equals_one_process(cohort, tmp_path):
+    """The whole run (uneven shares, a padding row, augmentation): 2 Gloo processes train what one does.
+    (~30 s; the one-step gradient test above checks the same gather fast.)"""
+    kw = {**RUN, "mitigation": "fairot", "sensitive": "sex", "strength": 5.0}
+    one = T.finetune(FinetuneConfig(cohort=cohort, out=tmp_path / "one", **kw), progress=False)
+    got = in_processes(partial(_finetune, FinetuneConfig(cohort=cohort, out=tmp_path / "two", **kw)))
+    assert got[0][0] == "ok" and got[1][0] == "ok", got
+    meta = assert_same_run(one, tmp_path / "two" / one.run_id)
+    assert meta["world_size"] == 2 and meta["mitigation"] == "fairot"
