@@ -24,6 +24,7 @@ from cxrfair.steps import plan
 REPO = Path(__file__).resolve().parents[2]
 
 MITIGATION_OPTIONS = ("mitigation", "sensitive", "strength", "select", "adversary")
+MITIGATION_ENTRY_KEYS = ("mitigation", "sensitive", "strengths", "select", "adversary", "enabled")
 
 
 def _base(tmp_path: Path) -> dict:
@@ -411,9 +412,15 @@ def test_demo_mitigations_are_ready_to_switch_on(tmp_path, monkeypatch, stage_ha
     cfg = demo_config(tmp_path)
     assert [(m.mitigation, m.methods, m.enabled) for m in cfg.mitigations] == [
         ("groupdro", ("linear",), pipeline.DEMO_MITIGATIONS), ("fairot", ("linear",), pipeline.DEMO_MITIGATIONS)]
+    # fairot's strength 0 is an AdamW ERM probe on the grid groupdro uses too: the like-for-like counterpart
+    # of both (analysis.mitigation.find_erm), where the L-BFGS ERM probe would mix in the solver change.
+    assert 0.0 in cfg.mitigations[1].strengths
     monkeypatch.setattr(pipeline, "DEMO_MITIGATIONS", True)
-    names = [s.name for s in experiment_steps(demo_config(tmp_path))]
-    assert {"linear-tiny-clip", "linear+groupdro-sex-tiny-clip", "linear+fairot-sex-tiny-clip"} <= set(names)
+    steps = {s.name: s for s in experiment_steps(demo_config(tmp_path))}
+    assert {"linear-tiny-clip", "linear+groupdro-sex-tiny-clip", "linear+fairot-sex-tiny-clip"} <= set(steps)
+    grid = {k: v for k, v in steps["linear+groupdro-sex-tiny-clip"].settings.items() if k not in MITIGATION_ENTRY_KEYS}
+    assert grid == {k: v for k, v in steps["linear+fairot-sex-tiny-clip"].settings.items() if k not in MITIGATION_ENTRY_KEYS}
+    assert grid["solver"] == "adamw"
 
 
 # ---------------------------------------------------------------- multi-label end to end (issue 12)
