@@ -341,20 +341,25 @@ def validation_scores(run, sensitive: str) -> dict[str, float]:
         return dict.fromkeys(("loss", "accuracy", "worst_group", "gap"), np.nan)
     groups = run.split("val")[sensitive].astype("string").to_numpy(dtype=object, na_value=None)
     have = np.array([g is not None and g != "" for g in groups], dtype=bool)
-    if run.task == "multilabel":
+    loss, utility = _loss_and_utility(y, p, run.task)
+    per_group = np.array([utility(have & (groups == g)) for g in dict.fromkeys(groups[have])], dtype=np.float64)
+    per_group = per_group[~np.isnan(per_group)]  # a group where the metric is undefined (no positives) is left out
+    worst, best = (per_group.min(), per_group.max()) if len(per_group) else (np.nan, np.nan)
+    return {"loss": loss, "accuracy": utility(np.ones(len(y), dtype=bool)), "worst_group": worst, "gap": best - worst}
+
+
+def _loss_and_utility(y: np.ndarray, p: np.ndarray, task: str):
+    """(mean validation loss, utility(rows) -> float) of ``Run.arrays`` output: multi-class cross-entropy
+    and accuracy; multi-label masked binary cross-entropy (per row over its observed conditions) and macro AUC."""
+    if task == "multilabel":
         from cxrfair.analysis.multilabel import auc_macro
 
-        q = np.clip(p, 1e-12, 1 - 1e-12)
-        cell = np.where(np.isnan(y), np.nan, -(np.nan_to_num(y) * np.log(q) + (1 - np.nan_to_num(y)) * np.log(1 - q)))
-        loss = float(_nanmean0(_nanmean0(cell.T)))
-        utility = lambda rows: float(auc_macro(y[rows], p[rows]))  # noqa: E731
-    else:
-        loss = float(-np.mean(np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None))))
-        correct = p.argmax(1) == y
-        utility = lambda rows: float(correct[rows].mean())  # noqa: E731
-    per_group = [utility(have & (groups == g)) for g in dict.fromkeys(groups[have])]
-    worst, best = (min(per_group), max(per_group)) if per_group else (np.nan, np.nan)
-    return {"loss": loss, "accuracy": utility(np.ones(len(y), dtype=bool)), "worst_group": worst, "gap": best - worst}
+        q, t = np.clip(p, 1e-12, 1 - 1e-12), np.nan_to_num(y)
+        cell = np.where(np.isnan(y), np.nan, -(t * np.log(q) + (1 - t) * np.log(1 - q)))
+        return float(_nanmean0(_nanmean0(cell.T))), lambda rows: float(auc_macro(y[rows], p[rows]))
+    correct = p.argmax(1) == y
+    loss = float(-np.mean(np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None))))
+    return loss, lambda rows: float(correct[rows].mean())
 
 
 # The probes' rules (``probe.sweep.select_config``; the tests hold the two to the same answers).
