@@ -15,8 +15,9 @@ Public surface:
         resample_counts, interval``;
     pipeline (analyze.py): ``AnalyzeConfig, Results, compute, analyze, describe_intervals,
         shortcut_subsets, shortcut_metrics`` (the ``cxrfair analyze`` command);
-    mitigation (mitigation.py): mitigated runs against ERM, ``Results.mitigation`` / ``tradeoff``;
-        its report section and trade-off figure in ``mitigation_figures``.
+    mitigation (mitigation.py): mitigated runs against ERM trained the same way, ``Results.mitigation`` /
+        ``tradeoff``, the strength chosen on validation; its tables and trade-off figure in
+        ``mitigation_figures``, laid out by ``sections.mitigation``.
 """
 
 from cxrfair.analysis.analyze import (

@@ -1,8 +1,7 @@
 """The report's Mitigation section: delta tables and the utility–fairness trade-off figure.
 
 Reads only ``Results.mitigation`` / ``Results.tradeoff`` (``mitigation.mitigation_tables``); computes
-no metric. ``mitigation_section(results)`` gives the section's (title, caption, table) and
-(file name, caption, PNG) lists, empty when no run has a mitigation.
+no metric. The section itself is ``analysis.sections.mitigation``, which lays these out.
 
 The figure is readable in greyscale: mitigations differ by marker shape and line style, ERM is a
 large black star, the Pareto front a thick light-grey step line behind the points.
@@ -68,6 +67,9 @@ def tradeoff_panel(points: pd.DataFrame, ax, title: str = ""):
         if mitigation == "erm":
             _interval_lines(ax, p, "black")
             ax.plot(100 * p["utility"], 100 * p["gap"], "*", ms=16, color="black", mec="white", zorder=4, label="ERM")
+            for r in p.itertuples() if len(p) > 1 else ():  # several ERM counterparts: say which is which
+                ax.annotate(f"ERM {r.tag} ({r.solver})", (100 * r.utility, 100 * r.gap), textcoords="offset points",
+                            xytext=(5, -10), fontsize=7)
             continue
         marker, face, style = _STYLES.get(mitigation, _FALLBACK)
         _interval_lines(ax, p, "0.35")
@@ -121,18 +123,21 @@ def _cell(value, lo, hi, signed: bool = False) -> str:
 
 
 def delta_table(mitigation: pd.DataFrame) -> pd.DataFrame:
-    """Selected runs (every tag but ``st<s>``): one row per model × method × mitigation × attribute,
-    one column per metric, cells ``Δ [low, high]`` in points with ``*`` where the interval excludes 0."""
-    t = mitigation[~mitigation["tag"].astype(str).str.match(STRENGTH_TAG.pattern)]
+    """The runs chosen on validation (``selected``: ``best``, post-processed runs, a fine-tuning family's
+    chosen ``st<s>``): one row per model × method × mitigation × attribute, one column per metric, cells
+    ``Δ [low, high]`` in points with ``*`` where the interval excludes 0, ``†`` where the ERM counterpart
+    was trained by another solver or grid (``like_for_like`` false)."""
+    t = mitigation[mitigation["selected"].astype(bool)]
     if t.empty:
         return pd.DataFrame()
     t = t.assign(cell=[_cell(r.delta, r.ci_low, r.ci_high, signed=True) + ("*" if r.excludes_zero else "")
-                       for r in t.itertuples()])
-    index = ["model", "method", "mitigation", "sensitive", "tag", "strength"]
+                       + ("" if r.like_for_like else "†") for r in t.itertuples()])
+    t = t.assign(erm=[f"{r.erm_tag} ({r.erm_solver})" for r in t.itertuples()])
+    index = ["model", "method", "mitigation", "sensitive", "tag", "strength", "erm"]
     w = t.assign(strength=t["strength"].map(lambda s: f"{s:g}" if np.isfinite(s) else "–")).pivot_table(
         index=index, columns="metric", values="cell", aggfunc="first", sort=False)
     w = w[list(dict.fromkeys(t["metric"]))].rename_axis(columns=None)
-    seeds = t.groupby(index[:5], sort=False)["n_seeds"].max().to_numpy()
+    seeds = t.groupby(index[:5], sort=False)["n_seeds"].max().to_numpy()  # one row per group: same order as w
     return w.reset_index().assign(seeds=seeds)
 
 
@@ -142,7 +147,7 @@ def tradeoff_rows(tradeoff: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     return pd.DataFrame({
         "model": tradeoff["model"], "method": tradeoff["method"], "sensitive": tradeoff["sensitive"],
-        "mitigation": tradeoff["mitigation"], "tag": tradeoff["tag"],
+        "mitigation": tradeoff["mitigation"], "tag": tradeoff["tag"], "solver": tradeoff["solver"],
         "strength": tradeoff["strength"].map(lambda s: f"{s:g}" if np.isfinite(s) else "–"),
         "utility": [f"{r.utility_metric} " + _cell(r.utility, r.utility_ci_low, r.utility_ci_high)
                     for r in tradeoff.itertuples()],
@@ -152,29 +157,17 @@ def tradeoff_rows(tradeoff: pd.DataFrame) -> pd.DataFrame:
     })
 
 
-DELTA_CAPTION = ("Each mitigation minus ERM (same model, method and seed), in points, averaged over the paired "
-                 "seeds on the same patient-bootstrap resamples; * where the 95% interval excludes 0. Gaps are "
-                 "those of the mitigation's sensitive attribute; better: higher utility and worst-group values, "
-                 "lower absolute gaps, signed gaps (A − A') nearer 0. mitigation.csv has every strength.")
-TRADEOFF_CAPTION = ("One point per mitigation and strength (mean over seeds, 95% intervals), ERM included; "
-                    "selected: the strength chosen on validation; pareto: no other point has utility at least as "
-                    "high and a gap at least as low (point estimates). tradeoff.csv has the numbers.")
-
-
-def mitigation_section(results, figures: bool = True) -> tuple[list[tuple[str, str, pd.DataFrame]],
-                                                                 list[tuple[str, str, bytes]]]:
-    """(tables, figures) of the Mitigation section; both empty when no run has a mitigation.
-
-    tables: (title, caption, table of strings); figures: (file name, caption, PNG bytes), drawn
-    only when ``figures`` and ``results.config.figures``.
-    """
-    if results.mitigation is None:
-        return [], []
-    tables = [("Mitigation: paired deltas against ERM", DELTA_CAPTION, delta_table(results.mitigation)),
-              ("Mitigation: utility–fairness trade-off", TRADEOFF_CAPTION, tradeoff_rows(results.tradeoff))]
-    figs = []
-    if figures and results.config.figures and len(results.tradeoff):
-        figs.append(("mitigation_tradeoff.png", "Utility–fairness trade-off per model, method and sensitive "
-                     "attribute: one point per strength (labelled; * selected on validation), bars the 95% "
-                     "intervals, ERM the star, the Pareto front the grey step line.", tradeoff_png(results.tradeoff)))
-    return tables, figs
+DELTA_CAPTION = ("Each mitigation minus its ERM counterpart (same model, method and seed, trained by the same "
+                 "solver and grid: the strength-0 run of its own sweep, else an ERM run trained the same way; the "
+                 "erm column names it), in points, averaged over the paired seeds on the same patient-bootstrap "
+                 "resamples; * where the 95% interval excludes 0; † where no plain run shared the solver or grid, "
+                 "so the delta also holds that change (see the notes). Gaps are those of the mitigation's "
+                 "sensitive attribute; better: higher utility and worst-group values, lower absolute gaps, signed "
+                 "gaps (A − A') nearer 0. Rows: the strength chosen on validation. mitigation.csv has every strength.")
+TRADEOFF_CAPTION = ("One point per mitigation and strength (mean over seeds, 95% intervals), and the ERM runs the "
+                    "deltas are taken against (one per solver); selected: the strength chosen on validation (never "
+                    "test) — a probe sweep's `best` run, or for a fine-tuning mitigation (one run per strength) the "
+                    "strength with the highest validation worst-group accuracy (multi-label: worst-group macro AUC), "
+                    "mean over seeds, ties to the lower validation loss (the run's `select` rule when it records "
+                    "one); pareto: no other point has utility at least as high and a gap at least as low (point "
+                    "estimates). tradeoff.csv has the numbers.")

@@ -6,8 +6,8 @@ Layout of REPORT/:
     findings.csv     the comparisons the report's findings state, with their verdicts
     seeds.csv        mean, sd and the mean's interval over runs that differ only by seed
     runs.csv         the runs read, their tag and whether the tables show them (primary)
-    mitigation.csv, tradeoff.csv  mitigated runs vs ERM (written by analyze.write_tables; section via
-                     mitigation_figures.mitigation_section)
+    mitigation.csv, tradeoff.csv  mitigated runs vs ERM (written by analyze.write_tables; section
+                     sections.mitigation, tables and figure from mitigation_figures)
     roc.csv          per-group ROC curves of the primary runs (seeds averaged vertically)
     reliability.csv  per-group reliability-diagram bins of the primary runs (seeds pooled)
     analysis.json    the options used

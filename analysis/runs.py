@@ -32,6 +32,8 @@ from cxrfair.errors import CxrfairError
 from cxrfair.io import atomic_dir, write_json_atomic
 
 METHODS = ("zeroshot", "linear", "mlp", "lora", "full")
+# Methods the fine-tuning stage trains (always with AdamW; their run.json records no `solver`).
+FINETUNE_METHODS = ("lora", "full")
 # Fairness interventions (issue 13); "erm" is plain training and the default.
 MITIGATIONS = ("erm", "reweight", "groupdro", "adversarial", "fairot", "erase", "thresholds")
 TASKS = ("multiclass", "multilabel")

@@ -277,17 +277,19 @@ def mitigation(data: ReportData) -> Section | None:
                        "attribute: one point per strength (labelled; * selected on validation), bars the 95% "
                        "intervals, ERM the star, the Pareto front the grey step line.",
                        lambda: MF.tradeoff_figure(tradeoff)),)
-    tables = [Table(MF.delta_table(m), MF.DELTA_CAPTION, index=tuple(
-        c for c in ("model", "method", "mitigation", "sensitive") if c in MF.delta_table(m).columns), visible=6)]
+    deltas = MF.delta_table(m)
+    tables = [Table(deltas, MF.DELTA_CAPTION, index=tuple(
+        c for c in ("model", "method", "mitigation", "sensitive") if c in deltas.columns), visible=7)]
     if tradeoff is not None and len(tradeoff):
         rows = MF.tradeoff_rows(tradeoff)
         tables.append(Table(rows, MF.TRADEOFF_CAPTION, index=tuple(
             c for c in ("model", "method", "sensitive") if c in rows.columns), visible=6, collapsed=True))
     return Section("mitigation", "Mitigation", prose=(
-        "Each mitigation against plain training (ERM) of the same model, method and seed: paired bootstrap "
-        "differences on the same test resamples, averaged over seeds; not corrected for multiplicity. The "
-        "strength and hyperparameters of a `best` run were chosen on validation (run.json `selection`); "
-        "`st<s>` runs show every strength for the trade-off.",), figures=figs, tables=tuple(tables))
+        "Each mitigation against plain training (ERM) of the same model, method and seed, trained by the same "
+        "solver and grid: paired bootstrap differences on the same test resamples, averaged over seeds; not "
+        "corrected for multiplicity. The strength and hyperparameters of a `best` run were chosen on validation "
+        "(run.json `selection`); a fine-tuning mitigation's strength is chosen here on its runs' validation "
+        "predictions by the same rule; `st<s>` runs show every strength for the trade-off.",), figures=figs, tables=tuple(tables))
 
 
 # ----------------------------------------------------------------------------- groups

@@ -9,7 +9,8 @@ grid: 4 strengths x 4 learning rates x 4 weight decays x 4 seeds = 256 lanes per
 GroupDRO (q over 12 (group, class) cells, updated every step) and reweight (cell weights) on
 the AdamW path. JAX: ``run_sweep``'s training time (compilation reported apart). PyTorch:
 the same loss and update, one lane at a time; ``--torch-lanes`` lanes are timed and the mean
-is extrapolated to all 256 (the loop's cost does not depend on the hyperparameters).
+is extrapolated to all 256 (the loop's cost does not depend on the hyperparameters), after one
+untimed one-epoch lane (PyTorch's warm-up).
 
 This script may import torch; the probe stage itself never does.
 """
@@ -97,6 +98,9 @@ def main() -> None:
     x, y, groups = data()
     for mitigation in args.mitigations.split(","):
         jx = jax_sweep(mitigation, x, y, groups, args.epochs)
+        # One untimed lane first: PyTorch's first calls (kernel dispatch set-up, allocator) are its
+        # warm-up, as JAX's compilation is reported apart.
+        torch_lane(mitigation, STRENGTHS[mitigation][0], LRS[0], WDS[0], 99, x, y, groups, 1)
         t0 = time.perf_counter()
         for i in range(args.torch_lanes):
             torch_lane(mitigation, STRENGTHS[mitigation][i % 4], LRS[i % 4], WDS[0], i, x, y, groups, args.epochs)

@@ -155,7 +155,7 @@ class MitigationSettings:
     methods: tuple[str, ...]  # linear | mlp | lora | full; each one of `methods` (fine-tuning reuses its ERM learning rate)
     mitigation: str  # reweight | groupdro | adversarial | fairot | erase (docs/CONTRACTS.md "Mitigations")
     sensitive: str  # attribute the mitigation targets, e.g. "sex"
-    strengths: tuple[float, ...] = ()  # probes: the sweep axis; fine-tuning: one value; erase: none
+    strengths: tuple[float, ...] = ()  # probes: the sweep axis; fine-tuning: one run per value (analyze chooses on validation); erase: none
     select: str | None = None  # probes: worst_group | loss | gap; empty = the stage's default (worst_group)
     adversary: str | None = None  # adversarial only: grl | projection (probes)
     models: tuple[str, ...] = ()  # empty = every model

@@ -15,7 +15,8 @@ catches a bad entry:
   ``--mitigation --sensitive --strength [--select] [--adversary]``. The CLI, not a Python call,
   because these options are the agreed contract (docs/CONTRACTS.md "Mitigations") while the
   stages' Python APIs for them are still being built; an install whose stage lacks the options
-  is told so at planning. Fine-tuning reuses the learning rate its ERM family chose on validation.
+  is told so at planning. Fine-tuning reuses the learning rate its ERM family chose on validation and
+  trains one run per strength (tags ``st<s>``), among which ``cxrfair analyze`` chooses on validation.
 """
 
 from __future__ import annotations
@@ -188,9 +189,6 @@ def _check_mitigation(entry: MitigationSettings, method: str, where: str) -> Non
         raise CxrfairError(f"{where} strengths: erase takes none; remove strengths")
     if m != "erase" and not s:
         raise CxrfairError(f"{where} strengths: give at least one strength for {m}, e.g. [0.1, 0.3]")
-    if not probe and len(s) > 1:
-        raise CxrfairError(f"{where} strengths: fine-tuning ({method}) trains one strength per run; give one value "
-                           "(or one [[mitigations]] entry per strength)")
     low, high, text = {"reweight": (0, 1, "in [0, 1]"), "groupdro": (0, None, "> 0")}.get(m, (0, None, ">= 0"))
     bad = [x for x in s if x < low or (high is not None and x > high) or (m == "groupdro" and x <= 0)]
     if bad:
@@ -253,9 +251,11 @@ def _finetune_mitigation(config, p, entry, model, method, name, producers) -> St
 
     f = config.finetune
     erm = producers[model, method]
+    # One run per strength and seed (tags st<s>); `cxrfair analyze` chooses the strength on validation.
+    one = dataclasses.replace(entry, strengths=())
     args = ["finetune", method, "--model", model, "--cohort", p["cohort"], "--epochs", f.epochs, "--batch-size",
             f.batch_size, "--weight-decay", f.weight_decay, "--device", f.device, "--precision", f.precision,
-            "--workers", f.workers, "--resume", "--force", *_mitigation_args(entry)]
+            "--workers", f.workers, "--resume", "--force", *_mitigation_args(one)]
     if method == "lora":
         args += ["--lora-rank", f.lora_rank, "--lora-alpha", f.lora_alpha, "--lora-dropout", f.lora_dropout]
     if _weights_str(config, model):
@@ -265,8 +265,9 @@ def _finetune_mitigation(config, p, entry, model, method, name, producers) -> St
 
     def build(staging: Path) -> None:
         lr = _erm_lr(p["runs"], model, method)
-        for seed in range(config.seeds):
-            call_cli([*args, "--lr", lr, "--seed", seed, "--out", staging])
+        for strength in entry.strengths:
+            for seed in range(config.seeds):
+                call_cli([*args, "--strength", _csv([strength]), "--lr", lr, "--seed", seed, "--out", staging])
 
     return _publishing_step(name, settings, (erm.name,), p, _mitigated_family(model, method, entry), build)
 

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from cxrfair.analysis import mitigation as MIT
 from cxrfair.analysis.analyze import AnalyzeConfig, analyze, compute
 from cxrfair.analysis.bootstrap import merge_small_strata, patient_counts
-from cxrfair.analysis.mitigation_figures import DELTA_CAPTION, TRADEOFF_CAPTION, mitigation_section, tradeoff_png
+from cxrfair.analysis.mitigation_figures import DELTA_CAPTION, TRADEOFF_CAPTION, delta_table, tradeoff_png
 from cxrfair.analysis.runs import RunKey, make_predictions, read_runs, write_run
 from cxrfair.cli import main
 from cxrfair.errors import CxrfairError
@@ -219,7 +219,10 @@ def test_no_mitigated_runs_gives_none_and_unanalysed_attribute_is_a_note(tmp_pat
     res = _compute(runs, attributes=("age_group",))
     assert res.mitigation.empty and res.tradeoff.empty
     assert any("targets sex, which is not analysed" in n for n in res.notes)
-    assert mitigation_section(res, figures=False)[0][0][2].empty
+    from cxrfair.analysis import sections
+    from cxrfair.analysis.report import ReportData
+
+    assert sections.mitigation(ReportData(res, read_runs(runs))) is None  # nothing compared: no section
 
 
 def test_strengths_differing_over_seeds_leave_strength_empty_with_a_note(tmp_path):
@@ -240,6 +243,267 @@ def test_mitigated_run_of_another_cohort_is_refused(tmp_path):
     _write(runs, rows, 0, 1.0, 1, "reweight", "sex", "best", 1.0, cohort_hash="other9")
     with pytest.raises(CxrfairError, match="different cohorts"):
         _compute(runs)
+
+
+# ----------------------------------------------------------------------------- like-for-like pairing (solver and grid)
+
+LBFGS = {"solver": "lbfgs", "hyperparameters": {"l2": 1e-4, "max_iter": 100, "grid": {"l2": [1e-5, 1e-4]}}}
+
+
+def _adamw(strengths=None, lrs=(3e-3,)) -> dict:
+    grid = {"lr": list(lrs), "weight_decay": [0.0, 0.01]} | ({"strength": list(strengths)} if strengths else {})
+    return {"solver": "adamw", "hyperparameters": {"lr": lrs[0], "weight_decay": 0.0, "epochs": 50, "batch_size": 64,
+                                                   "grid": grid}}
+
+
+def _sweep(runs, rows, seed, mitigation, strengths, best, draw, **meta):
+    """A probe mitigation sweep of one seed: a ``best`` run (strength ``best``) and one ``st<s>`` run per strength."""
+    _write(runs, rows, seed, 1.1, draw, mitigation, "sex", "best", best, **meta)
+    for j, st in enumerate(strengths):
+        _write(runs, rows, seed, 1.0 + 0.1 * j, draw + 1 + j, mitigation, "sex", f"st{st:g}", st, **meta)
+
+
+def _by(m, mitigation, tag):
+    return m[(m["mitigation"] == mitigation) & (m["tag"] == tag)].iloc[0]
+
+
+def test_adamw_mitigations_pair_with_an_adamw_strength_zero_run_not_the_lbfgs_erm(tmp_path):
+    runs = tmp_path / "runs"
+    rows = cohort_rows(24)
+    for s in (0, 1):
+        _write(runs, rows, s, 1.0, s, **LBFGS)
+        _sweep(runs, rows, s, "fairot", (0.0, 0.3), 0.3, 10 + 10 * s, **_adamw((0.0, 0.3)))
+        _sweep(runs, rows, s, "groupdro", (0.01, 0.1), 0.1, 50 + 10 * s, **_adamw((0.01, 0.1)))
+        _sweep(runs, rows, s, "reweight", (0.0, 1.0), 1.0, 90 + 10 * s, **LBFGS)
+    res = _compute(runs)
+    m = res.mitigation
+    # fairot and groupdro (AdamW): fairot's own st0 run, the AdamW ERM point of the same grid.
+    for mitigation in ("fairot", "groupdro"):
+        row = _by(m, mitigation, "best")
+        assert (row.erm_tag, row.solver, row.erm_solver, row.like_for_like) == ("fairot-sex__st0", "adamw", "adamw", True)
+        assert row.erm_run == "m1__linear+fairot-sex__st0__s0;m1__linear+fairot-sex__st0__s1"
+    # reweight (L-BFGS): its own st0 run comes first, before the plain ERM run.
+    assert _by(m, "reweight", "best").erm_tag == "reweight-sex__st0" and _by(m, "reweight", "best").like_for_like
+    # The st0 run is never its own counterpart: its fellow AdamW st0 is not there, so the L-BFGS erm run, flagged.
+    row = _by(m, "fairot", "st0")
+    assert (row.erm_tag, row.erm_solver, bool(row.like_for_like)) == ("best", "lbfgs", False)
+    unlike = [n for n in res.notes if "like_for_like false" in n]
+    assert len(unlike) == 1 and unlike[0].startswith("mitigation: m1 linear fairot-sex st0 (adamw")  # once for both seeds
+    assert "against ERM best (lbfgs" in unlike[0] and "change of solver or grid alone" in unlike[0]
+    # The delta is against the run it names: mitigated − that counterpart, per seed, averaged.
+    v = res.metrics[(res.metrics["metric"] == "accuracy") & (res.metrics["attribute"] == "")].set_index("run_id")["value"]
+    want = np.mean([v[f"m1__linear+groupdro-sex__best__s{s}"] - v[f"m1__linear+fairot-sex__st0__s{s}"] for s in (0, 1)])
+    assert _by(m[m["metric"] == "accuracy"], "groupdro", "best").delta == pytest.approx(want, abs=1e-12)
+    # The trade-off shows both ERM points the deltas used, with their solvers.
+    t = res.tradeoff
+    erm = t[t["mitigation"] == "erm"]
+    assert list(zip(erm["tag"], erm["solver"])) == [("best", "lbfgs"), ("fairot-sex__st0", "adamw"),
+                                                    ("reweight-sex__st0", "lbfgs")]
+    # Probe sweeps chose while training: the report's deltas are their best runs, once each.
+    assert sorted(delta_table(m)["mitigation"]) == ["fairot", "groupdro", "reweight"]
+    assert set(m.loc[m["selected"], "tag"]) == {"best"}
+    assert set(t.loc[t["selected"] & (t["mitigation"] == "fairot"), "tag"]) == {"st0.3"}
+
+
+def test_a_plain_adamw_erm_run_is_preferred_and_another_grid_is_flagged(tmp_path):
+    runs = tmp_path / "runs"
+    rows = cohort_rows(24)
+    _write(runs, rows, 0, 1.0, 0, **LBFGS)
+    _write(runs, rows, 0, 1.0, 1, tag="adamw", **_adamw())  # a plain AdamW ERM run on the same grid
+    _write(runs, rows, 0, 1.0, 2, "fairot", "sex", "st0", 0.0, **_adamw((0.0,)))  # fine, but an erm run comes first
+    _write(runs, rows, 0, 1.2, 3, "groupdro", "sex", "best", 0.1, **_adamw((0.1,)))
+    _write(runs, rows, 0, 1.2, 4, "adversarial", "sex", "best", 0.1, **_adamw((0.1,), lrs=(1e-2,)))  # another grid
+    res = _compute(runs)
+    m = res.mitigation
+    assert (_by(m, "groupdro", "best").erm_run, bool(_by(m, "groupdro", "best").like_for_like)) == ("m1__linear__adamw__s0", True)
+    row = _by(m, "adversarial", "best")
+    assert (row.erm_run, row.erm_solver, bool(row.like_for_like)) == ("m1__linear__best__s0", "lbfgs", False)
+    assert "†" in delta_table(m).set_index("mitigation").loc["adversarial", "accuracy"]
+    assert any(n.startswith("mitigation: m1 linear adversarial-sex best (adamw") and "mixes that change" in n
+               for n in _compute(runs).notes)
+    assert "†" not in delta_table(m).set_index("mitigation").loc["groupdro", "accuracy"]
+
+
+def test_a_sweeps_st0_is_preferred_to_its_best_run_that_chose_strength_zero(tmp_path):
+    runs = tmp_path / "runs"
+    rows = cohort_rows(24)
+    _write(runs, rows, 0, 1.0, 0, **LBFGS)
+    _write(runs, rows, 0, 1.0, 1, "fairot", "sex", "best", 0.0, **_adamw((0.0, 0.3)))  # chose 0: plain training
+    _write(runs, rows, 0, 1.0, 1, "fairot", "sex", "st0", 0.0, **_adamw((0.0, 0.3)))
+    _write(runs, rows, 0, 1.2, 3, "groupdro", "sex", "best", 0.1, **_adamw((0.1,)))
+    m = _compute(runs).mitigation
+    assert _by(m, "groupdro", "best").erm_run == "m1__linear+fairot-sex__st0__s0"
+    assert _by(m, "fairot", "best").erm_run == "m1__linear+fairot-sex__st0__s0"  # its own st0: delta 0, as it should
+    assert _by(m[m["metric"] == "accuracy"], "fairot", "best").delta == 0
+    # The st0 run is its sweep's ERM point: not paired with its own best (the same configuration) but, with no
+    # other AdamW plain run, with the L-BFGS one, flagged; the trade-off's ERM points are those two.
+    assert (_by(m, "fairot", "st0").erm_run, bool(_by(m, "fairot", "st0").like_for_like)) == ("m1__linear__best__s0", False)
+    t = _compute(runs).tradeoff
+    assert t.loc[t["mitigation"] == "erm", "tag"].tolist() == ["best", "fairot-sex__st0"]
+
+
+def test_solver_and_erm_likeness_from_run_json():
+    from cxrfair.analysis.runs import Run
+
+    def ev(run_id, **meta):
+        return type("E", (), {"run": Run({"run_id": run_id, "method": run_id.split("__")[1].split("+")[0], **meta},
+                                         pd.DataFrame(), None)})()
+
+    assert MIT.solver_of(ev("m__lora+groupdro-sex__st1__s0").run) == "adamw"  # fine-tuning records none
+    assert MIT.solver_of(ev("m__linear__best__s0", solver="lbfgs").run) == "lbfgs"
+    assert MIT.is_erm_like(ev("m__linear+fairot-sex__st0__s0", strength=0.0))
+    assert not MIT.is_erm_like(ev("m__linear+fairot-sex__st0.1__s0", strength=0.1))
+    assert not MIT.is_erm_like(ev("m__linear+groupdro-sex__st0__s0", strength=0.0))  # η = 0 keeps q uniform: cell-balanced, not ERM
+    assert not MIT.is_erm_like(ev("m__linear+adversarial-sex__st0__s0", strength=0.0, adversary={"kind": "projection"}))
+    assert MIT.is_erm_like(ev("m__linear+adversarial-sex__st0__s0", strength=0.0, adversary={"kind": "grl"}))
+
+
+@pytest.mark.slow
+def test_real_probe_runs_pair_groupdro_with_the_adamw_strength_zero_run(tmp_path):
+    """Runs written by `cxrfair probe` (their own run.json solver and grid): the L-BFGS ERM run stays the
+    primary tag, yet groupdro (AdamW) is compared with reweight's AdamW strength-0 run of the same grid.
+    (~1 min of three sweeps' compilation; the synthetic-run tests above check the same rules fast.)"""
+    from tests.probe.synth import make_cache
+
+    cache = make_cache(tmp_path / "c.h5")[0]
+    runs = tmp_path / "runs"
+    grid = ["--epochs", "2", "--batch-size", "16", "--seeds", "2", "--lr", "1e-2", "--weight-decay", "0"]
+    for args in (["--max-iter", "20"],
+                 ["--mitigation", "reweight", "--sensitive", "sex", "--strength", "0,1", "--solver", "adamw", *grid],
+                 ["--mitigation", "groupdro", "--sensitive", "sex", "--strength", "0.1", *grid]):
+        got = CliRunner().invoke(main, ["probe", "linear", "--cache", str(cache), "--out", str(runs), *args])
+        assert got.exit_code == 0, got.output
+    res = compute(read_runs(runs), AnalyzeConfig(runs, tmp_path / "out", n_boot=0, figures=False))
+    m = res.mitigation
+    row = _by(m, "groupdro", "best")
+    assert (row.erm_tag, row.solver, row.erm_solver, bool(row.like_for_like)) == ("reweight-sex__st0", "adamw", "adamw", True)
+    assert _by(m, "reweight", "st1").erm_tag == "reweight-sex__st0"
+    assert (m["like_for_like"] == (m["solver"] == m["erm_solver"])).all()  # one grid here: only the solver can differ
+    assert set(res.runs.loc[res.runs["primary"], "tag"]) == {"best"}
+
+
+# ----------------------------------------------------------------------------- strength chosen on validation
+
+
+def _plain_validation(run_dir, sensitive="sex") -> tuple[float, float]:
+    """(worst-group validation accuracy, validation cross-entropy) of one run, by counting."""
+    run = next(r for r in read_runs(run_dir.parent) if r.path == run_dir)
+    val = run.split("val")
+    y = val["label"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
+    p = val[[f"p_{c}" for c in CLASSES]].to_numpy(float)
+    right = p.argmax(1) == y
+    worst = min(right[(val[sensitive] == g).to_numpy()].mean() for g in val[sensitive].unique())
+    return worst, float(np.mean([-np.log(p[i, y[i]]) for i in range(len(y))]))
+
+
+def _finetune_sweep(runs, rows, strengths, draw0):
+    made = {}
+    for j, st in enumerate(strengths):
+        for s in (0, 1):
+            made[st, s] = _write(runs, rows, s, 0.6 + 0.3 * j, draw0 + 10 * j + s, "groupdro", "sex", f"st{st:g}", st,
+                                 method="lora")
+    return made
+
+
+@pytest.mark.parametrize("draw0", [0, 7, 21])
+def test_finetune_strength_is_chosen_on_validation_worst_group_like_a_reference(tmp_path, draw0):
+    runs = tmp_path / "runs"
+    rows = cohort_rows(24)
+    for s in (0, 1):
+        _write(runs, rows, s, 1.0, 100 + s, method="lora")
+    strengths = (0.01, 0.1, 1.0)
+    made = _finetune_sweep(runs, rows, strengths, draw0)
+    res = _compute(runs)
+    scores = {st: np.mean([_plain_validation(made[st, s]) for s in (0, 1)], axis=0) for st in strengths}
+    want = sorted(strengths, key=lambda st: (-scores[st][0], scores[st][1]))[0]
+    t = res.tradeoff[res.tradeoff["mitigation"] == "groupdro"]
+    assert list(t.loc[t["selected"], "strength"]) == [want]
+    m = res.mitigation
+    assert set(m.loc[m["selected"], "tag"]) == {f"st{want:g}"}
+    assert list(delta_table(m)["tag"]) == [f"st{want:g}"]  # the report's deltas: the chosen strength only
+    assert any(f"strength {want:g} (st{want:g}) chosen on validation by worst_group" in n for n in res.notes)
+
+
+def test_a_single_finetune_strength_is_its_own_choice(tmp_path):
+    runs = tmp_path / "runs"
+    rows = cohort_rows(24)
+    _write(runs, rows, 0, 1.0, 0, method="lora")
+    _write(runs, rows, 0, 1.2, 1, "fairot", "sex", "st1", 1.0, method="lora")
+    res = _compute(runs)
+    assert list(res.mitigation["selected"].unique()) == [True] and list(delta_table(res.mitigation)["tag"]) == ["st1"]
+    assert res.tradeoff.loc[res.tradeoff["mitigation"] == "fairot", "selected"].tolist() == [True]
+    assert not any("chosen on validation" in n for n in res.notes)  # nothing was chosen
+
+
+def test_finetune_strength_choice_reads_validation_never_test(tmp_path):
+    runs = tmp_path / "runs"
+    rows = cohort_rows(24)
+    _write(runs, rows, 0, 1.0, 0, method="lora")
+    val = (rows["split"] == "val").to_numpy()
+    y = rows["label"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
+    perfect = np.full((len(rows), len(CLASSES)), 0.02)
+    perfect[np.arange(len(rows)), y] = 0.94
+    wrong = np.roll(perfect, 1, axis=1)
+    for st, probs in ((0.1, np.where(val[:, None], perfect, wrong)), (1.0, np.where(val[:, None], wrong, perfect))):
+        key = RunKey("m1", "lora", f"st{st:g}", 0, "groupdro", "sex")
+        meta = meta_for("m1", "lora", 0) | {"run_id": key.run_id, "mitigation": "groupdro", "sensitive": "sex", "strength": st}
+        write_run(runs, meta, make_predictions(rows, probs, CLASSES))
+    t = _compute(runs).tradeoff.set_index("tag")
+    assert bool(t.loc["st0.1", "selected"]) and not bool(t.loc["st1", "selected"])  # test favours st1; val picks st0.1
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_select_index_is_the_probe_sweeps_rule(seed):
+    from cxrfair.probe.sweep import SELECTIONS, select_config
+
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(1, 7))
+    means = {"loss": np.round(rng.random(k), 1), "accuracy": np.round(rng.random(k), 2),
+             "worst_group": np.round(rng.random(k), 1), "gap": np.round(rng.random(k), 1)}  # rounding makes ties
+    for select in SELECTIONS:
+        assert MIT.select_index(means, select) == select_config(means, select), select
+
+
+def test_validation_scores_against_sklearn(tmp_path):
+    from sklearn.metrics import log_loss, roc_auc_score
+
+    runs = tmp_path / "runs"
+    rows = cohort_rows(40)
+    path = _write(runs, rows, 0, 0.8, 3)
+    run = next(iter(read_runs(runs)))
+    val = run.split("val")
+    y = val["label"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
+    p = val[[f"p_{c}" for c in CLASSES]].to_numpy(float)
+    got = MIT.validation_scores(run, "sex")
+    worst, _ = _plain_validation(path)
+    assert got["loss"] == pytest.approx(log_loss(y, p, labels=range(len(CLASSES))))
+    assert got["worst_group"] == pytest.approx(worst)
+    acc = [np.mean(p[(val["sex"] == g).to_numpy()].argmax(1) == y[(val["sex"] == g).to_numpy()]) for g in "MF"]
+    assert got["gap"] == pytest.approx(max(acc) - min(acc)) and got["accuracy"] == pytest.approx(np.mean(p.argmax(1) == y))
+
+    ml_runs = tmp_path / "ml"
+    mrows = multilabel_rows()
+    key = RunKey("m1", "lora", "st1", 0, "groupdro", "race")
+    meta = multilabel_meta("m1", "lora", 0) | {"run_id": key.run_id, "mitigation": "groupdro", "sensitive": "race",
+                                               "strength": 1.0}
+    conds = ["Atelectasis", "Effusion", "Pneumothorax"]
+    write_run(ml_runs, meta, make_predictions(mrows, multilabel_probs(mrows, skill=0.8, seed=5), conds,
+                                              task="multilabel", attributes=ML_ATTRIBUTES))
+    run = next(iter(read_runs(ml_runs)))
+    val = run.split("val")
+    Y, P = val[[f"y_{c}" for c in conds]].to_numpy(float), val[[f"p_{c}" for c in conds]].to_numpy(float)
+    got = MIT.validation_scores(run, "race")
+
+    def macro(rows_):
+        return np.mean([roc_auc_score(Y[rows_ & ~np.isnan(Y[:, c]), c], P[rows_ & ~np.isnan(Y[:, c]), c])
+                        for c in range(len(conds))])
+
+    race = val["race"].astype("string").fillna("").to_numpy()
+    per = [macro(race == g) for g in set(race) if g != ""]
+    assert got["worst_group"] == pytest.approx(min(per)) and got["accuracy"] == pytest.approx(macro(np.ones(len(Y), bool)))
+    bce = [np.mean([-(Y[i, c] * np.log(P[i, c]) + (1 - Y[i, c]) * np.log(1 - P[i, c]))
+                    for c in range(len(conds)) if not np.isnan(Y[i, c])]) for i in range(len(Y)) if (~np.isnan(Y[i])).any()]
+    assert got["loss"] == pytest.approx(np.mean(bce))
 
 
 # ----------------------------------------------------------------------------- Pareto
@@ -279,10 +543,12 @@ def _non_blank(png: bytes) -> bool:
 
 def test_tradeoff_figure_renders_panels_and_nan_points():
     t = pd.DataFrame([
-        ("m1", "linear", "sex", "erm", np.nan, "best", 2, "accuracy", 0.6, 0.55, 0.65, "eqodds", 0.1, 0.05, 0.2, False, True),
-        ("m1", "linear", "sex", "groupdro", 0.1, "st0.1", 2, "accuracy", 0.58, 0.5, 0.64, "eqodds", 0.05, 0.02, 0.1, True, True),
-        ("m1", "linear", "sex", "groupdro", 1.0, "st1", 2, "accuracy", np.nan, np.nan, np.nan, "eqodds", 0.04, 0.0, 0.1, False, False),
-        ("m2", "mlp", "age_group", "thresholds", 0.02, "best", 1, "accuracy", 0.5, np.nan, np.nan, "eqodds", 0.2, np.nan, np.nan, True, True),
+        ("m1", "linear", "sex", "erm", np.nan, "best", "lbfgs", 2, "accuracy", 0.6, 0.55, 0.65, "eqodds", 0.1, 0.05, 0.2, False, True),
+        ("m1", "linear", "sex", "erm", np.nan, "fairot-sex__st0", "adamw", 2, "accuracy", 0.59, 0.55, 0.65, "eqodds", 0.08,
+         0.05, 0.2, False, True),
+        ("m1", "linear", "sex", "groupdro", 0.1, "st0.1", "adamw", 2, "accuracy", 0.58, 0.5, 0.64, "eqodds", 0.05, 0.02, 0.1, True, True),
+        ("m1", "linear", "sex", "groupdro", 1.0, "st1", "adamw", 2, "accuracy", np.nan, np.nan, np.nan, "eqodds", 0.04, 0.0, 0.1, False, False),
+        ("m2", "mlp", "age_group", "thresholds", 0.02, "best", "lbfgs", 1, "accuracy", 0.5, np.nan, np.nan, "eqodds", 0.2, np.nan, np.nan, True, True),
     ], columns=MIT.TRADEOFF_COLUMNS)
     assert _non_blank(tradeoff_png(t))
 

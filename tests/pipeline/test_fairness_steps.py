@@ -24,6 +24,7 @@ from cxrfair.steps import plan
 REPO = Path(__file__).resolve().parents[2]
 
 MITIGATION_OPTIONS = ("mitigation", "sensitive", "strength", "select", "adversary")
+MITIGATION_ENTRY_KEYS = ("mitigation", "sensitive", "strengths", "select", "adversary", "enabled")
 
 
 def _base(tmp_path: Path) -> dict:
@@ -42,7 +43,7 @@ def _base(tmp_path: Path) -> dict:
         "mitigations": [
             {"methods": ["linear", "mlp"], "mitigation": "groupdro", "sensitive": "sex", "strengths": [0.01, 0.1],
              "select": "worst_group", "enabled": False},
-            {"methods": ["lora"], "mitigation": "adversarial", "sensitive": "age_group", "strengths": [0.3],
+            {"methods": ["lora"], "mitigation": "adversarial", "sensitive": "age_group", "strengths": [0.3, 1.0],
              "adversary": "grl", "enabled": False},
         ],
     }
@@ -147,7 +148,8 @@ def test_mitigation_steps_call_the_stage_cli_with_the_entry(tmp_path, monkeypatc
     def fake_cli(args):  # writes the run the real command would, so the step can publish it
         calls.append([str(a) for a in args])
         flag = dict(zip(calls[-1], calls[-1][1:]))
-        key = RunKey("tiny-clip", args[1], "best", int(flag.get("--seed", 0)), mitigation=flag["--mitigation"],
+        tag = f"st{float(flag['--strength']):g}" if args[0] == "finetune" else "best"  # as the real stages name them
+        key = RunKey("tiny-clip", args[1], tag, int(flag.get("--seed", 0)), mitigation=flag["--mitigation"],
                      sensitive=flag["--sensitive"])
         _write_fake_run(Path(flag["--out"]), key)
 
@@ -167,11 +169,13 @@ def test_mitigation_steps_call_the_stage_cli_with_the_entry(tmp_path, monkeypatc
     staging = exp / ".staging" / "lora+adversarial-age_group-tiny-clip"
     common = ["finetune", "lora", "--model", "tiny-clip", "--cohort", str(exp / "cohort"), "--epochs", "1",
               "--batch-size", "64", "--weight-decay", "0.01", "--device", "auto", "--precision", "auto", "--workers", "4",
-              "--resume", "--force", "--mitigation", "adversarial", "--sensitive", "age_group", "--strength", "0.3",
-              "--adversary", "grl", "--lora-rank", "8", "--lora-alpha", "16", "--lora-dropout", "0.0", "--lr", "0.003"]
-    assert calls == [common + ["--seed", "0", "--out", str(staging)], common + ["--seed", "1", "--out", str(staging)]]
-    assert sorted(p.name for p in produced) == ["tiny-clip__lora+adversarial-age_group__best__s0",
-                                                "tiny-clip__lora+adversarial-age_group__best__s1"]
+              "--resume", "--force", "--mitigation", "adversarial", "--sensitive", "age_group",
+              "--adversary", "grl", "--lora-rank", "8", "--lora-alpha", "16", "--lora-dropout", "0.0"]
+    # One run per strength and seed (the analysis chooses the strength on validation).
+    assert calls == [common + ["--strength", st, "--lr", "0.003", "--seed", seed, "--out", str(staging)]
+                     for st in ("0.3", "1") for seed in ("0", "1")]
+    assert sorted(p.name for p in produced) == [f"tiny-clip__lora+adversarial-age_group__st{st}__s{seed}"
+                                                for st in ("0.3", "1") for seed in (0, 1)]
     assert (exp / "runs" / "tiny-clip__lora__best__s0").is_dir()  # the ERM family is not touched
 
 
@@ -191,7 +195,6 @@ ENTRY_ERRORS = [
     ("mitigations", 0, {"mitigation": "reweight", "strengths": [1.5]}, "strengths 1.5: reweight strengths must be in [0, 1]"),
     ("mitigations", 0, {"mitigation": "erase"}, "strengths: erase takes none"),
     ("mitigations", 1, {"mitigation": "erase", "strengths": []}, "[[mitigations]] #2 mitigation erase: probes only"),
-    ("mitigations", 1, {"strengths": [0.1, 0.3]}, "[[mitigations]] #2 strengths: fine-tuning (lora) trains one strength per run"),
     ("mitigations", 0, {"select": "auc"}, "select 'auc': choose one of worst_group, loss, gap"),
     ("mitigations", 1, {"select": "loss"}, "select 'loss': probes only"),
     ("mitigations", 0, {"adversary": "grl"}, "adversary 'grl': only with mitigation adversarial"),
@@ -409,9 +412,15 @@ def test_demo_mitigations_are_ready_to_switch_on(tmp_path, monkeypatch, stage_ha
     cfg = demo_config(tmp_path)
     assert [(m.mitigation, m.methods, m.enabled) for m in cfg.mitigations] == [
         ("groupdro", ("linear",), pipeline.DEMO_MITIGATIONS), ("fairot", ("linear",), pipeline.DEMO_MITIGATIONS)]
+    # fairot's strength 0 is an AdamW ERM probe on the grid groupdro uses too: the like-for-like counterpart
+    # of both (analysis.mitigation.find_erm), where the L-BFGS ERM probe would mix in the solver change.
+    assert 0.0 in cfg.mitigations[1].strengths
     monkeypatch.setattr(pipeline, "DEMO_MITIGATIONS", True)
-    names = [s.name for s in experiment_steps(demo_config(tmp_path))]
-    assert {"linear-tiny-clip", "linear+groupdro-sex-tiny-clip", "linear+fairot-sex-tiny-clip"} <= set(names)
+    steps = {s.name: s for s in experiment_steps(demo_config(tmp_path))}
+    assert {"linear-tiny-clip", "linear+groupdro-sex-tiny-clip", "linear+fairot-sex-tiny-clip"} <= set(steps)
+    grid = {k: v for k, v in steps["linear+groupdro-sex-tiny-clip"].settings.items() if k not in MITIGATION_ENTRY_KEYS}
+    assert grid == {k: v for k, v in steps["linear+fairot-sex-tiny-clip"].settings.items() if k not in MITIGATION_ENTRY_KEYS}
+    assert grid["solver"] == "adamw"
 
 
 # ---------------------------------------------------------------- multi-label end to end (issue 12)
