@@ -252,9 +252,9 @@ def stage_probe(stage, n, work, args) -> dict:
     from cxrfair.probe.sweep import SweepConfig
 
     if stage == "lbfgs":
-        cfg = SweepConfig(seeds=tuple(range(args.lbfgs_seeds)), max_iter=args.lbfgs_iters)
+        cfg = SweepConfig(seeds=tuple(range(args.lbfgs_seeds)), max_iter=args.lbfgs_iters, memory_budget_mb=args.memory_budget)
     else:
-        cfg = SweepConfig(solver="adamw", standardize=False, epochs=args.adamw_epochs)
+        cfg = SweepConfig(solver="adamw", standardize=False, epochs=args.adamw_epochs, memory_budget_mb=args.memory_budget)
     inner, plan = S.run_sweep, {}
 
     def spied_sweep(*a, **k):  # run.json keeps only the *_s timings; the chunk plan is in the result's
@@ -334,7 +334,8 @@ def child(stage: str, phase: str, n: int, work: Path, args, one_block: bool = Fa
     """Run one phase in a fresh process; (what it reported, {wall, cpu, peak_mib} from wait4)."""
     cmd = [sys.executable, __file__, "--worker", stage, "--phase", phase, "--size", str(n), "--work", str(work),
            "--replicates", str(args.replicates), "--lbfgs-seeds", str(args.lbfgs_seeds),
-           "--lbfgs-iters", str(args.lbfgs_iters), "--adamw-epochs", str(args.adamw_epochs)] + ["--one-block"] * one_block
+           "--lbfgs-iters", str(args.lbfgs_iters), "--adamw-epochs", str(args.adamw_epochs),
+           "--memory-budget", str(args.memory_budget)] + ["--one-block"] * one_block
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     with tempfile.TemporaryFile("w+") as log:
         t0 = time.perf_counter()
@@ -405,6 +406,8 @@ def main() -> None:
     parser.add_argument("--lbfgs-seeds", type=int, default=1)
     parser.add_argument("--lbfgs-iters", type=int, default=30)
     parser.add_argument("--adamw-epochs", type=int, default=2)
+    parser.add_argument("--memory-budget", type=float, default=1024.0,
+                        help="the probes' --memory-budget (MB per compiled chunk), which sets their chunk plan")
     parser.add_argument("--baseline", action="store_true",
                         help="analysis stages: also run each with all replicates in one block (the plain baseline) and print the ratio")
     parser.add_argument("--json", type=Path, help="write the raw measurements here")
