@@ -25,7 +25,8 @@ Stages (synthetic data, no images, no model):
   iterations the lanes need: the row reports them (``lane_iterations``, summed over lanes) and the
   chunk plan (``sequential_lanes``: whether the lanes ran one after another, ``Recipe.sequential``,
   which they do once vmapped lanes' copies of the features would pass the 1 GB budget: for 8
-  lanes from about 27k rows, for the default 24 from about 9k).
+  lanes from about 27k rows, for the default 24 from about 9k). ``--memory-budget`` (the probes'
+  option, default 1024 MB) sets the chunk plan.
 - ``adamw``: the same with the paper's recipe (AdamW, batch 64, 12-configuration lr x weight decay
   grid, 3 seeds) for ``--adamw-epochs`` epochs (default 2).
 - ``analysis``: ``analyze.analyze``, what ``cxrfair analyze`` runs (``read_runs``, ``compute``
@@ -33,7 +34,8 @@ Stages (synthetic data, no images, no model):
   multi-label runs (2 zero-shot draws, 2 linear seeds; 6 conditions; sex, 5 age bins, race; the
   drain shortcut test) whose test split has N / 7.5 images (40,000 at N = 300,000), validation
   N / 30, about 1.5 images per patient. ``compute`` alone is timed too (``compute_s``,
-  ``compute_cpu``); the report's figures cost the same at every N.
+  ``compute_cpu``); the rest (reading the runs, the report, the tables) costs about the same at
+  every N.
 - ``analysis-mc``: the same for 2 multi-class runs (6 classes, sex and age group).
 
 With ``--baseline`` each analysis stage also runs on the same runs with every replicate in one
