@@ -370,7 +370,7 @@ def measure(stage: str, n: int, root: Path, args) -> list[dict]:
 
 
 def exponent(a: float, b: float, na: int, nb: int) -> float:
-    if a <= 0 or b <= 0:
+    if a <= 0 or b <= 0 or na == nb:  # nb == na: two measurements of one size (--tables)
         return float("nan")
     return math.log(b / a) / math.log(nb / na)
 
