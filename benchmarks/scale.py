@@ -17,28 +17,44 @@ Stages (synthetic data, no images, no model):
   (``load_chunks`` + ``write_cache`` of the N x 768 cache with its cohort table).
 - ``merge``: ``merge_parts`` of 4 torchrun shards (part caches with their ``shard`` attribute,
   written by the preparation) into one N x 768 cache.
-- ``lbfgs``: ``probe_cache`` (read the cache, standardise, the default linear L-BFGS sweep over
-  the 8-value L2 grid, write the runs) on an N x 768 cache of 6 classes, split 80 / 6.7 / 13.3 %.
-  ``--lbfgs-seeds`` and ``--lbfgs-iters`` (default 1 seed, at most 30 iterations: every lane runs
-  all of them, converged lanes frozen) fix the work per row, so the curve shows growth in rows,
-  not in how many iterations a lane happens to need. From about 27k rows on (1 GB budget) the
-  lanes run one after another (``Recipe.sequential``) instead of vmapped.
+- ``lbfgs``: ``probe_cache`` (read the cache, standardise, the linear L-BFGS sweep over the
+  8-value L2 grid, write the runs) on an N x 768 cache of 6 classes, split 80 / 6.7 / 13.3 %.
+  ``--lbfgs-seeds`` and ``--lbfgs-iters`` (default 1 seed, at most 30 iterations; the CLI's
+  default sweep is 3 seeds and at most 1000) set the grid's lanes and their iteration cap. A lane
+  stops once converged (vmapped lanes once all of them are), so the work also depends on how many
+  iterations the lanes need: the row reports them (``lane_iterations``, summed over lanes) and the
+  chunk plan (``sequential_lanes``: whether the lanes ran one after another, ``Recipe.sequential``,
+  which they do once vmapped lanes' copies of the features would pass the 1 GB budget: for 8
+  lanes from about 27k rows, for the default 24 from about 9k). ``--memory-budget`` (the probes'
+  option, default 1024 MB) sets the chunk plan.
 - ``adamw``: the same with the paper's recipe (AdamW, batch 64, 12-configuration lr x weight decay
   grid, 3 seeds) for ``--adamw-epochs`` epochs (default 2).
-- ``analysis``: ``read_runs`` + ``analyze.compute`` with 1,000 patient-bootstrap replicates on 4
+- ``analysis``: ``analyze.analyze``, what ``cxrfair analyze`` runs (``read_runs``, ``compute``
+  with 1,000 patient-bootstrap replicates, report.html with its figures, the tables), on 4
   multi-label runs (2 zero-shot draws, 2 linear seeds; 6 conditions; sex, 5 age bins, race; the
   drain shortcut test) whose test split has N / 7.5 images (40,000 at N = 300,000), validation
-  N / 30, about 1.5 images per patient.
+  N / 30, about 1.5 images per patient. ``compute`` alone is timed too (``compute_s``,
+  ``compute_cpu``); the rest (reading the runs, the report, the tables) costs about the same at
+  every N.
 - ``analysis-mc``: the same for 2 multi-class runs (6 classes, sex and age group).
+
+With ``--baseline`` each analysis stage also runs on the same runs with every replicate in one
+block (``analyze.in_blocks`` given one block of all of them: the (R, N) float64 counts and the
+metrics' (R, N) temporaries at once), and the ratio of CPU time and memory is printed.
 
 Printed: one table row per (stage, N) and, between successive sizes, the growth exponent
 log(t2 / t1) / log(N2 / N1) of the stage's CPU time, of the probes' training time and of its
 memory above the imports (1.0 is linear growth). On a shared machine CPU time is the steadier
 measure; wall time mostly says how many other jobs were running. ``--json FILE`` keeps the raw
-measurements (and is rewritten after every measurement, so an interrupted run keeps its rows).
+measurements (and is rewritten after every measurement, so an interrupted run keeps its rows);
+``--tables A.json B.json`` prints the tables of several invocations together. Last, per row:
+CPU milliseconds per 1,000 rows and KiB above the imports per row, which stay flat or fall
+when a stage grows at most linearly.
 
     python benchmarks/scale.py --quick
     nice -n 10 python benchmarks/scale.py --sizes 10000,30000,100000,300000 --json /tmp/scale.json
+    nice -n 10 python benchmarks/scale.py --stages analysis,analysis-mc --sizes 300000 --baseline --json /tmp/an.json
+    nice -n 10 python benchmarks/scale.py --stages lbfgs --sizes 100000,300000 --lbfgs-seeds 3 --lbfgs-iters 1000
 """
 
 from __future__ import annotations
@@ -234,20 +250,30 @@ def stage_merge(stage, n, work, args) -> dict:
 
 
 def stage_probe(stage, n, work, args) -> dict:
-    from cxrfair.probe.sweep import SweepConfig, probe_cache
+    from cxrfair.probe import sweep as S
+    from cxrfair.probe.sweep import SweepConfig
 
     if stage == "lbfgs":
-        cfg = SweepConfig(seeds=tuple(range(args.lbfgs_seeds)), max_iter=args.lbfgs_iters)
+        cfg = SweepConfig(seeds=tuple(range(args.lbfgs_seeds)), max_iter=args.lbfgs_iters, memory_budget_mb=args.memory_budget)
     else:
-        cfg = SweepConfig(solver="adamw", standardize=False, epochs=args.adamw_epochs)
+        cfg = SweepConfig(solver="adamw", standardize=False, epochs=args.adamw_epochs, memory_budget_mb=args.memory_budget)
+    inner, plan = S.run_sweep, {}
+
+    def spied_sweep(*a, **k):  # run.json keeps only the *_s timings; the chunk plan is in the result's
+        result = inner(*a, **k)
+        plan.update({key: v for key, v in result.timings.items() if not key.endswith("_s")})
+        return result
+
+    S.run_sweep = spied_sweep
     with Timer() as t:
-        paths = probe_cache(work / "cache.h5", work / "runs", cfg, force=True)
+        paths = S.probe_cache(work / "cache.h5", work / "runs", cfg, force=True)
     meta = json.loads((paths[0] / "run.json").read_text())
     timings = meta["timings"]
     sweep = _sweep_table(work / "runs")
+    iters = None if sweep["iterations"].isna().all() else int(sweep["iterations"].sum())
     return {"seconds": t.wall, "cpu": t.cpu, "compile_s": timings.get("compile_s"), "train_s": timings.get("train_s"),
             "lanes": len(sweep), "iterations_max": _max_or_none(sweep, "iterations"),
-            "iterations_mean": _mean_or_none(sweep, "iterations")}
+            "iterations_mean": _mean_or_none(sweep, "iterations"), "lane_iterations": iters, **plan}
 
 
 def _sweep_table(folder: Path):
@@ -265,14 +291,29 @@ def _mean_or_none(df, col):
 
 
 def stage_analysis(stage, n, work, args) -> dict:
-    from cxrfair.analysis.analyze import AnalyzeConfig, compute
-    from cxrfair.analysis.runs import read_runs
+    """``analyze.analyze``, the function ``cxrfair analyze`` calls: read the runs, ``compute``, write
+    report.html (with figures) and the tables. ``compute`` is timed on its own through a wrapper."""
+    import importlib
 
+    A = importlib.import_module("cxrfair.analysis.analyze")  # the module (the package exports its analyze())
+    if args.one_block:  # the baseline: all replicates in one block (as one call of the metrics would take them)
+        A.in_blocks.__defaults__ = (1 << 62,)
+    inner, seen = A.compute, {}
+
+    def timed_compute(runs, config, progress=None):
+        with Timer() as t:
+            seen["results"] = inner(runs, config, progress)
+        seen["timer"] = t
+        return seen["results"]
+
+    A.compute = timed_compute
+    config = A.AnalyzeConfig(runs_dir=work / "runs", out=work / "report", n_boot=args.replicates, force=True)
     with Timer() as t:
-        runs = read_runs(work / "runs")
-        results = compute(runs, AnalyzeConfig(runs_dir=work / "runs", out=work / "report", n_boot=args.replicates))
-    return {"seconds": t.wall, "cpu": t.cpu, "runs": len(runs), "test_images": int(results.runs["n_images"].iloc[0]),
-            "metric_values": len(results.metrics), "replicates": args.replicates}
+        A.analyze(config)
+    results, c = seen["results"], seen["timer"]
+    return {"seconds": t.wall, "cpu": t.cpu, "compute_s": c.wall, "compute_cpu": c.cpu, "runs": len(results.runs),
+            "test_images": int(results.runs["n_images"].iloc[0]), "metric_values": len(results.metrics),
+            "replicates": args.replicates, "blocks": "one" if args.one_block else "in_blocks"}
 
 
 class Timer:
@@ -291,11 +332,12 @@ def maxrss_mib() -> float:
 # ---------------------------------------------------------------- the parent
 
 
-def child(stage: str, phase: str, n: int, work: Path, args) -> tuple[dict, dict]:
+def child(stage: str, phase: str, n: int, work: Path, args, one_block: bool = False) -> tuple[dict, dict]:
     """Run one phase in a fresh process; (what it reported, {wall, cpu, peak_mib} from wait4)."""
     cmd = [sys.executable, __file__, "--worker", stage, "--phase", phase, "--size", str(n), "--work", str(work),
            "--replicates", str(args.replicates), "--lbfgs-seeds", str(args.lbfgs_seeds),
-           "--lbfgs-iters", str(args.lbfgs_iters), "--adamw-epochs", str(args.adamw_epochs)]
+           "--lbfgs-iters", str(args.lbfgs_iters), "--adamw-epochs", str(args.adamw_epochs),
+           "--memory-budget", str(args.memory_budget)] + ["--one-block"] * one_block
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     with tempfile.TemporaryFile("w+") as log:
         t0 = time.perf_counter()
@@ -311,39 +353,43 @@ def child(stage: str, phase: str, n: int, work: Path, args) -> tuple[dict, dict]
     return report, {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "peak_mib": usage.ru_maxrss / 1024}
 
 
-def measure(stage: str, n: int, root: Path, args) -> dict:
+def measure(stage: str, n: int, root: Path, args) -> list[dict]:
+    """One row per run of the stage at N: the stage, then (``--baseline``, analysis stages) the same
+    input analysed with every replicate in one block."""
     work = root / f"{stage}-{n}"
     work.mkdir(parents=True, exist_ok=True)
     prep, prep_os = child(stage, "prep", n, work, args)
-    report, proc = child(stage, "run", n, work, args)
-    row = {"stage": stage, "n": n, **report, "prep": prep, "prep_wall": prep_os["wall"], "process_wall": proc["wall"],
-           "process_cpu": proc["cpu"], "peak_mib": proc["peak_mib"], "above_base_mib": proc["peak_mib"] - report["base_mib"],
-           "load": os.getloadavg()[0]}
+    rows = []
+    for one_block in (False, True) if args.baseline and stage.startswith("analysis") else (False,):
+        report, proc = child(stage, "run", n, work, args, one_block)
+        rows.append({"stage": stage + " 1-block" * one_block, "n": n, **report, "prep": prep, "prep_wall": prep_os["wall"],
+                     "process_wall": proc["wall"], "process_cpu": proc["cpu"], "peak_mib": proc["peak_mib"],
+                     "above_base_mib": proc["peak_mib"] - report["base_mib"], "load": os.getloadavg()[0]})
     subprocess.run(["rm", "-rf", str(work)], check=False)
-    return row
+    return rows
 
 
 def exponent(a: float, b: float, na: int, nb: int) -> float:
-    if a <= 0 or b <= 0:
+    if a <= 0 or b <= 0 or na == nb:  # nb == na: two measurements of one size (--tables)
         return float("nan")
     return math.log(b / a) / math.log(nb / na)
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"\n{'stage':<12}{'N':>9} {'CPU s':>9} {'x CPU':>6} {'wall s':>9} {'train s':>8} {'x train':>8} "
+    print(f"\n{'stage':<20}{'N':>9} {'CPU s':>9} {'x CPU':>6} {'wall s':>9} {'train s':>8} {'x train':>8} "
           f"{'peak MiB':>9} {'above base':>11} {'x mem':>6} {'load':>5}  details")
-    prev = None
+    last = {}  # stage -> its previous row (a stage's rows may interleave with its 1-block baseline's)
     for r in rows:
-        same = prev is not None and prev["stage"] == r["stage"]
-        grow = lambda key: exponent(prev.get(key) or 0, r.get(key) or 0, prev["n"], r["n"]) if same else float("nan")  # noqa: E731
+        prev = last.get(r["stage"])
+        grow = lambda key: exponent(prev.get(key) or 0, r.get(key) or 0, prev["n"], r["n"]) if prev else float("nan")  # noqa: E731
         details = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items() if k not in
                    ("stage", "n", "seconds", "cpu", "train_s", "peak_mib", "above_base_mib", "base_mib", "load", "prep",
                     "prep_wall", "process_wall", "process_cpu")}
         train = "" if r.get("train_s") is None else f"{r['train_s']:.2f}"
-        print(f"{r['stage']:<12}{r['n']:>9,} {r['cpu']:>9.2f} {_fmt(grow('cpu')):>6} {r['seconds']:>9.2f} {train:>8} "
+        print(f"{r['stage']:<20}{r['n']:>9,} {r['cpu']:>9.2f} {_fmt(grow('cpu')):>6} {r['seconds']:>9.2f} {train:>8} "
               f"{_fmt(grow('train_s')):>8} {r['peak_mib']:>9.0f} {r['above_base_mib']:>11.0f} {_fmt(grow('above_base_mib')):>6} "
               f"{r['load']:>5.1f}  {details}")
-        prev = r
+        last[r["stage"]] = r
     print("x CPU / x train / x mem: growth exponent against the previous size, log(ratio) / log(size ratio); "
           "1.00 = linear. CPU s and wall s: the stage without start-up and imports (probes: with XLA compilation, "
           "which does not grow with N; train s is the probes' training alone). above base: peak RSS minus RSS after imports.")
@@ -362,15 +408,27 @@ def main() -> None:
     parser.add_argument("--lbfgs-seeds", type=int, default=1)
     parser.add_argument("--lbfgs-iters", type=int, default=30)
     parser.add_argument("--adamw-epochs", type=int, default=2)
+    parser.add_argument("--memory-budget", type=float, default=1024.0,
+                        help="the probes' --memory-budget (MB per compiled chunk), which sets their chunk plan")
+    parser.add_argument("--baseline", action="store_true",
+                        help="analysis stages: also run each with all replicates in one block (the plain baseline) and print the ratio")
     parser.add_argument("--json", type=Path, help="write the raw measurements here")
+    parser.add_argument("--tables", type=Path, nargs="+", metavar="JSON",
+                        help="measure nothing: print the tables of these --json files together")
     parser.add_argument("--workdir", type=Path, help="scratch folder (default: a temporary one)")
     parser.add_argument("--worker", choices=STAGES, help=argparse.SUPPRESS)
     parser.add_argument("--phase", choices=("prep", "run"), help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--one-block", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
+    if args.tables:  # measurements of several invocations, joined
+        rows = [r for f in args.tables for r in json.loads(f.read_text())]
+        rows.sort(key=lambda r: (r["stage"].replace(" 1-block", ""), r["n"], r["stage"]))
+        print_table(rows)
+        return print_per_row(rows)
     if args.quick:
         args.sizes, args.replicates, args.adamw_epochs, args.lbfgs_iters = "2000,6000", 200, 1, 20
     sizes, stages = [int(s) for s in args.sizes.split(",")], args.stages.split(",")
@@ -381,13 +439,32 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         for stage in stages:
             for n in sizes:
-                rows.append(measure(stage, n, Path(tmp), args))
-                r = rows[-1]
-                print(f"{stage} N={n:,}: {r['seconds']:.2f} s (CPU {r['cpu']:.2f} s), peak {r['peak_mib']:.0f} MiB "
-                      f"({r['above_base_mib']:.0f} above imports), load {r['load']:.1f}", flush=True)
+                new = measure(stage, n, Path(tmp), args)
+                rows += new
+                for r in new:
+                    print(f"{r['stage']} N={n:,}: {r['seconds']:.2f} s (CPU {r['cpu']:.2f} s), peak {r['peak_mib']:.0f} MiB "
+                          f"({r['above_base_mib']:.0f} above imports), load {r['load']:.1f}", flush=True)
+                if len(new) == 2:
+                    print_baseline(*new)
                 if args.json:
                     args.json.write_text(json.dumps(rows, indent=1))
     print_table(rows)
+    print_per_row(rows)
+
+
+def print_baseline(blocks: dict, one: dict) -> None:
+    """The analysis in blocks of replicates against one block of all of them (the plain baseline)."""
+    print(f"  {blocks['stage']} N={blocks['n']:,} in blocks vs one block: compute CPU {blocks['compute_cpu']:.1f} s vs "
+          f"{one['compute_cpu']:.1f} s (one block / blocks = {one['compute_cpu'] / blocks['compute_cpu']:.2f}x), "
+          f"peak RSS {blocks['peak_mib']:.0f} vs {one['peak_mib']:.0f} MiB, above imports {blocks['above_base_mib']:.0f} "
+          f"vs {one['above_base_mib']:.0f} MiB ({one['above_base_mib'] / max(blocks['above_base_mib'], 1):.2f}x)", flush=True)
+
+
+def print_per_row(rows: list[dict]) -> None:
+    """CPU time and memory above the imports per row: flat or falling with N = at most linear."""
+    print(f"\n{'stage':<20}{'N':>9} {'CPU ms/1k rows':>15} {'KiB above imports/row':>22}")
+    for r in rows:
+        print(f"{r['stage']:<20}{r['n']:>9,} {1e6 * r['cpu'] / r['n']:>15.1f} {1024 * r['above_base_mib'] / r['n']:>22.2f}")
 
 
 def worker(args) -> None:
@@ -396,6 +473,10 @@ def worker(args) -> None:
     if args.worker in ("lbfgs", "adamw"):
         import jax  # noqa: F401
         import optax  # noqa: F401
+    if args.worker.startswith("analysis") and args.phase == "run":
+        import matplotlib.pyplot  # noqa: F401  (the report's figures)
+
+        import cxrfair.analysis.analyze  # noqa: F401
     import h5py  # noqa: F401
 
     base = maxrss_mib()
