@@ -229,8 +229,12 @@ def lane_bytes(dim: int, n_classes: int, max_hidden: int, batch_size: int, n_eva
     width = max_hidden if max_hidden else n_classes
     n_params = dim * width + width + (max_hidden * n_classes + n_classes if max_hidden else 0)
     activations = 4 * (batch_size + n_eval) * (width + n_classes)
-    outputs = 2 * epochs + n_eval * n_classes
-    return 4 * (copies * n_params + activations + outputs)
+    return 4 * (copies * n_params + activations) + output_bytes(n_classes, n_eval, epochs)
+
+
+def output_bytes(n_classes: int, n_eval: int, epochs: int) -> int:
+    """What one lane returns (bytes): its loss curves (2 x ``epochs``) and evaluation outputs."""
+    return 4 * (2 * epochs + n_eval * n_classes)
 
 
 # Vmapped L-BFGS lanes each hold about this many broadcast copies of the training features
@@ -314,6 +318,9 @@ def run_sweep(x: dict, y: dict, n_classes: int, cfg: SweepConfig, groups: dict |
     budget = cfg.memory_budget_mb * 2**20
     if sequential_lanes(cfg.solver, data.x_train.nbytes, per_lane, len(cfg.seeds) * len(configs), budget):
         recipe = dataclasses.replace(recipe, sequential=True)
+        # One lane's working set at a time (lax.map): a chunk adds only each lane's outputs, so
+        # seeds are not split into padded chunks (which would train copies of the last seed).
+        budget, per_lane = max(budget - per_lane, 0), output_bytes(n_classes, len(x["val"]) + len(x["test"]), cfg.max_iter)
     else:
         per_lane += LBFGS_FEATURE_COPIES * data.x_train.nbytes if cfg.solver == "lbfgs" else 0
     s_chunk, k_chunk = plan_chunks(len(cfg.seeds), len(configs), per_lane, budget)

@@ -13,7 +13,7 @@ import optax
 import pytest
 
 from cxrfair.probe import train
-from cxrfair.probe.sweep import SweepConfig, feature_stats, run_sweep, select_config
+from cxrfair.probe.sweep import LBFGS_COPIES, SweepConfig, feature_stats, lane_bytes, output_bytes, run_sweep, select_config
 from tests.probe.synth import clusters, embedding_like
 
 
@@ -221,9 +221,23 @@ def test_a_small_budget_runs_lanes_one_after_another_with_the_same_result(small)
     x, y = small
     cfg = SweepConfig(l2s=(1e-3, 1e-1), seeds=(0, 1), max_iter=30)
     whole = run_sweep(x, y, 3, cfg)
-    budget = 0.02  # MB: less than one lane with its copies of the 50 x 8 training features
+    # Less than one lane with its copies of the 50 x 8 training features (so lanes run one after
+    # another), and less than one lane's working set plus two lanes' outputs (so one lane a chunk).
+    one_lane = lane_bytes(8, 3, 0, 50, 40, 30, copies=LBFGS_COPIES) + output_bytes(3, 40, 30)
+    budget = 0.99 * one_lane / 2**20  # MB
     tiny = run_sweep(x, y, 3, SweepConfig(**{**cfg.__dict__, "memory_budget_mb": budget}))
     assert not whole.timings["sequential_lanes"] and tiny.timings["sequential_lanes"]
     assert whole.timings["chunks"] == 1 and tiny.timings["chunks"] > 1
     np.testing.assert_allclose(tiny.test_probs, whole.test_probs, rtol=1e-4, atol=1e-5)
     assert tiny.selected == whole.selected
+
+
+def test_lanes_run_one_after_another_keep_every_seed_in_one_chunk(small):
+    """Run one after another, lanes hold one working set at a time: a budget that forces that
+    mode (all 4 lanes vmapped would not fit) but holds one lane plus every lane's outputs trains
+    them in one chunk, not in padded seed chunks that train copies of the last seed."""
+    x, y = small
+    cfg = SweepConfig(l2s=(1e-3, 1e-1), seeds=(0, 1), max_iter=30, memory_budget_mb=0.04)
+    res = run_sweep(x, y, 3, cfg)
+    assert res.timings["sequential_lanes"] and res.timings["chunks"] == 1
+    assert (res.timings["seeds_per_chunk"], res.timings["configs_per_chunk"]) == (2, 2)
