@@ -15,11 +15,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/cxrfair demo --out demo-out
 
+# One pytest worker per logical core (at most 4): the suite is CPU-bound (XLA compiles, torch steps).
+PARALLEL := -n logical --maxprocesses 4 --dist worksteal
+
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PARALLEL)
 
 test-all: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m ''
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PARALLEL) -m ''
 
 clean:
 	rm -rf demo-out build *.egg-info
