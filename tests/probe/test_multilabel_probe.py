@@ -138,28 +138,37 @@ def test_each_mlp_lane_of_the_multilabel_adamw_sweep_equals_a_plain_optax_run(sm
         np.testing.assert_allclose(out.val_loss[0, k], val, rtol=2e-5, atol=2e-6)
 
 
+def _reference_objective(p, x, t, m, l2):
+    z = x @ p["w"].T + p["b"]
+    per = (optax.sigmoid_binary_cross_entropy(z, t) * m).sum(1) / jnp.maximum(m.sum(1), 1)
+    return per.mean() + 0.5 * l2 * jnp.sum(p["w"] ** 2)
+
+
+_REFERENCE_SOLVER = optax.lbfgs(memory_size=10, linesearch=optax.scale_by_zoom_linesearch(
+    max_linesearch_steps=30, initial_guess_strategy="one"))
+
+
+@jax.jit
+def _reference_step(p, state, value, grad, x, t, m, l2):
+    # Data and penalty are arguments, not closure constants, so every lane reuses one executable.
+    return _REFERENCE_SOLVER.update(grad, state, p, value=value, grad=grad,
+                                    value_fn=lambda q: _reference_objective(q, x, t, m, l2))
+
+
 def reference_lbfgs(key, l2, x, y, recipe):
     """One linear multi-label probe: an unbatched Python loop over ``optax.lbfgs`` steps with the
     library's stopping rule; returns (test probabilities, iterations)."""
     init = train.init_params(jax.random.split(key)[0], x["train"].shape[1], recipe, jnp.int32(0))
-    m = jnp.isfinite(y["train"])
-    t = jnp.where(m, y["train"], 0.0)
-
-    def fun(p):
-        z = x["train"] @ p["w"].T + p["b"]
-        per = (optax.sigmoid_binary_cross_entropy(z, t) * m).sum(1) / jnp.maximum(m.sum(1), 1)
-        return per.mean() + 0.5 * l2 * jnp.sum(p["w"] ** 2)
-
-    solver = optax.lbfgs(memory_size=10, linesearch=optax.scale_by_zoom_linesearch(
-        max_linesearch_steps=30, initial_guess_strategy="one"))
-    step = jax.jit(lambda p, s, v, g: solver.update(g, s, p, value=v, grad=g, value_fn=fun))
-    params, state = init, solver.init(init)
-    value, grad = jax.value_and_grad(fun)(params)
+    m = jnp.isfinite(y["train"]).astype(jnp.float32)
+    t = jnp.where(m > 0, y["train"], 0.0)
+    data = (jnp.asarray(x["train"]), t, m, jnp.float32(l2))
+    params, state = init, _REFERENCE_SOLVER.init(init)
+    value, grad = jax.value_and_grad(_reference_objective)(params, *data)
     iterations = 0
     for _ in range(recipe.max_iter):
         if max(float(jnp.max(jnp.abs(a))) for a in jax.tree.leaves(grad)) <= recipe.gtol:
             break
-        updates, state = step(params, state, value, grad)
+        updates, state = _reference_step(params, state, value, grad, *data)
         params = optax.apply_updates(params, updates)
         value, grad = optax.tree.get(state, "value"), optax.tree.get(state, "grad")
         iterations += 1
