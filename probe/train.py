@@ -6,7 +6,13 @@ L-BFGS (``fit_lane_lbfgs``, the default): full-batch ``optax.lbfgs`` with a zoom
 mean cross-entropy + l2/2 * ||W||^2, a ``lax.while_loop`` of at most ``max_iter`` iterations; a
 lane whose largest gradient entry falls to ``gtol`` stops moving (its state is frozen with
 ``jnp.where`` while other vmapped lanes still run; the loop ends when every lane is done), and
-its final iterate is evaluated. For the linear probe this is scikit-learn's ``LogisticRegression`` at C = 1/(l2 N).
+its final iterate is evaluated. With ``Recipe.ftol`` > 0 a lane also stops after an iteration that
+lowers the objective by at most ftol * max(|f|, 1) (the MLP's default: its lanes rarely reach
+``gtol``). For the linear probe this is scikit-learn's ``LogisticRegression`` at C = 1/(l2 N).
+
+The MLP is the paper's one hidden ReLU layer, or with ``Recipe.skip`` that layer plus a linear
+skip connection, logits = W0 x + W2 relu(W1 x + b1) + b2, whose W0 L-BFGS penalises by its own
+``Hyper.l2_skip`` (the skip MLP contains the linear probe).
 
 AdamW (``fit_lane_adamw``, the paper's recipe): ``lax.scan`` over epochs, an inner ``lax.scan`` over minibatch steps, AdamW (``optax.inject_hyperparams`` so the
 learning rate and weight decay are values in the optimizer state, not Python constants) with
