@@ -86,7 +86,7 @@ class ProbeSettings:
     solver: str = "lbfgs"  # lbfgs: full-batch L-BFGS over the l2 grid (a tuned logistic regression); adamw: the paper's recipe (lr, weight_decay, epochs, batch_size)
     standardize: bool = True  # z-score features with the training split's mean and sd (paper: false)
     l2: tuple[float, ...] | None = None  # lbfgs: L2 penalty grid; empty = the probe stage's default grid per method
-    max_iter: int = 1000  # lbfgs: iterations at most
+    max_iter: int | None = None  # lbfgs: iterations at most; empty = the probe stage's default per method (linear 1000, mlp 300)
     select: str = "loss"  # choose the configuration by mean validation loss | accuracy
     all_prompt_sets: bool = False  # zero-shot: also write runs of the prompt sets not selected on val
     zeroshot_term: str | None = None  # zero-shot scoring: global | both (GLoRIA's); empty = both where the cache allows

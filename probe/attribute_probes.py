@@ -92,7 +92,9 @@ def sweep_fit(x: dict, y: dict, n_classes: int, method: str, grid: SweepGrid, se
     """
     from cxrfair.probe.sweep import SweepConfig, run_sweep
 
-    cfg = SweepConfig(method=method, solver=grid.solver, standardize=False, l2s=grid.l2s, lrs=tuple(grid.lrs),
+    # The leakage MLP stays the plain one-hidden-layer MLP (the studies it reproduces use one); the
+    # probe stage's default MLP has a linear skip connection (cxrfair.probe.sweep.ARCHITECTURES).
+    cfg = SweepConfig(method=method, architecture="plain", solver=grid.solver, standardize=False, l2s=grid.l2s, lrs=tuple(grid.lrs),
                       weight_decays=tuple(grid.weight_decays), hiddens=tuple(grid.hiddens), seeds=(int(seed),),
                       epochs=grid.epochs, batch_size=grid.batch_size)
     result = run_sweep(x, y, n_classes, cfg)

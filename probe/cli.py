@@ -11,8 +11,12 @@ import click
 
 from cxrfair.errors import CxrfairError
 
-# Mirrors cxrfair.probe.sweep.L2_GRIDS (this module imports only click; a test keeps them equal).
-L2_GRIDS = {"linear": (1e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2), "mlp": (1e-3, 3e-3, 1e-2, 2e-2, 3e-2, 1e-1)}
+# Mirror cxrfair.probe.sweep's L2_GRIDS, L2_SKIP_GRID, FTOL and MAX_ITER (this module imports only click; a test keeps them equal).
+L2_GRIDS = {"linear": (1e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2), "mlp": (1e-3, 3e-3, 1e-2, 2e-2, 3e-2, 1e-1),
+            "mlp+skip": (1e-2, 1e-1, 1.0)}
+L2_SKIP_GRID = (1e-5, 1e-4, 1e-3)
+FTOL = {"linear": 0.0, "mlp": 1e-5}
+MAX_ITER = {"linear": 1000, "mlp": 300}
 
 _cache = click.option("--cache", required=True, type=click.Path(path_type=Path), help="Embedding cache (.h5) from `cxrfair extract`.")
 _out = click.option("--out", required=True, type=click.Path(path_type=Path), help="Runs folder to write into.")
@@ -59,7 +63,11 @@ def _sweep_options(f):
         click.option("--l2", default=None, help="lbfgs: comma-separated L2 penalties l2/2*||W||^2 on the mean loss "
                      "(sklearn C = 1/(l2*N_train)). [default: " + "; ".join(
                          f"{m} {','.join(f'{v:g}' for v in g)}" for m, g in L2_GRIDS.items()) + "]"),
-        click.option("--max-iter", default=1000, show_default=True, type=int, help="lbfgs: iterations at most."),
+        click.option("--max-iter", default=None, type=int,
+                     help="lbfgs: iterations at most. [default: " + "; ".join(f"{m} {v}" for m, v in MAX_ITER.items()) + "]"),
+        click.option("--ftol", default=None, type=float,
+                     help="lbfgs: also stop once an iteration lowers the objective by at most ftol * max(|f|, 1); "
+                          "0 turns it off. [default: " + "; ".join(f"{m} {v:g}" for m, v in FTOL.items()) + "]"),
         click.option("--select", type=click.Choice(["loss", "accuracy", "worst_group", "gap"]), default=None,
                      help="Choose the configuration on validation (mean over seeds): loss; accuracy (ties: lower "
                           "loss; multi-class only); worst_group: best worst-group accuracy of --sensitive (ties: lower loss); gap: "
@@ -102,6 +110,14 @@ def _ints(text: str, option: str) -> tuple:
     return tuple(int(v) for v in values)
 
 
+def _mlp_options(kw: dict) -> dict:
+    """The MLP-only SweepConfig fields from ``mlp``'s options (the linear command has none)."""
+    if "architecture" not in kw:
+        return {}
+    l2s_skip = None if kw["l2_skip"] is None else _floats(kw["l2_skip"], "--l2-skip")
+    return {"architecture": kw["architecture"], "l2s_skip": l2s_skip}
+
+
 def _run(method: str, hidden: str, **kw) -> None:
     from cxrfair.probe.sweep import SweepConfig, probe_cache
 
@@ -111,7 +127,8 @@ def _run(method: str, hidden: str, **kw) -> None:
                       lrs=_floats(kw["lr"], "--lr"), weight_decays=_floats(kw["weight_decay"], "--weight-decay"),
                       hiddens=_ints(hidden, "--hidden"), seeds=tuple(range(kw["seeds"])), epochs=kw["epochs"],
                       batch_size=kw["batch_size"], max_iter=kw["max_iter"], memory_budget_mb=kw["memory_budget"],
-                      mitigation=kw["mitigation"], sensitive=kw["sensitive"], strengths=strengths, adversary=kw["adversary"])
+                      mitigation=kw["mitigation"], sensitive=kw["sensitive"], strengths=strengths, adversary=kw["adversary"],
+                      ftol=kw["ftol"], **_mlp_options(kw))
     paths = probe_cache(kw["cache"], kw["out"], cfg, force=kw["force"])
     click.echo(f"wrote {len(paths)} {method} run(s) to {kw['out']}")
 
@@ -131,9 +148,18 @@ def linear(**kw) -> None:
 @probe.command("mlp")
 @_sweep_options
 @click.option("--hidden", default="256,512", show_default=True, help="Comma-separated hidden widths.")
+@click.option("--architecture", type=click.Choice(["skip", "plain"]), default="skip", show_default=True,
+              help="skip: one hidden ReLU layer plus a linear skip connection, logits = W0 x + W2 relu(W1 x + b1) + b2 "
+                   "(contains the linear probe); plain: the paper's MLP, logits = W2 relu(W1 x + b1) + b2.")
+@click.option("--l2-skip", default=None,
+              help="lbfgs, --architecture skip: comma-separated L2 penalties on the skip weight W0 (--l2 then "
+                   "penalises W1 and W2). [default: " + ",".join(f"{v:g}" for v in L2_SKIP_GRID) + "; --l2 default "
+                   + ",".join(f"{v:g}" for v in L2_GRIDS["mlp+skip"]) + "]")
 def mlp(hidden: str, **kw) -> None:
-    """MLP-probe sweep (one hidden ReLU layer).
+    """MLP-probe sweep (one hidden ReLU layer; by default with a linear skip connection).
 
-    As `linear`, with --hidden in the grid; writes <model>__mlp__sweep.csv.
+    As `linear`, with --hidden (and, for the skip MLP, --l2-skip) in the grid; writes
+    <model>__mlp__sweep.csv. run.json hyperparameters.architecture says which MLP: "mlp+skip"
+    (the default) or "mlp" (--architecture plain, the paper's).
     """
     _run("mlp", hidden, **kw)

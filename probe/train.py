@@ -6,7 +6,13 @@ L-BFGS (``fit_lane_lbfgs``, the default): full-batch ``optax.lbfgs`` with a zoom
 mean cross-entropy + l2/2 * ||W||^2, a ``lax.while_loop`` of at most ``max_iter`` iterations; a
 lane whose largest gradient entry falls to ``gtol`` stops moving (its state is frozen with
 ``jnp.where`` while other vmapped lanes still run; the loop ends when every lane is done), and
-its final iterate is evaluated. For the linear probe this is scikit-learn's ``LogisticRegression`` at C = 1/(l2 N).
+its final iterate is evaluated. With ``Recipe.ftol`` > 0 a lane also stops after an iteration that
+lowers the objective by at most ftol * max(|f|, 1) (the MLP's default: its lanes rarely reach
+``gtol``). For the linear probe this is scikit-learn's ``LogisticRegression`` at C = 1/(l2 N).
+
+The MLP is the paper's one hidden ReLU layer, or with ``Recipe.skip`` that layer plus a linear
+skip connection, logits = W0 x + W2 relu(W1 x + b1) + b2, whose W0 L-BFGS penalises by its own
+``Hyper.l2_skip`` (the skip MLP contains the linear probe).
 
 AdamW (``fit_lane_adamw``, the paper's recipe): ``lax.scan`` over epochs, an inner ``lax.scan`` over minibatch steps, AdamW (``optax.inject_hyperparams`` so the
 learning rate and weight decay are values in the optimizer state, not Python constants) with
@@ -68,7 +74,9 @@ class Recipe:
     solver: str = "adamw"  # "adamw" (the paper's minibatch recipe) or "lbfgs" (full batch)
     max_iter: int = 500  # L-BFGS: iterations at most (a converged lane stops moving)
     gtol: float = GTOL  # L-BFGS: converged when every gradient entry is at most this in magnitude
+    ftol: float = 0.0  # L-BFGS: also done once an iteration lowers the objective by at most ftol * max(|f|, 1)
     sequential: bool = False  # run lanes one after another (lax.map) instead of vmapped (large N, L-BFGS)
+    skip: bool = False  # MLP: add a linear skip connection, logits = W0 x + W2 relu(W1 x + b1) + b2
     mitigation: objectives.Spec = objectives.Spec()  # the loss's fairness mitigation (default: erm)
 
     def steps_per_epoch(self, n_train: int) -> int:
@@ -96,6 +104,7 @@ class Hyper(NamedTuple):
     hidden: jax.Array  # hidden width, <= Recipe.max_hidden (ignored by the linear probe)
     l2: jax.Array  # L-BFGS: penalty l2/2 * ||weights||^2 added to the mean loss (biases free)
     strength: jax.Array | None = None  # the mitigation's strength (None for erm)
+    l2_skip: jax.Array | None = None  # L-BFGS, skip MLP: penalty on the skip weight W0 (None: l2)
 
 
 class LaneResult(NamedTuple):
@@ -122,9 +131,13 @@ def init_params(key: jax.Array, dim: int, recipe: Recipe, hidden: jax.Array) -> 
     Weights are stored (out, in) like PyTorch's: stacked over K lanes, a weight (K, C, D) is
     one contiguous (K*C, D) matrix, so the fused forward and backward matmuls need no transpose.
 
+    The skip MLP (``recipe.skip``) adds ``"w0": (C, D)``, the linear skip weight, initialised like
+    the linear probe's weight from a key folded from ``key`` (so its other weights equal the plain
+    MLP's at the same seed).
+
     Returns:
         linear: ``{"w": (C, D), "b": (C,)}``; MLP: ``{"w1": (H, D), "b1": (H,), "w2": (C, H),
-        "b2": (C,)}`` with H = ``recipe.max_hidden``.
+        "b2": (C,)}`` with H = ``recipe.max_hidden`` (skip MLP: and ``"w0"``).
     """
     n_classes = recipe.n_classes
     if recipe.max_hidden == 0:
@@ -134,23 +147,26 @@ def init_params(key: jax.Array, dim: int, recipe: Recipe, hidden: jax.Array) -> 
     k1, k2, k3, k4 = jax.random.split(key, 4)
     live = (jnp.arange(recipe.max_hidden) < hidden).astype(jnp.float32)  # (H,)
     b1, b2 = 1.0 / math.sqrt(dim), 1.0 / jnp.sqrt(hidden.astype(jnp.float32))
-    return {
+    params = {
         "w1": _uniform(k1, (recipe.max_hidden, dim), b1) * live[:, None],
         "b1": _uniform(k2, (recipe.max_hidden,), b1) * live,
         "w2": _uniform(k3, (n_classes, recipe.max_hidden), 1.0) * b2 * live,
         "b2": _uniform(k4, (n_classes,), 1.0) * b2,
     }
+    if recipe.skip:
+        params["w0"] = _uniform(jax.random.fold_in(key, 2), (n_classes, dim), b1)
+    return params
 
 
 def _uniform(key: jax.Array, shape: tuple, bound) -> jax.Array:
     return jax.random.uniform(key, shape, jnp.float32, -1.0, 1.0) * bound
 
 
-def count_params(dim: int, n_classes: int, hidden: int) -> int:
-    """Trainable parameters of one probe (hidden 0: linear)."""
+def count_params(dim: int, n_classes: int, hidden: int, skip: bool = False) -> int:
+    """Trainable parameters of one probe (hidden 0: linear; skip: the MLP's skip weight W0 too)."""
     if hidden == 0:
         return dim * n_classes + n_classes
-    return dim * hidden + hidden + hidden * n_classes + n_classes
+    return dim * hidden + hidden + hidden * n_classes + n_classes + (dim * n_classes if skip else 0)
 
 
 def logits_t(params: dict, x: jax.Array) -> jax.Array:
@@ -169,7 +185,8 @@ def forward_t(params: dict, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         z = params["w"] @ xt + params["b"][:, None]
         return z, z
     h = jax.nn.relu(params["w1"] @ xt + params["b1"][:, None])  # (H, B)
-    return params["w2"] @ h + params["b2"][:, None], h
+    z = params["w2"] @ h + params["b2"][:, None]
+    return (z + params["w0"] @ xt if "w0" in params else z), h
 
 
 def apply(params: dict, x: jax.Array) -> jax.Array:
@@ -367,12 +384,19 @@ def fit_lane_adamw(key: jax.Array, hyper: Hyper, data: Data, recipe: Recipe) -> 
 
 
 def weight_norm_sq(params: dict) -> jax.Array:
-    """Sum of squared weights (not biases), the L2 penalty's ||W||^2 (padded MLP units are 0)."""
+    """Sum of squared weights (not biases, not the skip weight), the L2 penalty's ||W||^2 (padded MLP units are 0)."""
     return sum(jnp.sum(params[k] ** 2) for k in ("w", "w1", "w2") if k in params)
 
 
-def objective(params: dict, x: jax.Array, y: jax.Array, l2: jax.Array, weights: jax.Array | None = None) -> jax.Array:
-    """Mean per-example loss over the training split + l2/2 * ||W||^2.
+def penalty(params: dict, l2: jax.Array, l2_skip: jax.Array | None = None) -> jax.Array:
+    """l2/2 * ||W||^2, plus l2_skip/2 * ||W0||^2 for the skip MLP's skip weight (l2_skip None: l2)."""
+    skip = 0.0 if "w0" not in params else jnp.sum(params["w0"] ** 2) * (l2 if l2_skip is None else l2_skip)
+    return 0.5 * (l2 * weight_norm_sq(params) + skip)
+
+
+def objective(params: dict, x: jax.Array, y: jax.Array, l2: jax.Array, weights: jax.Array | None = None,
+              l2_skip: jax.Array | None = None) -> jax.Array:
+    """Mean per-example loss over the training split + l2/2 * ||W||^2 (+ l2_skip/2 * ||W0||^2).
 
     For the linear probe this is scikit-learn's multinomial ``LogisticRegression`` objective
     divided by C*N, i.e. the same minimiser at ``C = 1 / (l2 * N)``. Multi-label: the conditions'
@@ -381,7 +405,7 @@ def objective(params: dict, x: jax.Array, y: jax.Array, l2: jax.Array, weights: 
     conditions). ``weights`` (N,) (the ``reweight`` mitigation; mean 1) weight each example's loss.
     """
     losses = example_losses(params, x, y)
-    return jnp.mean(losses if weights is None else losses * weights) + 0.5 * l2 * weight_norm_sq(params)
+    return jnp.mean(losses if weights is None else losses * weights) + penalty(params, l2, l2_skip)
 
 
 def lbfgs_solver() -> optax.GradientTransformationExtraArgs:
@@ -402,25 +426,29 @@ class LbfgsState(NamedTuple):
 
 
 def lbfgs_iteration(state: LbfgsState, _, data: Data, l2: jax.Array, gtol: float,
-                    weights: jax.Array | None = None) -> tuple[LbfgsState, tuple]:
+                    weights: jax.Array | None = None, ftol: float = 0.0,
+                    l2_skip: jax.Array | None = None) -> tuple[LbfgsState, tuple]:
     """One L-BFGS step on the full training split; a lane that is done keeps its parameters.
 
     The objective and gradient at the new point are the line search's (stored in its state), so
-    an iteration costs only the line search's evaluations.
+    an iteration costs only the line search's evaluations. With ``ftol`` > 0, a step that lowers
+    the objective by at most ftol * max(|f_old|, |f_new|, 1) is kept and the lane is then done
+    (scipy's L-BFGS-B ``ftol`` rule).
 
     Returns the new state and (objective, validation loss) at the parameters it leaves.
     """
-    fun = partial(objective, x=data.x_train, y=data.y_train, l2=l2, weights=weights)
+    fun = partial(objective, x=data.x_train, y=data.y_train, l2=l2, weights=weights, l2_skip=l2_skip)
     converged = max_abs(state.grad) <= gtol
     updates, opt_state = lbfgs_solver().update(state.grad, state.opt_state, state.params,
                                                value=state.value, grad=state.grad, value_fn=fun)
     params = optax.apply_updates(state.params, updates)
     value, grad = optax.tree.get(opt_state, "value"), optax.tree.get(opt_state, "grad")
     finite = jnp.isfinite(value) & jnp.isfinite(max_abs(params)) & jnp.isfinite(max_abs(grad))
-    done = state.done | converged | ~finite
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(done, b, a), new, old)  # noqa: E731
-    state = LbfgsState(*keep((params, opt_state, value, grad), state[:4]), done,
-                       state.iterations + (~done).astype(jnp.int32))
+    stay = state.done | converged | ~finite
+    stalled = state.value - value <= ftol * jnp.maximum(jnp.maximum(jnp.abs(state.value), jnp.abs(value)), 1.0)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(stay, b, a), new, old)  # noqa: E731
+    state = LbfgsState(*keep((params, opt_state, value, grad), state[:4]), stay | ((ftol > 0) & stalled),
+                       state.iterations + (~stay).astype(jnp.int32))
     val_loss = jnp.mean(example_losses(state.params, data.x_val, data.y_val))
     return state, (state.value, val_loss)
 
@@ -476,9 +504,10 @@ def fit_lane_lbfgs(key: jax.Array, hyper: Hyper, data: Data, recipe: Recipe) -> 
     dim = data.x_train.shape[1]
     params = init_params(jax.random.split(key)[0], dim, recipe, hyper.hidden)
     weights = lbfgs_weights(recipe.mitigation, data, hyper.strength)
-    value, grad = jax.value_and_grad(objective)(params, data.x_train, data.y_train, hyper.l2, weights)
+    value, grad = jax.value_and_grad(objective)(params, data.x_train, data.y_train, hyper.l2, weights, hyper.l2_skip)
     state = LbfgsState(params, lbfgs_solver().init(params), value, grad, jnp.array(False), jnp.array(0, jnp.int32))
-    step = partial(lbfgs_iteration, data=data, l2=hyper.l2, gtol=recipe.gtol, weights=weights)
+    step = partial(lbfgs_iteration, data=data, l2=hyper.l2, gtol=recipe.gtol, weights=weights, ftol=recipe.ftol,
+                   l2_skip=hyper.l2_skip)
     val0 = jnp.mean(example_losses(params, data.x_val, data.y_val))
     state, train_curve, val_curve = lbfgs_loop(step, state, val0, recipe.max_iter, recipe.gtol)
     ml = is_multilabel(data.y_val)

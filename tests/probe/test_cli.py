@@ -60,9 +60,24 @@ def test_mlp_and_zeroshot_commands(tmp_path, cache):
     assert res.exit_code == 0, res.output
     assert _cli("zeroshot", "--cache", cache, "--out", tmp_path / "runs").exit_code == 0
     runs = {r.run_id: r for r in read_runs(tmp_path / "runs")}
-    hidden = runs["tiny-clip__mlp__best__s0"].meta["hyperparameters"]["hidden"]
-    assert runs["tiny-clip__mlp__best__s0"].meta["trainable_params"] == 16 * hidden + hidden + hidden * 6 + 6
+    hyper = runs["tiny-clip__mlp__best__s0"].meta["hyperparameters"]
+    hidden = hyper["hidden"]
+    assert hyper["architecture"] == "mlp+skip" and "W0 x" in hyper["forward"]
+    # The skip MLP: the hidden layer, the output layer and the skip weight W0 (16 x 6).
+    assert runs["tiny-clip__mlp__best__s0"].meta["trainable_params"] == 16 * hidden + hidden + hidden * 6 + 6 + 16 * 6
     assert any(r.method == "zeroshot" for r in runs.values())
+
+
+def test_mlp_architecture_l2_skip_and_stopping_rule_reach_run_json(tmp_path, cache):
+    skip = _cli("mlp", "--cache", cache, "--out", tmp_path / "skip", *LBFGS, "--hidden", "4", "--l2-skip", "1e-4,1e-2",
+                "--ftol", "1e-3")
+    assert skip.exit_code == 0, skip.output
+    hyper = read_runs(tmp_path / "skip")[0].meta["hyperparameters"]
+    assert hyper["architecture"] == "mlp+skip" and hyper["grid"]["l2_skip"] == [1e-4, 1e-2] and hyper["ftol"] == 1e-3
+    assert "1e-3" in hyper["stopping"].replace("0.001", "1e-3") and "l2_skip" in hyper["objective"]
+    assert len(pd.read_csv(tmp_path / "skip" / "tiny-clip__mlp__sweep.csv")) == 2 * 2 * 2  # l2 x l2_skip x seeds
+    bad = _cli("mlp", "--cache", cache, "--out", tmp_path / "bad", *LBFGS, "--architecture", "plain", "--l2-skip", "1e-3")
+    assert bad.exit_code == 1 and "--l2-skip: only for the skip MLP" in bad.output and not (tmp_path / "bad").exists()
 
 
 def test_default_solver_is_lbfgs_on_standardised_features(tmp_path, cache):
@@ -84,9 +99,9 @@ def test_default_solver_is_lbfgs_on_standardised_features(tmp_path, cache):
 
 def test_l2_grid_defaults_mirror_the_library():
     from cxrfair.probe import cli
-    from cxrfair.probe.sweep import L2_GRIDS
+    from cxrfair.probe.sweep import FTOL, L2_GRIDS, L2_SKIP_GRID, MAX_ITER
 
-    assert cli.L2_GRIDS == L2_GRIDS
+    assert cli.L2_GRIDS == L2_GRIDS and cli.L2_SKIP_GRID == L2_SKIP_GRID and cli.FTOL == FTOL and cli.MAX_ITER == MAX_ITER
 
 
 def _partial(tmp_path):

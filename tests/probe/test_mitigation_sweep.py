@@ -49,14 +49,16 @@ def test_each_lane_of_a_mitigation_sweep_equals_one_unbatched_run(mitigation):
                       strengths=strengths, **LANE_CASES[mitigation])
     res = run_sweep(x, y, 3, cfg, groups)
     spec = mitigation_spec(cfg, y["train"], groups, 3)
-    recipe = train.Recipe(n_classes=3, epochs=2, batch_size=8, max_hidden=5, solver=cfg.solver, max_iter=8, mitigation=spec)
+    recipe = train.Recipe(n_classes=3, epochs=2, batch_size=8, max_hidden=5, solver=cfg.solver, max_iter=8, mitigation=spec,
+                          skip=cfg.skip, ftol=cfg.ftol_value)  # the default MLP: the skip MLP
     data = train.Data(*(jnp.asarray(a) for a in (x["train"], y["train"], x["val"], y["val"], x["test"])),
                       jnp.asarray(groups["train"] * 3 + y["train"]), jnp.asarray(groups["train"]))
     one = jax.jit(train.fit_lane, static_argnames="recipe")
     for i, seed in enumerate(cfg.seeds):
         for k, c in enumerate(res.configs):
             hyper = train.Hyper(jnp.float32(c["lr"] if c["lr"] == c["lr"] else 0), jnp.float32(0), jnp.int32(5),
-                                jnp.float32(c["l2"] if c["l2"] == c["l2"] else 0), jnp.float32(c["strength"]))
+                                jnp.float32(c["l2"] if c["l2"] == c["l2"] else 0), jnp.float32(c["strength"]),
+                                jnp.float32(c["l2_skip"]) if "l2_skip" in c else None)
             lane = one(train.seed_keys([seed])[0], hyper, data, recipe)
             np.testing.assert_allclose(res.test_probs[i, k], np.asarray(lane.test_probs), atol=2e-5)
             np.testing.assert_allclose(res.best_val_loss[i, k], float(lane.best_val_loss), rtol=1e-5)

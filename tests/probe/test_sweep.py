@@ -7,7 +7,7 @@ import math
 import pytest
 
 from cxrfair.errors import CxrfairError
-from cxrfair.probe.sweep import L2_GRIDS, SweepConfig, lane_bytes, plan_chunks
+from cxrfair.probe.sweep import L2_GRIDS, L2_SKIP_GRID, SweepConfig, lane_bytes, plan_chunks
 from cxrfair.probe.train import count_params
 
 
@@ -19,11 +19,38 @@ def test_grid_order_and_linear_ignores_hidden():
 
 
 def test_lbfgs_grid_is_hidden_then_l2_with_a_default_per_method():
-    mlp = SweepConfig(method="mlp", l2s=(1e-3, 1e-1), hiddens=(4, 8)).configurations()
+    mlp = SweepConfig(method="mlp", architecture="plain", l2s=(1e-3, 1e-1), hiddens=(4, 8)).configurations()
     assert [(c["hidden"], c["l2"]) for c in mlp] == [(4, 1e-3), (4, 1e-1), (8, 1e-3), (8, 1e-1)]
-    assert all(math.isnan(c["lr"]) and math.isnan(c["weight_decay"]) for c in mlp)
+    assert all(math.isnan(c["lr"]) and math.isnan(c["weight_decay"]) and "l2_skip" not in c for c in mlp)
     assert [c["l2"] for c in SweepConfig().configurations()] == list(L2_GRIDS["linear"])
-    assert [c["l2"] for c in SweepConfig(method="mlp", hiddens=(8,)).configurations()] == list(L2_GRIDS["mlp"])
+    plain = SweepConfig(method="mlp", architecture="plain", hiddens=(8,)).configurations()
+    assert [c["l2"] for c in plain] == list(L2_GRIDS["mlp"])
+
+
+def test_the_default_mlp_is_the_skip_mlp_with_a_grid_over_both_penalties():
+    cfg = SweepConfig(method="mlp", hiddens=(8,))
+    assert cfg.architecture == "skip" and cfg.family == "mlp+skip" and cfg.ftol_value > 0
+    grid = [(c["l2"], c["l2_skip"]) for c in cfg.configurations()]
+    assert grid == [(a, b) for a in L2_GRIDS["mlp+skip"] for b in L2_SKIP_GRID]
+    assert SweepConfig().ftol_value == 0 and SweepConfig().family == "linear"  # the linear probe: gradient test only
+    assert (cfg.max_iter, SweepConfig().max_iter, SweepConfig(method="mlp", max_iter=50).max_iter) == (300, 1000, 50)
+    adamw = SweepConfig(method="mlp", solver="adamw", hiddens=(8,))
+    assert adamw.skip and all("l2_skip" not in c for c in adamw.configurations())  # weight decay covers W0
+
+
+def test_run_json_names_the_architecture_and_the_stopping_rule():
+    from cxrfair.probe.sweep import _hyperparameters
+
+    best = {"lr": math.nan, "weight_decay": math.nan, "l2": 0.1, "hidden": 8}
+    plain = _hyperparameters(SweepConfig(method="mlp", architecture="plain"), best)
+    assert plain["architecture"] == "mlp" and "W0" not in plain["forward"] and "l2_skip" not in plain
+    assert plain["ftol"] == 1e-5 and "1e-05 * max(|f|, 1)" in plain["stopping"] and "300 iterations" in plain["stopping"]
+    skip = _hyperparameters(SweepConfig(method="mlp"), best | {"l2_skip": 1e-4})
+    assert skip["architecture"] == "mlp+skip" and skip["l2_skip"] == 1e-4 and skip["grid"]["l2_skip"] == list(L2_SKIP_GRID)
+    linear = _hyperparameters(SweepConfig(), best | {"hidden": 0})
+    assert linear["architecture"] == "linear" and linear["ftol"] == 0 and "max(|f|" not in linear["stopping"]
+    adamw = _hyperparameters(SweepConfig(method="mlp", solver="adamw"), best)
+    assert adamw["architecture"] == "mlp+skip" and "stopping" not in adamw
 
 
 @pytest.mark.parametrize("change, option", [
@@ -34,6 +61,10 @@ def test_lbfgs_grid_is_hidden_then_l2_with_a_default_per_method():
     ({"weight_decays": (-0.1,)}, "--weight-decay"), ({"epochs": 0}, "--epochs"), ({"method": "svm"}, "method"),
     ({"solver": "sgd"}, "--solver"), ({"select": "f1"}, "--select"), ({"max_iter": 0}, "--max-iter"),
     ({"seeds": (1, 1)}, "--seeds"), ({"memory_budget_mb": 0}, "--memory-budget"),
+    ({"method": "mlp", "architecture": "resnet"}, "--architecture"), ({"l2s_skip": (1e-3,)}, "--l2-skip"),
+    ({"method": "mlp", "architecture": "plain", "l2s_skip": (1e-3,)}, "--l2-skip"),
+    ({"method": "mlp", "l2s_skip": (-1.0,)}, "--l2-skip"), ({"method": "mlp", "l2s_skip": ()}, "--l2-skip"),
+    ({"ftol": -1e-3}, "--ftol"), ({"ftol": float("nan")}, "--ftol"),
 ])
 def test_bad_configs_name_the_option(change, option):
     with pytest.raises(CxrfairError, match=option):
@@ -52,3 +83,4 @@ def test_chunk_plan_keeps_configurations_together_and_fits_the_budget():
 def test_parameter_counts():
     assert count_params(512, 6, 0) == 512 * 6 + 6
     assert count_params(512, 6, 256) == 512 * 256 + 256 + 256 * 6 + 6
+    assert count_params(512, 6, 256, skip=True) == 512 * 256 + 256 + 256 * 6 + 6 + 512 * 6
