@@ -87,6 +87,9 @@ class ProbeSettings:
     standardize: bool = True  # z-score features with the training split's mean and sd (paper: false)
     l2: tuple[float, ...] | None = None  # lbfgs: L2 penalty grid; empty = the probe stage's default grid per method
     max_iter: int | None = None  # lbfgs: iterations at most; empty = the probe stage's default per method (linear 1000, mlp 300)
+    architecture: str = "skip"  # mlp: skip (a hidden ReLU layer + a linear skip connection) | plain (the paper's MLP)
+    l2_skip: tuple[float, ...] | None = None  # lbfgs skip MLP: L2 grid of the skip weight; empty = the probe stage's default
+    ftol: float | None = None  # lbfgs: stop once a step lowers the objective by <= ftol*max(|f|,1); empty = per method (mlp 1e-5, linear off)
     select: str = "loss"  # choose the configuration by mean validation loss | accuracy
     all_prompt_sets: bool = False  # zero-shot: also write runs of the prompt sets not selected on val
     zeroshot_term: str | None = None  # zero-shot scoring: global | both (GLoRIA's); empty = both where the cache allows

@@ -262,16 +262,18 @@ def sweep_config(config: ExperimentConfig, method: str):
     return _stage_config("probe", lambda: SweepConfig(
         method=method, solver=pr.solver, standardize=pr.standardize, l2s=pr.l2, lrs=pr.lr, weight_decays=pr.weight_decay,
         hiddens=pr.hidden, seeds=tuple(range(config.seeds)), epochs=pr.epochs, batch_size=pr.batch_size,
-        max_iter=pr.max_iter, select=pr.select).validate())
+        max_iter=pr.max_iter, select=pr.select, architecture=pr.architecture,
+        l2s_skip=pr.l2_skip if method == "mlp" else None, ftol=pr.ftol).validate())
 
 
-# SweepConfig fields that one solver ignores: changing them must not rerun that solver's probes.
-_UNUSED_BY = {"lbfgs": ("lrs", "weight_decays", "epochs", "batch_size"), "adamw": ("l2s", "max_iter")}
+# SweepConfig fields that one solver or method ignores: changing them must not rerun those probes.
+_UNUSED_BY = {"lbfgs": ("lrs", "weight_decays", "epochs", "batch_size"), "adamw": ("l2s", "max_iter", "l2s_skip", "ftol")}
+_UNUSED_BY_LINEAR = ("hiddens", "architecture", "l2s_skip")
 
 
 def sweep_settings(cfg) -> dict:
     """What changes a probe sweep's runs (for its fingerprint): the SweepConfig minus what it ignores."""
-    unused = {"memory_budget_mb", *_UNUSED_BY.get(cfg.solver, ()), *(("hiddens",) if cfg.method == "linear" else ())}
+    unused = {"memory_budget_mb", *_UNUSED_BY.get(cfg.solver, ()), *(_UNUSED_BY_LINEAR if cfg.method == "linear" else ())}
     return {k: v for k, v in settings_dict(cfg).items() if k not in unused}
 
 

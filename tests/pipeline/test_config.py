@@ -71,6 +71,8 @@ STAGE_ERRORS = [
     ("probe", 'select = "auc"', "[probe] select: choose one of"),
     ("probe", "l2 = [-1.0]", "[probe] l2: L2 penalties must be numbers >= 0"),
     ("probe", 'zeroshot_term = "local"', "[probe] zeroshot_term 'local': choose one of global, both"),
+    ("probe", 'architecture = "deep"', "[probe] architecture: choose one of"),
+    ("probe", "ftol = -1.0", "[probe] ftol: must be a number >= 0"),
     ("cohort", 'uncertain = "maybe"', "[cohort] uncertain"),
     ("cohort", "age_bins = [50, 20]", "[cohort] age_bins"),
     ("cohort", 'dataset = "padchest"', "[cohort] dataset"),
@@ -191,3 +193,19 @@ def test_paper_config_loads(tmp_path):
     assert cfg.methods == ("zeroshot", "linear", "mlp", "lora", "full") and cfg.seeds == 3
     with pytest.raises(CxrfairError, match="expected a list of strings"):
         config_from_dict({"models": "clip-vit-b16"})
+
+
+def test_probe_architecture_l2_skip_and_ftol_reach_the_sweep_and_its_fingerprint(tmp_path):
+    from cxrfair.pipeline import sweep_config, sweep_settings
+
+    path = tmp_path / "c.toml"
+    path.write_text(_render("probe", 'architecture = "plain"\nftol = 1e-6', tmp_path / "out"))
+    plain = load_config(path)
+    mlp, linear = sweep_config(plain, "mlp"), sweep_config(plain, "linear")
+    assert (mlp.architecture, mlp.ftol_value, mlp.skip) == ("plain", 1e-6, False)
+    path.write_text(_render("probe", "l2_skip = [1e-4]", tmp_path / "out"))
+    skip = load_config(path)
+    assert sweep_config(skip, "mlp").l2_skip_grid == (1e-4,) and sweep_config(skip, "linear").l2s_skip is None
+    # The linear probe ignores the MLP's architecture: changing it must not rerun linear probes.
+    assert sweep_settings(linear) == sweep_settings(sweep_config(skip, "linear")) | {"ftol": 1e-6}
+    assert sweep_settings(mlp) != sweep_settings(sweep_config(skip, "mlp"))
