@@ -21,6 +21,32 @@ def _data(x, y):
     return train.Data(*(jnp.asarray(a) for a in (x["train"], y["train"], x["val"], y["val"], x["test"])))
 
 
+def _forward(p, a):
+    """The probe by its parameters: linear ("w"), MLP ("w1", "w2"), plus the skip weight ("w0")."""
+    if "w" in p:
+        return a @ p["w"].T + p["b"]
+    skip = a @ p["w0"].T if "w0" in p else 0.0
+    return jax.nn.relu(a @ p["w1"].T + p["b1"]) @ p["w2"].T + p["b2"] + skip
+
+
+def _objective(p, x, y, l2, l2_skip):
+    ce = optax.softmax_cross_entropy_with_integer_labels(_forward(p, x), y).mean()
+    penalty = l2 * sum(jnp.sum(p[k] ** 2) for k in ("w", "w1", "w2") if k in p)
+    return ce + 0.5 * (penalty + (l2_skip * jnp.sum(p["w0"] ** 2) if "w0" in p else 0.0))
+
+
+_REFERENCE_SOLVER = optax.lbfgs(memory_size=10, linesearch=optax.scale_by_zoom_linesearch(
+    max_linesearch_steps=30, initial_guess_strategy="one"))
+
+
+@jax.jit
+def _reference_step(p, state, value, grad, x, y, l2, l2_skip):
+    # Data and penalties are arguments, not closure constants: lanes of one shape share one executable.
+    updates, state = _REFERENCE_SOLVER.update(grad, state, p, value=value, grad=grad,
+                                              value_fn=lambda q: _objective(q, x, y, l2, l2_skip))
+    return optax.apply_updates(p, updates), state
+
+
 def reference_lbfgs(key, l2, hidden, x, y, recipe, l2_skip=None):
     """One probe the plain way: an unbatched Python loop over ``optax.lbfgs`` steps (no vmap, no
     scan), the MLP at its own width (``recipe.skip``: plus the linear skip weight W0, penalised
@@ -35,33 +61,14 @@ def reference_lbfgs(key, l2, hidden, x, y, recipe, l2_skip=None):
     if hidden:
         init = {"w1": init["w1"][:hidden], "b1": init["b1"][:hidden], "w2": init["w2"][:, :hidden], "b2": init["b2"],
                 **({"w0": init["w0"]} if recipe.skip else {})}
-
-    def forward(p, a):
-        if not hidden:
-            return a @ p["w"].T + p["b"]
-        skip = a @ p["w0"].T if "w0" in p else 0.0
-        return jax.nn.relu(a @ p["w1"].T + p["b1"]) @ p["w2"].T + p["b2"] + skip
-
-    def fun(p):
-        ce = optax.softmax_cross_entropy_with_integer_labels(forward(p, x["train"]), y["train"]).mean()
-        penalty = l2 * sum(jnp.sum(p[k] ** 2) for k in ("w", "w1", "w2") if k in p)
-        return ce + 0.5 * (penalty + (l2_skip * jnp.sum(p["w0"] ** 2) if "w0" in p else 0.0))
-
-    solver = optax.lbfgs(memory_size=10, linesearch=optax.scale_by_zoom_linesearch(
-        max_linesearch_steps=30, initial_guess_strategy="one"))
-
-    @jax.jit
-    def step(p, state, value, grad):
-        updates, state = solver.update(grad, state, p, value=value, grad=grad, value_fn=fun)
-        return optax.apply_updates(p, updates), state
-
-    params, state = init, solver.init(init)
-    value, grad = jax.value_and_grad(fun)(params)
+    data = (jnp.asarray(x["train"]), jnp.asarray(y["train"]), jnp.float32(l2), jnp.float32(l2_skip or 0.0))
+    params, state = init, _REFERENCE_SOLVER.init(init)
+    value, grad = jax.value_and_grad(_objective)(params, *data)
     iterations = 0
     for _ in range(recipe.max_iter):
         if max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grad)) <= recipe.gtol:
             break
-        new, new_state = step(params, state, value, grad)
+        new, new_state = _reference_step(params, state, value, grad, *data)
         new_value, new_grad = optax.tree.get(new_state, "value"), optax.tree.get(new_state, "grad")
         if not (np.isfinite(float(new_value)) and all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(new))):
             break
@@ -70,7 +77,7 @@ def reference_lbfgs(key, l2, hidden, x, y, recipe, l2_skip=None):
         iterations += 1
         if recipe.ftol > 0 and stalled:
             break
-    return np.asarray(jax.nn.softmax(forward(params, x["test"]))), iterations
+    return np.asarray(jax.nn.softmax(_forward(params, x["test"]))), iterations
 
 
 @pytest.fixture(scope="module")
