@@ -14,6 +14,7 @@ import pytest
 
 from cxrfair.probe import train
 from cxrfair.probe.sweep import LBFGS_COPIES, SweepConfig, feature_stats, lane_bytes, output_bytes, run_sweep, select_config
+from tests.probe.lbfgs_reference import plain_lbfgs
 from tests.probe.synth import clusters, embedding_like
 
 
@@ -35,18 +36,6 @@ def _objective(p, x, y, l2, l2_skip):
     return ce + 0.5 * (penalty + (l2_skip * jnp.sum(p["w0"] ** 2) if "w0" in p else 0.0))
 
 
-_REFERENCE_SOLVER = optax.lbfgs(memory_size=10, linesearch=optax.scale_by_zoom_linesearch(
-    max_linesearch_steps=30, initial_guess_strategy="one"))
-
-
-@jax.jit
-def _reference_step(p, state, value, grad, x, y, l2, l2_skip):
-    # Data and penalties are arguments, not closure constants: lanes of one shape share one executable.
-    updates, state = _REFERENCE_SOLVER.update(grad, state, p, value=value, grad=grad,
-                                              value_fn=lambda q: _objective(q, x, y, l2, l2_skip))
-    return optax.apply_updates(p, updates), state
-
-
 def reference_lbfgs(key, l2, hidden, x, y, recipe, l2_skip=None):
     """One probe the plain way: an unbatched Python loop over ``optax.lbfgs`` steps (no vmap, no
     scan), the MLP at its own width (``recipe.skip``: plus the linear skip weight W0, penalised
@@ -62,21 +51,7 @@ def reference_lbfgs(key, l2, hidden, x, y, recipe, l2_skip=None):
         init = {"w1": init["w1"][:hidden], "b1": init["b1"][:hidden], "w2": init["w2"][:, :hidden], "b2": init["b2"],
                 **({"w0": init["w0"]} if recipe.skip else {})}
     data = (jnp.asarray(x["train"]), jnp.asarray(y["train"]), jnp.float32(l2), jnp.float32(l2_skip or 0.0))
-    params, state = init, _REFERENCE_SOLVER.init(init)
-    value, grad = jax.value_and_grad(_objective)(params, *data)
-    iterations = 0
-    for _ in range(recipe.max_iter):
-        if max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grad)) <= recipe.gtol:
-            break
-        new, new_state = _reference_step(params, state, value, grad, *data)
-        new_value, new_grad = optax.tree.get(new_state, "value"), optax.tree.get(new_state, "grad")
-        if not (np.isfinite(float(new_value)) and all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(new))):
-            break
-        stalled = float(value) - float(new_value) <= recipe.ftol * max(abs(float(value)), abs(float(new_value)), 1.0)
-        params, state, value, grad = new, new_state, new_value, new_grad
-        iterations += 1
-        if recipe.ftol > 0 and stalled:
-            break
+    params, iterations = plain_lbfgs(_objective, init, data, recipe)
     return np.asarray(jax.nn.softmax(_forward(params, x["test"]))), iterations
 
 

@@ -17,6 +17,7 @@ from cxrfair.analysis.runs import read_runs
 from cxrfair.errors import CxrfairError
 from cxrfair.probe import train
 from cxrfair.probe.sweep import SweepConfig, feature_stats, probe_cache, run_sweep
+from tests.probe.lbfgs_reference import plain_lbfgs
 from tests.probe.synth import ML_ATTRIBUTES, make_cache, make_multilabel_cache, multilabel_features
 
 B1, B2, EPS = 0.9, 0.999, 1e-8
@@ -144,34 +145,12 @@ def _reference_objective(p, x, t, m, l2):
     return per.mean() + 0.5 * l2 * jnp.sum(p["w"] ** 2)
 
 
-_REFERENCE_SOLVER = optax.lbfgs(memory_size=10, linesearch=optax.scale_by_zoom_linesearch(
-    max_linesearch_steps=30, initial_guess_strategy="one"))
-
-
-@jax.jit
-def _reference_step(p, state, value, grad, x, t, m, l2):
-    # Data and penalty are arguments, not closure constants, so every lane reuses one executable.
-    return _REFERENCE_SOLVER.update(grad, state, p, value=value, grad=grad,
-                                    value_fn=lambda q: _reference_objective(q, x, t, m, l2))
-
-
 def reference_lbfgs(key, l2, x, y, recipe):
-    """One linear multi-label probe: an unbatched Python loop over ``optax.lbfgs`` steps with the
-    library's stopping rule; returns (test probabilities, iterations)."""
+    """One linear multi-label probe by the plain L-BFGS loop; returns (test probabilities, iterations)."""
     init = train.init_params(jax.random.split(key)[0], x["train"].shape[1], recipe, jnp.int32(0))
     m = jnp.isfinite(y["train"]).astype(jnp.float32)
     t = jnp.where(m > 0, y["train"], 0.0)
-    data = (jnp.asarray(x["train"]), t, m, jnp.float32(l2))
-    params, state = init, _REFERENCE_SOLVER.init(init)
-    value, grad = jax.value_and_grad(_reference_objective)(params, *data)
-    iterations = 0
-    for _ in range(recipe.max_iter):
-        if max(float(jnp.max(jnp.abs(a))) for a in jax.tree.leaves(grad)) <= recipe.gtol:
-            break
-        updates, state = _reference_step(params, state, value, grad, *data)
-        params = optax.apply_updates(params, updates)
-        value, grad = optax.tree.get(state, "value"), optax.tree.get(state, "grad")
-        iterations += 1
+    params, iterations = plain_lbfgs(_reference_objective, init, (jnp.asarray(x["train"]), t, m, jnp.float32(l2)), recipe)
     return np.asarray(jax.nn.sigmoid(x["test"] @ params["w"].T + params["b"])), iterations
 
 
