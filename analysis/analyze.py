@@ -31,10 +31,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxrfair.analysis import metrics as M
-from cxrfair.analysis import multilabel as ML
-from cxrfair.analysis.bootstrap import interval, merge_small_strata, patient_counts
-from cxrfair.analysis.runs import METHODS, Run, label_columns, parse_run_id, read_runs, run_attributes, targets_and_probs
+from cxrfair.core import metrics as M
+from cxrfair.core import multilabel as ML
+from cxrfair.core.bootstrap import interval, merge_small_strata, patient_counts
+from cxrfair.core.runs import METHODS, Run, label_columns, parse_run_id, read_runs, run_attributes, targets_and_probs
 from cxrfair.errors import CxrfairError
 
 # A 95% percentile interval from a few dozen replicates rests on the one or two most extreme of

@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from cxrfair.analysis.runs import METHODS  # noqa: E402
+from cxrfair.core.runs import METHODS  # noqa: E402
 
 # One colour and hatch per method, stable across figures.
 METHOD_COLORS = dict(zip(METHODS, ["#bbbbbb", "#56b4e9", "#009e73", "#e69f00", "#d55e00"]))

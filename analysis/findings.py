@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from cxrfair.analysis.runs import METHODS
+from cxrfair.core.runs import METHODS
 
 METHOD_LABELS = {"zeroshot": "zero-shot", "linear": "linear probe", "mlp": "MLP probe", "lora": "LoRA",
                  "full": "full fine-tuning"}

@@ -27,8 +27,8 @@ import numpy as np
 import pandas as pd
 
 from cxrfair.analysis.analyze import _average, _nanmean0, _replicate_matrix, base_tag, tag_of
-from cxrfair.analysis.bootstrap import interval
-from cxrfair.analysis.runs import FINETUNE_METHODS, RunKey, parse_run_id
+from cxrfair.core.bootstrap import interval
+from cxrfair.core.runs import FINETUNE_METHODS, RunKey, parse_run_id
 
 # What mitigation.csv reports, per task: utility on the whole split, then the gaps of the
 # run's sensitive attribute (metric names of metrics.GROUP_METRICS / multilabel.GROUP_SPECS).
@@ -352,7 +352,7 @@ def _loss_and_utility(y: np.ndarray, p: np.ndarray, task: str):
     """(mean validation loss, utility(rows) -> float) of ``Run.arrays`` output: multi-class cross-entropy
     and accuracy; multi-label masked binary cross-entropy (per row over its observed conditions) and macro AUC."""
     if task == "multilabel":
-        from cxrfair.analysis.multilabel import auc_macro
+        from cxrfair.core.multilabel import auc_macro
 
         q, t = np.clip(p, 1e-12, 1 - 1e-12), np.nan_to_num(y)
         cell = np.where(np.isnan(y), np.nan, -(t * np.log(q) + (1 - t) * np.log(1 - q)))

@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from cxrfair.analysis.mitigation import STRENGTH_TAG  # noqa: E402
-from cxrfair.analysis.runs import MITIGATIONS  # noqa: E402
+from cxrfair.core.runs import MITIGATIONS  # noqa: E402
 
 # Marker, grey face and line style per mitigation (ERM drawn apart), stable across panels.
 _STYLES = dict(zip([m for m in MITIGATIONS if m != "erm"],

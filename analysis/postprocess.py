@@ -53,9 +53,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cxrfair.analysis import metrics as M
-from cxrfair.analysis import multilabel as ML
-from cxrfair.analysis import runs as R
+from cxrfair.core import metrics as M
+from cxrfair.core import multilabel as ML
+from cxrfair.core import runs as R
 from cxrfair.errors import CxrfairError
 
 CONSTRAINTS = ("equalized_odds", "tpr", "fpr")

@@ -33,8 +33,8 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from cxrfair.analysis.metrics import GROUP_METRICS
-from cxrfair.analysis.runs import METHODS
+from cxrfair.core.metrics import GROUP_METRICS
+from cxrfair.core.runs import METHODS
 from cxrfair.io import write_json_atomic
 
 GAP_COLUMNS = [s.name for s in GROUP_METRICS]
@@ -117,7 +117,7 @@ class ReportData:
     @cached_property
     def primary_runs(self) -> list:
         """The runs tables and figures show (``primary`` in runs.csv); [] if they cannot be read."""
-        from cxrfair.analysis.runs import read_run
+        from cxrfair.core.runs import read_run
 
         prim = set(self.results.runs.loc[self.results.runs["primary"], "run_id"])
         if self._runs is not None:

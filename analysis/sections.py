@@ -227,7 +227,7 @@ def thresholds(data: ReportData) -> Section | None:
     t = table_thresholds(th, primary)
     if t.empty:
         return None
-    from cxrfair.analysis.multilabel import THRESHOLD_RULE
+    from cxrfair.core.multilabel import THRESHOLD_RULE
 
     prose = (f"The threshold metrics (F1, TPR, FPR, FNR, equalized odds, FNR gap) use, {THRESHOLD_RULE}. "
              "A post-processed run uses its own recorded thresholds. All thresholds are in `thresholds.csv`.",)

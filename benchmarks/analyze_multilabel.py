@@ -31,9 +31,9 @@ from sklearn.metrics import roc_auc_score
 sys.path.insert(0, str(Path(__file__).parent))
 from multilabel import CONDITIONS, synthetic  # noqa: E402  (the same synthetic MIMIC-like data)
 
-from cxrfair.analysis import multilabel as ML  # noqa: E402
+from cxrfair.core import multilabel as ML  # noqa: E402
 from cxrfair.analysis.analyze import AnalyzeConfig, compute, shortcut_metrics, shortcut_subsets  # noqa: E402
-from cxrfair.analysis.runs import Run, make_predictions, parse_run_id  # noqa: E402
+from cxrfair.core.runs import Run, make_predictions, parse_run_id  # noqa: E402
 
 ATTRIBUTES = {"sex": {"groups": ["M", "F"], "reference": "M"},
               "age_group": {"groups": ["18-25", "25-50", "50-65", "65-80", "80+"], "reference": "50-65"},

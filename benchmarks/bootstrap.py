@@ -19,10 +19,10 @@ import warnings
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, roc_auc_score
 
-from cxrfair.analysis import metrics as M
+from cxrfair.core import metrics as M
 from cxrfair.analysis.analyze import AnalyzeConfig, compute
-from cxrfair.analysis.bootstrap import interval, resample_counts, stratified_indices
-from cxrfair.analysis.runs import Run, make_predictions
+from cxrfair.core.bootstrap import interval, resample_counts, stratified_indices
+from cxrfair.core.runs import Run, make_predictions
 
 CLASSES = ["Cardiomegaly", "Effusion", "Atelectasis", "Pneumothorax", "Edema", "Consolidation"]
 LEVELS = {"sex": ["M", "F"], "age_group": ["young", "old"]}

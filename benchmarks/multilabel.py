@@ -24,8 +24,8 @@ import warnings
 import numpy as np
 from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score
 
-from cxrfair.analysis import multilabel as ML
-from cxrfair.analysis.bootstrap import resample_counts, stratified_indices
+from cxrfair.core import multilabel as ML
+from cxrfair.core.bootstrap import resample_counts, stratified_indices
 
 CONDITIONS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Pleural Effusion", "Pneumonia", "Pneumothorax"]
 PREVALENCE = [0.12, 0.10, 0.05, 0.22, 0.08, 0.04]

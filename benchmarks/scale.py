@@ -159,7 +159,7 @@ def prepare(stage: str, n: int, work: Path, args) -> dict:
 
 
 def write_runs(folder: Path, n: int, multilabel: bool) -> None:
-    from cxrfair.analysis.runs import write_run
+    from cxrfair.core.runs import write_run
 
     for run in (multilabel_runs if multilabel else multiclass_runs)(round(n / 7.5)):
         write_run(folder, {**RUN_META, **run.meta}, run.predictions)
@@ -176,7 +176,7 @@ def multilabel_runs(n_test: int):
 
 def multiclass_runs(n_test: int):
     """2 multi-class linear-probe seeds on one test set (and a validation split N_test / 2)."""
-    from cxrfair.analysis.runs import Run, make_predictions
+    from cxrfair.core.runs import Run, make_predictions
 
     table = cohort_table(round(n_test * 7.5))
     rows = table[table["split"] != "train"].reset_index(drop=True)

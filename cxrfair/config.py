@@ -28,7 +28,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-# The methods `cxrfair run` can schedule (each a method of cxrfair.analysis.runs.RunKey).
+# The methods `cxrfair run` can schedule (each a method of cxrfair.core.runs.RunKey).
 METHODS = ("zeroshot", "linear", "mlp", "lora", "full")
 
 

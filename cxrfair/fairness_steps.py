@@ -134,7 +134,7 @@ def _postprocess_steps(config, p, entry: PostprocessSettings, where: str, attrib
 
 
 def _postprocess_step(config, p, entry, model: str, method: str, source: Step, names: set, where: str) -> Step:
-    from cxrfair.analysis.runs import RunKey, safe_name
+    from cxrfair.core.runs import RunKey, safe_name
     from cxrfair.publish import Family
 
     name = _unique(f"{method}+thresholds-{entry.sensitive}-{model}", names, where)
@@ -174,8 +174,8 @@ def _mitigation_steps(config, p, entry: MitigationSettings, where: str, attribut
 
 
 def _check_mitigation(entry: MitigationSettings, method: str, where: str) -> None:
-    """The entry's values against docs/CONTRACTS.md "Mitigations" (names from analysis.runs)."""
-    from cxrfair.analysis.runs import MITIGATIONS
+    """The entry's values against docs/CONTRACTS.md "Mitigations" (names from core.runs)."""
+    from cxrfair.core.runs import MITIGATIONS
 
     m, s = entry.mitigation, entry.strengths
     trained = [x for x in MITIGATIONS if x not in ("erm", "thresholds")]
@@ -274,7 +274,7 @@ def _finetune_mitigation(config, p, entry, model, method, name, producers) -> St
 
 def _erm_lr(runs: Path, model: str, method: str) -> float:
     """The learning rate the ERM family chose on validation (its ``best`` seed-0 run)."""
-    from cxrfair.analysis.runs import RunKey, safe_name
+    from cxrfair.core.runs import RunKey, safe_name
 
     meta = runs / RunKey(safe_name(model), method, "best", 0).run_id / "run.json"
     try:
@@ -324,7 +324,7 @@ def call_cli(args: list) -> None:
 
 
 def _mitigated_family(model: str, method: str, entry: MitigationSettings):
-    from cxrfair.analysis.runs import RunKey, safe_name
+    from cxrfair.core.runs import RunKey, safe_name
     from cxrfair.publish import Family
 
     return Family.of([RunKey(safe_name(model), method, "best", 0, mitigation=entry.mitigation, sensitive=entry.sensitive)])

@@ -66,7 +66,7 @@ def _stage_config(section: str, build: Callable[[], T], renames: dict | None = N
 
 def _family(model: str, method: str) -> Family:
     """The run folders (and sweep file) of ``model`` x ``method`` in the runs folder."""
-    from cxrfair.analysis.runs import RunKey, safe_name
+    from cxrfair.core.runs import RunKey, safe_name
 
     return Family.of([RunKey(safe_name(model), method, "best", 0)])
 
@@ -358,7 +358,7 @@ def _select_lr(candidates: dict) -> float:
 
 def _copy_run(cfg, runs: Path, extra: dict) -> Path:
     """The selected candidate's seed-0 run, renamed to the ``best`` tag (predictions + run.json)."""
-    from cxrfair.analysis.runs import read_run, write_run
+    from cxrfair.core.runs import read_run, write_run
 
     run = read_run(cfg.out / cfg.run_id)
     meta = dict(run.meta) | {"run_id": dataclasses.replace(cfg, tag="best").run_id} | extra

@@ -51,7 +51,7 @@ class Family:
 
     def owns(self, entry: Path) -> bool:
         """True if ``entry`` (in a runs or staging folder) is one of this family's runs or sweep files."""
-        from cxrfair.analysis.runs import parse_run_id
+        from cxrfair.core.runs import parse_run_id
 
         if entry.name.startswith("."):
             return False

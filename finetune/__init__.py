@@ -3,7 +3,7 @@
 Public surface:
 - ``FinetuneConfig`` (``config``): every option of a run, validated once.
 - ``finetune(config) -> RunResult`` (``train``): train, pick the lowest-validation-loss epoch,
-  write the run (``analysis.runs`` format) and the weights (peft adapter or safetensors). Under
+  write the run (``core.runs`` format) and the weights (peft adapter or safetensors). Under
   ``torchrun`` every process calls it and they train one run with DDP (``distributed``).
 - ``load_finetuned(run_dir)`` (``model``, also importable from ``train``): rebuild a finished run's classifier.
 - ``plan_epoch`` (``sampler``): the batch order and each process's share of every batch.

@@ -16,7 +16,7 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "bf16", "fp32")
 CACHE_MODES = ("auto", "memory", "file")
 
-# Mitigations fine-tuning trains with (names and meanings: analysis.runs.MITIGATIONS, CONTRACTS
+# Mitigations fine-tuning trains with (names and meanings: core.runs.MITIGATIONS, CONTRACTS
 # "Mitigations"): (lowest, highest, lowest allowed?, default strength).
 STRENGTHS = {
     "reweight": (0.0, 1.0, True, 1.0),  # exponent s of w ∝ n_cell^-s; 1: every cell counts equally
@@ -97,7 +97,7 @@ class FinetuneConfig:
 
     @property
     def run_id(self) -> str:
-        from cxrfair.analysis.runs import RunKey, safe_name
+        from cxrfair.core.runs import RunKey, safe_name
 
         return RunKey(safe_name(self.model), self.method, self.tag, self.seed, self.mitigation, self.sensitive).run_id
 

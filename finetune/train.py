@@ -497,7 +497,7 @@ def prepare(config: FinetuneConfig, d: Dist = Dist()) -> Setup:
 
     Checks that touch files run on rank 0; their errors reach every process.
     """
-    from cxrfair.analysis.runs import check_runs_folder
+    from cxrfair.core.runs import check_runs_folder
     from cxrfair.extract.cohort import load_cohort
     from cxrfair.extract.registry import get_spec, load_model
 
@@ -678,7 +678,7 @@ def write_outputs(config: FinetuneConfig, cohort, model: nn.Module, meta: dict, 
     The weights are written first into a hidden folder and moved into the finished run folder by
     one rename, so the run folder never holds a half-written adapter.
     """
-    from cxrfair.analysis.runs import make_predictions, write_run
+    from cxrfair.core.runs import make_predictions, write_run
 
     predictions = make_predictions(cohort.table.iloc[eval_idx], probs, cohort.classes, task=cohort.task,
                                    attributes=cohort.attributes)

@@ -68,7 +68,7 @@ def standardize(x: dict) -> dict:
 def leakage_auc(y, probs, *, weights=None) -> np.ndarray:
     """Test ROC-AUC of a group probe: the second group's score for two groups (scikit-learn's
     binary convention), the one-vs-rest macro mean for more. Returns (...) for weights (..., N)."""
-    from cxrfair.analysis.metrics import auc_macro, roc_auc
+    from cxrfair.core.metrics import auc_macro, roc_auc
 
     probs = np.asarray(probs, dtype=np.float64)
     if probs.shape[1] == 2:

@@ -265,7 +265,7 @@ def patient_counts(patients, strata, n_boot: int, rng: np.random.Generator) -> n
     Patients are redrawn with replacement within their stratum (their first image's); each image
     counts as often as its patient was drawn. The one place the embedding analyses resample.
     """
-    from cxrfair.analysis.bootstrap import resample_counts, stratified_indices
+    from cxrfair.core.bootstrap import resample_counts, stratified_indices
 
     code, first = _patient_codes(patients)
     per_patient = resample_counts(stratified_indices(np.asarray(strata)[first], n_boot, rng), len(first))  # (R, P)

@@ -249,7 +249,7 @@ def centroid_differences(x: np.ndarray, attr: Attribute, counts: np.ndarray) -> 
         x: (N, D) features. counts: (R, N) bootstrap counts (rows of a missing group get 0 weight
             through the masks).
     """
-    from cxrfair.analysis.bootstrap import interval
+    from cxrfair.core.bootstrap import interval
 
     ref = attr.codes == 0
     out = []
@@ -301,7 +301,7 @@ def modality_gap(x: np.ndarray, text: dict, subsets: list) -> pd.DataFrame:
         text: prompt set -> (..., D) class text embeddings.
         subsets: [(attribute, group, mask (N,) bool, counts (R, mask.sum()))]; ("", "") = all images.
     """
-    from cxrfair.analysis.bootstrap import interval
+    from cxrfair.core.bootstrap import interval
 
     img = _unit(np.asarray(x, np.float64))
     rows = []

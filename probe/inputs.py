@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxrfair.analysis.runs import safe_name  # noqa: F401  (re-exported; the run-id owner defines it)
+from cxrfair.core.runs import safe_name  # noqa: F401  (re-exported; the run-id owner defines it)
 from cxrfair.errors import CxrfairError
 
 SPLITS = ("train", "val", "test")
@@ -63,7 +63,7 @@ class ProbeInputs:
 
     def predictions(self, probs: np.ndarray):
         """The predictions table of the val + test ``rows`` for (N, C) ``probs``."""
-        from cxrfair.analysis.runs import make_predictions
+        from cxrfair.core.runs import make_predictions
 
         return make_predictions(self.rows, probs, self.classes, task=self.task, attributes=self.attributes)
 

@@ -274,7 +274,7 @@ def _evaluate(ctx: _Context, condition: str, test_rows: np.ndarray) -> tuple[lis
 
 def _row(ctx: _Context, condition: str, probe: str, auc: float, reps: np.ndarray, chance: list, n_test: int,
          selected: str) -> dict:
-    from cxrfair.analysis.bootstrap import interval
+    from cxrfair.core.bootstrap import interval
 
     lo, hi = interval(reps)
     if chance:

@@ -522,7 +522,7 @@ def _val_auc(probs: np.ndarray, y_val: np.ndarray) -> dict:
     """Multi-label sweep rows also get the masked validation macro AUC; multi-class rows nothing."""
     if np.ndim(y_val) != 2:
         return {}
-    from cxrfair.analysis.multilabel import auc_macro
+    from cxrfair.core.multilabel import auc_macro
 
     return {"val_auc_macro": float(auc_macro(np.asarray(y_val, np.float64), probs))}
 
@@ -570,8 +570,8 @@ def probe_cache(cache_path: Path | str, out: Path | str, cfg: SweepConfig, force
     Returns:
         The run folders written.
     """
-    from cxrfair.analysis.runs import RunKey, safe_name
-    from cxrfair.analysis.runs import check_runs_folder
+    from cxrfair.core.runs import RunKey, safe_name
+    from cxrfair.core.runs import check_runs_folder
     from cxrfair.probe.inputs import load_inputs
 
     from cxrfair.probe.inputs import group_codes
@@ -616,7 +616,7 @@ def write_table(out, result: SweepResult, run_id: str) -> None:
 
 def write_runs(out, inputs, cfg: SweepConfig, result: SweepResult, run_ids: list[str], k: int, force: bool) -> list[Path]:
     """Write configuration ``k``'s runs, one per seed."""
-    from cxrfair.analysis.runs import write_run
+    from cxrfair.core.runs import write_run
     from cxrfair.probe.train import count_params
 
     best = result.configs[k]
@@ -685,7 +685,7 @@ def _notes(cfg: SweepConfig, result: SweepResult, run_id: str, multilabel: bool 
 
 
 def _sweep_name(run_id: str) -> str:
-    from cxrfair.analysis.runs import parse_run_id
+    from cxrfair.core.runs import parse_run_id
 
     return parse_run_id(run_id).sweep_file
 

@@ -245,7 +245,7 @@ def score_pair_sets(probs: dict, y_val: np.ndarray, text: dict) -> list[SetScore
         y_val: (Nv, C) targets in {1, 0, NaN} (NaN left out of that condition's AUC).
         text: set -> (draws, C, 2, D) text embeddings (to detect identical draws).
     """
-    from cxrfair.analysis.multilabel import auc_macro
+    from cxrfair.core.multilabel import auc_macro
 
     scores = [SetScores(name, {"auc_macro": [float(auc_macro(y_val, d)) for d in p]}, _identical(text[name]))
               for name, p in probs.items()]
@@ -263,8 +263,8 @@ def zeroshot_cache(cache_path: Path | str, out: Path | str, all_sets: bool = Fal
         The run folders written.
     """
     from cxrfair.errors import CxrfairError
-    from cxrfair.analysis.runs import RunKey, safe_name
-    from cxrfair.analysis.runs import check_runs_folder
+    from cxrfair.core.runs import RunKey, safe_name
+    from cxrfair.core.runs import check_runs_folder
     from cxrfair.probe.inputs import load_inputs
 
     t0 = time.perf_counter()
@@ -312,7 +312,7 @@ def _both_hyper(fitted: dict) -> dict:
 
 def _write(out, inputs, s: SetScores, draw: int, run_id: str, probs: np.ndarray, scores: list, elapsed: float,
            force: bool, term: str, hyper: dict) -> Path:
-    from cxrfair.analysis.runs import write_run
+    from cxrfair.core.runs import write_run
 
     how = ("GLoRIA's scoring: (global + local) / 2 per prompt, max over a class's prompts, z-scored per class "
            "with validation statistics, softmax(scale * z) with scale fitted on validation NLL"

@@ -24,7 +24,7 @@ def wheel(tmp_path_factory) -> Path:
 def test_wheel_maps_the_stage_folders_into_one_package(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     for module in ["cxrfair/cli.py", "cxrfair/extract/cohort.py", "cxrfair/extract/models/openclip.py",
-                   "cxrfair/probe/train.py", "cxrfair/finetune/train.py", "cxrfair/analysis/metrics.py",
+                   "cxrfair/probe/train.py", "cxrfair/finetune/train.py", "cxrfair/core/metrics.py",
                    "cxrfair/extract/data/Data_Entry_2017_v2020.csv.gz", "cxrfair/extract/data/prompts.json"]:
         assert module in names
     assert not any(n.startswith(("analysis/", "probe/", "extract/", "tests/")) for n in names)

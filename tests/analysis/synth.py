@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from cxrfair.analysis.runs import make_predictions, write_run
+from cxrfair.core.runs import make_predictions, write_run
 
 CLASSES = ["Atelectasis", "Effusion", "Infiltration", "No Finding"]
 

@@ -15,11 +15,11 @@ import pytest
 from click.testing import CliRunner
 from sklearn.metrics import f1_score
 
-from cxrfair.analysis import metrics as M
-from cxrfair.analysis import multilabel as ML
+from cxrfair.core import metrics as M
+from cxrfair.core import multilabel as ML
 from cxrfair.analysis.analyze import AnalyzeConfig, check_runs, compute, in_blocks, tag_of
-from cxrfair.analysis.bootstrap import patient_counts
-from cxrfair.analysis.runs import Run, make_predictions, read_runs, write_run
+from cxrfair.core.bootstrap import patient_counts
+from cxrfair.core.runs import Run, make_predictions, read_runs, write_run
 from cxrfair.cli import main
 from cxrfair.errors import CxrfairError
 

@@ -9,8 +9,8 @@ from sklearn.calibration import calibration_curve
 from sklearn.metrics import auc, roc_curve
 
 from cxrfair.analysis import curves as C
-from cxrfair.analysis.metrics import ece, roc_auc
-from cxrfair.analysis.runs import Run, make_predictions
+from cxrfair.core.metrics import ece, roc_auc
+from cxrfair.core.runs import Run, make_predictions
 
 from .synth import CLASSES, cohort_rows, probs_for
 

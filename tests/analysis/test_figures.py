@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 
 from cxrfair.analysis import figures as FG  # noqa: E402
 from cxrfair.analysis.curves import reliability_table, roc_table  # noqa: E402
-from cxrfair.analysis.runs import Run, make_predictions  # noqa: E402
+from cxrfair.core.runs import Run, make_predictions  # noqa: E402
 
 from .synth import CLASSES, cohort_rows, probs_for  # noqa: E402
 

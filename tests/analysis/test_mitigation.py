@@ -18,9 +18,9 @@ from click.testing import CliRunner
 
 from cxrfair.analysis import mitigation as MIT
 from cxrfair.analysis.analyze import AnalyzeConfig, analyze, compute
-from cxrfair.analysis.bootstrap import merge_small_strata, patient_counts
+from cxrfair.core.bootstrap import merge_small_strata, patient_counts
 from cxrfair.analysis.mitigation_figures import DELTA_CAPTION, TRADEOFF_CAPTION, delta_table, tradeoff_png
-from cxrfair.analysis.runs import RunKey, make_predictions, read_runs, write_run
+from cxrfair.core.runs import RunKey, make_predictions, read_runs, write_run
 from cxrfair.cli import main
 from cxrfair.errors import CxrfairError
 
@@ -343,7 +343,7 @@ def test_a_sweeps_st0_is_preferred_to_its_best_run_that_chose_strength_zero(tmp_
 
 
 def test_solver_and_erm_likeness_from_run_json():
-    from cxrfair.analysis.runs import Run
+    from cxrfair.core.runs import Run
 
     def ev(run_id, **meta):
         return type("E", (), {"run": Run({"run_id": run_id, "method": run_id.split("__")[1].split("+")[0], **meta},

@@ -17,10 +17,10 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from cxrfair.analysis import metrics as M
-from cxrfair.analysis import multilabel as ML
+from cxrfair.core import metrics as M
+from cxrfair.core import multilabel as ML
 from cxrfair.analysis import postprocess as PP
-from cxrfair.analysis import runs as R
+from cxrfair.core import runs as R
 from cxrfair.cli import main
 from cxrfair.errors import CxrfairError
 

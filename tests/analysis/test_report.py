@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from cxrfair.analysis.analyze import METRIC_COLUMNS, AnalyzeConfig, analyze, compute
 from cxrfair.analysis.report import fmt
-from cxrfair.analysis.runs import read_runs
+from cxrfair.core.runs import read_runs
 from cxrfair.cli import main
 
 from .synth import CLASSES, write_runs
@@ -153,7 +153,7 @@ def test_cli_no_runs_and_bad_probabilities(tmp_path):
 
 
 def _run(run_id, method="zeroshot", seed=0, **meta):
-    from cxrfair.analysis.runs import Run
+    from cxrfair.core.runs import Run
 
     return Run({"run_id": run_id, "model": "m", "method": method, "seed": seed, **meta}, None, None)
 
@@ -168,7 +168,7 @@ def test_tags_group_seeds_and_zero_shot_draws():
 
 def test_primary_tag_prefers_the_probes_choice_then_val_accuracy(tmp_path):
     from .synth import cohort_rows, meta_for, probs_for
-    from cxrfair.analysis.runs import make_predictions, write_run
+    from cxrfair.core.runs import make_predictions, write_run
 
     rows = cohort_rows(16)
     for tag, skill, chosen in (("clip", 3.0, False), ("gloria", 0.0, True)):
@@ -188,7 +188,7 @@ def test_primary_tag_prefers_the_probes_choice_then_val_accuracy(tmp_path):
 def test_paired_bootstrap_uses_the_same_resamples(tmp_path):
     """Two methods with identical predictions differ by exactly 0 in every replicate."""
     from .synth import cohort_rows, meta_for, probs_for
-    from cxrfair.analysis.runs import make_predictions, write_run
+    from cxrfair.core.runs import make_predictions, write_run
 
     rows = cohort_rows(24)
     preds = make_predictions(rows, probs_for(rows, skill=1.0), CLASSES)
@@ -322,7 +322,7 @@ def test_wide_tables_fold_their_extra_columns(report):
 
 def test_setup_names_each_models_zero_shot_scoring(tmp_path):
     from .synth import cohort_rows, meta_for, probs_for
-    from cxrfair.analysis.runs import make_predictions, write_run
+    from cxrfair.core.runs import make_predictions, write_run
 
     rows = cohort_rows(16)
     for model, term in (("gloria-ish", "both"), ("clip-ish", "global"), ("old", None)):

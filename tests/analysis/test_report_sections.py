@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from cxrfair.analysis import sections as S
 from cxrfair.analysis.analyze import AnalyzeConfig, compute
 from cxrfair.analysis.report import ReportData, build_sections, fmt, render_markdown
-from cxrfair.analysis.runs import read_runs
+from cxrfair.core.runs import read_runs
 from cxrfair.cli import main
 from cxrfair.errors import CxrfairError
 

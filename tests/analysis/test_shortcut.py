@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from sklearn.metrics import roc_auc_score
 
 from cxrfair.analysis.analyze import MIN_STRATUM_PATIENTS, SHORTCUT_COLUMNS, AnalyzeConfig, compute
-from cxrfair.analysis.bootstrap import merge_small_strata, patient_counts
-from cxrfair.analysis.runs import make_predictions, read_runs, write_run
+from cxrfair.core.bootstrap import merge_small_strata, patient_counts
+from cxrfair.core.runs import make_predictions, read_runs, write_run
 from cxrfair.cli import main
 from cxrfair.errors import CxrfairError
 

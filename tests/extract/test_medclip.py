@@ -242,7 +242,7 @@ def tiny_cohort(tmp_path_factory):
 
 def extract_and_zeroshot(model, cohort, tmp_path, monkeypatch):
     """Run the real extractor and zero-shot probe; return the cache and the runs written."""
-    from cxrfair.analysis.runs import read_runs
+    from cxrfair.core.runs import read_runs
     from cxrfair.extract import prompts
     from cxrfair.extract.cache import read_cache
     from cxrfair.extract.extractor import ExtractConfig, extract

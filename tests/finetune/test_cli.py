@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 from click.testing import CliRunner
 
-from cxrfair.analysis.runs import check_runs_folder, read_run
+from cxrfair.core.runs import check_runs_folder, read_run
 from cxrfair.cli import main
 from cxrfair.errors import CxrfairError
 from cxrfair.extract.cohort import load_cohort

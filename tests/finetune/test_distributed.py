@@ -25,7 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cxrfair.analysis.runs import read_run
+from cxrfair.core.runs import read_run
 from cxrfair.errors import CxrfairError
 from cxrfair.extract.cohort import load_cohort
 from cxrfair.extract.registry import load_model

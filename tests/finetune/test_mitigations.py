@@ -16,7 +16,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cxrfair.analysis.runs import read_run
+from cxrfair.core.runs import read_run
 from cxrfair.cli import main
 from cxrfair.extract.cohort import load_cohort
 from cxrfair.finetune import train as T

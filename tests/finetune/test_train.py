@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cxrfair.analysis.runs import read_run
+from cxrfair.core.runs import read_run
 from cxrfair.extract.cohort import load_cohort
 from cxrfair.extract.registry import load_model
 from cxrfair.finetune import train as T

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from cxrfair import fairness_steps
-from cxrfair.analysis.runs import RunKey, make_predictions, write_run
+from cxrfair.core.runs import RunKey, make_predictions, write_run
 from cxrfair.cli import main
 from cxrfair.config import config_from_dict, load_config
 from cxrfair.errors import CxrfairError

@@ -192,7 +192,7 @@ def test_edited_metadata_rebuilds_the_cohort(tmp_path):
 
 
 # ---------------------------------------------------------------- rerunning a finished experiment
-# The stages are replaced by fakes that write real run folders (through analysis.runs) in
+# The stages are replaced by fakes that write real run folders (through core.runs) in
 # milliseconds, so the pipeline's own logic (plan, staging, swap, cleanup) is what is tested;
 # test_changing_a_probe_value_on_a_real_experiment does the same with the real stages (slow).
 
@@ -217,7 +217,7 @@ def _fake_run(out: Path, key, hyperparameters: dict) -> Path:
     import numpy as np
     import pandas as pd
 
-    from cxrfair.analysis.runs import make_predictions, write_run
+    from cxrfair.core.runs import make_predictions, write_run
 
     rows = pd.DataFrame({"image_id": ["a", "b", "c", "d"], "patient_id": [1, 2, 3, 4], "split": ["val", "val", "test", "test"],
                          "label": CLASSES * 2, "sex": ["M", "F"] * 2, "age": [30, 70, 30, 70], "age_group": ["young", "old"] * 2})
@@ -231,7 +231,7 @@ def fake_stages(monkeypatch):
     """Every stage the pipeline calls, as a fake; returns what the fake analysis saw each time."""
     import importlib
 
-    from cxrfair.analysis.runs import RunKey, read_runs
+    from cxrfair.core.runs import RunKey, read_runs
 
     seen = []
 
@@ -297,7 +297,7 @@ def test_changing_a_probe_value_reruns_the_probes_and_analysis_and_replaces_thei
                                    "mlp-tiny-clip", "analyze"]
     runs = tmp_path / "exp" / "runs"
     # Entries this experiment does not own: a future mitigation's runs and sweep, a user's notes.
-    from cxrfair.analysis.runs import RunKey
+    from cxrfair.core.runs import RunKey
 
     _fake_run(runs, RunKey("tiny-clip", "linear", "best", 0, mitigation="groupdro", sensitive="sex"), {"epochs": 99})
     (runs / "tiny-clip__linear+groupdro-sex__sweep.csv").write_text("mine")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cxrfair.analysis.runs import RunKey
+from cxrfair.core.runs import RunKey
 from cxrfair.errors import CxrfairError
 from cxrfair.publish import JOURNAL, Family, finish_interrupted, open_staging, publish
 

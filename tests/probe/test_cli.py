@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from cxrfair.analysis.runs import read_runs
+from cxrfair.core.runs import read_runs
 from cxrfair.cli import main
 from cxrfair.extract.cache import read_cache
 from tests.probe.synth import make_cache

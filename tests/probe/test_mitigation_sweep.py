@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from cxrfair.analysis.runs import read_runs
+from cxrfair.core.runs import read_runs
 from cxrfair.cli import main
 from cxrfair.errors import CxrfairError
 from cxrfair.extract.cache import write_cache
@@ -85,8 +85,11 @@ def test_erm_is_bit_identical_to_before_mitigations(tmp_path, name, monkeypatch)
     assert sorted(keys) == sorted(out)
     for k in keys:
         if golden[k].dtype.kind == "f":
-            # Exact on the machine that wrote the record; 1e-6 leaves room for another CPU's float kernels.
-            np.testing.assert_allclose(out[k], golden[k], rtol=0, atol=1e-6, equal_nan=True)
+            # Exact on the machine that wrote the record. Another CPU's float32 kernels (vector width,
+            # FMA, XLA's fusion choices) change the last bits, and 20 L-BFGS line searches amplify
+            # them: 2.5e-6 was seen on a fresh CI machine. 1e-4 still fails for any change to the
+            # objective or the data path (a mitigation term leaking into ERM moves these by >1e-2).
+            np.testing.assert_allclose(out[k], golden[k], rtol=0, atol=1e-4, equal_nan=True)
         else:
             assert list(out[k]) == list(golden[k])
 

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from cxrfair.analysis.analyze import AnalyzeConfig, compute
-from cxrfair.analysis.runs import read_runs
+from cxrfair.core.runs import read_runs
 from cxrfair.extract.cache import read_cache
 from cxrfair.extract.cohort import CohortConfig, build_cohort
 from cxrfair.extract.extractor import ExtractConfig, extract

@@ -13,7 +13,7 @@ import optax
 import pandas as pd
 import pytest
 
-from cxrfair.analysis.runs import read_runs
+from cxrfair.core.runs import read_runs
 from cxrfair.errors import CxrfairError
 from cxrfair.probe import train
 from cxrfair.probe.sweep import SweepConfig, feature_stats, probe_cache, run_sweep

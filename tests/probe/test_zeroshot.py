@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from cxrfair.analysis.runs import read_runs
+from cxrfair.core.runs import read_runs
 from cxrfair.extract.cache import TextEmbeddings
 from cxrfair.probe.zeroshot import SELECTION, macro_f1, zeroshot_cache, zeroshot_probs
 from tests.probe.synth import make_cache

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from cxrfair.analysis.bootstrap import (
+from cxrfair.core.bootstrap import (
     interval,
     merge_small_strata,
     patient_counts,

@@ -35,7 +35,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from cxrfair.analysis.metrics import ECE_BINS, _nanmean_last, _ratio, _weights
+from cxrfair.core.metrics import ECE_BINS, _nanmean_last, _ratio, _weights
 
 THRESHOLD_RULE = (
     "per condition, the threshold t among the distinct validation scores (masked labels left "

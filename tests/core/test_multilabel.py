@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import average_precision_score, confusion_matrix, f1_score, precision_recall_curve, roc_auc_score
 
-from cxrfair.analysis import multilabel as ML
-from cxrfair.analysis.bootstrap import interval, resample_counts
+from cxrfair.core import multilabel as ML
+from cxrfair.core.bootstrap import interval, resample_counts
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FEW = settings(SETTINGS, max_examples=10)  # references that call fairlearn / sklearn per group and pair

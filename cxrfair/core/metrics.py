@@ -486,7 +486,7 @@ SHORTCUT_DEFINITIONS: dict[str, str] = {
 def metric_definitions(task: str = "multiclass") -> dict[str, str]:
     """{metric name: one sentence} for the metrics.csv of one task (``multiclass`` | ``multilabel``)."""
     if task == "multilabel":
-        from cxrfair.analysis.multilabel import MULTILABEL_METRIC_DEFINITIONS  # imports this module
+        from cxrfair.core.multilabel import MULTILABEL_METRIC_DEFINITIONS  # imports this module
 
         return {**MULTILABEL_METRIC_DEFINITIONS, **SHORTCUT_DEFINITIONS}
     return {**MULTICLASS_METRIC_DEFINITIONS, **SHORTCUT_DEFINITIONS}

@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, roc_auc_score
 
-from cxrfair.analysis import metrics as M
-from cxrfair.analysis.bootstrap import resample_counts
+from cxrfair.core import metrics as M
+from cxrfair.core.bootstrap import resample_counts
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -217,7 +217,7 @@ def test_eqodds_worst_and_f1_gap_abs_by_hand():
 
 
 def test_every_metric_has_a_definition():
-    from cxrfair.analysis.multilabel import MULTILABEL_METRIC_DEFINITIONS
+    from cxrfair.core.multilabel import MULTILABEL_METRIC_DEFINITIONS
 
     names = set(M.METRICS) | {s.name for s in M.GROUP_METRICS}
     assert set(M.metric_definitions("multiclass")) == names | set(M.SHORTCUT_DEFINITIONS)

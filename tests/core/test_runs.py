@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxrfair.analysis.runs import (
+from cxrfair.core.runs import (
     BASE_COLUMNS,
     make_predictions,
     prob_columns,
@@ -19,7 +19,7 @@ from cxrfair.analysis.runs import (
 )
 from cxrfair.errors import CxrfairError
 
-from .synth import CLASSES, cohort_rows, meta_for, probs_for
+from tests.analysis.synth import CLASSES, cohort_rows, meta_for, probs_for
 
 
 @pytest.fixture
@@ -167,7 +167,7 @@ def test_make_predictions_rejects_bad_probs(rows):
 
 
 def test_run_key_round_trip_and_family():
-    from cxrfair.analysis.runs import RunKey, parse_run_id
+    from cxrfair.core.runs import RunKey, parse_run_id
 
     plain = RunKey("clip-vit-b16", "linear", "best", 2)
     assert plain.run_id == "clip-vit-b16__linear__best__s2"
@@ -186,7 +186,7 @@ def test_run_key_round_trip_and_family():
     dict(sensitive="sex"), dict(tag="a__b"), dict(model="bad name"),
 ])
 def test_run_key_rejects_bad_parts(kwargs):
-    from cxrfair.analysis.runs import RunKey
+    from cxrfair.core.runs import RunKey
 
     base = dict(model="m", method="linear", tag="best", seed=0) | kwargs
     with pytest.raises(CxrfairError):
@@ -194,7 +194,7 @@ def test_run_key_rejects_bad_parts(kwargs):
 
 
 def test_parse_run_id_rejects_foreign_names():
-    from cxrfair.analysis.runs import parse_run_id
+    from cxrfair.core.runs import parse_run_id
 
     for bad in ("m__linear__sweep.csv", "no-seed__linear__best", "m__linear+groupdro__best__s0"):
         with pytest.raises(CxrfairError):
@@ -202,7 +202,7 @@ def test_parse_run_id_rejects_foreign_names():
 
 
 def test_safe_name_never_makes_a_separator():
-    from cxrfair.analysis.runs import safe_name
+    from cxrfair.core.runs import safe_name
 
     assert safe_name("hf-hub:microsoft/x y") == "hf-hub-microsoft-x-y"
     assert "__" not in safe_name("a__b")
@@ -210,7 +210,7 @@ def test_safe_name_never_makes_a_separator():
 
 # ---------------------------------------------------------------- Runs v2: multi-label, attributes as data
 
-from .synth import CONDITIONS, ML_ATTRIBUTES, multilabel_meta, multilabel_probs, multilabel_rows  # noqa: E402
+from tests.analysis.synth import CONDITIONS, ML_ATTRIBUTES, multilabel_meta, multilabel_probs, multilabel_rows  # noqa: E402
 
 
 @pytest.fixture
@@ -243,7 +243,7 @@ def test_multilabel_predictions_columns_and_round_trip(tmp_path, ml_rows):
 def test_one_condition_is_a_valid_multilabel_run_but_one_class_is_not_a_multiclass_one(tmp_path, ml_rows):
     run = read_run(_write_ml(tmp_path, ml_rows.drop(columns=["y_Atelectasis", "y_Effusion"]), ["Pneumothorax"]))
     assert run.arrays("val")[0].shape[1] == 1
-    from cxrfair.analysis.runs import validate_meta
+    from cxrfair.core.runs import validate_meta
 
     with pytest.raises(CxrfairError, match=r"x: classes must be a list of at least 2 distinct"):
         validate_meta(meta_for("m", "full", 0) | {"classes": ["Atelectasis"]}, "x")

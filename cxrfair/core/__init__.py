@@ -1,0 +1,16 @@
+"""cxrfair.core: the floor every stage stands on; it imports no stage.
+
+One owner per concept that several stages share:
+
+- ``runs``: the run format and a run's identity (``RunKey``), written by probe, finetune and
+  post-processing, read by analysis and the pipeline.
+- ``metrics`` / ``multilabel``: utility and group-fairness metrics, pure NumPy, one contract
+  ``f(y_true, y_prob, *, weights=None)`` and the group-metric table.
+- ``bootstrap``: patient-level resampling as weight matrices and the interval engine.
+- ``mitigations``: the one table of fairness interventions (name, stages, solver, strength range
+  and defaults, whether strength 0 is plain training) that probe, finetune, pipeline, analysis
+  and the CLI all read.
+
+numpy and pandas only: no torch, no jax, no matplotlib. Import the module you need
+(``from cxrfair.core import runs``); this package re-exports nothing.
+"""

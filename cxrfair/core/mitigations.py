@@ -1,0 +1,107 @@
+"""The one table of fairness interventions: every stage, the pipeline, analysis and the CLI read it.
+
+A mitigation is a row of ``MITIGATIONS``: which stages train or apply it, the probe's solver,
+what its strength means and may be, its defaults, and whether strength 0 is plain training.
+The *how* lives with each stage (probe: ``cxrfair.probe.objectives``, fine-tuning:
+``cxrfair.finetune.objectives``, post-processing: ``cxrfair.analysis.postprocess``), registered
+under the same names; no caller asks which mitigation it holds.
+
+Adding a mitigation: one row here, plus its loss term in each stage that trains it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from cxrfair.errors import CxrfairError
+
+PROBE = "probe"  # cxrfair probe linear|mlp --mitigation NAME
+FINETUNE = "finetune"  # cxrfair finetune lora|full --mitigation NAME
+POSTPROCESS = "postprocess"  # cxrfair postprocess RUN (a new run from a finished one)
+
+
+@dataclass(frozen=True)
+class Mitigation:
+    """One fairness intervention, as every stage sees it."""
+
+    name: str
+    stages: tuple[str, ...]  # where it runs: PROBE, FINETUNE and/or POSTPROCESS
+    summary: str  # one line for --help and reports
+    probe_solver: str = "lbfgs"  # "lbfgs" (full batch) or "adamw": an objective that moves every step needs minibatches
+    strength: str = ""  # what the strength means; "" = the mitigation takes none
+    low: float = 0.0  # the strength's range: [low, high] or (low, high] when not low_inclusive
+    high: float = math.inf
+    low_inclusive: bool = True
+    probe_strengths: tuple[float, ...] = ()  # the probe sweep's default strength axis
+    finetune_strength: float | None = None  # fine-tuning's default (one run per strength)
+    zero_is_erm: bool = False  # strength 0 trains plain ERM with the mitigation's own solver and grid
+
+    @property
+    def has_strength(self) -> bool:
+        return bool(self.strength)
+
+    def span(self) -> str:
+        """The strength's range as text: ``[0, 1]``, ``(0, inf)``."""
+        left = "[" if self.low_inclusive else "("
+        right = "]" if math.isfinite(self.high) else ")"
+        return f"{left}{self.low:g}, {self.high:g}{right}"
+
+    def strength_ok(self, value: float) -> bool:
+        above = value >= self.low if self.low_inclusive else value > self.low
+        return math.isfinite(value) and above and value <= self.high
+
+    def where(self) -> str:
+        """Where the mitigation runs, for messages that refuse it elsewhere."""
+        return {
+            (PROBE,): "probes only (`cxrfair probe linear|mlp --mitigation NAME`)",
+            (POSTPROCESS,): "post-processing of a finished run (`cxrfair postprocess RUN --sensitive ATTR`)",
+        }.get(self.stages, "probes and fine-tuning").replace("NAME", self.name)
+
+
+_ROWS = (
+    Mitigation("erm", (PROBE, FINETUNE), "plain training: the mean per-example loss"),
+    Mitigation("reweight", (PROBE, FINETUNE), "examples weighted by their (group, class) cell's size",
+               strength="exponent s of w ∝ n_cell^-s (1: every cell counts equally)", low=0.0, high=1.0,
+               probe_strengths=(0.5, 1.0), finetune_strength=1.0, zero_is_erm=True),
+    Mitigation("groupdro", (PROBE, FINETUNE), "online group DRO over (group, class) cells (Sagawa et al.)",
+               probe_solver="adamw", strength="step size η of the cell weights q", low_inclusive=False,
+               probe_strengths=(0.01, 0.1, 1.0), finetune_strength=0.01),
+    Mitigation("adversarial", (PROBE, FINETUNE), "an adversary predicts the attribute; its gradient is reversed",
+               probe_solver="adamw", strength="λ of the reversed adversary gradient",
+               probe_strengths=(0.1, 0.3, 1.0), finetune_strength=1.0, zero_is_erm=True),
+    Mitigation("fairot", (PROBE, FINETUNE), "Sinkhorn divergence between each group's and all scores (FairCLIP)",
+               probe_solver="adamw", strength="λ of the Sinkhorn term",
+               probe_strengths=(0.1, 1.0, 10.0), finetune_strength=1.0, zero_is_erm=True),
+    Mitigation("erase", (PROBE,), "LEACE: the attribute linearly erased from the features before the probe"),
+    Mitigation("thresholds", (POSTPROCESS,), "group thresholds / class offsets fitted on validation"),
+)
+
+MITIGATIONS: dict[str, Mitigation] = {m.name: m for m in _ROWS}
+NAMES = tuple(MITIGATIONS)
+ERM = "erm"
+
+
+def names(stage: str | None = None) -> tuple[str, ...]:
+    """Mitigation names, in table order; with ``stage``, those that stage runs (``erm`` included)."""
+    return tuple(n for n, m in MITIGATIONS.items() if stage is None or stage in m.stages)
+
+
+def get(name: str, stage: str | None = None, option: str = "--mitigation") -> Mitigation:
+    """The row of ``name``; refuses an unknown name or one ``stage`` does not run, naming the fix."""
+    if name not in MITIGATIONS:
+        raise CxrfairError(f"{option} {name!r}: unknown; expected one of {', '.join(names(stage))}")
+    row = MITIGATIONS[name]
+    if stage is not None and stage not in row.stages:
+        raise CxrfairError(f"{option} {name}: not a {stage} mitigation; it is {row.where()}")
+    return row
+
+
+def check_strength(name: str, value: float, option: str = "--strength") -> float:
+    """``value`` if it is a valid strength of ``name``, else a CxrfairError naming the range."""
+    row = MITIGATIONS[name]
+    if not row.has_strength:
+        raise CxrfairError(f"{option} {value:g}: {name} takes no strength; remove it")
+    if not row.strength_ok(value):
+        raise CxrfairError(f"{option} {value:g}: out of range for {name}; expected a value in {row.span()}")
+    return value
