@@ -1,0 +1,130 @@
+"""Coverage of the bootstrap intervals `cxrfair analyze` reports, by simulation against a known truth.
+
+    python benchmarks/coverage.py --quick          # minutes: 2 and 4 groups, 60 per group, 100 draws
+    python benchmarks/coverage.py                  # the full grid of the statistics issue
+
+Each setting draws a population of test images whose classifier is known: C classes, G groups,
+an image's label uniform, its predicted probabilities a softmax of ``signal_g`` on the true class
+plus Gaussian noise, ``signal_g`` set per group so that the other groups' accuracy is ``gap`` below\ngroup 0's (gap 0: every group identical, so every true gap is 0). The
+true value of every metric is that of the population (computed on ``--truth`` images per group,
+so its own error is negligible). Each of ``--draws`` test sets (``n`` images per group, one image
+per patient) gets the analysis' interval — the stratified patient bootstrap of
+``cxrfair.core.bootstrap`` with ``--replicates`` replicates, strata = groups, as `analyze`
+draws — and we count how often the interval holds the truth.
+
+Methods compared: ``percentile`` (what `analyze` reports today) and ``basic`` (2θ̂ − the
+percentile interval, reflected). A nominal 95% interval should cover 95% of the time; an absolute
+or max-over-groups gap is biased upward in small samples, which the percentile interval inherits.
+
+Prints one row per (setting, metric): truth, mean estimate (its bias), coverage per method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+
+import numpy as np
+
+from cxrfair.core import metrics as M
+from cxrfair.core.bootstrap import interval, patient_counts
+
+# The metrics whose coverage is studied: (name in evaluate_all's keys, attribute-level?).
+STUDIED = ("accuracy", "auc_macro", "f1_gap", "f1_gap_abs", "eqodds", "eqodds_worst", "dp_gap", "ece_gap",
+           "fnr_gap", "es_auc", "worst_group_accuracy")
+CLASSES = ("A", "B", "C")
+
+
+def simulate(signals: np.ndarray, n_per_group: int, rng: np.random.Generator, noise: float = 1.0):
+    """Images of every group: ((N,) labels, (N, C) probabilities, (N,) group labels)."""
+    c = len(CLASSES)
+    groups = np.repeat(np.arange(len(signals)), n_per_group)
+    y = rng.integers(0, c, size=len(groups))
+    logits = rng.normal(0.0, noise, size=(len(groups), c))
+    logits[np.arange(len(groups)), y] += signals[groups]
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    return y, p / p.sum(1, keepdims=True), np.array([f"g{g}" for g in groups])
+
+
+def values(y, p, groups, weights=None) -> dict[str, np.ndarray]:
+    """The studied metrics: {name: () or (R,)} (group metrics over the one attribute)."""
+    levels = sorted(set(groups.tolist()))
+    out = M.evaluate_all(y, p, list(CLASSES), {"group": (groups, levels)}, weights=weights)
+    return {name: out[(name, "", "", "")] if (name, "", "", "") in out else out[(name, "group", "", "")]
+            for name in STUDIED}
+
+
+def intervals(estimate: float, reps: np.ndarray, level: float) -> dict[str, tuple[float, float]]:
+    """Each method's (low, high) from one estimate and its (R,) replicates."""
+    lo, hi = (float(v[0]) for v in interval(reps[:, None], level))
+    return {"percentile": (lo, hi), "basic": (2 * estimate - hi, 2 * estimate - lo)}
+
+
+def _accuracy(signal: float, n: int = 50_000) -> float:
+    """Population accuracy at one signal (common random numbers, so it is monotone in the signal)."""
+    y, p, _ = simulate(np.array([signal]), n, np.random.default_rng(1))
+    return float((p.argmax(1) == y).mean())
+
+
+def signals_for(n_groups: int, gap: float, base: float = 2.0) -> np.ndarray:
+    """Per-group signal: group 0 at ``base``, the others weaker so their accuracy is ``gap`` lower (bisection)."""
+    target, lo, hi = _accuracy(base) - gap, base - 4.0, base
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _accuracy(mid) < target else (lo, mid)
+    return np.array([base] + [(lo + hi) / 2] * (n_groups - 1))
+
+
+def run_setting(n_groups: int, n_per_group: int, gap: float, args, rng) -> list[dict]:
+    signals = signals_for(n_groups, gap)
+    truth = values(*simulate(signals, args.truth, np.random.default_rng(10_000 + n_groups)))
+    hits = {(m, k): 0 for m in STUDIED for k in ("percentile", "basic")}
+    defined = dict.fromkeys(STUDIED, 0)
+    estimates = {m: [] for m in STUDIED}
+    for _ in range(args.draws):
+        y, p, groups = simulate(signals, n_per_group, rng)
+        counts = patient_counts(np.arange(len(y)), groups, args.replicates, rng)
+        est, reps = values(y, p, groups), values(y, p, groups, weights=counts)
+        for m in STUDIED:
+            e, r = float(est[m]), np.asarray(reps[m], dtype=np.float64)
+            if not np.isfinite(e) or np.isnan(r).all():
+                continue
+            defined[m] += 1
+            estimates[m].append(e)
+            for k, (lo, hi) in intervals(e, r, args.level).items():
+                hits[(m, k)] += lo <= float(truth[m]) <= hi
+    rows = []
+    for m in STUDIED:
+        n = max(defined[m], 1)
+        rows.append({"groups": n_groups, "per_group": n_per_group, "gap": gap, "metric": m,
+                     "truth": float(truth[m]), "mean_estimate": float(np.mean(estimates[m])) if estimates[m] else np.nan,
+                     "draws": defined[m], **{k: hits[(m, k)] / n for k in ("percentile", "basic")}})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2 and 4 groups at 60 per group, gaps 0 and 0.15, 100 draws")
+    parser.add_argument("--draws", type=int, default=400, help="simulated test sets per setting")
+    parser.add_argument("--replicates", type=int, default=1000, help="bootstrap replicates per test set")
+    parser.add_argument("--truth", type=int, default=200_000, help="images per group of the population")
+    parser.add_argument("--level", type=float, default=0.95)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    sizes, gaps = ((60,), (0.0, 0.15)) if args.quick else ((60, 150, 300), (0.0, 0.05, 0.15))
+    if args.quick:
+        args.draws, args.replicates = min(args.draws, 100), min(args.replicates, 500)
+    rng = np.random.default_rng(args.seed)
+    print(f"{args.draws} draws, {args.replicates} replicates, nominal {args.level:.0%}; coverage by method")
+    print(f"{'G':>2} {'n/g':>4} {'gap':>5}  {'metric':<21} {'truth':>7} {'mean est':>8}  {'percentile':>10} {'basic':>6}")
+    for n_groups, n, gap in itertools.product((2, 4), sizes, gaps):
+        start = time.perf_counter()
+        for r in run_setting(n_groups, n, gap, args, rng):
+            print(f"{r['groups']:>2} {r['per_group']:>4} {r['gap']:>5.2f}  {r['metric']:<21} {r['truth']:>7.3f} "
+                  f"{r['mean_estimate']:>8.3f}  {r['percentile']:>10.3f} {r['basic']:>6.3f}")
+        print(f"   ({time.perf_counter() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
