@@ -269,6 +269,23 @@ def test_group_metrics_by_hand():
     assert rev[("auc_gap", "sex", "", "x")] == -1.0
 
 
+@FEW
+@given(data(), st.integers(0, 2**32 - 1))
+def test_planned_group_values_equal_by_group_exactly(d, seed):
+    """evaluate_multilabel's one planned pass over all groups = groups.by_group of condition_metrics, bit for bit."""
+    Y, P, g = d
+    t = ML.choose_thresholds(Y, P)
+    w = np.random.default_rng(seed).integers(0, 3, (3, len(Y))).astype(float)
+    levels = LEVELS + ["none"]
+    out = ML.evaluate_multilabel(Y, P, _names(Y.shape[1]), {"g": (g, levels)}, t, weights=w)
+    for a, values in by_group(ML.condition_metrics, Y, P, g, levels=levels, thresholds=t, weights=w).items():
+        for name in ML.OVERALL_METRICS:
+            for c in range(Y.shape[1]):
+                np.testing.assert_array_equal(out[(name, "g", a, f"k{c}")], values[name][..., c], err_msg=f"{a} {name}")
+        for name in ML.MACRO_METRICS:
+            np.testing.assert_array_equal(out[(f"{name}_macro", "g", a, "")], values[f"{name}_macro"])
+
+
 def test_five_groups_gap_is_max_minus_min():
     rng = np.random.default_rng(3)
     n = 400
