@@ -591,7 +591,7 @@ def _task_notes(evaluated: list[_Evaluated], config: AnalyzeConfig) -> list[str]
     """What a reader must know about multi-label thresholds and the shortcut test's images."""
     notes = []
     if evaluated[0].run.task == "multilabel":
-        notes.append(f"Thresholds (f1, tpr, fpr, fnr, eqodds, eqodds_max, fnr_gap): {ML.THRESHOLD_RULE}; chosen "
+        notes.append(f"Thresholds (f1, tpr, fpr, fnr, eqodds, eqodds_worst, fnr_gap): {ML.THRESHOLD_RULE}; chosen "
                      "per run on its own validation rows (thresholds.csv).")
         if config.split == "val":
             notes.append("--split val: thresholds are chosen on the same rows the metrics are computed on, so "

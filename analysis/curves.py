@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from cxrfair.core.metrics import ECE_BINS
+from cxrfair.core.groups import ECE_BINS
 
 FPR_GRID = np.linspace(0.0, 1.0, 101)  # where seed curves are averaged (vertical averaging)
 ROC_COLUMNS = ["model", "method", "attribute", "group", "class", "n_runs", "fpr", "tpr"]

@@ -31,7 +31,7 @@ from cxrfair.core.bootstrap import interval
 from cxrfair.core.runs import FINETUNE_METHODS, RunKey, parse_run_id
 
 # What mitigation.csv reports, per task: utility on the whole split, then the gaps of the
-# run's sensitive attribute (metric names of metrics.GROUP_METRICS / multilabel.GROUP_SPECS).
+# run's sensitive attribute (metric names of metrics.GROUP_METRICS / multilabel.GROUP_METRICS).
 UTILITY_METRICS = {"multiclass": ("accuracy", "f1_macro"), "multilabel": ("auc_macro",)}
 GAP_METRICS = {"multiclass": ("f1_gap", "f1_gap_abs", "eqodds", "worst_group_accuracy"),
                "multilabel": ("auc_gap", "eqodds", "worst_group_auc")}

@@ -53,6 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cxrfair.core import groups as G
 from cxrfair.core import metrics as M
 from cxrfair.core import multilabel as ML
 from cxrfair.core import runs as R
@@ -74,11 +75,11 @@ SELECTION_RULE = (
     "then to the rule closest to the source's"
 )
 _TOL = 1e-12  # gaps and utilities are ratios of counts; equal values may differ by rounding
-# Multi-class constraints as the analysis' group metrics (``metrics.combine_groups`` computes them).
+# Multi-class constraints as the analysis' group metrics (``groups.combine_groups`` computes them).
 _MULTICLASS_GAPS = {
     "equalized_odds": next(s for s in M.GROUP_METRICS if s.name == "eqodds"),
-    "tpr": M.GroupMetric("tpr_gap_abs", ("tpr",), "abs_difference", "mean over classes of |ΔTPR|"),
-    "fpr": M.GroupMetric("fpr_gap_abs", ("fpr",), "abs_difference", "mean over classes of |ΔFPR|"),
+    "tpr": G.GroupMetric("tpr_gap_abs", ("tpr",), "abs_difference", "mean over classes of |ΔTPR|"),
+    "fpr": G.GroupMetric("fpr_gap_abs", ("fpr",), "abs_difference", "mean over classes of |ΔFPR|"),
 }
 
 
@@ -205,11 +206,11 @@ def _rates(curves: list[_GroupCurve], tp: np.ndarray, fp: np.ndarray) -> tuple[n
     """(..., G) counts -> (..., G) TPR and FPR of the groups (NaN where undefined)."""
     pos = np.array([c.pos for c in curves], dtype=np.float64)
     neg = np.array([c.neg for c in curves], dtype=np.float64)
-    return M._ratio(tp, pos), M._ratio(fp, neg)
+    return G.ratio(tp, pos), G.ratio(fp, neg)
 
 
 def _f1(tp: np.ndarray, fp: np.ndarray, positives: int) -> np.ndarray:
-    return M._ratio(2 * tp, positives + tp + fp)
+    return G.ratio(2 * tp, positives + tp + fp)
 
 
 def _search_pairs(curves, fixed_tp, fixed_fp, positives, floor, t_star, constraint) -> np.ndarray:
@@ -379,9 +380,9 @@ def _counts(y, pred, n_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 def _mc_gap(tp, pp, pos, n, constraint: str) -> np.ndarray:
     """Gap from per-group counts: lists over groups of (..., C) arrays and (G,) sizes -> (...)."""
-    per = {"tpr": {g: M._ratio(tp[g], pos[g]) for g in range(len(n))},
-           "fpr": {g: M._ratio(pp[g] - tp[g], n[g] - pos[g]) for g in range(len(n))}}
-    return M.combine_groups(_MULTICLASS_GAPS[constraint], per, {})
+    per = {"tpr": {g: G.ratio(tp[g], pos[g]) for g in range(len(n))},
+           "fpr": {g: G.ratio(pp[g] - tp[g], n[g] - pos[g]) for g in range(len(n))}}
+    return G.combine_groups(_MULTICLASS_GAPS[constraint], per, {})
 
 
 def multiclass_state(logp, y, groups, offsets, constraint: str) -> tuple[float, float]:

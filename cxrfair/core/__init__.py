@@ -5,7 +5,9 @@ One owner per concept that several stages share:
 - ``runs``: the run format and a run's identity (``RunKey``), written by probe, finetune and
   post-processing, read by analysis and the pipeline.
 - ``metrics`` / ``multilabel``: utility and group-fairness metrics, pure NumPy, one contract
-  ``f(y_true, y_prob, *, weights=None)`` and the group-metric table.
+  ``f(y_true, y_prob, *, weights=None)``; each task's group-metric table (``GROUP_METRICS``).
+- ``groups``: the group-metric engine both tasks share (``by_group``, ``GroupMetric``,
+  ``combine_groups``) and the NaN rule (``ratio``, ``nanmean_last``).
 - ``bootstrap``: patient-level resampling as weight matrices and the interval engine.
 - ``mitigations``: the one table of fairness interventions (name, stages, solver, strength range
   and defaults, whether strength 0 is plain training) that probe, finetune, pipeline, analysis

@@ -8,25 +8,26 @@ result gains a leading (R,) axis. ``weights=None`` is the plain metric on the da
 
 Predictions are the arg-max class (ties go to the lower class index, as ``np.argmax``).
 
-NaN rule (the only one): a ratio whose denominator is zero (no samples, no positives, no
-negatives, nothing present and nothing predicted) is NaN. Reductions over classes (macro means,
-``var_f1``, the class sums inside gap metrics) skip NaN terms, like scikit-learn's
+NaN rule (the only one, ``groups``): a ratio whose denominator is zero (no samples, no
+positives, no negatives, nothing present and nothing predicted) is NaN. Reductions over classes
+(macro means, ``var_f1``, the class sums inside gap metrics) skip NaN terms, like scikit-learn's
 ``zero_division=np.nan``; they are NaN only when every term is. Combinations over groups (gaps,
 minima, sums over groups) propagate NaN: a gap involving an undefined group is NaN.
 
-Disaggregation lives in one place, ``by_group``; the group-level fairness metrics are generated
-from one spec table, ``GROUP_METRICS``.
+Group fairness uses the engine both tasks share (``groups``: ``by_group``, ``GroupMetric``,
+``combine_groups``); this module's spec table is ``GROUP_METRICS``. ``METRIC_DEFINITIONS`` holds
+one sentence per metrics.csv name of either task.
 """
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import numpy as np
 
-ECE_BINS = 15
+from cxrfair.core.groups import (ECE_BINS, GroupMetric, as_weights, by_group, combine_groups, nanmean_last, ratio,
+                                 stack_groups)
+from cxrfair.core.multilabel import MULTILABEL_METRIC_DEFINITIONS
 
 
 class Counts(NamedTuple):
@@ -41,22 +42,6 @@ class Counts(NamedTuple):
 # ----------------------------------------------------------------------------- helpers
 
 
-def _weights(weights, n: int) -> np.ndarray:
-    """(..., N) float weights; ones (N,) when None."""
-    if weights is None:
-        return np.ones(n)
-    w = np.asarray(weights, dtype=np.float64)
-    if w.shape[-1] != n:
-        raise ValueError(f"weights have {w.shape[-1]} columns for {n} samples")
-    return w
-
-
-def _ratio(num, den) -> np.ndarray:
-    """num / den with NaN where den == 0 (the NaN rule)."""
-    num, den = np.broadcast_arrays(np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64))
-    return np.divide(num, den, out=np.full(num.shape, np.nan), where=den > 0)
-
-
 def _segment_sum(w: np.ndarray, codes: np.ndarray, k: int, values=None) -> np.ndarray:
     """Sum of ``w * values`` over the samples of each code: (..., N) -> (..., k).
 
@@ -65,12 +50,6 @@ def _segment_sum(w: np.ndarray, codes: np.ndarray, k: int, values=None) -> np.nd
     """
     x = w if values is None else w * values
     return np.stack([x[..., codes == j].sum(-1) for j in range(k)], axis=-1)
-
-
-def _nanmean_last(x: np.ndarray) -> np.ndarray:
-    """Mean over the last axis skipping NaN; NaN (no warning) if all terms are NaN."""
-    ok = ~np.isnan(x)
-    return _ratio(np.where(ok, x, 0).sum(-1), ok.sum(-1))
 
 
 def predicted(y_prob: np.ndarray) -> np.ndarray:
@@ -94,7 +73,7 @@ def confusion_counts(y_true, y_prob, *, weights=None) -> Counts:
     """
     y_true = np.asarray(y_true)
     n, c = np.shape(y_prob)
-    w = _weights(weights, n)
+    w = as_weights(weights, n)
     pred = predicted(y_prob)
     pos, pp = _segment_sum(w, y_true, c), _segment_sum(w, pred, c)
     # A hit on class c is a sample with y == pred == c; misses get code c (out of range).
@@ -106,19 +85,19 @@ def confusion_counts(y_true, y_prob, *, weights=None) -> Counts:
 def accuracy(y_true, y_prob, *, weights=None) -> np.ndarray:
     """Fraction of arg-max predictions equal to the label. Returns (...)."""
     y_true = np.asarray(y_true)
-    w = _weights(weights, len(y_true))
-    return _ratio((w * (predicted(y_prob) == y_true)).sum(-1), w.sum(-1))
+    w = as_weights(weights, len(y_true))
+    return ratio((w * (predicted(y_prob) == y_true)).sum(-1), w.sum(-1))
 
 
 def f1(y_true, y_prob, *, weights=None) -> np.ndarray:
     """One-vs-rest F1 per class, 2TP / (2TP + FP + FN). Returns (..., C)."""
     k = confusion_counts(y_true, y_prob, weights=weights)
-    return _ratio(2 * k.tp, 2 * k.tp + k.fp + k.fn)
+    return ratio(2 * k.tp, 2 * k.tp + k.fp + k.fn)
 
 
 def f1_macro(y_true, y_prob, *, weights=None) -> np.ndarray:
     """Unweighted mean of class F1 (NaN classes skipped). Returns (...)."""
-    return _nanmean_last(f1(y_true, y_prob, weights=weights))
+    return nanmean_last(f1(y_true, y_prob, weights=weights))
 
 
 def var_f1(y_true, y_prob, *, weights=None) -> np.ndarray:
@@ -129,32 +108,32 @@ def var_f1(y_true, y_prob, *, weights=None) -> np.ndarray:
         Classification", ISBI 2025, Var_F1.
     """
     f = f1(y_true, y_prob, weights=weights)
-    dev = f - _nanmean_last(f)[..., None]
-    return _nanmean_last(dev * dev)
+    dev = f - nanmean_last(f)[..., None]
+    return nanmean_last(dev * dev)
 
 
 def tpr(y_true, y_prob, *, weights=None) -> np.ndarray:
     """True-positive rate (recall) per class, TP / (TP + FN). Returns (..., C)."""
     k = confusion_counts(y_true, y_prob, weights=weights)
-    return _ratio(k.tp, k.tp + k.fn)
+    return ratio(k.tp, k.tp + k.fn)
 
 
 def fpr(y_true, y_prob, *, weights=None) -> np.ndarray:
     """False-positive rate per class, FP / (FP + TN). Returns (..., C)."""
     k = confusion_counts(y_true, y_prob, weights=weights)
-    return _ratio(k.fp, k.fp + k.tn)
+    return ratio(k.fp, k.fp + k.tn)
 
 
 def fnr(y_true, y_prob, *, weights=None) -> np.ndarray:
     """False-negative rate (missed diagnosis) per class, FN / (TP + FN). Returns (..., C)."""
     k = confusion_counts(y_true, y_prob, weights=weights)
-    return _ratio(k.fn, k.tp + k.fn)
+    return ratio(k.fn, k.tp + k.fn)
 
 
 def selection_rate(y_true, y_prob, *, weights=None) -> np.ndarray:
     """Fraction of samples predicted as each class (demographic parity's base). Returns (..., C)."""
     k = confusion_counts(y_true, y_prob, weights=weights)
-    return _ratio(k.tp + k.fp, (k.tp + k.fp + k.fn + k.tn))
+    return ratio(k.tp + k.fp, (k.tp + k.fp + k.fn + k.tn))
 
 
 def _top_label(y_true, y_prob) -> tuple[np.ndarray, np.ndarray]:
@@ -173,11 +152,11 @@ def ece(y_true, y_prob, *, weights=None, n_bins: int = ECE_BINS) -> np.ndarray:
         Guo et al., "On Calibration of Modern Neural Networks", ICML 2017.
     """
     conf, correct = _top_label(y_true, y_prob)
-    w = _weights(weights, len(conf))
+    w = as_weights(weights, len(conf))
     bins = np.clip(np.ceil(conf * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
     # Per bin, sum_i w_i (o_i - p_i) = n_b (acc_b - conf_b): one matrix product for all replicates.
     gap = _segment_sum(w, bins, n_bins, correct - conf)
-    return _ratio(np.abs(gap).sum(-1), w.sum(-1))
+    return ratio(np.abs(gap).sum(-1), w.sum(-1))
 
 
 def ece_paper(y_true, y_prob, *, weights=None) -> np.ndarray:
@@ -189,8 +168,8 @@ def ece_paper(y_true, y_prob, *, weights=None) -> np.ndarray:
     Returns (...).
     """
     conf, correct = _top_label(y_true, y_prob)
-    w = _weights(weights, len(conf))
-    return _ratio((w * np.abs(conf - correct)).sum(-1), w.sum(-1))
+    w = as_weights(weights, len(conf))
+    return ratio((w * np.abs(conf - correct)).sum(-1), w.sum(-1))
 
 
 def _auc_binary(positive: np.ndarray, score: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -215,13 +194,13 @@ def _auc_binary(positive: np.ndarray, score: np.ndarray, w: np.ndarray) -> np.nd
     wn = ws - wp
     below = np.cumsum(wn, axis=-1) - wn  # negatives strictly below each level
     u = (wp * (below + 0.5 * wn)).sum(-1)
-    return _ratio(u, wp.sum(-1) * wn.sum(-1))
+    return ratio(u, wp.sum(-1) * wn.sum(-1))
 
 
 def roc_auc(y_true, y_prob, *, weights=None) -> np.ndarray:
     """One-vs-rest ROC AUC per class (class-c probability as the score). Returns (..., C)."""
     y_true, y_prob = np.asarray(y_true), np.asarray(y_prob, dtype=np.float64)
-    w = _weights(weights, len(y_true))
+    w = as_weights(weights, len(y_true))
     if len(y_true) == 0:
         return np.full(w.shape[:-1] + (y_prob.shape[1],), np.nan)
     return np.stack([_auc_binary(y_true == c, y_prob[:, c], w) for c in range(y_prob.shape[1])], axis=-1)
@@ -229,7 +208,7 @@ def roc_auc(y_true, y_prob, *, weights=None) -> np.ndarray:
 
 def auc_macro(y_true, y_prob, *, weights=None) -> np.ndarray:
     """Unweighted mean of one-vs-rest AUC over classes (NaN classes skipped). Returns (...)."""
-    return _nanmean_last(roc_auc(y_true, y_prob, weights=weights))
+    return nanmean_last(roc_auc(y_true, y_prob, weights=weights))
 
 
 # Name -> (function, per_class). The per-image metrics reported overall and per group.
@@ -250,59 +229,6 @@ METRICS: dict[str, tuple[Callable, bool]] = {
 
 
 # ----------------------------------------------------------------------------- groups
-
-
-def by_group(metric: Callable, y_true, y_prob, groups, *, levels=None, weights=None) -> dict[str, np.ndarray]:
-    """Evaluate ``metric`` on each group separately (the one disaggregation helper).
-
-    Args:
-        metric: a function of this module, ``f(y_true, y_prob, *, weights)``.
-        y_true: (N,) int labels. y_prob: (N, C).
-        groups: (N,) group label of each sample.
-        levels: group labels in output order (default: sorted unique); a level with no samples
-            gets the metric of empty data (NaN).
-        weights: (N,) or (..., N).
-
-    Returns:
-        {group: metric value (...) or (..., C)}.
-    """
-    y_true, y_prob, groups = np.asarray(y_true), np.asarray(y_prob), np.asarray(groups)
-    w = _weights(weights, len(y_true))
-    levels = sorted(set(groups.tolist())) if levels is None else list(levels)
-    out = {}
-    for g in levels:
-        # Subsetting (not zero-weighting) keeps the work over all groups at one pass over N.
-        m = groups == g
-        out[g] = metric(y_true[m], y_prob[m], weights=w[..., m])
-    return out
-
-
-@dataclass(frozen=True)
-class GroupMetric:
-    """A fairness metric built from per-group values of base metrics.
-
-    Attributes:
-        name: output name.
-        bases: names in METRICS whose per-group values it combines (mean over bases; max for max_range).
-        combine: how groups are combined:
-            "difference": value(A) - value(A') per class, mean over classes; signed.
-            "magnitude": |mean over classes of value(A) - value(A')|, the size of "difference".
-            "abs_difference": |value(A) - value(A')| per class, mean over classes.
-            "max_range": per class, max - min over groups of each base, the largest over bases,
-                then the mean over classes (fairlearn's worst-case ``equalized_odds_difference``
-                per class when the bases are tpr and fpr).
-            "min": the smallest group value.
-            "equity": overall / (1 + sum_g |overall - value(g)|).
-            For the first three, A is the first level (``M``, ``young``); with more than two
-            groups the result is the largest of the pairwise values over all ordered pairs, which
-            for a signed difference is the max - min gap.
-        doc: what it is, for the report.
-    """
-
-    name: str
-    bases: tuple[str, ...]
-    combine: str
-    doc: str
 
 
 GROUP_METRICS: tuple[GroupMetric, ...] = (
@@ -326,69 +252,6 @@ GROUP_METRICS: tuple[GroupMetric, ...] = (
 )
 
 
-def _pairwise(values: np.ndarray, combine: str) -> np.ndarray:
-    """(G, ...[, C]) per-group values -> (G, G, ...) pairwise gaps (class axis reduced)."""
-    d = values[:, None] - values[None, :]
-    if combine == "abs_difference":
-        d = np.abs(d)
-    return d
-
-
-def _pairwise_gap(spec: GroupMetric, per_group: dict) -> np.ndarray:
-    """The (signed or absolute) gap A − A' averaged over bases; with > 2 groups the largest pair. Returns (...)."""
-    terms = []
-    for base in spec.bases:
-        v = np.stack(list(per_group[base].values()))  # (G, ...[, C])
-        d = _pairwise(v, "abs_difference" if spec.combine == "abs_difference" else "difference")
-        terms.append(_nanmean_last(d) if METRICS[base][1] else d)  # class mean skips NaN
-    d = sum(terms) / len(terms)  # (G, G, ...)
-    g = d.shape[0]
-    if g < 2:
-        return np.full(d.shape[2:], np.nan)
-    if g == 2:
-        return d[0, 1]
-    off = ~np.eye(g, dtype=bool)
-    return d[off].max(axis=0)  # NaN propagates
-
-
-def _max_range(spec: GroupMetric, per_group: dict) -> np.ndarray:
-    """Per class, max − min over groups of each base, the largest over bases; mean over classes. Returns (...).
-
-    A class whose range is undefined for any base (a group without positives or negatives) is
-    NaN and skipped by the class mean, as in every class reduction.
-    """
-    values = [np.stack(list(per_group[base].values())) for base in spec.bases]  # each (G, ..., C)
-    if values[0].shape[0] < 2:
-        return np.full(values[0].shape[1:-1], np.nan)
-    ranges = np.stack([v.max(axis=0) - v.min(axis=0) for v in values])  # (bases, ..., C); NaN propagates
-    return _nanmean_last(ranges.max(axis=0))
-
-
-def combine_groups(spec: GroupMetric, per_group: dict[str, dict[str, np.ndarray]], overall: dict[str, np.ndarray]) -> np.ndarray:
-    """Apply one GroupMetric to per-group base values.
-
-    Args:
-        spec: the metric.
-        per_group: {base name: {group: (...) or (..., C)}} with groups in reference order.
-        overall: {base name: value on all samples}, for "equity".
-
-    Returns:
-        (...) the fairness metric.
-    """
-    if spec.combine in ("difference", "abs_difference", "magnitude"):
-        d = _pairwise_gap(spec, per_group)
-        return np.abs(d) if spec.combine == "magnitude" else d
-    if spec.combine == "max_range":
-        return _max_range(spec, per_group)
-    (base,) = spec.bases
-    v = np.stack(list(per_group[base].values()))
-    if spec.combine == "min":
-        return v.min(axis=0)
-    if spec.combine == "equity":
-        return overall[base] / (1 + np.abs(overall[base] - v).sum(axis=0))
-    raise ValueError(f"unknown combine {spec.combine!r}")
-
-
 # ----------------------------------------------------------------------------- the full set
 
 # Metrics reported on the whole split (issue 7: metrics.csv names), and per group.
@@ -408,23 +271,23 @@ def all_metrics(y_true, y_prob, *, weights=None) -> dict[str, np.ndarray]:
         {name: (...) or (..., C)}.
     """
     k = confusion_counts(y_true, y_prob, weights=weights)
-    f = _ratio(2 * k.tp, 2 * k.tp + k.fp + k.fn)
+    f = ratio(2 * k.tp, 2 * k.tp + k.fp + k.fn)
     auc = roc_auc(y_true, y_prob, weights=weights)
-    f_mean = _nanmean_last(f)
+    f_mean = nanmean_last(f)
     dev = f - f_mean[..., None]
     return {
-        "accuracy": _ratio(k.tp.sum(-1), (k.tp + k.fn).sum(-1)),
+        "accuracy": ratio(k.tp.sum(-1), (k.tp + k.fn).sum(-1)),
         "f1": f,
         "f1_macro": f_mean,
         "auc": auc,
-        "auc_macro": _nanmean_last(auc),
-        "var_f1": _nanmean_last(dev * dev),
+        "auc_macro": nanmean_last(auc),
+        "var_f1": nanmean_last(dev * dev),
         "ece": ece(y_true, y_prob, weights=weights),
         "ece_paper": ece_paper(y_true, y_prob, weights=weights),
-        "tpr": _ratio(k.tp, k.tp + k.fn),
-        "fpr": _ratio(k.fp, k.fp + k.tn),
-        "fnr": _ratio(k.fn, k.tp + k.fn),
-        "selection_rate": _ratio(k.tp + k.fp, k.tp + k.fp + k.fn + k.tn),
+        "tpr": ratio(k.tp, k.tp + k.fn),
+        "fpr": ratio(k.fp, k.fp + k.tn),
+        "fnr": ratio(k.fn, k.tp + k.fn),
+        "selection_rate": ratio(k.tp + k.fp, k.tp + k.fp + k.fn + k.tn),
     }
 
 
@@ -443,14 +306,21 @@ def evaluate_all(y_true, y_prob, classes: list[str], attributes: dict[str, tuple
     out: dict[Key, np.ndarray] = {}
     overall = all_metrics(y_true, y_prob, weights=weights)
     _put(out, overall, OVERALL_METRICS, "", "", classes)
+    overall_c = _with_class_axis(overall)
     for attr, (labels, levels) in attributes.items():
         groups = by_group(all_metrics, y_true, y_prob, labels, levels=levels, weights=weights)
-        per_group = {m: {g: groups[g][m] for g in levels} for m in METRICS}
+        per_group = {g: _with_class_axis(groups[g]) for g in levels}
         for spec in GROUP_METRICS:
-            out[(spec.name, attr, "", "")] = combine_groups(spec, per_group, overall)
+            stacked = {b: stack_groups(per_group, b, overall_c[b]) for b in spec.bases}
+            out[(spec.name, attr, "", "")] = combine_groups(spec, stacked, overall_c)
         for g in levels:
             _put(out, groups[g], GROUP_VALUE_METRICS, attr, g, classes)
     return out
+
+
+def _with_class_axis(values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Whole-sample metrics (...) as (..., 1), the engine's shape (``groups``); per-class ones as they are."""
+    return {name: (v if METRICS[name][1] else v[..., None]) for name, v in values.items()}
 
 
 _VALUE_DEFINITIONS = {
@@ -485,14 +355,10 @@ SHORTCUT_DEFINITIONS: dict[str, str] = {
 
 def metric_definitions(task: str = "multiclass") -> dict[str, str]:
     """{metric name: one sentence} for the metrics.csv of one task (``multiclass`` | ``multilabel``)."""
-    if task == "multilabel":
-        from cxrfair.core.multilabel import MULTILABEL_METRIC_DEFINITIONS  # imports this module
-
-        return {**MULTILABEL_METRIC_DEFINITIONS, **SHORTCUT_DEFINITIONS}
-    return {**MULTICLASS_METRIC_DEFINITIONS, **SHORTCUT_DEFINITIONS}
+    own = MULTILABEL_METRIC_DEFINITIONS if task == "multilabel" else MULTICLASS_METRIC_DEFINITIONS
+    return {**own, **SHORTCUT_DEFINITIONS}
 
 
-@functools.cache
 def _both_tasks() -> dict[str, str]:
     """Every name of either task; a name whose meaning differs by task gets both sentences."""
     mc, ml = metric_definitions("multiclass"), metric_definitions("multilabel")
@@ -502,12 +368,8 @@ def _both_tasks() -> dict[str, str]:
     return out
 
 
-def __getattr__(name: str):
-    # METRIC_DEFINITIONS (both tasks) is built on first use: multilabel imports this module, so
-    # importing it here at load time would be circular.
-    if name == "METRIC_DEFINITIONS":
-        return dict(_both_tasks())
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# One sentence per metrics.csv name of either task (the report's glossary).
+METRIC_DEFINITIONS: dict[str, str] = _both_tasks()
 
 
 def _put(out: dict, values: dict[str, np.ndarray], names, attr: str, group: str, classes: list[str]) -> None:

@@ -15,7 +15,7 @@ average precision, the counts at a threshold and the calibration bins are all re
 cumulative sums (ties handled exactly, as scikit-learn does). Bootstrap counts are gathered as
 bytes and summed as integers (exact); other weights as float64.
 
-NaN rule (the project's, as in ``metrics``): a ratio with a zero denominator is NaN -- a
+NaN rule (the project's, ``groups``): a ratio with a zero denominator is NaN -- a
 condition with no (weighted) positives or no negatives in a sample, a group or a replicate has
 NaN AUC, AP, adjusted AUPRC, TPR, FNR (and FPR without negatives). Averages over conditions
 (``*_macro``) skip NaN and are NaN only when every condition is. Anything combined over groups
@@ -24,18 +24,22 @@ which a condition has no positives therefore gives NaN for that replicate, and
 ``bootstrap.interval`` ignores NaN replicates: this is Sourget et al.'s "resamples without
 positives are skipped", per metric.
 
+Group metrics: this task's spec table ``GROUP_METRICS``, applied by the engine both tasks share
+(``groups.combine_groups``); ``evaluate_multilabel`` computes every group's values in one planned
+pass, equal to ``groups.by_group`` of ``condition_metrics`` (tested).
+
 Differences from scikit-learn, on purpose: ``average_precision`` is NaN without positives
 (scikit-learn returns 0 with a warning); everything else equals scikit-learn (tested).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 
-from cxrfair.core.metrics import ECE_BINS, _nanmean_last, _ratio, _weights
+from cxrfair.core.groups import (ECE_BINS, GroupMetric, as_weights, by_group, combine_groups, nanmean_last, ratio,
+                                 stack_groups)
 
 THRESHOLD_RULE = (
     "per condition, the threshold t among the distinct validation scores (masked labels left "
@@ -202,14 +206,14 @@ def _unit_metrics(u: _Unit, w2: np.ndarray, counts: np.ndarray | None) -> dict[s
     runs = np.diff(np.take(cn, u.runs_above, axis=1), axis=1)
     if not np.array_equal(u.runs_above, u.runs_upto):
         runs = 0.5 * (runs + np.diff(np.take(cn, u.runs_upto, axis=1), axis=1))
-    auc = _ratio(np.einsum("rk,rk->r", cp, runs), p * n)
+    auc = ratio(np.einsum("rk,rk->r", cp, runs), p * n)
     # Step-wise AP: each positive weighs the precision at the lowest score tied with it.
     tp = np.take(cp, u.tp_at, axis=1)
-    ap = _ratio(np.einsum("rl,rl->r", gp, tp / np.maximum(tp + np.take(cn, u.fp_at, axis=1), _TINY)), p)
-    prevalence = _ratio(p, p + n)
+    ap = ratio(np.einsum("rl,rl->r", gp, tp / np.maximum(tp + np.take(cn, u.fp_at, axis=1), _TINY)), p)
+    prevalence = ratio(p, p + n)
     gap = _bin_dots(gp, u.resid_pos, u.bins_pos) - _bin_dots(gn, u.score_neg, u.bins_neg)
     out = {"auc": auc, "ap": ap, "adjusted_auprc": _adjusted(ap, prevalence), "prevalence": prevalence,
-           "ece": _ratio(np.abs(gap).sum(1), p + n)}
+           "ece": ratio(np.abs(gap).sum(1), p + n)}
     if u.k is not None:
         out.update(_at_threshold(u.k, cp, cn))
     return out
@@ -228,7 +232,7 @@ def _at_threshold(k: tuple[int, int], cp: np.ndarray, cn: np.ndarray) -> dict[st
         nan = np.full(p.shape, np.nan)
         return {"f1": nan, "tpr": nan, "fpr": nan, "fnr": nan}
     tp, fp = cp[:, k[0]], cn[:, k[1]]
-    return {"f1": _ratio(2 * tp, p + tp + fp), "tpr": _ratio(tp, p), "fpr": _ratio(fp, n), "fnr": _ratio(p - tp, p)}
+    return {"f1": ratio(2 * tp, p + tp + fp), "tpr": ratio(tp, p), "fpr": ratio(fp, n), "fnr": ratio(p - tp, p)}
 
 
 def _rows(plan: list[dict], w2: np.ndarray) -> dict[tuple, dict[str, np.ndarray]]:
@@ -259,7 +263,7 @@ def _values(plan: list[dict], weights, n: int, chunk_bytes: int = CHUNK_BYTES) -
     Returns:
         {(attribute, group): {name: (..., C), name_macro: (...)}}.
     """
-    w = _weights(weights, n)
+    w = as_weights(weights, n)
     lead = w.shape[:-1]
     w2 = w.reshape(int(np.prod(lead)), n)
     rows = max(1, chunk_bytes // (8 * max(n, 1)))
@@ -267,7 +271,7 @@ def _values(plan: list[dict], weights, n: int, chunk_bytes: int = CHUNK_BYTES) -
     out = {}
     for key, vals in parts[0].items():
         v = {name: np.concatenate([p[key][name] for p in parts]).reshape(lead + x.shape[1:]) for name, x in vals.items()}
-        v.update({f"{name}_macro": _nanmean_last(v[name]) for name in MACRO_METRICS if name in v})
+        v.update({f"{name}_macro": nanmean_last(v[name]) for name in MACRO_METRICS if name in v})
         out[key] = v
     return out
 
@@ -360,127 +364,63 @@ def _group_values(Y, P, labels, levels, thresholds, weights) -> dict[tuple, dict
     return _values(_plan(Y, P, _thresholds(thresholds, Y.shape[1]), groups), weights, len(Y))
 
 
-def by_group(Y, P, labels, levels, *, thresholds=None, weights=None) -> dict[str, dict[str, np.ndarray]]:
-    """``condition_metrics`` on each group of one attribute.
-
-    Args:
-        Y, P: (N, C). labels: (N,) group of each sample. levels: groups in output order,
-            reference group first (a level without samples gets NaN everywhere).
-        thresholds: (C,) or None. weights: (N,) or (..., N).
-
-    Returns:
-        {group: {name: (..., C) or (...)}}.
-    """
-    values = _group_values(Y, P, labels, levels, thresholds, weights)
-    return {g: values[("group", g)] for g in levels}
-
-
 def auc_by_group(Y, P, labels, levels, *, weights=None) -> dict[str, np.ndarray]:
-    """ROC-AUC per condition in each group: {group: (..., C)}."""
-    return {g: m["auc"] for g, m in by_group(Y, P, labels, levels, weights=weights).items()}
+    """ROC-AUC per condition in each group: {group: (..., C)} (``groups.by_group`` of ``condition_metrics``)."""
+    return {g: m["auc"] for g, m in by_group(condition_metrics, Y, P, labels, levels=levels, weights=weights).items()}
 
 
 # ----------------------------------------------------------------------------- over groups
 
 
-@dataclass(frozen=True)
-class GroupSpec:
-    """A fairness metric combining per-group, per-condition values (definitions in
-    MULTILABEL_METRIC_DEFINITIONS).
-
-    Attributes:
-        name: output name.
-        bases: per-condition metrics it combines (their pairwise gaps are averaged).
-        combine: "difference" (signed, reference group − other), "abs_difference", "min",
-            "equity" (ES), or "range" (largest max − min over groups among the bases). The two
-            differences mirror ``metrics.combine_groups``: with more than two groups the value
-            is the largest over ordered pairs of groups, i.e. max − min per condition, and the
-            macro is the largest pairwise gap of the condition-averaged differences.
-    """
-
-    name: str
-    bases: tuple[str, ...]
-    combine: str
-
-
-GROUP_SPECS: tuple[GroupSpec, ...] = (
-    GroupSpec("auc_gap", ("auc",), "difference"),
-    GroupSpec("worst_group_auc", ("auc",), "min"),
-    GroupSpec("es_auc", ("auc",), "equity"),
-    GroupSpec("eqodds", ("tpr", "fpr"), "abs_difference"),
-    GroupSpec("eqodds_max", ("tpr", "fpr"), "range"),
-    GroupSpec("fnr_gap", ("fnr",), "difference"),
-    GroupSpec("ece_gap", ("ece",), "abs_difference"),
+# This task's spec table, in the vocabulary of ``groups.COMBINES`` (as ``metrics.GROUP_METRICS``).
+# Every metric is reported per condition (class = the condition) and as a macro (class ""): for the
+# differences the same gap of the condition-mean differences, otherwise the mean over conditions.
+GROUP_METRICS: tuple[GroupMetric, ...] = (
+    GroupMetric("auc_gap", ("auc",), "difference",
+                "AUC of the reference group minus the other's (signed); with 3+ groups max − min. Macro: the same gap "
+                "of condition-mean differences."),
+    GroupMetric("worst_group_auc", ("auc",), "min", "Smallest group AUC; macro: its mean over conditions."),
+    GroupMetric("es_auc", ("auc",), "equity",
+                "ES-AUC = AUC / (1 + Σ_g |AUC_g − AUC|) per condition (FairCLIP); macro: its mean over conditions."),
+    GroupMetric("eqodds", ("tpr", "fpr"), "abs_difference",
+                "Equalized odds, paper form: (|ΔTPR| + |ΔFPR|) / 2 between groups at the chosen threshold (3+ groups: "
+                "largest pair); macro for two groups = PAPER eq. 3, (1/2C) Σ_c (|ΔTPR_c| + |ΔFPR_c|)."),
+    GroupMetric("eqodds_worst", ("tpr", "fpr"), "max_range",
+                "Equalized odds, worst-case form (fairlearn): max(TPR range, FPR range) over groups; macro: its mean "
+                "over conditions."),
+    GroupMetric("fnr_gap", ("fnr",), "difference",
+                "Under-diagnosis gap: FNR of the reference group minus the other's (signed; > 0: reference missed "
+                "more); with 3+ groups max − min."),
+    GroupMetric("ece_gap", ("ece",), "abs_difference", "|ECE_A − ECE_A'| of the binned binary ECE; with 3+ groups max − min."),
 )
-_SPECS = {s.name: s for s in GROUP_SPECS}
+_BY_NAME = {s.name: s for s in GROUP_METRICS}
+# The range of a single group is 0 here (multi-class: NaN), as this task has always reported it.
+_MIN_RANGE_GROUPS = 1
 
 
-def _over_pairs(d: np.ndarray) -> np.ndarray:
-    """(G, G, ...) pairwise values -> (...): the (reference, other) entry for two groups, the
-    largest over ordered pairs for more (NaN propagates), NaN for fewer than two."""
-    g = d.shape[0]
-    if g < 2:
-        return np.full(d.shape[2:], np.nan)
-    if g == 2:
-        return d[0, 1]
-    return d[~np.eye(g, dtype=bool)].max(axis=0)
-
-
-def combine_groups(spec: GroupSpec, per_group: dict[str, np.ndarray], overall: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Apply one GroupSpec.
-
-    Args:
-        spec: the metric.
-        per_group: {base: (G, ..., C)} values of the groups in level order (reference first).
-        overall: {base: (..., C)} values on all samples (for "equity").
-
-    Returns:
-        (per condition (..., C), macro (...)).
-    """
-    if spec.combine in ("difference", "abs_difference"):
-        d = [v[:, None] - v[None, :] for v in (per_group[b] for b in spec.bases)]  # (G, G, ..., C)
-        d = [np.abs(x) for x in d] if spec.combine == "abs_difference" else d
-        return _over_pairs(sum(d) / len(d)), _over_pairs(sum(_nanmean_last(x) for x in d) / len(d))
-    v = per_group[spec.bases[0]]
-    if v.shape[0] == 0:
-        per = np.full(v.shape[1:], np.nan)
-    elif spec.combine == "min":
-        per = v.min(axis=0)
-    elif spec.combine == "equity":
-        per = overall[spec.bases[0]] / (1 + np.abs(v - overall[spec.bases[0]]).sum(axis=0))
-    elif spec.combine == "range":
-        per = np.max([per_group[b].max(axis=0) - per_group[b].min(axis=0) for b in spec.bases], axis=0)
-    else:
-        raise ValueError(f"unknown combine {spec.combine!r}")
-    return per, _nanmean_last(per)
+def _combine(spec: GroupMetric, per_group: dict, overall: dict) -> tuple[np.ndarray, np.ndarray]:
+    """One spec over {group: {name: (..., C)}}: (per condition (..., C), macro (...))."""
+    stacked = {b: stack_groups(per_group, b, overall[b]) for b in spec.bases}
+    return combine_groups(spec, stacked, overall, per_class=True, min_range_groups=_MIN_RANGE_GROUPS)
 
 
 def group_metric(name: str, Y, P, labels, levels, *, thresholds=None, weights=None) -> tuple[np.ndarray, np.ndarray]:
-    """One metric of GROUP_SPECS for one attribute.
+    """One metric of GROUP_METRICS for one attribute.
 
     Args:
-        name: a GROUP_SPECS name. Y, P: (N, C). labels: (N,). levels: groups, reference first.
-        thresholds: (C,), needed by eqodds, eqodds_max and fnr_gap. weights: (N,) or (..., N).
+        name: a GROUP_METRICS name. Y, P: (N, C). labels: (N,). levels: groups, reference first.
+        thresholds: (C,), needed by eqodds, eqodds_worst and fnr_gap. weights: (N,) or (..., N).
 
     Returns:
         (per condition (..., C), macro (...)).
     """
-    if name not in _SPECS:
-        raise ValueError(f"unknown group metric {name!r}; choose among {', '.join(_SPECS)}")
-    spec = _SPECS[name]
+    if name not in _BY_NAME:
+        raise ValueError(f"unknown group metric {name!r}; choose among {', '.join(_BY_NAME)}")
+    spec = _BY_NAME[name]
     if thresholds is None and set(spec.bases) & set(THRESHOLD_METRICS):
         raise ValueError(f"{name} needs thresholds: one per condition, from choose_thresholds on validation")
     values = _group_values(Y, P, labels, levels, thresholds, weights)
-    groups, overall = {g: values[("group", g)] for g in levels}, values[("", "")]
-    stacked = {b: _stack_groups(groups, levels, b, overall) for b in spec.bases}
-    return combine_groups(spec, stacked, overall)
-
-
-def _stack_groups(groups: dict, levels, base: str, overall: dict) -> np.ndarray:
-    """(G, ..., C) values of one base over the groups (G may be 0)."""
-    if not len(levels):
-        return np.empty((0,) + overall[base].shape)
-    return np.stack([groups[g][base] for g in levels])
+    return _combine(spec, {g: values[("group", g)] for g in levels}, values[("", "")])
 
 
 def auc_gap(Y, P, labels, levels, *, weights=None) -> np.ndarray:
@@ -505,12 +445,13 @@ def es_auc(Y, P, labels, levels, *, weights=None) -> np.ndarray:
 def equalized_odds(Y, P, labels, levels, thresholds, *, form: str = "mean", weights=None) -> np.ndarray:
     """Equalized-odds difference per condition at the given thresholds. Returns (..., C).
 
-    form "mean": (|ΔTPR| + |ΔFPR|) / 2, the paper's eq. 3 per condition; "max": the larger of the
-    TPR and FPR ranges over groups (fairlearn's ``equalized_odds_difference``, worst case).
+    form "mean": (|ΔTPR| + |ΔFPR|) / 2, the paper's eq. 3 per condition (``eqodds``); "worst": the
+    larger of the TPR and FPR ranges over groups (``eqodds_worst``, fairlearn's
+    ``equalized_odds_difference``).
     """
-    if form not in ("mean", "max"):
-        raise ValueError(f"form {form!r}: choose mean (paper) or max (worst case)")
-    name = "eqodds" if form == "mean" else "eqodds_max"
+    if form not in ("mean", "worst"):
+        raise ValueError(f"form {form!r}: choose mean (paper) or worst (worst case)")
+    name = "eqodds" if form == "mean" else "eqodds_worst"
     return group_metric(name, Y, P, labels, levels, thresholds=thresholds, weights=weights)[0]
 
 
@@ -567,13 +508,7 @@ MULTILABEL_METRIC_DEFINITIONS: dict[str, str] = {
     "fpr": "False-positive rate at the validation-chosen threshold.",
     "fnr": "False-negative rate (missed diagnosis) at the validation-chosen threshold.",
     **{f"{m}_macro": f"Mean over conditions of {m} (conditions where it is undefined skipped)." for m in MACRO_METRICS},
-    "auc_gap": "AUC of the reference group minus the other's (signed); with 3+ groups max − min. Macro: the same gap of condition-mean differences.",
-    "worst_group_auc": "Smallest group AUC; macro: its mean over conditions.",
-    "es_auc": "ES-AUC = AUC / (1 + Σ_g |AUC_g − AUC|) per condition (FairCLIP); macro: its mean over conditions.",
-    "eqodds": "Equalized odds, paper form: (|ΔTPR| + |ΔFPR|) / 2 between groups at the chosen threshold (3+ groups: largest pair); macro for two groups = PAPER eq. 3, (1/2C) Σ_c (|ΔTPR_c| + |ΔFPR_c|).",
-    "eqodds_max": "Equalized odds, worst-case form (fairlearn): max(TPR range, FPR range) over groups; macro: its mean over conditions.",
-    "fnr_gap": "Under-diagnosis gap: FNR of the reference group minus the other's (signed; > 0: reference missed more); with 3+ groups max − min.",
-    "ece_gap": "|ECE_A − ECE_A'| of the binned binary ECE; with 3+ groups max − min.",
+    **{s.name: s.doc for s in GROUP_METRICS},
 }
 
 
@@ -590,7 +525,7 @@ def evaluate_multilabel(Y, P, conditions: list[str], groups: dict[str, tuple[np.
 
     Returns:
         {(metric, attribute, group, class): (...)}: per-condition values under class = the
-        condition, macros ("*_macro", and every GROUP_SPECS metric) under class "".
+        condition, macros ("*_macro", and every GROUP_METRICS metric) under class "".
     """
     Y, P = _multilabel_inputs(Y, P)
     if len(conditions) != Y.shape[1]:
@@ -605,9 +540,8 @@ def evaluate_multilabel(Y, P, conditions: list[str], groups: dict[str, tuple[np.
     _put(out, overall, "", "", conditions)
     for attr, (_, levels) in groups.items():
         per_group = {g: values[(attr, g)] for g in levels}
-        for spec in GROUP_SPECS:
-            stacked = {b: _stack_groups(per_group, levels, b, overall) for b in spec.bases}
-            per, macro = combine_groups(spec, stacked, overall)
+        for spec in GROUP_METRICS:
+            per, macro = _combine(spec, per_group, overall)
             out[(spec.name, attr, "", "")] = macro
             for j, c in enumerate(conditions):
                 out[(spec.name, attr, "", c)] = per[..., j]

@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
+from cxrfair.core import groups as G
 from cxrfair.core import metrics as M
 from cxrfair.core import multilabel as ML
 from cxrfair.analysis import postprocess as PP
@@ -228,7 +229,7 @@ def _planted_multilabel(seed, n, shift=0.8):
 def _ml_scores(Y, P, g, thresholds):
     eo = ML.equalized_odds(Y, P, g, [0, 1], thresholds)
     f1 = ML.condition_metrics(Y, P, thresholds=thresholds)["f1"]
-    tpr = ML.by_group(Y, P, g, [0, 1], thresholds=thresholds)
+    tpr = G.by_group(ML.condition_metrics, Y, P, g, levels=[0, 1], thresholds=thresholds)
     return eo, f1, np.abs(tpr[0]["tpr"] - tpr[1]["tpr"])
 
 

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from sklearn.metrics import average_precision_score, confusion_matrix, f1_score, precision_recall_curve, roc_auc_score
 
 from cxrfair.core import multilabel as ML
+from cxrfair.core.groups import by_group
 from cxrfair.core.bootstrap import interval, resample_counts
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -159,7 +160,7 @@ def test_threshold_tie_goes_to_highest_and_rule_is_recorded():
 def test_group_values_match_sklearn_on_masks(d):
     Y, P, g = d
     t = ML.choose_thresholds(Y, P)
-    groups = ML.by_group(Y, P, g, LEVELS, thresholds=t)
+    groups = by_group(ML.condition_metrics, Y, P, g, levels=LEVELS, thresholds=t)
     for a in LEVELS:
         m = g == a
         _check_against_sklearn(groups[a], Y[m], P[m], t)
@@ -167,11 +168,11 @@ def test_group_values_match_sklearn_on_masks(d):
 
 @FEW
 @given(data())
-def test_rates_and_eqodds_max_match_fairlearn(d):
+def test_rates_and_eqodds_worst_match_fairlearn(d):
     Y, P, g = d
     t = np.full(Y.shape[1], 0.5)
-    groups = ML.by_group(Y, P, g, LEVELS, thresholds=t)
-    eq_max = ML.equalized_odds(Y, P, g, LEVELS, t, form="max")
+    groups = by_group(ML.condition_metrics, Y, P, g, levels=LEVELS, thresholds=t)
+    eq_max = ML.equalized_odds(Y, P, g, LEVELS, t, form="worst")
     for c in range(Y.shape[1]):
         m = ~np.isnan(Y[:, c])
         yc, pred, gc = Y[m, c].astype(int), (P[m, c] >= 0.5).astype(int), g[m]
@@ -195,7 +196,7 @@ def test_rates_and_eqodds_max_match_fairlearn(d):
 
 
 def _group_reference(Y, P, g, levels, t):
-    """Every GROUP_SPECS metric, per condition and macro, from per-group sklearn values, pair by pair."""
+    """Every GROUP_METRICS metric, per condition and macro, from per-group sklearn values, pair by pair."""
     per = {}
     for a in levels:
         conds = [_sk_condition(Y[g == a, c], P[g == a, c], t[c]) for c in range(Y.shape[1])]
@@ -223,7 +224,7 @@ def _group_reference(Y, P, g, levels, t):
     rng_ = np.maximum(*(np.array([per[a][k] for a in levels]).max(0) - np.array([per[a][k] for a in levels]).min(0)
                         for k in ("tpr", "fpr")))
     return {"auc_gap": gap(["auc"], False), "worst_group_auc": (worst, macro(worst)), "es_auc": (es, macro(es)),
-            "eqodds": gap(["tpr", "fpr"], True), "eqodds_max": (rng_, macro(rng_)),
+            "eqodds": gap(["tpr", "fpr"], True), "eqodds_worst": (rng_, macro(rng_)),
             "fnr_gap": gap(["fnr"], False), "ece_gap": gap(["ece"], True)}
 
 
@@ -259,13 +260,30 @@ def test_group_metrics_by_hand():
     assert out[("auc", "sex", "M", "x")] == 1.0 and out[("auc", "sex", "F", "x")] == 0.0
     assert out[("auc_gap", "sex", "", "x")] == 1.0  # reference (M) minus F: signed
     assert out[("fnr_gap", "sex", "", "x")] == -1.0  # F misses every case
-    assert out[("eqodds", "sex", "", "x")] == 1.0 and out[("eqodds_max", "sex", "", "x")] == 1.0
+    assert out[("eqodds", "sex", "", "x")] == 1.0 and out[("eqodds_worst", "sex", "", "x")] == 1.0
     assert out[("worst_group_auc", "sex", "", "x")] == 0.0
     assert out[("es_auc", "sex", "", "x")] == pytest.approx(auc / (1 + abs(1 - auc) + abs(0 - auc)))
     assert out[("es_auc", "sex", "", "")] == out[("es_auc", "sex", "", "x")]
     # Reversed level order flips the signed gaps.
     rev = ML.evaluate_multilabel(Y, P, ["x"], {"sex": (sex, ["F", "M"])}, t)
     assert rev[("auc_gap", "sex", "", "x")] == -1.0
+
+
+@FEW
+@given(data(), st.integers(0, 2**32 - 1))
+def test_planned_group_values_equal_by_group_exactly(d, seed):
+    """evaluate_multilabel's one planned pass over all groups = groups.by_group of condition_metrics, bit for bit."""
+    Y, P, g = d
+    t = ML.choose_thresholds(Y, P)
+    w = np.random.default_rng(seed).integers(0, 3, (3, len(Y))).astype(float)
+    levels = LEVELS + ["none"]
+    out = ML.evaluate_multilabel(Y, P, _names(Y.shape[1]), {"g": (g, levels)}, t, weights=w)
+    for a, values in by_group(ML.condition_metrics, Y, P, g, levels=levels, thresholds=t, weights=w).items():
+        for name in ML.OVERALL_METRICS:
+            for c in range(Y.shape[1]):
+                np.testing.assert_array_equal(out[(name, "g", a, f"k{c}")], values[name][..., c], err_msg=f"{a} {name}")
+        for name in ML.MACRO_METRICS:
+            np.testing.assert_array_equal(out[(f"{name}_macro", "g", a, "")], values[f"{name}_macro"])
 
 
 def test_five_groups_gap_is_max_minus_min():
@@ -371,7 +389,7 @@ def test_edge_cases_follow_the_nan_rule():
         assert np.isnan(out[(name, "g", "", "z")]), name
     # An empty group level: everything over groups NaN, per condition and macro.
     out = ML.evaluate_multilabel(Y, P, ["x", "y", "z"], {"g": (g, ["a", "b", "none"])}, t)
-    for spec in ML.GROUP_SPECS:
+    for spec in ML.GROUP_METRICS:
         assert np.isnan(out[(spec.name, "g", "", "x")]), spec.name
     # scikit-learn returns AP 0 without positives; our rule says NaN.
     assert np.isnan(ML.average_precision(np.zeros(3), np.array([.1, .2, .3])))
@@ -398,7 +416,7 @@ def test_no_samples_at_all():
     (lambda: ML.auc(np.array([0, 1.0]), np.array([.1, np.nan])), "finite"),
     (lambda: ML.condition_metrics(np.zeros((3, 2)), np.zeros((3, 1))), r"\(N, C\)"),
     (lambda: ML.condition_metrics(np.zeros((3, 2)), np.zeros((3, 2)), thresholds=[.5]), "one per condition"),
-    (lambda: ML.by_group(np.zeros((3, 2)), np.zeros((3, 2)), ["a"], ["a"]), "one per sample"),
+    (lambda: by_group(ML.condition_metrics, np.zeros((3, 2)), np.zeros((3, 2)), ["a"], levels=["a"]), "one per sample"),
     (lambda: ML.evaluate_multilabel(np.zeros((3, 2)), np.zeros((3, 2)), ["x"], {}, [.5, .5]), "condition names"),
     (lambda: ML.group_metric("eqodds", np.zeros((3, 1)), np.zeros((3, 1)), np.array(list("aab")), ["a", "b"]),
      "thresholds"),

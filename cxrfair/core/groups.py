@@ -1,0 +1,203 @@
+"""The group-metric engine of both tasks, and the NaN rule it rests on. NumPy only.
+
+Both tasks (``metrics``: multi-class; ``multilabel``: multi-label and binary) report group
+fairness the same way, as fairlearn's ``MetricFrame`` does: a per-sample metric is evaluated on
+each group (``by_group``, the one disaggregation helper) and the groups' values are combined by
+one small spec (``GroupMetric``: name, base metrics, combine) from one vocabulary (``COMBINES``),
+applied by one function (``combine_groups``). Each task owns its spec table
+(``metrics.GROUP_METRICS``, ``multilabel.GROUP_METRICS``), written in this vocabulary.
+
+Shapes, for both tasks:
+
+- a base value is ``(..., C)``: leading axes from the weights (``(R,)`` for R bootstrap
+  replicates, none for plain data) and a trailing class axis -- classes (multi-class) or
+  conditions (multi-label). A whole-sample value (accuracy, macro AUC) has ``C = 1``.
+- per-group values are stacked ``(G, ..., C)``, groups in level order, the reference group
+  (``M``, ``young``; run.json ``attributes``) first.
+- ``combine_groups`` returns ``(...)``: the gap over groups, summarised over classes; with
+  ``per_class=True`` also ``(..., C)``, the gap of each class (reported per condition by the
+  multi-label task).
+
+NaN rule (the only one): a ratio whose denominator is zero is NaN (``ratio``). Reductions over
+classes skip NaN terms (``nanmean_last``), like scikit-learn's ``zero_division=np.nan``; they are
+NaN only when every term is. Combinations over groups propagate NaN: a gap involving an
+undefined group is NaN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+ECE_BINS = 15  # equal-width confidence bins of the binned calibration error, both tasks
+
+# The combine vocabulary of every spec table (what each does: GroupMetric.combine).
+PAIRWISE_COMBINES = ("difference", "abs_difference", "magnitude")
+COMBINES = PAIRWISE_COMBINES + ("max_range", "min", "equity")
+
+
+# ----------------------------------------------------------------------------- the NaN rule
+
+
+def as_weights(weights, n: int) -> np.ndarray:
+    """(..., N) float64 sample weights (bootstrap counts); ones (N,) when None."""
+    if weights is None:
+        return np.ones(n)
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape[-1] != n:
+        raise ValueError(f"weights have {w.shape[-1]} columns for {n} samples")
+    return w
+
+
+def ratio(num, den) -> np.ndarray:
+    """num / den with NaN where den == 0 (the NaN rule). Broadcasts; returns float64."""
+    num, den = np.broadcast_arrays(np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64))
+    return np.divide(num, den, out=np.full(num.shape, np.nan), where=den > 0)
+
+
+def nanmean_last(x: np.ndarray) -> np.ndarray:
+    """Mean over the last axis skipping NaN: (..., C) -> (...); NaN (no warning) if all terms are NaN."""
+    ok = ~np.isnan(x)
+    return ratio(np.where(ok, x, 0).sum(-1), ok.sum(-1))
+
+
+# ----------------------------------------------------------------------------- disaggregation
+
+
+def by_group(metric: Callable, y_true, y_prob, groups, *, levels=None, weights=None, **kwargs) -> dict:
+    """Evaluate ``metric`` on each group's samples separately (the one disaggregation helper).
+
+    Args:
+        metric: ``f(y_true, y_prob, *, weights, **kwargs)`` of either task, e.g. ``metrics.f1``,
+            ``metrics.all_metrics`` (y_true (N,) int, y_prob (N, C)) or
+            ``multilabel.condition_metrics`` (Y (N, C) in {1, 0, NaN}, P (N, C)).
+        y_true, y_prob: the task's arrays, samples on the first axis.
+        groups: (N,) group label of each sample.
+        levels: group labels in output order (default: sorted unique), the reference first; a
+            level without samples gets the metric of empty data (NaN).
+        weights: (N,) or (..., N) sample weights.
+        **kwargs: passed on, e.g. ``thresholds=`` of the multi-label metrics.
+
+    Returns:
+        {group: the metric's value on that group}, in level order.
+    """
+    y_true, y_prob, groups = np.asarray(y_true), np.asarray(y_prob), np.asarray(groups)
+    if groups.shape != (len(y_true),):
+        raise ValueError(f"group labels {groups.shape} must be one per sample ({len(y_true)},)")
+    w = as_weights(weights, len(y_true))
+    levels = sorted(set(groups.tolist())) if levels is None else list(levels)
+    out = {}
+    for g in levels:
+        # Subsetting (not zero-weighting) keeps the work over all groups at one pass over N.
+        m = groups == g
+        out[g] = metric(y_true[m], y_prob[m], weights=w[..., m], **kwargs)
+    return out
+
+
+def stack_groups(per_group: Mapping, base: str, like: np.ndarray) -> np.ndarray:
+    """{group: {base: (..., C)}} in level order -> (G, ..., C) values of one base; G may be 0 (shape of ``like``)."""
+    if not per_group:
+        return np.empty((0,) + np.shape(like))
+    return np.stack([values[base] for values in per_group.values()])
+
+
+# ----------------------------------------------------------------------------- the spec
+
+
+@dataclass(frozen=True)
+class GroupMetric:
+    """A fairness metric built from per-group values of base metrics (a row of a spec table).
+
+    Attributes:
+        name: output name (metrics.csv ``metric``).
+        bases: names of per-sample metrics of the task whose per-group values it combines.
+        combine: one of COMBINES, how groups (axis G) and classes (axis C) are combined:
+            "difference": value(A) − value(A') per class, mean over bases; summary: the class
+                mean of the differences (pair by pair, before the largest pair is taken). Signed.
+            "abs_difference": |value(A) − value(A')| per class, mean over bases; summary: the
+                class mean of the absolute differences.
+            "magnitude": |difference|, the size of "difference" whichever group is ahead.
+            For these three, A is the first level (the reference); with more than two groups
+            the result is the largest over all ordered pairs (for a signed difference: max − min);
+            with fewer than two, NaN.
+            "max_range": per class, max − min over groups of each base, the largest over bases
+                (fairlearn's worst-case ``equalized_odds_difference`` for bases tpr and fpr);
+                summary: the class mean.
+            "min": per class the smallest group value (one base); summary: the class mean.
+            "equity": per class overall / (1 + Σ_g |overall − value(g)|) (one base); summary:
+                the class mean.
+        doc: one sentence, for METRIC_DEFINITIONS and the report.
+    """
+
+    name: str
+    bases: tuple[str, ...]
+    combine: str
+    doc: str
+
+    def __post_init__(self):
+        if self.combine not in COMBINES:
+            raise ValueError(f"unknown combine {self.combine!r}; choose among {', '.join(COMBINES)}")
+        if not self.bases or (self.combine in ("min", "equity") and len(self.bases) != 1):
+            raise ValueError(f"{self.name}: combine {self.combine!r} takes {'one base' if self.bases else 'a base'}")
+
+
+# ----------------------------------------------------------------------------- the engine
+
+
+def _over_pairs(d: np.ndarray) -> np.ndarray:
+    """(G, G, ...) pairwise values -> (...): the (reference, other) entry for two groups, the
+    largest over ordered pairs for more (NaN propagates), NaN for fewer than two."""
+    g = d.shape[0]
+    if g < 2:
+        return np.full(d.shape[2:], np.nan)
+    if g == 2:
+        return d[0, 1]
+    return d[~np.eye(g, dtype=bool)].max(axis=0)
+
+
+def _stacked(values) -> np.ndarray:
+    return np.stack(list(values.values())) if isinstance(values, Mapping) else np.asarray(values)
+
+
+def combine_groups(spec: GroupMetric, per_group: Mapping, overall: Mapping | None = None, *, per_class: bool = False,
+                   min_range_groups: int = 2):
+    """Apply one GroupMetric to per-group base values (either task).
+
+    Args:
+        spec: the metric.
+        per_group: {base: (G, ..., C)} values of the groups in level order (reference first);
+            a base may also be given as {group: (..., C)} in level order.
+        overall: {base: (..., C)} values on all samples; needed by "equity" only.
+        per_class: also return the per-class (per-condition) values.
+        min_range_groups: "max_range" is NaN with fewer groups than this. 2 (a range needs two
+            groups, as every gap); the multi-label task passes 1 (the range of one group is 0),
+            which its metrics.csv has always reported.
+
+    Returns:
+        (...) the metric, or with ``per_class`` the pair ((..., C) per class, (...) summary).
+    """
+    values = {b: _stacked(per_group[b]) for b in spec.bases}
+    first = values[spec.bases[0]]
+    n_groups = first.shape[0]
+    if spec.combine in PAIRWISE_COMBINES:
+        d = [v[:, None] - v[None, :] for v in values.values()]  # each (G, G, ..., C)
+        if spec.combine == "abs_difference":
+            d = [np.abs(x) for x in d]
+        summary = _over_pairs(sum(nanmean_last(x) for x in d) / len(d))  # class mean skips NaN
+        per = _over_pairs(sum(d) / len(d)) if per_class else None
+        if spec.combine == "magnitude":
+            summary, per = np.abs(summary), (None if per is None else np.abs(per))
+        return (per, summary) if per_class else summary
+    if n_groups == 0 or (spec.combine == "max_range" and n_groups < min_range_groups):
+        per = np.full(first.shape[1:], np.nan)
+    elif spec.combine == "max_range":
+        per = np.stack([v.max(axis=0) - v.min(axis=0) for v in values.values()]).max(axis=0)  # NaN propagates
+    elif spec.combine == "min":
+        per = first.min(axis=0)
+    else:  # equity
+        base = np.asarray(overall[spec.bases[0]])
+        per = base / (1 + np.abs(base - first).sum(axis=0))
+    summary = nanmean_last(per)
+    return (per, summary) if per_class else summary
