@@ -23,8 +23,8 @@ from cxrfair.core.runs import read_runs
 from cxrfair.errors import CxrfairError
 from cxrfair.io import atomic_dir, write_json_atomic
 
-# Callers outside cxrfair.analysis (cxrfair.pipeline, benchmarks, docs/screenshot.py, other stages'
-# tests) import these from this module; their home is named on each line.
+# Re-exported for callers outside cxrfair.analysis that import them from here (benchmarks/scale.py,
+# benchmarks/analyze_multilabel.py); new code imports them from their home, named on each line.
 from cxrfair.analysis.engine import in_blocks  # noqa: F401  (engine)
 from cxrfair.analysis.groups import group_labels  # noqa: F401  (groups)
 from cxrfair.analysis.config import stratum_name  # noqa: F401  (config)

@@ -17,8 +17,6 @@ from cxrfair.errors import CxrfairError
 
 # Run automatically when the predictions carry this column and the task has this class (issue 14).
 AUTO_SHORTCUT = ("drain", "Pneumothorax")
-
-
 SHORTCUT_COLUMNS = ["run_id", "model", "method", "seed", "split", "column", "class",
                     "auc_with", "auc_with_ci_low", "auc_with_ci_high",
                     "auc_without", "auc_without_ci_low", "auc_without_ci_high",
