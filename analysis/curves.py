@@ -3,7 +3,7 @@
 Small pure functions on arrays (``roc_points``, ``roc_on_grid``, ``reliability_bins``) and two
 table builders that apply them to the primary runs, group by group (``roc_table``,
 ``reliability_table``). These only place points on a curve; every number the report states (AUC,
-ECE, gaps, intervals) comes from ``metrics`` via ``analyze``.
+ECE, gaps, intervals) comes from ``metrics`` via ``engine``.
 
 Binning follows ``metrics.ece`` exactly (equal-width bins (lo, hi] of [0, 1]), so a reliability
 diagram's bins add up to the ECE the tables show.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from cxrfair.analysis.groups import group_labels
 from cxrfair.core.groups import ECE_BINS
 
 FPR_GRID = np.linspace(0.0, 1.0, 101)  # where seed curves are averaged (vertical averaging)
@@ -101,8 +102,6 @@ def _group_rows(runs, split: str, attributes, cross=None) -> list[tuple]:
 
     Targets as ``Run.arrays``: multi-class (n,) class indices, multi-label (n, C) in {1, 0, NaN}.
     """
-    from cxrfair.analysis.analyze import group_labels
-
     out = []
     for run in runs:
         rows = run.split(split)

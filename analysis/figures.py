@@ -523,14 +523,3 @@ def png(fig, dpi: int = 100) -> bytes:
         return buf.getvalue()
     finally:
         plt.close(fig)
-
-
-def to_png(draw, *args, width=7.0, height=4.0, **kwargs) -> bytes:
-    """Draw one figure with ``draw(*args, ax=..., **kwargs)`` and return PNG bytes (figure closed)."""
-    fig, ax = plt.subplots(figsize=(width, height), constrained_layout=True)
-    try:
-        draw(*args, ax=ax, **kwargs)
-    except BaseException:
-        plt.close(fig)
-        raise
-    return png(fig)

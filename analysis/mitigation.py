@@ -2,7 +2,7 @@
 
 A mitigated run (run id ``<model>__<method>+<mitigation>-<attr>__<tag>__s<seed>``) is paired
 with the ERM run of the same model, method and seed (``find_erm``). Both were evaluated by
-``analyze.compute`` on the same (R, N) patient-bootstrap counts of the same test images, so a
+``engine.compute`` on the same (R, N) patient-bootstrap counts of the same test images, so a
 delta's replicate r is the mitigated run's metric on resample r minus the ERM run's on the same
 resample; over seeds, the per-seed deltas are averaged replicate by replicate (NaN-skipping, as
 ``seeds.csv``), and the interval is the percentile interval of that mean.
@@ -26,8 +26,10 @@ from collections import defaultdict
 import numpy as np
 import pandas as pd
 
-from cxrfair.analysis.analyze import _average, _nanmean0, _replicate_matrix, base_tag, tag_of
+from cxrfair.analysis.replicates import average, nanmean0, replicate_matrix
+from cxrfair.analysis.runsets import base_tag, tag_of
 from cxrfair.core.bootstrap import interval
+from cxrfair.core.multilabel import auc_macro
 from cxrfair.core.runs import FINETUNE_METHODS, RunKey, parse_run_id
 
 # What mitigation.csv reports, per task: utility on the whole split, then the gaps of the
@@ -77,7 +79,7 @@ def group_key(ev) -> tuple:
 
 
 def primary_erm_tags(runs_df: pd.DataFrame, evaluated) -> dict:
-    """{(model, method): tag} of the primary tag when it is an ERM one (``analyze._runs_table``)."""
+    """{(model, method): tag} of the primary tag when it is an ERM one (``runsets.runs_table``)."""
     erm_ids = {e.run.run_id for e in evaluated if not is_mitigated(e)}
     prim = runs_df[runs_df["primary"] & runs_df["run_id"].isin(erm_ids)]
     return {(m, me): t for m, me, t in zip(prim["model"], prim["method"], prim["tag"])}
@@ -238,11 +240,11 @@ def paired_delta(pairs: list[tuple], keys: list[tuple]) -> dict[str, np.ndarray]
     """
     mit = np.array([[m.values.get(k, np.nan) for k in keys] for m, _ in pairs], dtype=np.float64)
     erm = np.array([[e.values.get(k, np.nan) for k in keys] for _, e in pairs], dtype=np.float64)
-    out = {"erm": _nanmean0(erm), "mitigated": _nanmean0(mit), "delta": _nanmean0(mit - erm),
+    out = {"erm": nanmean0(erm), "mitigated": nanmean0(mit), "delta": nanmean0(mit - erm),
            "n": (~np.isnan(mit - erm)).sum(axis=0), "replicates": None}
     first = pairs[0][0]
     if first.replicates is not None and all(m.key == first.key for m, _ in pairs):
-        out["replicates"] = _nanmean0(np.stack([_replicate_matrix(m, keys) - _replicate_matrix(e, keys)
+        out["replicates"] = nanmean0(np.stack([replicate_matrix(m, keys) - replicate_matrix(e, keys)
                                                 for m, e in pairs]))
     return out
 
@@ -313,7 +315,7 @@ def _point(evs, task: str, sensitive: str, level: float) -> tuple:
     """(n_seeds, utility, lo, hi, gap, lo, hi) of the seed mean of ``evs``."""
     x, y = TRADEOFF_AXES[task]
     keys = [(x, "", "", ""), (y, sensitive, "", "")]
-    _, _, means, reps = _average(evs, keys)
+    _, _, means, reps = average(evs, keys)
     lo, hi = interval(reps, level) if reps is not None else (np.full(2, np.nan),) * 2
     return (len(evs), x, float(means[0]), float(lo[0]), float(hi[0]), y, float(means[1]), float(lo[1]), float(hi[1]))
 
@@ -352,11 +354,9 @@ def _loss_and_utility(y: np.ndarray, p: np.ndarray, task: str):
     """(mean validation loss, utility(rows) -> float) of ``Run.arrays`` output: multi-class cross-entropy
     and accuracy; multi-label masked binary cross-entropy (per row over its observed conditions) and macro AUC."""
     if task == "multilabel":
-        from cxrfair.core.multilabel import auc_macro
-
         q, t = np.clip(p, 1e-12, 1 - 1e-12), np.nan_to_num(y)
         cell = np.where(np.isnan(y), np.nan, -(t * np.log(q) + (1 - t) * np.log(1 - q)))
-        return float(_nanmean0(_nanmean0(cell.T))), lambda rows: float(auc_macro(y[rows], p[rows]))
+        return float(nanmean0(nanmean0(cell.T))), lambda rows: float(auc_macro(y[rows], p[rows]))
     correct = p.argmax(1) == y
     loss = float(-np.mean(np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None))))
     return loss, lambda rows: float(correct[rows].mean())
@@ -403,7 +403,7 @@ def choose_strength(by_group: dict, gkeys: list[tuple], notes: list[str]) -> flo
         return common_strength(by_group[swept[0]], []) if swept else np.nan
     select = str(by_group[swept[0]][0].run.meta.get("select") or SELECT_DEFAULT)
     scores = [[validation_scores(e.run, g[3]) for e in by_group[g]] for g in swept]
-    means = {k: np.array([_nanmean0(np.array([s[k] for s in per], dtype=np.float64)) for per in scores])
+    means = {k: np.array([nanmean0(np.array([s[k] for s in per], dtype=np.float64)) for per in scores])
              for k in ("loss", "accuracy", "worst_group", "gap")}
     chosen = swept[select_index(means, select)]
     notes.append(f"mitigation: {'__'.join(str(x) for x in chosen[:2])} {chosen[2]}-{chosen[3]}: strength "
@@ -489,7 +489,7 @@ def mitigation_tables(evaluated, runs_df: pd.DataFrame, config, notes: list[str]
     """(mitigation.csv, tradeoff.csv) DataFrames, or (None, None) when no run has a mitigation.
 
     Args:
-        evaluated: ``analyze._Evaluated`` runs (values and replicates on shared resamples).
+        evaluated: ``replicates.Evaluated`` runs (values and replicates on shared resamples).
         runs_df: the runs table (tags and primary flags). config: the resolved AnalyzeConfig.
         notes: appended with what could not be compared and why.
     """

@@ -108,13 +108,6 @@ def tradeoff_figure(tradeoff: pd.DataFrame, ncols: int = 3):
     return fig
 
 
-def tradeoff_png(tradeoff: pd.DataFrame) -> bytes:
-    """``tradeoff_figure`` as PNG bytes (figure closed)."""
-    from cxrfair.analysis.figures import png
-
-    return png(tradeoff_figure(tradeoff), dpi=110)
-
-
 def _cell(value, lo, hi, signed: bool = False) -> str:
     if not np.isfinite(value):
         return "–"

@@ -3,13 +3,14 @@
 Each entry is a small function ``(data: ReportData) -> Section | list[Section] | None`` that
 returns its sections only when its data is present. To add a section (multi-label metrics,
 mitigations, leakage, shortcuts, ...), write one such function (here or in its own module) and
-add it to ``SECTIONS``; the renderers in ``report`` need no change. Figures are given as
+add it to ``SECTIONS``; the renderers in ``render`` need no change. Figures are given as
 ``Figure(name, caption, draw)`` and drawn only when the report has figures on.
 """
 
 from __future__ import annotations
 
 from cxrfair.analysis import findings as F
+from cxrfair.analysis.config import describe_intervals
 from cxrfair.analysis.embedding_report import geometry, leakage
 from cxrfair.analysis.report import (
     Figure,
@@ -28,6 +29,7 @@ from cxrfair.analysis.report import (
     table_thresholds,
     table_utility,
 )
+from cxrfair.core.multilabel import THRESHOLD_RULE
 
 ECE_NOTE = ("`ece_gap` uses the usual binned top-label ECE (15 equal-width confidence bins); "
             "`ece_gap_paper` is PAPER.md eq. 4 as written, unbinned: p_i is the top-label confidence and "
@@ -47,10 +49,11 @@ ZERO_SHOT_TERMS = {
 def _draw(name: str, *args, **kwargs):
     """A zero-argument drawer for ``figures.<name>(*args, **kwargs)`` returning its Figure.
 
-    matplotlib is imported only when a figure is drawn, not when sections are built.
+    matplotlib is imported only when a figure is drawn, not when sections are built: building and
+    rendering sections (``figures=False``, tests, ``ReportData`` users) never loads it.
     """
     def make():
-        from cxrfair.analysis import figures
+        from cxrfair.analysis import figures  # matplotlib: only when drawn (see above)
 
         return figures.__dict__[name](*args, **kwargs)
 
@@ -60,7 +63,7 @@ def _draw(name: str, *args, **kwargs):
 def _single(name: str, *args, width=7.0, height=4.0, **kwargs):
     """A zero-argument drawer for a one-panel figure function ``figures.<name>(*args, ax=...)``."""
     def make():
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # matplotlib: only when drawn (``_draw``)
 
         from cxrfair.analysis import figures
 
@@ -93,12 +96,6 @@ def findings(data: ReportData) -> Section | None:
     return Section("findings", "Findings", prose=tuple(lines[:-1]), figures=(fig,), notes=notes)
 
 
-def _uncertainty(data: ReportData) -> str:
-    from cxrfair.analysis.analyze import describe_intervals
-
-    return describe_intervals(data.config)
-
-
 def zero_shot_scoring(data: ReportData) -> list[str]:
     """One line per model with zero-shot runs: the prompt set shown and the similarity its scores use."""
     runs = data.results.runs
@@ -128,7 +125,7 @@ def attribute_lines(data: ReportData) -> list[str]:
 
 def setup(data: ReportData) -> Section:
     """How the numbers were made: split, intervals, zero-shot scoring per model, notes, metric definitions."""
-    prose = [f"**Uncertainty.** {_uncertainty(data)} Absolute gaps are biased upward under resampling, so "
+    prose = [f"**Uncertainty.** {describe_intervals(data.config)} Absolute gaps are biased upward under resampling, so "
              "their interval may not contain the point estimate."]
     groups = attribute_lines(data)
     if groups:
@@ -227,8 +224,6 @@ def thresholds(data: ReportData) -> Section | None:
     t = table_thresholds(th, primary)
     if t.empty:
         return None
-    from cxrfair.core.multilabel import THRESHOLD_RULE
-
     prose = (f"The threshold metrics (F1, TPR, FPR, FNR, equalized odds, FNR gap) use, {THRESHOLD_RULE}. "
              "A post-processed run uses its own recorded thresholds. All thresholds are in `thresholds.csv`.",)
     return Section("thresholds", "Decision thresholds", prose=prose, tables=(Table(
@@ -269,7 +264,8 @@ def mitigation(data: ReportData) -> Section | None:
     m, tradeoff = getattr(data.results, "mitigation", None), getattr(data.results, "tradeoff", None)
     if m is None or len(m) == 0:
         return None
-    from cxrfair.analysis import mitigation_figures as MF  # matplotlib: only when the section exists
+    # mitigation_figures imports matplotlib: loaded only when a report has mitigated runs.
+    from cxrfair.analysis import mitigation_figures as MF
 
     figs = ()
     if tradeoff is not None and len(tradeoff):

@@ -17,7 +17,9 @@ from sklearn.metrics import f1_score
 
 from cxrfair.core import metrics as M
 from cxrfair.core import multilabel as ML
-from cxrfair.analysis.analyze import AnalyzeConfig, check_runs, compute, in_blocks, tag_of
+from cxrfair.analysis.config import AnalyzeConfig
+from cxrfair.analysis.engine import compute, in_blocks
+from cxrfair.analysis.runsets import check_runs, tag_of
 from cxrfair.core.bootstrap import patient_counts
 from cxrfair.core.runs import Run, make_predictions, read_runs, write_run
 from cxrfair.cli import main

@@ -12,7 +12,8 @@ import pytest
 from click.testing import CliRunner
 from sklearn.metrics import f1_score, roc_auc_score
 
-from cxrfair.analysis.analyze import MIN_STRATUM_PATIENTS, METRIC_COLUMNS, AnalyzeConfig, compute
+from cxrfair.analysis.config import MIN_STRATUM_PATIENTS, AnalyzeConfig
+from cxrfair.analysis.engine import METRIC_COLUMNS, compute
 from cxrfair.core.bootstrap import merge_small_strata, patient_counts
 from cxrfair.core.metrics import METRIC_DEFINITIONS, metric_definitions
 from cxrfair.core.runs import make_predictions, read_runs, write_run

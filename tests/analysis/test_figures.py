@@ -109,7 +109,9 @@ def test_figures_without_data_say_so(data):
         fig = draw()
         assert any("no data" in t.get_text() for ax in fig.axes for t in ax.texts)
         plt.close(fig)
-    png = FG.to_png(FG.accuracy_by_model, summary.iloc[:0])
+    fig, ax = plt.subplots(figsize=(7.0, 4.0), constrained_layout=True)
+    FG.accuracy_by_model(summary.iloc[:0], ax=ax)
+    png = FG.png(fig)
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 

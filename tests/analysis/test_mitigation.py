@@ -17,9 +17,12 @@ import pytest
 from click.testing import CliRunner
 
 from cxrfair.analysis import mitigation as MIT
-from cxrfair.analysis.analyze import AnalyzeConfig, analyze, compute
+from cxrfair.analysis.analyze import analyze
+from cxrfair.analysis.config import AnalyzeConfig
+from cxrfair.analysis.engine import compute
 from cxrfair.core.bootstrap import merge_small_strata, patient_counts
-from cxrfair.analysis.mitigation_figures import DELTA_CAPTION, TRADEOFF_CAPTION, delta_table, tradeoff_png
+from cxrfair.analysis.figures import png
+from cxrfair.analysis.mitigation_figures import DELTA_CAPTION, TRADEOFF_CAPTION, delta_table, tradeoff_figure
 from cxrfair.core.runs import RunKey, make_predictions, read_runs, write_run
 from cxrfair.cli import main
 from cxrfair.errors import CxrfairError
@@ -550,7 +553,7 @@ def test_tradeoff_figure_renders_panels_and_nan_points():
         ("m1", "linear", "sex", "groupdro", 1.0, "st1", "adamw", 2, "accuracy", np.nan, np.nan, np.nan, "eqodds", 0.04, 0.0, 0.1, False, False),
         ("m2", "mlp", "age_group", "thresholds", 0.02, "best", "lbfgs", 1, "accuracy", 0.5, np.nan, np.nan, "eqodds", 0.2, np.nan, np.nan, True, True),
     ], columns=MIT.TRADEOFF_COLUMNS)
-    assert _non_blank(tradeoff_png(t))
+    assert _non_blank(png(tradeoff_figure(t), dpi=110))
 
 
 def _postprocessed(tmp_path):
@@ -575,7 +578,7 @@ def test_postprocessed_run_is_paired_with_its_source(tmp_path):
     sec = sections.mitigation(ReportData(res, read_runs(runs)))
     assert [t.caption for t in sec.tables] == [DELTA_CAPTION, TRADEOFF_CAPTION]
     assert "thresholds" in sec.tables[0].df.to_string() and [f.name for f in sec.figures] == ["mitigation_tradeoff.png"]
-    assert _non_blank(tradeoff_png(res.tradeoff))
+    assert _non_blank(png(sec.figures[0].draw()))  # the figure the report draws
 
 
 @pytest.mark.slow

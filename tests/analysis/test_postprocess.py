@@ -464,7 +464,8 @@ def test_new_run_identity_and_metadata(mc_pair):
 
 
 def test_analysis_reads_the_new_run_beside_its_source(mc_pair, tmp_path):
-    from cxrfair.analysis.analyze import AnalyzeConfig, compute
+    from cxrfair.analysis.config import AnalyzeConfig
+    from cxrfair.analysis.engine import compute
 
     src, new = mc_pair
     res = compute(R.read_runs(src.path.parent), AnalyzeConfig(src.path.parent, tmp_path / "r", n_boot=0, figures=False))
@@ -547,7 +548,8 @@ def test_multilabel_run_end_to_end(tmp_path):
         np.testing.assert_array_equal(Q[:, c_idx] >= T[c_idx], P[:, c_idx] >= np.where(gt == 0, th["M"][c], th["F"][c]))
     # The analysis thresholds the new run at its recorded decision thresholds (a fresh max-F1
     # choice on the rescaled scores would undo the group thresholds), and sees the gap shrink.
-    from cxrfair.analysis.analyze import AnalyzeConfig, compute
+    from cxrfair.analysis.config import AnalyzeConfig
+    from cxrfair.analysis.engine import compute
 
     res = compute(R.read_runs(tmp_path), AnalyzeConfig(tmp_path, tmp_path / "r", n_boot=0, figures=False))
     used = res.thresholds.set_index(["run_id", "class"])["threshold"]

@@ -10,7 +10,9 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from cxrfair.analysis.analyze import METRIC_COLUMNS, AnalyzeConfig, analyze, compute
+from cxrfair.analysis.analyze import analyze
+from cxrfair.analysis.config import AnalyzeConfig
+from cxrfair.analysis.engine import METRIC_COLUMNS, compute
 from cxrfair.analysis.report import fmt
 from cxrfair.core.runs import read_runs
 from cxrfair.cli import main
@@ -159,7 +161,7 @@ def _run(run_id, method="zeroshot", seed=0, **meta):
 
 
 def test_tags_group_seeds_and_zero_shot_draws():
-    from cxrfair.analysis.analyze import tag_of
+    from cxrfair.analysis.runsets import tag_of
 
     assert tag_of(_run("m__linear__best__s2", "linear", 2)) == "best"
     assert tag_of(_run("m__zeroshot__gloria-d3__s3", seed=3, draw=3)) == "gloria"
@@ -340,7 +342,8 @@ def test_setup_names_each_models_zero_shot_scoring(tmp_path):
 
 
 def test_metric_definitions_of_the_task_are_shown(report):
-    from cxrfair.analysis.report import ReportData, build_sections, render_markdown
+    from cxrfair.analysis.render import build_sections, render_markdown
+    from cxrfair.analysis.report import ReportData
 
     out, _ = report
     res = compute(read_runs(out.parent / "RUNS")[:2], AnalyzeConfig(out.parent / "RUNS", out, n_boot=0, figures=False))
@@ -352,7 +355,8 @@ def test_metric_definitions_of_the_task_are_shown(report):
 def test_a_section_is_one_function_and_one_list_entry(report):
     """The renderers lay out any builder's sections; a builder without data adds nothing."""
     from cxrfair.analysis import sections as S
-    from cxrfair.analysis.report import Figure, ReportData, Section, Table, build_sections, draw_figures, render_html
+    from cxrfair.analysis.render import build_sections, draw_figures, render_html
+    from cxrfair.analysis.report import Figure, ReportData, Section, Table
 
     import matplotlib.pyplot as plt
 
@@ -378,7 +382,8 @@ def test_a_section_is_one_function_and_one_list_entry(report):
 
 
 def test_report_without_the_runs_folder_omits_curves(report, tmp_path):
-    from cxrfair.analysis.report import ReportData, build_sections
+    from cxrfair.analysis.render import build_sections
+    from cxrfair.analysis.report import ReportData
 
     out, _ = report
     res = compute(read_runs(out.parent / "RUNS")[:3], AnalyzeConfig(tmp_path / "gone", out, n_boot=0, figures=False))

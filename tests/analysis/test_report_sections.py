@@ -15,8 +15,10 @@ import pytest
 from click.testing import CliRunner
 
 from cxrfair.analysis import sections as S
-from cxrfair.analysis.analyze import AnalyzeConfig, compute
-from cxrfair.analysis.report import ReportData, build_sections, fmt, render_markdown
+from cxrfair.analysis.config import AnalyzeConfig
+from cxrfair.analysis.engine import compute
+from cxrfair.analysis.render import build_sections, render_markdown
+from cxrfair.analysis.report import ReportData, fmt
 from cxrfair.core.runs import read_runs
 from cxrfair.cli import main
 from cxrfair.errors import CxrfairError

@@ -12,7 +12,9 @@ import pytest
 from click.testing import CliRunner
 from sklearn.metrics import roc_auc_score
 
-from cxrfair.analysis.analyze import MIN_STRATUM_PATIENTS, SHORTCUT_COLUMNS, AnalyzeConfig, compute
+from cxrfair.analysis.config import MIN_STRATUM_PATIENTS, AnalyzeConfig
+from cxrfair.analysis.engine import compute
+from cxrfair.analysis.shortcut import SHORTCUT_COLUMNS
 from cxrfair.core.bootstrap import merge_small_strata, patient_counts
 from cxrfair.core.runs import make_predictions, read_runs, write_run
 from cxrfair.cli import main

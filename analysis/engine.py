@@ -1,0 +1,352 @@
+"""The engine: runs in, tables out. Metrics with bootstrap intervals, seed summaries, paired comparisons.
+
+``compute(runs, config)`` is pure (runs in, ``Results`` of DataFrames out; no file is read or
+written); the command ``analyze.analyze`` reads the runs, calls it and writes the report folder.
+
+Both tasks of the run format: multi-class runs go through ``metrics.evaluate_all`` (arg-max
+predictions), multi-label runs through ``multilabel.evaluate_multilabel`` at thresholds chosen
+per run on its validation rows (``multilabel.choose_thresholds``). Attributes, their groups and
+reference groups come from the runs (run.json ``attributes``, else the v1 sex / age_group; ``groups``).
+
+Resampling: patients are redrawn within strata (the cross of ``config.cross``, by default the
+first two attributes; strata of fewer than ``MIN_STRATUM_PATIENTS`` patients pooled), all of a
+patient's images together (``bootstrap.patient_counts``). All runs evaluated on the same test
+images share one (R, N) matrix of bootstrap counts (images aligned by ``image_id``), so the
+intervals of different methods come from the same resamples, a paired comparison is a
+subtraction of replicate arrays, and the interval of a mean over seeds (or zero-shot prompt
+draws) is the percentile interval of the mean of their replicates (``replicates``). The shortcut
+test (``--shortcut``, ``shortcut``) uses the same resamples for its two AUCs, so their difference
+is paired too; so are the mitigation deltas (``mitigation``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+from functools import partial
+
+import numpy as np
+import pandas as pd
+
+from cxrfair.analysis import mitigation as MIT
+from cxrfair.analysis.config import MIN_STRATUM_PATIENTS, AnalyzeConfig, resolve, strata_attributes, stratum_name
+from cxrfair.analysis.groups import crossed_name, group_labels
+from cxrfair.analysis.replicates import Evaluated, average, replicate_matrix
+from cxrfair.analysis.runsets import baseline_method, check_runs, in_method_order, runs_table, split_rows
+from cxrfair.analysis.shortcut import SHORTCUT_COLUMNS, shortcut_metrics, shortcut_request, shortcut_subsets, shortcut_table
+from cxrfair.core import metrics as M
+from cxrfair.core import multilabel as ML
+from cxrfair.core.bootstrap import interval, merge_small_strata, patient_counts
+from cxrfair.core.runs import Run, run_attributes, targets_and_probs
+from cxrfair.errors import CxrfairError
+
+METRIC_COLUMNS = ["run_id", "model", "method", "seed", "split", "metric", "attribute", "group", "class",
+                  "value", "ci_low", "ci_high"]
+
+
+@dataclass
+class Results:
+    """Everything the report is made of (all DataFrames in long format).
+
+    ``config`` is the one analysed: its ``attributes``, ``cross`` and ``shortcut`` resolved from
+    the runs (``analysis_record`` gives the JSON form).
+    """
+
+    metrics: pd.DataFrame  # METRIC_COLUMNS
+    runs: pd.DataFrame  # run_id, model, method, seed, tag, n_images, val_accuracy, val_auc_macro, primary
+    seeds: pd.DataFrame  # model, method, tag, metric, attribute, group, class, n_seeds, mean, sd, ci_low, ci_high
+    comparisons: pd.DataFrame  # model, baseline, baseline_runs, n_baseline, method, run_id, seed, metric, ..., delta, ci_low, ci_high
+    config: AnalyzeConfig
+    notes: list[str] = field(default_factory=list)
+    task: str = "multiclass"  # "multiclass" | "multilabel"
+    # The analysed attributes in order, each {"groups": [reference first, ...], "reference": g,
+    # "declared": bool (False: groups as observed)}; the crossed attribute (if any) last, with "of": [columns].
+    attributes: dict = field(default_factory=dict)
+    strata: dict = field(default_factory=dict)  # {"attributes": [...], "min_patients": k, "pooled": [stratum names]}
+    thresholds: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=THRESHOLD_COLUMNS))  # multi-label
+    shortcut: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=SHORTCUT_COLUMNS))  # per run
+    # Mitigated runs against their ERM counterparts (``mitigation.MITIGATION_COLUMNS``, ``TRADEOFF_COLUMNS``);
+    # None when no run has a mitigation.
+    mitigation: pd.DataFrame | None = None
+    tradeoff: pd.DataFrame | None = None
+
+    @property
+    def definitions(self) -> dict[str, str]:
+        """{metric name: one sentence} for this task's metrics.csv."""
+        return M.metric_definitions(self.task)
+
+
+THRESHOLD_COLUMNS = ["run_id", "model", "method", "seed", "class", "threshold", "n_val_pos", "n_val_neg"]
+
+
+def compute(runs: list[Run], config: AnalyzeConfig, progress=None) -> Results:
+    """Evaluate every run on ``config.split`` with bootstrap intervals; build all tables.
+
+    Args:
+        runs: from ``read_runs`` (one cohort and task; ``check_runs``).
+        config: options; ``attributes``/``cross``/``shortcut`` left to their defaults are taken
+            from the runs (``resolve``).
+        progress: optional wrapper for the run loop (e.g. tqdm).
+
+    Returns:
+        Results (``config`` resolved).
+    """
+    check_runs(runs)
+    config = resolve(runs, config)
+    notes: list[str] = []
+    shortcut = shortcut_request(runs, config, notes)
+    config = replace(config, shortcut=shortcut[0] if shortcut else "none", shortcut_class=shortcut and shortcut[1])
+    ctx = Context(config, np.random.default_rng(config.seed), shortcut)
+    evaluated = [_evaluate(run, ctx) for run in (progress(runs) if progress else runs)]
+    runs_df = runs_table(evaluated)
+    notes = _recoding_notes(ctx.recoded) + _pooling_notes(ctx) + _task_notes(evaluated, config) + notes
+    mitigation, tradeoff = MIT.mitigation_tables(evaluated, runs_df, config, notes)
+    return Results(
+        metrics=_metrics_table(evaluated, config),
+        runs=runs_df,
+        seeds=_seeds_table(evaluated, runs_df, config, notes),
+        comparisons=_comparisons_table(evaluated, runs_df, config, notes),
+        config=config,
+        notes=notes,
+        task=runs[0].task,
+        attributes=_attribute_table(evaluated[0], runs[0], config),
+        strata={"attributes": list(strata_attributes(config)), "min_patients": MIN_STRATUM_PATIENTS,
+                "pooled": sorted({s for names in ctx.pooled.values() for s in names})},
+        thresholds=_thresholds_table(evaluated),
+        shortcut=shortcut_table(evaluated, config),
+        mitigation=mitigation,
+        tradeoff=tradeoff,
+    )
+
+
+def _pooling_notes(ctx: Context) -> list[str]:
+    return [f"bootstrap strata with fewer than {MIN_STRATUM_PATIENTS} patients pooled into one: {', '.join(names)}"
+            for names in dict.fromkeys(tuple(v) for v in ctx.pooled.values() if v)]
+
+
+def _task_notes(evaluated: list[Evaluated], config: AnalyzeConfig) -> list[str]:
+    """What a reader must know about multi-label thresholds and the shortcut test's images."""
+    notes = []
+    if evaluated[0].run.task == "multilabel":
+        notes.append(f"Thresholds (f1, tpr, fpr, fnr, eqodds, eqodds_worst, fnr_gap): {ML.THRESHOLD_RULE}; chosen "
+                     "per run on its own validation rows (thresholds.csv).")
+        if config.split == "val":
+            notes.append("--split val: thresholds are chosen on the same rows the metrics are computed on, so "
+                         "the threshold metrics are optimistic.")
+        for e in evaluated:
+            missing = [c for c, t in zip(e.run.classes, e.thresholds) if np.isnan(t)]
+            if missing:
+                notes.append(f"run {e.run.run_id}: no validation positives for {', '.join(missing)}; the threshold "
+                             "metrics of these conditions are NaN")
+    if evaluated[0].shortcut:
+        k, (column, cls) = evaluated[0].shortcut, (config.shortcut, config.shortcut_class)
+        notes.append(f"Shortcut test ({config.split} split): AUC of {cls} on its {k['n_pos_with']} positives with "
+                     f"{column} = 1 plus all {k['n_neg']} negatives, vs its {k['n_pos_without']} positives with "
+                     f"{column} = 0 plus the same negatives; {k['n_pos_unknown']} positives with {column} empty are "
+                     f"in neither, negatives count whatever their {column}. Both AUCs use the same resamples, so "
+                     "the interval of the difference is paired (shortcut.csv).")
+    return notes
+
+
+def _attribute_table(ev: Evaluated, run: Run, config: AnalyzeConfig) -> dict:
+    """{attribute: {groups, reference, declared[, of]}} for the analysed attributes and the cross."""
+    declared = run_attributes(run)
+    out = {a: {"groups": list(ev.levels[a]), "reference": ev.levels[a][0] if ev.levels[a] else None,
+               "declared": a in declared} for a in config.attributes}
+    if config.cross:
+        name = crossed_name(config.cross)
+        out[name] = {"groups": list(ev.levels[name]), "reference": ev.levels[name][0], "declared": False,
+                     "of": list(config.cross)}
+    return out
+
+
+def _recoding_notes(recoded: dict) -> list[str]:
+    """One note per column and set of recoded group codes, so a reader sees what was read how."""
+    return [f"column {col}: code(s) {', '.join(f'{a!r} → {b}' for a, b in changes)} read as the declared "
+            f"groups in {len(ids)} run(s) (e.g. {ids[0]})" for (col, changes), ids in recoded.items()]
+
+
+# ----------------------------------------------------------------------------- evaluating one run
+
+
+def _patients(rows: pd.DataFrame, run: Run) -> np.ndarray:
+    """(N,) patient ids as strings; an empty one would silently pool images into one patient."""
+    if rows["patient_id"].isna().any():
+        image = rows.loc[rows["patient_id"].isna(), "image_id"].iloc[0]
+        raise CxrfairError(f"run {run.run_id}: column patient_id is empty for image {image}; the bootstrap "
+                           "resamples patients, so every image needs its patient")
+    return rows["patient_id"].astype(str).to_numpy(dtype=str)
+
+
+@dataclass
+class Context:
+    """What every run's evaluation shares: the resolved config and the resamples per test set."""
+
+    config: AnalyzeConfig
+    rng: np.random.Generator
+    shortcut: tuple[str, str] | None  # (column, class) of the shortcut test, None when off
+    counts: dict = field(default_factory=dict)  # test-set key -> (R, N) bootstrap counts
+    recoded: dict = field(default_factory=dict)  # (column, changes) -> run ids
+    pooled: dict = field(default_factory=dict)  # test-set key -> names of the pooled strata
+
+
+def resamples(ctx: Context, rows: pd.DataFrame, run: Run, strata: np.ndarray) -> tuple[tuple, np.ndarray | None]:
+    """The test-set key and its (R, N) bootstrap counts, drawn once per distinct test set."""
+    key = (tuple(rows["image_id"]), tuple(_patients(rows, run)), tuple(strata))
+    if ctx.config.n_boot and key not in ctx.counts:
+        merged, ctx.pooled[key] = merge_small_strata(key[1], strata, MIN_STRATUM_PATIENTS)
+        # Compact integer counts (uint8: 40 MB for 1,000 x 40,000), made float block by block in ``_add``.
+        ctx.counts[key] = patient_counts(key[1], merged, ctx.config.n_boot, ctx.rng, dtype=None)
+    return key, ctx.counts.get(key)
+
+
+def _evaluate(run: Run, ctx: Context) -> Evaluated:
+    """Metrics of one run and, with bootstrap, their replicates on the shared resamples of its test set."""
+    config = ctx.config
+    rows = split_rows(run, config.split)
+    attrs = group_labels(rows, config.attributes, run, ctx.recoded, cross=config.cross)
+    key, weights = resamples(ctx, rows, run, attrs[stratum_name(config)][0])
+    targets, probs = targets_and_probs(rows, run.classes, run.task)
+    ev = Evaluated(run, key, {}, {} if weights is not None else None, {a: lev for a, (_, lev) in attrs.items()})
+    if run.task == "multilabel":
+        ev.thresholds, ev.threshold_counts = _validation_thresholds(run)
+        score = partial(ML.evaluate_multilabel, targets, probs, run.classes, attrs, ev.thresholds)
+    else:
+        score = partial(M.evaluate_all, targets, probs, run.classes, attrs)
+    _add(ev, score, weights)
+    if ctx.shortcut:
+        column, cls = ctx.shortcut
+        subsets, ev.shortcut = shortcut_subsets(rows, run, column, cls)
+        _add(ev, partial(shortcut_metrics, subsets, rows[f"p_{cls}"].to_numpy(dtype=np.float64), column, cls), weights)
+    return ev
+
+
+def _add(ev: Evaluated, score, weights: np.ndarray | None) -> None:
+    """Put ``score()``'s values and, with bootstrap, ``score(weights=(R, N) counts)``'s replicates into ``ev``."""
+    ev.values.update(score())
+    if weights is not None:
+        ev.replicates.update(in_blocks(score, weights))
+
+
+def in_blocks(score, weights: np.ndarray, chunk_bytes: int = ML.CHUNK_BYTES) -> dict:
+    """``score(weights=W)`` for the (R, N) counts W, a block of replicates at a time, joined along R.
+
+    Every replicate's values depend only on its own row, so this equals one call on all of W;
+    blocks of ``chunk_bytes`` of float64 weights bound the metrics' (r, N) temporaries, which
+    for 1,000 replicates of 40,000 images would otherwise be GBs.
+    """
+    rows = max(1, chunk_bytes // (8 * max(weights.shape[-1], 1)))
+    parts = [score(weights=weights[i:i + rows].astype(np.float64)) for i in range(0, len(weights), rows)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _validation_thresholds(run: Run) -> tuple[np.ndarray, np.ndarray]:
+    """(C,) decision thresholds and the (2, C) validation positives and negatives per condition.
+
+    Max-F1 thresholds on the run's validation rows (``multilabel.THRESHOLD_RULE``), NaN without
+    validation rows; a post-processed run (``cxrfair postprocess``) carries its own
+    ``decision_thresholds`` in run.json, which must be used as they are: a new max-F1 choice on
+    its rescaled scores would undo the group thresholds it encodes.
+    """
+    rows = run.split("val")
+    C = len(run.classes)
+    counts = np.zeros((2, C), dtype=np.int64)
+    if not rows.empty:
+        Y, P = targets_and_probs(rows, run.classes, "multilabel")
+        counts = np.stack([(Y == 1).sum(0), (Y == 0).sum(0)])
+    fixed = run.meta.get("decision_thresholds")
+    if isinstance(fixed, dict):
+        return np.array([np.nan if fixed.get(c) is None else float(fixed[c]) for c in run.classes]), counts
+    if rows.empty:
+        return np.full(C, np.nan), counts
+    return ML.choose_thresholds(Y, P), counts
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def _metrics_table(evaluated: list[Evaluated], config: AnalyzeConfig) -> pd.DataFrame:
+    records = []
+    for ev in evaluated:
+        r, keys = ev.run, list(ev.values)
+        # All intervals of a run in one call: one sort of its (R, K) replicates.
+        lo, hi = interval(replicate_matrix(ev, keys), config.level) if ev.replicates else (np.full(len(keys), np.nan),) * 2
+        records.extend((r.run_id, r.model, r.method, r.seed, config.split, *k, float(ev.values[k]), float(lo[i]),
+                        float(hi[i])) for i, k in enumerate(keys))
+    return pd.DataFrame.from_records(records, columns=METRIC_COLUMNS)
+
+
+def _thresholds_table(evaluated: list[Evaluated]) -> pd.DataFrame:
+    """Multi-label: one row per run and condition, its validation threshold and what it was chosen on."""
+    records = []
+    for e in (e for e in evaluated if e.thresholds is not None):
+        for j, c in enumerate(e.run.classes):
+            records.append((e.run.run_id, e.run.model, e.run.method, e.run.seed, c, float(e.thresholds[j]),
+                            int(e.threshold_counts[0, j]), int(e.threshold_counts[1, j])))
+    return pd.DataFrame.from_records(records, columns=THRESHOLD_COLUMNS)
+
+
+SEED_COLUMNS = ["model", "method", "tag", "metric", "attribute", "group", "class", "n_seeds", "mean", "sd",
+                "ci_low", "ci_high"]
+
+
+def _seeds_table(evaluated, runs_df, config: AnalyzeConfig, notes: list[str]) -> pd.DataFrame:
+    """Runs that differ only by seed (or zero-shot draw): mean, sd (ddof=1) and the mean's interval.
+
+    ``n_seeds`` counts the runs where the metric is defined; the mean and its replicates skip the others.
+    """
+    tags = dict(zip(runs_df["run_id"], runs_df["tag"]))
+    groups = defaultdict(list)
+    for e in evaluated:
+        groups[(e.run.model, e.run.method, tags[e.run.run_id])].append(e)
+    records = []
+    for (model, method, tag), evs in groups.items():
+        keys, per_run, means, reps = average(evs)
+        if config.n_boot and reps is None:
+            notes.append(f"{model} {method} {tag}: its runs are on different test images; their mean has no interval")
+        lo, hi = interval(reps, config.level) if reps is not None else (np.full(len(keys), np.nan),) * 2
+        n = (~np.isnan(per_run)).sum(axis=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # fewer than two defined runs: NaN, set below
+            sd = np.where(n > 1, np.nanstd(per_run, axis=0, ddof=1), np.nan)
+        records.extend((model, method, tag, *k, int(n[i]), float(means[i]), float(sd[i]), float(lo[i]), float(hi[i]))
+                       for i, k in enumerate(keys))
+    return pd.DataFrame.from_records(records, columns=SEED_COLUMNS)
+
+
+COMPARISON_COLUMNS = ["model", "baseline", "baseline_runs", "n_baseline", "method", "run_id", "seed", "split",
+                      "metric", "attribute", "group", "class", "delta", "ci_low", "ci_high"]
+
+
+def _comparisons_table(evaluated, runs_df, config: AnalyzeConfig, notes: list[str]) -> pd.DataFrame:
+    """Paired bootstrap: each primary run minus its model's baseline on the same resamples.
+
+    The baseline is the mean of the baseline method's primary runs (for zero-shot, every prompt
+    draw of the chosen set), value and replicates alike; ``baseline_runs`` lists them.
+    """
+    if not config.n_boot:
+        return pd.DataFrame(columns=COMPARISON_COLUMNS)
+    by_id = {e.run.run_id: e for e in evaluated}
+    prim = runs_df[runs_df["primary"]]
+    records = []
+    for model, df in prim.groupby("model", sort=True):
+        base = baseline_method(df["method"].unique())
+        base_evs = [by_id[i] for i in df.loc[df["method"] == base].sort_values("seed")["run_id"]]
+        if any(e.key != base_evs[0].key for e in base_evs):
+            notes.append(f"{model}: its {base} runs are on different test images; not compared")
+            continue
+        names = ";".join(e.run.run_id for e in base_evs)
+        baselines: dict[tuple, tuple] = {}  # the baseline averaged once per set of metric keys
+        for b in (by_id[i] for i in in_method_order(df[df["method"] != base])["run_id"]):
+            if b.key != base_evs[0].key or b.run.classes != base_evs[0].run.classes:
+                notes.append(f"{b.run.run_id} vs {names}: different test images or classes; not compared")
+                continue
+            if tuple(b.values) not in baselines:
+                baselines[tuple(b.values)] = average(base_evs, list(b.values))
+            keys, _, base_values, base_reps = baselines[tuple(b.values)]
+            lo, hi = interval(replicate_matrix(b, keys) - base_reps, config.level)
+            records.extend((model, base, names, len(base_evs), b.run.method, b.run.run_id, b.run.seed, config.split,
+                            *k, float(b.values[k] - base_values[i]), float(lo[i]), float(hi[i]))
+                           for i, k in enumerate(keys))
+    return pd.DataFrame.from_records(records, columns=COMPARISON_COLUMNS)

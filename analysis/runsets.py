@@ -1,0 +1,116 @@
+"""Which runs go together: tags (runs equal but for the seed), the cohort check, the runs table
+with the primary tag per model and method, and the baseline method others are compared with.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+
+from cxrfair.analysis.replicates import Evaluated
+from cxrfair.core import metrics as M
+from cxrfair.core import multilabel as ML
+from cxrfair.core.runs import METHODS, Run, parse_run_id
+from cxrfair.errors import CxrfairError
+
+
+def tag_of(run: Run) -> str:
+    """What a run is apart from model, method and seed: runs with equal tags differ only by seed.
+
+    From ``parse_run_id`` (run identity lives in ``runs.RunKey``). Zero-shot runs of one prompt
+    set carry the draw as their seed and ``-d<draw>`` in the tag; the draw suffix is dropped so
+    the draws of one prompt set are summarised like seeds. A mitigation other than ``erm`` is
+    part of the tag (``groupdro-sex__best``), so mitigated and plain runs are never averaged.
+    """
+    key = parse_run_id(run.run_id)
+    tag = base_tag(run)
+    return tag if key.mitigation == "erm" else f"{key.mitigation}-{key.sensitive}__{tag}"
+
+
+def base_tag(run: Run) -> str:
+    """The run id's tag without a zero-shot draw suffix (``clip-d3`` -> ``clip``) and without the mitigation."""
+    tag = parse_run_id(run.run_id).tag
+    if "draw" in run.meta:
+        tag = re.sub(rf"-d{re.escape(str(run.meta['draw']))}$", "", tag)
+    return tag
+
+
+def check_runs(runs: list[Run]) -> None:
+    """Refuse what would mix or mislabel runs: several cohorts or tasks, run ids off the convention.
+
+    Runs of different cohorts have different test sets; side by side in one table (or averaged
+    as seeds) they would read as one experiment.
+    """
+    first = runs[0]
+    for run in runs:
+        key = parse_run_id(run.run_id)
+        if key.method != run.method:
+            raise CxrfairError(f"run {run.run_id}: run.json says method {run.method!r} but the run id says "
+                               f"{key.method!r}; fix one of them")
+        if run.task != first.task:
+            raise CxrfairError(f"runs {first.run_id} ({first.task}) and {run.run_id} ({run.task}) are of different "
+                               "tasks; analyze one cohort's runs at a time (move the others into their own RUNS folder)")
+        if run.meta["cohort_hash"] != first.meta["cohort_hash"]:
+            raise CxrfairError(
+                f"runs {first.run_id} (cohort {str(first.meta['cohort_hash'])[:12]}) and {run.run_id} "
+                f"(cohort {str(run.meta['cohort_hash'])[:12]}) come from different cohorts; analyze one "
+                "cohort's runs at a time (move the others into their own RUNS folder)")
+
+
+def split_rows(run: Run, split: str) -> pd.DataFrame:
+    """The run's rows of ``split`` in image_id order; CxrfairError when it has none."""
+    rows = run.split(split)
+    if rows.empty:
+        raise CxrfairError(f"run {run.run_id}: predictions.csv has no rows with split == {split!r} "
+                           f"(column split); choose --split among {sorted(run.predictions['split'].unique())}")
+    return rows.sort_values("image_id", kind="stable")  # canonical order shared by every run
+
+
+def _val_scores(run: Run) -> tuple[float, float]:
+    """(accuracy, macro AUC) on the run's validation rows; accuracy NaN for multi-label, both NaN without rows."""
+    if run.split("val").empty:
+        return np.nan, np.nan
+    y, p = run.arrays("val")
+    if run.task == "multilabel":
+        return np.nan, float(ML.condition_metrics(y, p)["auc_macro"])
+    return float(M.accuracy(y, p)), float(M.auc_macro(y, p))
+
+
+def runs_table(evaluated: list[Evaluated]) -> pd.DataFrame:
+    """One row per run; ``primary`` marks the tag per (model, method) that tables and figures show.
+
+    With several tags (e.g. zero-shot prompt sets) for one model and method, the primary one is
+    the tag a run marks with ``prompt_set_selected: true`` (the probe's choice on val), else the
+    best mean validation score over seeds (as the paper picks prompts, but on val, not test):
+    accuracy for multi-class runs, macro AUC for multi-label ones. Plain (``erm``) tags come
+    first: a mitigated run is primary only for a model and method without any erm run (its
+    mitigation section compares it with ERM instead).
+    """
+    df = pd.DataFrame([{
+        "run_id": e.run.run_id, "model": e.run.model, "method": e.run.method, "seed": e.run.seed,
+        "tag": tag_of(e.run), "n_images": len(e.key[0]),
+        **dict(zip(("val_accuracy", "val_auc_macro"), _val_scores(e.run))),
+        "selected": bool(e.run.meta.get("prompt_set_selected", False)),
+        "erm": parse_run_id(e.run.run_id).mitigation == "erm",
+    } for e in evaluated])
+    criterion = "val_auc_macro" if evaluated[0].run.task == "multilabel" else "val_accuracy"
+    score = df.groupby(["model", "method", "tag"], sort=False).agg(
+        erm=("erm", "all"), selected=("selected", "any"), val=(criterion, "mean")).reset_index()
+    score["val"] = score["val"].fillna(-1.0)
+    best = score.sort_values(["model", "method", "erm", "selected", "val", "tag"],
+                             ascending=[True, True, False, False, False, True]).drop_duplicates(["model", "method"])
+    primary = set(zip(best["model"], best["method"], best["tag"]))
+    df["primary"] = [(m, me, t) in primary for m, me, t in zip(df["model"], df["method"], df["tag"])]
+    return df.drop(columns=["selected", "erm"])
+
+
+def baseline_method(methods) -> str:
+    """The method others are compared against: zero-shot if present, else the first in METHODS order."""
+    return min(methods, key=lambda m: METHODS.index(m) if m in METHODS else len(METHODS))
+
+
+def in_method_order(df: pd.DataFrame) -> pd.DataFrame:
+    rank = df["method"].map(lambda m: METHODS.index(m) if m in METHODS else len(METHODS))
+    return df.assign(_rank=rank).sort_values(["_rank", "method", "seed"]).drop(columns="_rank")

@@ -1,0 +1,131 @@
+"""Bit-identity guard: ``analyze`` on fixed synthetic runs writes the files it wrote before the
+analysis refactor (engine / command split, commit e7f4814 and earlier).
+
+Two report folders: multi-class (seeds, zero-shot baseline, GroupDRO, a reweighting sweep with
+its strength-0 run, a post-processed run: mitigation.csv / tradeoff.csv) and multi-label (prompt
+draws, thresholds.csv, the automatic drain shortcut test: shortcut.csv). Figures are off (PNG
+bytes depend on the matplotlib build); the report's text is still rendered in full.
+
+Each file is compared by the SHA-256 of a canonical form, recorded with the pre-refactor code:
+CSVs with every float printed to 9 significant digits (so last-bit differences of a CPU's vector
+math cannot fail it; any change of a row, column, order, text or a number beyond 1e-9 relative
+does), report.md / report.html / analysis.json exactly, with the temporary folder's path replaced.
+After an intended change of the outputs, print the new digests with
+``python -m tests.analysis.test_golden_outputs`` (from the repository root) and paste them below.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from cxrfair.analysis import postprocess as PP
+from cxrfair.analysis.analyze import analyze
+from cxrfair.analysis.config import AnalyzeConfig
+from cxrfair.core.runs import RunKey, make_predictions, write_run
+
+from .synth import CLASSES, cohort_rows, meta_for, probs_for, write_multilabel_runs
+
+N_BOOT = 100
+TEXT_FILES = ("report.md", "report.html", "analysis.json")
+
+EXPECTED = {
+    'multiclass': {
+        'analysis.json': 'cd8ec4e4a7927bc8f167bacaa2ca4699c5b3012d77a2ea70d461d217c6f1f3d3',
+        'comparisons.csv': 'f9200fd05210b5f058fe445ae8f27c1d284ff3bd924a2e07aa7daa7be1415d7c',
+        'findings.csv': '4ea9fc1afed69735c6f55f19e27289f12870b3034c7dd0d903b85395eb89a3eb',
+        'metrics.csv': '9ac80a68cf8cc4add48779ac98b6c881c3dc3793fe65557960631436b2d439bb',
+        'mitigation.csv': '4231580bdc9102c750a65e422adac085f46605e9dd0c9c8a256acb6708498bd5',
+        'reliability.csv': '7558390120348b17d76cc85b91dc728e09ddf41e2f27cec99d83e2f7765f9f74',
+        'report.html': '60772b8115de811ef0a10d73f6f6505041c0e7bc6f7b0ac2a141511bb8d2f7bc',
+        'report.md': '50bb9e871cb326bd699e86f031945ad3ea608e82c7f30478691f38b620a9a151',
+        'roc.csv': '112d1bdc65b73f0adb6e57ac976b4cde2accde615aa85982b5686e1de0b1c940',
+        'runs.csv': '34b124b0c6d83591c5f5d02cbbaed0b132be0d533b7aea54c78ec4484db28404',
+        'seeds.csv': 'f265442fa05df815d8ddf45a2c27d783810c0754a3ca1cb1565c3c0a450b503c',
+        'tradeoff.csv': '82d65917b240acd29f2ffcbae40f0afa6a0c523aee7df9a74c63d4699b623a85',
+    },
+    'multilabel': {
+        'analysis.json': '198d36673a28317a9a84ca1987aba9391598f1862bf5c37734b797b4014b8bb3',
+        'comparisons.csv': '7ab4e074d6b80ae7696ecaebdb13bf63ca9d262a6726c5e318edf3e4128f6667',
+        'findings.csv': 'f0697f17079cb3c4773fa6995352501a8ba52ba6b3046f339a26530fc4a6b420',
+        'metrics.csv': 'd31f0eefe738e191d361cf38ec398ddf1c71d2b34916393442e2d59856008a01',
+        'reliability.csv': '8378c325fa3afaa6203eede27a197c73a57191ff0dd4087f7f5ac1a2d9e3c887',
+        'report.html': '100d4827b68028eb0f8a25713daf2e6cadc61344c32b59b75ae35752ebc590f6',
+        'report.md': '46fd793080731ba46ab5e409705472be000d6e5df7e736ef60e975b79cc6f4bf',
+        'roc.csv': '5f9f4a80015486a723c14d17b8ae8f7251f89bbf3cf432a2465206e3610818c4',
+        'runs.csv': '3fc2c182e30f6ee8fde425a34743f27a33be03774dc60c318bad44329c5161aa',
+        'seeds.csv': 'c8af0be0f5e1f25ce331e019ca3a7587f75d3b221fb48cc0e2ddcf19c86f8148',
+        'shortcut.csv': '55201224db7c47042dd2e1540a1102b6d4ac651e108eba2a917e2e792fa3bbb3',
+        'thresholds.csv': 'd986bd2444e9483143db2e7c8f5074732534da80f5f03aa197c4d00ceb1f1bdb',
+    },
+}
+
+
+def _multiclass_runs(runs_dir: Path) -> None:
+    rows = cohort_rows(40)
+
+    def write(seed, skill, draw, mitigation="erm", sensitive=None, tag="best", strength=None, method="linear"):
+        key = RunKey("m1", method, tag, seed, mitigation, sensitive)
+        meta = meta_for("m1", method, seed) | {"run_id": key.run_id, "mitigation": mitigation, "sensitive": sensitive,
+                                              "strength": strength}
+        write_run(runs_dir, meta, make_predictions(rows, probs_for(rows, skill=skill, seed=draw), CLASSES))
+
+    for s in (0, 1):
+        write(s, 1.0, s)
+        write(s, 1.3, 10 + s, "groupdro", "sex", "best", 0.5)
+        for k, st in enumerate((0.0, 0.5, 1.0)):
+            write(s, 1.0 + 0.2 * k, 20 + 3 * s + k, "reweight", "sex", f"st{st:g}", st)
+        write(s, 0.8, 40 + s, method="zeroshot")
+    PP.postprocess(PP.PostprocessConfig(run=runs_dir / "m1__linear__best__s0", sensitive="sex", out=runs_dir))
+
+
+def _multilabel_runs(runs_dir: Path) -> None:
+    write_multilabel_runs(runs_dir, [("clip", "zeroshot", 0), ("clip", "zeroshot", 1), ("clip", "linear", 0),
+                                     ("clip", "linear", 1), ("cxr", "full", 0)])
+
+
+SCENARIOS = {"multiclass": _multiclass_runs, "multilabel": _multilabel_runs}
+
+
+def _canonical_csv(path: Path) -> bytes:
+    df = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    out = io.StringIO()
+    df.to_csv(out, index=False, float_format="%.9g")
+    return out.getvalue().encode()
+
+
+def digests(scenario: str, root: Path) -> dict[str, str]:
+    """{file name: SHA-256 of its canonical form} of the report folder ``analyze`` writes for ``scenario``."""
+    runs_dir, out = root / "RUNS", root / "REPORT"
+    SCENARIOS[scenario](runs_dir)
+    analyze(AnalyzeConfig(runs_dir, out, n_boot=N_BOOT, figures=False, embeddings="none"))
+    got = {}
+    for path in sorted(out.rglob("*")):
+        if not path.is_file():
+            continue
+        name = str(path.relative_to(out))
+        if path.suffix == ".csv":
+            data = _canonical_csv(path)
+        else:
+            data = path.read_bytes().replace(str(root).encode(), b"ROOT")
+        got[name] = hashlib.sha256(data).hexdigest()
+    return got
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_analyze_writes_the_pre_refactor_files(scenario, tmp_path):
+    assert digests(scenario, tmp_path) == EXPECTED[scenario]
+
+
+if __name__ == "__main__":
+    for name in sorted(SCENARIOS):
+        with tempfile.TemporaryDirectory() as d:
+            print(f"    {name!r}: {{")
+            for k, v in digests(name, Path(d)).items():
+                print(f"        {k!r}: {v!r},")
+            print("    },")
