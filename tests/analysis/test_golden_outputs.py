@@ -10,6 +10,10 @@ Each file is compared by the SHA-256 of a canonical form, recorded with the pre-
 CSVs with every float printed to 9 significant digits (so last-bit differences of a CPU's vector
 math cannot fail it; any change of a row, column, order, text or a number beyond 1e-9 relative
 does), report.md / report.html / analysis.json exactly, with the temporary folder's path replaced.
+One intended change since: multi-label ``eqodds_max`` is named ``eqodds_worst`` (one name per
+idea across tasks), which renames it in metrics.csv / seeds.csv / comparisons.csv and moves it
+into the report's first fairness columns, as for multi-class; nothing else differed (checked
+against the pre-refactor code with the old name substituted).
 After an intended change of the outputs, print the new digests with
 ``python -m tests.analysis.test_golden_outputs`` (from the repository root) and paste them below.
 """
@@ -50,16 +54,16 @@ EXPECTED = {
         'tradeoff.csv': '82d65917b240acd29f2ffcbae40f0afa6a0c523aee7df9a74c63d4699b623a85',
     },
     'multilabel': {
-        'analysis.json': '198d36673a28317a9a84ca1987aba9391598f1862bf5c37734b797b4014b8bb3',
-        'comparisons.csv': '7ab4e074d6b80ae7696ecaebdb13bf63ca9d262a6726c5e318edf3e4128f6667',
+        'analysis.json': '0b5fd7bf66e7f88e355aceef4c178a35eb89deb19a0367f352175474b9269149',
+        'comparisons.csv': '596e293d9a79b979daf5d8d012e671fce761f028d3c251a262695d2749890d2a',
         'findings.csv': 'f0697f17079cb3c4773fa6995352501a8ba52ba6b3046f339a26530fc4a6b420',
-        'metrics.csv': 'd31f0eefe738e191d361cf38ec398ddf1c71d2b34916393442e2d59856008a01',
+        'metrics.csv': '3cebbc26aeb275a6225a879bf52593d75a35b45058fce9f70310793032a44eca',
         'reliability.csv': '8378c325fa3afaa6203eede27a197c73a57191ff0dd4087f7f5ac1a2d9e3c887',
-        'report.html': '100d4827b68028eb0f8a25713daf2e6cadc61344c32b59b75ae35752ebc590f6',
-        'report.md': '46fd793080731ba46ab5e409705472be000d6e5df7e736ef60e975b79cc6f4bf',
+        'report.html': 'd8b3745e1e0cb47e5614c3e2e8b6f95149f5821549a49f0be704ec3dd0348616',
+        'report.md': '8e91cf67de2001ecf52df110e469927f638223fc98c8ba5c865997ccb58fe7a9',
         'roc.csv': '5f9f4a80015486a723c14d17b8ae8f7251f89bbf3cf432a2465206e3610818c4',
         'runs.csv': '3fc2c182e30f6ee8fde425a34743f27a33be03774dc60c318bad44329c5161aa',
-        'seeds.csv': 'c8af0be0f5e1f25ce331e019ca3a7587f75d3b221fb48cc0e2ddcf19c86f8148',
+        'seeds.csv': '2267fa65f8f9206f0cec64f32605768efc732b5d17f082432a1d56b859dd5e7a',
         'shortcut.csv': '55201224db7c47042dd2e1540a1102b6d4ac651e108eba2a917e2e792fa3bbb3',
         'thresholds.csv': 'd986bd2444e9483143db2e7c8f5074732534da80f5f03aa197c4d00ceb1f1bdb',
     },
