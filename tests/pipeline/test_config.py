@@ -196,7 +196,7 @@ def test_paper_config_loads(tmp_path):
 
 
 def test_probe_architecture_l2_skip_and_ftol_reach_the_sweep_and_its_fingerprint(tmp_path):
-    from cxrfair.pipeline import sweep_config, sweep_settings
+    from cxrfair.erm_steps import sweep_config, sweep_settings
 
     path = tmp_path / "c.toml"
     path.write_text(_render("probe", 'architecture = "plain"\nftol = 1e-6', tmp_path / "out"))
