@@ -34,6 +34,7 @@ def _base(tmp_path: Path) -> dict:
         "synth": {"enabled": True, "drains": True},
         "cohort": {"per_group": 10},
         "probe": {"l2": [1e-3, 1e-2], "hidden": [16]},
+        "extract": {},
         "finetune": {"epochs": 1, "lora_lr": [1e-3, 3e-3]},
         "analysis": {"bootstrap": 100, "cross": ["sex", "age_group"]},
         "embeddings": {"leakage": ["tiny-clip"], "geometry": ["tiny-clip"], "permutations": 2,
@@ -268,6 +269,17 @@ RERUNS = [
     ("mitigation adversary", _set("mitigations", "adversary", None, 1), {"lora+adversarial-age_group-tiny-clip", "analyze"}),
     ("finetune epochs", _set("finetune", "epochs", 2),
      {"lora-tiny-clip-lr0.001-s0", "lora-tiny-clip-lr0.003-s0", "lora-tiny-clip", "lora+adversarial-age_group-tiny-clip", "analyze"}),
+    # Keys the sections take from their stage configs: fingerprinted once set, like any other.
+    ("finetune micro_batch", _set("finetune", "micro_batch", 8),
+     {"lora-tiny-clip-lr0.001-s0", "lora-tiny-clip-lr0.003-s0", "lora-tiny-clip", "lora+adversarial-age_group-tiny-clip", "analyze"}),
+    ("probe memory_budget_mb (where, not what)", _set("probe", "memory_budget_mb", 512.0), set()),
+    ("analysis level", _set("analysis", "level", 0.9), {"analyze"}),
+    ("embeddings top", _set("embeddings", "top", 5), {"geometry-tiny-clip", "analyze"}),
+    ("postprocess max_candidates", _set("postprocess", "max_candidates", 64, 0),
+     {"linear+thresholds-sex-tiny-clip", "zeroshot+thresholds-sex-tiny-clip", "analyze"}),
+    ("extract features", _set("extract", "features", "unprojected"),  # fine-tuning reads the images, not the cache
+     ALL - {"synth", "cohort", "lora-tiny-clip-lr0.001-s0", "lora-tiny-clip-lr0.003-s0", "lora-tiny-clip",
+            "lora+adversarial-age_group-tiny-clip"}),
 ]
 
 
