@@ -79,6 +79,8 @@ def stage_section(*stages: type, keys: dict[str, str] | None = None, fixed: tupl
             for name, f in fields.items():
                 if name in fixed or name in mapping[stage].values() or dataclasses.is_dataclass(hints[name]):
                     continue
+                if name in declared:
+                    raise TypeError(f"{stage.__name__}.{name} collides with {cls.__name__}'s own key {name}; rename one")
                 if _required(f):
                     raise TypeError(f"{stage.__name__}.{name} has no default: add it to {cls.__name__}'s fixed fields "
                                     "(the pipeline supplies it) or give it a default")
