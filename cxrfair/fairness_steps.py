@@ -77,8 +77,7 @@ def _embedding_steps(config: ExperimentConfig, p: dict) -> list[Step]:
     e = config.embeddings
     out = []
     if e.leakage:
-        cfg = stage_config("embeddings", lambda: leakage.LeakageConfig(**stage_kwargs(e, leakage.LeakageConfig)).validate(),
-                           {"cohort_split": "cohort_split"})
+        cfg = stage_config("embeddings", lambda: leakage.LeakageConfig(**stage_kwargs(e, leakage.LeakageConfig)).validate())
         out += [_embedding_step(p, m, "leakage", cfg, "leakage.json") for m in _models(config, e.leakage, "[embeddings] leakage")]
     if e.geometry:
         cfg = stage_config("embeddings", lambda: geometry.GeometryConfig(**stage_kwargs(e, geometry.GeometryConfig)).validate(),
