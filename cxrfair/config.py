@@ -4,10 +4,16 @@ Every section and key is optional except ``models``; unknown keys are errors (a 
 silently fall back to a default). See ``configs/paper.toml`` for the paper's protocol.
 
 The dataclasses below are the schema: each key's type is checked on load from its annotation
-(``bool``, ``int``, ``float``, ``str``, ``Path``, ``X | None``, ``tuple[X, ...]``, ``dict[str, X]``,
-or a settings dataclass for a ``[section]``), so adding a key is one field with a default and a
-comment. Ranges and choices are checked by the stage configs each step builds (at planning, so
-``cxrfair run --dry-run`` catches them too).
+(``bool``, ``int``, ``float``, ``str``, ``Path``, ``X | None``, ``tuple[X, ...]``, ``tuple``,
+``dict[str, X]``, or a settings dataclass for a ``[section]``). Ranges and choices are checked by
+the stage configs each step builds (at planning, so ``cxrfair run --dry-run`` catches them too).
+
+A stage's section is its config dataclass (``@stage_section``): every field of the stage's config
+is a key of the section, with the stage's name, type and default, except the fields the pipeline
+itself supplies (paths, the method, the seeds, the mitigation). The classes below list only the
+keys whose name, type, default or comment the pipeline sets, and the pipeline's own keys; so a
+new stage option is a config key, passed on by ``stage_kwargs``, with no edit here or in the
+pipeline.
 """
 
 from __future__ import annotations
@@ -19,9 +25,17 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from cxrfair.analysis.analyze import AnalyzeConfig
+from cxrfair.analysis.postprocess import PostprocessConfig
 from cxrfair.errors import CxrfairError
+from cxrfair.extract.extractor import ExtractConfig
+from cxrfair.extract.synth import SynthConfig
+from cxrfair.finetune.config import FinetuneConfig
+from cxrfair.probe.geometry import GeometryConfig
+from cxrfair.probe.leakage import LeakageConfig
+from cxrfair.probe.sweep import SweepConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -33,6 +47,87 @@ METHODS = ("zeroshot", "linear", "mlp", "lora", "full")
 
 
 @dataclass(frozen=True)
+class _Derivation:
+    """How a section maps onto stage configs: per stage, section key -> stage field."""
+
+    keys: dict  # stage class -> {key: stage field}
+    derived: frozenset  # keys added from a stage config (not written in the section's class)
+
+
+def stage_section(*stages: type, keys: dict[str, str] | None = None, fixed: tuple[str, ...] = (),
+                  own: tuple[str, ...] = (), stage_keys: dict[type, dict[str, str]] | None = None
+                  ) -> Callable[[type], type]:
+    """Make a section class (before ``@dataclass``) the union of the ``stages``' config fields.
+
+    The class's own annotated fields are keys that the pipeline names, types or defaults itself;
+    each must be a field of a stage (``keys``: section key -> stage field where the names differ)
+    or listed in ``own`` (the pipeline's keys no stage config has). Every other field of each
+    stage config is added as a key with the stage's type and default, except those in ``fixed``
+    (the pipeline supplies them) and nested dataclasses (not a flat key). A field two stages
+    share must have one default. ``stage_keys``: per stage, renames that apply to it alone.
+    """
+
+    def wrap(cls: type) -> type:
+        declared = list(cls.__dict__.get("__annotations__", {}))
+        mapping: dict[type, dict[str, str]] = {}
+        added: dict[str, tuple[Any, dataclasses.Field]] = {}
+        for stage in stages:
+            hints = typing.get_type_hints(stage)
+            fields = {f.name: f for f in dataclasses.fields(stage)}
+            renames = (keys or {}) | (stage_keys or {}).get(stage, {})
+            mapping[stage] = {k: renames.get(k, k) for k in declared if k not in own and renames.get(k, k) in fields}
+            for name, f in fields.items():
+                if name in fixed or name in mapping[stage].values() or dataclasses.is_dataclass(hints[name]):
+                    continue
+                if name in declared:
+                    raise TypeError(f"{stage.__name__}.{name} collides with {cls.__name__}'s own key {name}; rename one")
+                if _required(f):
+                    raise TypeError(f"{stage.__name__}.{name} has no default: add it to {cls.__name__}'s fixed fields "
+                                    "(the pipeline supplies it) or give it a default")
+                if name in added and _default(added[name][1]) != _default(f):
+                    raise TypeError(f"{cls.__name__}.{name}: the stages disagree on its default; declare the key")
+                added[name] = (hints[name], f)
+                mapping[stage][name] = name
+        strays = [k for k in declared if k not in own and not any(k in m for m in mapping.values())]
+        if strays:
+            raise TypeError(f"{cls.__name__}.{strays[0]}: no field of {', '.join(s.__name__ for s in stages)}; "
+                            "rename it in `keys` or list it in `own`")
+        for name, (tp, f) in added.items():
+            cls.__annotations__[name] = tp
+            setattr(cls, name, field(default_factory=f.default_factory) if f.default is dataclasses.MISSING
+                    else f.default)
+        cls.__derivation__ = _Derivation(mapping, frozenset(added))
+        return cls
+
+    return wrap
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def stage_kwargs(section: Any, stage: type) -> dict:
+    """The section's values for the fields of ``stage`` (a stage config class), by stage field name."""
+    return {field_name: getattr(section, key) for key, field_name in section.__derivation__.keys[stage].items()}
+
+
+def section_settings(section: Any) -> dict:
+    """``settings_dict`` of a section, leaving out keys added from a stage config while at their default.
+
+    A fingerprint thus changes when such a key is set, not when a stage gains an option.
+    """
+    derived = getattr(section, "__derivation__", None)
+    skip = set() if derived is None else {f.name for f in dataclasses.fields(section)
+                                         if f.name in derived.derived and getattr(section, f.name) == _default(f)}
+    return {k: v for k, v in settings_dict(section).items() if k not in skip}
+
+
+@dataclass(frozen=True)
+@stage_section(SynthConfig, fixed=("out", "force", "images"), own=("enabled", "drains"))
 class SynthSettings:
     enabled: bool = False  # make synthetic data first and build the cohort from it (demo, tests)
     format: str = "nih"  # nih | chexpert | mimic: the real dataset whose files are imitated
@@ -40,6 +135,7 @@ class SynthSettings:
     size: int = 64  # side of the synthetic images in pixels
     patients: int | None = None  # chexpert / mimic: number of patients; empty = 400
     drains: bool = False  # nih: give the cohort the synthetic NEATX drain labels (the shortcut test)
+
 
 
 @dataclass(frozen=True)
@@ -68,6 +164,8 @@ class CohortSettings:
 
 
 @dataclass(frozen=True)
+@stage_section(ExtractConfig, fixed=("model", "cohort", "out", "weights", "images", "force", "progress", "rows",
+                                     "extra_attrs"), own=("weights",))
 class ExtractSettings:
     batch_size: int = 64  # images per forward pass (and per resumable chunk)
     workers: int = 4  # DataLoader decode workers
@@ -77,6 +175,10 @@ class ExtractSettings:
 
 
 @dataclass(frozen=True)
+@stage_section(SweepConfig, keys={"lr": "lrs", "weight_decay": "weight_decays", "hidden": "hiddens", "l2": "l2s",
+                                  "l2_skip": "l2s_skip"},
+               fixed=("method", "seeds", "mitigation", "sensitive", "strengths", "adversary"),
+               own=("all_prompt_sets", "zeroshot_term"))
 class ProbeSettings:
     lr: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3)  # adamw: learning-rate grid, selected on validation
     weight_decay: tuple[float, ...] = (0.0, 1e-4, 1e-2)  # adamw: weight decay grid
@@ -96,6 +198,9 @@ class ProbeSettings:
 
 
 @dataclass(frozen=True)
+@stage_section(FinetuneConfig, fixed=("model", "cohort", "out", "method", "lr", "seed", "weights", "images", "resume",
+                                      "force", "tag", "mitigation", "sensitive", "strength"),
+               own=("lora_lr", "full_lr"))
 class FinetuneSettings:
     epochs: int = 150  # the lowest-validation-loss epoch is evaluated
     batch_size: int = 64  # paper: 64
@@ -103,7 +208,7 @@ class FinetuneSettings:
     full_lr: tuple[float, ...] = (1e-5,)  # candidates; chosen on validation loss of seed 0
     weight_decay: float = 0.01  # AdamW decoupled weight decay
     lora_rank: int = 8  # r of each low-rank update
-    lora_alpha: int = 16  # LoRA scaling numerator (update scaled by alpha / r)
+    lora_alpha: float = 16  # LoRA scaling numerator (update scaled by alpha / r); kept as written, like every number
     lora_dropout: float = 0.0  # dropout on the LoRA input path
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
@@ -111,6 +216,7 @@ class FinetuneSettings:
 
 
 @dataclass(frozen=True)
+@stage_section(AnalyzeConfig, keys={"bootstrap": "n_boot"}, fixed=("runs_dir", "out", "force", "embeddings"))
 class AnalysisSettings:
     bootstrap: int = 1000  # bootstrap replicates per metric
     attributes: tuple[str, ...] = ()  # cohort columns to measure gaps across; empty = every attribute the runs declare
@@ -122,6 +228,9 @@ class AnalysisSettings:
 
 
 @dataclass(frozen=True)
+@stage_section(LeakageConfig, GeometryConfig, keys={"bootstrap": "n_boot", "cohort_split": "cohort_splits"},
+               stage_keys={LeakageConfig: {"permutations": "n_perm"}, GeometryConfig: {"geometry_permutations": "n_perm"}},
+               own=("leakage", "geometry"))
 class EmbeddingsSettings:
     """`cxrfair embeddings leakage|geometry` per model; written to <out>/embeddings/<model>/<analysis>/."""
 
@@ -141,6 +250,7 @@ class EmbeddingsSettings:
 
 
 @dataclass(frozen=True)
+@stage_section(PostprocessConfig, fixed=("run", "out", "force"), own=("methods", "models"))
 class PostprocessSettings:
     """One [[postprocess]] entry: `cxrfair postprocess` on every run of each model x method listed."""
 
@@ -153,16 +263,23 @@ class PostprocessSettings:
 
 @dataclass(frozen=True)
 class MitigationSettings:
-    """One [[mitigations]] entry: one step per model x method, the stage's CLI with --mitigation."""
+    """One [[mitigations]] entry: one step per model x method, the stage trained with the mitigation.
+
+    The entry's values become the stage config's mitigation fields (probes: the sweep's strength
+    axis; fine-tuning: one run per strength); the rest of the config is [probe] / [finetune]'s.
+    """
 
     methods: tuple[str, ...]  # linear | mlp | lora | full; each one of `methods` (fine-tuning reuses its ERM learning rate)
-    mitigation: str  # reweight | groupdro | adversarial | fairot | erase (docs/CONTRACTS.md "Mitigations")
+    mitigation: str  # reweight | groupdro | adversarial | fairot | erase (cxrfair.core.mitigations)
     sensitive: str  # attribute the mitigation targets, e.g. "sex"
     strengths: tuple[float, ...] = ()  # probes: the sweep axis; fine-tuning: one run per value (analyze chooses on validation); erase: none
     select: str | None = None  # probes: worst_group | loss | gap; empty = the stage's default (worst_group)
     adversary: str | None = None  # adversarial only: grl | projection (probes)
     models: tuple[str, ...] = ()  # empty = every model
-    enabled: bool = True  # false: kept and type-checked, but no steps
+
+    # Keys that were dropped, with what to do instead (refused by name, not as unknown).
+    __removed__ = {"enabled": "no longer a key (every stage has the mitigation options now); delete it, and to "
+                              "leave the entry out, remove or comment out the [[mitigations]] entry"}
 
 
 @dataclass(frozen=True)
@@ -236,6 +353,9 @@ def _build(cls: type, values: dict, where: _Where) -> Any:
     """An instance of the settings dataclass ``cls`` from a TOML table, every value type-checked."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
+    removed = [k for k in getattr(cls, "__removed__", {}) if k in values]
+    if removed:
+        raise where.error(f"{where.key(removed[0])}: {cls.__removed__[removed[0]]}")
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise where.error(f"{where.prefix}unknown key(s) {', '.join(unknown)}; "
@@ -280,10 +400,6 @@ def _build_tables(cls: type, name: str, values: Any, where: _Where) -> tuple:
     return tuple(_build(cls, v, dataclasses.replace(where, section=f"[[{name}]] #{i}")) for i, v in enumerate(values, 1))
 
 
-def _required(f: dataclasses.Field) -> bool:
-    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-
-
 def _coerce(value: Any, tp: Any, base: Path) -> Any:
     """``value`` as the annotated type ``tp``, or _Mismatch. bool is not an int; lists must be arrays."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -292,9 +408,13 @@ def _coerce(value: Any, tp: Any, base: Path) -> Any:
         if len(inner) != 1:
             raise TypeError(f"config schema: only `X | None` unions are supported, not {tp}")
         return None if value == "" else _coerce(value, inner[0], base)  # TOML has no null: "" is empty
-    if origin is tuple:
+    if origin is tuple or tp is tuple:
         if not isinstance(value, list):
             raise _Mismatch  # a string is not a list of its characters
+        if not args:  # a bare `tuple` (a stage's own annotation): any numbers or strings; the stage checks them
+            if not all(isinstance(v, (int, float, str)) and not isinstance(v, bool) for v in value):
+                raise _Mismatch
+            return tuple(value)
         return tuple(_coerce(v, args[0], base) for v in value)
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
@@ -332,6 +452,8 @@ def _describe(tp: Any) -> str:
         return f'{_describe(inner)}, or "" for the default'
     if _table_list(tp):
         return "tables, e.g. [[section]] entries"
+    if tp is tuple:
+        return "a list of numbers or strings, e.g. [1, 2]"
     if origin is tuple:
         return f"a list of {_NAMES[args[0]][1]}, e.g. [{_NAMES[args[0]][2]}]"
     if origin is dict or tp is dict:
@@ -340,7 +462,7 @@ def _describe(tp: Any) -> str:
 
 
 def _example(tp: Any) -> str:
-    return "[...]" if typing.get_origin(tp) is tuple else "..."
+    return "[...]" if typing.get_origin(tp) is tuple or tp is tuple else "..."
 
 
 def _show(value: Any, limit: int = 60) -> str:

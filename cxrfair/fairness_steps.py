@@ -2,38 +2,45 @@
 
 Built by ``cxrfair.pipeline`` after the ERM steps (``producers``: (model, method) -> the step that
 publishes that family's runs). Every check that can fail runs while planning, so ``--dry-run``
-catches a bad entry:
+catches a bad entry. Each step builds its stage's config and calls the stage's library function:
 
-- ``leakage-<model>`` / ``geometry-<model>``: ``cxrfair embeddings leakage|geometry`` on the
+- ``leakage-<model>`` / ``geometry-<model>``: ``leakage_cache`` / ``geometry_cache`` on the
   model's cache, written whole to ``<out>/embeddings/<model>/leakage|geometry/`` (the layout
   docs/CONTRACTS.md suggests, where the report looks).
 - ``<method>+thresholds-<attr>-<model>`` (one per [[postprocess]] entry x model x method):
-  ``cxrfair postprocess`` on every run of the ERM family, fitted on validation; published as the
+  ``postprocess`` on every run of the ERM family, fitted on validation; published as the
   family ``<model>__<method>+thresholds-<attr>``.
 - ``<method>+<mitigation>-<attr>-<model>`` (one per [[mitigations]] entry x model x method): the
-  stage's own CLI (``cxrfair probe linear|mlp`` / ``cxrfair finetune lora|full``) with
-  ``--mitigation --sensitive --strength [--select] [--adversary]``. The CLI, not a Python call,
-  because these options are the agreed contract (docs/CONTRACTS.md "Mitigations") while the
-  stages' Python APIs for them are still being built; an install whose stage lacks the options
-  is told so at planning. Fine-tuning reuses the learning rate its ERM family chose on validation and
-  trains one run per strength (tags ``st<s>``), among which ``cxrfair analyze`` chooses on validation.
+  probe sweep ([probe]'s SweepConfig) or fine-tuning run ([finetune]'s FinetuneConfig) with the
+  entry's mitigation, attribute, strengths, select and adversary. Which mitigation runs where,
+  its probe solver and its strength range come from ``cxrfair.core.mitigations``. Fine-tuning
+  reuses the learning rate its ERM family chose on validation and trains one run per strength
+  (tags ``st<s>``), among which ``cxrfair analyze`` chooses on validation.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from pathlib import Path
 
-from cxrfair.config import ExperimentConfig, MitigationSettings, PostprocessSettings, settings_dict
+from cxrfair.analysis import postprocess as postprocess_stage
+from cxrfair.config import (ExperimentConfig, MitigationSettings, PostprocessSettings, section_settings,
+                            settings_dict, stage_kwargs)
+from cxrfair.core import mitigations
+from cxrfair.core.runs import RunKey, safe_name
+from cxrfair.erm_steps import finetune_config, finetune_settings, run_finetune, sweep_config, sweep_settings
 from cxrfair.errors import CxrfairError
-from cxrfair.pipeline import _publishing_step, _stage_config, sweep_config, sweep_settings
+from cxrfair.extract.cohort_presets import PRESETS
+from cxrfair.finetune.config import FinetuneConfig
+from cxrfair.probe import geometry, leakage, sweep
+from cxrfair.step_base import cache_path, family, publishing_step, stage_config
 from cxrfair.steps import Step
 
 PROBES = ("linear", "mlp")
-FINETUNES = ("lora", "full")
-SELECTS = ("worst_group", "loss", "gap")
-ADVERSARIES = ("grl", "projection")
+SELECTS = ("worst_group", "loss", "gap")  # how a mitigated probe sweep may select (probe.sweep.SELECTIONS less accuracy)
+ADVERSARIES = ("grl", "projection")  # probes: both; fine-tuning trains gradient reversal (grl) only
 
 
 def steps(config: ExperimentConfig, p: dict, cohort_cfg, producers: dict) -> list[Step]:
@@ -44,15 +51,12 @@ def steps(config: ExperimentConfig, p: dict, cohort_cfg, producers: dict) -> lis
     for i, entry in enumerate(config.postprocess, 1):
         out += _postprocess_steps(config, p, entry, f"[[postprocess]] #{i}", attributes, producers, names)
     for i, entry in enumerate(config.mitigations, 1):
-        if entry.enabled:
-            out += _mitigation_steps(config, p, entry, f"[[mitigations]] #{i}", attributes, producers, names)
+        out += _mitigation_steps(config, p, entry, f"[[mitigations]] #{i}", attributes, producers, names)
     return out
 
 
 def _cohort_attributes(cohort_cfg) -> tuple[str, ...]:
     """The sensitive attributes the cohort can have: the configured ones, else the preset's (+ optional)."""
-    from cxrfair.extract.cohort_presets import PRESETS
-
     if cohort_cfg.attributes:
         return tuple(cohort_cfg.attributes)
     preset = PRESETS[cohort_cfg.preset]
@@ -73,45 +77,24 @@ def _embedding_steps(config: ExperimentConfig, p: dict) -> list[Step]:
     e = config.embeddings
     out = []
     if e.leakage:
-        cfg = _leakage_config(e)
+        cfg = stage_config("embeddings", lambda: leakage.LeakageConfig(**stage_kwargs(e, leakage.LeakageConfig)).validate())
         out += [_embedding_step(p, m, "leakage", cfg, "leakage.json") for m in _models(config, e.leakage, "[embeddings] leakage")]
     if e.geometry:
-        cfg = _geometry_config(e)
+        cfg = stage_config("embeddings", lambda: geometry.GeometryConfig(**stage_kwargs(e, geometry.GeometryConfig)).validate(),
+                           {"permutations": "geometry_permutations"})
         out += [_embedding_step(p, m, "geometry", cfg, "geometry.json") for m in _models(config, e.geometry, "[embeddings] geometry")]
     return out
 
 
-def _leakage_config(e):
-    from cxrfair.probe.leakage import LeakageConfig
-
-    return _stage_config("embeddings", lambda: LeakageConfig(
-        attributes=e.attributes, probes=e.probes, seed=e.seed, n_boot=e.bootstrap, n_perm=e.permutations,
-        min_group=e.min_group, conditional=e.conditional, cohort_splits=e.cohort_split).validate(),
-        {"cohort_split": "cohort_split"})
-
-
-def _geometry_config(e):
-    from cxrfair.probe.geometry import GeometryConfig
-
-    return _stage_config("embeddings", lambda: GeometryConfig(
-        attributes=e.attributes, components=e.components, normalize=e.normalize, n_perm=e.geometry_permutations,
-        n_boot=e.bootstrap, min_group=e.min_group, seed=e.seed, cohort_splits=e.cohort_split).validate(),
-        {"permutations": "geometry_permutations"})
-
-
 def _embedding_step(p: dict, model: str, analysis: str, cfg, marker: str) -> Step:
-    cache = p["cache"] / f"{model}.h5"
+    cache = cache_path(p, model)
     folder = p["embeddings"] / model / analysis
 
     def run(force: bool) -> None:
         if analysis == "leakage":
-            from cxrfair.probe.leakage import leakage_cache
-
-            leakage_cache(cache, folder, cfg, force=True)
+            leakage.leakage_cache(cache, folder, cfg, force=True)
         else:
-            from cxrfair.probe.geometry import geometry_cache
-
-            geometry_cache(cache, folder, cfg, force=True)
+            geometry.geometry_cache(cache, folder, cfg, force=True)
 
     settings = {"model": model, "analysis": analysis, **settings_dict(cfg)}
     return Step(f"{analysis}-{model}", settings, [folder / marker], run, (f"extract-{model}",))
@@ -121,12 +104,10 @@ def _embedding_step(p: dict, model: str, analysis: str, cfg, marker: str) -> Ste
 
 
 def _postprocess_steps(config, p, entry: PostprocessSettings, where: str, attributes, producers, names) -> list[Step]:
-    from cxrfair.analysis.postprocess import CONSTRAINTS
-
     _check_methods(config, entry.methods, config.methods, where)
     _check_sensitive(entry.sensitive, attributes, where)
-    if entry.constraint not in CONSTRAINTS:
-        raise CxrfairError(f"{where} constraint {entry.constraint!r}: choose one of {', '.join(CONSTRAINTS)}")
+    if entry.constraint not in postprocess_stage.CONSTRAINTS:
+        raise CxrfairError(f"{where} constraint {entry.constraint!r}: choose one of {', '.join(postprocess_stage.CONSTRAINTS)}")
     if not 0 <= entry.strength <= 1:
         raise CxrfairError(f"{where} strength {entry.strength:g}: the validation utility given up, in [0, 1] (e.g. 0.02)")
     return [_postprocess_step(config, p, entry, model, method, producers[model, method], names, where)
@@ -134,25 +115,19 @@ def _postprocess_steps(config, p, entry: PostprocessSettings, where: str, attrib
 
 
 def _postprocess_step(config, p, entry, model: str, method: str, source: Step, names: set, where: str) -> Step:
-    from cxrfair.core.runs import RunKey, safe_name
-    from cxrfair.publish import Family
-
     name = _unique(f"{method}+thresholds-{entry.sensitive}-{model}", names, where)
-    sources = _family_of(model, method)
-    target = Family.of([RunKey(safe_name(model), method, "best", 0, mitigation="thresholds", sensitive=entry.sensitive)])
+    sources = family(model, method)
+    kwargs = stage_kwargs(entry, postprocess_stage.PostprocessConfig)
 
     def build(staging: Path) -> None:
-        from cxrfair.analysis.postprocess import PostprocessConfig, postprocess
-
         runs = [r for r in sources.entries(p["runs"]) if r.is_dir()]
         if not runs:
             raise CxrfairError(f"{where}: no runs of {model} {method} in {p['runs']} to post-process")
         for run in runs:
-            postprocess(PostprocessConfig(run=run, sensitive=entry.sensitive, constraint=entry.constraint,
-                                          strength=entry.strength, out=staging, force=True))
+            postprocess_stage.postprocess(postprocess_stage.PostprocessConfig(**kwargs, run=run, out=staging, force=True))
 
-    settings = {"model": model, "method": method, **settings_dict(dataclasses.replace(entry, models=(), methods=()))}
-    return _publishing_step(name, settings, (source.name,), p, target, build)
+    settings = {"model": model, "method": method, **section_settings(dataclasses.replace(entry, models=(), methods=()))}
+    return publishing_step(name, settings, (source.name,), p, family(model, method, "thresholds", entry.sensitive), build)
 
 
 # ---------------------------------------------------------------- mitigations
@@ -163,36 +138,38 @@ def _mitigation_steps(config, p, entry: MitigationSettings, where: str, attribut
     _check_sensitive(entry.sensitive, attributes, where)
     for method in entry.methods:
         _check_mitigation(entry, method, where)
-        _check_cli_supports(entry, method, where)
     out = []
     for model in _models(config, entry.models, f"{where} models"):
         for method in entry.methods:
             name = _unique(f"{method}+{entry.mitigation}-{entry.sensitive}-{model}", names, where)
             make = _probe_mitigation if method in PROBES else _finetune_mitigation
-            out.append(make(config, p, entry, model, method, name, producers))
+            out.append(make(config, p, entry, model, method, name, producers, where))
     return out
 
 
 def _check_mitigation(entry: MitigationSettings, method: str, where: str) -> None:
-    """The entry's values against docs/CONTRACTS.md "Mitigations" (names from core.runs)."""
-    from cxrfair.core.runs import MITIGATIONS
-
+    """The entry's values against the mitigation table (``cxrfair.core.mitigations``)."""
     m, s = entry.mitigation, entry.strengths
-    trained = [x for x in MITIGATIONS if x not in ("erm", "thresholds")]
-    if m not in trained:
-        hint = {"erm": "erm is the plain method: list it under methods", "thresholds": "thresholds is post-processing: use [[postprocess]]"}
-        raise CxrfairError(f"{where} mitigation {m!r}: " + hint.get(m, f"choose one of {', '.join(trained)}"))
     probe = method in PROBES
-    if m == "erase" and not probe:
-        raise CxrfairError(f"{where} mitigation erase: probes only (linear, mlp), not {method}")
-    if m == "erase" and s:
-        raise CxrfairError(f"{where} strengths: erase takes none; remove strengths")
-    if m != "erase" and not s:
+    stage = mitigations.PROBE if probe else mitigations.FINETUNE
+    trained = [n for n in mitigations.names() if n != mitigations.ERM
+               and {mitigations.PROBE, mitigations.FINETUNE} & set(mitigations.MITIGATIONS[n].stages)]
+    if m not in trained:
+        row = mitigations.MITIGATIONS.get(m)
+        hint = ("erm is the plain method: list it under methods" if m == mitigations.ERM else
+                f"{m} is post-processing: use [[postprocess]]" if row is not None else f"choose one of {', '.join(trained)}")
+        raise CxrfairError(f"{where} mitigation {m!r}: {hint}")
+    row = mitigations.MITIGATIONS[m]
+    if stage not in row.stages:
+        raise CxrfairError(f"{where} mitigation {m}: {row.where()}, not {method}")
+    if not row.has_strength and s:
+        raise CxrfairError(f"{where} strengths: {m} takes none; remove strengths")
+    if row.has_strength and not s:
         raise CxrfairError(f"{where} strengths: give at least one strength for {m}, e.g. [0.1, 0.3]")
-    low, high, text = {"reweight": (0, 1, "in [0, 1]"), "groupdro": (0, None, "> 0")}.get(m, (0, None, ">= 0"))
-    bad = [x for x in s if x < low or (high is not None and x > high) or (m == "groupdro" and x <= 0)]
+    bad = [x for x in s if not row.strength_ok(x)]
     if bad:
-        raise CxrfairError(f"{where} strengths {', '.join(f'{x:g}' for x in bad)}: {m} strengths must be {text}")
+        raise CxrfairError(f"{where} strengths {', '.join(f'{x:g}' for x in bad)}: {m} strengths must be in {row.span()} "
+                           f"({row.strength})")
     if entry.select is not None and (not probe or entry.select not in SELECTS):
         raise CxrfairError(f"{where} select {entry.select!r}: " + (f"choose one of {', '.join(SELECTS)}" if probe else
                            f"probes only; fine-tuning ({method}) keeps its lowest-validation-loss checkpoint"))
@@ -202,80 +179,73 @@ def _check_mitigation(entry: MitigationSettings, method: str, where: str) -> Non
                                "projection for probes")
 
 
-def _check_cli_supports(entry: MitigationSettings, method: str, where: str) -> None:
-    """Stop at planning if this install's stage command lacks the mitigation options."""
-    needed = {"mitigation", "sensitive"} | ({"strength"} if entry.strengths else set())
-    needed |= ({"select"} if entry.select else set()) | ({"adversary"} if entry.adversary else set())
-    stage = "probe" if method in PROBES else "finetune"
-    have = {p.name for p in _command(stage, method).params}
-    lacking = sorted(needed - have)
-    if lacking:
-        raise CxrfairError(f"{where}: `cxrfair {stage} {method}` in this install has no "
-                           f"{', '.join('--' + n for n in lacking)} option (docs/CONTRACTS.md \"Mitigations\"; not merged "
-                           "yet); set enabled = false in this entry until it has")
-
-
-def _command(stage: str, method: str):
-    import click
-
-    from cxrfair.cli import main
-
-    ctx = click.Context(main)
-    return main.get_command(ctx, stage).get_command(ctx, method)
-
-
-def _probe_mitigation(config, p, entry, model, method, name, producers) -> Step:
-    from cxrfair.probe.objectives import SOLVER_FOR
-
-    cfg = sweep_config(config, method)
-    if SOLVER_FOR.get(entry.mitigation) == "adamw" and cfg.solver != "adamw":
-        # groupdro, adversarial and fairot change their objective every step, which full-batch
-        # L-BFGS cannot follow: they train with [probe]'s AdamW grid (lr, weight_decay, epochs).
-        cfg = dataclasses.replace(cfg, solver="adamw")
-    # The whole sweep, mitigation included, is checked here so `--dry-run` catches what the stage would refuse.
-    dataclasses.replace(cfg, mitigation=entry.mitigation, sensitive=entry.sensitive,
-                        strengths=tuple(entry.strengths) or None, select=entry.select or None,
-                        adversary=entry.adversary or "grl").validate()
-    args = ["probe", method, "--cache", p["cache"] / f"{model}.h5", "--force", *_sweep_args(cfg), *_mitigation_args(entry)]
+def _probe_mitigation(config, p, entry, model, method, name, producers, where) -> Step:
+    cfg = _mitigation_sweep(config, entry, method, where)
     # [probe] select is the ERM sweep's rule; the entry's own `select` replaces it here.
     settings = {k: v for k, v in sweep_settings(cfg).items() if k != "select"} | _entry_settings(entry) | {"model": model}
 
     def build(staging: Path) -> None:
-        call_cli([*args, "--out", staging])
+        sweep.probe_cache(cache_path(p, model), staging, _grids_as_floats(cfg), force=True)
 
-    return _publishing_step(name, settings, (f"extract-{model}",), p, _mitigated_family(model, method, entry), build)
+    return publishing_step(name, settings, (f"extract-{model}",), p,
+                           family(model, method, entry.mitigation, entry.sensitive), build)
 
 
-def _finetune_mitigation(config, p, entry, model, method, name, producers) -> Step:
-    from cxrfair.pipeline import _weights_str
+def _mitigation_sweep(config, entry: MitigationSettings, method: str, where: str) -> sweep.SweepConfig:
+    """[probe]'s sweep of ``method`` with the entry's mitigation, checked here (``--dry-run`` sees what the stage refuses).
 
-    f = config.finetune
+    A mitigation whose objective changes every step (groupdro, adversarial, fairot: the table's
+    ``probe_solver``) trains with [probe]'s AdamW grid (lr, weight_decay, epochs), which
+    full-batch L-BFGS cannot follow.
+    """
+    cfg = sweep_config(config, method)
+    solver = "adamw" if mitigations.get(entry.mitigation).probe_solver == "adamw" else cfg.solver
+    return stage_config(where, lambda: dataclasses.replace(
+        cfg, solver=solver, mitigation=entry.mitigation, sensitive=entry.sensitive,
+        strengths=tuple(float(s) for s in entry.strengths) or None, select=entry.select,
+        adversary=entry.adversary or "grl").validate(), {"strength": "strengths"})
+
+
+def _grids_as_floats(cfg: sweep.SweepConfig) -> sweep.SweepConfig:
+    """``cfg`` with its number grids as floats (``weight_decay = [0, 1e-4]`` trains as 0.0, 1e-4), as
+    ``cxrfair probe`` parses them: mitigated sweeps record the grid as they always have."""
+    grids = {k: tuple(float(v) for v in getattr(cfg, k)) for k in ("lrs", "weight_decays", "l2s", "l2s_skip")
+             if getattr(cfg, k) is not None}
+    return dataclasses.replace(cfg, **grids)
+
+
+def _finetune_mitigation(config, p, entry, model, method, name, producers, where) -> Step:
     erm = producers[model, method]
     # One run per strength and seed (tags st<s>); `cxrfair analyze` chooses the strength on validation.
-    one = dataclasses.replace(entry, strengths=())
-    args = ["finetune", method, "--model", model, "--cohort", p["cohort"], "--epochs", f.epochs, "--batch-size",
-            f.batch_size, "--weight-decay", f.weight_decay, "--device", f.device, "--precision", f.precision,
-            "--workers", f.workers, "--resume", "--force", *_mitigation_args(one)]
-    if method == "lora":
-        args += ["--lora-rank", f.lora_rank, "--lora-alpha", f.lora_alpha, "--lora-dropout", f.lora_dropout]
-    if _weights_str(config, model):
-        args += ["--weights", _weights_str(config, model)]
-    settings = settings_dict(f) | _entry_settings(entry) | {"model": model, "method": method,
-                                                            "weights": _weights_str(config, model), "seeds": config.seeds}
+    def run_config(strength: float, seed: int, lr: float | None, out: Path) -> FinetuneConfig:
+        cfg = finetune_config(config, p, model, method, where, out=out, lr=lr, seed=seed, mitigation=entry.mitigation,
+                              sensitive=entry.sensitive, strength=float(strength))
+        return _floats_as_parsed(cfg)
+
+    for strength in entry.strengths:  # the stage's own checks, at planning
+        run_config(strength, 0, None, p["runs"])
+    settings = finetune_settings(config, model, method) | _entry_settings(entry) | {"seeds": config.seeds}
 
     def build(staging: Path) -> None:
         lr = _erm_lr(p["runs"], model, method)
         for strength in entry.strengths:
             for seed in range(config.seeds):
-                call_cli([*args, "--strength", _csv([strength]), "--lr", lr, "--seed", seed, "--out", staging])
+                run_finetune(run_config(strength, seed, lr, staging))
 
-    return _publishing_step(name, settings, (erm.name,), p, _mitigated_family(model, method, entry), build)
+    return publishing_step(name, settings, (erm.name,), p, family(model, method, entry.mitigation, entry.sensitive), build)
+
+
+_FLOAT_FIELDS = tuple(n for n, tp in typing.get_type_hints(FinetuneConfig).items() if float in (tp, *typing.get_args(tp)))
+
+
+def _floats_as_parsed(cfg: FinetuneConfig) -> FinetuneConfig:
+    """``cfg`` with its float options as floats (``lora_alpha = 16`` trains as 16.0), as ``cxrfair finetune`` parses them."""
+    ints = {n: float(getattr(cfg, n)) for n in _FLOAT_FIELDS if type(getattr(cfg, n)) is int}
+    return dataclasses.replace(cfg, **ints) if ints else cfg
 
 
 def _erm_lr(runs: Path, model: str, method: str) -> float:
     """The learning rate the ERM family chose on validation (its ``best`` seed-0 run)."""
-    from cxrfair.core.runs import RunKey, safe_name
-
     meta = runs / RunKey(safe_name(model), method, "best", 0).run_id / "run.json"
     try:
         return float(json.loads(meta.read_text())["hyperparameters"]["lr"])
@@ -283,57 +253,9 @@ def _erm_lr(runs: Path, model: str, method: str) -> float:
         raise CxrfairError(f"{meta}: cannot read the ERM run's chosen learning rate ({e}); rerun `cxrfair run`") from None
 
 
-def _sweep_args(cfg) -> list:
-    """The probe CLI options that reproduce ``cfg`` (a SweepConfig), seeds 0..K-1 included."""
-    args = ["--solver", cfg.solver, "--standardize" if cfg.standardize else "--no-standardize",
-            "--seeds", len(cfg.seeds)]
-    if cfg.solver == "lbfgs":
-        args += ["--max-iter", cfg.max_iter] + (["--l2", _csv(cfg.l2s)] if cfg.l2s is not None else [])
-    else:
-        args += ["--lr", _csv(cfg.lrs), "--weight-decay", _csv(cfg.weight_decays), "--epochs", cfg.epochs,
-                 "--batch-size", cfg.batch_size]
-    return args + (["--hidden", _csv(cfg.hiddens)] if cfg.method == "mlp" else [])
-
-
-def _mitigation_args(entry: MitigationSettings) -> list:
-    args = ["--mitigation", entry.mitigation, "--sensitive", entry.sensitive]
-    args += ["--strength", _csv(entry.strengths)] if entry.strengths else []
-    args += ["--select", entry.select] if entry.select else []
-    return args + (["--adversary", entry.adversary] if entry.adversary else [])
-
-
 def _entry_settings(entry: MitigationSettings) -> dict:
-    return settings_dict(dataclasses.replace(entry, models=(), methods=(), enabled=True))
-
-
-def _csv(values) -> str:
-    return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
-
-
-def call_cli(args: list) -> None:
-    """Run one ``cxrfair`` command in this process; its one-line error becomes a CxrfairError."""
-    import click
-
-    from cxrfair.cli import main
-
-    words = [str(a) for a in args]
-    try:
-        main.main(args=words, prog_name="cxrfair", standalone_mode=False)
-    except click.ClickException as e:
-        raise CxrfairError(f"cxrfair {' '.join(words[:2])}: {e.format_message()}") from None
-
-
-def _mitigated_family(model: str, method: str, entry: MitigationSettings):
-    from cxrfair.core.runs import RunKey, safe_name
-    from cxrfair.publish import Family
-
-    return Family.of([RunKey(safe_name(model), method, "best", 0, mitigation=entry.mitigation, sensitive=entry.sensitive)])
-
-
-def _family_of(model: str, method: str):
-    from cxrfair.pipeline import _family
-
-    return _family(model, method)
+    # `enabled` was a key of the entry (always true for a planned step): kept so fingerprints stay as they were.
+    return settings_dict(dataclasses.replace(entry, models=(), methods=())) | {"enabled": True}
 
 
 # ---------------------------------------------------------------- shared checks

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import click
+
+from cxrfair.config import load_config
+from cxrfair.pipeline import demo_config, run_experiment
 
 
 @click.command("run")
@@ -18,11 +22,6 @@ def run(config: Path, dry_run: bool, out: Path | None) -> None:
     reused, so an interrupted run is resumed by repeating the same command. See
     configs/paper.toml for the paper's full protocol.
     """
-    import dataclasses
-
-    from cxrfair.config import load_config
-    from cxrfair.pipeline import run_experiment
-
     cfg = load_config(config)
     if out is not None:
         cfg = dataclasses.replace(cfg, out=out.resolve())
@@ -44,8 +43,6 @@ def demo(out: Path, dry_run: bool) -> None:
     geometry, group thresholds on the linear probe, and writes the report (with the drain
     shortcut test). Rerunning reuses finished steps.
     """
-    from cxrfair.pipeline import demo_config, run_experiment
-
     report = run_experiment(demo_config(out.resolve()), dry_run=dry_run, echo=click.echo)
     if report is not None:
         click.echo(f"Report: {report}")

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from cxrfair.core.runs import parse_run_id
 from cxrfair.errors import CxrfairError
 from cxrfair.io import write_json_atomic
 
@@ -51,8 +52,6 @@ class Family:
 
     def owns(self, entry: Path) -> bool:
         """True if ``entry`` (in a runs or staging folder) is one of this family's runs or sweep files."""
-        from cxrfair.core.runs import parse_run_id
-
         if entry.name.startswith("."):
             return False
         if entry.is_dir():

@@ -61,6 +61,11 @@ TYPE_ERRORS = [
     ("", "models = []", "models: list at least one model"),
     ("", 'methods = ["linear", "linear"]', "methods: linear listed more than once"),
     ("", "seeds = 0", "seeds: must be at least 1"),
+    # Keys a section takes from its stage config: typed by the stage's annotation.
+    ("finetune", 'micro_batch = "x"', '[finetune] micro_batch = "x": expected an integer'),
+    ("probe", "memory_budget_mb = true", "[probe] memory_budget_mb = true: expected a number"),
+    ("analysis", 'figures = "no"', '[analysis] figures = "no": expected true or false'),
+    ("extract", "features = 1", "[extract] features = 1: expected a string"),
 ]
 
 # Values of the right type that a stage refuses: caught while planning, named by config key.
@@ -92,6 +97,12 @@ STAGE_ERRORS = [
     ("analysis", "bootstrap = 20", "[analysis] bootstrap 20: use 0 (point estimates"),
     ("analysis", 'split = "dev"', "[analysis] split dev: must be train, val or test"),
     ("", 'models = ["no-such-model"]', "unknown model"),
+    # ... and checked by the stage, named by config key.
+    ("probe", "memory_budget_mb = 0", "[probe] memory_budget_mb: must be > 0 MB"),
+    ("finetune", "micro_batch = 0", "[finetune] micro_batch 0: must be at least 1"),
+    ("finetune", 'cache = "disk"', "[finetune] cache 'disk': expected one of auto, memory, file"),
+    ("analysis", "level = 2", "[analysis] level 2: must be between 0 and 1"),
+    ("extract", 'features = "raw"', "[extract] features raw: choose one of"),
 ]
 
 
@@ -196,7 +207,7 @@ def test_paper_config_loads(tmp_path):
 
 
 def test_probe_architecture_l2_skip_and_ftol_reach_the_sweep_and_its_fingerprint(tmp_path):
-    from cxrfair.pipeline import sweep_config, sweep_settings
+    from cxrfair.erm_steps import sweep_config, sweep_settings
 
     path = tmp_path / "c.toml"
     path.write_text(_render("probe", 'architecture = "plain"\nftol = 1e-6', tmp_path / "out"))
@@ -209,3 +220,101 @@ def test_probe_architecture_l2_skip_and_ftol_reach_the_sweep_and_its_fingerprint
     # The linear probe ignores the MLP's architecture: changing it must not rerun linear probes.
     assert sweep_settings(linear) == sweep_settings(sweep_config(skip, "linear")) | {"ftol": 1e-6}
     assert sweep_settings(mlp) != sweep_settings(sweep_config(skip, "mlp"))
+
+
+# ---------------------------------------------------------------- sections are the stage configs
+
+NEW_STAGE_OPTIONS = '''
+import dataclasses, json, sys
+from pathlib import Path
+
+import cxrfair.finetune.config as finetune_config
+import cxrfair.probe.sweep as sweep
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig(sweep.SweepConfig):
+    new_probe_option: int = 3  # an option the probe stage gained after the pipeline was written
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig(finetune_config.FinetuneConfig):
+    new_finetune_option: float = 0.5
+
+
+sweep.SweepConfig, finetune_config.FinetuneConfig = SweepConfig, FinetuneConfig  # as if the stages had them
+
+from cxrfair import erm_steps  # noqa: E402  (imported after the stages changed, as a new install would)
+from cxrfair.config import config_from_dict  # noqa: E402
+from cxrfair.errors import CxrfairError  # noqa: E402
+from cxrfair.pipeline import experiment_steps  # noqa: E402
+from cxrfair.steps import plan  # noqa: E402
+
+tmp = Path(sys.argv[1])
+data = {"models": ["tiny-clip"], "methods": ["linear", "lora"], "out": str(tmp / "exp"), "synth": {"enabled": True},
+        "probe": {"new_probe_option": 7}, "finetune": {"new_finetune_option": 0.25},
+        "mitigations": [{"methods": ["linear"], "mitigation": "groupdro", "sensitive": "sex", "strengths": [0.1]}]}
+cfg = config_from_dict(data, base=tmp)
+steps = {s.name: s for s in experiment_steps(cfg)}
+seen = []
+sweep.probe_cache = lambda cache, out, config, force=False: seen.append(config.new_probe_option)
+plan(list(steps.values()), tmp / "exp")
+for name in ("linear-tiny-clip", "linear+groupdro-sex-tiny-clip"):
+    try:
+        steps[name].run(False)
+    except CxrfairError:  # the stand-in wrote no runs to publish
+        pass
+erm_steps.run_finetune = lambda config: seen.append(config.new_finetune_option)
+steps["lora-tiny-clip-lr0.0005-s0"].run(False)
+plain = {s.name: s for s in experiment_steps(config_from_dict({k: v for k, v in data.items() if k not in ("probe", "finetune")},
+                                                                 base=tmp))}
+print(json.dumps({"stage_saw": seen, "linear": steps["linear-tiny-clip"].settings["new_probe_option"],
+                  "lora": steps["lora-tiny-clip"].settings["new_finetune_option"],
+                  "lora_at_default": "new_finetune_option" in plain["lora-tiny-clip"].settings}))
+'''
+
+
+def test_a_new_stage_option_is_a_config_key_with_no_pipeline_edit(tmp_path):
+    """A field added to SweepConfig / FinetuneConfig is a [probe] / [finetune] key, type-checked, passed to the
+    stage (ERM and mitigation steps alike) and fingerprinted; at its default it leaves fingerprints as they were."""
+    import json
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", NEW_STAGE_OPTIONS, str(tmp_path)], capture_output=True, text=True,
+                            timeout=300, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.splitlines()[-1]) == {"stage_saw": [7, 7, 0.25], "linear": 7, "lora": 0.25,
+                                                          "lora_at_default": False}
+    # Without the stage option the key is unknown (a typo must not pass silently).
+    with pytest.raises(CxrfairError, match=r"\[probe\] unknown key\(s\) new_probe_option"):
+        config_from_dict({"models": ["tiny-clip"], "probe": {"new_probe_option": 7}})
+
+
+def test_every_stage_field_is_a_key_or_supplied_by_the_pipeline():
+    from cxrfair.analysis.analyze import AnalyzeConfig
+    from cxrfair.config import AnalysisSettings, FinetuneSettings, ProbeSettings, stage_kwargs
+    from cxrfair.finetune.config import FinetuneConfig
+    from cxrfair.probe.sweep import SweepConfig
+
+    supplied = {SweepConfig: {"method", "seeds", "mitigation", "sensitive", "strengths", "adversary"},
+                FinetuneConfig: {"model", "cohort", "out", "method", "lr", "seed", "weights", "images", "resume", "force",
+                                 "tag", "mitigation", "sensitive", "strength"},
+                AnalyzeConfig: {"runs_dir", "out", "force", "embeddings"}}
+    for section, stage in ((ProbeSettings(), SweepConfig), (FinetuneSettings(), FinetuneConfig),
+                           (AnalysisSettings(), AnalyzeConfig)):
+        fields = {f.name for f in dataclasses.fields(stage)}
+        assert set(stage_kwargs(section, stage)) == fields - supplied[stage], stage.__name__
+    # Keys named by the pipeline keep their names; the stage's own options appear under theirs.
+    assert stage_kwargs(ProbeSettings(lr=(0.1,)), SweepConfig)["lrs"] == (0.1,)
+    assert stage_kwargs(FinetuneSettings(), FinetuneConfig)["micro_batch"] is None
+
+
+def test_derived_keys_at_their_default_stay_out_of_fingerprints():
+    from cxrfair.config import FinetuneSettings, section_settings
+
+    assert "micro_batch" not in section_settings(FinetuneSettings())
+    assert section_settings(FinetuneSettings(micro_batch=8))["micro_batch"] == 8
+    assert list(section_settings(FinetuneSettings())) == ["epochs", "batch_size", "lora_lr", "full_lr", "weight_decay",
+                                                          "lora_rank", "lora_alpha", "lora_dropout", "device",
+                                                          "precision", "workers"]

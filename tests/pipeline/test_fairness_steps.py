@@ -23,18 +23,18 @@ from cxrfair.steps import plan
 
 REPO = Path(__file__).resolve().parents[2]
 
-MITIGATION_OPTIONS = ("mitigation", "sensitive", "strength", "select", "adversary")
 MITIGATION_ENTRY_KEYS = ("mitigation", "sensitive", "strengths", "select", "adversary", "enabled")
 
 
 def _base(tmp_path: Path) -> dict:
-    """A synthetic experiment using every new section (the mitigation entries off)."""
+    """A synthetic experiment using every new section."""
     return {
         "out": str(tmp_path / "exp"), "models": ["tiny-clip"], "methods": ["zeroshot", "linear", "mlp", "lora"],
         "seeds": 2,
         "synth": {"enabled": True, "drains": True},
         "cohort": {"per_group": 10},
         "probe": {"l2": [1e-3, 1e-2], "hidden": [16]},
+        "extract": {},
         "finetune": {"epochs": 1, "lora_lr": [1e-3, 3e-3]},
         "analysis": {"bootstrap": 100, "cross": ["sex", "age_group"]},
         "embeddings": {"leakage": ["tiny-clip"], "geometry": ["tiny-clip"], "permutations": 2,
@@ -42,36 +42,19 @@ def _base(tmp_path: Path) -> dict:
         "postprocess": [{"methods": ["linear", "zeroshot"], "sensitive": "sex"}],
         "mitigations": [
             {"methods": ["linear", "mlp"], "mitigation": "groupdro", "sensitive": "sex", "strengths": [0.01, 0.1],
-             "select": "worst_group", "enabled": False},
+             "select": "worst_group"},
             {"methods": ["lora"], "mitigation": "adversarial", "sensitive": "age_group", "strengths": [0.3, 1.0],
-             "adversary": "grl", "enabled": False},
+             "adversary": "grl"},
         ],
     }
-
-
-def _enable(data: dict) -> dict:
-    for entry in data["mitigations"]:
-        entry["enabled"] = True
-    return data
-
-
-class _FakeCommand:
-    def __init__(self, names):
-        self.params = [type("P", (), {"name": n})() for n in names]
-
-
-@pytest.fixture
-def stage_has_mitigations(monkeypatch):
-    """The probe / finetune commands as they will be once the mitigation options land."""
-    monkeypatch.setattr(fairness_steps, "_command", lambda stage, method: _FakeCommand(MITIGATION_OPTIONS))
 
 
 def _names(data: dict, tmp_path: Path) -> list[str]:
     return [s.name for s in experiment_steps(config_from_dict(data, base=tmp_path))]
 
 
-def test_every_new_section_plans_its_steps(tmp_path, stage_has_mitigations):
-    steps = {s.name: s for s in experiment_steps(config_from_dict(_enable(_base(tmp_path)), base=tmp_path))}
+def test_every_new_section_plans_its_steps(tmp_path):
+    steps = {s.name: s for s in experiment_steps(config_from_dict(_base(tmp_path), base=tmp_path))}
     assert list(steps) == [
         "synth", "cohort", "extract-tiny-clip", "zeroshot-tiny-clip", "linear-tiny-clip", "mlp-tiny-clip",
         "lora-tiny-clip-lr0.001-s0", "lora-tiny-clip-lr0.003-s0", "lora-tiny-clip",
@@ -85,26 +68,13 @@ def test_every_new_section_plans_its_steps(tmp_path, stage_has_mitigations):
     assert set(steps["analyze"].deps) == set(steps) - {"synth", "cohort", "extract-tiny-clip", "lora-tiny-clip-lr0.001-s0",
                                                        "lora-tiny-clip-lr0.003-s0", "analyze"}
     assert steps["cohort"].settings["drains"].endswith("NIH-CX14_TubeAnnotations_NonExperts_aggregated.csv")
-    # Off entries plan nothing (and need no stage support).
-    assert "linear+groupdro-sex-tiny-clip" not in _names(_base(tmp_path), tmp_path)
 
 
-def test_the_installed_stage_without_mitigation_options_is_told_at_dry_run(tmp_path, monkeypatch):
-    monkeypatch.setattr(fairness_steps, "_command", lambda stage, method: _FakeCommand(("cache", "out", "l2")))
-    path = tmp_path / "exp.toml"
-    path.write_text('models = ["tiny-clip"]\nmethods = ["linear"]\n[synth]\nenabled = true\n[cohort]\nper_group = 10\n'
-                    '[[mitigations]]\nmethods = ["linear"]\nmitigation = "fairot"\nsensitive = "sex"\nstrengths = [0.1]\n'
-                    f'[analysis]\nbootstrap = 100\n')
-    result = CliRunner().invoke(main, ["run", str(path), "--dry-run", "--out", str(tmp_path / "exp")])
-    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
-    assert ("[[mitigations]] #1: `cxrfair probe linear` in this install has no --mitigation, --sensitive, --strength option"
-            in result.output)
-    assert "set enabled = false" in result.output and not (tmp_path / "exp").exists()
-
-
-def test_the_support_check_reads_the_real_stage_commands():
-    assert {"cache", "out", "solver"} <= {p.name for p in fairness_steps._command("probe", "linear").params}
-    assert {"model", "cohort", "lr"} <= {p.name for p in fairness_steps._command("finetune", "lora").params}
+def test_the_dropped_enabled_key_is_refused_by_name(tmp_path):
+    data = _base(tmp_path)
+    data["mitigations"][0]["enabled"] = False
+    with pytest.raises(CxrfairError, match=r"\[\[mitigations\]\] #1 enabled: no longer a key .* remove or comment out"):
+        config_from_dict(data, base=tmp_path)
 
 
 def _write_fake_run(runs: Path, key: RunKey, n: int = 48, hyper: dict | None = None) -> Path:
@@ -137,53 +107,64 @@ def test_postprocess_step_writes_the_thresholds_family_from_every_seed(tmp_path)
         "tiny-clip__linear__best__s1", "sex", "equalized_odds", 0.02)
 
 
-def test_mitigation_steps_call_the_stage_cli_with_the_entry(tmp_path, monkeypatch, stage_has_mitigations):
-    data = _enable(_base(tmp_path))
-    data["probe"] |= {"max_iter": 50, "standardize": False}
+def test_mitigation_steps_call_the_stage_apis_with_the_entry(tmp_path, monkeypatch):
+    """A mitigation step builds the stage's config ([probe] / [finetune] + the entry) and calls its
+    library function: no argv, no click."""
+    data = _base(tmp_path)
+    data["probe"] |= {"max_iter": 50, "standardize": False, "weight_decay": [0, 1e-2]}
+    data["finetune"] |= {"lora_alpha": 16, "micro_batch": 8}
     cfg = config_from_dict(data, base=tmp_path)
     steps = {s.name: s for s in experiment_steps(cfg)}
     exp = tmp_path / "exp"
     calls = []
 
-    def fake_cli(args):  # writes the run the real command would, so the step can publish it
-        calls.append([str(a) for a in args])
-        flag = dict(zip(calls[-1], calls[-1][1:]))
-        tag = f"st{float(flag['--strength']):g}" if args[0] == "finetune" else "best"  # as the real stages name them
-        key = RunKey("tiny-clip", args[1], tag, int(flag.get("--seed", 0)), mitigation=flag["--mitigation"],
-                     sensitive=flag["--sensitive"])
-        _write_fake_run(Path(flag["--out"]), key)
+    def probe_cache(cache, out, config, force=False):  # writes the run the real stage would, so the step can publish it
+        calls.append(("probe", cache, out, config, force))
+        return [_write_fake_run(Path(out), RunKey("tiny-clip", config.method, "best", 0, config.mitigation, config.sensitive))]
 
-    monkeypatch.setattr(fairness_steps, "call_cli", fake_cli)
+    def finetune(config, progress=True):
+        calls.append(("finetune", config))
+        _write_fake_run(config.out, RunKey("tiny-clip", config.method, config.tag, config.seed, config.mitigation,
+                                           config.sensitive))
+
+    def no_cli(*args, **kwargs):
+        raise AssertionError("a step went through the command line")
+
+    monkeypatch.setattr("cxrfair.probe.sweep.probe_cache", probe_cache)
+    monkeypatch.setattr("cxrfair.finetune.train.finetune", finetune)
+    monkeypatch.setattr(main, "main", no_cli)
     _write_fake_run(exp / "runs", RunKey("tiny-clip", "lora", "best", 0), hyper={"lr": 0.003})  # the ERM choice
     plan(list(steps.values()), exp)
     steps["mlp+groupdro-sex-tiny-clip"].run(False)
-    cache, staging = exp / "cache" / "tiny-clip.h5", exp / ".staging" / "mlp+groupdro-sex-tiny-clip"
-    # groupdro's objective changes every step: it trains with [probe]'s AdamW grid, not L-BFGS.
-    assert calls == [["probe", "mlp", "--cache", str(cache), "--force", "--solver", "adamw", "--no-standardize",
-                      "--seeds", "2", "--lr", "0.0001,0.0003,0.001,0.003", "--weight-decay", "0,0.0001,0.01",
-                      "--epochs", "150", "--batch-size", "64", "--hidden", "16",
-                      "--mitigation", "groupdro", "--sensitive", "sex", "--strength", "0.01,0.1",
-                      "--select", "worst_group", "--out", str(staging)]]
+    [(_, cache, out, sweep, force)] = calls
+    assert (cache, out, force) == (exp / "cache" / "tiny-clip.h5", exp / ".staging" / "mlp+groupdro-sex-tiny-clip", True)
+    # [probe]'s sweep, with the entry's mitigation; groupdro's objective changes every step: AdamW, not L-BFGS.
+    assert (sweep.method, sweep.solver, sweep.standardize, sweep.seeds, sweep.hiddens, sweep.epochs) == (
+        "mlp", "adamw", False, (0, 1), (16,), 150)
+    assert (sweep.mitigation, sweep.sensitive, sweep.strengths, sweep.select, sweep.adversary) == (
+        "groupdro", "sex", (0.01, 0.1), "worst_group", "grl")
+    assert sweep.weight_decays == (0.0, 0.01) and all(type(v) is float for v in sweep.weight_decays)  # as the CLI parsed them
     calls.clear()
     produced = steps["lora+adversarial-age_group-tiny-clip"].run(False)
     staging = exp / ".staging" / "lora+adversarial-age_group-tiny-clip"
-    common = ["finetune", "lora", "--model", "tiny-clip", "--cohort", str(exp / "cohort"), "--epochs", "1",
-              "--batch-size", "64", "--weight-decay", "0.01", "--device", "auto", "--precision", "auto", "--workers", "4",
-              "--resume", "--force", "--mitigation", "adversarial", "--sensitive", "age_group",
-              "--adversary", "grl", "--lora-rank", "8", "--lora-alpha", "16", "--lora-dropout", "0.0"]
-    # One run per strength and seed (the analysis chooses the strength on validation).
-    assert calls == [common + ["--strength", st, "--lr", "0.003", "--seed", seed, "--out", str(staging)]
-                     for st in ("0.3", "1") for seed in ("0", "1")]
+    # One run per strength and seed (the analysis chooses the strength on validation), at the ERM learning rate.
+    runs = [c for _, c in calls]
+    assert [(c.strength, c.seed, c.lr, c.out, c.tag) for c in runs] == [
+        (st, seed, 0.003, staging, f"st{st:g}") for st in (0.3, 1.0) for seed in (0, 1)]
+    assert {(c.model, c.method, c.epochs, c.mitigation, c.sensitive, c.micro_batch, c.resume, c.force) for c in runs} == {
+        ("tiny-clip", "lora", 1, "adversarial", "age_group", 8, True, True)}
+    assert {type(c.lora_alpha) for c in runs} == {float}
     assert sorted(p.name for p in produced) == [f"tiny-clip__lora+adversarial-age_group__st{st}__s{seed}"
                                                 for st in ("0.3", "1") for seed in (0, 1)]
     assert (exp / "runs" / "tiny-clip__lora__best__s0").is_dir()  # the ERM family is not touched
 
 
-def test_call_cli_turns_a_stage_error_into_one_line(tmp_path):
-    with pytest.raises(CxrfairError, match=r"^cxrfair probe linear: cache .*none.h5: no such file"):
-        fairness_steps.call_cli(["probe", "linear", "--cache", tmp_path / "none.h5", "--out", tmp_path / "runs"])
-    with pytest.raises(CxrfairError, match=r"^cxrfair probe linear: No such option '--dance'"):
-        fairness_steps.call_cli(["probe", "linear", "--cache", tmp_path / "none.h5", "--out", tmp_path, "--dance", "x"])
+def test_a_stage_error_in_a_mitigation_step_is_one_line(tmp_path):
+    steps = {s.name: s for s in experiment_steps(config_from_dict(_base(tmp_path), base=tmp_path))}
+    plan(list(steps.values()), tmp_path / "exp")
+    with pytest.raises(CxrfairError) as info:  # no embedding cache yet
+        steps["linear+groupdro-sex-tiny-clip"].run(False)
+    assert "tiny-clip.h5" in str(info.value) and "\n" not in str(info.value)
 
 
 ENTRY_ERRORS = [
@@ -191,7 +172,7 @@ ENTRY_ERRORS = [
     ("mitigations", 0, {"mitigation": "erm"}, "erm is the plain method: list it under methods"),
     ("mitigations", 0, {"mitigation": "dance"}, "mitigation 'dance': choose one of reweight, groupdro, adversarial, fairot, erase"),
     ("mitigations", 0, {"strengths": []}, "[[mitigations]] #1 strengths: give at least one strength for groupdro"),
-    ("mitigations", 0, {"strengths": [0.0]}, "strengths 0: groupdro strengths must be > 0"),
+    ("mitigations", 0, {"strengths": [0.0]}, "strengths 0: groupdro strengths must be in (0, inf)"),
     ("mitigations", 0, {"mitigation": "reweight", "strengths": [1.5]}, "strengths 1.5: reweight strengths must be in [0, 1]"),
     ("mitigations", 0, {"mitigation": "erase"}, "strengths: erase takes none"),
     ("mitigations", 1, {"mitigation": "erase", "strengths": []}, "[[mitigations]] #2 mitigation erase: probes only"),
@@ -212,8 +193,8 @@ ENTRY_ERRORS = [
 
 
 @pytest.mark.parametrize("section, index, change, message", ENTRY_ERRORS, ids=[m[:40] for *_, m in ENTRY_ERRORS])
-def test_a_bad_entry_is_refused_at_planning(tmp_path, stage_has_mitigations, section, index, change, message):
-    data = _enable(_base(tmp_path))
+def test_a_bad_entry_is_refused_at_planning(tmp_path, section, index, change, message):
+    data = _base(tmp_path)
     data[section][index] |= change
     with pytest.raises(CxrfairError) as info:
         experiment_steps(config_from_dict(data, base=tmp_path))
@@ -288,15 +269,26 @@ RERUNS = [
     ("mitigation adversary", _set("mitigations", "adversary", None, 1), {"lora+adversarial-age_group-tiny-clip", "analyze"}),
     ("finetune epochs", _set("finetune", "epochs", 2),
      {"lora-tiny-clip-lr0.001-s0", "lora-tiny-clip-lr0.003-s0", "lora-tiny-clip", "lora+adversarial-age_group-tiny-clip", "analyze"}),
+    # Keys the sections take from their stage configs: fingerprinted once set, like any other.
+    ("finetune micro_batch", _set("finetune", "micro_batch", 8),
+     {"lora-tiny-clip-lr0.001-s0", "lora-tiny-clip-lr0.003-s0", "lora-tiny-clip", "lora+adversarial-age_group-tiny-clip", "analyze"}),
+    ("probe memory_budget_mb (where, not what)", _set("probe", "memory_budget_mb", 512.0), set()),
+    ("analysis level", _set("analysis", "level", 0.9), {"analyze"}),
+    ("embeddings top", _set("embeddings", "top", 5), {"geometry-tiny-clip", "analyze"}),
+    ("postprocess max_candidates", _set("postprocess", "max_candidates", 64, 0),
+     {"linear+thresholds-sex-tiny-clip", "zeroshot+thresholds-sex-tiny-clip", "analyze"}),
+    ("extract features", _set("extract", "features", "unprojected"),  # fine-tuning reads the images, not the cache
+     ALL - {"synth", "cohort", "lora-tiny-clip-lr0.001-s0", "lora-tiny-clip-lr0.003-s0", "lora-tiny-clip",
+            "lora+adversarial-age_group-tiny-clip"}),
 ]
 
 
 @pytest.mark.parametrize("what, change, expected", RERUNS, ids=[r[0] for r in RERUNS])
-def test_a_changed_setting_reruns_only_its_steps_and_their_dependants(tmp_path, stage_has_mitigations, what, change, expected):
+def test_a_changed_setting_reruns_only_its_steps_and_their_dependants(tmp_path, what, change, expected):
     def prints(data):
         return {s.name: s.fingerprint for s, _ in plan(experiment_steps(config_from_dict(data, base=tmp_path)), tmp_path)}
 
-    data = _enable(_base(tmp_path))
+    data = _base(tmp_path)
     before = prints(data)
     assert set(before) == ALL
     change(data)
@@ -405,18 +397,13 @@ def test_demo_plans_embeddings_shortcut_and_thresholds(tmp_path):
     assert cohort.settings["drains"]  # the synthetic NEATX labels: the report's shortcut test has its column
 
 
-def test_demo_mitigations_are_ready_to_switch_on(tmp_path, monkeypatch, stage_has_mitigations):
-    """The lead's switch (DEMO_MITIGATIONS = True) plans ERM + groupdro + fairot linear probes."""
-    import cxrfair.pipeline as pipeline
-
+def test_demo_plans_groupdro_and_fairot_on_the_linear_probe(tmp_path):
     cfg = demo_config(tmp_path)
-    assert [(m.mitigation, m.methods, m.enabled) for m in cfg.mitigations] == [
-        ("groupdro", ("linear",), pipeline.DEMO_MITIGATIONS), ("fairot", ("linear",), pipeline.DEMO_MITIGATIONS)]
+    assert [(m.mitigation, m.methods) for m in cfg.mitigations] == [("groupdro", ("linear",)), ("fairot", ("linear",))]
     # fairot's strength 0 is an AdamW ERM probe on the grid groupdro uses too: the like-for-like counterpart
     # of both (analysis.mitigation.find_erm), where the L-BFGS ERM probe would mix in the solver change.
     assert 0.0 in cfg.mitigations[1].strengths
-    monkeypatch.setattr(pipeline, "DEMO_MITIGATIONS", True)
-    steps = {s.name: s for s in experiment_steps(demo_config(tmp_path))}
+    steps = {s.name: s for s in experiment_steps(cfg)}
     assert {"linear-tiny-clip", "linear+groupdro-sex-tiny-clip", "linear+fairot-sex-tiny-clip"} <= set(steps)
     grid = {k: v for k, v in steps["linear+groupdro-sex-tiny-clip"].settings.items() if k not in MITIGATION_ENTRY_KEYS}
     assert grid == {k: v for k, v in steps["linear+fairot-sex-tiny-clip"].settings.items() if k not in MITIGATION_ENTRY_KEYS}
