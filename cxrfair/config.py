@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from cxrfair.analysis.analyze import AnalyzeConfig
+from cxrfair.analysis.config import AnalyzeConfig
 from cxrfair.analysis.postprocess import PostprocessConfig
 from cxrfair.errors import CxrfairError
 from cxrfair.extract.extractor import ExtractConfig

@@ -13,7 +13,8 @@ import dataclasses
 import json
 from pathlib import Path
 
-from cxrfair import analysis
+from cxrfair.analysis import analyze as analyze_command
+from cxrfair.analysis.config import AnalyzeConfig
 from cxrfair.config import ExperimentConfig, section_settings, settings_dict, stage_kwargs
 from cxrfair.core.runs import read_run, write_run
 from cxrfair.errors import CxrfairError
@@ -282,11 +283,11 @@ def analysis_step(config: ExperimentConfig, p: dict, deps: list[str], embeddings
     """The report over every run; ``embeddings``: leakage/geometry outputs exist under <out>/embeddings/."""
     a = config.analysis
     extra = {"embeddings": p["embeddings"]} if embeddings else {}
-    cfg = stage_config("analysis", lambda: analysis.AnalyzeConfig(
-        **stage_kwargs(a, analysis.AnalyzeConfig), runs_dir=p["runs"], out=p["report"], force=True, **extra))
+    cfg = stage_config("analysis", lambda: AnalyzeConfig(
+        **stage_kwargs(a, AnalyzeConfig), runs_dir=p["runs"], out=p["report"], force=True, **extra))
 
     def run(force: bool) -> None:
-        analysis.analyze(cfg)
+        analyze_command.analyze(cfg)
 
     settings = section_settings(a) | {k: str(v) for k, v in extra.items()}
     return Step("analyze", settings, [p["report"] / "report.html"], run, tuple(deps))

@@ -292,7 +292,7 @@ def test_a_new_stage_option_is_a_config_key_with_no_pipeline_edit(tmp_path):
 
 
 def test_every_stage_field_is_a_key_or_supplied_by_the_pipeline():
-    from cxrfair.analysis.analyze import AnalyzeConfig
+    from cxrfair.analysis.config import AnalyzeConfig
     from cxrfair.config import AnalysisSettings, FinetuneSettings, ProbeSettings, stage_kwargs
     from cxrfair.finetune.config import FinetuneConfig
     from cxrfair.probe.sweep import SweepConfig

@@ -260,7 +260,6 @@ def fake_stages(monkeypatch):
     monkeypatch.setattr("cxrfair.probe.zeroshot.zeroshot_cache", zeroshot_cache)
     monkeypatch.setattr("cxrfair.probe.sweep.probe_cache", probe_cache)
     monkeypatch.setattr(importlib.import_module("cxrfair.analysis.analyze"), "analyze", analyze)
-    monkeypatch.setattr("cxrfair.analysis.analyze", analyze)  # the package's re-export, which the pipeline calls
     return seen
 
 
