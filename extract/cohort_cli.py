@@ -24,7 +24,7 @@ Datasets and the files each reads:
 
 \b
 Presets (--preset; options below override a preset's rules, and cohort.json then says "custom"):
-  nih-6x200               multi-class, 6 findings x 50 per sex x age band, exact 7:1:2 (PAPER.md)
+  nih-6x200               multi-class, 6 findings x 50 per sex x age band, exact 7:1:2 (Sun et al.)
   mimic-sourget           MIMIC official split, 6 conditions, sex / 5 age bins / race W,B,A
   nih-neatx-pneumothorax  NIH official test list + NEATX drains, binary Pneumothorax
   chexpert-6              every frontal adult CheXpert image, 6 conditions, 70/10/20 by patients

@@ -122,7 +122,7 @@ def f1_macro(y_true, y_prob, *, weights=None) -> np.ndarray:
 
 
 def var_f1(y_true, y_prob, *, weights=None) -> np.ndarray:
-    """Population variance of class F1 over classes, PAPER.md eq. 1. Returns (...).
+    """Population variance of class F1 over classes, eq. 1 of Sun et al. (ISBI 2025). Returns (...).
 
     References:
         Sun et al., "Fairness Analysis of CLIP-Based Foundation Models for X-Ray Image
@@ -181,7 +181,7 @@ def ece(y_true, y_prob, *, weights=None, n_bins: int = ECE_BINS) -> np.ndarray:
 
 
 def ece_paper(y_true, y_prob, *, weights=None) -> np.ndarray:
-    """Unbinned calibration error as written in PAPER.md eq. 4: (1/N) sum_i |p_i - o_i|.
+    """Unbinned calibration error as written in eq. 4 of Sun et al. (ISBI 2025): (1/N) sum_i |p_i - o_i|.
 
     p_i is the top-label confidence (the largest class probability of image i) and o_i is 1 if
     that top label is the true label, else 0. Unlike ``ece`` nothing is binned, so it measures
