@@ -47,7 +47,7 @@ def cohort() -> None:
 @click.option("--drains", type=PATH, default=None, help="nih: NEATX NIH-CX14_TubeAnnotations_NonExperts_aggregated.csv.")
 @click.option("--official-split", type=PATH, default=None, help="nih: folder with test_list.txt and train_val_list.txt.")
 @click.option("--mimic-iv", type=PATH, default=None, help="mimic: MIMIC-IV folder (hosp/patients.csv.gz, hosp/admissions.csv.gz).")
-@click.option("--race-map", type=PATH, default=None, help="CSV code,group adding race codes to the built-in maps (docs/datasets.md, "Race maps").")
+@click.option("--race-map", type=PATH, default=None, help="CSV code,group adding race codes to the built-in maps (docs/datasets.md, 'Race maps').")
 @click.option("--columns", default=None, help="csv: key=COLUMN pairs, e.g. path=Path,patient=PatientID,sex=Sex,age=Age.")
 @click.option("--labels", default=None, help="csv: finding columns, e.g. Edema,Pleural Effusion=PE.")
 @click.option("--preset", default=None,
