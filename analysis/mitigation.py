@@ -37,7 +37,7 @@ from cxrfair.core.runs import FINETUNE_METHODS, RunKey, parse_run_id
 UTILITY_METRICS = {"multiclass": ("accuracy", "f1_macro"), "multilabel": ("auc_macro",)}
 GAP_METRICS = {"multiclass": ("f1_gap", "f1_gap_abs", "eqodds", "worst_group_accuracy"),
                "multilabel": ("auc_gap", "eqodds", "worst_group_auc")}
-# (x, y) of the trade-off: utility and the equalised-odds gap (PAPER eq. 3, defined for both tasks).
+# (x, y) of the trade-off: utility and the equalised-odds gap (Sun et al. eq. 3, defined for both tasks).
 TRADEOFF_AXES = {"multiclass": ("accuracy", "eqodds"), "multilabel": ("auc_macro", "eqodds")}
 # Which direction is an improvement: "higher", "lower", or "zero" for signed gaps (A − A').
 _HIGHER = {"accuracy", "f1_macro", "auc_macro", "worst_group_accuracy", "worst_group_auc"}

@@ -32,7 +32,7 @@ from cxrfair.analysis.report import (
 from cxrfair.core.multilabel import THRESHOLD_RULE
 
 ECE_NOTE = ("`ece_gap` uses the usual binned top-label ECE (15 equal-width confidence bins); "
-            "`ece_gap_paper` is PAPER.md eq. 4 as written, unbinned: p_i is the top-label confidence and "
+            "`ece_gap_paper` is eq. 4 of Sun et al. (ISBI 2025) as written, unbinned: p_i is the top-label confidence and "
             "o_i is 1 if the top label is correct, else 0. Figures show the binned `ece_gap`.")
 NAN_NOTE = ("A ratio with a zero denominator (e.g. TPR of a class with no positives in a group) is NaN, "
             "shown as –. Means over classes skip NaN terms; gaps and minima over groups are NaN if any group is.")

@@ -3,9 +3,9 @@
 A reader (``cxrfair.extract.datasets``: nih, chexpert, mimic, csv) turns the user's files into
 one standard table; a preset (``cohort_presets.PRESETS``) says which images to keep, how to
 split them and which attributes to compare; this module applies the rules and writes the folder
-(format in docs/CONTRACTS.md, "Cohort" and "Cohort v2").
+(format in docs/CONTRACTS.md, "Cohort").
 
-- Multi-class presets (``nih-6x200``, PAPER.md §1): single-label images of each class, a fixed
+- Multi-class presets (``nih-6x200``, Sun et al.; docs/datasets.md): single-label images of each class, a fixed
   number per class x (sex, age band) cell (a short cell takes all it has and the other sex of
   the same band makes up the shortfall), split with exact per-class totals, patient-disjoint.
 - Multi-label presets (``mimic-sourget``, ``chexpert-6``, ``nih-neatx-pneumothorax``,
@@ -347,7 +347,7 @@ def _filter(data: DatasetTable, config: CohortConfig, attributes: list[str]) -> 
 
 
 def _multiclass(rows: pd.DataFrame, data: DatasetTable, config: CohortConfig) -> tuple[pd.DataFrame, list[str]]:
-    """Balanced single-label sampling and the exact per-class split (PAPER.md §1)."""
+    """Balanced single-label sampling and the exact per-class split (Sun et al.)."""
     if "label" not in rows.columns:
         raise CxrfairError(f"--preset {config.preset}: needs one label per image, which --dataset {data.dataset} "
                            "does not give" + (" (add label=COLUMN to --columns)" if data.dataset == "csv" else ""))

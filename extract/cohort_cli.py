@@ -24,7 +24,7 @@ Datasets and the files each reads:
 
 \b
 Presets (--preset; options below override a preset's rules, and cohort.json then says "custom"):
-  nih-6x200               multi-class, 6 findings x 50 per sex x age band, exact 7:1:2 (PAPER.md)
+  nih-6x200               multi-class, 6 findings x 50 per sex x age band, exact 7:1:2 (Sun et al.)
   mimic-sourget           MIMIC official split, 6 conditions, sex / 5 age bins / race W,B,A
   nih-neatx-pneumothorax  NIH official test list + NEATX drains, binary Pneumothorax
   chexpert-6              every frontal adult CheXpert image, 6 conditions, 70/10/20 by patients
@@ -47,7 +47,7 @@ def cohort() -> None:
 @click.option("--drains", type=PATH, default=None, help="nih: NEATX NIH-CX14_TubeAnnotations_NonExperts_aggregated.csv.")
 @click.option("--official-split", type=PATH, default=None, help="nih: folder with test_list.txt and train_val_list.txt.")
 @click.option("--mimic-iv", type=PATH, default=None, help="mimic: MIMIC-IV folder (hosp/patients.csv.gz, hosp/admissions.csv.gz).")
-@click.option("--race-map", type=PATH, default=None, help="CSV code,group adding race codes to the built-in maps (README).")
+@click.option("--race-map", type=PATH, default=None, help="CSV code,group adding race codes to the built-in maps (docs/datasets.md, 'Race maps').")
 @click.option("--columns", default=None, help="csv: key=COLUMN pairs, e.g. path=Path,patient=PatientID,sex=Sex,age=Age.")
 @click.option("--labels", default=None, help="csv: finding columns, e.g. Edema,Pleural Effusion=PE.")
 @click.option("--preset", default=None,

@@ -1,4 +1,4 @@
-"""The cohort folder format (docs/CONTRACTS.md, "Cohort" and "Cohort v2"): columns, hash, counts, load.
+"""The cohort folder format (docs/CONTRACTS.md, "Cohort"): columns, hash, counts, load.
 
 ``cohort.csv`` holds one row per image; ``cohort.json`` the classes, task, attributes, rules,
 counts and a content hash. Version 1 folders (multi-class NIH cohorts written before datasets

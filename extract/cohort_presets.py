@@ -7,7 +7,7 @@ says ``"preset": "custom"``. Adding a preset is one ``Preset(...)`` in ``PRESETS
 Split rules:
 
 - ``exact``: multi-class; every class gets exactly its largest-remainder share of ``split``,
-  patient-disjoint (PAPER.md §1).
+  patient-disjoint (Sun et al., ISBI 2025).
 - ``patients``: patients are dealt to train/val/test in the ``split`` ratio (exact patient
   counts), stratified by sex, age group, race, conditions and image count.
 - ``official``: the dataset's own split (NIH ``test_list.txt`` / ``train_val_list.txt``, MIMIC
@@ -56,7 +56,7 @@ DEFAULT_PRESET = {"nih": "nih-6x200", "chexpert": "chexpert-6", "mimic": "mimic-
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("nih-6x200", "nih", "multiclass", SIX_NIH, "exact", (0.7, 0.1, 0.2), ("sex", "age_group"), (60,),
            per_group=50,
-           description="Sun et al. (PAPER.md §1): single-label NIH images of six findings, 50 per finding x sex x "
+           description="Sun et al. (ISBI 2025): single-label NIH images of six findings, 50 per finding x sex x "
                        "age band (<60, >=60), split 7:1:2 per finding, patient-disjoint"),
     Preset("mimic-sourget", "mimic", "multilabel", SIX_CHEXPERT, "official", (0.7, 0.1, 0.2),
            ("sex", "age_group", "race"), SOURGET_BINS, min_age=18, needs=("race", "official_split"),

@@ -97,7 +97,7 @@ def resolve_names(wanted: Iterable[str], known: Iterable[str], option: str, path
 
 
 # --------------------------------------------------------------------------------------------
-# Multi-class: balanced sampling (PAPER.md §1)
+# Multi-class: balanced sampling (Sun et al.)
 
 
 def _cell_rng(seed: int, *key: str) -> np.random.Generator:
@@ -128,7 +128,7 @@ def cell_quotas(available: dict[str, int], per_group: int) -> dict[str, int] | N
 
 def sample_cohort(meta: pd.DataFrame, diseases: list[str], per_group: int, seed: int, path: Path,
                   bands: Iterable[str] = ("young", "old")) -> pd.DataFrame:
-    """Draw the single-label images of each disease x (age band, sex) cell (PAPER.md §1 rules).
+    """Draw the single-label images of each disease x (age band, sex) cell (Sun et al.'s rules).
 
     Args:
         meta: standard-table rows with ``label`` (the single finding, or ``""``) and ``age_group``.

@@ -1,6 +1,6 @@
 """Patient-disjoint splits: exact per-class totals (multi-class cohorts) and stratified dealing of patients.
 
-- ``split_cohort``: the multi-class rule (PAPER.md §1). Each class gets exactly its
+- ``split_cohort``: the multi-class rule (Sun et al.). Each class gets exactly its
   largest-remainder share of the ratio; each (class, group) cell lands as close to the ratio as
   the patients allow. Small cohorts (the 6x200 protocol) get a greedy pass and an exhaustive
   best-move / best-swap repair; large ones start from a stratified deal and repair the class

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 # Modules whose import registers the built-in models (each calls ``register`` at import time).
 # MedImageInsight is deliberately absent: its UniCL/DaViT weights need Microsoft's own model code
-# (Florence-style DaViT, not timm's layout) or an unverifiable key mapping; see README "Models".
+# (Florence-style DaViT, not timm's layout) or an unverifiable key mapping; see docs/models.md.
 BUILTIN_MODULES = (
     "cxrfair.extract.models.openclip",
     "cxrfair.extract.models.medclip",

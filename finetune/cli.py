@@ -36,7 +36,7 @@ def _options(fn):
         click.option("--images", default=None, type=click.Path(path_type=Path), help="Images root overriding cohort.json's."),
         click.option("--mitigation", default="erm", show_default=True,
                      help="Fairness mitigation trained into the run: erm (plain), reweight, groupdro, adversarial, "
-                          "fairot (see README 'Mitigations')."),
+                          "fairot (see docs/fairness.md, 'Mitigations')."),
         click.option("--sensitive", default=None, help="The cohort attribute a mitigation targets (e.g. sex, age_group, race)."),
         click.option("--strength", default=None, type=float,
                      help="Mitigation strength, one value per run: reweight s in [0, 1] (default 1), groupdro step "

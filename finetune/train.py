@@ -4,7 +4,7 @@ The shape follows the Flax MNIST example: ``create_state`` (model + optimizer + 
 ``train_step``, ``train_epoch``, ``evaluate``, ``fit`` (epochs, best-epoch selection,
 checkpoints), and ``finetune(config)`` gluing data, model and the run writer together.
 
-Recipe (PAPER.md §3): image encoder (+ peft LoRA on every attention and MLP linear, targets from
+Recipe (Sun et al., ISBI 2025): image encoder (+ peft LoRA on every attention and MLP linear, targets from
 the model registry, or all weights for full fine-tuning) + a linear head D -> C; AdamW; cosine
 annealing over all steps; cross-entropy; validation loss every epoch; the lowest-validation-loss
 state is evaluated on val + test and written as a run. bf16 autocast on CUDA, fp32 on CPU.

@@ -75,7 +75,7 @@ def _sweep_options(f):
                           "[default: loss; worst_group with a --mitigation]"),
         click.option("--mitigation", default="erm", show_default=True,
                      help="Fairness mitigation: erm (plain training), reweight, groupdro, adversarial, fairot, erase "
-                          "(see README, Mitigations). Needs --sensitive unless erm."),
+                          "(see docs/fairness.md, Mitigations). Needs --sensitive unless erm."),
         click.option("--sensitive", default=None, help="The cohort attribute a mitigation targets, e.g. sex, age_group, race."),
         click.option("--strength", default=None,
                      help="Comma-separated strengths, a grid axis (reweight: in [0, 1]; groupdro: step size > 0; "

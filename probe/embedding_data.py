@@ -5,7 +5,7 @@ patient-grouped split and a patient bootstrap), each one small function so that 
 swapped for a shared implementation without touching the analyses.
 
 Attributes: a cohort v2 cache names its sensitive attributes in the ``attributes`` attr
-(``{column: {"groups": [...], "reference": group}}``, docs/CONTRACTS.md "Version 2"); a v1
+(``{column: {"groups": [...], "reference": group}}``, docs/CONTRACTS.md "Cohort"); a v1
 cache has sex (M/F) and age_group (young/old). Any other categorical column of the cohort
 table (``view``, ``drain``, ...) can be requested by name; its groups are its values, sorted.
 """

@@ -3,8 +3,8 @@
 Two scorings (``term``; run.json ``zero_shot_term``):
 
 - ``global`` (every model): probs = softmax(logit_scale · cos(image, class text)), the class text
-  being the mean of its prompts' normalised embeddings, with the model's own logit scale (see
-  ``shared/PROMPTS.md``: one scale for every model).
+  being the mean of its prompts' normalised embeddings, with the model's own logit scale (not
+  one common scale for every model).
 - ``both`` (GLoRIA's own zero-shot, ``gloria.zero_shot_classification``; needs a cache with prompt
   scores): per prompt, s = (global + local) / 2 (cosine of the global embeddings; the word to
   image-region attention score); a class scores the max over its prompts; each class's column is

@@ -101,7 +101,7 @@ def f1_macro(y_true, y_prob, *, weights=None) -> np.ndarray:
 
 
 def var_f1(y_true, y_prob, *, weights=None) -> np.ndarray:
-    """Population variance of class F1 over classes, PAPER.md eq. 1. Returns (...).
+    """Population variance of class F1 over classes, eq. 1 of Sun et al. (ISBI 2025). Returns (...).
 
     References:
         Sun et al., "Fairness Analysis of CLIP-Based Foundation Models for X-Ray Image
@@ -160,7 +160,7 @@ def ece(y_true, y_prob, *, weights=None, n_bins: int = ECE_BINS) -> np.ndarray:
 
 
 def ece_paper(y_true, y_prob, *, weights=None) -> np.ndarray:
-    """Unbinned calibration error as written in PAPER.md eq. 4: (1/N) sum_i |p_i - o_i|.
+    """Unbinned calibration error as written in eq. 4 of Sun et al. (ISBI 2025): (1/N) sum_i |p_i - o_i|.
 
     p_i is the top-label confidence (the largest class probability of image i) and o_i is 1 if
     that top label is the true label, else 0. Unlike ``ece`` nothing is binned, so it measures
@@ -232,17 +232,17 @@ METRICS: dict[str, tuple[Callable, bool]] = {
 
 
 GROUP_METRICS: tuple[GroupMetric, ...] = (
-    GroupMetric("f1_gap", ("f1",), "difference", "F1_Δ = (1/C) Σ_c (F1_A^c − F1_A'^c), signed (PAPER eq. 2)"),
+    GroupMetric("f1_gap", ("f1",), "difference", "F1_Δ = (1/C) Σ_c (F1_A^c − F1_A'^c), signed (Sun et al. eq. 2)"),
     GroupMetric("f1_gap_abs", ("f1",), "magnitude", "|F1_Δ|: the size of f1_gap whichever group is ahead"),
     GroupMetric("eqodds", ("tpr", "fpr"), "abs_difference",
                 "EqOdds = (1/2C) Σ_c (|ΔTPR_c| + |ΔFPR_c|): the average of the TPR and FPR gaps (fairlearn's "
-                "equalized_odds_difference with agg='mean', one-vs-rest), mean over classes (PAPER eq. 3)"),
+                "equalized_odds_difference with agg='mean', one-vs-rest), mean over classes (Sun et al. eq. 3)"),
     GroupMetric("eqodds_worst", ("tpr", "fpr"), "max_range",
                 "(1/C) Σ_c max(|ΔTPR_c|, |ΔFPR_c|): per class the larger of the TPR and FPR gaps "
                 "(fairlearn's equalized_odds_difference, one-vs-rest), then the mean over classes"),
     GroupMetric("ece_gap", ("ece",), "abs_difference", "|ECE_A − ECE_A'|, with the binned top-label ECE (15 bins)"),
     GroupMetric("ece_gap_paper", ("ece_paper",), "abs_difference",
-                "PAPER eq. 4 as written: |mean_A |p−o| − mean_A' |p−o||, p top-label confidence, o correctness"),
+                "Sun et al. eq. 4 as written: |mean_A |p−o| − mean_A' |p−o||, p top-label confidence, o correctness"),
     GroupMetric("es_auc", ("auc_macro",), "equity",
                 "ES-AUC = AUC / (1 + Σ_g |AUC − AUC_g|), macro AUC scaled down by its spread over groups (FairCLIP)"),
     GroupMetric("fnr_gap", ("fnr",), "difference", "(1/C) Σ_c (FNR_A^c − FNR_A'^c): under-diagnosis of A, signed"),
@@ -329,9 +329,9 @@ _VALUE_DEFINITIONS = {
     "f1_macro": "Unweighted mean of the class F1 values.",
     "auc": "One-vs-rest ROC AUC of one class, its probability as the score (ties count one half).",
     "auc_macro": "Unweighted mean of the class AUCs.",
-    "var_f1": "Var_F1: population variance of the class F1 values over classes (PAPER eq. 1); disease fairness.",
+    "var_f1": "Var_F1: population variance of the class F1 values over classes (Sun et al. eq. 1); disease fairness.",
     "ece": "Binned top-label expected calibration error: 15 equal-width confidence bins, Σ_b (n_b/n) |acc_b − conf_b|.",
-    "ece_paper": "Unbinned calibration error of PAPER eq. 4 as written: mean over images of |p_i − o_i|, "
+    "ece_paper": "Unbinned calibration error of Sun et al. eq. 4 as written: mean over images of |p_i − o_i|, "
                  "p_i the top-label confidence, o_i 1 if that label is right.",
     "tpr": "True-positive rate (recall) of one class, TP / (TP + FN).",
     "fpr": "False-positive rate of one class, FP / (FP + TN).",

@@ -384,7 +384,7 @@ GROUP_METRICS: tuple[GroupMetric, ...] = (
                 "ES-AUC = AUC / (1 + Σ_g |AUC_g − AUC|) per condition (FairCLIP); macro: its mean over conditions."),
     GroupMetric("eqodds", ("tpr", "fpr"), "abs_difference",
                 "Equalized odds, paper form: (|ΔTPR| + |ΔFPR|) / 2 between groups at the chosen threshold (3+ groups: "
-                "largest pair); macro for two groups = PAPER eq. 3, (1/2C) Σ_c (|ΔTPR_c| + |ΔFPR_c|)."),
+                "largest pair); macro for two groups = Sun et al. eq. 3, (1/2C) Σ_c (|ΔTPR_c| + |ΔFPR_c|)."),
     GroupMetric("eqodds_worst", ("tpr", "fpr"), "max_range",
                 "Equalized odds, worst-case form (fairlearn): max(TPR range, FPR range) over groups; macro: its mean "
                 "over conditions."),

@@ -58,7 +58,7 @@ _NON_ATTRIBUTE_COLUMNS = ("path",)
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")
 _STRING_COLUMNS = ("image_id", "split", "label", "sex", "age_group")
 
-# What a run.json without ``attributes`` means: the v1 cohort's sensitive attributes (CONTRACTS.md, Version 2).
+# What a run.json without ``attributes`` means: the v1 cohort's sensitive attributes (docs/CONTRACTS.md, "Runs").
 V1_ATTRIBUTES = {"sex": {"groups": ["M", "F"], "reference": "M"},
                  "age_group": {"groups": ["young", "old"], "reference": "young"}}
 

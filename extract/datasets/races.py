@@ -11,7 +11,7 @@ Glocker et al. 2023, Sourget et al. 2025): a code belongs to a group when the gr
 it (MIMIC) or appears in it (CheXpert), and everything else is ``other``. Hispanic/Latino is an
 ethnicity in CheXpert (``White, Hispanic`` is White) but a race category of its own in MIMIC-IV
 (``HISPANIC/LATINO - ...`` is other). ``PORTUGUESE`` in MIMIC-IV is a category of its own, not
-under ``WHITE - ...``, and so is other. The README lists both maps.
+under ``WHITE - ...``, and so is other. docs/datasets.md lists both maps.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def map_race(col: pd.Series, column: str, where: Where, mapping: dict[str, str])
     bad = pd.isna(groups)
     if bad.any():
         raise where.fail(column, f"has an unknown race code '{col.iloc[int(np.flatnonzero(bad)[0])]}'", bad,
-                         "the race maps are listed in README.md ('Race maps'); add the code with --race-map FILE "
+                         "the race maps are listed in docs/datasets.md ('Race maps'); add the code with --race-map FILE "
                          "(CSV code,group)")
     return np.where(groups == "unknown", "", groups).astype(str)
 
