@@ -143,7 +143,7 @@ def _leakage_figure(t: pd.DataFrame):
     def make():
         import matplotlib.pyplot as plt
 
-        from cxrfair.analysis.embedding_figures import leakage_bars
+        from cxrfair.embedding_figures import leakage_bars
 
         models = list(dict.fromkeys(t["model"]))
         n_attr = max(1, t["attribute"].nunique())
@@ -160,7 +160,7 @@ def _pca_figure(g: dict):
     """PC1 vs PC2 of one model, one panel per attribute (``embedding_figures.pca_panels``), at most
     MAX_PCA_POINTS points (a seeded sample, the same for every panel)."""
     def make():
-        from cxrfair.analysis.embedding_figures import pca_panels
+        from cxrfair.embedding_figures import pca_panels
 
         scores = g["pca_scores"]
         if len(scores) > MAX_PCA_POINTS:

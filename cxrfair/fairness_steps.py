@@ -82,7 +82,7 @@ def _embedding_steps(config: ExperimentConfig, p: dict) -> list[Step]:
 
 
 def _leakage_config(e):
-    from cxrfair.probe.leakage import LeakageConfig
+    from cxrfair.probe.embeddings.leakage import LeakageConfig
 
     return _stage_config("embeddings", lambda: LeakageConfig(
         attributes=e.attributes, probes=e.probes, seed=e.seed, n_boot=e.bootstrap, n_perm=e.permutations,
@@ -91,7 +91,7 @@ def _leakage_config(e):
 
 
 def _geometry_config(e):
-    from cxrfair.probe.geometry import GeometryConfig
+    from cxrfair.probe.embeddings.geometry import GeometryConfig
 
     return _stage_config("embeddings", lambda: GeometryConfig(
         attributes=e.attributes, components=e.components, normalize=e.normalize, n_perm=e.geometry_permutations,
@@ -105,11 +105,11 @@ def _embedding_step(p: dict, model: str, analysis: str, cfg, marker: str) -> Ste
 
     def run(force: bool) -> None:
         if analysis == "leakage":
-            from cxrfair.probe.leakage import leakage_cache
+            from cxrfair.probe.embeddings.leakage import leakage_cache
 
             leakage_cache(cache, folder, cfg, force=True)
         else:
-            from cxrfair.probe.geometry import geometry_cache
+            from cxrfair.probe.embeddings.geometry import geometry_cache
 
             geometry_cache(cache, folder, cfg, force=True)
 

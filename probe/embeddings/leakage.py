@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from cxrfair.errors import CxrfairError
-from cxrfair.probe.attribute_probes import (
+from cxrfair.probe.embeddings.attribute_probes import (
     KNN_METRICS,
     LINEAR_GRID,
     MLP_GRID,
@@ -49,7 +49,7 @@ from cxrfair.probe.attribute_probes import (
     standardize,
     sweep_fit,
 )
-from cxrfair.probe.embedding_data import (
+from cxrfair.probe.embeddings.data import (
     SPLIT_NAMES,
     Attribute,
     EmbeddingData,
@@ -340,7 +340,7 @@ def _tick(bar) -> None:
 def write_leakage(result: LeakageResult, out: Path | str, force: bool = False) -> Path:
     """Write the result folder atomically: leakage.csv, leakage_permutations.csv,
     leakage_split.csv, leakage.json and leakage.png."""
-    from cxrfair.analysis.embedding_figures import leakage_bars, save
+    from cxrfair.embedding_figures import leakage_bars, save
     from cxrfair.io import atomic_dir, write_json_atomic
 
     with atomic_dir(out, force=force) as tmp:
@@ -364,7 +364,7 @@ def check_out(out: Path | str, force: bool) -> None:
 def leakage_cache(cache_path: Path | str, out: Path | str, cfg: LeakageConfig, force: bool = False,
                   progress: bool = True) -> LeakageResult:
     """Read a cache, run the analysis, write ``out`` (the ``cxrfair embeddings leakage`` command)."""
-    from cxrfair.probe.embedding_data import load_embedding_data
+    from cxrfair.probe.embeddings.data import load_embedding_data
 
     cfg.validate()
     check_out(out, force)

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from cxrfair.errors import CxrfairError
-from cxrfair.probe.embedding_data import (
+from cxrfair.probe.embeddings.data import (
     Attribute,
     EmbeddingData,
     group_problem,
@@ -412,7 +412,7 @@ def _meta(data: EmbeddingData, cfg: GeometryConfig, attrs: list, notes: list, se
 def write_geometry(result: GeometryResult, out: Path | str, force: bool = False, top: int = 20) -> Path:
     """Write pca.csv, pca_scores.csv, pca_tests.csv, centroids.csv, modality_gap.csv (with text
     embeddings), geometry.json, pca.png and centroids.png into ``out``, atomically."""
-    from cxrfair.analysis.embedding_figures import centroid_panels, pca_panels, save
+    from cxrfair.embedding_figures import centroid_panels, pca_panels, save
     from cxrfair.io import atomic_dir, write_json_atomic
 
     with atomic_dir(out, force=force) as tmp:
@@ -434,8 +434,8 @@ def write_geometry(result: GeometryResult, out: Path | str, force: bool = False,
 
 def geometry_cache(cache_path: Path | str, out: Path | str, cfg: GeometryConfig, force: bool = False) -> GeometryResult:
     """Read a cache, run the analysis, write ``out`` (the ``cxrfair embeddings geometry`` command)."""
-    from cxrfair.probe.embedding_data import load_embedding_data
-    from cxrfair.probe.leakage import check_out
+    from cxrfair.probe.embeddings.data import load_embedding_data
+    from cxrfair.probe.embeddings.leakage import check_out
 
     cfg.validate()
     check_out(out, force)

@@ -60,7 +60,7 @@ def leakage(cache: Path, out: Path, attributes: str, probes: str, permutations: 
     patient-bootstrap 95% interval and a measured chance level. Writes leakage.csv,
     leakage_permutations.csv, leakage_split.csv, leakage.json and leakage.png.
     """
-    from cxrfair.probe.leakage import LeakageConfig, leakage_cache
+    from cxrfair.probe.embeddings.leakage import LeakageConfig, leakage_cache
 
     cfg = LeakageConfig(attributes=_words(attributes), probes=_words(probes), fractions=_numbers(fractions, "--fractions"),
                         seed=seed, n_boot=bootstrap, n_perm=permutations, min_group=min_group, conditional=conditional,
@@ -93,7 +93,7 @@ def geometry(cache: Path, out: Path, attributes: str, components: int, normalize
     Writes pca.csv, pca_scores.csv, pca_tests.csv, centroids.csv, modality_gap.csv (when the
     cache has text embeddings), geometry.json, pca.png and centroids.png.
     """
-    from cxrfair.probe.geometry import GeometryConfig, geometry_cache
+    from cxrfair.probe.embeddings.geometry import GeometryConfig, geometry_cache
 
     cfg = GeometryConfig(attributes=_words(attributes), components=components, normalize=normalize, n_perm=permutations,
                          n_boot=bootstrap, top=top, min_group=min_group, seed=seed, cohort_splits=_words(cohort_split))
