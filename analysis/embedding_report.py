@@ -11,7 +11,10 @@ Layout read, under the embeddings root (``AnalyzeConfig.embeddings``; by default
     <root>/<model>/geometry/geometry.json       attributes and their groups, in order
 
 Only reads CSV/JSON (pandas); nothing is recomputed. A model folder without one of these files
-simply has no rows in that section.
+simply has no rows in that section. The analyses that write these files
+(``cxrfair.probe.embeddings``) are a stage, which the report never imports: the files are the
+interface. Figures are redrawn from the CSVs with ``cxrfair.embedding_figures``, the figure
+functions the analyses draw their own PNGs with (a leaf shared by both; no stage).
 """
 
 from __future__ import annotations
@@ -140,7 +143,7 @@ def table_pca_tests(tests: pd.DataFrame) -> pd.DataFrame:
 
 def _leakage_figure(t: pd.DataFrame):
     """One leakage bar panel per model (``embedding_figures.leakage_bars``)."""
-    def make():
+    def make():  # matplotlib (about 1 s) is imported only when the report draws its figures
         import matplotlib.pyplot as plt
 
         from cxrfair.embedding_figures import leakage_bars
@@ -159,7 +162,7 @@ def _leakage_figure(t: pd.DataFrame):
 def _pca_figure(g: dict):
     """PC1 vs PC2 of one model, one panel per attribute (``embedding_figures.pca_panels``), at most
     MAX_PCA_POINTS points (a seeded sample, the same for every panel)."""
-    def make():
+    def make():  # matplotlib (about 1 s) is imported only when the report draws its figures
         from cxrfair.embedding_figures import pca_panels
 
         scores = g["pca_scores"]
