@@ -25,6 +25,6 @@ Where the rest of the embedding analysis lives, and why not here:
   that a stage and the report share cannot live in either, and ``cxrfair.core`` stays free of
   matplotlib, so it is a leaf at the top of the package, like ``cxrfair.io``.
 
-Dependencies: numpy and pandas at import; JAX only when a linear or MLP probe trains (through
+Dependencies: numpy, pandas and tqdm at import; JAX only when a linear or MLP probe trains (through
 ``cxrfair.probe.sweep``); matplotlib only when figures are written; never torch.
 """
