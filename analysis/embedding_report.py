@@ -11,7 +11,10 @@ Layout read, under the embeddings root (``AnalyzeConfig.embeddings``; by default
     <root>/<model>/geometry/geometry.json       attributes and their groups, in order
 
 Only reads CSV/JSON (pandas); nothing is recomputed. A model folder without one of these files
-simply has no rows in that section.
+simply has no rows in that section. The analyses that write these files
+(``cxrfair.probe.embeddings``) are a stage, which the report never imports: the files are the
+interface. Figures are redrawn from the CSVs with ``cxrfair.embedding_figures``, the figure
+functions the analyses draw their own PNGs with (a leaf shared by both; no stage).
 """
 
 from __future__ import annotations
@@ -140,10 +143,10 @@ def table_pca_tests(tests: pd.DataFrame) -> pd.DataFrame:
 
 def _leakage_figure(t: pd.DataFrame):
     """One leakage bar panel per model (``embedding_figures.leakage_bars``)."""
-    def make():
+    def make():  # matplotlib (about 1 s) is imported only when the report draws its figures
         import matplotlib.pyplot as plt
 
-        from cxrfair.analysis.embedding_figures import leakage_bars
+        from cxrfair.embedding_figures import leakage_bars
 
         models = list(dict.fromkeys(t["model"]))
         n_attr = max(1, t["attribute"].nunique())
@@ -159,8 +162,8 @@ def _leakage_figure(t: pd.DataFrame):
 def _pca_figure(g: dict):
     """PC1 vs PC2 of one model, one panel per attribute (``embedding_figures.pca_panels``), at most
     MAX_PCA_POINTS points (a seeded sample, the same for every panel)."""
-    def make():
-        from cxrfair.analysis.embedding_figures import pca_panels
+    def make():  # matplotlib (about 1 s) is imported only when the report draws its figures
+        from cxrfair.embedding_figures import pca_panels
 
         scores = g["pca_scores"]
         if len(scores) > MAX_PCA_POINTS:

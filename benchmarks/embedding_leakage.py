@@ -1,6 +1,6 @@
 """Benchmark: the whole leakage analysis on a 1,200 x 512 synthetic cache.
 
-What is timed: ``cxrfair.probe.leakage.leakage`` for two attributes (sex, age_group), three
+What is timed: ``cxrfair.probe.embeddings.leakage.leakage`` for two attributes (sex, age_group), three
 probes (linear and MLP through the probe stage's compiled sweep, kNN), the permutation
 baseline (each permutation reruns every probe with its selection) and 1,000 patient-bootstrap
 replicates per AUC, overall and within each of 6 classes. Compilation is reported apart
@@ -35,10 +35,10 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.neural_network import MLPClassifier
 
 from cxrfair.extract.cache import write_cache
-from cxrfair.probe.attribute_probes import MLP_GRID, standardize
+from cxrfair.probe.embeddings.attribute_probes import MLP_GRID, standardize
 from cxrfair.probe.sweep import L2_GRIDS
-from cxrfair.probe.embedding_data import load_embedding_data
-from cxrfair.probe.leakage import LeakageConfig, leakage
+from cxrfair.probe.embeddings.data import load_embedding_data
+from cxrfair.probe.embeddings.leakage import LeakageConfig, leakage
 
 CLASSES = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Pneumothorax"]
 

@@ -20,7 +20,7 @@ COMMANDS = {
     "models": ("cxrfair.extract.cli:models", "List the foundation models in the registry."),
     "extract": ("cxrfair.extract.cli:extract", "Embed a cohort with one model into an HDF5 cache (resumable)."),
     "probe": ("cxrfair.probe.cli:probe", "Zero-shot, linear and MLP probes on cached embeddings (JAX)."),
-    "embeddings": ("cxrfair.probe.embeddings_cli:embeddings", "Attribute leakage and geometry of cached image embeddings."),
+    "embeddings": ("cxrfair.probe.embeddings.cli:embeddings", "Attribute leakage and geometry of cached image embeddings."),
     "finetune": ("cxrfair.finetune.cli:finetune", "LoRA or full fine-tuning of a model's image encoder."),
     "postprocess": ("cxrfair.analysis.postprocess_cli:postprocess", "Group thresholds / class offsets fitted on validation: a fairer run from any run."),
     "analyze": ("cxrfair.analysis.cli:analyze", "Metrics with bootstrap intervals, figures and a report from runs."),

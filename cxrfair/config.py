@@ -33,8 +33,8 @@ from cxrfair.errors import CxrfairError
 from cxrfair.extract.extractor import ExtractConfig
 from cxrfair.extract.synth import SynthConfig
 from cxrfair.finetune.config import FinetuneConfig
-from cxrfair.probe.geometry import GeometryConfig
-from cxrfair.probe.leakage import LeakageConfig
+from cxrfair.probe.embeddings.geometry import GeometryConfig
+from cxrfair.probe.embeddings.leakage import LeakageConfig
 from cxrfair.probe.sweep import SweepConfig
 
 if sys.version_info >= (3, 11):

@@ -34,7 +34,8 @@ from cxrfair.erm_steps import finetune_config, finetune_settings, run_finetune, 
 from cxrfair.errors import CxrfairError
 from cxrfair.extract.cohort_presets import PRESETS
 from cxrfair.finetune.config import FinetuneConfig
-from cxrfair.probe import geometry, leakage, sweep
+from cxrfair.probe import sweep
+from cxrfair.probe.embeddings import geometry, leakage
 from cxrfair.step_base import cache_path, family, publishing_step, stage_config
 from cxrfair.steps import Step
 

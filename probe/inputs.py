@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxrfair.core.runs import safe_name  # noqa: F401  (re-exported; the run-id owner defines it)
+from cxrfair.core.runs import make_predictions
 from cxrfair.errors import CxrfairError
+from cxrfair.extract.cache import PromptScores, read_cache
 
 SPLITS = ("train", "val", "test")
 
@@ -63,15 +64,11 @@ class ProbeInputs:
 
     def predictions(self, probs: np.ndarray):
         """The predictions table of the val + test ``rows`` for (N, C) ``probs``."""
-        from cxrfair.core.runs import make_predictions
-
         return make_predictions(self.rows, probs, self.classes, task=self.task, attributes=self.attributes)
 
 
 def load_inputs(cache_path: Path | str) -> ProbeInputs:
     """Read and check a cache; CxrfairError naming the file for anything unusable."""
-    from cxrfair.extract.cache import read_cache  # h5py + pandas; kept out of `import cxrfair.probe`
-
     cache = read_cache(cache_path)
     where = f"cache {cache_path}"
     emb = np.asarray(cache.image_embeddings, dtype=np.float32)
@@ -144,8 +141,6 @@ def group_codes(inputs: ProbeInputs, attr: str) -> dict:
 
 def _split_scores(cache, where: str) -> dict | None:
     """The cache's prompt scores (if any) for the val and test rows; non-finite ones refused."""
-    from cxrfair.extract.cache import PromptScores
-
     scores = cache.prompt_scores
     if scores is None:
         return None

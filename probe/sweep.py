@@ -25,7 +25,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cxrfair.core.multilabel import auc_macro
+from cxrfair.core.runs import RunKey, check_runs_folder, parse_run_id, safe_name, write_run
 from cxrfair.errors import CxrfairError
+from cxrfair.io import atomic_path
+from cxrfair.probe.inputs import group_codes, load_inputs
+
+# JAX is imported only where a sweep trains (``objectives``, ``train`` and ``jax`` inside the
+# functions that need them): importing jax costs about 2 s, and ``import cxrfair.probe`` (CLI
+# help, zero-shot, the kNN and geometry embedding analyses, config checks) needs none of it.
 
 METHODS = ("linear", "mlp")
 SOLVERS = ("lbfgs", "adamw")
@@ -338,7 +346,8 @@ def run_sweep(x: dict, y: dict, n_classes: int, cfg: SweepConfig, groups: dict |
         groups: for a mitigation, split -> (N_split,) int group codes of the sensitive attribute
             for "train" and "val", and "names": the groups in order (``group_codes``).
     """
-    from cxrfair.probe import objectives, train
+    import cxrfair.probe.objectives as objectives  # jax: see the note under the imports
+    import cxrfair.probe.train as train
 
     configs = cfg.validate().configurations()
     multilabel = np.ndim(y["train"]) == 2
@@ -406,7 +415,7 @@ def cell_codes(y_train: np.ndarray, group_train: np.ndarray, n_classes: int) -> 
 
 def mitigation_spec(cfg: SweepConfig, y_train: np.ndarray, groups: dict | None, n_classes: int):
     """The static ``objectives.Spec`` of a sweep's training (erase trains as erm: it acts on the features)."""
-    from cxrfair.probe.objectives import Spec
+    from cxrfair.probe.objectives import Spec  # jax: see the note under the imports
 
     if cfg.mitigation in ("erm", "erase"):
         return Spec()
@@ -442,9 +451,9 @@ def standardize(x: np.ndarray, stats: dict | None) -> np.ndarray:
 def _program(recipe, shapes: tuple, s_chunk: int, k_chunk: int):
     """The compiled sweep for one chunk shape; every chunk (padded) and every later sweep of the
     same shapes reuses it, so compile time is paid once per process."""
-    import jax
+    import jax  # see the note under the imports
 
-    from cxrfair.probe import train
+    import cxrfair.probe.train as train
 
     f32, i32 = jax.numpy.float32, jax.numpy.int32
     spec = jax.ShapeDtypeStruct
@@ -458,7 +467,7 @@ def _program(recipe, shapes: tuple, s_chunk: int, k_chunk: int):
 
 def _run_chunks(program, data, hyper: dict, seeds: np.ndarray, s_chunk: int, k_chunk: int) -> dict:
     """Run the compiled program over (seed chunk, config chunk) blocks; (S, K, ...) NumPy arrays."""
-    import jax
+    import jax  # see the note under the imports
 
     from cxrfair.probe.train import seed_keys
 
@@ -476,7 +485,7 @@ def _run_chunks(program, data, hyper: dict, seeds: np.ndarray, s_chunk: int, k_c
 
 
 def _hyper(hyper: dict, idx: np.ndarray, size: int):
-    from cxrfair.probe.train import Hyper
+    from cxrfair.probe.train import Hyper  # jax: see the note under the imports
 
     idx = _pad(idx, size)
     # Keys a solver does not use are NaN in the grid; the program gets 0 for them.
@@ -522,8 +531,6 @@ def _val_auc(probs: np.ndarray, y_val: np.ndarray) -> dict:
     """Multi-label sweep rows also get the masked validation macro AUC; multi-class rows nothing."""
     if np.ndim(y_val) != 2:
         return {}
-    from cxrfair.core.multilabel import auc_macro
-
     return {"val_auc_macro": float(auc_macro(np.asarray(y_val, np.float64), probs))}
 
 
@@ -570,12 +577,6 @@ def probe_cache(cache_path: Path | str, out: Path | str, cfg: SweepConfig, force
     Returns:
         The run folders written.
     """
-    from cxrfair.core.runs import RunKey, safe_name
-    from cxrfair.core.runs import check_runs_folder
-    from cxrfair.probe.inputs import load_inputs
-
-    from cxrfair.probe.inputs import group_codes
-
     cfg.validate()
     t0 = time.perf_counter()
     inputs = load_inputs(cache_path)
@@ -608,16 +609,13 @@ def write_sweep(out, inputs, cfg: SweepConfig, result: SweepResult, run_ids: lis
 
 def write_table(out, result: SweepResult, run_id: str) -> None:
     """``<family>__sweep.csv``: every configuration × seed."""
-    from cxrfair.io import atomic_path
-
     with atomic_path(Path(out) / _sweep_name(run_id)) as tmp:
         result.table.to_csv(tmp, index=False)
 
 
 def write_runs(out, inputs, cfg: SweepConfig, result: SweepResult, run_ids: list[str], k: int, force: bool) -> list[Path]:
     """Write configuration ``k``'s runs, one per seed."""
-    from cxrfair.core.runs import write_run
-    from cxrfair.probe.train import count_params
+    from cxrfair.probe.train import count_params  # jax: see the note under the imports
 
     best = result.configs[k]
     dim = inputs.x["train"].shape[1]
@@ -648,7 +646,7 @@ def _mitigation_meta(cfg: SweepConfig, result: SweepResult, config: dict) -> dic
     """run.json keys of a mitigation run (none for erm, whose runs stay as they were)."""
     if cfg.mitigation == "erm":
         return {}
-    from cxrfair.probe import objectives
+    import cxrfair.probe.objectives as objectives  # jax: see the note under the imports
 
     meta = {"mitigation": cfg.mitigation, "sensitive": cfg.sensitive, "strength": config.get("strength"),
             "select": cfg.select, "selection": SELECTION_TEXT[cfg.select]}
@@ -685,8 +683,6 @@ def _notes(cfg: SweepConfig, result: SweepResult, run_id: str, multilabel: bool 
 
 
 def _sweep_name(run_id: str) -> str:
-    from cxrfair.core.runs import parse_run_id
-
     return parse_run_id(run_id).sweep_file
 
 
@@ -697,7 +693,7 @@ LOSS_TEXT = {"multiclass": "cross-entropy",
 
 def stopping_text(cfg: SweepConfig) -> str:
     """The L-BFGS stopping rule in words (run.json ``hyperparameters.stopping``)."""
-    from cxrfair.probe.train import GTOL
+    from cxrfair.probe.train import GTOL  # jax: see the note under the imports
 
     rule = f"stops when the largest gradient entry is <= {GTOL:g}"
     if cfg.ftol_value > 0:
@@ -715,7 +711,7 @@ def _hyperparameters(cfg: SweepConfig, best: dict, multilabel: bool = False) -> 
         hidden, hidden_grid = {"strength": best["strength"], **hidden}, {"strength": list(cfg.strengths), **hidden_grid}
     common = {"selection": SELECTION_TEXT[cfg.select], "seeds": list(cfg.seeds)}
     if cfg.solver == "lbfgs":
-        from cxrfair.probe.train import GTOL
+        from cxrfair.probe.train import GTOL  # jax: see the note under the imports
 
         skip = {"l2_skip": best["l2_skip"]} if "l2_skip" in best else {}
         skip_grid = {"l2_skip": list(cfg.l2_skip_grid)} if skip else {}
@@ -725,7 +721,7 @@ def _hyperparameters(cfg: SweepConfig, best: dict, multilabel: bool = False) -> 
                 "max_iter": cfg.max_iter, "gtol": GTOL, "ftol": cfg.ftol_value, "stopping": stopping_text(cfg),
                 "memory_size": 10, "linesearch": "zoom (strong Wolfe)", **common,
                 "grid": {"l2": list(cfg.l2_grid), **skip_grid, **hidden_grid}}
-    from cxrfair.probe.train import ADAM_B1, ADAM_B2, ADAM_EPS
+    from cxrfair.probe.train import ADAM_B1, ADAM_B2, ADAM_EPS  # jax: see the note under the imports
 
     return {**arch, "lr": best["lr"], "weight_decay": best["weight_decay"], **hidden, "loss": loss, "epochs": cfg.epochs,
             "batch_size": cfg.batch_size, "optimizer": "adamw", "betas": [ADAM_B1, ADAM_B2], "eps": ADAM_EPS,

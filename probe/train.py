@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cxrfair.probe import objectives
+import cxrfair.probe.objectives as objectives
 
 # AdamW moments as in PyTorch's defaults, so the paper's recipe means the same thing here.
 ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8

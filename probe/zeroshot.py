@@ -38,6 +38,14 @@ from pathlib import Path
 
 import numpy as np
 
+from cxrfair.core.multilabel import auc_macro
+from cxrfair.core.runs import RunKey, check_runs_folder, safe_name, write_run
+from cxrfair.errors import CxrfairError
+from cxrfair.probe.inputs import load_inputs
+
+# jax is imported inside the three functions that compute on it: it costs about 2 s, and
+# ``import cxrfair.probe`` (which re-exports ``zeroshot_probs``) and GLoRIA's scoring need none of it.
+
 SELECTION = "mean validation macro-F1 over draws (ties: mean accuracy, then set name)"
 SELECTION_MULTILABEL = ("mean validation macro AUC over draws (per condition, masked labels left out; "
                         "mean over conditions; ties: set name)")
@@ -57,7 +65,7 @@ def zeroshot_probs(image_emb, text_emb, logit_scale: float):
     Returns:
         (draws, N, C) float32 probabilities.
     """
-    import jax
+    import jax  # see the note under the imports
     import jax.numpy as jnp
 
     img = _unit(jnp.asarray(image_emb, jnp.float32))
@@ -76,7 +84,7 @@ def pair_probs(image_emb, text_emb, logit_scale: float):
     Returns:
         (draws, N, C) float32: softmax over the pair, positive column.
     """
-    import jax
+    import jax  # see the note under the imports
     import jax.numpy as jnp
 
     img = _unit(jnp.asarray(image_emb, jnp.float32))
@@ -86,7 +94,7 @@ def pair_probs(image_emb, text_emb, logit_scale: float):
 
 
 def _unit(a):
-    import jax.numpy as jnp
+    import jax.numpy as jnp  # see the note under the imports
 
     return a / jnp.linalg.norm(a, axis=-1, keepdims=True)
 
@@ -154,8 +162,6 @@ def gloria_draw(val, test, prompts: list, y_val: np.ndarray) -> tuple[np.ndarray
 
 def gloria_probs(inputs, name: str) -> tuple[np.ndarray, list]:
     """(draws, Nv + Nt, C) probabilities of prompt set ``name`` by GLoRIA's scoring, and per draw what was fitted."""
-    from cxrfair.errors import CxrfairError
-
     sc = inputs.prompt_scores
     try:
         out = [gloria_draw(sc["val"], sc["test"], draw, inputs.y["val"]) for draw in inputs.prompts[name]]
@@ -167,8 +173,6 @@ def gloria_probs(inputs, name: str) -> tuple[np.ndarray, list]:
 
 def resolve_term(term: str | None, inputs) -> str:
     """``term`` checked against the cache; None: "both" where the cache has prompt scores, else "global"."""
-    from cxrfair.errors import CxrfairError
-
     term = term or ("both" if inputs.prompt_scores is not None else "global")
     if term not in TERMS:
         raise CxrfairError(f"--term {term!r}: choose one of {', '.join(TERMS)}")
@@ -245,8 +249,6 @@ def score_pair_sets(probs: dict, y_val: np.ndarray, text: dict) -> list[SetScore
         y_val: (Nv, C) targets in {1, 0, NaN} (NaN left out of that condition's AUC).
         text: set -> (draws, C, 2, D) text embeddings (to detect identical draws).
     """
-    from cxrfair.core.multilabel import auc_macro
-
     scores = [SetScores(name, {"auc_macro": [float(auc_macro(y_val, d)) for d in p]}, _identical(text[name]))
               for name, p in probs.items()]
     return sorted(scores, key=lambda s: s.key)
@@ -262,11 +264,6 @@ def zeroshot_cache(cache_path: Path | str, out: Path | str, all_sets: bool = Fal
     Returns:
         The run folders written.
     """
-    from cxrfair.errors import CxrfairError
-    from cxrfair.core.runs import RunKey, safe_name
-    from cxrfair.core.runs import check_runs_folder
-    from cxrfair.probe.inputs import load_inputs
-
     t0 = time.perf_counter()
     inputs = load_inputs(cache_path)
     if not inputs.text:
@@ -312,8 +309,6 @@ def _both_hyper(fitted: dict) -> dict:
 
 def _write(out, inputs, s: SetScores, draw: int, run_id: str, probs: np.ndarray, scores: list, elapsed: float,
            force: bool, term: str, hyper: dict) -> Path:
-    from cxrfair.core.runs import write_run
-
     how = ("GLoRIA's scoring: (global + local) / 2 per prompt, max over a class's prompts, z-scored per class "
            "with validation statistics, softmax(scale * z) with scale fitted on validation NLL"
            if term == "both" else "cosine of the global embeddings x logit_scale, softmax")

@@ -125,7 +125,7 @@ def write_embedding_outputs(root, model: str, rows: pd.DataFrame, attributes: di
     one label-conditional row per attribute and probe; component 1 significant."""
     from pathlib import Path
 
-    from cxrfair.probe.leakage import COLUMNS
+    from cxrfair.probe.embeddings.leakage import COLUMNS
 
     rng = np.random.default_rng(seed)
     leak = Path(root) / model / "leakage"

@@ -10,11 +10,11 @@ from click.testing import CliRunner
 from scipy import stats
 from sklearn.decomposition import PCA as SkPCA
 
-from cxrfair.analysis.embedding_figures import pca_panels
 from cxrfair.cli import main
+from cxrfair.embedding_figures import pca_panels
 from cxrfair.errors import CxrfairError
-from cxrfair.probe.embedding_data import Attribute, load_embedding_data, patient_counts
-from cxrfair.probe.geometry import (
+from cxrfair.probe.embeddings.data import Attribute, load_embedding_data, patient_counts
+from cxrfair.probe.embeddings.geometry import (
     GeometryConfig,
     centroid_differences,
     component_tests,

@@ -17,8 +17,8 @@ from sklearn.neighbors import KNeighborsClassifier
 from cxrfair.cli import main
 from cxrfair.extract.cache import write_cache
 from cxrfair.errors import CxrfairError
-from cxrfair.probe.attribute_probes import SweepGrid, knn_fit, knn_index, knn_probs, leakage_auc, neighbours, standardize
-from cxrfair.probe.embedding_data import (
+from cxrfair.probe.embeddings.attribute_probes import SweepGrid, knn_fit, knn_index, knn_probs, leakage_auc, neighbours, standardize
+from cxrfair.probe.embeddings.data import (
     EmbeddingData,
     conditions,
     load_embedding_data,
@@ -27,7 +27,7 @@ from cxrfair.probe.embedding_data import (
     permute_by_patient,
     resolve_attributes,
 )
-from cxrfair.probe.leakage import COLUMNS, LeakageConfig, leakage, shuffled_codes
+from cxrfair.probe.embeddings.leakage import COLUMNS, LeakageConfig, leakage, shuffled_codes
 from tests.probe.embedding_synth import cohort, embeddings, make_cache
 
 V2 = {"sex": {"groups": ["M", "F"], "reference": "M"}, "age_group": {"groups": ["young", "old"], "reference": "young"},
@@ -348,8 +348,8 @@ def test_an_explicit_attribute_with_one_group_is_an_error(tmp_path):
 
 def test_probe_modules_do_not_import_torch(tmp_path):
     cache = make_cache(tmp_path / "c.h5")[0]
-    code = ("import sys; import cxrfair.probe.leakage, cxrfair.probe.geometry, cxrfair.probe.embeddings_cli; "
-            f"from cxrfair.probe.embedding_data import load_embedding_data; load_embedding_data({str(cache)!r}); "
+    code = ("import sys; import cxrfair.probe.embeddings.leakage, cxrfair.probe.embeddings.geometry, cxrfair.probe.embeddings.cli; "
+            f"from cxrfair.probe.embeddings.data import load_embedding_data; load_embedding_data({str(cache)!r}); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 

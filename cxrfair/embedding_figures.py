@@ -3,6 +3,11 @@ arrays) and an optional ``ax``/``axes``; none computes anything it draws.
 
 Figures are readable in greyscale: every group or probe has its own marker or hatch, not only
 its own colour. Error bars span the bootstrap interval [ci_low, ci_high].
+
+Drawn by two owners that may not import each other: the embedding analyses
+(``cxrfair.probe.embeddings``: leakage.png, pca.png, centroids.png) and the report
+(``cxrfair.analysis.embedding_report``: its leakage and PCA figures, from the CSVs). Hence a leaf
+at the top of the package: matplotlib, numpy and pandas only, nothing of cxrfair.
 """
 
 from __future__ import annotations

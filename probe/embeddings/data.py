@@ -20,7 +20,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cxrfair.core.bootstrap import resample_counts, stratified_indices
 from cxrfair.errors import CxrfairError
+from cxrfair.extract.cache import read_cache
 
 V1_ATTRIBUTES = {"sex": {"groups": ["M", "F"], "reference": "M"},
                  "age_group": {"groups": ["young", "old"], "reference": "young"}}
@@ -80,8 +82,6 @@ class EmbeddingData:
 
 def load_embedding_data(cache_path: Path | str, cohort_splits: tuple = ()) -> EmbeddingData:
     """Read a cache (optionally only the rows of some cohort splits); CxrfairError if unusable."""
-    from cxrfair.extract.cache import read_cache
-
     cache = read_cache(cache_path)
     where = f"cache {cache_path}"
     x = np.asarray(cache.image_embeddings, dtype=np.float32)
@@ -265,8 +265,6 @@ def patient_counts(patients, strata, n_boot: int, rng: np.random.Generator) -> n
     Patients are redrawn with replacement within their stratum (their first image's); each image
     counts as often as its patient was drawn. The one place the embedding analyses resample.
     """
-    from cxrfair.core.bootstrap import resample_counts, stratified_indices
-
     code, first = _patient_codes(patients)
     per_patient = resample_counts(stratified_indices(np.asarray(strata)[first], n_boot, rng), len(first))  # (R, P)
     return per_patient[:, code]

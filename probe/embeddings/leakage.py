@@ -34,9 +34,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
+import cxrfair
+from cxrfair.core.bootstrap import interval
 from cxrfair.errors import CxrfairError
-from cxrfair.probe.attribute_probes import (
+from cxrfair.io import atomic_dir, write_json_atomic
+from cxrfair.probe.embeddings.attribute_probes import (
     KNN_METRICS,
     LINEAR_GRID,
     MLP_GRID,
@@ -49,18 +53,22 @@ from cxrfair.probe.attribute_probes import (
     standardize,
     sweep_fit,
 )
-from cxrfair.probe.embedding_data import (
+from cxrfair.probe.embeddings.data import (
     SPLIT_NAMES,
     Attribute,
     EmbeddingData,
     conditions,
     group_problem,
+    load_embedding_data,
     patient_counts,
     patient_split,
     permute_by_patient,
     resolve_attributes,
     seeded_rng,
 )
+
+# The figures (``cxrfair.embedding_figures``) are imported by the writer only: matplotlib costs
+# about 1 s, and the analysis, its config and the CLI's option checks need none of it.
 
 PROBES = ("linear", "mlp", "knn")
 COLUMNS = ["model", "attribute", "condition", "probe", "auc", "ci_low", "ci_high", "chance_auc", "chance_low",
@@ -274,8 +282,6 @@ def _evaluate(ctx: _Context, condition: str, test_rows: np.ndarray) -> tuple[lis
 
 def _row(ctx: _Context, condition: str, probe: str, auc: float, reps: np.ndarray, chance: list, n_test: int,
          selected: str) -> dict:
-    from cxrfair.core.bootstrap import interval
-
     lo, hi = interval(reps)
     if chance:
         c_lo, c_hi = interval(np.concatenate([r for _, r in chance]))
@@ -312,20 +318,16 @@ def _split_table(data: EmbeddingData, split: np.ndarray) -> pd.DataFrame:
 
 
 def _meta(data: EmbeddingData, cfg: LeakageConfig, attrs: list, timings: dict, notes: list) -> dict:
-    from cxrfair import __version__
-
     return {"format": "cxrfair-leakage", "version": 1, "model": data.model, "cache": data.source,
             "cohort_hash": data.cohort_hash, "task": data.task, "config": asdict(cfg),
             "attributes": {a.name: list(a.groups) for a in attrs},
             "split_rule": "patient-grouped, stratified by the joint cell of the cohort's sensitive attributes",
             "selection": {"linear": "lowest validation loss (probe sweep)", "mlp": "lowest validation loss (probe sweep)",
                           "knn": "highest validation AUC over metric x k"},
-            "timings_s": timings, "notes": notes, "cxrfair_version": __version__}
+            "timings_s": timings, "notes": notes, "cxrfair_version": cxrfair.__version__}
 
 
 def _bar(total: int, progress: bool, model: str):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=f"leakage {model}", unit="fit", disable=None if progress else True)
 
 
@@ -340,8 +342,7 @@ def _tick(bar) -> None:
 def write_leakage(result: LeakageResult, out: Path | str, force: bool = False) -> Path:
     """Write the result folder atomically: leakage.csv, leakage_permutations.csv,
     leakage_split.csv, leakage.json and leakage.png."""
-    from cxrfair.analysis.embedding_figures import leakage_bars, save
-    from cxrfair.io import atomic_dir, write_json_atomic
+    from cxrfair.embedding_figures import leakage_bars, save  # matplotlib: see the note under the imports
 
     with atomic_dir(out, force=force) as tmp:
         result.table.to_csv(tmp / "leakage.csv", index=False)
@@ -364,8 +365,6 @@ def check_out(out: Path | str, force: bool) -> None:
 def leakage_cache(cache_path: Path | str, out: Path | str, cfg: LeakageConfig, force: bool = False,
                   progress: bool = True) -> LeakageResult:
     """Read a cache, run the analysis, write ``out`` (the ``cxrfair embeddings leakage`` command)."""
-    from cxrfair.probe.embedding_data import load_embedding_data
-
     cfg.validate()
     check_out(out, force)
     result = leakage(load_embedding_data(cache_path, tuple(cfg.cohort_splits)), cfg, progress=progress)

@@ -27,16 +27,24 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+import cxrfair
+from cxrfair.core.bootstrap import interval
 from cxrfair.errors import CxrfairError
-from cxrfair.probe.embedding_data import (
+from cxrfair.io import atomic_dir, write_json_atomic
+from cxrfair.probe.embeddings.data import (
     Attribute,
     EmbeddingData,
     group_problem,
+    load_embedding_data,
     patient_counts,
     permute_by_patient,
     resolve_attributes,
     seeded_rng,
 )
+from cxrfair.probe.embeddings.leakage import check_out
+
+# The figures (``cxrfair.embedding_figures``) are imported by the writer only: matplotlib costs
+# about 1 s, and the analysis, its config and the CLI's option checks need none of it.
 
 NORMALIZE = ("l2", "standard", "none")
 ALPHA = 0.05  # family-wise error rate of the component tests (Holm)
@@ -249,8 +257,6 @@ def centroid_differences(x: np.ndarray, attr: Attribute, counts: np.ndarray) -> 
         x: (N, D) features. counts: (R, N) bootstrap counts (rows of a missing group get 0 weight
             through the masks).
     """
-    from cxrfair.core.bootstrap import interval
-
     ref = attr.codes == 0
     out = []
     for g in range(1, len(attr.groups)):
@@ -301,8 +307,6 @@ def modality_gap(x: np.ndarray, text: dict, subsets: list) -> pd.DataFrame:
         text: prompt set -> (..., D) class text embeddings.
         subsets: [(attribute, group, mask (N,) bool, counts (R, mask.sum()))]; ("", "") = all images.
     """
-    from cxrfair.core.bootstrap import interval
-
     img = _unit(np.asarray(x, np.float64))
     rows = []
     for name, emb in text.items():
@@ -396,14 +400,12 @@ def _model_first(result: GeometryResult) -> None:
 
 
 def _meta(data: EmbeddingData, cfg: GeometryConfig, attrs: list, notes: list, seconds: float) -> dict:
-    from cxrfair import __version__
-
     return {"format": "cxrfair-geometry", "version": 1, "model": data.model, "cache": data.source,
             "cohort_hash": data.cohort_hash, "n_images": len(data.x), "config": asdict(cfg),
             "attributes": {a.name: list(a.groups) for a in attrs},
             "tests": "KS (2 groups) / largest pairwise KS (more) per component; p from shuffling the attribute "
                      "across patients; Holm over the components of each attribute",
-            "timings_s": {"total": seconds}, "notes": notes, "cxrfair_version": __version__}
+            "timings_s": {"total": seconds}, "notes": notes, "cxrfair_version": cxrfair.__version__}
 
 
 # ---------------------------------------------------------------- files
@@ -412,8 +414,7 @@ def _meta(data: EmbeddingData, cfg: GeometryConfig, attrs: list, notes: list, se
 def write_geometry(result: GeometryResult, out: Path | str, force: bool = False, top: int = 20) -> Path:
     """Write pca.csv, pca_scores.csv, pca_tests.csv, centroids.csv, modality_gap.csv (with text
     embeddings), geometry.json, pca.png and centroids.png into ``out``, atomically."""
-    from cxrfair.analysis.embedding_figures import centroid_panels, pca_panels, save
-    from cxrfair.io import atomic_dir, write_json_atomic
+    from cxrfair.embedding_figures import centroid_panels, pca_panels, save  # matplotlib: see the note under the imports
 
     with atomic_dir(out, force=force) as tmp:
         result.variance.to_csv(tmp / "pca.csv", index=False)
@@ -434,9 +435,6 @@ def write_geometry(result: GeometryResult, out: Path | str, force: bool = False,
 
 def geometry_cache(cache_path: Path | str, out: Path | str, cfg: GeometryConfig, force: bool = False) -> GeometryResult:
     """Read a cache, run the analysis, write ``out`` (the ``cxrfair embeddings geometry`` command)."""
-    from cxrfair.probe.embedding_data import load_embedding_data
-    from cxrfair.probe.leakage import check_out
-
     cfg.validate()
     check_out(out, force)
     result = geometry(load_embedding_data(cache_path, tuple(cfg.cohort_splits)), cfg)

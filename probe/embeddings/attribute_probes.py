@@ -16,6 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cxrfair.core.metrics import auc_macro, roc_auc
+from cxrfair.probe.sweep import SweepConfig, run_sweep
+
 KNN_METRICS = ("cosine", "euclidean")
 
 
@@ -68,8 +71,6 @@ def standardize(x: dict) -> dict:
 def leakage_auc(y, probs, *, weights=None) -> np.ndarray:
     """Test ROC-AUC of a group probe: the second group's score for two groups (scikit-learn's
     binary convention), the one-vs-rest macro mean for more. Returns (...) for weights (..., N)."""
-    from cxrfair.core.metrics import auc_macro, roc_auc
-
     probs = np.asarray(probs, dtype=np.float64)
     if probs.shape[1] == 2:
         return roc_auc(y, probs, weights=weights)[..., 1]
@@ -90,8 +91,6 @@ def sweep_fit(x: dict, y: dict, n_classes: int, method: str, grid: SweepGrid, se
         y: split -> (N_split,) int group codes ("train", "val").
         method: "linear" or "mlp".
     """
-    from cxrfair.probe.sweep import SweepConfig, run_sweep
-
     # The leakage MLP stays the plain one-hidden-layer MLP (the studies it reproduces use one); the
     # probe stage's default MLP has a linear skip connection (cxrfair.probe.sweep.ARCHITECTURES).
     cfg = SweepConfig(method=method, architecture="plain", solver=grid.solver, standardize=False, l2s=grid.l2s, lrs=tuple(grid.lrs),

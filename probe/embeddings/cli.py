@@ -1,6 +1,7 @@
 """``cxrfair embeddings leakage|geometry``: what frozen image embeddings reveal about attributes.
 
-Imports only click at module level; NumPy, JAX and the library are imported inside each command.
+Imports click and the analyses (NumPy and pandas) at module level; JAX loads only when a linear or
+MLP probe trains, matplotlib only when the figures are written.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from pathlib import Path
 import click
 
 from cxrfair.errors import CxrfairError
+from cxrfair.probe.embeddings.geometry import GeometryConfig, geometry_cache
+from cxrfair.probe.embeddings.leakage import LeakageConfig, leakage_cache
 
 _cache = click.option("--cache", required=True, type=click.Path(path_type=Path), help="Embedding cache (.h5) from `cxrfair extract`.")
 _out = click.option("--out", required=True, type=click.Path(path_type=Path),
@@ -60,8 +63,6 @@ def leakage(cache: Path, out: Path, attributes: str, probes: str, permutations: 
     patient-bootstrap 95% interval and a measured chance level. Writes leakage.csv,
     leakage_permutations.csv, leakage_split.csv, leakage.json and leakage.png.
     """
-    from cxrfair.probe.leakage import LeakageConfig, leakage_cache
-
     cfg = LeakageConfig(attributes=_words(attributes), probes=_words(probes), fractions=_numbers(fractions, "--fractions"),
                         seed=seed, n_boot=bootstrap, n_perm=permutations, min_group=min_group, conditional=conditional,
                         cohort_splits=_words(cohort_split))
@@ -93,8 +94,6 @@ def geometry(cache: Path, out: Path, attributes: str, components: int, normalize
     Writes pca.csv, pca_scores.csv, pca_tests.csv, centroids.csv, modality_gap.csv (when the
     cache has text embeddings), geometry.json, pca.png and centroids.png.
     """
-    from cxrfair.probe.geometry import GeometryConfig, geometry_cache
-
     cfg = GeometryConfig(attributes=_words(attributes), components=components, normalize=normalize, n_perm=permutations,
                          n_boot=bootstrap, top=top, min_group=min_group, seed=seed, cohort_splits=_words(cohort_split))
     result = geometry_cache(cache, out, cfg, force=force)
