@@ -316,7 +316,7 @@ def adversarial_value_and_grad(spec: Spec, loss_fn, forward_fn, params: dict, x,
 
 
 # Plain training. ``erase`` trains it too, on features with the attribute erased (``leace_fit``,
-# ``leace_apply``): a sweep gives a mitigation whose term is PLAIN erm's spec, so it runs erm's program.
+# ``leace_apply``); a sweep trains any mitigation whose term is PLAIN with erm's Spec (erm's program).
 PLAIN = reducer_term(erm)
 TERMS: dict[str, Term] = {
     "erm": PLAIN,
