@@ -19,6 +19,7 @@ from cxrfair.errors import CxrfairError
 PROBE = "probe"  # cxrfair probe linear|mlp --mitigation NAME
 FINETUNE = "finetune"  # cxrfair finetune lora|full --mitigation NAME
 POSTPROCESS = "postprocess"  # cxrfair postprocess RUN (a new run from a finished one)
+STAGE_WORDS = {PROBE: "probe", FINETUNE: "fine-tuning", POSTPROCESS: "post-processing"}
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ def get(name: str, stage: str | None = None, option: str = "--mitigation") -> Mi
         raise CxrfairError(f"{option} {name!r}: unknown; expected one of {', '.join(names(stage))}")
     row = MITIGATIONS[name]
     if stage is not None and stage not in row.stages:
-        raise CxrfairError(f"{option} {name}: not a {stage} mitigation; it is {row.where()}")
+        raise CxrfairError(f"{option} {name}: not a {STAGE_WORDS[stage]} mitigation; it is {row.where()}")
     return row
 
 
