@@ -4,7 +4,7 @@ A mitigation is a row of ``MITIGATIONS``: which stages train or apply it, the pr
 what its strength means and may be, its defaults, and whether strength 0 is plain training.
 The *how* lives with each stage (probe: ``cxrfair.probe.objectives``, fine-tuning:
 ``cxrfair.finetune.objectives``, post-processing: ``cxrfair.analysis.postprocess``), registered
-under the same names; no caller asks which mitigation it holds.
+under the same names (each stage's ``TERMS``); no caller asks which mitigation it holds.
 
 Adding a mitigation: one row here, plus its loss term in each stage that trains it.
 """
