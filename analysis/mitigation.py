@@ -30,6 +30,7 @@ from cxrfair.analysis.replicates import average, nanmean0, replicate_matrix
 from cxrfair.analysis.runsets import base_tag, tag_of
 from cxrfair.core.bootstrap import interval
 from cxrfair.core.multilabel import auc_macro
+from cxrfair.core.mitigations import MITIGATIONS
 from cxrfair.core.runs import FINETUNE_METHODS, RunKey, parse_run_id
 
 # What mitigation.csv reports, per task: utility on the whole split, then the gaps of the
@@ -42,10 +43,6 @@ TRADEOFF_AXES = {"multiclass": ("accuracy", "eqodds"), "multilabel": ("auc_macro
 # Which direction is an improvement: "higher", "lower", or "zero" for signed gaps (A − A').
 _HIGHER = {"accuracy", "f1_macro", "auc_macro", "worst_group_accuracy", "worst_group_auc"}
 _SIGNED = {"f1_gap", "auc_gap", "fnr_gap"}
-# Mitigations whose strength 0 is plain training (the added term or the weights vanish; adversarial
-# with gradient reversal, whose reversed gradient is scaled by λ): their ``st0`` run is an ERM run
-# trained by the mitigation's own solver and grid. groupdro needs η > 0; erase and thresholds have no zero.
-ZERO_IS_ERM = ("reweight", "adversarial", "fairot")
 # Training settings outside the grid that an ERM counterpart must share (run.json ``hyperparameters``).
 RECIPE_KEYS = ("epochs", "batch_size", "max_iter")
 STRENGTH_TAG = re.compile(r"^st(?P<strength>[0-9.eE+-]+)$")
@@ -109,12 +106,13 @@ def recipe(run) -> tuple[str, str]:
 
 
 def is_erm_like(ev) -> bool:
-    """Plain training: an ``erm`` run, or the strength-0 run of a mitigation whose zero is ERM (``ZERO_IS_ERM``)."""
+    """Plain training: an ``erm`` run, or the strength-0 run of a mitigation whose zero is ERM (the table's
+    ``zero_is_erm``: its ``st0`` run is an ERM run trained by the mitigation's own solver and grid)."""
     key = parse_run_id(ev.run.run_id)
     if key.mitigation == "erm":
         return True
     adversary = ev.run.meta.get("adversary") or {}
-    return (key.mitigation in ZERO_IS_ERM and _strength(ev.run) == 0
+    return (MITIGATIONS[key.mitigation].zero_is_erm and _strength(ev.run) == 0
             and adversary.get("kind", "grl") == "grl")  # the projection rule still projects at λ = 0
 
 
@@ -137,7 +135,7 @@ def find_erm(ev, by_id: dict, primary: dict):
 
     In order: the run named by run.json ``source_run`` (post-processing) when it is an ERM run here;
     then, among plain-training runs of the same model, method and seed trained with the same solver
-    and grid (``recipe``): the strength-0 run of its own sweep (``st0``, for ``ZERO_IS_ERM``), the
+    and grid (``recipe``): the strength-0 run of its own sweep (``st0``, for a ``zero_is_erm`` mitigation), the
     ERM run with the same tag (``best`` vs ``best``), the ERM run with its model and method's primary
     tag, any other (an ERM run, then another sweep's ``st0``; an ``st0`` run never takes one of its
     own sweep); only when none shares the recipe, the

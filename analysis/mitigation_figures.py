@@ -18,13 +18,13 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from cxrfair.analysis.mitigation import STRENGTH_TAG  # noqa: E402
-from cxrfair.core.runs import MITIGATIONS  # noqa: E402
+from cxrfair.core.mitigations import ERM, NAMES  # noqa: E402
 
-# Marker, grey face and line style per mitigation (ERM drawn apart), stable across panels.
-_STYLES = dict(zip([m for m in MITIGATIONS if m != "erm"],
-                   [("o", "0.25", "--"), ("s", "0.55", ":"), ("^", "0.85", "-."), ("D", "0.4", (0, (5, 1))),
-                    ("v", "0.7", (0, (1, 1))), ("P", "0.1", (0, (3, 1, 1, 1)))]))
-_FALLBACK = ("X", "0.5", "-")
+# Marker, grey face and line style per mitigation (ERM drawn apart), in table order, stable across panels.
+_LOOKS = [("o", "0.25", "--"), ("s", "0.55", ":"), ("^", "0.85", "-."), ("D", "0.4", (0, (5, 1))),
+          ("v", "0.7", (0, (1, 1))), ("P", "0.1", (0, (3, 1, 1, 1))), ("X", "0.5", "-")]
+_STYLES = {m: _LOOKS[i % len(_LOOKS)] for i, m in enumerate(m for m in NAMES if m != ERM)}
+_FALLBACK = _LOOKS[-1]
 AXIS_LABELS = {"accuracy": "Accuracy (%)", "auc_macro": "Macro AUC (%)", "eqodds": "EqOdds gap (%)"}
 
 
@@ -64,7 +64,7 @@ def tradeoff_panel(points: pd.DataFrame, ax, title: str = ""):
     ax.plot(x, y, "o", ms=18, mfc="none", mec="0.6", mew=2, zorder=0)  # a ring: visible with one front point too
     for mitigation, p in points.groupby("mitigation", sort=False):
         p = p.sort_values("strength")
-        if mitigation == "erm":
+        if mitigation == ERM:
             _interval_lines(ax, p, "black")
             ax.plot(100 * p["utility"], 100 * p["gap"], "*", ms=16, color="black", mec="white", zorder=4, label="ERM")
             for r in p.itertuples() if len(p) > 1 else ():  # several ERM counterparts: say which is which

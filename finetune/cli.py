@@ -1,6 +1,6 @@
 """``cxrfair finetune lora|full``: build a FinetuneConfig from options and call ``finetune``.
 
-Only click and stdlib at module level; torch/peft load inside the command.
+Only click, stdlib and the mitigation table at module level; torch/peft load inside the command.
 """
 
 from __future__ import annotations
@@ -8,6 +8,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+
+from cxrfair.core import mitigations
+
+_MITIGATIONS = [mitigations.get(n) for n in mitigations.names(mitigations.FINETUNE)]
+MITIGATION_HELP = (f"Fairness mitigation trained into the run: {', '.join(m.name for m in _MITIGATIONS)} "
+                   "(see docs/fairness.md, 'Mitigations'). Needs --sensitive unless erm.")
+STRENGTH_HELP = ("Mitigation strength, one value per run: "
+                 + ", ".join(f"{m.name} {m.rule()} (default {m.finetune_strength:g})" for m in _MITIGATIONS if m.has_strength)
+                 + ". The run id gets tag st<strength>.")
 
 
 def _options(fn):
@@ -34,13 +43,9 @@ def _options(fn):
                      help="Decoded-image cache: in memory, or a memmap file under OUT/.image-cache."),
         click.option("--weights", default=None, type=click.Path(path_type=Path), help="Model weights overriding the registry's."),
         click.option("--images", default=None, type=click.Path(path_type=Path), help="Images root overriding cohort.json's."),
-        click.option("--mitigation", default="erm", show_default=True,
-                     help="Fairness mitigation trained into the run: erm (plain), reweight, groupdro, adversarial, "
-                          "fairot (see docs/fairness.md, 'Mitigations')."),
+        click.option("--mitigation", default=mitigations.ERM, show_default=True, help=MITIGATION_HELP),
         click.option("--sensitive", default=None, help="The cohort attribute a mitigation targets (e.g. sex, age_group, race)."),
-        click.option("--strength", default=None, type=float,
-                     help="Mitigation strength, one value per run: reweight s in [0, 1] (default 1), groupdro step "
-                          "size > 0 (0.01), adversarial λ >= 0 (1), fairot λ >= 0 (1). The run id gets tag st<strength>."),
+        click.option("--strength", default=None, type=float, help=STRENGTH_HELP),
         click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint."),
         click.option("--force", is_flag=True, help="Replace an existing run / discard a stale checkpoint."),
     ]

@@ -5,27 +5,16 @@ Torch-free, so the CLI can build and check it before importing anything heavy.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from cxrfair.core import mitigations
 from cxrfair.errors import CxrfairError
 
 METHODS = ("lora", "full")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "bf16", "fp32")
 CACHE_MODES = ("auto", "memory", "file")
-
-# Mitigations fine-tuning trains with (names and meanings: core.runs.MITIGATIONS, CONTRACTS
-# "Mitigations"): (lowest, highest, lowest allowed?, default strength).
-STRENGTHS = {
-    "reweight": (0.0, 1.0, True, 1.0),  # exponent s of w ∝ n_cell^-s; 1: every cell counts equally
-    "groupdro": (0.0, math.inf, False, 0.01),  # step size η of q (Sagawa et al.'s default)
-    "adversarial": (0.0, math.inf, True, 1.0),  # λ of the reversed adversary gradient
-    "fairot": (0.0, math.inf, True, 1.0),  # λ of the Sinkhorn term
-}
-ELSEWHERE = {"erase": "probes only (`cxrfair probe ... --mitigation erase`)",
-             "thresholds": "post-processing of a finished run (`cxrfair postprocess RUN --sensitive ATTR`)"}
 
 # Learning rates when --lr is not given: LoRA adapters and a fresh head tolerate a much larger
 # step than pretrained encoder weights do (common practice for ViT fine-tuning).
@@ -68,9 +57,9 @@ class FinetuneConfig:
     force: bool = False  # replace an existing run folder / discard a stale checkpoint
     tag: str = "best"  # run_id tag: <model>__<method>__<tag>__s<seed>
     micro_batch: int | None = None  # most images per forward pass and process (gradient accumulation); None: a whole share
-    mitigation: str = "erm"  # erm | reweight | groupdro | adversarial | fairot (CONTRACTS "Mitigations")
+    mitigation: str = "erm"  # one of core.mitigations.names(FINETUNE) (CONTRACTS "Mitigations")
     sensitive: str | None = None  # the cohort attribute a mitigation targets (None for erm)
-    strength: float | None = None  # the mitigation's strength; None: its default (STRENGTHS); erm: none
+    strength: float | None = None  # the mitigation's strength; None: its finetune_strength (core.mitigations); erm: none
 
     def __post_init__(self) -> None:
         _check(self.method in METHODS, f"--method {self.method!r}: expected one of {', '.join(METHODS)}")
@@ -85,10 +74,10 @@ class FinetuneConfig:
         _check(self.lora_alpha > 0, f"--lora-alpha {self.lora_alpha}: must be positive")
         _check(0 <= self.lora_dropout < 1, f"--lora-dropout {self.lora_dropout}: must be in [0, 1)")
         _check(self.tag.replace("-", "").replace(".", "").isalnum(), f"tag {self.tag!r}: letters, digits, '-' and '.' only")
-        check_mitigation(self)
-        if self.mitigation != "erm" and self.strength is None:
-            object.__setattr__(self, "strength", STRENGTHS[self.mitigation][3])
-        if self.mitigation != "erm" and self.tag == "best":  # one run per strength: keep them apart
+        row = check_mitigation(self)
+        if self.strength is None and row.has_strength:
+            object.__setattr__(self, "strength", row.finetune_strength)
+        if self.strength is not None and self.tag == "best":  # one run per strength: keep them apart
             object.__setattr__(self, "tag", f"st{float(self.strength):g}")
         object.__setattr__(self, "cohort", Path(self.cohort))
         object.__setattr__(self, "out", Path(self.out))
@@ -103,7 +92,7 @@ class FinetuneConfig:
 
     def training_fields(self) -> dict:
         """The fields a resume checkpoint must agree on (JSON-able); erm checkpoints keep their old fields."""
-        names = TRAINING_FIELDS + (() if self.mitigation == "erm" else MITIGATION_FIELDS)
+        names = TRAINING_FIELDS + (MITIGATION_FIELDS if mitigations.get(self.mitigation).needs_sensitive else ())
         return {name: getattr(self, name) for name in names}
 
     def hyperparameters(self) -> dict:
@@ -117,24 +106,21 @@ class FinetuneConfig:
         return hp
 
 
-def check_mitigation(config: FinetuneConfig) -> None:
-    """--mitigation / --sensitive / --strength: a known name, an attribute when needed, a strength in range."""
+def check_mitigation(config: FinetuneConfig) -> mitigations.Mitigation:
+    """--mitigation / --sensitive / --strength: a known name, an attribute when needed, a strength in range.
+
+    Returns the mitigation's row of the table."""
     name, strength = config.mitigation, config.strength
-    _check(name not in ELSEWHERE, f"--mitigation {name}: not a fine-tuning mitigation; it is {ELSEWHERE.get(name)}")
-    known = ("erm", *STRENGTHS)
-    _check(name in known, f"--mitigation {name!r}: unknown; expected one of {', '.join(known)}")
-    if name == "erm":
-        _check(config.sensitive is None, f"--sensitive {config.sensitive}: erm targets no attribute; "
+    row = mitigations.get(name, mitigations.FINETUNE)
+    if not row.needs_sensitive:
+        _check(config.sensitive is None, f"--sensitive {config.sensitive}: {name} targets no attribute; "
                                          "add --mitigation NAME or drop --sensitive")
-        _check(strength is None, f"--strength {strength}: erm has no strength; add --mitigation NAME or drop --strength")
-        return
+        _check(strength is None, f"--strength {strength}: {name} has no strength; add --mitigation NAME or drop --strength")
+        return row
     _check(bool(config.sensitive), f"--mitigation {name}: needs --sensitive ATTR (a sensitive attribute of the cohort)")
-    if strength is None:
-        return
-    low, high, closed, _ = STRENGTHS[name]
-    ok = math.isfinite(strength) and (strength >= low if closed else strength > low) and strength <= high
-    span = f"{'[' if closed else '('}{low:g}, {high:g}{']' if math.isfinite(high) else ')'}"
-    _check(ok, f"--strength {strength}: out of range for {name}; expected a value in {span}")
+    if strength is not None:
+        mitigations.check_strength(name, strength)
+    return row
 
 
 def _check(ok: bool, message: str) -> None:

@@ -1,7 +1,9 @@
 """Mitigations as loss terms of fine-tuning (issue 13; CONTRACTS "Mitigations").
 
-A mitigation is not a training loop: it changes what a training step back-propagates, through
-one of three seams of ``train.train_step``:
+A mitigation is not a training loop: it changes what a training step back-propagates. Each is one
+``Term`` in ``TERMS``, under its name in the mitigation table (``cxrfair.core.mitigations``,
+which holds its strength's range and default), naming what it plugs into the three seams of
+``train.train_step``:
 
 - per-row weights the sampler gives every step (``reweight``: ``row_weights``);
 - per-example multipliers computed from the global batch's losses (``groupdro``: ``GroupDRO``;
@@ -10,8 +12,8 @@ one of three seams of ``train.train_step``:
   reversal on the encoder output; ``fairot``: a Sinkhorn divergence between the batch's
   true-class scores and each group's).
 
-``erm`` has no objective at all (``make_objective`` returns None), so plain training runs the
-code it ran before this module existed.
+``erm`` (and ``reweight``, weights only) has no objective at all (``make_objective`` returns
+None), so plain training runs the code it ran before this module existed.
 
 Cells: (group, class) for multi-class, the group for multi-label (CONTRACTS). Group ids are the
 index of a row's value in the sensitive attribute's declared groups.
@@ -20,6 +22,7 @@ index of a row's value in the sensitive attribute's declared groups.
 from __future__ import annotations
 
 import math
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -191,9 +194,11 @@ class Objective:
     name = "erm"
     batch_statistics = False  # needs the whole step's losses before any backward (groupdro)
 
-    def __init__(self, strength: float, n_groups: int, n_cells: int, n_classes: int, multilabel: bool, dist):
+    def __init__(self, strength: float, n_groups: int, n_cells: int, n_classes: int, multilabel: bool, dist,
+                 embed_dim: int = 0, seed: int = 0):
         self.strength, self.n_groups, self.n_cells, self.n_classes = float(strength), n_groups, n_cells, n_classes
         self.multilabel, self.dist = multilabel, dist
+        self.embed_dim, self.seed = embed_dim, seed  # the encoder output's width; the run's seed
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """The module the training step calls (the model itself unless the objective adds one)."""
@@ -239,8 +244,8 @@ class GroupDRO(Objective):
     name = "groupdro"
     batch_statistics = True
 
-    def __init__(self, *args):
-        super().__init__(*args)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.q = torch.full((self.n_cells,), 1.0 / self.n_cells, dtype=torch.float64)
         self.multiplier: torch.Tensor | None = None  # (n_cells,) q_c / n_c of the current step
 
@@ -287,9 +292,9 @@ class Adversarial(Objective):
 
     name = "adversarial"
 
-    def __init__(self, *args, embed_dim: int, seed: int):
-        super().__init__(*args)
-        self.adversary = make_adversary(embed_dim, self.n_groups, seed)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.adversary = make_adversary(self.embed_dim, self.n_groups, self.seed)
         self.trainee: Trainee | None = None
 
     def wrap(self, model):
@@ -359,15 +364,37 @@ class FairOT(Objective):
         return tuple(torch.cat([r[i] for r in rows]) for i in range(3))
 
 
-OBJECTIVES = {"groupdro": GroupDRO, "adversarial": Adversarial, "fairot": FairOT}
+# ---------------------------------------------------------------------------------------------
+# The terms
+
+
+class Term(NamedTuple):
+    """One fine-tuning mitigation: what it plugs into a training step (None: that seam is untouched).
+
+    row_weights(cells, train_rows, strength, n_cells) -> (N,) float32 sampler weights per cohort
+    row. objective: an ``Objective`` subclass, built as ``objective(strength, n_groups, n_cells,
+    n_classes, multilabel, dist, embed_dim=, seed=)``. one_forward: it needs a process's share of
+    a batch in one forward pass (no --micro-batch below it).
+    """
+
+    row_weights: Callable | None = None
+    objective: type[Objective] | None = None
+    one_forward: bool = False
+
+
+TERMS: dict[str, Term] = {
+    "erm": Term(),
+    "reweight": Term(row_weights=reweight_weights),
+    "groupdro": Term(objective=GroupDRO),
+    "adversarial": Term(objective=Adversarial),
+    "fairot": Term(objective=FairOT, one_forward=True),
+}
 
 
 def make_objective(mitigation: str, strength: float | None, n_groups: int, n_cells: int, n_classes: int,
                    multilabel: bool, dist, embed_dim: int, seed: int) -> Objective | None:
-    """The step-time objective of a mitigation; None for ``erm`` and ``reweight`` (weights only)."""
-    if mitigation not in OBJECTIVES:
+    """The step-time objective of a mitigation; None when its term has none (``erm``, ``reweight``: weights only)."""
+    objective = TERMS[mitigation].objective
+    if objective is None:
         return None
-    args = (strength, n_groups, n_cells, n_classes, multilabel, dist)
-    if mitigation == "adversarial":
-        return Adversarial(*args, embed_dim=embed_dim, seed=seed)
-    return OBJECTIVES[mitigation](*args)
+    return objective(strength, n_groups, n_cells, n_classes, multilabel, dist, embed_dim=embed_dim, seed=seed)

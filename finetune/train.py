@@ -39,6 +39,7 @@ from torch import nn
 from cxrfair.errors import CxrfairError
 from cxrfair.extract.distributed import shard_rows
 from cxrfair.finetune import data as fdata
+from cxrfair.finetune import objectives
 from cxrfair.finetune.checkpoint import (  # noqa: F401  (re-exported: the names tests and tools use)
     CHECKPOINT, CHECKPOINT_VERSION, check_fingerprint, load_checkpoint, rank_seed, read_checkpoint, restore,
     rng_states, save_checkpoint, seed_globals, set_rng_states,
@@ -428,14 +429,12 @@ def mitigation_inputs(config: FinetuneConfig, cohort) -> dict:
     Multi-label rows without any observed condition get weight 0 (they carry no loss). Returns
     ``Data`` fields: ``row_weights``, ``groups``, ``cells`` (absent when not needed).
     """
-    from cxrfair.finetune import objectives
-
     train = np.flatnonzero(cohort.table["split"].to_numpy() == "train")
     multilabel = cohort.task == "multilabel"
     out: dict = {}
     if multilabel:
         out["row_weights"] = (~np.isnan(cohort.targets())).any(axis=1).astype(np.float32)
-    if config.mitigation == "erm":
+    if config.sensitive is None:  # erm: no groups
         return out
     attrs = cohort.attributes
     if config.sensitive not in attrs:
@@ -446,8 +445,9 @@ def mitigation_inputs(config: FinetuneConfig, cohort) -> dict:
     labels = np.zeros(len(groups), np.int64) if multilabel else cohort.targets()
     cells, n_cells = objectives.cell_ids(groups, labels, len(attrs[config.sensitive]["groups"]), len(cohort.classes),
                                          multilabel)
-    if config.mitigation == "reweight":
-        w = objectives.reweight_weights(cells, train, float(config.strength), n_cells)
+    row_weights = objectives.TERMS[config.mitigation].row_weights
+    if row_weights is not None:
+        w = row_weights(cells, train, float(config.strength), n_cells)
         out["row_weights"] = w * out.get("row_weights", 1.0)
     return {**out, "groups": groups, "cells": cells}
 
@@ -509,9 +509,10 @@ def prepare(config: FinetuneConfig, d: Dist = Dist()) -> Setup:
     cohort = load_cohort(config.cohort)
     check_splits(cohort)
     inputs = mitigation_inputs(config, cohort)
-    if config.mitigation == "fairot" and config.micro_batch and config.micro_batch < math.ceil(config.batch_size / d.world):
-        raise CxrfairError(f"--mitigation fairot with --micro-batch {config.micro_batch}: the term compares the whole "
-                           "batch's scores, so each process needs its share in one forward pass; drop --micro-batch")
+    one_forward = objectives.TERMS[config.mitigation].one_forward
+    if one_forward and config.micro_batch and config.micro_batch < math.ceil(config.batch_size / d.world):
+        raise CxrfairError(f"--mitigation {config.mitigation} with --micro-batch {config.micro_batch}: the term compares "
+                           "the whole batch's scores, so each process needs its share in one forward pass; drop --micro-batch")
     d.on_main(lambda: check_runs_folder(config.out, cohort.hash, [config.run_id], config.force))
     device = resolve_device(config.device, d)
     precision = resolve_precision(config.precision, device)
@@ -567,15 +568,13 @@ def build_state(config: FinetuneConfig, setup: Setup, d: Dist = Dist()) -> Train
 
 def build_objective(config: FinetuneConfig, setup: Setup, d: Dist = Dist()):
     """The mitigation's step-time objective (``finetune.objectives``), or None (erm, reweight)."""
-    from cxrfair.finetune.objectives import make_objective
-
-    if config.mitigation == "erm":
+    if objectives.TERMS[config.mitigation].objective is None:
         return None
     cohort = setup.cohort
     n_groups = len(cohort.attributes[config.sensitive]["groups"])
     n_cells = n_groups if cohort.task == "multilabel" else n_groups * len(cohort.classes)
-    return make_objective(config.mitigation, config.strength, n_groups, n_cells, len(cohort.classes),
-                          cohort.task == "multilabel", d, setup.fm.embed_dim, config.seed)
+    return objectives.make_objective(config.mitigation, config.strength, n_groups, n_cells, len(cohort.classes),
+                                     cohort.task == "multilabel", d, setup.fm.embed_dim, config.seed)
 
 
 def finish(config: FinetuneConfig, setup: Setup, state: TrainState, t_start: float, d: Dist = Dist()) -> RunResult:

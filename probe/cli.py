@@ -1,6 +1,6 @@
 """``cxrfair probe zeroshot|linear|mlp``: probes on a cached embedding file, runs into RUNS/.
 
-Imports only click at module level; JAX and the library are imported inside each command.
+Imports only click and the mitigation table at module level; JAX and the library are imported inside each command.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from cxrfair.core import mitigations
 from cxrfair.errors import CxrfairError
 
 # Mirror cxrfair.probe.sweep's L2_GRIDS, L2_SKIP_GRID, FTOL and MAX_ITER (this module imports only click; a test keeps them equal).
@@ -17,6 +18,15 @@ L2_GRIDS = {"linear": (1e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2), "mlp": (
 L2_SKIP_GRID = (1e-5, 1e-4, 1e-3)
 FTOL = {"linear": 0.0, "mlp": 1e-5}
 MAX_ITER = {"linear": 1000, "mlp": 300}
+
+_MITIGATIONS = [mitigations.get(n) for n in mitigations.names(mitigations.PROBE)]
+_STRENGTHS = [m for m in _MITIGATIONS if m.has_strength]
+MITIGATION_HELP = (f"Fairness mitigation: {', '.join(m.name for m in _MITIGATIONS)} (see docs/fairness.md, Mitigations). "
+                   "Needs --sensitive unless erm.")
+STRENGTH_HELP = ("Comma-separated strengths, a grid axis (" + "; ".join(f"{m.name}: {m.strength}, {m.rule()}" for m in _STRENGTHS)
+                 + "). [default: " + "; ".join(f"{m.name} {','.join(f'{v:g}' for v in m.probe_strengths)}" for m in _STRENGTHS)
+                 + "]")
+SOLVER_DEFAULT = ", ".join(m.name for m in _MITIGATIONS if m.probe_solver == "adamw")
 
 _cache = click.option("--cache", required=True, type=click.Path(path_type=Path), help="Embedding cache (.h5) from `cxrfair extract`.")
 _out = click.option("--out", required=True, type=click.Path(path_type=Path), help="Runs folder to write into.")
@@ -56,7 +66,7 @@ def _sweep_options(f):
         click.option("--solver", type=click.Choice(["lbfgs", "adamw"]), default=None,
                      help="lbfgs: full-batch L-BFGS over the --l2 grid; adamw: the paper's recipe (AdamW, cosine, "
                           "--epochs, --batch-size) over --lr x --weight-decay. [default: lbfgs; adamw for the "
-                          "mitigations groupdro, adversarial, fairot, whose objective changes every step]"),
+                          f"mitigations {SOLVER_DEFAULT}, whose objective changes every step]"),
         click.option("--standardize/--no-standardize", default=True, show_default=True,
                      help="z-score features with the training split's mean and sd (stored in run.json). "
                           "The paper's recipe: --solver adamw --no-standardize."),
@@ -73,14 +83,9 @@ def _sweep_options(f):
                           "loss; multi-class only); worst_group: best worst-group accuracy of --sensitive (ties: lower loss); gap: "
                           "smallest group accuracy gap within 0.01 of the best accuracy. "
                           "[default: loss; worst_group with a --mitigation]"),
-        click.option("--mitigation", default="erm", show_default=True,
-                     help="Fairness mitigation: erm (plain training), reweight, groupdro, adversarial, fairot, erase "
-                          "(see docs/fairness.md, Mitigations). Needs --sensitive unless erm."),
+        click.option("--mitigation", default=mitigations.ERM, show_default=True, help=MITIGATION_HELP),
         click.option("--sensitive", default=None, help="The cohort attribute a mitigation targets, e.g. sex, age_group, race."),
-        click.option("--strength", default=None,
-                     help="Comma-separated strengths, a grid axis (reweight: in [0, 1]; groupdro: step size > 0; "
-                          "adversarial, fairot: lambda >= 0). [default: reweight 0.5,1; groupdro 0.01,0.1,1; "
-                          "adversarial 0.1,0.3,1; fairot 0.1,1,10]"),
+        click.option("--strength", default=None, help=STRENGTH_HELP),
         click.option("--adversary", type=click.Choice(["grl", "projection"]), default="grl", show_default=True,
                      help="adversarial: grl = gradient reversal on the features the head reads; projection = Zhang "
                           "et al.'s projected gradient with the adversary on the outputs and label."),

@@ -3,10 +3,13 @@
 The training loop (``cxrfair.probe.train``) computes a per-example loss vector ``(B,)`` (whatever
 the task: softmax cross-entropy for multi-class, masked sigmoid for multi-label) and hands it to
 ``value_and_grad`` here, with a ``Context`` (the batch's real-row mask, each row's group and
-cell, the lane's strength and training progress) and the mitigation's carried state. Each
-mitigation is one reducer ``(losses, ctx, state, spec) -> (loss, state)`` in ``REDUCERS``; the
-adversary, which needs the model's outputs and its own parameters, is ``adversarial_grads``.
-Nothing here copies the loop, so each lane of a vmapped sweep runs its own strength.
+cell, the lane's strength and training progress) and the mitigation's carried state. As in
+optax, each mitigation is one ``Term`` (an init/loss pair) in ``TERMS``, under its name in the
+mitigation table (``cxrfair.core.mitigations``, which holds its solver, strengths and defaults):
+most are a reducer ``(losses, ctx, state, spec) -> (loss, state)`` made a term by
+``reducer_term``; the adversary, which needs the model's outputs and its own parameters, is
+``adversarial_grads``. Nothing here copies the loop, so each lane of a vmapped sweep runs its
+own strength, and no caller asks which mitigation it holds.
 
 Names and semantics: docs/CONTRACTS.md, "Mitigations". ``erase`` is not a loss: ``leace_fit``
 / ``leace_apply`` transform the features before the probe.
@@ -23,17 +26,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Mitigations the probes train with (``thresholds`` is post-processing: cxrfair.analysis.postprocess).
-PROBE_MITIGATIONS = ("erm", "reweight", "groupdro", "adversarial", "fairot", "erase")
-# groupdro's q, the adversary's min-max and fairot's per-batch Sinkhorn change the objective every
-# step, which full-batch L-BFGS (a line search on one fixed function) cannot follow: AdamW minibatches.
-SOLVER_FOR = {"erm": "lbfgs", "reweight": "lbfgs", "erase": "lbfgs",
-              "groupdro": "adamw", "adversarial": "adamw", "fairot": "adamw"}
-# (low, high, low inclusive, text) of each mitigation's strength.
-STRENGTH_RANGE = {"reweight": (0.0, 1.0, True, "in [0, 1]"), "groupdro": (0.0, np.inf, False, "> 0"),
-                  "adversarial": (0.0, np.inf, True, ">= 0"), "fairot": (0.0, np.inf, True, ">= 0")}
-DEFAULT_STRENGTHS = {"reweight": (0.5, 1.0), "groupdro": (0.01, 0.1, 1.0),
-                     "adversarial": (0.1, 0.3, 1.0), "fairot": (0.1, 1.0, 10.0)}
 ADVERSARIES = ("grl", "projection")
 ADVERSARY_HIDDEN = 64  # the adversary: an MLP with one hidden ReLU layer of this width
 SINKHORN_EPS = 0.01  # entropic blur of fairot's Sinkhorn divergence (squared cost on scores in [0, 1])
@@ -45,7 +37,7 @@ SINKHORN_DECAY = 0.7  # eps-scaling factor per iteration during the annealing
 class Spec:
     """The static part of a mitigation, shared by every lane of a sweep (hashable: a jit static)."""
 
-    name: str = "erm"  # one of PROBE_MITIGATIONS
+    name: str = "erm"  # a key of TERMS (core.mitigations.names(PROBE))
     n_groups: int = 0  # groups of the sensitive attribute
     cell_counts: tuple = ()  # training rows per cell (n_cells,), cell = group * C + class (multi-label: group)
     adversary: str = "grl"  # adversarial: "grl" (gradient reversal on features) or "projection" (Zhang et al.)
@@ -184,9 +176,6 @@ def fairot(losses, ctx: Context, state, spec: Spec):
     return masked_mean(losses, ctx.w) + ctx.strength * fairot_penalty(jnp.exp(-losses), ctx, spec.n_groups), state
 
 
-REDUCERS: dict[str, Callable] = {"erm": erm, "reweight": reweight, "groupdro": groupdro, "fairot": fairot}
-
-
 # ---------------------------------------------------------------- adversarial
 
 
@@ -267,20 +256,86 @@ def adversarial_grads(params: dict, loss_fn, forward_fn, x, y, ctx: Context, sta
     return (loss, state), {**grads, "adv": g_adv}
 
 
-# ---------------------------------------------------------------- the seam the loop calls
+def adversary_params(key: jax.Array, spec: Spec, n_features: int, n_classes: int) -> dict:
+    """``{"adv": ...}``: the adversary reads the features (grl) or the outputs and one-hot label (projection)."""
+    n_in = n_features if spec.adversary == "grl" else 2 * n_classes
+    return {"adv": adversary_init(key, n_in, spec.n_groups)}
+
+
+def adversarial_meta(spec: Spec) -> dict:
+    return {"adversary": {"kind": spec.adversary, "hidden": ADVERSARY_HIDDEN}}
+
+
+def fairot_meta(spec: Spec) -> dict:
+    return {"sinkhorn": {"eps": SINKHORN_EPS, "iterations": SINKHORN_ITERS, "cost": "squared",
+                         "score": "probability of the true class", "debiased": True}}
+
+
+# ---------------------------------------------------------------- the terms (the seam the loop calls)
+
+
+class Term(NamedTuple):
+    """One probe mitigation, optax-style: how it starts and what one step differentiates.
+
+    init(spec) -> carried state (a pytree; () when none). init_params(key, spec, n_features,
+    n_classes) -> parameters trained beside the probe ({} when none). value_and_grad(spec,
+    loss_fn, forward_fn, params, x, y, ctx, state) -> ((loss, new state), gradients). meta(spec)
+    -> the keys it adds to run.json.
+    """
+
+    init: Callable
+    init_params: Callable
+    value_and_grad: Callable
+    meta: Callable
+
+
+def no_state(spec: Spec):
+    return ()
+
+
+def no_params(key: jax.Array, spec: Spec, n_features: int, n_classes: int) -> dict:
+    return {}
+
+
+def no_meta(spec: Spec) -> dict:
+    return {}
+
+
+def reducer_term(reducer: Callable, init: Callable = no_state, meta: Callable = no_meta) -> Term:
+    """The term of a reducer ``(losses, ctx, state, spec) -> (loss, state)``: its gradient is the
+    reduced per-example loss's."""
+
+    def value_and_grad(spec, loss_fn, forward_fn, params, x, y, ctx, state):
+        return jax.value_and_grad(lambda p: reducer(loss_fn(p, x, y), ctx, state, spec), has_aux=True)(params)
+
+    return Term(init, no_params, value_and_grad, meta)
+
+
+def adversarial_value_and_grad(spec: Spec, loss_fn, forward_fn, params: dict, x, y, ctx: Context, state):
+    return adversarial_grads(params, loss_fn, forward_fn, x, y, ctx, state, spec)
+
+
+# Plain training. ``erase`` trains it too, on features with the attribute erased (``leace_fit``,
+# ``leace_apply``); a sweep trains any mitigation whose term is PLAIN with erm's Spec (erm's program).
+PLAIN = reducer_term(erm)
+TERMS: dict[str, Term] = {
+    "erm": PLAIN,
+    "reweight": reducer_term(reweight),
+    "groupdro": reducer_term(groupdro, init=groupdro_init),
+    "adversarial": Term(no_state, adversary_params, adversarial_value_and_grad, adversarial_meta),
+    "fairot": reducer_term(fairot, meta=fairot_meta),
+    "erase": PLAIN,
+}
 
 
 def init_state(spec: Spec):
-    """The mitigation's carried training state: GroupDRO's q, else an empty tuple."""
-    return groupdro_init(spec) if spec.name == "groupdro" else ()
+    """The mitigation's carried training state (GroupDRO's q; () for most)."""
+    return TERMS[spec.name].init(spec)
 
 
 def init_extra_params(key: jax.Array, spec: Spec, n_features: int, n_classes: int) -> dict:
     """Parameters the mitigation trains beside the probe (``{"adv": ...}`` for adversarial, else {})."""
-    if spec.name != "adversarial":
-        return {}
-    n_in = n_features if spec.adversary == "grl" else 2 * n_classes
-    return {"adv": adversary_init(key, n_in, spec.n_groups)}
+    return TERMS[spec.name].init_params(key, spec, n_features, n_classes)
 
 
 def value_and_grad(spec: Spec, loss_fn, forward_fn, params: dict, x, y, ctx: Context, state):
@@ -289,10 +344,12 @@ def value_and_grad(spec: Spec, loss_fn, forward_fn, params: dict, x, y, ctx: Con
     loss_fn(params, x, y) -> (B,) per-example losses; forward_fn(params, x) -> (logits (C, B),
     features (F, B)). Both are the loop's own, so a new task (multi-label) plugs in unchanged.
     """
-    if spec.name == "adversarial":
-        return adversarial_grads(params, loss_fn, forward_fn, x, y, ctx, state, spec)
-    reducer = REDUCERS[spec.name]
-    return jax.value_and_grad(lambda p: reducer(loss_fn(p, x, y), ctx, state, spec), has_aux=True)(params)
+    return TERMS[spec.name].value_and_grad(spec, loss_fn, forward_fn, params, x, y, ctx, state)
+
+
+def run_meta(spec: Spec) -> dict:
+    """The run.json keys mitigation ``spec.name`` adds (the adversary's kind, fairot's Sinkhorn settings)."""
+    return TERMS[spec.name].meta(spec)
 
 
 # ---------------------------------------------------------------- erase: LEACE (NumPy, closed form)

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cxrfair.core import mitigations
 from cxrfair.core.multilabel import auc_macro
 from cxrfair.core.runs import RunKey, check_runs_folder, parse_run_id, safe_name, write_run
 from cxrfair.errors import CxrfairError
@@ -81,7 +82,7 @@ class SweepConfig:
     """
 
     method: str = "linear"  # "linear" or "mlp"
-    solver: str | None = None  # "lbfgs" (full batch, L2 grid) or "adamw" (minibatch); None: objectives.SOLVER_FOR[mitigation]
+    solver: str | None = None  # "lbfgs" (full batch, L2 grid) or "adamw" (minibatch); None: the mitigation's probe_solver (core.mitigations)
     standardize: bool = True  # z-score features with the training split's mean and sd first
     l2s: tuple | None = None  # L-BFGS: L2 penalties l2/2*||W||^2 (sklearn C = 1/(l2*N)); None: L2_GRIDS[method]
     lrs: tuple = (1e-4, 3e-4, 1e-3, 3e-3)  # AdamW: peak learning rates (cosine-annealed to 0)
@@ -96,27 +97,31 @@ class SweepConfig:
     max_iter: int | None = None  # L-BFGS: iterations at most; None: MAX_ITER[method]
     select: str | None = None  # "loss", "accuracy", "worst_group", "gap"; None: loss (erm), worst_group (mitigations)
     memory_budget_mb: float = 1024.0  # estimated working set per compiled chunk
-    mitigation: str = "erm"  # one of objectives.PROBE_MITIGATIONS (docs/CONTRACTS.md "Mitigations")
+    mitigation: str = "erm"  # one of core.mitigations.names(PROBE) (docs/CONTRACTS.md "Mitigations")
     sensitive: str | None = None  # the cohort attribute a mitigation targets (None for erm)
-    strengths: tuple | None = None  # the strength axis of the grid; None: objectives.DEFAULT_STRENGTHS
+    strengths: tuple | None = None  # the strength axis of the grid; None: the mitigation's probe_strengths (core.mitigations)
     adversary: str = "grl"  # adversarial: "grl" (gradient reversal) or "projection" (Zhang et al.)
 
     def __post_init__(self):
-        from cxrfair.probe.objectives import DEFAULT_STRENGTHS, SOLVER_FOR
-
+        row = self.row  # None for an unknown name: validate() names the fix
         if self.solver is None:
-            object.__setattr__(self, "solver", SOLVER_FOR.get(self.mitigation, "lbfgs"))
+            object.__setattr__(self, "solver", row.probe_solver if row else "lbfgs")
         if self.select is None:
-            object.__setattr__(self, "select", "loss" if self.mitigation == "erm" else "worst_group")
+            object.__setattr__(self, "select", "worst_group" if row is None or row.needs_sensitive else "loss")
         if self.max_iter is None:
             object.__setattr__(self, "max_iter", MAX_ITER.get(self.method, MAX_ITER["linear"]))
         if self.strengths is None:
-            object.__setattr__(self, "strengths", DEFAULT_STRENGTHS.get(self.mitigation, ()))
+            object.__setattr__(self, "strengths", row.probe_strengths if row else ())
+
+    @property
+    def row(self) -> mitigations.Mitigation | None:
+        """The mitigation's row of the table (None if the name is unknown)."""
+        return mitigations.MITIGATIONS.get(self.mitigation)
 
     @property
     def has_strength(self) -> bool:
-        """Whether strength is a grid axis (every mitigation but erm and erase)."""
-        return self.mitigation not in ("erm", "erase")
+        """Whether strength is a grid axis (every mitigation that takes one: not erm, not erase)."""
+        return self.row is None or self.row.has_strength
 
     @property
     def skip(self) -> bool:
@@ -180,29 +185,22 @@ class SweepConfig:
         return self
 
     def _validate_mitigation(self) -> None:
-        from cxrfair.probe.objectives import ADVERSARIES, PROBE_MITIGATIONS, SOLVER_FOR, STRENGTH_RANGE
+        from cxrfair.probe.objectives import ADVERSARIES
 
-        if self.mitigation == "thresholds":
-            raise CxrfairError("--mitigation thresholds is post-processing: run `cxrfair postprocess RUN --sensitive ATTR`")
-        _check(self.mitigation in PROBE_MITIGATIONS, "--mitigation", f"{self.mitigation!r} is unknown; choose one of "
-               f"{', '.join(PROBE_MITIGATIONS)}")
-        erm = self.mitigation == "erm"
+        row = mitigations.get(self.mitigation, mitigations.PROBE)
+        erm = not row.needs_sensitive
         _check(erm or bool(self.sensitive), "--sensitive", f"--mitigation {self.mitigation} needs the attribute it targets, e.g. sex")
         _check(not erm or self.sensitive is None, "--sensitive", "only with a --mitigation other than erm")
         _check(erm or self.select != "accuracy", "--select", "a mitigation selects by worst_group, loss or gap")
         _check(not erm or self.select in ("loss", "accuracy"), "--select",
                "worst_group and gap need a --mitigation and --sensitive attribute; plain probes use loss or accuracy")
         _check(self.adversary in ADVERSARIES, "--adversary", f"choose one of {', '.join(ADVERSARIES)}")
-        _check(not (SOLVER_FOR[self.mitigation] == "adamw" and self.solver == "lbfgs"), "--solver",
+        _check(not (row.probe_solver == "adamw" and self.solver == "lbfgs"), "--solver",
                f"{self.mitigation} changes its objective every step, which full-batch L-BFGS cannot follow; use --solver adamw")
-        if not self.has_strength:
-            _check(not self.strengths, "--strength", f"--mitigation {self.mitigation} has no strength; leave --strength out")
-            return
-        low, high, closed, text = STRENGTH_RANGE[self.mitigation]
-        _check(len(self.strengths) > 0, "--strength", "give at least one value")
-        _check(len(set(self.strengths)) == len(self.strengths), "--strength", "strengths must be distinct")
-        ok = all(math.isfinite(v) and (v >= low if closed else v > low) and v <= high for v in self.strengths)
-        _check(ok, "--strength", f"{self.mitigation} strengths must be {text}, got {','.join(f'{v:g}' for v in self.strengths)}")
+        if self.has_strength:
+            _check(len(self.strengths) > 0, "--strength", "give at least one value")
+            _check(len(set(self.strengths)) == len(self.strengths), "--strength", "strengths must be distinct")
+        mitigations.check_strengths(self.mitigation, tuple(self.strengths))
 
     def configurations(self) -> list[dict]:
         """The grid in a fixed order: strength (mitigations), hidden (MLP), then lr and weight decay
@@ -414,10 +412,11 @@ def cell_codes(y_train: np.ndarray, group_train: np.ndarray, n_classes: int) -> 
 
 
 def mitigation_spec(cfg: SweepConfig, y_train: np.ndarray, groups: dict | None, n_classes: int):
-    """The static ``objectives.Spec`` of a sweep's training (erase trains as erm: it acts on the features)."""
-    from cxrfair.probe.objectives import Spec  # jax: see the note under the imports
+    """The static ``objectives.Spec`` of a sweep's training; a mitigation whose term is plain training
+    (erase: it acts on the features) trains with erm's."""
+    from cxrfair.probe.objectives import PLAIN, TERMS, Spec  # jax: see the note under the imports
 
-    if cfg.mitigation in ("erm", "erase"):
+    if TERMS[cfg.mitigation] is PLAIN:
         return Spec()
     n_groups = len(groups["names"])
     counts = np.bincount(cell_codes(y_train, groups["train"], n_classes), minlength=n_groups * n_classes)
@@ -644,17 +643,13 @@ def write_runs(out, inputs, cfg: SweepConfig, result: SweepResult, run_ids: list
 
 def _mitigation_meta(cfg: SweepConfig, result: SweepResult, config: dict) -> dict:
     """run.json keys of a mitigation run (none for erm, whose runs stay as they were)."""
-    if cfg.mitigation == "erm":
+    if not cfg.row.needs_sensitive:
         return {}
     import cxrfair.probe.objectives as objectives  # jax: see the note under the imports
 
     meta = {"mitigation": cfg.mitigation, "sensitive": cfg.sensitive, "strength": config.get("strength"),
             "select": cfg.select, "selection": SELECTION_TEXT[cfg.select]}
-    if cfg.mitigation == "adversarial":
-        meta["adversary"] = {"kind": cfg.adversary, "hidden": objectives.ADVERSARY_HIDDEN}
-    if cfg.mitigation == "fairot":
-        meta["sinkhorn"] = {"eps": objectives.SINKHORN_EPS, "iterations": objectives.SINKHORN_ITERS, "cost": "squared",
-                            "score": "probability of the true class", "debiased": True}
+    meta |= objectives.run_meta(objectives.Spec(cfg.mitigation, adversary=cfg.adversary))
     if result.erasure is not None:
         meta["erasure"] = result.erasure
     return meta

@@ -4,7 +4,7 @@ A mitigation is a row of ``MITIGATIONS``: which stages train or apply it, the pr
 what its strength means and may be, its defaults, and whether strength 0 is plain training.
 The *how* lives with each stage (probe: ``cxrfair.probe.objectives``, fine-tuning:
 ``cxrfair.finetune.objectives``, post-processing: ``cxrfair.analysis.postprocess``), registered
-under the same names; no caller asks which mitigation it holds.
+under the same names (each stage's ``TERMS``); no caller asks which mitigation it holds.
 
 Adding a mitigation: one row here, plus its loss term in each stage that trains it.
 """
@@ -19,6 +19,7 @@ from cxrfair.errors import CxrfairError
 PROBE = "probe"  # cxrfair probe linear|mlp --mitigation NAME
 FINETUNE = "finetune"  # cxrfair finetune lora|full --mitigation NAME
 POSTPROCESS = "postprocess"  # cxrfair postprocess RUN (a new run from a finished one)
+STAGE_WORDS = {PROBE: "probe", FINETUNE: "fine-tuning", POSTPROCESS: "post-processing"}
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class Mitigation:
     probe_strengths: tuple[float, ...] = ()  # the probe sweep's default strength axis
     finetune_strength: float | None = None  # fine-tuning's default (one run per strength)
     zero_is_erm: bool = False  # strength 0 trains plain ERM with the mitigation's own solver and grid
+    needs_sensitive: bool = True  # targets a sensitive attribute (--sensitive ATTR); erm alone targets none
 
     @property
     def has_strength(self) -> bool:
@@ -46,6 +48,12 @@ class Mitigation:
         left = "[" if self.low_inclusive else "("
         right = "]" if math.isfinite(self.high) else ")"
         return f"{left}{self.low:g}, {self.high:g}{right}"
+
+    def rule(self) -> str:
+        """The strength's range as a condition: ``in [0, 1]``, ``> 0``, ``>= 0``."""
+        if math.isfinite(self.high):
+            return f"in {self.span()}"
+        return f"{'>=' if self.low_inclusive else '>'} {self.low:g}"
 
     def strength_ok(self, value: float) -> bool:
         above = value >= self.low if self.low_inclusive else value > self.low
@@ -60,7 +68,7 @@ class Mitigation:
 
 
 _ROWS = (
-    Mitigation("erm", (PROBE, FINETUNE), "plain training: the mean per-example loss"),
+    Mitigation("erm", (PROBE, FINETUNE), "plain training: the mean per-example loss", needs_sensitive=False),
     Mitigation("reweight", (PROBE, FINETUNE), "examples weighted by their (group, class) cell's size",
                strength="exponent s of w ∝ n_cell^-s (1: every cell counts equally)", low=0.0, high=1.0,
                probe_strengths=(0.5, 1.0), finetune_strength=1.0, zero_is_erm=True),
@@ -93,15 +101,28 @@ def get(name: str, stage: str | None = None, option: str = "--mitigation") -> Mi
         raise CxrfairError(f"{option} {name!r}: unknown; expected one of {', '.join(names(stage))}")
     row = MITIGATIONS[name]
     if stage is not None and stage not in row.stages:
-        raise CxrfairError(f"{option} {name}: not a {stage} mitigation; it is {row.where()}")
+        raise CxrfairError(f"{option} {name}: not a {STAGE_WORDS[stage]} mitigation; it is {row.where()}")
     return row
 
 
 def check_strength(name: str, value: float, option: str = "--strength") -> float:
-    """``value`` if it is a valid strength of ``name``, else a CxrfairError naming the range."""
+    """``value`` if it is a valid strength of ``name`` (one run's), else a CxrfairError naming the range."""
     row = MITIGATIONS[name]
     if not row.has_strength:
-        raise CxrfairError(f"{option} {value:g}: {name} takes no strength; remove it")
+        raise CxrfairError(f"{option} {value}: {name} takes no strength; remove it")
     if not row.strength_ok(value):
-        raise CxrfairError(f"{option} {value:g}: out of range for {name}; expected a value in {row.span()}")
+        raise CxrfairError(f"{option} {value}: out of range for {name}; expected a value in {row.span()}")
     return value
+
+
+def check_strengths(name: str, values: tuple, option: str = "--strength") -> tuple:
+    """``values`` if each is a valid strength of ``name`` (a sweep's grid axis; empty when it takes
+    none), else a CxrfairError naming the range."""
+    row = MITIGATIONS[name]
+    if not row.has_strength:
+        if values:
+            raise CxrfairError(f"{option}: --mitigation {name} has no strength; leave {option} out")
+        return values
+    if not all(row.strength_ok(v) for v in values):
+        raise CxrfairError(f"{option}: {name} strengths must be {row.rule()}, got {','.join(f'{v:g}' for v in values)}")
+    return values

@@ -28,14 +28,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cxrfair.core.mitigations import NAMES
 from cxrfair.errors import CxrfairError
 from cxrfair.io import atomic_dir, write_json_atomic
 
 METHODS = ("zeroshot", "linear", "mlp", "lora", "full")
 # Methods the fine-tuning stage trains (always with AdamW; their run.json records no `solver`).
 FINETUNE_METHODS = ("lora", "full")
-# Fairness interventions (issue 13); "erm" is plain training and the default.
-MITIGATIONS = ("erm", "reweight", "groupdro", "adversarial", "fairot", "erase", "thresholds")
+# Fairness interventions: the names of the one table, cxrfair.core.mitigations; "erm" is plain training and the default.
+MITIGATIONS = NAMES
 TASKS = ("multiclass", "multilabel")
 # Columns every run has; multi-class runs add "label". Attribute columns come from run.json.
 ID_COLUMNS = ("image_id", "patient_id", "split")
