@@ -31,6 +31,7 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
+from cxrfair import __version__
 from cxrfair.errors import CxrfairError
 from cxrfair.io import atomic_dir, sha256_file
 
@@ -472,8 +473,6 @@ def _order(table: pd.DataFrame, classes: list[str], task: str) -> pd.DataFrame:
 
 def _cohort_json(config: CohortConfig, preset: Preset, data: DatasetTable, table: pd.DataFrame, classes: list[str],
                  specs: dict, excluded: dict, texts: dict[str, list[str]]) -> dict:
-    from cxrfair import __version__
-
     meta = {"format": FORMAT, "version": VERSION, "dataset": data.dataset, "task": preset.task,
             "preset": config.preset_label(specs), "classes": classes, "attributes": specs,
             "age_bins": list(config.age_bins)}

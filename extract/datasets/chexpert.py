@@ -29,7 +29,7 @@ import pandas as pd
 
 from cxrfair.errors import CxrfairError
 
-from . import races
+from .races import CHEXPERT, load_race_map, map_race, patient_groups
 from .base import (
     DatasetTable, Sources, Where, check_file, findings_frame, map_unique, parse_age, parse_sex, read_csv, require_columns, strip,
 )
@@ -128,13 +128,13 @@ def demographics_race(sources: Sources, patient_id: pd.Series) -> tuple[np.ndarr
     path = Path(sources.demographics)
     raw = read_demographics(path)
     where = Where("demographics", path, raw["PATIENT"], "patient")
-    mapping = races.load_race_map(sources.race_map, races.CHEXPERT)
-    group = races.map_race(raw["PRIMARY_RACE"], "PRIMARY_RACE", where, mapping)
+    mapping = load_race_map(sources.race_map, CHEXPERT)
+    group = map_race(raw["PRIMARY_RACE"], "PRIMARY_RACE", where, mapping)
     num = pd.to_numeric(raw["PATIENT"].str.strip().str.extract(r"^patient(\d+)$", expand=False), errors="coerce").to_numpy()
     bad = np.isnan(num)
     if bad.any():
         raise where.fail("PATIENT", f"has a patient id '{raw['PATIENT'][bad].iloc[0]}'", bad, "expected patientNNNNN")
-    per_patient, conflicts = races.patient_groups(num.astype(np.int64), group)
+    per_patient, conflicts = patient_groups(num.astype(np.int64), group)
     race = per_patient.reindex(patient_id.to_numpy()).fillna("").to_numpy(dtype=str)
     notes = {"race_conflict_images": int(patient_id.isin(conflicts).sum()),
                 "race_missing_images": int((~patient_id.isin(per_patient.index) & ~patient_id.isin(conflicts)).sum())}

@@ -37,7 +37,7 @@ import pandas as pd
 
 from cxrfair.errors import CxrfairError
 
-from . import races
+from .races import load_race_map, map_race
 from .base import (
     DatasetTable, Sources, Where, check_file, check_unique, findings_frame, parse_age, parse_int, parse_sex, parse_split,
     read_csv, require_columns, strip,
@@ -118,7 +118,7 @@ def standard_columns(raw: pd.DataFrame, m: dict[str, str], where: Where, race_ma
         table["official_split"] = parse_split(col("split"), m["split"], where)
     if "race" in m:
         race = col("race").pipe(strip)
-        table["race"] = (races.map_race(race, m["race"], where, races.load_race_map(race_map, {}))
+        table["race"] = (map_race(race, m["race"], where, load_race_map(race_map, {}))
                          if race_map is not None else race.to_numpy())
     if "label" in m:
         table["label"] = col("label").pipe(strip).to_numpy()

@@ -31,7 +31,7 @@ import pandas as pd
 
 from cxrfair.errors import CxrfairError
 
-from . import races
+from .races import MIMIC_IV, load_race_map, map_race, patient_groups
 from .base import DatasetTable, Sources, Where, findings_frame, strip, parse_age, parse_int, parse_sex, parse_split, read_csv
 
 NAME = "mimic"
@@ -202,8 +202,8 @@ def admissions_race(path: Path, patient_id: pd.Series, race_map: Path | None) ->
     raw = read_csv(path, "admissions", IV_HINT + " (admissions needs subject_id and race or ethnicity)",
                    usecols=["subject_id", column], ints=["subject_id"])
     where = Where("admissions", path, raw["subject_id"], "subject")
-    group = races.map_race(raw[column], column, where, races.load_race_map(race_map, races.MIMIC_IV))
-    per_patient, conflicts = races.patient_groups(parse_int(raw["subject_id"], "subject_id", where), group)
+    group = map_race(raw[column], column, where, load_race_map(race_map, MIMIC_IV))
+    per_patient, conflicts = patient_groups(parse_int(raw["subject_id"], "subject_id", where), group)
     race = per_patient.reindex(patient_id.to_numpy()).fillna("").to_numpy(dtype=str)
     in_conflict = patient_id.isin(conflicts).to_numpy()
     return race, {"race_conflict_images": int(in_conflict.sum()),
