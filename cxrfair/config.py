@@ -55,12 +55,17 @@ class _CohortFiles:
 # extract/datasets: drains, official_split, demographics, race_map, mimic_iv, columns, labels, ...;
 # see `cxrfair cohort build --help`): a file or folder is a path, csv's columns a table
 # { path = "COL", patient = "COL", ... }, its labels an array of "Name" or "Name=COLUMN".
-_OPTION_TYPES = {"file": (Path | None, None), "folder": (Path | None, None), "pairs": (dict[str, str], dict),
-                 "list": (tuple[str, ...], ())}
+def _reader_field(kind: str) -> tuple[Any, dataclasses.Field]:
+    """The [cohort] key's type and default for a reader option of ``kind`` (file | folder | pairs | list)."""
+    if kind == "pairs":
+        return dict[str, str], field(default_factory=dict)
+    if kind == "list":
+        return tuple[str, ...], field(default=())
+    return Path | None, field(default=None)
+
+
 _CohortSources = dataclasses.make_dataclass(
-    "_CohortSources",
-    [(key, _OPTION_TYPES[o.kind][0], field(default_factory=_OPTION_TYPES[o.kind][1]) if o.kind == "pairs"
-      else field(default=_OPTION_TYPES[o.kind][1])) for key, o in READER_OPTIONS.items()],
+    "_CohortSources", [(key, *_reader_field(o.kind)) for key, o in READER_OPTIONS.items()],
     bases=(_CohortFiles,), frozen=True, namespace={"__module__": __name__})
 
 

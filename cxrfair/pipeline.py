@@ -33,8 +33,7 @@ from typing import Callable, TypeVar
 
 from cxrfair.config import ExperimentConfig, settings_dict
 from cxrfair.errors import CxrfairError
-from cxrfair.extract.datasets import OPTIONS as READER_OPTIONS
-from cxrfair.extract.datasets import PATH_OPTIONS
+from cxrfair.extract.datasets import OPTIONS as READER_OPTIONS, PATH_OPTIONS
 from cxrfair.publish import Family, finish_interrupted, open_staging, publish
 from cxrfair.steps import Step, execute, format_plan, plan
 

@@ -142,7 +142,7 @@ class CohortConfig:
         given["options"] = _reader_options(options)
         for key in ("diseases", "attributes"):
             if isinstance(given.get(key), str):
-                given[key] = parse_list(given[key])
+                given[key] = parse_names(given[key])
         if isinstance(given.get("split"), str):
             if given["split"].strip() == "official":
                 given["split_rule"] = given.pop("split").strip()
@@ -200,9 +200,6 @@ def _preset(name: str) -> Preset:
 def _check_choice(option: str, value, allowed) -> None:
     if value is not None and value not in allowed:
         raise CxrfairError(f"{option} {value}: expected one of {', '.join(allowed)}")
-
-
-parse_list = parse_names  # "Edema, Effusion" -> ("Edema", "Effusion")
 
 
 def _reader_options(options) -> dict:
