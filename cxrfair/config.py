@@ -30,6 +30,7 @@ from typing import Any, Callable
 from cxrfair.analysis.config import AnalyzeConfig
 from cxrfair.analysis.postprocess import PostprocessConfig
 from cxrfair.errors import CxrfairError
+from cxrfair.extract.datasets import OPTIONS as READER_OPTIONS
 from cxrfair.extract.extractor import ExtractConfig
 from cxrfair.extract.synth import SynthConfig
 from cxrfair.finetune.config import FinetuneConfig
@@ -139,18 +140,33 @@ class SynthSettings:
 
 
 @dataclass(frozen=True)
-class CohortSettings:
+class _CohortFiles:
     # The files (as on `cxrfair cohort build`; with [synth] enabled they come from the synthetic data).
     dataset: str | None = None  # reader: nih | chexpert | mimic | csv; empty = the preset's
     metadata: Path | None = None  # main metadata file (MIMIC: its folder); NIH: empty = the vendored Data_Entry_2017_v2020.csv.gz
     images: Path | None = None  # images root the metadata's paths start from; needed to extract
-    demographics: Path | None = None  # chexpert: CHEXPERT DEMO.xlsx / .csv (race)
-    drains: Path | None = None  # nih: NEATX NIH-CX14_TubeAnnotations_NonExperts_aggregated.csv (drain column)
-    official_split: Path | None = None  # nih: folder holding test_list.txt and train_val_list.txt
-    mimic_iv: Path | None = None  # mimic: MIMIC-IV folder holding hosp/patients.csv.gz, hosp/admissions.csv.gz
-    race_map: Path | None = None  # CSV code,group adding race codes to the built-in maps
-    columns: dict[str, str] = field(default_factory=dict)  # csv: { path = "COL", patient = "COL", sex = "COL", age = "COL", ... }
-    labels: tuple[str, ...] = ()  # csv: finding columns, "Name" or "Name=COLUMN"
+
+
+# Then each dataset reader's own files and settings, one key per option it declares (its module in
+# extract/datasets: drains, official_split, demographics, race_map, mimic_iv, columns, labels, ...;
+# see `cxrfair cohort build --help`): a file or folder is a path, csv's columns a table
+# { path = "COL", patient = "COL", ... }, its labels an array of "Name" or "Name=COLUMN".
+def _reader_field(kind: str) -> tuple[Any, dataclasses.Field]:
+    """The [cohort] key's type and default for a reader option of ``kind`` (file | folder | pairs | list)."""
+    if kind == "pairs":
+        return dict[str, str], field(default_factory=dict)
+    if kind == "list":
+        return tuple[str, ...], field(default=())
+    return Path | None, field(default=None)
+
+
+_CohortSources = dataclasses.make_dataclass(
+    "_CohortSources", [(key, *_reader_field(o.kind)) for key, o in READER_OPTIONS.items()],
+    bases=(_CohortFiles,), frozen=True, namespace={"__module__": __name__})
+
+
+@dataclass(frozen=True)
+class CohortSettings(_CohortSources):
     # The rules: the preset's, with any of these overriding it.
     preset: str = "nih-6x200"  # see `cxrfair cohort build --help`; nih-6x200 = the paper's 6 diseases x 4 groups x 50 images
     diseases: tuple[str, ...] | None = None  # classes / conditions in order; empty = the preset's

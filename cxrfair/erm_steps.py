@@ -21,7 +21,8 @@ from cxrfair.errors import CxrfairError
 from cxrfair.extract import cohort as cohort_stage
 from cxrfair.extract import extractor, synth
 from cxrfair.extract.cohort_presets import PRESETS
-from cxrfair.extract.datasets import READERS
+from cxrfair.extract.datasets import OPTIONS as READER_OPTIONS
+from cxrfair.extract.datasets import PATH_OPTIONS, READERS
 from cxrfair.finetune.config import FinetuneConfig
 from cxrfair.io import sha256_file
 from cxrfair.probe import sweep, zeroshot
@@ -49,7 +50,8 @@ _SYNTH_SOURCES = {
     "chexpert": {"metadata": "CheXpert-v1.0-small/train.csv", "demographics": "CHEXPERT DEMO.csv", "images": "."},
     "mimic": {"metadata": "mimic-cxr-jpg/2.0.0", "mimic_iv": "mimiciv/2.2", "images": "mimic-cxr-jpg/2.0.0"},
 }
-_SOURCE_KEYS = ("metadata", "images", "demographics", "drains", "official_split", "mimic_iv", "race_map")
+# The [cohort] keys naming files: metadata, images and every path option the dataset readers declare.
+_SOURCE_KEYS = ("metadata", "images", *PATH_OPTIONS)
 
 
 def _cohort_sources(config: ExperimentConfig, p: dict) -> dict:
@@ -80,7 +82,7 @@ def cohort_step(config: ExperimentConfig, p: dict) -> tuple[Step, object, list[s
     cfg = stage_config("cohort", lambda: cohort_stage.CohortConfig.from_preset(
         c.preset, out=p["cohort"], dataset=dataset, **sources, diseases=c.diseases, attributes=c.attributes,
         age_bins=c.age_bins, uncertain=c.uncertain, per_group=c.per_group, max_train=c.max_train, seed=c.seed,
-        columns=tuple(c.columns.items()) or None, labels=c.labels or None, split=c.split, force=True))
+        split=c.split, force=True, **{k: getattr(c, k) for k in READER_OPTIONS if k not in PATH_OPTIONS}))
 
     def run(force: bool) -> None:
         cohort_stage.build_cohort(cfg)
@@ -100,28 +102,17 @@ def _check_dataset(dataset: str | None) -> None:
         raise CxrfairError(f"[cohort] dataset {dataset!r}: unknown; choose one of {', '.join(READERS)}, or \"\" for the preset's")
 
 
-# Inside a source folder, the files a reader reads (either compression where readers accept both).
-_FOLDER_FILES = {
-    "metadata": ("mimic-cxr-2.0.0-metadata.csv", "mimic-cxr-2.0.0-chexpert.csv", "mimic-cxr-2.0.0-split.csv"),
-    "official_split": ("test_list.txt", "train_val_list.txt"),
-    "mimic_iv": ("hosp/patients.csv", "hosp/admissions.csv"),
-}
-
-
 def _sources_identity(cfg) -> tuple[dict, list[str]]:
-    """SHA-256 of every file the cohort reads ({key: hash or {file: hash}}), and the missing ones, named."""
+    """SHA-256 of every file the cohort reads ({key: hash or {file: hash}}), and the missing ones, named.
+
+    Which files, and inside a folder which of its files, the dataset's reader declares (``cfg.source_files``).
+    """
     identity, missing = {}, []
-    for key in ("metadata", "demographics", "drains", "official_split", "mimic_iv", "race_map"):
-        path = getattr(cfg, key)
-        if key == "metadata" and path is None and cfg.dataset == "nih":
-            path = cohort_stage.vendored_metadata()
-        if path is None:
-            continue
-        path = Path(path)
+    for key, path, inside in cfg.source_files():
         if path.is_file():
             identity[key] = _sha(path)
         elif path.is_dir():
-            identity[key] = {name: _sha(f) for name, f in _folder_files(path, _FOLDER_FILES.get(key, ()))}
+            identity[key] = {name: _sha(f) for name, f in _folder_files(path, inside)}
         else:
             missing.append(f"[cohort] {key} {path}: no such file or folder")
     return identity, missing

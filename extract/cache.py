@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 
 from cxrfair.errors import CxrfairError
+from cxrfair.extract.cohort_format import DEFAULT_ATTRIBUTES, INT_COLUMNS, is_flag_column
 from cxrfair.io import atomic_path
 
 FORMAT = "cxrfair-embeddings"
@@ -128,8 +129,6 @@ class EmbeddingCache:
     @property
     def attributes(self) -> dict:
         """The cohort's sensitive attributes ``{column: {"groups", "reference"}}`` (absent: sex, age_group)."""
-        from cxrfair.extract.cohort_format import DEFAULT_ATTRIBUTES
-
         value = self.attrs.get("attributes")
         if isinstance(value, str) and value:  # stored as JSON text by writers that pass it through attrs
             value = json.loads(value)
@@ -248,8 +247,6 @@ def read_table(csv_text: str) -> pd.DataFrame:
     """The stored cohort rows, typed as ``Cohort.table``: ``patient_id``, ``age``, ``study_id``
     int64; ``y_<C>`` and ``drain`` float64 1.0 / 0.0 / NaN; every other column str (empty cells
     "")."""
-    from cxrfair.extract.cohort_format import INT_COLUMNS, is_flag_column
-
     table = pd.read_csv(io.StringIO(csv_text), dtype=str, keep_default_na=False, na_filter=False)
     for col in table.columns:
         if is_flag_column(col):

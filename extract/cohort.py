@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import os
 import zlib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 import pandas as pd
 
+from cxrfair import __version__
 from cxrfair.errors import CxrfairError
 from cxrfair.io import atomic_dir, sha256_file
 
@@ -44,8 +45,8 @@ from .cohort_select import (
     resolve_names, sample_cohort, select_rows, targets,
 )
 from .cohort_split import deal_patients, patient_strata, split_cohort, split_targets
-from .datasets import DatasetTable, Sources, read_dataset
-from .datasets.base import MAX_AGE
+from .datasets import OPTIONS, DatasetTable, Sources, get_reader, read_dataset
+from .datasets.base import MAX_AGE, parse_names
 from .datasets.nih import read_nih_metadata, vendored_metadata
 
 VIEWS = ("frontal", "all")
@@ -69,14 +70,10 @@ class CohortConfig:
     metadata: Path | None = None  # the dataset's main file (MIMIC: its folder); NIH default: the vendored v2020 file
     images: Path | None = None  # images root; None = paths as the metadata gives them
     preset: str = "nih-6x200"  # rules started from; cohort.json says "custom" once one is changed
-    dataset: str | None = None  # reader: nih | chexpert | mimic | csv (default: the preset's)
-    demographics: Path | None = None  # chexpert: CHEXPERT DEMO.xlsx / .csv (race)
-    drains: Path | None = None  # nih: NEATX drain annotations
-    official_split: Path | None = None  # nih: folder with test_list.txt + train_val_list.txt
-    mimic_iv: Path | None = None  # mimic: MIMIC-IV folder (hosp/patients.csv.gz, hosp/admissions.csv.gz)
-    race_map: Path | None = None  # CSV code,group extending the built-in race maps
-    columns: tuple[tuple[str, str], ...] = ()  # csv: (key, column) mapping
-    labels: tuple[str, ...] = ()  # csv: finding columns
+    dataset: str | None = None  # reader: a key of datasets.READERS (default: the preset's)
+    # The reader's own files and settings given, by key (datasets.OPTIONS: drains, mimic_iv, columns, ...),
+    # each in its Option's form; from_preset takes them as keywords too (drains=PATH, columns="path=P,...").
+    options: dict = field(default_factory=dict)
     diseases: tuple[str, ...] | None = None  # classes / conditions, in class order
     per_group: int | None = None  # multi-class: images per class x (sex, age band) cell
     age_threshold: int | None = None  # the paper's young/old cut (same as age_bins=(t,))
@@ -93,9 +90,10 @@ class CohortConfig:
 
     def __post_init__(self) -> None:
         p = _preset(self.preset)
-        for name in ("out", "metadata", "images", "demographics", "drains", "official_split", "mimic_iv", "race_map"):
+        for name in ("out", "metadata", "images"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, Path(getattr(self, name)))
+        object.__setattr__(self, "options", _reader_options(self.options))
         self._check_values(p)
         defaults = dict(dataset=p.dataset, diseases=p.classes, per_group=p.per_group, age_bins=p.age_bins,
                         uncertain=p.uncertain, split=p.split, split_rule=p.split_rule, min_age=p.min_age, views=p.views)
@@ -140,11 +138,11 @@ class CohortConfig:
         ``age_bins="18,25"``, ``attributes="sex,race"``, ``columns="path=P,sex=S"``, ``labels="A,B"``."""
         _preset(name)
         given = {k: v for k, v in overrides.items() if v is not None}
-        for key in ("diseases", "attributes", "labels"):
+        options = {**given.pop("options", {}), **{k: given.pop(k) for k in list(given) if k in OPTIONS}}
+        given["options"] = _reader_options(options)
+        for key in ("diseases", "attributes"):
             if isinstance(given.get(key), str):
-                given[key] = parse_list(given[key])
-        if isinstance(given.get("columns"), str):
-            given["columns"] = parse_columns(given["columns"])
+                given[key] = parse_names(given[key])
         if isinstance(given.get("split"), str):
             if given["split"].strip() == "official":
                 given["split_rule"] = given.pop("split").strip()
@@ -153,9 +151,21 @@ class CohortConfig:
         return cls(**{**given, "preset": name})
 
     def sources(self) -> Sources:
-        return Sources(metadata=self.metadata, demographics=self.demographics, drains=self.drains,
-                       official_split=self.official_split, mimic_iv=self.mimic_iv, race_map=self.race_map,
-                       columns=tuple(self.columns), labels=tuple(self.labels))
+        return Sources(metadata=self.metadata, **self.options)
+
+    def source_files(self) -> list[tuple[str, Path, tuple[str, ...]]]:
+        """``(key, path, files inside if a folder)`` of every file or folder the reader will read:
+        ``metadata`` (or the reader's default file) and each path option given, as its reader declares them."""
+        reader = get_reader(self.dataset)
+        meta = reader.METADATA
+        out = []
+        metadata = self.metadata or (meta.default() if meta.default else None)
+        if metadata is not None:
+            out.append(("metadata", Path(metadata), meta.files))
+        for option in reader.OPTIONS:
+            if option.is_path and self.options.get(option.key) is not None:
+                out.append((option.key, Path(self.options[option.key]), option.files))
+        return out
 
     def rules(self) -> dict:
         """The rules a preset fixes, as resolved (recorded under cohort.json ``parameters``)."""
@@ -192,23 +202,14 @@ def _check_choice(option: str, value, allowed) -> None:
         raise CxrfairError(f"{option} {value}: expected one of {', '.join(allowed)}")
 
 
-def parse_list(text: str) -> tuple[str, ...]:
-    """``"Edema, Effusion"`` -> ``("Edema", "Effusion")``."""
-    return tuple(x.strip() for x in text.split(",") if x.strip())
-
-
-def parse_columns(text: str) -> tuple[tuple[str, str], ...]:
-    """``"path=Path,sex=Sex"`` -> ``(("path", "Path"), ("sex", "Sex"))``; CxrfairError naming --columns."""
-    pairs = []
-    for item in parse_list(text):
-        key, eq, column = item.partition("=")
-        if not eq or not key.strip() or not column.strip():
-            raise CxrfairError(f"--columns: '{item}' is not key=COLUMN; e.g. --columns path=Path,patient=PatientID,sex=Sex,age=Age")
-        pairs.append((key.strip(), column.strip()))
-    keys = [k for k, _ in pairs]
-    if len(set(keys)) != len(keys):
-        raise CxrfairError(f"--columns: '{next(k for k in keys if keys.count(k) > 1)}' given twice")
-    return tuple(pairs)
+def _reader_options(options) -> dict:
+    """The reader options given, each in its Option's form (``Option.parse``); unknown keys are a
+    CxrfairError naming the known ones. Options not given (None / empty) are left out."""
+    unknown = [k for k in options if k not in OPTIONS]
+    if unknown:
+        raise CxrfairError(f"{unknown[0]}: not an option of any dataset reader; known: {', '.join(OPTIONS)}")
+    parsed = {k: OPTIONS[k].parse(v) for k, v in options.items()}
+    return {k: v for k, v in parsed.items() if v is not None}
 
 
 def parse_split(text: str) -> tuple[float, float, float]:
@@ -288,11 +289,16 @@ def _attribute_names(config: CohortConfig, preset: Preset, data: DatasetTable) -
                                "image property); attributes are sex, age_group, race or a csv column mapped as NAME=COL")
         missing = [a for a in config.attributes[2:] if not data.has(a)]
         if missing:
+            how = _how(data.dataset).get(missing[0])
             raise CxrfairError(f"--attributes: '{missing[0]}' is not in the data of --dataset {data.dataset}"
-                               + (" (race needs --demographics)" if data.dataset == "chexpert" and missing[0] == "race" else "")
-                               + (" (race needs hosp/admissions.csv.gz under --mimic-iv)" if data.dataset == "mimic" and missing[0] == "race" else ""))
+                               + (f" ({missing[0]} needs {how})" if how else ""))
         return list(config.attributes)
     return list(preset.attributes) + [a for a in preset.optional_attributes if data.has(a)]
+
+
+def _how(dataset: str) -> dict[str, str]:
+    """How to give standard data (race, the official split, ...) to ``dataset``: its reader's ``HOW``."""
+    return getattr(get_reader(dataset), "HOW", {})
 
 
 def _attribute_spec(name: str, values: pd.Series, bins: tuple[int, ...]) -> dict:
@@ -303,11 +309,7 @@ def _attribute_spec(name: str, values: pd.Series, bins: tuple[int, ...]) -> dict
 
 def _check_needs(config: CohortConfig, preset: Preset, data: DatasetTable, attributes: list[str]) -> None:
     """A preset the data cannot fill stops here, naming what to pass."""
-    how = {"drain": "--drains NEATX NIH-CX14_TubeAnnotations_NonExperts_aggregated.csv",
-           "official_split": {"nih": "--official-split DIR (test_list.txt, train_val_list.txt)",
-                              "csv": "split=COLUMN in --columns"}.get(data.dataset, "the dataset's split file"),
-           "race": {"chexpert": "--demographics", "mimic": "--mimic-iv with hosp/admissions.csv.gz",
-                    "csv": "race=COLUMN in --columns"}.get(data.dataset, "race data")}
+    how = {"official_split": "the dataset's split file", "race": "race data", **_how(data.dataset)}
     needs = [n for n in preset.needs if n != "race" or "race" in attributes]
     if config.split_rule == "official" and "official_split" not in needs:
         needs.append("official_split")
@@ -315,7 +317,7 @@ def _check_needs(config: CohortConfig, preset: Preset, data: DatasetTable, attri
         if not data.has(need):
             raise CxrfairError(f"--preset {preset.name}: needs {need.replace('_', ' ')} data, which --dataset "
                                f"{data.dataset} has only with {how.get(need, need)}")
-    if config.official_split is not None and config.split_rule != "official":
+    if config.options.get("official_split") is not None and config.split_rule != "official":
         raise CxrfairError(f"--official-split: --preset {preset.name} splits by its own rule ({config.split_rule}); "
                            "pass --split official to use the official lists")
 
@@ -350,7 +352,7 @@ def _multiclass(rows: pd.DataFrame, data: DatasetTable, config: CohortConfig) ->
     """Balanced single-label sampling and the exact per-class split (Sun et al.)."""
     if "label" not in rows.columns:
         raise CxrfairError(f"--preset {config.preset}: needs one label per image, which --dataset {data.dataset} "
-                           "does not give" + (" (add label=COLUMN to --columns)" if data.dataset == "csv" else ""))
+                           "does not give" + (f" (add {_how(data.dataset)['label']})" if "label" in _how(data.dataset) else ""))
     classes = resolve_names(config.diseases, data.findings, "--diseases", data.label_file)
     bands = age_labels(config.age_bins)
     table = sample_cohort(rows.drop(columns=list(data.findings)), classes,
@@ -449,7 +451,7 @@ def check_images(root: Path, paths: Iterable[str], option: str = "--images") -> 
 def _paths(table: pd.DataFrame, data: DatasetTable, images: Path | None) -> list[str]:
     if images is None:
         return table["path"].tolist()
-    if data.dataset == "nih":  # NIH's downloads nest images in images_00k/images/: search
+    if getattr(get_reader(data.dataset), "SEARCH_IMAGES", False):  # NIH nests images in images_00k/images/: search
         found = find_images(images, table["image_id"])
         return [found[i] for i in table["image_id"]]
     check_images(images, table["path"])
@@ -472,8 +474,6 @@ def _order(table: pd.DataFrame, classes: list[str], task: str) -> pd.DataFrame:
 
 def _cohort_json(config: CohortConfig, preset: Preset, data: DatasetTable, table: pd.DataFrame, classes: list[str],
                  specs: dict, excluded: dict, texts: dict[str, list[str]]) -> dict:
-    from cxrfair import __version__
-
     meta = {"format": FORMAT, "version": VERSION, "dataset": data.dataset, "task": preset.task,
             "preset": config.preset_label(specs), "classes": classes, "attributes": specs,
             "age_bins": list(config.age_bins)}

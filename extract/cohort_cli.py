@@ -1,4 +1,9 @@
-"""``cxrfair cohort build`` and ``cxrfair cohort synth``: thin click wrappers (library in cohort.py, synth.py)."""
+"""``cxrfair cohort build`` and ``cxrfair cohort synth``: thin click wrappers (library in cohort.py, synth.py).
+
+Importing this module imports only click (``cxrfair --help`` stays fast): the library, and the
+dataset readers whose declarations give ``build`` its ``--dataset`` choices, its reader-specific
+options and the dataset list of its help, are imported when ``build`` is run or asked for help.
+"""
 
 from __future__ import annotations
 
@@ -11,16 +16,7 @@ BUILD_HELP = """Build a cohort (cohort.csv + cohort.json) from a dataset's own f
 
 \b
 Datasets and the files each reads:
-  nih       --metadata Data_Entry_2017*.csv[.gz] (default: the vendored v2020 file)
-            [--official-split DIR with test_list.txt, train_val_list.txt] [--drains NEATX CSV]
-  chexpert  --metadata CheXpert train.csv or valid.csv
-            [--demographics 'CHEXPERT DEMO.xlsx' or .csv: PATIENT, PRIMARY_RACE]
-  mimic     --metadata the MIMIC-CXR-JPG folder with mimic-cxr-2.0.0-metadata.csv.gz,
-            mimic-cxr-2.0.0-chexpert.csv.gz, mimic-cxr-2.0.0-split.csv.gz;
-            --mimic-iv the MIMIC-IV folder with hosp/patients.csv.gz (sex, age) and
-            hosp/admissions.csv.gz (race)
-  csv       --metadata your CSV --columns path=COL,patient=COL,sex=COL,age=COL[,view=,split=,
-            race=,label=,image=,study=,NAME=COL] [--labels A,B or Name=COL,...]
+{datasets}
 
 \b
 Presets (--preset; options below override a preset's rules, and cohort.json then says "custom"):
@@ -32,24 +28,51 @@ Presets (--preset; options below override a preset's rules, and cohort.json then
 """
 
 
+class ReaderCommand(click.Command):
+    """``cohort build``: ``--dataset``'s choices, the reader-specific options (after ``--images``)
+    and the dataset list of the help come from the readers' declarations (``datasets.READERS``),
+    read on first use."""
+
+    _readers_added = False
+
+    def _add_readers(self) -> None:
+        if self._readers_added:
+            return
+        from cxrfair.extract.datasets import OPTIONS, READERS, help_text, readers_of
+
+        self._readers_added = True
+        at = next(i for i, p in enumerate(self.params) if p.name == "images") + 1
+        self.params[at:at] = [_reader_option(o, readers_of(o.key), len(READERS)) for o in OPTIONS.values()]
+        dataset = next(p for p in self.params if p.name == "dataset")
+        dataset.type = click.Choice(list(READERS))
+        self.help = BUILD_HELP.format(datasets=help_text())
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        self._add_readers()
+        return super().get_params(ctx)
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        self._add_readers()
+        super().format_help(ctx, formatter)
+
+
+def _reader_option(option, users: list[str], n_readers: int) -> click.Option:
+    """The click option of a reader's declared ``Option`` (paths as Path, the rest as text)."""
+    prefix = "" if len(users) == n_readers else f"{', '.join(users)}: "
+    return click.Option([option.flag], type=PATH if option.is_path else str, default=None,
+                        help=f"{prefix}{option.help}.")
+
+
 @click.group()
 def cohort() -> None:
     """Build a cohort from NIH, CheXpert, MIMIC-CXR or any CSV; or synthesise data in their layouts."""
 
 
-@cohort.command(help=BUILD_HELP)
-@click.option("--dataset", type=click.Choice(["nih", "chexpert", "mimic", "csv"]), default=None,
-              help="Reader for the files  [default: the preset's]")
+@cohort.command(cls=ReaderCommand, help=BUILD_HELP)
+@click.option("--dataset", default=None, help="Reader for the files  [default: the preset's]")
 @click.option("--metadata", type=PATH, default=None, help="The dataset's metadata file (MIMIC: its folder); see above.")
 @click.option("--images", type=PATH, default=None,
               help="Images root: the folder the metadata's paths start from (NIH: searched recursively).")
-@click.option("--demographics", type=PATH, default=None, help="chexpert: demographics file (race).")
-@click.option("--drains", type=PATH, default=None, help="nih: NEATX NIH-CX14_TubeAnnotations_NonExperts_aggregated.csv.")
-@click.option("--official-split", type=PATH, default=None, help="nih: folder with test_list.txt and train_val_list.txt.")
-@click.option("--mimic-iv", type=PATH, default=None, help="mimic: MIMIC-IV folder (hosp/patients.csv.gz, hosp/admissions.csv.gz).")
-@click.option("--race-map", type=PATH, default=None, help="CSV code,group adding race codes to the built-in maps (docs/datasets.md, 'Race maps').")
-@click.option("--columns", default=None, help="csv: key=COLUMN pairs, e.g. path=Path,patient=PatientID,sex=Sex,age=Age.")
-@click.option("--labels", default=None, help="csv: finding columns, e.g. Edema,Pleural Effusion=PE.")
 @click.option("--preset", default=None,
               help="Cohort rules (list above)  [default: nih-6x200; with --dataset, that dataset's first preset]")
 @click.option("--diseases", default=None, help="Comma-separated classes / conditions, in order  [default: the preset's]")

@@ -19,6 +19,9 @@ import numpy as np
 import pandas as pd
 
 from cxrfair.errors import CxrfairError
+from cxrfair.extract.cache import PromptScores, read_cache, write_cache
+from cxrfair.extract.cohort import load_cohort
+from cxrfair.extract.extractor import ExtractResult, check_existing_cache, extract
 
 SAME = ("model", "weights_id", "cohort_hash", "precision")
 
@@ -50,9 +53,6 @@ def part_path(parts_dir: Path, rank: int, world: int) -> Path:
 
 def extract_shard(config, rank: int, world: int, parts_dir: Path):
     """Run this rank's share of ``config`` into its part file; returns the ExtractResult."""
-    from cxrfair.extract.cohort import load_cohort
-    from cxrfair.extract.extractor import extract
-
     n = len(load_cohort(config.cohort).table)
     start, stop = shard_rows(n, rank, world)
     shard = {"rank": rank, "world": world, "start": start, "stop": stop, "n_total": n}
@@ -68,9 +68,6 @@ def run_distributed(config, parts_dir: Path | None = None):
     """
     import torch
     import torch.distributed as dist
-
-    from cxrfair.extract.cohort import load_cohort
-    from cxrfair.extract.extractor import ExtractResult, check_existing_cache
 
     rank, world, local_rank = torchrun_env() or (0, 1, 0)
     parts_dir = Path(parts_dir or default_parts_dir(config.out))
@@ -105,8 +102,6 @@ def find_parts(parts_dir: Path) -> list[Path]:
 
 def merge_parts(parts: list[Path], out: Path, force: bool = False) -> Path:
     """Join part caches into ``out`` after checking they agree and cover every cohort row once."""
-    from cxrfair.extract.cache import read_cache, write_cache
-
     if Path(out).exists() and not force:
         raise CxrfairError(f"--out {out}: already exists; pass --force to replace it")
     caches = sorted((read_cache(p) for p in parts), key=lambda c: _shard(c)["start"])
@@ -128,8 +123,6 @@ def merge_parts(parts: list[Path], out: Path, force: bool = False) -> Path:
 
 def _merged_scores(caches):
     """The parts' prompt scores stacked in row order (GLoRIA caches), or None."""
-    from cxrfair.extract.cache import PromptScores
-
     scores = [c.prompt_scores for c in caches]
     if all(s is None for s in scores):
         return None

@@ -38,12 +38,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cxrfair.errors import CxrfairError
+from cxrfair.extract.cache import PromptScores, TextEmbeddings, write_cache
+from cxrfair.extract.cohort import load_cohort
+from cxrfair.extract.prompts import MULTILABEL_SETS, PROMPT_SETS, build_all, build_all_for, describe
+from cxrfair.extract.registry import FoundationModel, TextTokenizer, get_spec, load_model
 from cxrfair.io import atomic_path, ensure_writable_dir, write_json_atomic
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch is imported where a function runs the model, so importing this module stays light
     import torch
-
-    from cxrfair.extract.registry import FoundationModel
 
 PARTIAL_FORMAT = "cxrfair-extract-partial"
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -105,9 +107,6 @@ class ExtractResult:
 
 def extract(config: ExtractConfig) -> ExtractResult:
     """Embed the cohort's images (and every prompt set's class texts) into ``config.out``."""
-    from cxrfair.extract.cohort import load_cohort
-    from cxrfair.extract.registry import get_spec
-
     t0 = time.perf_counter()
     cohort = load_cohort(config.cohort)
     check_features(get_spec(config.model), config.features)  # unknown model / no such features: fail before any file
@@ -156,8 +155,6 @@ def assemble(folder: Path, fm: "FoundationModel", cohort, paths: list[str], conf
 
     Returns (rows written, skipped images).
     """
-    from cxrfair.extract.cache import PromptScores, write_cache
-
     start, stop = config.rows or (0, len(cohort.table))
     emb, scores, bad = load_chunks(folder, len(paths), config.batch_size, scored=scorer is not None)
     rows = cohort.table.iloc[start:stop].reset_index(drop=True)
@@ -166,7 +163,7 @@ def assemble(folder: Path, fm: "FoundationModel", cohort, paths: list[str], conf
     # Unprojected features are not in the text's space: no text sets, so no zero-shot from them.
     text = (text_embeddings_all(fm, cohort.classes, device, config.precision, config.prompt_seed, cohort.task)
             if config.features == "projected" else {})
-    attrs = provenance(fm, cohort, config, device, skipped, scorer) | dict(config.extra_attrs)
+    attrs = provenance(fm, cohort, config, device, skipped, scorer) | text_truncation(fm, text) | dict(config.extra_attrs)
     prompt_scores = None if scorer is None else PromptScores(scorer.prompts, scores[keep, 0], scores[keep, 1])
     check_free_space(config.out, emb[keep].nbytes + (0 if scores is None else scores[keep].nbytes))
     with writing(config.out, "the cache"):
@@ -540,16 +537,27 @@ def text_embeddings_all(fm: "FoundationModel", classes: list[str], device: "torc
     Multi-class sets are (draws, C, D); multi-label sets (draws, C, 2, D): per condition the mean
     of the negative prompts' and of the positive prompts' normalised embeddings.
     """
-    from cxrfair.extract import prompts
-    from cxrfair.extract.cache import TextEmbeddings
-
     if not fm.spec.zero_shot:
         return {}
     if task != "multilabel":  # the same call prompt_scorer makes, so scores and text share their prompts
-        sets = prompts.build_all(classes, seed=seed)
+        sets = build_all(classes, seed=seed)
         return {name: TextEmbeddings(class_text_embeddings(fm, p, device, precision), p) for name, p in sets.items()}
-    sets = prompts.build_all_for(task, classes, seed=seed)
+    sets = build_all_for(task, classes, seed=seed)
     return {name: TextEmbeddings(pair_text_embeddings(fm, p, device, precision), p) for name, p in sets.items()}
+
+
+def text_truncation(fm: "FoundationModel", text: dict) -> dict:
+    """``{"text_truncation": {...}}`` when the text encoder cut a prompt of ``text`` (the prompt
+    sets' TextEmbeddings) at its limit (``registry.TextTokenizer.truncation``), else ``{}``."""
+    if not text or not isinstance(fm.tokenize, TextTokenizer):
+        return {}
+    cut = fm.tokenize.truncation(sorted({p for te in text.values() for p in _strings(te.prompts)}))
+    return {"text_truncation": cut} if cut else {}
+
+
+def _strings(nested) -> list[str]:
+    """The strings of nested prompt lists ([draw][class][k], multi-label [draw][class][2][k])."""
+    return [nested] if isinstance(nested, str) else [s for item in nested for s in _strings(item)]
 
 
 def pair_text_embeddings(fm: "FoundationModel", prompts: list, device: "torch.device", precision: str) -> np.ndarray:
@@ -602,8 +610,6 @@ def prompt_scorer(fm: "FoundationModel", classes: list[str], device: "torch.devi
 
     import torch
 
-    from cxrfair.extract.prompts import build_all
-
     if not fm.spec.zero_shot or not all(k in fm.extras for k in SCORING_EXTRAS):
         return None
 
@@ -642,8 +648,6 @@ def resolve_device(name: str) -> "torch.device":
 
 def load_on(model: str, weights: Path | None, device: "torch.device") -> "FoundationModel":
     """Load ``model`` in eval mode on ``device``."""
-    from cxrfair.extract.registry import load_model
-
     fm = load_model(model, weights=weights, device="cpu")
     fm.model.to(device).eval()
     return fm
@@ -665,8 +669,6 @@ def versions() -> dict[str, str]:
 def provenance(fm: "FoundationModel", cohort, config: ExtractConfig, device: "torch.device", skipped: list[dict],
                scorer: PromptScorer | None = None) -> dict[str, Any]:
     """The cache's attributes: what made these numbers."""
-    from cxrfair.extract.prompts import MULTILABEL_SETS, PROMPT_SETS, describe
-
     sets = MULTILABEL_SETS if cohort.task == "multilabel" else PROMPT_SETS
     return {
         "model": fm.name, "weights_id": fm.weights_id, "cohort_hash": cohort.hash, "logit_scale": fm.logit_scale,

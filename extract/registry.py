@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from cxrfair.errors import CxrfairError
 from cxrfair.extract.preprocess import Preprocess
@@ -35,6 +35,52 @@ BUILTIN_MODULES = (
 )
 
 
+def token_width(tokens: Any) -> int:
+    """Tokens per prompt of a tokenizer's output: a (T, L) tensor or a mapping with ``input_ids``."""
+    ids = tokens["input_ids"] if isinstance(tokens, Mapping) else tokens
+    return int(ids.shape[-1])
+
+
+@dataclass(frozen=True)
+class TextTokenizer:
+    """``FoundationModel.tokenize`` of every text encoder: prompts -> tokens, never longer than the
+    text encoder takes.
+
+    The one place where a prompt longer than its text encoder's limit is handled. A loader gives
+    ``encode(prompts, max_length)`` (its tokenizer, cutting at ``max_length`` tokens, special
+    tokens included), ``count(prompts)`` (each prompt's token count before cutting) and
+    ``max_length``: the smaller of the recipe's own limit (MedCLIP 77, GLoRIA 97, ...) and the
+    text model's positions, so a small (tiny) text model cuts where it must instead of crashing.
+    Tokens wider than ``max_length`` (a tokenizer that ignored it) are refused with a CxrfairError
+    naming the model. ``truncation(prompts)`` says which prompts were cut (recorded in the cache).
+    """
+
+    model: str
+    max_length: int
+    encode: Callable[[list[str], int], Any]
+    count: Callable[[list[str]], list[int]]
+
+    def __call__(self, prompts: list[str]) -> Any:
+        tokens = self.encode(list(prompts), self.max_length)
+        width = token_width(tokens)
+        if width > self.max_length:
+            raise CxrfairError(f"model {self.model}: its tokenizer gave {width} tokens per prompt, more than the "
+                               f"{self.max_length} its text encoder takes; shorten the prompts")
+        return tokens
+
+    def truncation(self, prompts: list[str]) -> dict | None:
+        """None if every prompt fits, else what was cut: ``{"max_length", "truncated", "of",
+        "longest" (tokens), "example" (the longest prompt)}``."""
+        prompts = sorted(set(prompts))
+        counts = self.count(prompts)
+        long = [(n, p) for n, p in zip(counts, prompts) if n > self.max_length]
+        if not long:
+            return None
+        n, example = max(long, key=lambda x: (x[0], x[1]))
+        return {"max_length": self.max_length, "truncated": len(long), "of": len(prompts), "longest": n,
+                "example": example}
+
+
 @dataclass
 class FoundationModel:
     """A loaded model behind the interface every stage uses.
@@ -45,7 +91,8 @@ class FoundationModel:
         model: the whole model (for ``.to(device)``, ``.eval()``, dtype casts).
         image_encoder: the module fine-tuning adapts; maps (B, 3, S, S) normalised float -> (B, D).
         preprocess: geometry + normalisation of the checkpoint (``prepare`` / ``normalize``).
-        tokenize: list of T prompts -> tokens accepted by ``encode_text``.
+        tokenize: list of T prompts -> tokens accepted by ``encode_text``; for every text encoder
+            a ``TextTokenizer`` (cuts each prompt at the text encoder's limit).
         encode_image: (B, 3, S, S) normalised float -> (B, D) embeddings (not normalised).
         encode_text: tokens for T prompts -> (T, D) embeddings (not normalised).
         logit_scale: the learned temperature, already exponentiated (e.g. 100.0 for CLIP).

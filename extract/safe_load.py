@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from cxrfair.errors import CxrfairError
+from cxrfair.io import atomic_path
 
 # Globals that let a pickle reach the system, the interpreter or other pickles. Refusing them
 # turns an obviously hostile file into a clear error. Everything unlisted is stubbed and never
@@ -203,8 +204,6 @@ def convert_to_safetensors(src: Path | str, dst: Path | str, key: str | None = "
     Run once on a file; later loads read the safetensors copy and never touch pickle.
     """
     from safetensors.torch import save_file
-
-    from cxrfair.io import atomic_path
 
     state = load_state_dict_file(src, key=key)
     # clone: safetensors refuses tensors that share storage (tied weights, views).

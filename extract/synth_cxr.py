@@ -52,7 +52,7 @@ from cxrfair.io import atomic_dir
 
 from .cohort_format import csv_text
 from .datasets import chexpert, mimic
-from .synth import AMPLITUDE, NOISE_SD, PATTERNS, SynthConfig, render_images
+from .synth_render import AMPLITUDE, NOISE_SD, PATTERNS, SynthConfig, render_images
 
 CODES = np.array(["1.0", "0.0", "-1.0", ""], dtype=object)  # how both releases write 1 / 0 / -1 / blank
 RENDERED = {"Atelectasis": "Atelectasis", "Cardiomegaly": "Cardiomegaly", "Consolidation": "Consolidation",

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -47,24 +47,84 @@ FINDING_CODES = {"1": 1.0, "1.0": 1.0, "0": 0.0, "0.0": 0.0, "-1": -1.0, "-1.0":
 SPLIT_CODES = {"train": "train", "val": "val", "valid": "val", "validate": "val", "validation": "val", "test": "test"}
 
 
-@dataclass(frozen=True)
-class Sources:
-    """The user's files and reader options, as given on the command line (None / empty = not given)."""
+KINDS = ("file", "folder", "pairs", "list")
 
-    metadata: Path | None = None  # the main metadata file (or, for MIMIC, its folder)
-    demographics: Path | None = None  # CheXpert demographics (CSV or XLSX with PATIENT, PRIMARY_RACE)
-    drains: Path | None = None  # NEATX NIH-CX14_TubeAnnotations_NonExperts_aggregated.csv
-    official_split: Path | None = None  # NIH folder holding test_list.txt and train_val_list.txt
-    mimic_iv: Path | None = None  # MIMIC-IV folder holding hosp/patients.csv.gz, hosp/admissions.csv.gz
-    race_map: Path | None = None  # CSV code,group that extends or overrides the built-in race map
-    columns: tuple[tuple[str, str], ...] = ()  # csv reader: (key, column) pairs
-    labels: tuple[str, ...] = ()  # csv reader: finding columns ("Name" or "Name=COLUMN")
+
+@dataclass(frozen=True)
+class Option:
+    """One of the user's files or settings a reader reads, declared by that reader (``METADATA``,
+    ``OPTIONS``). ``cxrfair cohort build`` makes its CLI option from it, ``CohortConfig`` and the
+    pipeline's ``[cohort]`` table their keys, and the pipeline hashes the files it names.
+    """
+
+    key: str  # keyword and [cohort] key ("official_split"); the CLI option is --official-split
+    kind: str  # file | folder (a path) | pairs (KEY=COLUMN,...; a TOML table) | list (A,B,...; a TOML array)
+    help: str  # what to pass, for --help ("DIR with test_list.txt, train_val_list.txt")
+    files: tuple[str, ...] = ()  # folder: the files read inside it (a .csv may also be .csv.gz)
+    required: bool = False  # the reader cannot do without it
+    default: Callable[[], Path] | None = None  # the file used when none is given (NIH: the vendored metadata)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"Option {self.key}: kind {self.kind!r} is not one of {KINDS}")
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.key.replace("_", "-")
+
+    @property
+    def is_path(self) -> bool:
+        return self.kind in ("file", "folder")
+
+    def parse(self, value: object) -> object:
+        """A given value in this option's form: a Path, ``((key, column), ...)`` or ``(name, ...)``;
+        text (the CLI's) is parsed, a mapping (TOML's) becomes pairs. None / empty = not given."""
+        if value is None or (not isinstance(value, Path) and not value):
+            return None
+        if self.is_path:
+            return Path(value)
+        if self.kind == "pairs":
+            return parse_pairs(value, self.flag) if isinstance(value, str) else tuple(
+                (str(k), str(v)) for k, v in (value.items() if isinstance(value, Mapping) else value))
+        return parse_names(value) if isinstance(value, str) else tuple(value)
+
+
+def parse_names(text: str) -> tuple[str, ...]:
+    """``"Edema, Effusion"`` -> ``("Edema", "Effusion")``."""
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def parse_pairs(text: str, flag: str = "--columns") -> tuple[tuple[str, str], ...]:
+    """``"path=Path,sex=Sex"`` -> ``(("path", "Path"), ("sex", "Sex"))``; CxrfairError naming ``flag``."""
+    pairs = []
+    for item in parse_names(text):
+        key, eq, column = item.partition("=")
+        if not eq or not key.strip() or not column.strip():
+            raise CxrfairError(f"{flag}: '{item}' is not key=COLUMN; e.g. {flag} path=Path,patient=PatientID,sex=Sex,age=Age")
+        pairs.append((key.strip(), column.strip()))
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise CxrfairError(f"{flag}: '{next(k for k in keys if keys.count(k) > 1)}' given twice")
+    return tuple(pairs)
+
+
+class Sources:
+    """The user's files and reader options: ``metadata`` and, by ``Option.key``, the options
+    given (``Sources(metadata=p, drains=q)``); ``get(key)`` is None for one not given."""
+
+    def __init__(self, metadata: Path | str | None = None, **options: object) -> None:
+        self.metadata = Path(metadata) if metadata is not None else None
+        self._given = {k: v for k, v in options.items() if v is not None and (isinstance(v, Path) or v)}
+
+    def get(self, key: str, default: object = None) -> object:
+        return self._given.get(key, default)
 
     def given(self) -> dict[str, object]:
-        """The options that were set, by CLI option name (``--drains`` ...)."""
-        names = {"demographics": "--demographics", "drains": "--drains", "official_split": "--official-split",
-                 "mimic_iv": "--mimic-iv", "race_map": "--race-map", "columns": "--columns", "labels": "--labels"}
-        return {opt: getattr(self, f) for f, opt in names.items() if getattr(self, f)}
+        """The options that were set, by key (``metadata`` not included)."""
+        return dict(self._given)
+
+    def __repr__(self) -> str:
+        return f"Sources(metadata={self.metadata!r}, {self._given!r})"
 
 
 @dataclass(frozen=True)

@@ -29,14 +29,16 @@ import pandas as pd
 
 from cxrfair.errors import CxrfairError
 
-from . import races
 from .base import (
-    DatasetTable, Sources, Where, check_file, findings_frame, map_unique, parse_age, parse_sex, read_csv, require_columns, strip,
+    DatasetTable, Option, Sources, Where, check_file, findings_frame, map_unique, parse_age, parse_sex, read_csv,
+    require_columns, strip,
 )
+from .races import CHEXPERT, RACE_MAP, load_race_map, map_race, patient_groups
 
 NAME = "chexpert"
-OPTIONS = ("--demographics", "--race-map")
-FILES = ("--metadata CheXpert train.csv or valid.csv; --demographics 'CHEXPERT DEMO.xlsx' (or .csv) for race")
+METADATA = Option("metadata", "file", "CheXpert train.csv or valid.csv")
+OPTIONS = (Option("demographics", "file", "'CHEXPERT DEMO.xlsx' or .csv: PATIENT, PRIMARY_RACE (race)"), RACE_MAP)
+HOW = {"race": "--demographics"}  # how to give the standard data a preset may need (named in its error)
 FINDINGS = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
             "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
             "Fracture", "Support Devices")
@@ -63,9 +65,9 @@ def read(sources: Sources) -> DatasetTable:
     _check_ids(table["image_id"], where)
     table = pd.concat([table, findings_frame(raw, findings, where)], axis=1)
     files, notes = [("metadata", path)], {}
-    if sources.demographics is not None:
+    if sources.get("demographics") is not None:
         table["race"], notes = demographics_race(sources, table["patient_id"])
-        files.append(("demographics", Path(sources.demographics)))
+        files.append(("demographics", Path(sources.get("demographics"))))
     return DatasetTable(NAME, table, tuple(findings), tuple(files), path, notes)
 
 
@@ -125,16 +127,16 @@ def read_demographics(path: Path) -> pd.DataFrame:
 
 def demographics_race(sources: Sources, patient_id: pd.Series) -> tuple[np.ndarray, dict[str, int]]:
     """(N,) race group per image (``""`` unknown) and counts of images left without a race, by reason."""
-    path = Path(sources.demographics)
+    path = Path(sources.get("demographics"))
     raw = read_demographics(path)
     where = Where("demographics", path, raw["PATIENT"], "patient")
-    mapping = races.load_race_map(sources.race_map, races.CHEXPERT)
-    group = races.map_race(raw["PRIMARY_RACE"], "PRIMARY_RACE", where, mapping)
+    mapping = load_race_map(sources.get("race_map"), CHEXPERT)
+    group = map_race(raw["PRIMARY_RACE"], "PRIMARY_RACE", where, mapping)
     num = pd.to_numeric(raw["PATIENT"].str.strip().str.extract(r"^patient(\d+)$", expand=False), errors="coerce").to_numpy()
     bad = np.isnan(num)
     if bad.any():
         raise where.fail("PATIENT", f"has a patient id '{raw['PATIENT'][bad].iloc[0]}'", bad, "expected patientNNNNN")
-    per_patient, conflicts = races.patient_groups(num.astype(np.int64), group)
+    per_patient, conflicts = patient_groups(num.astype(np.int64), group)
     race = per_patient.reindex(patient_id.to_numpy()).fillna("").to_numpy(dtype=str)
     notes = {"race_conflict_images": int(patient_id.isin(conflicts).sum()),
                 "race_missing_images": int((~patient_id.isin(per_patient.index) & ~patient_id.isin(conflicts)).sum())}

@@ -37,15 +37,22 @@ import pandas as pd
 
 from cxrfair.errors import CxrfairError
 
-from . import races
 from .base import (
-    DatasetTable, Sources, Where, check_file, check_unique, findings_frame, parse_age, parse_int, parse_sex, parse_split,
+    DatasetTable, Option, Sources, Where, check_file, check_unique, findings_frame, parse_age, parse_int, parse_sex, parse_split,
     read_csv, require_columns, strip,
 )
+from .races import RACE_MAP, load_race_map, map_race
 
 NAME = "csv"
-OPTIONS = ("--columns", "--labels", "--race-map")
-FILES = "--metadata your CSV; --columns path=COL,patient=COL,sex=COL,age=COL[,...]; --labels A,B,... or label=COL in --columns"
+METADATA = Option("metadata", "file", "your CSV")
+OPTIONS = (
+    Option("columns", "pairs", "key=COLUMN pairs: path=COL,patient=COL,sex=COL,age=COL[,view=,split=,race=,label=,"
+           "image=,study=,NAME=COL]", required=True),
+    Option("labels", "list", "finding columns: A,B or Name=COL,... (or label=COL in --columns)"),
+    RACE_MAP,
+)
+# How to give the standard data a preset may need (named in its error).
+HOW = {"official_split": "split=COLUMN in --columns", "race": "race=COLUMN in --columns", "label": "label=COLUMN to --columns"}
 REQUIRED = ("path", "patient", "sex", "age")
 KNOWN = REQUIRED + ("image", "view", "split", "race", "label", "study")
 STANDARD = ("image_id", "path", "patient_id", "sex", "age", "frontal", "view", "official_split", "label", "study_id",
@@ -57,8 +64,8 @@ HINT = "see `cxrfair cohort build --help` for --columns and --labels"
 def read(sources: Sources) -> DatasetTable:
     """The standard table of a user's CSV under a column mapping (see the module docstring)."""
     path = check_file(sources.metadata, "metadata", "--metadata", "pass your CSV with --metadata")
-    mapping = check_mapping(dict(sources.columns))
-    labels = label_columns(sources.labels)
+    mapping = check_mapping(dict(sources.get("columns", ())))
+    labels = label_columns(sources.get("labels", ()))
     raw = read_csv(path, "metadata", HINT)
     require_columns(raw.columns, path, "metadata", list(mapping.values()) + list(labels.values()),
                     f"--columns/--labels name columns of the file (it has: {', '.join(map(str, raw.columns[:20]))})")
@@ -66,7 +73,7 @@ def read(sources: Sources) -> DatasetTable:
         raise CxrfairError(f"metadata {path}: no rows; pass a CSV with one row per image")
     ids = raw[mapping.get("image", mapping["path"])].pipe(strip)
     where = Where("metadata", path, ids)
-    table = standard_columns(raw, mapping, where, sources.race_map)
+    table = standard_columns(raw, mapping, where, sources.get("race_map"))
     check_unique(table["image_id"], mapping.get("image", mapping["path"]), where)
     findings = findings_frame(raw.rename(columns={c: n for n, c in labels.items()}), labels, where)
     if "label" in mapping and not labels:
@@ -118,7 +125,7 @@ def standard_columns(raw: pd.DataFrame, m: dict[str, str], where: Where, race_ma
         table["official_split"] = parse_split(col("split"), m["split"], where)
     if "race" in m:
         race = col("race").pipe(strip)
-        table["race"] = (races.map_race(race, m["race"], where, races.load_race_map(race_map, {}))
+        table["race"] = (map_race(race, m["race"], where, load_race_map(race_map, {}))
                          if race_map is not None else race.to_numpy())
     if "label" in m:
         table["label"] = col("label").pipe(strip).to_numpy()

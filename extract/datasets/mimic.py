@@ -31,15 +31,23 @@ import pandas as pd
 
 from cxrfair.errors import CxrfairError
 
-from . import races
-from .base import DatasetTable, Sources, Where, findings_frame, strip, parse_age, parse_int, parse_sex, parse_split, read_csv
+from .base import (
+    DatasetTable, Option, Sources, Where, findings_frame, parse_age, parse_int, parse_sex, parse_split, read_csv, strip,
+)
+from .races import MIMIC_IV, RACE_MAP, load_race_map, map_race, patient_groups
 
 NAME = "mimic"
-OPTIONS = ("--mimic-iv", "--race-map")
-FILES = ("--metadata the MIMIC-CXR-JPG folder (mimic-cxr-2.0.0-metadata/-chexpert/-split.csv.gz); "
-         "--mimic-iv the MIMIC-IV folder (hosp/patients.csv.gz, hosp/admissions.csv.gz)")
 PREFIX = "mimic-cxr-2.0.0-"
 PARTS = ("metadata", "chexpert", "split")
+METADATA = Option("metadata", "folder", "the MIMIC-CXR-JPG folder with mimic-cxr-2.0.0-metadata.csv.gz, "
+                  "mimic-cxr-2.0.0-chexpert.csv.gz, mimic-cxr-2.0.0-split.csv.gz",
+                  files=tuple(f"{PREFIX}{part}.csv" for part in PARTS))
+OPTIONS = (
+    Option("mimic_iv", "folder", "the MIMIC-IV folder with hosp/patients.csv.gz (sex, age) and hosp/admissions.csv.gz "
+           "(race)", files=("hosp/patients.csv", "hosp/admissions.csv"), required=True),
+    RACE_MAP,
+)
+HOW = {"race": "--mimic-iv with hosp/admissions.csv.gz"}  # how to give the standard data a preset may need
 FINDINGS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
             "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
             "Pneumothorax", "Support Devices")
@@ -53,7 +61,7 @@ IV_HINT = ("pass --mimic-iv with the MIMIC-IV folder holding hosp/patients.csv.g
 def read(sources: Sources) -> DatasetTable:
     """The standard table of MIMIC-CXR-JPG + MIMIC-IV (see the module docstring)."""
     files = cxr_files(sources.metadata)
-    hosp = hosp_folder(sources.mimic_iv)
+    hosp = hosp_folder(sources.get("mimic_iv"))
     images = read_metadata(files["metadata"])
     labels, findings = read_labels(files["chexpert"])
     images, notes = _join_labels(images, labels)
@@ -64,7 +72,7 @@ def read(sources: Sources) -> DatasetTable:
             ("patients", hosp / _name(hosp, "patients"))]
     admissions = _optional(hosp, "admissions")
     if admissions is not None:
-        images["race"], race_notes = admissions_race(admissions, images["patient_id"], sources.race_map)
+        images["race"], race_notes = admissions_race(admissions, images["patient_id"], sources.get("race_map"))
         notes.update(race_notes)
         used.append(("admissions", admissions))
     table = images.drop(columns=["year"]).reset_index(drop=True)
@@ -202,8 +210,8 @@ def admissions_race(path: Path, patient_id: pd.Series, race_map: Path | None) ->
     raw = read_csv(path, "admissions", IV_HINT + " (admissions needs subject_id and race or ethnicity)",
                    usecols=["subject_id", column], ints=["subject_id"])
     where = Where("admissions", path, raw["subject_id"], "subject")
-    group = races.map_race(raw[column], column, where, races.load_race_map(race_map, races.MIMIC_IV))
-    per_patient, conflicts = races.patient_groups(parse_int(raw["subject_id"], "subject_id", where), group)
+    group = map_race(raw[column], column, where, load_race_map(race_map, MIMIC_IV))
+    per_patient, conflicts = patient_groups(parse_int(raw["subject_id"], "subject_id", where), group)
     race = per_patient.reindex(patient_id.to_numpy()).fillna("").to_numpy(dtype=str)
     in_conflict = patient_id.isin(conflicts).to_numpy()
     return race, {"race_conflict_images": int(in_conflict.sum()),

@@ -26,12 +26,11 @@ import pandas as pd
 
 from cxrfair.errors import CxrfairError
 
-from .base import MAX_AGE, SEX_CODES, DatasetTable, Sources, Where, check_file, map_unique, parse_drain, read_csv, read_list
+from .base import (
+    MAX_AGE, SEX_CODES, DatasetTable, Option, Sources, Where, check_file, map_unique, parse_drain, read_csv, read_list,
+)
 
 NAME = "nih"
-OPTIONS = ("--official-split", "--drains")
-FILES = ("--metadata Data_Entry_2017*.csv[.gz] (default: the vendored v2020 file); "
-         "--official-split DIR with test_list.txt + train_val_list.txt; --drains NEATX CSV")
 COLUMNS = {
     "Image Index": "image_id",
     "Finding Labels": "labels",
@@ -43,11 +42,23 @@ OPTIONAL = {"View Position": "view"}
 VENDORED_METADATA = "data/Data_Entry_2017_v2020.csv.gz"
 SPLIT_LISTS = {"test": "test_list.txt", "train_val": "train_val_list.txt"}
 NEATX_HINT = "pass NEATX NIH-CX14_TubeAnnotations_NonExperts_aggregated.csv (columns Image Index, Drain)"
+SEARCH_IMAGES = True  # the download nests images in images_00k/images/: --images is searched by file name
 
 
 def vendored_metadata() -> Path:
     """Path of the vendored NIH ``Data_Entry_2017_v2020.csv.gz`` (see extract/data/README.md)."""
     return Path(str(resources.files("cxrfair.extract").joinpath(VENDORED_METADATA)))
+
+
+METADATA = Option("metadata", "file", "Data_Entry_2017*.csv[.gz] (default: the vendored v2020 file)",
+                  default=vendored_metadata)
+OPTIONS = (
+    Option("official_split", "folder", "DIR with test_list.txt, train_val_list.txt", files=tuple(SPLIT_LISTS.values())),
+    Option("drains", "file", "NEATX NIH-CX14_TubeAnnotations_NonExperts_aggregated.csv"),
+)
+# How to give the standard data a preset may need (named in its error).
+HOW = {"official_split": "--official-split DIR (test_list.txt, train_val_list.txt)",
+       "drain": "--drains NEATX NIH-CX14_TubeAnnotations_NonExperts_aggregated.csv"}
 
 
 def read(sources: Sources) -> DatasetTable:
@@ -59,13 +70,13 @@ def read(sources: Sources) -> DatasetTable:
     table["label"] = np.where(meta["labels"].str.contains("|", regex=False), "", meta["labels"])
     table = pd.concat([table, finding_columns(meta["labels"], names)], axis=1)
     files, notes = [("metadata", Path(path))], {}
-    if sources.official_split is not None:
-        split, lists = official_split(sources.official_split, table["image_id"])
+    if sources.get("official_split") is not None:
+        split, lists = official_split(sources.get("official_split"), table["image_id"])
         table["official_split"] = split
         files += lists
-    if sources.drains is not None:
-        table["drain"] = read_drains(sources.drains, table["image_id"])
-        files.append(("drains", Path(sources.drains)))
+    if sources.get("drains") is not None:
+        table["drain"] = read_drains(sources.get("drains"), table["image_id"])
+        files.append(("drains", Path(sources.get("drains"))))
     return DatasetTable(NAME, table, tuple(names), tuple(files), Path(path), notes)
 
 

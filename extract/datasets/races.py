@@ -23,7 +23,7 @@ import pandas as pd
 
 from cxrfair.errors import CxrfairError
 
-from .base import RACE_GROUPS, Where, map_unique, read_csv
+from .base import RACE_GROUPS, Option, Where, map_unique, read_csv
 
 GROUPS = (*RACE_GROUPS, "other", "unknown")
 
@@ -56,6 +56,10 @@ CHEXPERT = {
     "Other": "other", "Other, non-Hispanic": "other", "Other, Hispanic": "other",
     "Unknown": "unknown", "Race and Ethnicity Unknown": "unknown", "Patient Refused": "unknown", "": "unknown",
 }
+
+
+# The option every reader with race codes accepts (declared once, here, where the maps live).
+RACE_MAP = Option("race_map", "file", "CSV code,group adding race codes to the built-in maps (README)")
 
 
 def load_race_map(path: Path | None, base: dict[str, str]) -> dict[str, str]:

@@ -46,20 +46,24 @@ from cxrfair.extract.models.common import (
     TINY_RESNET_WIDTH,
     TINY_WEIGHTS,
     bert_config,
+    bert_tokenizer,
     build_resnet,
     drop_prefixes,
     file_in,
     folder_with,
     hf_from_state_dict,
+    hf_text_tokenizer,
     load_strict,
     random_init_id,
     seeded,
     split_prefix,
+    text_positions,
     toy_vocab,
     weights_id,
 )
 from cxrfair.extract.preprocess import Preprocess
 from cxrfair.extract.registry import FoundationModel, ModelSpec, register
+from cxrfair.extract.safe_load import load_state_dict_file
 
 TEXT_FILES = ("model.safetensors", "pytorch_model.bin")
 # Weights of modules a single-image model never runs (see the module docstring).
@@ -103,7 +107,7 @@ def preprocess_for(crop: int, resize: int = 512) -> Preprocess:
 
 def build_image_model(temporal: bool, layers: tuple[int, ...] = RESNET50_LAYERS, width: int = 64, joint: int = 128):
     """hi-ml's ImageModel (single-image path) with random weights."""
-    from cxrfair.extract.models import biovil_nn as nn_
+    from cxrfair.extract.models import biovil_nn as nn_  # lazy: torch (registering stays torch-free)
 
     resnet = build_resnet(layers, fc_out=None, width=width)
     trunk = nn_.SingleImageTemporalTrunk(resnet) if temporal else nn_.ResNetTrunk(resnet)
@@ -114,14 +118,14 @@ def build_text_model(fields: dict):
     """CXR-BERT (BertModel without pooler + projection head) with random weights."""
     from transformers import BertModel
 
-    from cxrfair.extract.models import biovil_nn as nn_
+    from cxrfair.extract.models import biovil_nn as nn_  # lazy: torch (registering stays torch-free)
 
     bert = BertModel(bert_config({k: v for k, v in fields.items() if k not in _NOT_BERT}), add_pooling_layer=False)
     return nn_.CXRBert(bert, fields.get("projection_size", 128))
 
 
 def build_biovil(temporal: bool, text_fields: dict, layers: tuple[int, ...] = RESNET50_LAYERS, width: int = 64):
-    from cxrfair.extract.models import biovil_nn as nn_
+    from cxrfair.extract.models import biovil_nn as nn_  # lazy: torch (registering stays torch-free)
 
     joint = text_fields.get("projection_size", 128)
     return nn_.BioViL(build_image_model(temporal, layers, width, joint), build_text_model(text_fields))
@@ -140,7 +144,7 @@ def text_from_state(state: dict, fields: dict, source: str):
     """CXR-BERT holding exactly ``state`` (``bert.*`` + ``cls_projection_head.*``; MLM head dropped)."""
     from transformers import BertModel
 
-    from cxrfair.extract.models import biovil_nn as nn_
+    from cxrfair.extract.models import biovil_nn as nn_  # lazy: torch (registering stays torch-free)
 
     bert_part, rest = split_prefix(drop_prefixes(state, UNUSED_TEXT), "bert.")
     config = bert_config({k: v for k, v in fields.items() if k not in _NOT_BERT})
@@ -171,9 +175,7 @@ def tokenizer_for(folder: Path):
 def load_folder(folder: Path, variant: Variant, source: str, layers: tuple[int, ...] = RESNET50_LAYERS,
                 width: int = 64):
     """(BioViL model, tokenizer, weights id) from a folder holding both towers' files."""
-    from cxrfair.extract.models import biovil_nn as nn_
-    from cxrfair.extract.safe_load import load_state_dict_file
-
+    from cxrfair.extract.models import biovil_nn as nn_  # lazy: torch (registering stays torch-free)
     image_file, text_file = folder / variant.image_file, file_in(folder, TEXT_FILES)
     image = image_from_state(load_state_dict_file(image_file), variant.temporal, layers, width, str(image_file))
     text = text_from_state(load_state_dict_file(text_file), read_text_config(folder), str(text_file))
@@ -184,10 +186,8 @@ def load_folder(folder: Path, variant: Variant, source: str, layers: tuple[int, 
 def _bundle(spec: ModelSpec, model, tokenizer, preprocess: Preprocess, wid: str, device: str) -> FoundationModel:
     model = model.to(device).eval()
 
-    def tokenize(prompts: list[str]):
-        # hi-ml's TextInput: padding to the longest prompt; [CLS] pooling ignores the padding.
-        return tokenizer(list(prompts), padding="longest", truncation=True, max_length=MAX_TEXT_LENGTH,
-                         return_tensors="pt")
+    # hi-ml's TextInput: padding to the longest prompt; [CLS] pooling ignores the padding.
+    tokenize = hf_text_tokenizer(spec.name, tokenizer, min(MAX_TEXT_LENGTH, text_positions(model.text_model)))
 
     return FoundationModel(
         name=spec.name, spec=spec, model=model, image_encoder=model.image_model, preprocess=preprocess,
@@ -217,8 +217,6 @@ def _tiny_loader(name: str):
     variant = VARIANTS[name]
 
     def load(spec: ModelSpec, weights: Path | None, device: str) -> FoundationModel:
-        from cxrfair.extract.models.common import bert_tokenizer
-
         pre = preprocess_for(TINY_SIZE, TINY_RESIZE)
         if weights is not None:
             folder = weights if weights.is_dir() else weights.parent

@@ -31,12 +31,14 @@ from cxrfair.extract.models.common import (
 from cxrfair.extract.models.openclip import (
     OPENCLIP_VIT_LORA,
     TINY_CLIP_CONFIG,
-    _create,
-    _register_config,
+    create_openclip,
     openclip_bundle,
+    register_openclip_config,
 )
 from cxrfair.extract.preprocess import Preprocess
 from cxrfair.extract.registry import FoundationModel, ModelSpec, register
+from cxrfair.extract.weights import resolve_weights
+from cxrfair.extract.safe_load import load_state_dict_file
 
 ARCH = "ViT-B-32-quickgelu"  # open_clip's built-in config: OpenAI ViT-B/32, QuickGELU, context 77
 WEIGHTS_NAME = "best_64_5e-05_original_22000_0.864.pt"  # the best of the released ensemble members
@@ -60,8 +62,6 @@ def read_openai_state(path: Path) -> dict:
 
     A ``module.`` prefix (a model saved from DataParallel) is removed.
     """
-    from cxrfair.extract.safe_load import load_state_dict_file
-
     state = load_state_dict_file(path)
     state = {k.removeprefix("module."): v for k, v in state.items() if k not in _NON_WEIGHTS}
     return state
@@ -69,14 +69,12 @@ def read_openai_state(path: Path) -> dict:
 
 def openai_clip_from_state(arch: str, state: dict, source: str, device: str):
     """open_clip CLIP ``arch`` (random init) holding exactly ``state`` (OpenAI key names); fp32."""
-    model = _create(arch, None, "cpu")
+    model = create_openclip(arch, None, "cpu")
     load_strict(model, state, source)
     return model.float().to(device)
 
 
 def find_weights(spec: ModelSpec, weights: Path | None) -> Path:
-    from cxrfair.extract.weights import resolve_weights
-
     candidates = [cache_dir(spec.name) / WEIGHTS_NAME, cache_dir(spec.name) / "chexzero.safetensors"]
     download = f"{CHEXZERO_URL} (the CheXzero README's checkpoint folder; any of its .pt files)"
     return resolve_weights(spec.name, weights, spec.weights_env, candidates, download, WEIGHTS_NAME)
@@ -95,11 +93,11 @@ def _load_chexzero(spec: ModelSpec, weights: Path | None, device: str) -> Founda
 def _load_tiny_chexzero(spec: ModelSpec, weights: Path | None, device: str) -> FoundationModel:
     import open_clip
 
-    _register_config(TINY_ARCH, TINY_CLIP_CONFIG)  # quick_gelu, context 77, like ViT-B-32-quickgelu
+    register_openclip_config(TINY_ARCH, TINY_CLIP_CONFIG)  # quick_gelu, context 77, like ViT-B-32-quickgelu
     if weights is not None:
         model = openai_clip_from_state(TINY_ARCH, read_openai_state(weights), str(weights), device)
     else:
-        model = _create(TINY_ARCH, None, device)
+        model = create_openclip(TINY_ARCH, None, device)
     size = TINY_CLIP_CONFIG["vision_cfg"]["image_size"]
     pre = Preprocess(size=size, resize=size, mode="pad", interpolation="bicubic",
                      mean=(CHEXZERO_MEAN,) * 3, std=(CHEXZERO_STD,) * 3)

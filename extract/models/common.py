@@ -12,9 +12,14 @@ import contextlib
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from cxrfair.errors import CxrfairError
+from cxrfair.extract.prompts import vocabulary_words
+from cxrfair.extract.preprocess import Preprocess
+from cxrfair.extract.registry import TextTokenizer
+from cxrfair.extract.weights import resolve_weights
+from cxrfair.io import sha256_file
 
 if TYPE_CHECKING:
     import torch
@@ -36,8 +41,6 @@ def cache_dir(model: str) -> Path:
 
 def weights_id(path: Path | None, fallback: str) -> str:
     """``sha256:<hex>`` of a weights file, ``dir:<path>`` for a folder, or ``fallback`` (no file)."""
-    from cxrfair.io import sha256_file
-
     if path is None:
         return fallback
     return f"sha256:{sha256_file(path)}" if path.is_file() else f"dir:{path.resolve()}"
@@ -74,8 +77,6 @@ def folder_with(model: str, explicit: Path | None, env_var: str | None, repo_id:
 
     ``extra`` files are optional (e.g. ``preprocessor_config.json``) and only named in the message.
     """
-    from cxrfair.extract.weights import resolve_weights
-
     hub = hub_cached(repo_id, files[0])
     candidates = [cache_dir(model)] + ([hub.parent] if hub else [])
     candidates = [c for c in candidates if all((c / f).is_file() for f in files)] or [cache_dir(model) / files[0]]
@@ -157,8 +158,6 @@ def _toy_vocab(words: list[str]) -> list[str]:
 
 
 def _prompt_words() -> list[str]:
-    from cxrfair.extract.prompts import vocabulary_words
-
     return vocabulary_words()
 
 
@@ -195,6 +194,38 @@ def bert_tokenizer(vocab: Path | dict[str, int]):
     from transformers import BertTokenizer
 
     return BertTokenizer(vocab=str(vocab) if isinstance(vocab, Path) else vocab, do_lower_case=True)
+
+
+# --- text length (every text encoder's tokenize is a registry.TextTokenizer) ------------------------
+
+
+def text_positions(text_model) -> int:
+    """The most tokens a Hugging Face text tower embeds: ``config.max_position_embeddings`` of
+    ``text_model`` or of its first submodule that has one."""
+    for module in text_model.modules():
+        positions = getattr(getattr(module, "config", None), "max_position_embeddings", None)
+        if positions:
+            return int(positions)
+    raise ValueError(f"{type(text_model).__name__}: no config.max_position_embeddings in this text tower")
+
+
+def hf_text_tokenizer(model: str, tokenizer, max_length: int, *, padding: str = "longest",
+                      clean: Callable[[str], str] | None = None, ids_only: bool = False) -> TextTokenizer:
+    """A TextTokenizer over a Hugging Face ``tokenizer``: ``padding`` as the original code pads,
+    cut at ``max_length`` tokens ([CLS] and [SEP] included); ``clean`` is applied to each prompt
+    first (GLoRIA); ``ids_only`` returns just the ``input_ids`` tensor (SigLIP)."""
+    def texts(prompts: list[str]) -> list[str]:
+        return [clean(p) for p in prompts] if clean else list(prompts)
+
+    def encode(prompts: list[str], length: int):
+        out = tokenizer(texts(prompts), padding=padding, truncation=True, max_length=length, return_tensors="pt")
+        return out["input_ids"] if ids_only else out
+
+    def count(prompts: list[str]) -> list[int]:
+        ids = tokenizer(texts(prompts), padding=False, truncation=False, verbose=False)["input_ids"]
+        return [len(i) for i in ids]
+
+    return TextTokenizer(model, max_length, encode, count)
 
 
 # --- Bio_ClinicalBERT (MedCLIP, GLoRIA and CXR-CLIP text towers) -------------------------------------
@@ -374,8 +405,6 @@ def preprocess_from_hf(config: dict, source: str):
     if ``do_center_crop``); ``{"height": h, "width": w}`` with h == w means resize to that square
     ignoring aspect ("squash"). Pixels are assumed rescaled by 1/255 (all these processors do).
     """
-    from cxrfair.extract.preprocess import Preprocess
-
     size, resample = config.get("size", {}), config.get("resample", 3)
     if resample not in _HF_RESAMPLE:
         raise CxrfairError(f"{source}: resample {resample} is not supported (use 0, 2, 3 or 4)")

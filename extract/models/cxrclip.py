@@ -40,17 +40,21 @@ from cxrfair.extract.models.common import (
     cache_dir,
     find_bert_vocab,
     hf_from_state_dict,
+    hf_text_tokenizer,
     load_remaining_strict,
     random_init_id,
     seeded,
     split_prefix,
     swin_config,
+    text_positions,
     toy_vocab,
     weights_id,
 )
 from cxrfair.extract.models.medclip import SWIN_LORA, SWIN_TINY_CONFIG, TINY_SWIN_CONFIG, tiny_bert_fields
 from cxrfair.extract.preprocess import Preprocess
 from cxrfair.extract.registry import FoundationModel, ModelSpec, register
+from cxrfair.extract.weights import resolve_weights
+from cxrfair.extract.safe_load import load_state_dict_file
 
 URLS = {  # the cxr-clip README's "M,C,C14" checkpoints
     "resnet": "https://twg.kakaocdn.net/brainrepo/models/cxr-clip/de4b5e4ae2047c1fb7960ddcd8d861cb/r50_mcc.tar",
@@ -73,8 +77,6 @@ LORA = {"resnet": RESNET_LORA, "swin": SWIN_LORA}
 
 def read_checkpoint(path: Path) -> dict:
     """``ckpt["model"]`` of a CXR-CLIP ``.tar`` (read restrictedly) or a ``.safetensors`` copy of it."""
-    from cxrfair.extract.safe_load import load_state_dict_file
-
     return load_state_dict_file(path, key="model")
 
 
@@ -88,7 +90,7 @@ def image_kind(state: dict, source: str) -> str:
 
 
 def _projection(state: dict, prefix: str):
-    from cxrfair.extract.models import cxrclip_nn as nn_
+    from cxrfair.extract.models import cxrclip_nn as nn_  # lazy: torch (registering stays torch-free)
 
     out_dim, in_dim = state[f"{prefix}.projection.weight"].shape
     mlp = f"{prefix}.fc.weight" in state  # the "mlp" head of configs' projection_head.name
@@ -101,7 +103,7 @@ def cxrclip_from_state(state: dict, bert_fields: dict, swin_fields: dict, layers
     transformers' own key conversion (old BERT/Swin names, saved ``position_ids``)."""
     from transformers import BertModel, SwinModel
 
-    from cxrfair.extract.models import cxrclip_nn as nn_
+    from cxrfair.extract.models import cxrclip_nn as nn_  # lazy: torch (registering stays torch-free)
 
     kind = image_kind(state, source)
     text_part, rest = split_prefix(state, TEXT_PREFIX)
@@ -127,7 +129,7 @@ def build_cxrclip(kind: str, bert_fields: dict, swin_fields: dict, layers: tuple
     """A CXRClip with random weights (linear projections, as released)."""
     from transformers import BertModel, SwinModel
 
-    from cxrfair.extract.models import cxrclip_nn as nn_
+    from cxrfair.extract.models import cxrclip_nn as nn_  # lazy: torch (registering stays torch-free)
 
     bert = BertModel(bert_config(bert_fields))
     if kind == "swin":
@@ -140,14 +142,12 @@ def build_cxrclip(kind: str, bert_fields: dict, swin_fields: dict, layers: tuple
 
 
 def _bundle(spec: ModelSpec, model, tokenizer, preprocess: Preprocess, wid: str, device: str) -> FoundationModel:
-    from cxrfair.extract.models.cxrclip_nn import ImageTower
+    from cxrfair.extract.models.cxrclip_nn import ImageTower  # lazy: torch (registering stays torch-free)
 
     model = model.to(device).eval()
 
-    def tokenize(prompts: list[str]):
-        # "longest" padding as the evaluator; eos pooling reads each text's own [SEP], so padding does not matter.
-        return tokenizer(list(prompts), padding="longest", truncation=True, max_length=TEXT_MAX_LENGTH,
-                         return_tensors="pt")
+    # "longest" padding as the evaluator; eos pooling reads each text's own [SEP], so padding does not matter.
+    tokenize = hf_text_tokenizer(spec.name, tokenizer, min(TEXT_MAX_LENGTH, text_positions(model.text_encoder)))
 
     return FoundationModel(
         name=spec.name, spec=spec, model=model, image_encoder=ImageTower(model.image_encoder, model.image_projection),
@@ -166,8 +166,6 @@ def _checked(model, kind: str, want: str, source: str):
 
 def _loader(want: str):
     def load(spec: ModelSpec, weights: Path | None, device: str) -> FoundationModel:
-        from cxrfair.extract.weights import resolve_weights
-
         name = Path(URLS[want]).name
         candidates = [cache_dir(spec.name) / name, cache_dir(spec.name) / f"{Path(name).stem}.safetensors"]
         path = resolve_weights(spec.name, weights, spec.weights_env, candidates,

@@ -39,15 +39,19 @@ from cxrfair.extract.models.common import (
     cache_dir,
     find_bert_vocab,
     hf_from_state_dict,
+    hf_text_tokenizer,
     load_remaining_strict,
     random_init_id,
     seeded,
     split_prefix,
+    text_positions,
     toy_vocab,
     weights_id,
 )
 from cxrfair.extract.preprocess import Preprocess
 from cxrfair.extract.registry import FoundationModel, ModelSpec, register
+from cxrfair.extract.weights import resolve_weights
+from cxrfair.extract.safe_load import load_state_dict_file
 
 if TYPE_CHECKING:
     import torch
@@ -55,7 +59,6 @@ if TYPE_CHECKING:
 EMBED_DIM = 768  # cfg.model.text.embedding_dim; no text projection, so = BERT hidden size
 WORD_NUM = 97  # cfg.data.text.word_num: prompts are padded to this length
 LAST_N_LAYERS = 4  # cfg.model.text.last_n_layers, aggregate_method "sum"
-IMAGE_FORWARD_SIZE = 299  # ImageEncoder.resnet_forward upsamples every input to 299x299
 TEMP_ATTENTION = 4.0  # get_local_similarities: attention_fn(word, context, 4.0)
 TEMP_WORD = 5.0  # get_local_similarities: row_sim.mul_(5.0).exp_()
 WEIGHTS_NAME = "chexpert_resnet50.ckpt"
@@ -93,45 +96,6 @@ def clean_prompt(text: str) -> str:
         if tokens:
             kept.append(" ".join(tokens))
     return " ".join(kept)
-
-
-def word_groups(tokens: list[str]) -> list[list[int]]:
-    """Token positions forming each word, as GLoRIA's ``aggregate_tokens`` groups them.
-
-    [CLS] is a word; ``##`` pieces join the preceding word; [SEP] ends the text as its own
-    word; padding after it is ignored.
-
-    Returns:
-        list of position lists, one per word, in order.
-    """
-    groups: list[list[int]] = []
-    for pos, token in enumerate(tokens):
-        if token == "[SEP]":
-            groups.append([pos])
-            break
-        if token.startswith("##") and groups:
-            groups[-1].append(pos)
-        else:
-            groups.append([pos])
-    return groups
-
-
-def aggregate_words(hidden: "torch.Tensor", groups: list[list[int]]) -> "torch.Tensor":
-    """Sum word pieces into words and zero-pad back to the token length.
-
-    Args:
-        hidden: (L, D) token embeddings of one text.
-        groups: word_groups of that text.
-
-    Returns:
-        (L, D): one row per word (sum of its pieces), then zero rows.
-    """
-    import torch
-
-    words = torch.zeros_like(hidden)
-    for i, positions in enumerate(groups):
-        words[i] = hidden[positions].sum(dim=0)
-    return words
 
 
 # --- the attention-based local similarity -----------------------------------------------------
@@ -221,17 +185,15 @@ def build_gloria(bert_fields: dict, resnet_layers: tuple[int, ...], id_to_token:
     """A GLoRIA model with random weights; embedding dim = the BERT hidden size."""
     from transformers import BertModel
 
-    from cxrfair.extract.models import gloria_nn as nn_
+    from cxrfair.extract.models import gloria_nn as nn_  # lazy: torch (registering stays torch-free)
 
     bert = BertModel(bert_config(bert_fields))
     image = nn_.ImageEncoder(build_resnet(resnet_layers, fc_out=None, width=resnet_width), bert.config.hidden_size)
-    return nn_.GLoRIA(image, nn_.BertEncoder(bert, id_to_token))
+    return nn_.GLoRIA(image, nn_.BertEncoder(bert, id_to_token, LAST_N_LAYERS))
 
 
 def read_gloria_state(path: Path) -> dict:
     """The ``gloria.*`` state dict of a Lightning ``.ckpt`` (read restrictedly) or a ``.safetensors`` copy."""
-    from cxrfair.extract.safe_load import load_state_dict_file
-
     if path.is_dir():
         found = sorted(path.glob("*.ckpt")) or sorted(path.glob("*.safetensors"))
         if not found:
@@ -249,23 +211,20 @@ def gloria_from_state_dict(state: dict, bert_fields: dict, resnet_layers: tuple[
     """A GLoRIA model holding exactly the weights in ``state`` (keys without the ``gloria.`` prefix)."""
     from transformers import BertModel
 
-    from cxrfair.extract.models import gloria_nn as nn_
+    from cxrfair.extract.models import gloria_nn as nn_  # lazy: torch (registering stays torch-free)
 
     text_part, rest = split_prefix(state, "text_encoder.model.")
     bert = hf_from_state_dict(BertModel, bert_config(bert_fields), text_part, source, "gloria.text_encoder.model.")
     image = nn_.ImageEncoder(build_resnet(resnet_layers, fc_out=None, width=resnet_width), bert.config.hidden_size)
-    model = nn_.GLoRIA(image, nn_.BertEncoder(bert, id_to_token))
+    model = nn_.GLoRIA(image, nn_.BertEncoder(bert, id_to_token, LAST_N_LAYERS))
     load_remaining_strict(model, rest, ("text_encoder.model.",), source)
     return model
 
 
-def _tokenizer_call(tokenizer):
-    def tokenize(prompts: list[str]):
-        # GLoRIA pads every prompt to 97 tokens; its sentence embedding averages over all 97.
-        return tokenizer([clean_prompt(p) for p in prompts], truncation=True, padding="max_length",
-                         max_length=WORD_NUM, return_tensors="pt")
-
-    return tokenize
+def _tokenizer_call(name: str, tokenizer, model):
+    # GLoRIA pads every prompt to 97 tokens; its sentence embedding averages over all 97.
+    return hf_text_tokenizer(name, tokenizer, min(WORD_NUM, text_positions(model.text_encoder)), padding="max_length",
+                             clean=clean_prompt)
 
 
 def _bundle(spec: ModelSpec, model, tokenizer, preprocess: Preprocess, wid: str, device: str) -> FoundationModel:
@@ -280,7 +239,7 @@ def _bundle(spec: ModelSpec, model, tokenizer, preprocess: Preprocess, wid: str,
     }
     return FoundationModel(
         name=spec.name, spec=spec, model=model, image_encoder=model.img_encoder, preprocess=preprocess,
-        tokenize=_tokenizer_call(tokenizer), encode_image=model.encode_image, encode_text=model.encode_text,
+        tokenize=_tokenizer_call(spec.name, tokenizer, model), encode_image=model.encode_image, encode_text=model.encode_text,
         # GLoRIA has no learned temperature; its global loss scales cosines by temp3 = 10.
         logit_scale=10.0, embed_dim=spec.embed_dim, weights_id=wid, extras=extras,
         encode_image_unprojected=model.encode_image_unprojected,
@@ -292,8 +251,6 @@ def _id_to_token(tokenizer) -> dict[int, str]:
 
 
 def _load_gloria(spec: ModelSpec, weights: Path | None, device: str) -> FoundationModel:
-    from cxrfair.extract.weights import resolve_weights
-
     candidates = [cache_dir(spec.name) / WEIGHTS_NAME, cache_dir(spec.name) / "chexpert_resnet50.safetensors"]
     download = f"{GLORIA_URL} (the GLoRIA README's link; also needs {VOCAB_HINT})"
     path = resolve_weights(spec.name, weights, spec.weights_env, candidates, download, WEIGHTS_NAME)

@@ -11,19 +11,50 @@ from typing import Any
 import torch
 from torch import nn
 
-from cxrfair.extract.models.gloria import (
-    EMBED_DIM,
-    IMAGE_FORWARD_SIZE,
-    LAST_N_LAYERS,
-    aggregate_words,
-    word_groups,
-)
+IMAGE_FORWARD_SIZE = 299  # ImageEncoder.resnet_forward upsamples every input to 299x299
+
+
+def word_groups(tokens: list[str]) -> list[list[int]]:
+    """Token positions forming each word, as GLoRIA's ``aggregate_tokens`` groups them.
+
+    [CLS] is a word; ``##`` pieces join the preceding word; [SEP] ends the text as its own
+    word; padding after it is ignored.
+
+    Returns:
+        list of position lists, one per word, in order.
+    """
+    groups: list[list[int]] = []
+    for pos, token in enumerate(tokens):
+        if token == "[SEP]":
+            groups.append([pos])
+            break
+        if token.startswith("##") and groups:
+            groups[-1].append(pos)
+        else:
+            groups.append([pos])
+    return groups
+
+
+def aggregate_words(hidden: torch.Tensor, groups: list[list[int]]) -> torch.Tensor:
+    """Sum word pieces into words and zero-pad back to the token length.
+
+    Args:
+        hidden: (L, D) token embeddings of one text.
+        groups: word_groups of that text.
+
+    Returns:
+        (L, D): one row per word (sum of its pieces), then zero rows.
+    """
+    words = torch.zeros_like(hidden)
+    for i, positions in enumerate(groups):
+        words[i] = hidden[positions].sum(dim=0)
+    return words
 
 
 class ImageEncoder(nn.Module):
     """ResNet trunk (fc = Identity) with GLoRIA's global and local embedders."""
 
-    def __init__(self, resnet: nn.Module, embed_dim: int = EMBED_DIM) -> None:
+    def __init__(self, resnet: nn.Module, embed_dim: int) -> None:
         super().__init__()
         self.model = resnet
         self.global_embedder = nn.Linear(2048, embed_dim)
@@ -50,10 +81,11 @@ class ImageEncoder(nn.Module):
 class BertEncoder(nn.Module):
     """Bio_ClinicalBERT with GLoRIA's pooling: sum of the last 4 layers, pieces summed into words."""
 
-    def __init__(self, bert: nn.Module, id_to_token: dict[int, str]) -> None:
+    def __init__(self, bert: nn.Module, id_to_token: dict[int, str], last_n_layers: int) -> None:
         super().__init__()
         self.model = bert
         self.id_to_token = id_to_token
+        self.last_n_layers = last_n_layers  # cfg.model.text.last_n_layers (gloria.LAST_N_LAYERS)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -64,7 +96,7 @@ class BertEncoder(nn.Module):
         """
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
                          token_type_ids=token_type_ids, output_hidden_states=True)
-        hidden = torch.stack(out.hidden_states[-LAST_N_LAYERS:]).sum(dim=0)  # (T, L, D)
+        hidden = torch.stack(out.hidden_states[-self.last_n_layers:]).sum(dim=0)  # (T, L, D)
         words, counts = [], []
         for ids, h in zip(input_ids.tolist(), hidden):
             groups = word_groups([self.id_to_token[i] for i in ids])

@@ -39,16 +39,19 @@ from cxrfair.extract.models.common import (  # noqa: F401 - re-exported names ot
     cache_dir,
     find_bert_vocab,
     hf_from_state_dict,
+    hf_text_tokenizer,
     load_remaining_strict,
     random_init_id,
     seeded,
     split_prefix,
     swin_config,
+    text_positions,
     toy_vocab,
     weights_id,
 )
 from cxrfair.extract.preprocess import Preprocess
 from cxrfair.extract.registry import FoundationModel, ModelSpec, register
+from cxrfair.extract.weights import resolve_weights
 
 MEDCLIP_MEAN = 0.5862785803043838  # medclip/constants.py IMG_MEAN (one channel)
 MEDCLIP_STD = 0.27950088968644304  # medclip/constants.py IMG_STD
@@ -98,7 +101,7 @@ def build_medclip(vision: str, bert_fields: dict, swin_fields: dict | None = Non
     """A MedCLIPModel with random weights. ``vision``: "swin" or "resnet"."""
     from transformers import BertModel, SwinModel
 
-    from cxrfair.extract.models import medclip_nn as nn_
+    from cxrfair.extract.models import medclip_nn as nn_  # lazy: torch (registering stays torch-free)
 
     text = nn_.MedCLIPTextModel(BertModel(bert_config(bert_fields)))
     if vision == "swin":
@@ -143,7 +146,7 @@ def medclip_from_state_dict(state: dict, vision: str, bert_fields: dict, swin_fi
     """A MedCLIPModel holding exactly the weights in ``state`` (original key names)."""
     from transformers import BertModel, SwinModel
 
-    from cxrfair.extract.models import medclip_nn as nn_
+    from cxrfair.extract.models import medclip_nn as nn_  # lazy: torch (registering stays torch-free)
 
     text_part, rest = split_prefix(state, "text_model.model.")
     bert = hf_from_state_dict(BertModel, bert_config(bert_fields), text_part, source, "text_model.model.")
@@ -166,10 +169,9 @@ def medclip_from_state_dict(state: dict, vision: str, bert_fields: dict, swin_fi
 def _bundle(spec: ModelSpec, model, tokenizer, preprocess: Preprocess, wid: str, device: str) -> FoundationModel:
     model = model.to(device).eval()
 
-    def tokenize(prompts: list[str]):
-        # Padded to the longest prompt of the call, as MedCLIP's process_class_prompts does; the
-        # pooling averages over padding too, so a prompt's embedding depends on that length.
-        return tokenizer(list(prompts), truncation=True, max_length=MAX_TEXT_LENGTH, padding=True, return_tensors="pt")
+    # Padded to the longest prompt of the call, as MedCLIP's process_class_prompts does; the
+    # pooling averages over padding too, so a prompt's embedding depends on that length.
+    tokenize = hf_text_tokenizer(spec.name, tokenizer, min(MAX_TEXT_LENGTH, text_positions(model.text_model)))
 
     return FoundationModel(
         name=spec.name, spec=spec, model=model, image_encoder=model.vision_model, preprocess=preprocess,
@@ -180,8 +182,6 @@ def _bundle(spec: ModelSpec, model, tokenizer, preprocess: Preprocess, wid: str,
 
 
 def _load_medclip(spec: ModelSpec, weights: Path | None, device: str, *, vision: str) -> FoundationModel:
-    from cxrfair.extract.weights import resolve_weights
-
     url = MEDCLIP_URLS[vision]
     # The zip as downloaded comes first: it is what the error message tells the user to place.
     candidates = [cache_dir(spec.name) / Path(url).name, cache_dir(spec.name) / WEIGHTS_NAME,

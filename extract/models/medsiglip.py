@@ -32,6 +32,7 @@ from cxrfair.extract.models.common import (
     folder_with,
     hf_from_folder,
     hf_preprocess,
+    hf_text_tokenizer,
     random_init_id,
     seeded,
     tiny_bert_dir,
@@ -89,15 +90,12 @@ def load_tokenizer(folder: Path, model: str):
 def _bundle(spec: ModelSpec, model, tokenizer, preprocess: Preprocess, wid: str, device: str) -> FoundationModel:
     import torch
 
-    from cxrfair.extract.models.hf_nn import Pooled
+    from cxrfair.extract.models.hf_nn import Pooled  # lazy: torch (registering stays torch-free)
 
     model = model.to(device).eval()
-    length = model.config.text_config.max_position_embeddings
-
-    def tokenize(prompts: list[str]) -> "torch.Tensor":
-        # SigLIP was trained on text padded to the full length (the model card pads to max_length).
-        return tokenizer(list(prompts), padding="max_length", truncation=True, max_length=length,
-                         return_tensors="pt")["input_ids"]
+    # SigLIP was trained on text padded to the full length (the model card pads to max_length).
+    tokenize = hf_text_tokenizer(spec.name, tokenizer, model.config.text_config.max_position_embeddings,
+                                 padding="max_length", ids_only=True)
 
     def encode_text(tokens: torch.Tensor) -> torch.Tensor:
         return model.text_model(input_ids=tokens.to(model.logit_scale.device)).pooler_output

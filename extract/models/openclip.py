@@ -28,7 +28,8 @@ from cxrfair.extract.models.common import (
     weights_id,
 )
 from cxrfair.extract.preprocess import OPENAI_MEAN, OPENAI_STD, Preprocess
-from cxrfair.extract.registry import FoundationModel, ModelSpec, register
+from cxrfair.extract.registry import FoundationModel, ModelSpec, TextTokenizer, register
+from cxrfair.extract.weights import resolve_weights
 
 # peft targets for open_clip's own ViT blocks: `attn` is nn.MultiheadAttention (peft wraps it
 # whole; targeting only out_proj breaks backward), `c_fc`/`c_proj` are the MLP linears.
@@ -94,7 +95,7 @@ def _quiet_random_init():
         root.removeFilter(f)
 
 
-def _register_config(name: str, config: dict) -> None:
+def register_openclip_config(name: str, config: dict) -> None:
     import open_clip.factory
 
     # open_clip keeps architectures in a module-level dict; adding ours is its documented extension point.
@@ -119,16 +120,30 @@ def openclip_unprojected(visual):
     return unprojected
 
 
+def openclip_text_tokenizer(name: str, tokenizer, context_length: int) -> TextTokenizer:
+    """A TextTokenizer over an open_clip tokenizer (its own BPE, or ``HFTokenizer``), which pads
+    to and cuts at ``context_length`` tokens (start and end tokens included)."""
+    def count(prompts: list[str]) -> list[int]:
+        if hasattr(tokenizer, "tokenizer"):  # open_clip's HFTokenizer (BiomedCLIP): [CLS] ... [SEP]
+            texts = [tokenizer.clean_fn(p) for p in prompts]
+            return [len(ids) for ids in tokenizer.tokenizer(texts, truncation=False, verbose=False)["input_ids"]]
+        return [len(tokenizer.encode(p)) + 2 for p in prompts]  # <start> ... <end>
+
+    return TextTokenizer(name, context_length, lambda prompts, length: tokenizer(prompts, context_length=length), count)
+
+
 def openclip_bundle(spec: ModelSpec, model, tokenizer, preprocess: Preprocess, weights_id: str,
                     extras: dict | None = None) -> FoundationModel:
     """Wrap an open_clip CLIP model in the registry interface."""
+    # The model's positions bound the tokenizer's context (they agree for every open_clip config).
+    context = min(n for n in (tokenizer.context_length, getattr(model, "context_length", None)) if n)
     return FoundationModel(
         name=spec.name,
         spec=spec,
         model=model,
         image_encoder=model.visual,
         preprocess=preprocess,
-        tokenize=tokenizer,
+        tokenize=openclip_text_tokenizer(spec.name, tokenizer, context),
         encode_image=model.encode_image,
         encode_text=model.encode_text,
         logit_scale=float(model.logit_scale.exp().item()),
@@ -139,7 +154,7 @@ def openclip_bundle(spec: ModelSpec, model, tokenizer, preprocess: Preprocess, w
     )
 
 
-def _create(arch: str, checkpoint: Path | None, device: str, seed: int | None = None):
+def create_openclip(arch: str, checkpoint: Path | None, device: str, seed: int | None = None):
     """open_clip.create_model on a registered/built-in ``arch``; random init seeded when no checkpoint."""
     import open_clip
 
@@ -156,9 +171,9 @@ def _create(arch: str, checkpoint: Path | None, device: str, seed: int | None = 
 def _load_tiny_clip(spec: ModelSpec, weights: Path | None, device: str) -> FoundationModel:
     import open_clip
 
-    _register_config("cxrfair-tiny-clip", TINY_CLIP_CONFIG)
+    register_openclip_config("cxrfair-tiny-clip", TINY_CLIP_CONFIG)
     ckpt = file_in(weights, CLIP_FILES, "--weights") if weights else None
-    model = _create("cxrfair-tiny-clip", ckpt, device)
+    model = create_openclip("cxrfair-tiny-clip", ckpt, device)
     tokenizer = open_clip.get_tokenizer("cxrfair-tiny-clip")
     size = TINY_CLIP_CONFIG["vision_cfg"]["image_size"]
     pre = Preprocess(size=size, resize=size, mode="shortest", interpolation="bicubic", mean=OPENAI_MEAN, std=OPENAI_STD)
@@ -169,13 +184,11 @@ def _load_tiny_clip(spec: ModelSpec, weights: Path | None, device: str) -> Found
 
 def build_clip_vit_b16(checkpoint: Path | None = None, device: str = "cpu"):
     """The real ViT-B-16-quickgelu architecture; random init (seed 0) if ``checkpoint`` is None."""
-    return _create(CLIP_ARCH, checkpoint, device)
+    return create_openclip(CLIP_ARCH, checkpoint, device)
 
 
 def find_clip_weights(spec: ModelSpec, weights: Path | None) -> Path:
     """OpenAI ViT-B/16 weights in open_clip layout: --weights, $env, hub cache or ~/.cache/cxrfair."""
-    from cxrfair.extract.weights import resolve_weights
-
     candidates = [cache_dir(spec.name) / CLIP_FILES[0]]
     hub = hub_cached(CLIP_HUB_ID, CLIP_FILES[0])
     candidates += [hub] if hub else []
@@ -197,8 +210,8 @@ def _load_clip_vit_b16(spec: ModelSpec, weights: Path | None, device: str) -> Fo
 def build_biomedclip(text_dir: Path, checkpoint: Path | None = None, device: str = "cpu", **arch):
     """A BiomedCLIP-layout model (timm ViT + HF BERT tower at ``text_dir``); ``arch`` overrides sizes."""
     name = f"cxrfair-biomedclip-{zlib.crc32(repr((str(text_dir), sorted(arch.items()))).encode()):08x}"
-    _register_config(name, biomedclip_config(str(text_dir), **arch))
-    return _create(name, checkpoint, device)
+    register_openclip_config(name, biomedclip_config(str(text_dir), **arch))
+    return create_openclip(name, checkpoint, device)
 
 
 def biomedclip_tokenizer(text_dir: Path, context_length: int):
@@ -214,8 +227,6 @@ def find_biomedclip_files(spec: ModelSpec, weights: Path | None) -> tuple[Path, 
     The text folder is looked for beside the weights (``text/`` or the same folder), in
     ``~/.cache/cxrfair/biomedclip/text`` and in the hub cache.
     """
-    from cxrfair.extract.weights import resolve_weights
-
     download = (f"the Hugging Face hub repo {BIOMEDCLIP_HUB_ID} (also {', '.join(BIOMEDBERT_FILES)} of "
                 f"{BIOMEDBERT_HUB_ID}, into {cache_dir(spec.name) / 'text'})")
     hub = hub_cached(BIOMEDCLIP_HUB_ID, BIOMEDCLIP_FILE)

@@ -64,7 +64,7 @@ def _no_text(name: str):
 
 
 def _bundle(spec: ModelSpec, model, preprocess: Preprocess, wid: str, device: str) -> FoundationModel:
-    from cxrfair.extract.models.hf_nn import Pooled
+    from cxrfair.extract.models.hf_nn import Pooled  # lazy: torch (registering stays torch-free)
 
     model = model.to(device).eval()
     image = Pooled(model)

@@ -25,9 +25,12 @@ from cxrfair.extract.models.common import (
     random_init_id,
     weights_id,
 )
-from cxrfair.extract.models.openclip import OPENCLIP_VIT_LORA, TINY_CLIP_CONFIG, _create, _register_config, openclip_bundle
+from cxrfair.extract.models.openclip import (
+    OPENCLIP_VIT_LORA, TINY_CLIP_CONFIG, create_openclip, openclip_bundle, register_openclip_config,
+)
 from cxrfair.extract.preprocess import OPENAI_MEAN, OPENAI_STD, Preprocess
 from cxrfair.extract.registry import FoundationModel, ModelSpec, register
+from cxrfair.io import write_json_atomic
 
 HUB_ID = "StanfordAIMI/XrayCLIP__vit-b-16__laion2b-s34b-b88k"
 CONFIG_NAME = "open_clip_config.json"
@@ -68,8 +71,8 @@ def load_openclip_folder(spec: ModelSpec, folder: Path, device: str, weights_fil
 
     config = read_config(folder)
     name = f"cxrfair-{spec.name}-{zlib.crc32(json.dumps(config['model_cfg'], sort_keys=True).encode()):08x}"
-    _register_config(name, config["model_cfg"])
-    model = _create(name, weights_file, device)
+    register_openclip_config(name, config["model_cfg"])
+    model = create_openclip(name, weights_file, device)
     return openclip_bundle(spec, model, open_clip.get_tokenizer(name), preprocess_from(config),
                            weights_id(weights_file, random_init_id()))
 
@@ -84,8 +87,6 @@ def _load_xrayclip(spec: ModelSpec, weights: Path | None, device: str) -> Founda
 def tiny_folder() -> Path:
     """A folder holding a tiny ``open_clip_config.json`` in the hub layout (no weights: random init)."""
     import tempfile
-
-    from cxrfair.io import write_json_atomic
 
     config = {"model_cfg": {k: v for k, v in TINY_CLIP_CONFIG.items() if k != "quick_gelu"},  # LAION-style GELU
               "preprocess_cfg": {"mean": list(OPENAI_MEAN), "std": list(OPENAI_STD), "interpolation": "bicubic",

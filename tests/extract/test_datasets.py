@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from cxrfair.errors import CxrfairError
-from cxrfair.extract.datasets import READERS, Sources, read_dataset
+from cxrfair.extract.datasets import OPTIONS, PATH_OPTIONS, READERS, Option, Sources, read_dataset
 from cxrfair.extract.datasets import chexpert, mimic, races
 from cxrfair.extract.datasets.nih import vendored_metadata
 
@@ -24,11 +24,47 @@ from cxrfair.extract.datasets.nih import vendored_metadata
 def test_registry_lists_the_four_readers_and_refuses_foreign_options(tmp_path):
     assert list(READERS) == ["nih", "chexpert", "mimic", "csv"]
     for module in READERS.values():
-        assert callable(module.read) and module.FILES and isinstance(module.OPTIONS, tuple)
+        assert callable(module.read) and module.METADATA.key == "metadata" and isinstance(module.OPTIONS, tuple)
+        assert all(isinstance(o, Option) for o in module.OPTIONS)
     with pytest.raises(CxrfairError, match=r"--drains: not used by --dataset chexpert \(it is for --dataset nih\)"):
         read_dataset("chexpert", Sources(metadata=tmp_path / "x.csv", drains=tmp_path / "d.csv"))
     with pytest.raises(CxrfairError, match="--dataset vindr: unknown dataset; known: nih, chexpert, mimic, csv"):
         read_dataset("vindr", Sources())
+
+
+def test_a_readers_declaration_is_its_cli_options_config_keys_and_hashed_files(tmp_path):
+    """One declaration per reader: --dataset's choices, the reader options of `cohort build`, the
+    [cohort] keys, CohortConfig's options and the files the pipeline hashes all come from it."""
+    import click
+
+    from cxrfair.config import CohortSettings, config_from_dict
+    from cxrfair.extract.cohort import CohortConfig
+    from cxrfair.extract.cohort_cli import build
+
+    assert list(OPTIONS) == ["official_split", "drains", "demographics", "race_map", "mimic_iv", "columns", "labels"]
+    assert PATH_OPTIONS == ("official_split", "drains", "demographics", "race_map", "mimic_iv")
+    params = {p.name: p for p in build.get_params(click.Context(build))}
+    assert set(OPTIONS) <= set(params) and list(params["dataset"].type.choices) == list(READERS)
+    assert all(params[k].opts == [o.flag] for k, o in OPTIONS.items())
+    fields = [f.name for f in __import__("dataclasses").fields(CohortSettings)]
+    assert fields[:3] == ["dataset", "metadata", "images"] and fields[3:3 + len(OPTIONS)] == list(OPTIONS)
+    cfg = config_from_dict({"models": ["tiny-clip"], "cohort": {"columns": {"path": "P"}, "labels": ["A"], "drains": "d.csv"}},
+                           base=tmp_path)
+    assert cfg.cohort.columns == {"path": "P"} and cfg.cohort.labels == ("A",) and cfg.cohort.drains == tmp_path / "d.csv"
+    c = CohortConfig.from_preset("all-multilabel", out=tmp_path / "o", dataset="csv", columns="path=P,sex=S",
+                                 labels=("A",), race_map=str(tmp_path / "m.csv"))
+    assert c.options == {"columns": (("path", "P"), ("sex", "S")), "labels": ("A",), "race_map": tmp_path / "m.csv"}
+    assert c.sources().get("columns") == (("path", "P"), ("sex", "S")) and c.sources().get("drains") is None
+    mimic = CohortConfig.from_preset("mimic-sourget", out=tmp_path / "o", metadata=tmp_path / "cxr", mimic_iv=tmp_path / "iv")
+    assert [(k, p.name, files) for k, p, files in mimic.source_files()] == [
+        ("metadata", "cxr", ("mimic-cxr-2.0.0-metadata.csv", "mimic-cxr-2.0.0-chexpert.csv", "mimic-cxr-2.0.0-split.csv")),
+        ("mimic_iv", "iv", ("hosp/patients.csv", "hosp/admissions.csv"))]
+    nih = CohortConfig.from_preset("nih-6x200", out=tmp_path / "o")
+    assert [k for k, _, _ in nih.source_files()] == ["metadata"] and nih.source_files()[0][1].is_file()  # vendored
+    with pytest.raises(CxrfairError, match="scanner: not an option of any dataset reader"):
+        CohortConfig(out=tmp_path / "o", options={"scanner": "x"})
+    with pytest.raises(CxrfairError, match="--columns: 'path' is not key=COLUMN"):
+        CohortConfig.from_preset("all-multilabel", out=tmp_path / "o", dataset="csv", columns="path")
 
 
 # --- NIH ----------------------------------------------------------------------------------------

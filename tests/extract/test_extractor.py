@@ -237,7 +237,7 @@ def test_full_disk_at_the_cache_is_one_line_and_leaves_no_file(cohort, tmp_path,
     import shutil
     from collections import namedtuple
 
-    from cxrfair.extract import cache as cache_module
+    from cxrfair.extract import extractor as extractor_module
 
     out = tmp_path / "c.h5"
     usage = namedtuple("usage", "total used free")
@@ -245,7 +245,7 @@ def test_full_disk_at_the_cache_is_one_line_and_leaves_no_file(cohort, tmp_path,
     with pytest.raises(CxrfairError, match=rf"--out {out}: the cache needs about [\d.]+ MB but only 0.0 MB are free"):
         extract(config(cohort, out))
     monkeypatch.undo()
-    monkeypatch.setattr(cache_module, "write_cache", _refuse(errno.ENOSPC))
+    monkeypatch.setattr(extractor_module, "write_cache", _refuse(errno.ENOSPC))
     with pytest.raises(CxrfairError, match=rf"--out {out}: cannot write the cache \(No space left on device\)"):
         extract(config(cohort, out))
     assert not out.exists() and not list(tmp_path.glob(".*tmp")) and partial_dir(out).is_dir()

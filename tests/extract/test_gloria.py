@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from cxrfair.errors import CxrfairError
-from cxrfair.extract.models import gloria
+from cxrfair.extract.models import gloria, gloria_nn
 from cxrfair.extract.registry import get_spec, load_model
 from cxrfair.extract.safe_load import convert_to_safetensors, restricted_load
 
@@ -205,7 +205,7 @@ def test_clean_prompt():
 
 def test_word_groups():
     tokens = ["[CLS]", "card", "##io", "##megaly", "is", "[SEP]", "[PAD]"]
-    assert gloria.word_groups(tokens) == [[0], [1, 2, 3], [4], [5]]
+    assert gloria_nn.word_groups(tokens) == [[0], [1, 2, 3], [4], [5]]
 
 
 def test_preprocess_constants():

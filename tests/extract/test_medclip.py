@@ -243,7 +243,7 @@ def tiny_cohort(tmp_path_factory):
 def extract_and_zeroshot(model, cohort, tmp_path, monkeypatch):
     """Run the real extractor and zero-shot probe; return the cache and the runs written."""
     from cxrfair.core.runs import read_runs
-    from cxrfair.extract import prompts
+    from cxrfair.extract import extractor, prompts
     from cxrfair.extract.cache import read_cache
     from cxrfair.extract.extractor import ExtractConfig, extract
     from cxrfair.probe.zeroshot import zeroshot_cache
@@ -251,7 +251,7 @@ def extract_and_zeroshot(model, cohort, tmp_path, monkeypatch):
     # 2 draws of 3 prompts per set instead of 10 x 10: the prompt sampling is not under test here,
     # and every prompt is a BERT forward on 2 shared CPU cores.
     full = prompts.build_all
-    monkeypatch.setattr(prompts, "build_all", lambda classes, seed=0: full(classes, draws=2, k=3, seed=seed))
+    monkeypatch.setattr(extractor, "build_all", lambda classes, seed=0: full(classes, draws=2, k=3, seed=seed))
     out = tmp_path / f"{model}.h5"
     extract(ExtractConfig(model=model, cohort=cohort, out=out, batch_size=8, workers=0, device="cpu", progress=False))
     zeroshot_cache(out, tmp_path / "runs")
