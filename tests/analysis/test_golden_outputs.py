@@ -13,7 +13,8 @@ does), report.md / report.html / analysis.json exactly, with the temporary folde
 One intended change since: multi-label ``eqodds_max`` is named ``eqodds_worst`` (one name per
 idea across tasks), which renames it in metrics.csv / seeds.csv / comparisons.csv and moves it
 into the report's first fairness columns, as for multi-class; nothing else differed (checked
-against the pre-refactor code with the old name substituted).
+against the pre-refactor code with the old name substituted). The metric definitions printed in
+report.md / report.html now cite "Sun et al. eq. N" instead of a file the project does not ship.
 After an intended change of the outputs, print the new digests with
 ``python -m tests.analysis.test_golden_outputs`` (from the repository root) and paste them below.
 """
@@ -46,8 +47,8 @@ EXPECTED = {
         'metrics.csv': '9ac80a68cf8cc4add48779ac98b6c881c3dc3793fe65557960631436b2d439bb',
         'mitigation.csv': '4231580bdc9102c750a65e422adac085f46605e9dd0c9c8a256acb6708498bd5',
         'reliability.csv': '7558390120348b17d76cc85b91dc728e09ddf41e2f27cec99d83e2f7765f9f74',
-        'report.html': '60772b8115de811ef0a10d73f6f6505041c0e7bc6f7b0ac2a141511bb8d2f7bc',
-        'report.md': '50bb9e871cb326bd699e86f031945ad3ea608e82c7f30478691f38b620a9a151',
+        'report.html': '1cb06e80085f1a90111e3d56312200f3880631e39086931d42f4746dc348a96a',
+        'report.md': 'b527b35af4473f8378ef9a2ad497aa9dc866c4b5b5079de59fee34890212b754',
         'roc.csv': '112d1bdc65b73f0adb6e57ac976b4cde2accde615aa85982b5686e1de0b1c940',
         'runs.csv': '34b124b0c6d83591c5f5d02cbbaed0b132be0d533b7aea54c78ec4484db28404',
         'seeds.csv': 'f265442fa05df815d8ddf45a2c27d783810c0754a3ca1cb1565c3c0a450b503c',
@@ -59,8 +60,8 @@ EXPECTED = {
         'findings.csv': 'f0697f17079cb3c4773fa6995352501a8ba52ba6b3046f339a26530fc4a6b420',
         'metrics.csv': '3cebbc26aeb275a6225a879bf52593d75a35b45058fce9f70310793032a44eca',
         'reliability.csv': '8378c325fa3afaa6203eede27a197c73a57191ff0dd4087f7f5ac1a2d9e3c887',
-        'report.html': 'd8b3745e1e0cb47e5614c3e2e8b6f95149f5821549a49f0be704ec3dd0348616',
-        'report.md': '8e91cf67de2001ecf52df110e469927f638223fc98c8ba5c865997ccb58fe7a9',
+        'report.html': 'b217770b87b8aac9ecf8e3dd2226a02a0178e6ad5480489e7c9ee3748205543d',
+        'report.md': '5be1e213be02e9874760c112b272e8fb4fe6b63d2481a06a51b23ce583656202',
         'roc.csv': '5f9f4a80015486a723c14d17b8ae8f7251f89bbf3cf432a2465206e3610818c4',
         'runs.csv': '3fc2c182e30f6ee8fde425a34743f27a33be03774dc60c318bad44329c5161aa',
         'seeds.csv': '2267fa65f8f9206f0cec64f32605768efc732b5d17f082432a1d56b859dd5e7a',
