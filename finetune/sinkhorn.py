@@ -109,7 +109,3 @@ def sinkhorn_divergence(a: torch.Tensor, b: torch.Tensor, eps: float = EPS, tol:
     """``S_eps(a, b)`` between two 1-D samples (n,) and (m,) with uniform weights: a scalar tensor."""
     return divergences([(a, b)], eps, tol, max_iter)[0]
 
-
-def anneal_passes(diameter: float, eps: float = EPS) -> int:
-    """How many annealing passes ``potentials`` makes for a squared diameter (for tests and docs)."""
-    return 0 if diameter <= eps else math.ceil(math.log(eps / diameter) / math.log(ANNEAL))

@@ -599,11 +599,6 @@ def strength_tag(strength: float) -> str:
     return f"st{strength:g}"
 
 
-def write_sweep(out, inputs, cfg: SweepConfig, result: SweepResult, run_ids: list[str], force: bool) -> list[Path]:
-    """Write the selected configuration's runs (one per seed), then the sweep table."""
-    paths = write_runs(out, inputs, cfg, result, run_ids, result.selected, force)
-    write_table(out, result, run_ids[0])
-    return paths
 
 
 def write_table(out, result: SweepResult, run_id: str) -> None:

@@ -275,11 +275,6 @@ def hub_cached_vocab() -> Path | None:
 # --- Hugging Face configs and strict state-dict loading ---------------------------------------------
 
 
-def hf_config(fields: dict):
-    """A transformers config from a plain dict whose ``model_type`` names the class (bert, swin, ...)."""
-    from transformers import AutoConfig
-
-    return AutoConfig.for_model(fields["model_type"], **{k: v for k, v in fields.items() if k != "model_type"})
 
 
 def bert_config(fields: dict):
