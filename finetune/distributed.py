@@ -29,6 +29,9 @@ import numpy as np
 
 from cxrfair.errors import CxrfairError
 from cxrfair.extract.distributed import shard_rows, torchrun_env
+from cxrfair.finetune import data as fdata
+from cxrfair.finetune.model import trainable_batchnorm
+from cxrfair.io import ensure_writable_dir
 
 T = TypeVar("T")
 # The longest wait between two collectives is the image-cache build and rank 0's final writes.
@@ -186,7 +189,6 @@ def sync_batchnorm(model, d: Dist, device):
     """Trained BatchNorm layers as SyncBatchNorm under DDP on CUDA (same module otherwise)."""
     import torch
 
-    from cxrfair.finetune.model import trainable_batchnorm
 
     if d.active and device.type == "cuda" and trainable_batchnorm(model):
         return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -224,7 +226,6 @@ def shared_image_cache(paths: list, preprocess, file: Path, workers: int, d: Dis
     Returns:
         (N, 3, S, S) uint8 read-only memmap.
     """
-    from cxrfair.finetune import data as fdata
 
     shape = fdata.cache_shape(len(paths), preprocess)
     if not d.on_main(lambda: _complete_or_checked(file, shape, paths)):
@@ -240,7 +241,6 @@ def shared_image_cache(paths: list, preprocess, file: Path, workers: int, d: Dis
 
 
 def _complete_or_checked(file: Path, shape: tuple, paths: list) -> bool:
-    from cxrfair.finetune import data as fdata
 
     if fdata.cache_is_complete(file, shape):
         return True
@@ -250,7 +250,6 @@ def _complete_or_checked(file: Path, shape: tuple, paths: list) -> bool:
 
 def _blank(file: Path, shape: tuple) -> str:
     """A zero-filled (sparse) temp file of the cache's size beside ``file``; its path."""
-    from cxrfair.io import ensure_writable_dir
 
     ensure_writable_dir(file.parent, "image cache")
     tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
@@ -274,7 +273,6 @@ class _RowWriter:
 
 
 def _fill_slice(tmp: Path, shape: tuple, paths: list, start: int, preprocess, workers: int, d: Dist) -> None:
-    from cxrfair.finetune import data as fdata
 
     if not tmp.is_file():
         raise CxrfairError(_not_shared(tmp, d))
@@ -288,7 +286,6 @@ def _fill_slice(tmp: Path, shape: tuple, paths: list, start: int, preprocess, wo
 
 
 def _open_shared(file: Path, shape: tuple, d: Dist) -> np.ndarray:
-    from cxrfair.finetune import data as fdata
 
     if not fdata.cache_is_complete(file, shape):
         raise CxrfairError(_not_shared(file, d))

@@ -36,8 +36,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from cxrfair.core.runs import check_runs_folder, make_predictions, write_run
 from cxrfair.errors import CxrfairError
+from cxrfair.extract.cohort import load_cohort
 from cxrfair.extract.distributed import shard_rows
+from cxrfair.extract.registry import get_spec, load_model
 from cxrfair.finetune import data as fdata
 from cxrfair.finetune import objectives
 from cxrfair.finetune.checkpoint import (  # noqa: F401  (re-exported: the names tests and tools use)
@@ -497,9 +500,6 @@ def prepare(config: FinetuneConfig, d: Dist = Dist()) -> Setup:
 
     Checks that touch files run on rank 0; their errors reach every process.
     """
-    from cxrfair.core.runs import check_runs_folder
-    from cxrfair.extract.cohort import load_cohort
-    from cxrfair.extract.registry import get_spec, load_model
 
     spec = get_spec(config.model)
     if config.method == "lora":
@@ -677,7 +677,6 @@ def write_outputs(config: FinetuneConfig, cohort, model: nn.Module, meta: dict, 
     The weights are written first into a hidden folder and moved into the finished run folder by
     one rename, so the run folder never holds a half-written adapter.
     """
-    from cxrfair.core.runs import make_predictions, write_run
 
     predictions = make_predictions(cohort.table.iloc[eval_idx], probs, cohort.classes, task=cohort.task,
                                    attributes=cohort.attributes)
