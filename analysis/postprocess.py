@@ -54,13 +54,15 @@ from pathlib import Path
 import numpy as np
 
 from cxrfair.core import groups as G
+from cxrfair.core.mitigations import MITIGATIONS
 from cxrfair.core import metrics as M
 from cxrfair.core import multilabel as ML
 from cxrfair.core import runs as R
 from cxrfair.errors import CxrfairError
 
 CONSTRAINTS = ("equalized_odds", "tpr", "fpr")
-DEFAULT_STRENGTH = 0.02
+THRESHOLDS = MITIGATIONS["thresholds"]  # this stage's row of the mitigation table
+DEFAULT_STRENGTH = THRESHOLDS.postprocess_strength
 # Candidate thresholds / offset values per group and coordinate: beyond this the distinct values
 # are subsampled evenly by rank (bounds the search to K^2 pairs per condition).
 MAX_CANDIDATES = 256
@@ -515,9 +517,9 @@ def apply_offsets(P, groups, offsets: np.ndarray) -> np.ndarray:
 def _check_config(config: PostprocessConfig) -> None:
     if config.constraint not in CONSTRAINTS:
         raise CxrfairError(f"--constraint {config.constraint!r} is unknown; choose one of {', '.join(CONSTRAINTS)}")
-    if not 0 <= config.strength <= 1:
-        raise CxrfairError(f"--strength {config.strength}: the validation utility the fit may give up must be in "
-                           f"[0, 1] (default {DEFAULT_STRENGTH})")
+    if not THRESHOLDS.strength_ok(config.strength):
+        raise CxrfairError(f"--strength {config.strength}: the validation utility the fit may give up must be "
+                           f"{THRESHOLDS.rule()} (default {DEFAULT_STRENGTH})")
     if config.max_candidates < 2:
         raise CxrfairError(f"max_candidates {config.max_candidates}: needs at least 2")
 

@@ -109,8 +109,10 @@ def _postprocess_steps(config, p, entry: PostprocessSettings, where: str, attrib
     _check_sensitive(entry.sensitive, attributes, where)
     if entry.constraint not in postprocess_stage.CONSTRAINTS:
         raise CxrfairError(f"{where} constraint {entry.constraint!r}: choose one of {', '.join(postprocess_stage.CONSTRAINTS)}")
-    if not 0 <= entry.strength <= 1:
-        raise CxrfairError(f"{where} strength {entry.strength:g}: the validation utility given up, in [0, 1] (e.g. 0.02)")
+    thresholds = mitigations.get("thresholds")
+    if not thresholds.strength_ok(entry.strength):
+        raise CxrfairError(f"{where} strength {entry.strength:g}: the validation utility given up, {thresholds.rule()} "
+                           f"(e.g. {thresholds.postprocess_strength:g})")
     return [_postprocess_step(config, p, entry, model, method, producers[model, method], names, where)
             for model in _models(config, entry.models, f"{where} models") for method in entry.methods]
 

@@ -36,6 +36,7 @@ class Mitigation:
     low_inclusive: bool = True
     probe_strengths: tuple[float, ...] = ()  # the probe sweep's default strength axis
     finetune_strength: float | None = None  # fine-tuning's default (one run per strength)
+    postprocess_strength: float | None = None  # post-processing's default (one run per strength)
     zero_is_erm: bool = False  # strength 0 trains plain ERM with the mitigation's own solver and grid
     needs_sensitive: bool = True  # targets a sensitive attribute (--sensitive ATTR); erm alone targets none
 
@@ -82,7 +83,9 @@ _ROWS = (
                probe_solver="adamw", strength="λ of the Sinkhorn term",
                probe_strengths=(0.1, 1.0, 10.0), finetune_strength=1.0, zero_is_erm=True),
     Mitigation("erase", (PROBE,), "LEACE: the attribute linearly erased from the features before the probe"),
-    Mitigation("thresholds", (POSTPROCESS,), "group thresholds / class offsets fitted on validation"),
+    Mitigation("thresholds", (POSTPROCESS,), "group thresholds / class offsets fitted on validation",
+               strength="validation utility the fit may give up, absolute (0.02 = two points)", high=1.0,
+               postprocess_strength=0.02, needs_sensitive=True),
 )
 
 MITIGATIONS: dict[str, Mitigation] = {m.name: m for m in _ROWS}

@@ -28,7 +28,8 @@ def test_each_row_is_consistent(name):
     assert m.probe_solver in ("lbfgs", "adamw")
     assert m.low < m.high and not math.isnan(m.low)
     if not m.has_strength:
-        assert m.probe_strengths == () and m.finetune_strength is None and not m.zero_is_erm
+        assert m.probe_strengths == () and m.finetune_strength is None and m.postprocess_strength is None
+        assert not m.zero_is_erm
         return
     if M.PROBE in m.stages:  # the default grid: distinct strengths in range
         assert m.probe_strengths and len(set(m.probe_strengths)) == len(m.probe_strengths)
@@ -41,6 +42,10 @@ def test_each_row_is_consistent(name):
         assert M.check_strength(name, m.finetune_strength) == m.finetune_strength
     else:
         assert m.finetune_strength is None
+    if M.POSTPROCESS in m.stages:  # one default run
+        assert m.postprocess_strength is not None and m.strength_ok(m.postprocess_strength)
+    else:
+        assert m.postprocess_strength is None
     if m.zero_is_erm:
         assert m.strength_ok(0.0) and M.check_strength(name, 0.0) == 0.0 and M.check_strengths(name, (0.0,)) == (0.0,)
     assert not m.strength_ok(math.inf) and not m.strength_ok(math.nan) and not m.strength_ok(m.low - 1)
