@@ -1,10 +1,13 @@
-"""``cxrfair models list`` and ``cxrfair extract [merge]``: thin click wrappers.
+"""``cxrfair models list``, ``cxrfair weights fetch`` and ``cxrfair extract [merge]``: thin click wrappers.
 
 Only click is imported at module level; the library (torch, open_clip) loads inside commands.
 """
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 from pathlib import Path
 
 import click
@@ -17,32 +20,122 @@ def models() -> None:
     """List the foundation models in the registry."""
 
 
-@models.command("list")
-def list_models() -> None:
-    """Table of models: encoders, cached embedding, weights source and licence, zero-shot, LoRA targets.
+# Every field of a model's row, in the order of --format json / csv (the text table shows a few).
+FIELDS = ("name", "image_encoder", "text_encoder", "dim", "cached_embedding", "pre_projection", "weights_source",
+          "weights_env", "fetch", "licence", "zero_shot", "lora_targets", "description")
+# The text table: (field, header, width at most); 98 characters with the separators.
+TEXT_COLUMNS = (("name", "name", 19), ("image_encoder", "image encoder", 28), ("dim", "dim", 4),
+                ("zero_shot", "zs", 3), ("fetch", "weights", 13), ("licence", "licence", 21))
 
-    "dim" and "cached embedding" say what extraction stores by default (the joint-space projection
-    for image-text models); "pre-projection" is the dimension of the features before that
-    projection a model also offers (``encode_image_unprojected``), "-" where it has none.
+
+@models.command("list")
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "csv"]), default="text", show_default=True,
+              help="text: a table for a terminal (100 columns, long values cut with …); json / csv: every field, "
+                   "whole.")
+def list_models(fmt: str) -> None:
+    """The models in the registry: encoders, cached embedding, weights source and licence, zero-shot, LoRA targets.
+
+    \b
+    weights: `weights fetch` = `cxrfair weights fetch NAME` downloads them;
+             by hand = a page only a browser can download from (the command prints it);
+             random = a tiny test model.
+    "dim" / cached_embedding say what extraction stores by default (the joint-space projection for
+    image-text models); pre_projection is the dimension of the features before it ("-": none).
+    Where weights are looked for: --weights PATH, then weights_env, then ~/.cache/cxrfair/NAME/,
+    then the Hugging Face hub cache (docs/models.md).
     """
+    # Lazy like every command here: the registry and the model modules load only when run.
+    from cxrfair.extract.fetch import SOURCES
     from cxrfair.extract.registry import list_specs
 
-    header = ("name", "image encoder", "text encoder", "dim", "cached embedding", "pre-projection", "weights source",
-              "licence", "zero-shot", "LoRA targets")
-    rows = [(s.name, s.image_encoder, s.text_encoder or "-", str(s.embed_dim), s.embedding,
-             str(s.unprojected_dim or "-"), s.weights_source, s.license or "-",
-             "yes" if s.zero_shot else "no", _targets(s.lora_targets)) for s in list_specs()]
-    click.echo(_table(header, rows))
+    rows = [_row(s, SOURCES.get(s.name)) for s in list_specs()]
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=1))
+    elif fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=FIELDS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({k: ",".join(v) if isinstance(v, list) else v for k, v in r.items()} for r in rows)
+        click.echo(buf.getvalue(), nl=False)
+    else:
+        header = tuple(h for _, h, _ in TEXT_COLUMNS)
+        cells = [tuple(_cut(_text(r[k]), w) for k, _, w in TEXT_COLUMNS) for r in rows]
+        click.echo(_table(header, cells))
+        click.echo("every field, whole: --format json | csv; weights: cxrfair weights fetch NAME")
 
 
-def _targets(t) -> str:
-    return "-" if not t else t if isinstance(t, str) else ",".join(t)
+def _row(s, sources) -> dict:
+    """A model's row: plain JSON values, every one of FIELDS."""
+    fetch = "random" if s.tiny else "-" if not sources else "by hand" if any(f.manual for f in sources) else "weights fetch"
+    targets = [] if not s.lora_targets else [s.lora_targets] if isinstance(s.lora_targets, str) else list(s.lora_targets)
+    return {"name": s.name, "image_encoder": s.image_encoder, "text_encoder": s.text_encoder or "", "dim": s.embed_dim,
+            "cached_embedding": s.embedding, "pre_projection": s.unprojected_dim, "weights_source": s.weights_source,
+            "weights_env": s.weights_env or "", "fetch": fetch, "licence": s.license or "", "zero_shot": s.zero_shot,
+            "lora_targets": targets, "description": s.description}
+
+
+def _text(value) -> str:
+    return "yes" if value is True else "no" if value is False else "-" if value in (None, "") else str(value)
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _table(header: tuple, rows: list[tuple]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
     return "\n".join([line(header), line(tuple("-" * w for w in widths)), *map(line, rows)])
+
+
+@click.group()
+def weights() -> None:
+    """Download a model's released weights to where cxrfair looks for them."""
+
+
+@weights.command("fetch")
+@click.argument("model")
+@click.option("--to", type=click.Path(path_type=Path), default=None,
+              help="Folder to put the files in  [default: ~/.cache/cxrfair/MODEL, where cxrfair looks first]")
+def fetch_weights(model: str, to: Path | None) -> None:
+    """Download MODEL's weights from the source `cxrfair models list` names.
+
+    URL downloads resume where an interrupted one stopped (MODEL's files keep a .part until whole)
+    and are checked against the checksum the source publishes, where it publishes one; Hugging
+    Face hub files come through huggingface_hub. Offline (HF_HUB_OFFLINE=1 or no network), and for
+    files only a browser can download, it prints what to download and where to put each file.
+    """
+    from cxrfair.extract.fetch import Unreachable, fetch
+
+    bar = _ByteBar()
+    try:
+        paths = fetch(model, to, progress=bar.update, say=lambda text: (bar.close(), click.echo(text)))
+    except Unreachable as e:
+        bar.close()
+        click.echo(str(e))
+        raise CxrfairError(f"model {model}: weights not (all) fetched; download the files above by hand") from None
+    finally:
+        bar.close()
+    click.echo(f"model {model}: {len(paths)} file(s) in {paths[0].parent}")
+
+
+class _ByteBar:
+    """A tqdm bar on stderr, opened on the first progress report of each download."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def update(self, have: int, total: int | None) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=0, unit="B", unit_scale=True, unit_divisor=1024, leave=False)
+        self.bar.update(have - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 @click.group(invoke_without_command=True)

@@ -30,15 +30,32 @@ def cohort(tmp_path_factory):
     return make_cohort(tmp_path_factory.mktemp("cli"))
 
 
-def test_models_list_shows_every_column_and_model():
+def test_models_list_fits_100_columns_and_json_csv_carry_every_field():
+    import csv
+    import io
+    import json
+
+    from cxrfair.extract.cli import FIELDS
+    from cxrfair.extract.registry import list_specs
+
     result = run("models", "list")
     assert result.exit_code == 0, result.output
-    header = result.output.splitlines()[0]
-    for col in ("name", "image encoder", "text encoder", "dim", "weights source", "zero-shot", "LoRA targets"):
-        assert col in header
-    clip = next(line for line in result.output.splitlines() if line.startswith("clip-vit-b16 "))
-    assert "512" in clip and "QuickGELU" in clip and "attn,c_fc,c_proj" in clip
-    assert any(line.startswith("tiny-biomedclip ") for line in result.output.splitlines())
+    lines = result.output.splitlines()
+    assert max(map(len, lines)) <= 100
+    assert lines[0].split() == ["name", "image", "encoder", "dim", "zs", "weights", "licence"]
+    names = [s.name for s in list_specs()]
+    assert [line.split()[0] for line in lines[2:2 + len(names)]] == names  # every name whole, in registry order
+    assert "  by hand  " in next(line for line in lines if line.startswith("gloria-rn50 "))
+    assert "--format json" in lines[-1]
+
+    rows = json.loads(run("models", "list", "--format", "json").output)
+    assert [r["name"] for r in rows] == names and all(tuple(r) == FIELDS for r in rows)
+    clip = next(r for r in rows if r["name"] == "clip-vit-b16")
+    assert clip["dim"] == 512 and "QuickGELU" in clip["image_encoder"] and clip["lora_targets"] == ["attn", "c_fc", "c_proj"]
+    assert clip["weights_env"] == "CXRFAIR_CLIP_VIT_B16_WEIGHTS" and clip["fetch"] == "weights fetch"
+    table = list(csv.DictReader(io.StringIO(run("models", "list", "--format", "csv").output)))
+    assert [r["name"] for r in table] == names and tuple(table[0]) == FIELDS
+    assert next(r for r in table if r["name"] == "clip-vit-b16")["lora_targets"] == "attn,c_fc,c_proj"
 
 
 def test_extract_writes_then_leaves_a_complete_cache_alone(cohort, tmp_path):
