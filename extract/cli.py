@@ -141,7 +141,8 @@ class _ByteBar:
 @click.group(invoke_without_command=True)
 @click.option("--model", help="Registry name (see `cxrfair models list`).")
 @click.option("--cohort", type=click.Path(path_type=Path), help="Cohort folder (cohort.csv + cohort.json).")
-@click.option("--out", type=click.Path(path_type=Path), help="The HDF5 cache to write (FILE.h5).")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Folder for the cache: OUT/<model>.h5 (OUT/<model>-unprojected.h5 with --features unprojected).")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Images per forward pass.")
 @click.option("--workers", type=int, default=2, show_default=True, help="DataLoader decode workers.")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
@@ -150,7 +151,8 @@ class _ByteBar:
 @click.option("--images", type=click.Path(path_type=Path), default=None, help="Images root, overriding the cohort's.")
 @click.option("--force", is_flag=True, help="Start over: discard partial progress and any existing cache at --out.")
 @click.option("--skip-bad", is_flag=True, help="Leave unreadable images out (recorded in the cache) instead of failing.")
-@click.option("--parts-dir", type=click.Path(path_type=Path), default=None, help="Under torchrun: where ranks write parts [FILE.h5.parts].")
+@click.option("--parts-dir", type=click.Path(path_type=Path), default=None,
+              help="Under torchrun: where ranks write parts [OUT/<model>.h5.parts].")
 @click.option("--prompt-scores/--no-prompt-scores", default=True, show_default=True,
               help="GLoRIA models: also store every image's global and local similarity to every prompt "
                    "(what GLoRIA's own zero-shot scoring needs; slower extraction). Ignored by other models.")
@@ -166,6 +168,7 @@ def extract(ctx, model, cohort, out, batch_size, workers, device, precision, wei
     missing = [f"--{n}" for n, v in (("model", model), ("cohort", cohort), ("out", out)) if not v]
     if missing:
         raise CxrfairError(f"extract needs {', '.join(missing)} (see `cxrfair extract --help`)")
+    out = _out_folder(out, ctx) / cache_name(model, features)
     from cxrfair.extract.distributed import run_distributed, torchrun_env
     from cxrfair.extract.extractor import ExtractConfig
     from cxrfair.extract.extractor import extract as run_extract
@@ -194,20 +197,38 @@ def _report(result) -> None:
                f"({result.images_per_s:.1f} images/s){skipped}")
 
 
+def cache_name(model: str, features: str) -> str:
+    """The cache's file name in the --out folder (the pipeline's cache/<model>.h5 for projected features)."""
+    return f"{model}.h5" if features == "projected" else f"{model}-{features}.h5"
+
+
+def _out_folder(out: Path, ctx: click.Context) -> Path:
+    """--out as a folder; a FILE.h5 (the old meaning) is refused naming the folder to pass instead."""
+    if out.suffix == ".h5":
+        raise click.UsageError(f"--out {out}: --out is a folder now (the cache goes to OUT/<model>.h5); "
+                               f"pass --out {out.parent}", ctx=ctx)
+    return out
+
+
 @extract.command()
 @click.argument("parts", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--parts-dir", type=click.Path(path_type=Path), default=None, help="Folder holding part-*-of-*.h5.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="The merged cache (FILE.h5).")
-@click.option("--force", is_flag=True, help="Replace an existing --out.")
-def merge(parts, parts_dir, out, force) -> None:
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Folder for the merged cache: OUT/<model>.h5, named after the parts' model and features.")
+@click.option("--force", is_flag=True, help="Replace an existing merged cache.")
+@click.pass_context
+def merge(ctx, parts, parts_dir, out, force) -> None:
     """Join the part files of a sharded extraction into one cache (checks model, cohort, coverage)."""
+    from cxrfair.extract.cache import read_cache
     from cxrfair.extract.distributed import find_parts, merge_parts
 
+    out = _out_folder(out, ctx)
     if bool(parts) == bool(parts_dir):
         raise CxrfairError("merge needs either PARTS... or --parts-dir (not both)")
     files = list(parts) or find_parts(parts_dir)
     for f in files:
         if not f.is_file():
             raise CxrfairError(f"part {f}: no such file")
-    path = merge_parts(files, out, force=force)
+    first = read_cache(files[0])
+    path = merge_parts(files, out / cache_name(first.model, first.attrs.get("features", "projected")), force=force)
     click.echo(f"merged {len(files)} part(s) into {path}")
