@@ -106,6 +106,12 @@ class Planned:
     def part(self) -> Path:
         return self.dest.with_name(self.dest.name + ".part")
 
+    @property
+    def found(self) -> Path | None:
+        """The file (or one of its alternative names) if already in place, else None."""
+        return next((self.dest.parent / n for n in (self.file.name, *self.file.alternatives)
+                     if (self.dest.parent / n).is_file()), None)
+
 
 def plan(model: str, to: Path | None = None) -> list[Planned]:
     """The files ``model`` needs and where each goes (``to`` or ``~/.cache/cxrfair/<model>``).
@@ -174,12 +180,12 @@ def fetch(model: str, to: Path | None = None, progress: Progress | None = None,
             (the ``.part`` file is kept for the rerun).
     """
     files = plan(model, to)
-    todo = [p for p in files if not p.dest.is_file()]
+    todo = [p for p in files if p.found is None]
     for p in files:
-        if p.dest.is_file():
-            say(f"{p.dest}: already there")
+        if p.found is not None:
+            say(f"{p.found}: already there")
     if not todo:
-        return [p.dest for p in files]
+        return [p.found for p in files]
     if offline():
         raise Unreachable(f"offline (HF_HUB_OFFLINE is set); nothing downloaded.\n{instructions(model, to, todo)}")
     manual = [p for p in todo if p.file.manual]
@@ -192,18 +198,18 @@ def fetch(model: str, to: Path | None = None, progress: Progress | None = None,
             else:
                 download_url(p.file.url, p.dest, sha256=p.file.sha256, progress=progress)
         except Unreachable as e:
-            raise Unreachable(f"{e}\n{instructions(model, to, [q for q in todo if not q.dest.is_file()])}") from None
+            raise Unreachable(f"{e}\n{instructions(model, to, [q for q in todo if q.found is None])}") from None
         say(f"{p.dest}: fetched")
     if manual:
         raise Unreachable(instructions(model, to, manual))
-    return [p.dest for p in files]
+    return [p.found or p.dest for p in files]
 
 
 def _hub_download(p: Planned) -> None:
     """``p``'s file (or its first alternative the repo has) from the hub into ``p.dest``'s folder."""
     try:
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError, GatedRepoError
+        from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, RepositoryNotFoundError
     except ImportError as e:  # pragma: no cover - transformers depends on huggingface_hub
         raise CxrfairError(f"huggingface_hub is not installed ({e}); pip install huggingface_hub") from None
     for name in (p.file.name, *p.file.alternatives):
@@ -212,9 +218,12 @@ def _hub_download(p: Planned) -> None:
             return
         except EntryNotFoundError:
             continue
-        except GatedRepoError:
+        except GatedRepoError:  # (a RepositoryNotFoundError: test it first)
             raise CxrfairError(f"hub repo {p.file.repo} is gated: accept its terms on huggingface.co, run "
                                "`huggingface-cli login`, and rerun") from None
+        except RepositoryNotFoundError:
+            raise CxrfairError(f"hub repo {p.file.repo}: not found (renamed or private?); download "
+                               f"{p.file.name} by hand as `cxrfair weights fetch` prints offline") from None
         except OSError as e:  # requests' connection errors are OSErrors
             raise Unreachable(f"could not reach the Hugging Face hub for {p.file.repo}/{name} ({e})") from None
     raise CxrfairError(f"hub repo {p.file.repo} has none of {', '.join((p.file.name, *p.file.alternatives))}")

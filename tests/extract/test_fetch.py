@@ -168,3 +168,40 @@ def test_every_real_model_has_a_source_and_it_is_the_one_the_registry_names():
         assert spec.weights_env, spec.name  # each real model can be pointed at by a variable
     with pytest.raises(CxrfairError, match="unknown model"):
         fetch.plan("no-such-model")
+
+
+def test_hub_files_come_through_hf_hub_download_with_the_alternative_name(tmp_path, monkeypatch):
+    """The hub path with hf_hub_download stood in for (no network): primary name first, then the alternative."""
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+
+    calls = []
+
+    def fake(repo, name, local_dir):
+        calls.append((repo, name))
+        if name == "model.safetensors":
+            raise EntryNotFoundError(f"{name} not in {repo}")
+        (local_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (local_dir / name).write_text(name)
+        return str(local_dir / name)
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake)
+    fetch.fetch("biovil", tmp_path, say=lambda text: None)
+    repo = fetch.SOURCES["biovil"][0].repo
+    assert calls[-2:] == [(repo, "model.safetensors"), (repo, "pytorch_model.bin")]
+    assert {p.name for p in tmp_path.iterdir()} == {"biovil_image_resnet50_proj_size_128.pt", "config.json",
+                                                    "vocab.txt", "pytorch_model.bin"}
+    seen = []
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # everything in place: nothing to download, offline or not
+    fetch.fetch("biovil", tmp_path, say=seen.append)
+    assert len(seen) == 4 and all(s.endswith("already there") for s in seen) and str(tmp_path / "pytorch_model.bin") in seen[-1]
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+
+    def down(repo, name, local_dir):
+        raise ConnectionError("network is unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", down)
+    with pytest.raises(fetch.Unreachable, match="could not reach the Hugging Face hub") as info:
+        fetch.fetch("rad-dino", tmp_path / "r", say=lambda text: None)
+    assert str(tmp_path / "r" / "model.safetensors") in str(info.value)
