@@ -394,3 +394,10 @@ def test_a_key_that_contradicts_the_recipe_is_refused_in_one_line(text, message,
     result = CliRunner().invoke(main, ["run", str(path), "--dry-run"])
     assert result.exit_code == 1 and message in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_the_readme_lists_every_shipped_config_and_stays_short():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    for path in CONFIGS:
+        assert f"| `configs/{path.name}` |" in readme, path.name
+    assert len(readme.splitlines()) <= 200
