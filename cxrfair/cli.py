@@ -16,8 +16,9 @@ from cxrfair.errors import CxrfairError
 
 # name -> "module:attribute" of a click command or group; order is the order shown in --help.
 COMMANDS = {
-    "cohort": ("cxrfair.extract.cohort_cli:cohort", "Build the study cohort from NIH metadata, or synthesise NIH-format data."),
+    "cohort": ("cxrfair.extract.cohort_cli:cohort", "Build a cohort from NIH, CheXpert, MIMIC-CXR or a CSV; or synthesise data."),
     "models": ("cxrfair.extract.cli:models", "List the foundation models in the registry."),
+    "weights": ("cxrfair.extract.cli:weights", "Download a model's released weights (or say how, offline)."),
     "extract": ("cxrfair.extract.cli:extract", "Embed a cohort with one model into an HDF5 cache (resumable)."),
     "probe": ("cxrfair.probe.cli:probe", "Zero-shot, linear and MLP probes on cached embeddings (JAX)."),
     "embeddings": ("cxrfair.probe.embeddings.cli:embeddings", "Attribute leakage and geometry of cached image embeddings."),

@@ -212,6 +212,18 @@ class ProbeSettings:
     all_prompt_sets: bool = False  # zero-shot: also write runs of the prompt sets not selected on val
     zeroshot_term: str | None = None  # zero-shot scoring: global | both (GLoRIA's); empty = both where the cache allows
 
+    # `recipe = "paper" | "default"`: a preset of several keys above, applied when the section is read
+    # (so not a field: a run's settings hold the keys it set, and fingerprints see those).
+    # "paper" is Sun et al.'s own probe recipe (docs/methods.md): AdamW with cosine annealing over
+    # the lr x weight_decay grid, 150 epochs, batch 64, raw (not standardised) features, the plain
+    # MLP. "default" is the stronger default (standardised features, L-BFGS, the skip MLP). A key
+    # the recipe sets may be written beside it only with the recipe's value; any other is refused.
+    __recipes__ = {
+        "default": {"solver": "lbfgs", "standardize": True, "architecture": "skip"},
+        "paper": {"solver": "adamw", "standardize": False, "architecture": "plain",
+                  "lr": [1e-4, 3e-4, 1e-3, 3e-3], "weight_decay": [0.0, 1e-4, 1e-2], "epochs": 150, "batch_size": 64},
+    }
+
 
 @dataclass(frozen=True)
 @stage_section(FinetuneConfig, fixed=("model", "cohort", "out", "method", "lr", "seed", "weights", "images", "resume",
@@ -369,6 +381,8 @@ def _build(cls: type, values: dict, where: _Where) -> Any:
     """An instance of the settings dataclass ``cls`` from a TOML table, every value type-checked."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
+    if hasattr(cls, "__recipes__"):
+        values = _with_recipe(cls.__recipes__, values, where)
     removed = [k for k in getattr(cls, "__removed__", {}) if k in values]
     if removed:
         raise where.error(f"{where.key(removed[0])}: {cls.__removed__[removed[0]]}")
@@ -399,6 +413,27 @@ def _build(cls: type, values: dict, where: _Where) -> Any:
         return cls(**kwargs)
     except CxrfairError as e:  # the dataclass's own checks (e.g. unknown methods)
         raise where.error(f"{where.prefix}{e}") from None
+
+
+def _with_recipe(recipes: dict[str, dict], values: dict, where: _Where) -> dict:
+    """``values`` without ``recipe`` and with the keys of the recipe it names (none named: as written).
+
+    A key written beside the recipe must equal the recipe's value (then it is redundant, not an
+    override): a different one is refused naming both, so no one runs half a recipe unknowingly.
+    """
+    values = dict(values)
+    name = values.pop("recipe", None)
+    if name is None:
+        return values
+    if name not in recipes:
+        raise where.error(f"{where.key('recipe')} = {_show(name)}: expected one of "
+                          f"{', '.join(json.dumps(r) for r in recipes)}")
+    for key, value in recipes[name].items():
+        if key in values and values[key] != value:
+            raise where.error(f"{where.key(key)} = {_show(values[key])} conflicts with recipe = {json.dumps(name)}, "
+                              f"which sets {key} = {_show(value)}; remove one of the two")
+        values[key] = value
+    return values
 
 
 def _table_list(tp: Any) -> type | None:

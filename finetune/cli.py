@@ -10,13 +10,14 @@ from pathlib import Path
 import click
 
 from cxrfair.core import mitigations
+from cxrfair.options import SEEDS_HELP, parse_floats, parse_seeds, renamed
 
 _MITIGATIONS = [mitigations.get(n) for n in mitigations.names(mitigations.FINETUNE)]
 MITIGATION_HELP = (f"Fairness mitigation trained into the run: {', '.join(m.name for m in _MITIGATIONS)} "
                    "(see docs/fairness.md, 'Mitigations'). Needs --sensitive unless erm.")
-STRENGTH_HELP = ("Mitigation strength, one value per run: "
+STRENGTH_HELP = ("Comma-separated mitigation strengths, one run per value: "
                  + ", ".join(f"{m.name} {m.rule()} (default {m.finetune_strength:g})" for m in _MITIGATIONS if m.has_strength)
-                 + ". The run id gets tag st<strength>.")
+                 + ". The run id gets tag st<strength>; `cxrfair analyze` chooses among them on validation.")
 
 
 def _options(fn):
@@ -33,28 +34,32 @@ def _options(fn):
                           "(same result, less memory) [default: a process's whole share]."),
         click.option("--lr", default=None, type=float, help="AdamW peak learning rate [default: 5e-4 lora, 1e-5 full]."),
         click.option("--weight-decay", default=0.01, show_default=True, type=float),
-        click.option("--seed", default=0, show_default=True, type=int),
+        click.option("--seeds", default="1", show_default=True, help=SEEDS_HELP),
         click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])),
         click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "fp32"]),
                      help="auto: bf16 autocast on CUDA, fp32 on CPU."),
         click.option("--workers", default=4, show_default=True, type=int, help="Threads decoding images into the cache (once)."),
         click.option("--augment/--no-augment", default=False, show_default=True, help="Light shifts + brightness on uint8 pixels."),
-        click.option("--cache", default="auto", show_default=True, type=click.Choice(["auto", "memory", "file"]),
+        click.option("--image-cache", "cache", default="auto", show_default=True,
+                     type=click.Choice(["auto", "memory", "file"]),
                      help="Decoded-image cache: in memory, or a memmap file under OUT/.image-cache."),
         click.option("--weights", default=None, type=click.Path(path_type=Path), help="Model weights overriding the registry's."),
         click.option("--images", default=None, type=click.Path(path_type=Path), help="Images root overriding cohort.json's."),
         click.option("--mitigation", default=mitigations.ERM, show_default=True, help=MITIGATION_HELP),
         click.option("--sensitive", default=None, help="The cohort attribute a mitigation targets (e.g. sex, age_group, race)."),
-        click.option("--strength", default=None, type=float, help=STRENGTH_HELP),
+        click.option("--strength", default=None, help=STRENGTH_HELP),
         click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint."),
         click.option("--force", is_flag=True, help="Replace an existing run / discard a stale checkpoint."),
+        renamed("--seed", "--seeds", "--seeds K trains seeds 0..K-1, --seeds N, seed N alone"),
+        renamed("--cache", "--image-cache", "--cache always names an embedding cache file (docs/cli.md)"),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
     return fn
 
 
-def _run(method: str, **options) -> None:
+def _run(method: str, seeds: str, strength: str | None, **options) -> None:
+    """One run per seed x strength (each its own FinetuneConfig and run id)."""
     import os
 
     from cxrfair.errors import CxrfairError
@@ -63,17 +68,22 @@ def _run(method: str, **options) -> None:
 
     main_process = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 speaks
     try:
-        result = run_finetune(FinetuneConfig(method=method, **options))
+        strengths = (None,) if strength is None else parse_floats(strength, "--strength")
+        # Every run's config first: a bad value stops the command before any training.
+        configs = [FinetuneConfig(method=method, seed=seed, strength=value, **options)
+                   for seed in parse_seeds(seeds) for value in strengths]
+        for config in configs:
+            result = run_finetune(config)
+            if main_process:
+                click.echo(
+                    f"{result.run_dir}: selected epoch {result.selected_epoch}/{options['epochs']}, "
+                    f"val loss {min(result.curves['val_loss']):.4f}, {result.trainable_params:,} trainable parameters"
+                    + (f", {result.world_size} processes" if result.world_size > 1 else "")
+                )
     except CxrfairError:
         if not main_process:  # every process raises the same error; rank 0 prints it
             raise SystemExit(1) from None
         raise
-    if main_process:
-        click.echo(
-            f"{result.run_dir}: selected epoch {result.selected_epoch}/{options['epochs']}, "
-            f"val loss {min(result.curves['val_loss']):.4f}, {result.trainable_params:,} trainable parameters"
-            + (f", {result.world_size} processes" if result.world_size > 1 else "")
-        )
 
 
 @click.group()

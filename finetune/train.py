@@ -407,7 +407,7 @@ def load_data(cohort, fm, config: FinetuneConfig, d: Dist = Dist()) -> Data:
     """Decode the cohort once into the uint8 cache (memory or memmap) and index its splits.
 
     Under torchrun the cache is always the shared file, decoded by all processes together and
-    memory-mapped by each (``--cache memory`` then copies it into each process's memory).
+    memory-mapped by each (``--image-cache memory`` then copies it into each process's memory).
     """
     table = cohort.table
     paths = cohort.image_paths(config.images)

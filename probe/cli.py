@@ -11,6 +11,7 @@ import click
 
 from cxrfair.core import mitigations
 from cxrfair.errors import CxrfairError
+from cxrfair.options import SEEDS_HELP, parse_seeds
 
 # Mirror cxrfair.probe.sweep's L2_GRIDS, L2_SKIP_GRID, FTOL and MAX_ITER (this module imports only click; a test keeps them equal).
 L2_GRIDS = {"linear": (1e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2), "mlp": (1e-3, 3e-3, 1e-2, 2e-2, 3e-2, 1e-1),
@@ -91,7 +92,8 @@ def _sweep_options(f):
                           "et al.'s projected gradient with the adversary on the outputs and label."),
         click.option("--lr", default="1e-4,3e-4,1e-3,3e-3", show_default=True, help="adamw: comma-separated peak learning rates."),
         click.option("--weight-decay", default="0,1e-4,1e-2", show_default=True, help="adamw: comma-separated weight decays."),
-        click.option("--seeds", default=3, show_default=True, type=int, help="Seeds 0..K-1 (initialisation; adamw: data order)."),
+        click.option("--seeds", default="3", show_default=True,
+                     help=SEEDS_HELP + " Each fixes initialisation (adamw: also data order)."),
         click.option("--epochs", default=150, show_default=True, type=int, help="adamw: passes over the training split."),
         click.option("--batch-size", default=64, show_default=True, type=int, help="adamw: minibatch size."),
         click.option("--memory-budget", default=1024.0, show_default=True, type=float, help="MB per compiled chunk of the sweep."),
@@ -130,7 +132,7 @@ def _run(method: str, hidden: str, **kw) -> None:
     strengths = None if kw["strength"] is None else _floats(kw["strength"], "--strength")
     cfg = SweepConfig(method=method, solver=kw["solver"], standardize=kw["standardize"], l2s=l2s, select=kw["select"],
                       lrs=_floats(kw["lr"], "--lr"), weight_decays=_floats(kw["weight_decay"], "--weight-decay"),
-                      hiddens=_ints(hidden, "--hidden"), seeds=tuple(range(kw["seeds"])), epochs=kw["epochs"],
+                      hiddens=_ints(hidden, "--hidden"), seeds=parse_seeds(kw["seeds"]), epochs=kw["epochs"],
                       batch_size=kw["batch_size"], max_iter=kw["max_iter"], memory_budget_mb=kw["memory_budget"],
                       mitigation=kw["mitigation"], sensitive=kw["sensitive"], strengths=strengths, adversary=kw["adversary"],
                       ftol=kw["ftol"], **_mlp_options(kw))

@@ -96,11 +96,11 @@ def test_two_gloo_ranks_merged_equal_a_single_process_run(single, tmp_path):
 @pytest.mark.slow
 def test_torchrun_cli_two_cpu_ranks_merged_equal_a_single_process_run(single, tmp_path):
     cohort, ref = single
-    out = tmp_path / "sharded.h5"
+    out = tmp_path / "sharded" / "tiny-clip.h5"  # --out is the folder
     torchrun = Path(sys.executable).with_name("torchrun")
     cli = Path(sys.executable).with_name("cxrfair")
     cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "--no-python", str(cli), "extract",
-           "--model", "tiny-clip", "--cohort", str(cohort), "--out", str(out), "--batch-size", "8", "--workers", "0",
+           "--model", "tiny-clip", "--cohort", str(cohort), "--out", str(out.parent), "--batch-size", "8", "--workers", "0",
            "--device", "cpu"]
     proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -318,3 +318,86 @@ def test_derived_keys_at_their_default_stay_out_of_fingerprints():
     assert list(section_settings(FinetuneSettings())) == ["epochs", "batch_size", "lora_lr", "full_lr", "weight_decay",
                                                           "lora_rank", "lora_alpha", "lora_dropout", "device",
                                                           "precision", "workers"]
+
+
+# ---------------------------------------------------------------- the shipped configs and recipes
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.toml"))
+
+
+def test_configs_holds_one_config_per_study():
+    assert {p.stem for p in CONFIGS} >= {"paper", "mimic-sourget", "nih-neatx", "chexpert", "mitigation"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_shipped_config_passes_dry_run(path, tmp_path):
+    out = tmp_path / "never-written"
+    result = CliRunner().invoke(main, ["run", str(path), "--dry-run", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "analyze" in result.output and "cohort" in result.output
+    assert not out.exists()
+
+
+def test_the_mitigation_config_compares_every_mitigation_with_erm_on_one_model(tmp_path):
+    from cxrfair.core import mitigations
+
+    cfg = load_config(next(p for p in CONFIGS if p.stem == "mitigation"))
+    assert len(cfg.models) == 1 and "linear" in cfg.methods
+    used = {m.mitigation for m in cfg.mitigations} | {"thresholds" for _ in cfg.postprocess}
+    assert used == set(mitigations.NAMES) - {mitigations.ERM}
+
+
+def _probe_config(text: str, tmp_path) -> Path:
+    """A valid experiment whose [probe] section is ``text`` (BASE's other sections)."""
+    path = tmp_path / "c.toml"
+    path.write_text(_render("probe", "", tmp_path / "out").replace("[probe]\nepochs = 5\n", f"[probe]\n{text}\n"))
+    return path
+
+
+def _probe(text: str, tmp_path):
+    return load_config(_probe_config(text, tmp_path))
+
+
+def test_the_paper_recipe_is_sun_et_al_s_adamw_recipe_and_reaches_the_sweep(tmp_path):
+    from cxrfair.erm_steps import sweep_config
+
+    cfg = _probe('recipe = "paper"', tmp_path)
+    for method in ("linear", "mlp"):
+        sweep = sweep_config(cfg, method)
+        assert (sweep.solver, sweep.standardize, sweep.epochs, sweep.batch_size) == ("adamw", False, 150, 64)
+        assert sweep.lrs == (1e-4, 3e-4, 1e-3, 3e-3) and sweep.weight_decays == (0.0, 1e-4, 1e-2)
+    assert sweep_config(cfg, "mlp").family == "mlp"  # the plain MLP, not the skip one
+    # Written beside the recipe with the recipe's own value: redundant, accepted; keys it leaves alone are free.
+    same = _probe('recipe = "paper"\nsolver = "adamw"\nepochs = 150\nhidden = [64]', tmp_path)
+    assert same.probe.solver == "adamw" and same.probe.hidden == (64,)
+
+
+def test_the_default_recipe_is_today_s_default(tmp_path):
+    from cxrfair.config import ProbeSettings
+    from cxrfair.erm_steps import sweep_config
+
+    base, named = _probe("", tmp_path), _probe('recipe = "default"', tmp_path)
+    assert named.probe == base.probe
+    for key, value in ProbeSettings.__recipes__["default"].items():
+        assert getattr(ProbeSettings(), key) == value
+    assert sweep_config(named, "mlp").family == "mlp+skip" and sweep_config(named, "linear").solver == "lbfgs"
+
+
+@pytest.mark.parametrize("text, message", [
+    ('recipe = "paper"\nsolver = "lbfgs"', '[probe] solver = "lbfgs" conflicts with recipe = "paper", which sets solver = "adamw"'),
+    ('recipe = "paper"\nlr = [0.01]', "[probe] lr = [0.01] conflicts with recipe = \"paper\""),
+    ('recipe = "default"\nstandardize = false', '[probe] standardize = false conflicts with recipe = "default"'),
+    ('recipe = "sun"', '[probe] recipe = "sun": expected one of "default", "paper"'),
+])
+def test_a_key_that_contradicts_the_recipe_is_refused_in_one_line(text, message, tmp_path):
+    path = _probe_config(text, tmp_path)
+    result = CliRunner().invoke(main, ["run", str(path), "--dry-run"])
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_the_readme_lists_every_shipped_config_and_stays_short():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    for path in CONFIGS:
+        assert f"| `configs/{path.name}` |" in readme, path.name
+    assert len(readme.splitlines()) <= 200

@@ -131,7 +131,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, cache, command, case
 
 @pytest.mark.parametrize("command, extra, words", [
     ("linear", ["--lr", ""], "--lr: the grid is empty"),
-    ("linear", ["--seeds", "0"], "--seeds: the grid is empty"),
+    ("linear", ["--seeds", "0"], "--seeds '0': expected a count (3 = seeds 0,1,2) or a comma list"),
+    ("linear", ["--seeds", "1,1"], "--seeds '1,1': list each seed once"),
     ("mlp", ["--hidden", ""], "--hidden: the grid is empty"),
     ("mlp", ["--hidden", "12.5"], "--hidden '12.5': expected comma-separated whole numbers"),
     ("mlp", ["--hidden", "0"], "--hidden: hidden widths must be whole numbers >= 1"),
