@@ -266,7 +266,7 @@ class EmbeddingsSettings:
     geometry: tuple[str, ...] = ()  # models whose embedding geometry (PCA, centroids, modality gap) is analysed
     attributes: tuple[str, ...] = ()  # cohort columns; empty = the cohort's sensitive attributes
     probes: tuple[str, ...] = ("linear", "mlp", "knn")  # leakage probes
-    permutations: int = 5  # leakage: reruns on shuffled attributes (the chance level)
+    permutations: int = LeakageConfig.n_perm  # leakage: reruns on shuffled attributes (the chance level)
     conditional: bool = True  # leakage: also within each label condition
     components: int = 10  # geometry: principal components kept and tested
     normalize: str = "l2"  # geometry: l2 | standard | none

@@ -72,12 +72,17 @@ def cell_ids(groups: np.ndarray, labels: np.ndarray, n_groups: int, n_classes: i
     return np.where(groups >= 0, groups * n_classes + labels, -1), n_groups * n_classes
 
 
+def train_cell_counts(cells: np.ndarray, train_rows: np.ndarray, n_cells: int) -> np.ndarray:
+    """(n_cells,) int64 training rows per cell (training rows always have a group: ``group_ids``)."""
+    return np.bincount(cells[train_rows], minlength=n_cells)
+
+
 def reweight_weights(cells: np.ndarray, train_rows: np.ndarray, strength: float, n_cells: int) -> np.ndarray:
     """(N,) float32 row weights ``n_cell ** -strength`` normalised to mean 1 over the training rows.
 
     Rows outside train get weight 1 (they are never sampled for training).
     """
-    counts = np.bincount(cells[train_rows], minlength=n_cells).astype(np.float64)
+    counts = train_cell_counts(cells, train_rows, n_cells).astype(np.float64)
     w = np.ones(len(cells), dtype=np.float64)
     w[train_rows] = counts[cells[train_rows]] ** -strength
     w[train_rows] /= w[train_rows].mean()
@@ -195,10 +200,11 @@ class Objective:
     batch_statistics = False  # needs the whole step's losses before any backward (groupdro)
 
     def __init__(self, strength: float, n_groups: int, n_cells: int, n_classes: int, multilabel: bool, dist,
-                 embed_dim: int = 0, seed: int = 0):
+                 embed_dim: int = 0, seed: int = 0, cell_counts: np.ndarray | None = None):
         self.strength, self.n_groups, self.n_cells, self.n_classes = float(strength), n_groups, n_cells, n_classes
         self.multilabel, self.dist = multilabel, dist
         self.embed_dim, self.seed = embed_dim, seed  # the encoder output's width; the run's seed
+        self.cell_counts = cell_counts  # (n_cells,) training rows per cell (``train_cell_counts``)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """The module the training step calls (the model itself unless the objective adds one)."""
@@ -239,6 +245,7 @@ class GroupDRO(Objective):
     renormalised; loss = sum_c q_c L_c with L_c the cell's mean per-example loss in the global batch.
 
     As per-example multipliers: row i of cell c weighs q_c / n_c (n_c its rows in the global batch).
+    q starts uniform over the cells with training rows (``groupdro_init``), as the probe's does.
     """
 
     name = "groupdro"
@@ -246,7 +253,9 @@ class GroupDRO(Objective):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.q = torch.full((self.n_cells,), 1.0 / self.n_cells, dtype=torch.float64)
+        if self.cell_counts is None or len(self.cell_counts) != self.n_cells:
+            raise ValueError(f"GroupDRO needs cell_counts of length n_cells={self.n_cells} (train_cell_counts)")
+        self.q = groupdro_init(self.cell_counts)
         self.multiplier: torch.Tensor | None = None  # (n_cells,) q_c / n_c of the current step
 
     def step_statistics(self, losses, cells, w):
@@ -267,6 +276,16 @@ class GroupDRO(Objective):
 
     def load_state_dict(self, state):
         self.q = state["q"].clone().double()
+
+
+def groupdro_init(cell_counts: np.ndarray) -> torch.Tensor:
+    """q (n_cells,) float64: uniform over the cells that have training rows, 0 on empty ones.
+
+    An empty cell never appears in a batch, so its q would only renormalise the others; starting
+    it at 0 keeps the live cells' q what the probe's ``groupdro_init`` gives for the same counts.
+    """
+    live = torch.as_tensor(np.asarray(cell_counts) > 0, dtype=torch.float64)
+    return live / live.sum()
 
 
 def groupdro_update(q: torch.Tensor, loss_sums: torch.Tensor, counts: torch.Tensor, eta: float
@@ -373,7 +392,7 @@ class Term(NamedTuple):
 
     row_weights(cells, train_rows, strength, n_cells) -> (N,) float32 sampler weights per cohort
     row. objective: an ``Objective`` subclass, built as ``objective(strength, n_groups, n_cells,
-    n_classes, multilabel, dist, embed_dim=, seed=)``. one_forward: it needs a process's share of
+    n_classes, multilabel, dist, embed_dim=, seed=, cell_counts=)``. one_forward: it needs a process's share of
     a batch in one forward pass (no --micro-batch below it).
     """
 
@@ -392,9 +411,14 @@ TERMS: dict[str, Term] = {
 
 
 def make_objective(mitigation: str, strength: float | None, n_groups: int, n_cells: int, n_classes: int,
-                   multilabel: bool, dist, embed_dim: int, seed: int) -> Objective | None:
-    """The step-time objective of a mitigation; None when its term has none (``erm``, ``reweight``: weights only)."""
+                   multilabel: bool, dist, embed_dim: int, seed: int, cell_counts: np.ndarray | None = None
+                   ) -> Objective | None:
+    """The step-time objective of a mitigation; None when its term has none (``erm``, ``reweight``: weights only).
+
+    cell_counts: (n_cells,) training rows per cell (``train_cell_counts``); GroupDRO's q starts on them.
+    """
     objective = TERMS[mitigation].objective
     if objective is None:
         return None
-    return objective(strength, n_groups, n_cells, n_classes, multilabel, dist, embed_dim=embed_dim, seed=seed)
+    return objective(strength, n_groups, n_cells, n_classes, multilabel, dist, embed_dim=embed_dim, seed=seed,
+                     cell_counts=cell_counts)

@@ -573,8 +573,9 @@ def build_objective(config: FinetuneConfig, setup: Setup, d: Dist = Dist()):
     cohort = setup.cohort
     n_groups = len(cohort.attributes[config.sensitive]["groups"])
     n_cells = n_groups if cohort.task == "multilabel" else n_groups * len(cohort.classes)
+    counts = objectives.train_cell_counts(setup.data.cells, setup.data.split["train"], n_cells)
     return objectives.make_objective(config.mitigation, config.strength, n_groups, n_cells, len(cohort.classes),
-                                     cohort.task == "multilabel", d, setup.fm.embed_dim, config.seed)
+                                     cohort.task == "multilabel", d, setup.fm.embed_dim, config.seed, counts)
 
 
 def finish(config: FinetuneConfig, setup: Setup, state: TrainState, t_start: float, d: Dist = Dist()) -> RunResult:

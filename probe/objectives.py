@@ -127,9 +127,11 @@ def sinkhorn_ot(x: jax.Array, a: jax.Array, y: jax.Array, b: jax.Array, eps: flo
     """Entropic OT cost OT_eps(a, b) = min_P <P, C> + eps KL(P | a ⊗ b) between 1-D samples.
 
     x (n,), a (n,) weights summing to 1 (0 = absent); y (m,), b (m,). C = (x_i - y_j)^2.
-    Log-domain Sinkhorn with eps annealed from 1 down to ``eps``; the potentials are then held
-    fixed and one differentiable extrapolation gives the dual value <a, f> + <b, g>, whose
-    gradient at convergence is the plan's (no backpropagation through the iterations).
+    Log-domain Sinkhorn with eps annealed from 1 down to ``eps``; the converged g is then held
+    fixed and one differentiable half-step f(g) = softmin_b(g - C) gives the dual value
+    <a, f(g)> + <b, g>, whose gradient is the envelope-theorem one, sum_ij P_ij dC_ij (no
+    backpropagation through the iterations). Only f is recomputed with gradient: recomputing g(f)
+    too would count the plan's gradient twice (an earlier version did: an effective 2λ; docs/fairness.md).
     """
     cost = (x[:, None] - y[None, :]) ** 2
     la, lb = _log_weights(a), _log_weights(b)
@@ -145,10 +147,9 @@ def sinkhorn_ot(x: jax.Array, a: jax.Array, y: jax.Array, b: jax.Array, eps: flo
         return update(*fg, e), None
 
     (f, g), _ = jax.lax.scan(body, (jnp.zeros_like(x), jnp.zeros_like(y)), jnp.arange(iters))
-    f, g = jax.lax.stop_gradient(f), jax.lax.stop_gradient(g)
-    f1 = -eps * jax.nn.logsumexp(lb[None, :] + (g[None, :] - cost) / eps, axis=1)
-    g1 = -eps * jax.nn.logsumexp(la[:, None] + (f[:, None] - cost) / eps, axis=0)
-    return jnp.sum(jnp.where(a > 0, a * f1, 0.0)) + jnp.sum(jnp.where(b > 0, b * g1, 0.0))
+    g = jax.lax.stop_gradient(g)
+    f1 = -eps * jax.nn.logsumexp(lb[None, :] + (g[None, :] - cost) / eps, axis=1)  # the one differentiable half-step
+    return jnp.sum(jnp.where(a > 0, a * f1, 0.0)) + jnp.sum(jnp.where(b > 0, b * g, 0.0))
 
 
 def sinkhorn_divergence(x, a, y, b, eps: float = SINKHORN_EPS) -> jax.Array:

@@ -12,7 +12,7 @@ import click
 
 from cxrfair.errors import CxrfairError
 from cxrfair.probe.embeddings.geometry import GeometryConfig, geometry_cache
-from cxrfair.probe.embeddings.leakage import LeakageConfig, leakage_cache
+from cxrfair.probe.embeddings.leakage import MIN_PERMUTATIONS, LeakageConfig, leakage_cache
 
 _cache = click.option("--cache", required=True, type=click.Path(path_type=Path), help="Embedding cache (.h5) from `cxrfair extract`.")
 _out = click.option("--out", required=True, type=click.Path(path_type=Path),
@@ -46,8 +46,9 @@ def embeddings() -> None:
 @_out
 @_attributes
 @click.option("--probes", default="linear,mlp,knn", show_default=True, help="Any of linear, mlp, knn.")
-@click.option("--permutations", default=5, show_default=True, type=int,
-              help="Reruns of the whole pipeline on the attribute shuffled across patients (the chance level).")
+@click.option("--permutations", default=MIN_PERMUTATIONS, show_default=True, type=int,
+              help=f"Reruns of the whole pipeline on the attribute shuffled across patients (the chance level; "
+                   f"0: none; fewer than {MIN_PERMUTATIONS} runs with a note on the chance level's sd).")
 @_boot
 @click.option("--fractions", default="0.6,0.2,0.2", show_default=True, help="Train, val, test shares of patients.")
 @_min

@@ -74,6 +74,11 @@ PROBES = ("linear", "mlp", "knn")
 COLUMNS = ["model", "attribute", "condition", "probe", "auc", "ci_low", "ci_high", "chance_auc", "chance_low",
            "chance_high", "n_train", "n_val", "n_test", "selected", "groups", "n_perm", "note"]
 PERMUTATION_COLUMNS = ["model", "attribute", "condition", "probe", "permutation", "auc", "selected"]
+# Fewest permutations for a chance level: one run's test AUC on a shuffled attribute has an sd of
+# ~0.03-0.1 on a few hundred test images (more within a label condition), so the mean of n is
+# uncertain by that / sqrt(n): about +-0.02 at 20, while a single permutation once gave a
+# conditional "chance" AUC of 0.79. Fewer (but not 0) is allowed for quick runs, with a note.
+MIN_PERMUTATIONS = 20
 
 
 @dataclass(frozen=True)
@@ -85,7 +90,7 @@ class LeakageConfig:
     fractions: tuple = (0.6, 0.2, 0.2)  # train / val / test shares of patients
     seed: int = 0  # fixes the split, permutations, bootstrap and probe initialisation
     n_boot: int = 1000  # patient-bootstrap replicates per interval
-    n_perm: int = 5  # reruns of the whole pipeline on shuffled attributes (0: no chance level)
+    n_perm: int = MIN_PERMUTATIONS  # reruns of the whole pipeline on shuffled attributes (0: no chance level)
     min_group: int = 10  # fewest images per group in each split (and in the test rows of a condition)
     conditional: bool = True  # also evaluate within each label condition
     cohort_splits: tuple = ()  # use only these cohort splits' rows; empty = every row
@@ -156,8 +161,26 @@ def leakage(data: EmbeddingData, cfg: LeakageConfig, progress: bool = False) -> 
             timings[attr.name] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     table = pd.DataFrame(rows, columns=COLUMNS)
+    perms = pd.DataFrame(perm_rows, columns=PERMUTATION_COLUMNS)
+    if 0 < cfg.n_perm < MIN_PERMUTATIONS:
+        notes = notes + [few_permutations_note(perms, cfg.n_perm)]
     meta = _meta(data, cfg, attrs, timings, notes)
-    return LeakageResult(table, pd.DataFrame(perm_rows, columns=PERMUTATION_COLUMNS), _split_table(data, split), notes, meta)
+    return LeakageResult(table, perms, _split_table(data, split), notes, meta)
+
+
+def few_permutations_note(perms: pd.DataFrame, n_perm: int) -> str:
+    """The note of a chance level from fewer than MIN_PERMUTATIONS runs, with its own sd where measurable.
+
+    perms: the ``PERMUTATION_COLUMNS`` rows; the sd is the largest over (attribute, condition, probe).
+    """
+    head = f"chance level from {n_perm} permutation(s), fewer than {MIN_PERMUTATIONS}: "
+    if n_perm < 2:
+        spread = "one run cannot measure its own spread (a single shuffled run's AUC varies by up to ~0.1)"
+    else:
+        sd = float(perms.groupby(["attribute", "condition", "probe"])["auc"].std(ddof=1).max())
+        spread = (f"the runs' AUC sd is up to {sd:.3f}, so chance_auc is uncertain by about "
+                  f"+-{sd / np.sqrt(n_perm):.3f} (sd of the mean)")
+    return head + spread + f"; use --permutations {MIN_PERMUTATIONS} or more for a table to report"
 
 
 def _plan(data: EmbeddingData, attrs: list, split: np.ndarray, cfg: LeakageConfig) -> tuple[list, list, list]:

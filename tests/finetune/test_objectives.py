@@ -34,10 +34,11 @@ def sagawa_numpy(q: np.ndarray, losses: np.ndarray, cells: np.ndarray, eta: floa
 def test_groupdro_q_update_and_loss_equal_a_direct_numpy_implementation():
     rng = np.random.default_rng(0)
     n_cells, eta = 6, 0.7
-    obj = O.GroupDRO(eta, 3, n_cells, 2, False, None)
+    # Every cell has training rows; the last never appears in these batches: its q only renormalises.
+    obj = O.GroupDRO(eta, 3, n_cells, 2, False, None, cell_counts=np.full(n_cells, 4))
     q_ref = np.full(n_cells, 1 / n_cells)
     for _ in range(5):
-        cells = rng.integers(0, n_cells - 1, 10)  # the last cell never appears: its q only renormalises
+        cells = rng.integers(0, n_cells - 1, 10)
         losses = rng.gamma(2.0, 1.0, 10).astype(np.float32).astype(np.float64)  # what the step sees
         w = np.ones(10, np.float32)
         w[-1] = 0  # a padding row: no loss, no count
@@ -48,6 +49,26 @@ def test_groupdro_q_update_and_loss_equal_a_direct_numpy_implementation():
         np.testing.assert_allclose(obj.q.numpy(), q_ref, rtol=1e-12)
         got = obj.chunk_loss(None, lt, None, ct, None, wt, 10.0, None)
         assert got.item() == pytest.approx(robust, rel=1e-6)
+
+
+def test_groupdro_q_starts_uniform_over_cells_with_training_rows_as_the_probes_does():
+    # Cells 0..5 = group x class (3 groups, 2 classes); cells 1 and 4 have no training row.
+    cells = np.array([0, 0, 2, 3, 3, 5, 0, 2, 1])  # row 8 (cell 1) is validation
+    train = np.arange(8)
+    counts = O.train_cell_counts(cells, train, 6)
+    assert counts.tolist() == [3, 0, 2, 2, 0, 1]
+    obj = O.make_objective("groupdro", 0.5, 3, 6, 2, False, None, 0, 0, counts)
+    np.testing.assert_allclose(obj.q.numpy(), [0.25, 0, 0.25, 0.25, 0, 0.25])
+    # The probe's init on the same counts (imported here: only this test of the file needs JAX).
+    from cxrfair.probe.objectives import Spec, groupdro_init
+
+    probe_q = np.asarray(groupdro_init(Spec("groupdro", 3, tuple(int(c) for c in counts))))
+    np.testing.assert_allclose(obj.q.numpy(), probe_q, rtol=1e-6)
+    # An empty cell stays at 0 through updates (it is never in a batch); the live cells sum to 1.
+    obj.step_statistics(torch.tensor([1.0, 2.0, 0.5]), torch.tensor([0, 3, 5]), torch.ones(3))
+    assert obj.q[1] == 0 and obj.q[4] == 0 and obj.q.sum().item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="cell_counts"):
+        O.GroupDRO(0.5, 3, 6, 2, False, None)
 
 
 def test_groupdro_update_does_not_overflow_for_large_steps():
@@ -138,6 +159,32 @@ def test_sinkhorn_gradient_equals_finite_differences_of_the_numpy_reference():
             dn[i] -= h
             f = (lambda v: divergence_numpy(v, other, eps)) if first else (lambda v: divergence_numpy(other, v, eps))
             assert grad[i].item() == pytest.approx((f(up) - f(dn)) / (2 * h), abs=1e-7)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fairot_term_gradient_equals_a_finite_difference_of_its_own_value(seed):
+    # At the training settings (eps = EPS, the stopping rule), float64: the value is the dual at
+    # (f(g), g), stationary in g, so the stopping rule's residual moves it by ~tol^2 and the central
+    # differences are exact to ~1e-8. A gradient twice the value's would miss by a factor 2.
+    rng = np.random.default_rng(seed)
+    scores = rng.uniform(0.05, 0.95, size=(9, 1))
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 1])
+    mask = torch.ones(9, 1, dtype=torch.bool)
+
+    def value(s: np.ndarray) -> float:
+        return O.fairot_term(torch.tensor(s), mask, groups, 3).item()
+
+    x = torch.tensor(scores, requires_grad=True)
+    O.fairot_term(x, mask, groups, 3).backward()
+    h = 1e-5
+    fd = np.zeros(9)
+    for i in range(9):
+        up, dn = scores.copy(), scores.copy()
+        up[i, 0] += h
+        dn[i, 0] -= h
+        fd[i] = (value(up) - value(dn)) / (2 * h)
+    np.testing.assert_allclose(x.grad[:, 0].numpy(), fd, rtol=1e-4, atol=1e-7)
+    assert np.abs(fd).max() > 1e-3
 
 
 def test_fairot_term_sums_groups_and_skips_groups_under_two_rows():

@@ -27,7 +27,7 @@ from cxrfair.probe.embeddings.data import (
     permute_by_patient,
     resolve_attributes,
 )
-from cxrfair.probe.embeddings.leakage import COLUMNS, LeakageConfig, leakage, shuffled_codes
+from cxrfair.probe.embeddings.leakage import COLUMNS, MIN_PERMUTATIONS, LeakageConfig, leakage, shuffled_codes
 from tests.probe.embedding_synth import cohort, embeddings, make_cache
 
 V2 = {"sex": {"groups": ["M", "F"], "reference": "M"}, "age_group": {"groups": ["young", "old"], "reference": "young"},
@@ -223,6 +223,39 @@ def test_without_permutations_there_is_no_chance_level(tmp_path):
     data = _data(tmp_path)
     result = leakage(data, LeakageConfig(attributes=("sex",), probes=("knn",), n_perm=0, n_boot=200, conditional=False))
     assert np.isnan(result.table["chance_auc"]).all() and (result.table["n_perm"] == 0).all()
+
+
+def test_fewer_than_the_minimum_permutations_add_a_note_with_the_chance_levels_sd(tmp_path):
+    data = _data(tmp_path)
+    base = dict(attributes=("sex",), probes=("knn",), n_boot=200, conditional=False)
+    result = leakage(data, LeakageConfig(n_perm=3, **base))
+    sd = result.permutations["auc"].std(ddof=1)  # one (attribute, condition, probe) row here
+    note = [n for n in result.notes if "permutation(s)" in n]
+    assert len(note) == 1 and result.meta["notes"] == result.notes
+    assert f"fewer than {MIN_PERMUTATIONS}" in note[0] and f"up to {sd:.3f}" in note[0]
+    assert f"+-{sd / np.sqrt(3):.3f}" in note[0] and f"--permutations {MIN_PERMUTATIONS}" in note[0]
+    one = leakage(data, LeakageConfig(n_perm=1, **base)).notes
+    assert any("1 permutation(s)" in n and "cannot measure" in n for n in one)
+    assert not any("permutation(s)" in n for n in leakage(data, LeakageConfig(n_perm=0, **base)).notes)
+
+
+def test_the_chance_level_defaults_to_twenty_permutations_everywhere(tmp_path):
+    from cxrfair.config import EmbeddingsSettings
+    from cxrfair.pipeline import demo_config
+
+    assert MIN_PERMUTATIONS == 20 and LeakageConfig().n_perm == MIN_PERMUTATIONS
+    assert EmbeddingsSettings().permutations == MIN_PERMUTATIONS
+    assert demo_config(tmp_path).embeddings.permutations == MIN_PERMUTATIONS
+    cache = make_cache(tmp_path / "c.h5")[0]
+    res = _cli("leakage", "--cache", cache, "--out", tmp_path / "leak", "--probes", "knn", "--attributes", "sex",
+               "--no-conditional", "--bootstrap", "100")
+    assert res.exit_code == 0, res.output
+    assert "permutation(s)" not in res.output  # no note at the default
+    table = pd.read_csv(tmp_path / "leak" / "leakage.csv", keep_default_na=False)
+    assert (table["n_perm"] == MIN_PERMUTATIONS).all()
+    few = _cli("leakage", "--cache", cache, "--out", tmp_path / "few", "--probes", "knn", "--attributes", "sex",
+               "--no-conditional", "--bootstrap", "100", "--permutations", "2")
+    assert few.exit_code == 0 and "note: chance level from 2 permutation(s)" in few.output
 
 
 def test_an_attribute_that_only_follows_disease_prevalence_is_not_leakage_within_a_class(tmp_path):

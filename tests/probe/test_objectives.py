@@ -135,6 +135,54 @@ def test_fairot_penalty_is_zero_when_groups_score_alike_and_its_gradient_is_fini
     assert np.isfinite(np.asarray(grad)).all() and np.abs(np.asarray(grad)).sum() > 0
 
 
+def _central_difference(fn, x: np.ndarray, h: float) -> np.ndarray:
+    """(n,) central finite differences of the scalar fn at x (n,), one coordinate at a time."""
+    out = np.zeros(len(x))
+    for i in range(len(x)):
+        up, dn = x.copy(), x.copy()
+        up[i] += h
+        dn[i] -= h
+        out[i] = (float(fn(jnp.asarray(up, jnp.float32))) - float(fn(jnp.asarray(dn, jnp.float32)))) / (2 * h)
+    return out
+
+
+# A gradient twice the finite difference (both extrapolated potentials differentiated) fails these
+# by a factor 2; float32 Sinkhorn values move by ~1e-8 between nearby inputs, so h = 1e-3 keeps the
+# differences' noise near 1e-5 against gradients of 1e-3..1e-1 (the tolerances below).
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sinkhorn_gradient_equals_a_finite_difference_of_its_value(seed):
+    rng = np.random.default_rng(seed)
+    x, y = rng.uniform(size=7), rng.uniform(size=5) ** 2
+    a, b = jnp.full(7, 1 / 7), jnp.full(5, 1 / 5)
+    yj = jnp.asarray(y, jnp.float32)
+    for value in (lambda v: ob.sinkhorn_ot(v, a, yj, b), lambda v: ob.sinkhorn_divergence(v, a, yj, b)):
+        fn = jax.jit(value)
+        grad = np.asarray(jax.jit(jax.grad(value))(jnp.asarray(x, jnp.float32)))
+        fd = _central_difference(fn, x, 1e-3)
+        np.testing.assert_allclose(grad, fd, rtol=2e-2, atol=5e-5)
+        assert np.abs(fd).max() > 1e-3  # the comparison is not between zeros
+
+
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow)])
+def test_fairot_term_gradient_equals_a_finite_difference_of_the_loss_it_reports(seed):
+    # The whole term the loop differentiates: mean loss + strength * Σ_g S_eps on exp(-loss), with
+    # a padding row and a group of one (skipped); its gradient in the per-example losses.
+    rng = np.random.default_rng(10 + seed)
+    losses = rng.uniform(0.05, 2.0, size=8)
+    ctx = _ctx([1, 1, 1, 1, 1, 1, 1, 0], np.zeros(8), [0, 0, 0, 1, 1, 1, 2, 2], strength=3.0)
+    spec = ob.Spec("fairot", n_groups=3)
+    value = lambda v: ob.fairot(v, ctx, (), spec)[0]  # noqa: E731
+    grad = np.asarray(jax.jit(jax.grad(value))(jnp.asarray(losses, jnp.float32)))
+    fd = _central_difference(jax.jit(value), losses, 1e-3)
+    np.testing.assert_allclose(grad, fd, rtol=2e-2, atol=5e-5)
+    assert grad[-1] == 0.0  # padding: no gradient
+    # The penalty's own part is far from zero here, so a doubled penalty gradient could not pass.
+    pen = lambda v: ob.fairot_penalty(jnp.exp(-v), ctx, 3)  # noqa: E731
+    g_pen = np.asarray(jax.grad(pen)(jnp.asarray(losses, jnp.float32)))
+    assert np.abs(3.0 * g_pen).max() > 0.1 * np.abs(grad).max()
+    np.testing.assert_allclose(g_pen, _central_difference(jax.jit(pen), losses, 1e-3), rtol=2e-2, atol=5e-5)
+
+
 # ---------------------------------------------------------------- adversarial
 
 
