@@ -32,7 +32,7 @@ import pandas as pd
 from cxrfair.analysis import mitigation as MIT
 from cxrfair.analysis.config import MIN_STRATUM_PATIENTS, AnalyzeConfig, resolve, strata_attributes, stratum_name
 from cxrfair.analysis.groups import crossed_name, group_labels
-from cxrfair.analysis.replicates import Evaluated, average, replicate_matrix, seed_rng
+from cxrfair.analysis.replicates import Evaluated, average, replicate_matrix, seed_rng, tag_rng
 from cxrfair.analysis.runsets import baseline_method, check_runs, in_method_order, runs_table, split_rows
 from cxrfair.analysis.shortcut import SHORTCUT_COLUMNS, shortcut_metrics, shortcut_request, shortcut_subsets, shortcut_table
 from cxrfair.core import metrics as M
@@ -305,7 +305,7 @@ def _seeds_table(evaluated, runs_df, config: AnalyzeConfig, notes: list[str]) ->
         groups[(e.run.model, e.run.method, tags[e.run.run_id])].append(e)
     records, single = [], []
     for (model, method, tag), evs in groups.items():
-        keys, per_run, means, reps = average(evs, rng=seed_rng(config.seed, f"seeds|{model}|{method}|{tag}"))
+        keys, per_run, means, reps = average(evs, rng=tag_rng(config.seed, model, method, tag))
         if config.n_boot and reps is None:
             notes.append(f"{model} {method} {tag}: its runs are on different test images; their mean has no interval")
         single += [f"{model} {method} {tag}"] if len(evs) == 1 else []

@@ -60,6 +60,12 @@ def seed_rng(seed: int, name: str) -> np.random.Generator:
     return np.random.default_rng([int(seed), zlib.crc32(name.encode())])
 
 
+def tag_rng(seed: int, model: str, method: str, tag: str) -> np.random.Generator:
+    """The seed draws of the runs of one model, method and tag (a ``seeds.csv`` row set): every table that
+    shows their seed mean (``seeds.csv``, the trade-off points) draws the same seeds, so shows the same interval."""
+    return seed_rng(seed, f"seeds|{model}|{method}|{tag}")
+
+
 def seed_resampled(stack: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
     """Two-level bootstrap replicates of the mean over seeds: seeds with replacement, then patients.
 

@@ -22,6 +22,7 @@ from cxrfair.analysis.config import AnalyzeConfig
 from cxrfair.analysis.engine import compute
 from cxrfair.core.bootstrap import merge_small_strata, patient_counts
 from cxrfair.analysis.figures import png
+from cxrfair.analysis.replicates import seed_rng
 from cxrfair.analysis.mitigation_figures import DELTA_CAPTION, TRADEOFF_CAPTION, delta_table, tradeoff_figure
 from cxrfair.core.runs import RunKey, make_predictions, read_runs, write_run
 from cxrfair.cli import main
@@ -119,13 +120,28 @@ def test_multiclass_deltas_match_a_plain_per_replicate_reference(tmp_path):
             a, b = _plain_multiclass(y[i], p_m[i], sex[i]), _plain_multiclass(y[i], p_e[i], sex[i])
             per_rep.append([a[n] - b[n] for n in names])
         reps.append(per_rep)
-    point, reps = _nanmean(np.array(point)), _nanmean(np.array(reps))  # seed mean, replicate by replicate
+    point, reps = _nanmean(np.array(point)), np.array(reps)  # (K,) seed mean; (pairs, R, K)
+    # Two-level: each replicate draws its 2 (mitigated, ERM) pairs with replacement, then averages their
+    # resample-r deltas (NaN-skipping); the draws come from the group's generator (seed_rng of its key).
+    draws = seed_rng(0, "mitigation|m1|linear|groupdro|sex|best").integers(0, 2, size=(N_BOOT, 2))
+    reps = np.array([_nanmean(np.array([reps[s, r] for s in draws[r]])) for r in range(N_BOOT)])
     lo, hi = np.nanquantile(reps, [0.025, 0.975], axis=0)
+    p_ref = []
     for j, n in enumerate(names):
         assert got.loc[n, "delta"] == pytest.approx(point[j], abs=1e-12), n
         assert got.loc[n, "ci_low"] == pytest.approx(lo[j], abs=1e-12), n
         assert got.loc[n, "ci_high"] == pytest.approx(hi[j], abs=1e-12), n
         assert got.loc[n, "excludes_zero"] == bool(lo[j] > 0 or hi[j] < 0)
+        d = [x for x in reps[:, j] if not np.isnan(x)]
+        below, above = sum(x <= 0 for x in d), sum(x >= 0 for x in d)
+        p_ref.append(min(1.0, 2 * (min(below, above) + 1) / (len(d) + 1)))
+        assert got.loc[n, "p_value"] == pytest.approx(p_ref[-1], abs=1e-12), n
+    # Holm over the group's metrics, by its step-down loop.
+    order, running = sorted(range(len(names)), key=lambda j: p_ref[j]), 0.0
+    for rank, j in enumerate(order):
+        running = max(running, min(1.0, (len(names) - rank) * p_ref[j]))
+        assert got.loc[names[j], "p_holm"] == pytest.approx(running, abs=1e-12)
+    assert set(got["holm_m"]) == {len(names)} and set(got["unlike_reason"]) == {""}
     assert set(got["n_seeds"]) == {2} and set(got["erm_tag"]) == {"best"}
     assert got.loc["accuracy", "mitigated"] - got.loc["accuracy", "erm"] == pytest.approx(got.loc["accuracy", "delta"])
     assert (got["strength"] == 0.5).all() and (got["sensitive"] == "sex").all()
@@ -292,7 +308,7 @@ def test_adamw_mitigations_pair_with_an_adamw_strength_zero_run_not_the_lbfgs_er
     assert (row.erm_tag, row.erm_solver, bool(row.like_for_like)) == ("best", "lbfgs", False)
     unlike = [n for n in res.notes if "like_for_like false" in n]
     assert len(unlike) == 1 and unlike[0].startswith("mitigation: m1 linear fairot-sex st0 (adamw")  # once for both seeds
-    assert "against ERM best (lbfgs" in unlike[0] and "change of solver or grid alone" in unlike[0]
+    assert "against ERM best (lbfgs" in unlike[0] and "change of solver and grid alone" in unlike[0]
     # The delta is against the run it names: mitigated − that counterpart, per seed, averaged.
     v = res.metrics[(res.metrics["metric"] == "accuracy") & (res.metrics["attribute"] == "")].set_index("run_id")["value"]
     want = np.mean([v[f"m1__linear+groupdro-sex__best__s{s}"] - v[f"m1__linear+fairot-sex__st0__s{s}"] for s in (0, 1)])
