@@ -613,3 +613,102 @@ def test_postprocessed_run_is_compared_in_the_report(tmp_path):
     assert list(t["mitigation"]) == ["erm", "thresholds"]
     assert "## Mitigation" in (out / "report.md").read_text()
     assert _non_blank((out / "figures" / "mitigation_tradeoff.png").read_bytes())
+
+
+# ----------------------------------------------------------------------------- same selection rule
+
+
+def _select(rule: str) -> dict:
+    """run.json of an L-BFGS probe chosen by ``rule``: the words the probe writes (``hyperparameters.selection``)."""
+    from cxrfair.probe.sweep import SELECTION_TEXT  # numpy only at import (jax loads lazily)
+
+    return {"solver": "lbfgs", "hyperparameters": LBFGS["hyperparameters"] | {"selection": SELECTION_TEXT[rule]}}
+
+
+def _balanced_rows():
+    rows = cohort_rows(48)  # sex × class cells of equal size in every split
+    assert rows.groupby(["split", "sex", "label"]).size().nunique() == 1
+    return rows
+
+
+def test_a_mitigated_sweep_chosen_by_another_rule_than_its_erm_is_not_like_for_like(tmp_path):
+    """The demo's case: reweight is a no-op on a cohort balanced in every sex × class cell, but its sweep,
+    chosen by worst-group accuracy, picked another L2 than the ERM sweep chosen by loss. The delta (not 0:
+    other predictions) must not pass as the mitigation's effect: Δ = 0 or like_for_like false."""
+    runs, rows = tmp_path / "runs", _balanced_rows()
+    for s in (0, 1):
+        _write(runs, rows, s, 1.0, s, **_select("loss"))
+        _write(runs, rows, s, 1.0, 10 + s, "reweight", "sex", "best", 1.0, select="worst_group", **_select("worst_group"))
+    res = _compute(runs)
+    m = res.mitigation
+    assert (m["delta"].abs() > 0).any()
+    assert ((m["delta"] == 0) | ~m["like_for_like"]).all()
+    assert set(m["like_for_like"]) == {False} and set(m["unlike_reason"]) == {"selection"}
+    note = next(n for n in res.notes if "like_for_like false" in n)
+    assert "selected by highest validation worst-group" in note and "selected by lowest validation loss" in note
+    assert "shares its selection" in note
+
+
+def test_a_strength_zero_run_chosen_by_the_same_rule_is_the_like_for_like_counterpart(tmp_path):
+    """With strength 0 in the grid (reweight's zero is ERM), the st0 run is ERM chosen by the mitigation's own
+    rule: it is preferred to the loss-chosen ERM run, and a no-op mitigation that chose it has Δ = 0."""
+    runs, rows = tmp_path / "runs", _balanced_rows()
+    for s in (0, 1):
+        _write(runs, rows, s, 1.0, s, **_select("loss"))
+        meta = {"select": "worst_group", **_select("worst_group")}
+        # Equal cells: every strength trains the same objective; the sweep's ties go to the first strength, 0.
+        _write(runs, rows, s, 1.0, 10 + s, "reweight", "sex", "best", 0.0, **meta)
+        _write(runs, rows, s, 1.0, 10 + s, "reweight", "sex", "st0", 0.0, **meta)
+        _write(runs, rows, s, 1.0, 10 + s, "reweight", "sex", "st1", 1.0, **meta)
+    m = _compute(runs).mitigation
+    for tag in ("best", "st1"):
+        rows_ = m[m["tag"] == tag]
+        assert set(rows_["erm_tag"]) == {"reweight-sex__st0"} and rows_["like_for_like"].all()
+        assert (rows_["delta"] == 0).all() and (rows_["p_value"] == 1).all() and (rows_["unlike_reason"] == "").all()
+    # st0 itself is compared with the loss-chosen ERM run: the change of selection rule alone, flagged.
+    st0 = m[m["tag"] == "st0"]
+    assert set(st0["like_for_like"]) == {False} and set(st0["unlike_reason"]) == {"selection"}
+
+
+def _balanced_cache(path):
+    """A probe cache whose every split has equal sex × class cells (10 train images per cell)."""
+    from cxrfair.extract.cache import write_cache
+    from tests.probe.synth import CLASSES as PROBE_CLASSES, clusters, make_cache
+
+    sizes = {"train": 120, "val": 48, "test": 48}
+    _, x, y, text = make_cache(path.with_suffix(".tmp.h5"), sizes=sizes)
+    table = []
+    for split in ("train", "val", "test"):
+        for i, label in enumerate(y[split]):  # label = i % 6: sex alternates every 6 images
+            k = len(table)
+            table.append({"image_id": f"{k:08d}_000.png", "path": f"{k:08d}_000.png", "patient_id": k,
+                          "label": PROBE_CLASSES[int(label)], "sex": "MF"[(i // 6) % 2], "age": 40 + k % 40,
+                          "age_group": "young" if (i // 12) % 2 == 0 else "old", "split": split})
+    table = pd.DataFrame(table)
+    assert (table.groupby(["split", "sex", "label"]).size().groupby("split").nunique() == 1).all()
+    write_cache(path, image_embeddings=np.concatenate([x["train"], x["val"], x["test"]]), cohort_table=table,
+                classes=PROBE_CLASSES, text=text,
+                attrs={"model": "tiny-clip", "weights_id": "test", "cohort_hash": "c0ffee" * 10, "logit_scale": 100.0})
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strengths", ["0.5,1", "0,0.5,1"])
+def test_real_reweight_probe_on_a_balanced_cohort_is_zero_or_not_like_for_like(tmp_path, strengths):
+    """`cxrfair probe` runs: ERM chosen by loss, reweight by worst_group (its default) on equal sex × class
+    cells, where reweighting changes nothing. Every reweight row has Δ = 0 on the argmax metrics or says
+    like_for_like false; with strength 0 in the grid the rows of `best` are like for like and Δ = 0.
+    (~1 min: two L-BFGS sweeps' compilation.)"""
+    cache = _balanced_cache(tmp_path / "c.h5")
+    runs = tmp_path / "runs"
+    for args in ([], ["--mitigation", "reweight", "--sensitive", "sex", "--strength", strengths]):
+        got = CliRunner().invoke(main, ["probe", "linear", "--cache", str(cache), "--out", str(runs), "--seeds", "2",
+                                        "--l2", "1e-4,1e-2,1", "--max-iter", "30", *args])
+        assert got.exit_code == 0, got.output
+    m = compute(read_runs(runs), AnalyzeConfig(runs, tmp_path / "out", n_boot=100, figures=False)).mitigation
+    assert ((m["delta"].abs() < 1e-12) | ~m["like_for_like"]).all(), m[["tag", "metric", "delta", "like_for_like"]]
+    best = m[m["tag"] == "best"]
+    if strengths.startswith("0,"):
+        assert best["like_for_like"].all() and (best["delta"].abs() < 1e-12).all()
+    else:
+        assert set(best["unlike_reason"]) == {"selection"}
