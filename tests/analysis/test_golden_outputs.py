@@ -13,7 +13,11 @@ does), report.md / report.html / analysis.json exactly, with the temporary folde
 One intended change since: multi-label ``eqodds_max`` is named ``eqodds_worst`` (one name per
 idea across tasks), which renames it in metrics.csv / seeds.csv / comparisons.csv and moves it
 into the report's first fairness columns, as for multi-class; nothing else differed (checked
-against the pre-refactor code with the old name substituted).
+against the pre-refactor code with the old name substituted). Second intended change: seed variance
+(two-level bootstrap of seed means and of every delta over seeds, seed-mean rows and p_value / p_holm /
+holm_m / n_seeds in comparisons.csv, p-values, Holm and unlike_reason in mitigation.csv, the note on
+one-run seed means): seeds.csv, comparisons.csv, findings.csv, mitigation.csv, tradeoff.csv,
+analysis.json and the report's text changed; metrics.csv and the other files did not.
 After an intended change of the outputs, print the new digests with
 ``python -m tests.analysis.test_golden_outputs`` (from the repository root) and paste them below.
 """
@@ -40,30 +44,30 @@ TEXT_FILES = ("report.md", "report.html", "analysis.json")
 
 EXPECTED = {
     'multiclass': {
-        'analysis.json': 'cd8ec4e4a7927bc8f167bacaa2ca4699c5b3012d77a2ea70d461d217c6f1f3d3',
-        'comparisons.csv': 'f9200fd05210b5f058fe445ae8f27c1d284ff3bd924a2e07aa7daa7be1415d7c',
-        'findings.csv': '4ea9fc1afed69735c6f55f19e27289f12870b3034c7dd0d903b85395eb89a3eb',
+        'analysis.json': '820758403fca7c2ccf092da2d6eda281ed917b030c37162cf9e428bb671ebdb0',
+        'comparisons.csv': 'a8664c4e153d1a49beb864ebabe22f2d0cfa70ac14de327efc65cc5cbc6a3f20',
+        'findings.csv': '567d855746fcce133ac07c8f4165b6fa6119e8b143f9668dfe3408596c39e0bb',
         'metrics.csv': '9ac80a68cf8cc4add48779ac98b6c881c3dc3793fe65557960631436b2d439bb',
-        'mitigation.csv': '4231580bdc9102c750a65e422adac085f46605e9dd0c9c8a256acb6708498bd5',
+        'mitigation.csv': 'ee8b2b618924d7479a24806882607045e3d42e8988e3fcfe9e21b3cfd880f453',
         'reliability.csv': '7558390120348b17d76cc85b91dc728e09ddf41e2f27cec99d83e2f7765f9f74',
-        'report.html': '60772b8115de811ef0a10d73f6f6505041c0e7bc6f7b0ac2a141511bb8d2f7bc',
-        'report.md': '50bb9e871cb326bd699e86f031945ad3ea608e82c7f30478691f38b620a9a151',
+        'report.html': 'ef3aee52eae1bbed028039fa8e6c1be206e086ab49a37461da42b1cc68042f92',
+        'report.md': '132a380e837294265917890320314739a4bf389b535666fe44de898247f4b752',
         'roc.csv': '112d1bdc65b73f0adb6e57ac976b4cde2accde615aa85982b5686e1de0b1c940',
         'runs.csv': '34b124b0c6d83591c5f5d02cbbaed0b132be0d533b7aea54c78ec4484db28404',
-        'seeds.csv': 'f265442fa05df815d8ddf45a2c27d783810c0754a3ca1cb1565c3c0a450b503c',
-        'tradeoff.csv': '82d65917b240acd29f2ffcbae40f0afa6a0c523aee7df9a74c63d4699b623a85',
+        'seeds.csv': 'cc2e649d19c17c2be683bd821fa3f3d6ede84f96513668414e38478165b64a56',
+        'tradeoff.csv': 'e3a87a24caf3fe27b178233216cdfae4986e8a758ff0e9785a47d8ed58967542',
     },
     'multilabel': {
-        'analysis.json': '0b5fd7bf66e7f88e355aceef4c178a35eb89deb19a0367f352175474b9269149',
-        'comparisons.csv': '596e293d9a79b979daf5d8d012e671fce761f028d3c251a262695d2749890d2a',
-        'findings.csv': 'f0697f17079cb3c4773fa6995352501a8ba52ba6b3046f339a26530fc4a6b420',
+        'analysis.json': 'a30ece63d7a149cfa802191f5dd24ce1b89f375efbeb07af2822999c24ffd22d',
+        'comparisons.csv': '1e91af700a395b538178b4b59a63ab36fd433a5518b97021c12b16e3223d7525',
+        'findings.csv': '556114960036153f6d24a1e387c5c61a75ed708096c2e59d76f241087980f241',
         'metrics.csv': '3cebbc26aeb275a6225a879bf52593d75a35b45058fce9f70310793032a44eca',
         'reliability.csv': '8378c325fa3afaa6203eede27a197c73a57191ff0dd4087f7f5ac1a2d9e3c887',
-        'report.html': 'd8b3745e1e0cb47e5614c3e2e8b6f95149f5821549a49f0be704ec3dd0348616',
-        'report.md': '8e91cf67de2001ecf52df110e469927f638223fc98c8ba5c865997ccb58fe7a9',
+        'report.html': '26a0f73d3ec5f7992674d99db4995593f73a1d8a599132c68e280853d4b42152',
+        'report.md': 'abef219778084681e5686cd00c73f4b8e19a16b29a5a9618011a0fff61eedcad',
         'roc.csv': '5f9f4a80015486a723c14d17b8ae8f7251f89bbf3cf432a2465206e3610818c4',
         'runs.csv': '3fc2c182e30f6ee8fde425a34743f27a33be03774dc60c318bad44329c5161aa',
-        'seeds.csv': '2267fa65f8f9206f0cec64f32605768efc732b5d17f082432a1d56b859dd5e7a',
+        'seeds.csv': 'd630154c7e3ab78ac7050059101a96a74fbe97a23c31cc87856ddf60745a9f52',
         'shortcut.csv': '55201224db7c47042dd2e1540a1102b6d4ac651e108eba2a917e2e792fa3bbb3',
         'thresholds.csv': 'd986bd2444e9483143db2e7c8f5074732534da80f5f03aa197c4d00ceb1f1bdb',
     },
