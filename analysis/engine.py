@@ -14,7 +14,10 @@ patient's images together (``bootstrap.patient_counts``). All runs evaluated on 
 images share one (R, N) matrix of bootstrap counts (images aligned by ``image_id``), so the
 intervals of different methods come from the same resamples, a paired comparison is a
 subtraction of replicate arrays, and the interval of a mean over seeds (or zero-shot prompt
-draws) is the percentile interval of the mean of their replicates (``replicates``). The shortcut
+draws) is the percentile interval of the two-level bootstrap's replicates: seeds drawn with
+replacement per replicate, then averaged on its patient resample (``replicates.seed_resampled``),
+so the seed variance is in it. Paired deltas carry a bootstrap p-value and its Holm adjustment
+(``core.bootstrap.p_value`` / ``holm``). The shortcut
 test (``--shortcut``, ``shortcut``) uses the same resamples for its two AUCs, so their difference
 is paired too; so are the mitigation deltas (``mitigation``).
 """
@@ -56,7 +59,7 @@ class Results:
     metrics: pd.DataFrame  # METRIC_COLUMNS
     runs: pd.DataFrame  # run_id, model, method, seed, tag, n_images, val_accuracy, val_auc_macro, primary
     seeds: pd.DataFrame  # model, method, tag, metric, attribute, group, class, n_seeds, mean, sd, ci_low, ci_high
-    comparisons: pd.DataFrame  # model, baseline, baseline_runs, n_baseline, method, run_id, seed, metric, ..., delta, ci_low, ci_high
+    comparisons: pd.DataFrame  # COMPARISON_COLUMNS: ..., delta, ci_low, ci_high, n_seeds, p_value, p_holm, holm_m
     config: AnalyzeConfig
     notes: list[str] = field(default_factory=list)
     task: str = "multiclass"  # "multiclass" | "multilabel"
