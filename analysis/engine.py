@@ -340,7 +340,8 @@ def _comparisons_table(evaluated, runs_df, config: AnalyzeConfig, notes: list[st
     ``n_seeds`` of them), the delta a reader should quote. Both sides are means over seeds (or
     draws) resampled with the two-level bootstrap (``replicates.seed_resampled``), independently,
     on the same patient resamples. ``p_value`` is the two-sided bootstrap p of delta = 0
-    (``bootstrap.p_value``), ``p_holm`` its Holm adjustment within ``holm_family`` (``_holm_within``).
+    (``bootstrap.p_value``), ``p_holm`` its Holm adjustment within a family of ``holm_m`` rows
+    (``_holm_within``).
     """
     if not config.n_boot:
         return pd.DataFrame(columns=COMPARISON_COLUMNS)
@@ -386,17 +387,19 @@ def _comparisons_table(evaluated, runs_df, config: AnalyzeConfig, notes: list[st
     out = pd.DataFrame.from_records(records, columns=COMPARISON_COLUMNS[:13])
     out["seed"] = out["seed"].astype("Int64")  # empty on a seed-mean row
     out = out.assign(ci_low=lo, ci_high=hi, n_seeds=n_seeds, p_value=p_value(reps))
-    return _holm_within(out, ["model", "method", "run_id"])
+    return _holm_within(out, ["model", "method", "run_id", "attribute"])
 
 
 def _holm_within(table: pd.DataFrame, comparison: list[str]) -> pd.DataFrame:
     """``p_holm`` and ``holm_m``: Holm-adjusted ``p_value`` within each family of rows.
 
-    A family is one comparison (the rows sharing the ``comparison`` columns) split in two: its
-    overall rows (``group`` and ``class`` empty: overall metrics and each attribute's gaps, what
-    the findings state) and its per-group / per-class rows. ``holm_m`` is the family's number of
-    defined p-values. Families are kept small on purpose: with R replicates no bootstrap p is
-    below 2 / (R + 1), so a family of m tests can reach α only if 2m / (R + 1) < α.
+    A family is one question about one comparison: the rows sharing the ``comparison`` columns
+    (model, method, run or seed mean, attribute: "is it more accurate?" for attribute "", "is it
+    fairer by sex?" for sex), split into its headline rows (``group`` and ``class`` empty: the
+    overall metrics or the attribute's gaps, what the findings state) and its per-group /
+    per-class rows. ``holm_m`` is the family's number of defined p-values. Families are kept
+    small on purpose: with R replicates no bootstrap p is below 2 / (R + 1), so a family of m
+    tests can reach α only if 2m / (R + 1) < α (m ≤ 24 at R = 1,000, α = 0.05).
     """
     detail = (table["group"] != "") | (table["class"] != "")
     family = table[comparison].astype(str).agg("|".join, axis=1) + np.where(detail, "|detail", "|overall")

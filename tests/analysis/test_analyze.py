@@ -178,10 +178,10 @@ def test_comparison_uses_the_draw_averaged_zero_shot_replicates(seeded):
     assert c.loc[c["method"] == "full", "seed"].notna().all()
 
 
-def test_comparison_p_holm_is_holm_within_each_comparisons_overall_and_detail_rows(seeded):
+def test_comparison_p_holm_is_holm_within_each_comparison_attribute_and_headline_or_detail_rows(seeded):
     _, res = seeded
     c = res.comparisons
-    for (run_id, detail), rows in c.groupby([c["run_id"], (c["group"] != "") | (c["class"] != "")]):
+    for (run_id, attribute, detail), rows in c.groupby([c["run_id"], c["attribute"], (c["group"] != "") | (c["class"] != "")]):
         p = rows["p_value"].to_numpy()
         ok = [i for i in range(len(p)) if np.isfinite(p[i])]
         order = sorted(ok, key=lambda i: p[i])
@@ -190,7 +190,7 @@ def test_comparison_p_holm_is_holm_within_each_comparisons_overall_and_detail_ro
             running = max(running, min(1.0, (len(order) - rank) * p[i]))
             want[i] = running
         got = rows["p_holm"].to_numpy()
-        assert all(got[i] == pytest.approx(want[i], abs=1e-12) for i in ok), (run_id, detail)
+        assert all(got[i] == pytest.approx(want[i], abs=1e-12) for i in ok), (run_id, attribute, detail)
         assert (rows["holm_m"] == len(ok)).all()
     assert (c["p_holm"] >= c["p_value"]).all()
 

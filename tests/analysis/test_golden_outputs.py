@@ -45,7 +45,7 @@ TEXT_FILES = ("report.md", "report.html", "analysis.json")
 EXPECTED = {
     'multiclass': {
         'analysis.json': '820758403fca7c2ccf092da2d6eda281ed917b030c37162cf9e428bb671ebdb0',
-        'comparisons.csv': 'a8664c4e153d1a49beb864ebabe22f2d0cfa70ac14de327efc65cc5cbc6a3f20',
+        'comparisons.csv': 'c7ac2ba3255823403e27d48c348a2470208d5b392b5cd3beb36827ef707aa29f',
         'findings.csv': '567d855746fcce133ac07c8f4165b6fa6119e8b143f9668dfe3408596c39e0bb',
         'metrics.csv': '9ac80a68cf8cc4add48779ac98b6c881c3dc3793fe65557960631436b2d439bb',
         'mitigation.csv': 'ee8b2b618924d7479a24806882607045e3d42e8988e3fcfe9e21b3cfd880f453',
@@ -59,7 +59,7 @@ EXPECTED = {
     },
     'multilabel': {
         'analysis.json': 'a30ece63d7a149cfa802191f5dd24ce1b89f375efbeb07af2822999c24ffd22d',
-        'comparisons.csv': '1e91af700a395b538178b4b59a63ab36fd433a5518b97021c12b16e3223d7525',
+        'comparisons.csv': 'b54c5e824e756a8013c7869fe45da2d4ab7d81e5cc08a2bb2e0ec73a872a4db0',
         'findings.csv': '556114960036153f6d24a1e387c5c61a75ed708096c2e59d76f241087980f241',
         'metrics.csv': '3cebbc26aeb275a6225a879bf52593d75a35b45058fce9f70310793032a44eca',
         'reliability.csv': '8378c325fa3afaa6203eede27a197c73a57191ff0dd4087f7f5ac1a2d9e3c887',
