@@ -355,6 +355,7 @@ def _comparisons_table(evaluated, runs_df, config: AnalyzeConfig, notes: list[st
             notes.append(f"{model}: its {base} runs are on different test images; not compared")
             continue
         names = ";".join(e.run.run_id for e in base_evs)
+        base_draws = f"baseline|{model}|{names}"  # one name: every row of this model draws the same baseline seeds
         baselines: dict[tuple, tuple] = {}  # the baseline averaged once per set of metric keys
         compared = defaultdict(list)  # method -> its compared runs, in seed order
         for b in (by_id[i] for i in in_method_order(df[df["method"] != base])["run_id"]):
@@ -362,8 +363,7 @@ def _comparisons_table(evaluated, runs_df, config: AnalyzeConfig, notes: list[st
                 notes.append(f"{b.run.run_id} vs {names}: different test images or classes; not compared")
                 continue
             if tuple(b.values) not in baselines:
-                baselines[tuple(b.values)] = average(base_evs, list(b.values),
-                                                     rng=seed_rng(config.seed, f"baseline|{model}|{names}"))
+                baselines[tuple(b.values)] = average(base_evs, list(b.values), rng=seed_rng(config.seed, base_draws))
             keys, _, base_values, base_reps = baselines[tuple(b.values)]
             compared[b.run.method].append(b)
             reps = replicate_matrix(b, keys) - base_reps
@@ -375,7 +375,7 @@ def _comparisons_table(evaluated, runs_df, config: AnalyzeConfig, notes: list[st
             if len(evs) < 2 or any(e.run.classes != evs[0].run.classes for e in evs):
                 continue
             keys, _, means, reps = average(evs, rng=seed_rng(config.seed, f"comparison|{model}|{method}"))
-            _, _, base_values, base_reps = average(base_evs, keys, rng=seed_rng(config.seed, f"baseline|{model}|{names}"))
+            _, _, base_values, base_reps = average(base_evs, keys, rng=seed_rng(config.seed, base_draws))
             records.extend((model, base, names, len(base_evs), method, ";".join(e.run.run_id for e in evs), None,
                             config.split, *k, float(means[i] - base_values[i])) for i, k in enumerate(keys))
             replicates.append(reps - base_reps)
