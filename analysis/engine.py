@@ -14,7 +14,10 @@ patient's images together (``bootstrap.patient_counts``). All runs evaluated on 
 images share one (R, N) matrix of bootstrap counts (images aligned by ``image_id``), so the
 intervals of different methods come from the same resamples, a paired comparison is a
 subtraction of replicate arrays, and the interval of a mean over seeds (or zero-shot prompt
-draws) is the percentile interval of the mean of their replicates (``replicates``). The shortcut
+draws) is the percentile interval of the two-level bootstrap's replicates: seeds drawn with
+replacement per replicate, then averaged on its patient resample (``replicates.seed_resampled``),
+so the seed variance is in it. Paired deltas carry a bootstrap p-value and its Holm adjustment
+(``core.bootstrap.p_value`` / ``holm``). The shortcut
 test (``--shortcut``, ``shortcut``) uses the same resamples for its two AUCs, so their difference
 is paired too; so are the mitigation deltas (``mitigation``).
 """
@@ -32,12 +35,12 @@ import pandas as pd
 from cxrfair.analysis import mitigation as MIT
 from cxrfair.analysis.config import MIN_STRATUM_PATIENTS, AnalyzeConfig, resolve, strata_attributes, stratum_name
 from cxrfair.analysis.groups import crossed_name, group_labels
-from cxrfair.analysis.replicates import Evaluated, average, replicate_matrix
+from cxrfair.analysis.replicates import Evaluated, average, replicate_matrix, seed_rng, tag_rng
 from cxrfair.analysis.runsets import baseline_method, check_runs, in_method_order, runs_table, split_rows
 from cxrfair.analysis.shortcut import SHORTCUT_COLUMNS, shortcut_metrics, shortcut_request, shortcut_subsets, shortcut_table
 from cxrfair.core import metrics as M
 from cxrfair.core import multilabel as ML
-from cxrfair.core.bootstrap import interval, merge_small_strata, patient_counts
+from cxrfair.core.bootstrap import holm, interval, merge_small_strata, p_value, patient_counts
 from cxrfair.core.runs import Run, run_attributes, targets_and_probs
 from cxrfair.errors import CxrfairError
 
@@ -56,7 +59,7 @@ class Results:
     metrics: pd.DataFrame  # METRIC_COLUMNS
     runs: pd.DataFrame  # run_id, model, method, seed, tag, n_images, val_accuracy, val_auc_macro, primary
     seeds: pd.DataFrame  # model, method, tag, metric, attribute, group, class, n_seeds, mean, sd, ci_low, ci_high
-    comparisons: pd.DataFrame  # model, baseline, baseline_runs, n_baseline, method, run_id, seed, metric, ..., delta, ci_low, ci_high
+    comparisons: pd.DataFrame  # COMPARISON_COLUMNS: ..., delta, ci_low, ci_high, n_seeds, p_value, p_holm, holm_m
     config: AnalyzeConfig
     notes: list[str] = field(default_factory=list)
     task: str = "multiclass"  # "multiclass" | "multilabel"
@@ -294,17 +297,21 @@ SEED_COLUMNS = ["model", "method", "tag", "metric", "attribute", "group", "class
 def _seeds_table(evaluated, runs_df, config: AnalyzeConfig, notes: list[str]) -> pd.DataFrame:
     """Runs that differ only by seed (or zero-shot draw): mean, sd (ddof=1) and the mean's interval.
 
-    ``n_seeds`` counts the runs where the metric is defined; the mean and its replicates skip the others.
+    The interval is the two-level bootstrap's (``replicates.seed_resampled``: seeds with replacement,
+    then patients), so seeds that disagree widen it. ``n_seeds`` counts the runs where the metric
+    is defined; the mean and its replicates skip the others; with one run the seed variance is
+    unknown (a note says so) and the interval is its patients-only one.
     """
     tags = dict(zip(runs_df["run_id"], runs_df["tag"]))
     groups = defaultdict(list)
     for e in evaluated:
         groups[(e.run.model, e.run.method, tags[e.run.run_id])].append(e)
-    records = []
+    records, single = [], []
     for (model, method, tag), evs in groups.items():
-        keys, per_run, means, reps = average(evs)
+        keys, per_run, means, reps = average(evs, rng=tag_rng(config.seed, model, method, tag))
         if config.n_boot and reps is None:
             notes.append(f"{model} {method} {tag}: its runs are on different test images; their mean has no interval")
+        single += [f"{model} {method} {tag}"] if len(evs) == 1 else []
         lo, hi = interval(reps, config.level) if reps is not None else (np.full(len(keys), np.nan),) * 2
         n = (~np.isnan(per_run)).sum(axis=0)
         with warnings.catch_warnings():
@@ -312,24 +319,35 @@ def _seeds_table(evaluated, runs_df, config: AnalyzeConfig, notes: list[str]) ->
             sd = np.where(n > 1, np.nanstd(per_run, axis=0, ddof=1), np.nan)
         records.extend((model, method, tag, *k, int(n[i]), float(means[i]), float(sd[i]), float(lo[i]), float(hi[i]))
                        for i, k in enumerate(keys))
+    if single and config.n_boot:
+        notes.append(f"one run only (n_seeds = 1), so the seed variance is unknown and their intervals cover the "
+                     f"test patients alone: {', '.join(single)}")
     return pd.DataFrame.from_records(records, columns=SEED_COLUMNS)
 
 
 COMPARISON_COLUMNS = ["model", "baseline", "baseline_runs", "n_baseline", "method", "run_id", "seed", "split",
-                      "metric", "attribute", "group", "class", "delta", "ci_low", "ci_high"]
+                      "metric", "attribute", "group", "class", "delta", "ci_low", "ci_high", "n_seeds", "p_value",
+                      "p_holm", "holm_m"]
 
 
 def _comparisons_table(evaluated, runs_df, config: AnalyzeConfig, notes: list[str]) -> pd.DataFrame:
-    """Paired bootstrap: each primary run minus its model's baseline on the same resamples.
+    """Paired bootstrap: each primary run, and the mean of a method's primary runs, minus its model's baseline.
 
     The baseline is the mean of the baseline method's primary runs (for zero-shot, every prompt
-    draw of the chosen set), value and replicates alike; ``baseline_runs`` lists them.
+    draw of the chosen set), value and replicates alike; ``baseline_runs`` lists them. Per run
+    (``seed`` set, ``n_seeds`` 1) the delta is conditional on that run; a method with several
+    primary runs also gets a seed-mean row (``seed`` empty, ``run_id`` its runs ``;``-joined,
+    ``n_seeds`` of them), the delta a reader should quote. Both sides are means over seeds (or
+    draws) resampled with the two-level bootstrap (``replicates.seed_resampled``), independently,
+    on the same patient resamples. ``p_value`` is the two-sided bootstrap p of delta = 0
+    (``bootstrap.p_value``), ``p_holm`` its Holm adjustment within a family of ``holm_m`` rows
+    (``_holm_within``).
     """
     if not config.n_boot:
         return pd.DataFrame(columns=COMPARISON_COLUMNS)
     by_id = {e.run.run_id: e for e in evaluated}
     prim = runs_df[runs_df["primary"]]
-    records = []
+    records, replicates, n_seeds = [], [], []
     for model, df in prim.groupby("model", sort=True):
         base = baseline_method(df["method"].unique())
         base_evs = [by_id[i] for i in df.loc[df["method"] == base].sort_values("seed")["run_id"]]
@@ -337,16 +355,57 @@ def _comparisons_table(evaluated, runs_df, config: AnalyzeConfig, notes: list[st
             notes.append(f"{model}: its {base} runs are on different test images; not compared")
             continue
         names = ";".join(e.run.run_id for e in base_evs)
+        base_draws = f"baseline|{model}|{names}"  # one name: every row of this model draws the same baseline seeds
         baselines: dict[tuple, tuple] = {}  # the baseline averaged once per set of metric keys
+        compared = defaultdict(list)  # method -> its compared runs, in seed order
         for b in (by_id[i] for i in in_method_order(df[df["method"] != base])["run_id"]):
             if b.key != base_evs[0].key or b.run.classes != base_evs[0].run.classes:
                 notes.append(f"{b.run.run_id} vs {names}: different test images or classes; not compared")
                 continue
             if tuple(b.values) not in baselines:
-                baselines[tuple(b.values)] = average(base_evs, list(b.values))
+                baselines[tuple(b.values)] = average(base_evs, list(b.values), rng=seed_rng(config.seed, base_draws))
             keys, _, base_values, base_reps = baselines[tuple(b.values)]
-            lo, hi = interval(replicate_matrix(b, keys) - base_reps, config.level)
+            compared[b.run.method].append(b)
+            reps = replicate_matrix(b, keys) - base_reps
             records.extend((model, base, names, len(base_evs), b.run.method, b.run.run_id, b.run.seed, config.split,
-                            *k, float(b.values[k] - base_values[i]), float(lo[i]), float(hi[i]))
-                           for i, k in enumerate(keys))
-    return pd.DataFrame.from_records(records, columns=COMPARISON_COLUMNS)
+                            *k, float(b.values[k] - base_values[i])) for i, k in enumerate(keys))
+            replicates.append(reps)
+            n_seeds += [1] * len(keys)
+        for method, evs in compared.items():
+            if len(evs) < 2 or any(e.run.classes != evs[0].run.classes for e in evs):
+                continue
+            keys, _, means, reps = average(evs, rng=seed_rng(config.seed, f"comparison|{model}|{method}"))
+            _, _, base_values, base_reps = average(base_evs, keys, rng=seed_rng(config.seed, base_draws))
+            records.extend((model, base, names, len(base_evs), method, ";".join(e.run.run_id for e in evs), None,
+                            config.split, *k, float(means[i] - base_values[i])) for i, k in enumerate(keys))
+            replicates.append(reps - base_reps)
+            n_seeds += [len(evs)] * len(keys)
+    if not records:
+        return pd.DataFrame(columns=COMPARISON_COLUMNS)
+    reps = np.concatenate(replicates, axis=1)  # (R, rows): all rows' intervals and p-values in one call each
+    lo, hi = interval(reps, config.level)
+    out = pd.DataFrame.from_records(records, columns=COMPARISON_COLUMNS[:13])
+    out["seed"] = out["seed"].astype("Int64")  # empty on a seed-mean row
+    out = out.assign(ci_low=lo, ci_high=hi, n_seeds=n_seeds, p_value=p_value(reps))
+    return _holm_within(out, ["model", "method", "run_id", "attribute"])
+
+
+def _holm_within(table: pd.DataFrame, comparison: list[str]) -> pd.DataFrame:
+    """``p_holm`` and ``holm_m``: Holm-adjusted ``p_value`` within each family of rows.
+
+    A family is one question about one comparison: the rows sharing the ``comparison`` columns
+    (model, method, run or seed mean, attribute: "is it more accurate?" for attribute "", "is it
+    fairer by sex?" for sex), split into its headline rows (``group`` and ``class`` empty: the
+    overall metrics or the attribute's gaps, what the findings state) and its per-group /
+    per-class rows. ``holm_m`` is the family's number of defined p-values. Families are kept
+    small on purpose: with R replicates no bootstrap p is below 2 / (R + 1), so a family of m
+    tests can reach α only if 2m / (R + 1) < α (m ≤ 24 at R = 1,000, α = 0.05).
+    """
+    detail = (table["group"] != "") | (table["class"] != "")
+    family = table[comparison].astype(str).agg("|".join, axis=1) + np.where(detail, "|detail", "|overall")
+    p_holm, m = np.full(len(table), np.nan), np.zeros(len(table), dtype=np.int64)
+    for rows in pd.Series(np.arange(len(table))).groupby(family.to_numpy(), sort=False):
+        idx = rows[1].to_numpy()
+        p_holm[idx] = holm(table["p_value"].to_numpy()[idx])
+        m[idx] = int(np.isfinite(table["p_value"].to_numpy()[idx]).sum())
+    return table.assign(p_holm=p_holm, holm_m=m)

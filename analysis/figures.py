@@ -480,9 +480,11 @@ def findings_forest(findings: pd.DataFrame, axes=None):
         The Figure.
     """
     labels = list(dict.fromkeys(findings["label"]))
-    rows = list(dict.fromkeys(zip(findings["model"], findings["method"], findings["seed"])))
+    # A seed-mean row's seed is NaN, and NaN != NaN: key rows by seed or None, or no lookup finds them.
+    keyed = lambda t: [(m, me, None if pd.isna(s) else s) for m, me, s in zip(t["model"], t["method"], t["seed"])]  # noqa: E731
+    rows = list(dict.fromkeys(keyed(findings)))
     several = {(m, me) for m, me, s in rows if sum((m2, me2) == (m, me) for m2, me2, _ in rows) > 1}
-    names = [f"{m} · {me}" + ("" if np.isnan(s) or (m, me) not in several else f" s{int(s)}") for m, me, s in rows]
+    names = [f"{m} · {me}" + ("" if s is None or (m, me) not in several else f" s{int(s)}") for m, me, s in rows]
     ncols = min(4, max(1, len(labels)))
     nrows = -(-max(1, len(labels)) // ncols)
     left = 0.2 + 0.06 * max((len(n) for n in names), default=10)  # room for the row names at fontsize 7
@@ -495,7 +497,7 @@ def findings_forest(findings: pd.DataFrame, axes=None):
     y = {r: i for i, r in enumerate(rows)}
     for ax, label in zip(axes.flat, labels):
         t = findings[findings["label"] == label]
-        pos = np.array([y[k] for k in zip(t["model"], t["method"], t["seed"])])
+        pos = np.array([y[k] for k in keyed(t)])
         d, lo, hi = (100 * t[c].to_numpy(float) for c in ("delta", "ci_low", "ci_high"))
         clear = t["verdict"].isin(["higher", "lower", "fairer", "less fair"]).to_numpy()
         ax.axvline(0, color="#999999", lw=0.8)

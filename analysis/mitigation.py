@@ -1,11 +1,16 @@
 """Mitigated runs against plain training (ERM): paired bootstrap deltas and the utility–fairness trade-off.
 
 A mitigated run (run id ``<model>__<method>+<mitigation>-<attr>__<tag>__s<seed>``) is paired
-with the ERM run of the same model, method and seed (``find_erm``). Both were evaluated by
-``engine.compute`` on the same (R, N) patient-bootstrap counts of the same test images, so a
-delta's replicate r is the mitigated run's metric on resample r minus the ERM run's on the same
-resample; over seeds, the per-seed deltas are averaged replicate by replicate (NaN-skipping, as
-``seeds.csv``), and the interval is the percentile interval of that mean.
+with the ERM run of the same model, method and seed (``find_erm``), preferably one trained and
+selected the same way (``recipe``: solver, grid and the validation rule that chose the
+configuration; a pairing that differs in any is flagged ``like_for_like`` false and
+``unlike_reason`` says in what). Both were evaluated by ``engine.compute`` on the same (R, N)
+patient-bootstrap counts of the same test images, so a delta's replicate r is the mitigated run's
+metric on resample r minus the ERM run's on the same resample; over seeds, the (mitigated, ERM)
+pairs are resampled with replacement per replicate and their deltas averaged (the two-level
+bootstrap of ``replicates.seed_resampled``, NaN-skipping, as ``seeds.csv``), and the interval is
+the percentile interval of that mean; ``p_value`` / ``p_holm`` test delta = 0 (``bootstrap.p_value``,
+Holm within the group's rows).
 
 Tables (``mitigation_tables``):
     mitigation.csv  one row per model × method × mitigation × sensitive × tag × metric:
@@ -26,9 +31,9 @@ from collections import defaultdict
 import numpy as np
 import pandas as pd
 
-from cxrfair.analysis.replicates import average, nanmean0, replicate_matrix
+from cxrfair.analysis.replicates import average, nanmean0, replicate_matrix, seed_rng, seed_resampled, tag_rng
 from cxrfair.analysis.runsets import base_tag, tag_of
-from cxrfair.core.bootstrap import interval
+from cxrfair.core.bootstrap import holm, interval, p_value
 from cxrfair.core.multilabel import auc_macro
 from cxrfair.core.mitigations import MITIGATIONS
 from cxrfair.core.runs import FINETUNE_METHODS, RunKey, parse_run_id
@@ -49,7 +54,7 @@ STRENGTH_TAG = re.compile(r"^st(?P<strength>[0-9.eE+-]+)$")
 
 MITIGATION_COLUMNS = ["model", "method", "mitigation", "sensitive", "strength", "tag", "metric", "erm", "mitigated",
                       "delta", "ci_low", "ci_high", "n_seeds", "excludes_zero", "erm_tag", "erm_run", "solver", "erm_solver",
-                      "like_for_like", "better", "selected"]
+                      "like_for_like", "better", "selected", "p_value", "p_holm", "holm_m", "unlike_reason"]
 TRADEOFF_COLUMNS = ["model", "method", "sensitive", "mitigation", "strength", "tag", "solver", "n_seeds", "utility_metric",
                     "utility", "utility_ci_low", "utility_ci_high", "gap_metric", "gap", "gap_ci_low", "gap_ci_high",
                     "selected", "pareto"]
@@ -91,18 +96,42 @@ def solver_of(run) -> str:
     return "adamw" if run.method in FINETUNE_METHODS else "unknown"
 
 
-def recipe(run) -> tuple[str, str]:
-    """(solver, grid) an ERM counterpart must share with a mitigated run for a like-for-like delta.
+def selection_of(run) -> str:
+    """The validation rule that chose the run's configuration within its grid, as the run records it.
+
+    Probes write it in words in run.json ``hyperparameters.selection`` (every run, ERM included; the
+    same rule gives the same words), mitigated probes also as ``select``; "" when the run records
+    none (fine-tuning, which has no grid to choose from: its one configuration keeps its
+    lowest-validation-loss checkpoint, ERM and mitigated alike).
+    """
+    hp = run.meta.get("hyperparameters") or {}
+    return str(hp.get("selection") or run.meta.get("select") or "")
+
+
+RECIPE_PARTS = ("solver", "grid", "selection")  # what ``recipe`` returns, for ``unlike_reason``
+
+
+def recipe(run) -> tuple[str, str, str]:
+    """(solver, grid, selection) an ERM counterpart must share with a mitigated run for a like-for-like delta.
 
     The grid is run.json ``hyperparameters.grid`` without the mitigation's ``strength`` axis (probes),
-    else the chosen ``lr`` and ``weight_decay`` (fine-tuning), plus the ``RECIPE_KEYS`` settings.
+    else the chosen ``lr`` and ``weight_decay`` (fine-tuning), plus the ``RECIPE_KEYS`` settings; the
+    selection is the validation rule that chose within that grid (``selection_of``): a mitigated
+    sweep chosen by worst-group accuracy against an ERM sweep chosen by loss would credit the
+    mitigation with what the rule alone changes (it may pick another L2 on the same objective).
     """
     hp = run.meta.get("hyperparameters") or {}
     grid = hp.get("grid")
     grid = ({k: v for k, v in grid.items() if k != "strength"} if isinstance(grid, dict)
             else {k: hp.get(k) for k in ("lr", "weight_decay")})
     grid |= {k: hp.get(k) for k in RECIPE_KEYS}
-    return solver_of(run), json.dumps(grid, sort_keys=True, default=str)
+    return solver_of(run), json.dumps(grid, sort_keys=True, default=str), selection_of(run)
+
+
+def unlike_reason(mitigated, erm) -> str:
+    """What differs between the recipes of a (mitigated, ERM) pair of runs: ``solver``, ``grid``, ``selection``
+    ``+``-joined; "" for a like-for-like pair."""
+    return "+".join(part for part, a, b in zip(RECIPE_PARTS, recipe(mitigated), recipe(erm)) if a != b)
 
 
 def is_erm_like(ev) -> bool:
@@ -139,8 +168,8 @@ def find_erm(ev, by_id: dict, primary: dict):
     ERM run with the same tag (``best`` vs ``best``), the ERM run with its model and method's primary
     tag, any other (an ERM run, then another sweep's ``st0``; an ``st0`` run never takes one of its
     own sweep); only when none shares the recipe, the
-    ERM run with the same tag, else the primary tag — a pairing across solvers or grids, which
-    ``mitigation.csv`` flags (``like_for_like`` false) and the report notes.
+    ERM run with the same tag, else the primary tag — a pairing across solvers, grids or selection rules,
+    which ``mitigation.csv`` flags (``like_for_like`` false, ``unlike_reason``) and the report notes.
     """
     source = by_id.get(ev.run.meta.get("source_run"))
     if source is not None and not is_mitigated(source):
@@ -204,17 +233,18 @@ def unlike_note(ev, erm) -> str:
     model, method, mitigation, sensitive, tag = group_key(ev)
     what = f"mitigation: {model} {method} {mitigation}-{sensitive} {tag} ({_trained(ev.run)}) against ERM " \
            f"{tag_of(erm.run)} ({_trained(erm.run)})"
+    differs = unlike_reason(ev.run, erm.run).replace("+", " and ")
     if is_erm_like(ev):
-        return (f"{what}: a strength-0 run is plain training, so this row measures the change of solver or grid "
+        return (f"{what}: a strength-0 run is plain training, so this row measures the change of {differs} "
                 "alone (like_for_like false)")
-    return (f"{what}: no plain run of its seed shares its solver and grid, so the delta mixes that change with the "
-            "mitigation (like_for_like false, † in the report); give its sweep a strength-0 point or train an "
-            "ERM run the same way")
+    return (f"{what}: no plain run of its seed shares its {differs}, so the delta mixes that change with the "
+            "mitigation (like_for_like false, † in the report); give its sweep a strength-0 point (chosen by "
+            "the same rule) or train an ERM run the same way")
 
 
 def _trained(run) -> str:
-    solver, grid = recipe(run)
-    return f"{solver}, grid {grid}"
+    solver, grid, selection = recipe(run)
+    return f"{solver}, grid {grid}" + (f", selected by {selection}" if selection else "")
 
 
 def metric_keys(task: str, sensitive: str, metrics=None) -> list[tuple]:
@@ -224,17 +254,21 @@ def metric_keys(task: str, sensitive: str, metrics=None) -> list[tuple]:
     return keys if metrics is None else [k for k in keys if k[0] in metrics]
 
 
-def paired_delta(pairs: list[tuple], keys: list[tuple]) -> dict[str, np.ndarray]:
+def paired_delta(pairs: list[tuple], keys: list[tuple], rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
     """Seed-averaged paired differences, mitigated − ERM.
 
     Args:
         pairs: [(mitigated, erm) evaluated runs], one per seed, each pair on the same test set.
         keys: K metric keys.
+        rng: the seed draws' generator (``replicates.seed_rng``): the pairs are drawn with
+            replacement per replicate (a pair is the unit: its two runs share a seed);
+            None: patients only.
 
     Returns:
         {"erm", "mitigated", "delta": (K,) NaN-skipping means over the pairs; "n": (K,) pairs
-        where the delta is defined; "replicates": (R, K) mean over pairs of the per-pair replicate
-        differences, or None without bootstrap or when the pairs are on different test sets}.
+        where the delta is defined; "replicates": (R, K) two-level replicates of the mean over pairs
+        of the per-pair replicate differences, or None without bootstrap or when the pairs are on
+        different test sets}.
     """
     mit = np.array([[m.values.get(k, np.nan) for k in keys] for m, _ in pairs], dtype=np.float64)
     erm = np.array([[e.values.get(k, np.nan) for k in keys] for _, e in pairs], dtype=np.float64)
@@ -242,8 +276,8 @@ def paired_delta(pairs: list[tuple], keys: list[tuple]) -> dict[str, np.ndarray]
            "n": (~np.isnan(mit - erm)).sum(axis=0), "replicates": None}
     first = pairs[0][0]
     if first.replicates is not None and all(m.key == first.key for m, _ in pairs):
-        out["replicates"] = nanmean0(np.stack([replicate_matrix(m, keys) - replicate_matrix(e, keys)
-                                                for m, e in pairs]))
+        out["replicates"] = seed_resampled(np.stack([replicate_matrix(m, keys) - replicate_matrix(e, keys)
+                                                     for m, e in pairs]), rng)
     return out
 
 
@@ -258,19 +292,29 @@ def common_strength(evs, notes: list[str]) -> float:
     return np.nan
 
 
-def _mitigation_rows(gkey: tuple, pairs: list[tuple], task: str, level: float, notes: list[str]) -> list[tuple]:
+def group_rng(seed: int, gkey: tuple) -> np.random.Generator:
+    """The seed draws of one mitigated group (``replicates.seed_rng`` of its key)."""
+    return seed_rng(seed, "mitigation|" + "|".join(map(str, gkey)))
+
+
+def _mitigation_rows(gkey: tuple, pairs: list[tuple], task: str, level: float, notes: list[str],
+                     seed: int = 0) -> tuple[list[tuple], tuple]:
+    """The group's rows of MITIGATION_COLUMNS up to ``better``, and the (K,) p-values, adjusted p-values and
+    Holm family size (the group's metrics: one family per mitigated group)."""
     model, method, mitigation, sensitive, tag = gkey
     keys = metric_keys(task, sensitive)
-    d = paired_delta(pairs, keys)
+    d = paired_delta(pairs, keys, group_rng(seed, gkey))
     if d["replicates"] is not None:
         lo, hi = interval(d["replicates"], level)
+        p = p_value(d["replicates"])
     else:
-        lo = hi = np.full(len(keys), np.nan)
+        lo = hi = p = np.full(len(keys), np.nan)
     strength = common_strength([m for m, _ in pairs], notes)
     erm = pairing(pairs)
-    return [(model, method, mitigation, sensitive, strength, tag, k[0], float(d["erm"][i]), float(d["mitigated"][i]),
+    rows = [(model, method, mitigation, sensitive, strength, tag, k[0], float(d["erm"][i]), float(d["mitigated"][i]),
              float(d["delta"][i]), float(lo[i]), float(hi[i]), int(d["n"][i]), bool(lo[i] > 0 or hi[i] < 0),
              *erm, better(k[0])) for i, k in enumerate(keys)]
+    return rows, (p, holm(p), int(np.isfinite(p).sum()))
 
 
 def _joined(values) -> str:
@@ -279,20 +323,25 @@ def _joined(values) -> str:
 
 def pairing(pairs: list[tuple]) -> tuple[str, str, str, str, bool]:
     """(erm_tag, erm_run, solver, erm_solver, like_for_like) of one group's (mitigated, ERM) pairs:
-    tags, run ids and solvers ``;``-joined over seeds; like_for_like when every pair shares its ``recipe``."""
+    tags, run ids and solvers ``;``-joined over seeds; like_for_like when every pair shares its ``recipe``
+    (solver, grid and selection rule)."""
     return (_joined(tag_of(e.run) for _, e in pairs), _joined(e.run.run_id for _, e in pairs),
             _joined(solver_of(m.run) for m, _ in pairs), _joined(solver_of(e.run) for _, e in pairs),
             all(recipe(m.run) == recipe(e.run) for m, e in pairs))
 
 
-def mitigation_table(groups: dict, task: str, level: float, notes: list[str], chosen: dict | None = None) -> pd.DataFrame:
+def mitigation_table(groups: dict, task: str, level: float, notes: list[str], chosen: dict | None = None,
+                     seed: int = 0) -> pd.DataFrame:
     """mitigation.csv: one row per group of ``pair_runs`` and metric of ``metric_keys``; ``selected`` from
-    ``chosen`` (``chosen_strengths``; None: only runs that are no strength point)."""
+    ``chosen`` (``chosen_strengths``; None: only runs that are no strength point); ``seed`` the analysis
+    seed the seed draws start from (``group_rng``)."""
     has_best = {f for f, gkeys in _families(groups).items() if any(g[4] == "best" for g in gkeys)}
     records = []
     for gkey, pairs in groups.items():
-        rows = _mitigation_rows(gkey, pairs, task, level, notes)
-        records += [(*r, is_selected(gkey, r[4], chosen or {}, has_best)) for r in rows]
+        rows, (p, p_holm, m) = _mitigation_rows(gkey, pairs, task, level, notes, seed)
+        why = _joined(unlike_reason(mit.run, erm.run) for mit, erm in pairs)
+        records += [(*r, is_selected(gkey, r[4], chosen or {}, has_best), float(p[i]), float(p_holm[i]), m, why)
+                    for i, r in enumerate(rows)]
     return pd.DataFrame.from_records(records, columns=MITIGATION_COLUMNS)
 
 
@@ -309,11 +358,12 @@ def pareto_front(utility, gap) -> np.ndarray:
     return ok & ~dominated
 
 
-def _point(evs, task: str, sensitive: str, level: float) -> tuple:
-    """(n_seeds, utility, lo, hi, gap, lo, hi) of the seed mean of ``evs``."""
+def _point(evs, task: str, sensitive: str, level: float, seed: int = 0) -> tuple:
+    """(n_seeds, utility, lo, hi, gap, lo, hi) of the seed mean of ``evs`` (two-level interval, as ``seeds.csv``)."""
     x, y = TRADEOFF_AXES[task]
     keys = [(x, "", "", ""), (y, sensitive, "", "")]
-    _, _, means, reps = average(evs, keys)
+    run = evs[0].run  # the runs of one tag: the seed draws of its seeds.csv rows
+    _, _, means, reps = average(evs, keys, rng=tag_rng(seed, run.model, run.method, tag_of(run)))
     lo, hi = interval(reps, level) if reps is not None else (np.full(2, np.nan),) * 2
     return (len(evs), x, float(means[0]), float(lo[0]), float(hi[0]), y, float(means[1]), float(lo[1]), float(hi[1]))
 
@@ -444,7 +494,7 @@ def mitigated_by_group(evaluated) -> dict:
 # ----------------------------------------------------------------------------- trade-off
 
 
-def _erm_points(evaluated, model, method, tags, sensitive, task, level) -> list[tuple]:
+def _erm_points(evaluated, model, method, tags, sensitive, task, level, seed: int = 0) -> list[tuple]:
     """One ERM point per counterpart tag (``tags``: the primary ERM tag first, then those ``find_erm`` used)."""
     rows = []
     for tag in dict.fromkeys(t for t in tags if t is not None):
@@ -452,12 +502,12 @@ def _erm_points(evaluated, model, method, tags, sensitive, task, level) -> list[
                and tag_of(e.run) == tag]
         if evs:
             rows.append((model, method, sensitive, "erm", np.nan, tag, _joined(solver_of(e.run) for e in evs),
-                         *_point(evs, task, sensitive, level), False))
+                         *_point(evs, task, sensitive, level, seed), False))
     return rows
 
 
 def tradeoff_table(evaluated, groups: dict, runs_df: pd.DataFrame, task: str, level: float,
-                   chosen: dict) -> pd.DataFrame:
+                   chosen: dict, seed: int = 0) -> pd.DataFrame:
     """tradeoff.csv: per model × method × sensitive, the ERM points (its primary tag and every other
     counterpart the pairing used, e.g. an AdamW ``st0`` run; every seed) and one point per mitigation and
     strength (every seed of that tag), with the validation choice and the Pareto flag within the panel."""
@@ -469,13 +519,14 @@ def tradeoff_table(evaluated, groups: dict, runs_df: pd.DataFrame, task: str, le
     records = []
     for (model, method, sensitive), gkeys in panels.items():
         used = [tag_of(e.run) for g in gkeys for _, e in groups[g]]
-        rows = _erm_points(evaluated, model, method, [primary.get((model, method)), *used], sensitive, task, level)
+        rows = _erm_points(evaluated, model, method, [primary.get((model, method)), *used], sensitive, task, level,
+                           seed)
         for mitigation in dict.fromkeys(g[2] for g in gkeys):
             for g in _strength_groups([g for g in gkeys if g[2] == mitigation]):
                 s = common_strength(by_group[g], [])
                 value = chosen.get(g[:4], np.nan)
                 rows.append((model, method, sensitive, mitigation, s, g[4], _joined(solver_of(e.run) for e in by_group[g]),
-                             *_point(by_group[g], task, sensitive, level),
+                             *_point(by_group[g], task, sensitive, level, seed),
                              g[4] == "best" or (not np.isnan(s) and s == value)))
         u, gap = TRADEOFF_COLUMNS.index("utility"), TRADEOFF_COLUMNS.index("gap")
         flags = pareto_front([r[u] for r in rows], [r[gap] for r in rows])
@@ -502,5 +553,5 @@ def mitigation_tables(evaluated, runs_df: pd.DataFrame, config, notes: list[str]
                          "method's name")
     groups = pair_runs(evaluated, runs_df, config.attributes, notes)
     chosen = chosen_strengths(evaluated, groups, notes)
-    return (mitigation_table(groups, task, config.level, notes, chosen),
-            tradeoff_table(evaluated, groups, runs_df, task, config.level, chosen))
+    return (mitigation_table(groups, task, config.level, notes, chosen, config.seed),
+            tradeoff_table(evaluated, groups, runs_df, task, config.level, chosen, config.seed))

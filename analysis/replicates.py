@@ -2,19 +2,28 @@
 
 All runs on the same test images share one (R, N) matrix of bootstrap counts (``engine``), so an
 ``Evaluated`` run's replicate r of any metric is that metric on resample r. Hence a paired
-difference is a subtraction of replicate arrays (``replicate_matrix``), and the interval of a
-mean over seeds is the percentile interval of the mean of their replicates (``average``). The
-seed summaries and baseline comparisons (``engine``) and the mitigation deltas (``mitigation``)
-are all built from these.
+difference is a subtraction of replicate arrays (``replicate_matrix``).
+
+Seeds are a second source of variance: a mean over S seeds (or zero-shot prompt draws) is an
+estimate of the mean over all seeds one could have trained, and its interval must say so. The
+two-level bootstrap (``seed_resampled``) draws, for each replicate r, S seeds with replacement and
+averages *their* replicate r (the patient resample r is shared, as all seeds were tested on the
+same images): seeds, then patients. Seeds that disagree widen the interval; with S = 1 the seed
+variance is unknown and the interval is the patients-only one (the tables say ``n_seeds`` = 1).
+The seed draws of a group come from ``seed_rng(seed, name)``, so they depend on the analysis
+seed and the group's name only, not on which other runs are analysed. The seed summaries and
+baseline comparisons (``engine``) and the mitigation deltas (``mitigation``) are built from these.
 """
 
 from __future__ import annotations
 
 import warnings
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
 
+from cxrfair.core.bootstrap import stratified_counts
 from cxrfair.core.runs import Run
 
 
@@ -45,14 +54,56 @@ def replicate_matrix(ev: Evaluated, keys: list) -> np.ndarray:
     return np.stack([ev.replicates.get(k, missing) for k in keys], axis=1)
 
 
-def average(evs: list[Evaluated], keys: list | None = None) -> tuple[list, np.ndarray, np.ndarray, np.ndarray | None]:
-    """Mean over runs of every metric's value and, when they share one test set, of its replicates.
+def seed_rng(seed: int, name: str) -> np.random.Generator:
+    """The generator of one group's seed draws: from the analysis ``seed`` and the group's ``name``
+    (e.g. ``"seeds|m1|linear|best"``) alone, so adding other runs to an analysis leaves it unchanged."""
+    return np.random.default_rng([int(seed), zlib.crc32(name.encode())])
+
+
+def tag_rng(seed: int, model: str, method: str, tag: str) -> np.random.Generator:
+    """The seed draws of the runs of one model, method and tag (a ``seeds.csv`` row set): every table that
+    shows their seed mean (``seeds.csv``, the trade-off points) draws the same seeds, so shows the same interval."""
+    return seed_rng(seed, f"seeds|{model}|{method}|{tag}")
+
+
+def seed_resampled(stack: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
+    """Two-level bootstrap replicates of the mean over seeds: seeds with replacement, then patients.
+
+    Replicate r is the NaN-skipping mean of ``stack[s, r]`` over S seeds drawn with replacement
+    for that replicate (a seed drawn twice counts twice; one where the metric is undefined is
+    skipped, as in the point estimate). All in one weighted sum: an (R, S) matrix of seed counts.
+
+    Args:
+        stack: (S, R, K) each seed's replicates on the shared patient resamples.
+        rng: the seed draws' generator (``seed_rng``); None: no seed resampling, the plain mean over
+            the S seeds per replicate (the patients-only interval of the mean).
+
+    Returns:
+        (R, K) replicates; NaN where every drawn seed is NaN. With S = 1, ``stack[0]``.
+    """
+    S, R = stack.shape[:2]
+    if rng is None or S == 1:
+        return nanmean0(stack)
+    counts = stratified_counts(np.zeros(S), R, rng).astype(np.float64)  # (R, S): S draws of S seeds per replicate
+    defined = ~np.isnan(stack)
+    total = np.einsum("rs,srk->rk", counts, np.where(defined, stack, 0.0))
+    n = np.einsum("rs,srk->rk", counts, defined.astype(np.float64))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, total / n, np.nan)
+
+
+def average(evs: list[Evaluated], keys: list | None = None,
+            rng: np.random.Generator | None = None) -> tuple[list, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Mean over runs of every metric's value and, when they share one test set, its replicates.
 
     The mean of replicate r over runs is the seed mean on resample r, so percentiles of these
-    means are the interval of the seed mean (not a mean of intervals).
+    means are the interval of the seed mean (not a mean of intervals); with ``rng``, the runs are
+    also drawn with replacement per replicate (``seed_resampled``), so the interval carries the
+    seed variance too.
 
     Args:
         evs: the runs. keys: the metric keys (default: the first run's).
+        rng: the seed draws' generator (``seed_rng``); None: patients only.
 
     Returns:
         (keys, (runs, K) values per run, (K,) means, (R, K) mean replicates or None without
@@ -62,5 +113,5 @@ def average(evs: list[Evaluated], keys: list | None = None) -> tuple[list, np.nd
     per_run = np.array([[e.values.get(k, np.nan) for k in keys] for e in evs], dtype=np.float64)
     if evs[0].replicates is None or any(e.key != evs[0].key for e in evs):
         return keys, per_run, nanmean0(per_run), None
-    reps = nanmean0(np.stack([replicate_matrix(e, keys) for e in evs]))
+    reps = seed_resampled(np.stack([replicate_matrix(e, keys) for e in evs]), rng)
     return keys, per_run, nanmean0(per_run), reps

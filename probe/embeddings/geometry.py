@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 import cxrfair
-from cxrfair.core.bootstrap import interval
+from cxrfair.core.bootstrap import holm, interval
 from cxrfair.errors import CxrfairError
 from cxrfair.io import atomic_dir, write_json_atomic
 from cxrfair.probe.embeddings.data import (
@@ -186,18 +186,6 @@ def kolmogorov_sf(lam) -> np.ndarray:
     small_lam = np.clip(lam, 1e-3, 1.0)
     small = 1 - math.sqrt(2 * math.pi) / small_lam * np.sum(np.exp(-((2 * k - 1) ** 2) * math.pi**2 / (8 * small_lam**2)), 0)
     return np.clip(np.where(lam >= 1.0, big, np.where(lam < 1e-3, 1.0, small)), 0.0, 1.0)
-
-
-def holm(p: np.ndarray) -> np.ndarray:
-    """Holm-Bonferroni adjusted p-values (NaN entries ignored and kept NaN)."""
-    p = np.asarray(p, dtype=np.float64)
-    out = np.full(p.shape, np.nan)
-    ok = np.flatnonzero(np.isfinite(p))
-    order = ok[np.argsort(p[ok], kind="stable")]
-    m = len(order)
-    adjusted = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
-    out[order] = adjusted
-    return out
 
 
 def group_statistic(values: np.ndarray, codes: np.ndarray, n_groups: int) -> np.ndarray:

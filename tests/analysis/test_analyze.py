@@ -1,7 +1,8 @@
 """compute/analyze: seed-mean intervals, the patient bootstrap end to end, and bad input.
 
 The interval tests rebuild the replicates by hand (loop over replicates, resample the images,
-score them with scikit-learn, average over seeds or draws, take percentiles) and compare.
+score them with scikit-learn, draw the seeds or draws of each replicate and average them, take
+percentiles) and compare.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from cxrfair.core import metrics as M
 from cxrfair.core import multilabel as ML
 from cxrfair.analysis.config import AnalyzeConfig
 from cxrfair.analysis.engine import compute, in_blocks
+from cxrfair.analysis.replicates import seed_rng
 from cxrfair.analysis.runsets import check_runs, tag_of
 from cxrfair.core.bootstrap import patient_counts
 from cxrfair.core.runs import Run, make_predictions, read_runs, write_run
@@ -100,49 +102,97 @@ def _by(runs, method):
     return sorted((r for r in runs if r.method == method), key=lambda r: r.seed)
 
 
+def _seed_drawn(per_seed: np.ndarray, name: str) -> np.ndarray:
+    """(R,) two-level replicates by a loop: replicate r averages resample r of S seeds drawn with replacement
+    from the generator the analysis names ``name`` (``seed_rng``; S draws in [0, S) per replicate)."""
+    S = len(per_seed)
+    if S == 1:
+        return per_seed[0]
+    draws = seed_rng(5, name).integers(0, S, size=(R, S))
+    return np.array([np.mean([per_seed[s, r] for s in draws[r]]) for r in range(R)])
+
+
+def _bootstrap_p(d: np.ndarray) -> float:
+    """Two-sided bootstrap p of delta = 0 by counting: twice the smaller tail, the observed one counted in."""
+    below, above = sum(x <= 0 for x in d), sum(x >= 0 for x in d)
+    return min(1.0, 2 * (min(below, above) + 1) / (len(d) + 1))
+
+
 @pytest.mark.parametrize("score, key, methods", [
     (_accuracy, ("accuracy", "", ""), (("linear", "best"), ("zeroshot", "clip"))),
     (_macro_f1_in_f, ("f1_macro", "sex", "F"), (("linear", "best"),)),  # scikit-learn is slow: one method
 ])
-def test_seed_mean_interval_is_the_percentile_of_averaged_replicates(seeded, score, key, methods):
+def test_seed_mean_interval_resamples_seeds_then_patients(seeded, score, key, methods):
     runs, res = seeded
     for method, tag in methods:
-        reps = _slow_replicates(_by(runs, method), score).mean(axis=0)  # mean over seeds, replicate by replicate
+        per_seed = _slow_replicates(_by(runs, method), score)  # (3, R)
+        reps = _seed_drawn(per_seed, f"seeds|m|{method}|{tag}")
         row = res.seeds[(res.seeds["method"] == method) & (res.seeds["tag"] == tag) & (res.seeds["metric"] == key[0])
                         & (res.seeds["attribute"] == key[1]) & (res.seeds["group"] == key[2]) & (res.seeds["class"] == "")]
         assert len(row) == 1 and row["n_seeds"].item() == 3
         assert row["ci_low"].item() == pytest.approx(np.percentile(reps, 2.5), abs=1e-12)
         assert row["ci_high"].item() == pytest.approx(np.percentile(reps, 97.5), abs=1e-12)
-        per_seed = res.metrics[(res.metrics["method"] == method) & (res.metrics["metric"] == key[0])
-                               & (res.metrics["attribute"] == key[1]) & (res.metrics["group"] == key[2])]
-        assert row["mean"].item() == pytest.approx(per_seed["value"].mean())
+        per_run = res.metrics[(res.metrics["method"] == method) & (res.metrics["metric"] == key[0])
+                              & (res.metrics["attribute"] == key[1]) & (res.metrics["group"] == key[2])]
+        assert row["mean"].item() == pytest.approx(per_run["value"].mean())
         # Not the mean of the seeds' own bounds (what the tables used to show).
-        assert row["ci_low"].item() != pytest.approx(per_seed["ci_low"].mean(), abs=1e-9)
+        assert row["ci_low"].item() != pytest.approx(per_run["ci_low"].mean(), abs=1e-9)
 
 
-def test_one_run_keeps_its_own_interval(seeded):
+def test_one_run_keeps_its_own_interval_and_says_its_seed_variance_is_unknown(seeded):
     _, res = seeded
     s = res.seeds[res.seeds["method"] == "full"].set_index(["metric", "attribute", "group", "class"])
     m = res.metrics[res.metrics["method"] == "full"].set_index(["metric", "attribute", "group", "class"])
     pd.testing.assert_series_equal(s["ci_low"], m.loc[s.index, "ci_low"], check_names=False)
     assert (s["n_seeds"] <= 1).all() and s["sd"].isna().all()
+    assert any("seed variance is unknown" in n and "m full best" in n for n in res.notes)
 
 
 def test_comparison_uses_the_draw_averaged_zero_shot_replicates(seeded):
     runs, res = seeded
-    zs = _slow_replicates(_by(runs, "zeroshot"), _accuracy)  # (3 draws, R)
+    zs_draws = _slow_replicates(_by(runs, "zeroshot"), _accuracy)  # (3 draws, R)
+    names = ";".join(r.run_id for r in _by(runs, "zeroshot"))
+    zs = _seed_drawn(zs_draws, f"baseline|m|{names}")  # the draws resampled too: they are zero-shot's seeds
     lin = _slow_replicates(_by(runs, "linear"), _accuracy)
     values = res.metrics[(res.metrics["metric"] == "accuracy") & (res.metrics["attribute"] == "")].set_index("run_id")["value"]
     c = res.comparisons[(res.comparisons["metric"] == "accuracy") & (res.comparisons["attribute"] == "")]
+    zs_mean = values[[r.run_id for r in _by(runs, "zeroshot")]].mean()
     for s, run in enumerate(_by(runs, "linear")):
         row = c[c["run_id"] == run.run_id]
-        assert row["n_baseline"].item() == 3
-        assert row["baseline_runs"].item() == ";".join(r.run_id for r in _by(runs, "zeroshot"))
-        zs_mean = values[[r.run_id for r in _by(runs, "zeroshot")]].mean()
+        assert row["n_baseline"].item() == 3 and row["n_seeds"].item() == 1 and row["seed"].item() == s
+        assert row["baseline_runs"].item() == names
         assert row["delta"].item() == pytest.approx(values[run.run_id] - zs_mean)
-        diff = lin[s] - zs.mean(axis=0)
+        diff = lin[s] - zs
         assert row["ci_low"].item() == pytest.approx(np.percentile(diff, 2.5), abs=1e-12)
         assert row["ci_high"].item() == pytest.approx(np.percentile(diff, 97.5), abs=1e-12)
+        assert row["p_value"].item() == pytest.approx(_bootstrap_p(diff), abs=1e-12)
+    # The seed-mean row: the linear seeds drawn too, independently of the zero-shot draws.
+    row = c[(c["method"] == "linear") & c["seed"].isna()]
+    assert row["run_id"].item() == ";".join(r.run_id for r in _by(runs, "linear")) and row["n_seeds"].item() == 3
+    assert row["delta"].item() == pytest.approx(values[[r.run_id for r in _by(runs, "linear")]].mean() - zs_mean)
+    diff = _seed_drawn(lin, "comparison|m|linear") - zs
+    assert row["ci_low"].item() == pytest.approx(np.percentile(diff, 2.5), abs=1e-12)
+    assert row["ci_high"].item() == pytest.approx(np.percentile(diff, 97.5), abs=1e-12)
+    assert row["p_value"].item() == pytest.approx(_bootstrap_p(diff), abs=1e-12)
+    # One run of full: no seed-mean row of its own.
+    assert c.loc[c["method"] == "full", "seed"].notna().all()
+
+
+def test_comparison_p_holm_is_holm_within_each_comparison_attribute_and_headline_or_detail_rows(seeded):
+    _, res = seeded
+    c = res.comparisons
+    for (run_id, attribute, detail), rows in c.groupby([c["run_id"], c["attribute"], (c["group"] != "") | (c["class"] != "")]):
+        p = rows["p_value"].to_numpy()
+        ok = [i for i in range(len(p)) if np.isfinite(p[i])]
+        order = sorted(ok, key=lambda i: p[i])
+        want, running = {}, 0.0
+        for rank, i in enumerate(order):  # Holm's step-down, one test at a time
+            running = max(running, min(1.0, (len(order) - rank) * p[i]))
+            want[i] = running
+        got = rows["p_holm"].to_numpy()
+        assert all(got[i] == pytest.approx(want[i], abs=1e-12) for i in ok), (run_id, attribute, detail)
+        assert (rows["holm_m"] == len(ok)).all()
+    assert (c["p_holm"] >= c["p_value"]).all()
 
 
 # ----------------------------------------------------------------------------- patient bootstrap
@@ -325,3 +375,22 @@ def test_replicates_in_blocks_equal_one_call_on_all_of_them(task):
     assert blocks.keys() == whole.keys()
     for key, value in whole.items():
         np.testing.assert_array_equal(blocks[key], value, err_msg=str(key))
+
+
+def test_seeds_that_disagree_widen_the_seed_mean_interval_to_cover_both(tmp_path):
+    """Two seeds far apart (accuracy ~0.9 vs ~0.35): the patients-only interval of their mean is narrow
+    and covers neither; the two-level one is wider and covers both seeds' accuracies."""
+    rows = cohort_rows(48)
+    rows["patient_id"] = rows.index // 2
+    _write(tmp_path, rows, "linear", 0, skill=3.0, probs_seed=1)
+    _write(tmp_path, rows, "linear", 1, skill=0.05, probs_seed=2)
+    runs = read_runs(tmp_path)
+    res = compute(runs, AnalyzeConfig(tmp_path, tmp_path, n_boot=R, seed=5))
+    acc = res.metrics[(res.metrics["metric"] == "accuracy") & (res.metrics["attribute"] == "")]["value"].to_numpy()
+    assert acc.max() - acc.min() > 0.3
+    row = res.seeds[(res.seeds["metric"] == "accuracy") & (res.seeds["attribute"] == "")].iloc[0]
+    patients_only = np.percentile(_slow_replicates(_by(runs, "linear"), _accuracy).mean(axis=0), [2.5, 97.5])
+    assert row["ci_high"] - row["ci_low"] > 2 * (patients_only[1] - patients_only[0])
+    assert row["ci_low"] <= acc.min() and acc.max() <= row["ci_high"]
+    assert not (patients_only[0] <= acc.min() or acc.max() <= patients_only[1])  # the old interval covered neither
+    assert row["n_seeds"] == 2

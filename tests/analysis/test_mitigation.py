@@ -22,6 +22,7 @@ from cxrfair.analysis.config import AnalyzeConfig
 from cxrfair.analysis.engine import compute
 from cxrfair.core.bootstrap import merge_small_strata, patient_counts
 from cxrfair.analysis.figures import png
+from cxrfair.analysis.replicates import seed_rng
 from cxrfair.analysis.mitigation_figures import DELTA_CAPTION, TRADEOFF_CAPTION, delta_table, tradeoff_figure
 from cxrfair.core.runs import RunKey, make_predictions, read_runs, write_run
 from cxrfair.cli import main
@@ -119,13 +120,28 @@ def test_multiclass_deltas_match_a_plain_per_replicate_reference(tmp_path):
             a, b = _plain_multiclass(y[i], p_m[i], sex[i]), _plain_multiclass(y[i], p_e[i], sex[i])
             per_rep.append([a[n] - b[n] for n in names])
         reps.append(per_rep)
-    point, reps = _nanmean(np.array(point)), _nanmean(np.array(reps))  # seed mean, replicate by replicate
+    point, reps = _nanmean(np.array(point)), np.array(reps)  # (K,) seed mean; (pairs, R, K)
+    # Two-level: each replicate draws its 2 (mitigated, ERM) pairs with replacement, then averages their
+    # resample-r deltas (NaN-skipping); the draws come from the group's generator (seed_rng of its key).
+    draws = seed_rng(0, "mitigation|m1|linear|groupdro|sex|best").integers(0, 2, size=(N_BOOT, 2))
+    reps = np.array([_nanmean(np.array([reps[s, r] for s in draws[r]])) for r in range(N_BOOT)])
     lo, hi = np.nanquantile(reps, [0.025, 0.975], axis=0)
+    p_ref = []
     for j, n in enumerate(names):
         assert got.loc[n, "delta"] == pytest.approx(point[j], abs=1e-12), n
         assert got.loc[n, "ci_low"] == pytest.approx(lo[j], abs=1e-12), n
         assert got.loc[n, "ci_high"] == pytest.approx(hi[j], abs=1e-12), n
         assert got.loc[n, "excludes_zero"] == bool(lo[j] > 0 or hi[j] < 0)
+        d = [x for x in reps[:, j] if not np.isnan(x)]
+        below, above = sum(x <= 0 for x in d), sum(x >= 0 for x in d)
+        p_ref.append(min(1.0, 2 * (min(below, above) + 1) / (len(d) + 1)))
+        assert got.loc[n, "p_value"] == pytest.approx(p_ref[-1], abs=1e-12), n
+    # Holm over the group's metrics, by its step-down loop.
+    order, running = sorted(range(len(names)), key=lambda j: p_ref[j]), 0.0
+    for rank, j in enumerate(order):
+        running = max(running, min(1.0, (len(names) - rank) * p_ref[j]))
+        assert got.loc[names[j], "p_holm"] == pytest.approx(running, abs=1e-12)
+    assert set(got["holm_m"]) == {len(names)} and set(got["unlike_reason"]) == {""}
     assert set(got["n_seeds"]) == {2} and set(got["erm_tag"]) == {"best"}
     assert got.loc["accuracy", "mitigated"] - got.loc["accuracy", "erm"] == pytest.approx(got.loc["accuracy", "delta"])
     assert (got["strength"] == 0.5).all() and (got["sensitive"] == "sex").all()
@@ -292,7 +308,7 @@ def test_adamw_mitigations_pair_with_an_adamw_strength_zero_run_not_the_lbfgs_er
     assert (row.erm_tag, row.erm_solver, bool(row.like_for_like)) == ("best", "lbfgs", False)
     unlike = [n for n in res.notes if "like_for_like false" in n]
     assert len(unlike) == 1 and unlike[0].startswith("mitigation: m1 linear fairot-sex st0 (adamw")  # once for both seeds
-    assert "against ERM best (lbfgs" in unlike[0] and "change of solver or grid alone" in unlike[0]
+    assert "against ERM best (lbfgs" in unlike[0] and "change of solver and grid alone" in unlike[0]
     # The delta is against the run it names: mitigated − that counterpart, per seed, averaged.
     v = res.metrics[(res.metrics["metric"] == "accuracy") & (res.metrics["attribute"] == "")].set_index("run_id")["value"]
     want = np.mean([v[f"m1__linear+groupdro-sex__best__s{s}"] - v[f"m1__linear+fairot-sex__st0__s{s}"] for s in (0, 1)])
@@ -597,3 +613,102 @@ def test_postprocessed_run_is_compared_in_the_report(tmp_path):
     assert list(t["mitigation"]) == ["erm", "thresholds"]
     assert "## Mitigation" in (out / "report.md").read_text()
     assert _non_blank((out / "figures" / "mitigation_tradeoff.png").read_bytes())
+
+
+# ----------------------------------------------------------------------------- same selection rule
+
+
+def _select(rule: str) -> dict:
+    """run.json of an L-BFGS probe chosen by ``rule``: the words the probe writes (``hyperparameters.selection``)."""
+    from cxrfair.probe.sweep import SELECTION_TEXT  # numpy only at import (jax loads lazily)
+
+    return {"solver": "lbfgs", "hyperparameters": LBFGS["hyperparameters"] | {"selection": SELECTION_TEXT[rule]}}
+
+
+def _balanced_rows():
+    rows = cohort_rows(48)  # sex × class cells of equal size in every split
+    assert rows.groupby(["split", "sex", "label"]).size().nunique() == 1
+    return rows
+
+
+def test_a_mitigated_sweep_chosen_by_another_rule_than_its_erm_is_not_like_for_like(tmp_path):
+    """The demo's case: reweight is a no-op on a cohort balanced in every sex × class cell, but its sweep,
+    chosen by worst-group accuracy, picked another L2 than the ERM sweep chosen by loss. The delta (not 0:
+    other predictions) must not pass as the mitigation's effect: Δ = 0 or like_for_like false."""
+    runs, rows = tmp_path / "runs", _balanced_rows()
+    for s in (0, 1):
+        _write(runs, rows, s, 1.0, s, **_select("loss"))
+        _write(runs, rows, s, 1.0, 10 + s, "reweight", "sex", "best", 1.0, select="worst_group", **_select("worst_group"))
+    res = _compute(runs)
+    m = res.mitigation
+    assert (m["delta"].abs() > 0).any()
+    assert ((m["delta"] == 0) | ~m["like_for_like"]).all()
+    assert set(m["like_for_like"]) == {False} and set(m["unlike_reason"]) == {"selection"}
+    note = next(n for n in res.notes if "like_for_like false" in n)
+    assert "selected by highest validation worst-group" in note and "selected by lowest validation loss" in note
+    assert "shares its selection" in note
+
+
+def test_a_strength_zero_run_chosen_by_the_same_rule_is_the_like_for_like_counterpart(tmp_path):
+    """With strength 0 in the grid (reweight's zero is ERM), the st0 run is ERM chosen by the mitigation's own
+    rule: it is preferred to the loss-chosen ERM run, and a no-op mitigation that chose it has Δ = 0."""
+    runs, rows = tmp_path / "runs", _balanced_rows()
+    for s in (0, 1):
+        _write(runs, rows, s, 1.0, s, **_select("loss"))
+        meta = {"select": "worst_group", **_select("worst_group")}
+        # Equal cells: every strength trains the same objective; the sweep's ties go to the first strength, 0.
+        _write(runs, rows, s, 1.0, 10 + s, "reweight", "sex", "best", 0.0, **meta)
+        _write(runs, rows, s, 1.0, 10 + s, "reweight", "sex", "st0", 0.0, **meta)
+        _write(runs, rows, s, 1.0, 10 + s, "reweight", "sex", "st1", 1.0, **meta)
+    m = _compute(runs).mitigation
+    for tag in ("best", "st1"):
+        rows_ = m[m["tag"] == tag]
+        assert set(rows_["erm_tag"]) == {"reweight-sex__st0"} and rows_["like_for_like"].all()
+        assert (rows_["delta"] == 0).all() and (rows_["p_value"] == 1).all() and (rows_["unlike_reason"] == "").all()
+    # st0 itself is compared with the loss-chosen ERM run: the change of selection rule alone, flagged.
+    st0 = m[m["tag"] == "st0"]
+    assert set(st0["like_for_like"]) == {False} and set(st0["unlike_reason"]) == {"selection"}
+
+
+def _balanced_cache(path):
+    """A probe cache whose every split has equal sex × class cells (10 train images per cell)."""
+    from cxrfair.extract.cache import write_cache
+    from tests.probe.synth import CLASSES as PROBE_CLASSES, clusters, make_cache
+
+    sizes = {"train": 120, "val": 48, "test": 48}
+    _, x, y, text = make_cache(path.with_suffix(".tmp.h5"), sizes=sizes)
+    table = []
+    for split in ("train", "val", "test"):
+        for i, label in enumerate(y[split]):  # label = i % 6: sex alternates every 6 images
+            k = len(table)
+            table.append({"image_id": f"{k:08d}_000.png", "path": f"{k:08d}_000.png", "patient_id": k,
+                          "label": PROBE_CLASSES[int(label)], "sex": "MF"[(i // 6) % 2], "age": 40 + k % 40,
+                          "age_group": "young" if (i // 12) % 2 == 0 else "old", "split": split})
+    table = pd.DataFrame(table)
+    assert (table.groupby(["split", "sex", "label"]).size().groupby("split").nunique() == 1).all()
+    write_cache(path, image_embeddings=np.concatenate([x["train"], x["val"], x["test"]]), cohort_table=table,
+                classes=PROBE_CLASSES, text=text,
+                attrs={"model": "tiny-clip", "weights_id": "test", "cohort_hash": "c0ffee" * 10, "logit_scale": 100.0})
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strengths", ["0.5,1", "0,0.5,1"])
+def test_real_reweight_probe_on_a_balanced_cohort_is_zero_or_not_like_for_like(tmp_path, strengths):
+    """`cxrfair probe` runs: ERM chosen by loss, reweight by worst_group (its default) on equal sex × class
+    cells, where reweighting changes nothing. Every reweight row has Δ = 0 on the argmax metrics or says
+    like_for_like false; with strength 0 in the grid the rows of `best` are like for like and Δ = 0.
+    (~1 min: two L-BFGS sweeps' compilation.)"""
+    cache = _balanced_cache(tmp_path / "c.h5")
+    runs = tmp_path / "runs"
+    for args in ([], ["--mitigation", "reweight", "--sensitive", "sex", "--strength", strengths]):
+        got = CliRunner().invoke(main, ["probe", "linear", "--cache", str(cache), "--out", str(runs), "--seeds", "2",
+                                        "--l2", "1e-4,1e-2,1", "--max-iter", "30", *args])
+        assert got.exit_code == 0, got.output
+    m = compute(read_runs(runs), AnalyzeConfig(runs, tmp_path / "out", n_boot=100, figures=False)).mitigation
+    assert ((m["delta"].abs() < 1e-12) | ~m["like_for_like"]).all(), m[["tag", "metric", "delta", "like_for_like"]]
+    best = m[m["tag"] == "best"]
+    if strengths.startswith("0,"):
+        assert best["like_for_like"].all() and (best["delta"].abs() < 1e-12).all()
+    else:
+        assert set(best["unlike_reason"]) == {"selection"}
