@@ -26,6 +26,7 @@ from cxrfair.extract.datasets import PATH_OPTIONS, READERS
 from cxrfair.finetune.config import FinetuneConfig
 from cxrfair.io import sha256_file
 from cxrfair.probe import sweep, zeroshot
+from cxrfair.publish import move_stale_runs
 from cxrfair.step_base import (cache_path, family, model_weights, publishing_step, stage_config,
                                weights_setting)
 from cxrfair.steps import Step
@@ -86,6 +87,8 @@ def cohort_step(config: ExperimentConfig, p: dict) -> tuple[Step, object, list[s
 
     def run(force: bool) -> None:
         cohort_stage.build_cohort(cfg)
+        for line in stale_runs_moved(p):  # the steps below rebuild them for this cohort
+            print(f"    note: {line}")
 
     settings = settings_dict(c) | {"dataset": cfg.dataset} | {k: str(v) if v else None for k, v in sources.items()}
     missing = []
@@ -95,6 +98,19 @@ def cohort_step(config: ExperimentConfig, p: dict) -> tuple[Step, object, list[s
         settings["sources_sha256"] = identity
     deps = ("synth",) if config.synth.enabled else ()
     return Step("cohort", settings, [p["cohort"] / "cohort.json"], run, deps), cfg, missing
+
+
+def stale_runs_moved(p: dict) -> list[str]:
+    """Move the runs made on another cohort than cohort/cohort.json's out of runs/ and sweeps/ (one line each).
+
+    Without this, a changed cohort would leave runs every later stage refuses to write beside
+    (``check_runs_folder``) and analyze refuses to mix; see ``cxrfair.publish.move_stale_runs``.
+    """
+    try:
+        cohort_hash = json.loads((p["cohort"] / "cohort.json").read_text(encoding="utf-8"))["hash"]
+    except (OSError, ValueError, KeyError, TypeError):  # no cohort yet (or a broken one the cohort step rebuilds)
+        return []
+    return move_stale_runs(p["out"], (p["runs"], p["sweeps"]), str(cohort_hash))
 
 
 def _check_dataset(dataset: str | None) -> None:
