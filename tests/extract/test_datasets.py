@@ -408,3 +408,13 @@ def test_csv_bad_mapping(tmp_path, columns, labels, message):
     hospital_export(tmp_path / "export.csv")
     with pytest.raises(CxrfairError, match=message):
         read_dataset("csv", Sources(metadata=tmp_path / "export.csv", columns=columns, labels=labels))
+
+
+def test_chexpert_demographics_matching_no_patient_is_an_error(tmp_path):
+    """Else race would be dropped from every image while the preset still says chexpert-6."""
+    chexpert_rows().to_csv(tmp_path / "train.csv", index=False)
+    write_demographics(tmp_path / "demo.csv", {"patient90001": ["White"], "patient90002": ["Asian"]})
+    with pytest.raises(CxrfairError, match=r"demographics .*demo.csv: column 'PATIENT' matches no patient of metadata "
+                                           r".*train.csv \(its first is 'patient90001', the metadata's paths hold "
+                                           r"patient00001, ...\); pass the demographics file"):
+        read_dataset("chexpert", Sources(metadata=tmp_path / "train.csv", demographics=tmp_path / "demo.csv"))
