@@ -187,7 +187,8 @@ def sweep_config(config: ExperimentConfig, method: str) -> sweep.SweepConfig:
 
 
 # SweepConfig fields that one solver or method ignores: changing them must not rerun those probes.
-_UNUSED_BY = {"lbfgs": ("lrs", "weight_decays", "epochs", "batch_size"), "adamw": ("l2s", "max_iter", "l2s_skip", "ftol")}
+_UNUSED_BY = {solver: tuple(f for other, options in sweep.SOLVER_OPTIONS.items() if other != solver for f in options)
+              for solver in sweep.SOLVER_OPTIONS}
 _UNUSED_BY_LINEAR = ("hiddens", "architecture", "l2s_skip")
 
 
