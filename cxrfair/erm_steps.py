@@ -113,6 +113,14 @@ def stale_runs_moved(p: dict) -> list[str]:
     return move_stale_runs(p["out"], (p["runs"], p["sweeps"]), str(cohort_hash))
 
 
+def cohort_attributes(cohort_cfg) -> tuple[str, ...]:
+    """The sensitive attributes the cohort can have: the configured ones, else the preset's (+ optional)."""
+    if cohort_cfg.attributes:
+        return tuple(cohort_cfg.attributes)
+    preset = PRESETS[cohort_cfg.preset]
+    return tuple(preset.attributes) + tuple(preset.optional_attributes)
+
+
 def _check_dataset(dataset: str | None) -> None:
     if dataset is not None and dataset not in READERS:
         raise CxrfairError(f"[cohort] dataset {dataset!r}: unknown; choose one of {', '.join(READERS)}, or \"\" for the preset's")
@@ -287,9 +295,19 @@ def _copy_run(cfg: FinetuneConfig, runs: Path, extra: dict) -> Path:
     return write_run(runs, meta, run.predictions, force=True)
 
 
-def analysis_step(config: ExperimentConfig, p: dict, deps: list[str], embeddings: bool) -> Step:
-    """The report over every run; ``embeddings``: leakage/geometry outputs exist under <out>/embeddings/."""
+def analysis_step(config: ExperimentConfig, p: dict, deps: list[str], embeddings: bool,
+                  attributes: tuple[str, ...] = ()) -> Step:
+    """The report over every run; ``embeddings``: leakage/geometry outputs exist under <out>/embeddings/.
+
+    ``attributes``: the cohort's (``cohort_attributes``); [analysis] attributes and cross must be
+    among them, checked while planning rather than at the last step.
+    """
     a = config.analysis
+    for key in ("attributes", "cross"):
+        unknown = [x for x in (getattr(a, key) or ()) if x not in attributes]
+        if attributes and unknown:
+            raise CxrfairError(f"[analysis] {key}: {unknown[0]!r} is not a sensitive attribute of the cohort "
+                               f"(it has {', '.join(attributes)}); remove it or add it to [cohort] attributes")
     extra = {"embeddings": p["embeddings"]} if embeddings else {}
     cfg = stage_config("analysis", lambda: AnalyzeConfig(
         **stage_kwargs(a, AnalyzeConfig), runs_dir=p["runs"], out=p["report"], force=True, **extra))

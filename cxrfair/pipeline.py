@@ -19,8 +19,8 @@ from typing import Callable
 from cxrfair import fairness_steps
 from cxrfair.config import (AnalysisSettings, EmbeddingsSettings, ExperimentConfig, ExtractSettings, FinetuneSettings,
                             MitigationSettings, PostprocessSettings, ProbeSettings, SynthSettings)
-from cxrfair.erm_steps import (analysis_step, cohort_step, extract_step, finetune_steps, probe_step, stale_runs_moved,
-                               synth_step, zeroshot_step)
+from cxrfair.erm_steps import (analysis_step, cohort_attributes, cohort_step, extract_step, finetune_steps, probe_step,
+                               stale_runs_moved, synth_step, zeroshot_step)
 from cxrfair.errors import CxrfairError
 from cxrfair.extract.registry import get_spec
 from cxrfair.publish import finish_interrupted
@@ -58,7 +58,7 @@ def _plan_steps(config: ExperimentConfig) -> tuple[list[Step], list[str]]:
     steps += extra
     feeds = [s.name for s in producers.values()] + [s.name for s in extra]
     has_embeddings = any(s.name.startswith(("leakage-", "geometry-")) for s in extra)
-    steps.append(analysis_step(config, p, feeds, has_embeddings))
+    steps.append(analysis_step(config, p, feeds, has_embeddings, cohort_attributes(cohort_cfg)))
     return steps, missing
 
 

@@ -76,6 +76,10 @@ def test_paper_config_dry_run_prints_the_whole_protocol():
     ('methods = ["linear"]\n', "`models = [...]` is required"),
     ('models = ["no-such-model"]\n', "unknown model"),
     ('models = [\n', "not valid TOML"),
+    # NIH has sex and age_group: caught at planning (--dry-run), not at the last step.
+    ('models = ["tiny-clip"]\n[analysis]\nattributes = ["race"]\n',
+     "[analysis] attributes: 'race' is not a sensitive attribute of the cohort (it has sex, age_group); remove it"),
+    ('models = ["tiny-clip"]\n[analysis]\ncross = ["sex", "race"]\n', "[analysis] cross: 'race' is not a sensitive"),
 ])
 def test_bad_configs_are_one_line_errors(tmp_path, text, message):
     path = tmp_path / "bad.toml"
