@@ -173,9 +173,10 @@ class SweepConfig:
         given = set(given)
         for solver, options in SOLVER_OPTIONS.items():
             unused = [o for o in options.values() if o in given and solver != self.solver]
-            _check(not unused, unused[0] if unused else "", f"only with --solver {solver}; this sweep uses "
+            _check(not unused, ", ".join(unused), f"only with --solver {solver}; this sweep uses "
                    f"{self.solver} (its options: {', '.join(SOLVER_OPTIONS[self.solver].values())}), which would "
-                   f"ignore it; drop it or pass --solver {solver}")
+                   f"ignore {'them' if len(unused) > 1 else 'it'}; drop {'them' if len(unused) > 1 else 'it'} or pass "
+                   f"--solver {solver}")
         _check("--adversary" not in given or self.mitigation == "adversarial", "--adversary",
                f"only with --mitigation adversarial, not {self.mitigation}; drop it")
         _check(self.architecture in ARCHITECTURES, "--architecture", f"choose one of {', '.join(ARCHITECTURES)}")

@@ -366,10 +366,10 @@ def check_components(components: int, data: EmbeddingData) -> None:
     min(D dimensions, N - 1 images); ``pca`` would otherwise keep fewer than asked, unsaid."""
     n, d = data.x.shape
     if components > min(d, n - 1):
-        limit = (f"the embeddings have {d} dimensions" if d <= n - 1 else
-                 f"{n} images give at most {n - 1} components")
-        raise CxrfairError(f"--components {components}: cache {data.source} has {n} images of {d} dimensions and "
-                           f"{limit}; use --components {min(d, n - 1)} or fewer")
+        why = (f"the embeddings in cache {data.source} have {d} dimensions ({n} images)" if d <= n - 1 else
+               f"cache {data.source} has {n} images of {d} dimensions")
+        raise CxrfairError(f"--components {components}: {why}, so a PCA has at most {min(d, n - 1)} components; "
+                           f"use --components {min(d, n - 1)} or fewer")
 
 
 def _usable(attrs: list, minimum: int) -> tuple[list, list]:

@@ -163,6 +163,8 @@ def _assert_clean_failure(tmp_path, cache, command, make, extra, words):
     (["--weight-decay", "0"], "--weight-decay: only with --solver adamw"),
     (["--epochs", "5"], "--epochs: only with --solver adamw"),
     (["--batch-size", "32"], "--batch-size: only with --solver adamw"),
+    (["--lr", "1e-3", "--weight-decay", "0", "--epochs", "5"],  # the command: all three named
+     "--lr, --weight-decay, --epochs: only with --solver adamw; this sweep uses lbfgs"),
     (["--solver", "adamw", "--l2", "1e-3"], "--l2: only with --solver lbfgs; this sweep uses adamw"),
     (["--solver", "adamw", "--max-iter", "10"], "--max-iter: only with --solver lbfgs"),
     (["--solver", "adamw", "--ftol", "0"], "--ftol: only with --solver lbfgs"),

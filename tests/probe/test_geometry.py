@@ -235,8 +235,9 @@ def test_more_components_than_dimensions_names_both_numbers(tmp_path):
     """Not "use at least 19999 permutations": the cause is 1000 components of 16-d embeddings."""
     cache = make_cache(tmp_path / "c.h5")[0]
     res = _cli("geometry", "--cache", cache, "--out", tmp_path / "geo", "--components", "1000")
-    assert res.exit_code == 1 and res.output.startswith("Error: --components 1000: cache ")
-    assert "of 16 dimensions and the embeddings have 16 dimensions; use --components 16 or fewer" in res.output, res.output
+    assert res.exit_code == 1 and res.output.startswith("Error: --components 1000: the embeddings in cache ")
+    assert "have 16 dimensions (751 images), so a PCA has at most 16 components; use --components 16 or fewer" in (
+        res.output), res.output
     assert "permutations" not in res.output and not (tmp_path / "geo").exists()
     with pytest.raises(CxrfairError, match=r"--components 17: .* use --components 16 or fewer"):
         geometry(load_embedding_data(cache), GeometryConfig(components=17, n_perm=400, n_boot=100))
