@@ -170,15 +170,6 @@ class SweepConfig:
             raise CxrfairError(f"method {self.method!r}: expected one of {', '.join(METHODS)}")
         if self.solver not in SOLVERS:
             raise CxrfairError(f"--solver {self.solver!r}: expected one of {', '.join(SOLVERS)}")
-        given = set(given)
-        for solver, options in SOLVER_OPTIONS.items():
-            unused = [o for o in options.values() if o in given and solver != self.solver]
-            _check(not unused, ", ".join(unused), f"only with --solver {solver}; this sweep uses "
-                   f"{self.solver} (its options: {', '.join(SOLVER_OPTIONS[self.solver].values())}), which would "
-                   f"ignore {'them' if len(unused) > 1 else 'it'}; drop {'them' if len(unused) > 1 else 'it'} or pass "
-                   f"--solver {solver}")
-        _check("--adversary" not in given or self.mitigation == "adversarial", "--adversary",
-               f"only with --mitigation adversarial, not {self.mitigation}; drop it")
         _check(self.architecture in ARCHITECTURES, "--architecture", f"choose one of {', '.join(ARCHITECTURES)}")
         _check(self.l2s_skip is None or self.skip, "--l2-skip", "only for the skip MLP (mlp --architecture skip)")
         _check(self.l2s_skip is None or self.solver == "lbfgs", "--l2-skip", "only with --solver lbfgs (adamw's weight decay covers W0)")
@@ -205,6 +196,16 @@ class SweepConfig:
         _check(self.batch_size >= 1, "--batch-size", "must be >= 1")
         _check(self.max_iter >= 1, "--max-iter", "must be >= 1")
         _check(self.memory_budget_mb > 0, "--memory-budget", "must be > 0 MB")
+        # Last: a value that is wrong in itself is the first thing to fix.
+        given = set(given)
+        for solver, options in SOLVER_OPTIONS.items():
+            unused = [o for o in options.values() if o in given and solver != self.solver]
+            _check(not unused, ", ".join(unused), f"only with --solver {solver}; this sweep uses "
+                   f"{self.solver} (its options: {', '.join(SOLVER_OPTIONS[self.solver].values())}), which would "
+                   f"ignore {'them' if len(unused) > 1 else 'it'}; drop {'them' if len(unused) > 1 else 'it'} or pass "
+                   f"--solver {solver}")
+        _check("--adversary" not in given or self.mitigation == "adversarial", "--adversary",
+               f"only with --mitigation adversarial, not {self.mitigation}; drop it")
         return self
 
     def _validate_mitigation(self) -> None:
