@@ -95,9 +95,8 @@ def compute(runs: list[Run], config: AnalyzeConfig, progress=None) -> Results:
     Returns:
         Results (``config`` resolved).
     """
-    check_runs(runs)
+    notes: list[str] = check_runs(runs)
     config = resolve(runs, config)
-    notes: list[str] = []
     shortcut = shortcut_request(runs, config, notes)
     config = replace(config, shortcut=shortcut[0] if shortcut else "none", shortcut_class=shortcut and shortcut[1])
     ctx = Context(config, np.random.default_rng(config.seed), shortcut)

@@ -5,6 +5,7 @@ with the primary tag per model and method, and the baseline method others are co
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 import numpy as np
 import pandas as pd
@@ -12,7 +13,7 @@ import pandas as pd
 from cxrfair.analysis.replicates import Evaluated
 from cxrfair.core import metrics as M
 from cxrfair.core import multilabel as ML
-from cxrfair.core.runs import METHODS, Run, parse_run_id
+from cxrfair.core.runs import METHODS, PREDICTIONS_FILE, Run, id_difference, parse_run_id
 from cxrfair.errors import CxrfairError
 
 
@@ -37,11 +38,17 @@ def base_tag(run: Run) -> str:
     return tag
 
 
-def check_runs(runs: list[Run]) -> None:
-    """Refuse what would mix or mislabel runs: several cohorts or tasks, run ids off the convention.
+def check_runs(runs: list[Run]) -> list[str]:
+    """Refuse what would mix or mislabel runs: several cohorts or tasks, run ids off the convention,
+    runs of one cohort on different images. Returns notes for the report.
 
     Runs of different cohorts have different test sets; side by side in one table (or averaged
-    as seeds) they would read as one experiment.
+    as seeds) they would read as one experiment. Runs of one cohort predict every val and test
+    image of it, so a run whose images differ from the others' is damaged (a predictions.csv cut
+    or edited, written before run.json recorded its rows) or built from a cache that left images
+    out (``cxrfair extract --skip-bad``): its metrics are of other patients, and a note under the
+    tables would not stop a reader from comparing them, so it is refused, named with its file and
+    the image ids missing or extra.
     """
     first = runs[0]
     for run in runs:
@@ -57,6 +64,28 @@ def check_runs(runs: list[Run]) -> None:
                 f"runs {first.run_id} (cohort {str(first.meta['cohort_hash'])[:12]}) and {run.run_id} "
                 f"(cohort {str(run.meta['cohort_hash'])[:12]}) come from different cohorts; analyze one "
                 "cohort's runs at a time (move the others into their own RUNS folder)")
+    _check_same_images(runs)
+    old = [r.run_id for r in runs if "rows" not in r.meta]
+    if not old:
+        return []
+    shown = ", ".join(old[:3]) + (f" and {len(old) - 3} more" if len(old) > 3 else "")
+    return [f"{len(old)} run(s) ({shown}) were written before run.json recorded their rows, so a cut or edited "
+            f"{PREDICTIONS_FILE} among them is found only by comparing its images with the other runs'"]
+
+
+def _check_same_images(runs: list[Run]) -> None:
+    """CxrfairError naming the first run whose image ids of a split differ from most runs'."""
+    for split in sorted({s for r in runs for s in r.predictions["split"].unique()}):
+        ids = {r.run_id: frozenset(r.split(split)["image_id"].astype(str)) for r in runs}
+        # The set most runs hold (ties: the larger set, as a cut file loses rows).
+        common = max(Counter(ids.values()).items(), key=lambda kv: (kv[1], len(kv[0])))[0]
+        for run in runs:
+            if ids[run.run_id] != common:
+                agree = sum(v == common for v in ids.values())
+                raise CxrfairError(
+                    f"run {run.run_id}: {run.path / PREDICTIONS_FILE} has other {split} images than {agree} other "
+                    f"run(s) of its cohort ({id_difference(ids[run.run_id], common)}); rerun the step that wrote it, "
+                    "or analyze it apart in its own RUNS folder (a cache extracted with --skip-bad leaves images out)")
 
 
 def split_rows(run: Run, split: str) -> pd.DataFrame:

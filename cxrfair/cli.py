@@ -8,11 +8,12 @@ imported inside the command.
 from __future__ import annotations
 
 import importlib
+import warnings
 
 import click
 
 from cxrfair import __version__
-from cxrfair.errors import CxrfairError
+from cxrfair.errors import CxrfairError, CxrfairWarning
 
 # name -> "module:attribute" of a click command or group; order is the order shown in --help.
 COMMANDS = {
@@ -50,9 +51,23 @@ class LazyGroup(click.Group):
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                warnings.simplefilter("always", CxrfairWarning)
+                warnings.showwarning = _show_warning
+                return super().invoke(ctx)
         except CxrfairError as e:
             raise click.ClickException(str(e)) from None
+
+
+_default_showwarning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """CxrfairWarning as one ``Warning: ...`` line on stderr (no file and line); others as Python shows them."""
+    if issubclass(category, CxrfairWarning):
+        click.echo(f"Warning: {message}", err=True)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -26,6 +26,7 @@ from cxrfair.extract.datasets import PATH_OPTIONS, READERS
 from cxrfair.finetune.config import FinetuneConfig
 from cxrfair.io import sha256_file
 from cxrfair.probe import sweep, zeroshot
+from cxrfair.publish import move_stale_runs
 from cxrfair.step_base import (cache_path, family, model_weights, publishing_step, stage_config,
                                weights_setting)
 from cxrfair.steps import Step
@@ -86,6 +87,8 @@ def cohort_step(config: ExperimentConfig, p: dict) -> tuple[Step, object, list[s
 
     def run(force: bool) -> None:
         cohort_stage.build_cohort(cfg)
+        for line in stale_runs_moved(p):  # the steps below rebuild them for this cohort
+            print(f"    note: {line}")
 
     settings = settings_dict(c) | {"dataset": cfg.dataset} | {k: str(v) if v else None for k, v in sources.items()}
     missing = []
@@ -95,6 +98,27 @@ def cohort_step(config: ExperimentConfig, p: dict) -> tuple[Step, object, list[s
         settings["sources_sha256"] = identity
     deps = ("synth",) if config.synth.enabled else ()
     return Step("cohort", settings, [p["cohort"] / "cohort.json"], run, deps), cfg, missing
+
+
+def stale_runs_moved(p: dict) -> list[str]:
+    """Move the runs made on another cohort than cohort/cohort.json's out of runs/ and sweeps/ (one line each).
+
+    Without this, a changed cohort would leave runs every later stage refuses to write beside
+    (``check_runs_folder``) and analyze refuses to mix; see ``cxrfair.publish.move_stale_runs``.
+    """
+    try:
+        cohort_hash = json.loads((p["cohort"] / "cohort.json").read_text(encoding="utf-8"))["hash"]
+    except (OSError, ValueError, KeyError, TypeError):  # no cohort yet (or a broken one the cohort step rebuilds)
+        return []
+    return move_stale_runs(p["out"], (p["runs"], p["sweeps"]), str(cohort_hash))
+
+
+def cohort_attributes(cohort_cfg) -> tuple[str, ...]:
+    """The sensitive attributes the cohort can have: the configured ones, else the preset's (+ optional)."""
+    if cohort_cfg.attributes:
+        return tuple(cohort_cfg.attributes)
+    preset = PRESETS[cohort_cfg.preset]
+    return tuple(preset.attributes) + tuple(preset.optional_attributes)
 
 
 def _check_dataset(dataset: str | None) -> None:
@@ -171,7 +195,8 @@ def sweep_config(config: ExperimentConfig, method: str) -> sweep.SweepConfig:
 
 
 # SweepConfig fields that one solver or method ignores: changing them must not rerun those probes.
-_UNUSED_BY = {"lbfgs": ("lrs", "weight_decays", "epochs", "batch_size"), "adamw": ("l2s", "max_iter", "l2s_skip", "ftol")}
+_UNUSED_BY = {solver: tuple(f for other, options in sweep.SOLVER_OPTIONS.items() if other != solver for f in options)
+              for solver in sweep.SOLVER_OPTIONS}
 _UNUSED_BY_LINEAR = ("hiddens", "architecture", "l2s_skip")
 
 
@@ -270,9 +295,19 @@ def _copy_run(cfg: FinetuneConfig, runs: Path, extra: dict) -> Path:
     return write_run(runs, meta, run.predictions, force=True)
 
 
-def analysis_step(config: ExperimentConfig, p: dict, deps: list[str], embeddings: bool) -> Step:
-    """The report over every run; ``embeddings``: leakage/geometry outputs exist under <out>/embeddings/."""
+def analysis_step(config: ExperimentConfig, p: dict, deps: list[str], embeddings: bool,
+                  attributes: tuple[str, ...] = ()) -> Step:
+    """The report over every run; ``embeddings``: leakage/geometry outputs exist under <out>/embeddings/.
+
+    ``attributes``: the cohort's (``cohort_attributes``); [analysis] attributes and cross must be
+    among them, checked while planning rather than at the last step.
+    """
     a = config.analysis
+    for key in ("attributes", "cross"):
+        unknown = [x for x in (getattr(a, key) or ()) if x not in attributes]
+        if attributes and unknown:
+            raise CxrfairError(f"[analysis] {key}: {unknown[0]!r} is not a sensitive attribute of the cohort "
+                               f"(it has {', '.join(attributes)}); remove it or add it to [cohort] attributes")
     extra = {"embeddings": p["embeddings"]} if embeddings else {}
     cfg = stage_config("analysis", lambda: AnalyzeConfig(
         **stage_kwargs(a, AnalyzeConfig), runs_dir=p["runs"], out=p["report"], force=True, **extra))

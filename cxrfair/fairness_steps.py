@@ -30,9 +30,9 @@ from cxrfair.config import (ExperimentConfig, MitigationSettings, PostprocessSet
                             settings_dict, stage_kwargs)
 from cxrfair.core import mitigations
 from cxrfair.core.runs import RunKey, safe_name
-from cxrfair.erm_steps import finetune_config, finetune_settings, run_finetune, sweep_config, sweep_settings
+from cxrfair.erm_steps import (cohort_attributes, finetune_config, finetune_settings, run_finetune, sweep_config,
+                               sweep_settings)
 from cxrfair.errors import CxrfairError
-from cxrfair.extract.cohort_presets import PRESETS
 from cxrfair.finetune.config import FinetuneConfig
 from cxrfair.probe import sweep
 from cxrfair.probe.embeddings import geometry, leakage
@@ -46,7 +46,7 @@ ADVERSARIES = ("grl", "projection")  # probes: both; fine-tuning trains gradient
 
 def steps(config: ExperimentConfig, p: dict, cohort_cfg, producers: dict) -> list[Step]:
     """Embedding, post-processing and mitigation steps, in dependency order."""
-    attributes = _cohort_attributes(cohort_cfg)
+    attributes = cohort_attributes(cohort_cfg)
     out = _embedding_steps(config, p)
     names: set[str] = set()
     for i, entry in enumerate(config.postprocess, 1):
@@ -54,14 +54,6 @@ def steps(config: ExperimentConfig, p: dict, cohort_cfg, producers: dict) -> lis
     for i, entry in enumerate(config.mitigations, 1):
         out += _mitigation_steps(config, p, entry, f"[[mitigations]] #{i}", attributes, producers, names)
     return out
-
-
-def _cohort_attributes(cohort_cfg) -> tuple[str, ...]:
-    """The sensitive attributes the cohort can have: the configured ones, else the preset's (+ optional)."""
-    if cohort_cfg.attributes:
-        return tuple(cohort_cfg.attributes)
-    preset = PRESETS[cohort_cfg.preset]
-    return tuple(preset.attributes) + tuple(preset.optional_attributes)
 
 
 def _models(config: ExperimentConfig, listed: tuple, where: str) -> tuple[str, ...]:

@@ -19,8 +19,8 @@ from typing import Callable
 from cxrfair import fairness_steps
 from cxrfair.config import (AnalysisSettings, EmbeddingsSettings, ExperimentConfig, ExtractSettings, FinetuneSettings,
                             MitigationSettings, PostprocessSettings, ProbeSettings, SynthSettings)
-from cxrfair.erm_steps import (analysis_step, cohort_step, extract_step, finetune_steps, probe_step, synth_step,
-                               zeroshot_step)
+from cxrfair.erm_steps import (analysis_step, cohort_attributes, cohort_step, extract_step, finetune_steps, probe_step,
+                               stale_runs_moved, synth_step, zeroshot_step)
 from cxrfair.errors import CxrfairError
 from cxrfair.extract.registry import get_spec
 from cxrfair.publish import finish_interrupted
@@ -58,7 +58,7 @@ def _plan_steps(config: ExperimentConfig) -> tuple[list[Step], list[str]]:
     steps += extra
     feeds = [s.name for s in producers.values()] + [s.name for s in extra]
     has_embeddings = any(s.name.startswith(("leakage-", "geometry-")) for s in extra)
-    steps.append(analysis_step(config, p, feeds, has_embeddings))
+    steps.append(analysis_step(config, p, feeds, has_embeddings, cohort_attributes(cohort_cfg)))
     return steps, missing
 
 
@@ -112,6 +112,8 @@ def run_experiment(config: ExperimentConfig, dry_run: bool = False, echo: Callab
     if not dry_run:
         for family in finish_interrupted(paths(config)["staging"]):
             echo(f"note: finished replacing the runs of {family}, interrupted last time")
+        for line in stale_runs_moved(paths(config)):  # a cohort rebuilt by an earlier, unfinished run
+            echo(f"note: {line}")
     decisions = plan(steps, Path(config.out))
     echo(f"Experiment in {config.out}: {sum(a == 'run' for _, a in decisions)} step(s) to run, "
          f"{sum(a == 'reuse' for _, a in decisions)} reused")

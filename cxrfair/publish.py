@@ -12,6 +12,10 @@ entry moves into ``<staging>/.old/``, then every new entry into ``runs/``. A swa
 between two renames is finished by ``finish_interrupted`` (``cxrfair run`` calls it before
 anything else), so the runs folder ends up holding the new family whole; while the build itself
 runs, the old family stays untouched.
+
+When the cohort changes, ``move_stale_runs`` moves the runs made on the old one (and their sweep
+files) out of the runs and sweeps folders into ``<out>/stale/<old hash>/``, so the steps rebuild
+them for the new cohort and ``analyze`` never meets two cohorts; nothing is deleted.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from cxrfair.errors import CxrfairError
 from cxrfair.io import write_json_atomic
 
 JOURNAL = ".publish.json"
+STALE = "stale"
+STALE_HASH_CHARS = 12  # how much of the old cohort hash names its folder under stale/
 FINGERPRINT = ".fingerprint"
 _OLD = ".old"
 
@@ -130,6 +136,58 @@ def _finish(staging: Path) -> list[Path]:
         os.replace(entry, runs / entry.name)
     _discard(staging)
     return [runs / name for name in journal["names"]]
+
+
+def move_stale_runs(out: Path, folders: Iterable[Path], cohort_hash: str) -> list[str]:
+    """Move every run made on another cohort than ``cohort_hash`` out of ``folders``; one line per old cohort.
+
+    A run is a folder ``<folder>/<run>/run.json`` or ``<folder>/<sub>/<run>/run.json`` (fine-tuning
+    candidates under sweeps/) whose ``cohort_hash`` differs; its family's sweep file beside it
+    goes too. Each moves to ``<out>/stale/<old hash[:12]>/`` under its path relative to ``out``
+    (a name taken there gets ``.2``, ``.3``, ...). Hidden folders (temporaries, staging) and
+    unreadable run.json files are left alone.
+
+    Returns:
+        ``moved N run(s) made on cohort <old>… ...`` lines, empty when nothing was stale.
+    """
+    moved: dict[str, list[Path]] = {}
+    for folder in folders:
+        for meta in sorted([*folder.glob("*/run.json"), *folder.glob("*/*/run.json")]):
+            run = meta.parent
+            if any(part.startswith(".") for part in run.relative_to(folder).parts):
+                continue
+            try:
+                other = json.loads(meta.read_text(encoding="utf-8")).get("cohort_hash")
+            except (OSError, ValueError, AttributeError):
+                continue
+            if other is None or other == cohort_hash:
+                continue
+            entries = [run]
+            try:
+                sweep = run.parent / parse_run_id(run.name).sweep_file
+                entries += [sweep] if sweep.is_file() else []
+            except CxrfairError:
+                pass
+            for entry in entries:
+                if entry.exists():  # a sweep file moves with the family's first stale run
+                    target = _free_name(out / STALE / str(other)[:STALE_HASH_CHARS] / entry.relative_to(out))
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(entry, target)
+            moved.setdefault(str(other), []).append(run)
+    return [f"moved {len(runs)} run(s) made on cohort {old[:STALE_HASH_CHARS]}… (this cohort is "
+            f"{cohort_hash[:STALE_HASH_CHARS]}…) from {', '.join(sorted({str(r.parent.relative_to(out)) for r in runs}))} "
+            f"to {out / STALE / old[:STALE_HASH_CHARS]}; the steps rebuild them, nothing was deleted"
+            for old, runs in moved.items()]
+
+
+def _free_name(path: Path) -> Path:
+    """``path``, or ``path.2``, ``path.3``, ... whichever does not exist yet."""
+    n = 1
+    candidate = path
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}.{n}")
+    return candidate
 
 
 def _discard(staging: Path) -> None:

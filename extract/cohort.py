@@ -42,7 +42,7 @@ from .cohort_format import (
 from .cohort_presets import PRESETS, SPLIT_RULES, UNCERTAIN, Preset
 from .cohort_select import (
     age_labels, attribute_groups, bin_ages, cell_quotas, check_groups, check_multilabel, parse_age_bins,
-    resolve_names, sample_cohort, select_rows, targets,
+    resolve_names, sample_cohort, select_rows, targets, warn_empty_groups,
 )
 from .cohort_split import deal_patients, patient_strata, split_cohort, split_targets
 from .datasets import OPTIONS, DatasetTable, Sources, get_reader, read_dataset
@@ -270,8 +270,10 @@ def build_cohort(config: CohortConfig) -> Cohort:
         table, classes, dropped = _multilabel(rows, data, config, attributes)
         excluded.update(dropped)
     specs = {a: _attribute_spec(a, table[a], config.age_bins) for a in attributes}
-    if preset.task == "multilabel":  # balanced multi-class sampling fills every group by construction
+    if preset.task == "multilabel":  # no test image in a group: its metrics undefined, refused
         check_groups(table, specs, f"cohort from metadata {data.metadata}")
+    # Balanced sampling fills a short sex from the other one, so a group can still end up empty.
+    warn_empty_groups(table, specs, SPLITS, f"cohort from metadata {data.metadata}")
     table["path"] = _paths(table, data, config.images)
     table = _order(table, classes, preset.task)
     texts = {c: cell_texts(table[c]) for c in table.columns}  # once, for the hash and the file

@@ -6,6 +6,7 @@ any dataset's own layout.
 
 from __future__ import annotations
 
+import warnings
 import zlib
 from pathlib import Path
 from typing import Iterable
@@ -13,7 +14,7 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
-from cxrfair.errors import CxrfairError
+from cxrfair.errors import CxrfairError, CxrfairWarning
 
 from .datasets.base import RACE_GROUPS
 
@@ -193,3 +194,22 @@ def check_groups(table: pd.DataFrame, attributes: dict[str, dict], where: str) -
         if missing:
             raise CxrfairError(f"{where}: attribute {name} has no test image of group {missing[0]}; use more data "
                                "or leave the attribute out (--attributes)")
+
+
+def empty_groups(table: pd.DataFrame, attributes: dict[str, dict], splits: Iterable[str]) -> list[tuple[str, str, str]]:
+    """``(attribute, group, split)`` for every declared group with no row in a split, in declaration order."""
+    present = {(a, s): set(table.loc[table["split"] == s, a]) for a in attributes for s in splits}
+    return [(a, g, s) for a, spec in attributes.items() for g in spec["groups"] for s in splits
+            if g not in present[a, s]]
+
+
+def warn_empty_groups(table: pd.DataFrame, attributes: dict[str, dict], splits: Iterable[str], where: str) -> None:
+    """A CxrfairWarning naming each sensitive group with no images in a split (e.g. every F cell 0 of
+    an all-male metadata): its metrics would be undefined or missing from the report."""
+    empty: dict[tuple[str, str], list[str]] = {}
+    for a, g, s in empty_groups(table, attributes, splits):
+        empty.setdefault((a, g), []).append(s)
+    for (a, g), in_splits in empty.items():
+        warnings.warn(f"{where}: sensitive group {a}={g} has no images in {', '.join(in_splits)}; its metrics there "
+                      "are undefined (check the metadata, or leave the attribute out with --attributes)",
+                      CxrfairWarning, stacklevel=3)

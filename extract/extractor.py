@@ -7,9 +7,13 @@ uint8 (3, S, S) array; uint8 batches travel to the device (4x less traffic than 
 Resumability: progress lives in ``FILE.h5.partial/``: a ``manifest.json`` pinning what the rows
 mean (model, weights, cohort, precision, rows, chunk size, prompts scored) and one
 ``chunk-XXXXXX.npy`` per chunk of rows (with ``chunk-XXXXXX.scores.npy`` for models that score
-prompts), each written atomically. A chunk is one loader batch, aligned to fixed row ranges, so a
-resumed run batches every row exactly as an uninterrupted one and yields identical arrays. A
-chunk file that does not read back whole (truncated, corrupt) is dropped and redone. When every
+prompts), each written atomically, then ``chunk-XXXXXX.sha256.json`` with the SHA-256 of each of
+the chunk's files, which marks the chunk done. A chunk is one loader batch, aligned to fixed row
+ranges, so a resumed run batches every row exactly as an uninterrupted one and yields identical
+arrays. A resumed run redoes a chunk without its checksum file (interrupted while being written,
+or written by a cxrfair before checksums) and, with a warning, one whose files no longer match
+their checksums (truncated, corrupt, replaced). (One small file per chunk, not a manifest entry,
+so that writing a chunk costs the same for the millionth image as for the first.) When every
 chunk is there the cache is assembled with ``write_cache`` and the partial folder removed.
 
 Prompt scores: a model whose zero-shot needs more than pooled embeddings (GLoRIA: the word to
@@ -31,18 +35,19 @@ import os
 import shutil
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cxrfair.errors import CxrfairError
+from cxrfair.errors import CxrfairError, CxrfairWarning
 from cxrfair.extract.cache import PromptScores, TextEmbeddings, write_cache
 from cxrfair.extract.cohort import load_cohort
 from cxrfair.extract.prompts import MULTILABEL_SETS, PROMPT_SETS, build_all, build_all_for, describe
 from cxrfair.extract.registry import FoundationModel, TextTokenizer, get_spec, load_model
-from cxrfair.io import atomic_path, ensure_writable_dir, write_json_atomic
+from cxrfair.io import atomic_path, ensure_writable_dir, sha256_file, write_json_atomic
 
 if TYPE_CHECKING:  # torch is imported where a function runs the model, so importing this module stays light
     import torch
@@ -301,54 +306,82 @@ def _scores_file(folder: Path, index: int) -> Path:
     return folder / f"chunk-{index:06d}.scores.npy"
 
 
+def _sums_file(folder: Path, index: int) -> Path:
+    return folder / f"chunk-{index:06d}.sha256.json"
+
+
+def _chunk_files(folder: Path, index: int) -> list[Path]:
+    """Every file of one chunk, its checksum file last."""
+    return [_chunk_file(folder, index), _scores_file(folder, index), _bad_file(folder, index), _sums_file(folder, index)]
+
+
 def chunk_ranges(n: int, chunk_rows: int) -> list[range]:
     """Fixed row ranges [i*chunk_rows, (i+1)*chunk_rows) covering ``n`` rows (last one shorter)."""
     return [range(s, min(s + chunk_rows, n)) for s in range(0, n, chunk_rows)]
 
 
 def pending_chunks(folder: Path, n: int, chunk_rows: int, scored: bool = False) -> list[int]:
-    """Indices of the chunks still to embed: not written yet, or not reading back whole.
+    """Indices of the chunks still to embed: not finished (no checksum file), or not matching
+    the checksums recorded when written (a CxrfairWarning says which).
 
-    A chunk whose files are truncated or corrupt (a crash of the disk, a copy cut short) is
-    deleted here so that it is redone rather than failing every rerun.
+    A chunk whose files are truncated, corrupt or replaced (a crash of the disk, a copy cut
+    short, a stray write) is deleted here so that it is redone rather than used or failing every rerun.
     """
     pending = []
     for i, rows in enumerate(chunk_ranges(n, chunk_rows)):
-        if not _chunk_file(folder, i).is_file():
-            pending.append(i)
+        if not _chunk_file(folder, i).is_file() or not _sums_file(folder, i).is_file():
+            pending.append(i)  # never finished (its checksums are written last)
         elif not chunk_is_sound(folder, i, len(rows), scored):
-            for f in (_chunk_file(folder, i), _scores_file(folder, i), _bad_file(folder, i)):
-                f.unlink(missing_ok=True)
+            warnings.warn(f"partial extraction {folder}: chunk {i} (rows {rows.start}-{rows.stop - 1}) does not match "
+                          "the checksums recorded when it was written (truncated, corrupt or replaced); redoing it",
+                          CxrfairWarning, stacklevel=2)
             pending.append(i)
+        else:
+            continue
+        for f in _chunk_files(folder, i):
+            f.unlink(missing_ok=True)
     return pending
 
 
 def chunk_is_sound(folder: Path, index: int, rows: int, scored: bool) -> bool:
-    """True if the chunk's arrays (and bad-row list) read back with ``rows`` rows."""
+    """True if the chunk's files match the SHA-256 recorded when it was written and its arrays have ``rows`` rows."""
+    try:
+        sums = json.loads(_sums_file(folder, index).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
     files = [_chunk_file(folder, index)] + ([_scores_file(folder, index)] if scored else [])
+    present = [f for f in _chunk_files(folder, index)[:3] if f.is_file()]
+    if not isinstance(sums, dict) or sorted(sums) != sorted(f.name for f in present):
+        return False
+    for f in present:
+        try:
+            if sha256_file(f) != sums[f.name]:
+                return False
+        except OSError:
+            return False
     for f in files:
         try:
             if np.load(f, mmap_mode="r").shape[0] != rows:  # reads the header, checks the size
                 return False
         except (OSError, ValueError, EOFError, IndexError):
             return False
-    if _bad_file(folder, index).is_file():
-        try:
-            json.loads(_bad_file(folder, index).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return False
     return True
 
 
 def write_chunk(folder: Path, index: int, emb: np.ndarray, bad: dict[int, str], scores: np.ndarray | None = None) -> None:
-    """Save one chunk atomically: its bad rows and prompt scores first, then the (n, D) embeddings
-    that mark it done."""
+    """Save one chunk atomically: its bad rows, prompt scores and (n, D) embeddings, then the
+    SHA-256 of each, which marks it done (``pending_chunks`` checks them on resume)."""
     with writing(folder, f"chunk {index}"):
+        written = []
         if bad:
             write_json_atomic(_bad_file(folder, index), {str(k): v for k, v in bad.items()})
+            written.append(_bad_file(folder, index))
         if scores is not None:
             _save_npy(_scores_file(folder, index), scores)
+            written.append(_scores_file(folder, index))
         _save_npy(_chunk_file(folder, index), emb)
+        written.append(_chunk_file(folder, index))
+        write_json_atomic(_sums_file(folder, index), {f.name: sha256_file(f) for f in written})
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:

@@ -136,8 +136,16 @@ def _run(method: str, hidden: str, **kw) -> None:
                       batch_size=kw["batch_size"], max_iter=kw["max_iter"], memory_budget_mb=kw["memory_budget"],
                       mitigation=kw["mitigation"], sensitive=kw["sensitive"], strengths=strengths, adversary=kw["adversary"],
                       ftol=kw["ftol"], **_mlp_options(kw))
+    cfg.validate(given=_given())
     paths = probe_cache(kw["cache"], kw["out"], cfg, force=kw["force"])
     click.echo(f"wrote {len(paths)} {method} run(s) to {kw['out']}")
+
+
+def _given() -> list[str]:
+    """The options of the running command the user set (not left to their defaults), as ``--name``."""
+    ctx = click.get_current_context()
+    return [f"--{name.replace('_', '-')}" for name in ctx.params
+            if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)]
 
 
 @probe.command("linear")

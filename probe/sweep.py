@@ -21,6 +21,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import pandas as pd
@@ -70,6 +71,12 @@ FTOL = {"linear": 0.0, "mlp": 1e-5}
 # L-BFGS iterations at most. The MLP's lanes run in one vmapped loop until the slowest is done, so
 # its cap sets the sweep's cost; on the demo cache 300 chose as 1,000 did (benchmarks/RESULTS.md).
 MAX_ITER = {"linear": 1000, "mlp": 300}
+
+
+# The SweepConfig fields only one solver reads, with their CLI options; the other solver ignores them.
+SOLVER_OPTIONS = {"lbfgs": {"l2s": "--l2", "max_iter": "--max-iter", "l2s_skip": "--l2-skip", "ftol": "--ftol"},
+                  "adamw": {"lrs": "--lr", "weight_decays": "--weight-decay", "epochs": "--epochs",
+                            "batch_size": "--batch-size"}}
 
 
 @dataclass(frozen=True)
@@ -150,8 +157,15 @@ class SweepConfig:
         """The relative-decrease stopping tolerance in force (``ftol``, or the method's default)."""
         return float(self.ftol) if self.ftol is not None else FTOL.get(self.method, 0.0)
 
-    def validate(self) -> "SweepConfig":
-        """Raise CxrfairError naming the option that is unusable; return self."""
+    def validate(self, given: Iterable[str] = ()) -> "SweepConfig":
+        """Raise CxrfairError naming the option that is unusable; return self.
+
+        ``given``: the options the user set explicitly (``--lr``; the CLI knows, a config's
+        defaults do not count). One that this sweep does not read is refused, not ignored: an
+        AdamW option with L-BFGS and the reverse (``SOLVER_OPTIONS``), ``--adversary`` without
+        ``--mitigation adversarial``. (``cxrfair run``'s [probe] section feeds ERM probes and
+        mitigation sweeps with different solvers, so it passes none.)
+        """
         if self.method not in METHODS:
             raise CxrfairError(f"method {self.method!r}: expected one of {', '.join(METHODS)}")
         if self.solver not in SOLVERS:
@@ -182,6 +196,16 @@ class SweepConfig:
         _check(self.batch_size >= 1, "--batch-size", "must be >= 1")
         _check(self.max_iter >= 1, "--max-iter", "must be >= 1")
         _check(self.memory_budget_mb > 0, "--memory-budget", "must be > 0 MB")
+        # Last: a value that is wrong in itself is the first thing to fix.
+        given = set(given)
+        for solver, options in SOLVER_OPTIONS.items():
+            unused = [o for o in options.values() if o in given and solver != self.solver]
+            _check(not unused, ", ".join(unused), f"only with --solver {solver}; this sweep uses "
+                   f"{self.solver} (its options: {', '.join(SOLVER_OPTIONS[self.solver].values())}), which would "
+                   f"ignore {'them' if len(unused) > 1 else 'it'}; drop {'them' if len(unused) > 1 else 'it'} or pass "
+                   f"--solver {solver}")
+        _check("--adversary" not in given or self.mitigation == "adversarial", "--adversary",
+               f"only with --mitigation adversarial, not {self.mitigation}; drop it")
         return self
 
     def _validate_mitigation(self) -> None:

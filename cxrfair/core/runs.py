@@ -11,7 +11,9 @@ A run folder ``RUNS/<run_id>/`` holds
   (each in [0, 1], no sum-to-one rule).
 - ``run.json``: ``run_id, model, method, seed, classes, cohort_hash, hyperparameters,
   selected_epoch, trainable_params, timings`` plus optional ``task`` (absent = multiclass),
-  ``attributes`` (absent = ``V1_ATTRIBUTES``), ``curves, prompt_set, draw, notes, source, created``.
+  ``attributes`` (absent = ``V1_ATTRIBUTES``), ``curves, prompt_set, draw, notes, source, created``,
+  and ``rows`` (``{split: {"n": rows, "ids_sha256": hash of the sorted image ids}}``, filled in by
+  ``write_run`` from the predictions it writes; absent in runs written before it existed).
 
 The folder is written in one rename (``cxrfair.io.atomic_dir``), so a folder that exists is
 complete. Readers validate everything and raise ``CxrfairError`` naming the run and the column.
@@ -21,6 +23,7 @@ numpy + pandas only.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -281,12 +284,68 @@ def write_run(runs_dir: Path | str, meta: dict, predictions: pd.DataFrame, force
     where = f"run {meta.get('run_id', '?')}"
     validate_meta(meta, where)
     validate_predictions(predictions, meta["classes"], where, task=task_of(meta), attributes=meta.get("attributes"))
+    # Always from the rows written here (a copied run.json's record would describe another file).
+    meta["rows"] = row_record(predictions)
     run_dir = Path(runs_dir) / meta["run_id"]
     with atomic_dir(run_dir, force=force, option="run folder") as tmp:
         # Full precision (repr) so a reread run gives bit-identical probabilities and ties.
         predictions.to_csv(tmp / PREDICTIONS_FILE, index=False)
         write_json_atomic(tmp / META_FILE, meta)
     return run_dir
+
+
+def ids_sha256(image_ids) -> str:
+    """SHA-256 hex of a set of image ids: sorted, one per line (so row order does not matter)."""
+    text = "".join(f"{i}\n" for i in sorted(map(str, image_ids)))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def row_record(predictions: pd.DataFrame) -> dict[str, dict]:
+    """run.json ``rows``: ``{split: {"n": row count, "ids_sha256": ids_sha256(its image ids)}}`` per split present."""
+    return {str(split): {"n": int(len(ids)), "ids_sha256": ids_sha256(ids)}
+            for split, ids in predictions.groupby("split", sort=True)["image_id"]}
+
+
+def row_problems(run: "Run") -> list[tuple[str, int, int]]:
+    """The splits whose rows differ from run.json ``rows``: ``[(split, n recorded, n found)]``.
+
+    Empty when they match, and for a run written before ``rows`` existed (nothing to check).
+    """
+    recorded = run.meta.get("rows")
+    if recorded is None:
+        return []
+    found = row_record(run.predictions)
+    return [(split, int(recorded.get(split, {}).get("n", 0)), int(found.get(split, {}).get("n", 0)))
+            for split in sorted(set(recorded) | set(found)) if recorded.get(split) != found.get(split)]
+
+
+def row_mismatch_message(run: "Run", reference: "Run | None" = None) -> str:
+    """One line: which split's rows of ``run``'s predictions.csv differ from its run.json record.
+
+    ``reference``: a run whose rows match what ``run`` records, to name the image ids missing or
+    extra (the record holds only a count and a hash).
+    """
+    parts = []
+    for split, n_recorded, n_found in row_problems(run):
+        part = f"{n_found} {split} row(s) where run.json records {n_recorded}"
+        if reference is not None:
+            part += "; " + id_difference(run.split(split)["image_id"], reference.split(split)["image_id"])
+        elif n_found == n_recorded:
+            part += " but other image ids"
+        parts.append(part)
+    return (f"run {run.run_id}: {run.path / PREDICTIONS_FILE} holds {', '.join(parts)}: the file was cut or edited "
+            "after it was written; rerun the step that wrote it (or restore the file)")
+
+
+def id_difference(have, want, shown: int = 5) -> str:
+    """``missing a, b (n in all); extra c`` between two collections of image ids."""
+    have, want = set(map(str, have)), set(map(str, want))
+    parts = []
+    for name, ids in (("missing", sorted(want - have)), ("extra", sorted(have - want))):
+        if ids:
+            more = f" … ({len(ids)} in all)" if len(ids) > shown else ""
+            parts.append(f"{name} {', '.join(ids[:shown])}{more}")
+    return "; ".join(parts) or "same image ids"
 
 
 def run_is_complete(run_dir: Path | str) -> bool:
@@ -330,8 +389,12 @@ def check_runs_folder(out: Path | str, cohort_hash: str, run_ids: list[str], for
                            "pass --force to replace it")
 
 
-def read_run(run_dir: Path | str) -> Run:
-    """Read and validate one run folder; CxrfairError naming the run and the column otherwise."""
+def read_run(run_dir: Path | str, check_rows: bool = True) -> Run:
+    """Read and validate one run folder; CxrfairError naming the run and the column otherwise.
+
+    ``check_rows``: refuse predictions whose rows differ from run.json ``rows`` (a cut or edited
+    file); ``read_runs`` checks them itself, to name the missing ids from another run.
+    """
     run_dir = Path(run_dir)
     where = f"run {run_dir.name} ({run_dir})"
     meta = _read_meta(run_dir, where)
@@ -343,14 +406,19 @@ def read_run(run_dir: Path | str) -> Run:
     attributes = meta.get("attributes")
     predictions = _read_predictions(run_dir / PREDICTIONS_FILE, where, list(V1_ATTRIBUTES if attributes is None else attributes))
     validate_predictions(predictions, meta["classes"], where, task=task_of(meta), attributes=attributes)
-    return Run(meta=meta, predictions=predictions, path=run_dir)
+    run = Run(meta=meta, predictions=predictions, path=run_dir)
+    if check_rows and row_problems(run):
+        raise CxrfairError(row_mismatch_message(run))
+    return run
 
 
 def read_runs(runs_dir: Path | str) -> list[Run]:
     """Read every run folder under ``runs_dir`` (sorted by run_id).
 
     Hidden folders (atomic-write temporaries) and folders holding neither run file are skipped;
-    a folder holding only one of the two files is an error. No runs at all is an error.
+    a folder holding only one of the two files is an error. No runs at all is an error. A run
+    whose predictions differ from its run.json ``rows`` is an error naming the file, and the ids
+    missing or extra when another run of the folder holds the rows it records.
     """
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
@@ -363,13 +431,26 @@ def read_runs(runs_dir: Path | str) -> list[Run]:
         if not all(has):
             lacking = META_FILE if not has[0] else PREDICTIONS_FILE
             raise CxrfairError(f"run {sub.name} ({sub}): {lacking} is missing; rerun that step or delete the folder")
-        runs.append(read_run(sub))
+        runs.append(read_run(sub, check_rows=False))
+    for run in runs:
+        if row_problems(run):
+            raise CxrfairError(row_mismatch_message(run, _holding_recorded_rows(run, runs)))
     if not runs:
         raise CxrfairError(
             f"RUNS {runs_dir}: no runs found (expected <run_id>/{META_FILE} + {PREDICTIONS_FILE}); "
             "run `cxrfair probe` or `cxrfair finetune` first"
         )
     return runs
+
+
+def _holding_recorded_rows(run: Run, runs: list[Run]) -> Run | None:
+    """Another run whose rows are those ``run``'s run.json records, in every split that differs."""
+    bad = [split for split, _, _ in row_problems(run)]
+    for other in runs:
+        found = row_record(other.predictions)
+        if other is not run and all(found.get(s) == run.meta["rows"].get(s) for s in bad):
+            return other
+    return None
 
 
 def validate_meta(meta: dict, where: str) -> None:
@@ -393,6 +474,11 @@ def validate_meta(meta: dict, where: str) -> None:
         raise CxrfairError(f"{where}: seed {meta['seed']!r} is not an integer") from None
     if "attributes" in meta:
         check_attributes(meta["attributes"], f"{where}: run.json attributes")
+    rows = meta.get("rows")
+    if rows is not None and not (isinstance(rows, dict) and all(
+            isinstance(v, dict) and isinstance(v.get("n"), int) and isinstance(v.get("ids_sha256"), str)
+            for v in rows.values())):
+        raise CxrfairError(f"{where}: run.json rows must map split -> {{n, ids_sha256}}, got {rows!r}")
 
 
 def _check_task(task: str, where: str) -> None:

@@ -136,6 +136,12 @@ def demographics_race(sources: Sources, patient_id: pd.Series) -> tuple[np.ndarr
     bad = np.isnan(num)
     if bad.any():
         raise where.fail("PATIENT", f"has a patient id '{raw['PATIENT'][bad].iloc[0]}'", bad, "expected patientNNNNN")
+    if not patient_id.isin(num.astype(np.int64)).any():
+        # Every image would be left without a race, the race column silently empty.
+        raise CxrfairError(
+            f"demographics {path}: column 'PATIENT' matches no patient of metadata {sources.metadata} (its "
+            f"first is '{raw['PATIENT'].iloc[0] if len(raw) else ''}', the metadata's paths hold patient"
+            f"{int(patient_id.iloc[0]):05d}, ...); pass the demographics file of this CheXpert release")
     per_patient, conflicts = patient_groups(num.astype(np.int64), group)
     race = per_patient.reindex(patient_id.to_numpy()).fillna("").to_numpy(dtype=str)
     notes = {"race_conflict_images": int(patient_id.isin(conflicts).sum()),

@@ -75,7 +75,7 @@ def read(sources: Sources) -> DatasetTable:
         table["official_split"] = split
         files += lists
     if sources.get("drains") is not None:
-        table["drain"] = read_drains(sources.get("drains"), table["image_id"])
+        table["drain"] = read_drains(sources.get("drains"), table["image_id"], path)
         files.append(("drains", Path(sources.get("drains"))))
     return DatasetTable(NAME, table, tuple(names), tuple(files), Path(path), notes)
 
@@ -199,8 +199,12 @@ def official_split(folder: Path, image_ids: pd.Series) -> tuple[np.ndarray, list
     return split, [("official_split", paths["test"]), ("official_split", paths["train_val"])]
 
 
-def read_drains(path: Path, image_ids: pd.Series) -> np.ndarray:
-    """(N,) float64 drain per image: 1 / 0 from NEATX, NaN where NEATX has no annotation."""
+def read_drains(path: Path, image_ids: pd.Series, metadata: Path | str | None = None) -> np.ndarray:
+    """(N,) float64 drain per image: 1 / 0 from NEATX, NaN where NEATX has no annotation.
+
+    A file annotating none of the images is an error naming it (``metadata``: where the ids come
+    from, for the message); otherwise the cohort would say the drain data is missing.
+    """
     path = check_file(path, "drains", "--drains", NEATX_HINT)
     raw = read_csv(path, "drains", NEATX_HINT, usecols=["Image Index", "Drain"])
     ids = raw["Image Index"].str.strip()
@@ -209,4 +213,9 @@ def read_drains(path: Path, image_ids: pd.Series) -> np.ndarray:
     dup = ids.duplicated().to_numpy()
     if dup.any():
         raise where.fail("Image Index", f"repeats '{ids[dup].iloc[0]}'", dup, "keep one annotation per image")
-    return pd.Series(drain, index=ids).reindex(image_ids.to_numpy()).to_numpy(dtype=float)
+    out = pd.Series(drain, index=ids).reindex(image_ids.to_numpy()).to_numpy(dtype=float)
+    if len(image_ids) and len(ids) and np.isnan(out).all():
+        raise CxrfairError(f"drains {path}: column 'Image Index' matches no image of metadata {metadata or 'given'} "
+                           f"(its first is '{ids.iloc[0]}', the metadata's '{image_ids.iloc[0]}'); {NEATX_HINT} for "
+                           "these images")
+    return out

@@ -127,7 +127,7 @@ def _sensitive(value, where: str) -> dict:
 
 def resolve_attributes(data: EmbeddingData, requested: tuple = ()) -> list[Attribute]:
     """The attributes to analyse: those named (checked: a column with 2..MAX_GROUPS groups), or
-    every sensitive attribute of the cohort that is a column of the cache's table."""
+    every sensitive attribute of the cohort (one missing from the cache's table is an error)."""
     table = data.table
     if requested:
         unknown = [a for a in requested if a not in table.columns]
@@ -136,7 +136,12 @@ def resolve_attributes(data: EmbeddingData, requested: tuple = ()) -> list[Attri
             raise CxrfairError(f"--attributes {unknown[0]}: not a column of cache {data.source}; "
                                f"known attributes: {', '.join(data.sensitive)} (other columns: {', '.join(c for c in known if c not in data.sensitive)})")
         return [_attribute(table, name, data.sensitive.get(name), True) for name in dict.fromkeys(requested)]
-    return [_attribute(table, name, spec, False) for name, spec in data.sensitive.items() if name in table.columns]
+    missing = [name for name in data.sensitive if name not in table.columns]
+    if missing:  # the cohort declares it: leaving it out would drop it from the analysis unseen
+        raise CxrfairError(f"cache {data.source}: the cohort declares sensitive attribute {missing[0]} but the cache's "
+                           f"cohort rows have no column {missing[0]}; re-run `cxrfair extract --force` on the cohort, "
+                           "or name the attributes to analyse with --attributes")
+    return [_attribute(table, name, spec, False) for name, spec in data.sensitive.items()]
 
 
 def _is_categorical(column: pd.Series) -> bool:

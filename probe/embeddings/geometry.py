@@ -75,7 +75,7 @@ class GeometryConfig:
                   (self.normalize in NORMALIZE, "--normalize", f"choose from {', '.join(NORMALIZE)}"),
                   (self.n_perm >= self.min_permutations, "--permutations",
                    f"the smallest Holm-adjusted p over {self.components} components is {self.components}/(permutations + 1); "
-                   f"use at least {self.min_permutations} so that {ALPHA} is reachable"),
+                   f"use at least {self.min_permutations} so that {ALPHA} is reachable, or fewer --components"),
                   (self.n_boot >= 100, "--bootstrap", "at least 100 replicates for a 95% interval"),
                   (self.top >= 1, "--top", "must be >= 1"), (self.min_group >= 2, "--min-group", "must be >= 2")]
         for ok, option, why in checks:
@@ -322,6 +322,7 @@ def gap_subsets(data: EmbeddingData, attrs: list, n_boot: int, seed: int) -> lis
 
 def geometry(data: EmbeddingData, cfg: GeometryConfig) -> GeometryResult:
     """PCA, component tests, centroid differences and the modality gap of one cache."""
+    check_components(cfg.components, data)  # first: too many components is why too few permutations
     cfg.validate()
     t0 = time.perf_counter()
     attrs, notes = _usable(resolve_attributes(data, cfg.attributes), cfg.min_group)
@@ -346,6 +347,17 @@ def geometry(data: EmbeddingData, cfg: GeometryConfig) -> GeometryResult:
     result.meta = _meta(data, cfg, attrs, notes, time.perf_counter() - t0)
     _model_first(result)
     return result
+
+
+def check_components(components: int, data: EmbeddingData) -> None:
+    """CxrfairError naming both numbers when ``components`` exceeds what a PCA of ``data`` has,
+    min(D dimensions, N - 1 images); ``pca`` would otherwise keep fewer than asked, unsaid."""
+    n, d = data.x.shape
+    if components > min(d, n - 1):
+        why = (f"the embeddings in cache {data.source} have {d} dimensions ({n} images)" if d <= n - 1 else
+               f"cache {data.source} has {n} images of {d} dimensions")
+        raise CxrfairError(f"--components {components}: {why}, so a PCA has at most {min(d, n - 1)} components; "
+                           f"use --components {min(d, n - 1)} or fewer")
 
 
 def _usable(attrs: list, minimum: int) -> tuple[list, list]:
@@ -423,8 +435,7 @@ def write_geometry(result: GeometryResult, out: Path | str, force: bool = False,
 
 def geometry_cache(cache_path: Path | str, out: Path | str, cfg: GeometryConfig, force: bool = False) -> GeometryResult:
     """Read a cache, run the analysis, write ``out`` (the ``cxrfair embeddings geometry`` command)."""
-    cfg.validate()
     check_out(out, force)
-    result = geometry(load_embedding_data(cache_path, tuple(cfg.cohort_splits)), cfg)
+    result = geometry(load_embedding_data(cache_path, tuple(cfg.cohort_splits)), cfg)  # validates cfg
     write_geometry(result, out, force=force, top=cfg.top)
     return result

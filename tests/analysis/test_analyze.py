@@ -330,7 +330,9 @@ def test_out_must_not_replace_the_runs(tmp_path, out):
 
 
 def _run(run_id, method="linear", seed=0, **meta):
-    return Run({"run_id": run_id, "model": "m", "method": method, "seed": seed, "cohort_hash": "h", **meta}, None, None)
+    no_rows = pd.DataFrame({"image_id": [], "split": []})
+    return Run({"run_id": run_id, "model": "m", "method": method, "seed": seed, "cohort_hash": "h", **meta}, no_rows,
+               None)
 
 
 def test_tag_comes_from_parse_run_id():
@@ -394,3 +396,41 @@ def test_seeds_that_disagree_widen_the_seed_mean_interval_to_cover_both(tmp_path
     assert row["ci_low"] <= acc.min() and acc.max() <= row["ci_high"]
     assert not (patients_only[0] <= acc.min() or acc.max() <= patients_only[1])  # the old interval covered neither
     assert row["n_seeds"] == 2
+
+
+def _drop_rows_record(run_dir, edit=None):
+    """Make ``run_dir`` a run written before run.json recorded rows; optionally edit its predictions."""
+    meta = json.loads((run_dir / "run.json").read_text())
+    meta.pop("rows")
+    (run_dir / "run.json").write_text(json.dumps(meta))
+    if edit is not None:
+        df = pd.read_csv(run_dir / "predictions.csv", dtype={"image_id": str, "sex": str, "age_group": str})
+        edit(df).to_csv(run_dir / "predictions.csv", index=False)
+
+
+@pytest.mark.parametrize("edit, pattern", [
+    (lambda d: d.iloc[:-7], r"missing 00000041_000.png, 00000042_000.png, .* \(7 in all\)"),
+    (lambda d: d.assign(image_id=d["image_id"].replace({"00000040_000.png": "renamed.png"})),
+     r"missing 00000040_000.png; extra renamed.png"),
+])
+def test_analyze_refuses_a_run_on_other_test_images_than_its_cohorts(tmp_path, edit, pattern):
+    """Old runs (no rows record) are compared with each other: the odd one is refused, named with its file."""
+    rows = cohort_rows(24)
+    for method in ("zeroshot", "linear"):
+        _drop_rows_record(_write(tmp_path / "RUNS", rows, method, 0))
+    _drop_rows_record(_write(tmp_path / "RUNS", rows, "full", 0), edit)
+    result = _invoke(tmp_path / "RUNS", "--out", tmp_path / "out", "--bootstrap", 0)
+    assert result.exit_code == 1
+    assert re.search(r"run m__full__best__s0: .*m__full__best__s0/predictions\.csv has other test images than 2 other "
+                     r"run\(s\) of its cohort", result.output), result.output
+    assert re.search(pattern, result.output), result.output
+    assert "Traceback" not in result.output
+
+
+def test_runs_without_a_rows_record_are_analysed_with_a_note(tmp_path):
+    rows = cohort_rows(24)
+    _drop_rows_record(_write(tmp_path / "RUNS", rows, "zeroshot", 0))
+    _write(tmp_path / "RUNS", rows, "linear", 0)
+    assert check_runs(read_runs(tmp_path / "RUNS")) == [
+        "1 run(s) (m__zeroshot__best__s0) were written before run.json recorded their rows, so a cut or edited "
+        "predictions.csv among them is found only by comparing its images with the other runs'"]

@@ -296,3 +296,67 @@ def test_run_json_task_and_attributes_are_checked(tmp_path, ml_rows):
         (run_dir / "run.json").write_text(json.dumps(meta | bad))
         with pytest.raises(CxrfairError, match=pattern):
             read_run(run_dir)
+
+
+# --- row identity: run.json records each split's row count and image-id hash ------------------
+
+def test_write_run_records_each_splits_rows(tmp_path, rows):
+    from cxrfair.core.runs import ids_sha256
+    meta = json.loads((_write(tmp_path, rows) / "run.json").read_text())
+    test_ids = rows.loc[rows["split"] == "test", "image_id"]
+    assert meta["rows"]["test"] == {"n": len(test_ids), "ids_sha256": ids_sha256(test_ids)}
+    assert meta["rows"]["val"]["n"] == int((rows["split"] == "val").sum())
+    # The hash is of the sorted ids: a reordered file is the same rows, a renamed id is not.
+    assert ids_sha256(list(test_ids)[::-1]) == ids_sha256(test_ids)
+    assert ids_sha256([*list(test_ids)[:-1], "x.png"]) != ids_sha256(test_ids)
+
+
+def _cut_at_line(run_dir, keep):
+    """predictions.csv cut at a line boundary after ``keep`` data rows (what a half-copied file looks like)."""
+    path = run_dir / "predictions.csv"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:1 + keep]))
+
+
+def test_a_predictions_file_cut_at_a_line_boundary_is_refused(tmp_path, rows):
+    run_dir = _write(tmp_path, rows)  # 12 val + 12 test rows
+    _cut_at_line(run_dir, 12 + 7)
+    with pytest.raises(CxrfairError, match=r"run tinyclip__linear__best__s0: .*predictions\.csv holds 7 test row\(s\) "
+                                           r"where run\.json records 12.*cut or edited.*rerun"):
+        read_run(run_dir)
+    with pytest.raises(CxrfairError, match=r"7 test row\(s\) where run\.json records 12"):
+        read_runs(tmp_path / "RUNS")
+
+
+def test_read_runs_names_the_missing_rows_from_another_run(tmp_path, rows):
+    _write(tmp_path, rows)
+    other = write_run(tmp_path / "RUNS", meta_for("tinyclip", "full", 0), make_predictions(rows, probs_for(rows), CLASSES))
+    _corrupt(other, lambda d: d.drop(index=[20, 22]))
+    gone = rows["image_id"].iloc[[20, 22]].tolist()
+    with pytest.raises(CxrfairError, match=rf"tinyclip__full__best__s0: .*10 test row\(s\) where run\.json records 12; "
+                                           rf"missing {gone[0]}, {gone[1]}"):
+        read_runs(tmp_path / "RUNS")
+
+
+def test_a_renamed_test_image_is_refused(tmp_path, rows):
+    run_dir = _write(tmp_path, rows)
+    _corrupt(run_dir, lambda d: _set(d, "image_id", "renamed.png", row=20))
+    with pytest.raises(CxrfairError, match=r"12 test row\(s\) where run\.json records 12 but other image ids"):
+        read_run(run_dir)
+
+
+def test_a_run_written_before_rows_were_recorded_is_read(tmp_path, rows):
+    run_dir = _write(tmp_path, rows)
+    meta = json.loads((run_dir / "run.json").read_text())
+    del meta["rows"]
+    (run_dir / "run.json").write_text(json.dumps(meta))
+    _cut_at_line(run_dir, 20)  # nothing recorded to check it against: read (analyze compares runs instead)
+    assert len(read_run(run_dir).split("test")) == 8
+
+
+def test_a_malformed_rows_record_is_refused(tmp_path, rows):
+    run_dir = _write(tmp_path, rows)
+    meta = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps(meta | {"rows": {"test": 12}}))
+    with pytest.raises(CxrfairError, match=r"run\.json rows must map split"):
+        read_run(run_dir)

@@ -369,3 +369,25 @@ def test_unknown_preset(tmp_path):
 def test_preset_defaults_and_split_normalisation(tmp_path):
     c = CohortConfig.from_preset(out=tmp_path, split="7,1,2")
     assert c.preset == "nih-6x200" and c.split == (0.7, 0.1, 0.2) and c.diseases == tuple(SIX)
+
+
+def test_an_all_male_metadata_warns_naming_the_empty_groups(nih, tmp_path):
+    """Balanced sampling fills a short sex from the other, so every F cell is 0: said, not silent."""
+    from cxrfair.errors import CxrfairWarning
+
+    males = tmp_path / "Data_Entry_2017.csv"
+    nih[nih["Patient Gender"] == "M"].to_csv(males, index=False)
+    with pytest.warns(CxrfairWarning, match=rf"cohort from metadata {males}: sensitive group sex=F has no images in "
+                                            r"train, val, test") as caught:
+        c = build_cohort(CohortConfig.from_preset(out=tmp_path / "c", metadata=males, diseases="Edema,Effusion",
+                                                  per_group=10))
+    assert set(c.table["sex"]) == {"M"}
+    assert [str(w.message).split(": ")[1].split(" has")[0] for w in caught] == ["sensitive group sex=F"]
+
+
+def test_a_cohort_with_every_group_present_does_not_warn(tmp_path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_cohort(CohortConfig.from_preset(out=tmp_path / "c", diseases="edema, Effusion", per_group=10))

@@ -219,3 +219,17 @@ def test_build_help_names_every_dataset_file_and_preset():
                    "mimic-sourget", "nih-neatx-pneumothorax"):
         assert needle in out, needle
     assert "--format" in run("synth", "--help").output
+
+
+def test_a_cohort_warning_is_one_line_on_stderr(tmp_path):
+    """CxrfairWarning reaches the user as `Warning: ...` on stderr (no file:line, no source line)."""
+    males = tmp_path / "males.csv"
+    meta = pd.read_csv(vendored_metadata())
+    meta[meta["Patient Gender"] == "M"].to_csv(males, index=False)
+    result = run("build", "--metadata", males, "--diseases", "Edema,Effusion", "--per-group", "10",
+                 "--out", tmp_path / "c")
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [f"Warning: cohort from metadata {males}: sensitive group sex=F has no images in train, val, test; "
+                     "its metrics there are undefined (check the metadata, or leave the attribute out with --attributes)"]
+    assert "wrote" in result.stdout and "Warning" not in result.stdout

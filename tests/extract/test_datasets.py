@@ -408,3 +408,24 @@ def test_csv_bad_mapping(tmp_path, columns, labels, message):
     hospital_export(tmp_path / "export.csv")
     with pytest.raises(CxrfairError, match=message):
         read_dataset("csv", Sources(metadata=tmp_path / "export.csv", columns=columns, labels=labels))
+
+
+def test_chexpert_demographics_matching_no_patient_is_an_error(tmp_path):
+    """Else race would be dropped from every image while the preset still says chexpert-6."""
+    chexpert_rows().to_csv(tmp_path / "train.csv", index=False)
+    write_demographics(tmp_path / "demo.csv", {"patient90001": ["White"], "patient90002": ["Asian"]})
+    with pytest.raises(CxrfairError, match=r"demographics .*demo.csv: column 'PATIENT' matches no patient of metadata "
+                                           r".*train.csv \(its first is 'patient90001', the metadata's paths hold "
+                                           r"patient00001, ...\); pass the demographics file"):
+        read_dataset("chexpert", Sources(metadata=tmp_path / "train.csv", demographics=tmp_path / "demo.csv"))
+
+
+def test_nih_drains_matching_no_image_name_the_file(nih_head, tmp_path):
+    """Not "the preset needs --drains" when --drains was given: the file's ids match none of the images."""
+    root, _ = nih_head
+    pd.DataFrame({"Image Index": ["99999999_000.png", "99999999_001.png"], "Drain": [1, 0]}).to_csv(
+        tmp_path / "neatx.csv", index=False)
+    with pytest.raises(CxrfairError, match=r"drains .*neatx.csv: column 'Image Index' matches no image of metadata "
+                                           r".*Data_Entry_2017_v2020.csv \(its first is '99999999_000.png', the "
+                                           r"metadata's '00000001_000.png'\); pass NEATX"):
+        read_dataset("nih", Sources(metadata=root / "Data_Entry_2017_v2020.csv", drains=tmp_path / "neatx.csv"))

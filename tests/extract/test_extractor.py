@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from cxrfair.errors import CxrfairError
+from cxrfair.io import sha256_file
 from cxrfair.extract.cache import read_cache
 from cxrfair.extract.cohort import load_cohort
 from cxrfair.extract.extractor import (KILL_AFTER_ENV, ExtractConfig, chunk_ranges, class_text_embeddings, extract,
@@ -225,7 +226,8 @@ def test_full_disk_is_one_line_keeps_finished_chunks_and_resumes(cohort, baselin
     monkeypatch.setattr(extractor, "_save_npy", fill_up)
     with pytest.raises(CxrfairError, match=rf"--out {partial_dir(out)}: cannot write chunk 2 \(No space left on device\)"):
         extract(config(cohort, out))
-    assert not out.exists() and sorted(p.name for p in partial_dir(out).glob("chunk-*")) == ["chunk-000000.npy", "chunk-000001.npy"]
+    assert not out.exists() and sorted(p.name for p in partial_dir(out).glob("chunk-*")) == [
+        "chunk-000000.npy", "chunk-000000.sha256.json", "chunk-000001.npy", "chunk-000001.sha256.json"]
     assert not list(partial_dir(out).glob(".*tmp"))  # no half-written chunk
     monkeypatch.setattr(extractor, "_save_npy", real)
     extract(config(cohort, out))
@@ -271,6 +273,48 @@ def test_truncated_chunk_is_dropped_and_redone(cohort, baseline, tmp_path, monke
     done, ref = read_cache(out), read_cache(baseline)
     np.testing.assert_array_equal(done.image_embeddings, ref.image_embeddings)
     assert done.table.equals(ref.table)
+
+
+def _interrupted_before_assembly(cohort, out, monkeypatch):
+    """Run an extraction to ``out`` that stops once every chunk is written."""
+    from cxrfair.extract import extractor
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(extractor, "assemble", stop)
+    with pytest.raises(KeyboardInterrupt):
+        extract(config(cohort, out))
+    monkeypatch.undo()
+
+
+def test_a_chunk_replaced_by_a_right_shaped_wrong_array_is_redone_with_a_warning(cohort, baseline, tmp_path, monkeypatch):
+    from cxrfair.errors import CxrfairWarning
+
+    out = tmp_path / "w.h5"
+    _interrupted_before_assembly(cohort, out, monkeypatch)
+    chunk = partial_dir(out) / "chunk-000002.npy"
+    sums = json.loads((partial_dir(out) / "chunk-000002.sha256.json").read_text())
+    assert sums == {"chunk-000002.npy": sha256_file(chunk)}
+    np.save(chunk, np.zeros_like(np.load(chunk)))  # same shape and dtype: only the checksum tells
+    with pytest.warns(CxrfairWarning, match=rf"partial extraction {partial_dir(out)}: chunk 2 \(rows 16-23\) does "
+                                            r"not match the checksums recorded .*; redoing it"):
+        extract(config(cohort, out))
+    np.testing.assert_array_equal(read_cache(out).image_embeddings, read_cache(baseline).image_embeddings)
+
+
+def test_a_chunk_without_its_checksum_file_is_redone_silently(cohort, baseline, tmp_path, monkeypatch):
+    """Its checksums are written last: without them the chunk never finished (or predates checksums)."""
+    import warnings
+
+    out = tmp_path / "s.h5"
+    _interrupted_before_assembly(cohort, out, monkeypatch)
+    (partial_dir(out) / "chunk-000001.sha256.json").unlink()
+    np.save(partial_dir(out) / "chunk-000001.npy", np.ones_like(np.load(partial_dir(out) / "chunk-000001.npy")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        extract(config(cohort, out))
+    np.testing.assert_array_equal(read_cache(out).image_embeddings, read_cache(baseline).image_embeddings)
 
 
 def test_multilabel_text_sets_are_pairs_of_mean_normalised_prompt_embeddings():

@@ -1,6 +1,7 @@
 """`cxrfair run`: config validation, the plan, and resuming a killed run without redoing steps."""
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -75,6 +76,10 @@ def test_paper_config_dry_run_prints_the_whole_protocol():
     ('methods = ["linear"]\n', "`models = [...]` is required"),
     ('models = ["no-such-model"]\n', "unknown model"),
     ('models = [\n', "not valid TOML"),
+    # NIH has sex and age_group: caught at planning (--dry-run), not at the last step.
+    ('models = ["tiny-clip"]\n[analysis]\nattributes = ["race"]\n',
+     "[analysis] attributes: 'race' is not a sensitive attribute of the cohort (it has sex, age_group); remove it"),
+    ('models = ["tiny-clip"]\n[analysis]\ncross = ["sex", "race"]\n', "[analysis] cross: 'race' is not a sensitive"),
 ])
 def test_bad_configs_are_one_line_errors(tmp_path, text, message):
     path = tmp_path / "bad.toml"
@@ -213,7 +218,7 @@ epochs = {epochs}
 CLASSES = ["Effusion", "Edema"]
 
 
-def _fake_run(out: Path, key, hyperparameters: dict) -> Path:
+def _fake_run(out: Path, key, hyperparameters: dict, cohort_hash: str = "c0") -> Path:
     import numpy as np
     import pandas as pd
 
@@ -222,7 +227,7 @@ def _fake_run(out: Path, key, hyperparameters: dict) -> Path:
     rows = pd.DataFrame({"image_id": ["a", "b", "c", "d"], "patient_id": [1, 2, 3, 4], "split": ["val", "val", "test", "test"],
                          "label": CLASSES * 2, "sex": ["M", "F"] * 2, "age": [30, 70, 30, 70], "age_group": ["young", "old"] * 2})
     meta = {"run_id": key.run_id, "model": key.model, "method": key.method, "seed": key.seed, "classes": CLASSES,
-            "cohort_hash": "c0", "hyperparameters": hyperparameters, "selected_epoch": 1, "trainable_params": 0, "timings": {}}
+            "cohort_hash": cohort_hash, "hyperparameters": hyperparameters, "selected_epoch": 1, "trainable_params": 0, "timings": {}}
     return write_run(out, meta, make_predictions(rows, np.full((4, 2), 0.5), CLASSES), force=True)
 
 
@@ -239,15 +244,20 @@ def fake_stages(monkeypatch):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
 
+    def cohort_hash(cache) -> str:  # the fake cohort's: cache/<model>.h5 -> cohort/cohort.json
+        return json.loads((Path(cache).parent.parent / "cohort" / "cohort.json").read_text())["hash"]
+
     def probe_cache(cache, out, cfg, force=False):
         for i, seed in enumerate(cfg.seeds):
             if cfg.epochs == 13 and i == 1:
                 raise CxrfairError("probe failed halfway")
-            _fake_run(Path(out), RunKey("tiny-clip", cfg.method, "best", seed), {"epochs": cfg.epochs})
+            _fake_run(Path(out), RunKey("tiny-clip", cfg.method, "best", seed), {"epochs": cfg.epochs},
+                      cohort_hash(cache))
         touch(Path(out) / RunKey("tiny-clip", cfg.method, "best", 0).sweep_file, f"epochs={cfg.epochs}")
 
     def zeroshot_cache(cache, out, all_sets=False, force=False, term=None):
-        return [_fake_run(Path(out), RunKey("tiny-clip", "zeroshot", f"clip-d{d}", d), {}) for d in range(2)]
+        return [_fake_run(Path(out), RunKey("tiny-clip", "zeroshot", f"clip-d{d}", d), {}, cohort_hash(cache))
+                for d in range(2)]
 
     def analyze(cfg):
         runs = read_runs(cfg.runs_dir)  # the real reader: a half-replaced or mixed folder fails here
@@ -255,7 +265,8 @@ def fake_stages(monkeypatch):
         touch(cfg.out / "report.html")
 
     monkeypatch.setattr("cxrfair.extract.synth.make_synth", lambda cfg: touch(cfg.out / "synth_info.json"))
-    monkeypatch.setattr("cxrfair.extract.cohort.build_cohort", lambda cfg: touch(cfg.out / "cohort.json"))
+    monkeypatch.setattr("cxrfair.extract.cohort.build_cohort",
+                        lambda cfg: touch(cfg.out / "cohort.json", json.dumps({"hash": f"c{cfg.seed}"})))
     monkeypatch.setattr("cxrfair.extract.extractor.extract", lambda cfg: touch(cfg.out))
     monkeypatch.setattr("cxrfair.probe.zeroshot.zeroshot_cache", zeroshot_cache)
     monkeypatch.setattr("cxrfair.probe.sweep.probe_cache", probe_cache)
@@ -263,13 +274,13 @@ def fake_stages(monkeypatch):
     return seen
 
 
-def _run_fake(tmp_path: Path, epochs: int = 5, seeds: int = 2) -> list[str]:
-    """Run the FAKE experiment in-process; returns the names of the steps that ran."""
+def _run_fake(tmp_path: Path, epochs: int = 5, seeds: int = 2, cohort_seed: int = 0, lines: list | None = None) -> list[str]:
+    """Run the FAKE experiment in-process; returns the names of the steps that ran (``lines``: all it said)."""
     from cxrfair.pipeline import run_experiment
 
     path = tmp_path / "exp.toml"
-    path.write_text(FAKE.format(out=tmp_path / "exp", epochs=epochs, seeds=seeds))
-    lines = []
+    path.write_text(FAKE.format(out=tmp_path / "exp", epochs=epochs, seeds=seeds) + f"\n[cohort]\nseed = {cohort_seed}\n")
+    lines = [] if lines is None else lines
     run_experiment(load_config(path), echo=lines.append)
     return [line[4:] for line in lines if line.startswith("==> ")]
 
@@ -398,3 +409,42 @@ def test_changing_a_probe_value_on_a_real_experiment(tmp_path):
     assert sorted(p.name for p in runs.iterdir() if "__linear" in p.name) == ["tiny-clip__linear__best__s0",
                                                                                "tiny-clip__linear__sweep.csv"]
     assert "0 step(s) to run" in run().stdout  # the second rerun: no crash, nothing to redo
+
+
+def test_a_changed_cohort_moves_the_old_cohorts_runs_aside_and_reruns(tmp_path, fake_stages, capsys):
+    """Editing [cohort] seed on a finished experiment: old runs (and sweeps) move to stale/, never deleted."""
+    from cxrfair.core.runs import RunKey
+
+    _run_fake(tmp_path)
+    exp = tmp_path / "exp"
+    old = _tree(exp / "runs")
+    # A fine-tuning candidate of the old cohort under sweeps/ (what stopped LoRA on every rerun).
+    _fake_run(exp / "sweeps" / "tiny-clip__lora", RunKey("tiny-clip", "lora", "lr0.001", 0), {})
+    assert _run_fake(tmp_path, cohort_seed=1) == ["cohort", "extract-tiny-clip", "zeroshot-tiny-clip",
+                                                  "linear-tiny-clip", "mlp-tiny-clip", "analyze"]
+    said = capsys.readouterr().out
+    assert re.search(r"note: moved 7 run\(s\) made on cohort c0… \(this cohort is c1…\) from runs, "
+                     r"sweeps/tiny-clip__lora to .*stale/c0; the steps rebuild them, nothing was deleted", said), said
+    assert _tree(exp / "stale" / "c0" / "runs") == old  # every old entry, sweep files included, byte for byte
+    assert (exp / "stale" / "c0" / "sweeps" / "tiny-clip__lora" / "tiny-clip__lora__lr0.001__s0" / "run.json").is_file()
+    assert fake_stages[-1] and all(json.loads((r / "run.json").read_text())["cohort_hash"] == "c1"
+                                   for r in (exp / "runs").iterdir() if r.is_dir())
+    assert not list((exp / "sweeps" / "tiny-clip__lora").iterdir())
+    # Back to the first cohort: the c1 runs go aside in their turn; the c0 ones already there are kept.
+    lines = []
+    _run_fake(tmp_path, cohort_seed=0, lines=lines)
+    assert {p.name for p in (exp / "stale").iterdir()} == {"c0", "c1"}
+    assert _tree(exp / "stale" / "c0" / "runs") == old
+
+
+def test_runs_of_a_cohort_rebuilt_by_an_unfinished_run_are_moved_before_any_step(tmp_path, fake_stages):
+    from cxrfair.core.runs import RunKey
+
+    _run_fake(tmp_path)
+    exp = tmp_path / "exp"
+    _fake_run(exp / "runs", RunKey("tiny-clip", "lora", "best", 0), {}, cohort_hash="c9")  # left by another cohort
+    lines = []
+    assert _run_fake(tmp_path, lines=lines) == []  # nothing else changed: every step reused
+    assert any(re.match(r"note: moved 1 run\(s\) made on cohort c9… \(this cohort is c0…\) from runs to ", line)
+               for line in lines), lines
+    assert (exp / "stale" / "c9" / "runs" / "tiny-clip__lora__best__s0").is_dir()

@@ -148,9 +148,42 @@ def _assert_clean_failure(tmp_path, cache, command, make, extra, words):
     runs = tmp_path / "runs"
     assert _cli("zeroshot", "--cache", cache, "--out", runs).exit_code == 0  # existing runs of cohort c0ffee...
     before = sorted(p.name for p in runs.iterdir())
-    res = _cli(command, "--cache", make(tmp_path), "--out", runs, *(FAST if command != "zeroshot" else []), *extra)
+    base = [] if command == "zeroshot" else LBFGS if "lbfgs" in extra else FAST
+    res = _cli(command, "--cache", make(tmp_path), "--out", runs, *base, *extra)
     assert res.exit_code == 1, res.output
     lines = res.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error:") and words in lines[0], res.output
     assert "Traceback" not in res.output
     assert sorted(p.name for p in runs.iterdir()) == before
+
+
+@pytest.mark.parametrize("extra, words", [
+    # The default solver is L-BFGS: each AdamW option would be ignored.
+    (["--lr", "1e-3"], "--lr: only with --solver adamw; this sweep uses lbfgs (its options: --l2, --max-iter, "
+                       "--l2-skip, --ftol), which would ignore it"),
+    (["--weight-decay", "0"], "--weight-decay: only with --solver adamw"),
+    (["--epochs", "5"], "--epochs: only with --solver adamw"),
+    (["--batch-size", "32"], "--batch-size: only with --solver adamw"),
+    (["--lr", "1e-3", "--weight-decay", "0", "--epochs", "5"],  # the issue's command: all three named
+     "--lr, --weight-decay, --epochs: only with --solver adamw; this sweep uses lbfgs"),
+    (["--solver", "adamw", "--l2", "1e-3"], "--l2: only with --solver lbfgs; this sweep uses adamw"),
+    (["--solver", "adamw", "--max-iter", "10"], "--max-iter: only with --solver lbfgs"),
+    (["--solver", "adamw", "--ftol", "0"], "--ftol: only with --solver lbfgs"),
+    (["--mitigation", "reweight", "--sensitive", "sex", "--adversary", "projection"],
+     "--adversary: only with --mitigation adversarial, not reweight; drop it"),
+    (["--adversary", "grl"], "--adversary: only with --mitigation adversarial, not erm"),
+])
+def test_an_option_the_sweep_would_ignore_is_refused(tmp_path, cache, extra, words):
+    res = _cli("linear", "--cache", cache, "--out", tmp_path / "runs", "--seeds", "1", *extra)
+    assert res.exit_code == 1 and res.output.startswith("Error: ") and words in res.output, res.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_options_left_to_their_defaults_are_not_refused():
+    """The refusal is of what the user gave: a config with both solvers' values (cxrfair run's [probe]) validates."""
+    from cxrfair.probe.sweep import SweepConfig
+
+    cfg = SweepConfig(lrs=(1e-3,), weight_decays=(0.0,), epochs=5, l2s=(1e-3,), adversary="projection")
+    assert cfg.validate().solver == "lbfgs"
+    with pytest.raises(Exception, match="--epochs: only with --solver adamw"):
+        cfg.validate(given=["--epochs"])

@@ -229,3 +229,31 @@ def test_an_explicit_attribute_with_one_group_is_an_error(tmp_path):
     data = load_embedding_data(make_cache(tmp_path / "c.h5", table=table)[0])
     with pytest.raises(CxrfairError, match="has one group"):
         geometry(data, GeometryConfig(attributes=("sex",), n_perm=199, n_boot=100))
+
+
+def test_more_components_than_dimensions_names_both_numbers(tmp_path):
+    """Not "use at least 19999 permutations": the cause is 1000 components of 16-d embeddings."""
+    cache = make_cache(tmp_path / "c.h5")[0]
+    res = _cli("geometry", "--cache", cache, "--out", tmp_path / "geo", "--components", "1000")
+    assert res.exit_code == 1 and res.output.startswith("Error: --components 1000: the embeddings in cache ")
+    assert "have 16 dimensions (751 images), so a PCA has at most 16 components; use --components 16 or fewer" in (
+        res.output), res.output
+    assert "permutations" not in res.output and not (tmp_path / "geo").exists()
+    with pytest.raises(CxrfairError, match=r"--components 17: .* use --components 16 or fewer"):
+        geometry(load_embedding_data(cache), GeometryConfig(components=17, n_perm=400, n_boot=100))
+    # Without the data at hand (cxrfair run's planning), the permutation message names --components too.
+    with pytest.raises(CxrfairError, match=r"use at least 19999 .*, or fewer --components"):
+        GeometryConfig(components=1000).validate()
+
+
+@pytest.mark.parametrize("command", ["geometry", "leakage"])
+def test_a_declared_attribute_missing_from_the_cache_table_is_an_error(tmp_path, command):
+    """Not skipped unseen: the cohort declares insurance, the cache's rows have no such column."""
+    declared = {"sex": {"groups": ["M", "F"], "reference": "M"}, "age_group": {"groups": ["young", "old"],
+                "reference": "young"}, "insurance": {"groups": ["public", "private"], "reference": "public"}}
+    cache = make_cache(tmp_path / "c.h5", attributes=declared)[0]
+    res = _cli(command, "--cache", cache, "--out", tmp_path / "out", "--permutations", "199")
+    assert res.exit_code == 1, res.output
+    assert res.output.startswith(f"Error: cache {cache}: the cohort declares sensitive attribute insurance but the "
+                                 "cache's cohort rows have no column insurance"), res.output
+    assert not (tmp_path / "out").exists()

@@ -214,11 +214,24 @@ BAD = {
 }
 
 
+LBFGS_FAST = ["--seeds", "2", "--l2", "1e-3", "--max-iter", "20"]
+
+
+def _fast_for(args: list) -> list:
+    """FAST's AdamW options, or L-BFGS ones where the sweep uses L-BFGS (options it would ignore are refused)."""
+    from cxrfair.core import mitigations
+
+    name = args[args.index("--mitigation") + 1] if "--mitigation" in args else "erm"
+    row = mitigations.MITIGATIONS.get(name)
+    solver = args[args.index("--solver") + 1] if "--solver" in args else row.probe_solver if row else "lbfgs"
+    return FAST if solver == "adamw" else LBFGS_FAST
+
+
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_mitigation_input_is_one_line_and_writes_nothing(tmp_path, case):
     change, args, words = BAD[case]
     cache = _cache_with(tmp_path, change)
-    res = _cli("linear", "--cache", cache, "--out", tmp_path / "runs", *args, *FAST)
+    res = _cli("linear", "--cache", cache, "--out", tmp_path / "runs", *args, *_fast_for(args))
     assert res.exit_code == 1, res.output
     lines = res.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error:") and words in lines[0], res.output
