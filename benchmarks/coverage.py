@@ -25,16 +25,20 @@ import argparse
 import itertools
 import time
 
+from statistics import NormalDist
+
 import numpy as np
 
 from cxrfair.core import metrics as M
-from cxrfair.core.bootstrap import interval, patient_counts
+from cxrfair.core.bootstrap import patient_counts
+from cxrfair.core.intervals import interval, interval_method, intervals_by_metric
 
 # The metrics whose coverage is studied: (name in evaluate_all's keys, attribute-level?).
 STUDIED = ("accuracy", "auc_macro", "f1_gap", "f1_gap_abs", "eqodds", "eqodds_worst", "dp_gap", "ece_gap",
            "fnr_gap", "es_auc", "worst_group_accuracy")
 CLASSES = ("A", "B", "C")
-METHODS = ("percentile", "basic", "shifted")
+METHODS = ("used", "percentile", "basic", "shifted", "bca")  # "used": core.intervals' choice for the metric
+JACK_BLOCKS = 20  # delete-a-block jackknife of the BCa acceleration: blocks of patients
 
 
 def simulate(signals: np.ndarray, n_per_group: int, rng: np.random.Generator, noise: float = 1.0):
@@ -56,12 +60,29 @@ def values(y, p, groups, weights=None) -> dict[str, np.ndarray]:
             for name in STUDIED}
 
 
-def intervals(estimate: float, reps: np.ndarray, level: float) -> dict[str, tuple[float, float]]:
-    """Each method's (low, high) from one estimate and its (R,) replicates."""
-    lo, hi = (float(v[0]) for v in interval(reps[:, None], level))
-    shift = 2 * (float(np.nanmean(reps)) - estimate)  # twice the bootstrap bias estimate
-    return {"percentile": (lo, hi), "basic": (2 * estimate - hi, 2 * estimate - lo),
-            "shifted": (lo - shift, hi - shift)}
+def _bca(estimate: float, reps: np.ndarray, jack: np.ndarray, level: float) -> tuple[float, float]:
+    """BCa interval (Efron 1987): bias-correction z0 from the replicates, acceleration from the grouped jackknife."""
+    nd = NormalDist()
+    r = reps[~np.isnan(reps)]
+    j = jack[~np.isnan(jack)]
+    frac = (np.sum(r < estimate) + 0.5 * np.sum(r == estimate)) / len(r)
+    z0 = nd.inv_cdf(min(max(frac, 1 / (2 * len(r))), 1 - 1 / (2 * len(r))))
+    d = j.mean() - j
+    den = 6 * (d @ d) ** 1.5
+    a = float(np.sum(d ** 3)) / den if den > 0 else 0.0
+    out = []
+    for q in ((1 - level) / 2, (1 + level) / 2):
+        z = nd.inv_cdf(q)
+        out.append(float(np.quantile(r, nd.cdf(z0 + (z0 + z) / (1 - a * (z0 + z))))))
+    return out[0], out[1]
+
+
+def intervals(name: str, estimate: float, reps: np.ndarray, jack: np.ndarray, level: float) -> dict[str, tuple[float, float]]:
+    """The candidate methods' (low, high) from one estimate and its (R,) replicates, clipped to the metric's range."""
+    spec = interval_method(name)
+    one = {k: tuple(float(v[0]) for v in interval(reps[:, None], [estimate], k, level, spec.low, spec.high))
+           for k in ("percentile", "basic", "shifted")}
+    return {**one, "bca": _bca(estimate, reps, jack, level)}
 
 
 def _accuracy(signal: float, n: int = 50_000) -> float:
@@ -80,53 +101,77 @@ def signals_for(n_groups: int, gap: float, base: float = 2.0) -> np.ndarray:
 
 
 def run_setting(n_groups: int, n_per_group: int, gap: float, args, rng) -> list[dict]:
+    """Coverage of every method for every studied metric in one setting: one row per metric."""
     signals = signals_for(n_groups, gap)
     truth = values(*simulate(signals, args.truth, np.random.default_rng(10_000 + n_groups)))
     hits = {(m, k): 0 for m in STUDIED for k in METHODS}
+    width = {(m, k): 0.0 for m in STUDIED for k in METHODS}
+    excludes = dict.fromkeys(STUDIED, 0)
     defined = dict.fromkeys(STUDIED, 0)
     estimates = {m: [] for m in STUDIED}
+    corrected = {m: [] for m in STUDIED}
     for _ in range(args.draws):
         y, p, groups = simulate(signals, n_per_group, rng)
         counts = patient_counts(np.arange(len(y)), groups, args.replicates, rng)
-        est, reps = values(y, p, groups), values(y, p, groups, weights=counts)
-        for m in STUDIED:
+        block = rng.permutation(len(y)) % JACK_BLOCKS  # grouped jackknife: one image per patient here
+        jack_w = (block[None, :] != np.arange(JACK_BLOCKS)[:, None]).astype(np.float64)
+        est, reps, jack = values(y, p, groups), values(y, p, groups, weights=counts), values(y, p, groups, weights=jack_w)
+        keys = [(m, "group", "", "") for m in STUDIED]
+        used_lo, used_hi, used_bc, _ = intervals_by_metric(np.stack([np.asarray(reps[m], dtype=np.float64) for m in STUDIED], 1),
+                                                           [float(est[m]) for m in STUDIED], keys, args.level)
+        for i, m in enumerate(STUDIED):
             e, r = float(est[m]), np.asarray(reps[m], dtype=np.float64)
             if not np.isfinite(e) or np.isnan(r).all():
                 continue
             defined[m] += 1
             estimates[m].append(e)
-            for k, (lo, hi) in intervals(e, r, args.level).items():
+            corrected[m].append(float(used_bc[i]))
+            found = {"used": (float(used_lo[i]), float(used_hi[i])),
+                     **intervals(m, e, r, np.asarray(jack[m], dtype=np.float64), args.level)}
+            excludes[m] += not found["used"][0] <= e <= found["used"][1]
+            for k, (lo, hi) in found.items():
                 hits[(m, k)] += lo <= float(truth[m]) <= hi
+                width[(m, k)] += hi - lo
     rows = []
     for m in STUDIED:
         n = max(defined[m], 1)
         rows.append({"groups": n_groups, "per_group": n_per_group, "gap": gap, "metric": m,
-                     "truth": float(truth[m]), "mean_estimate": float(np.mean(estimates[m])) if estimates[m] else np.nan,
-                     "draws": defined[m], **{k: hits[(m, k)] / n for k in METHODS}})
+                     "method": interval_method(m).method, "truth": float(truth[m]),
+                     "mean_estimate": float(np.mean(estimates[m])) if estimates[m] else np.nan,
+                     "mean_bc": float(np.mean(corrected[m])) if corrected[m] else np.nan,
+                     "excludes": excludes[m] / n, "draws": defined[m],
+                     **{k: hits[(m, k)] / n for k in METHODS}, **{f"w_{k}": width[(m, k)] / n for k in METHODS}})
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2 and 4 groups at 60 per group, gaps 0 and 0.15, 100 draws")
+    parser.add_argument("--quick", action="store_true", help="60 per group, gaps 0 and 0.15, at most 100 draws of 500 replicates")
     parser.add_argument("--draws", type=int, default=400, help="simulated test sets per setting")
     parser.add_argument("--replicates", type=int, default=1000, help="bootstrap replicates per test set")
     parser.add_argument("--truth", type=int, default=200_000, help="images per group of the population")
+    parser.add_argument("--groups", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[60, 150, 300], help="patients (= images) per group")
+    parser.add_argument("--gaps", type=float, nargs="+", default=[0.0, 0.05, 0.15], help="true accuracy gaps")
     parser.add_argument("--level", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    sizes, gaps = ((60,), (0.0, 0.15)) if args.quick else ((60, 150, 300), (0.0, 0.05, 0.15))
     if args.quick:
+        args.sizes, args.gaps = [60], [0.0, 0.15]
         args.draws, args.replicates = min(args.draws, 100), min(args.replicates, 500)
     rng = np.random.default_rng(args.seed)
-    print(f"{args.draws} draws, {args.replicates} replicates, nominal {args.level:.0%}; coverage by method")
-    print(f"{'G':>2} {'n/g':>4} {'gap':>5}  {'metric':<21} {'truth':>7} {'mean est':>8}  " + " ".join(f"{k:>10}" for k in METHODS))
-    for n_groups, n, gap in itertools.product((2, 4), sizes, gaps):
+    print(f"{args.draws} draws, {args.replicates} replicates, nominal {args.level:.0%}. Coverage by method; "
+          "'used' = the method of core.intervals; 'bc' = mean bias-corrected estimate; 'excl' = share of "
+          "draws whose interval (method used) excludes the plug-in value")
+    print(f"{'G':>2} {'n/g':>4} {'gap':>5}  {'metric':<21} {'used':<10} {'truth':>7} {'mean est':>8} {'bc':>7} "
+          f"{'excl':>5}  " + " ".join(f"{k:>10}" for k in METHODS))
+    for n_groups, n, gap in itertools.product(args.groups, args.sizes, args.gaps):
         start = time.perf_counter()
         for r in run_setting(n_groups, n, gap, args, rng):
-            print(f"{r['groups']:>2} {r['per_group']:>4} {r['gap']:>5.2f}  {r['metric']:<21} {r['truth']:>7.3f} "
-                  f"{r['mean_estimate']:>8.3f}  " + " ".join(f"{r[k]:>10.3f}" for k in METHODS))
-        print(f"   ({time.perf_counter() - start:.0f} s)")
+            print(f"{r['groups']:>2} {r['per_group']:>4} {r['gap']:>5.2f}  {r['metric']:<21} {r['method']:<10} "
+                  f"{r['truth']:>7.3f} {r['mean_estimate']:>8.3f} {r['mean_bc']:>7.3f} {r['excludes']:>5.2f}  "
+                  + " ".join(f"{r[k]:>10.3f}" for k in METHODS), flush=True)
+        print(f"   ({time.perf_counter() - start:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":
