@@ -16,7 +16,8 @@ draws — and we count how often the interval holds the truth.
 
 Methods compared (``cxrfair.core.intervals``): ``used`` (the method its table gives the metric:
 what `analyze` reports), ``percentile``, ``basic`` (2θ̂ − the percentile interval, clipped to the
-metric's range), ``shifted`` (the percentile interval minus twice the bootstrap bias) and ``bca``
+metric's range), ``shifted`` (the percentile interval minus twice the bootstrap bias), ``hull``
+(the smallest interval holding the percentile and basic ones) and ``bca``
 (Efron's BCa, acceleration from a grouped delete-a-block jackknife of ``JACK_BLOCKS`` blocks of
 patients). A nominal 95% interval should cover 95% of the time; an absolute or max-over-groups
 gap is biased upward in small samples, which the percentile interval inherits.
@@ -44,7 +45,7 @@ from cxrfair.core.intervals import interval, interval_method, intervals_by_metri
 STUDIED = ("accuracy", "auc_macro", "f1_gap", "f1_gap_abs", "eqodds", "eqodds_worst", "dp_gap", "ece_gap",
            "fnr_gap", "es_auc", "worst_group_accuracy")
 CLASSES = ("A", "B", "C")
-METHODS = ("used", "percentile", "basic", "shifted", "bca")  # "used": core.intervals' choice for the metric
+METHODS = ("used", "percentile", "basic", "shifted", "hull", "bca")  # "used": core.intervals' choice for the metric
 JACK_BLOCKS = 20  # delete-a-block jackknife of the BCa acceleration: blocks of patients
 
 
@@ -97,7 +98,7 @@ def intervals(name: str, estimate: float, reps: np.ndarray, jack: np.ndarray, le
     """The candidate methods' (low, high) from one estimate and its (R,) replicates, clipped to the metric's range."""
     spec = interval_method(name)
     one = {k: tuple(float(v[0]) for v in interval(reps[:, None], [estimate], k, level, spec.low, spec.high))
-           for k in ("percentile", "basic", "shifted")}
+           for k in ("percentile", "basic", "shifted", "hull")}
     return {**one, "bca": _bca(estimate, reps, jack, level)}
 
 

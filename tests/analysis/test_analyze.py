@@ -110,8 +110,9 @@ def _f1_gap_sex(y, pred, rows):
 
 
 def test_gap_intervals_follow_the_method_table(seeded):
-    """dp_gap: the basic interval, 2v − the percentile interval, clipped at 0, around 2v − mean(replicates);
-    f1_gap_abs: the signed f1_gap's basic interval folded at 0; accuracy: percentile, value_bc = value."""
+    """dp_gap: the hull of the percentile and basic (2v − the percentile interval) intervals, clipped at 0,
+    value_bc = 2v − mean(replicates); f1_gap_abs: the signed f1_gap's hull folded at 0; accuracy:
+    percentile, value_bc = value."""
     runs, res = seeded
     full = _by(runs, "full")
     rows, y, pred = _test_arrays(full[0])
@@ -120,12 +121,14 @@ def test_gap_intervals_follow_the_method_table(seeded):
     reps = _slow_replicates(full, _dp_gap_sex)[0]
     v = _dp_gap_sex(y, pred, rows)
     q_lo, q_hi = np.percentile(reps, [2.5, 97.5])
-    assert row["value"] == pytest.approx(v, abs=1e-12) and row["interval"] == "basic"
-    assert (row["ci_low"], row["ci_high"]) == pytest.approx((max(0.0, 2 * v - q_hi), 2 * v - q_lo), abs=1e-12)
+    assert row["value"] == pytest.approx(v, abs=1e-12) and row["interval"] == "hull"
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx((max(0.0, min(q_lo, 2 * v - q_hi)), max(q_hi, 2 * v - q_lo)),
+                                                            abs=1e-12)
     assert row["value_bc"] == pytest.approx(max(0.0, 2 * v - reps.mean()), abs=1e-12)
     s_reps = _slow_replicates(full, _f1_gap_sex)[0]
     s = _f1_gap_sex(y, pred, rows)
-    lo, hi = 2 * s - np.percentile(s_reps, 97.5), 2 * s - np.percentile(s_reps, 2.5)
+    p_lo, p_hi = np.percentile(s_reps, [2.5, 97.5])
+    lo, hi = min(p_lo, 2 * s - p_hi), max(p_hi, 2 * s - p_lo)
     folded = (0.0, max(-lo, hi)) if lo <= 0 <= hi else tuple(sorted((abs(lo), abs(hi))))
     row = m.loc[("f1_gap_abs", "sex", "", "")]
     assert row["interval"] == "folded" and row["value"] == pytest.approx(abs(s), abs=1e-12)
@@ -133,7 +136,7 @@ def test_gap_intervals_follow_the_method_table(seeded):
     assert row["value_bc"] == pytest.approx(abs(2 * s - s_reps.mean()), abs=1e-12)
     acc = res.metrics[res.metrics["metric"] == "accuracy"]
     assert (acc["interval"] == "percentile").all() and (acc["value_bc"] == acc["value"]).all()
-    assert any(n.startswith("Intervals (basic) of ") and "dp_gap" in n for n in res.notes)
+    assert any(n.startswith("Intervals (hull) of ") and "dp_gap" in n for n in res.notes)
     assert any(n.startswith("Intervals (percentile) of ") and "accuracy" in n for n in res.notes)
     # Any interval that excludes its plug-in value is named in the notes.
     out = res.metrics[(res.metrics["value"] < res.metrics["ci_low"]) | (res.metrics["value"] > res.metrics["ci_high"])]

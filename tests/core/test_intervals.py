@@ -30,8 +30,10 @@ def _reference(reps, est, method, level, low=-np.inf, high=np.inf):
         q_lo, q_hi = np.quantile(col, [a, 1 - a])
         if method == "percentile":
             lo, hi, bc = q_lo, q_hi, est[j]
-        elif method in ("basic", "folded"):
+        elif method == "basic":
             lo, hi, bc = 2 * est[j] - q_hi, 2 * est[j] - q_lo, 2 * est[j] - col.mean()
+        elif method in ("hull", "folded"):
+            lo, hi, bc = min(q_lo, 2 * est[j] - q_hi), max(q_hi, 2 * est[j] - q_lo), 2 * est[j] - col.mean()
             if method == "folded":
                 lo, hi = (0.0, max(abs(lo), abs(hi))) if lo <= 0 <= hi else (min(abs(lo), abs(hi)), max(abs(lo), abs(hi)))
                 bc = abs(bc)
@@ -62,6 +64,16 @@ def test_basic_is_clipped_at_zero_and_may_exclude_a_biased_plug_in():
     lo, hi = interval(reps, [0.10], "basic", 0.95, 0.0, 1.0)
     assert hi[0] < 0.10 and lo[0] == 0.0
     assert bias_corrected(reps, [0.10], "basic", 0.0, 1.0)[0] == pytest.approx(0.04, abs=0.003)
+    # The hull holds both the basic and the percentile interval.
+    p_lo, p_hi = interval(reps, [0.10], "percentile", 0.95, 0.0, 1.0)
+    h_lo, h_hi = interval(reps, [0.10], "hull", 0.95, 0.0, 1.0)
+    assert h_lo[0] == lo[0] and h_hi[0] == p_hi[0]
+
+
+def test_checked_groups_limits_the_coverage_flag():
+    spec = interval_method("eqodds")
+    assert spec.checked(2) and not spec.checked(4) and spec.checked(None)
+    assert not interval_method("ece_gap").checked(2) and interval_method("accuracy").checked(5)
 
 
 def test_fold_is_the_image_under_abs():
@@ -80,7 +92,7 @@ def test_intervals_by_metric_routes_each_column_by_the_table():
     est = np.array([0.8, 0.05, 0.01, 0.01])
     reps[:, 3] = np.abs(reps[:, 2])
     lo, hi, bc, methods = intervals_by_metric(reps, est, keys, 0.95)
-    assert methods == ["percentile", "basic", "basic", "folded"]
+    assert methods == ["percentile", "hull", "hull", "folded"]
     for j, (k, *_) in enumerate(keys):
         spec = interval_method(k)
         src = 2 if spec.method == "folded" else j
@@ -99,7 +111,7 @@ def test_the_table_covers_every_group_metric_and_names_real_metrics():
     for name, spec in INTERVAL_METHODS.items():
         assert spec.why, name
         if spec.signed:
-            assert spec.signed in known and interval_method(spec.signed).method == "basic"
+            assert spec.signed in known and interval_method(spec.signed).method == "hull"
     assert interval_method("accuracy").method == "percentile"
     with pytest.raises(ValueError):
         IntervalMethod("bca")
