@@ -23,11 +23,13 @@ Methods (``METHODS``), each over the replicate axis and vectorised over every ot
   plug-in value, which the interval may exclude when the bias is large.
 - ``shifted``: the percentile interval moved down by twice the bootstrap bias,
   ``[q_lo − 2b, q_hi − 2b]``, ``b = mean(θ*) − θ̂``: centred on ``θ̂_bc`` like ``basic`` but
-  keeping the replicates' skew (better for ES-AUC, whose replicates are skewed).
+  keeping the replicates' skew. A candidate of the study; no metric uses it (nor ``basic`` alone).
 - ``hull``: the smallest interval holding both the percentile and the basic one. The percentile
   interval is right when the metric's bias is small next to its spread (a large true gap), the
   basic one when the bootstrap estimates the bias well (a gap near 0); the hull covers whenever
-  either does, at the price of width. Estimate: ``θ̂_bc``, as ``basic``.
+  either does, at the price of width (in the study: 0.91-0.99 coverage for every checked gap
+  metric, against 0.74-0.98 for basic and 0-0.98 for percentile). Estimate: ``θ̂_bc``, as
+  ``basic``; the interval holds the plug-in value whenever the percentile interval does.
 - ``folded``: the interval of ``|s|`` for a metric that is the absolute value of a signed one
   (``f1_gap_abs = |f1_gap|``): the image of the signed metric's ``hull`` interval ``[L, U]`` under ``|·|``,
   ``[0, max(|L|, |U|)]`` when it holds 0, else ``[min, max]`` of ``|L|, |U|``. It covers ``|s|``

@@ -2,8 +2,8 @@
 
 Settings: 2 and 4 groups of 60 patients (the smallest of the study, where bias is worst), true
 accuracy gaps 0.05 and 0.15; 200 simulated test sets each, 400 bootstrap replicates, the truth
-on 50,000 images per group. For every metric whose method ``core.intervals`` marks
-``coverage_checked``, the nominal 95% interval must cover the truth between 0.90 and 0.99 of the
+on 50,000 images per group. For every metric whose method ``core.intervals`` marks checked for
+that number of groups (``IntervalMethod.checked``), the nominal 95% interval must cover the truth between 0.90 and 0.99 of the
 time. With 200 draws the observed share has a binomial standard error of 0.021 at 0.90 and 0.007
 at 0.99, so the test accepts [0.90 − 2.33 se, 0.99 + 2.33 se] = [0.851, 1.0] (each side fails
 with 1% probability at the boundary; the simulation is seeded, so a given numpy gives one answer).
@@ -48,11 +48,11 @@ def test_reported_intervals_cover_true_gaps_at_nominal_rate(n_groups):
     failures, checked = [], 0
     for gap in (0.05, 0.15):
         for row in study.run_setting(n_groups, 60, gap, args, rng):
-            if not interval_method(row["metric"]).coverage_checked:
+            if not interval_method(row["metric"]).checked(n_groups):
                 continue
             checked += 1
             assert row["draws"] >= 0.95 * DRAWS, row
             if not low <= row["used"] <= high:
                 failures.append((gap, row["metric"], row["method"], round(row["used"], 3)))
-    assert checked >= 10
+    assert checked >= (20 if n_groups == 2 else 14)  # 10 metrics x 2 gaps with two groups, 7 x 2 with four
     assert not failures, f"coverage outside [{low:.3f}, {high:.3f}]: {failures}"
