@@ -305,9 +305,9 @@ def _interval_notes(metrics: pd.DataFrame, n_groups: dict[str, int]) -> list[str
     if unchecked:
         named = [n if not interval_method(n).coverage_checked
                  else f"{n} (attributes of more than {interval_method(n).checked_groups} groups)" for n in unchecked]
-        notes.append(f"The intervals of {', '.join(named)} are not coverage-checked: in the simulation "
-                     "(benchmarks/coverage.py) no bootstrap interval of theirs covered the truth 90% of the time in "
-                     "every setting with a true gap of 0.05 or more; read them as approximate.")
+        notes.append(f"The intervals of {', '.join(named)} are not coverage-checked (benchmarks/coverage.py did not "
+                     "find 90–99% coverage of a true gap of 0.05 or more there, or did not simulate them; the method "
+                     "notes above say which): read them as approximate.")
     for name, rows in used.groupby("metric", sort=False):
         above, below = int((rows["value"] > rows["ci_high"]).sum()), int((rows["value"] < rows["ci_low"]).sum())
         if not above + below:
@@ -321,8 +321,8 @@ def _interval_notes(metrics: pd.DataFrame, n_groups: dict[str, int]) -> list[str
                                 "interval inherits that bias; read those rows with care.")
         else:
             notes.append(head + f"the plug-in {name} is biased {'upward' if side == 'above' else 'downward'} in "
-                                "samples this small and the interval is centred on the bias-corrected estimate "
-                                "(metrics.csv value_bc).")
+                                "samples this small and the interval corrects for it (metrics.csv value_bc: the "
+                                "bias-corrected estimate).")
     return notes
 
 

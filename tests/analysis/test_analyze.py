@@ -138,6 +138,10 @@ def test_gap_intervals_follow_the_method_table(seeded):
     assert (acc["interval"] == "percentile").all() and (acc["value_bc"] == acc["value"]).all()
     assert any(n.startswith("Intervals (hull) of ") and "dp_gap" in n for n in res.notes)
     assert any(n.startswith("Intervals (percentile) of ") and "accuracy" in n for n in res.notes)
+    # ece_gap is never coverage-checked; eqodds only up to two groups (sex × age has four here).
+    unchecked = [n for n in res.notes if n.startswith("The intervals of ") and "not coverage-checked" in n]
+    assert len(unchecked) == 1 and "ece_gap" in unchecked[0]
+    assert "eqodds (attributes of more than 2 groups)" in unchecked[0] and "f1_gap," not in unchecked[0]
     # Any interval that excludes its plug-in value is named in the notes.
     out = res.metrics[(res.metrics["value"] < res.metrics["ci_low"]) | (res.metrics["value"] > res.metrics["ci_high"])]
     for name in out["metric"].unique():
