@@ -2,6 +2,7 @@
 
     python benchmarks/coverage.py --quick          # minutes: 2 and 4 groups, 60 per group, 100 draws
     python benchmarks/coverage.py                  # the full grid of the statistics issue
+    python benchmarks/coverage.py --task multilabel  # the same grid for the multi-label metrics
 
 Each setting draws a population of test images whose classifier is known: C classes, G groups,
 an image's label uniform, its predicted probabilities a softmax of Gaussian noise plus ``signal_g``
@@ -38,6 +39,7 @@ from statistics import NormalDist
 import numpy as np
 
 from cxrfair.core import metrics as M
+from cxrfair.core import multilabel as ML
 from cxrfair.core.bootstrap import patient_counts
 from cxrfair.core.intervals import interval, interval_method, intervals_by_metric
 
@@ -119,26 +121,66 @@ def signals_for(n_groups: int, gap: float, base: float = 2.0) -> tuple[np.ndarra
     return np.array([base] + [(lo + hi) / 2] * (n_groups - 1)), np.array([0.0] + [tilt] * (n_groups - 1))
 
 
-def run_setting(n_groups: int, n_per_group: int, gap: float, args, rng) -> list[dict]:
+# The multi-label variant (``--task multilabel``): C conditions, labels 1 with probability
+# ``ML_PREVALENCE``, score sigmoid(signal_g · (2y − 1) + noise + tilt_g), decision thresholds 0.5
+# (fixed, as if chosen on validation), through ``multilabel.evaluate_multilabel``. The other groups'
+# signal is ``ML_SIGNAL_PER_GAP × gap`` lower and their scores tilted up by ``TILT_PER_GAP × gap``
+# (so TPR, FPR and calibration differ); each metric's truth is printed.
+ML_STUDIED = ("auc_macro", "auc_gap", "worst_group_auc", "es_auc", "eqodds", "eqodds_worst", "fnr_gap", "ece_gap")
+ML_PREVALENCE, ML_SIGNAL_PER_GAP, ML_NOISE = 0.3, 5.0, 1.5
+
+
+def simulate_multilabel(signals: np.ndarray, n_per_group: int, rng: np.random.Generator, tilts=None):
+    """((N, C) labels in {0, 1}, (N, C) probabilities, (N,) group labels)."""
+    c = len(CLASSES)
+    groups = np.repeat(np.arange(len(signals)), n_per_group)
+    y = (rng.random((len(groups), c)) < ML_PREVALENCE).astype(np.float64)
+    logit = signals[groups][:, None] * (2 * y - 1) + rng.normal(0.0, ML_NOISE, size=y.shape)
+    if tilts is not None:
+        logit += np.asarray(tilts)[groups][:, None]
+    return y, 1 / (1 + np.exp(-logit)), np.array([f"g{g}" for g in groups])
+
+
+def values_multilabel(y, p, groups, weights=None) -> dict[str, np.ndarray]:
+    """The studied multi-label metrics (macros over conditions): {name: () or (R,)}."""
+    levels = sorted(set(groups.tolist()))
+    out = ML.evaluate_multilabel(y, p, list(CLASSES), {"group": (groups, levels)}, np.full(len(CLASSES), 0.5),
+                                 weights=weights)
+    return {name: out[(name, "", "", "")] if (name, "", "", "") in out else out[(name, "group", "", "")]
+            for name in ML_STUDIED}
+
+
+def signals_multilabel(n_groups: int, gap: float, base: float = 1.5) -> tuple[np.ndarray, np.ndarray]:
+    """Per-group (signals, tilts) of the multi-label variant."""
+    return (np.array([base] + [base - ML_SIGNAL_PER_GAP * gap] * (n_groups - 1)),
+            np.array([0.0] + [TILT_PER_GAP * gap] * (n_groups - 1)))
+
+
+TASKS = {"multiclass": (STUDIED, simulate, values, signals_for),
+         "multilabel": (ML_STUDIED, simulate_multilabel, values_multilabel, signals_multilabel)}
+
+
+def run_setting(n_groups: int, n_per_group: int, gap: float, args, rng, task: str = "multiclass") -> list[dict]:
     """Coverage of every method for every studied metric in one setting: one row per metric."""
+    studied, simulate, values, signals_for = TASKS[task]
     signals, tilts = signals_for(n_groups, gap)
     truth = values(*simulate(signals, args.truth, np.random.default_rng(10_000 + n_groups), tilts=tilts))
-    hits = {(m, k): 0 for m in STUDIED for k in METHODS}
-    width = {(m, k): 0.0 for m in STUDIED for k in METHODS}
-    excludes = dict.fromkeys(STUDIED, 0)
-    defined = dict.fromkeys(STUDIED, 0)
-    estimates = {m: [] for m in STUDIED}
-    corrected = {m: [] for m in STUDIED}
+    hits = {(m, k): 0 for m in studied for k in METHODS}
+    width = {(m, k): 0.0 for m in studied for k in METHODS}
+    excludes = dict.fromkeys(studied, 0)
+    defined = dict.fromkeys(studied, 0)
+    estimates = {m: [] for m in studied}
+    corrected = {m: [] for m in studied}
     for _ in range(args.draws):
         y, p, groups = simulate(signals, n_per_group, rng, tilts=tilts)
         counts = patient_counts(np.arange(len(y)), groups, args.replicates, rng)
         block = rng.permutation(len(y)) % JACK_BLOCKS  # grouped jackknife: one image per patient here
         jack_w = (block[None, :] != np.arange(JACK_BLOCKS)[:, None]).astype(np.float64)
         est, reps, jack = values(y, p, groups), values(y, p, groups, weights=counts), values(y, p, groups, weights=jack_w)
-        keys = [(m, "group", "", "") for m in STUDIED]
-        used_lo, used_hi, used_bc, _ = intervals_by_metric(np.stack([np.asarray(reps[m], dtype=np.float64) for m in STUDIED], 1),
-                                                           [float(est[m]) for m in STUDIED], keys, args.level)
-        for i, m in enumerate(STUDIED):
+        keys = [(m, "group", "", "") for m in studied]
+        used_lo, used_hi, used_bc, _ = intervals_by_metric(np.stack([np.asarray(reps[m], dtype=np.float64) for m in studied], 1),
+                                                           [float(est[m]) for m in studied], keys, args.level)
+        for i, m in enumerate(studied):
             e, r = float(est[m]), np.asarray(reps[m], dtype=np.float64)
             if not np.isfinite(e) or np.isnan(r).all():
                 continue
@@ -152,7 +194,7 @@ def run_setting(n_groups: int, n_per_group: int, gap: float, args, rng) -> list[
                 hits[(m, k)] += lo <= float(truth[m]) <= hi
                 width[(m, k)] += hi - lo
     rows = []
-    for m in STUDIED:
+    for m in studied:
         n = max(defined[m], 1)
         rows.append({"groups": n_groups, "per_group": n_per_group, "gap": gap, "metric": m,
                      "method": interval_method(m).method, "truth": float(truth[m]),
@@ -174,6 +216,7 @@ def main() -> None:
     parser.add_argument("--gaps", type=float, nargs="+", default=[0.0, 0.05, 0.15], help="true accuracy gaps")
     parser.add_argument("--level", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--task", choices=sorted(TASKS), default="multiclass")
     args = parser.parse_args()
     if args.quick:
         args.sizes, args.gaps = [60], [0.0, 0.15]
@@ -186,7 +229,7 @@ def main() -> None:
           f"{'excl':>5}  " + " ".join(f"{k:>10}" for k in METHODS))
     for n_groups, n, gap in itertools.product(args.groups, args.sizes, args.gaps):
         start = time.perf_counter()
-        for r in run_setting(n_groups, n, gap, args, rng):
+        for r in run_setting(n_groups, n, gap, args, rng, args.task):
             print(f"{r['groups']:>2} {r['per_group']:>4} {r['gap']:>5.2f}  {r['metric']:<21} {r['method']:<10} "
                   f"{r['truth']:>7.3f} {r['mean_estimate']:>8.3f} {r['mean_bc']:>7.3f} {r['excludes']:>5.2f}  "
                   + " ".join(f"{r[k]:>10.3f}" for k in METHODS), flush=True)
