@@ -7,7 +7,7 @@ that number of groups (``IntervalMethod.checked``), the nominal 95% interval mus
 time. With 200 draws the observed share has a binomial standard error of 0.021 at 0.90 and 0.007
 at 0.99, so the test accepts [0.90 − 2.33 se, 0.99 + 2.33 se] = [0.851, 1.0] (each side fails
 with 1% probability at the boundary; the simulation is seeded, so a given numpy gives one answer).
-About 1-2 minutes on one core.
+Both tasks (``--task multilabel``: ``multilabel.evaluate_multilabel``). About 2 minutes on one core.
 """
 
 from __future__ import annotations
@@ -39,20 +39,23 @@ def _bounds(lo=0.90, hi=0.99, n=DRAWS):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("task", ["multiclass", "multilabel"])
 @pytest.mark.parametrize("n_groups", [2, 4])
-def test_reported_intervals_cover_true_gaps_at_nominal_rate(n_groups):
+def test_reported_intervals_cover_true_gaps_at_nominal_rate(n_groups, task):
     study = _study()
     args = SimpleNamespace(draws=DRAWS, replicates=REPLICATES, truth=TRUTH, level=0.95)
     rng = np.random.default_rng(123)
     low, high = _bounds()
     failures, checked = [], 0
     for gap in (0.05, 0.15):
-        for row in study.run_setting(n_groups, 60, gap, args, rng):
+        for row in study.run_setting(n_groups, 60, gap, args, rng, task):
             if not interval_method(row["metric"]).checked(n_groups):
                 continue
             checked += 1
             assert row["draws"] >= 0.95 * DRAWS, row
             if not low <= row["used"] <= high:
                 failures.append((gap, row["metric"], row["method"], round(row["used"], 3)))
-    assert checked >= (20 if n_groups == 2 else 14)  # 10 metrics x 2 gaps with two groups, 7 x 2 with four
+    # Multi-class: 10 metrics x 2 gaps with two groups, 7 x 2 with four; multi-label: 7 x 2, 4 x 2.
+    assert checked >= {("multiclass", 2): 20, ("multiclass", 4): 14, ("multilabel", 2): 14, ("multilabel", 4): 8}[
+        (task, n_groups)]
     assert not failures, f"coverage outside [{low:.3f}, {high:.3f}]: {failures}"
