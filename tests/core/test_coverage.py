@@ -1,0 +1,61 @@
+"""Coverage of the intervals `analyze` reports, against a known truth (benchmarks/coverage.py, slow).
+
+Settings: 2 and 4 groups of 60 patients (the smallest of the study, where bias is worst), true
+accuracy gaps 0.05 and 0.15; 200 simulated test sets each, 400 bootstrap replicates, the truth
+on 50,000 images per group. For every metric whose method ``core.intervals`` marks checked for
+that number of groups (``IntervalMethod.checked``), the nominal 95% interval must cover the truth between 0.90 and 0.99 of the
+time. With 200 draws the observed share has a binomial standard error of 0.021 at 0.90 and 0.007
+at 0.99, so the test accepts [0.90 − 2.33 se, 0.99 + 2.33 se] = [0.851, 1.0] (each side fails
+with 1% probability at the boundary; the simulation is seeded, so a given numpy gives one answer).
+Both tasks (``--task multilabel``: ``multilabel.evaluate_multilabel``). About 2 minutes on one core.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from cxrfair.core.intervals import interval_method
+
+DRAWS, REPLICATES, TRUTH = 200, 400, 50_000
+Z = 2.33
+
+
+def _study():
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "coverage.py"
+    spec = importlib.util.spec_from_file_location("coverage_study", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _bounds(lo=0.90, hi=0.99, n=DRAWS):
+    return lo - Z * math.sqrt(lo * (1 - lo) / n), min(1.0, hi + Z * math.sqrt(hi * (1 - hi) / n))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["multiclass", "multilabel"])
+@pytest.mark.parametrize("n_groups", [2, 4])
+def test_reported_intervals_cover_true_gaps_at_nominal_rate(n_groups, task):
+    study = _study()
+    args = SimpleNamespace(draws=DRAWS, replicates=REPLICATES, truth=TRUTH, level=0.95)
+    rng = np.random.default_rng(123)
+    low, high = _bounds()
+    failures, checked = [], 0
+    for gap in (0.05, 0.15):
+        for row in study.run_setting(n_groups, 60, gap, args, rng, task):
+            if not interval_method(row["metric"]).checked(n_groups):
+                continue
+            checked += 1
+            assert row["draws"] >= 0.95 * DRAWS, row
+            if not low <= row["used"] <= high:
+                failures.append((gap, row["metric"], row["method"], round(row["used"], 3)))
+    # Multi-class: 10 metrics x 2 gaps with two groups, 7 x 2 with four; multi-label: 7 x 2, 4 x 2.
+    assert checked >= {("multiclass", 2): 20, ("multiclass", 4): 14, ("multilabel", 2): 14, ("multilabel", 4): 8}[
+        (task, n_groups)]
+    assert not failures, f"coverage outside [{low:.3f}, {high:.3f}]: {failures}"
