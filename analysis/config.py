@@ -104,6 +104,9 @@ def describe_intervals(config: AnalyzeConfig) -> str:
             "percentile for per-sample metrics, and for the gap, worst-group and ES-AUC metrics, which are "
             "biased in small samples, the hull of the percentile and basic intervals (value_bc: the "
             "bias-corrected estimate). Every run on the same test images uses the same resamples. A mean "
-            "over seeds (or over the prompt draws of a zero-shot prompt set) takes its percentile interval "
-            "from the mean of the runs' replicates; paired comparisons subtract the baseline's draw-averaged "
-            "replicates.")
+            "over seeds (or over the prompt draws of a zero-shot prompt set) is resampled on two levels: each "
+            "replicate draws the seeds with replacement, then the patients, so seeds that disagree widen its "
+            "interval (made by the metric's method; with one seed the seed variance is unknown); a paired "
+            "comparison resamples both sides' seeds the same way and takes the percentile interval and a "
+            "two-sided bootstrap p-value of the difference, with Holm-adjusted p-values per comparison and "
+            "attribute.")

@@ -346,7 +346,7 @@ def _seeds_table(evaluated, runs_df, config: AnalyzeConfig, notes: list[str]) ->
     """Runs that differ only by seed (or zero-shot draw): mean, sd (ddof=1) and the mean's interval.
 
     The interval is the two-level bootstrap's (``replicates.seed_resampled``: seeds with replacement,
-    then patients), so seeds that disagree widen it. ``n_seeds`` counts the runs where the metric
+    then patients), so seeds that disagree widen it, made by each metric's method (``core.intervals``). ``n_seeds`` counts the runs where the metric
     is defined; the mean and its replicates skip the others; with one run the seed variance is
     unknown (a note says so) and the interval is its patients-only one.
     """
@@ -360,7 +360,9 @@ def _seeds_table(evaluated, runs_df, config: AnalyzeConfig, notes: list[str]) ->
         if config.n_boot and reps is None:
             notes.append(f"{model} {method} {tag}: its runs are on different test images; their mean has no interval")
         single += [f"{model} {method} {tag}"] if len(evs) == 1 else []
-        lo, hi = interval(reps, config.level) if reps is not None else (np.full(len(keys), np.nan),) * 2
+        # Each metric's own method (core.intervals), as metrics.csv: a seed mean of a gap is biased like one run's.
+        lo, hi = (intervals_by_metric(reps, means, keys, config.level)[:2] if reps is not None
+                  else (np.full(len(keys), np.nan),) * 2)
         n = (~np.isnan(per_run)).sum(axis=0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # fewer than two defined runs: NaN, set below

@@ -34,6 +34,7 @@ import pandas as pd
 from cxrfair.analysis.replicates import average, nanmean0, replicate_matrix, seed_rng, seed_resampled, tag_rng
 from cxrfair.analysis.runsets import base_tag, tag_of
 from cxrfair.core.bootstrap import holm, interval, p_value
+from cxrfair.core.intervals import intervals_by_metric
 from cxrfair.core.multilabel import auc_macro
 from cxrfair.core.mitigations import MITIGATIONS
 from cxrfair.core.runs import FINETUNE_METHODS, RunKey, parse_run_id
@@ -364,7 +365,7 @@ def _point(evs, task: str, sensitive: str, level: float, seed: int = 0) -> tuple
     keys = [(x, "", "", ""), (y, sensitive, "", "")]
     run = evs[0].run  # the runs of one tag: the seed draws of its seeds.csv rows
     _, _, means, reps = average(evs, keys, rng=tag_rng(seed, run.model, run.method, tag_of(run)))
-    lo, hi = interval(reps, level) if reps is not None else (np.full(2, np.nan),) * 2
+    lo, hi = intervals_by_metric(reps, means, keys, level)[:2] if reps is not None else (np.full(2, np.nan),) * 2
     return (len(evs), x, float(means[0]), float(lo[0]), float(hi[0]), y, float(means[1]), float(lo[1]), float(hi[1]))
 
 

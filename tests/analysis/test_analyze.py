@@ -192,11 +192,9 @@ def test_seed_mean_interval_resamples_seeds_then_patients(seeded, score, key, me
 
 
 def test_one_run_keeps_its_own_interval_and_says_its_seed_variance_is_unknown(seeded):
-    """For the metrics with percentile intervals (seeds.csv takes percentiles of its replicate means; the
-    per-metric methods of core.intervals reach it once the seed table adopts them)."""
+    """Every metric, by its own method: one run's seed mean is that run, so seeds.csv repeats metrics.csv's interval."""
     _, res = seeded
-    pct = res.metrics.loc[res.metrics["interval"] == "percentile", "metric"].unique()
-    s = res.seeds[(res.seeds["method"] == "full") & res.seeds["metric"].isin(pct)].set_index(
+    s = res.seeds[res.seeds["method"] == "full"].set_index(
         ["metric", "attribute", "group", "class"])
     m = res.metrics[res.metrics["method"] == "full"].set_index(["metric", "attribute", "group", "class"])
     pd.testing.assert_series_equal(s["ci_low"], m.loc[s.index, "ci_low"], check_names=False)
