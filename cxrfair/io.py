@@ -56,6 +56,9 @@ def atomic_path(path: Path | str, option: str = "--out") -> Iterator[Path]:
         if tmp.exists():
             _publish_mode(tmp, is_dir=False)
         os.replace(tmp, path)
+    except OSError as e:
+        _name_the_output(e, path)
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -143,9 +146,42 @@ def atomic_dir(path: Path | str, force: bool = False, option: str = "--out", inp
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
+    except OSError as e:
+        _name_the_output(e, path)
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+# What C++/Rust writers say instead of raising OSError when a write fails (torch.save's stream,
+# its zip writer, safetensors' io::Error): a full, read-only or vanished disk in disguise.
+WRITE_FAILURES = ("basic_ios::clear", "iostream error", "file write failed", "PytorchStreamWriter failed",
+                  "IoError", "No space left", "Read-only file system", "Permission denied")
+
+
+@contextlib.contextmanager
+def library_write_errors(path: Path | str, option: str = "--out") -> Iterator[None]:
+    """Around ``torch.save`` / ``save_pretrained`` / ``safetensors.save_file``: a write failure they
+    report as RuntimeError (or SafetensorError) becomes one CxrfairError line naming ``path``."""
+    try:
+        yield
+    except OSError as e:
+        _name_the_output(e, Path(path))
+        raise
+    except Exception as e:  # noqa: BLE001 - only the write failures below are translated; the rest re-raised
+        if not any(m in str(e) for m in WRITE_FAILURES):
+            raise
+        free = shutil.disk_usage(Path(path).parent if Path(path).parent.exists() else ".").free
+        why = "disk full" if free < (64 << 20) else "the disk may be full, read-only or gone"
+        raise CxrfairError(f"{path}: writing failed ({why}); free space or choose another {option}") from None
+
+
+def _name_the_output(e: OSError, path: Path) -> None:
+    # A failed write() (a full disk) carries no file name; name the output being written, so the
+    # console's one-line message (cxrfair.cli.os_error_line) says where.
+    if e.filename is None:
+        e.filename = str(path)
 
 
 def write_text_atomic(path: Path | str, text: str, option: str = "--out") -> Path:
