@@ -86,11 +86,12 @@ def weights_errors(source: Path | str, expected: str) -> Iterator[None]:
     except CxrfairError:
         raise
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise CxrfairError(f"{source}: refusing to load: the file names Python objects that no weights file "
+        named = re.search(r"GLOBAL (\S+)", str(e))  # torch's weights_only unpickler refused what the file names
+        if named:
+            raise CxrfairError(f"{source}: refusing to load: the file asks for {named.group(1)}, which no weights file "
                                f"needs (it may be malicious); expected {expected} from the model's official source") from None
-        raise CxrfairError(f"{source}: not a readable weights file ({first}); expected {expected}") from None
+        detail = next((line.strip() for line in str(e).splitlines() if line.strip().startswith("Unsupported")), "")
+        raise CxrfairError(f"{source}: not a readable weights file ({detail or type(e).__name__}); expected {expected}") from None
     except RuntimeError as e:
         lines = [s.strip() for s in str(e).splitlines() if s.strip()]
         if lines and lines[0].startswith("Error(s) in loading state_dict"):
