@@ -157,7 +157,8 @@ def atomic_dir(path: Path | str, force: bool = False, option: str = "--out", inp
 # What C++/Rust writers say instead of raising OSError when a write fails (torch.save's stream,
 # its zip writer, safetensors' io::Error): a full, read-only or vanished disk in disguise.
 WRITE_FAILURES = ("basic_ios::clear", "iostream error", "file write failed", "PytorchStreamWriter failed",
-                  "IoError", "No space left", "Read-only file system", "Permission denied")
+                  "inline_container.cc", "unexpected pos", "IoError", "No space left", "Read-only file system",
+                  "Permission denied")
 
 
 @contextlib.contextmanager
