@@ -155,24 +155,31 @@ def test_os_errors_in_cohort_build_are_one_line(nih, tmp_path, monkeypatch, code
     assert list(tmp_path.iterdir()) == []  # nothing half-written
 
 
-def test_disk_full_in_probe_and_leakage_is_one_line(tmp_path, monkeypatch):
+@pytest.mark.slow  # four commands, JAX start-up: ~15 s
+def test_disk_full_in_probe_leakage_analyze_and_postprocess_is_one_line(tmp_path, monkeypatch):
     from tests.probe.embedding_synth import make_cache as leakage_cache
     from tests.probe.synth import make_cache
 
     cache = make_cache(tmp_path / "c.h5")[0]
     lcache = leakage_cache(tmp_path / "l.h5")[0]
+    probe = ["probe", "linear", "--cache", cache, "--solver", "adamw", "--epochs", "2", "--seeds", "1", "--lr", "1e-2",
+             "--weight-decay", "0"]
+    assert _cli(*probe, "--out", tmp_path / "runs").exit_code == 0
+    run = tmp_path / "runs" / "tiny-clip__linear__best__s0"
 
     def full(self, *a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(pd.DataFrame, "to_csv", full)
-    res = _cli("probe", "linear", "--cache", cache, "--out", tmp_path / "runs", "--solver", "adamw", "--epochs", "2",
-               "--seeds", "1", "--lr", "1e-2", "--weight-decay", "0")
-    _one_line_error(res, str(tmp_path / "runs"), "disk full")
-    res = _cli("embeddings", "leakage", "--cache", lcache, "--out", tmp_path / "leak", "--probes", "knn",
-               "--permutations", "2", "--bootstrap", "100")
-    _one_line_error(res, str(tmp_path / "leak"), "disk full")
-    assert not (tmp_path / "leak").exists()
+    for out, args in [("runs2", probe),
+                      ("leak", ["embeddings", "leakage", "--cache", lcache, "--probes", "knn", "--permutations", "2",
+                                "--bootstrap", "100"]),
+                      ("report", ["analyze", tmp_path / "runs", "--bootstrap", "100"]),
+                      ("pp", ["postprocess", run, "--sensitive", "sex"])]:
+        res = _cli(*args, "--out", tmp_path / out)
+        _one_line_error(res, str(tmp_path / out), "disk full; free space or choose another --out")
+        assert not (tmp_path / out).exists() or not any((tmp_path / out).iterdir()), out
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp left
 
 
 def test_torch_save_on_a_full_disk_is_an_os_error_not_basic_ios(tmp_path, monkeypatch):
