@@ -127,7 +127,9 @@ def _on_sigint(signum, frame) -> None:
     if _INTERRUPTS["seen"] > 1:
         _exit_interrupted()
     if _swallowing(frame):
-        threading.Timer(0.05, _resend).start()
+        timer = threading.Timer(0.05, _resend)
+        timer.daemon = True
+        timer.start()
         return
     raise KeyboardInterrupt
 
