@@ -329,10 +329,10 @@ def test_ctrl_c_during_a_probe_sweep_exits_130(tmp_path):
 
     cache = make_cache(tmp_path / "c.h5")[0]
     p = subprocess.Popen([str(Path(sys.executable).parent / "cxrfair"), "probe", "linear", "--cache", str(cache), "--out",
-                          str(tmp_path / "runs"), "--solver", "adamw", "--epochs", "3000", "--seeds", "5",
+                          str(tmp_path / "runs"), "--solver", "adamw", "--epochs", "30000", "--seeds", "5",
                           "--lr", "1e-3,1e-2,1e-1", "--weight-decay", "0,0.1"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    time.sleep(12)  # imports, JAX start-up and into the sweep
+    time.sleep(15)  # imports, JAX start-up and into the sweep (which runs for minutes uninterrupted)
     assert p.poll() is None, p.communicate()
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=60)
