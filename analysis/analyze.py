@@ -31,6 +31,12 @@ from cxrfair.analysis.config import stratum_name  # noqa: F401  (config)
 from cxrfair.analysis.shortcut import shortcut_metrics, shortcut_subsets  # noqa: F401  (shortcut)
 
 
+# The top-level names a report folder holds (render.write_report + write_tables): what --force may replace.
+REPORT_FILES = ("report.md", "report.html", "figures", "analysis.json", *(f"{t}.csv" for t in (
+    "metrics", "comparisons", "findings", "seeds", "runs", "roc", "reliability", "thresholds", "shortcut", "mitigation",
+    "tradeoff")))
+
+
 def _check_out(config: AnalyzeConfig) -> None:
     """Refuse an --out that would replace the runs themselves (before any work)."""
     out, runs = Path(config.out).resolve(), Path(config.runs_dir).resolve()
@@ -74,7 +80,8 @@ def analyze(config: AnalyzeConfig) -> Path:
     _check_out(config)
     config = resolve_embeddings(config)  # a bad --embeddings folder is refused before any work
     # Open the output first: an existing --out (without --force) is refused before any work.
-    with atomic_dir(config.out, force=config.force) as tmp:
+    inputs = (config.runs_dir, None if config.embeddings == "none" else config.embeddings)
+    with atomic_dir(config.out, force=config.force, inputs=inputs, writes=REPORT_FILES) as tmp:
         runs = read_runs(config.runs_dir)
         results = compute(runs, config, progress=lambda xs: tqdm(xs, desc=f"metrics × {config.n_boot} bootstrap", unit="run"))
         write_report(results, tmp, runs)

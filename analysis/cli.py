@@ -38,7 +38,7 @@ def _columns(text: str | None) -> tuple[str, ...] | None:
               help="Folder of `cxrfair embeddings leakage|geometry` outputs (DIR/<model>/leakage, DIR/<model>/geometry) "
                    "to add as report sections. 'auto': the embeddings/ folder next to RUNS_DIR when it has some; 'none': off.")
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the bootstrap draws.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1), help="Seed of the bootstrap draws (0 to 2^32-1).")
 @click.option("--force", is_flag=True, help="Replace an existing report folder.")
 def analyze(runs_dir: Path, out: Path, n_boot: int, attributes: str | None, cross: str | None, shortcut: str,
             shortcut_class: str | None, embeddings: str, split: str, seed: int, force: bool) -> None:

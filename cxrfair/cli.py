@@ -7,7 +7,13 @@ imported inside the command.
 
 from __future__ import annotations
 
+import errno
+import gc
 import importlib
+import os
+import signal
+import sys
+import threading
 import warnings
 
 import click
@@ -50,13 +56,99 @@ class LazyGroup(click.Group):
             formatter.write_dl([(name, help_) for name, (_, help_) in COMMANDS.items()])
 
     def invoke(self, ctx: click.Context):
+        _INTERRUPTS.update(seen=0, deferred=False)
+        previous = signal.getsignal(signal.SIGINT)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, _on_sigint)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("always", CxrfairWarning)
                 warnings.showwarning = _show_warning
-                return super().invoke(ctx)
+                result = super().invoke(ctx)
         except CxrfairError as e:
             raise click.ClickException(str(e)) from None
+        except OSError as e:
+            line = os_error_line(e)
+            if line is None:
+                raise
+            raise click.ClickException(line) from None
+        except KeyboardInterrupt:
+            _exit_interrupted()
+        finally:
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGINT, previous)
+        if _INTERRUPTS["seen"]:
+            # A Ctrl-C that library code swallowed (a gc callback, a __del__) still ends the command as interrupted.
+            _exit_interrupted()
+        return result
+
+
+# errno -> (what happened, the fix) for the OS errors a user fixes by choosing another place to write.
+OS_ERRORS = {
+    errno.ENOSPC: ("disk full", "free space or choose another --out"),
+    errno.EDQUOT: ("disk quota exceeded", "free space or choose another --out"),
+    errno.EROFS: ("read-only file system", "choose another --out"),
+    errno.EACCES: ("permission denied", "fix the permissions or choose another path"),
+    errno.EPERM: ("operation not permitted", "fix the permissions or choose another path"),
+}
+
+
+def os_error_line(e: OSError) -> str | None:
+    """The one line for an OSError the user can fix (full disk, read-only, no permission), else None."""
+    if e.errno not in OS_ERRORS:
+        return None
+    what, fix = OS_ERRORS[e.errno]
+    where = e.filename if e.filename is not None else "writing an output"
+    return f"{where}: {what}; {fix}"
+
+
+# Ctrl-C. Python raises KeyboardInterrupt wherever the main thread happens to be; inside a gc
+# callback (JAX registers one) or a __del__ it is printed as "Exception ignored" and the command
+# goes on. So the handler defers the interrupt out of such frames, and a command that returns
+# after a swallowed Ctrl-C still exits 130. A second Ctrl-C leaves at once.
+_INTERRUPTS = {"seen": 0, "deferred": False}
+
+
+def _swallowing(frame) -> bool:
+    """True if ``frame`` runs inside a gc callback or a ``__del__``, where an exception is swallowed."""
+    callbacks = {getattr(cb, "__code__", None) for cb in gc.callbacks}
+    while frame is not None:
+        if frame.f_code in callbacks or frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _resend() -> None:
+    _INTERRUPTS["deferred"] = True
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+def _on_sigint(signum, frame) -> None:
+    if _INTERRUPTS["deferred"]:
+        _INTERRUPTS["deferred"] = False
+    else:
+        _INTERRUPTS["seen"] += 1
+    if _INTERRUPTS["seen"] > 1:
+        _exit_interrupted()
+    if _swallowing(frame):
+        timer = threading.Timer(0.05, _resend)
+        timer.daemon = True
+        timer.start()
+        return
+    raise KeyboardInterrupt
+
+
+def _exit_interrupted() -> None:
+    """Say so and exit 130. Atomic outputs were already removed while the exception unwound;
+    os._exit skips interpreter teardown, where XLA / torch threads have crashed the process (139)."""
+    click.echo("\nInterrupted (Ctrl-C); no half-written output was kept", err=True)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(130)
 
 
 _default_showwarning = warnings.showwarning

@@ -3,7 +3,10 @@
 A step is complete when its stamp ``<out>/.steps/<name>.json`` exists with the step's current
 fingerprint and its outputs exist. The fingerprint hashes the step's settings and its
 dependencies' fingerprints, so changing a setting (or the cohort) reruns that step and
-everything downstream, and nothing else. Stamps are written atomically after the step
+everything downstream, and nothing else. Paths inside the experiment folder enter the
+fingerprint relative to it (and stamps record produced outputs relative to it), so an experiment
+that is moved or copied elsewhere resumes with every finished step reused. Stamps written before
+that (absolute paths) are still accepted. Stamps are written atomically after the step
 succeeds, so an interrupted step is never mistaken for a finished one; steps that can resume
 (extraction, fine-tuning) pick up their own partial work when rerun.
 """
@@ -41,9 +44,39 @@ class Step:
     fingerprint: str = ""
 
 
-def fingerprint(step: Step, upstream: dict[str, str]) -> str:
-    """SHA-256 of the step's name, settings and its dependencies' fingerprints."""
-    payload = {"name": step.name, "settings": step.settings, "deps": {d: upstream[d] for d in step.deps}}
+EXPERIMENT = "<experiment>"  # stands for the experiment folder in fingerprints and stamps
+
+
+def portable(value, root: Path | None):
+    """``value`` (JSON-able settings) with every absolute path inside ``root`` written as
+    ``<experiment>/relative/path``; everything else unchanged. None ``root``: unchanged."""
+    if root is None:
+        return value
+    if isinstance(value, dict):
+        return {k: portable(v, root) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable(v, root) for v in value]
+    if isinstance(value, (str, Path)) and Path(value).is_absolute():
+        rel = _relative(Path(value), root)
+        if rel is not None:
+            return EXPERIMENT if rel == "." else f"{EXPERIMENT}/{rel}"
+    return value
+
+
+def _relative(path: Path, root: Path) -> str | None:
+    for base in dict.fromkeys((Path(root).absolute(), Path(root).resolve())):
+        for p in dict.fromkeys((path, path.resolve())):
+            try:
+                return p.relative_to(base).as_posix()
+            except ValueError:
+                continue
+    return None
+
+
+def fingerprint(step: Step, upstream: dict[str, str], root: Path | None = None) -> str:
+    """SHA-256 of the step's name, settings (paths inside ``root`` relative to it, see
+    ``portable``) and its dependencies' fingerprints."""
+    payload = {"name": step.name, "settings": portable(step.settings, root), "deps": {d: upstream[d] for d in step.deps}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -54,16 +87,19 @@ def _stamp_path(root: Path, step: Step) -> Path:
 def plan(steps: Sequence[Step], root: Path) -> list[tuple[Step, str]]:
     """Fingerprint every step and decide ``"reuse"`` or ``"run"`` (steps must be in dependency order)."""
     prints: dict[str, str] = {}
+    legacy: dict[str, str] = {}  # the fingerprints stamps held before paths were relative (absolute paths)
     decisions = []
     for step in steps:
-        step.fingerprint = fingerprint(step, prints)
+        step.fingerprint = fingerprint(step, prints, Path(root))
         prints[step.name] = step.fingerprint
-        decisions.append((step, "reuse" if is_done(step, root) else "run"))
+        legacy[step.name] = fingerprint(step, legacy)
+        done = is_done(step, root) or is_done(step, root, legacy[step.name])
+        decisions.append((step, "reuse" if done else "run"))
     return decisions
 
 
-def is_done(step: Step, root: Path) -> bool:
-    """True when the step's stamp matches its fingerprint and all its outputs exist."""
+def is_done(step: Step, root: Path, expected: str | None = None) -> bool:
+    """True when the step's stamp matches its fingerprint (or ``expected``) and all its outputs exist."""
     stamp = _stamp_path(root, step)
     if not stamp.is_file():
         return False
@@ -72,8 +108,15 @@ def is_done(step: Step, root: Path) -> bool:
         recorded, produced = data["fingerprint"], data.get("produced", [])
     except (ValueError, KeyError):
         return False
-    outputs = [*step.outputs, *produced]
-    return recorded == step.fingerprint and all(Path(p).exists() for p in outputs)
+    outputs = [*step.outputs, *(_from_stamp(p, root) for p in produced)]
+    return recorded == (expected or step.fingerprint) and all(Path(p).exists() for p in outputs)
+
+
+def _from_stamp(recorded: str, root: Path) -> Path:
+    """A produced path as a stamp records it (``<experiment>/...`` or, in older stamps, absolute)."""
+    if recorded == EXPERIMENT or recorded.startswith(EXPERIMENT + "/"):
+        return Path(root) / recorded[len(EXPERIMENT) + 1:]
+    return Path(recorded)
 
 
 def execute(decisions: list[tuple[Step, str]], root: Path, echo: Callable[[str], None] = print) -> list[str]:
@@ -91,7 +134,7 @@ def execute(decisions: list[tuple[Step, str]], root: Path, echo: Callable[[str],
         seconds = time.perf_counter() - t0
         write_json_atomic(_stamp_path(root, step), {"name": step.name, "fingerprint": step.fingerprint,
                                                     "settings": step.settings, "seconds": round(seconds, 2),
-                                                    "produced": [str(p) for p in produced],
+                                                    "produced": [str(portable(str(p), root)) for p in produced],
                                                     "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         echo(f"    done in {seconds:.1f} s")
         ran.append(step.name)

@@ -278,7 +278,8 @@ def build_cohort(config: CohortConfig) -> Cohort:
     table = _order(table, classes, preset.task)
     texts = {c: cell_texts(table[c]) for c in table.columns}  # once, for the hash and the file
     meta = _cohort_json(config, preset, data, table, classes, specs, excluded, texts)
-    with atomic_dir(config.out, force=config.force) as tmp:
+    inputs = [config.images, *(path for _, path, _ in config.source_files())]
+    with atomic_dir(config.out, force=config.force, inputs=inputs, writes=("cohort.csv", "cohort.json")) as tmp:
         write_cohort_files(tmp, table, meta, texts)
     return Cohort(table=table, meta=meta, folder=config.out)
 

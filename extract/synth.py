@@ -249,7 +249,8 @@ def make_synth(config: SynthConfig) -> dict:
     rows["official_test"] = plan_official_split(rows, config.seed)
     pixels = render(rows, config.size, rng) if config.images else []
     info = synth_info(config, rows)
-    with atomic_dir(config.out, force=config.force) as tmp:
+    writes = ("images_*", METADATA_NAME, *SPLIT_NAMES, NEATX_NAME, "synth_info.json")
+    with atomic_dir(config.out, force=config.force, writes=writes) as tmp:
         for i, (image_id, px) in enumerate(zip(rows["image_id"], pixels)):
             path = tmp / image_relpath(i, image_id)
             path.parent.mkdir(parents=True, exist_ok=True)

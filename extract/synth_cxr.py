@@ -313,7 +313,8 @@ def make_cxr_synth(config: SynthConfig) -> dict:
     images = plan_images(studies, rng, SHAPE[config.format][1])
     info = _common_info(config, patients, studies, images)
     write = write_chexpert if config.format == "chexpert" else write_mimic
-    with atomic_dir(config.out, force=config.force) as tmp:
+    writes = (CHEXPERT_DIR, DEMO_NAME, CXR_DIR.split("/")[0], IV_DIR.split("/")[0], "synth_info.json")
+    with atomic_dir(config.out, force=config.force, writes=writes) as tmp:
         if config.format == "chexpert":
             (tmp / CHEXPERT_DIR).mkdir()
         info.update(write(config, tmp, patients, studies, images, rng))

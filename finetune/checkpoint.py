@@ -19,7 +19,7 @@ import torch
 
 from cxrfair.errors import CxrfairError
 from cxrfair.finetune.model import load_trainable_state, trainable_state
-from cxrfair.io import atomic_path
+from cxrfair.io import atomic_path, library_write_errors
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_VERSION = 1
@@ -76,7 +76,7 @@ def save_checkpoint(path: Path, state, fingerprint: dict, rng_ranks: list[dict])
         # moments are in "optimizer" (the adversary's parameters follow the model's there).
         "objective": state.objective.state_dict() if state.objective is not None else None,
     }
-    with atomic_path(path, option="checkpoint") as tmp:
+    with atomic_path(path, option="checkpoint") as tmp, library_write_errors(path):
         torch.save(ckpt, tmp)
 
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from cxrfair.errors import CxrfairError
 from cxrfair.finetune.config import FinetuneConfig
+from cxrfair.io import library_write_errors
 
 ADAPTER_DIR = "adapter"  # peft save_pretrained folder inside the run (LoRA)
 FULL_WEIGHTS = "model.safetensors"  # state dict of encoder + head (full fine-tuning)
@@ -142,11 +143,13 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
 def save_weights(model: nn.Module, folder: Path, method: str) -> None:
     """LoRA: peft ``save_pretrained`` (adapters + head) into ``folder/adapter``; full: safetensors state dict."""
     if method == "lora":
-        model.save_pretrained(str(folder / ADAPTER_DIR))
+        with library_write_errors(folder / ADAPTER_DIR):
+            model.save_pretrained(str(folder / ADAPTER_DIR))
     else:
         from safetensors.torch import save_file
 
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(folder / FULL_WEIGHTS))
+        with library_write_errors(folder / FULL_WEIGHTS):
+            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(folder / FULL_WEIGHTS))
 
 
 def load_finetuned(run_dir: Path | str, device: str = "cpu", weights: Path | None = None) -> nn.Module:

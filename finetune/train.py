@@ -682,7 +682,7 @@ def write_outputs(config: FinetuneConfig, cohort, model: nn.Module, meta: dict, 
     predictions = make_predictions(cohort.table.iloc[eval_idx], probs, cohort.classes, task=cohort.task,
                                    attributes=cohort.attributes)
     staging = config.out / f".{config.run_id}.weights"
-    with atomic_dir(staging, force=True, option="--out") as tmp:
+    with atomic_dir(staging, force=True, option="--out", inputs=(config.cohort,), writes=(ADAPTER_DIR, FULL_WEIGHTS)) as tmp:
         save_weights(model, tmp, config.method)
     run_dir = write_run(config.out, meta, predictions, force=config.force)
     name = ADAPTER_DIR if config.method == "lora" else FULL_WEIGHTS

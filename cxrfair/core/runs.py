@@ -287,7 +287,7 @@ def write_run(runs_dir: Path | str, meta: dict, predictions: pd.DataFrame, force
     # Always from the rows written here (a copied run.json's record would describe another file).
     meta["rows"] = row_record(predictions)
     run_dir = Path(runs_dir) / meta["run_id"]
-    with atomic_dir(run_dir, force=force, option="run folder") as tmp:
+    with atomic_dir(run_dir, force=force, option="run folder", writes=(PREDICTIONS_FILE, META_FILE, "adapter", "model.safetensors")) as tmp:
         # Full precision (repr) so a reread run gives bit-identical probabilities and ties.
         predictions.to_csv(tmp / PREDICTIONS_FILE, index=False)
         write_json_atomic(tmp / META_FILE, meta)

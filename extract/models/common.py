@@ -70,6 +70,43 @@ def file_in(path: Path, names: tuple[str, ...], option: str = "--weights") -> Pa
     raise CxrfairError(f"{option} {path}: holds none of {', '.join(names)}")
 
 
+@contextlib.contextmanager
+def weights_errors(source: Path | str, expected: str) -> Iterator[None]:
+    """Turn a library's failure to read a weights file or folder into one CxrfairError line.
+
+    ``source`` is the file or folder being read, ``expected`` what it should be (named in the
+    message). torch / open_clip / transformers raise UnpicklingError (a pickle torch's
+    ``weights_only`` refuses), KeyError or UnpicklingError (not a torch file: text, HTML), and
+    RuntimeError (state-dict keys or shapes that do not match); each gets its own fix.
+    """
+    import pickle
+
+    try:
+        yield
+    except CxrfairError:
+        raise
+    except pickle.UnpicklingError as e:
+        named = re.search(r"GLOBAL (\S+)", str(e))  # torch's weights_only unpickler refused what the file names
+        if named:
+            raise CxrfairError(f"{source}: refusing to load: the file asks for {named.group(1)}, which no weights file "
+                               f"needs (it may be malicious); expected {expected} from the model's official source") from None
+        detail = next((line.strip() for line in str(e).splitlines() if line.strip().startswith("Unsupported")), "")
+        raise CxrfairError(f"{source}: not a readable weights file ({detail or type(e).__name__}); expected {expected}") from None
+    except RuntimeError as e:
+        lines = [s.strip() for s in str(e).splitlines() if s.strip()]
+        if lines and lines[0].startswith("Error(s) in loading state_dict"):
+            detail = "; ".join(lines[1:3])[:300]
+            raise CxrfairError(f"{source}: weights do not match the model ({detail}); expected {expected}") from None
+        raise CxrfairError(f"{source}: not a readable weights file ({lines[0][:200] if lines else e!r}); "
+                           f"expected {expected}") from None
+    except (KeyError, EOFError, ValueError, UnicodeDecodeError) as e:
+        raise CxrfairError(f"{source}: not a readable weights file ({type(e).__name__}: {e}); expected {expected}") from None
+    except OSError as e:
+        if e.errno is not None:  # a real OS error (disk, permissions): the console names it
+            raise
+        raise CxrfairError(f"{source}: {str(e).strip().splitlines()[0]}; expected {expected}") from None
+
+
 def folder_with(model: str, explicit: Path | None, env_var: str | None, repo_id: str, files: tuple[str, ...],
                 extra: tuple[str, ...] = ()) -> Path:
     """A folder holding every one of ``files``: ``--weights``, ``$env_var``, ``~/.cache/cxrfair/<model>``
@@ -429,7 +466,8 @@ def hf_preprocess(folder: Path | None, fallback):
 
 def hf_from_folder(model_cls, folder: Path, source: str):
     """``model_cls.from_pretrained(folder)`` (transformers converts old key names), strictly, fp32."""
-    model, info = model_cls.from_pretrained(str(folder), output_loading_info=True)
+    with weights_errors(folder, f"a {model_cls.__name__} folder (config.json + model.safetensors or pytorch_model.bin)"):
+        model, info = model_cls.from_pretrained(str(folder), output_loading_info=True)
     problems = [f"{kind.replace('_keys', '')}: {', '.join(sorted(map(str, info[kind]))[:5])}"
                 for kind in ("missing_keys", "unexpected_keys", "mismatched_keys") if info[kind]]
     if problems or info.get("error_msgs"):

@@ -25,6 +25,7 @@ from cxrfair.extract.models.common import (
     random_init_id,
     seeded,
     tiny_bert_dir,
+    weights_errors,
     weights_id,
 )
 from cxrfair.extract.preprocess import OPENAI_MEAN, OPENAI_STD, Preprocess
@@ -159,7 +160,8 @@ def create_openclip(arch: str, checkpoint: Path | None, device: str, seed: int |
     import open_clip
 
     # Random weights, but the same ones every time: caches and runs are reproducible.
-    with seeded(TINY_SEED if seed is None else seed), _quiet_random_init():
+    with seeded(TINY_SEED if seed is None else seed), _quiet_random_init(), \
+            weights_errors(checkpoint, f"an open_clip {arch} checkpoint (state dict saved with torch.save or .safetensors)"):
         # pretrained_text=False: an HF text tower must never fetch its own weights (offline; and a
         # full checkpoint, when given, overwrites it anyway).
         return open_clip.create_model(arch, pretrained=str(checkpoint) if checkpoint else None, device=device,

@@ -47,6 +47,9 @@ from cxrfair.probe.embeddings.leakage import check_out
 # about 1 s, and the analysis, its config and the CLI's option checks need none of it.
 
 NORMALIZE = ("l2", "standard", "none")
+# The top-level names ``write_geometry`` writes into its --out (what --force may replace).
+GEOMETRY_FILES = ("pca.csv", "pca_scores.csv", "pca_tests.csv", "centroids.csv", "modality_gap.csv", "geometry.json",
+                  "pca.png", "centroids.png")
 ALPHA = 0.05  # family-wise error rate of the component tests (Holm)
 
 
@@ -416,7 +419,7 @@ def write_geometry(result: GeometryResult, out: Path | str, force: bool = False,
     embeddings), geometry.json, pca.png and centroids.png into ``out``, atomically."""
     from cxrfair.embedding_figures import centroid_panels, pca_panels, save  # matplotlib: see the note under the imports
 
-    with atomic_dir(out, force=force) as tmp:
+    with atomic_dir(out, force=force, inputs=(result.meta["cache"],), writes=GEOMETRY_FILES) as tmp:
         result.variance.to_csv(tmp / "pca.csv", index=False)
         result.scores.to_csv(tmp / "pca_scores.csv", index=False)
         result.tests.to_csv(tmp / "pca_tests.csv", index=False)
@@ -435,7 +438,7 @@ def write_geometry(result: GeometryResult, out: Path | str, force: bool = False,
 
 def geometry_cache(cache_path: Path | str, out: Path | str, cfg: GeometryConfig, force: bool = False) -> GeometryResult:
     """Read a cache, run the analysis, write ``out`` (the ``cxrfair embeddings geometry`` command)."""
-    check_out(out, force)
+    check_out(out, force, inputs=(cache_path,), writes=GEOMETRY_FILES)
     result = geometry(load_embedding_data(cache_path, tuple(cfg.cohort_splits)), cfg)  # validates cfg
     write_geometry(result, out, force=force, top=cfg.top)
     return result

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 import cxrfair
 from cxrfair.core.bootstrap import interval
 from cxrfair.errors import CxrfairError
-from cxrfair.io import atomic_dir, write_json_atomic
+from cxrfair.io import atomic_dir, check_replace, write_json_atomic
 from cxrfair.probe.embeddings.attribute_probes import (
     KNN_METRICS,
     LINEAR_GRID,
@@ -367,7 +367,7 @@ def write_leakage(result: LeakageResult, out: Path | str, force: bool = False) -
     leakage_split.csv, leakage.json and leakage.png."""
     from cxrfair.embedding_figures import leakage_bars, save  # matplotlib: see the note under the imports
 
-    with atomic_dir(out, force=force) as tmp:
+    with atomic_dir(out, force=force, inputs=(result.meta["cache"],), writes=LEAKAGE_FILES) as tmp:
         result.table.to_csv(tmp / "leakage.csv", index=False)
         result.permutations.to_csv(tmp / "leakage_permutations.csv", index=False)
         result.split.to_csv(tmp / "leakage_split.csv", index=False)
@@ -376,20 +376,22 @@ def write_leakage(result: LeakageResult, out: Path | str, force: bool = False) -
     return Path(out)
 
 
-def check_out(out: Path | str, force: bool) -> None:
-    """Refuse an existing non-empty ``--out`` before any work (atomic_dir checks again at the end)."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise CxrfairError(f"--out {out}: exists and is not a folder; choose another path")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise CxrfairError(f"--out {out}: already exists; pass --force to replace it")
+# The top-level names each command writes into its --out (what --force may replace).
+LEAKAGE_FILES = ("leakage.csv", "leakage_permutations.csv", "leakage_split.csv", "leakage.json", "leakage.png")
+
+
+def check_out(out: Path | str, force: bool, inputs=(), writes=LEAKAGE_FILES) -> None:
+    """Refuse, before any work, an ``--out`` that is not a folder, is or holds an input, exists
+    without ``force``, or holds files the command does not write (``cxrfair.io.check_replace``;
+    atomic_dir checks again at the end)."""
+    check_replace(out, force, "--out", inputs, writes)
 
 
 def leakage_cache(cache_path: Path | str, out: Path | str, cfg: LeakageConfig, force: bool = False,
                   progress: bool = True) -> LeakageResult:
     """Read a cache, run the analysis, write ``out`` (the ``cxrfair embeddings leakage`` command)."""
     cfg.validate()
-    check_out(out, force)
+    check_out(out, force, inputs=(cache_path,))
     result = leakage(load_embedding_data(cache_path, tuple(cfg.cohort_splits)), cfg, progress=progress)
     write_leakage(result, out, force=force)
     return result
