@@ -248,7 +248,7 @@ def bad_weights(tmp_path_factory):
 def test_bad_weight_files_are_one_line(bad_weights, nih, tmp_path, model, name, words):
     cohort = tmp_path / "C"
     assert _cli("cohort", "build", "--metadata", nih / "Data_Entry_2017.csv", "--images", nih, "--out", cohort).exit_code == 0
-    res = _cli("extract", "--model", model, "--cohort", cohort, "--out", tmp_path / "x.h5", "--weights",
+    res = _cli("extract", "--model", model, "--cohort", cohort, "--out", tmp_path / "cache", "--weights",
                bad_weights / name, "--device", "cpu")
     line = _one_line_error(res, name, words)
     assert "PWNED" not in res.output and len(line) < 600
@@ -283,7 +283,7 @@ def nap(out, gc_heavy):
     with atomic_dir(out) as tmp:
         (tmp / "part").write_text("half")
         print("started", flush=True)
-        end = time.time() + 6
+        end = time.time() + 30  # long enough that 'finished' means the Ctrl-C was lost, even on a loaded machine
         while time.time() < end:
             if gc_heavy:
                 gc.collect()
@@ -313,13 +313,13 @@ def test_ctrl_c_exits_130_and_leaves_no_temp(tmp_path):
     assert rc == 130, err
     assert "Interrupted" in err and "Aborted!" not in err and "Traceback" not in err and "finished" not in out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["napmod.py"]  # the half-written output is gone
-    assert seconds < 3
+    assert seconds < 25  # stopped at the Ctrl-C, not at the nap's end (no speed claim: a loaded CI is slow)
 
 
 def test_ctrl_c_inside_a_gc_callback_is_not_swallowed(tmp_path):
     rc, out, err, seconds = _interrupt(tmp_path, "--gc-heavy")
     assert rc == 130, err
-    assert "finished" not in out and seconds < 4, (out, err, seconds)  # stopped, not run to the end
+    assert "finished" not in out and seconds < 25, (out, err, seconds)  # stopped, not run to the end
     assert sorted(p.name for p in tmp_path.iterdir()) == ["napmod.py"]
 
 
