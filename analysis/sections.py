@@ -12,6 +12,7 @@ from __future__ import annotations
 from cxrfair.analysis import findings as F
 from cxrfair.analysis.config import describe_intervals
 from cxrfair.analysis.embedding_report import geometry, leakage
+from cxrfair.analysis.headline import headline
 from cxrfair.analysis.report import (
     Figure,
     ReportData,
@@ -411,6 +412,7 @@ def runs(data: ReportData) -> Section:
 
 # The page, in order. Add a section: one function above (or in its own module) and one entry here.
 SECTIONS = [
+    headline,
     findings,
     setup,
     utility,
