@@ -183,10 +183,13 @@ def fairness_panels(summary: pd.DataFrame, attribute: str, metrics: list[tuple[s
     Returns:
         The Figure.
     """
-    if axes is None:
-        w = 4.0 * len(metrics) + 1.4
-        fig, axes = plt.subplots(1, len(metrics), figsize=(w, 3.6), squeeze=False)
-        fig.subplots_adjust(left=0.7 / w, right=1 - 1.4 / w, bottom=0.18, top=0.9, wspace=0.35)
+    if axes is None:  # at most two panels a row: the figure stays within the page at full size
+        ncols = min(2, max(1, len(metrics)))
+        nrows = -(-max(1, len(metrics)) // ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols + 1.6, 3.0 * nrows + 0.3), squeeze=False,
+                                 constrained_layout=True)
+        for ax in axes.flat[len(metrics):]:
+            ax.set_visible(False)
     axes = np.ravel(axes)
     for i, (ax, (metric, label)) in enumerate(zip(axes, metrics)):
         fairness_by_method(summary, metric, attribute, ax=ax, label=label)
@@ -515,6 +518,7 @@ def findings_forest(findings: pd.DataFrame, axes=None):
 
 
 MIN_TEXT_PX = 10.0  # the smallest text a figure may show, in CSS pixels as displayed at its natural size
+MAX_WIDTH_PX = 1100  # the widest figure: the report's column at a 1400-px window (render.CSS), shown 1:1
 
 
 def smallest_text_pt(fig) -> float:
@@ -541,6 +545,9 @@ def png(fig, dpi: int | None = None) -> bytes:
     try:
         fig.canvas.draw()  # tick labels exist only once the figure is laid out
         dpi = dpi or png_dpi(fig)
+        width, height = fig.get_size_inches()
+        if width * dpi > MAX_WIDTH_PX:  # wider than the page: narrower panels, never smaller text
+            fig.set_size_inches(MAX_WIDTH_PX / dpi, height)
         px = smallest_text_pt(fig) * dpi / 72
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=dpi,

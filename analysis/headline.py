@@ -167,13 +167,13 @@ def headline(data: ReportData) -> Section | None:
     lines = [x for x in (model_sentence(data, m) for m in models) if x]
     if lines:
         prose.insert(0, "\n".join("- " + x for x in lines))
-    mit = mitigation_sentences(data)
+    mit, notes = mitigation_sentences(data), []
     if mit:
-        prose.append("**Mitigations and post-processing** (the strength chosen on validation; bought: better "
+        notes.append("**Mitigations and post-processing** (the strength chosen on validation; bought: better "
                      "with an interval excluding zero; cost: worse, likewise):")
-        prose.append("\n".join("- " + x for x in mit))
+        notes.append("\n".join("- " + x for x in mit))
     um, uname = utility_metric(data)
     tables = tuple(Table(t, f"{model}: methods ranked by {uname} and by their worst group; cells: mean over "
                          "seeds [interval of that mean] ±sd over seeds, in %.", index=("method",), visible=8)
                    for model in models if not (t := ranking(data, model)).empty)
-    return Section("headline", "Headline", prose=tuple(prose), tables=tables)
+    return Section("headline", "Headline", prose=tuple(prose), tables=tables, notes=tuple(notes))

@@ -130,7 +130,7 @@ nav#toc{position:fixed;top:0;left:0;width:210px;height:100vh;overflow-y:auto;pad
   box-sizing:border-box;background:#f6f7f9;border-right:1px solid #ddd;font-size:13px}
 nav#toc ol{padding-left:1.2em;margin:0.3em 0}nav#toc li{margin:0.25em 0}nav#toc a{color:#1f4e8c;text-decoration:none}
 nav#toc h2{font-size:14px;margin:0 0 0.4em}
-main{margin-left:210px;padding:0.5em 2em 3em;max-width:1120px}
+main{margin-left:210px;padding:0.5em 1.5em 3em;max-width:1180px}
 h1{font-size:1.6em;margin:0.6em 0 0.2em}h2{border-bottom:1px solid #ddd;padding-bottom:0.2em;margin-top:1.8em}
 h3{font-size:1.05em;margin:1em 0 0.3em}
 p.lead{color:#555;margin-top:0}
@@ -148,6 +148,7 @@ div.duo{display:flex;flex-wrap:wrap;gap:0 1.5em;align-items:flex-start}div.duo>f
 div.duo>div.beside{flex:1 1 380px;min-width:0;margin-top:1em}
 figcaption{font-size:13px;color:#444}
 details{margin:0.4em 0 1em}summary{cursor:pointer;color:#1f4e8c;font-size:13px}
+details.section>summary{font-size:14px}
 code{background:#f1f3f5;padding:0 3px;border-radius:3px}
 @media (max-width:900px){nav#toc{position:static;width:auto;height:auto;border:0}main{margin-left:0}}
 """
@@ -184,7 +185,16 @@ def section_html(s: Section, pngs: dict[str, bytes]) -> str:
     for summary_text, paragraphs in s.details:
         parts.append(f"<details><summary>{md_inline(summary_text)}</summary>"
                      + "".join(md_block_html(p) for p in paragraphs) + "</details>")
+    if s.folded:  # the heading stays (the contents list links to it); the body opens on a click
+        what = _contents(len(s.figures), len(s.tables))
+        return (parts[0] + f"<details class='section'><summary>Show {what}</summary>" + "\n".join(parts[1:])
+                + "</details></section>")
     return "\n".join(parts) + "</section>"
+
+
+def _contents(n_figures: int, n_tables: int) -> str:
+    said = [f"{n} {w}{'s' if n != 1 else ''}" for n, w in ((n_figures, "figure"), (n_tables, "table")) if n]
+    return " and ".join(said) or "the notes"
 
 
 def render_html(sections: list[Section], pngs: dict[str, bytes], title: str, lead: str, banner: str = "") -> str:
@@ -208,6 +218,9 @@ def section_md(s: Section, figure_names: set[str]) -> str:
     parts += [f"\n{p}\n" for p in s.notes]
     for summary_text, paragraphs in s.details:
         parts.append(f"\n<details><summary>{summary_text}</summary>\n\n" + "\n\n".join(paragraphs) + "\n\n</details>\n")
+    if s.folded:
+        return (parts[0] + f"\n<details><summary>Show {_contents(len(s.figures), len(s.tables))}</summary>\n"
+                + "".join(parts[1:]) + "\n</details>\n")
     return "".join(parts)
 
 

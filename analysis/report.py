@@ -66,6 +66,7 @@ class Section:
     tables: tuple[Table, ...] = ()
     notes: tuple[str, ...] = ()  # paragraphs after the figures and tables
     details: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (summary, paragraphs) folded after the tables
+    folded: bool = False  # reference material: the title shows, the body opens on a click
 
 
 class ReportData:
