@@ -523,32 +523,33 @@ MAX_WIDTH_PX = 1100  # the widest figure: the report's column at a 1400-px windo
 
 def smallest_text_pt(fig) -> float:
     """The smallest font size (points) of any visible, non-empty text in ``fig`` (tick labels,
-    legends and annotations included); inf for a figure without text."""
+    legends and annotations included); inf for a figure without text. Lays the figure out first:
+    tick labels exist only then."""
+    fig.canvas.draw()
     sizes = [t.get_fontsize() for t in fig.findobj(matplotlib.text.Text)
              if t.get_visible() and t.get_text().strip() and (t.axes is None or t.axes.get_visible())]
     return min(sizes, default=float("inf"))
 
 
-def png_dpi(fig, base: int = 100) -> int:
-    """The resolution at which the figure's smallest text is at least ``MIN_TEXT_PX`` pixels: ``base``
+def dpi_for(pt: float, base: int = 100) -> int:
+    """The resolution at which text of ``pt`` points is at least ``MIN_TEXT_PX`` pixels: ``base``
     unless a small font needs more (the image then displays proportionally wider)."""
-    pt = smallest_text_pt(fig)
     return base if not np.isfinite(pt) else max(base, int(np.ceil(MIN_TEXT_PX * 72 / pt)))
 
 
 def png(fig, dpi: int | None = None) -> bytes:
-    """PNG bytes of a Figure (at ``png_dpi`` unless given); the figure is closed.
+    """PNG bytes of a Figure (at ``dpi_for`` its smallest text unless given); the figure is closed.
 
     The PNG carries its smallest text size in pixels (text chunk ``cxrfair:min_text_px``), so the
     report can say how large that text is as displayed and a browser test can check it.
     """
     try:
-        fig.canvas.draw()  # tick labels exist only once the figure is laid out
-        dpi = dpi or png_dpi(fig)
+        pt = smallest_text_pt(fig)
+        dpi = dpi or dpi_for(pt)
         width, height = fig.get_size_inches()
         if width * dpi > MAX_WIDTH_PX:  # wider than the page: narrower panels, never smaller text
             fig.set_size_inches(MAX_WIDTH_PX / dpi, height)
-        px = smallest_text_pt(fig) * dpi / 72
+        px = pt * dpi / 72
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=dpi,
                     metadata={"cxrfair:min_text_px": f"{px:.2f}" if np.isfinite(px) else "inf"})

@@ -69,7 +69,7 @@ def tradeoff_panel(points: pd.DataFrame, ax, title: str = ""):
             ax.plot(100 * p["utility"], 100 * p["gap"], "*", ms=16, color="black", mec="white", zorder=4, label="ERM")
             for r in p.itertuples() if len(p) > 1 else ():  # several ERM counterparts: say which is which
                 ax.annotate(f"ERM {r.tag} ({r.solver})", (100 * r.utility, 100 * r.gap), textcoords="offset points",
-                            xytext=(5, -10), fontsize=7)
+                            xytext=(5, -10), fontsize=8)
             continue
         marker, face, style = _STYLES.get(mitigation, _FALLBACK)
         _interval_lines(ax, p, "0.35")
@@ -78,12 +78,13 @@ def tradeoff_panel(points: pd.DataFrame, ax, title: str = ""):
                 label=mitigation)
         for r in p.itertuples():
             ax.annotate(_strength_label(r), (100 * r.utility, 100 * r.gap), textcoords="offset points",
-                        xytext=(5, 4), fontsize=7, fontweight="bold" if r.selected else "normal")
+                        xytext=(5, 4), fontsize=8, fontweight="bold" if r.selected else "normal")
     first = points.iloc[0]
     ax.set_xlabel(AXIS_LABELS.get(first["utility_metric"], first["utility_metric"]) + " →")
     ax.set_ylabel("← " + AXIS_LABELS.get(first["gap_metric"], first["gap_metric"]))
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="best")
+    # Below the axes, never over the points (loc="best" still covers some).
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=2, frameon=False)
     ax.grid(True, lw=0.3, color="0.85")
     return ax
 
@@ -99,7 +100,7 @@ def tradeoff_figure(tradeoff: pd.DataFrame, ncols: int = 3):
     panels = _panels(tradeoff) or [("", "", "")]
     ncols = min(ncols, len(panels))
     nrows = -(-len(panels) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.8 * nrows), squeeze=False, constrained_layout=True)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 4.4 * nrows), squeeze=False, constrained_layout=True)
     for ax, (model, method, sensitive) in zip(axes.ravel(), panels):
         sel = (tradeoff["model"] == model) & (tradeoff["method"] == method) & (tradeoff["sensitive"] == sensitive)
         tradeoff_panel(tradeoff[sel], ax, f"{model} · {method} · {sensitive}")
