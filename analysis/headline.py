@@ -145,7 +145,8 @@ def mitigation_sentences(data: ReportData) -> list[str]:
         for r in rows.itertuples():
             if r.better not in _BETTER:
                 continue
-            d = f"{r.metric} {number(r.delta, signed=True)} [{number(r.ci_low)}, {number(r.ci_high)}]"
+            d = (f"{r.metric} {number(r.erm)} → {number(r.mitigated)} ({number(r.delta, signed=True)} "
+                 f"[{number(r.ci_low)}, {number(r.ci_high)}])")
             if r.ci_low > 0 or r.ci_high < 0:
                 (bought if np.sign(r.delta) == _BETTER[r.better] else cost).append(d)
             else:
@@ -153,7 +154,7 @@ def mitigation_sentences(data: ReportData) -> list[str]:
         said = [f"bought {', '.join(bought)}" if bought else "bought nothing clear",
                 f"cost {', '.join(cost)}" if cost else "cost nothing clear"]
         n = int(rows["n_seeds"].max())
-        out.append(f"{head}: {'; '.join(said)} (points, vs ERM, {n} seeds"
+        out.append(f"{head}: {'; '.join(said)} (%, ERM → mitigated, difference in points, {n} seeds"
                    + (f"; no clear change in {', '.join(dict.fromkeys(flat))}" if flat else "") + ").")
     return out
 

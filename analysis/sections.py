@@ -12,7 +12,7 @@ from __future__ import annotations
 from cxrfair.analysis import findings as F
 from cxrfair.analysis.config import describe_intervals
 from cxrfair.analysis.embedding_report import geometry, leakage
-from cxrfair.analysis.headline import headline
+from cxrfair.analysis.headline import headline, mitigation_sentences
 from cxrfair.analysis.report import (
     Figure,
     ReportData,
@@ -276,7 +276,8 @@ def mitigation(data: ReportData) -> Section | None:
                        lambda: MF.tradeoff_figure(tradeoff)),)
     deltas = MF.delta_table(m)
     tables = [Table(deltas, MF.DELTA_CAPTION, index=tuple(
-        c for c in ("model", "method", "mitigation", "sensitive") if c in deltas.columns), visible=7)]
+        c for c in ("model", "method", "mitigation", "sensitive", "tag", "strength", "erm") if c in deltas.columns),
+        visible=7)]
     if tradeoff is not None and len(tradeoff):
         rows = MF.tradeoff_rows(tradeoff)
         tables.append(Table(rows, MF.TRADEOFF_CAPTION, index=tuple(
@@ -286,7 +287,8 @@ def mitigation(data: ReportData) -> Section | None:
         "solver and grid: paired bootstrap differences on the same test resamples, averaged over seeds; not "
         "corrected for multiplicity. The strength and hyperparameters of a `best` run were chosen on validation "
         "(run.json `selection`); a fine-tuning mitigation's strength is chosen here on its runs' validation "
-        "predictions by the same rule; `st<s>` runs show every strength for the trade-off.",), figures=figs, tables=tuple(tables))
+        "predictions by the same rule; `st<s>` runs show every strength for the trade-off.",
+        "\n".join("- " + x for x in mitigation_sentences(data))), figures=figs, tables=tuple(tables))
 
 
 # ----------------------------------------------------------------------------- groups
