@@ -13,7 +13,10 @@ does), report.md / report.html / analysis.json exactly, with the temporary folde
 One intended change since: multi-label ``eqodds_max`` is named ``eqodds_worst`` (one name per
 idea across tasks), which renames it in metrics.csv / seeds.csv / comparisons.csv and moves it
 into the report's first fairness columns, as for multi-class; nothing else differed (checked
-against the pre-refactor code with the old name substituted).
+against the pre-refactor code with the old name substituted). Second intended change: the reference
+method is each model's linear probe when it has one (zero-shot otherwise), which changes
+comparisons.csv / findings.csv (findings also pool seeds) and the report's text; metrics, seeds,
+mitigation and trade-off tables are unchanged.
 After an intended change of the outputs, print the new digests with
 ``python -m tests.analysis.test_golden_outputs`` (from the repository root) and paste them below.
 """
@@ -41,13 +44,13 @@ TEXT_FILES = ("report.md", "report.html", "analysis.json")
 EXPECTED = {
     'multiclass': {
         'analysis.json': 'cd8ec4e4a7927bc8f167bacaa2ca4699c5b3012d77a2ea70d461d217c6f1f3d3',
-        'comparisons.csv': 'f9200fd05210b5f058fe445ae8f27c1d284ff3bd924a2e07aa7daa7be1415d7c',
-        'findings.csv': '4ea9fc1afed69735c6f55f19e27289f12870b3034c7dd0d903b85395eb89a3eb',
+        'comparisons.csv': '948e7e7988735747d918e07ca4c26304826150839c789943e7558b9ccafb7ec1',
+        'findings.csv': 'b733d74c6dcec622e851ae14185809bdd06cf2becdf11438e0aa56c21bc8b77d',
         'metrics.csv': '9ac80a68cf8cc4add48779ac98b6c881c3dc3793fe65557960631436b2d439bb',
         'mitigation.csv': '4231580bdc9102c750a65e422adac085f46605e9dd0c9c8a256acb6708498bd5',
         'reliability.csv': '7558390120348b17d76cc85b91dc728e09ddf41e2f27cec99d83e2f7765f9f74',
-        'report.html': '60772b8115de811ef0a10d73f6f6505041c0e7bc6f7b0ac2a141511bb8d2f7bc',
-        'report.md': '50bb9e871cb326bd699e86f031945ad3ea608e82c7f30478691f38b620a9a151',
+        'report.html': 'e73f9f1468bc750db1b9d3d8b2cebb9bae9b67ae1502bf07b4118eb92567290a',
+        'report.md': 'b67cce3ceb82abc03d95166ddc80794be7b0b38c476bbb474a941e5c4ada39b6',
         'roc.csv': '112d1bdc65b73f0adb6e57ac976b4cde2accde615aa85982b5686e1de0b1c940',
         'runs.csv': '34b124b0c6d83591c5f5d02cbbaed0b132be0d533b7aea54c78ec4484db28404',
         'seeds.csv': 'f265442fa05df815d8ddf45a2c27d783810c0754a3ca1cb1565c3c0a450b503c',
@@ -55,12 +58,12 @@ EXPECTED = {
     },
     'multilabel': {
         'analysis.json': '0b5fd7bf66e7f88e355aceef4c178a35eb89deb19a0367f352175474b9269149',
-        'comparisons.csv': '596e293d9a79b979daf5d8d012e671fce761f028d3c251a262695d2749890d2a',
-        'findings.csv': 'f0697f17079cb3c4773fa6995352501a8ba52ba6b3046f339a26530fc4a6b420',
+        'comparisons.csv': '718785d8fc03eee6c2dbf8114c9db81bd6acf086744f2a4b92e79c60eece1507',
+        'findings.csv': '9fdade1aa475a8bb273fba3a5376533d9275b936248b9417586d5764a08307e6',
         'metrics.csv': '3cebbc26aeb275a6225a879bf52593d75a35b45058fce9f70310793032a44eca',
         'reliability.csv': '8378c325fa3afaa6203eede27a197c73a57191ff0dd4087f7f5ac1a2d9e3c887',
-        'report.html': 'd8b3745e1e0cb47e5614c3e2e8b6f95149f5821549a49f0be704ec3dd0348616',
-        'report.md': '8e91cf67de2001ecf52df110e469927f638223fc98c8ba5c865997ccb58fe7a9',
+        'report.html': '1ee342672154d0fdcb001f40a2d71397defeb8177e6f19f67d13e49af241a4ed',
+        'report.md': '7bb0ac09aa03a0cccb6609f250bf854e204ab89f00a19aa505973d40b1e75279',
         'roc.csv': '5f9f4a80015486a723c14d17b8ae8f7251f89bbf3cf432a2465206e3610818c4',
         'runs.csv': '3fc2c182e30f6ee8fde425a34743f27a33be03774dc60c318bad44329c5161aa',
         'seeds.csv': '2267fa65f8f9206f0cec64f32605768efc732b5d17f082432a1d56b859dd5e7a',
