@@ -119,7 +119,8 @@ def reference_sentence(data: ReportData) -> str:
     if c.empty:
         return ""
     bases = c.drop_duplicates("model").set_index("model")["baseline"]
-    said = "; ".join(f"{method_label(b)} of {m}" for m, b in bases.items())
+    said = "; ".join(f"{method_label(b)} of {', '.join(ms)}"
+                     for b, ms in bases.groupby(bases, sort=False).groups.items())
     return (f"**Reference for every verdict** under [Findings](#findings): the {said} (each model's plain linear "
             "probe when it has one; zero-shot only without it, and its fairness verdicts only where it is above "
             "chance).")
