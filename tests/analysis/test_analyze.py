@@ -128,19 +128,21 @@ def test_one_run_keeps_its_own_interval(seeded):
     assert (s["n_seeds"] <= 1).all() and s["sd"].isna().all()
 
 
-def test_comparison_uses_the_draw_averaged_zero_shot_replicates(seeded):
+def test_comparison_uses_the_seed_averaged_reference_replicates(seeded):
+    """The reference is the linear probe (``runsets.REFERENCE_ORDER``), its seeds averaged on each
+    resample; every other run, each zero-shot draw included, is paired with that average."""
     runs, res = seeded
     zs = _slow_replicates(_by(runs, "zeroshot"), _accuracy)  # (3 draws, R)
-    lin = _slow_replicates(_by(runs, "linear"), _accuracy)
+    lin = _slow_replicates(_by(runs, "linear"), _accuracy)  # (seeds, R)
     values = res.metrics[(res.metrics["metric"] == "accuracy") & (res.metrics["attribute"] == "")].set_index("run_id")["value"]
     c = res.comparisons[(res.comparisons["metric"] == "accuracy") & (res.comparisons["attribute"] == "")]
-    for s, run in enumerate(_by(runs, "linear")):
+    lin_ids = [r.run_id for r in _by(runs, "linear")]
+    for d, run in enumerate(_by(runs, "zeroshot")):
         row = c[c["run_id"] == run.run_id]
-        assert row["n_baseline"].item() == 3
-        assert row["baseline_runs"].item() == ";".join(r.run_id for r in _by(runs, "zeroshot"))
-        zs_mean = values[[r.run_id for r in _by(runs, "zeroshot")]].mean()
-        assert row["delta"].item() == pytest.approx(values[run.run_id] - zs_mean)
-        diff = lin[s] - zs.mean(axis=0)
+        assert row["baseline"].item() == "linear" and row["n_baseline"].item() == len(lin_ids)
+        assert row["baseline_runs"].item() == ";".join(lin_ids)
+        assert row["delta"].item() == pytest.approx(values[run.run_id] - values[lin_ids].mean())
+        diff = zs[d] - lin.mean(axis=0)
         assert row["ci_low"].item() == pytest.approx(np.percentile(diff, 2.5), abs=1e-12)
         assert row["ci_high"].item() == pytest.approx(np.percentile(diff, 97.5), abs=1e-12)
 
