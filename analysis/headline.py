@@ -69,7 +69,8 @@ def ranking(data: ReportData, model: str) -> pd.DataFrame:
     t = pd.DataFrame(rows)
     t.insert(0, f"rank by {uname}", t["_u"].rank(ascending=False, method="min").astype(int))
     if w:
-        t.insert(1, "rank by worst group", t["_w"].rank(ascending=False, method="min").fillna(0).astype(int))
+        r = t["_w"].rank(ascending=False, method="min")
+        t.insert(1, "rank by worst group", [str(int(x)) if np.isfinite(x) else "–" for x in r])
     return t.sort_values(f"rank by {uname}").drop(columns=[c for c in ("_u", "_w") if c in t]).reset_index(drop=True)
 
 

@@ -51,7 +51,7 @@ def test_ranking_pools_seeds_and_ranks_by_utility_and_by_the_worst_group(mc):
     col = "worst-group accuracy (sex×age)"  # the finest attribute: the crossed one
     expected_rank = wg["value"].rank(ascending=False, method="min").astype(int)
     labels = {"zero-shot": "zeroshot", "linear probe": "linear", "full fine-tuning": "full"}
-    assert {labels[m]: k for m, k in zip(t["method"], t["rank by worst group"])} == expected_rank.to_dict()
+    assert {labels[m]: int(k) for m, k in zip(t["method"], t["rank by worst group"])} == expected_rank.to_dict()
     assert col in t.columns
 
 
