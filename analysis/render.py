@@ -176,8 +176,12 @@ def section_html(s: Section, pngs: dict[str, bytes]) -> str:
     parts += [md_block_html(p) for p in s.prose]
     figs = [_figure_html(f, pngs[f.name]) for f in s.figures if f.name in pngs]
     tables = [table_html(t) for t in s.tables]
-    if figs and tables:  # the figures and the first table side by side where the width allows (flex-wrap)
-        parts.append("<div class='duo'>" + "".join(figs) + f"<div class='beside'>{tables[0]}</div></div>")
+    # Each figure beside its table where the width allows (flex-wrap puts the table below otherwise):
+    # figure i with table i when a section has as many of each, else the first table after the last figure.
+    if figs and len(figs) == len(tables):
+        parts += [_duo(f, t, keep) for f, t, keep in zip(figs, tables, (t.beside for t in s.tables))]
+    elif figs and tables:
+        parts.append(_duo("".join(figs), tables[0], s.tables[0].beside))
         parts += tables[1:]
     else:
         parts += figs + tables
@@ -190,6 +194,12 @@ def section_html(s: Section, pngs: dict[str, bytes]) -> str:
         return (parts[0] + f"<details class='section'><summary>Show {what}</summary>" + "\n".join(parts[1:])
                 + "</details></section>")
     return "\n".join(parts) + "</section>"
+
+
+def _duo(figure: str, table: str, beside: bool = True) -> str:
+    if not beside:
+        return figure + table
+    return f"<div class='duo'>{figure}<div class='beside'>{table}</div></div>"
 
 
 def _contents(n_figures: int, n_tables: int) -> str:

@@ -53,6 +53,7 @@ class Table:
     collapsed: bool = False  # fold the whole table (long reference tables)
     stacked: bool = False  # intervals under their values (narrow cells for many columns)
     titles: dict | None = None  # {column: definition}, shown when hovering a column name
+    beside: bool = True  # may sit beside its figure (False: a wide table, always below it)
 
 
 @dataclass(frozen=True)

@@ -277,7 +277,7 @@ def mitigation(data: ReportData) -> Section | None:
     deltas = MF.delta_table(m)
     tables = [Table(deltas, MF.DELTA_CAPTION, index=tuple(
         c for c in ("model", "method", "mitigation", "sensitive", "tag", "strength", "erm") if c in deltas.columns),
-        visible=7)]
+        visible=7, beside=False)]
     if tradeoff is not None and len(tradeoff):
         rows = MF.tradeoff_rows(tradeoff)
         tables.append(Table(rows, MF.TRADEOFF_CAPTION, index=tuple(
@@ -305,12 +305,12 @@ def group_fairness(data: ReportData) -> list[Section]:
         panels = [("f1_gap", "F1 gap (A − A')"), ("auc_gap", "AUC gap (A − A')"), ("eqodds", "EqOdds"),
                   ("fnr_gap", "FNR gap (A − A')")]
         panels = [p for p in panels if (s["metric"] == p[0]).any()]
-        figs = (
-            Figure(f"f1_by_group_{slug(a)}.png", f"Macro F1 within each {a} group with 95% intervals (paper Fig. 3b).",
-                   _single("f1_by_group", s, a, width=max(5.6, 0.9 * _n_rows(data) + 2))),
+        figs = (  # in table order: the gap panels beside the gap table, per-group F1 beside its table
             Figure(f"fairness_{slug(a)}.png", f"Group-fairness metrics by {a} for each model and method "
                    "(paper Fig. 3c–d); signed gaps are A − A' with A the reference group.",
                    _draw("fairness_panels", s, a, panels)),
+            Figure(f"f1_by_group_{slug(a)}.png", f"Macro F1 within each {a} group with 95% intervals (paper Fig. 3b).",
+                   _single("f1_by_group", s, a, width=max(5.6, 0.9 * _n_rows(data) + 2))),
         )
         tables = (
             Table(fair, f"Group fairness by {a}: signed gaps are A − A' with A the reference group{_reference(data, a)}; with more than two "
