@@ -178,3 +178,31 @@ def test_no_legend_covers_a_panel(data):
     finally:
         for fig in figs:
             plt.close(fig)
+
+
+@pytest.mark.slow  # draws every figure of a report (~30 s on a shared core)
+def test_no_legend_covers_a_panel_in_any_report_figure(tmp_path):
+    """Every figure a multi-class report with seeds and five methods draws (embedding figures aside)."""
+    from cxrfair.analysis.config import AnalyzeConfig
+    from cxrfair.analysis.engine import compute
+    from cxrfair.analysis.render import build_sections
+    from cxrfair.analysis.report import ReportData
+    from cxrfair.core.runs import read_runs
+
+    from .synth import write_runs
+
+    write_runs(tmp_path / "runs", [("m", me, s) for me in ("zeroshot", "linear", "mlp", "lora", "full") for s in (0, 1)],
+               n_per_split=24)
+    runs = read_runs(tmp_path / "runs")
+    res = compute(runs, AnalyzeConfig(tmp_path / "runs", tmp_path / "out", n_boot=100, figures=False, embeddings="none"))
+    drawn = 0
+    for section in build_sections(ReportData(res, runs)):
+        for f in section.figures:
+            fig = f.draw()
+            try:
+                legends, panels = _legend_boxes(fig)
+                assert not [lg for lg in legends if any(lg.overlaps(p) for p in panels)], f.name
+                drawn += 1
+            finally:
+                plt.close(fig)
+    assert drawn >= 10
