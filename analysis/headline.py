@@ -82,8 +82,11 @@ def model_sentence(data: ReportData, model: str) -> str:
     if u.empty:
         return ""
     top = u.loc[u["value"].idxmax()]
+    tied = [method_label(m) for m, v in zip(u["method"], u["value"])
+            if m != top.method and round(100 * v, 1) == round(100 * top.value, 1)]  # equal as printed
     text = (f"**{model}**: most {'accurate' if um == 'accuracy' else 'discriminative'} is "
-            f"**{method_label(top.method)}** ({uname} {fmt(top.value, top.ci_low, top.ci_high)})")
+            f"**{method_label(top.method)}** ({uname} {fmt(top.value, top.ci_low, top.ci_high)}"
+            + (f"; tied with {', '.join(tied)}" if tied else "") + ")")
     w = worst_metric(data)
     wv = _pick(s, w[0], w[1]).dropna(subset=["value"]) if w else pd.DataFrame()
     if len(wv):
