@@ -134,3 +134,21 @@ def test_provenance_reads_synth_info_and_weights_from_the_runs_files(tmp_path, m
     assert p.banner().startswith("**Demonstration data, not a result.** The images are **synthetic**")
     real = [type(r)({**r.meta, "source": str(tmp_path), "weights_id": "sha256:ab"}, r.predictions, r.path) for r in runs]
     assert provenance(real).banner() == "" and provenance(real).weights == {"m": "sha256:ab"}
+
+
+def test_the_headline_names_a_tie_and_what_the_best_worst_group_costs(mc):
+    runs, res = mc
+    data = ReportData(res, runs)
+
+    def row(method, metric, value, attribute=""):
+        return {"model": "m", "method": method, "metric": metric, "attribute": attribute, "group": "", "class": "",
+                "value": value, "ci_low": value - 0.05, "ci_high": value + 0.05, "sd": 0.0, "n_seeds": 2}
+
+    data.__dict__["summary"] = pd.DataFrame([
+        row("full", "accuracy", 0.625), row("mlp", "accuracy", 0.6251), row("linear", "accuracy", 0.60),
+        row("full", "worst_group_accuracy", 0.40, "sex×age"), row("mlp", "worst_group_accuracy", 0.41, "sex×age"),
+        row("linear", "worst_group_accuracy", 0.48, "sex×age")])
+    said = H.model_sentence(data, "m")
+    assert "most accurate is **MLP probe** (accuracy 62.5 [57.5, 67.5]; tied with full fine-tuning)" in said
+    assert "the best worst-group accuracy (sex×age) is **linear probe**'s (48.0 [43.0, 53.0])" in said
+    assert "gives up 2.5 points of accuracy against MLP probe" in said
