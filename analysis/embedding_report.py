@@ -207,7 +207,8 @@ def leakage(data: ReportData) -> Section | None:
     fig = Figure("leakage.png", "Attribute leakage: test AUC of each probe with its 95% interval (hatched bars per "
                  "probe), the measured chance level as a grey band with a dashed line, one panel per model.",
                  _leakage_figure(t))
-    return Section("leakage", "Attribute leakage from embeddings", prose=prose, figures=(fig,), tables=tuple(tables))
+    return Section("leakage", "Attribute leakage from embeddings", prose=prose, figures=(fig,), tables=tuple(tables),
+                   folded=True)
 
 
 def geometry(data: ReportData) -> Section | None:
@@ -230,4 +231,4 @@ def geometry(data: ReportData) -> Section | None:
              "components).",)
     tables = (Table(table_pca_tests(tests), "Components along which the groups differ (Holm p ≤ 0.05); all tests "
                     "in `geometry/pca_tests.csv` of each model.", index=("model", "attribute")),) if not tests.empty else ()
-    return Section("geometry", "Embedding geometry", prose=prose, figures=figs, tables=tables)
+    return Section("geometry", "Embedding geometry", prose=prose, figures=figs, tables=tables, folded=True)

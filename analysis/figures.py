@@ -183,10 +183,13 @@ def fairness_panels(summary: pd.DataFrame, attribute: str, metrics: list[tuple[s
     Returns:
         The Figure.
     """
-    if axes is None:
-        w = 4.0 * len(metrics) + 1.4
-        fig, axes = plt.subplots(1, len(metrics), figsize=(w, 3.6), squeeze=False)
-        fig.subplots_adjust(left=0.7 / w, right=1 - 1.4 / w, bottom=0.18, top=0.9, wspace=0.35)
+    if axes is None:  # at most two panels a row: the figure stays within the page at full size
+        ncols = min(2, max(1, len(metrics)))
+        nrows = -(-max(1, len(metrics)) // ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols + 1.6, 3.0 * nrows + 0.3), squeeze=False,
+                                 constrained_layout=True)
+        for ax in axes.flat[len(metrics):]:
+            ax.set_visible(False)
     axes = np.ravel(axes)
     for i, (ax, (metric, label)) in enumerate(zip(axes, metrics)):
         fairness_by_method(summary, metric, attribute, ax=ax, label=label)
@@ -428,39 +431,39 @@ def shortcut_panels(table: pd.DataFrame, axes=None):
     Returns:
         The Figure.
     """
-    if axes is None:
-        n = max(1, len(table))
-        _, axes = plt.subplots(1, 2, figsize=(max(9.0, 0.9 * n + 5), 3.8), constrained_layout=True,
-                               gridspec_kw={"width_ratios": [1.6, 1]})
+    n = max(1, len(table))
+    if axes is None:  # one row per run in both panels: the figure grows down, never wider than the page
+        _, axes = plt.subplots(1, 2, figsize=(9.0, 0.32 * n + 1.4), constrained_layout=True, sharey=True,
+                               gridspec_kw={"width_ratios": [1.4, 1]})
     left, right = axes
     if table.empty:
         _no_data(left, "the shortcut test")
         return left.figure
     t = table.sort_values(["model", "method", "seed"], key=_method_key)
     several = t.groupby(["model", "method"])["seed"].transform("nunique") > 1
-    run = t["model"] + " · " + t["method"] + np.where(several, " s" + t["seed"].astype(str), "")
+    run = list(t["model"] + " · " + t["method"] + np.where(several, " s" + t["seed"].astype(str), ""))
     column, cls = str(t["column"].iloc[0]), str(t["class"].iloc[0])
-    long = pd.concat([pd.DataFrame({"run": run.to_numpy(), "subset": f"{column} = {v}",
-                                    "value": t[f"auc_{k}"].to_numpy(float), "ci_low": t[f"auc_{k}_ci_low"].to_numpy(float),
-                                    "ci_high": t[f"auc_{k}_ci_high"].to_numpy(float)})
-                      for k, v in (("with", 1), ("without", 0))])
-    subsets = [f"{column} = 1", f"{column} = 0"]
-    grouped_bars(long, "run", "subset", ax=left, x_order=list(run), hue_order=subsets,
-                 colors=dict(zip(subsets, ("#d55e00", "#56b4e9"))), hatches=dict(zip(subsets, ("///", ""))),
-                 ylabel=f"{cls} AUC (%)", title=f"{cls} AUC: positives with vs without {column}")
-    left.set_ylim(0, 105)
     y = np.arange(len(t))
+    for off, (k, v, color, marker) in zip((-0.17, 0.17), (("with", 1, "#d55e00", "s"), ("without", 0, "#0072b2", "o"))):
+        val, lo, hi = (100 * t[c].to_numpy(float) for c in (f"auc_{k}", f"auc_{k}_ci_low", f"auc_{k}_ci_high"))
+        left.hlines(y + off, lo, hi, color=color, lw=1.2)
+        left.plot(val, y + off, marker, color=color, ms=5, ls="none", label=f"{column} = {v}")
+    left.set_xlim(0, 100)
+    left.set_xlabel(f"{cls} AUC (%)")
+    left.set_title(f"{cls} AUC: positives with vs without {column}", fontsize=10)
+    left.set_yticks(y, run, fontsize=9)
+    left.set_ylim(len(t) - 0.5, -0.5)
+    left.grid(True, axis="x", lw=0.3, color="0.85")
+    left.legend(fontsize=9, loc="lower center", bbox_to_anchor=(0.5, 1.08), ncols=2, frameon=False)
     d, lo, hi = (100 * t[c].to_numpy(float) for c in ("delta", "ci_low", "ci_high"))
     clear = (lo > 0) | (hi < 0)
     right.axvline(0, color="#999999", lw=0.8)
     right.hlines(y, lo, hi, color="black", lw=1.0)
     right.plot(d[clear], y[clear], "o", color="black", ms=5, label="interval excludes 0")
     right.plot(d[~clear], y[~clear], "o", mfc="white", mec="black", ms=5, label="interval covers 0")
-    right.set_yticks(y, list(run), fontsize=7)
-    right.set_ylim(len(t) - 0.5, -0.5)
     right.set_xlabel("AUC with − without (points)")
-    right.set_title("Paired difference")
-    right.legend(fontsize=7, loc="lower right")
+    right.set_title("Paired difference", fontsize=10)
+    right.legend(fontsize=9, loc="lower center", bbox_to_anchor=(0.5, 1.08), ncols=2, frameon=False)
     return left.figure
 
 
@@ -472,22 +475,19 @@ def findings_forest(findings: pd.DataFrame, axes=None):
     difference (points) with its interval; filled markers where the interval excludes zero.
 
     Args:
-        findings: ``findings.findings_table`` rows (label, model, method, seed, delta, ci_low,
-            ci_high, verdict), drawn as given.
+        findings: ``findings.findings_table`` rows (label, model, method, delta, ci_low, ci_high,
+            verdict), seeds already pooled, drawn as given.
         axes: one Axes per question, or None for a new figure.
 
     Returns:
         The Figure.
     """
     labels = list(dict.fromkeys(findings["label"]))
-    # A seed-mean row's seed is NaN, and NaN != NaN: key rows by seed or None, or no lookup finds them.
-    keyed = lambda t: [(m, me, None if pd.isna(s) else s) for m, me, s in zip(t["model"], t["method"], t["seed"])]  # noqa: E731
-    rows = list(dict.fromkeys(keyed(findings)))
-    several = {(m, me) for m, me, s in rows if sum((m2, me2) == (m, me) for m2, me2, _ in rows) > 1}
-    names = [f"{m} · {me}" + ("" if s is None or (m, me) not in several else f" s{int(s)}") for m, me, s in rows]
+    rows = list(dict.fromkeys(zip(findings["model"], findings["method"])))  # seeds pooled: one row per pair
+    names = [f"{m} · {me}" for m, me in rows]
     ncols = min(4, max(1, len(labels)))
     nrows = -(-max(1, len(labels)) // ncols)
-    left = 0.2 + 0.06 * max((len(n) for n in names), default=10)  # room for the row names at fontsize 7
+    left = 0.2 + 0.075 * max((len(n) for n in names), default=10)  # room for the row names at fontsize 8
     height = 0.24 * len(rows) + 0.5
     axes = _grid(axes, nrows, ncols, 2.2, height, top=0.35, bottom=0.45, hspace=0.75 / height, left=left,
                  sharey=True)
@@ -497,19 +497,19 @@ def findings_forest(findings: pd.DataFrame, axes=None):
     y = {r: i for i, r in enumerate(rows)}
     for ax, label in zip(axes.flat, labels):
         t = findings[findings["label"] == label]
-        pos = np.array([y[k] for k in keyed(t)])
+        pos = np.array([y[k] for k in zip(t["model"], t["method"])])
         d, lo, hi = (100 * t[c].to_numpy(float) for c in ("delta", "ci_low", "ci_high"))
         clear = t["verdict"].isin(["higher", "lower", "fairer", "less fair"]).to_numpy()
         ax.axvline(0, color="#999999", lw=0.8)
         ax.hlines(pos, lo, hi, color="black", lw=1.0)
         ax.plot(d[clear], pos[clear], "o", color="black", ms=4.5)
         ax.plot(d[~clear], pos[~clear], "o", mfc="white", mec="black", ms=4.5)
-        ax.set_title(label, fontsize=8.5)
-        ax.tick_params(labelsize=7)
-        ax.set_xlabel("points", fontsize=7)
+        ax.set_title(label, fontsize=9)
+        ax.tick_params(labelsize=8)
+        ax.set_xlabel("points", fontsize=8)
     for ax in axes.flat[len(labels):]:
         ax.set_visible(False)
-    axes[0, 0].set_yticks(range(len(rows)), names, fontsize=7)
+    axes[0, 0].set_yticks(range(len(rows)), names, fontsize=8)
     axes[0, 0].set_ylim(len(rows) - 0.5, -0.5)
     return axes[0, 0].figure
 
@@ -517,11 +517,42 @@ def findings_forest(findings: pd.DataFrame, axes=None):
 # ----------------------------------------------------------------------------- output
 
 
-def png(fig, dpi: int = 100) -> bytes:
-    """PNG bytes of a Figure; the figure is closed."""
+MIN_TEXT_PX = 10.0  # the smallest text a figure may show, in CSS pixels as displayed at its natural size
+MAX_WIDTH_PX = 1100  # the widest figure: the report's column at a 1400-px window (render.CSS), shown 1:1
+
+
+def smallest_text_pt(fig) -> float:
+    """The smallest font size (points) of any visible, non-empty text in ``fig`` (tick labels,
+    legends and annotations included); inf for a figure without text. Lays the figure out first:
+    tick labels exist only then."""
+    fig.canvas.draw()
+    sizes = [t.get_fontsize() for t in fig.findobj(matplotlib.text.Text)
+             if t.get_visible() and t.get_text().strip() and (t.axes is None or t.axes.get_visible())]
+    return min(sizes, default=float("inf"))
+
+
+def dpi_for(pt: float, base: int = 100) -> int:
+    """The resolution at which text of ``pt`` points is at least ``MIN_TEXT_PX`` pixels: ``base``
+    unless a small font needs more (the image then displays proportionally wider)."""
+    return base if not np.isfinite(pt) else max(base, int(np.ceil(MIN_TEXT_PX * 72 / pt)))
+
+
+def png(fig, dpi: int | None = None) -> bytes:
+    """PNG bytes of a Figure (at ``dpi_for`` its smallest text unless given); the figure is closed.
+
+    The PNG carries its smallest text size in pixels (text chunk ``cxrfair:min_text_px``), so the
+    report can say how large that text is as displayed and a browser test can check it.
+    """
     try:
+        pt = smallest_text_pt(fig)
+        dpi = dpi or dpi_for(pt)
+        width, height = fig.get_size_inches()
+        if width * dpi > MAX_WIDTH_PX:  # wider than the page: narrower panels, never smaller text
+            fig.set_size_inches(MAX_WIDTH_PX / dpi, height)
+        px = pt * dpi / 72
         buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=dpi)
+        fig.savefig(buf, format="png", dpi=dpi,
+                    metadata={"cxrfair:min_text_px": f"{px:.2f}" if np.isfinite(px) else "inf"})
         return buf.getvalue()
     finally:
         plt.close(fig)

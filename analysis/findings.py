@@ -95,25 +95,48 @@ def verdict(lo: float, hi: float, better: str, fairness: bool = False) -> str:
     return "higher" if up else "lower"
 
 
-def _seeds(rows: pd.DataFrame) -> list[float]:
-    """Seeds of one model · method to state: NaN alone when a seed-aggregate row (no seed) exists, else each seed."""
-    seed = pd.to_numeric(rows["seed"], errors="coerce")
-    return [np.nan] if seed.isna().any() else sorted(set(seed.tolist()))
+AT_CHANCE = "not judged: at chance"
 
 
-def findings_table(comparisons: pd.DataFrame) -> pd.DataFrame:
-    """Every comparison the findings state, in reading order.
+def _pool(hit: pd.DataFrame) -> tuple[float, float, float, int, float, float]:
+    """(delta, ci_low, ci_high, n_seeds, p_value, p_holm) of one question's rows for one model · method.
+
+    A seed-mean row (no seed; its interval from the two-level bootstrap over seeds and patients) is
+    used as it is. Otherwise the seeds are pooled: the mean
+    difference, and the union of the seeds' intervals, so a pooled interval excludes zero only
+    when every seed's does, on the same side (conservative: no seed's verdict is hidden by the
+    others); p-values (when comparisons.csv has them) likewise take the largest over seeds.
+    """
+    agg = hit[hit["seed"].isna()]
+    rows = agg.iloc[:1] if len(agg) else hit.drop_duplicates("seed")
+    p = rows["p_value"].astype(float) if "p_value" in rows else pd.Series([np.nan])
+    ph = rows["p_holm"].astype(float) if "p_holm" in rows else pd.Series([np.nan])
+    # A seed-mean row says how many seeds it averages (``n_seeds``); pooled rows are one per seed.
+    n = int(agg["n_seeds"].iloc[0]) if len(agg) and "n_seeds" in agg else len(rows)
+    return (float(rows["delta"].astype(float).mean()), float(rows["ci_low"].astype(float).min()),
+            float(rows["ci_high"].astype(float).max()), n, float(p.max()), float(ph.max()))
+
+
+def findings_table(comparisons: pd.DataFrame, at_chance=frozenset(), alpha: float = 0.05) -> pd.DataFrame:
+    """Every comparison the findings state, in reading order: one row per model × method × question,
+    seeds pooled (``_pool``).
 
     Args:
-        comparisons: the analysis' comparisons table (``comparisons.csv``).
+        comparisons: the analysis' comparisons table (``comparisons.csv``); columns ``p_value`` and
+            ``p_holm`` are optional.
+        at_chance: (model, method) pairs whose utility is not above chance (``headline.chance``):
+            their fairness and signed-gap rows, and those of every method compared with such a
+            baseline, get the verdict ``AT_CHANCE`` (a chance-level classifier's gaps are small for free).
+        alpha: the level a Holm-adjusted p-value is read at (1 − the interval level).
 
     Returns:
-        DataFrame with ``model, method, baseline, seed, metric, attribute, label, name, kind,
-        better, delta, ci_low, ci_high, verdict`` (fractions, as comparisons.csv); ``seed`` is NaN for a
-        seed-aggregate row.
+        DataFrame with ``model, method, baseline, n_seeds, metric, attribute, label, name, kind,
+        better, delta, ci_low, ci_high, verdict, p_value, p_holm, verdict_holm`` (fractions, as
+        comparisons.csv). ``n_seeds``: the seeds a row states (a seed-mean row's own count); ``verdict_holm`` is "" without
+        ``p_holm``.
     """
-    cols = ["model", "method", "baseline", "seed", "metric", "attribute", "label", "name", "kind", "better",
-            "delta", "ci_low", "ci_high", "verdict"]
+    cols = ["model", "method", "baseline", "n_seeds", "metric", "attribute", "label", "name", "kind", "better",
+            "delta", "ci_low", "ci_high", "verdict", "p_value", "p_holm", "verdict_holm"]
     if comparisons.empty:
         return pd.DataFrame(columns=cols)
     c = comparisons[(comparisons["group"] == "") & (comparisons["class"] == "")]
@@ -121,16 +144,18 @@ def findings_table(comparisons: pd.DataFrame) -> pd.DataFrame:
     qs = questions(comparisons)
     records = []
     for (model, method), rows in _pairs(c):
-        for seed in _seeds(rows):
-            at_seed = rows[rows["seed"].isna()] if np.isnan(seed) else rows[rows["seed"] == seed]
-            for q in qs:
-                hit = at_seed[(at_seed["metric"] == q.metric) & (at_seed["attribute"] == q.attribute)]
-                if hit.empty:
-                    continue
-                h = hit.iloc[0]
-                lo, hi = float(h["ci_low"]), float(h["ci_high"])
-                records.append((model, method, h["baseline"], seed, q.metric, q.attribute, q.label, q.name,
-                                q.kind, q.better, float(h["delta"]), lo, hi, verdict(lo, hi, q.better, q.kind == "fairness")))
+        for q in qs:
+            hit = rows[(rows["metric"] == q.metric) & (rows["attribute"] == q.attribute)]
+            if hit.empty:
+                continue
+            base = hit["baseline"].iloc[0]
+            delta, lo, hi, n, p, ph = _pool(hit)
+            v = verdict(lo, hi, q.better, q.kind == "fairness")
+            vh = "" if not np.isfinite(ph) else (v if ph < alpha else "no clear change")
+            if q.kind != "utility" and ((model, method) in at_chance or (model, base) in at_chance):
+                v, vh = AT_CHANCE, (AT_CHANCE if vh else "")
+            records.append((model, method, base, n, q.metric, q.attribute, q.label, q.name, q.kind, q.better,
+                            delta, lo, hi, v, p, ph, vh))
     return pd.DataFrame.from_records(records, columns=cols)
 
 
@@ -158,32 +183,29 @@ def number(x: float, scale: float = 100.0, signed: bool = False) -> str:
 
 def clause(row, unit: str = "") -> str:
     """``accuracy +10.2 points [6.1, 14.0] (**higher**)`` for one findings row; a verdict is bold when
-    the interval excludes zero."""
-    v = row.verdict if row.verdict in ("no clear change", "undefined") else f"**{row.verdict}**"
+    the interval excludes zero; the Holm-adjusted verdict follows when comparisons carry ``p_holm``."""
+    v = row.verdict if row.verdict in ("no clear change", "undefined", AT_CHANCE) else f"**{row.verdict}**"
+    holm = getattr(row, "verdict_holm", "")
+    if holm and row.verdict != AT_CHANCE:
+        v += f"; Holm: {holm}"
     return f"{row.name} {number(row.delta, signed=True)}{unit} [{number(row.ci_low)}, {number(row.ci_high)}] ({v})"
 
 
-def sentence(rows: pd.DataFrame, seed_note: str = "") -> str:
+def sentence(rows: pd.DataFrame) -> str:
     """One model × method: overall clauses, then one clause group per attribute."""
     r0 = rows.iloc[0]
     parts = []
     for attr, sub in rows.groupby("attribute", sort=False):
         text = ", ".join(clause(r, " points" if r.metric == "accuracy" else "") for r in sub.itertuples())
         parts.append(f"by {attribute_label(attr)}: {text}" if attr else text)
-    return f"**{r0.model}, {method_label(r0.method)} vs {method_label(r0.baseline)}**{seed_note}: " + "; ".join(parts) + "."
+    n = int(r0.n_seeds)
+    seeds = f" ({n} seeds pooled)" if n > 1 else ""
+    return f"**{r0.model}, {method_label(r0.method)} vs {method_label(r0.baseline)}**{seeds}: " + "; ".join(parts) + "."
 
 
 def sentences(table: pd.DataFrame) -> list[str]:
-    """One sentence per model × method (and seed, when comparisons are per seed)."""
-    out = []
-    for (model, method, seed), rows in table.groupby(["model", "method", "seed"], sort=False, dropna=False):
-        seed_note = "" if np.isnan(seed) or _one_seed(table, model, method) else f" (seed {int(seed)})"
-        out.append(sentence(rows, seed_note))
-    return out
-
-
-def _one_seed(table: pd.DataFrame, model: str, method: str) -> bool:
-    return table.loc[(table["model"] == model) & (table["method"] == method), "seed"].nunique(dropna=False) == 1
+    """One sentence per model × method (seeds pooled)."""
+    return [sentence(rows) for _, rows in table.groupby(["model", "method"], sort=False)]
 
 
 _KIND_WORDS = {"fairness": "Fairness", "signed": "Signed gaps"}
@@ -210,18 +232,26 @@ def summary_lines(table: pd.DataFrame, level: float) -> list[str]:
             continue
         counts = rows["verdict"].value_counts()
         listed = ", ".join(f"{w} in {counts[w]}" for w in
-                           ("higher", "lower", "fairer", "less fair", "no clear change", "undefined") if w in counts)
+                           ("higher", "lower", "fairer", "less fair", "no clear change", AT_CHANCE, "undefined")
+                           if w in counts)
+        if rows["verdict_holm"].astype(str).ne("").any():
+            holm = rows["verdict_holm"].value_counts()
+            listed += "; after Holm: " + ", ".join(f"{w} in {holm[w]}" for w in (
+                "higher", "lower", "fairer", "less fair", "no clear change", AT_CHANCE) if w in holm)
         note = f"; {_KIND_NOTES[kind]}" if kind in _KIND_NOTES else ""
         what = "" if kind == "utility" else f" ({_what(rows)}{note})"
         word = _KIND_WORDS.get(kind) or rows["name"].iloc[0][:1].upper() + rows["name"].iloc[0][1:]  # "Accuracy"
         out.append(f"**{word}**{what}: {listed} (of {len(rows)} comparisons).")
-    n, pairs = len(table), table.groupby(["model", "method", "seed"], dropna=False).ngroups
+    n, pairs = len(table), table.groupby(["model", "method"]).ngroups
     alpha = 1 - level
+    holm = ("; Holm-adjusted verdicts (p_holm in comparisons.csv) are given beside them"
+            if table["verdict_holm"].astype(str).ne("").any() else "")
     out.append(
-        f"In all, {n} comparisons ({pairs} model × method runs; each a paired bootstrap difference, method "
-        f"minus {_baseline_words(table)}, in points, with its {100 * level:.0f}% percentile "
-        f"interval on the same resampled test images). Intervals are **not corrected for multiplicity**: "
-        f"if nothing changed, about {alpha * n:.1f} of the {n} would still exclude zero by chance.")
+        f"In all, {n} comparisons ({pairs} model × method pairs, seeds pooled: the mean difference over seeds "
+        f"with the union of the seeds' {100 * level:.0f}% intervals, so a verdict needs every seed to agree; each "
+        f"a paired bootstrap difference, method minus {_baseline_words(table)}, in points, on the same resampled "
+        f"test images). The intervals are **not corrected for multiplicity**{holm}: if nothing changed, about "
+        f"{alpha * n:.1f} of the {n} would still exclude zero by chance.")
     return out
 
 

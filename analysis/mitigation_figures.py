@@ -59,9 +59,17 @@ def tradeoff_panel(points: pd.DataFrame, ax, title: str = ""):
     if points.empty:
         ax.text(0.5, 0.5, f"no data for {title}", ha="center", va="center", transform=ax.transAxes)
         return ax
+    # A strength-0 run that is itself the ERM counterpart (same utility and gap) is drawn once, as ERM.
+    erm = points[points["mitigation"] == ERM]
+    same = points["mitigation"].ne(ERM) & points["strength"].eq(0) & pd.Series(
+        [((erm["utility"] == u) & (erm["gap"] == g)).any() for u, g in zip(points["utility"], points["gap"])],
+        index=points.index)
+    points = points[~same]
     x, y = pareto_line(points)
     ax.step(x, y, where="pre", color="0.8", lw=6, zorder=0, label="Pareto front")
     ax.plot(x, y, "o", ms=18, mfc="none", mec="0.6", mew=2, zorder=0)  # a ring: visible with one front point too
+    placed: list[tuple[float, float]] = []  # labelled points so far: a near one's label moves down
+    span = (max(np.ptp(points["utility"]), 1e-9), max(np.ptp(points["gap"]), 1e-9))
     for mitigation, p in points.groupby("mitigation", sort=False):
         p = p.sort_values("strength")
         if mitigation == ERM:
@@ -69,7 +77,8 @@ def tradeoff_panel(points: pd.DataFrame, ax, title: str = ""):
             ax.plot(100 * p["utility"], 100 * p["gap"], "*", ms=16, color="black", mec="white", zorder=4, label="ERM")
             for r in p.itertuples() if len(p) > 1 else ():  # several ERM counterparts: say which is which
                 ax.annotate(f"ERM {r.tag} ({r.solver})", (100 * r.utility, 100 * r.gap), textcoords="offset points",
-                            xytext=(5, -10), fontsize=7)
+                            xytext=(6, -10 - 11 * _crowd(placed, r, span)), fontsize=8)
+                placed.append((r.utility, r.gap))
             continue
         marker, face, style = _STYLES.get(mitigation, _FALLBACK)
         _interval_lines(ax, p, "0.35")
@@ -78,14 +87,24 @@ def tradeoff_panel(points: pd.DataFrame, ax, title: str = ""):
                 label=mitigation)
         for r in p.itertuples():
             ax.annotate(_strength_label(r), (100 * r.utility, 100 * r.gap), textcoords="offset points",
-                        xytext=(5, 4), fontsize=7, fontweight="bold" if r.selected else "normal")
+                        xytext=(6, 4 - 11 * _crowd(placed, r, span)), fontsize=8,
+                        fontweight="bold" if r.selected else "normal")
+            placed.append((r.utility, r.gap))
     first = points.iloc[0]
     ax.set_xlabel(AXIS_LABELS.get(first["utility_metric"], first["utility_metric"]) + " →")
     ax.set_ylabel("← " + AXIS_LABELS.get(first["gap_metric"], first["gap_metric"]))
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="best")
+    # Below the axes, never over the points (loc="best" still covers some).
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=2, frameon=False)
     ax.grid(True, lw=0.3, color="0.85")
     return ax
+
+
+def _crowd(placed: list[tuple[float, float]], r, span: tuple[float, float]) -> int:
+    """How many labelled points lie within 4% of the panel's ranges (``span``: utility, gap) of ``r``:
+    its label goes below theirs."""
+    su, sg = span
+    return sum(abs(u - r.utility) < 0.04 * su and abs(g - r.gap) < 0.04 * sg for u, g in placed)
 
 
 def _strength_label(r) -> str:
@@ -99,7 +118,7 @@ def tradeoff_figure(tradeoff: pd.DataFrame, ncols: int = 3):
     panels = _panels(tradeoff) or [("", "", "")]
     ncols = min(ncols, len(panels))
     nrows = -(-len(panels) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.8 * nrows), squeeze=False, constrained_layout=True)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 4.4 * nrows), squeeze=False, constrained_layout=True)
     for ax, (model, method, sensitive) in zip(axes.ravel(), panels):
         sel = (tradeoff["model"] == model) & (tradeoff["method"] == method) & (tradeoff["sensitive"] == sensitive)
         tradeoff_panel(tradeoff[sel], ax, f"{model} · {method} · {sensitive}")
@@ -121,6 +140,11 @@ def delta_table(mitigation: pd.DataFrame) -> pd.DataFrame:
     ``Δ [low, high]`` in points with ``*`` where the interval excludes 0, ``†`` where the ERM counterpart
     was trained by another solver or grid (``like_for_like`` false)."""
     t = mitigation[mitigation["selected"].astype(bool)]
+    keys = ["model", "method", "mitigation", "sensitive"]
+    # A chosen run that is its own ERM counterpart (every difference exactly 0 on every resample,
+    # e.g. strength 0 chosen) compares a run with itself: left out; the section says so in words.
+    zero = (t["delta"] == 0) & (t["ci_low"] == 0) & (t["ci_high"] == 0)
+    t = t[~zero.groupby([t[k] for k in keys], sort=False).transform("all")]
     if t.empty:
         return pd.DataFrame()
     t = t.assign(cell=[_cell(r.delta, r.ci_low, r.ci_high, signed=True) + ("*" if r.excludes_zero else "")

@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import re
 from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
+from PIL import Image
 
 from cxrfair.analysis.report import Figure, ReportData, Section, Table, slug
 from cxrfair.analysis.sections import SECTIONS
@@ -128,10 +130,11 @@ nav#toc{position:fixed;top:0;left:0;width:210px;height:100vh;overflow-y:auto;pad
   box-sizing:border-box;background:#f6f7f9;border-right:1px solid #ddd;font-size:13px}
 nav#toc ol{padding-left:1.2em;margin:0.3em 0}nav#toc li{margin:0.25em 0}nav#toc a{color:#1f4e8c;text-decoration:none}
 nav#toc h2{font-size:14px;margin:0 0 0.4em}
-main{margin-left:210px;padding:0.5em 2em 3em;max-width:1120px}
+main{margin-left:210px;padding:0.5em 1.5em 3em;max-width:1180px}
 h1{font-size:1.6em;margin:0.6em 0 0.2em}h2{border-bottom:1px solid #ddd;padding-bottom:0.2em;margin-top:1.8em}
 h3{font-size:1.05em;margin:1em 0 0.3em}
 p.lead{color:#555;margin-top:0}
+div.banner{background:#fff4d6;border:2px solid #c98a00;border-radius:6px;padding:0.6em 1em;margin:0.8em 0 0;font-size:15px}
 section#findings{background:#f4f8fc;border:1px solid #cfe0f1;border-radius:6px;padding:0.2em 1.2em 0.8em}
 section#findings h2{margin-top:0.6em}section#findings li{margin:0.35em 0}
 table{border-collapse:collapse;font-size:12.5px;margin:0.4em 0}td,th{border:1px solid #d6d6d6;padding:3px 7px;white-space:nowrap}
@@ -140,40 +143,78 @@ th{background:#f1f3f5;position:sticky;top:0}tbody tr:nth-child(even){background:
 span.ci{color:#666;font-size:0.88em;margin-left:0.3em}
 table.stacked span.ci{display:block;margin-left:0}table.stacked td{text-align:center}
 p.caption{font-size:13px;color:#444;margin:0.8em 0 0.2em}
-figure{margin:1em 0}figure img{max-width:100%;height:auto;border:1px solid #eee}
+figure{margin:1em 0;max-width:100%}figure img{max-width:100%;height:auto;border:1px solid #eee;display:block}
+div.duo{display:flex;flex-wrap:wrap;gap:0 1.5em;align-items:flex-start}div.duo>figure{flex:0 1 auto}
+div.duo>div.beside{flex:1 1 380px;min-width:0;margin-top:1em}
 figcaption{font-size:13px;color:#444}
 details{margin:0.4em 0 1em}summary{cursor:pointer;color:#1f4e8c;font-size:13px}
+details.section>summary{font-size:14px}
 code{background:#f1f3f5;padding:0 3px;border-radius:3px}
 @media (max-width:900px){nav#toc{position:static;width:auto;height:auto;border:0}main{margin-left:0}}
 """
 
 
+def png_facts(png: bytes) -> tuple[int, int, str]:
+    """(width, height, smallest text in px as drawn) of a report PNG (``figures.png`` writes the last)."""
+    with Image.open(io.BytesIO(png)) as im:
+        return im.width, im.height, str(im.info.get("cxrfair:min_text_px", ""))
+
+
 def _figure_html(f: Figure, png: bytes) -> str:
     data = base64.b64encode(png).decode("ascii")
     alt = re.sub(r"[`*]", "", f.caption)  # the caption, as plain text, for readers who cannot see the image
-    return (f"<figure id='fig-{slug(f.name.removesuffix('.png'))}'><img alt='{html.escape(alt)}' "
-            f"src='data:image/png;base64,{data}'><figcaption>{md_inline(f.caption)}</figcaption></figure>")
+    width, _, text_px = png_facts(png)
+    # Shown at its natural size (one image pixel per CSS pixel) unless the page is narrower: its
+    # text then displays at the size it was drawn, which figures.png keeps at >= MIN_TEXT_PX.
+    return (f"<figure id='fig-{slug(f.name.removesuffix('.png'))}' style='width:{width}px'><img alt='{html.escape(alt)}' "
+            f"data-min-text-px='{html.escape(text_px)}' width='{width}' src='data:image/png;base64,{data}'>"
+            f"<figcaption>{md_inline(f.caption)}</figcaption></figure>")
 
 
 def section_html(s: Section, pngs: dict[str, bytes]) -> str:
     parts = [f"<section id='{s.id}'><h2>{html.escape(s.title)}</h2>"]
     parts += [md_block_html(p) for p in s.prose]
-    parts += [_figure_html(f, pngs[f.name]) for f in s.figures if f.name in pngs]
-    parts += [table_html(t) for t in s.tables]
+    figs = [_figure_html(f, pngs[f.name]) for f in s.figures if f.name in pngs]
+    tables = [table_html(t) for t in s.tables]
+    # Each figure beside its table where the width allows (flex-wrap puts the table below otherwise):
+    # figure i with table i when a section has as many of each, else the first table after the last figure.
+    if figs and len(figs) == len(tables):
+        parts += [_duo(f, t, keep) for f, t, keep in zip(figs, tables, (t.beside for t in s.tables))]
+    elif figs and tables:
+        parts.append(_duo("".join(figs), tables[0], s.tables[0].beside))
+        parts += tables[1:]
+    else:
+        parts += figs + tables
     parts += [md_block_html(p) for p in s.notes]
     for summary_text, paragraphs in s.details:
         parts.append(f"<details><summary>{md_inline(summary_text)}</summary>"
                      + "".join(md_block_html(p) for p in paragraphs) + "</details>")
+    if s.folded:  # the heading stays (the contents list links to it); the body opens on a click
+        what = _contents(len(s.figures), len(s.tables))
+        return (parts[0] + f"<details class='section'><summary>Show {what}</summary>" + "\n".join(parts[1:])
+                + "</details></section>")
     return "\n".join(parts) + "</section>"
 
 
-def render_html(sections: list[Section], pngs: dict[str, bytes], title: str, lead: str) -> str:
+def _duo(figure: str, table: str, beside: bool = True) -> str:
+    if not beside:
+        return figure + table
+    return f"<div class='duo'>{figure}<div class='beside'>{table}</div></div>"
+
+
+def _contents(n_figures: int, n_tables: int) -> str:
+    said = [f"{n} {w}{'s' if n != 1 else ''}" for n, w in ((n_figures, "figure"), (n_tables, "table")) if n]
+    return " and ".join(said) or "the notes"
+
+
+def render_html(sections: list[Section], pngs: dict[str, bytes], title: str, lead: str, banner: str = "") -> str:
+    top = f"<div class='banner' role='note'>{md_inline(banner)}</div>" if banner else ""
     toc = "".join(f"<li><a href='#{s.id}'>{html.escape(s.title)}</a></li>" for s in sections)
     return "\n".join([
         f"<!doctype html><html lang='en'><head><meta charset='utf-8'><meta name='viewport' "
         f"content='width=device-width, initial-scale=1'><title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
         f"<nav id='toc'><h2>Contents</h2><ol>{toc}</ol></nav>",
-        f"<main><h1>{html.escape(title)}</h1><p class='lead'>{md_inline(lead)}</p>",
+        f"<main>{top}<h1>{html.escape(title)}</h1><p class='lead'>{md_inline(lead)}</p>",
         *(section_html(s, pngs) for s in sections),
         "</main></body></html>",
     ])
@@ -187,12 +228,16 @@ def section_md(s: Section, figure_names: set[str]) -> str:
     parts += [f"\n{p}\n" for p in s.notes]
     for summary_text, paragraphs in s.details:
         parts.append(f"\n<details><summary>{summary_text}</summary>\n\n" + "\n\n".join(paragraphs) + "\n\n</details>\n")
+    if s.folded:
+        return (parts[0] + f"\n<details><summary>Show {_contents(len(s.figures), len(s.tables))}</summary>\n"
+                + "".join(parts[1:]) + "\n</details>\n")
     return "".join(parts)
 
 
-def render_markdown(sections: list[Section], figure_names: set[str], title: str, lead: str) -> str:
+def render_markdown(sections: list[Section], figure_names: set[str], title: str, lead: str, banner: str = "") -> str:
     toc = "\n".join(f"{i}. [{s.title}](#{s.id})" for i, s in enumerate(sections, 1))
-    return f"# {title}\n\n{lead}\n\n**Contents**\n\n{toc}\n" + "".join(section_md(s, figure_names) for s in sections)
+    top = f"> {banner}\n\n" if banner else ""
+    return f"{top}# {title}\n\n{lead}\n\n**Contents**\n\n{toc}\n" + "".join(section_md(s, figure_names) for s in sections)
 
 
 # ----------------------------------------------------------------------------- the report
@@ -227,7 +272,8 @@ def draw_figures(sections: list[Section]) -> dict[str, bytes]:
 def lead(results) -> str:
     c = results.config
     return (f"{len(results.runs)} runs from `{c.runs_dir}`, metrics on the **{c.split}** split; values in % "
-            f"with {100 * c.level:.0f}% bootstrap intervals. Findings first; every figure is followed by its table.")
+            f"with {100 * c.level:.0f}% bootstrap intervals. The headline and findings first; each figure sits beside its "
+            "table where the page is wide enough, with the rest of the tables' columns folded.")
 
 
 def write_report(results, folder: Path, runs=None) -> Path:
@@ -257,7 +303,9 @@ def write_report(results, folder: Path, runs=None) -> Path:
     for name, data_png in pngs.items():
         (folder / "figures" / name).write_bytes(data_png)
     title = "cxrfair fairness report"
-    (folder / "report.md").write_text(render_markdown(sections, set(pngs), title, lead(results)), encoding="utf-8")
-    (folder / "report.html").write_text(render_html(sections, pngs, title, lead(results)), encoding="utf-8")
+    banner = data.provenance.banner()  # synthetic images / random weights: said before anything else
+    (folder / "report.md").write_text(render_markdown(sections, set(pngs), title, lead(results), banner),
+                                      encoding="utf-8")
+    (folder / "report.html").write_text(render_html(sections, pngs, title, lead(results), banner), encoding="utf-8")
     return folder / "report.html"
 

@@ -22,6 +22,7 @@ import pandas as pd
 
 from cxrfair.analysis.curves import reliability_table, roc_table
 from cxrfair.analysis.findings import findings_table
+from cxrfair.analysis.provenance import Provenance, provenance
 from cxrfair.core.metrics import GROUP_METRICS
 from cxrfair.core.runs import METHODS, read_run
 
@@ -52,6 +53,7 @@ class Table:
     collapsed: bool = False  # fold the whole table (long reference tables)
     stacked: bool = False  # intervals under their values (narrow cells for many columns)
     titles: dict | None = None  # {column: definition}, shown when hovering a column name
+    beside: bool = True  # may sit beside its figure (False: a wide table, always below it)
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class Section:
     tables: tuple[Table, ...] = ()
     notes: tuple[str, ...] = ()  # paragraphs after the figures and tables
     details: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (summary, paragraphs) folded after the tables
+    folded: bool = False  # reference material: the title shows, the body opens on a click
 
 
 class ReportData:
@@ -121,8 +124,37 @@ class ReportData:
         return reliability_table(self.primary_runs, self.config.split, self.config.attributes, cross=self.config.cross)
 
     @cached_property
+    def chance(self) -> dict[str, float]:
+        """{model: chance-level utility}: multi-class, the test split's most frequent class share
+        (accuracy of always predicting it); multi-label, a macro AUC of 0.5; NaN without readable runs."""
+        out: dict[str, float] = {}
+        for run in self.primary_runs:
+            if run.model in out:
+                continue
+            if self.task == "multilabel":
+                out[run.model] = 0.5
+                continue
+            y, _ = run.arrays(self.config.split)
+            out[run.model] = float(np.bincount(y).max() / len(y)) if len(y) else np.nan
+        return out
+
+    @cached_property
+    def at_chance(self) -> frozenset:
+        """(model, method) pairs whose utility interval does not lie above the chance level."""
+        metric = "auc_macro" if self.task == "multilabel" else "accuracy"
+        s = self.summary
+        u = s[(s["metric"] == metric) & (s["attribute"] == "") & (s["group"] == "") & (s["class"] == "")]
+        return frozenset((r.model, r.method) for r in u.itertuples()
+                         if r.model in self.chance and not r.ci_low > self.chance[r.model])
+
+    @cached_property
     def findings(self) -> pd.DataFrame:
-        return findings_table(self.results.comparisons)
+        return findings_table(self.results.comparisons, at_chance=self.at_chance, alpha=1 - self.config.level)
+
+    @cached_property
+    def provenance(self) -> Provenance:
+        """What the primary runs' files say about their images and weights (the demo banner)."""
+        return provenance(self.primary_runs)
 
     @cached_property
     def definitions(self) -> dict[str, str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from cxrfair.analysis import findings as F
 from cxrfair.analysis.config import describe_intervals
 from cxrfair.analysis.embedding_report import geometry, leakage
+from cxrfair.analysis.headline import headline, mitigation_sentences
 from cxrfair.analysis.report import (
     Figure,
     ReportData,
@@ -60,7 +61,7 @@ def _draw(name: str, *args, **kwargs):
     return make
 
 
-def _single(name: str, *args, width=7.0, height=4.0, **kwargs):
+def _single(name: str, *args, width=5.6, height=3.8, **kwargs):
     """A zero-argument drawer for a one-panel figure function ``figures.<name>(*args, ax=...)``."""
     def make():
         import matplotlib.pyplot as plt  # matplotlib: only when drawn (``_draw``)
@@ -137,7 +138,7 @@ def setup(data: ReportData) -> Section:
                   "\n".join(zs)]
     prose += ([] if data.task == "multilabel" else [ECE_NOTE]) + [NAN_NOTE] + [f"Note: {n}" for n in data.results.notes]
     defs = "\n".join(f"- `{k}`: {v}" for k, v in sorted(data.definitions.items()))
-    return Section("setup", "Setup and definitions", prose=tuple(prose),
+    return Section("setup", "Setup and definitions", prose=tuple(prose), folded=True,
                    details=(("Metric definitions", (defs,)),) if defs else ())
 
 
@@ -226,7 +227,7 @@ def thresholds(data: ReportData) -> Section | None:
         return None
     prose = (f"The threshold metrics (F1, TPR, FPR, FNR, equalized odds, FNR gap) use, {THRESHOLD_RULE}. "
              "A post-processed run uses its own recorded thresholds. All thresholds are in `thresholds.csv`.",)
-    return Section("thresholds", "Decision thresholds", prose=prose, tables=(Table(
+    return Section("thresholds", "Decision thresholds", prose=prose, folded=True, tables=(Table(
         t, "Threshold per condition (validation positives+ / negatives− it was chosen on), primary runs.",
         index=("model", "method", "seed"), collapsed=True),))
 
@@ -275,7 +276,8 @@ def mitigation(data: ReportData) -> Section | None:
                        lambda: MF.tradeoff_figure(tradeoff)),)
     deltas = MF.delta_table(m)
     tables = [Table(deltas, MF.DELTA_CAPTION, index=tuple(
-        c for c in ("model", "method", "mitigation", "sensitive") if c in deltas.columns), visible=7)]
+        c for c in ("model", "method", "mitigation", "sensitive", "tag", "strength", "erm") if c in deltas.columns),
+        visible=7, beside=False)]
     if tradeoff is not None and len(tradeoff):
         rows = MF.tradeoff_rows(tradeoff)
         tables.append(Table(rows, MF.TRADEOFF_CAPTION, index=tuple(
@@ -285,7 +287,8 @@ def mitigation(data: ReportData) -> Section | None:
         "solver and grid: paired bootstrap differences on the same test resamples, averaged over seeds; not "
         "corrected for multiplicity. The strength and hyperparameters of a `best` run were chosen on validation "
         "(run.json `selection`); a fine-tuning mitigation's strength is chosen here on its runs' validation "
-        "predictions by the same rule; `st<s>` runs show every strength for the trade-off.",), figures=figs, tables=tuple(tables))
+        "predictions by the same rule; `st<s>` runs show every strength for the trade-off.",
+        "\n".join("- " + x for x in mitigation_sentences(data))), figures=figs, tables=tuple(tables))
 
 
 # ----------------------------------------------------------------------------- groups
@@ -302,12 +305,12 @@ def group_fairness(data: ReportData) -> list[Section]:
         panels = [("f1_gap", "F1 gap (A − A')"), ("auc_gap", "AUC gap (A − A')"), ("eqodds", "EqOdds"),
                   ("fnr_gap", "FNR gap (A − A')")]
         panels = [p for p in panels if (s["metric"] == p[0]).any()]
-        figs = (
-            Figure(f"f1_by_group_{slug(a)}.png", f"Macro F1 within each {a} group with 95% intervals (paper Fig. 3b).",
-                   _single("f1_by_group", s, a, width=max(7.0, 0.9 * _n_rows(data) + 2))),
+        figs = (  # in table order: the gap panels beside the gap table, per-group F1 beside its table
             Figure(f"fairness_{slug(a)}.png", f"Group-fairness metrics by {a} for each model and method "
                    "(paper Fig. 3c–d); signed gaps are A − A' with A the reference group.",
                    _draw("fairness_panels", s, a, panels)),
+            Figure(f"f1_by_group_{slug(a)}.png", f"Macro F1 within each {a} group with 95% intervals (paper Fig. 3b).",
+                   _single("f1_by_group", s, a, width=max(5.6, 0.9 * _n_rows(data) + 2))),
         )
         tables = (
             Table(fair, f"Group fairness by {a}: signed gaps are A − A' with A the reference group{_reference(data, a)}; with more than two "
@@ -348,7 +351,7 @@ def roc_curves(data: ReportData) -> list[Section]:
                             _draw("roc_by_group", r, data.summary, model, a))
                      for model in _models(r))
         t = table_group_metric(data.summary, a, "auc_macro", extra=("es_auc",))
-        out.append(Section(f"roc-{slug(a)}", f"ROC curves by {a}", figures=figs,
+        out.append(Section(f"roc-{slug(a)}", f"ROC curves by {a}", figures=figs, folded=True,
                            tables=(Table(t, f"Macro AUC within each {a} group, and ES-AUC (FairCLIP's equity-scaled "
                                          "AUC; higher is fairer). " + CELLS, titles=data.definitions),)))
     return out
@@ -381,7 +384,7 @@ def calibration(data: ReportData) -> list[Section]:
         t = table_group_metric(data.summary, a, ece, extra=extra)
         caption = (f"ECE (mean over conditions) within each {a} group and the ECE gap. " if multilabel else
                    f"Binned ECE within each {a} group, its gap, and the paper's unbinned eq. 4 gap. ")
-        out.append(Section(f"calibration-{slug(a)}", f"Calibration by {a}", figures=figs,
+        out.append(Section(f"calibration-{slug(a)}", f"Calibration by {a}", figures=figs, folded=True,
                            tables=(Table(t, caption + CELLS, titles=data.definitions),)))
     return out
 
@@ -394,7 +397,7 @@ def comparisons(data: ReportData) -> Section | None:
     t = table_comparisons(data.results.comparisons)
     if t.empty:
         return None
-    return Section("comparisons", "Paired comparisons against the baseline method", tables=(Table(
+    return Section("comparisons", "Paired comparisons against the baseline method", folded=True, tables=(Table(
         t, "Difference in points (method − baseline) on the same bootstrap resamples of the same test images, "
         "one row per method run; every metric is in `comparisons.csv`.", index=("model", "baseline", "method", "seed"),
         visible=4),))
@@ -404,13 +407,14 @@ def runs(data: ReportData) -> Section:
     """Every run read, folded: which are primary, their tags and validation accuracy."""
     r = data.results.runs
     t = r.assign(val_accuracy=r["val_accuracy"].round(4)) if "val_accuracy" in r else r
-    return Section("runs", "Runs", prose=(f"{len(r)} runs read; {int(r['primary'].sum())} primary (shown in the "
+    return Section("runs", "Runs", folded=True, prose=(f"{len(r)} runs read; {int(r['primary'].sum())} primary (shown in the "
                                            "tables): the tag chosen for its model and method on validation.",),
                    tables=(Table(t, "All runs", collapsed=True),))
 
 
 # The page, in order. Add a section: one function above (or in its own module) and one entry here.
 SECTIONS = [
+    headline,
     findings,
     setup,
     utility,

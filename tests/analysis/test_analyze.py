@@ -202,34 +202,36 @@ def test_one_run_keeps_its_own_interval_and_says_its_seed_variance_is_unknown(se
     assert any("seed variance is unknown" in n and "m full best" in n for n in res.notes)
 
 
-def test_comparison_uses_the_draw_averaged_zero_shot_replicates(seeded):
+def test_comparison_uses_the_seed_averaged_reference_replicates(seeded):
+    """The reference is the linear probe (``runsets.REFERENCE_ORDER``), its seeds drawn with replacement on
+    each resample (two levels); every other run, each zero-shot draw included, is paired with that."""
     runs, res = seeded
-    zs_draws = _slow_replicates(_by(runs, "zeroshot"), _accuracy)  # (3 draws, R)
-    names = ";".join(r.run_id for r in _by(runs, "zeroshot"))
-    zs = _seed_drawn(zs_draws, f"baseline|m|{names}")  # the draws resampled too: they are zero-shot's seeds
-    lin = _slow_replicates(_by(runs, "linear"), _accuracy)
+    zs = _slow_replicates(_by(runs, "zeroshot"), _accuracy)  # (3 draws, R)
+    lin = _slow_replicates(_by(runs, "linear"), _accuracy)  # (seeds, R)
     values = res.metrics[(res.metrics["metric"] == "accuracy") & (res.metrics["attribute"] == "")].set_index("run_id")["value"]
     c = res.comparisons[(res.comparisons["metric"] == "accuracy") & (res.comparisons["attribute"] == "")]
-    zs_mean = values[[r.run_id for r in _by(runs, "zeroshot")]].mean()
-    for s, run in enumerate(_by(runs, "linear")):
+    lin_ids = [r.run_id for r in _by(runs, "linear")]
+    base = _seed_drawn(lin, "baseline|m|" + ";".join(lin_ids))  # the reference's seeds resampled too
+    zs_ids = [r.run_id for r in _by(runs, "zeroshot")]
+    for d, run in enumerate(_by(runs, "zeroshot")):
         row = c[c["run_id"] == run.run_id]
-        assert row["n_baseline"].item() == 3 and row["n_seeds"].item() == 1 and row["seed"].item() == s
-        assert row["baseline_runs"].item() == names
-        assert row["delta"].item() == pytest.approx(values[run.run_id] - zs_mean)
-        diff = lin[s] - zs
+        assert row["baseline"].item() == "linear" and row["n_baseline"].item() == len(lin_ids)
+        assert row["baseline_runs"].item() == ";".join(lin_ids) and row["n_seeds"].item() == 1
+        assert row["delta"].item() == pytest.approx(values[run.run_id] - values[lin_ids].mean())
+        diff = zs[d] - base
         assert row["ci_low"].item() == pytest.approx(np.percentile(diff, 2.5), abs=1e-12)
         assert row["ci_high"].item() == pytest.approx(np.percentile(diff, 97.5), abs=1e-12)
         assert row["p_value"].item() == pytest.approx(_bootstrap_p(diff), abs=1e-12)
-    # The seed-mean row: the linear seeds drawn too, independently of the zero-shot draws.
-    row = c[(c["method"] == "linear") & c["seed"].isna()]
-    assert row["run_id"].item() == ";".join(r.run_id for r in _by(runs, "linear")) and row["n_seeds"].item() == 3
-    assert row["delta"].item() == pytest.approx(values[[r.run_id for r in _by(runs, "linear")]].mean() - zs_mean)
-    diff = _seed_drawn(lin, "comparison|m|linear") - zs
+    # The seed-mean row of the zero-shot draws: drawn too, independently of the reference's seeds.
+    row = c[(c["method"] == "zeroshot") & c["seed"].isna()]
+    assert row["run_id"].item() == ";".join(zs_ids) and row["n_seeds"].item() == 3
+    assert row["delta"].item() == pytest.approx(values[zs_ids].mean() - values[lin_ids].mean())
+    diff = _seed_drawn(zs, "comparison|m|zeroshot") - base
     assert row["ci_low"].item() == pytest.approx(np.percentile(diff, 2.5), abs=1e-12)
     assert row["ci_high"].item() == pytest.approx(np.percentile(diff, 97.5), abs=1e-12)
     assert row["p_value"].item() == pytest.approx(_bootstrap_p(diff), abs=1e-12)
-    # One run of full: no seed-mean row of its own.
-    assert c.loc[c["method"] == "full", "seed"].notna().all()
+    # One run of full: no seed-mean row of its own; the reference is never compared with itself.
+    assert c.loc[c["method"] == "full", "seed"].notna().all() and not (c["method"] == "linear").any()
 
 
 def test_comparison_p_holm_is_holm_within_each_comparison_attribute_and_headline_or_detail_rows(seeded):

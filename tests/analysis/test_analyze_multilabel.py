@@ -159,10 +159,11 @@ def test_intervals_seed_means_and_paired_comparison_against_a_slow_loop(analysed
     assert (s.loc["best", "ci_low"], s.loc["best", "ci_high"]) == pytest.approx(
         tuple(np.percentile(_two_level(reps[:2], "seeds|m|linear|best"), [2.5, 97.5])), abs=1e-12)
     assert s.loc["clip", "n_seeds"] == 2  # the zero-shot draws averaged like seeds
+    # The reference is the linear probe, its seeds drawn with replacement on each resample (runsets.REFERENCE_ORDER).
     c = res.comparisons[(res.comparisons["metric"] == "auc") & (res.comparisons["attribute"] == "")
-                        & (res.comparisons["class"] == "Effusion") & (res.comparisons["run_id"] == lin[1].run_id)]
-    assert c["baseline_runs"].item() == ";".join(r.run_id for r in zs)
-    diff = reps[1] - _two_level(reps[2:], "baseline|m|" + ";".join(r.run_id for r in zs))
+                        & (res.comparisons["class"] == "Effusion") & (res.comparisons["run_id"] == zs[1].run_id)]
+    assert c["baseline_runs"].item() == ";".join(r.run_id for r in lin)
+    diff = reps[3] - _two_level(reps[:2], "baseline|m|" + ";".join(r.run_id for r in lin))  # the reference's seeds drawn too
     assert (c["ci_low"].item(), c["ci_high"].item()) == pytest.approx(tuple(np.percentile(diff, [2.5, 97.5])), abs=1e-12)
     names = set(res.comparisons["metric"])
     assert {"auc_macro", "auc", "auc_gap", "worst_group_auc", "es_auc", "fnr_gap"} <= names

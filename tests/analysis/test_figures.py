@@ -132,3 +132,77 @@ def test_findings_forest_draws_each_comparison_as_given():
     assert [tuple(s[:, 0]) for s in segs] == [pytest.approx((5.0, 15.0)), pytest.approx((-1.0, 5.0))]
     assert [t.get_text() for t in acc.get_yticklabels()] == ["m · linear", "m · lora"]  # one seed each: not named
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- legibility
+
+
+def _legend_boxes(fig):
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    legends = list(fig.legends) + [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+    return [lg.get_window_extent(r) for lg in legends], [ax.get_window_extent(r) for ax in fig.axes if ax.get_visible()]
+
+
+def test_png_records_its_smallest_text_and_raises_the_resolution_for_small_fonts():
+    import io
+
+    from PIL import Image
+
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.plot([0, 1], [0, 1])
+    ax.set_title("title", fontsize=12)
+    ax.tick_params(labelsize=6)  # the smallest text: tick labels
+    ax.text(0.5, 0.5, "", fontsize=2)  # empty text draws nothing and does not count
+    assert FG.smallest_text_pt(fig) == 6
+    im = Image.open(io.BytesIO(FG.png(fig)))
+    dpi = int(np.ceil(FG.MIN_TEXT_PX * 72 / 6))  # the test's own rule: 6 pt at >= 10 px
+    assert im.width == pytest.approx(4 * dpi, abs=1)
+    recorded = float(im.info["cxrfair:min_text_px"])
+    assert recorded == pytest.approx(6 * dpi / 72, abs=0.01) and recorded >= FG.MIN_TEXT_PX
+    wide, ax = plt.subplots(figsize=(20, 2))
+    ax.set_title("t", fontsize=10)
+    assert Image.open(io.BytesIO(FG.png(wide))).width <= FG.MAX_WIDTH_PX  # narrower, same text size
+
+
+def test_no_legend_covers_a_panel(data):
+    summary = data[0]
+    figs = [FG.accuracy_by_model(summary).figure, FG.f1_by_group(summary, "sex").figure,
+            FG.fairness_panels(summary, "sex", [("ece_gap", "ECE gap"), ("ece_gap", "again"), ("ece_gap", "3")])]
+    try:
+        for fig in figs:
+            legends, panels = _legend_boxes(fig)
+            assert legends
+            for lg in legends:
+                assert not any(lg.overlaps(p) for p in panels), fig.axes[0].get_title()
+    finally:
+        for fig in figs:
+            plt.close(fig)
+
+
+@pytest.mark.slow  # draws every figure of a report (~30 s on a shared core)
+def test_no_legend_covers_a_panel_in_any_report_figure(tmp_path):
+    """Every figure a multi-class report with seeds and five methods draws (embedding figures aside)."""
+    from cxrfair.analysis.config import AnalyzeConfig
+    from cxrfair.analysis.engine import compute
+    from cxrfair.analysis.render import build_sections
+    from cxrfair.analysis.report import ReportData
+    from cxrfair.core.runs import read_runs
+
+    from .synth import write_runs
+
+    write_runs(tmp_path / "runs", [("m", me, s) for me in ("zeroshot", "linear", "mlp", "lora", "full") for s in (0, 1)],
+               n_per_split=24)
+    runs = read_runs(tmp_path / "runs")
+    res = compute(runs, AnalyzeConfig(tmp_path / "runs", tmp_path / "out", n_boot=100, figures=False, embeddings="none"))
+    drawn = 0
+    for section in build_sections(ReportData(res, runs)):
+        for f in section.figures:
+            fig = f.draw()
+            try:
+                legends, panels = _legend_boxes(fig)
+                assert not [lg for lg in legends if any(lg.overlaps(p) for p in panels)], f.name
+                drawn += 1
+            finally:
+                plt.close(fig)
+    assert drawn >= 10

@@ -56,16 +56,54 @@ def test_findings_table_takes_numbers_from_comparisons_in_method_order():
     assert t["verdict"].tolist() == ["no clear change", "less fair", "higher"]
 
 
-def test_findings_state_each_seed_or_the_seed_aggregate_when_there_is_one():
-    per_seed = _comparisons([_row("accuracy", seed=0), _row("accuracy", seed=1, delta=0.2)])
+def test_findings_pool_seeds_once_per_model_and_method_or_take_the_seed_aggregate():
+    per_seed = _comparisons([_row("accuracy", seed=0, delta=0.1, lo=0.05, hi=0.15),
+                             _row("accuracy", seed=1, delta=0.2, lo=-0.01, hi=0.3)])
     t = F.findings_table(per_seed)
-    assert t["seed"].tolist() == [0, 1]
-    s = F.sentences(t)
-    assert len(s) == 2 and "(seed 0)" in s[0] and "(seed 1)" in s[1]
-    agg = _comparisons([*per_seed.itertuples(index=False), _row("accuracy", seed=np.nan, delta=0.15)])
+    assert len(t) == 1 and t["n_seeds"].item() == 2
+    assert t["delta"].item() == pytest.approx(0.15)  # the mean over seeds
+    assert (t["ci_low"].item(), t["ci_high"].item()) == (-0.01, 0.3)  # the union of the seeds' intervals
+    assert t["verdict"].item() == "no clear change"  # seed 1 does not exclude zero: no verdict
+    (s,) = F.sentences(t)
+    assert "(2 seeds pooled)" in s and "seed 0" not in s
+    both = _comparisons([_row("accuracy", seed=0), _row("accuracy", seed=1, delta=0.12, lo=0.02, hi=0.2)])
+    assert F.findings_table(both)["verdict"].item() == "higher"  # every seed agrees
+    # Identical seeds are one finding, not two (the demo's linear and MLP seeds are identical).
+    same = _comparisons([_row("accuracy", seed=0), _row("accuracy", seed=1)])
+    assert len(F.findings_table(same)) == 1
+    agg = _comparisons([*per_seed.itertuples(index=False), _row("accuracy", seed=np.nan, delta=0.15, lo=0.1, hi=0.2)])
     t = F.findings_table(agg)
-    assert len(t) == 1 and t["delta"].item() == 0.15 and np.isnan(t["seed"].item())
+    assert len(t) == 1 and t["delta"].item() == 0.15 and t["n_seeds"].item() == 0 and t["verdict"].item() == "higher"
     assert "seed" not in F.sentences(t)[0]
+
+
+def test_fairness_verdicts_are_withheld_at_chance_for_the_method_and_against_a_baseline_at_chance():
+    c = _comparisons([_row("accuracy", method="linear"), _row("eqodds", "sex", method="linear", lo=-0.2, hi=-0.01),
+                      _row("accuracy", method="full"), _row("eqodds", "sex", method="full", lo=-0.2, hi=-0.01)])
+    t = F.findings_table(c, at_chance={("m", "linear")})
+    v = dict(zip(zip(t["method"], t["metric"]), t["verdict"]))
+    assert v[("linear", "accuracy")] == "higher"  # utility is still stated
+    assert v[("linear", "eqodds")] == F.AT_CHANCE and v[("full", "eqodds")] == "fairer"
+    t = F.findings_table(c, at_chance={("m", "zeroshot")})  # the baseline (_row's) at chance: nothing judged
+    assert set(t.loc[t["metric"] == "eqodds", "verdict"]) == {F.AT_CHANCE}
+    assert "not judged: at chance in 2" in F.summary_lines(t, 0.95)[1]
+
+
+def test_holm_adjusted_verdicts_sit_beside_unadjusted_ones_when_comparisons_carry_them():
+    c = _comparisons([_row("accuracy", method="linear"), _row("eqodds", "sex", method="linear", lo=-0.2, hi=-0.01),
+                      _row("accuracy", method="full", seed=0), _row("accuracy", method="full", seed=1)])
+    c = c.assign(p_value=[0.001, 0.02, 0.001, 0.004], p_holm=[0.004, 0.06, 0.003, 0.02])
+    t = F.findings_table(c, alpha=0.05)
+    v = {(r.method, r.metric): (r.verdict, r.verdict_holm, r.p_holm) for r in t.itertuples()}
+    assert v[("linear", "accuracy")][:2] == ("higher", "higher")
+    assert v[("linear", "eqodds")][:2] == ("fairer", "no clear change")  # survives unadjusted only
+    assert v[("full", "accuracy")][2] == 0.02  # pooled seeds: the largest adjusted p
+    sentence = F.sentences(t)[0]
+    assert "EqOdds +10.0 [−20.0, −1.0] (**fairer**; Holm: no clear change)" in sentence  # _row delta, test intervals
+    lines = F.summary_lines(t, 0.95)
+    assert "after Holm: fairer" not in lines[1] and "after Holm: no clear change in 1" in lines[1]
+    assert "Holm-adjusted verdicts" in lines[-1]
+    assert "Holm" not in " ".join(F.summary_lines(F.findings_table(c.drop(columns=["p_value", "p_holm"])), 0.95))
 
 
 def test_sentence_wording():
@@ -85,7 +123,7 @@ def test_summary_counts_and_multiplicity():
     lines = F.summary_lines(F.findings_table(c), level=0.95)
     assert lines[0] == "**Accuracy**: higher in 2, no clear change in 1 (of 3 comparisons)."
     assert lines[1] == "**Fairness** (EqOdds by sex): fairer in 1 (of 1 comparisons)."
-    assert "In all, 4 comparisons (3 model × method runs" in lines[2]
+    assert "In all, 4 comparisons (3 model × method pairs, seeds pooled" in lines[2]
     assert "not corrected for multiplicity" in lines[2] and "about 0.2 of the 4" in lines[2]
 
 

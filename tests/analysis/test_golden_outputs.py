@@ -10,10 +10,13 @@ Each file is compared by the SHA-256 of a canonical form, recorded with the pre-
 CSVs with every float printed to 9 significant digits (so last-bit differences of a CPU's vector
 math cannot fail it; any change of a row, column, order, text or a number beyond 1e-9 relative
 does), report.md / report.html / analysis.json exactly, with the temporary folder's path replaced.
-One intended change since: multi-label ``eqodds_max`` is named ``eqodds_worst`` (one name per
-idea across tasks), which renames it in metrics.csv / seeds.csv / comparisons.csv and moves it
-into the report's first fairness columns, as for multi-class; nothing else differed (checked
-against the pre-refactor code with the old name substituted).
+Intended changes since, each checked when it landed: multi-label ``eqodds_max`` is named
+``eqodds_worst`` (one name per idea across tasks; nothing else differed with the old name
+substituted); metric definitions cite "Sun et al. eq. N"; seed variance (two-level bootstrap of
+seed means and deltas, seed-mean rows, p-values with Holm, ``unlike_reason``); per-metric interval
+methods (``value_bc``, ``interval`` in metrics.csv, hull intervals for gap metrics); each model's
+linear probe as the comparisons' reference, findings pooled over seeds, the report's banner and
+headline.
 After an intended change of the outputs, print the new digests with
 ``python -m tests.analysis.test_golden_outputs`` (from the repository root) and paste them below.
 """
@@ -41,13 +44,13 @@ TEXT_FILES = ("report.md", "report.html", "analysis.json")
 EXPECTED = {
     'multiclass': {
         'analysis.json': 'eb59ccc807f152cf0dde501dba8a176bbb58b9d9666b6397fa958c7f7eedf35d',
-        'comparisons.csv': 'c7ac2ba3255823403e27d48c348a2470208d5b392b5cd3beb36827ef707aa29f',
-        'findings.csv': '567d855746fcce133ac07c8f4165b6fa6119e8b143f9668dfe3408596c39e0bb',
+        'comparisons.csv': '986fdc05ec658325fae4a18f79c714b7d0cb5faa7d4887d5476eed511caeab6a',
+        'findings.csv': 'ef4142e4b6620fab27dcdb4210eefb7c52c8d882519f257eba0c8605557d982c',
         'metrics.csv': '41525267b208ba2bfc3fd4896fadfaa9a6a566cf186ffe2d575dccbc3eef8d25',
         'mitigation.csv': 'ee8b2b618924d7479a24806882607045e3d42e8988e3fcfe9e21b3cfd880f453',
         'reliability.csv': '7558390120348b17d76cc85b91dc728e09ddf41e2f27cec99d83e2f7765f9f74',
-        'report.html': '4bf55b3c3b6ed2621b44a94219b19bd481825f34bddcc234039797300a06e86b',
-        'report.md': '627211441726a4fe598c7adedd035742989be70bba542f0dd8ba4db3f3577e44',
+        'report.html': 'bb2ec7ca69b3689aa49d5db0115e7ed372bdb4f74ef629c004b944b90cd27af2',
+        'report.md': '149b43d6be0306847b08bb9b5ccbac49c7eb1cac3bb2e33116ccc9985fd8dcf8',
         'roc.csv': '112d1bdc65b73f0adb6e57ac976b4cde2accde615aa85982b5686e1de0b1c940',
         'runs.csv': '34b124b0c6d83591c5f5d02cbbaed0b132be0d533b7aea54c78ec4484db28404',
         'seeds.csv': '76af3f524cad160e24f7a9e4cb76738b780380b594cf5d0947e2f459d6c4e8cb',
@@ -55,12 +58,12 @@ EXPECTED = {
     },
     'multilabel': {
         'analysis.json': '4a1d32686bfe7342073b2f046513f5e4c5a6fad89e7ce063a46b8a873476fc3e',
-        'comparisons.csv': 'b54c5e824e756a8013c7869fe45da2d4ab7d81e5cc08a2bb2e0ec73a872a4db0',
-        'findings.csv': '556114960036153f6d24a1e387c5c61a75ed708096c2e59d76f241087980f241',
+        'comparisons.csv': '669982b4fd091e934216a7f1f610da6bf2fd65e3715d97ab7d10740cbf80762c',
+        'findings.csv': '147bcedb5a6d24d95064de3c8e02cca9f4d98507fc4a2cbd07a6713c43c07ada',
         'metrics.csv': 'd0eb9a9d55897f4ce8f0d5d0b1bc6a5dae9c6e49e4fc8249c0acf964402da665',
         'reliability.csv': '8378c325fa3afaa6203eede27a197c73a57191ff0dd4087f7f5ac1a2d9e3c887',
-        'report.html': '1e937d4de48bc1369908c65805041414de3d43c6d7466cd34356e54a1ade100e',
-        'report.md': 'ba49e6058e7cf678d76c4b91fe50e77b1857304adbd830cbee431db8ba4757a0',
+        'report.html': '5faf10ea0b140205fea66908c62f7971f0902406dd293d25aa19769e8e451879',
+        'report.md': 'a77b4314de53b91c2f929d06216d1a6f0b757e1eb752f04fa1ae5ff198a971d6',
         'roc.csv': '5f9f4a80015486a723c14d17b8ae8f7251f89bbf3cf432a2465206e3610818c4',
         'runs.csv': '3fc2c182e30f6ee8fde425a34743f27a33be03774dc60c318bad44329c5161aa',
         'seeds.csv': 'd7bebfde31342904c82fb20121a21f9700de6c27e25c3ff0746c49869eef1d72',

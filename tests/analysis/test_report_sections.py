@@ -140,9 +140,11 @@ def test_shortcut_section_states_shortcut_csv_and_draws_both_panels(ml):
     fig = sec.figures[0].draw()
     try:
         left, right = fig.axes[:2]
-        assert len(left.patches) == 2 * len(res.shortcut)  # with / without per run
-        assert len({p.get_hatch() for p in left.patches}) == 2  # with / without apart in greyscale
-        assert len(right.get_yticklabels()) == len(res.shortcut)
+        points = [ln for ln in left.lines if ln.get_linestyle() == "None"]
+        assert len(points) == 2 and all(len(p.get_xdata()) == len(res.shortcut) for p in points)  # with / without per run
+        assert len({p.get_marker() for p in points}) == 2  # with / without apart in greyscale
+        assert len(left.get_yticklabels()) == len(res.shortcut)  # one row per run, shared with the difference panel
+        assert fig.get_size_inches()[0] <= 9.0  # grows down with the runs, never wider than the page
     finally:
         plt.close(fig)
 

@@ -94,9 +94,9 @@ def test_shortcut_rows_in_seeds_and_comparisons(ml):
     _, _, res = ml
     key = (res.comparisons["metric"] == "shortcut_delta") & (res.comparisons["attribute"] == "drain")
     c = res.comparisons[key & (res.comparisons["class"] == "Pneumothorax")]
-    assert len(c) == 1 and c["method"].item() == "linear"
+    assert len(c) == 1 and c["method"].item() == "zeroshot" and c["baseline"].item() == "linear"  # the reference
     d = res.shortcut.set_index("method")["delta"]
-    assert c["delta"].item() == pytest.approx(d["linear"] - d["zeroshot"])
+    assert c["delta"].item() == pytest.approx(d["zeroshot"] - d["linear"])
     assert set(res.seeds.loc[res.seeds["attribute"] == "drain", "metric"]) == {
         "shortcut_auc_with", "shortcut_auc_without", "shortcut_delta"}
     assert any("positives with drain = 1" in n and "negatives" in n for n in res.notes)
