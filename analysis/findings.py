@@ -112,7 +112,7 @@ def _pool(hit: pd.DataFrame) -> tuple[float, float, float, int, float, float]:
     p = rows["p_value"].astype(float) if "p_value" in rows else pd.Series([np.nan])
     ph = rows["p_holm"].astype(float) if "p_holm" in rows else pd.Series([np.nan])
     # A seed-mean row says how many seeds it averages (``n_seeds``); pooled rows are one per seed.
-    n = int(agg["n_seeds"].iloc[0]) if len(agg) and "n_seeds" in agg else len(rows)
+    n = (int(agg["n_seeds"].iloc[0]) if "n_seeds" in agg else 0) if len(agg) else len(rows)  # 0: not recorded
     return (float(rows["delta"].astype(float).mean()), float(rows["ci_low"].astype(float).min()),
             float(rows["ci_high"].astype(float).max()), n, float(p.max()), float(ph.max()))
 
