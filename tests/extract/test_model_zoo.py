@@ -3,9 +3,12 @@ pre-projection hook is what the projection consumes, and tiny variants extract e
 
 from __future__ import annotations
 
+import io
+
 import re
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
@@ -30,14 +33,17 @@ def empty_home(tmp_path, monkeypatch):
 def test_models_list_shows_every_model_with_source_licence_and_embedding():
     from cxrfair.extract.cli import models
 
-    out = CliRunner().invoke(models, ["list"]).output
-    header = out.splitlines()[0]
-    for column in ("cached embedding", "pre-projection", "weights source", "licence"):
-        assert column in header
+    out = CliRunner().invoke(models, ["list"]).output  # the 100-column table: name, dim, weights, licence
+    assert {"name", "dim", "weights", "licence"} <= set(out.splitlines()[0].split())
+    # Every field whole: --format csv.
+    table = pd.read_csv(io.StringIO(CliRunner().invoke(models, ["list", "--format", "csv"]).output),
+                        keep_default_na=False).set_index("name")
+    for column in ("cached_embedding", "pre_projection", "weights_source", "licence"):
+        assert column in table.columns
     for name in NEW_REAL + NEW_TINY:
-        row = next(line for line in out.splitlines() if line.split()[0] == name)
+        assert any(line.split()[0] == name for line in out.splitlines()[1:] if line.strip())
         spec = get_spec(name)
-        assert spec.weights_source in row and str(spec.embed_dim) in row
+        assert table.loc[name, "weights_source"] == spec.weights_source and int(table.loc[name, "dim"]) == spec.embed_dim
         assert spec.license and (spec.tiny or spec.license != "-")
 
 
