@@ -34,7 +34,9 @@ class Mitigation:
     low: float = 0.0  # the strength's range: [low, high] or (low, high] when not low_inclusive
     high: float = math.inf
     low_inclusive: bool = True
-    probe_strengths: tuple[float, ...] = ()  # the probe sweep's default strength axis
+    # The probe sweep's default strength axis. A zero_is_erm row starts at 0, so a default sweep carries
+    # its own ERM counterpart (same solver, grid and selection rule): its deltas are like for like.
+    probe_strengths: tuple[float, ...] = ()
     finetune_strength: float | None = None  # fine-tuning's default (one run per strength)
     postprocess_strength: float | None = None  # post-processing's default (one run per strength)
     zero_is_erm: bool = False  # strength 0 trains plain ERM with the mitigation's own solver and grid
@@ -72,16 +74,16 @@ _ROWS = (
     Mitigation("erm", (PROBE, FINETUNE), "plain training: the mean per-example loss", needs_sensitive=False),
     Mitigation("reweight", (PROBE, FINETUNE), "examples weighted by their (group, class) cell's size",
                strength="exponent s of w ∝ n_cell^-s (1: every cell counts equally)", low=0.0, high=1.0,
-               probe_strengths=(0.5, 1.0), finetune_strength=1.0, zero_is_erm=True),
+               probe_strengths=(0.0, 0.5, 1.0), finetune_strength=1.0, zero_is_erm=True),
     Mitigation("groupdro", (PROBE, FINETUNE), "online group DRO over (group, class) cells (Sagawa et al.)",
                probe_solver="adamw", strength="step size η of the cell weights q", low_inclusive=False,
                probe_strengths=(0.01, 0.1, 1.0), finetune_strength=0.01),
     Mitigation("adversarial", (PROBE, FINETUNE), "an adversary predicts the attribute; its gradient is reversed",
                probe_solver="adamw", strength="λ of the reversed adversary gradient",
-               probe_strengths=(0.1, 0.3, 1.0), finetune_strength=1.0, zero_is_erm=True),
+               probe_strengths=(0.0, 0.1, 0.3, 1.0), finetune_strength=1.0, zero_is_erm=True),
     Mitigation("fairot", (PROBE, FINETUNE), "Sinkhorn divergence between each group's and all scores (FairCLIP)",
                probe_solver="adamw", strength="λ of the Sinkhorn term",
-               probe_strengths=(0.1, 1.0, 10.0), finetune_strength=1.0, zero_is_erm=True),
+               probe_strengths=(0.0, 0.1, 1.0, 10.0), finetune_strength=1.0, zero_is_erm=True),
     Mitigation("erase", (PROBE,), "LEACE: the attribute linearly erased from the features before the probe"),
     Mitigation("thresholds", (POSTPROCESS,), "group thresholds / class offsets fitted on validation",
                strength="validation utility the fit may give up, absolute (0.02 = two points)", high=1.0,

@@ -46,7 +46,8 @@ def test_each_row_is_consistent(name):
         assert m.postprocess_strength is not None and m.strength_ok(m.postprocess_strength)
     else:
         assert m.postprocess_strength is None
-    if m.zero_is_erm:
+    if m.zero_is_erm:  # a default probe sweep carries its own ERM counterpart: like-for-like deltas
+        assert M.PROBE not in m.stages or 0.0 in m.probe_strengths
         assert m.strength_ok(0.0) and M.check_strength(name, 0.0) == 0.0 and M.check_strengths(name, (0.0,)) == (0.0,)
     assert not m.strength_ok(math.inf) and not m.strength_ok(math.nan) and not m.strength_ok(m.low - 1)
 
