@@ -54,7 +54,7 @@ VIEWS = ("frontal", "all")
 NOT_CARRIED = {"frontal", "official_split", "label", "labels", "line", "group"}
 # Standard columns that are never a sensitive attribute (drain is a shortcut, the rest ids or image facts).
 NOT_ATTRIBUTES = NOT_CARRIED | {"drain", "view", "study_id", "study_date", "patient_key", "path", "image_id",
-                                "patient_id", "age", "split", "sex", "age_group"}
+                                "patient_id", "age", "split", "sex", "age_group", "text"}
 
 
 # --------------------------------------------------------------------------------------------

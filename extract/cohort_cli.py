@@ -112,12 +112,14 @@ def build(preset, all_views, out, **options) -> None:
               help="nih: single-label images per disease x group (the nih-6x200 preset needs >= 50).")
 @click.option("--patients", type=int, default=None, help="chexpert / mimic: number of patients  [default: 400]")
 @click.option("--no-images", is_flag=True, help="Metadata files only (for benchmarks at full size).")
+@click.option("--reports", is_flag=True,
+              help="mimic: also mimic-cxr-reports.zip, one synthetic free-text report per study saying what its labels say.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
-def synth(fmt, out, seed, size, per_cell, patients, no_images, force) -> None:
+def synth(fmt, out, seed, size, per_cell, patients, no_images, reports, force) -> None:
     """Synthetic chest X-rays in a real dataset's layout with planted group differences (see synth_info.json)."""
     from cxrfair.extract.synth import SynthConfig, build_command, make_synth
 
     info = make_synth(SynthConfig(out=out, format=fmt, seed=seed, size=size, per_cell=per_cell, patients=patients,
-                                  images=not no_images, force=force))
+                                  images=not no_images, reports=reports, force=force))
     click.echo(f"wrote {out}: {info['images']} images of {info['size']} px from {info['patients']} patients "
                f"({fmt} layout); build a cohort with\n  {build_command(info, out)}")

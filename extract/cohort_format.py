@@ -29,7 +29,10 @@ SEXES = ("M", "F")
 AGE_GROUPS = ("young", "old")
 # Group order used in tables and cohort.json: young male, young female, old male, old female.
 GROUPS = tuple(f"{a}_{s}" for a in AGE_GROUPS for s in SEXES)
-EXTRA_ORDER = ("view", "study_id", "study_date", "race", "drain", "patient_key")  # extras come in this order
+EXTRA_ORDER = ("view", "study_id", "study_date", "race", "drain", "patient_key", "text")  # extras come in this order
+# ``text``: one free-text report or caption per image (str; "" = none), for contrastive image-text
+# training. Like every column but ``path`` it enters the v2 hash, so the same images with other
+# reports are another cohort; a cohort without it keeps the hash it always had.
 INT_COLUMNS = ("patient_id", "age", "study_id")
 FLAGS = {"1": 1.0, "0": 0.0, "": np.nan}  # y_ and drain cells as written -> float
 NEEDS_QUOTES = re.compile(r'[,"\r\n]')

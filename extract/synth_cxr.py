@@ -18,7 +18,9 @@
 - ``DIR/mimiciv/2.2/hosp/patients.csv.gz`` (``subject_id, gender, anchor_age, anchor_year,
   anchor_year_group, dod``; 1% of the patients missing) and ``hosp/admissions.csv.gz`` (the 16
   columns of MIMIC-IV 2.2, race in MIMIC-IV's own strings; 10% of the patients without an
-  admission, 4% with admissions whose race disagrees).
+  admission, 4% with admissions whose race disagrees);
+- with ``--reports``, ``DIR/mimic-cxr/2.0.0/mimic-cxr-reports.zip``: one free-text report per
+  study saying what its labels say (``synth_reports.py``).
 
 What is planted (on top of the NIH renderer's chest template and noise, ``synth.py``):
 
@@ -52,6 +54,7 @@ from cxrfair.io import atomic_dir
 
 from .cohort_format import csv_text
 from .datasets import chexpert, mimic
+from .synth_reports import DEMOGRAPHIC_SHARE, REPORTS_DIR, REPORTS_NAME, make_reports, write_reports_zip
 from .synth_render import AMPLITUDE, NOISE_SD, PATTERNS, SynthConfig, render_images
 
 CODES = np.array(["1.0", "0.0", "-1.0", ""], dtype=object)  # how both releases write 1 / 0 / -1 / blank
@@ -254,7 +257,7 @@ def mimic_tables(patients, studies, images, rng) -> dict[str, pd.DataFrame]:
     split_of_patient = np.array(["train", "validate", "test"])[np.searchsorted([0.7, 0.8], rng.random(len(patients)))]
     split = pd.DataFrame({"dicom_id": ids["dicom"], "study_id": ids["study"][st], "subject_id": subject_of_image,
                           "split": split_of_patient[pid[st]]})
-    return {"metadata": meta, "chexpert": labels[labelled], "split": split,
+    return {"metadata": meta, "chexpert": labels[labelled], "split": split, "studies": labels[["subject_id", "study_id"]],
             "patients": mimic_patients(patients, ids["subject"], anchor_year, rng),
             "admissions": mimic_admissions(patients, ids["subject"], anchor_year, rng)}
 
@@ -298,10 +301,27 @@ def write_mimic(config: SynthConfig, tmp: Path, patients, studies, images, rng) 
         for i, px in render_plan(patients, studies, images, config.size, rng):
             sid, study, dicom = meta["subject_id"].iat[i], meta["study_id"].iat[i], meta["dicom_id"].iat[i]
             _save_jpeg(tmp / CXR_DIR / f"files/p{str(sid)[:2]}/p{sid}/s{study}/{dicom}.jpg", px)
-    return {"metadata": CXR_DIR, "mimic_iv": "mimiciv/2.2",
+    info = {"metadata": CXR_DIR, "mimic_iv": "mimiciv/2.2",
             "official_split": "train / validate / test = 70 / 10 / 20% of patients",
             "build": f"cxrfair cohort build --dataset mimic --preset mimic-sourget --metadata OUT/{CXR_DIR} "
                      f"--mimic-iv OUT/mimiciv/2.2 --images OUT/{CXR_DIR} --out COHORT"}
+    if config.reports:
+        info.update(write_synth_reports(config, tmp, patients, studies, tables["studies"]))
+        info["build"] = info["build"].replace(" --out COHORT", f" --reports OUT/{REPORTS_DIR}/{REPORTS_NAME} --out COHORT")
+    return info
+
+
+def write_synth_reports(config: SynthConfig, tmp: Path, patients, studies, ids: pd.DataFrame) -> dict:
+    """mimic-cxr-reports.zip from the studies' labels, on its own seeded stream; its synth_info entry."""
+    sex = patients["sex"].to_numpy()[studies["patient"].to_numpy()]
+    codes = studies[[f for f in mimic.FINDINGS if f != "No Finding"]]
+    reports = make_reports(codes, sex, studies["age"].to_numpy(), _rng(config.seed, "reports"))
+    write_reports_zip(tmp / REPORTS_DIR / REPORTS_NAME, ids["subject_id"].to_numpy(), ids["study_id"].to_numpy(), reports)
+    return {"reports": {"file": f"{REPORTS_DIR}/{REPORTS_NAME}", "studies": len(reports),
+                        "stating_age_and_sex": sum(r.count("The patient is a ") for r in reports),
+                        "demographic_share": DEMOGRAPHIC_SHARE,
+                        "content": "FINDINGS assert every positive label, hedge uncertain ones, negate negative ones; "
+                                   "blank labels are not mentioned; IMPRESSION names the positives (synth_reports.py)"}}
 
 
 def make_cxr_synth(config: SynthConfig) -> dict:
@@ -313,7 +333,8 @@ def make_cxr_synth(config: SynthConfig) -> dict:
     images = plan_images(studies, rng, SHAPE[config.format][1])
     info = _common_info(config, patients, studies, images)
     write = write_chexpert if config.format == "chexpert" else write_mimic
-    writes = (CHEXPERT_DIR, DEMO_NAME, CXR_DIR.split("/")[0], IV_DIR.split("/")[0], "synth_info.json")
+    writes = (CHEXPERT_DIR, DEMO_NAME, CXR_DIR.split("/")[0], IV_DIR.split("/")[0], REPORTS_DIR.split("/")[0],
+              "synth_info.json")
     with atomic_dir(config.out, force=config.force, writes=writes) as tmp:
         if config.format == "chexpert":
             (tmp / CHEXPERT_DIR).mkdir()

@@ -36,6 +36,7 @@ class SynthConfig:
     per_cell: int = 64  # nih: single-label images per disease x (sex, age band); the preset needs >= 50
     patients: int | None = None  # chexpert / mimic: number of patients (default 400)
     images: bool = True  # False: metadata files only (benchmarks at the real datasets' size)
+    reports: bool = False  # mimic: also mimic-cxr-reports.zip, one synthetic report per study (synth_reports.py)
     force: bool = False  # replace an existing output folder
 
     def __post_init__(self) -> None:
@@ -50,6 +51,8 @@ class SynthConfig:
             raise CxrfairError(f"--seed {self.seed}: must be a non-negative integer")
         if self.patients is not None and (self.format == "nih" or not 10 <= self.patients <= 200_000):
             raise CxrfairError(f"--patients {self.patients}: between 10 and 200000, for --format chexpert or mimic")
+        if self.reports and self.format != "mimic":
+            raise CxrfairError(f"--reports: only --format mimic has reports (MIMIC-CXR ships them), not {self.format}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,6 +19,8 @@ race       no        race group per image as written (``--race-map FILE`` maps c
 label      no        one finding name per image (multi-class source, e.g. ``label=Finding``);
                      it also gives one 1/0 finding column per name
 study      no        integer study id
+text       no        free-text report or caption of the image, kept exactly as the file holds
+                     it (commas, quotes, line breaks; blank = none): the cohort's ``text`` column
 any other  no        an extra attribute column of that name (e.g. ``scanner=Manufacturer``),
                      usable in ``--attributes``
 =========  ========  ==========================================================================
@@ -47,16 +49,16 @@ NAME = "csv"
 METADATA = Option("metadata", "file", "your CSV")
 OPTIONS = (
     Option("columns", "pairs", "key=COLUMN pairs: path=COL,patient=COL,sex=COL,age=COL[,view=,split=,race=,label=,"
-           "image=,study=,NAME=COL]", required=True),
+           "image=,study=,text=,NAME=COL]", required=True),
     Option("labels", "list", "finding columns: A,B or Name=COL,... (or label=COL in --columns)"),
     RACE_MAP,
 )
 # How to give the standard data a preset may need (named in its error).
 HOW = {"official_split": "split=COLUMN in --columns", "race": "race=COLUMN in --columns", "label": "label=COLUMN to --columns"}
 REQUIRED = ("path", "patient", "sex", "age")
-KNOWN = REQUIRED + ("image", "view", "split", "race", "label", "study")
+KNOWN = REQUIRED + ("image", "view", "split", "race", "label", "study", "text")
 STANDARD = ("image_id", "path", "patient_id", "sex", "age", "frontal", "view", "official_split", "label", "study_id",
-            "race", "patient_key", "drain", "age_group", "split", "group")
+            "race", "patient_key", "drain", "age_group", "split", "group", "text")
 FRONTAL = {"AP", "PA", "FRONTAL", "POSTEROANTERIOR", "ANTEROPOSTERIOR"}
 HINT = "see `cxrfair cohort build --help` for --columns and --labels"
 
@@ -129,6 +131,8 @@ def standard_columns(raw: pd.DataFrame, m: dict[str, str], where: Where, race_ma
                          if race_map is not None else race.to_numpy())
     if "label" in m:
         table["label"] = col("label").pipe(strip).to_numpy()
+    if "text" in m:  # as written: a report's line breaks and spacing are the user's to keep
+        table["text"] = col("text").to_numpy(dtype=object)
     for k in (k for k in m if k not in KNOWN):
         table[k] = col(k).pipe(strip).to_numpy()
     return table

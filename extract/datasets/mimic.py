@@ -13,6 +13,12 @@ https://physionet.org/content/mimiciv/):
   anchor_age, anchor_year``; required: MIMIC-CXR itself has no sex or age) and
   ``hosp/admissions.csv.gz`` (``subject_id, race``, older releases ``ethnicity``; optional, gives
   race). Passing the ``hosp`` folder itself works too.
+- ``--reports PATH`` (optional): MIMIC-CXR's free-text reports (https://physionet.org/content/mimic-cxr/2.0.0/),
+  ``mimic-cxr-reports.zip`` as PhysioNet ships it or the folder holding (or being) ``files/``, one
+  report per study at ``files/p10/p10000032/s50414267.txt``. With it the table gains ``text``: each
+  image carries its study's report (``report_text``: the FINDINGS then the IMPRESSION section when
+  either is there, else the whole report; whitespace runs become one space); a study without a
+  report file gets ``""`` (counted).
 
 Rules: age at the study = ``anchor_age + (study year - anchor_year)``; race per patient from
 all admissions by ``races.MIMIC_IV``, unknown codes ignored, patients whose admissions disagree
@@ -24,6 +30,8 @@ after validate after train) are set aside (counted).
 
 from __future__ import annotations
 
+import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +54,8 @@ OPTIONS = (
     Option("mimic_iv", "folder", "the MIMIC-IV folder with hosp/patients.csv.gz (sex, age) and hosp/admissions.csv.gz "
            "(race)", files=("hosp/patients.csv", "hosp/admissions.csv"), required=True),
     RACE_MAP,
+    Option("reports", "folder", "MIMIC-CXR's reports: mimic-cxr-reports.zip, or the folder holding files/pXX/pNNNNNNNN/"
+           "sNNNNNNNN.txt (gives the cohort a text column)"),
 )
 HOW = {"race": "--mimic-iv with hosp/admissions.csv.gz"}  # how to give the standard data a preset may need
 FINDINGS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
@@ -54,6 +64,13 @@ FINDINGS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged C
 FRONTAL = ("AP", "PA")
 SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
 HINT = "pass the MIMIC-CXR-JPG folder holding mimic-cxr-2.0.0-metadata.csv.gz, -chexpert.csv.gz and -split.csv.gz"
+REPORTS_HINT = ("pass --reports with mimic-cxr-reports.zip from PhysioNet's MIMIC-CXR, or the folder holding "
+                "files/p10/p10000032/s50414267.txt")
+# A section header: a line starting with capitals and a colon (" FINDINGS:", " WET READ:"), as the
+# MIMIC-CXR authors' section parser finds them (github.com/MIT-LCP/mimic-cxr, txt/section_parser.py).
+HEADER = re.compile(r"^[ \t]*([A-Z][A-Z ()/,&-]*?)[ \t]*:(?=\s|\Z)", re.M)
+SECTIONS = {"FINDINGS": 0, "FINDING": 0, "IMPRESSION": 1, "IMPRESSIONS": 1}  # kept, in this order
+REPORT_NAME = re.compile(r"(?:^|/)p(\d+)/s(\d+)\.txt$")  # files/p10/p10000032/s50414267.txt
 IV_HINT = ("pass --mimic-iv with the MIMIC-IV folder holding hosp/patients.csv.gz and hosp/admissions.csv.gz "
            "(MIMIC-CXR itself has no sex or age)")
 
@@ -75,6 +92,11 @@ def read(sources: Sources) -> DatasetTable:
         images["race"], race_notes = admissions_race(admissions, images["patient_id"], sources.get("race_map"))
         notes.update(race_notes)
         used.append(("admissions", admissions))
+    if sources.get("reports") is not None:
+        reports = Path(sources.get("reports"))
+        images["text"], notes["no_report_images"] = read_reports(reports, images["patient_id"], images["study_id"])
+        if reports.is_file():  # a zip; a folder's 227k files are not hashed one by one
+            used.append(("reports", reports))
     table = images.drop(columns=["year"]).reset_index(drop=True)
     return DatasetTable(NAME, table, tuple(findings), tuple(used), files["chexpert"], notes)
 
@@ -216,3 +238,77 @@ def admissions_race(path: Path, patient_id: pd.Series, race_map: Path | None) ->
     in_conflict = patient_id.isin(conflicts).to_numpy()
     return race, {"race_conflict_images": int(in_conflict.sum()),
                   "race_missing_images": int(((race == "") & ~in_conflict).sum())}
+
+
+# --------------------------------------------------------------------------------------------
+# MIMIC-CXR reports
+
+
+def report_text(raw: str) -> str:
+    """The text a report contributes: its FINDINGS then its IMPRESSION section (every section so
+    headed, in that order) when either has text, else the whole report; whitespace runs become one
+    space. ``"FINDINGS:\\n  No effusion.\\n IMPRESSION: Normal."`` -> ``"No effusion. Normal."``."""
+    heads = list(HEADER.finditer(raw))
+    parts: list[tuple[int, int, str]] = []
+    for k, (head, nxt) in enumerate(zip(heads, heads[1:] + [None])):
+        which = SECTIONS.get(" ".join(head.group(1).split()))
+        if which is not None:
+            parts.append((which, k, raw[head.end(): nxt.start() if nxt is not None else len(raw)]))
+    text = " ".join(" ".join(body.split()) for _, _, body in sorted(parts)).strip()
+    return " ".join(text.split()) if text else " ".join(raw.split())
+
+
+def read_reports(path: Path, patient_id: pd.Series, study_id: pd.Series) -> tuple[np.ndarray, int]:
+    """(N,) the report text (``report_text``) of each image's study, ``""`` where the study has no
+    report file; and how many images that is. ``path``: mimic-cxr-reports.zip, or a folder holding
+    (or being) ``files/``. Each study's report is read once."""
+    keys = pd.DataFrame({"p": patient_id.to_numpy(), "s": study_id.to_numpy()})
+    studies = keys.drop_duplicates()
+    if path.is_file():
+        texts = _zip_reports(path, studies)
+    elif path.is_dir():
+        texts = _folder_reports(path, studies)
+    else:
+        raise CxrfairError(f"--reports {path}: not found; {REPORTS_HINT}")
+    if studies.size and not any(texts):
+        raise CxrfairError(f"--reports {path}: no report for any of the {len(studies)} studies (looked for e.g. "
+                           f"{_report_name(*studies.iloc[0])}); {REPORTS_HINT}")
+    lookup = pd.Series(texts, index=pd.MultiIndex.from_frame(studies), dtype=object)
+    text = lookup.reindex(pd.MultiIndex.from_frame(keys)).fillna("").to_numpy(dtype=object)
+    return text, int((text == "").sum())
+
+
+def _report_name(patient: int, study: int) -> str:
+    return f"files/p{str(patient)[:2]}/p{patient}/s{study}.txt"
+
+
+def _decode(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CxrfairError(f"reports {where}: not UTF-8 text ({e.reason} at byte {e.start}); replace the file with "
+                           "the one PhysioNet ships") from None
+
+
+def _folder_reports(root: Path, studies: pd.DataFrame) -> list[str]:
+    files = root if root.name == "files" and not (root / "files").is_dir() else root / "files"
+    texts = []
+    for p, s in zip(studies["p"].tolist(), studies["s"].tolist()):
+        f = files / _report_name(p, s).removeprefix("files/")
+        texts.append(report_text(_decode(f.read_bytes(), str(f))) if f.is_file() else "")
+    return texts
+
+
+def _zip_reports(path: Path, studies: pd.DataFrame) -> list[str]:
+    """Reports out of the zip, found by their ``pNNNNNNNN/sNNNNNNNN.txt`` ending wherever the zip nests them."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = {}
+            for name in zf.namelist():
+                m = REPORT_NAME.search(name)
+                if m:
+                    names.setdefault((int(m.group(1)), int(m.group(2))), name)
+            wanted = [names.get((p, s)) for p, s in zip(studies["p"].tolist(), studies["s"].tolist())]
+            return [report_text(_decode(zf.read(n), f"{path}:{n}")) if n is not None else "" for n in wanted]
+    except (zipfile.BadZipFile, OSError) as e:
+        raise CxrfairError(f"--reports {path}: not a readable zip ({e}); {REPORTS_HINT}") from None
