@@ -67,6 +67,8 @@ def _cohort_sources(config: ExperimentConfig, p: dict) -> dict:
     sources = {k: p["synth"] / v for k, v in _SYNTH_SOURCES[sy.format].items()}
     if sy.format == "nih" and sy.drains:
         sources["drains"] = p["synth"] / synth.NEATX_NAME
+    if sy.format == "mimic" and sy.reports:  # the synthetic reports give the cohort its text column
+        sources["reports"] = p["synth"] / synth.REPORTS_FILE
     if sy.format == "nih" and c.preset in PRESETS and PRESETS[c.preset].split_rule == "official":
         sources["official_split"] = p["synth"]
     return sources

@@ -81,6 +81,7 @@ from cxrfair.io import atomic_dir
 
 from .synth_cxr import make_cxr_synth
 from .synth_render import AMPLITUDE, NOISE_SD, PATTERNS, SynthConfig, render_images
+from .synth_reports import REPORTS_FILE
 
 DISEASES = ("Cardiomegaly", "Effusion", "Atelectasis", "Pneumothorax", "Edema", "Consolidation")
 GROUPS = (("M", "young"), ("F", "young"), ("M", "old"), ("F", "old"))
@@ -263,4 +264,4 @@ def make_synth(config: SynthConfig) -> dict:
     return info
 
 
-__all__ = ["DISEASES", "SynthConfig", "build_command", "make_synth", "plan_rows", "render", "render_images", "synth_info"]
+__all__ = ["DISEASES", "REPORTS_FILE", "SynthConfig", "build_command", "make_synth", "plan_rows", "render", "render_images", "synth_info"]

@@ -54,7 +54,7 @@ from cxrfair.io import atomic_dir
 
 from .cohort_format import csv_text
 from .datasets import chexpert, mimic
-from .synth_reports import DEMOGRAPHIC_SHARE, REPORTS_DIR, REPORTS_NAME, make_reports, write_reports_zip
+from .synth_reports import DEMOGRAPHIC_SHARE, REPORTS_DIR, REPORTS_FILE, make_reports, write_reports_zip
 from .synth_render import AMPLITUDE, NOISE_SD, PATTERNS, SynthConfig, render_images
 
 CODES = np.array(["1.0", "0.0", "-1.0", ""], dtype=object)  # how both releases write 1 / 0 / -1 / blank
@@ -307,7 +307,7 @@ def write_mimic(config: SynthConfig, tmp: Path, patients, studies, images, rng) 
                      f"--mimic-iv OUT/mimiciv/2.2 --images OUT/{CXR_DIR} --out COHORT"}
     if config.reports:
         info.update(write_synth_reports(config, tmp, patients, studies, tables["studies"]))
-        info["build"] = info["build"].replace(" --out COHORT", f" --reports OUT/{REPORTS_DIR}/{REPORTS_NAME} --out COHORT")
+        info["build"] = info["build"].replace(" --out COHORT", f" --reports OUT/{REPORTS_FILE} --out COHORT")
     return info
 
 
@@ -316,8 +316,8 @@ def write_synth_reports(config: SynthConfig, tmp: Path, patients, studies, ids: 
     sex = patients["sex"].to_numpy()[studies["patient"].to_numpy()]
     codes = studies[[f for f in mimic.FINDINGS if f != "No Finding"]]
     reports = make_reports(codes, sex, studies["age"].to_numpy(), _rng(config.seed, "reports"))
-    write_reports_zip(tmp / REPORTS_DIR / REPORTS_NAME, ids["subject_id"].to_numpy(), ids["study_id"].to_numpy(), reports)
-    return {"reports": {"file": f"{REPORTS_DIR}/{REPORTS_NAME}", "studies": len(reports),
+    write_reports_zip(tmp / REPORTS_FILE, ids["subject_id"].to_numpy(), ids["study_id"].to_numpy(), reports)
+    return {"reports": {"file": REPORTS_FILE, "studies": len(reports),
                         "stating_age_and_sex": sum(r.count("The patient is a ") for r in reports),
                         "demographic_share": DEMOGRAPHIC_SHARE,
                         "content": "FINDINGS assert every positive label, hedge uncertain ones, negate negative ones; "

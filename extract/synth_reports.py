@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 REPORTS_DIR, REPORTS_NAME = "mimic-cxr/2.0.0", "mimic-cxr-reports.zip"
+REPORTS_FILE = f"{REPORTS_DIR}/{REPORTS_NAME}"  # in the synthetic folder, as on PhysioNet
 DEMOGRAPHIC_SHARE = 0.10  # reports whose FINDINGS state the patient's age and sex
 # Three ways to assert each finding (no hedging words, no other finding's terms).
 POSITIVE = {

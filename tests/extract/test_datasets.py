@@ -41,8 +41,8 @@ def test_a_readers_declaration_is_its_cli_options_config_keys_and_hashed_files(t
     from cxrfair.extract.cohort import CohortConfig
     from cxrfair.extract.cohort_cli import build
 
-    assert list(OPTIONS) == ["official_split", "drains", "demographics", "race_map", "mimic_iv", "columns", "labels"]
-    assert PATH_OPTIONS == ("official_split", "drains", "demographics", "race_map", "mimic_iv")
+    assert list(OPTIONS) == ["official_split", "drains", "demographics", "race_map", "mimic_iv", "reports", "columns", "labels"]
+    assert PATH_OPTIONS == ("official_split", "drains", "demographics", "race_map", "mimic_iv", "reports")
     params = {p.name: p for p in build.get_params(click.Context(build))}
     assert set(OPTIONS) <= set(params) and list(params["dataset"].type.choices) == list(READERS)
     assert all(params[k].opts == [o.flag] for k, o in OPTIONS.items())
