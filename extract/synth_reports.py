@@ -27,7 +27,6 @@ the same with or without reports; same seed, same bytes (zip entries dated 1980-
 
 from __future__ import annotations
 
-import textwrap
 import zipfile
 from pathlib import Path
 
@@ -84,9 +83,17 @@ def _cap(s: str) -> str:
     return s[:1].upper() + s[1:]
 
 
-def _wrap(text: str) -> str:
-    """A section body as MIMIC lays it out: lines of at most 78 characters, each indented by a space."""
-    return "\n".join(" " + line for line in textwrap.wrap(text, 77))
+def _wrap(text: str, width: int = 77) -> str:
+    """A section body as MIMIC lays it out: lines of at most ``width`` + 1 characters, each indented by
+    a space (greedy on spaces; textwrap took 80% of the time at the real size's 227k reports)."""
+    lines, line = [], ""
+    for word in text.split(" "):
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}" if line else word
+    return "\n".join(" " + x for x in lines + [line])
 
 
 def _series(nouns: list[str], conjunction: str) -> str:

@@ -30,6 +30,7 @@ after validate after train) are set aside (counted).
 
 from __future__ import annotations
 
+import io
 import re
 import zipfile
 from pathlib import Path
@@ -70,6 +71,7 @@ REPORTS_HINT = ("pass --reports with mimic-cxr-reports.zip from PhysioNet's MIMI
 # MIMIC-CXR authors' section parser finds them (github.com/MIT-LCP/mimic-cxr, txt/section_parser.py).
 HEADER = re.compile(r"^[ \t]*([A-Z][A-Z ()/,&-]*?)[ \t]*:(?=\s|\Z)", re.M)
 SECTIONS = {"FINDINGS": 0, "FINDING": 0, "IMPRESSION": 1, "IMPRESSIONS": 1}  # kept, in this order
+ZIP_IN_MEMORY = 2**31  # bytes: a reports zip up to this size is read into memory at once
 REPORT_NAME = re.compile(r"(?:^|/)p(\d+)/s(\d+)\.txt$")  # files/p10/p10000032/s50414267.txt
 IV_HINT = ("pass --mimic-iv with the MIMIC-IV folder holding hosp/patients.csv.gz and hosp/admissions.csv.gz "
            "(MIMIC-CXR itself has no sex or age)")
@@ -301,8 +303,9 @@ def _folder_reports(root: Path, studies: pd.DataFrame) -> list[str]:
 
 def _zip_reports(path: Path, studies: pd.DataFrame) -> list[str]:
     """Reports out of the zip, found by their ``pNNNNNNNN/sNNNNNNNN.txt`` ending wherever the zip nests them."""
-    try:
-        with zipfile.ZipFile(path) as zf:
+    try:  # from memory when it fits (the real zip is ~135 MB): a third faster than 227k seeks
+        source = io.BytesIO(path.read_bytes()) if path.stat().st_size < ZIP_IN_MEMORY else path
+        with zipfile.ZipFile(source) as zf:
             names = {}
             for name in zf.namelist():
                 m = REPORT_NAME.search(name)
