@@ -19,8 +19,9 @@ race       no        race group per image as written (``--race-map FILE`` maps c
 label      no        one finding name per image (multi-class source, e.g. ``label=Finding``);
                      it also gives one 1/0 finding column per name
 study      no        integer study id
-text       no        free-text report or caption of the image, kept exactly as the file holds
-                     it (commas, quotes, line breaks; blank = none): the cohort's ``text`` column
+text       no        free-text report or caption of the image, kept as the file holds it
+                     (commas, quotes, spacing; line ends become ``\n``; blank = none): the
+                     cohort's ``text`` column
 any other  no        an extra attribute column of that name (e.g. ``scanner=Manufacturer``),
                      usable in ``--attributes``
 =========  ========  ==========================================================================
@@ -131,8 +132,8 @@ def standard_columns(raw: pd.DataFrame, m: dict[str, str], where: Where, race_ma
                          if race_map is not None else race.to_numpy())
     if "label" in m:
         table["label"] = col("label").pipe(strip).to_numpy()
-    if "text" in m:  # as written: a report's line breaks and spacing are the user's to keep
-        table["text"] = col("text").to_numpy(dtype=object)
+    if "text" in m:  # as written, line ends as \n (csv writers that leave a lone \r unquoted would split the row)
+        table["text"] = np.array([v.replace("\r\n", "\n").replace("\r", "\n") for v in col("text").tolist()], dtype=object)
     for k in (k for k in m if k not in KNOWN):
         table[k] = col(k).pipe(strip).to_numpy()
     return table

@@ -16,7 +16,9 @@ import pytest
 from click.testing import CliRunner
 
 from cxrfair.errors import CxrfairError
+from cxrfair.extract.cache import read_table
 from cxrfair.extract.cohort import CohortConfig, build_cohort, cohort_hash, load_cohort
+from cxrfair.extract.cohort_format import write_cohort_files
 from cxrfair.extract.datasets import Sources, read_dataset
 from cxrfair.extract.datasets.mimic import report_text
 from cxrfair.extract.synth import REPORTS_FILE, SynthConfig, make_synth
@@ -57,10 +59,12 @@ def test_csv_text_mapping_round_trips_exactly_and_enters_the_hash(tmp_path):
     raw, config = export(tmp_path)
     built = build_cohort(config)
     loaded = load_cohort(config.out)
-    original = dict(zip(raw["file"], raw["report"].fillna("")))
-    assert [original[p] for p in loaded.table["path"]] == loaded.table["text"].tolist()
+    original = dict(zip(raw["file"], raw["report"].fillna("").str.replace("\r\n", "\n").str.replace("\r", "\n")))
+    assert [original[p] for p in loaded.table["path"]] == loaded.table["text"].tolist()  # line ends as \n
     assert loaded.table["text"].tolist() == built.table["text"].tolist()
-    assert {"\r\n", "\n", '"', ","} <= {c for t in loaded.table["text"] for c in ("\r\n", "\n", '"', ",") if c in t}
+    assert {"\n", '"', ",", "  "} <= {c for t in loaded.table["text"] for c in ("\r", "\n", '"', ",", "  ") if c in t}
+    # The embedding cache keeps the rows as DataFrame.to_csv text: they must come back the same.
+    assert read_table(loaded.table.to_csv(index=False))["text"].tolist() == loaded.table["text"].tolist()
     header = (config.out / "cohort.csv").read_text().splitlines()[0].split(",")
     assert header[-3:] == ["text", "y_A", "y_B"]  # the last extra column, before the targets
     assert loaded.hash == built.hash == reference_hash(config.out)
@@ -73,6 +77,17 @@ def test_csv_text_mapping_round_trips_exactly_and_enters_the_hash(tmp_path):
     assert loaded.hash != plain.hash
     edited = loaded.table.assign(text=loaded.table["text"].str.replace("effusion", "edema"))
     assert cohort_hash(edited, loaded.classes, loaded.task, loaded.attributes) != loaded.hash
+
+
+def test_cohort_files_keep_any_text_exactly(tmp_path):
+    _, config = export(tmp_path)
+    cohort = build_cohort(config)
+    texts = [AWKWARD[i % len(AWKWARD)] + "\r" * (i % 2) + "\u2028\t x" * (i % 5 == 0) for i in range(len(cohort.table))]
+    table = cohort.table.assign(text=texts)
+    meta = {**cohort.meta, "hash": cohort_hash(table, cohort.classes, cohort.task, cohort.attributes)}
+    (tmp_path / "exact").mkdir()
+    write_cohort_files(tmp_path / "exact", table, meta)
+    assert load_cohort(tmp_path / "exact").table["text"].tolist() == texts
 
 
 def test_an_edited_report_in_cohort_csv_fails_the_hash_check(tmp_path):
