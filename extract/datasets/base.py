@@ -21,6 +21,8 @@ race             group name (``White``/``Black``/``Asian``), ``other`` (a known 
 drain            float64 1/0/NaN (NIH + NEATX only)
 official_split   ``train``/``val``/``test`` or ``""`` (NIH lists, MIMIC split file, csv)
 label            the single finding of a single-label image, else ``""`` (multi-class source)
+text             str, the image's free-text report or caption, ``""`` if none (MIMIC with
+                 ``--reports``, csv with ``text=``); only when the reader was given text
 <finding>        one float32 column per finding: 1, 0, -1 (uncertain) or NaN (blank), as read
 ===============  ===========================================================================
 
