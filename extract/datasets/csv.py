@@ -49,7 +49,7 @@ from .races import RACE_MAP, load_race_map, map_race
 NAME = "csv"
 METADATA = Option("metadata", "file", "your CSV")
 OPTIONS = (
-    Option("columns", "pairs", "key=COLUMN pairs: path=COL,patient=COL,sex=COL,age=COL[,view=,split=,race=,label=,"
+    Option("columns", "pairs", "key=COLUMN pairs: path=COL,patient=COL,sex=COL,age=COL [,view=,split=,race=,label=,"
            "image=,study=,text=,NAME=COL]", required=True),
     Option("labels", "list", "finding columns: A,B or Name=COL,... (or label=COL in --columns)"),
     RACE_MAP,
