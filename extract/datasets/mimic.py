@@ -33,6 +33,7 @@ from __future__ import annotations
 import io
 import re
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -256,8 +257,8 @@ def report_text(raw: str) -> str:
         which = SECTIONS.get(" ".join(head.group(1).split()))
         if which is not None:
             parts.append((which, k, raw[head.end(): nxt.start() if nxt is not None else len(raw)]))
-    text = " ".join(" ".join(body.split()) for _, _, body in sorted(parts)).strip()
-    return " ".join(text.split()) if text else " ".join(raw.split())
+    text = " ".join(" ".join(body for _, _, body in sorted(parts)).split())
+    return text or " ".join(raw.split())
 
 
 def read_reports(path: Path, patient_id: pd.Series, study_id: pd.Series) -> tuple[np.ndarray, int]:
@@ -313,5 +314,5 @@ def _zip_reports(path: Path, studies: pd.DataFrame) -> list[str]:
                     names.setdefault((int(m.group(1)), int(m.group(2))), name)
             wanted = [names.get((p, s)) for p, s in zip(studies["p"].tolist(), studies["s"].tolist())]
             return [report_text(_decode(zf.read(n), f"{path}:{n}")) if n is not None else "" for n in wanted]
-    except (zipfile.BadZipFile, OSError) as e:
+    except (zipfile.BadZipFile, zlib.error, OSError) as e:
         raise CxrfairError(f"--reports {path}: not a readable zip ({e}); {REPORTS_HINT}") from None
