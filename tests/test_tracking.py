@@ -443,3 +443,29 @@ def test_mlflow_writes_to_a_file_store_in_the_run_folder(tmp_path, monkeypatch):
 
 def test_tracker_default_is_inactive():
     assert not Tracker().active
+
+
+@pytest.mark.slow
+def test_the_pipeline_s_probe_step_tracks_and_publishes_the_curves_with_the_runs(tmp_path):
+    """`[probe] track` reaches the sweep of `cxrfair run`'s probe step; the runs it publishes carry
+    tracking/; the step's settings (its fingerprint) are those of the untracked config."""
+    from cxrfair.config import config_from_dict
+    from cxrfair.erm_steps import probe_step
+    from cxrfair.step_base import cache_path, paths
+
+    probe = {"solver": "adamw", "standardize": False, "epochs": 3, "batch_size": 16, "lr": [1e-3, 1e-2],
+             "weight_decay": [0.0]}
+    on = config_from_dict({"models": ["tiny-clip"], "out": str(tmp_path), "seeds": 2,
+                           "probe": probe | {"track": "tensorboard"}})
+    off = config_from_dict({"models": ["tiny-clip"], "out": str(tmp_path), "seeds": 2, "probe": probe})
+    p = paths(on)
+    cache_path(p, "tiny-clip").parent.mkdir(parents=True)
+    make_cache(cache_path(p, "tiny-clip"))
+    step = probe_step(on, p, "tiny-clip", "linear")
+    assert step.settings == probe_step(off, p, "tiny-clip", "linear").settings
+    step.run(False)
+    for seed in (0, 1):
+        run = p["runs"] / f"tiny-clip__linear__best__s{seed}"
+        got = scalars(run / TRACKING_DIR)
+        assert close(values(got["val_loss"]), read_run(run).meta["curves"]["val_loss"])
+        assert len(scalars(run / TRACKING_DIR / "sweep")["best_val_loss"]) == 2  # its seed's two lanes
