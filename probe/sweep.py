@@ -614,14 +614,13 @@ def probe_cache(cache_path: Path | str, out: Path | str, cfg: SweepConfig, force
     result = run_sweep(inputs.x, inputs.y, len(inputs.classes), cfg, groups)
     result.timings["total_s"] = time.perf_counter() - t0
     paths = []
+    chosen = {tag: result.selected if tag == "best" else result.by_strength[cfg.strengths[tags.index(tag) - 1]]
+              for tag in tags}
     for tag, ids in run_ids.items():
-        k = result.selected if tag == "best" else result.by_strength[cfg.strengths[tags.index(tag) - 1]]
-        paths += write_runs(out, inputs, cfg, result, ids, k, force)
+        paths += write_runs(out, inputs, cfg, result, ids, chosen[tag], force)
     write_table(out, result, run_ids["best"][0])
-    if cfg.track is not None:
-        for tag, ids in run_ids.items():
-            k = result.selected if tag == "best" else result.by_strength[cfg.strengths[tags.index(tag) - 1]]
-            track_runs(cfg.track, out, result, ids, k, cfg.solver, lanes=tag == "best")
+    for tag, ids in run_ids.items() if cfg.track is not None else ():
+        track_runs(cfg.track, out, result, ids, chosen[tag], cfg.solver, lanes=tag == "best")
     return paths
 
 
