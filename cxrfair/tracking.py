@@ -189,7 +189,8 @@ class Tracker:
         self.close()
 
 
-def open_tracker(kind: str | None, log_dir: Path | str, run_name: str, config: Mapping[str, Any] | None = None) -> Tracker:
+def open_tracker(kind: str | None, log_dir: Path | str, run_name: str,
+                 config: Mapping[str, Any] | None = None) -> Tracker:
     """A tracker writing to ``log_dir`` (created) with backend ``kind``; the no-op tracker for None or
     a torchrun process other than rank 0. CxrfairError (one line) for an unknown or missing backend."""
     backend = check_backend(kind)
