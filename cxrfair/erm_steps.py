@@ -204,7 +204,7 @@ _UNUSED_BY_LINEAR = ("hiddens", "architecture", "l2s_skip")
 
 def sweep_settings(cfg: sweep.SweepConfig) -> dict:
     """What changes a probe sweep's runs (for its fingerprint): the SweepConfig minus what it ignores."""
-    unused = {"memory_budget_mb", *_UNUSED_BY.get(cfg.solver, ()), *(_UNUSED_BY_LINEAR if cfg.method == "linear" else ())}
+    unused = {"memory_budget_mb", "track", *_UNUSED_BY.get(cfg.solver, ()), *(_UNUSED_BY_LINEAR if cfg.method == "linear" else ())}
     return {k: v for k, v in settings_dict(cfg).items() if k not in unused}
 
 
@@ -234,7 +234,8 @@ def finetune_config(config: ExperimentConfig, p: dict, model: str, method: str, 
 
 def finetune_settings(config: ExperimentConfig, model: str, method: str) -> dict:
     """What changes a fine-tuning run of ``model`` x ``method`` besides its lr and seed (for fingerprints)."""
-    return section_settings(config.finetune) | {"model": model, "method": method, "weights": weights_setting(config, model)}
+    settings = {k: v for k, v in section_settings(config.finetune).items() if k != "track"}  # tracking changes no result
+    return settings | {"model": model, "method": method, "weights": weights_setting(config, model)}
 
 
 def run_finetune(cfg: FinetuneConfig) -> None:

@@ -9,8 +9,11 @@ One meaning per option name across ``cxrfair``'s commands:
   validation; fine-tuning: one run per value); ``postprocess --strength``: its one utility budget.
 - ``--cache``: an embedding cache file (``.h5``) that ``cxrfair extract`` wrote.
 - ``--out``: always a folder.
+- ``--track tensorboard|wandb|mlflow``: log training curves (fine-tuning, probe sweeps) into each
+  run's ``tracking/`` folder (``cxrfair.tracking``); off by default; changes no result.
 
-Imports only click and the error type, so every command's module can use it at no cost.
+Imports only click, the error type and ``cxrfair.tracking`` (standard library only), so every
+command's module can use it at no cost.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Callable
 import click
 
 from cxrfair.errors import CxrfairError
+from cxrfair.tracking import CHOICES as TRACK_CHOICES
 
 SEEDS_HELP = "Training seeds, one run each: K = seeds 0..K-1; a comma list = those seeds (5, = seed 5 alone)."
 
@@ -53,6 +57,14 @@ def parse_floats(text: str, option: str) -> tuple[float, ...]:
     return values
 
 
+def track_option() -> Callable:
+    """``--track``: the experiment tracking backend of a training command (default: off)."""
+    return click.option("--track", type=click.Choice(TRACK_CHOICES), default=None,
+                        help="Log training curves to <run>/tracking/: tensorboard (event files; pip install "
+                             "cxrfair[track]), wandb (offline unless WANDB_MODE is set) or mlflow (a file: store there "
+                             "unless MLFLOW_TRACKING_URI is set). Changes no result. [default: off]")
+
+
 def renamed(old: str, new: str, how: str = "") -> Callable:
     """A hidden option ``old`` that stops the command with a usage error naming ``new`` (and ``how``)."""
 
@@ -63,4 +75,4 @@ def renamed(old: str, new: str, how: str = "") -> Callable:
     return click.option(old, hidden=True, expose_value=False, default=None, callback=refuse)
 
 
-__all__ = ["SEEDS_HELP", "parse_floats", "parse_seeds", "renamed"]
+__all__ = ["SEEDS_HELP", "parse_floats", "parse_seeds", "renamed", "track_option"]

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from cxrfair.core import mitigations
-from cxrfair.options import SEEDS_HELP, parse_floats, parse_seeds, renamed
+from cxrfair.options import SEEDS_HELP, parse_floats, parse_seeds, renamed, track_option
 
 _MITIGATIONS = [mitigations.get(n) for n in mitigations.names(mitigations.FINETUNE)]
 MITIGATION_HELP = (f"Fairness mitigation trained into the run: {', '.join(m.name for m in _MITIGATIONS)} "
@@ -48,6 +48,7 @@ def _options(fn):
         click.option("--mitigation", default=mitigations.ERM, show_default=True, help=MITIGATION_HELP),
         click.option("--sensitive", default=None, help="The cohort attribute a mitigation targets (e.g. sex, age_group, race)."),
         click.option("--strength", default=None, help=STRENGTH_HELP),
+        track_option(),
         click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint."),
         click.option("--force", is_flag=True, help="Replace an existing run / discard a stale checkpoint."),
         renamed("--seed", "--seeds", "--seeds K trains seeds 0..K-1, --seeds N, seed N alone"),

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from cxrfair.core import mitigations
 from cxrfair.errors import CxrfairError
+from cxrfair.tracking import check_backend
 
 METHODS = ("lora", "full")
 DEVICES = ("auto", "cpu", "cuda")
@@ -21,7 +22,7 @@ CACHE_MODES = ("auto", "memory", "file")
 DEFAULT_LR = {"lora": 5e-4, "full": 1e-5}
 
 # Fields that change what a run computes. A resume checkpoint records them and must match; the
-# others (device, workers, out, resume, force, cache placement) only change where/how fast.
+# others (device, workers, out, resume, force, cache placement, track) only change where/how fast.
 TRAINING_FIELDS = (
     "model", "method", "epochs", "batch_size", "lr", "weight_decay", "lora_rank", "lora_alpha",
     "lora_dropout", "seed", "precision", "augment", "tag",
@@ -60,6 +61,7 @@ class FinetuneConfig:
     mitigation: str = "erm"  # one of core.mitigations.names(FINETUNE) (CONTRACTS "Mitigations")
     sensitive: str | None = None  # the cohort attribute a mitigation targets (None for erm)
     strength: float | None = None  # the mitigation's strength; None: its finetune_strength (core.mitigations); erm: none
+    track: str | None = None  # experiment tracking (cxrfair.tracking.BACKENDS): tensorboard | wandb | mlflow; None: off
 
     def __post_init__(self) -> None:
         _check(self.method in METHODS, f"--method {self.method!r}: expected one of {', '.join(METHODS)}")
@@ -75,6 +77,7 @@ class FinetuneConfig:
         _check(0 <= self.lora_dropout < 1, f"--lora-dropout {self.lora_dropout}: must be in [0, 1)")
         _check(self.tag.replace("-", "").replace(".", "").isalnum(), f"tag {self.tag!r}: letters, digits, '-' and '.' only")
         row = check_mitigation(self)
+        check_backend(self.track)
         if self.strength is None and row.has_strength:
             object.__setattr__(self, "strength", row.finetune_strength)
         if self.strength is not None and self.tag == "best":  # one run per strength: keep them apart
@@ -97,7 +100,7 @@ class FinetuneConfig:
 
     def hyperparameters(self) -> dict:
         """What run.json records under ``hyperparameters``."""
-        skip = ("cohort", "out", "resume", "force", "weights", "images", *MITIGATION_FIELDS)
+        skip = ("cohort", "out", "resume", "force", "weights", "images", "track", *MITIGATION_FIELDS)
         keep = [f.name for f in fields(self) if f.name not in skip]
         hp = {name: getattr(self, name) for name in keep}
         if self.method == "full":  # LoRA settings mean nothing here; don't suggest they did

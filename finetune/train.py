@@ -36,7 +36,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from cxrfair.core.runs import check_runs_folder, make_predictions, write_run
+from cxrfair.core.metrics import accuracy, auc_macro
+from cxrfair.core.multilabel import auc_macro as multilabel_auc_macro
+from cxrfair.core.runs import TRACKING_DIR, check_runs_folder, make_predictions, write_run
 from cxrfair.errors import CxrfairError
 from cxrfair.extract.cohort import load_cohort
 from cxrfair.extract.distributed import shard_rows
@@ -55,6 +57,7 @@ from cxrfair.finetune.model import (  # noqa: F401  (re-exported)
 )
 from cxrfair.finetune.sampler import Step, epoch_order, plain_steps, plan_epoch
 from cxrfair.io import atomic_dir
+from cxrfair.tracking import Tracker, open_tracker
 
 SPLITS = ("train", "val", "test")
 # Test hooks: SIGKILL the process of rank KILL_RANK (default 0) right after optimizer step N.
@@ -237,20 +240,26 @@ def mitigated_step(state: TrainState, x: torch.Tensor, y: torch.Tensor, w: torch
 
 
 def train_epoch(state: TrainState, batches: fdata.Prefetcher, rt: Runtime, bar=None, d: Dist = Dist(),
-                cells: np.ndarray | None = None, groups: np.ndarray | None = None) -> dict:
+                cells: np.ndarray | None = None, groups: np.ndarray | None = None, step_log: list | None = None) -> dict:
     """One pass over the training steps. Returns ``{"loss", "seconds", "wait", "images"}`` (loss and images over all processes).
 
-    ``cells``, ``groups``: (N,) int64 per cohort row, for a mitigation's objective.
+    ``cells``, ``groups``: (N,) int64 per cohort row, for a mitigation's objective. ``step_log``
+    (tracking): gets ``(step, summed loss tensor, images, lr)`` per optimizer step, this process's
+    share; the tensor stays on the device (read with the epoch's one sync, ``log_epoch``).
     """
     train_mode(state.model)
     t0 = time.perf_counter()
     total, n = torch.zeros((), dtype=torch.float64, device=rt.device), 0
     for x, y, w, step in batches:
+        lr = state.optimizer.param_groups[0]["lr"]  # this step's (the scheduler moves it on after the step)
         if state.objective is not None:
             c, g = (torch.from_numpy(a[step.rows]).to(rt.device) for a in (cells, groups))
-            total += train_step(state, x, y, w, step, rt, c, g)
+            loss = train_step(state, x, y, w, step, rt, c, g)
         else:
-            total += train_step(state, x, y, w, step, rt)
+            loss = train_step(state, x, y, w, step, rt)
+        total += loss
+        if step_log is not None:
+            step_log.append((state.scheduler.last_epoch, loss, step.images, lr))
         n += step.images
         kill_hook(state, d)
         if bar is not None:
@@ -324,11 +333,13 @@ def augment_seed(seed: int, epoch: int) -> int:
 
 
 def fit(state: TrainState, data: Data, config: FinetuneConfig, rt: Runtime, ckpt_path: Path, fingerprint: dict,
-        on_epoch_end: Callable[[EpochLog], None] | None = None, progress: bool = True, d: Dist = Dist()) -> TrainState:
+        on_epoch_end: Callable[[EpochLog], None] | None = None, progress: bool = True, d: Dist = Dist(),
+        tracker: Tracker = Tracker()) -> TrainState:
     """Train from ``state.epoch`` to ``config.epochs``, keeping the lowest-validation-loss state.
 
-    After each epoch: validation loss, best-state bookkeeping, an atomic checkpoint (rank 0),
-    then ``on_epoch_end`` (which may raise to stop the run; the checkpoint is already on disk).
+    After each epoch: validation loss, best-state bookkeeping, the epoch's curves to ``tracker``
+    (``log_epoch``), an atomic checkpoint (rank 0), then ``on_epoch_end`` (which may raise to stop
+    the run; the checkpoint is already on disk).
     """
     from tqdm.auto import tqdm
 
@@ -342,10 +353,13 @@ def fit(state: TrainState, data: Data, config: FinetuneConfig, rt: Runtime, ckpt
                            row_weights=data.row_weights)
         batches = fdata.Prefetcher(data.pixels, data.labels, steps, rt.device,
                                    augment_seed=augment_seed(config.seed, epoch) if config.augment else None)
+        step_log = [] if tracker.active else None
         with tqdm(total=len(steps), desc=f"epoch {epoch + 1}", unit="batch", leave=False, disable=not progress) as bar:
-            stats = train_epoch(state, batches, rt, bar, d, data.cells, data.groups)
-        val_loss, _ = evaluate(state.model, data.pixels, data.labels, data.split["val"], config.batch_size, rt, d)
+            stats = train_epoch(state, batches, rt, bar, d, data.cells, data.groups, step_log)
+        val_loss, val_probs = evaluate(state.model, data.pixels, data.labels, data.split["val"], config.batch_size, rt, d)
         record_epoch(state, stats, val_loss)
+        if tracker.active:
+            log_epoch(tracker, state, step_log, val_probs, data.labels[data.split["val"]])
         rngs = d.gather(rng_states())
         d.on_main(lambda: save_checkpoint(ckpt_path, state, fingerprint, rngs))
         ips = stats["images"] / max(stats["seconds"], 1e-9)
@@ -367,6 +381,27 @@ def record_epoch(state: TrainState, stats: dict, val_loss: float) -> None:
     if val_loss < state.best_val:  # ties keep the earlier epoch
         state.best_val, state.best_epoch = val_loss, state.epoch
         state.best_state = trainable_state(state.model)
+
+
+def log_epoch(tracker: Tracker, state: TrainState, step_log: list, val_probs: np.ndarray, val_labels: np.ndarray) -> None:
+    """The epoch just recorded, to ``tracker`` (main process; x axis: the global optimizer step).
+
+    Per step: ``train/loss`` (the mean task loss of this process's share of the batch: the whole
+    batch on one process) and ``train/lr``. At the epoch's last step: the run.json curves
+    (``epoch/train_loss``, ``epoch/val_loss``, ``epoch/lr``), ``epoch/epoch``, validation
+    ``val/auc_macro`` (+ ``val/accuracy``, multi-class) and the selection rule's state:
+    ``val/best_loss`` (lowest validation loss so far) and ``val/selected_epoch`` (its epoch).
+    """
+    losses = torch.stack([loss for _, loss, _, _ in step_log]).cpu().tolist() if step_log else []  # one sync
+    for (step, _, images, lr), loss in zip(step_log, losses):
+        tracker.log(step, {"train/lr": lr, **({"train/loss": loss / images} if images else {})})
+    multi = val_labels.ndim == 2
+    auc = multilabel_auc_macro(val_labels, val_probs) if multi else auc_macro(val_labels, val_probs)
+    curves = {f"epoch/{name}": values[-1] for name, values in state.curves.items()}
+    selected = {} if state.best_epoch is None else {"val/selected_epoch": state.best_epoch}  # None: no finite loss yet
+    tracker.log(state.scheduler.last_epoch, {**curves, "epoch/epoch": state.epoch, "val/auc_macro": auc,
+                                             **({} if multi else {"val/accuracy": accuracy(val_labels, val_probs)}),
+                                             "val/best_loss": state.best_val, **selected})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -476,9 +511,20 @@ def finetune(config: FinetuneConfig, *, on_epoch_end: Callable[[EpochLog], None]
     with session(config.device) as d:
         setup = prepare(config, d)
         state = build_state(config, setup, d)
-        fit(state, setup.data, config, setup.rt, setup.ckpt_path, setup.fingerprint, on_epoch_end,
-            progress and d.main, d)
+        with run_tracker(config, setup, d) as tracker:
+            fit(state, setup.data, config, setup.rt, setup.ckpt_path, setup.fingerprint, on_epoch_end,
+                progress and d.main, d, tracker)
         return finish(config, setup, state, t_start, d)
+
+
+def run_tracker(config: FinetuneConfig, setup: "Setup", d: Dist = Dist()) -> Tracker:
+    """``config.track``'s tracker (rank 0; a no-op one when off) writing beside the checkpoint, in
+    ``RUNS/.<run_id>.work/tracking/``; ``finish`` moves it into the run folder. A resumed run adds to
+    it; a fresh start first drops what an earlier attempt left there."""
+    log_dir = setup.ckpt_path.parent / TRACKING_DIR
+    if config.track is not None and setup.checkpoint is None and d.main:
+        shutil.rmtree(log_dir, ignore_errors=True)
+    return open_tracker(config.track, log_dir, config.run_id, {**config.hyperparameters(), "run_id": config.run_id})
 
 
 @dataclass(frozen=True)
@@ -589,6 +635,9 @@ def finish(config: FinetuneConfig, setup: Setup, state: TrainState, t_start: flo
 
     def write() -> Path:
         weights = write_outputs(config, setup.cohort, state.model, meta, eval_idx, probs)
+        tracked = setup.ckpt_path.parent / TRACKING_DIR
+        if config.track is not None and tracked.is_dir():
+            tracked.replace(config.out / config.run_id / TRACKING_DIR)
         shutil.rmtree(setup.ckpt_path.parent, ignore_errors=True)
         return weights
 

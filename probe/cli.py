@@ -11,7 +11,7 @@ import click
 
 from cxrfair.core import mitigations
 from cxrfair.errors import CxrfairError
-from cxrfair.options import SEEDS_HELP, parse_seeds
+from cxrfair.options import SEEDS_HELP, parse_seeds, track_option
 
 # Mirror cxrfair.probe.sweep's L2_GRIDS, L2_SKIP_GRID, FTOL and MAX_ITER (this module imports only click; a test keeps them equal).
 L2_GRIDS = {"linear": (1e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2), "mlp": (1e-3, 3e-3, 1e-2, 2e-2, 3e-2, 1e-1),
@@ -97,6 +97,7 @@ def _sweep_options(f):
         click.option("--epochs", default=150, show_default=True, type=int, help="adamw: passes over the training split."),
         click.option("--batch-size", default=64, show_default=True, type=int, help="adamw: minibatch size."),
         click.option("--memory-budget", default=1024.0, show_default=True, type=float, help="MB per compiled chunk of the sweep."),
+        track_option(),
         _force,
     ]):
         f = option(f)
@@ -135,7 +136,7 @@ def _run(method: str, hidden: str, **kw) -> None:
                       hiddens=_ints(hidden, "--hidden"), seeds=parse_seeds(kw["seeds"]), epochs=kw["epochs"],
                       batch_size=kw["batch_size"], max_iter=kw["max_iter"], memory_budget_mb=kw["memory_budget"],
                       mitigation=kw["mitigation"], sensitive=kw["sensitive"], strengths=strengths, adversary=kw["adversary"],
-                      ftol=kw["ftol"], **_mlp_options(kw))
+                      ftol=kw["ftol"], track=kw["track"], **_mlp_options(kw))
     cfg.validate(given=_given())
     paths = probe_cache(kw["cache"], kw["out"], cfg, force=kw["force"])
     click.echo(f"wrote {len(paths)} {method} run(s) to {kw['out']}")

@@ -28,10 +28,11 @@ import pandas as pd
 
 from cxrfair.core import mitigations
 from cxrfair.core.multilabel import auc_macro
-from cxrfair.core.runs import RunKey, check_runs_folder, parse_run_id, safe_name, write_run
+from cxrfair.core.runs import TRACKING_DIR, RunKey, check_runs_folder, parse_run_id, safe_name, write_run
 from cxrfair.errors import CxrfairError
 from cxrfair.io import atomic_path
 from cxrfair.probe.inputs import group_codes, load_inputs
+from cxrfair.tracking import check_backend, open_tracker
 
 # JAX is imported only where a sweep trains (``objectives``, ``train`` and ``jax`` inside the
 # functions that need them): importing jax costs about 2 s, and ``import cxrfair.probe`` (CLI
@@ -108,6 +109,7 @@ class SweepConfig:
     sensitive: str | None = None  # the cohort attribute a mitigation targets (None for erm)
     strengths: tuple | None = None  # the strength axis of the grid; None: the mitigation's probe_strengths (core.mitigations)
     adversary: str = "grl"  # adversarial: "grl" (gradient reversal) or "projection" (Zhang et al.)
+    track: str | None = None  # experiment tracking (cxrfair.tracking.BACKENDS) of the runs written; None: off. Changes no result
 
     def __post_init__(self):
         row = self.row  # None for an unknown name: validate() names the fix
@@ -196,6 +198,7 @@ class SweepConfig:
         _check(self.batch_size >= 1, "--batch-size", "must be >= 1")
         _check(self.max_iter >= 1, "--max-iter", "must be >= 1")
         _check(self.memory_budget_mb > 0, "--memory-budget", "must be > 0 MB")
+        check_backend(self.track)
         # Last: a value that is wrong in itself is the first thing to fix.
         given = set(given)
         for solver, options in SOLVER_OPTIONS.items():
@@ -611,11 +614,44 @@ def probe_cache(cache_path: Path | str, out: Path | str, cfg: SweepConfig, force
     result = run_sweep(inputs.x, inputs.y, len(inputs.classes), cfg, groups)
     result.timings["total_s"] = time.perf_counter() - t0
     paths = []
+    chosen = {tag: result.selected if tag == "best" else result.by_strength[cfg.strengths[tags.index(tag) - 1]]
+              for tag in tags}
     for tag, ids in run_ids.items():
-        k = result.selected if tag == "best" else result.by_strength[cfg.strengths[tags.index(tag) - 1]]
-        paths += write_runs(out, inputs, cfg, result, ids, k, force)
+        paths += write_runs(out, inputs, cfg, result, ids, chosen[tag], force)
     write_table(out, result, run_ids["best"][0])
+    for tag, ids in run_ids.items() if cfg.track is not None else ():
+        track_runs(cfg.track, out, result, ids, chosen[tag], cfg.solver, lanes=tag == "best")
     return paths
+
+
+def track_runs(kind: str, out: Path | str, result: SweepResult, run_ids: list[str], k: int, solver: str,
+               lanes: bool) -> None:
+    """Log configuration ``k``'s written runs (one per seed, ``result.seeds`` order) to ``<run>/tracking/``.
+
+    Each run: its run.json curves (``_curves``), ``train_loss`` and ``val_loss`` per epoch (AdamW)
+    or iteration (L-BFGS) at steps 1, 2, ...; with ``lanes`` (the ``best`` runs) also its seed's
+    lanes of the sweep in ``<run>/tracking/sweep/``: x = the configuration index (sweep.csv
+    ``config``), one scalar per lane of ``best_val_loss`` and of each other validation column of
+    the table, plus ``selected_*`` at the chosen configuration. Logged from the host arrays once
+    the runs are written (``cxrfair.tracking``), so the sweep itself runs as without tracking.
+    """
+    columns = ["best_val_loss"] + [c for c in result.table.columns if c.startswith("val_")]
+    chosen = {name: v for name, v in result.configs[k].items() if not (isinstance(v, float) and math.isnan(v))}
+    for i, run_id in enumerate(run_ids):
+        run_dir = Path(out) / run_id
+        curves = _curves(result, i, k, solver)
+        with open_tracker(kind, run_dir / TRACKING_DIR, run_id, chosen | {"seed": result.seeds[i]}) as tracker:
+            for step, (train, val) in enumerate(zip(curves["train_loss"], curves["val_loss"]), start=1):
+                tracker.log(step, {"train_loss": train, "val_loss": val})
+        if not lanes:
+            continue
+        rows = result.table[result.table["seed"] == result.seeds[i]].sort_values("config")
+        with open_tracker(kind, run_dir / TRACKING_DIR / "sweep", f"{run_id}/sweep",
+                          {"seed": result.seeds[i], "configurations": len(result.configs)}) as tracker:
+            for _, row in rows.iterrows():
+                values = {c: row[c] for c in columns if pd.notna(row[c])}
+                picked = {f"selected_{c}": v for c, v in values.items()} if row["selected"] else {}
+                tracker.log(int(row["config"]), values | picked)
 
 
 def strength_tag(strength: float) -> str:

@@ -57,6 +57,7 @@ LABEL_PREFIX = "y_"  # multi-label targets: 1, 0 or empty (masked)
 PROB_SUM_TOL = 1e-3
 PREDICTIONS_FILE = "predictions.csv"
 META_FILE = "run.json"
+TRACKING_DIR = "tracking"  # optional training curves (cxrfair.tracking; --track): not part of the run's identity
 # Columns of cohort.csv that are not attributes of the image and so do not travel into runs.
 _NON_ATTRIBUTE_COLUMNS = ("path",)
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")
@@ -287,7 +288,7 @@ def write_run(runs_dir: Path | str, meta: dict, predictions: pd.DataFrame, force
     # Always from the rows written here (a copied run.json's record would describe another file).
     meta["rows"] = row_record(predictions)
     run_dir = Path(runs_dir) / meta["run_id"]
-    with atomic_dir(run_dir, force=force, option="run folder", writes=(PREDICTIONS_FILE, META_FILE, "adapter", "model.safetensors")) as tmp:
+    with atomic_dir(run_dir, force=force, option="run folder", writes=(PREDICTIONS_FILE, META_FILE, "adapter", "model.safetensors", TRACKING_DIR)) as tmp:
         # Full precision (repr) so a reread run gives bit-identical probabilities and ties.
         predictions.to_csv(tmp / PREDICTIONS_FILE, index=False)
         write_json_atomic(tmp / META_FILE, meta)
