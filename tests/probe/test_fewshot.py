@@ -13,7 +13,7 @@ from cxrfair.cli import main
 from cxrfair.core.runs import RunKey, parse_run_id, read_runs
 from cxrfair.errors import CxrfairError
 from cxrfair.probe.inputs import draw_shots, load_inputs
-from cxrfair.probe.sweep import FEWSHOT_L2_GRIDS, L2_GRIDS, SweepConfig
+from cxrfair.probe.sweep import FEWSHOT_L2_GRIDS, L2_GRIDS, SweepConfig, SweepResult, merge_seeds
 from tests.probe.synth import CLASSES, make_cache
 
 
@@ -108,6 +108,29 @@ def test_default_grid_goes_high_with_shots():
         SweepConfig(shots=5, mitigation="reweight", sensitive="sex").validate()
 
 
+def _part(seed: int, losses: list[float], accs: list[float]) -> SweepResult:
+    """A one-seed sweep result of 3 configurations (what ``run_sweep`` returns for one draw)."""
+    K, nv, nt, C = len(losses), 2, 3, 2
+    table = pd.DataFrame({"config": range(K), "l2": [0.1, 1.0, 10.0], "seed": seed, "best_val_loss": losses,
+                          "val_accuracy": accs, "selected": False})
+    full = lambda *shape: np.full((1, K, *shape), float(seed))  # noqa: E731
+    return SweepResult([{"l2": v} for v in (0.1, 1.0, 10.0)], (seed,), table, 0, np.array([losses]),
+                       np.zeros((1, K), int), full(5), full(5), full(nv, C), full(nt, C),
+                       {"compile_s": 1.0, "train_s": 2.0, "chunks": 1})
+
+
+@pytest.mark.parametrize("select, expect", [("loss", 2), ("accuracy", 0)])
+def test_merge_seeds_selects_on_the_mean_over_draws(select, expect):
+    # Seed 0 alone would choose config 0 by loss, seed 1 config 1; the mean over both chooses 2.
+    parts = [_part(0, [0.5, 0.9, 0.6], [0.9, 0.5, 0.5]), _part(1, [0.9, 0.5, 0.6], [0.5, 0.6, 0.6])]
+    merged = merge_seeds(parts, select)
+    assert merged.selected == expect and merged.seeds == (0, 1)
+    assert merged.table["selected"].tolist() == [c == expect for c in (0, 0, 1, 1, 2, 2)]
+    assert merged.table[["config", "seed"]].values.tolist() == [[0, 0], [0, 1], [1, 0], [1, 1], [2, 0], [2, 1]]
+    assert merged.val_probs.shape == (2, 3, 2, 2) and (merged.val_probs[1] == 1).all()
+    assert merged.timings["compile_s"] == 2.0 and merged.timings["train_s"] == 4.0
+
+
 # ---------------------------------------------------------------- the command
 
 
@@ -118,6 +141,7 @@ def _cli(*args):
 LBFGS = ["--seeds", "3", "--l2", "1e-2,1,100", "--max-iter", "200"]
 
 
+@pytest.mark.slow  # compiles several sweeps (~20-40 s on 2 shared cores)
 def test_probe_linear_shots_end_to_end(tmp_path):
     cache = make_cache(tmp_path / "c.h5", sizes={"train": 120, "val": 30, "test": 36})[0]
     out = tmp_path / "runs"
@@ -159,6 +183,7 @@ def test_probe_linear_shots_end_to_end(tmp_path):
     assert all(runs[f"tiny-clip__linear-k3__best__s{s}"].meta["hyperparameters"]["l2"] == chosen for s in range(3))
 
 
+@pytest.mark.slow  # compiles several sweeps (~20-40 s on 2 shared cores)
 def test_fewshot_probabilities_match_a_logistic_regression_on_the_draw(tmp_path):
     """The slow reference: scikit-learn's LogisticRegression on the drawn rows alone (standardised
     with the whole training split's statistics), at the l2 the sweep chose (C = 1 / (l2 N))."""
@@ -192,6 +217,7 @@ def test_shots_option_is_refused_where_it_does_not_apply(tmp_path):
     assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
 
 
+@pytest.mark.slow  # compiles several sweeps (~20-40 s on 2 shared cores)
 def test_mlp_takes_shots_too(tmp_path):
     cache = make_cache(tmp_path / "c.h5", sizes={"train": 60, "val": 24, "test": 30})[0]
     res = _cli("mlp", "--cache", cache, "--out", tmp_path / "runs", "--shots", 2, "--seeds", "2", "--hidden", "4",
