@@ -205,6 +205,8 @@ _UNUSED_BY_LINEAR = ("hiddens", "architecture", "l2s_skip")
 def sweep_settings(cfg: sweep.SweepConfig) -> dict:
     """What changes a probe sweep's runs (for its fingerprint): the SweepConfig minus what it ignores."""
     unused = {"memory_budget_mb", *_UNUSED_BY.get(cfg.solver, ()), *(_UNUSED_BY_LINEAR if cfg.method == "linear" else ())}
+    if cfg.shots is None:  # a whole-split sweep: its fingerprint stays as before shots existed
+        unused.add("shots")
     return {k: v for k, v in settings_dict(cfg).items() if k not in unused}
 
 
