@@ -148,3 +148,15 @@ def test_analyze_writes_fewshot_csv_and_the_figure(tmp_path):
     assert set(t["setting"]) == {"zero-shot", "1-shot", "5-shot", "all"}
     assert (tmp_path / "OUT" / "figures" / "fewshot_sex.png").is_file()
     assert "Few-shot by sex" in (tmp_path / "OUT" / "report.md").read_text()
+
+
+def test_postprocess_refuses_a_fewshot_run(fewshot):
+    from click.testing import CliRunner
+
+    from cxrfair.cli import main
+
+    runs, _ = fewshot
+    run = next(r for r in runs if parse_run_id(r.run_id).shots == 5)
+    res = CliRunner().invoke(main, ["postprocess", str(run.path), "--sensitive", "sex"])
+    assert res.exit_code == 1 and "5-shot probe" in res.output and "Traceback" not in res.output
+    assert not any(p.name.startswith("m__linear+thresholds") for p in run.path.parent.iterdir())
