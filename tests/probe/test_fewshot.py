@@ -99,6 +99,12 @@ def test_run_key_refuses_shots_where_they_do_not_apply(kwargs):
         RunKey(**(base | kwargs))
 
 
+def test_the_cli_mirrors_the_fewshot_grids():
+    from cxrfair.probe import cli, sweep
+
+    assert cli.FEWSHOT_L2_GRIDS == sweep.FEWSHOT_L2_GRIDS and cli.FEWSHOT_L2_SKIP_GRID == sweep.FEWSHOT_L2_SKIP_GRID
+
+
 def test_default_grid_goes_high_with_shots():
     assert SweepConfig(shots=5).l2_grid == FEWSHOT_L2_GRIDS["linear"]
     assert SweepConfig().l2_grid == L2_GRIDS["linear"]
