@@ -208,7 +208,7 @@ class SweepConfig:
         _check(self.batch_size >= 1, "--batch-size", "must be >= 1")
         _check(self.max_iter >= 1, "--max-iter", "must be >= 1")
         _check(self.memory_budget_mb > 0, "--memory-budget", "must be > 0 MB")
-        _check(self.shots is None or (_is_int(self.shots) and not isinstance(self.shots, bool) and self.shots >= 1),
+        _check(self.shots is None or (isinstance(self.shots, int) and not isinstance(self.shots, bool) and self.shots >= 1),
                "--shots", "must be a whole number >= 1 (training images per class)")
         _check(self.shots is None or self.mitigation == "erm", "--shots",
                f"few-shot probes are plain (erm) probes for now; drop --shots or --mitigation {self.mitigation}")
