@@ -223,6 +223,20 @@ def draw_shots(y_train: np.ndarray, patients, shots: int, seed: int, classes: li
     return Shots(index, int(shots), int(seed), counts, tuple(short))
 
 
+def short_note(draws: list) -> str | None:
+    """The one line saying which classes had fewer than K images to draw from (None when none did).
+
+    Which classes are short depends on the training split's counts alone, so it is the same for
+    every seed's draw: said once per sweep, not once per seed.
+    """
+    short = list(dict.fromkeys(c for d in draws for c in d.short))
+    if not short:
+        return None
+    k = draws[0].shots
+    return (f"--shots {k}: {', '.join(short)} had fewer than {k} training images (multi-label: positives or negatives) "
+            "to draw from; their draws use all they have (run.json fewshot.short and counts)")
+
+
 def _split_scores(cache, where: str) -> dict | None:
     """The cache's prompt scores (if any) for the val and test rows; non-finite ones refused."""
     scores = cache.prompt_scores

@@ -19,6 +19,7 @@ import functools
 import itertools
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -29,9 +30,9 @@ import pandas as pd
 from cxrfair.core import mitigations
 from cxrfair.core.multilabel import auc_macro
 from cxrfair.core.runs import RunKey, check_runs_folder, parse_run_id, safe_name, write_run
-from cxrfair.errors import CxrfairError
+from cxrfair.errors import CxrfairError, CxrfairWarning
 from cxrfair.io import atomic_path
-from cxrfair.probe.inputs import draw_shots, group_codes, load_inputs
+from cxrfair.probe.inputs import draw_shots, group_codes, load_inputs, short_note
 
 # JAX is imported only where a sweep trains (``objectives``, ``train`` and ``jax`` inside the
 # functions that need them): importing jax costs about 2 s, and ``import cxrfair.probe`` (CLI
@@ -474,6 +475,9 @@ def run_fewshot_sweep(inputs, cfg: SweepConfig) -> tuple[SweepResult, list]:
         xs, ys = dict(x, train=x["train"][draw.index]), dict(inputs.y, train=inputs.y["train"][draw.index])
         parts.append(run_sweep(xs, ys, len(inputs.classes), dataclasses.replace(cfg, seeds=(seed,), standardize=False)))
         draws.append(draw)
+    note = short_note(draws)
+    if note:
+        warnings.warn(note, CxrfairWarning, stacklevel=2)
     return merge_seeds(parts, cfg.select, stats), draws
 
 

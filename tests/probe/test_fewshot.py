@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from cxrfair.cli import main
 from cxrfair.core.runs import RunKey, parse_run_id, read_runs
 from cxrfair.errors import CxrfairError
-from cxrfair.probe.inputs import draw_shots, load_inputs
+from cxrfair.probe.inputs import draw_shots, load_inputs, short_note
 from cxrfair.probe.sweep import FEWSHOT_L2_GRIDS, L2_GRIDS, SweepConfig, SweepResult, merge_seeds
 from tests.probe.synth import CLASSES, make_cache
 
@@ -44,6 +44,14 @@ def test_draw_is_nested_in_k_and_a_short_class_uses_all_it_has():
     assert set(small.index) <= set(large.index)
     assert large.counts == {"a": 5, "b": 3} and large.short == ("b",)
     assert sorted(large.index[y[large.index] == 1].tolist()) == [40, 41, 42]
+
+
+def test_a_short_class_is_said_once_per_sweep():
+    y = _labels([40, 3])
+    draws = [draw_shots(y, np.arange(len(y)), 5, s, ["Atel", "Edema"]) for s in range(3)]
+    note = short_note(draws)
+    assert note.count("Edema") == 1 and "Atel" not in note and "fewer than 5" in note and "fewshot.short" in note
+    assert short_note([draw_shots(y, np.arange(len(y)), 3, 0, ["a", "b"])]) is None
 
 
 def test_draw_spreads_over_patients_before_repeating_one():
