@@ -34,7 +34,7 @@ from cxrfair.analysis.shortcut import shortcut_metrics, shortcut_subsets  # noqa
 # The top-level names a report folder holds (render.write_report + write_tables): what --force may replace.
 REPORT_FILES = ("report.md", "report.html", "figures", "analysis.json", *(f"{t}.csv" for t in (
     "metrics", "comparisons", "findings", "seeds", "runs", "roc", "reliability", "thresholds", "shortcut", "mitigation",
-    "tradeoff")))
+    "tradeoff", "fewshot")))
 
 
 def _check_out(config: AnalyzeConfig) -> None:
@@ -62,7 +62,7 @@ def analysis_record(results: Results) -> dict:
 def write_tables(results: Results, folder: Path) -> None:
     """The files of the report folder that the report layout does not write: thresholds.csv
     (multi-label), shortcut.csv (when the shortcut test ran), mitigation.csv and tradeoff.csv
-    (when a run has a mitigation) and analysis.json (replacing the
+    (when a run has a mitigation), fewshot.csv (when a run is few-shot) and analysis.json (replacing the
     layout's, with the resolved attributes, strata and rules)."""
     folder = Path(folder)
     if len(results.thresholds):
@@ -72,6 +72,8 @@ def write_tables(results: Results, folder: Path) -> None:
     if results.mitigation is not None:
         results.mitigation.to_csv(folder / "mitigation.csv", index=False)
         results.tradeoff.to_csv(folder / "tradeoff.csv", index=False)
+    if results.fewshot is not None:
+        results.fewshot.to_csv(folder / "fewshot.csv", index=False)
     write_json_atomic(folder / "analysis.json", analysis_record(results))
 
 

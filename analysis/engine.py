@@ -34,6 +34,7 @@ import pandas as pd
 
 from cxrfair.analysis import mitigation as MIT
 from cxrfair.analysis.config import MIN_STRATUM_PATIENTS, AnalyzeConfig, resolve, strata_attributes, stratum_name
+from cxrfair.analysis.fewshot import fewshot_table
 from cxrfair.analysis.groups import crossed_name, group_labels
 from cxrfair.analysis.replicates import Evaluated, average, replicate_matrix, seed_rng, tag_rng
 from cxrfair.analysis.runsets import baseline_method, check_runs, in_method_order, runs_table, split_rows
@@ -77,6 +78,9 @@ class Results:
     # None when no run has a mitigation.
     mitigation: pd.DataFrame | None = None
     tradeoff: pd.DataFrame | None = None
+    # Few-shot probes by K next to zero-shot and the whole-split probe (``fewshot.FEWSHOT_COLUMNS``);
+    # None when no run is few-shot.
+    fewshot: pd.DataFrame | None = None
 
     @property
     def definitions(self) -> dict[str, str]:
@@ -110,10 +114,11 @@ def compute(runs: list[Run], config: AnalyzeConfig, progress=None) -> Results:
     mitigation, tradeoff = MIT.mitigation_tables(evaluated, runs_df, config, notes)
     metrics = _metrics_table(evaluated, config)
     notes += _interval_notes(metrics, {a: len(lev) for e in evaluated for a, lev in e.levels.items()})
+    seeds = _seeds_table(evaluated, runs_df, config, notes)
     return Results(
         metrics=metrics,
         runs=runs_df,
-        seeds=_seeds_table(evaluated, runs_df, config, notes),
+        seeds=seeds,
         comparisons=_comparisons_table(evaluated, runs_df, config, notes),
         config=config,
         notes=notes,
@@ -125,6 +130,7 @@ def compute(runs: list[Run], config: AnalyzeConfig, progress=None) -> Results:
         shortcut=shortcut_table(evaluated, config),
         mitigation=mitigation,
         tradeoff=tradeoff,
+        fewshot=fewshot_table(runs_df, seeds, runs[0].task),
     )
 
 

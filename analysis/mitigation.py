@@ -139,6 +139,8 @@ def is_erm_like(ev) -> bool:
     """Plain training: an ``erm`` run, or the strength-0 run of a mitigation whose zero is ERM (the table's
     ``zero_is_erm``: its ``st0`` run is an ERM run trained by the mitigation's own solver and grid)."""
     key = parse_run_id(ev.run.run_id)
+    if key.shots is not None:  # trained on K images per class: never the counterpart of a whole-split run
+        return False
     if key.mitigation == "erm":
         return True
     adversary = ev.run.meta.get("adversary") or {}

@@ -535,6 +535,9 @@ def _source(config: PostprocessConfig) -> tuple[R.Run, R.RunKey]:
     if key.mitigation != "erm":
         raise CxrfairError(f"run {run.run_id} already has mitigation {key.mitigation}-{key.sensitive}; "
                            "post-process an erm run (a run id holds one mitigation)")
+    if key.shots is not None:  # its post-processed run would lose the shots from its id and pose as a whole-split run
+        raise CxrfairError(f"run {run.run_id} is a {key.shots}-shot probe; few-shot runs take no mitigation yet, "
+                           "post-process a run trained on the whole training split")
     return run, key
 
 

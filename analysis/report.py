@@ -325,3 +325,17 @@ def table_comparisons(c: pd.DataFrame, metrics=("accuracy", "f1_macro", "f1_gap"
     w = t.pivot_table(index=["model", "baseline", "method", "seed"], columns="col", values="cell",
                       aggfunc="first", sort=False)
     return w.reset_index()
+
+
+def table_fewshot(fewshot: pd.DataFrame, attribute: str) -> pd.DataFrame:
+    """Few-shot: one row per model · method · setting (zero-shot, each K, all); the utility metrics
+    overall and within each group of ``attribute``, then its gap metrics (``Results.fewshot``)."""
+    t = fewshot[(fewshot["attribute"] == "") | (fewshot["attribute"] == attribute)]
+    if t.empty:
+        return pd.DataFrame()
+    t = t.assign(col=np.where(t["group"] != "", t["metric"] + " " + t["group"].astype(str), t["metric"]),
+                 cell=[fmt(r.mean, r.ci_low, r.ci_high, r.sd, int(r.n_seeds)) for r in t.itertuples()])
+    keys = ["model", "method", "setting"]
+    w = t.pivot_table(index=keys, columns="col", values="cell", aggfunc="first", sort=False)
+    seeds = t.groupby(keys, sort=False)["n_seeds"].max()
+    return w[list(dict.fromkeys(t["col"]))].assign(seeds=seeds.reindex(w.index).to_numpy()).reset_index()

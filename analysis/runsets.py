@@ -23,10 +23,11 @@ def tag_of(run: Run) -> str:
     From ``parse_run_id`` (run identity lives in ``runs.RunKey``). Zero-shot runs of one prompt
     set carry the draw as their seed and ``-d<draw>`` in the tag; the draw suffix is dropped so
     the draws of one prompt set are summarised like seeds. A mitigation other than ``erm`` is
-    part of the tag (``groupdro-sex__best``), so mitigated and plain runs are never averaged.
+    part of the tag (``groupdro-sex__best``), so mitigated and plain runs are never averaged; so
+    are a few-shot probe's shots (``k5__best``), so K-shot runs are never averaged with others.
     """
     key = parse_run_id(run.run_id)
-    tag = base_tag(run)
+    tag = base_tag(run) if key.shots is None else f"k{key.shots}__{base_tag(run)}"
     return tag if key.mitigation == "erm" else f"{key.mitigation}-{key.sensitive}__{tag}"
 
 
@@ -115,7 +116,8 @@ def runs_table(evaluated: list[Evaluated]) -> pd.DataFrame:
     best mean validation score over seeds (as the paper picks prompts, but on val, not test):
     accuracy for multi-class runs, macro AUC for multi-label ones. Plain (``erm``) tags come
     first: a mitigated run is primary only for a model and method without any erm run (its
-    mitigation section compares it with ERM instead).
+    mitigation section compares it with ERM instead). Before them, probes trained on the whole
+    training split: a few-shot tag is primary only where no other is (``fewshot`` shows them).
     """
     df = pd.DataFrame([{
         "run_id": e.run.run_id, "model": e.run.model, "method": e.run.method, "seed": e.run.seed,
@@ -123,16 +125,17 @@ def runs_table(evaluated: list[Evaluated]) -> pd.DataFrame:
         **dict(zip(("val_accuracy", "val_auc_macro"), _val_scores(e.run))),
         "selected": bool(e.run.meta.get("prompt_set_selected", False)),
         "erm": parse_run_id(e.run.run_id).mitigation == "erm",
+        "whole": parse_run_id(e.run.run_id).shots is None,
     } for e in evaluated])
     criterion = "val_auc_macro" if evaluated[0].run.task == "multilabel" else "val_accuracy"
     score = df.groupby(["model", "method", "tag"], sort=False).agg(
-        erm=("erm", "all"), selected=("selected", "any"), val=(criterion, "mean")).reset_index()
+        whole=("whole", "all"), erm=("erm", "all"), selected=("selected", "any"), val=(criterion, "mean")).reset_index()
     score["val"] = score["val"].fillna(-1.0)
-    best = score.sort_values(["model", "method", "erm", "selected", "val", "tag"],
-                             ascending=[True, True, False, False, False, True]).drop_duplicates(["model", "method"])
+    best = score.sort_values(["model", "method", "whole", "erm", "selected", "val", "tag"],
+                             ascending=[True, True, False, False, False, False, True]).drop_duplicates(["model", "method"])
     primary = set(zip(best["model"], best["method"], best["tag"]))
     df["primary"] = [(m, me, t) in primary for m, me, t in zip(df["model"], df["method"], df["tag"])]
-    return df.drop(columns=["selected", "erm"])
+    return df.drop(columns=["selected", "erm", "whole"])
 
 
 # The reference every other method of a model is compared against, first present wins: the plain

@@ -12,6 +12,7 @@ from __future__ import annotations
 from cxrfair.analysis import findings as F
 from cxrfair.analysis.config import describe_intervals
 from cxrfair.analysis.embedding_report import geometry, leakage
+from cxrfair.analysis.fewshot import UTILITY
 from cxrfair.analysis.headline import headline, mitigation_sentences
 from cxrfair.analysis.report import (
     Figure,
@@ -24,6 +25,7 @@ from cxrfair.analysis.report import (
     table_comparisons,
     table_condition_groups,
     table_fairness,
+    table_fewshot,
     table_group_f1,
     table_group_metric,
     table_shortcut,
@@ -291,6 +293,39 @@ def mitigation(data: ReportData) -> Section | None:
         "\n".join("- " + x for x in mitigation_sentences(data))), figures=figs, tables=tuple(tables))
 
 
+def fewshot(data: ReportData) -> list[Section]:
+    """Per attribute: utility against K per group (few-shot probes) with zero-shot and the whole-split
+    probe as references, and the table of ``fewshot.csv``; nothing without few-shot runs."""
+    t = getattr(data.results, "fewshot", None)
+    if t is None or t.empty:
+        return []
+
+    def draw(a):
+        def make():
+            from cxrfair.analysis import fewshot_figures  # matplotlib: only when drawn (``_draw``)
+
+            return fewshot_figures.fewshot_figure(t, a, UTILITY[data.task][:2])
+        return make
+
+    attributes = [a for a in data.attributes if (t["attribute"] == a).any()]
+    seeds = int(t.loc[t["setting"].str.endswith("-shot"), "n_seeds"].max())
+    out = []
+    for a in attributes:
+        fig = Figure(f"fewshot_{slug(a)}.png", f"Utility against the training images per class (K) by {a}: one line "
+                     "per group (black: all images), bars the interval of the mean over seeds; `all` (open marker) is "
+                     "the probe on the whole training split; the dotted horizontal lines are zero-shot (a reference "
+                     "line, not K = 0).", draw(a))
+        rows = table_fewshot(t, a)
+        out.append(Section(f"fewshot-{slug(a)}", f"Few-shot by {a}", prose=(
+            f"Probes trained on K images per class of the training split (`probe --shots`; up to {seeds} seeds, each its "
+            "own draw of the K images, so the interval of the mean carries the draw-to-draw variance), chosen on the "
+            "whole validation split and tested on the whole test split, against zero-shot and the same probe on every "
+            "training image. Every cell is a row of `fewshot.csv` (the seed summary of `seeds.csv`).",),
+            figures=(fig,), tables=(Table(rows, CELLS, index=("model", "method", "setting"), visible=7,
+                                          titles=data.definitions, beside=False),)))
+    return out
+
+
 # ----------------------------------------------------------------------------- groups
 
 
@@ -426,6 +461,7 @@ SECTIONS = [
     thresholds,
     shortcut,
     mitigation,
+    fewshot,
     leakage,
     geometry,
     comparisons,

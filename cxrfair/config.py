@@ -193,8 +193,8 @@ class ExtractSettings:
 @dataclass(frozen=True)
 @stage_section(SweepConfig, keys={"lr": "lrs", "weight_decay": "weight_decays", "hidden": "hiddens", "l2": "l2s",
                                   "l2_skip": "l2s_skip"},
-               fixed=("method", "seeds", "mitigation", "sensitive", "strengths", "adversary"),
-               own=("all_prompt_sets", "zeroshot_term"))
+               fixed=("method", "seeds", "mitigation", "sensitive", "strengths", "adversary", "shots"),
+               own=("all_prompt_sets", "zeroshot_term", "shots"))
 class ProbeSettings:
     lr: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3)  # adamw: learning-rate grid, selected on validation
     weight_decay: tuple[float, ...] = (0.0, 1e-4, 1e-2)  # adamw: weight decay grid
@@ -211,6 +211,7 @@ class ProbeSettings:
     select: str = "loss"  # choose the configuration by mean validation loss | accuracy
     all_prompt_sets: bool = False  # zero-shot: also write runs of the prompt sets not selected on val
     zeroshot_term: str | None = None  # zero-shot scoring: global | both (GLoRIA's); empty = both where the cache allows
+    shots: tuple[int, ...] = ()  # few-shot: also train each linear / mlp probe on K images per class for each K here, e.g. [1, 5, 10]
 
     # `recipe = "paper" | "default"`: a preset of several keys above, applied when the section is read
     # (so not a field: a run's settings hold the keys it set, and fingerprints see those).

@@ -187,13 +187,15 @@ def zeroshot_step(config: ExperimentConfig, p: dict, model: str) -> Step:
     return publishing_step(f"zeroshot-{model}", settings, (f"extract-{model}",), p, family(model, "zeroshot"), build)
 
 
-def sweep_config(config: ExperimentConfig, method: str) -> sweep.SweepConfig:
-    """The probe stage's SweepConfig for ``method`` from [probe], checked (messages name [probe] keys)."""
+def sweep_config(config: ExperimentConfig, method: str, shots: int | None = None) -> sweep.SweepConfig:
+    """The probe stage's SweepConfig for ``method`` (``shots``: its few-shot sweep) from [probe],
+    checked (messages name [probe] keys)."""
     kwargs = stage_kwargs(config.probe, sweep.SweepConfig)
     if method != "mlp":
         kwargs["l2s_skip"] = None  # the skip weight's grid is the skip MLP's alone
     return stage_config("probe", lambda: sweep.SweepConfig(
-        **kwargs, method=method, seeds=tuple(range(config.seeds))).validate(), {"memory_budget": "memory_budget_mb"})
+        **kwargs, method=method, seeds=tuple(range(config.seeds)), shots=shots).validate(),
+        {"memory_budget": "memory_budget_mb"})
 
 
 # SweepConfig fields that one solver or method ignores: changing them must not rerun those probes.
@@ -205,18 +207,32 @@ _UNUSED_BY_LINEAR = ("hiddens", "architecture", "l2s_skip")
 def sweep_settings(cfg: sweep.SweepConfig) -> dict:
     """What changes a probe sweep's runs (for its fingerprint): the SweepConfig minus what it ignores."""
     unused = {"memory_budget_mb", "track", *_UNUSED_BY.get(cfg.solver, ()), *(_UNUSED_BY_LINEAR if cfg.method == "linear" else ())}
+    if cfg.shots is None:  # a whole-split sweep: its fingerprint stays as before shots existed
+        unused.add("shots")
     return {k: v for k, v in settings_dict(cfg).items() if k not in unused}
 
 
-def probe_step(config: ExperimentConfig, p: dict, model: str, method: str) -> Step:
+def probe_step(config: ExperimentConfig, p: dict, model: str, method: str, shots: int | None = None) -> Step:
+    """The probe sweep of ``model`` x ``method`` on the whole training split, or (``shots``) on K
+    images per class: its own step and run family (``<model>__<method>-k<K>``)."""
     cache = cache_path(p, model)
-    cfg = sweep_config(config, method)
+    cfg = sweep_config(config, method, shots)
 
     def build(staging: Path) -> None:
         sweep.probe_cache(cache, staging, cfg, force=True)
 
     settings = sweep_settings(cfg) | {"model": model}
-    return publishing_step(f"{method}-{model}", settings, (f"extract-{model}",), p, family(model, method), build)
+    name = f"{method}-{model}" if shots is None else f"{method}-k{shots}-{model}"
+    return publishing_step(name, settings, (f"extract-{model}",), p, family(model, method, shots=shots), build)
+
+
+def fewshot_steps(config: ExperimentConfig, p: dict, model: str, method: str) -> list[Step]:
+    """One few-shot probe step per K of [probe] shots (none when it is empty)."""
+    shots = config.probe.shots
+    twice = sorted({k for k in shots if shots.count(k) > 1})
+    if twice:
+        raise CxrfairError(f"[probe] shots: {', '.join(map(str, twice))} listed more than once; list each K once")
+    return [probe_step(config, p, model, method, shots=k) for k in shots]
 
 
 def finetune_config(config: ExperimentConfig, p: dict, model: str, method: str, where: str = "finetune",

@@ -19,8 +19,8 @@ from typing import Callable
 from cxrfair import fairness_steps
 from cxrfair.config import (AnalysisSettings, EmbeddingsSettings, ExperimentConfig, ExtractSettings, FinetuneSettings,
                             MitigationSettings, PostprocessSettings, ProbeSettings, SynthSettings)
-from cxrfair.erm_steps import (analysis_step, cohort_attributes, cohort_step, extract_step, finetune_steps, probe_step,
-                               stale_runs_moved, synth_step, zeroshot_step)
+from cxrfair.erm_steps import (analysis_step, cohort_attributes, cohort_step, extract_step, fewshot_steps, finetune_steps,
+                               probe_step, stale_runs_moved, synth_step, zeroshot_step)
 from cxrfair.errors import CxrfairError
 from cxrfair.extract.registry import get_spec
 from cxrfair.publish import finish_interrupted
@@ -41,7 +41,10 @@ def _plan_steps(config: ExperimentConfig) -> tuple[list[Step], list[str]]:
     steps.append(cohort)
     for model in config.models:
         steps.append(extract_step(config, p, model))
+    if config.probe.shots and not {"linear", "mlp"} & set(config.methods):
+        raise CxrfairError("[probe] shots: few-shot runs are linear / mlp probes; add linear to methods or remove shots")
     producers: dict[tuple[str, str], Step] = {}  # (model, method) -> the step publishing its ERM runs
+    fewshot: list[Step] = []  # [probe] shots: one few-shot probe step per K (runs the analysis reads too)
     for model in config.models:
         for method in config.methods:
             if method == "zeroshot":
@@ -50,13 +53,16 @@ def _plan_steps(config: ExperimentConfig) -> tuple[list[Step], list[str]]:
             elif method in ("linear", "mlp"):
                 producers[model, method] = probe_step(config, p, model, method)
                 steps.append(producers[model, method])
+                more = fewshot_steps(config, p, model, method)
+                steps += more
+                fewshot += more
             else:
                 ft = finetune_steps(config, p, model, method)
                 steps.extend(ft)
                 producers[model, method] = ft[-1]
     extra = fairness_steps.steps(config, p, cohort_cfg, producers)
     steps += extra
-    feeds = [s.name for s in producers.values()] + [s.name for s in extra]
+    feeds = [s.name for s in producers.values()] + [s.name for s in fewshot] + [s.name for s in extra]
     has_embeddings = any(s.name.startswith(("leakage-", "geometry-")) for s in extra)
     steps.append(analysis_step(config, p, feeds, has_embeddings, cohort_attributes(cohort_cfg)))
     return steps, missing

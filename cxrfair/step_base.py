@@ -64,9 +64,10 @@ def stage_config(section: str, build: Callable[[], T], renames: dict | None = No
         raise CxrfairError(f"{prefix} {message}") from None
 
 
-def family(model: str, method: str, mitigation: str = "erm", sensitive: str | None = None) -> Family:
-    """The run folders (and sweep file) of ``model`` x ``method`` (x mitigation and attribute) in the runs folder."""
-    return Family.of([RunKey(safe_name(model), method, "best", 0, mitigation=mitigation, sensitive=sensitive)])
+def family(model: str, method: str, mitigation: str = "erm", sensitive: str | None = None,
+           shots: int | None = None) -> Family:
+    """The run folders (and sweep file) of ``model`` x ``method`` (x mitigation and attribute, or x shots) in the runs folder."""
+    return Family.of([RunKey(safe_name(model), method, "best", 0, mitigation=mitigation, sensitive=sensitive, shots=shots)])
 
 
 def model_weights(config: ExperimentConfig, model: str) -> Path | None:

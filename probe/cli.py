@@ -13,10 +13,13 @@ from cxrfair.core import mitigations
 from cxrfair.errors import CxrfairError
 from cxrfair.options import SEEDS_HELP, parse_seeds, track_option
 
-# Mirror cxrfair.probe.sweep's L2_GRIDS, L2_SKIP_GRID, FTOL and MAX_ITER (this module imports only click; a test keeps them equal).
+# Mirror cxrfair.probe.sweep's L2_GRIDS, L2_SKIP_GRID, FEWSHOT_L2_GRIDS, FEWSHOT_L2_SKIP_GRID, FTOL and MAX_ITER (this module imports only click; a test keeps them equal).
 L2_GRIDS = {"linear": (1e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2), "mlp": (1e-3, 3e-3, 1e-2, 2e-2, 3e-2, 1e-1),
             "mlp+skip": (1e-2, 1e-1, 1.0)}
 L2_SKIP_GRID = (1e-5, 1e-4, 1e-3)
+FEWSHOT_L2_GRIDS = {"linear": (1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0, 30.0, 100.0),
+                    "mlp": (1e-2, 1e-1, 1.0, 10.0, 100.0), "mlp+skip": (1e-1, 1.0, 10.0)}
+FEWSHOT_L2_SKIP_GRID = (1e-2, 1e-1, 1.0, 10.0, 100.0)
 FTOL = {"linear": 0.0, "mlp": 1e-5}
 MAX_ITER = {"linear": 1000, "mlp": 300}
 
@@ -96,6 +99,13 @@ def _sweep_options(f):
                      help=SEEDS_HELP + " Each fixes initialisation (adamw: also data order)."),
         click.option("--epochs", default=150, show_default=True, type=int, help="adamw: passes over the training split."),
         click.option("--batch-size", default=64, show_default=True, type=int, help="adamw: minibatch size."),
+        click.option("--shots", default=None, type=click.IntRange(min=1),
+                     help="Few-shot: train on K images per class of the training split (multi-label: until each "
+                          "condition has K positives and K negatives), one draw per seed (the draws are part of the "
+                          "seed variance); val and test are untouched and select on the full validation split. "
+                          "Default --l2 grid then: " + "; ".join(f"{m} {','.join(f'{v:g}' for v in g)}"
+                                                                 for m, g in FEWSHOT_L2_GRIDS.items())
+                          + ". Runs <model>__<method>-k<K>__best__s<seed>. [default: all training images]"),
         click.option("--memory-budget", default=1024.0, show_default=True, type=float, help="MB per compiled chunk of the sweep."),
         track_option(),
         _force,
@@ -136,7 +146,7 @@ def _run(method: str, hidden: str, **kw) -> None:
                       hiddens=_ints(hidden, "--hidden"), seeds=parse_seeds(kw["seeds"]), epochs=kw["epochs"],
                       batch_size=kw["batch_size"], max_iter=kw["max_iter"], memory_budget_mb=kw["memory_budget"],
                       mitigation=kw["mitigation"], sensitive=kw["sensitive"], strengths=strengths, adversary=kw["adversary"],
-                      ftol=kw["ftol"], track=kw["track"], **_mlp_options(kw))
+                      ftol=kw["ftol"], track=kw["track"], shots=kw["shots"], **_mlp_options(kw))
     cfg.validate(given=_given())
     paths = probe_cache(kw["cache"], kw["out"], cfg, force=kw["force"])
     click.echo(f"wrote {len(paths)} {method} run(s) to {kw['out']}")

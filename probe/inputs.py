@@ -139,6 +139,104 @@ def group_codes(inputs: ProbeInputs, attr: str) -> dict:
     return out
 
 
+FEWSHOT_RULE = {
+    "multiclass": "K training images of each class, drawn without replacement from the training split only, "
+                  "each from a different patient while the class has patients not yet drawn; a class with "
+                  "fewer than K images contributes all it has. The draw is nested: with one seed, the K-shot "
+                  "images of a class are the first K of one random order, so they hold the (K-1)-shot ones.",
+    "multilabel": "for each condition in class order, training images are added until the drawn set holds at "
+                  "least K positives and K negatives (observed 0) of that condition, drawn without replacement "
+                  "from the training split only in a random order that puts every patient's first image of that "
+                  "label before any patient's second; the drawn images keep all their labels, so a condition can end with more than K "
+                  "positives; one with fewer than K positives or negatives contributes all it has.",
+}
+
+
+@dataclass(frozen=True)
+class Shots:
+    """One few-shot draw of the training split.
+
+    Attributes:
+        index: (n,) int64 row indices into the training split (``x["train"]``), ascending.
+        shots: K. seed: the draw's seed.
+        counts: class -> images drawn (multi-class) / ``[positives, negatives]`` drawn (multi-label).
+        short: the classes (conditions) with fewer than K images (positives or negatives) to draw from.
+    """
+
+    index: np.ndarray
+    shots: int
+    seed: int
+    counts: dict
+    short: tuple
+
+    def record(self, task: str, train_ids) -> dict:
+        """run.json ``fewshot``: what was drawn (``train_ids``: the training split's (N,) image ids) and by which rule."""
+        return {"shots": self.shots, "draw_seed": self.seed, "n_train": int(len(self.index)),
+                "counts": self.counts, "short": list(self.short), "rule": FEWSHOT_RULE[task],
+                "drawn_from": "train split only (val and test untouched; selection on the full validation split)",
+                "image_ids": [str(i) for i in np.asarray(train_ids)[self.index]]}
+
+
+def _patient_first(order: np.ndarray, patients: np.ndarray) -> np.ndarray:
+    """``order`` (row indices in a random order) with each patient's first row first, the rest after,
+    both parts keeping their order: taking a prefix then spreads the draw over patients."""
+    repeat = pd.Series(patients[order]).duplicated().to_numpy()
+    return order[np.argsort(repeat, kind="stable")]
+
+
+def draw_shots(y_train: np.ndarray, patients, shots: int, seed: int, classes: list) -> Shots:
+    """K images per class (multi-class) or K positives and K negatives per condition (multi-label)
+    from the training split (``FEWSHOT_RULE``), a function of (targets, patients, shots, seed) alone.
+
+    Args:
+        y_train: (N,) int class indices, or (N, C) float targets in {1, 0, NaN} (multi-label).
+        patients: (N,) patient ids of the same rows. shots: K >= 1. seed: the draw's seed.
+        classes: the C class (condition) names, for ``counts`` and ``short``.
+    """
+    y = np.asarray(y_train)
+    patients = np.asarray(patients).astype(str)
+    rng = np.random.default_rng([int(seed), 0x5E07])  # a stream of its own: never the training seed's
+    if y.ndim == 1:
+        chosen, counts, short = [], {}, []
+        for c, name in enumerate(classes):
+            rows = np.flatnonzero(y == c)
+            take = _patient_first(rng.permutation(rows), patients)[:shots]
+            chosen.append(take)
+            counts[str(name)] = int(len(take))
+            short += [str(name)] if len(rows) < shots else []
+        index = np.sort(np.concatenate(chosen)).astype(np.int64)
+        return Shots(index, int(shots), int(seed), counts, tuple(short))
+    selected = np.zeros(len(y), bool)
+    short = []
+    for c, name in enumerate(classes):
+        for value in (1.0, 0.0):
+            rows = rng.permutation(np.flatnonzero(y[:, c] == value))
+            need = shots - int((y[selected, c] == value).sum())
+            short += [str(name)] if len(rows) < shots and str(name) not in short else []
+            if need <= 0:
+                continue
+            free = _patient_first(rows, patients)
+            free = free[~selected[free]]
+            selected[free[:need]] = True
+    index = np.flatnonzero(selected).astype(np.int64)
+    counts = {str(name): [int((y[index, c] == 1).sum()), int((y[index, c] == 0).sum())] for c, name in enumerate(classes)}
+    return Shots(index, int(shots), int(seed), counts, tuple(short))
+
+
+def short_note(draws: list) -> str | None:
+    """The one line saying which classes had fewer than K images to draw from (None when none did).
+
+    Which classes are short depends on the training split's counts alone, so it is the same for
+    every seed's draw: said once per sweep, not once per seed.
+    """
+    short = list(dict.fromkeys(c for d in draws for c in d.short))
+    if not short:
+        return None
+    k = draws[0].shots
+    return (f"--shots {k}: {', '.join(short)} had fewer than {k} training images (multi-label: positives or negatives) "
+            "to draw from; their draws use all they have (run.json fewshot.short and counts)")
+
+
 def _split_scores(cache, where: str) -> dict | None:
     """The cache's prompt scores (if any) for the val and test rows; non-finite ones refused."""
     scores = cache.prompt_scores

@@ -19,6 +19,7 @@ import functools
 import itertools
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -29,9 +30,9 @@ import pandas as pd
 from cxrfair.core import mitigations
 from cxrfair.core.multilabel import auc_macro
 from cxrfair.core.runs import TRACKING_DIR, RunKey, check_runs_folder, parse_run_id, safe_name, write_run
-from cxrfair.errors import CxrfairError
+from cxrfair.errors import CxrfairError, CxrfairWarning
 from cxrfair.io import atomic_path
-from cxrfair.probe.inputs import group_codes, load_inputs
+from cxrfair.probe.inputs import draw_shots, group_codes, load_inputs, short_note
 from cxrfair.tracking import check_backend, open_tracker
 
 # JAX is imported only where a sweep trains (``objectives``, ``train`` and ``jax`` inside the
@@ -65,6 +66,15 @@ L2_GRIDS = {"linear": (1e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
             "mlp": (1e-3, 3e-3, 1e-2, 2e-2, 3e-2, 1e-1),
             "mlp+skip": (1e-2, 1e-1, 1.0)}
 L2_SKIP_GRID = (1e-5, 1e-4, 1e-3)
+# Few-shot probes (``shots``): with N = C x K training rows the penalty must go far higher. A
+# penalty l2 on the mean loss is sklearn's C = 1/(l2 N): for 5-shot binary (N = 10) the default
+# grid's largest, 1e-2, is C = 10, next to no regularisation for 10 points that are always
+# separable in hundreds of dimensions (the weights grow until max_iter). This grid reaches
+# C = 1e-3 there (l2 = 100), and still holds the default grid's upper part for larger K.
+FEWSHOT_L2_GRIDS = {"linear": (1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0, 30.0, 100.0),
+                    "mlp": (1e-2, 1e-1, 1.0, 10.0, 100.0),
+                    "mlp+skip": (1e-1, 1.0, 10.0)}
+FEWSHOT_L2_SKIP_GRID = (1e-2, 1e-1, 1.0, 10.0, 100.0)
 # L-BFGS MLP lanes stop once an iteration lowers the objective by at most FTOL * max(|f|, 1): on
 # the demo cache they never reach the gradient tolerance and otherwise run to max_iter. The
 # (convex) linear probe keeps the gradient test only (ftol 0), which matches scikit-learn.
@@ -110,6 +120,7 @@ class SweepConfig:
     strengths: tuple | None = None  # the strength axis of the grid; None: the mitigation's probe_strengths (core.mitigations)
     adversary: str = "grl"  # adversarial: "grl" (gradient reversal) or "projection" (Zhang et al.)
     track: str | None = None  # experiment tracking (cxrfair.tracking.BACKENDS) of the runs written; None: off. Changes no result
+    shots: int | None = None  # few-shot: train on K images per class of the training split, one draw per seed; None: all
 
     def __post_init__(self):
         row = self.row  # None for an unknown name: validate() names the fix
@@ -145,14 +156,16 @@ class SweepConfig:
     @property
     def l2_grid(self) -> tuple:
         """The L2 grid in force (``l2s``, or the architecture's default)."""
-        return tuple(self.l2s) if self.l2s is not None else L2_GRIDS.get(self.family, L2_GRIDS["linear"])
+        grids = L2_GRIDS if self.shots is None else FEWSHOT_L2_GRIDS
+        return tuple(self.l2s) if self.l2s is not None else grids.get(self.family, grids["linear"])
 
     @property
     def l2_skip_grid(self) -> tuple:
         """The skip weight's L2 grid (L-BFGS skip MLP; empty otherwise)."""
         if not (self.skip and self.solver == "lbfgs"):
             return ()
-        return tuple(self.l2s_skip) if self.l2s_skip is not None else L2_SKIP_GRID
+        return tuple(self.l2s_skip) if self.l2s_skip is not None else (L2_SKIP_GRID if self.shots is None
+                                                                       else FEWSHOT_L2_SKIP_GRID)
 
     @property
     def ftol_value(self) -> float:
@@ -199,6 +212,10 @@ class SweepConfig:
         _check(self.max_iter >= 1, "--max-iter", "must be >= 1")
         _check(self.memory_budget_mb > 0, "--memory-budget", "must be > 0 MB")
         check_backend(self.track)
+        _check(self.shots is None or (isinstance(self.shots, int) and not isinstance(self.shots, bool) and self.shots >= 1),
+               "--shots", "must be a whole number >= 1 (training images per class)")
+        _check(self.shots is None or self.mitigation == "erm", "--shots",
+               f"few-shot probes are plain (erm) probes for now; drop --shots or --mitigation {self.mitigation}")
         # Last: a value that is wrong in itself is the first thing to fix.
         given = set(given)
         for solver, options in SOLVER_OPTIONS.items():
@@ -433,6 +450,58 @@ def run_sweep(x: dict, y: dict, n_classes: int, cfg: SweepConfig, groups: dict |
 SPLITS_ALL = ("train", "val", "test")
 
 
+def run_fewshot_sweep(inputs, cfg: SweepConfig) -> tuple[SweepResult, list]:
+    """A few-shot sweep: seed s trains on its own draw of ``cfg.shots`` images per class (``draw_shots``).
+
+    The draws are part of the seed variance: each seed's lanes see only its draw's training rows,
+    and the configuration is chosen, as in ``run_sweep``, by the mean over seeds (draws) of the
+    validation score on the full validation split; val and test are never subsampled.
+    Standardisation (``cfg.standardize``) uses the mean and sd of the whole training split's
+    features (no labels): a draw of C x K rows cannot estimate a per-feature sd (K = 1, C = 2:
+    two points), and dividing by one near 0 would blow that feature up on val and test.
+
+    Args:
+        inputs: ``ProbeInputs`` (its ``train_rows`` give the patients).
+        cfg: the sweep, ``shots`` set.
+
+    Returns:
+        (the SweepResult over all seeds, as ``run_sweep``'s; the ``Shots`` draw of each seed, in seed order).
+    """
+    cfg = cfg.validate()
+    _check(cfg.shots is not None, "--shots", "run_fewshot_sweep needs shots")
+    stats = feature_stats(inputs.x["train"]) if cfg.standardize else None
+    x = {k: standardize(v, stats) for k, v in inputs.x.items()}
+    patients = inputs.train_rows["patient_id"].to_numpy()
+    parts, draws = [], []
+    for seed in cfg.seeds:
+        draw = draw_shots(inputs.y["train"], patients, cfg.shots, seed, inputs.classes)
+        xs, ys = dict(x, train=x["train"][draw.index]), dict(inputs.y, train=inputs.y["train"][draw.index])
+        parts.append(run_sweep(xs, ys, len(inputs.classes), dataclasses.replace(cfg, seeds=(seed,), standardize=False)))
+        draws.append(draw)
+    note = short_note(draws)
+    if note:
+        warnings.warn(note, CxrfairWarning, stacklevel=2)
+    return merge_seeds(parts, cfg.select, stats), draws
+
+
+def merge_seeds(parts: list, select: str, stats: dict | None = None) -> SweepResult:
+    """One ``SweepResult`` from single-seed sweeps of one grid (``run_fewshot_sweep``), the
+    configuration chosen again on the mean over all their seeds (``select_config``)."""
+    cat = lambda f: np.concatenate([getattr(p, f) for p in parts], axis=0)  # noqa: E731  (S, K, ...)
+    best_val_loss = cat("best_val_loss")
+    mean_loss = best_val_loss.mean(0)
+    table = pd.concat([p.table for p in parts], ignore_index=True)
+    accuracy = table.groupby("config", sort=True)["val_accuracy"].mean().to_numpy()
+    selected = select_config({"loss": np.where(np.isfinite(mean_loss), mean_loss, np.inf), "accuracy": accuracy}, select)
+    table = table.sort_values(["config", "seed"], kind="stable").assign(selected=lambda t: t["config"] == selected)
+    timings = dict(parts[0].timings)
+    for key in ("compile_s", "train_s", "chunks"):
+        timings[key] = sum(p.timings[key] for p in parts)
+    return SweepResult(parts[0].configs, tuple(s for p in parts for s in p.seeds), table.reset_index(drop=True),
+                       selected, best_val_loss, cat("best_epoch"), cat("train_loss"), cat("val_loss"), cat("val_probs"),
+                       cat("test_probs"), timings, stats)
+
+
 def cell_codes(y_train: np.ndarray, group_train: np.ndarray, n_classes: int) -> np.ndarray:
     """(N,) int32 cell of each training row: group * C + class (multi-class)."""
     return (np.asarray(group_train, np.int64) * n_classes + np.asarray(y_train, np.int64)).astype(np.int32)
@@ -607,17 +676,22 @@ def probe_cache(cache_path: Path | str, out: Path | str, cfg: SweepConfig, force
     t0 = time.perf_counter()
     inputs = load_inputs(cache_path)
     groups = None if cfg.mitigation == "erm" else group_codes(inputs, cfg.sensitive)
-    key = lambda tag, s: RunKey(safe_name(inputs.model), cfg.method, tag, int(s), cfg.mitigation, cfg.sensitive).run_id  # noqa: E731
+    key = lambda tag, s: RunKey(safe_name(inputs.model), cfg.method, tag, int(s), cfg.mitigation, cfg.sensitive,  # noqa: E731
+                                cfg.shots).run_id
     tags = ["best"] + [strength_tag(st) for st in (cfg.strengths if cfg.has_strength else ())]
     run_ids = {tag: [key(tag, s) for s in cfg.seeds] for tag in tags}
     check_runs_folder(out, inputs.cohort_hash, [r for ids in run_ids.values() for r in ids], force)
-    result = run_sweep(inputs.x, inputs.y, len(inputs.classes), cfg, groups)
+    draws = None
+    if cfg.shots is None:
+        result = run_sweep(inputs.x, inputs.y, len(inputs.classes), cfg, groups)
+    else:
+        result, draws = run_fewshot_sweep(inputs, cfg)
     result.timings["total_s"] = time.perf_counter() - t0
     paths = []
     chosen = {tag: result.selected if tag == "best" else result.by_strength[cfg.strengths[tags.index(tag) - 1]]
               for tag in tags}
     for tag, ids in run_ids.items():
-        paths += write_runs(out, inputs, cfg, result, ids, chosen[tag], force)
+        paths += write_runs(out, inputs, cfg, result, ids, chosen[tag], force, draws)
     write_table(out, result, run_ids["best"][0])
     for tag, ids in run_ids.items() if cfg.track is not None else ():
         track_runs(cfg.track, out, result, ids, chosen[tag], cfg.solver, lanes=tag == "best")
@@ -667,8 +741,10 @@ def write_table(out, result: SweepResult, run_id: str) -> None:
         result.table.to_csv(tmp, index=False)
 
 
-def write_runs(out, inputs, cfg: SweepConfig, result: SweepResult, run_ids: list[str], k: int, force: bool) -> list[Path]:
-    """Write configuration ``k``'s runs, one per seed."""
+def write_runs(out, inputs, cfg: SweepConfig, result: SweepResult, run_ids: list[str], k: int, force: bool,
+               draws: list | None = None) -> list[Path]:
+    """Write configuration ``k``'s runs, one per seed (few-shot: ``draws``, each seed's ``Shots``, go
+    into run.json ``fewshot``)."""
     from cxrfair.probe.train import count_params  # jax: see the note under the imports
 
     best = result.configs[k]
@@ -691,6 +767,7 @@ def write_runs(out, inputs, cfg: SweepConfig, result: SweepResult, run_ids: list
             "source": inputs.source, **inputs.run_meta(),
             "notes": _notes(cfg, result, run_id, inputs.multilabel),
             **_mitigation_meta(cfg, result, best),
+            **({} if draws is None else {"fewshot": _fewshot_meta(cfg, draws[i], inputs)}),
         }
         paths.append(write_run(out, meta, inputs.predictions(probs), force=force))
     return paths
@@ -708,6 +785,13 @@ def _mitigation_meta(cfg: SweepConfig, result: SweepResult, config: dict) -> dic
     if result.erasure is not None:
         meta["erasure"] = result.erasure
     return meta
+
+
+def _fewshot_meta(cfg: SweepConfig, draw, inputs) -> dict:
+    """run.json ``fewshot``: the seed's draw (``Shots.record``) and what the features were standardised with."""
+    scaled = ("the whole training split's feature mean and sd (image features only, no labels)" if cfg.standardize
+              else "none (raw features)")
+    return draw.record(inputs.task, inputs.train_rows["image_id"].to_numpy()) | {"standardization": scaled}
 
 
 def _curves(result: SweepResult, i: int, k: int, solver: str) -> dict:
@@ -728,6 +812,9 @@ def _notes(cfg: SweepConfig, result: SweepResult, run_id: str, multilabel: bool 
             else "AdamW, cosine annealing, best-validation-loss epoch kept"))
     feats = "features standardised with the training split's mean and sd" if cfg.standardize else "raw features"
     task = f"; multi-label: {LOSS_TEXT['multilabel']}, p = per-condition sigmoid" if multilabel else ""
+    if cfg.shots is not None:
+        task += (f"; few-shot: trained on {cfg.shots} image(s) per class of the training split, one draw per seed "
+                 "(run.json fewshot)")
     return (f"{how}; {feats}{task}; selected by {SELECTION_TEXT[cfg.select]} ({len(result.seeds)} seeds) "
             f"among {len(result.configs)} configurations; see {_sweep_name(run_id)}")
 

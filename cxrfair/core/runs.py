@@ -36,6 +36,8 @@ from cxrfair.errors import CxrfairError
 from cxrfair.io import atomic_dir, write_json_atomic
 
 METHODS = ("zeroshot", "linear", "mlp", "lora", "full")
+# Methods that can be trained few-shot (``RunKey.shots``: K training images per class; probe --shots).
+FEWSHOT_METHODS = ("linear", "mlp")
 # Methods the fine-tuning stage trains (always with AdamW; their run.json records no `solver`).
 FINETUNE_METHODS = ("lora", "full")
 # Fairness interventions: the names of the one table, cxrfair.core.mitigations; "erm" is plain training and the default.
@@ -144,9 +146,11 @@ def targets_and_probs(rows: pd.DataFrame, classes: list[str], task: str) -> tupl
 class RunKey:
     """What identifies a run; the one place run ids are built and parsed.
 
-    ``run_id`` is ``<model>__<method>[+<mitigation>-<sensitive>]__<tag>__s<seed>``; the bracketed
-    part is present only for a mitigation other than ``erm``. ``family`` (the run id without tag
-    and seed) names every run of one sweep, and its ``<family>__sweep.csv`` file.
+    ``run_id`` is ``<model>__<method>[-k<shots>][+<mitigation>-<sensitive>]__<tag>__s<seed>``; the
+    ``-k<shots>`` part is present only for a few-shot probe (trained on ``shots`` images per class),
+    the ``+`` part only for a mitigation other than ``erm``. ``family`` (the run id without tag
+    and seed) names every run of one sweep, and its ``<family>__sweep.csv`` file, so the sweeps of
+    different ``shots`` never share a family.
 
     Attributes:
         model: registry name, made safe for a folder name (see ``safe_name``).
@@ -155,6 +159,8 @@ class RunKey:
         seed: training seed, or the prompt draw for zero-shot.
         mitigation: one of ``MITIGATIONS``.
         sensitive: the attribute a mitigation targets (None for ``erm``).
+        shots: few-shot probes: training images per class (``FEWSHOT_METHODS``, erm only); None:
+            the whole training split.
     """
 
     model: str
@@ -163,6 +169,7 @@ class RunKey:
     seed: int
     mitigation: str = "erm"
     sensitive: str | None = None
+    shots: int | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -172,14 +179,26 @@ class RunKey:
         if (self.mitigation == "erm") != (self.sensitive is None):
             raise CxrfairError(f"mitigation {self.mitigation!r} with sensitive attribute {self.sensitive!r}: "
                                "a mitigation other than erm needs one sensitive attribute, erm none")
+        if self.shots is not None:
+            if isinstance(self.shots, bool) or not isinstance(self.shots, int) or self.shots < 1:
+                raise CxrfairError(f"shots {self.shots!r}: expected a whole number >= 1 (training images per class)")
+            if self.method not in FEWSHOT_METHODS or self.mitigation != "erm":
+                raise CxrfairError(f"shots {self.shots}: few-shot runs are {' or '.join(FEWSHOT_METHODS)} probes "
+                                   f"without a mitigation, not {self.method_part_plain}+{self.mitigation}")
         for name, value in (("model", self.model), ("tag", self.tag), ("sensitive", self.sensitive or "x")):
             if "__" in value or not _RUN_ID_RE.match(value):
                 raise CxrfairError(f"run id part {name} {value!r}: use letters, digits, . _ + = - and no '__'")
 
     @property
+    def method_part_plain(self) -> str:
+        """The method and shots without the mitigation: ``linear`` or ``linear-k5``."""
+        return self.method if self.shots is None else f"{self.method}-k{self.shots}"
+
+    @property
     def method_part(self) -> str:
-        """``linear`` or ``linear+groupdro-sex``."""
-        return self.method if self.mitigation == "erm" else f"{self.method}+{self.mitigation}-{self.sensitive}"
+        """``linear``, ``linear-k5`` (5-shot) or ``linear+groupdro-sex``."""
+        plain = self.method_part_plain
+        return plain if self.mitigation == "erm" else f"{plain}+{self.mitigation}-{self.sensitive}"
 
     @property
     def family(self) -> str:
@@ -196,7 +215,7 @@ class RunKey:
         return f"{self.family}__sweep.csv"
 
 
-_RUN_KEY_RE = re.compile(r"^(?P<model>.+?)__(?P<method>[a-z]+)(\+(?P<mit>[a-z]+)-(?P<sens>[A-Za-z0-9._=-]+?))?"
+_RUN_KEY_RE = re.compile(r"^(?P<model>.+?)__(?P<method>[a-z]+)(-k(?P<shots>[0-9]+))?(\+(?P<mit>[a-z]+)-(?P<sens>[A-Za-z0-9._=-]+?))?"
                          r"__(?P<tag>.+)__s(?P<seed>-?\d+)$")
 
 
@@ -204,9 +223,9 @@ def parse_run_id(run_id: str) -> RunKey:
     """Inverse of ``RunKey.run_id``; CxrfairError naming the run id when it does not follow the convention."""
     m = _RUN_KEY_RE.match(run_id)
     if not m:
-        raise CxrfairError(f"run id {run_id!r} does not follow <model>__<method>[+<mitigation>-<attr>]__<tag>__s<seed>")
+        raise CxrfairError(f"run id {run_id!r} does not follow <model>__<method>[-k<shots>][+<mitigation>-<attr>]__<tag>__s<seed>")
     return RunKey(model=m["model"], method=m["method"], tag=m["tag"], seed=int(m["seed"]),
-                  mitigation=m["mit"] or "erm", sensitive=m["sens"])
+                  mitigation=m["mit"] or "erm", sensitive=m["sens"], shots=None if m["shots"] is None else int(m["shots"]))
 
 
 def safe_name(name: str) -> str:

@@ -297,7 +297,7 @@ def test_every_stage_field_is_a_key_or_supplied_by_the_pipeline():
     from cxrfair.finetune.config import FinetuneConfig
     from cxrfair.probe.sweep import SweepConfig
 
-    supplied = {SweepConfig: {"method", "seeds", "mitigation", "sensitive", "strengths", "adversary"},
+    supplied = {SweepConfig: {"method", "seeds", "mitigation", "sensitive", "strengths", "adversary", "shots"},
                 FinetuneConfig: {"model", "cohort", "out", "method", "lr", "seed", "weights", "images", "resume", "force",
                                  "tag", "mitigation", "sensitive", "strength"},
                 AnalyzeConfig: {"runs_dir", "out", "force", "embeddings"}}
