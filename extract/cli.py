@@ -44,6 +44,8 @@ def list_models(fmt: str) -> None:
     image-text models); pre_projection is the dimension of the features before it ("-": none).
     Where weights are looked for: --weights PATH, then weights_env, then ~/.cache/cxrfair/NAME/,
     then the Hugging Face hub cache (docs/models.md).
+    Any other model by name (open_clip:ARCH/TAG, hf:ORG/NAME, hf:PATH, ...) works with every
+    --model without being listed here (docs/models.md, "Any model by name").
     """
     # Lazy like every command here: the registry and the model modules load only when run.
     from cxrfair.extract.fetch import SOURCES
