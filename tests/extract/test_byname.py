@@ -411,6 +411,70 @@ def test_offline_and_not_cached_says_what_to_download(tmp_path):
         "huggingface-cli download laion/CLIP-ViT-B-32-laion2B-s34B-b79K" in out[1] and "HF_HUB_OFFLINE=1" in out[1], out[1]
 
 
+HUB_SCRIPT = """
+import json, sys
+from pathlib import Path
+import open_clip
+from open_clip.pretrained import _PRETRAINED, _pcfg
+from cxrfair.extract.registry import get_spec, load_model
+from cxrfair.io import sha256_file
+
+config_file, revision = Path(sys.argv[1]), sys.argv[2]
+open_clip.add_model_config(config_file)
+# A pretrained tag for the tiny architecture, published (here: cached) in a hub repo, with its own statistics.
+_PRETRAINED["cxrfair-byname-test"] = {"faketag": _pcfg(hf_hub="cxrfair-test/tiny-openclip/", mean=(0.5,) * 3,
+                                                      std=(0.25,) * 3, interpolation="bilinear")}
+out = {}
+for name in ("hf:cxrfair-test/tiny-vit", "open_clip:cxrfair-byname-test/faketag"):
+    fm = load_model(name)
+    out[name] = {"weights_id": fm.weights_id, "source": fm.source, "pre": fm.preprocess.describe(),
+                 "spec_source": get_spec(name).weights_source}
+print(json.dumps(out))
+"""
+
+
+def fake_hub_repo(cache: Path, repo: str, files: dict[str, Path], revision: str) -> Path:
+    """A Hugging Face hub cache entry for ``repo`` at ``revision`` (refs/main + a snapshot folder)."""
+    import shutil
+
+    root = cache / f"models--{repo.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(revision)
+    snapshot = root / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    for name, src in files.items():
+        shutil.copy(src, snapshot / name)
+    return snapshot
+
+
+@pytest.mark.slow
+def test_hub_names_load_from_the_hub_cache_and_record_the_revision(folders, openclip_checkpoint, tmp_path):
+    """``hf:ORG/NAME`` and ``open_clip:ARCH/TAG`` offline, from a (fake) hub cache: a fresh process whose
+    HF_HUB_CACHE is set before huggingface_hub loads."""
+    from safetensors.torch import save_file
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    cache = tmp_path / "hub"
+    vit = fake_hub_repo(cache, "cxrfair-test/tiny-vit", {f.name: f for f in folders["vit"].iterdir()}, revision)
+    state = torch.load(openclip_checkpoint, weights_only=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "open_clip_model.safetensors"))
+    oc = fake_hub_repo(cache, "cxrfair-test/tiny-openclip",
+                       {"open_clip_model.safetensors": tmp_path / "open_clip_model.safetensors"}, revision)
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", HUB_SCRIPT, str(openclip_checkpoint.parent / "cxrfair-byname-test.json"),
+                           revision], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    hf = got["hf:cxrfair-test/tiny-vit"]
+    assert hf["weights_id"] == f"sha256:{sha256_file(vit / 'model.safetensors')}"
+    assert hf["source"] == f"hub cxrfair-test/tiny-vit@{revision}" and hf["spec_source"] == "hub cxrfair-test/tiny-vit"
+    tag = got["open_clip:cxrfair-byname-test/faketag"]
+    assert tag["weights_id"] == f"sha256:{sha256_file(oc / 'open_clip_model.safetensors')}"
+    assert "tag faketag" in tag["source"] and str(oc) in tag["source"] and "cxrfair-test/tiny-openclip" in tag["spec_source"]
+    # The tag's own statistics and interpolation, not the architecture's defaults.
+    assert (tag["pre"]["mean"], tag["pre"]["std"], tag["pre"]["interpolation"]) == ([0.5] * 3, [0.25] * 3, "bilinear")
+
+
 def test_pipeline_model_lists_take_names_through_the_same_registry(folders):
     from types import SimpleNamespace
 
