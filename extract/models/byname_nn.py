@@ -77,8 +77,9 @@ def unused_prefixes(model: nn.Module, use: str) -> tuple[str, ...]:
 def infer_lora_targets(encoder: nn.Module) -> str | None:
     """peft ``target_modules`` (one regex) for ``encoder``'s repeated blocks, or None if it has none.
 
-    Targets are the ``nn.Linear`` layers inside numbered blocks (``layers.3.self_attn.q_proj``,
-    ``blocks.0.mlp.fc1``); an ``nn.MultiheadAttention`` is targeted whole (peft wraps it; its
+    Targets are the ``nn.Linear`` layers inside the innermost numbered blocks
+    (``layers.3.self_attn.q_proj``, ``blocks.0.mlp.fc1``; Swin's ``layers.1.blocks.0...`` but not
+    ``layers.1.downsample``); an ``nn.MultiheadAttention`` is targeted whole (peft wraps it; its
     ``out_proj`` alone breaks backward). Not the patch embedding, the pooling head or a
     projection, which sit outside the numbered blocks. Names are relative to ``encoder``, which
     fine-tuning wraps (``Classifier.encoder``), so the targets never reach a text tower.
@@ -95,6 +96,11 @@ def infer_lora_targets(encoder: nn.Module) -> str | None:
             names.append(name)
     if not names:
         return None
+    # Only the innermost repeated blocks (Swin: the blocks inside each stage, not the stage's
+    # patch-merging ``downsample``): the names with the most numbered components.
+    depth = lambda n: sum(p.isdigit() for p in n.split("."))  # noqa: E731
+    deepest = max(map(depth, names))
+    names = [n for n in names if depth(n) == deepest]
     groups: dict[str, set[str]] = {}
     for name in names:
         parts = name.split(".")

@@ -299,7 +299,7 @@ def _lora_modules(encoder, targets) -> set[str]:
     return {n for n, _ in model.named_modules() if n and check_target_module_exists(config, n)}
 
 
-@pytest.mark.parametrize("model", ["tiny-medsiglip", "tiny-rad-dino", "tiny-clip", "tiny-biomedclip"])
+@pytest.mark.parametrize("model", ["tiny-medsiglip", "tiny-rad-dino", "tiny-clip", "tiny-biomedclip", "tiny-medclip-vit"])
 def test_inferred_lora_targets_select_what_the_hand_written_lists_select(model):
     from cxrfair.extract.models.byname_nn import infer_lora_targets
 
