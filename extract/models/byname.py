@@ -408,7 +408,13 @@ def openclip_layout(ref: OpenClipRef) -> tuple[int, str | None, int | None]:
     pixels = torch.empty(1, 3, side, side, device="meta")
     with torch.no_grad():
         dim = int(model.encode_image(pixels).shape[-1])
-        unprojected = int(openclip_unprojected(model.visual)(pixels).flatten(1).shape[-1])
+        try:
+            unprojected = int(openclip_unprojected(model.visual)(pixels).flatten(1).shape[-1])
+        except (AttributeError, RuntimeError, TypeError):  # a tower without ViT/timm pre-projection features (RN50)
+            unprojected = None
+    head = getattr(model.visual, "head", None)  # a timm tower's projection; empty: the trunk is the embedding (SigLIP)
+    if isinstance(head, torch.nn.Module) and not any(True for _ in head.parameters()):
+        unprojected = None
     return dim, byname_nn.infer_lora_targets(model.visual), unprojected
 
 
@@ -470,7 +476,10 @@ def _load_openclip(spec: ModelSpec, weights: Path | None, device: str, *, ref: O
             ref.arch, pretrained=pretrained, device=device, pretrained_text=False))
     tokenizer = openclip_call(ref, "tokenizer", lambda: open_clip.get_tokenizer(ref.arch))
     preprocess = preprocess_from_openclip(model.visual.preprocess_cfg, f"--model {spec.name}: preprocess_cfg")
-    return replace(openclip_bundle(spec, model, tokenizer, preprocess, files_id([ckpt])), source=source)
+    # SigLIP-style open_clip models learn a bias: zero-shot is sigmoid(scale * cos + bias), as medsiglip.
+    bias = getattr(model, "logit_bias", None)
+    extras = {} if bias is None else {"logit_bias": float(bias.detach().reshape(-1)[0]), "zero_shot_rule": "sigmoid"}
+    return replace(openclip_bundle(spec, model, tokenizer, preprocess, files_id([ckpt]), extras), source=source)
 
 
 def openclip_spec(name: str) -> ModelSpec:

@@ -391,6 +391,16 @@ def test_openclip_arch_with_weights_equals_open_clips_own_forward(openclip_check
         np.testing.assert_allclose(pre.normalize(torch.from_numpy(pre.prepare(im))[None])[0], transform(im), atol=0.03)
 
 
+def test_openclip_with_a_learned_bias_zero_shots_with_the_sigmoid_rule(tmp_path):
+    import open_clip
+
+    (tmp_path / "cxrfair-byname-sig.json").write_text(json.dumps({**TINY_OPENCLIP, "init_logit_bias": -5.0}))
+    open_clip.add_model_config(tmp_path / "cxrfair-byname-sig.json")
+    torch.save(open_clip.create_model("cxrfair-byname-sig").state_dict(), tmp_path / "sig.pt")
+    fm = load_model("open_clip:cxrfair-byname-sig", weights=tmp_path / "sig.pt")
+    assert fm.extras == {"logit_bias": -5.0, "zero_shot_rule": "sigmoid"}
+
+
 # --- offline, nothing cached ---------------------------------------------------------------------------------
 
 @pytest.mark.slow
