@@ -122,7 +122,7 @@ def hf_call(ref: HfRef, what: str, load: Callable[[], T]) -> T:
         return load()
     except CxrfairError:
         raise
-    except (OSError, ValueError, KeyError, EnvironmentError) as e:
+    except (OSError, ValueError, KeyError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         if ref.local:
             raise CxrfairError(f"--model {ref.name}: could not read the {what} in {ref.ref} ({reason}); expected a "
@@ -291,6 +291,12 @@ def _dual_bundle(spec: ModelSpec, model, ref: HfRef, dual: Dual, preprocess: Pre
     from cxrfair.extract.models import byname_nn  # lazy: torch
 
     tokenizer = hf_call(ref, "tokenizer", lambda: AutoTokenizer.from_pretrained(ref.ref))
+    # Without its files transformers builds an empty tokenizer of the config's class (no error):
+    # every prompt would encode to unknown tokens and zero-shot would silently be noise.
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)) + 1:
+        raise CxrfairError(f"--model {ref.name}: could not read the tokenizer in {ref.ref} (no tokenizer files: only "
+                           f"{len(tokenizer)} tokens); save it beside the model (tokenizer.save_pretrained(folder)) "
+                           "or download the repo's tokenizer files too")
     positions = int(model.config.text_config.max_position_embeddings)
     limit = getattr(tokenizer, "model_max_length", None)
     length = min(positions, int(limit)) if isinstance(limit, int) and 0 < limit < 10**6 else positions

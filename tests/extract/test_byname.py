@@ -228,6 +228,26 @@ def test_extract_by_name_equals_a_direct_transformers_forward(kind, folders, coh
         assert fm.extras == {"logit_bias": -7.0, "zero_shot_rule": "sigmoid"}
 
 
+def test_folders_that_cannot_work_are_refused_in_one_line(folders, tmp_path):
+    import shutil
+
+    from transformers import BertConfig, BertModel
+
+    no_processor = tmp_path / "vit-no-processor"
+    shutil.copytree(folders["vit"], no_processor)
+    (no_processor / "preprocessor_config.json").unlink()
+    with pytest.raises(CxrfairError, match=r"could not read the image processor .* expected a folder written by save_pretrained"):
+        load_model(f"hf:{no_processor}")
+    no_tokenizer = tmp_path / "clip-no-tokenizer"
+    shutil.copytree(folders["clip"], no_tokenizer, ignore=shutil.ignore_patterns("tokenizer*", "vocab*", "merges*",
+                                                                                "special_tokens*"))
+    with pytest.raises(CxrfairError, match="could not read the tokenizer"):
+        load_model(f"hf:{no_tokenizer}")
+    BertModel(BertConfig(**TOWER, vocab_size=50)).save_pretrained(tmp_path / "bert")
+    with pytest.raises(CxrfairError, match="BertModel does not take images"):
+        get_spec(f"hf:{tmp_path / 'bert'}")
+
+
 def test_weights_option_is_refused_for_hf_names(folders, cohort, tmp_path):
     one_line_error(run("extract", "--model", f"hf:{folders['vit']}", "--cohort", cohort, "--out", tmp_path,
                        "--weights", folders["vit"], "--workers", 0), "--weights does not apply", "hf:/path/to/folder")
