@@ -57,23 +57,21 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Dual:
-    """How one transformers dual-encoder family is used: its model class, how prompts are padded
-    (as the family was trained) and whether zero-shot is sigmoid with a learned bias."""
+    """How one transformers dual-encoder family is used: its model class and whether zero-shot
+    is sigmoid with a learned bias (SigLIP) rather than softmax (CLIP)."""
 
     model_class: str
-    padding: str
-    ids_only: bool  # the text tower takes input_ids alone (no attention mask)
     sigmoid: bool
 
 
 # transformers config class -> dual encoder. Anything else with pixel_values is vision-only.
+# Both families were trained on text padded to the full context without an attention mask (CLIP:
+# causal attention pooled at end-of-text; SigLIP: as medsiglip.py pads), so prompts are padded to
+# max_length and only input_ids are passed; a fixed width also lets extraction encode each
+# distinct prompt once, in large batches.
 DUAL = {
-    # CLIP was trained on text padded to its full context (77) without an attention mask: its causal
-    # attention and end-of-text pooling make the padding irrelevant, and a fixed width lets
-    # extraction encode each distinct prompt once, in large batches.
-    "CLIPConfig": Dual("CLIPModel", padding="max_length", ids_only=True, sigmoid=False),
-    # SigLIP was trained on text padded to the full length (as medsiglip.py does).
-    "SiglipConfig": Dual("SiglipModel", padding="max_length", ids_only=True, sigmoid=True),
+    "CLIPConfig": Dual("CLIPModel", sigmoid=False),
+    "SiglipConfig": Dual("SiglipModel", sigmoid=True),
 }
 
 
@@ -300,13 +298,12 @@ def _dual_bundle(spec: ModelSpec, model, ref: HfRef, dual: Dual, preprocess: Pre
     positions = int(model.config.text_config.max_position_embeddings)
     limit = getattr(tokenizer, "model_max_length", None)
     length = min(positions, int(limit)) if isinstance(limit, int) and 0 < limit < 10**6 else positions
-    tokenize = hf_text_tokenizer(spec.name, tokenizer, length, padding=dual.padding, ids_only=dual.ids_only)
+    tokenize = hf_text_tokenizer(spec.name, tokenizer, length, padding="max_length", ids_only=True)
     projection = getattr(model, "text_projection", None)
 
-    def encode_text(tokens) -> torch.Tensor:
-        device = model.logit_scale.device
-        inputs = {"input_ids": tokens.to(device)} if dual.ids_only else {k: v.to(device) for k, v in tokens.items()}
-        pooled = model.text_model(**inputs).pooler_output
+    def encode_text(tokens: torch.Tensor) -> torch.Tensor:
+        """(T, L) input_ids -> (T, D): the pooled text (CLIP: then text_projection)."""
+        pooled = model.text_model(input_ids=tokens.to(model.logit_scale.device)).pooler_output
         return pooled if projection is None else projection(pooled)
 
     image = byname_nn.Projected(model.vision_model, getattr(model, "visual_projection", None))
@@ -392,7 +389,7 @@ def openclip_call(ref: OpenClipRef, what: str, load: Callable[[], T]) -> T:
             hub = (cfg.get("hf_hub") or "").strip("/")
             where = (f"`huggingface-cli download {hub} {OPENCLIP_FILES[0]}`" if hub else f"{cfg.get('url')}")
         else:
-            where = "the checkpoint"
+            raise CxrfairError(f"--model {ref.name}: could not build the {what} ({reason})") from None
         state = "HF_HUB_OFFLINE=1 and it is not cached" if offline() else reason
         raise CxrfairError(f"--model {ref.name}: could not load the {what} ({state}); download it with {where} "
                            f"(into {hf_cache_folder()}), or pass open_clip:{ref.arch.split('/')[0] if not ref.hub else 'ARCH'} "
@@ -477,9 +474,12 @@ def _load_openclip(spec: ModelSpec, weights: Path | None, device: str, *, ref: O
     else:
         ckpt, pretrained = _openclip_hub_file(ref), None
         source = f"open_clip hub {ref.hub} ({ckpt})"
+    def create():
+        return open_clip.create_model(ref.arch, pretrained=pretrained, device=device, pretrained_text=False)
+
+    # A local file's failures are the file's (weights_errors); a tag's or hub repo's say what to download.
     with seeded(), weights_errors(ckpt, f"an open_clip {ref.arch} checkpoint"):
-        model = openclip_call(ref, "model", lambda: open_clip.create_model(
-            ref.arch, pretrained=pretrained, device=device, pretrained_text=False))
+        model = create() if weights is not None else openclip_call(ref, "model", create)
     tokenizer = openclip_call(ref, "tokenizer", lambda: open_clip.get_tokenizer(ref.arch))
     preprocess = preprocess_from_openclip(model.visual.preprocess_cfg, f"--model {spec.name}: preprocess_cfg")
     # SigLIP-style open_clip models learn a bias: zero-shot is sigmoid(scale * cos + bias), as medsiglip.

@@ -393,6 +393,10 @@ def test_openclip_arch_with_weights_equals_open_clips_own_forward(openclip_check
         _lora_modules(load_model(name, weights=openclip_checkpoint).image_encoder, ("attn", "c_fc", "c_proj"))
     one_line_error(run("extract", "--model", name, "--cohort", cohort, "--out", tmp_path, "--workers", 0),
                    "names an architecture only", "--weights FILE")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"visual.proj": torch.zeros(3, 3)}, foreign)
+    one_line_error(run("extract", "--model", name, "--weights", foreign, "--cohort", cohort, "--out", tmp_path,
+                       "--workers", 0), str(foreign), "expected an open_clip cxrfair-byname-test checkpoint")
     result = run("extract", "--model", name, "--weights", openclip_checkpoint, "--cohort", cohort, "--out", tmp_path,
                  "--batch-size", 16, "--workers", 0)
     assert result.exit_code == 0, result.output
