@@ -181,6 +181,18 @@ def test_specs_built_from_the_folders_config(folders):
     assert get_spec(f"hf:{folders['clip']}") is clip
 
 
+def test_clip_offers_its_features_before_the_projection(folders):
+    from transformers import CLIPModel
+
+    fm = load_model(f"hf:{folders['clip']}")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = CLIPModel.from_pretrained(str(folders["clip"])).vision_model(pixel_values=x).pooler_output
+        got = fm.encode_image_unprojected(x)
+    assert got.shape == (2, fm.spec.unprojected_dim) and torch.allclose(got, want, atol=1e-6)
+    assert load_model(f"hf:{folders['siglip']}").encode_image_unprojected is None
+
+
 def test_unknown_name_lists_the_by_name_forms():
     with pytest.raises(CxrfairError, match="hf:ORG/NAME or hf:PATH"):
         get_spec("not-a-model")
