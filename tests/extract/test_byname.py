@@ -283,9 +283,9 @@ def test_preprocessing_matches_the_models_own_image_processor(kind, folders):
         want = processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"]
         got = pre.normalize(torch.from_numpy(pre.prepare(image))[None])
         assert got.shape == want.shape
-        # Same PIL resize; the processor rounds the resized image to uint8 as we do, so tolerance is float noise
-        # (a one-level rounding difference is 1/255/std ~ 0.02).
-        assert (got - want).abs().max() < 0.03, (kind, (got - want).abs().max())
+        # Same PIL resize, rounded to uint8 as we do: equal up to float noise (measured: 0.0). transformers 5's
+        # default torchvision backend resizes differently (measured: up to 2 grey levels, 0.015 here).
+        assert (got - want).abs().max() < 1e-5, (kind, (got - want).abs().max())
 
 
 def test_processor_configs_map_field_by_field():
