@@ -181,6 +181,24 @@ def test_specs_built_from_the_folders_config(folders):
     assert get_spec(f"hf:{folders['clip']}") is clip
 
 
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_dual_encoders_by_name_equal_transformers_own_features(kind, folders):
+    import transformers
+
+    fm = load_model(f"hf:{folders[kind]}")
+    side = fm.preprocess.size
+    x = torch.randn(3, 3, side, side, generator=torch.Generator().manual_seed(0))
+    prompts = ["no pleural effusion", "a chest x-ray showing cardiomegaly with mild edema"]
+    with torch.no_grad():
+        model = getattr(transformers, {"clip": "CLIPModel", "siglip": "SiglipModel"}[kind]).from_pretrained(str(folders[kind]))
+        want = model.get_image_features(pixel_values=x)
+        want = want if isinstance(want, torch.Tensor) else want.pooler_output
+        got_text = torch.nn.functional.normalize(fm.encode_text(fm.tokenize(prompts)), dim=-1).numpy()
+        assert torch.allclose(fm.encode_image(x), want, atol=1e-5)
+    np.testing.assert_allclose(got_text, direct_text_features(kind, folders[kind], prompts), atol=1e-5)
+    assert fm.logit_scale == pytest.approx(float(model.logit_scale.detach().exp()))
+
+
 def test_clip_offers_its_features_before_the_projection(folders):
     from transformers import CLIPModel
 
@@ -206,7 +224,10 @@ def test_unknown_name_lists_the_by_name_forms():
 
 # --- extraction end to end ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind", ["clip", "siglip", "vit", "dinov2"])
+# Dual encoders also embed every prompt set (~10 s each on a shared 2-core machine): slow; the fast
+# test below checks their image and text sides directly.
+@pytest.mark.parametrize("kind", [pytest.param("clip", marks=pytest.mark.slow), pytest.param("siglip", marks=pytest.mark.slow),
+                                  "vit", "dinov2"])
 def test_extract_by_name_equals_a_direct_transformers_forward(kind, folders, cohort, tmp_path):
     name = f"hf:{folders[kind]}"
     result = run("extract", "--model", name, "--cohort", cohort, "--out", tmp_path, "--batch-size", 16, "--workers", 0)
@@ -229,8 +250,6 @@ def test_extract_by_name_equals_a_direct_transformers_forward(kind, folders, coh
         prompts = te.prompts[0][0]  # draw 0, class 0
         np.testing.assert_allclose(te.embeddings[0, 0], direct_text_features(kind, folders[kind], prompts).mean(0),
                                    rtol=1e-4, atol=1e-5)
-        runs = run("probe", "zeroshot", "--cache", files[0], "--out", tmp_path / "runs")
-        assert runs.exit_code == 0, runs.output
     else:
         assert cache.text == {}
         one_line_error(run("probe", "zeroshot", "--cache", files[0], "--out", tmp_path / "runs"))
@@ -258,6 +277,19 @@ def test_folders_that_cannot_work_are_refused_in_one_line(folders, tmp_path):
     BertModel(BertConfig(**TOWER, vocab_size=50)).save_pretrained(tmp_path / "bert")
     with pytest.raises(CxrfairError, match="BertModel does not take images"):
         get_spec(f"hf:{tmp_path / 'bert'}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_zero_shot_probe_runs_on_a_by_name_cache(kind, folders, cohort, tmp_path):
+    from cxrfair.core.runs import read_run
+
+    name = f"hf:{folders[kind]}"
+    assert run("extract", "--model", name, "--cohort", cohort, "--out", tmp_path, "--workers", 0).exit_code == 0
+    result = run("probe", "zeroshot", "--cache", tmp_path / f"{safe_name(name)}.h5", "--out", tmp_path / "runs")
+    assert result.exit_code == 0, result.output
+    runs = [read_run(p) for p in (tmp_path / "runs").iterdir() if not p.name.startswith(".") and p.is_dir()]
+    assert runs and all(r.method == "zeroshot" and len(r.predictions) > 0 for r in runs)
 
 
 def test_weights_option_is_refused_for_hf_names(folders, cohort, tmp_path):
@@ -395,6 +427,7 @@ def openclip_checkpoint(tmp_path_factory):
     return root / "tiny.pt"
 
 
+@pytest.mark.slow
 def test_openclip_arch_with_weights_equals_open_clips_own_forward(openclip_checkpoint, cohort, tmp_path):
     import open_clip
 
