@@ -2,8 +2,9 @@
 
 Architecture and weights are kept apart (as in open_clip): a ``ModelSpec`` names the encoders and
 where the released weights come from; its ``loader`` builds the architecture and loads weights
-from ``--weights``, an environment variable or the hub cache. Importing this module is cheap (no
-torch); loaders import torch when called.
+from ``--weights``, an environment variable or the hub cache. Names with a resolver's prefix
+(``open_clip:...``, ``hf:...``; ``extract/models/byname.py``) get a ModelSpec built on the fly.
+Importing this module is cheap (no torch); loaders import torch when called.
 """
 
 from __future__ import annotations
@@ -155,6 +156,8 @@ def register(spec: ModelSpec) -> ModelSpec:
     """Add a model; a second spec with the same name is refused (one name, one meaning)."""
     if spec.name in _REGISTRY:
         raise ValueError(f"model {spec.name!r} is already registered")
+    if any(spec.name.startswith(prefix) for prefix in _RESOLVERS):  # that name already means a model by name
+        raise ValueError(f"model {spec.name!r}: names starting with {', '.join(_RESOLVERS)} are models by name")
     _REGISTRY[spec.name] = spec
     return spec
 
