@@ -220,6 +220,12 @@ def test_unknown_name_lists_the_by_name_forms():
         get_spec("open_clip:No-Such-Arch/openai")
     with pytest.raises(CxrfairError, match="no pretrained tag 'nope'.*openai"):
         get_spec("open_clip:ViT-B-16/nope")
+    from dataclasses import replace
+
+    from cxrfair.extract.registry import register
+
+    with pytest.raises(ValueError, match="are models by name"):
+        register(replace(get_spec("tiny-clip"), name="hf:tiny-clip"))
 
 
 # --- extraction end to end ----------------------------------------------------------------------------
