@@ -25,6 +25,9 @@ import click
 from cxrfair.errors import CxrfairError
 from cxrfair.tracking import CHOICES as TRACK_CHOICES
 
+MODEL_HELP = ("Registry name (see `cxrfair models list`), or any model by name: open_clip:ARCH/TAG, open_clip:ARCH "
+              "with --weights FILE, open_clip:hf-hub:ORG/NAME, hf:ORG/NAME, or hf:PATH (a save_pretrained folder); "
+              "docs/models.md.")
 SEEDS_HELP = "Training seeds, one run each: K = seeds 0..K-1; a comma list = those seeds (5, = seed 5 alone)."
 
 

@@ -42,8 +42,8 @@ def paths(config: ExperimentConfig) -> dict[str, Path]:
 
 
 def cache_path(p: dict, model: str) -> Path:
-    """The embedding cache of ``model``."""
-    return p["cache"] / f"{model}.h5"
+    """The embedding cache of ``model`` (file-safe: ``hf:org/name`` -> ``hf-org-name.h5``, as ``cxrfair extract``)."""
+    return p["cache"] / f"{safe_name(model)}.h5"
 
 
 def stage_config(section: str, build: Callable[[], T], renames: dict | None = None) -> T:

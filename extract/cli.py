@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from cxrfair.errors import CxrfairError
+from cxrfair.options import MODEL_HELP
 
 
 @click.group()
@@ -43,6 +44,8 @@ def list_models(fmt: str) -> None:
     image-text models); pre_projection is the dimension of the features before it ("-": none).
     Where weights are looked for: --weights PATH, then weights_env, then ~/.cache/cxrfair/NAME/,
     then the Hugging Face hub cache (docs/models.md).
+    Any other model by name (open_clip:ARCH/TAG, hf:ORG/NAME, hf:PATH, ...) works with every
+    --model without being listed here (docs/models.md, "Any model by name").
     """
     # Lazy like every command here: the registry and the model modules load only when run.
     from cxrfair.extract.fetch import SOURCES
@@ -139,7 +142,7 @@ class _ByteBar:
 
 
 @click.group(invoke_without_command=True)
-@click.option("--model", help="Registry name (see `cxrfair models list`).")
+@click.option("--model", help=MODEL_HELP)
 @click.option("--cohort", type=click.Path(path_type=Path), help="Cohort folder (cohort.csv + cohort.json).")
 @click.option("--out", type=click.Path(path_type=Path),
               help="Folder for the cache: OUT/<model>.h5 (OUT/<model>-unprojected.h5 with --features unprojected).")
@@ -198,8 +201,12 @@ def _report(result) -> None:
 
 
 def cache_name(model: str, features: str) -> str:
-    """The cache's file name in the --out folder (the pipeline's cache/<model>.h5 for projected features)."""
-    return f"{model}.h5" if features == "projected" else f"{model}-{features}.h5"
+    """The cache's file name in the --out folder (the pipeline's cache/<model>.h5 for projected features);
+    a by-name model's ``:`` and ``/`` become ``-`` (``hf:org/name`` -> ``hf-org-name.h5``)."""
+    from cxrfair.core.runs import safe_name  # lazy like the library everywhere in this module
+
+    stem = safe_name(model)
+    return f"{stem}.h5" if features == "projected" else f"{stem}-{features}.h5"
 
 
 def _out_folder(out: Path, ctx: click.Context) -> Path:

@@ -705,6 +705,9 @@ def provenance(fm: "FoundationModel", cohort, config: ExtractConfig, device: "to
     sets = MULTILABEL_SETS if cohort.task == "multilabel" else PROMPT_SETS
     return {
         "model": fm.name, "weights_id": fm.weights_id, "cohort_hash": cohort.hash, "logit_scale": fm.logit_scale,
+        # Where the weights came from (tag, hub id @ revision, absolute folder) and what the embedding is.
+        "weights_source": fm.source or fm.spec.weights_source,
+        "embedding": fm.spec.embedding if config.features == "projected" else "before the projection",
         "task": cohort.task, "attributes": cohort.attributes,
         # "projected": encode_image (the joint image-text space); "unprojected": the features before it.
         "features": config.features,

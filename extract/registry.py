@@ -2,8 +2,9 @@
 
 Architecture and weights are kept apart (as in open_clip): a ``ModelSpec`` names the encoders and
 where the released weights come from; its ``loader`` builds the architecture and loads weights
-from ``--weights``, an environment variable or the hub cache. Importing this module is cheap (no
-torch); loaders import torch when called.
+from ``--weights``, an environment variable or the hub cache. Names with a resolver's prefix
+(``open_clip:...``, ``hf:...``; ``extract/models/byname.py``) get a ModelSpec built on the fly.
+Importing this module is cheap (no torch); loaders import torch when called.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ BUILTIN_MODULES = (
     "cxrfair.extract.models.medsiglip",
     "cxrfair.extract.models.raddino",
     "cxrfair.extract.models.xrayclip",
+    "cxrfair.extract.models.byname",  # no models: resolves open_clip:... and hf:... names (register_resolver)
 )
 
 
@@ -100,6 +102,9 @@ class FoundationModel:
         weights_id: identity of the weights (``sha256:<hex>`` of a file, a hub revision, or
             ``random-init(seed=0)``), recorded in every cache and run.
         extras: model-specific capabilities (GLoRIA's local features, SigLIP's ``logit_bias``).
+        source: where the weights were read from when the loader knows more than
+            ``spec.weights_source`` (by-name models: the tag's file, hub id @ revision, absolute
+            folder); "" = ``spec.weights_source``. Recorded in every cache as ``weights_source``.
         encode_image_unprojected: (B, 3, S, S) normalised float -> (B, D') image features
             *before* the joint-space projection (D' = ``spec.unprojected_dim``), or None where the
             architecture has no such features (image-only models, SigLIP's attention-pool head).
@@ -118,6 +123,7 @@ class FoundationModel:
     weights_id: str
     extras: dict = field(default_factory=dict)
     encode_image_unprojected: Callable[["torch.Tensor"], "torch.Tensor"] | None = None
+    source: str = ""
 
 
 @dataclass(frozen=True)
@@ -141,6 +147,8 @@ class ModelSpec:
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
+# Name prefix -> (resolver building a ModelSpec for any name with it, the forms it takes, for messages).
+_RESOLVERS: dict[str, tuple[Callable[[str], ModelSpec], str]] = {}
 _loaded_builtins = False
 
 
@@ -148,8 +156,18 @@ def register(spec: ModelSpec) -> ModelSpec:
     """Add a model; a second spec with the same name is refused (one name, one meaning)."""
     if spec.name in _REGISTRY:
         raise ValueError(f"model {spec.name!r} is already registered")
+    if any(spec.name.startswith(prefix) for prefix in _RESOLVERS):  # that name already means a model by name
+        raise ValueError(f"model {spec.name!r}: names starting with {', '.join(_RESOLVERS)} are models by name")
     _REGISTRY[spec.name] = spec
     return spec
+
+
+def register_resolver(prefix: str, resolve: Callable[[str], ModelSpec], forms: str) -> None:
+    """Names starting with ``prefix`` (``hf:``) are models built on the fly: ``resolve(name)``
+    gives their ModelSpec (it never enters ``list_specs``); ``forms`` names the accepted forms."""
+    if prefix in _RESOLVERS:
+        raise ValueError(f"name prefix {prefix!r} already has a resolver")
+    _RESOLVERS[prefix] = (resolve, forms)
 
 
 def _ensure_builtins() -> None:
@@ -179,12 +197,17 @@ def list_specs() -> list[ModelSpec]:
 
 
 def get_spec(name: str) -> ModelSpec:
-    """The spec of ``name``; CxrfairError listing the known names if there is none."""
+    """The spec of ``name``: a registered model, or one named by a resolver's prefix
+    (``open_clip:ARCH/TAG``, ``hf:ORG/NAME``, ...); CxrfairError listing the known names and forms."""
     _ensure_builtins()
-    if name not in _REGISTRY:
-        known = ", ".join(s.name for s in list_specs())
-        raise CxrfairError(f"--model {name!r}: unknown model; known models: {known}")
-    return _REGISTRY[name]
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    for prefix, (resolve, _) in _RESOLVERS.items():
+        if name.startswith(prefix):
+            return resolve(name)
+    known = ", ".join(s.name for s in list_specs())
+    forms = "; ".join(dict.fromkeys(forms for _, forms in _RESOLVERS.values()))
+    raise CxrfairError(f"--model {name!r}: unknown model; known models: {known}" + (f"; or by name: {forms}" if forms else ""))
 
 
 def load_model(name: str, weights: Path | str | None = None, device: str = "cpu") -> FoundationModel:

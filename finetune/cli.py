@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from cxrfair.core import mitigations
-from cxrfair.options import SEEDS_HELP, parse_floats, parse_seeds, renamed, track_option
+from cxrfair.options import MODEL_HELP, SEEDS_HELP, parse_floats, parse_seeds, renamed, track_option
 
 _MITIGATIONS = [mitigations.get(n) for n in mitigations.names(mitigations.FINETUNE)]
 MITIGATION_HELP = (f"Fairness mitigation trained into the run: {', '.join(m.name for m in _MITIGATIONS)} "
@@ -23,7 +23,7 @@ STRENGTH_HELP = ("Comma-separated mitigation strengths, one run per value: "
 def _options(fn):
     """The options both commands share (LoRA-only ones are added to ``lora`` separately)."""
     opts = [
-        click.option("--model", required=True, help="Registry name (see `cxrfair models list`)."),
+        click.option("--model", required=True, help=MODEL_HELP),
         click.option("--cohort", required=True, type=click.Path(path_type=Path), help="Cohort folder (cohort.csv + cohort.json)."),
         click.option("--out", required=True, type=click.Path(path_type=Path), help="RUNS folder; the run goes to OUT/<run_id>/."),
         click.option("--epochs", default=150, show_default=True, type=int),

@@ -431,27 +431,43 @@ _HF_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic", 4: "box"}
 
 
 def preprocess_from_hf(config: dict, source: str):
-    """Our Preprocess from an HF ``preprocessor_config.json`` (Bit/Siglip/CLIP image processors).
+    """Our Preprocess from an HF image processor's config (``preprocessor_config.json`` or
+    ``AutoImageProcessor(...).to_dict()``: CLIP, SigLIP, ViT, Bit/DINOv2, ConvNeXt processors).
 
     ``size`` as ``{"shortest_edge": n}`` means resize the short side (then ``crop_size`` centre crop
     if ``do_center_crop``); ``{"height": h, "width": w}`` with h == w means resize to that square
-    ignoring aspect ("squash"). Pixels are assumed rescaled by 1/255 (all these processors do).
+    ignoring aspect ("squash"). ConvNeXt's ``crop_pct`` (shortest edge below 384): resize the short
+    side to ``int(n / crop_pct)``, then centre crop ``n``; at 384 and above, squash to ``n``.
+    Pixels must be rescaled by 1/255 (every such processor does); anything else is refused.
     """
     size, resample = config.get("size", {}), config.get("resample", 3)
+    resample = int(resample) if resample is not None else 3  # an enum (PILImageResampling) in processor.to_dict()
     if resample not in _HF_RESAMPLE:
         raise CxrfairError(f"{source}: resample {resample} is not supported (use 0, 2, 3 or 4)")
-    if "shortest_edge" in size:
+    if config.get("do_resize") is False:
+        raise CxrfairError(f"{source}: do_resize is false (images are fed at their own size); only processors that "
+                           "resize to a fixed square are supported")
+    if config.get("do_rescale") is False or abs(float(config.get("rescale_factor") or 1 / 255) - 1 / 255) > 1e-9:
+        raise CxrfairError(f"{source}: pixels must be rescaled by 1/255 (do_rescale, rescale_factor); "
+                           f"got {config.get('do_rescale')}, {config.get('rescale_factor')}")
+    if isinstance(size, int):
+        size = {"height": size, "width": size}
+    crop = config.get("crop_size") if config.get("do_center_crop", False) else None
+    crop = crop.get("height") if isinstance(crop, dict) else crop
+    if "shortest_edge" in size and config.get("crop_pct"):
+        edge = size["shortest_edge"]
+        mode, resize, crop = ("shortest", int(edge / config["crop_pct"]), edge) if edge < 384 else ("squash", edge, None)
+    elif "shortest_edge" in size:
         mode, resize = "shortest", size["shortest_edge"]
     elif size.get("height") == size.get("width") is not None:
         mode, resize = "squash", size["height"]
     else:
         raise CxrfairError(f"{source}: size {size} is not supported (shortest_edge, or a square height/width)")
-    crop = config.get("crop_size", {}) if config.get("do_center_crop", False) else {}
-    crop = crop.get("height", resize) if isinstance(crop, dict) else crop
     mean, std = ((0.0,) * 3, (1.0,) * 3)
     if config.get("do_normalize", True):
-        mean, std = tuple(config["image_mean"]), tuple(config["image_std"])
-    return Preprocess(size=crop, resize=resize, mode=mode, interpolation=_HF_RESAMPLE[resample], mean=mean, std=std)
+        mean, std = tuple(float(v) for v in config["image_mean"]), tuple(float(v) for v in config["image_std"])
+    return Preprocess(size=crop or resize, resize=resize, mode=mode, interpolation=_HF_RESAMPLE[resample],
+                      mean=mean, std=std)
 
 
 def hf_preprocess(folder: Path | None, fallback):

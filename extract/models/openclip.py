@@ -82,7 +82,7 @@ TINY_BERT_CONFIG = TINY_BERT_FOLDER_CONFIG
 
 
 @contextlib.contextmanager
-def _quiet_random_init():
+def quiet_random_init():
     """Hide open_clip's "No pretrained weights loaded" warning: random init is the point of tiny models."""
     class _Filter(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
@@ -160,7 +160,7 @@ def create_openclip(arch: str, checkpoint: Path | None, device: str, seed: int |
     import open_clip
 
     # Random weights, but the same ones every time: caches and runs are reproducible.
-    with seeded(TINY_SEED if seed is None else seed), _quiet_random_init(), \
+    with seeded(TINY_SEED if seed is None else seed), quiet_random_init(), \
             weights_errors(checkpoint, f"an open_clip {arch} checkpoint (state dict saved with torch.save or .safetensors)"):
         # pretrained_text=False: an HF text tower must never fetch its own weights (offline; and a
         # full checkpoint, when given, overwrites it anyway).
