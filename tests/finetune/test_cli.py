@@ -17,7 +17,7 @@ from cxrfair.finetune import train as T
 from cxrfair.finetune.config import FinetuneConfig
 from tests.finetune.helpers import make_cohort
 
-NO_LORA = "tiny-clip-no-lora-test"
+NO_LORA = "tiny-nolora-test"  # <= 19 characters: `models list` shows registered names whole
 FAST = ["--epochs", "2", "--batch-size", "12", "--lr", "1e-2", "--workers", "2", "--device", "cpu"]
 
 
