@@ -33,6 +33,8 @@ BUILTIN_MODULES = (
     "cxrfair.extract.models.raddino",
     "cxrfair.extract.models.xrayclip",
 )
+# Modules whose import registers a name resolver (``register_resolver``): ``PREFIX:REST`` names.
+RESOLVER_MODULES = ("cxrfair.extract.adapted",)
 
 
 def token_width(tokens: Any) -> int:
@@ -141,6 +143,7 @@ class ModelSpec:
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
+_RESOLVERS: dict[str, Callable[[str], ModelSpec]] = {}
 _loaded_builtins = False
 
 
@@ -152,12 +155,23 @@ def register(spec: ModelSpec) -> ModelSpec:
     return spec
 
 
+def register_resolver(prefix: str, resolve: Callable[[str], ModelSpec]) -> None:
+    """Names ``PREFIX:REST`` resolve to ``resolve(REST)``, a spec it registers under its own name
+    (e.g. ``contrastive:FOLDER``, a contrastively fine-tuned model: ``extract.adapted``)."""
+    _RESOLVERS[prefix] = resolve
+
+
+def resolve_name(name: str) -> str:
+    """The registered name a ``--model`` value stands for: itself, or a resolver's model's name."""
+    return get_spec(name).name if ":" in name else name
+
+
 def _ensure_builtins() -> None:
     global _loaded_builtins
     if _loaded_builtins:
         return
     _loaded_builtins = True
-    for module in BUILTIN_MODULES:
+    for module in BUILTIN_MODULES + RESOLVER_MODULES:
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as e:
@@ -181,6 +195,9 @@ def list_specs() -> list[ModelSpec]:
 def get_spec(name: str) -> ModelSpec:
     """The spec of ``name``; CxrfairError listing the known names if there is none."""
     _ensure_builtins()
+    prefix, colon, rest = name.partition(":")
+    if colon and prefix in _RESOLVERS and name not in _REGISTRY:
+        return _RESOLVERS[prefix](rest)
     if name not in _REGISTRY:
         known = ", ".join(s.name for s in list_specs())
         raise CxrfairError(f"--model {name!r}: unknown model; known models: {known}")
