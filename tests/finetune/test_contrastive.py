@@ -1,0 +1,277 @@
+"""Contrastive fine-tuning (issue 28): losses against plain references, the FairCLIP term against POT and
+finite differences, gradient reversal, texts, config and CLI refusals, export -> extract round trip.
+
+The learning test (zero-shot after > before) and one- vs two-process DDP are slow tests.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from cxrfair.core import mitigations as M
+from cxrfair.errors import CxrfairError
+from cxrfair.finetune import contrastive_objectives as co
+from cxrfair.finetune import objectives, sinkhorn, texts
+from cxrfair.finetune.contrastive_config import ContrastiveConfig
+from tests.finetune.test_objectives import pot_primal
+
+
+def unit(rng, n, d=4):
+    x = torch.tensor(rng.normal(size=(n, d)), dtype=torch.float64)
+    return nn.functional.normalize(x, dim=-1)
+
+
+# --- the contrastive loss -----------------------------------------------------------------------
+
+
+def test_infonce_with_distinct_texts_is_clips_symmetric_cross_entropy():
+    rng = np.random.default_rng(0)
+    img, txt = unit(rng, 6), unit(rng, 6)
+    got = co.contrastive_losses(img, txt, torch.arange(6), 10.0)
+    logits = 10.0 * img.float() @ txt.float().T
+    target = torch.arange(6)
+    want = 0.5 * (nn.functional.cross_entropy(logits, target) + nn.functional.cross_entropy(logits.T, target))
+    assert got.shape == (6,)
+    assert got.mean().item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_infonce_with_shared_texts_equals_a_plain_loop():
+    # Rows 0, 2, 5 share text 1; image -> text over the 3 distinct texts, text -> image over the column.
+    rng = np.random.default_rng(1)
+    img, txt = unit(rng, 6), unit(rng, 3)
+    pos = torch.tensor([1, 0, 1, 2, 0, 1])
+    got = co.contrastive_losses(img, txt, pos, 7.0)
+    s = 7.0 * (img @ txt.T).numpy()
+    for i in range(6):
+        u = int(pos[i])
+        i2t = -(s[i, u] - np.log(sum(np.exp(s[i, v]) for v in range(3))))
+        t2i = -(s[i, u] - np.log(sum(np.exp(s[j, u]) for j in range(6))))
+        assert got[i].item() == pytest.approx(0.5 * (i2t + t2i), rel=1e-5)
+
+
+def test_matched_similarity_is_the_unscaled_diagonal():
+    rng = np.random.default_rng(2)
+    img, txt = unit(rng, 5), unit(rng, 3)
+    pos = torch.tensor([2, 0, 1, 1, 0])
+    got = co.matched_similarity(img, txt, pos)
+    np.testing.assert_allclose(got.numpy(), (1 + np.diag(img.numpy() @ txt[pos].numpy().T)) / 2, atol=1e-12)
+
+
+# --- the FairCLIP term --------------------------------------------------------------------------
+
+
+def test_fairclip_term_equals_pot_on_the_same_cost():
+    sims = np.array([0.62, 0.15, 0.48, -0.2, 0.33, 0.71, 0.05, 0.4])
+    groups = np.array([0, 0, 0, 1, 1, 1, 1, 2])  # group 2: one row, skipped
+    eps = 0.05
+    got = co.fairclip_term(torch.tensor(sims), torch.tensor(groups), 3, eps=eps).item()
+
+    def s_pot(a, b):
+        return pot_primal(a, b, eps) - 0.5 * pot_primal(a, a, eps) - 0.5 * pot_primal(b, b, eps)
+
+    want = s_pot(sims, sims[groups == 0]) + s_pot(sims, sims[groups == 1])
+    assert want > 1e-3  # the groups differ: a term that cannot be 0 by accident
+    assert got == pytest.approx(want, abs=1e-6)
+
+
+def test_fairclip_term_is_zero_for_identical_groups_and_skips_groups_under_two_rows():
+    sims = torch.tensor([0.1, 0.5, 0.1, 0.5, 0.9], dtype=torch.float64)
+    assert abs(co.fairclip_term(sims[:4], torch.tensor([0, 0, 1, 1]), 2).item()) < 1e-6
+    one = co.fairclip_term(sims, torch.tensor([0, 0, 0, 0, 1]), 2)  # group 1 has one row: only group 0 counts
+    assert one.item() == pytest.approx(sinkhorn.sinkhorn_divergence(sims, sims[:4]).item(), abs=1e-9)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fairclip_term_gradient_through_the_embeddings_equals_central_differences(seed):
+    # float64, the training eps and stopping rule (FAIRCLIP_MAX_ITER): d term / d image embedding
+    # (before normalisation), through the matched similarities.
+    rng = np.random.default_rng(seed)
+    raw = rng.normal(size=(8, 3))
+    txt = unit(rng, 3, 3)
+    pos = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+
+    def term64(x: torch.Tensor) -> torch.Tensor:
+        img = nn.functional.normalize(x, dim=-1)
+        return co.fairclip_term(co.matched_similarity(img, txt, pos), groups, 2)
+
+    x = torch.tensor(raw, requires_grad=True)
+    term64(x).backward()
+    h = 1e-5
+    fd = np.zeros_like(raw)
+    for i in range(raw.shape[0]):
+        for j in range(raw.shape[1]):
+            up, dn = raw.copy(), raw.copy()
+            up[i, j] += h
+            dn[i, j] -= h
+            fd[i, j] = (term64(torch.tensor(up)).item() - term64(torch.tensor(dn)).item()) / (2 * h)
+    assert np.abs(fd).max() > 1e-3
+    np.testing.assert_allclose(x.grad.numpy(), fd, rtol=1e-4, atol=1e-7)
+
+
+# --- the adversary ------------------------------------------------------------------------------
+
+
+def test_gradient_reversal_flips_the_adversary_gradient_reaching_the_encoder():
+    torch.manual_seed(0)
+    enc, adv = nn.Linear(5, 4), objectives.make_adversary(4, 2, seed=0)
+    fm = types.SimpleNamespace(encode_image=enc, encode_text=enc)
+    from cxrfair.finetune.contrastive import DualEncoder
+
+    dual = DualEncoder(fm, enc, adv)
+    x, g = torch.randn(6, 5), torch.tensor([0, 1, 0, 1, 1, 0])
+
+    def grads(scale: float, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        dual.zero_grad()
+        dual.scale = scale
+        if reverse:
+            _, _, logits = dual(x)
+        else:
+            logits = adv(nn.functional.normalize(enc(x), dim=-1))
+        nn.functional.cross_entropy(logits, g).backward()
+        return enc.weight.grad.clone(), adv[0].weight.grad.clone()
+
+    plain_enc, plain_adv = grads(0.0, False)
+    rev_enc, rev_adv = grads(0.7, True)
+    np.testing.assert_allclose(rev_enc.numpy(), -0.7 * plain_enc.numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(rev_adv.numpy(), plain_adv.numpy(), rtol=1e-6)  # the adversary itself descends
+    assert plain_enc.abs().max() > 0
+    assert objectives.grl_schedule(0.0) == 0.0 and objectives.grl_schedule(1.0) == pytest.approx(0.99991, abs=1e-5)
+
+
+# --- mitigations: one table ---------------------------------------------------------------------
+
+
+def test_every_contrastive_mitigation_has_a_term_and_a_default_strength():
+    assert set(co.TERMS) == set(M.names(M.CONTRASTIVE)) == {"erm", "reweight", "groupdro", "adversarial", "fairot"}
+    for name in M.names(M.CONTRASTIVE):
+        row = M.get(name, M.CONTRASTIVE)
+        assert (row.contrastive_strength is not None) == row.has_strength
+    with pytest.raises(CxrfairError, match="not a contrastive fine-tuning mitigation"):
+        M.get("erase", M.CONTRASTIVE)
+
+
+def test_groupdro_term_weights_the_worse_cell_up():
+    obj = co.GroupDRO(1.0, 2, 2, 1, True, cell_counts=np.array([3, 3]))
+    losses = torch.tensor([3.0, 3.0, 1.0, 1.0], requires_grad=True)
+    cells = torch.tensor([0, 0, 1, 1])
+    b = co.Batch(losses, torch.ones(4), cells, cells, torch.zeros(4), None, 4.0)
+    obj.loss(b).backward()
+    assert losses.grad[0] > losses.grad[2] > 0
+
+
+# --- texts --------------------------------------------------------------------------------------
+
+
+def test_label_sentences_follow_the_template_and_the_text_column_wins():
+    classes = ["Cardiomegaly", "Effusion"]
+    assert texts.label_texts(classes, np.array([1, 0])) == ["a chest x-ray showing pleural effusion.",
+                                                            "a chest x-ray showing cardiomegaly."]
+    y = np.array([[1.0, 1.0], [0.0, np.nan], [np.nan, 1.0]])
+    assert texts.label_texts(classes, y) == ["a chest x-ray showing cardiomegaly and pleural effusion.",
+                                             "a chest x-ray showing no finding.",
+                                             "a chest x-ray showing pleural effusion."]
+    assert texts.join_phrases(["a", "b", "c"]) == "a, b and c"
+    table = pd.DataFrame({"text": ["Small left effusion.", "", None]})
+    got, source = texts.row_texts(table, classes, np.array([1, 0, 1]))
+    assert got == ["Small left effusion.", "a chest x-ray showing cardiomegaly.", "a chest x-ray showing pleural effusion."]
+    assert source["from_column"] == 1 and source["from_labels"] == 2 and source["column"] == "text"
+    unique, ids = texts.text_ids(["b", "a", "b"])
+    assert unique == ["a", "b"] and ids.tolist() == [1, 0, 1]
+
+
+# --- config -------------------------------------------------------------------------------------
+
+
+def test_config_names_the_adapted_model_and_takes_the_contrastive_default_strength(tmp_path):
+    c = ContrastiveConfig(model="tiny-clip", cohort=tmp_path, out=tmp_path)
+    assert c.run_id == "tiny-clip.ctr-lora.s0" and c.epochs == 10 and c.text == "frozen" and c.select == "auc"
+    f = ContrastiveConfig(model="tiny-clip", cohort=tmp_path, out=tmp_path, method="full", mitigation="fairot",
+                          sensitive="sex", seed=2, text="lora")
+    assert f.strength == M.get("fairot").contrastive_strength
+    assert f.run_id == "tiny-clip.ctr-full-textlora-fairot-sex-st1.s2"
+    assert f.training_fields()["text"] == "lora" and f.hyperparameters()["adapter"] == "full"
+    for bad, match in ((dict(text="half"), "--text"), (dict(select="f1"), "--select"),
+                       (dict(mitigation="erase", sensitive="sex"), "contrastive"),
+                       (dict(mitigation="fairot"), "--sensitive"), (dict(strength=1.0), "--strength")):
+        with pytest.raises(CxrfairError, match=match):
+            ContrastiveConfig(model="tiny-clip", cohort=tmp_path, out=tmp_path, **bad)
+
+
+def run_cli(args: list[str]):
+    from cxrfair.cli import main
+
+    return CliRunner().invoke(main, ["finetune", "contrastive", *args])
+
+
+@pytest.mark.parametrize("model,extra,match", [
+    ("tiny-clip", ["--micro-batch", "2"], "--micro-batch"),
+    ("tiny-medsiglip", [], "SigLIP"),
+    ("tiny-rad-dino", [], "image-only"),
+    ("tiny-biomedclip", ["--text", "lora"], "--text lora"),
+])
+def test_cli_refuses_what_contrastive_fine_tuning_cannot_do(cohort, tmp_path, model, extra, match):
+    r = run_cli(["--model", model, "--cohort", str(cohort), "--out", str(tmp_path / "o"), "--epochs", "1",
+                 "--device", "cpu", *extra])
+    assert r.exit_code == 1, r.output
+    assert "Error:" in r.output and match in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "o").exists() or not any(p.name.endswith(".s1") for p in (tmp_path / "o").iterdir())
+
+
+# --- a run, its export and the extract round trip -----------------------------------------------
+
+
+def test_export_then_extract_gives_the_adapted_models_embeddings(cohort, tmp_path):
+    from cxrfair.extract.adapted import RECORD, WEIGHTS
+    from cxrfair.extract.cache import read_cache
+    from cxrfair.extract.cohort import load_cohort
+    from cxrfair.extract.extractor import ExtractConfig, extract
+    from cxrfair.extract.registry import resolve_name
+    from cxrfair.finetune import data as fdata
+    from cxrfair.finetune.contrastive import finetune_contrastive
+
+    ch = load_cohort(cohort)
+    paths = ch.image_paths()
+    direct = {}
+
+    def capture(state):  # the selected (only) epoch's model, before export merges its LoRA in
+        dual = state.model.eval()
+        pixels = np.stack([fdata.decode(p, capture.pre) for p in paths])
+        with torch.no_grad():
+            direct["img"] = dual.encode_image(capture.pre.normalize(torch.from_numpy(pixels))).float().numpy()
+
+    from cxrfair.extract.registry import load_model
+
+    capture.pre = load_model("tiny-clip").preprocess
+    config = ContrastiveConfig(model="tiny-clip", cohort=cohort, out=tmp_path / "models", epochs=1, batch_size=12,
+                               lr=1e-2, workers=1, device="cpu", mitigation="fairot", sensitive="sex")
+    result = finetune_contrastive(config, progress=False, on_epoch_end=capture)
+    folder = result.folder
+    assert sorted(p.name for p in folder.iterdir()) == [WEIGHTS, RECORD]
+    record = json.loads((folder / RECORD).read_text())
+    assert record["mitigation"] == "fairot" and record["sensitive"] == "sex" and record["strength"] == 1.0
+    assert record["base_weights_id"].startswith("random-init") and record["selected_epoch"] == 1
+    assert record["selection"]["rule"] == "auc" and set(record["curves"]["before"]) == {"val_loss", "val_auc"}
+    assert not (tmp_path / "models" / f".{result.name}.work").exists()  # the checkpoint is gone
+
+    name = resolve_name(f"contrastive:{folder}")
+    assert name == result.name
+    caches = tmp_path / "cache"
+    for model in ("tiny-clip", name):
+        extract(ExtractConfig(model=model, cohort=cohort, out=caches / f"{model}.h5", workers=0, device="cpu",
+                              progress=False))
+    base, adapted = read_cache(caches / "tiny-clip.h5"), read_cache(caches / f"{name}.h5")
+    assert adapted.model == name and adapted.attrs["weights_id"].startswith(record["base_weights_id"] + "+contrastive:")
+    assert adapted.attrs["adapted"]["mitigation"] == "fairot" and adapted.attrs["adapted"]["strength"] == 1.0
+    assert np.abs(adapted.image_embeddings - base.image_embeddings).max() > 1e-3
+    np.testing.assert_allclose(adapted.image_embeddings, direct["img"], rtol=1e-4, atol=1e-5)
+    # the text side was frozen: the class prompts embed as the base model's do
+    np.testing.assert_allclose(adapted.text["clip"].embeddings, base.text["clip"].embeddings, atol=1e-6)
