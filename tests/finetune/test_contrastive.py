@@ -21,7 +21,6 @@ from cxrfair.errors import CxrfairError
 from cxrfair.finetune import contrastive_objectives as co
 from cxrfair.finetune import objectives, sinkhorn, texts
 from cxrfair.finetune.contrastive_config import ContrastiveConfig
-from tests.finetune.test_objectives import pot_primal
 
 
 def unit(rng, n, d=4):
@@ -68,11 +67,22 @@ def test_matched_similarity_is_the_unscaled_diagonal():
 # --- the FairCLIP term --------------------------------------------------------------------------
 
 
+def pot_primal(a: np.ndarray, b: np.ndarray, eps: float) -> float:
+    """OT_eps from POT's plan on the squared cost: <P, C> + eps * KL(P | alpha x beta) (test-only reference)."""
+    ot = pytest.importorskip("ot")
+    wa, wb = np.full(len(a), 1 / len(a)), np.full(len(b), 1 / len(b))
+    cost = (a[:, None] - b[None, :]) ** 2
+    plan = ot.sinkhorn(wa, wb, cost, eps, numItermax=100000, stopThr=1e-12)  # plain Sinkhorn: no underflow at eps 0.1
+    kl = np.sum(plan * np.log(np.where(plan > 0, plan, 1) / np.outer(wa, wb)))
+    return float(np.sum(plan * cost) + eps * kl)
+
+
+
 def test_fairclip_term_equals_pot_on_the_same_cost():
-    sims = np.array([0.62, 0.15, 0.48, -0.2, 0.33, 0.71, 0.05, 0.4])
-    groups = np.array([0, 0, 0, 1, 1, 1, 1, 2])  # group 2: one row, skipped
-    eps = 0.05
-    got = co.fairclip_term(torch.tensor(sims), torch.tensor(groups), 3, eps=eps).item()
+    sims = np.array([0.62, 0.15, 0.48, 0.9, 0.33, 0.05, 0.4])
+    groups = np.array([0, 0, 0, 1, 1, 1, 2])  # group 2: one row, skipped
+    eps = 0.1  # POT's reference converges in seconds here (0.01 takes it minutes)
+    got = co.fairclip_term(torch.tensor(sims), torch.tensor(groups), 3, eps=eps, max_iter=20000).item()
 
     def s_pot(a, b):
         return pot_primal(a, b, eps) - 0.5 * pot_primal(a, a, eps) - 0.5 * pot_primal(b, b, eps)
@@ -89,19 +99,20 @@ def test_fairclip_term_is_zero_for_identical_groups_and_skips_groups_under_two_r
     assert one.item() == pytest.approx(sinkhorn.sinkhorn_divergence(sims, sims[:4]).item(), abs=1e-9)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [1, 2, pytest.param(0, marks=pytest.mark.slow)])  # seed 0: near-ties, 15 s
 def test_fairclip_term_gradient_through_the_embeddings_equals_central_differences(seed):
-    # float64, the training eps and stopping rule (FAIRCLIP_MAX_ITER): d term / d image embedding
-    # (before normalisation), through the matched similarities.
+    # float64: d term / d image embedding (before normalisation), through the matched similarities.
+    # At eps = 0.1, where Sinkhorn converges in a few hundred passes: the envelope gradient is exact
+    # only at convergence, which eps = 0.01 reaches after thousands (FAIRCLIP_MAX_ITER's comment).
     rng = np.random.default_rng(seed)
-    raw = rng.normal(size=(8, 3))
-    txt = unit(rng, 3, 3)
-    pos = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
-    groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    raw = rng.normal(size=(6, 2))
+    txt = unit(rng, 3, 2)
+    pos = torch.tensor([0, 1, 2, 0, 1, 2])
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
 
     def term64(x: torch.Tensor) -> torch.Tensor:
         img = nn.functional.normalize(x, dim=-1)
-        return co.fairclip_term(co.matched_similarity(img, txt, pos), groups, 2)
+        return co.fairclip_term(co.matched_similarity(img, txt, pos), groups, 2, eps=0.1, max_iter=20000)
 
     x = torch.tensor(raw, requires_grad=True)
     term64(x).backward()
@@ -214,7 +225,7 @@ def run_cli(args: list[str]):
 
 @pytest.mark.parametrize("model,extra,match", [
     ("tiny-clip", ["--micro-batch", "2"], "--micro-batch"),
-    ("tiny-medsiglip", [], "SigLIP"),
+    pytest.param("tiny-medsiglip", [], "SigLIP", marks=pytest.mark.slow),  # transformers' SigLIP loads in ~10 s
     ("tiny-rad-dino", [], "image-only"),
     ("tiny-biomedclip", ["--text", "lora"], "--text lora"),
 ])
