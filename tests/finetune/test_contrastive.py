@@ -286,3 +286,88 @@ def test_export_then_extract_gives_the_adapted_models_embeddings(cohort, tmp_pat
     np.testing.assert_allclose(adapted.image_embeddings, direct["img"], rtol=1e-4, atol=1e-5)
     # the text side was frozen: the class prompts embed as the base model's do
     np.testing.assert_allclose(adapted.text["clip"].embeddings, base.text["clip"].embeddings, atol=1e-6)
+
+
+# --- slow: learning, and one process vs two -----------------------------------------------------
+
+
+def zero_shot_test_auc(cache) -> float:
+    """Macro AUC on the test split of zero-shot from a cache (clip set, draw 0): softmax(scale * cos)."""
+    from cxrfair.core.metrics import auc_macro
+
+    test = cache.split_mask("test")
+    img = cache.image_embeddings[test]
+    img = img / np.linalg.norm(img, axis=1, keepdims=True)
+    text = cache.text["clip"].embeddings[0]
+    text = text / np.linalg.norm(text, axis=1, keepdims=True)
+    logits = cache.logit_scale * img @ text.T
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    return float(auc_macro(cache.labels()[test] if cache.labels().dtype.kind in "iu" else cache.targets()[test],
+                           p / p.sum(1, keepdims=True)))
+
+
+@pytest.mark.slow
+def test_contrastive_fine_tuning_beats_zero_shot_before_it_on_validation_and_on_held_out_test(tmp_path):
+    # A planted, learnable pattern (each class lights one cell of a 2 x 3 grid; texts are the label
+    # sentences). Validation decides the epoch; the test split, never seen, is scored after extraction.
+    from cxrfair.extract.cache import read_cache
+    from cxrfair.extract.extractor import ExtractConfig, extract
+    from cxrfair.finetune.contrastive import finetune_contrastive
+    from tests.finetune.helpers import make_cohort
+
+    cohort = make_cohort(tmp_path / "cohort", tmp_path / "images", per_split={"train": 12, "val": 6, "test": 6}, seed=3)
+    config = ContrastiveConfig(model="tiny-clip", cohort=cohort, out=tmp_path / "models", method="full", epochs=6,
+                               batch_size=24, lr=1e-3, workers=1, device="cpu", seed=0)
+    result = finetune_contrastive(config, progress=False)
+    before = result.record["curves"]["before"]["val_auc"]
+    after = result.record["curves"]["val_auc"][result.selected_epoch - 1]
+    assert after > before + 0.05, (before, result.record["curves"]["val_auc"])
+    aucs = {}
+    for model in ("tiny-clip", f"contrastive:{result.folder}"):
+        out = tmp_path / "cache" / f"{model.split(':')[0]}.h5"
+        extract(ExtractConfig(model=resolve(model), cohort=cohort, out=out, workers=0, device="cpu", progress=False))
+        aucs[model.split(":")[0]] = zero_shot_test_auc(read_cache(out))
+    assert aucs["contrastive"] > aucs["tiny-clip"] + 0.05, aucs
+
+
+def resolve(model: str) -> str:
+    from cxrfair.extract.registry import resolve_name
+
+    return resolve_name(model)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mitigation", [[], ["--mitigation", "fairot", "--sensitive", "sex"],
+                                        ["--mitigation", "adversarial", "--sensitive", "age_group"]])
+def test_torchrun_two_gloo_processes_train_what_one_process_trains(cohort, tmp_path, mitigation):
+    # Uneven shares (7 = 4 + 3) and a last batch of one image (36 = 5 x 7 + 1: process 1 pads).
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from cxrfair.extract.adapted import RECORD, WEIGHTS
+
+    args = ["contrastive", "--model", "tiny-clip", "--cohort", str(cohort), "--epochs", "2", "--batch-size", "7",
+            "--lr", "1e-2", "--workers", "1", "--device", "cpu", "--seeds", "0,", *mitigation]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    one = subprocess.run([sys.executable, "-m", "cxrfair", "finetune", *args, "--out", str(tmp_path / "one")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "cxrfair", "finetune", *args, "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    (a,), (b,) = (list((tmp_path / w).glob("tiny-clip.ctr-*")) for w in ("one", "two"))
+    assert a.name == b.name
+    ra, rb = (json.loads((f / RECORD).read_text()) for f in (a, b))
+    assert (ra["world_size"], rb["world_size"]) == (1, 2) and ra["selected_epoch"] == rb["selected_epoch"]
+    for k in ("train_loss", "val_loss", "val_auc"):
+        np.testing.assert_allclose(rb["curves"][k], ra["curves"][k], rtol=1e-5, atol=1e-6, err_msg=k)
+    ta, tb = load_file(str(a / WEIGHTS)), load_file(str(b / WEIGHTS))
+    assert ta.keys() == tb.keys() and ta
+    # Float summation order differs between one process and two; AdamW turns a gradient difference
+    # of ~1e-7 into a step difference of up to ~1e-6 per step (lr 1e-2, 12 steps): 5e-5 is 0.5% of one step.
+    for k in ta:
+        np.testing.assert_allclose(tb[k].numpy(), ta[k].numpy(), rtol=0, atol=5e-5, err_msg=k)
