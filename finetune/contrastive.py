@@ -26,8 +26,10 @@ holding ``contrastive.json`` and ``adapted.safetensors`` (``extract.adapted``), 
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
+import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -52,7 +54,7 @@ from cxrfair.finetune import contrastive_objectives as co
 from cxrfair.finetune import data as fdata
 from cxrfair.finetune import objectives, texts
 from cxrfair.finetune import train as T
-from cxrfair.finetune.checkpoint import read_checkpoint, restore, rng_states, save_checkpoint, seed_globals, rank_seed
+from cxrfair.finetune.checkpoint import rank_seed, read_checkpoint, restore, rng_states, save_checkpoint, seed_globals
 from cxrfair.finetune.contrastive_config import ContrastiveConfig
 from cxrfair.finetune.distributed import Dist, session
 from cxrfair.finetune.model import (count_trainable, load_trainable_state, lora_targets, pin_frozen_attention,
@@ -361,8 +363,6 @@ def build_state(config: ContrastiveConfig, setup: Setup, d: Dist = Dist()) -> tu
 def wrap(dual: nn.Module, d: Dist, device: torch.device) -> nn.Module:
     """DistributedDataParallel with DDP's own gradient averaging: every process back-propagates the
     global loss × world size through its own rows (``GatherRows``), so the average is the gradient."""
-    import inspect
-
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     # torch >= 2.14 renames broadcast_buffers; buffers are frozen and equal on every process.
@@ -592,8 +592,6 @@ def make_record(config: ContrastiveConfig, setup: Setup, state: T.TrainState, tr
 
 def export(config: ContrastiveConfig, setup: Setup, adapted: Adapted, record: dict) -> Path:
     """Write ``OUT/<name>/`` whole (one folder rename) and drop the checkpoint."""
-    import shutil
-
     from safetensors.torch import save_file
 
     tensors = adapted_tensors(setup.fm, adapted)

@@ -371,3 +371,31 @@ def test_torchrun_two_gloo_processes_train_what_one_process_trains(cohort, tmp_p
     # of ~1e-7 into a step difference of up to ~1e-6 per step (lr 1e-2, 12 steps): 5e-5 is 0.5% of one step.
     for k in ta:
         np.testing.assert_allclose(tb[k].numpy(), ta[k].numpy(), rtol=0, atol=5e-5, err_msg=k)
+
+
+@pytest.mark.slow  # ~13 s: three short runs
+def test_an_interrupted_run_resumes_to_the_same_result(cohort, tmp_path):
+    from safetensors.torch import load_file
+
+    from cxrfair.extract.adapted import RECORD, WEIGHTS
+    from cxrfair.finetune.contrastive import finetune_contrastive
+
+    opts = dict(model="tiny-clip", cohort=cohort, epochs=2, batch_size=12, lr=1e-2, workers=1, device="cpu",
+                mitigation="adversarial", sensitive="sex")
+    whole = finetune_contrastive(ContrastiveConfig(out=tmp_path / "whole", **opts), progress=False)
+
+    class Stop(Exception):
+        pass
+
+    def stop(state):
+        raise Stop
+
+    with pytest.raises(Stop):
+        finetune_contrastive(ContrastiveConfig(out=tmp_path / "cut", **opts), progress=False, on_epoch_end=stop)
+    with pytest.raises(CxrfairError, match="--resume"):  # an interrupted run is not silently restarted
+        finetune_contrastive(ContrastiveConfig(out=tmp_path / "cut", **opts), progress=False)
+    resumed = finetune_contrastive(ContrastiveConfig(out=tmp_path / "cut", resume=True, **opts), progress=False)
+    a, b = (json.loads((r.folder / RECORD).read_text()) for r in (whole, resumed))
+    assert a["curves"] == b["curves"] and a["selected_epoch"] == b["selected_epoch"]
+    ta, tb = load_file(str(whole.folder / WEIGHTS)), load_file(str(resumed.folder / WEIGHTS))
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
