@@ -399,3 +399,32 @@ def test_an_interrupted_run_resumes_to_the_same_result(cohort, tmp_path):
     assert a["curves"] == b["curves"] and a["selected_epoch"] == b["selected_epoch"]
     ta, tb = load_file(str(whole.folder / WEIGHTS)), load_file(str(resumed.folder / WEIGHTS))
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+@pytest.mark.slow  # ~15 s: JAX's import for the zero-shot step
+def test_cli_contrastive_then_extract_then_zeroshot_runs_like_any_model(cohort, tmp_path):
+    from cxrfair.cli import main
+    from cxrfair.core.runs import read_runs
+
+    runner = CliRunner()
+    r = runner.invoke(main, ["finetune", "contrastive", "--model", "tiny-clip", "--cohort", str(cohort), "--out",
+                             str(tmp_path / "models"), "--epochs", "1", "--batch-size", "12", "--workers", "1",
+                             "--device", "cpu", "--mitigation", "groupdro", "--sensitive", "age_group"])
+    assert r.exit_code == 0, r.output
+    (folder,) = (tmp_path / "models").glob("tiny-clip.ctr-*")
+    assert folder.name == "tiny-clip.ctr-lora-groupdro-age_group-st0.01.s0"  # --seeds 1: one seed, seed 0
+    assert f"--model contrastive:{folder}" in r.output
+    r = runner.invoke(main, ["extract", "--model", f"contrastive:{folder}", "--cohort", str(cohort), "--out",
+                             str(tmp_path / "cache"), "--workers", "0", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    cache = tmp_path / "cache" / f"{folder.name}.h5"
+    assert cache.is_file()
+    r = runner.invoke(main, ["probe", "zeroshot", "--cache", str(cache), "--out", str(tmp_path / "runs")])
+    assert r.exit_code == 0, r.output
+    runs = read_runs(tmp_path / "runs")
+    assert runs and all(run.meta["model"] == folder.name and run.meta["method"] == "zeroshot" for run in runs)
+    # a second run into the same folder is refused without --force, naming the fix
+    r = runner.invoke(main, ["finetune", "contrastive", "--model", "tiny-clip", "--cohort", str(cohort), "--out",
+                             str(tmp_path / "models"), "--epochs", "1", "--device", "cpu", "--mitigation", "groupdro",
+                             "--sensitive", "age_group"])
+    assert r.exit_code == 1 and "--force" in r.output
