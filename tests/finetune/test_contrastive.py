@@ -338,7 +338,8 @@ def resolve(model: str) -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mitigation", [[], ["--mitigation", "fairot", "--sensitive", "sex"],
-                                        ["--mitigation", "adversarial", "--sensitive", "age_group"]])
+                                        ["--mitigation", "adversarial", "--sensitive", "age_group"],
+                                        ["--text", "lora", "--mitigation", "groupdro", "--sensitive", "sex"]])
 def test_torchrun_two_gloo_processes_train_what_one_process_trains(cohort, tmp_path, mitigation):
     # Uneven shares (7 = 4 + 3) and a last batch of one image (36 = 5 x 7 + 1: process 1 pads).
     import os
@@ -423,8 +424,42 @@ def test_cli_contrastive_then_extract_then_zeroshot_runs_like_any_model(cohort, 
     assert r.exit_code == 0, r.output
     runs = read_runs(tmp_path / "runs")
     assert runs and all(run.meta["model"] == folder.name and run.meta["method"] == "zeroshot" for run in runs)
+    # the selection's validation zero-shot AUC is the probe stage's zero-shot (JAX) on the cache, clip set
+    from cxrfair.core.metrics import auc_macro
+    from cxrfair.extract.cache import read_cache
+    from cxrfair.probe.zeroshot import zeroshot_probs
+
+    c = read_cache(cache)
+    val = c.split_mask("val")
+    p = np.asarray(zeroshot_probs(c.image_embeddings[val], c.text["clip"].embeddings[:1], c.logit_scale))[0]
+    record = json.loads((folder / "contrastive.json").read_text())
+    assert float(auc_macro(c.labels()[val], p)) == pytest.approx(record["curves"]["val_auc"][0], abs=1e-5)
     # a second run into the same folder is refused without --force, naming the fix
     r = runner.invoke(main, ["finetune", "contrastive", "--model", "tiny-clip", "--cohort", str(cohort), "--out",
                              str(tmp_path / "models"), "--epochs", "1", "--device", "cpu", "--mitigation", "groupdro",
                              "--sensitive", "age_group"])
     assert r.exit_code == 1 and "--force" in r.output
+
+
+@pytest.mark.slow  # ~10 s
+@pytest.mark.parametrize("text", ["lora", "full"])
+def test_a_trained_text_encoder_travels_with_the_export(cohort, tmp_path, text):
+    from safetensors.torch import load_file
+
+    from cxrfair.extract.adapted import WEIGHTS
+    from cxrfair.extract.cache import read_cache
+    from cxrfair.extract.extractor import ExtractConfig, extract
+    from cxrfair.finetune.contrastive import finetune_contrastive
+
+    result = finetune_contrastive(ContrastiveConfig(model="tiny-clip", cohort=cohort, out=tmp_path / "m", epochs=1,
+                                                    batch_size=12, lr=1e-2, workers=1, device="cpu", text=text),
+                                  progress=False)
+    names = load_file(str(result.folder / WEIGHTS)).keys()
+    assert any(n.startswith("visual.") for n in names) and any(n.startswith("transformer.") for n in names)
+    assert not any("logit_scale" in n for n in names)
+    for model in ("tiny-clip", resolve(f"contrastive:{result.folder}")):
+        extract(ExtractConfig(model=model, cohort=cohort, out=tmp_path / "c" / f"{model}.h5", workers=0,
+                              device="cpu", progress=False))
+    base, adapted = (read_cache(tmp_path / "c" / f"{m}.h5") for m in ("tiny-clip", result.name))
+    assert np.abs(adapted.text["clip"].embeddings - base.text["clip"].embeddings).max() > 1e-4
+    assert adapted.logit_scale == base.logit_scale
