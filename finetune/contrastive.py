@@ -241,13 +241,13 @@ class Setup:
 
 def mitigation_inputs(config: ContrastiveConfig, cohort, train: np.ndarray) -> dict:
     """Row weights (the term's, x 0 for multi-label rows without an observed condition, which have no
-    label sentence to pair), groups and cells of ``config.sensitive``, as ``T.Data`` fields."""
+    label sentence to pair), groups and cells of ``config.sensitive`` (-1 everywhere for erm), as ``T.Data`` fields."""
     targets = cohort.targets()
     multilabel = cohort.task == "multilabel"
     weights = (~np.isnan(targets)).any(axis=1).astype(np.float32) if multilabel else np.ones(len(targets), np.float32)
     out: dict = {"row_weights": weights}
-    if config.sensitive is None:
-        return out
+    if config.sensitive is None:  # erm: no attribute; every row has group and cell -1
+        return {**out, "groups": np.full(len(targets), -1, np.int64), "cells": np.full(len(targets), -1, np.int64)}
     attrs = cohort.attributes
     if config.sensitive not in attrs:
         raise CxrfairError(f"--sensitive {config.sensitive}: cohort {cohort.folder} has no such sensitive attribute; "
@@ -263,9 +263,7 @@ def mitigation_inputs(config: ContrastiveConfig, cohort, train: np.ndarray) -> d
 
 
 def check_model(fm) -> None:
-    """A text encoder and CLIP's softmax contrastive loss: SigLIP-style models (a logit bias) are refused."""
-    if not fm.spec.zero_shot:
-        raise CxrfairError(f"--model {fm.name}: an image-only model; contrastive fine-tuning needs a text encoder")
+    """CLIP's softmax contrastive loss: SigLIP-style models (a logit bias; known only once loaded) are refused."""
     if "logit_bias" in fm.extras:
         raise CxrfairError(f"--model {fm.name}: a SigLIP-style model (sigmoid loss with a logit bias); "
                            "contrastive fine-tuning implements CLIP's softmax InfoNCE only")
@@ -336,8 +334,7 @@ def build_state(config: ContrastiveConfig, setup: Setup, d: Dist = Dist()) -> tu
     n_groups = len(cohort.attributes[config.sensitive]["groups"]) if config.sensitive else 0
     multilabel = cohort.task == "multilabel"
     n_cells = n_groups if multilabel else n_groups * len(cohort.classes)
-    counts = (objectives.train_cell_counts(setup.data.cells, setup.data.split["train"], n_cells)
-              if setup.data.cells is not None else None)
+    counts = objectives.train_cell_counts(setup.data.cells, setup.data.split["train"], n_cells) if n_cells else None
     objective = term.objective(config.strength, n_groups, n_cells, len(cohort.classes), multilabel, config.seed, counts)
     adversary = objectives.make_adversary(fm.embed_dim, n_groups, config.seed) if objective.adversary else None
     adapted = adapt(fm, config, adversary)
@@ -395,8 +392,7 @@ def train_step(state: T.TrainState, ctx: Context, x: torch.Tensor, w: torch.Tens
     tokens = None if ctx.tokens is None else take_tokens(ctx.tokens, setup.tid[rows], rt.device)
     with rt.autocast():
         img, txt, adv = state.net(rt.normalize(x), tokens)
-    groups = setup.data.groups if setup.data.groups is not None else np.full(len(setup.tid), -1)
-    cells = setup.data.cells if setup.data.cells is not None else groups
+    groups, cells = setup.data.groups, setup.data.cells
     local = {"img": img.float(), "txt": None if txt is None else txt.float(),
              "adv": None if adv is None else adv.float(), "w": w[:, None], "tid": tid[:, None],
              "groups": torch.from_numpy(groups[rows]).to(rt.device)[:, None],
