@@ -56,7 +56,7 @@ from cxrfair.finetune import objectives, texts
 from cxrfair.finetune import train as T
 from cxrfair.finetune.checkpoint import rank_seed, read_checkpoint, restore, rng_states, save_checkpoint, seed_globals
 from cxrfair.finetune.contrastive_config import ContrastiveConfig
-from cxrfair.finetune.distributed import Dist, session
+from cxrfair.finetune.distributed import Dist, check_batchnorm, session, sync_batchnorm
 from cxrfair.finetune.model import (count_trainable, load_trainable_state, lora_targets, pin_frozen_attention,
                                     train_mode, trainable_state)
 from cxrfair.finetune.sampler import epoch_order, plain_steps, plan_epoch
@@ -91,13 +91,18 @@ class DualEncoder(nn.Module):
         return img, txt, adv
 
 
-def module_prefix(root: nn.Module, sub: nn.Module) -> str:
-    """The dotted name of ``sub`` inside ``root``; CxrfairError when it is not one of its modules."""
-    for name, module in root.named_modules():
-        if module is sub:
-            return name
-    raise CxrfairError("the model's image encoder is not a submodule of its model; contrastive fine-tuning "
-                       "needs both encoders in one module")
+def image_side(model: nn.Module, encoder: nn.Module) -> tuple[set[str], set[str]]:
+    """Names in ``model`` of the image encoder's modules and of its tensors (parameters and buffers),
+    found by identity: the encoder may be a wrapper of ``model``'s submodules (CXR-CLIP's tower +
+    projection) rather than one of them. CxrfairError when its parameters are not ``model``'s."""
+    mods = {id(m) for m in encoder.modules()}
+    tensors = {id(t) for t in (*encoder.parameters(), *encoder.buffers())}
+    modules = {n for n, m in model.named_modules() if id(m) in mods and n}
+    names = {n for n, t in (*model.named_parameters(), *model.named_buffers()) if id(t) in tensors}
+    if len({id(p) for p in encoder.parameters()}) > len({id(p) for n, p in model.named_parameters() if n in names}):
+        raise CxrfairError("the model's image encoder holds weights outside its model; contrastive fine-tuning "
+                           "needs both encoders in one module")
+    return modules, names
 
 
 def inside(name: str, prefix: str) -> bool:
@@ -128,14 +133,13 @@ def adapt(fm, config: ContrastiveConfig, adversary: nn.Module | None) -> Adapted
     LoRA initialisation draws from a generator seeded with ``config.seed`` (global RNG untouched).
     """
     model = fm.model
-    image = module_prefix(model, fm.image_encoder)
-    is_text = lambda n: not inside(n, image)  # noqa: E731
+    image_modules, image_tensors = image_side(model, fm.image_encoder)
     lora: list[str] = []
     if config.method == "lora":
-        lora += matching_modules(model, lora_targets(fm.spec), lambda n: inside(n, image))
+        lora += matching_modules(model, lora_targets(fm.spec), lambda n: n in image_modules)
     if config.text == "lora":
         targets = lora_targets(fm.spec)
-        found = [] if isinstance(targets, str) else matching_modules(model, targets, is_text)
+        found = [] if isinstance(targets, str) else matching_modules(model, targets, lambda n: n not in image_modules)
         if not found:
             raise CxrfairError(f"--text lora: model {fm.name} has no text-encoder modules named like its LoRA targets "
                                f"{targets!r}; use --text frozen or --text full")
@@ -153,9 +157,9 @@ def adapt(fm, config: ContrastiveConfig, adversary: nn.Module | None) -> Adapted
         pin_frozen_attention(wrapped)
     if config.method == "full":
         fm.image_encoder.requires_grad_(True)
-        saved.append(image)
+        saved += sorted(image_tensors)
     if config.text == "full":
-        text_params = [n for n, _ in model.named_parameters() if is_text(n) and "logit_" not in n]
+        text_params = [n for n, _ in model.named_parameters() if n not in image_tensors and "logit_" not in n]
         for n, p in model.named_parameters():
             if n in text_params:
                 p.requires_grad_(True)
@@ -294,6 +298,7 @@ def prepare(config: ContrastiveConfig, d: Dist = Dist()) -> Setup:
     d.on_main(resumer.check)
     fm = load_model(config.model, config.weights, str(device))
     check_model(fm)
+    check_batchnorm(fm.image_encoder, config.method, d, device)  # BatchNorm trained in several CPU processes
     fingerprint["weights_id"] = fm.weights_id
     resuming = d.on_main(resumer.check)
     checkpoint = d.everywhere(lambda: resumer.loaded if d.main else read_checkpoint(ckpt_path) if resuming else None)
@@ -338,7 +343,7 @@ def build_state(config: ContrastiveConfig, setup: Setup, d: Dist = Dist()) -> tu
     objective = term.objective(config.strength, n_groups, n_cells, len(cohort.classes), multilabel, config.seed, counts)
     adversary = objectives.make_adversary(fm.embed_dim, n_groups, config.seed) if objective.adversary else None
     adapted = adapt(fm, config, adversary)
-    dual = adapted.dual.to(setup.rt.device)
+    dual = sync_batchnorm(adapted.dual.to(setup.rt.device), d, setup.rt.device)  # trained BatchNorm under DDP on CUDA
     params = [p for n, p in dual.named_parameters() if p.requires_grad and not n.startswith("adversary.")]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     steps = max(config.epochs * math.ceil(len(setup.data.split["train"]) / config.batch_size), 1)
