@@ -240,7 +240,12 @@ def test_cli_refuses_what_contrastive_fine_tuning_cannot_do(cohort, tmp_path, mo
 # --- a run, its export and the extract round trip -----------------------------------------------
 
 
-def test_export_then_extract_gives_the_adapted_models_embeddings(cohort, tmp_path):
+@pytest.mark.parametrize("model", [
+    "tiny-clip",  # open_clip ViT: LoRA on nn.MultiheadAttention, merged at export
+    pytest.param("tiny-cxr-clip-r50", marks=pytest.mark.slow),  # the image encoder wraps the model's modules; conv LoRA
+    pytest.param("tiny-biomedclip", marks=pytest.mark.slow),  # timm tower, regex LoRA targets
+])
+def test_export_then_extract_gives_the_adapted_models_embeddings(cohort, tmp_path, model):
     from cxrfair.extract.adapted import RECORD, WEIGHTS
     from cxrfair.extract.cache import read_cache
     from cxrfair.extract.cohort import load_cohort
@@ -261,8 +266,8 @@ def test_export_then_extract_gives_the_adapted_models_embeddings(cohort, tmp_pat
 
     from cxrfair.extract.registry import load_model
 
-    capture.pre = load_model("tiny-clip").preprocess
-    config = ContrastiveConfig(model="tiny-clip", cohort=cohort, out=tmp_path / "models", epochs=1, batch_size=12,
+    capture.pre = load_model(model).preprocess
+    config = ContrastiveConfig(model=model, cohort=cohort, out=tmp_path / "models", epochs=1, batch_size=12,
                                lr=1e-2, workers=1, device="cpu", mitigation="fairot", sensitive="sex")
     result = finetune_contrastive(config, progress=False, on_epoch_end=capture)
     folder = result.folder
@@ -276,10 +281,9 @@ def test_export_then_extract_gives_the_adapted_models_embeddings(cohort, tmp_pat
     name = resolve_name(f"contrastive:{folder}")
     assert name == result.name
     caches = tmp_path / "cache"
-    for model in ("tiny-clip", name):
-        extract(ExtractConfig(model=model, cohort=cohort, out=caches / f"{model}.h5", workers=0, device="cpu",
-                              progress=False))
-    base, adapted = read_cache(caches / "tiny-clip.h5"), read_cache(caches / f"{name}.h5")
+    for m in (model, name):
+        extract(ExtractConfig(model=m, cohort=cohort, out=caches / f"{m}.h5", workers=0, device="cpu", progress=False))
+    base, adapted = read_cache(caches / f"{model}.h5"), read_cache(caches / f"{name}.h5")
     assert adapted.model == name and adapted.attrs["weights_id"].startswith(record["base_weights_id"] + "+contrastive:")
     assert adapted.attrs["adapted"]["mitigation"] == "fairot" and adapted.attrs["adapted"]["strength"] == 1.0
     assert np.abs(adapted.image_embeddings - base.image_embeddings).max() > 1e-3
