@@ -20,14 +20,15 @@ STRENGTH_HELP = ("Comma-separated mitigation strengths, one run per value: "
                  + ". The run id gets tag st<strength>; `cxrfair analyze` chooses among them on validation.")
 
 
-def _options(fn=None, *, epochs: int = 150, mitigation_help: str = "", strength_help: str = ""):
+def _options(fn=None, *, epochs: int = 150, mitigation_help: str = "", strength_help: str = "", out_help: str = ""):
     """The options every fine-tuning command shares (LoRA-only ones are added to ``lora`` separately)."""
     if fn is None:  # @_options(epochs=...)
-        return lambda f: _options(f, epochs=epochs, mitigation_help=mitigation_help, strength_help=strength_help)
+        return lambda f: _options(f, epochs=epochs, mitigation_help=mitigation_help, strength_help=strength_help,
+                                  out_help=out_help)
     opts = [
         click.option("--model", required=True, help="Registry name (see `cxrfair models list`)."),
         click.option("--cohort", required=True, type=click.Path(path_type=Path), help="Cohort folder (cohort.csv + cohort.json)."),
-        click.option("--out", required=True, type=click.Path(path_type=Path), help="RUNS folder; the run goes to OUT/<run_id>/."),
+        click.option("--out", required=True, type=click.Path(path_type=Path), help=out_help or "RUNS folder; the run goes to OUT/<run_id>/."),
         click.option("--epochs", default=epochs, show_default=True, type=int),
         click.option("--batch-size", default=64, show_default=True, type=int,
                      help="Global batch: under torchrun, all processes together (each takes its share)."),
@@ -126,7 +127,8 @@ CONTRASTIVE_MITIGATION_HELP = (f"Fairness term of the contrastive loss: {', '.jo
 
 
 @finetune.command()
-@_options(epochs=10, mitigation_help=CONTRASTIVE_MITIGATION_HELP, strength_help=CONTRASTIVE_STRENGTH_HELP)
+@_options(epochs=10, mitigation_help=CONTRASTIVE_MITIGATION_HELP, strength_help=CONTRASTIVE_STRENGTH_HELP,
+          out_help="Models folder (not a runs folder): the adapted model goes to OUT/<name>/.")
 @click.option("--adapter", "method", default="lora", show_default=True, type=click.Choice(["lora", "full"]),
               help="The image encoder: LoRA adapters (registry targets) or every weight.")
 @click.option("--text", default="frozen", show_default=True, type=click.Choice(["frozen", "lora", "full"]),
