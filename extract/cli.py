@@ -171,6 +171,9 @@ def extract(ctx, model, cohort, out, batch_size, workers, device, precision, wei
     missing = [f"--{n}" for n, v in (("model", model), ("cohort", cohort), ("out", out)) if not v]
     if missing:
         raise CxrfairError(f"extract needs {', '.join(missing)} (see `cxrfair extract --help`)")
+    from cxrfair.extract.registry import resolve_name
+
+    model = resolve_name(model)  # contrastive:FOLDER -> the adapted model's registered name (extract.adapted)
     out = _out_folder(out, ctx) / cache_name(model, features)
     from cxrfair.extract.distributed import run_distributed, torchrun_env
     from cxrfair.extract.extractor import ExtractConfig

@@ -723,6 +723,8 @@ def provenance(fm: "FoundationModel", cohort, config: ExtractConfig, device: "to
         **({"prompt_scores": {"prompts": len(scorer.prompts), "global": "cosine(image global, sentence embedding)",
                               "local": "the model's local_similarity (word to image-region attention)"}}
            if scorer else {}),
+        # A contrastively fine-tuned model (extract.adapted): which run, mitigation and base weights made it.
+        **({"adapted": fm.extras["adapted"]} if "adapted" in fm.extras else {}),
     }
 
 

@@ -34,6 +34,7 @@ BUILTIN_MODULES = (
     "cxrfair.extract.models.raddino",
     "cxrfair.extract.models.xrayclip",
     "cxrfair.extract.models.byname",  # no models: resolves open_clip:... and hf:... names (register_resolver)
+    "cxrfair.extract.adapted",  # no models: resolves contrastive:FOLDER names (register_resolver)
 )
 
 
@@ -168,6 +169,12 @@ def register_resolver(prefix: str, resolve: Callable[[str], ModelSpec], forms: s
     if prefix in _RESOLVERS:
         raise ValueError(f"name prefix {prefix!r} already has a resolver")
     _RESOLVERS[prefix] = (resolve, forms)
+
+
+def resolve_name(name: str) -> str:
+    """The name a ``--model`` value stands for: itself, or the name of the spec a resolver gives it
+    (``contrastive:FOLDER`` -> the adapted model's registered name; ``hf:...`` -> itself)."""
+    return get_spec(name).name if ":" in name else name
 
 
 def _ensure_builtins() -> None:

@@ -20,13 +20,16 @@ STRENGTH_HELP = ("Comma-separated mitigation strengths, one run per value: "
                  + ". The run id gets tag st<strength>; `cxrfair analyze` chooses among them on validation.")
 
 
-def _options(fn):
-    """The options both commands share (LoRA-only ones are added to ``lora`` separately)."""
+def _options(fn=None, *, epochs: int = 150, mitigation_help: str = "", strength_help: str = "", out_help: str = ""):
+    """The options every fine-tuning command shares (LoRA-only ones are added to ``lora`` separately)."""
+    if fn is None:  # @_options(epochs=...)
+        return lambda f: _options(f, epochs=epochs, mitigation_help=mitigation_help, strength_help=strength_help,
+                                  out_help=out_help)
     opts = [
         click.option("--model", required=True, help=MODEL_HELP),
         click.option("--cohort", required=True, type=click.Path(path_type=Path), help="Cohort folder (cohort.csv + cohort.json)."),
-        click.option("--out", required=True, type=click.Path(path_type=Path), help="RUNS folder; the run goes to OUT/<run_id>/."),
-        click.option("--epochs", default=150, show_default=True, type=int),
+        click.option("--out", required=True, type=click.Path(path_type=Path), help=out_help or "RUNS folder; the run goes to OUT/<run_id>/."),
+        click.option("--epochs", default=epochs, show_default=True, type=int),
         click.option("--batch-size", default=64, show_default=True, type=int,
                      help="Global batch: under torchrun, all processes together (each takes its share)."),
         click.option("--micro-batch", default=None, type=int,
@@ -45,9 +48,9 @@ def _options(fn):
                      help="Decoded-image cache: in memory, or a memmap file under OUT/.image-cache."),
         click.option("--weights", default=None, type=click.Path(path_type=Path), help="Model weights overriding the registry's."),
         click.option("--images", default=None, type=click.Path(path_type=Path), help="Images root overriding cohort.json's."),
-        click.option("--mitigation", default=mitigations.ERM, show_default=True, help=MITIGATION_HELP),
+        click.option("--mitigation", default=mitigations.ERM, show_default=True, help=mitigation_help or MITIGATION_HELP),
         click.option("--sensitive", default=None, help="The cohort attribute a mitigation targets (e.g. sex, age_group, race)."),
-        click.option("--strength", default=None, help=STRENGTH_HELP),
+        click.option("--strength", default=None, help=strength_help or STRENGTH_HELP),
         track_option(),
         click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint."),
         click.option("--force", is_flag=True, help="Replace an existing run / discard a stale checkpoint."),
@@ -59,7 +62,7 @@ def _options(fn):
     return fn
 
 
-def _run(method: str, seeds: str, strength: str | None, **options) -> None:
+def _run(method: str, seeds: str, strength: str | None, **options) -> None:  # lora | full
     """One run per seed x strength (each its own FinetuneConfig and run id)."""
     import os
 
@@ -112,3 +115,62 @@ def lora(**options) -> None:
 def full(**options) -> None:
     """Train the whole image encoder and the head."""
     _run("full", **options)
+
+
+_CONTRASTIVE = [mitigations.get(n) for n in mitigations.names(mitigations.CONTRASTIVE)]
+CONTRASTIVE_STRENGTH_HELP = ("Comma-separated mitigation strengths, one run per value: "
+                             + ", ".join(f"{m.name} {m.rule()} (default {m.contrastive_strength:g})"
+                                         for m in _CONTRASTIVE if m.has_strength) + ".")
+CONTRASTIVE_MITIGATION_HELP = (f"Fairness term of the contrastive loss: {', '.join(m.name for m in _CONTRASTIVE)} "
+                               "(fairot: FairCLIP's Sinkhorn term on the matched image-text similarities; "
+                               "adversarial: AdFair-CLIP's adversary on the image embedding; docs/methods.md). "
+                               "Needs --sensitive unless erm.")
+
+
+@finetune.command()
+@_options(epochs=10, mitigation_help=CONTRASTIVE_MITIGATION_HELP, strength_help=CONTRASTIVE_STRENGTH_HELP,
+          out_help="Models folder (not a runs folder): the adapted model goes to OUT/<name>/.")
+@click.option("--adapter", "method", default="lora", show_default=True, type=click.Choice(["lora", "full"]),
+              help="The image encoder: LoRA adapters (registry targets) or every weight.")
+@click.option("--text", default="frozen", show_default=True, type=click.Choice(["frozen", "lora", "full"]),
+              help="The text encoder: frozen, LoRA on the same target names, or every weight (logit scale stays fixed).")
+@click.option("--select", default="auc", show_default=True, type=click.Choice(["auc", "loss"]),
+              help="Epoch chosen on validation: zero-shot macro AUC with the clip prompts (highest), or contrastive loss (lowest).")
+@click.option("--lora-rank", default=8, show_default=True, type=int)
+@click.option("--lora-alpha", default=16.0, show_default=True, type=float)
+@click.option("--lora-dropout", default=0.0, show_default=True, type=float)
+def contrastive(method: str, seeds: str, strength: str | None, micro_batch, **options) -> None:
+    """CLIP-style fine-tuning on the cohort's image-text pairs (text column, else label sentences).
+
+    \b
+    Writes OUT/<model>.ctr-<adapter>[-<mitigation>-<attr>-st<s>].s<seed>/ (contrastive.json +
+    adapted.safetensors); embed it with `cxrfair extract --model contrastive:FOLDER`, then
+    zero-shot, probes and leakage run on it as on any model.
+    """
+    import os
+
+    from cxrfair.errors import CxrfairError
+
+    main_process = os.environ.get("RANK", "0") == "0"
+    try:
+        if micro_batch is not None:
+            raise CxrfairError("--micro-batch: the contrastive loss compares every pair of the global batch, so "
+                               "each process embeds its share in one forward pass; drop --micro-batch")
+        from cxrfair.finetune.contrastive import finetune_contrastive
+        from cxrfair.finetune.contrastive_config import ContrastiveConfig
+
+        strengths = (None,) if strength is None else parse_floats(strength, "--strength")
+        configs = [ContrastiveConfig(method=method, seed=seed, strength=value, **options)
+                   for seed in parse_seeds(seeds) for value in strengths]
+        for config in configs:
+            result = finetune_contrastive(config)
+            if main_process:
+                best = result.record["curves"]["val_auc" if config.select == "auc" else "val_loss"][result.selected_epoch - 1]
+                click.echo(f"{result.folder}: selected epoch {result.selected_epoch}/{config.epochs}, validation "
+                           f"{'zero-shot macro AUC' if config.select == 'auc' else 'contrastive loss'} {best:.4f}, "
+                           f"{result.trainable_params:,} trainable parameters; "
+                           f"embed with: cxrfair extract --model contrastive:{result.folder}")
+    except CxrfairError:
+        if not main_process:
+            raise SystemExit(1) from None
+        raise

@@ -19,7 +19,9 @@ from cxrfair.errors import CxrfairError
 PROBE = "probe"  # cxrfair probe linear|mlp --mitigation NAME
 FINETUNE = "finetune"  # cxrfair finetune lora|full --mitigation NAME
 POSTPROCESS = "postprocess"  # cxrfair postprocess RUN (a new run from a finished one)
-STAGE_WORDS = {PROBE: "probe", FINETUNE: "fine-tuning", POSTPROCESS: "post-processing"}
+CONTRASTIVE = "contrastive"  # cxrfair finetune contrastive --mitigation NAME (image-text fine-tuning)
+STAGE_WORDS = {PROBE: "probe", FINETUNE: "fine-tuning", POSTPROCESS: "post-processing",
+               CONTRASTIVE: "contrastive fine-tuning"}
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,7 @@ class Mitigation:
     """One fairness intervention, as every stage sees it."""
 
     name: str
-    stages: tuple[str, ...]  # where it runs: PROBE, FINETUNE and/or POSTPROCESS
+    stages: tuple[str, ...]  # where it runs: PROBE, FINETUNE, CONTRASTIVE and/or POSTPROCESS
     summary: str  # one line for --help and reports
     probe_solver: str = "lbfgs"  # "lbfgs" (full batch) or "adamw": an objective that moves every step needs minibatches
     strength: str = ""  # what the strength means; "" = the mitigation takes none
@@ -39,6 +41,7 @@ class Mitigation:
     probe_strengths: tuple[float, ...] = ()
     finetune_strength: float | None = None  # fine-tuning's default (one run per strength)
     postprocess_strength: float | None = None  # post-processing's default (one run per strength)
+    contrastive_strength: float | None = None  # contrastive fine-tuning's default (one run per strength)
     zero_is_erm: bool = False  # strength 0 trains plain ERM with the mitigation's own solver and grid
     needs_sensitive: bool = True  # targets a sensitive attribute (--sensitive ATTR); erm alone targets none
 
@@ -67,23 +70,23 @@ class Mitigation:
         return {
             (PROBE,): "probes only (`cxrfair probe linear|mlp --mitigation NAME`)",
             (POSTPROCESS,): "post-processing of a finished run (`cxrfair postprocess RUN --sensitive ATTR`)",
-        }.get(self.stages, "probes and fine-tuning").replace("NAME", self.name)
+        }.get(self.stages, "probes and fine-tuning (classifier and contrastive)").replace("NAME", self.name)
 
 
 _ROWS = (
-    Mitigation("erm", (PROBE, FINETUNE), "plain training: the mean per-example loss", needs_sensitive=False),
-    Mitigation("reweight", (PROBE, FINETUNE), "examples weighted by their (group, class) cell's size",
+    Mitigation("erm", (PROBE, FINETUNE, CONTRASTIVE), "plain training: the mean per-example loss", needs_sensitive=False),
+    Mitigation("reweight", (PROBE, FINETUNE, CONTRASTIVE), "examples weighted by their (group, class) cell's size",
                strength="exponent s of w ∝ n_cell^-s (1: every cell counts equally)", low=0.0, high=1.0,
-               probe_strengths=(0.0, 0.5, 1.0), finetune_strength=1.0, zero_is_erm=True),
-    Mitigation("groupdro", (PROBE, FINETUNE), "online group DRO over (group, class) cells (Sagawa et al.)",
+               probe_strengths=(0.0, 0.5, 1.0), finetune_strength=1.0, contrastive_strength=1.0, zero_is_erm=True),
+    Mitigation("groupdro", (PROBE, FINETUNE, CONTRASTIVE), "online group DRO over (group, class) cells (Sagawa et al.)",
                probe_solver="adamw", strength="step size η of the cell weights q", low_inclusive=False,
-               probe_strengths=(0.01, 0.1, 1.0), finetune_strength=0.01),
-    Mitigation("adversarial", (PROBE, FINETUNE), "an adversary predicts the attribute; its gradient is reversed",
+               probe_strengths=(0.01, 0.1, 1.0), finetune_strength=0.01, contrastive_strength=0.01),
+    Mitigation("adversarial", (PROBE, FINETUNE, CONTRASTIVE), "an adversary predicts the attribute; its gradient is reversed",
                probe_solver="adamw", strength="λ of the reversed adversary gradient",
-               probe_strengths=(0.0, 0.1, 0.3, 1.0), finetune_strength=1.0, zero_is_erm=True),
-    Mitigation("fairot", (PROBE, FINETUNE), "Sinkhorn divergence between each group's and all scores (FairCLIP)",
+               probe_strengths=(0.0, 0.1, 0.3, 1.0), finetune_strength=1.0, contrastive_strength=1.0, zero_is_erm=True),
+    Mitigation("fairot", (PROBE, FINETUNE, CONTRASTIVE), "Sinkhorn divergence between each group's and all scores (FairCLIP)",
                probe_solver="adamw", strength="λ of the Sinkhorn term",
-               probe_strengths=(0.0, 0.1, 1.0, 10.0), finetune_strength=1.0, zero_is_erm=True),
+               probe_strengths=(0.0, 0.1, 1.0, 10.0), finetune_strength=1.0, contrastive_strength=1.0, zero_is_erm=True),
     Mitigation("erase", (PROBE,), "LEACE: the attribute linearly erased from the features before the probe"),
     Mitigation("thresholds", (POSTPROCESS,), "group thresholds / class offsets fitted on validation",
                strength="validation utility the fit may give up, absolute (0.02 = two points)", high=1.0,

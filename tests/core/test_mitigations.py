@@ -24,11 +24,12 @@ def test_names_follow_the_table_and_erm_is_first_and_plain():
 @pytest.mark.parametrize("name", M.NAMES)
 def test_each_row_is_consistent(name):
     m = M.get(name)
-    assert m.name == name and m.summary and m.stages and set(m.stages) <= {M.PROBE, M.FINETUNE, M.POSTPROCESS}
+    assert m.name == name and m.summary and m.stages and set(m.stages) <= {M.PROBE, M.FINETUNE, M.CONTRASTIVE, M.POSTPROCESS}
     assert m.probe_solver in ("lbfgs", "adamw")
     assert m.low < m.high and not math.isnan(m.low)
     if not m.has_strength:
         assert m.probe_strengths == () and m.finetune_strength is None and m.postprocess_strength is None
+        assert m.contrastive_strength is None
         assert not m.zero_is_erm
         return
     if M.PROBE in m.stages:  # the default grid: distinct strengths in range
@@ -46,6 +47,10 @@ def test_each_row_is_consistent(name):
         assert m.postprocess_strength is not None and m.strength_ok(m.postprocess_strength)
     else:
         assert m.postprocess_strength is None
+    if M.CONTRASTIVE in m.stages:  # one default contrastive run
+        assert m.contrastive_strength is not None and m.strength_ok(m.contrastive_strength)
+    else:
+        assert m.contrastive_strength is None
     if m.zero_is_erm:  # a default probe sweep carries its own ERM counterpart: like-for-like deltas
         assert M.PROBE not in m.stages or 0.0 in m.probe_strengths
         assert m.strength_ok(0.0) and M.check_strength(name, 0.0) == 0.0 and M.check_strengths(name, (0.0,)) == (0.0,)
