@@ -34,6 +34,7 @@ from cxrfair.extract.datasets import OPTIONS as READER_OPTIONS
 from cxrfair.extract.extractor import ExtractConfig
 from cxrfair.extract.synth import SynthConfig
 from cxrfair.finetune.config import FinetuneConfig
+from cxrfair.finetune.contrastive_config import ContrastiveConfig
 from cxrfair.probe.embeddings.geometry import GeometryConfig
 from cxrfair.probe.embeddings.leakage import LeakageConfig
 from cxrfair.probe.sweep import SweepConfig
@@ -312,6 +313,30 @@ class MitigationSettings:
 
 
 @dataclass(frozen=True)
+@stage_section(ContrastiveConfig, keys={"adapter": "method"},
+               fixed=("model", "cohort", "out", "seed", "weights", "images", "resume", "force", "tag", "strength"),
+               own=("models", "strengths", "seeds", "methods"))
+class ContrastiveSettings:
+    """One [[contrastive]] entry: contrastive fine-tuning of each model, then the adapted model evaluated.
+
+    Per model x strength x seed, ``cxrfair finetune contrastive`` writes ``<out>/contrastive/<name>/``
+    (``ContrastiveConfig.run_id``), extracted like any model into ``cache/<name>.h5``, whose runs
+    (``methods``) sit beside the base model's in the analysis. Every other ContrastiveConfig option
+    (epochs, batch_size, lr, weight_decay, lora_rank, device, precision, workers, ...) is a key too.
+    """
+
+    adapter: str = "lora"  # the image encoder: lora | full
+    mitigation: str = "erm"  # erm | fairot (FairCLIP's Sinkhorn term) | reweight | groupdro | adversarial
+    sensitive: str | None = None  # the attribute a mitigation targets, e.g. "race"; empty for erm
+    strengths: tuple[float, ...] = ()  # one fine-tuning per value (FairCLIP's lambda); empty = the mitigation's default
+    seeds: tuple[int, ...] = (0,)  # one fine-tuning (and one adapted model) per seed
+    text: str = "frozen"  # the text encoder: frozen | lora | full
+    select: str = "auc"  # the epoch kept: auc (validation zero-shot AUC) | loss (validation contrastive loss)
+    methods: tuple[str, ...] = ("zeroshot",)  # how each adapted model is evaluated: zeroshot, linear, mlp
+    models: tuple[str, ...] = ()  # the base models fine-tuned (each one of `models`); empty = every model
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     models: tuple[str, ...]  # registry names (see `cxrfair models list`); the one required key
     out: Path = Path("experiment")  # everything the experiment writes goes under this folder
@@ -326,6 +351,7 @@ class ExperimentConfig:
     embeddings: EmbeddingsSettings = EmbeddingsSettings()
     postprocess: tuple[PostprocessSettings, ...] = ()  # [[postprocess]] entries
     mitigations: tuple[MitigationSettings, ...] = ()  # [[mitigations]] entries
+    contrastive: tuple[ContrastiveSettings, ...] = ()  # [[contrastive]] entries (cxrfair.contrastive_steps)
 
     def __post_init__(self) -> None:
         bad = [m for m in self.methods if m not in METHODS]

@@ -23,6 +23,7 @@ from cxrfair.extract import extractor, synth
 from cxrfair.extract.cohort_presets import PRESETS
 from cxrfair.extract.datasets import OPTIONS as READER_OPTIONS
 from cxrfair.extract.datasets import PATH_OPTIONS, READERS
+from cxrfair.extract.registry import resolve_name
 from cxrfair.finetune.config import FinetuneConfig
 from cxrfair.io import sha256_file
 from cxrfair.probe import sweep, zeroshot
@@ -159,19 +160,27 @@ def _sha(path: Path) -> str:
     return sha256_file(path)
 
 
-def extract_step(config: ExperimentConfig, p: dict, model: str) -> Step:
+def extract_step(config: ExperimentConfig, p: dict, model: str, source: str | None = None,
+                 base: str | None = None, deps: tuple[str, ...] = ("cohort",)) -> Step:
+    """``cache/<model>.h5``. ``source``: the ``--model`` value to load when it is not ``model`` itself
+    (``contrastive:FOLDER``, written by the step in ``deps``, so resolved only when this step runs; it
+    must name ``model``); ``base``: the model whose [extract] weights it loads (an adapted model's base)."""
     e = config.extract
     cache = cache_path(p, model)
-    weights = model_weights(config, model)
+    weights = model_weights(config, base or model)
     cfg = stage_config("extract", lambda: extractor.ExtractConfig(
         **stage_kwargs(e, extractor.ExtractConfig), model=model, cohort=p["cohort"], out=cache, weights=weights))
 
     def run(force: bool) -> None:
+        if source is not None and resolve_name(source) != model:
+            raise CxrfairError(f"{source}: holds model {resolve_name(source)}, expected {model}; rerun with the "
+                               "step that writes it")
         extractor.extract(dataclasses.replace(cfg, force=force))
 
     settings = ({k: v for k, v in section_settings(e).items() if k != "weights"}
-                | {"model": model, "weights": weights_setting(config, model)})
-    return Step(f"extract-{model}", settings, [cache], run, ("cohort",))
+                | {"model": model, "weights": weights_setting(config, base or model)}
+                | ({"source": source} if source is not None else {}))  # unset: fingerprints as before
+    return Step(f"extract-{model}", settings, [cache], run, deps)
 
 
 def zeroshot_step(config: ExperimentConfig, p: dict, model: str) -> Step:

@@ -1,9 +1,11 @@
-"""The whole protocol as a list of steps: cohort -> extract -> probes -> fine-tuning -> fairness steps -> analysis.
+"""The whole protocol as a list of steps: cohort -> extract -> probes -> fine-tuning -> fairness steps ->
+contrastive fine-tuning -> analysis.
 
 ``experiment_steps(config)`` turns an ExperimentConfig into Steps (see ``cxrfair.steps``);
 ``run_experiment`` prints the plan, runs what is not already complete and returns the report
 path. Every stage is called through its library function with its own config dataclass, built
-from the config's section for it (``cxrfair.erm_steps``, ``cxrfair.fairness_steps``); the
+from the config's section for it (``cxrfair.erm_steps``, ``cxrfair.fairness_steps``,
+``cxrfair.contrastive_steps``); the
 folders are ``cxrfair.step_base``'s.
 
 Every stage's config is built while planning (``--dry-run`` included), so a bad value stops the
@@ -16,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from cxrfair import fairness_steps
+from cxrfair import contrastive_steps, fairness_steps
 from cxrfair.config import (AnalysisSettings, EmbeddingsSettings, ExperimentConfig, ExtractSettings, FinetuneSettings,
                             MitigationSettings, PostprocessSettings, ProbeSettings, SynthSettings)
 from cxrfair.erm_steps import (analysis_step, cohort_attributes, cohort_step, extract_step, fewshot_steps, finetune_steps,
@@ -62,7 +64,10 @@ def _plan_steps(config: ExperimentConfig) -> tuple[list[Step], list[str]]:
                 producers[model, method] = ft[-1]
     extra = fairness_steps.steps(config, p, cohort_cfg, producers)
     steps += extra
-    feeds = [s.name for s in producers.values()] + [s.name for s in fewshot] + [s.name for s in extra]
+    # [[contrastive]]: fine-tune -> extract -> evaluate; the adapted models' runs join the analysis.
+    adapted, adapted_runs, adapted_fewshot = contrastive_steps.steps(config, p, cohort_attributes(cohort_cfg))
+    steps += adapted
+    feeds = [s.name for s in [*producers.values(), *fewshot, *extra, *adapted_runs.values(), *adapted_fewshot]]
     has_embeddings = any(s.name.startswith(("leakage-", "geometry-")) for s in extra)
     steps.append(analysis_step(config, p, feeds, has_embeddings, cohort_attributes(cohort_cfg)))
     return steps, missing

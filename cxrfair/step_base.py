@@ -3,7 +3,7 @@ config at planning, and the step that publishes a family of runs.
 
 The bottom of the pipeline's modules, which import one way::
 
-    config, steps, publish  <-  step_base  <-  erm_steps  <-  fairness_steps  <-  pipeline  <-  pipeline_cli
+    config, steps, publish  <-  step_base  <-  erm_steps  <-  fairness_steps, contrastive_steps  <-  pipeline  <-  pipeline_cli
 
 Layout under ``config.out``::
 
@@ -13,6 +13,7 @@ Layout under ``config.out``::
     runs/             every run analysed (zero-shot, probes, selected fine-tuning runs)
     sweeps/           probe sweep tables and fine-tuning learning-rate candidates
     embeddings/<model>/leakage|geometry/   `cxrfair embeddings` outputs ([embeddings])
+    contrastive/<name>/  contrastively fine-tuned models ([[contrastive]]; extracted as cache/<name>.h5)
     report/           metrics.csv, report.md, report.html, figures/
     .steps/           one stamp per finished step (what makes reruns skip it)
     .staging/<step>/  runs being built; swapped into runs/ when the step succeeds
