@@ -467,3 +467,30 @@ def test_a_trained_text_encoder_travels_with_the_export(cohort, tmp_path, text):
     base, adapted = (read_cache(tmp_path / "c" / f"{m}.h5") for m in ("tiny-clip", result.name))
     assert np.abs(adapted.text["clip"].embeddings - base.text["clip"].embeddings).max() > 1e-4
     assert adapted.logit_scale == base.logit_scale
+
+
+@pytest.mark.slow  # ~10 s: two epochs through the CLI
+def test_track_tensorboard_writes_each_epochs_curves_into_the_models_tracking_folder(cohort, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from cxrfair.cli import main
+    from cxrfair.core.runs import TRACKING_DIR
+
+    r = CliRunner().invoke(main, ["finetune", "contrastive", "--model", "tiny-clip", "--cohort", str(cohort), "--out",
+                                  str(tmp_path / "models"), "--epochs", "2", "--batch-size", "12", "--lr", "1e-2",
+                                  "--workers", "1", "--device", "cpu", "--seeds", "5,", "--track", "tensorboard"])
+    assert r.exit_code == 0, r.output
+    (folder,) = (tmp_path / "models").glob("tiny-clip.ctr-*")
+    assert not list((tmp_path / "models").glob(".*.work"))  # the checkpoint folder (and its tracking/) moved or removed
+    events = list((folder / TRACKING_DIR).rglob("events.out.tfevents.*"))
+    assert events, sorted(p.name for p in folder.rglob("*"))
+    curves = json.loads((folder / "contrastive.json").read_text())["curves"]
+    logged: dict = {}
+    for path in events:
+        acc = EventAccumulator(str(path))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            logged.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
+    for key in ("train_loss", "val_loss", "val_auc", "lr"):
+        assert len(curves[key]) == 2
+        assert logged[key] == pytest.approx({epoch: v for epoch, v in enumerate(curves[key], 1)}, rel=1e-6), key
