@@ -12,13 +12,16 @@ Per entry x base model x strength x seed (planned by ``cxrfair.pipeline`` after 
   ``adapted`` attribute names the run.
 - ``zeroshot-<name>`` / ``linear-<name>`` / ``mlp-<name>`` (+ few-shot K): the entry's ``methods``,
   the ERM steps of any model, so the analysis reads the adapted model's runs beside its base
-  model's (before / after, same cohort, same tables).
+  model's (before / after, same cohort, same tables). ``leakage-<name>`` / ``geometry-<name>``
+  follow where [embeddings] lists the base model (``cxrfair.fairness_steps``).
 
 Every ContrastiveConfig is built while planning (``--dry-run`` included), so a bad entry stops the
 run before any work, with a message naming ``[[contrastive]] #i``.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from cxrfair.config import ContrastiveSettings, ExperimentConfig, section_settings, stage_kwargs
 from cxrfair.core import mitigations
@@ -34,13 +37,23 @@ METHODS = ("zeroshot", "linear", "mlp")  # how an adapted model can be evaluated
 FOLDER = "contrastive"  # <out>/contrastive/<name>/: the fine-tuned models
 
 
-def steps(config: ExperimentConfig, p: dict, attributes: tuple[str, ...]) -> tuple[list[Step], dict, list[Step]]:
-    """Every [[contrastive]] entry's steps in dependency order, the steps publishing each adapted
-    (model, method)'s runs, and the few-shot probe steps (both read by the analysis)."""
+@dataclass(frozen=True)
+class Planned:
+    """What the [[contrastive]] entries add to an experiment."""
+
+    steps: list[Step]  # in dependency order
+    producers: dict  # (adapted model, method) -> the step publishing its runs (read by the analysis)
+    fewshot: list[Step]  # the adapted models' few-shot probe steps (read by the analysis)
+    bases: dict  # adapted model -> its base model
+
+
+def steps(config: ExperimentConfig, p: dict, attributes: tuple[str, ...]) -> Planned:
+    """Every [[contrastive]] entry's steps (``attributes``: the cohort's, which ``sensitive`` must name)."""
     out: list[Step] = []
     producers: dict[tuple[str, str], Step] = {}
     fewshot: list[Step] = []
     made: dict[str, str] = {}  # adapted name -> the entry that makes it
+    bases: dict[str, str] = {}
     for i, entry in enumerate(config.contrastive, 1):
         where = f"[[contrastive]] #{i}"
         _check_entry(config, entry, where, attributes)
@@ -51,9 +64,9 @@ def steps(config: ExperimentConfig, p: dict, attributes: tuple[str, ...]) -> tup
                     name = cfg.run_id
                     if name in made:
                         raise CxrfairError(f"{where}: fine-tunes {name} as {made[name]} does; change one of them")
-                    made[name] = where
+                    made[name], bases[name] = where, model
                     out += _model_steps(config, p, entry, cfg, producers, fewshot)
-    return out, producers, fewshot
+    return Planned(out, producers, fewshot, bases)
 
 
 def contrastive_config(config: ExperimentConfig, p: dict, entry: ContrastiveSettings, where: str, model: str,

@@ -44,10 +44,13 @@ SELECTS = ("worst_group", "loss", "gap")  # how a mitigated probe sweep may sele
 ADVERSARIES = ("grl", "projection")  # probes: both; fine-tuning trains gradient reversal (grl) only
 
 
-def steps(config: ExperimentConfig, p: dict, cohort_cfg, producers: dict) -> list[Step]:
-    """Embedding, post-processing and mitigation steps, in dependency order."""
+def steps(config: ExperimentConfig, p: dict, cohort_cfg, producers: dict, adapted: dict | None = None) -> list[Step]:
+    """Embedding, post-processing and mitigation steps, in dependency order.
+
+    ``adapted``: adapted model -> its base model ([[contrastive]]; planned before these): an adapted
+    model gets the embedding analyses its base model is listed for (before / after)."""
     attributes = cohort_attributes(cohort_cfg)
-    out = _embedding_steps(config, p)
+    out = _embedding_steps(config, p, adapted or {})
     names: set[str] = set()
     for i, entry in enumerate(config.postprocess, 1):
         out += _postprocess_steps(config, p, entry, f"[[postprocess]] #{i}", attributes, producers, names)
@@ -66,16 +69,21 @@ def _models(config: ExperimentConfig, listed: tuple, where: str) -> tuple[str, .
 # ---------------------------------------------------------------- embeddings
 
 
-def _embedding_steps(config: ExperimentConfig, p: dict) -> list[Step]:
+def _embedding_steps(config: ExperimentConfig, p: dict, adapted: dict) -> list[Step]:
     e = config.embeddings
+
+    def models(listed: tuple, where: str) -> list[str]:
+        bases = _models(config, listed, where)
+        return [*bases, *(name for name, base in adapted.items() if base in bases)]
+
     out = []
     if e.leakage:
         cfg = stage_config("embeddings", lambda: leakage.LeakageConfig(**stage_kwargs(e, leakage.LeakageConfig)).validate())
-        out += [_embedding_step(p, m, "leakage", cfg, "leakage.json") for m in _models(config, e.leakage, "[embeddings] leakage")]
+        out += [_embedding_step(p, m, "leakage", cfg, "leakage.json") for m in models(e.leakage, "[embeddings] leakage")]
     if e.geometry:
         cfg = stage_config("embeddings", lambda: geometry.GeometryConfig(**stage_kwargs(e, geometry.GeometryConfig)).validate(),
                            {"permutations": "geometry_permutations"})
-        out += [_embedding_step(p, m, "geometry", cfg, "geometry.json") for m in _models(config, e.geometry, "[embeddings] geometry")]
+        out += [_embedding_step(p, m, "geometry", cfg, "geometry.json") for m in models(e.geometry, "[embeddings] geometry")]
     return out
 
 

@@ -1,5 +1,5 @@
-"""The whole protocol as a list of steps: cohort -> extract -> probes -> fine-tuning -> fairness steps ->
-contrastive fine-tuning -> analysis.
+"""The whole protocol as a list of steps: cohort -> extract -> probes -> fine-tuning -> contrastive fine-tuning ->
+fairness steps -> analysis.
 
 ``experiment_steps(config)`` turns an ExperimentConfig into Steps (see ``cxrfair.steps``);
 ``run_experiment`` prints the plan, runs what is not already complete and returns the report
@@ -62,12 +62,12 @@ def _plan_steps(config: ExperimentConfig) -> tuple[list[Step], list[str]]:
                 ft = finetune_steps(config, p, model, method)
                 steps.extend(ft)
                 producers[model, method] = ft[-1]
-    extra = fairness_steps.steps(config, p, cohort_cfg, producers)
-    steps += extra
     # [[contrastive]]: fine-tune -> extract -> evaluate; the adapted models' runs join the analysis.
-    adapted, adapted_runs, adapted_fewshot = contrastive_steps.steps(config, p, cohort_attributes(cohort_cfg))
-    steps += adapted
-    feeds = [s.name for s in [*producers.values(), *fewshot, *extra, *adapted_runs.values(), *adapted_fewshot]]
+    adapted = contrastive_steps.steps(config, p, cohort_attributes(cohort_cfg))
+    steps += adapted.steps
+    extra = fairness_steps.steps(config, p, cohort_cfg, producers, adapted.bases)
+    steps += extra
+    feeds = [s.name for s in [*producers.values(), *fewshot, *adapted.producers.values(), *adapted.fewshot, *extra]]
     has_embeddings = any(s.name.startswith(("leakage-", "geometry-")) for s in extra)
     steps.append(analysis_step(config, p, feeds, has_embeddings, cohort_attributes(cohort_cfg)))
     return steps, missing

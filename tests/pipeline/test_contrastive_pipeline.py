@@ -85,6 +85,18 @@ def test_each_entry_plans_fine_tune_then_extract_then_zero_shot_and_the_analysis
         assert changed == (name in {f"contrastive-{n}" for n in erm}), name
 
 
+def test_an_adapted_model_gets_the_embedding_analyses_its_base_model_is_listed_for(tmp_path):
+    path = _config(tmp_path)
+    path.write_text(path.read_text().replace("[analysis]", '[embeddings]\nleakage = ["tiny-clip"]\n\n[analysis]'))
+    steps = {s.name: s for s in experiment_steps(load_config(path))}
+    names = list(steps)
+    assert steps[f"leakage-{ADAPTED}"].deps == (f"extract-{ADAPTED}",) and "leakage-tiny-clip" in steps
+    assert names.index(f"leakage-{ADAPTED}") > names.index(f"extract-{ADAPTED}")  # dependency order
+    assert steps[f"leakage-{ADAPTED}"].settings == steps["leakage-tiny-clip"].settings | {"model": ADAPTED}
+    assert not any(n.startswith("geometry-") for n in names)  # only what the base model is listed for
+    assert steps["analyze"].settings["embeddings"] == str(tmp_path / "exp" / "embeddings")
+
+
 def test_tracking_changes_no_fingerprint_but_a_training_key_does(tmp_path):
     def prints(extra: str) -> dict:
         return {s.name: s.fingerprint for s, _ in plan(experiment_steps(load_config(_config(tmp_path, extra))),
