@@ -46,7 +46,7 @@ from typing import Any, Callable, Mapping
 
 from cxrfair.errors import CxrfairError
 
-OPTION = "--track"  # the CLI option (docs/cli.md); the pipeline's key is [tracking] backend
+OPTION = "--track"  # the CLI option (docs/cli.md); the pipeline's key is `track` in [probe], [finetune] and [[contrastive]]
 
 
 class _TensorBoard:
