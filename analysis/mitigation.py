@@ -34,7 +34,7 @@ import pandas as pd
 from cxrfair.analysis.replicates import average, nanmean0, replicate_matrix, seed_rng, seed_resampled, tag_rng
 from cxrfair.analysis.runsets import base_tag, tag_of
 from cxrfair.core.bootstrap import holm, interval, p_value
-from cxrfair.core.intervals import intervals_by_metric
+from cxrfair.core.intervals import intervals_by_metric, with_components
 from cxrfair.core.multilabel import auc_macro
 from cxrfair.core.mitigations import MITIGATIONS
 from cxrfair.core.runs import FINETUNE_METHODS, RunKey, parse_run_id
@@ -362,7 +362,8 @@ def pareto_front(utility, gap) -> np.ndarray:
 def _point(evs, task: str, sensitive: str, level: float, seed: int = 0) -> tuple:
     """(n_seeds, utility, lo, hi, gap, lo, hi) of the seed mean of ``evs`` (two-level interval, as ``seeds.csv``)."""
     x, y = TRADEOFF_AXES[task]
-    keys = [(x, "", "", ""), (y, sensitive, "", "")]
+    # The gap's per-group values come along: its interval (a band, core.intervals) is built from them.
+    keys = with_components([(x, "", "", ""), (y, sensitive, "", "")], list(evs[0].values))
     run = evs[0].run  # the runs of one tag: the seed draws of its seeds.csv rows
     _, _, means, reps = average(evs, keys, rng=tag_rng(seed, run.model, run.method, tag_of(run)))
     lo, hi = intervals_by_metric(reps, means, keys, level)[:2] if reps is not None else (np.full(2, np.nan),) * 2

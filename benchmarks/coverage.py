@@ -18,14 +18,18 @@ draws — and we count how often the interval holds the truth.
 Methods compared (``cxrfair.core.intervals``): ``used`` (the method its table gives the metric:
 what `analyze` reports), ``percentile``, ``basic`` (2θ̂ − the percentile interval, clipped to the
 metric's range), ``shifted`` (the percentile interval minus twice the bootstrap bias), ``hull``
-(the smallest interval holding the percentile and basic ones) and ``bca``
+(the smallest interval holding the percentile and basic ones), ``bca``
 (Efron's BCa, acceleration from a grouped delete-a-block jackknife of ``JACK_BLOCKS`` blocks of
-patients). A nominal 95% interval should cover 95% of the time; an absolute or max-over-groups
+patients), and for the gaps with a components view (``eqodds``, ``eqodds_worst``, ``dp_gap``,
+``ece_gap``) ``band`` (both ends from the max-t simultaneous band of the per-pair, per-class
+differences, ``intervals.band_interval``) and ``band_basic`` (its low end, the basic high end: what
+``used`` is for those gaps with 3+ groups). A nominal 95% interval should cover 95% of the time; an absolute or max-over-groups
 gap is biased upward in small samples, which the percentile interval inherits.
 
 Prints one row per (setting, metric): truth, mean plug-in estimate (its bias), mean
 bias-corrected estimate, share of draws whose reported interval excludes the plug-in value,
-coverage per method (binomial standard error ≈ 0.011 at 400 draws).
+coverage per method (binomial standard error ≈ 0.011 at 400 draws); with ``--widths`` also the
+mean width per method.
 """
 
 from __future__ import annotations
@@ -41,13 +45,13 @@ import numpy as np
 from cxrfair.core import metrics as M
 from cxrfair.core import multilabel as ML
 from cxrfair.core.bootstrap import patient_counts
-from cxrfair.core.intervals import interval, interval_method, intervals_by_metric
+from cxrfair.core.intervals import band_columns, component_columns, interval, interval_method, intervals_by_metric
 
 # The metrics whose coverage is studied: (name in evaluate_all's keys, attribute-level?).
 STUDIED = ("accuracy", "auc_macro", "f1_gap", "f1_gap_abs", "eqodds", "eqodds_worst", "dp_gap", "ece_gap",
            "fnr_gap", "es_auc", "worst_group_accuracy")
 CLASSES = ("A", "B", "C")
-METHODS = ("used", "percentile", "basic", "shifted", "hull", "bca")  # "used": core.intervals' choice for the metric
+METHODS = ("used", "percentile", "basic", "shifted", "hull", "bca", "band", "band_basic")  # "used": core.intervals' choice for the metric
 JACK_BLOCKS = 20  # delete-a-block jackknife of the BCa acceleration: blocks of patients
 
 
@@ -71,10 +75,12 @@ def simulate(signals: np.ndarray, n_per_group: int, rng: np.random.Generator, no
     return y, p / p.sum(1, keepdims=True), np.array([f"g{g}" for g in groups])
 
 
-def values(y, p, groups, weights=None) -> dict[str, np.ndarray]:
-    """The studied metrics: {name: () or (R,)} (group metrics over the one attribute)."""
+def values(y, p, groups, weights=None, full: bool = False) -> dict[str, np.ndarray]:
+    """The studied metrics: {name: () or (R,)} (group metrics over the one attribute); ``full``: every key."""
     levels = sorted(set(groups.tolist()))
     out = M.evaluate_all(y, p, list(CLASSES), {"group": (groups, levels)}, weights=weights)
+    if full:
+        return out
     return {name: out[(name, "", "", "")] if (name, "", "", "") in out else out[(name, "group", "", "")]
             for name in STUDIED}
 
@@ -141,11 +147,13 @@ def simulate_multilabel(signals: np.ndarray, n_per_group: int, rng: np.random.Ge
     return y, 1 / (1 + np.exp(-logit)), np.array([f"g{g}" for g in groups])
 
 
-def values_multilabel(y, p, groups, weights=None) -> dict[str, np.ndarray]:
-    """The studied multi-label metrics (macros over conditions): {name: () or (R,)}."""
+def values_multilabel(y, p, groups, weights=None, full: bool = False) -> dict[str, np.ndarray]:
+    """The studied multi-label metrics (macros over conditions): {name: () or (R,)}; ``full``: every key."""
     levels = sorted(set(groups.tolist()))
     out = ML.evaluate_multilabel(y, p, list(CLASSES), {"group": (groups, levels)}, np.full(len(CLASSES), 0.5),
                                  weights=weights)
+    if full:
+        return out
     return {name: out[(name, "", "", "")] if (name, "", "", "") in out else out[(name, "group", "", "")]
             for name in ML_STUDIED}
 
@@ -167,6 +175,7 @@ def run_setting(n_groups: int, n_per_group: int, gap: float, args, rng, task: st
     truth = values(*simulate(signals, args.truth, np.random.default_rng(10_000 + n_groups), tilts=tilts))
     hits = {(m, k): 0 for m in studied for k in METHODS}
     width = {(m, k): 0.0 for m in studied for k in METHODS}
+    made = {(m, k): 0 for m in studied for k in METHODS}
     excludes = dict.fromkeys(studied, 0)
     defined = dict.fromkeys(studied, 0)
     estimates = {m: [] for m in studied}
@@ -176,10 +185,17 @@ def run_setting(n_groups: int, n_per_group: int, gap: float, args, rng, task: st
         counts = patient_counts(np.arange(len(y)), groups, args.replicates, rng)
         block = rng.permutation(len(y)) % JACK_BLOCKS  # grouped jackknife: one image per patient here
         jack_w = (block[None, :] != np.arange(JACK_BLOCKS)[:, None]).astype(np.float64)
-        est, reps, jack = values(y, p, groups), values(y, p, groups, weights=counts), values(y, p, groups, weights=jack_w)
-        keys = [(m, "group", "", "") for m in studied]
-        used_lo, used_hi, used_bc, _ = intervals_by_metric(np.stack([np.asarray(reps[m], dtype=np.float64) for m in studied], 1),
-                                                           [float(est[m]) for m in studied], keys, args.level)
+        est_all, reps_all = values(y, p, groups, full=True), values(y, p, groups, weights=counts, full=True)
+        jack = values(y, p, groups, weights=jack_w)
+        keys_all = list(est_all)
+        where = {k: i for i, k in enumerate(keys_all)}
+        est_vec = np.array([float(est_all[k]) for k in keys_all])
+        rep_mat = np.stack([np.asarray(reps_all[k], dtype=np.float64) for k in keys_all], 1)
+        col = {m: where[(m, "", "", "")] if (m, "", "", "") in where else where[(m, "group", "", "")] for m in studied}
+        est, reps = {m: est_vec[col[m]] for m in studied}, {m: rep_mat[:, col[m]] for m in studied}
+        # Every key, as `analyze` passes them: a band gap's interval is built from the per-group values.
+        all_lo, all_hi, all_bc, _ = intervals_by_metric(rep_mat, est_vec, keys_all, args.level)
+        used_lo, used_hi, used_bc = (np.array([x[col[m]] for m in studied]) for x in (all_lo, all_hi, all_bc))
         for i, m in enumerate(studied):
             e, r = float(est[m]), np.asarray(reps[m], dtype=np.float64)
             if not np.isfinite(e) or np.isnan(r).all():
@@ -189,8 +205,14 @@ def run_setting(n_groups: int, n_per_group: int, gap: float, args, rng, task: st
             corrected[m].append(float(used_bc[i]))
             found = {"used": (float(used_lo[i]), float(used_hi[i])),
                      **intervals(m, e, r, np.asarray(jack[m], dtype=np.float64), args.level)}
+            cc = component_columns((m, "group", "", ""), where)  # the max-t band needs the per-group values
+            found["band"] = band_columns(rep_mat, est_vec, *cc, args.level) if cc else (np.nan, np.nan)
+            found["band_basic"] = (found["band"][0], max(found["basic"][1], found["band"][0]))
             excludes[m] += not found["used"][0] <= e <= found["used"][1]
             for k, (lo, hi) in found.items():
+                if np.isnan(lo):  # a method that does not apply to this metric (band: no components view)
+                    continue
+                made[(m, k)] += 1
                 hits[(m, k)] += lo <= float(truth[m]) <= hi
                 width[(m, k)] += hi - lo
     rows = []
@@ -201,7 +223,8 @@ def run_setting(n_groups: int, n_per_group: int, gap: float, args, rng, task: st
                      "mean_estimate": float(np.mean(estimates[m])) if estimates[m] else np.nan,
                      "mean_bc": float(np.mean(corrected[m])) if corrected[m] else np.nan,
                      "excludes": excludes[m] / n, "draws": defined[m],
-                     **{k: hits[(m, k)] / n for k in METHODS}, **{f"w_{k}": width[(m, k)] / n for k in METHODS}})
+                     **{k: hits[(m, k)] / made[(m, k)] if made[(m, k)] else np.nan for k in METHODS},
+                     **{f"w_{k}": width[(m, k)] / made[(m, k)] if made[(m, k)] else np.nan for k in METHODS}})
     return rows
 
 
@@ -217,6 +240,8 @@ def main() -> None:
     parser.add_argument("--level", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--task", choices=sorted(TASKS), default="multiclass")
+    parser.add_argument("--widths", action="store_true", help="also print each method's mean interval width")
+    parser.add_argument("--metrics", nargs="+", help="only these metrics' rows (default: all studied)")
     args = parser.parse_args()
     if args.quick:
         args.sizes, args.gaps = [60], [0.0, 0.15]
@@ -226,13 +251,18 @@ def main() -> None:
           "'used' = the method of core.intervals; 'bc' = mean bias-corrected estimate; 'excl' = share of "
           "draws whose interval (method used) excludes the plug-in value")
     print(f"{'G':>2} {'n/g':>4} {'gap':>5}  {'metric':<21} {'used':<10} {'truth':>7} {'mean est':>8} {'bc':>7} "
-          f"{'excl':>5}  " + " ".join(f"{k:>10}" for k in METHODS))
+          f"{'excl':>5}  " + " ".join(f"{k:>10}" for k in METHODS)
+          + ("   widths: " + " ".join(f"{k:>10}" for k in METHODS) if args.widths else ""))
     for n_groups, n, gap in itertools.product(args.groups, args.sizes, args.gaps):
         start = time.perf_counter()
         for r in run_setting(n_groups, n, gap, args, rng, args.task):
+            if args.metrics and r["metric"] not in args.metrics:
+                continue
             print(f"{r['groups']:>2} {r['per_group']:>4} {r['gap']:>5.2f}  {r['metric']:<21} {r['method']:<10} "
                   f"{r['truth']:>7.3f} {r['mean_estimate']:>8.3f} {r['mean_bc']:>7.3f} {r['excludes']:>5.2f}  "
-                  + " ".join(f"{r[k]:>10.3f}" for k in METHODS), flush=True)
+                  + " ".join(f"{r[k]:>10.3f}" for k in METHODS)
+                  + ("   widths: " + " ".join(f"{r['w_' + k]:>10.3f}" for k in METHODS) if args.widths else ""),
+                  flush=True)
         print(f"   ({time.perf_counter() - start:.0f} s)", flush=True)
 
 

@@ -138,12 +138,16 @@ def test_gap_intervals_follow_the_method_table(seeded):
     assert row["value_bc"] == pytest.approx(abs(2 * s - s_reps.mean()), abs=1e-12)
     acc = res.metrics[res.metrics["metric"] == "accuracy"]
     assert (acc["interval"] == "percentile").all() and (acc["value_bc"] == acc["value"]).all()
-    assert any(n.startswith("Intervals (hull) of ") and "dp_gap" in n for n in res.notes)
+    assert any(n.startswith("Intervals (band) of ") and "dp_gap" in n for n in res.notes)
+    # The band needs 3+ groups: sex (two) takes the hull, sex × age (four) the band, from its per-group values.
+    crossed = next(a for a in m.index.get_level_values("attribute").unique() if "sex" in a and "age" in a)
+    eo = m.loc[("eqodds", "sex", "", "")], m.loc[("eqodds", crossed, "", "")]
+    assert (eo[0]["interval"], eo[1]["interval"]) == ("hull", "band") and eo[1]["ci_low"] <= eo[1]["value_bc"] <= eo[1]["ci_high"]
     assert any(n.startswith("Intervals (percentile) of ") and "accuracy" in n for n in res.notes)
-    # ece_gap is never coverage-checked; eqodds only up to two groups (sex × age has four here).
+    # ece_gap is never coverage-checked; eqodds is, with any number of groups (the band with 3+).
     unchecked = [n for n in res.notes if n.startswith("The intervals of ") and "not coverage-checked" in n]
     assert len(unchecked) == 1 and "ece_gap" in unchecked[0]
-    assert "eqodds (attributes of more than 2 groups)" in unchecked[0] and "f1_gap," not in unchecked[0]
+    assert "eqodds" not in unchecked[0] and "f1_gap," not in unchecked[0]
     # Any interval that excludes its plug-in value is named in the notes.
     out = res.metrics[(res.metrics["value"] < res.metrics["ci_low"]) | (res.metrics["value"] > res.metrics["ci_high"])]
     for name in out["metric"].unique():
