@@ -42,6 +42,9 @@ from statistics import NormalDist
 
 import numpy as np
 
+from scipy.stats import t as t_dist
+
+from cxrfair.analysis.replicates import seed_resampled
 from cxrfair.core import metrics as M
 from cxrfair.core import multilabel as ML
 from cxrfair.core.bootstrap import patient_counts
@@ -58,21 +61,30 @@ JACK_BLOCKS = 20  # delete-a-block jackknife of the BCa acceleration: blocks of 
 TILT_PER_GAP = 3.0  # logit added to class 0 in the non-reference groups, per unit of accuracy gap
 
 
-def simulate(signals: np.ndarray, n_per_group: int, rng: np.random.Generator, noise: float = 1.0, tilts=None):
-    """Images of every group: ((N,) labels, (N, C) probabilities, (N,) group labels).
+def simulate(signals: np.ndarray, n_per_group: int, rng: np.random.Generator, noise: float = 1.0, tilts=None,
+             images: int = 1, patient_sd: float = 0.0):
+    """Images of every group: ((N,) labels, (N, C) probabilities, (N,) group labels, (N,) patient ids).
 
     signals, tilts: (G,) per group: the logit added to the true class, and to class 0 (a
     prediction bias towards it, so that selection rates, hence dp_gap, differ between groups).
+    images, patient_sd: ``n_per_group`` patients per group, each with 1 to ``images`` images (uniform)
+    that share the patient's label and a patient effect N(0, patient_sd²) on the true class's logit
+    (some patients are easy, some hard): images of one patient are correlated. With the defaults,
+    one image per patient and the same draws as before these options existed.
     """
     c = len(CLASSES)
-    groups = np.repeat(np.arange(len(signals)), n_per_group)
-    y = rng.integers(0, c, size=len(groups))
+    patient_group = np.repeat(np.arange(len(signals)), n_per_group)
+    n_images = rng.integers(1, images + 1, size=len(patient_group)) if images > 1 else np.ones(len(patient_group), int)
+    patients = np.repeat(np.arange(len(patient_group)), n_images)
+    groups = patient_group[patients]
+    y = rng.integers(0, c, size=len(patient_group))[patients]
+    effect = rng.normal(0.0, patient_sd, size=len(patient_group))[patients] if patient_sd > 0 else 0.0
     logits = rng.normal(0.0, noise, size=(len(groups), c))
-    logits[np.arange(len(groups)), y] += signals[groups]
+    logits[np.arange(len(groups)), y] += signals[groups] + effect
     if tilts is not None:
         logits[:, 0] += np.asarray(tilts)[groups]
     p = np.exp(logits - logits.max(1, keepdims=True))
-    return y, p / p.sum(1, keepdims=True), np.array([f"g{g}" for g in groups])
+    return y, p / p.sum(1, keepdims=True), np.array([f"g{g}" for g in groups]), patients
 
 
 def values(y, p, groups, weights=None, full: bool = False) -> dict[str, np.ndarray]:
@@ -112,7 +124,7 @@ def intervals(name: str, estimate: float, reps: np.ndarray, jack: np.ndarray, le
 
 def _accuracy(signal: float, tilt: float = 0.0, n: int = 50_000) -> float:
     """Population accuracy at one signal and tilt (common random numbers, so it is monotone in the signal)."""
-    y, p, _ = simulate(np.array([signal]), n, np.random.default_rng(1), tilts=np.array([tilt]))
+    y, p, _, _ = simulate(np.array([signal]), n, np.random.default_rng(1), tilts=np.array([tilt]))
     return float((p.argmax(1) == y).mean())
 
 
@@ -136,15 +148,18 @@ ML_STUDIED = ("auc_macro", "auc_gap", "worst_group_auc", "es_auc", "eqodds", "eq
 ML_PREVALENCE, ML_SIGNAL_PER_GAP, ML_NOISE = 0.3, 5.0, 1.5
 
 
-def simulate_multilabel(signals: np.ndarray, n_per_group: int, rng: np.random.Generator, tilts=None):
-    """((N, C) labels in {0, 1}, (N, C) probabilities, (N,) group labels)."""
+def simulate_multilabel(signals: np.ndarray, n_per_group: int, rng: np.random.Generator, tilts=None,
+                        images: int = 1, patient_sd: float = 0.0):
+    """((N, C) labels in {0, 1}, (N, C) probabilities, (N,) group labels, (N,) patient ids): one image per patient."""
+    if images != 1 or patient_sd:
+        raise ValueError("--images and --patient-sd are simulated for the multi-class task only")
     c = len(CLASSES)
     groups = np.repeat(np.arange(len(signals)), n_per_group)
     y = (rng.random((len(groups), c)) < ML_PREVALENCE).astype(np.float64)
     logit = signals[groups][:, None] * (2 * y - 1) + rng.normal(0.0, ML_NOISE, size=y.shape)
     if tilts is not None:
         logit += np.asarray(tilts)[groups][:, None]
-    return y, 1 / (1 + np.exp(-logit)), np.array([f"g{g}" for g in groups])
+    return y, 1 / (1 + np.exp(-logit)), np.array([f"g{g}" for g in groups]), np.arange(len(groups))
 
 
 def values_multilabel(y, p, groups, weights=None, full: bool = False) -> dict[str, np.ndarray]:
@@ -172,7 +187,8 @@ def run_setting(n_groups: int, n_per_group: int, gap: float, args, rng, task: st
     """Coverage of every method for every studied metric in one setting: one row per metric."""
     studied, simulate, values, signals_for = TASKS[task]
     signals, tilts = signals_for(n_groups, gap)
-    truth = values(*simulate(signals, args.truth, np.random.default_rng(10_000 + n_groups), tilts=tilts))
+    cluster = dict(images=getattr(args, "images", 1), patient_sd=getattr(args, "patient_sd", 0.0))
+    truth = values(*simulate(signals, args.truth, np.random.default_rng(10_000 + n_groups), tilts=tilts, **cluster)[:3])
     hits = {(m, k): 0 for m in studied for k in METHODS}
     width = {(m, k): 0.0 for m in studied for k in METHODS}
     made = {(m, k): 0 for m in studied for k in METHODS}
@@ -181,9 +197,11 @@ def run_setting(n_groups: int, n_per_group: int, gap: float, args, rng, task: st
     estimates = {m: [] for m in studied}
     corrected = {m: [] for m in studied}
     for _ in range(args.draws):
-        y, p, groups = simulate(signals, n_per_group, rng, tilts=tilts)
-        counts = patient_counts(np.arange(len(y)), groups, args.replicates, rng)
-        block = rng.permutation(len(y)) % JACK_BLOCKS  # grouped jackknife: one image per patient here
+        y, p, groups, patients = simulate(signals, n_per_group, rng, tilts=tilts, **cluster)
+        # `analyze` resamples patients; --resample image redraws images one by one (the contrast).
+        units = patients if getattr(args, "resample", "patient") == "patient" else np.arange(len(y))
+        counts = patient_counts(units, groups, args.replicates, rng)
+        block = rng.permutation(patients[-1] + 1)[patients] % JACK_BLOCKS  # grouped jackknife: blocks of patients
         jack_w = (block[None, :] != np.arange(JACK_BLOCKS)[:, None]).astype(np.float64)
         est_all, reps_all = values(y, p, groups, full=True), values(y, p, groups, weights=counts, full=True)
         jack = values(y, p, groups, weights=jack_w)
@@ -228,6 +246,132 @@ def run_setting(n_groups: int, n_per_group: int, gap: float, args, rng, task: st
     return rows
 
 
+# Paired deltas (``--delta``): two models scored on the same test images, as `analyze` compares a run with
+# its baseline (comparisons.csv) and a mitigation with its ERM (mitigation.csv). Model A has accuracy gap
+# ``gap_a``, model B ``gap_b``; their logit noise is correlated (``DELTA_RHO``: both read the same images).
+# Both get the same patient resamples, so replicate r of Δ = B − A is B's replicate r minus A's (paired).
+DELTA_STUDIED = ("accuracy", "f1_gap_abs", "eqodds", "worst_group_accuracy")
+DELTA_METHODS = ("percentile", "basic", "hull")
+DELTA_RHO = 0.5
+
+
+def simulate_pair(a: tuple, b: tuple, n_per_group: int, rng: np.random.Generator, rho: float = DELTA_RHO):
+    """Two models on the same images: ((N,) labels, (N, C) probabilities of A, of B, (N,) group labels).
+
+    a, b: each model's (signals, tilts) per group (``signals_for``)."""
+    c, n_groups = len(CLASSES), len(a[0])
+    groups = np.repeat(np.arange(n_groups), n_per_group)
+    y = rng.integers(0, c, size=len(groups))
+    z1, z2 = rng.normal(size=(2, len(groups), c))
+    probs = []
+    for (signals, tilts), z in ((a, z1), (b, rho * z1 + np.sqrt(1 - rho ** 2) * z2)):
+        logits = z.copy()
+        logits[np.arange(len(groups)), y] += signals[groups]
+        logits[:, 0] += tilts[groups]
+        e = np.exp(logits - logits.max(1, keepdims=True))
+        probs.append(e / e.sum(1, keepdims=True))
+    return y, probs[0], probs[1], np.array([f"g{g}" for g in groups])
+
+
+def run_delta_setting(n_groups: int, n_per_group: int, gap_a: float, gap_b: float, args, rng) -> list[dict]:
+    """Coverage of the paired Δ = metric(B) − metric(A) by each of ``DELTA_METHODS``: one row per metric."""
+    a, b = signals_for(n_groups, gap_a), signals_for(n_groups, gap_b)
+    y, pa, pb, g = simulate_pair(a, b, args.truth, np.random.default_rng(20_000 + n_groups))
+    truth = {m: float(values(y, pb, g)[m]) - float(values(y, pa, g)[m]) for m in DELTA_STUDIED}
+    hits = {(m, k): 0 for m in DELTA_STUDIED for k in DELTA_METHODS}
+    width = {(m, k): 0.0 for m in DELTA_STUDIED for k in DELTA_METHODS}
+    defined = dict.fromkeys(DELTA_STUDIED, 0)
+    for _ in range(args.draws):
+        y, pa, pb, g = simulate_pair(a, b, n_per_group, rng)
+        counts = patient_counts(np.arange(len(y)), g, args.replicates, rng)
+        ea, eb = values(y, pa, g), values(y, pb, g)
+        ra, rb = values(y, pa, g, weights=counts), values(y, pb, g, weights=counts)
+        for m in DELTA_STUDIED:
+            e = float(eb[m]) - float(ea[m])
+            r = np.asarray(rb[m], dtype=np.float64) - np.asarray(ra[m], dtype=np.float64)
+            if not np.isfinite(e):
+                continue
+            defined[m] += 1
+            for k in DELTA_METHODS:
+                (lo,), (hi,) = interval(r[:, None], [e], k, args.level, -1.0, 1.0)
+                hits[(m, k)] += lo <= truth[m] <= hi
+                width[(m, k)] += hi - lo
+    return [{"groups": n_groups, "per_group": n_per_group, "gap_a": gap_a, "gap_b": gap_b, "metric": m,
+             "truth": truth[m], "draws": defined[m], **{k: hits[(m, k)] / max(defined[m], 1) for k in DELTA_METHODS},
+             **{f"w_{k}": width[(m, k)] / max(defined[m], 1) for k in DELTA_METHODS}} for m in DELTA_STUDIED]
+
+
+# Seed means (``--seeds K ...``): K models (seeds) of one method scored on the same test images, as
+# `analyze` averages them in seeds.csv. Seed s has the signal of every group shifted by N(0, seed_sd²)
+# and logit noise correlated with the other seeds' (``SEED_RHO``: the same images). The truth is the
+# mean over seeds of the population metric (``SEED_TRUTH_SEEDS`` seeds on ``--truth`` images per group).
+SEED_STUDIED = ("accuracy", "f1_gap", "eqodds", "worst_group_accuracy")
+SEED_METHODS = ("patients", "two_level", "t_quad")
+SEED_RHO, SEED_TRUTH_SEEDS = 0.7, 40
+
+
+def simulate_seeds(signals, tilts, shifts, n_per_group: int, rng: np.random.Generator, rho: float = SEED_RHO):
+    """((N,) labels, [(N, C) probabilities of each seed], (N,) group labels); shifts: (S,) each seed's signal shift."""
+    c = len(CLASSES)
+    groups = np.repeat(np.arange(len(signals)), n_per_group)
+    y = rng.integers(0, c, size=len(groups))
+    shared = rng.normal(size=(len(groups), c))
+    probs = []
+    for shift in shifts:
+        logits = rho * shared + np.sqrt(1 - rho ** 2) * rng.normal(size=shared.shape)
+        logits[np.arange(len(groups)), y] += signals[groups] + shift
+        logits[:, 0] += tilts[groups]
+        e = np.exp(logits - logits.max(1, keepdims=True))
+        probs.append(e / e.sum(1, keepdims=True))
+    return y, probs, np.array([f"g{g}" for g in groups])
+
+
+def seed_mean_intervals(per_seed_est, per_seed_reps, keys, level: float, rng) -> dict:
+    """Each of ``SEED_METHODS``' (K,) low and high for the seed mean of K keys.
+
+    per_seed_est: (S, K); per_seed_reps: (S, R, K) on shared patient resamples. ``patients``: the
+    mean's replicates without seed resampling; ``two_level``: seeds then patients
+    (``replicates.seed_resampled``, what `analyze` reports); ``t_quad``: the patients interval's
+    half-widths widened in quadrature by t_{S−1} · sd over seeds / √S (each side separately)."""
+    S = len(per_seed_est)
+    est = per_seed_est.mean(0)
+    out = {}
+    for name, r in (("patients", seed_resampled(per_seed_reps, None)), ("two_level", seed_resampled(per_seed_reps, rng))):
+        out[name] = intervals_by_metric(r, est, keys, level)[:2]
+    lo, hi = out["patients"]
+    half = t_dist.ppf((1 + level) / 2, S - 1) * per_seed_est.std(0, ddof=1) / np.sqrt(S)
+    out["t_quad"] = est - np.hypot(est - lo, half), est + np.hypot(hi - est, half)
+    return out
+
+
+def run_seed_setting(n_groups: int, n_per_group: int, gap: float, n_seeds: int, args, rng) -> list[dict]:
+    """Coverage (width) of each of ``SEED_METHODS`` for the mean over ``n_seeds`` seeds: one row per metric."""
+    signals, tilts = signals_for(n_groups, gap)
+    truth_rng = np.random.default_rng(30_000 + n_groups)
+    shifts = truth_rng.normal(0.0, args.seed_sd, SEED_TRUTH_SEEDS)
+    y, probs, g = simulate_seeds(signals, tilts, shifts, args.truth, truth_rng)
+    truth = {m: float(np.mean([values(y, p, g)[m] for p in probs])) for m in SEED_STUDIED}
+    hits = {(m, k): 0 for m in SEED_STUDIED for k in SEED_METHODS}
+    width = {(m, k): 0.0 for m in SEED_STUDIED for k in SEED_METHODS}
+    for _ in range(args.draws):
+        y, probs, g = simulate_seeds(signals, tilts, rng.normal(0.0, args.seed_sd, n_seeds), n_per_group, rng)
+        counts = patient_counts(np.arange(len(y)), g, args.replicates, rng)
+        est = [values(y, p, g, full=True) for p in probs]
+        keys = list(est[0])
+        reps = [values(y, p, g, weights=counts, full=True) for p in probs]
+        per_est = np.array([[float(e[k]) for k in keys] for e in est])
+        per_reps = np.stack([np.stack([np.asarray(r[k], dtype=np.float64) for k in keys], 1) for r in reps])
+        found = seed_mean_intervals(per_est, per_reps, keys, args.level, rng)
+        for m in SEED_STUDIED:
+            j = keys.index((m, "", "", "")) if (m, "", "", "") in keys else keys.index((m, "group", "", ""))
+            for k, (lo, hi) in found.items():
+                hits[(m, k)] += lo[j] <= truth[m] <= hi[j]
+                width[(m, k)] += hi[j] - lo[j]
+    return [{"groups": n_groups, "per_group": n_per_group, "gap": gap, "seeds": n_seeds, "metric": m, "truth": truth[m],
+             **{k: hits[(m, k)] / args.draws for k in SEED_METHODS},
+             **{f"w_{k}": width[(m, k)] / args.draws for k in SEED_METHODS}} for m in SEED_STUDIED]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="60 per group, gaps 0 and 0.15, at most 100 draws of 500 replicates")
@@ -235,19 +379,53 @@ def main() -> None:
     parser.add_argument("--replicates", type=int, default=1000, help="bootstrap replicates per test set")
     parser.add_argument("--truth", type=int, default=200_000, help="images per group of the population")
     parser.add_argument("--groups", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[60, 150, 300], help="patients (= images) per group")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[60, 150, 300],
+                        help="patients per group (= images, unless --images)")
     parser.add_argument("--gaps", type=float, nargs="+", default=[0.0, 0.05, 0.15], help="true accuracy gaps")
     parser.add_argument("--level", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--task", choices=sorted(TASKS), default="multiclass")
     parser.add_argument("--widths", action="store_true", help="also print each method's mean interval width")
     parser.add_argument("--metrics", nargs="+", help="only these metrics' rows (default: all studied)")
+    parser.add_argument("--delta", type=float, nargs=2, metavar=("GAP_A", "GAP_B"),
+                        help="paired deltas instead: Δ = B − A of two models with these accuracy gaps (multi-class)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="seed means instead: of this many seeds (multi-class)")
+    parser.add_argument("--seed-sd", type=float, default=0.3, help="sd of a seed's signal shift (with --seeds)")
+    parser.add_argument("--images", type=int, default=1,
+                        help="clustered patients (multi-class): 1 to this many images per patient")
+    parser.add_argument("--patient-sd", type=float, default=0.0,
+                        help="sd of a patient effect on the true class's logit, shared by the patient's images")
+    parser.add_argument("--resample", choices=("patient", "image"), default="patient",
+                        help="bootstrap unit: patients (what `analyze` draws) or images (the contrast)")
     args = parser.parse_args()
     if args.quick:
         args.sizes, args.gaps = [60], [0.0, 0.15]
         args.draws, args.replicates = min(args.draws, 100), min(args.replicates, 500)
+    if args.task != "multiclass" and (args.images != 1 or args.patient_sd):
+        parser.error("--images and --patient-sd are simulated for --task multiclass only")
     rng = np.random.default_rng(args.seed)
-    print(f"{args.draws} draws, {args.replicates} replicates, nominal {args.level:.0%}. Coverage by method; "
+    if args.seeds:
+        if args.task != "multiclass" or args.delta or args.images != 1 or args.patient_sd or args.resample != "patient":
+            parser.error("--seeds is simulated for --task multiclass with one image per patient, without --delta")
+        print(f"{args.draws} draws, {args.replicates} replicates, nominal {args.level:.0%}, seed sd {args.seed_sd} "
+              "(signal): coverage (width) of the seed mean")
+        for n_groups, n, gap, k in itertools.product(args.groups, args.sizes, args.gaps, args.seeds):
+            for r in run_seed_setting(n_groups, n, gap, k, args, rng):
+                print(f"{n_groups:>2} {n:>4} {gap:>5.2f} k={k}  {r['metric']:<21} truth {r['truth']:>7.3f}  " + "  ".join(
+                    f"{m} {r[m]:.3f} ({r['w_' + m]:.3f})" for m in SEED_METHODS), flush=True)
+        return
+    if args.delta:
+        if args.task != "multiclass" or args.images != 1 or args.patient_sd or args.resample != "patient":
+            parser.error("--delta is simulated for --task multiclass with one image per patient")
+        print(f"{args.draws} draws, {args.replicates} replicates, nominal {args.level:.0%}: coverage (width) of the "
+              f"paired Δ = B − A, accuracy gaps A {args.delta[0]}, B {args.delta[1]}")
+        for n_groups, n in itertools.product(args.groups, args.sizes):
+            for r in run_delta_setting(n_groups, n, *args.delta, args, rng):
+                print(f"{n_groups:>2} {n:>4}  {r['metric']:<21} truth {r['truth']:>7.3f}  " + "  ".join(
+                    f"{k} {r[k]:.3f} ({r['w_' + k]:.3f})" for k in DELTA_METHODS), flush=True)
+        return
+    print(f"{args.draws} draws, {args.replicates} replicates, nominal {args.level:.0%}, 1-{args.images} images per patient, "
+          f"patient sd {args.patient_sd}, {args.resample} bootstrap. Coverage by method; "
           "'used' = the method of core.intervals; 'bc' = mean bias-corrected estimate; 'excl' = share of "
           "draws whose interval (method used) excludes the plug-in value")
     print(f"{'G':>2} {'n/g':>4} {'gap':>5}  {'metric':<21} {'used':<10} {'truth':>7} {'mean est':>8} {'bc':>7} "
