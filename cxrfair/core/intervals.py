@@ -130,8 +130,12 @@ INTERVAL_METHODS: dict[str, IntervalMethod] = {
                                 "interval reached 0.90 coverage in every simulated setting, so not coverage-checked")
        for name in ("ece_gap", "ece_gap_paper")},
     "worst_group_accuracy": IntervalMethod("hull", 0.0, 1.0, why="the smallest group's value, biased downward: " + _HULL),
-    "worst_group_auc": IntervalMethod("hull", 0.0, 1.0, why="the smallest group's value, biased downward: " + _HULL),
-    "es_auc": IntervalMethod("hull", 0.0, 1.0, why="AUC shrunk by Σ_g |AUC − AUC_g|, biased downward: " + _HULL),
+    # Multi-label with four groups the hull of these two covered 0.86-0.88 in some settings of two runs
+    # (RESULTS.md, "Gaps over 3+ groups"): checked for two groups only.
+    "worst_group_auc": IntervalMethod("hull", 0.0, 1.0, checked_groups=2,
+                                      why="the smallest group's value, biased downward: " + _HULL),
+    "es_auc": IntervalMethod("hull", 0.0, 1.0, checked_groups=2,
+                             why="AUC shrunk by Σ_g |AUC − AUC_g|, biased downward: " + _HULL),
 }
 
 

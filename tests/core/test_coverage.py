@@ -58,8 +58,8 @@ def test_reported_intervals_cover_true_gaps_at_nominal_rate(n_groups, task):
             if not low <= row["used"] <= high:
                 failures.append((gap, row["metric"], row["method"], round(row["used"], 3)))
     # Multi-class: 10 metrics x 2 gaps (all but ece_gap; with four groups eqodds, eqodds_worst and dp_gap by
-    # the band); multi-label: 7 x 2.
-    assert checked >= {("multiclass", 2): 20, ("multiclass", 4): 20, ("multilabel", 2): 14, ("multilabel", 4): 14}[
+    # the band), es_auc not with four; multi-label: 7 x 2, 5 x 2 with four (not es_auc, worst_group_auc).
+    assert checked >= {("multiclass", 2): 20, ("multiclass", 4): 18, ("multilabel", 2): 14, ("multilabel", 4): 10}[
         (task, n_groups)]
     assert not failures, f"coverage outside [{low:.3f}, {high:.3f}]: {failures}"
 
