@@ -42,9 +42,7 @@ from statistics import NormalDist
 
 import numpy as np
 
-from scipy.stats import t as t_dist
-
-from cxrfair.analysis.replicates import seed_resampled
+from cxrfair.analysis.replicates import seed_resampled, seed_widened
 from cxrfair.core import metrics as M
 from cxrfair.core import multilabel as ML
 from cxrfair.core.bootstrap import patient_counts
@@ -332,15 +330,12 @@ def seed_mean_intervals(per_seed_est, per_seed_reps, keys, level: float, rng) ->
     per_seed_est: (S, K); per_seed_reps: (S, R, K) on shared patient resamples. ``patients``: the
     mean's replicates without seed resampling; ``two_level``: seeds then patients
     (``replicates.seed_resampled``, what `analyze` reports); ``t_quad``: the patients interval's
-    half-widths widened in quadrature by t_{S−1} · sd over seeds / √S (each side separately)."""
-    S = len(per_seed_est)
+    half-widths widened in quadrature by t_{S−1} · sd over seeds / √S (``replicates.seed_widened``)."""
     est = per_seed_est.mean(0)
     out = {}
     for name, r in (("patients", seed_resampled(per_seed_reps, None)), ("two_level", seed_resampled(per_seed_reps, rng))):
         out[name] = intervals_by_metric(r, est, keys, level)[:2]
-    lo, hi = out["patients"]
-    half = t_dist.ppf((1 + level) / 2, S - 1) * per_seed_est.std(0, ddof=1) / np.sqrt(S)
-    out["t_quad"] = est - np.hypot(est - lo, half), est + np.hypot(hi - est, half)
+    out["t_quad"] = seed_widened(est, *out["patients"], per_seed_est, level)
     return out
 
 
