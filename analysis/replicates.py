@@ -5,14 +5,16 @@ All runs on the same test images share one (R, N) matrix of bootstrap counts (``
 difference is a subtraction of replicate arrays (``replicate_matrix``).
 
 Seeds are a second source of variance: a mean over S seeds (or zero-shot prompt draws) is an
-estimate of the mean over all seeds one could have trained, and its interval must say so. The
-two-level bootstrap (``seed_resampled``) draws, for each replicate r, S seeds with replacement and
-averages *their* replicate r (the patient resample r is shared, as all seeds were tested on the
-same images): seeds, then patients. Seeds that disagree widen the interval; with S = 1 the seed
-variance is unknown and the interval is the patients-only one (the tables say ``n_seeds`` = 1).
-The seed draws of a group come from ``seed_rng(seed, name)``, so they depend on the analysis
-seed and the group's name only, not on which other runs are analysed. The seed summaries and
-baseline comparisons (``engine``) and the mitigation deltas (``mitigation``) are built from these.
+estimate of the mean over all seeds one could have trained, and its interval must say so. A seed
+mean's interval (seeds.csv, the trade-off points) is its patients-only interval widened by the
+seed variance, ``seed_widened`` (t_{S−1} · sd / √S in quadrature, each side): the two-level
+bootstrap below, drawing S seeds from only S values, covered 0.77–0.85 with 2–3 seeds
+(benchmarks/RESULTS.md, "Seed means"). The two-level bootstrap (``seed_resampled``: for each
+replicate r, S seeds with replacement, averaging *their* replicate r on the shared patient
+resample) still makes the baseline comparisons' and mitigation deltas' replicates (``engine``,
+``mitigation``), whose seed draws come from ``seed_rng(seed, name)`` and so depend on the
+analysis seed and the group's name only. With S = 1 the seed variance is unknown and the interval
+is the patients-only one (the tables say ``n_seeds`` = 1).
 """
 
 from __future__ import annotations
@@ -59,12 +61,6 @@ def seed_rng(seed: int, name: str) -> np.random.Generator:
     """The generator of one group's seed draws: from the analysis ``seed`` and the group's ``name``
     (e.g. ``"seeds|m1|linear|best"``) alone, so adding other runs to an analysis leaves it unchanged."""
     return np.random.default_rng([int(seed), zlib.crc32(name.encode())])
-
-
-def tag_rng(seed: int, model: str, method: str, tag: str) -> np.random.Generator:
-    """The seed draws of the runs of one model, method and tag (a ``seeds.csv`` row set): every table that
-    shows their seed mean (``seeds.csv``, the trade-off points) draws the same seeds, so shows the same interval."""
-    return seed_rng(seed, f"seeds|{model}|{method}|{tag}")
 
 
 def seed_resampled(stack: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
