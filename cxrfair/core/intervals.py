@@ -307,11 +307,11 @@ def component_band(replicates, estimates, level: float = 0.95, critical=None) ->
     (Hothorn, Bretz & Westfall's simultaneous intervals, with the bootstrap for the joint law).
 
     Args:
-        replicates: (R, K, ...). estimates: (K, ...). level: joint coverage.
+        replicates: (R, K). estimates: (K,). level: joint coverage.
         critical: a given ``c`` instead of the max-t quantile (tests; 1.96 is the pointwise band).
 
     Returns:
-        (low, high), each (K, ...); NaN where the estimate or the sd is NaN.
+        (low, high), each (K,); NaN where the estimate or the sd is NaN.
     """
     est = np.asarray(estimates, dtype=np.float64)
     sd, t = max_t(replicates, est)
