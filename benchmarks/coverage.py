@@ -22,8 +22,9 @@ metric's range), ``shifted`` (the percentile interval minus twice the bootstrap 
 (Efron's BCa, acceleration from a grouped delete-a-block jackknife of ``JACK_BLOCKS`` blocks of
 patients), and for the gaps with a components view (``eqodds``, ``eqodds_worst``, ``dp_gap``,
 ``ece_gap``) ``band`` (both ends from the max-t simultaneous band of the per-pair, per-class
-differences, ``intervals.band_interval``) and ``band_basic`` (its low end, the basic high end: what
-``used`` is for those gaps with 3+ groups). A nominal 95% interval should cover 95% of the time; an absolute or max-over-groups
+differences, ``intervals.band_interval``), ``band_basic`` (its low end, the basic high end: what
+``used`` is for those gaps with 3+ groups) and ``band_bc`` (both ends, the band centred on the
+components' bias-corrected values: a candidate for ``ece_gap``). A nominal 95% interval should cover 95% of the time; an absolute or max-over-groups
 gap is biased upward in small samples, which the percentile interval inherits.
 
 Prints one row per (setting, metric): truth, mean plug-in estimate (its bias), mean
@@ -52,7 +53,7 @@ from cxrfair.core.intervals import band_columns, component_columns, interval, in
 STUDIED = ("accuracy", "auc_macro", "f1_gap", "f1_gap_abs", "eqodds", "eqodds_worst", "dp_gap", "ece_gap",
            "fnr_gap", "es_auc", "worst_group_accuracy")
 CLASSES = ("A", "B", "C")
-METHODS = ("used", "percentile", "basic", "shifted", "hull", "bca", "band", "band_basic")  # "used": core.intervals' choice for the metric
+METHODS = ("used", "percentile", "basic", "shifted", "hull", "bca", "band", "band_basic", "band_bc")  # "used": core.intervals' choice for the metric
 JACK_BLOCKS = 20  # delete-a-block jackknife of the BCa acceleration: blocks of patients
 
 
@@ -224,6 +225,8 @@ def run_setting(n_groups: int, n_per_group: int, gap: float, args, rng, task: st
             cc = component_columns((m, "group", "", ""), where)  # the max-t band needs the per-group values
             found["band"] = band_columns(rep_mat, est_vec, *cc, args.level) if cc else (np.nan, np.nan)
             found["band_basic"] = (found["band"][0], max(found["basic"][1], found["band"][0]))
+            found["band_bc"] = (band_columns(rep_mat, est_vec, *cc, args.level, recentre=True) if cc
+                                else (np.nan, np.nan))
             excludes[m] += not found["used"][0] <= e <= found["used"][1]
             for k, (lo, hi) in found.items():
                 if np.isnan(lo):  # a method that does not apply to this metric (band: no components view)

@@ -320,7 +320,7 @@ def component_band(replicates, estimates, level: float = 0.95, critical=None) ->
 
 
 def band_interval(spec: GroupMetric, replicates, estimates, level: float = 0.95, n_groups: int | None = None,
-                  critical=None, min_range_groups: int = 2) -> tuple[np.ndarray, np.ndarray]:
+                  critical=None, min_range_groups: int = 2, recentre: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The interval of an ``abs_difference`` / ``max_range`` gap from the simultaneous band of its components.
 
     The metric is nondecreasing in every |component| (``groups.combine_components``), so when the
@@ -334,12 +334,19 @@ def band_interval(spec: GroupMetric, replicates, estimates, level: float = 0.95,
             ``pair_components``; estimates: (B, P, C) the plug-in components.
         level, critical: as ``component_band`` (the components are flattened into one family).
         n_groups, min_range_groups: as ``groups.combine_components``.
+        recentre: centre the band on each component's bootstrap bias-corrected value
+            ``2 d̂ − mean(d*)`` (replicates shifted alike) instead of ``d̂``: a candidate of the
+            coverage study for ``ece_gap``, whose components (differences of two groups' binned ECE)
+            are biased themselves; no metric uses it (RESULTS.md).
 
     Returns:
         (low, high), two floats as 0-d arrays.
     """
     reps = np.asarray(replicates, dtype=np.float64)
     est = np.asarray(estimates, dtype=np.float64)
+    if recentre:
+        centre = 2 * est - _mean(reps)
+        reps, est = reps - est + centre, centre
     lo, hi = component_band(reps.reshape(len(reps), -1), est.reshape(-1), level, critical)
     lo_abs, hi_abs = fold(lo.reshape(est.shape), hi.reshape(est.shape))
     args = dict(n_groups=n_groups, min_range_groups=min_range_groups)
@@ -392,7 +399,7 @@ def component_columns(key: tuple, where: dict) -> tuple[GroupMetric, np.ndarray]
 
 
 def band_columns(replicates, estimates, spec: GroupMetric, cols: np.ndarray, level: float = 0.95,
-                 critical=None) -> tuple[float, float]:
+                 critical=None, recentre: bool = False) -> tuple[float, float]:
     """``band_interval`` of one gap from the columns of its per-group base values (``component_columns``).
 
     Args:
@@ -408,7 +415,7 @@ def band_columns(replicates, estimates, spec: GroupMetric, cols: np.ndarray, lev
     per_group = {b: reps[:, cols[i]].transpose(1, 0, 2) for i, b in enumerate(spec.bases)}  # (G, R, C)
     comp_reps = np.moveaxis(pair_components(spec, per_group), 2, 0)  # (R, B, P, C)
     comp_est = pair_components(spec, {b: est[cols[i]] for i, b in enumerate(spec.bases)})  # (B, P, C)
-    lo, hi = band_interval(spec, comp_reps, comp_est, level, n_groups, critical)
+    lo, hi = band_interval(spec, comp_reps, comp_est, level, n_groups, critical, recentre=recentre)
     return float(lo), float(hi)
 
 
