@@ -239,3 +239,15 @@ def test_band_falls_back_to_the_hull_with_two_groups_or_without_the_per_group_va
     assert methods == ["hull"] and (lo[0], hi[0]) == pytest.approx((want[0][0], want[1][0]))
     with pytest.raises(ValueError, match="components"):
         interval(reps[:, [j]], est[[j]], "band")
+
+
+def test_recentred_band_is_the_band_of_the_bias_corrected_components():
+    spec = ABS_SPECS["ece_gap"]
+    rng = np.random.default_rng(6)
+    est = rng.normal(0.0, 0.05, size=(1, 3, 1))  # 3 groups: 3 pairs of one base, no class axis
+    reps = est + 0.02 + rng.normal(0, 0.03, size=(300, 1, 3, 1))  # replicates biased by +0.02
+    centre = 2 * est - reps.mean(axis=0)
+    want = band_interval(spec, reps - est + centre, centre, 0.95, 3)
+    got = band_interval(spec, reps, est, 0.95, 3, recentre=True)
+    np.testing.assert_allclose(got, want, atol=1e-12)
+    assert not np.allclose(got, band_interval(spec, reps, est, 0.95, 3))
