@@ -36,7 +36,7 @@ from cxrfair.analysis import mitigation as MIT
 from cxrfair.analysis.config import MIN_STRATUM_PATIENTS, AnalyzeConfig, resolve, strata_attributes, stratum_name
 from cxrfair.analysis.fewshot import fewshot_table
 from cxrfair.analysis.groups import crossed_name, group_labels
-from cxrfair.analysis.replicates import Evaluated, average, replicate_matrix, seed_rng, tag_rng
+from cxrfair.analysis.replicates import Evaluated, average, replicate_matrix, seed_rng, seed_widened
 from cxrfair.analysis.runsets import baseline_method, check_runs, in_method_order, runs_table, split_rows
 from cxrfair.analysis.shortcut import SHORTCUT_COLUMNS, shortcut_metrics, shortcut_request, shortcut_subsets, shortcut_table
 from cxrfair.core import metrics as M
@@ -351,24 +351,27 @@ SEED_COLUMNS = ["model", "method", "tag", "metric", "attribute", "group", "class
 def _seeds_table(evaluated, runs_df, config: AnalyzeConfig, notes: list[str]) -> pd.DataFrame:
     """Runs that differ only by seed (or zero-shot draw): mean, sd (ddof=1) and the mean's interval.
 
-    The interval is the two-level bootstrap's (``replicates.seed_resampled``: seeds with replacement,
-    then patients), so seeds that disagree widen it, made by each metric's method (``core.intervals``). ``n_seeds`` counts the runs where the metric
-    is defined; the mean and its replicates skip the others; with one run the seed variance is
-    unknown (a note says so) and the interval is its patients-only one.
+    The interval is the mean's patients-only interval, by each metric's method (``core.intervals``),
+    widened by the seed variance (``replicates.seed_widened``: each side in quadrature with
+    t_{S−1} · sd / √S), so seeds that disagree widen it; the seeds-then-patients bootstrap covered
+    only 0.77–0.85 with 2–3 seeds (RESULTS.md, "Seed means"). ``n_seeds`` counts the runs where the
+    metric is defined; the mean and its replicates skip the others; with one run the seed variance
+    is unknown (a note says so) and the interval is its patients-only one.
     """
     tags = dict(zip(runs_df["run_id"], runs_df["tag"]))
     groups = defaultdict(list)
     for e in evaluated:
         groups[(e.run.model, e.run.method, tags[e.run.run_id])].append(e)
-    records, single = [], []
+    records, single, pairs = [], [], []
     for (model, method, tag), evs in groups.items():
-        keys, per_run, means, reps = average(evs, rng=tag_rng(config.seed, model, method, tag))
+        keys, per_run, means, reps = average(evs)  # patients only: the seeds enter through seed_widened
         if config.n_boot and reps is None:
             notes.append(f"{model} {method} {tag}: its runs are on different test images; their mean has no interval")
         single += [f"{model} {method} {tag}"] if len(evs) == 1 else []
+        pairs += [f"{model} {method} {tag}"] if len(evs) == 2 else []
         # Each metric's own method (core.intervals), as metrics.csv: a seed mean of a gap is biased like one run's.
-        lo, hi = (intervals_by_metric(reps, means, keys, config.level)[:2] if reps is not None
-                  else (np.full(len(keys), np.nan),) * 2)
+        lo, hi = (seed_widened(means, *intervals_by_metric(reps, means, keys, config.level)[:2], per_run, config.level)
+                  if reps is not None else (np.full(len(keys), np.nan),) * 2)
         n = (~np.isnan(per_run)).sum(axis=0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # fewer than two defined runs: NaN, set below
@@ -378,6 +381,10 @@ def _seeds_table(evaluated, runs_df, config: AnalyzeConfig, notes: list[str]) ->
     if single and config.n_boot:
         notes.append(f"one run only (n_seeds = 1), so the seed variance is unknown and their intervals cover the "
                      f"test patients alone: {', '.join(single)}")
+    if pairs and config.n_boot:
+        notes.append(f"two runs only (n_seeds = 2): their seed-mean intervals carry t_1 = 12.7 times the seeds' "
+                     f"sd / √2 (they covered in the simulation, but are wide; 3+ seeds give usable ones): "
+                     f"{', '.join(pairs)}")
     return pd.DataFrame.from_records(records, columns=SEED_COLUMNS)
 
 

@@ -31,10 +31,10 @@ from collections import defaultdict
 import numpy as np
 import pandas as pd
 
-from cxrfair.analysis.replicates import average, nanmean0, replicate_matrix, seed_rng, seed_resampled, tag_rng
+from cxrfair.analysis.replicates import average, nanmean0, replicate_matrix, seed_rng, seed_resampled, seed_widened
 from cxrfair.analysis.runsets import base_tag, tag_of
 from cxrfair.core.bootstrap import holm, interval, p_value
-from cxrfair.core.intervals import intervals_by_metric
+from cxrfair.core.intervals import intervals_by_metric, with_components
 from cxrfair.core.multilabel import auc_macro
 from cxrfair.core.mitigations import MITIGATIONS
 from cxrfair.core.runs import FINETUNE_METHODS, RunKey, parse_run_id
@@ -361,13 +361,15 @@ def pareto_front(utility, gap) -> np.ndarray:
     return ok & ~dominated
 
 
-def _point(evs, task: str, sensitive: str, level: float, seed: int = 0) -> tuple:
-    """(n_seeds, utility, lo, hi, gap, lo, hi) of the seed mean of ``evs`` (two-level interval, as ``seeds.csv``)."""
+def _point(evs, task: str, sensitive: str, level: float) -> tuple:
+    """(n_seeds, utility, lo, hi, gap, lo, hi) of the seed mean of ``evs`` (its interval as ``seeds.csv``'s)."""
     x, y = TRADEOFF_AXES[task]
-    keys = [(x, "", "", ""), (y, sensitive, "", "")]
-    run = evs[0].run  # the runs of one tag: the seed draws of its seeds.csv rows
-    _, _, means, reps = average(evs, keys, rng=tag_rng(seed, run.model, run.method, tag_of(run)))
-    lo, hi = intervals_by_metric(reps, means, keys, level)[:2] if reps is not None else (np.full(2, np.nan),) * 2
+    # The gap's per-group values come along: its interval (a band, core.intervals) is built from them.
+    keys = with_components([(x, "", "", ""), (y, sensitive, "", "")], list(evs[0].values))
+    # As seeds.csv: the patients-only interval widened by the seed variance (replicates.seed_widened).
+    _, per_run, means, reps = average(evs, keys)
+    lo, hi = (seed_widened(means, *intervals_by_metric(reps, means, keys, level)[:2], per_run, level)
+              if reps is not None else (np.full(2, np.nan),) * 2)
     return (len(evs), x, float(means[0]), float(lo[0]), float(hi[0]), y, float(means[1]), float(lo[1]), float(hi[1]))
 
 
@@ -497,7 +499,7 @@ def mitigated_by_group(evaluated) -> dict:
 # ----------------------------------------------------------------------------- trade-off
 
 
-def _erm_points(evaluated, model, method, tags, sensitive, task, level, seed: int = 0) -> list[tuple]:
+def _erm_points(evaluated, model, method, tags, sensitive, task, level) -> list[tuple]:
     """One ERM point per counterpart tag (``tags``: the primary ERM tag first, then those ``find_erm`` used)."""
     rows = []
     for tag in dict.fromkeys(t for t in tags if t is not None):
@@ -505,12 +507,12 @@ def _erm_points(evaluated, model, method, tags, sensitive, task, level, seed: in
                and tag_of(e.run) == tag]
         if evs:
             rows.append((model, method, sensitive, "erm", np.nan, tag, _joined(solver_of(e.run) for e in evs),
-                         *_point(evs, task, sensitive, level, seed), False))
+                         *_point(evs, task, sensitive, level), False))
     return rows
 
 
 def tradeoff_table(evaluated, groups: dict, runs_df: pd.DataFrame, task: str, level: float,
-                   chosen: dict, seed: int = 0) -> pd.DataFrame:
+                   chosen: dict) -> pd.DataFrame:
     """tradeoff.csv: per model × method × sensitive, the ERM points (its primary tag and every other
     counterpart the pairing used, e.g. an AdamW ``st0`` run; every seed) and one point per mitigation and
     strength (every seed of that tag), with the validation choice and the Pareto flag within the panel."""
@@ -522,14 +524,13 @@ def tradeoff_table(evaluated, groups: dict, runs_df: pd.DataFrame, task: str, le
     records = []
     for (model, method, sensitive), gkeys in panels.items():
         used = [tag_of(e.run) for g in gkeys for _, e in groups[g]]
-        rows = _erm_points(evaluated, model, method, [primary.get((model, method)), *used], sensitive, task, level,
-                           seed)
+        rows = _erm_points(evaluated, model, method, [primary.get((model, method)), *used], sensitive, task, level)
         for mitigation in dict.fromkeys(g[2] for g in gkeys):
             for g in _strength_groups([g for g in gkeys if g[2] == mitigation]):
                 s = common_strength(by_group[g], [])
                 value = chosen.get(g[:4], np.nan)
                 rows.append((model, method, sensitive, mitigation, s, g[4], _joined(solver_of(e.run) for e in by_group[g]),
-                             *_point(by_group[g], task, sensitive, level, seed),
+                             *_point(by_group[g], task, sensitive, level),
                              g[4] == "best" or (not np.isnan(s) and s == value)))
         u, gap = TRADEOFF_COLUMNS.index("utility"), TRADEOFF_COLUMNS.index("gap")
         flags = pareto_front([r[u] for r in rows], [r[gap] for r in rows])
@@ -557,4 +558,4 @@ def mitigation_tables(evaluated, runs_df: pd.DataFrame, config, notes: list[str]
     groups = pair_runs(evaluated, runs_df, config.attributes, notes)
     chosen = chosen_strengths(evaluated, groups, notes)
     return (mitigation_table(groups, task, config.level, notes, chosen, config.seed),
-            tradeoff_table(evaluated, groups, runs_df, task, config.level, chosen, config.seed))
+            tradeoff_table(evaluated, groups, runs_df, task, config.level, chosen))

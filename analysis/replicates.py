@@ -5,18 +5,21 @@ All runs on the same test images share one (R, N) matrix of bootstrap counts (``
 difference is a subtraction of replicate arrays (``replicate_matrix``).
 
 Seeds are a second source of variance: a mean over S seeds (or zero-shot prompt draws) is an
-estimate of the mean over all seeds one could have trained, and its interval must say so. The
-two-level bootstrap (``seed_resampled``) draws, for each replicate r, S seeds with replacement and
-averages *their* replicate r (the patient resample r is shared, as all seeds were tested on the
-same images): seeds, then patients. Seeds that disagree widen the interval; with S = 1 the seed
-variance is unknown and the interval is the patients-only one (the tables say ``n_seeds`` = 1).
-The seed draws of a group come from ``seed_rng(seed, name)``, so they depend on the analysis
-seed and the group's name only, not on which other runs are analysed. The seed summaries and
-baseline comparisons (``engine``) and the mitigation deltas (``mitigation``) are built from these.
+estimate of the mean over all seeds one could have trained, and its interval must say so. A seed
+mean's interval (seeds.csv, the trade-off points) is its patients-only interval widened by the
+seed variance, ``seed_widened`` (t_{S−1} · sd / √S in quadrature, each side): the two-level
+bootstrap below, drawing S seeds from only S values, covered 0.77–0.85 with 2–3 seeds
+(benchmarks/RESULTS.md, "Seed means"). The two-level bootstrap (``seed_resampled``: for each
+replicate r, S seeds with replacement, averaging *their* replicate r on the shared patient
+resample) still makes the baseline comparisons' and mitigation deltas' replicates (``engine``,
+``mitigation``), whose seed draws come from ``seed_rng(seed, name)`` and so depend on the
+analysis seed and the group's name only. With S = 1 the seed variance is unknown and the interval
+is the patients-only one (the tables say ``n_seeds`` = 1).
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -60,12 +63,6 @@ def seed_rng(seed: int, name: str) -> np.random.Generator:
     return np.random.default_rng([int(seed), zlib.crc32(name.encode())])
 
 
-def tag_rng(seed: int, model: str, method: str, tag: str) -> np.random.Generator:
-    """The seed draws of the runs of one model, method and tag (a ``seeds.csv`` row set): every table that
-    shows their seed mean (``seeds.csv``, the trade-off points) draws the same seeds, so shows the same interval."""
-    return seed_rng(seed, f"seeds|{model}|{method}|{tag}")
-
-
 def seed_resampled(stack: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
     """Two-level bootstrap replicates of the mean over seeds: seeds with replacement, then patients.
 
@@ -90,6 +87,57 @@ def seed_resampled(stack: np.ndarray, rng: np.random.Generator | None) -> np.nda
     n = np.einsum("rs,srk->rk", counts, defined.astype(np.float64))
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(n > 0, total / n, np.nan)
+
+
+def t_quantile(q: float, df: float) -> float:
+    """The q-quantile (q > 0.5) of Student's t with ``df`` > 0 degrees of freedom, numpy only.
+
+    Bisection on the CDF, ``1/2 + ∫_0^t pdf`` by Simpson's rule on 2,001 points (error < 1e-7
+    against scipy for df ≥ 1, tested); analysis does not depend on scipy.
+    """
+    if not 0.5 < q < 1 or not df > 0:
+        raise ValueError(f"t_quantile needs 0.5 < q < 1 and df > 0, got q={q}, df={df}")
+    const = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+
+    def cdf(t: float) -> float:
+        x = np.linspace(0.0, t, 2001)
+        y = const * (1 + x * x / df) ** (-(df + 1) / 2)
+        h = t / 2000
+        return 0.5 + h / 3 * (y[0] + y[-1] + 4 * y[1:-1:2].sum() + 2 * y[2:-1:2].sum())
+
+    lo, hi = 0.0, 1.0
+    while cdf(hi) < q:
+        lo, hi = hi, 2 * hi
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < q else (lo, mid)
+    return (lo + hi) / 2
+
+
+def seed_widened(means, low, high, per_run, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """A seed mean's patients-only interval widened by the seed variance, one side at a time.
+
+    Each side's distance from the mean is combined in quadrature with ``t_{S−1} · sd / √S`` (sd of
+    the S defined per-run values, ddof 1): the patient resampling cannot see how much seeds
+    disagree when S is 2 or 3, and the seeds-then-patients bootstrap (``seed_resampled``) draws
+    from only S values, so with few seeds it under-covers (RESULTS.md, "Seed means").
+
+    Args:
+        means: (K,) seed means. low, high: (K,) their patients-only interval (each metric's method).
+        per_run: (S, K) each run's value (NaN where undefined). level: nominal coverage.
+
+    Returns:
+        (low, high), each (K,); unchanged where fewer than two runs are defined.
+    """
+    means, low, high = (np.asarray(x, dtype=np.float64) for x in (means, low, high))
+    per_run = np.asarray(per_run, dtype=np.float64)
+    n = (~np.isnan(per_run)).sum(axis=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # fewer than two defined runs: no widening
+        sd = np.nanstd(per_run, axis=0, ddof=1)
+    t = np.array([t_quantile((1 + level) / 2, k - 1) if k > 1 else np.nan for k in n])
+    half = np.where(n > 1, t * sd / np.sqrt(np.maximum(n, 1)), 0.0)
+    return means - np.hypot(means - low, half), means + np.hypot(high - means, half)
 
 
 def average(evs: list[Evaluated], keys: list | None = None,

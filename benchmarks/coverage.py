@@ -18,14 +18,19 @@ draws — and we count how often the interval holds the truth.
 Methods compared (``cxrfair.core.intervals``): ``used`` (the method its table gives the metric:
 what `analyze` reports), ``percentile``, ``basic`` (2θ̂ − the percentile interval, clipped to the
 metric's range), ``shifted`` (the percentile interval minus twice the bootstrap bias), ``hull``
-(the smallest interval holding the percentile and basic ones) and ``bca``
+(the smallest interval holding the percentile and basic ones), ``bca``
 (Efron's BCa, acceleration from a grouped delete-a-block jackknife of ``JACK_BLOCKS`` blocks of
-patients). A nominal 95% interval should cover 95% of the time; an absolute or max-over-groups
+patients), and for the gaps with a components view (``eqodds``, ``eqodds_worst``, ``dp_gap``,
+``ece_gap``) ``band`` (both ends from the max-t simultaneous band of the per-pair, per-class
+differences, ``intervals.band_interval``), ``band_basic`` (its low end, the basic high end: what
+``used`` is for those gaps with 3+ groups) and ``band_bc`` (both ends, the band centred on the
+components' bias-corrected values: a candidate for ``ece_gap``). A nominal 95% interval should cover 95% of the time; an absolute or max-over-groups
 gap is biased upward in small samples, which the percentile interval inherits.
 
 Prints one row per (setting, metric): truth, mean plug-in estimate (its bias), mean
 bias-corrected estimate, share of draws whose reported interval excludes the plug-in value,
-coverage per method (binomial standard error ≈ 0.011 at 400 draws).
+coverage per method (binomial standard error ≈ 0.011 at 400 draws); with ``--widths`` also the
+mean width per method.
 """
 
 from __future__ import annotations
@@ -38,43 +43,55 @@ from statistics import NormalDist
 
 import numpy as np
 
+from cxrfair.analysis.replicates import seed_resampled, seed_widened
 from cxrfair.core import metrics as M
 from cxrfair.core import multilabel as ML
 from cxrfair.core.bootstrap import patient_counts
-from cxrfair.core.intervals import interval, interval_method, intervals_by_metric
+from cxrfair.core.intervals import band_columns, component_columns, interval, interval_method, intervals_by_metric
 
 # The metrics whose coverage is studied: (name in evaluate_all's keys, attribute-level?).
 STUDIED = ("accuracy", "auc_macro", "f1_gap", "f1_gap_abs", "eqodds", "eqodds_worst", "dp_gap", "ece_gap",
            "fnr_gap", "es_auc", "worst_group_accuracy")
 CLASSES = ("A", "B", "C")
-METHODS = ("used", "percentile", "basic", "shifted", "hull", "bca")  # "used": core.intervals' choice for the metric
+METHODS = ("used", "percentile", "basic", "shifted", "hull", "bca", "band", "band_basic", "band_bc")  # "used": core.intervals' choice for the metric
 JACK_BLOCKS = 20  # delete-a-block jackknife of the BCa acceleration: blocks of patients
 
 
 TILT_PER_GAP = 3.0  # logit added to class 0 in the non-reference groups, per unit of accuracy gap
 
 
-def simulate(signals: np.ndarray, n_per_group: int, rng: np.random.Generator, noise: float = 1.0, tilts=None):
-    """Images of every group: ((N,) labels, (N, C) probabilities, (N,) group labels).
+def simulate(signals: np.ndarray, n_per_group: int, rng: np.random.Generator, noise: float = 1.0, tilts=None,
+             images: int = 1, patient_sd: float = 0.0):
+    """Images of every group: ((N,) labels, (N, C) probabilities, (N,) group labels, (N,) patient ids).
 
     signals, tilts: (G,) per group: the logit added to the true class, and to class 0 (a
     prediction bias towards it, so that selection rates, hence dp_gap, differ between groups).
+    images, patient_sd: ``n_per_group`` patients per group, each with 1 to ``images`` images (uniform)
+    that share the patient's label and a patient effect N(0, patient_sd²) on the true class's logit
+    (some patients are easy, some hard): images of one patient are correlated. With the defaults,
+    one image per patient and the same draws as before these options existed.
     """
     c = len(CLASSES)
-    groups = np.repeat(np.arange(len(signals)), n_per_group)
-    y = rng.integers(0, c, size=len(groups))
+    patient_group = np.repeat(np.arange(len(signals)), n_per_group)
+    n_images = rng.integers(1, images + 1, size=len(patient_group)) if images > 1 else np.ones(len(patient_group), int)
+    patients = np.repeat(np.arange(len(patient_group)), n_images)
+    groups = patient_group[patients]
+    y = rng.integers(0, c, size=len(patient_group))[patients]
+    effect = rng.normal(0.0, patient_sd, size=len(patient_group))[patients] if patient_sd > 0 else 0.0
     logits = rng.normal(0.0, noise, size=(len(groups), c))
-    logits[np.arange(len(groups)), y] += signals[groups]
+    logits[np.arange(len(groups)), y] += signals[groups] + effect
     if tilts is not None:
         logits[:, 0] += np.asarray(tilts)[groups]
     p = np.exp(logits - logits.max(1, keepdims=True))
-    return y, p / p.sum(1, keepdims=True), np.array([f"g{g}" for g in groups])
+    return y, p / p.sum(1, keepdims=True), np.array([f"g{g}" for g in groups]), patients
 
 
-def values(y, p, groups, weights=None) -> dict[str, np.ndarray]:
-    """The studied metrics: {name: () or (R,)} (group metrics over the one attribute)."""
+def values(y, p, groups, weights=None, full: bool = False) -> dict[str, np.ndarray]:
+    """The studied metrics: {name: () or (R,)} (group metrics over the one attribute); ``full``: every key."""
     levels = sorted(set(groups.tolist()))
     out = M.evaluate_all(y, p, list(CLASSES), {"group": (groups, levels)}, weights=weights)
+    if full:
+        return out
     return {name: out[(name, "", "", "")] if (name, "", "", "") in out else out[(name, "group", "", "")]
             for name in STUDIED}
 
@@ -106,7 +123,7 @@ def intervals(name: str, estimate: float, reps: np.ndarray, jack: np.ndarray, le
 
 def _accuracy(signal: float, tilt: float = 0.0, n: int = 50_000) -> float:
     """Population accuracy at one signal and tilt (common random numbers, so it is monotone in the signal)."""
-    y, p, _ = simulate(np.array([signal]), n, np.random.default_rng(1), tilts=np.array([tilt]))
+    y, p, _, _ = simulate(np.array([signal]), n, np.random.default_rng(1), tilts=np.array([tilt]))
     return float((p.argmax(1) == y).mean())
 
 
@@ -130,22 +147,27 @@ ML_STUDIED = ("auc_macro", "auc_gap", "worst_group_auc", "es_auc", "eqodds", "eq
 ML_PREVALENCE, ML_SIGNAL_PER_GAP, ML_NOISE = 0.3, 5.0, 1.5
 
 
-def simulate_multilabel(signals: np.ndarray, n_per_group: int, rng: np.random.Generator, tilts=None):
-    """((N, C) labels in {0, 1}, (N, C) probabilities, (N,) group labels)."""
+def simulate_multilabel(signals: np.ndarray, n_per_group: int, rng: np.random.Generator, tilts=None,
+                        images: int = 1, patient_sd: float = 0.0):
+    """((N, C) labels in {0, 1}, (N, C) probabilities, (N,) group labels, (N,) patient ids): one image per patient."""
+    if images != 1 or patient_sd:
+        raise ValueError("--images and --patient-sd are simulated for the multi-class task only")
     c = len(CLASSES)
     groups = np.repeat(np.arange(len(signals)), n_per_group)
     y = (rng.random((len(groups), c)) < ML_PREVALENCE).astype(np.float64)
     logit = signals[groups][:, None] * (2 * y - 1) + rng.normal(0.0, ML_NOISE, size=y.shape)
     if tilts is not None:
         logit += np.asarray(tilts)[groups][:, None]
-    return y, 1 / (1 + np.exp(-logit)), np.array([f"g{g}" for g in groups])
+    return y, 1 / (1 + np.exp(-logit)), np.array([f"g{g}" for g in groups]), np.arange(len(groups))
 
 
-def values_multilabel(y, p, groups, weights=None) -> dict[str, np.ndarray]:
-    """The studied multi-label metrics (macros over conditions): {name: () or (R,)}."""
+def values_multilabel(y, p, groups, weights=None, full: bool = False) -> dict[str, np.ndarray]:
+    """The studied multi-label metrics (macros over conditions): {name: () or (R,)}; ``full``: every key."""
     levels = sorted(set(groups.tolist()))
     out = ML.evaluate_multilabel(y, p, list(CLASSES), {"group": (groups, levels)}, np.full(len(CLASSES), 0.5),
                                  weights=weights)
+    if full:
+        return out
     return {name: out[(name, "", "", "")] if (name, "", "", "") in out else out[(name, "group", "", "")]
             for name in ML_STUDIED}
 
@@ -164,22 +186,33 @@ def run_setting(n_groups: int, n_per_group: int, gap: float, args, rng, task: st
     """Coverage of every method for every studied metric in one setting: one row per metric."""
     studied, simulate, values, signals_for = TASKS[task]
     signals, tilts = signals_for(n_groups, gap)
-    truth = values(*simulate(signals, args.truth, np.random.default_rng(10_000 + n_groups), tilts=tilts))
+    cluster = dict(images=getattr(args, "images", 1), patient_sd=getattr(args, "patient_sd", 0.0))
+    truth = values(*simulate(signals, args.truth, np.random.default_rng(10_000 + n_groups), tilts=tilts, **cluster)[:3])
     hits = {(m, k): 0 for m in studied for k in METHODS}
     width = {(m, k): 0.0 for m in studied for k in METHODS}
+    made = {(m, k): 0 for m in studied for k in METHODS}
     excludes = dict.fromkeys(studied, 0)
     defined = dict.fromkeys(studied, 0)
     estimates = {m: [] for m in studied}
     corrected = {m: [] for m in studied}
     for _ in range(args.draws):
-        y, p, groups = simulate(signals, n_per_group, rng, tilts=tilts)
-        counts = patient_counts(np.arange(len(y)), groups, args.replicates, rng)
-        block = rng.permutation(len(y)) % JACK_BLOCKS  # grouped jackknife: one image per patient here
+        y, p, groups, patients = simulate(signals, n_per_group, rng, tilts=tilts, **cluster)
+        # `analyze` resamples patients; --resample image redraws images one by one (the contrast).
+        units = patients if getattr(args, "resample", "patient") == "patient" else np.arange(len(y))
+        counts = patient_counts(units, groups, args.replicates, rng)
+        block = rng.permutation(patients[-1] + 1)[patients] % JACK_BLOCKS  # grouped jackknife: blocks of patients
         jack_w = (block[None, :] != np.arange(JACK_BLOCKS)[:, None]).astype(np.float64)
-        est, reps, jack = values(y, p, groups), values(y, p, groups, weights=counts), values(y, p, groups, weights=jack_w)
-        keys = [(m, "group", "", "") for m in studied]
-        used_lo, used_hi, used_bc, _ = intervals_by_metric(np.stack([np.asarray(reps[m], dtype=np.float64) for m in studied], 1),
-                                                           [float(est[m]) for m in studied], keys, args.level)
+        est_all, reps_all = values(y, p, groups, full=True), values(y, p, groups, weights=counts, full=True)
+        jack = values(y, p, groups, weights=jack_w)
+        keys_all = list(est_all)
+        where = {k: i for i, k in enumerate(keys_all)}
+        est_vec = np.array([float(est_all[k]) for k in keys_all])
+        rep_mat = np.stack([np.asarray(reps_all[k], dtype=np.float64) for k in keys_all], 1)
+        col = {m: where[(m, "", "", "")] if (m, "", "", "") in where else where[(m, "group", "", "")] for m in studied}
+        est, reps = {m: est_vec[col[m]] for m in studied}, {m: rep_mat[:, col[m]] for m in studied}
+        # Every key, as `analyze` passes them: a band gap's interval is built from the per-group values.
+        all_lo, all_hi, all_bc, _ = intervals_by_metric(rep_mat, est_vec, keys_all, args.level)
+        used_lo, used_hi, used_bc = (np.array([x[col[m]] for m in studied]) for x in (all_lo, all_hi, all_bc))
         for i, m in enumerate(studied):
             e, r = float(est[m]), np.asarray(reps[m], dtype=np.float64)
             if not np.isfinite(e) or np.isnan(r).all():
@@ -189,8 +222,16 @@ def run_setting(n_groups: int, n_per_group: int, gap: float, args, rng, task: st
             corrected[m].append(float(used_bc[i]))
             found = {"used": (float(used_lo[i]), float(used_hi[i])),
                      **intervals(m, e, r, np.asarray(jack[m], dtype=np.float64), args.level)}
+            cc = component_columns((m, "group", "", ""), where)  # the max-t band needs the per-group values
+            found["band"] = band_columns(rep_mat, est_vec, *cc, args.level) if cc else (np.nan, np.nan)
+            found["band_basic"] = (found["band"][0], max(found["basic"][1], found["band"][0]))
+            found["band_bc"] = (band_columns(rep_mat, est_vec, *cc, args.level, recentre=True) if cc
+                                else (np.nan, np.nan))
             excludes[m] += not found["used"][0] <= e <= found["used"][1]
             for k, (lo, hi) in found.items():
+                if np.isnan(lo):  # a method that does not apply to this metric (band: no components view)
+                    continue
+                made[(m, k)] += 1
                 hits[(m, k)] += lo <= float(truth[m]) <= hi
                 width[(m, k)] += hi - lo
     rows = []
@@ -201,8 +242,132 @@ def run_setting(n_groups: int, n_per_group: int, gap: float, args, rng, task: st
                      "mean_estimate": float(np.mean(estimates[m])) if estimates[m] else np.nan,
                      "mean_bc": float(np.mean(corrected[m])) if corrected[m] else np.nan,
                      "excludes": excludes[m] / n, "draws": defined[m],
-                     **{k: hits[(m, k)] / n for k in METHODS}, **{f"w_{k}": width[(m, k)] / n for k in METHODS}})
+                     **{k: hits[(m, k)] / made[(m, k)] if made[(m, k)] else np.nan for k in METHODS},
+                     **{f"w_{k}": width[(m, k)] / made[(m, k)] if made[(m, k)] else np.nan for k in METHODS}})
     return rows
+
+
+# Paired deltas (``--delta``): two models scored on the same test images, as `analyze` compares a run with
+# its baseline (comparisons.csv) and a mitigation with its ERM (mitigation.csv). Model A has accuracy gap
+# ``gap_a``, model B ``gap_b``; their logit noise is correlated (``DELTA_RHO``: both read the same images).
+# Both get the same patient resamples, so replicate r of Δ = B − A is B's replicate r minus A's (paired).
+DELTA_STUDIED = ("accuracy", "f1_gap_abs", "eqodds", "worst_group_accuracy")
+DELTA_METHODS = ("percentile", "basic", "hull")
+DELTA_RHO = 0.5
+
+
+def simulate_pair(a: tuple, b: tuple, n_per_group: int, rng: np.random.Generator, rho: float = DELTA_RHO):
+    """Two models on the same images: ((N,) labels, (N, C) probabilities of A, of B, (N,) group labels).
+
+    a, b: each model's (signals, tilts) per group (``signals_for``)."""
+    c, n_groups = len(CLASSES), len(a[0])
+    groups = np.repeat(np.arange(n_groups), n_per_group)
+    y = rng.integers(0, c, size=len(groups))
+    z1, z2 = rng.normal(size=(2, len(groups), c))
+    probs = []
+    for (signals, tilts), z in ((a, z1), (b, rho * z1 + np.sqrt(1 - rho ** 2) * z2)):
+        logits = z.copy()
+        logits[np.arange(len(groups)), y] += signals[groups]
+        logits[:, 0] += tilts[groups]
+        e = np.exp(logits - logits.max(1, keepdims=True))
+        probs.append(e / e.sum(1, keepdims=True))
+    return y, probs[0], probs[1], np.array([f"g{g}" for g in groups])
+
+
+def run_delta_setting(n_groups: int, n_per_group: int, gap_a: float, gap_b: float, args, rng) -> list[dict]:
+    """Coverage of the paired Δ = metric(B) − metric(A) by each of ``DELTA_METHODS``: one row per metric."""
+    a, b = signals_for(n_groups, gap_a), signals_for(n_groups, gap_b)
+    y, pa, pb, g = simulate_pair(a, b, args.truth, np.random.default_rng(20_000 + n_groups))
+    truth = {m: float(values(y, pb, g)[m]) - float(values(y, pa, g)[m]) for m in DELTA_STUDIED}
+    hits = {(m, k): 0 for m in DELTA_STUDIED for k in DELTA_METHODS}
+    width = {(m, k): 0.0 for m in DELTA_STUDIED for k in DELTA_METHODS}
+    defined = dict.fromkeys(DELTA_STUDIED, 0)
+    for _ in range(args.draws):
+        y, pa, pb, g = simulate_pair(a, b, n_per_group, rng)
+        counts = patient_counts(np.arange(len(y)), g, args.replicates, rng)
+        ea, eb = values(y, pa, g), values(y, pb, g)
+        ra, rb = values(y, pa, g, weights=counts), values(y, pb, g, weights=counts)
+        for m in DELTA_STUDIED:
+            e = float(eb[m]) - float(ea[m])
+            r = np.asarray(rb[m], dtype=np.float64) - np.asarray(ra[m], dtype=np.float64)
+            if not np.isfinite(e):
+                continue
+            defined[m] += 1
+            for k in DELTA_METHODS:
+                (lo,), (hi,) = interval(r[:, None], [e], k, args.level, -1.0, 1.0)
+                hits[(m, k)] += lo <= truth[m] <= hi
+                width[(m, k)] += hi - lo
+    return [{"groups": n_groups, "per_group": n_per_group, "gap_a": gap_a, "gap_b": gap_b, "metric": m,
+             "truth": truth[m], "draws": defined[m], **{k: hits[(m, k)] / max(defined[m], 1) for k in DELTA_METHODS},
+             **{f"w_{k}": width[(m, k)] / max(defined[m], 1) for k in DELTA_METHODS}} for m in DELTA_STUDIED]
+
+
+# Seed means (``--seeds K ...``): K models (seeds) of one method scored on the same test images, as
+# `analyze` averages them in seeds.csv. Seed s has the signal of every group shifted by N(0, seed_sd²)
+# and logit noise correlated with the other seeds' (``SEED_RHO``: the same images). The truth is the
+# mean over seeds of the population metric (``SEED_TRUTH_SEEDS`` seeds on ``--truth`` images per group).
+SEED_STUDIED = ("accuracy", "f1_gap", "eqodds", "worst_group_accuracy")
+SEED_METHODS = ("patients", "two_level", "t_quad")
+SEED_RHO, SEED_TRUTH_SEEDS = 0.7, 40
+
+
+def simulate_seeds(signals, tilts, shifts, n_per_group: int, rng: np.random.Generator, rho: float = SEED_RHO):
+    """((N,) labels, [(N, C) probabilities of each seed], (N,) group labels); shifts: (S,) each seed's signal shift."""
+    c = len(CLASSES)
+    groups = np.repeat(np.arange(len(signals)), n_per_group)
+    y = rng.integers(0, c, size=len(groups))
+    shared = rng.normal(size=(len(groups), c))
+    probs = []
+    for shift in shifts:
+        logits = rho * shared + np.sqrt(1 - rho ** 2) * rng.normal(size=shared.shape)
+        logits[np.arange(len(groups)), y] += signals[groups] + shift
+        logits[:, 0] += tilts[groups]
+        e = np.exp(logits - logits.max(1, keepdims=True))
+        probs.append(e / e.sum(1, keepdims=True))
+    return y, probs, np.array([f"g{g}" for g in groups])
+
+
+def seed_mean_intervals(per_seed_est, per_seed_reps, keys, level: float, rng) -> dict:
+    """Each of ``SEED_METHODS``' (K,) low and high for the seed mean of K keys.
+
+    per_seed_est: (S, K); per_seed_reps: (S, R, K) on shared patient resamples. ``patients``: the
+    mean's replicates without seed resampling; ``two_level``: seeds then patients
+    (``replicates.seed_resampled``, what `analyze` reports); ``t_quad``: the patients interval's
+    half-widths widened in quadrature by t_{S−1} · sd over seeds / √S (``replicates.seed_widened``)."""
+    est = per_seed_est.mean(0)
+    out = {}
+    for name, r in (("patients", seed_resampled(per_seed_reps, None)), ("two_level", seed_resampled(per_seed_reps, rng))):
+        out[name] = intervals_by_metric(r, est, keys, level)[:2]
+    out["t_quad"] = seed_widened(est, *out["patients"], per_seed_est, level)
+    return out
+
+
+def run_seed_setting(n_groups: int, n_per_group: int, gap: float, n_seeds: int, args, rng) -> list[dict]:
+    """Coverage (width) of each of ``SEED_METHODS`` for the mean over ``n_seeds`` seeds: one row per metric."""
+    signals, tilts = signals_for(n_groups, gap)
+    truth_rng = np.random.default_rng(30_000 + n_groups)
+    shifts = truth_rng.normal(0.0, args.seed_sd, SEED_TRUTH_SEEDS)
+    y, probs, g = simulate_seeds(signals, tilts, shifts, args.truth, truth_rng)
+    truth = {m: float(np.mean([values(y, p, g)[m] for p in probs])) for m in SEED_STUDIED}
+    hits = {(m, k): 0 for m in SEED_STUDIED for k in SEED_METHODS}
+    width = {(m, k): 0.0 for m in SEED_STUDIED for k in SEED_METHODS}
+    for _ in range(args.draws):
+        y, probs, g = simulate_seeds(signals, tilts, rng.normal(0.0, args.seed_sd, n_seeds), n_per_group, rng)
+        counts = patient_counts(np.arange(len(y)), g, args.replicates, rng)
+        est = [values(y, p, g, full=True) for p in probs]
+        keys = list(est[0])
+        reps = [values(y, p, g, weights=counts, full=True) for p in probs]
+        per_est = np.array([[float(e[k]) for k in keys] for e in est])
+        per_reps = np.stack([np.stack([np.asarray(r[k], dtype=np.float64) for k in keys], 1) for r in reps])
+        found = seed_mean_intervals(per_est, per_reps, keys, args.level, rng)
+        for m in SEED_STUDIED:
+            j = keys.index((m, "", "", "")) if (m, "", "", "") in keys else keys.index((m, "group", "", ""))
+            for k, (lo, hi) in found.items():
+                hits[(m, k)] += lo[j] <= truth[m] <= hi[j]
+                width[(m, k)] += hi[j] - lo[j]
+    return [{"groups": n_groups, "per_group": n_per_group, "gap": gap, "seeds": n_seeds, "metric": m, "truth": truth[m],
+             **{k: hits[(m, k)] / args.draws for k in SEED_METHODS},
+             **{f"w_{k}": width[(m, k)] / args.draws for k in SEED_METHODS}} for m in SEED_STUDIED]
 
 
 def main() -> None:
@@ -212,27 +377,68 @@ def main() -> None:
     parser.add_argument("--replicates", type=int, default=1000, help="bootstrap replicates per test set")
     parser.add_argument("--truth", type=int, default=200_000, help="images per group of the population")
     parser.add_argument("--groups", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[60, 150, 300], help="patients (= images) per group")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[60, 150, 300],
+                        help="patients per group (= images, unless --images)")
     parser.add_argument("--gaps", type=float, nargs="+", default=[0.0, 0.05, 0.15], help="true accuracy gaps")
     parser.add_argument("--level", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--task", choices=sorted(TASKS), default="multiclass")
+    parser.add_argument("--widths", action="store_true", help="also print each method's mean interval width")
+    parser.add_argument("--metrics", nargs="+", help="only these metrics' rows (default: all studied)")
+    parser.add_argument("--delta", type=float, nargs=2, metavar=("GAP_A", "GAP_B"),
+                        help="paired deltas instead: Δ = B − A of two models with these accuracy gaps (multi-class)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="seed means instead: of this many seeds (multi-class)")
+    parser.add_argument("--seed-sd", type=float, default=0.3, help="sd of a seed's signal shift (with --seeds)")
+    parser.add_argument("--images", type=int, default=1,
+                        help="clustered patients (multi-class): 1 to this many images per patient")
+    parser.add_argument("--patient-sd", type=float, default=0.0,
+                        help="sd of a patient effect on the true class's logit, shared by the patient's images")
+    parser.add_argument("--resample", choices=("patient", "image"), default="patient",
+                        help="bootstrap unit: patients (what `analyze` draws) or images (the contrast)")
     args = parser.parse_args()
     if args.quick:
         args.sizes, args.gaps = [60], [0.0, 0.15]
         args.draws, args.replicates = min(args.draws, 100), min(args.replicates, 500)
+    if args.task != "multiclass" and (args.images != 1 or args.patient_sd):
+        parser.error("--images and --patient-sd are simulated for --task multiclass only")
     rng = np.random.default_rng(args.seed)
-    print(f"{args.draws} draws, {args.replicates} replicates, nominal {args.level:.0%}. Coverage by method; "
+    if args.seeds:
+        if args.task != "multiclass" or args.delta or args.images != 1 or args.patient_sd or args.resample != "patient":
+            parser.error("--seeds is simulated for --task multiclass with one image per patient, without --delta")
+        print(f"{args.draws} draws, {args.replicates} replicates, nominal {args.level:.0%}, seed sd {args.seed_sd} "
+              "(signal): coverage (width) of the seed mean")
+        for n_groups, n, gap, k in itertools.product(args.groups, args.sizes, args.gaps, args.seeds):
+            for r in run_seed_setting(n_groups, n, gap, k, args, rng):
+                print(f"{n_groups:>2} {n:>4} {gap:>5.2f} k={k}  {r['metric']:<21} truth {r['truth']:>7.3f}  " + "  ".join(
+                    f"{m} {r[m]:.3f} ({r['w_' + m]:.3f})" for m in SEED_METHODS), flush=True)
+        return
+    if args.delta:
+        if args.task != "multiclass" or args.images != 1 or args.patient_sd or args.resample != "patient":
+            parser.error("--delta is simulated for --task multiclass with one image per patient")
+        print(f"{args.draws} draws, {args.replicates} replicates, nominal {args.level:.0%}: coverage (width) of the "
+              f"paired Δ = B − A, accuracy gaps A {args.delta[0]}, B {args.delta[1]}")
+        for n_groups, n in itertools.product(args.groups, args.sizes):
+            for r in run_delta_setting(n_groups, n, *args.delta, args, rng):
+                print(f"{n_groups:>2} {n:>4}  {r['metric']:<21} truth {r['truth']:>7.3f}  " + "  ".join(
+                    f"{k} {r[k]:.3f} ({r['w_' + k]:.3f})" for k in DELTA_METHODS), flush=True)
+        return
+    print(f"{args.draws} draws, {args.replicates} replicates, nominal {args.level:.0%}, 1-{args.images} images per patient, "
+          f"patient sd {args.patient_sd}, {args.resample} bootstrap. Coverage by method; "
           "'used' = the method of core.intervals; 'bc' = mean bias-corrected estimate; 'excl' = share of "
           "draws whose interval (method used) excludes the plug-in value")
     print(f"{'G':>2} {'n/g':>4} {'gap':>5}  {'metric':<21} {'used':<10} {'truth':>7} {'mean est':>8} {'bc':>7} "
-          f"{'excl':>5}  " + " ".join(f"{k:>10}" for k in METHODS))
+          f"{'excl':>5}  " + " ".join(f"{k:>10}" for k in METHODS)
+          + ("   widths: " + " ".join(f"{k:>10}" for k in METHODS) if args.widths else ""))
     for n_groups, n, gap in itertools.product(args.groups, args.sizes, args.gaps):
         start = time.perf_counter()
         for r in run_setting(n_groups, n, gap, args, rng, args.task):
+            if args.metrics and r["metric"] not in args.metrics:
+                continue
             print(f"{r['groups']:>2} {r['per_group']:>4} {r['gap']:>5.2f}  {r['metric']:<21} {r['method']:<10} "
                   f"{r['truth']:>7.3f} {r['mean_estimate']:>8.3f} {r['mean_bc']:>7.3f} {r['excludes']:>5.2f}  "
-                  + " ".join(f"{r[k]:>10.3f}" for k in METHODS), flush=True)
+                  + " ".join(f"{r[k]:>10.3f}" for k in METHODS)
+                  + ("   widths: " + " ".join(f"{r['w_' + k]:>10.3f}" for k in METHODS) if args.widths else ""),
+                  flush=True)
         print(f"   ({time.perf_counter() - start:.0f} s)", flush=True)
 
 

@@ -36,6 +36,8 @@ ECE_BINS = 15  # equal-width confidence bins of the binned calibration error, bo
 # The combine vocabulary of every spec table (what each does: GroupMetric.combine).
 PAIRWISE_COMBINES = ("difference", "abs_difference", "magnitude")
 COMBINES = PAIRWISE_COMBINES + ("max_range", "min", "equity")
+# The combines that are a nondecreasing function of |pair differences| alone (``pair_components``).
+ABS_COMBINES = ("abs_difference", "max_range")
 
 
 # ----------------------------------------------------------------------------- the NaN rule
@@ -161,6 +163,66 @@ def _stacked(values) -> np.ndarray:
     return np.stack(list(values.values())) if isinstance(values, Mapping) else np.asarray(values)
 
 
+def pair_components(spec: GroupMetric, per_group: Mapping) -> np.ndarray:
+    """The signed components of an ``ABS_COMBINES`` metric: every base's difference over every pair of groups.
+
+    An ``abs_difference`` or ``max_range`` metric is a function of these components' absolute
+    values alone, nondecreasing in each (``combine_components``): so a box that holds every
+    component maps to an interval that holds the metric (``core.intervals.component_band``).
+
+    Args:
+        spec: the metric (its ``combine`` in ``ABS_COMBINES``).
+        per_group: {base: (G, ..., C)} (or {base: {group: (..., C)}}) in level order.
+
+    Returns:
+        (B, P, ..., C) value(i) − value(j) of base b over the P = G(G − 1)/2 pairs i < j in level
+        order ((0, 1), (0, 2), ..., (1, 2), ...); P = 0 with fewer than two groups.
+    """
+    if spec.combine not in ABS_COMBINES:
+        raise ValueError(f"{spec.name}: combine {spec.combine!r} has no components view (only {', '.join(ABS_COMBINES)})")
+    values = [_stacked(per_group[b]) for b in spec.bases]
+    i, j = np.triu_indices(values[0].shape[0], k=1)
+    return np.stack([v[i] - v[j] for v in values])
+
+
+def combine_components(spec: GroupMetric, magnitudes, *, per_class: bool = False, n_groups: int | None = None,
+                       min_range_groups: int = 2):
+    """An ``ABS_COMBINES`` metric from the absolute values of its components (``pair_components``).
+
+    Nondecreasing in every entry of ``magnitudes``, which is what lets a bound on each |component|
+    bound the metric. ``combine_groups`` computes these metrics through here (one engine).
+
+    Args:
+        spec: the metric. magnitudes: (B, P, ..., C) |components| (or bounds on them), P pairs of
+            G groups in ``pair_components`` order.
+        per_class: also return the per-class values.
+        n_groups: G (default: from P, taking P = 0 for one group); needed only to tell one group from none.
+        min_range_groups: as ``combine_groups``.
+
+    Returns:
+        (...) the metric, or with ``per_class`` ((..., C), (...)).
+    """
+    a = np.asarray(magnitudes, dtype=np.float64)
+    if n_groups is None:
+        n_groups = int(round((1 + np.sqrt(1 + 8 * a.shape[1])) / 2))
+    if spec.combine == "abs_difference":
+        if n_groups < 2:
+            per, summary = np.full(a.shape[2:], np.nan), np.full(a.shape[2:-1], np.nan)
+        else:
+            # Mean over bases, then the largest pair (NaN propagates); the summary's class mean skips NaN.
+            summary = (sum(nanmean_last(x) for x in a) / len(a)).max(axis=0)
+            per = (sum(a) / len(a)).max(axis=0)
+    else:  # max_range: per class, max − min over groups = the largest |pair difference|; the largest over bases
+        if n_groups == 0 or n_groups < min_range_groups:
+            per = np.full(a.shape[2:], np.nan)
+        elif n_groups == 1:
+            per = np.zeros(a.shape[2:])
+        else:
+            per = a.max(axis=(0, 1))  # NaN propagates
+        summary = nanmean_last(per)
+    return (per, summary) if per_class else summary
+
+
 def combine_groups(spec: GroupMetric, per_group: Mapping, overall: Mapping | None = None, *, per_class: bool = False,
                    min_range_groups: int = 2):
     """Apply one GroupMetric to per-group base values (either task).
@@ -181,19 +243,18 @@ def combine_groups(spec: GroupMetric, per_group: Mapping, overall: Mapping | Non
     values = {b: _stacked(per_group[b]) for b in spec.bases}
     first = values[spec.bases[0]]
     n_groups = first.shape[0]
+    if spec.combine in ABS_COMBINES:
+        return combine_components(spec, np.abs(pair_components(spec, values)), per_class=per_class,
+                                  n_groups=n_groups, min_range_groups=min_range_groups)
     if spec.combine in PAIRWISE_COMBINES:
         d = [v[:, None] - v[None, :] for v in values.values()]  # each (G, G, ..., C)
-        if spec.combine == "abs_difference":
-            d = [np.abs(x) for x in d]
         summary = _over_pairs(sum(nanmean_last(x) for x in d) / len(d))  # class mean skips NaN
         per = _over_pairs(sum(d) / len(d)) if per_class else None
         if spec.combine == "magnitude":
             summary, per = np.abs(summary), (None if per is None else np.abs(per))
         return (per, summary) if per_class else summary
-    if n_groups == 0 or (spec.combine == "max_range" and n_groups < min_range_groups):
+    if n_groups == 0:
         per = np.full(first.shape[1:], np.nan)
-    elif spec.combine == "max_range":
-        per = np.stack([v.max(axis=0) - v.min(axis=0) for v in values.values()]).max(axis=0)  # NaN propagates
     elif spec.combine == "min":
         per = first.min(axis=0)
     else:  # equity

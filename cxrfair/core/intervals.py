@@ -36,6 +36,18 @@ Methods (``METHODS``), each over the replicate axis and vectorised over every ot
   whenever the signed interval covers ``s``, so a true gap of 0 is covered as often as the
   signed gap's 0 is; its estimate is ``|θ̂_bc|`` of the signed metric.
 
+- ``band``: for a gap that is a nondecreasing function of |pair differences| (``groups.ABS_COMBINES``:
+  ``eqodds``, ``eqodds_worst``, ``dp_gap``) over 3+ groups (``BAND_MIN_GROUPS``). Its signed components
+  (every base's per-class difference of every pair of groups, ``groups.pair_components``) are
+  rebuilt from the per-group values beside it; their max-t simultaneous band (``component_band``:
+  ``θ̂_k ± c · sd_k``, c the 95% quantile of the replicates' largest studentized deviation) maps through
+  the gap to a low end (``band_interval``: the gap of the smallest |value| each band allows) that holds
+  the truth whenever the band holds every component, whatever the bias of the plug-in largest pair;
+  the high end is the basic interval's. The hull's low end, ``2θ̂ − q_hi``, trusts the bootstrap's
+  bias estimate, which for the largest of 6 pairs is too small (4 groups × 60: 0.80–0.84 coverage).
+  With two groups (one pair) it is the hull (the basic high end under-covers large gaps there);
+  without the per-group values among the keys, too (the method column says ``hull``). Estimate: ``θ̂_bc``.
+
 The plug-in value itself never changes (it equals fairlearn's); ``value_bc`` is added beside it.
 """
 
@@ -46,8 +58,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from cxrfair.core.bootstrap import interval as percentile_interval
+from cxrfair.core import metrics, multilabel
+from cxrfair.core.groups import ABS_COMBINES, GroupMetric, combine_components, pair_components
 
-METHODS = ("percentile", "basic", "shifted", "hull", "folded")
+METHODS = ("percentile", "basic", "shifted", "hull", "folded", "band")
+BAND_MIN_GROUPS = 3  # a "band" gap over fewer groups (one pair) takes the hull (RESULTS.md: the basic end under-covers there)
 
 
 @dataclass(frozen=True)
@@ -101,10 +116,13 @@ INTERVAL_METHODS: dict[str, IntervalMethod] = {
     "f1_gap_abs": IntervalMethod("folded", 0.0, 1.0, signed="f1_gap",
                                  why="|f1_gap|: the signed gap's interval folded at 0 (so it reads the same as "
                                      "f1_gap's, and a true gap of 0 is covered as often)"),
-    # Means of absolute gaps over classes (3+ groups: the largest pair), biased upward; with 4 groups
-    # no method reached 0.90 at 60 patients per group (RESULTS.md).
-    **{name: IntervalMethod("hull", 0.0, 1.0, checked_groups=2, why="a mean of absolute gaps over classes (3+ groups: "
-                                                                    "the largest pair), biased upward: " + _HULL)
+    # Means of absolute gaps over classes (3+ groups: the largest pair), biased upward; with 4 groups the
+    # hull covered 0.80-0.84 at 60 patients per group, the band 0.9x (RESULTS.md, "Gaps over 3+ groups").
+    **{name: IntervalMethod("band", 0.0, 1.0, why="a mean of absolute gaps over classes (3+ groups: the largest pair), "
+                                                  "biased upward: with two groups " + _HULL + "; with 3+ groups the low "
+                                                  "end of the simultaneous (max-t) band of every pair's per-class "
+                                                  "differences and the high end of the basic interval, as the hull "
+                                                  "under-covers the largest of many pairs")
        for name in ("eqodds", "eqodds_worst", "dp_gap")},
     **{name: IntervalMethod("hull", 0.0, 1.0, coverage_checked=False,
                             why="ECE is itself biased upward in small groups, by an amount that depends on the group's "
@@ -112,8 +130,12 @@ INTERVAL_METHODS: dict[str, IntervalMethod] = {
                                 "interval reached 0.90 coverage in every simulated setting, so not coverage-checked")
        for name in ("ece_gap", "ece_gap_paper")},
     "worst_group_accuracy": IntervalMethod("hull", 0.0, 1.0, why="the smallest group's value, biased downward: " + _HULL),
-    "worst_group_auc": IntervalMethod("hull", 0.0, 1.0, why="the smallest group's value, biased downward: " + _HULL),
-    "es_auc": IntervalMethod("hull", 0.0, 1.0, why="AUC shrunk by Σ_g |AUC − AUC_g|, biased downward: " + _HULL),
+    # Multi-label with four groups the hull of these two covered 0.86-0.88 in some settings of two runs
+    # (RESULTS.md, "Gaps over 3+ groups"): checked for two groups only.
+    "worst_group_auc": IntervalMethod("hull", 0.0, 1.0, checked_groups=2,
+                                      why="the smallest group's value, biased downward: " + _HULL),
+    "es_auc": IntervalMethod("hull", 0.0, 1.0, checked_groups=2,
+                             why="AUC shrunk by Σ_g |AUC − AUC_g|, biased downward: " + _HULL),
 }
 
 
@@ -165,6 +187,8 @@ def interval(replicates, estimate, method: str = "percentile", level: float = 0.
     elif method == "shifted":
         shift = 2 * (_mean(reps) - est)
         lo, hi = lo - shift, hi - shift
+    elif method == "band":
+        raise ValueError("a band interval is made from the gap's components: intervals_by_metric (or band_columns)")
     elif method != "percentile":
         raise ValueError(f"unknown interval method {method!r}; choose among {', '.join(METHODS)}")
     bad = np.isnan(est) | np.isnan(lo)
@@ -175,7 +199,7 @@ def interval(replicates, estimate, method: str = "percentile", level: float = 0.
 def bias_corrected(replicates, estimate, method: str = "percentile", low=-np.inf, high=np.inf) -> np.ndarray:
     """The estimate a method's interval is centred on, clipped to [low, high].
 
-    ``percentile``: the plug-in value; ``basic``, ``shifted`` and ``hull``: the bootstrap bias-corrected
+    ``percentile``: the plug-in value; ``basic``, ``shifted``, ``hull`` and ``band``: the bootstrap bias-corrected
     ``2θ̂ − mean(θ*)`` (NaN replicates skipped); ``folded``: ``|2ŝ − mean(s*)|`` of the signed
     metric (``replicates`` and ``estimate`` are the signed metric's).
 
@@ -200,7 +224,8 @@ def intervals_by_metric(replicates, estimates, keys, level: float = 0.95):
     Args:
         replicates: (R, K) replicates of K metric values. estimates: (K,) plug-in values.
         keys: K metrics.csv keys ``(metric, attribute, group, class)``; a ``folded`` metric's
-            signed partner is looked up among them (NaN interval if it is absent).
+            signed partner is looked up among them (NaN interval if it is absent), and a ``band``
+            gap's per-group base values (``component_columns``; the hull if they are absent).
         level: nominal coverage.
 
     Returns:
@@ -214,14 +239,202 @@ def intervals_by_metric(replicates, estimates, keys, level: float = 0.95):
     # Column whose replicates each key's interval is made of: its own, or its signed partner's.
     source = np.array([where.get((s.signed, *k[1:]), -1) if s.signed else i for i, (k, s) in enumerate(zip(keys, specs))],
                       dtype=np.int64)
+    # With fewer than BAND_MIN_GROUPS groups (or without the per-group values among the keys) a band
+    # gap takes the hull, and its method column says so.
+    components = {i: component_columns(k, where) for i, (k, s) in enumerate(zip(keys, specs)) if s.method == "band"}
+    components = {i: c for i, c in components.items() if c is not None and c[1].shape[1] >= BAND_MIN_GROUPS}
+    used = [("hull" if s.method == "band" and i not in components else s.method) for i, s in enumerate(specs)]
     lo, hi, bc = (np.full(len(specs), np.nan) for _ in range(3))
     for method in METHODS:
-        cols = np.array([i for i, s in enumerate(specs) if s.method == method and source[i] >= 0], dtype=np.int64)
+        cols = np.array([i for i, m in enumerate(used) if m == method and source[i] >= 0], dtype=np.int64)
         if not len(cols):
             continue
         a = np.array([specs[i].low for i in cols])
         b = np.array([specs[i].high for i in cols])
         r, e = reps[:, source[cols]], est[source[cols]]
-        lo[cols], hi[cols] = interval(r, e, method, level, a, b)
+        if method == "band":
+            # Low: the simultaneous band of the components; high: the basic interval's (bias-corrected) end.
+            band_lo = np.clip([band_columns(reps, est, *components[i], level)[0] for i in cols], a, b)
+            basic_hi = interval(r, e, "basic", level, a, b)[1]
+            bad = np.isnan(basic_hi) | np.isnan(band_lo)
+            lo[cols] = np.where(bad, np.nan, band_lo)
+            # Never below the low end (possible only when the replicates all lie far above the estimate).
+            hi[cols] = np.where(bad, np.nan, np.fmax(basic_hi, band_lo))
+        else:
+            lo[cols], hi[cols] = interval(r, e, method, level, a, b)
         bc[cols] = bias_corrected(r, e, method, a, b)
-    return lo, hi, bc, [s.method for s in specs]
+    return lo, hi, bc, used
+
+
+# ----------------------------------------------------------------------------- simultaneous component bands
+
+
+def _sd(reps: np.ndarray) -> np.ndarray:
+    """NaN-skipping standard deviation over axis 0 (ddof 1) without warnings: (R, ...) -> (...)."""
+    m = _mean(reps)
+    ok = ~np.isnan(reps)
+    n = ok.sum(axis=0)
+    ss = np.where(ok, (reps - m) ** 2, 0).sum(axis=0)
+    return np.sqrt(np.divide(ss, n - 1, out=np.full(n.shape, np.nan), where=n > 1))
+
+
+def max_t(replicates, estimates) -> tuple[np.ndarray, np.ndarray]:
+    """Studentized deviations of every replicate and their largest per replicate (the max-t statistic).
+
+    Args:
+        replicates: (R, K, ...) bootstrap replicates of K signed components (any trailing axes
+            are independent columns, e.g. the metrics of several runs). estimates: (K, ...).
+
+    Returns:
+        ((K, ...) bootstrap sd of each component, (R, ...) max over k of |θ*_k − θ̂_k| / sd_k).
+        A component with sd 0 or NaN (constant, or undefined) does not enter the max; a replicate
+        with no component is 0.
+    """
+    reps = np.asarray(replicates, dtype=np.float64)
+    est = np.asarray(estimates, dtype=np.float64)
+    sd = _sd(reps)
+    ok = np.isfinite(sd) & (sd > 0) & np.isfinite(est)
+    t = np.abs(reps - est) / np.where(ok, sd, 1.0)
+    t = np.where(ok & ~np.isnan(t), t, 0.0)
+    return sd, t.max(axis=1)
+
+
+def component_band(replicates, estimates, level: float = 0.95, critical=None) -> tuple[np.ndarray, np.ndarray]:
+    """The max-t simultaneous band of K signed components: ``θ̂_k ± c · sd_k`` for every k at once.
+
+    ``c`` is the ``level`` quantile of the per-replicate max-t statistic (``max_t``), so in the
+    bootstrap world the band holds all K components together in a share ``level`` of replicates
+    (Hothorn, Bretz & Westfall's simultaneous intervals, with the bootstrap for the joint law).
+
+    Args:
+        replicates: (R, K). estimates: (K,). level: joint coverage.
+        critical: a given ``c`` instead of the max-t quantile (tests; 1.96 is the pointwise band).
+
+    Returns:
+        (low, high), each (K,); NaN where the estimate or the sd is NaN.
+    """
+    est = np.asarray(estimates, dtype=np.float64)
+    sd, t = max_t(replicates, est)
+    c = percentile_interval(t[:, None], 2 * level - 1)[1][0] if critical is None else np.asarray(critical, dtype=np.float64)
+    return est - c * sd, est + c * sd
+
+
+def band_interval(spec: GroupMetric, replicates, estimates, level: float = 0.95, n_groups: int | None = None,
+                  critical=None, min_range_groups: int = 2, recentre: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The interval of an ``abs_difference`` / ``max_range`` gap from the simultaneous band of its components.
+
+    The metric is nondecreasing in every |component| (``groups.combine_components``), so when the
+    band holds every component the metric lies between the metric of the smallest |value| each
+    component's band allows (0 where the band holds 0) and that of the largest: the interval
+    covers at least as often as the band covers all components, whatever the bias of the plug-in
+    max. It is wide when many components are far below the largest (each is widened by ``c``).
+
+    Args:
+        spec: the metric (``groups.GroupMetric``). replicates: (R, B, P, C) replicates of its
+            ``pair_components``; estimates: (B, P, C) the plug-in components.
+        level, critical: as ``component_band`` (the components are flattened into one family).
+        n_groups, min_range_groups: as ``groups.combine_components``.
+        recentre: centre the band on each component's bootstrap bias-corrected value
+            ``2 d̂ − mean(d*)`` (replicates shifted alike) instead of ``d̂``: a candidate of the
+            coverage study for ``ece_gap``, whose components (differences of two groups' binned ECE)
+            are biased themselves; no metric uses it (RESULTS.md).
+
+    Returns:
+        (low, high), two floats as 0-d arrays.
+    """
+    reps = np.asarray(replicates, dtype=np.float64)
+    est = np.asarray(estimates, dtype=np.float64)
+    if recentre:
+        centre = 2 * est - _mean(reps)
+        reps, est = reps - est + centre, centre
+    lo, hi = component_band(reps.reshape(len(reps), -1), est.reshape(-1), level, critical)
+    lo_abs, hi_abs = fold(lo.reshape(est.shape), hi.reshape(est.shape))
+    args = dict(n_groups=n_groups, min_range_groups=min_range_groups)
+    return combine_components(spec, lo_abs, **args), combine_components(spec, hi_abs, **args)
+
+
+def _abs_specs() -> dict[str, GroupMetric]:
+    """{name: spec} of the gaps with a components view, from both tasks' spec tables (a name means
+    the same combine and bases in both, checked here)."""
+    out: dict[str, GroupMetric] = {}
+    for spec in (*metrics.GROUP_METRICS, *multilabel.GROUP_METRICS):
+        if spec.combine not in ABS_COMBINES:
+            continue
+        seen = out.setdefault(spec.name, spec)
+        if (seen.bases, seen.combine) != (spec.bases, spec.combine):
+            raise ValueError(f"{spec.name}: the two tasks' spec tables disagree on its bases or combine")
+    return out
+
+
+ABS_SPECS = _abs_specs()
+
+
+def component_columns(key: tuple, where: dict) -> tuple[GroupMetric, np.ndarray] | None:
+    """Where a gap's per-group base values sit among the columns of a metrics table, to rebuild its components.
+
+    Args:
+        key: ``(metric, attribute, "", class)`` of an ``ABS_SPECS`` gap (class "": the summary over classes).
+        where: {metrics.csv key: column}: the per-group values ``(base, attribute, group, class)``
+            that ``evaluate_all`` / ``evaluate_multilabel`` report beside the gap.
+
+    Returns:
+        (spec, (B, G, C) int columns: base b of group g and class c, groups in column order, classes
+        sorted; the class "" alone for a base without a class axis), or None when the metric has no
+        components view or a column is missing.
+    """
+    name, attr, _, cls = key
+    spec = ABS_SPECS.get(name)
+    if spec is None or not attr:
+        return None
+    groups = list(dict.fromkeys(k[2] for k in where if k[0] == spec.bases[0] and k[1] == attr and k[2]))
+    if cls:
+        classes = [cls]
+    else:
+        classes = sorted({k[3] for k in where if k[0] == spec.bases[0] and k[1] == attr and k[2] and k[3]}) or [""]
+    try:
+        cols = np.array([[[where[(b, attr, g, c)] for c in classes] for g in groups] for b in spec.bases], dtype=np.int64)
+    except KeyError:
+        return None
+    return spec, cols
+
+
+def band_columns(replicates, estimates, spec: GroupMetric, cols: np.ndarray, level: float = 0.95,
+                 critical=None, recentre: bool = False) -> tuple[float, float]:
+    """``band_interval`` of one gap from the columns of its per-group base values (``component_columns``).
+
+    Args:
+        replicates: (R, K) replicates of every column; estimates: (K,). cols: (B, G, C).
+
+    Returns:
+        (low, high) of the gap; NaN when it has fewer than two groups.
+    """
+    reps, est = np.asarray(replicates, dtype=np.float64), np.asarray(estimates, dtype=np.float64)
+    n_groups = cols.shape[1]
+    if n_groups < 2:
+        return np.nan, np.nan
+    per_group = {b: reps[:, cols[i]].transpose(1, 0, 2) for i, b in enumerate(spec.bases)}  # (G, R, C)
+    comp_reps = np.moveaxis(pair_components(spec, per_group), 2, 0)  # (R, B, P, C)
+    comp_est = pair_components(spec, {b: est[cols[i]] for i, b in enumerate(spec.bases)})  # (B, P, C)
+    lo, hi = band_interval(spec, comp_reps, comp_est, level, n_groups, critical, recentre=recentre)
+    return float(lo), float(hi)
+
+
+def with_components(keys: list, available) -> list:
+    """``keys`` and, after them, the per-group values a ``band`` gap among them is built from.
+
+    For a caller that makes intervals of a few keys (e.g. a trade-off point): pass the result to
+    ``intervals_by_metric``, and read the first ``len(keys)`` columns.
+
+    Args:
+        keys: metrics.csv keys. available: every key the run has.
+
+    Returns:
+        keys + the missing component keys, in ``available`` order.
+    """
+    where = {tuple(k): i for i, k in enumerate(available)}
+    extra = set()
+    for k in keys:
+        if interval_method(k[0]).method == "band" and (found := component_columns(tuple(k), where)) is not None:
+            extra.update(found[1].reshape(-1).tolist())
+    have = {tuple(k) for k in keys}
+    return list(keys) + [k for k in (tuple(a) for a in available) if where[k] in extra and k not in have]

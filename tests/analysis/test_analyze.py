@@ -13,6 +13,7 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.stats import t as t_dist
 from click.testing import CliRunner
 from sklearn.metrics import f1_score
 
@@ -138,12 +139,17 @@ def test_gap_intervals_follow_the_method_table(seeded):
     assert row["value_bc"] == pytest.approx(abs(2 * s - s_reps.mean()), abs=1e-12)
     acc = res.metrics[res.metrics["metric"] == "accuracy"]
     assert (acc["interval"] == "percentile").all() and (acc["value_bc"] == acc["value"]).all()
-    assert any(n.startswith("Intervals (hull) of ") and "dp_gap" in n for n in res.notes)
+    assert any(n.startswith("Intervals (band) of ") and "dp_gap" in n for n in res.notes)
+    # The band needs 3+ groups: sex (two) takes the hull, sex × age (four) the band, from its per-group values.
+    crossed = next(a for a in m.index.get_level_values("attribute").unique() if "sex" in a and "age" in a)
+    eo = m.loc[("eqodds", "sex", "", "")], m.loc[("eqodds", crossed, "", "")]
+    assert (eo[0]["interval"], eo[1]["interval"]) == ("hull", "band") and eo[1]["ci_low"] <= eo[1]["value_bc"] <= eo[1]["ci_high"]
     assert any(n.startswith("Intervals (percentile) of ") and "accuracy" in n for n in res.notes)
-    # ece_gap is never coverage-checked; eqodds only up to two groups (sex × age has four here).
+    # ece_gap is never coverage-checked; eqodds is, with any number of groups (the band with 3+).
     unchecked = [n for n in res.notes if n.startswith("The intervals of ") and "not coverage-checked" in n]
     assert len(unchecked) == 1 and "ece_gap" in unchecked[0]
-    assert "eqodds (attributes of more than 2 groups)" in unchecked[0] and "f1_gap," not in unchecked[0]
+    assert "eqodds" not in unchecked[0] and "f1_gap," not in unchecked[0]
+    assert "es_auc (attributes of more than 2 groups)" in unchecked[0]  # multi-label's four groups fell short
     # Any interval that excludes its plug-in value is named in the notes.
     out = res.metrics[(res.metrics["value"] < res.metrics["ci_low"]) | (res.metrics["value"] > res.metrics["ci_high"])]
     for name in out["metric"].unique():
@@ -174,19 +180,22 @@ def _bootstrap_p(d: np.ndarray) -> float:
     (_accuracy, ("accuracy", "", ""), (("linear", "best"), ("zeroshot", "clip"))),
     (_macro_f1_in_f, ("f1_macro", "sex", "F"), (("linear", "best"),)),  # scikit-learn is slow: one method
 ])
-def test_seed_mean_interval_resamples_seeds_then_patients(seeded, score, key, methods):
+def test_seed_mean_interval_is_the_patients_interval_widened_by_the_seed_variance(seeded, score, key, methods):
     runs, res = seeded
     for method, tag in methods:
         per_seed = _slow_replicates(_by(runs, method), score)  # (3, R)
-        reps = _seed_drawn(per_seed, f"seeds|m|{method}|{tag}")
         row = res.seeds[(res.seeds["method"] == method) & (res.seeds["tag"] == tag) & (res.seeds["metric"] == key[0])
                         & (res.seeds["attribute"] == key[1]) & (res.seeds["group"] == key[2]) & (res.seeds["class"] == "")]
         assert len(row) == 1 and row["n_seeds"].item() == 3
-        assert row["ci_low"].item() == pytest.approx(np.percentile(reps, 2.5), abs=1e-12)
-        assert row["ci_high"].item() == pytest.approx(np.percentile(reps, 97.5), abs=1e-12)
         per_run = res.metrics[(res.metrics["method"] == method) & (res.metrics["metric"] == key[0])
                               & (res.metrics["attribute"] == key[1]) & (res.metrics["group"] == key[2])]
-        assert row["mean"].item() == pytest.approx(per_run["value"].mean())
+        mean = per_run["value"].mean()
+        assert row["mean"].item() == pytest.approx(mean)
+        # Patients-only percentile interval of the mean, each side widened in quadrature by t_2 · sd / √3.
+        p_lo, p_hi = np.percentile(per_seed.mean(axis=0), [2.5, 97.5])
+        half = t_dist.ppf(0.975, 2) * per_run["value"].std(ddof=1) / np.sqrt(3)
+        assert row["ci_low"].item() == pytest.approx(mean - np.hypot(mean - p_lo, half), abs=1e-9)
+        assert row["ci_high"].item() == pytest.approx(mean + np.hypot(p_hi - mean, half), abs=1e-9)
         # Not the mean of the seeds' own bounds (what the tables used to show).
         assert row["ci_low"].item() != pytest.approx(per_run["ci_low"].mean(), abs=1e-9)
 
@@ -437,7 +446,7 @@ def test_replicates_in_blocks_equal_one_call_on_all_of_them(task):
 
 def test_seeds_that_disagree_widen_the_seed_mean_interval_to_cover_both(tmp_path):
     """Two seeds far apart (accuracy ~0.9 vs ~0.35): the patients-only interval of their mean is narrow
-    and covers neither; the two-level one is wider and covers both seeds' accuracies."""
+    and covers neither; the reported one, widened by the seed variance, covers both seeds' accuracies."""
     rows = cohort_rows(48)
     rows["patient_id"] = rows.index // 2
     _write(tmp_path, rows, "linear", 0, skill=3.0, probs_seed=1)

@@ -7,7 +7,9 @@ that number of groups (``IntervalMethod.checked``), the nominal 95% interval mus
 time. With 200 draws the observed share has a binomial standard error of 0.021 at 0.90 and 0.007
 at 0.99, so the test accepts [0.90 − 2.33 se, 0.99 + 2.33 se] = [0.851, 1.0] (each side fails
 with 1% probability at the boundary; the simulation is seeded, so a given numpy gives one answer).
-Both tasks (``--task multilabel``: ``multilabel.evaluate_multilabel``). About 2 minutes on one core.
+Both tasks (``--task multilabel``: ``multilabel.evaluate_multilabel``). With four groups ``eqodds``,
+``eqodds_worst`` and ``dp_gap`` take the band (``intervals.band_interval``); the test then checks the
+band's coverage too. About 3 minutes on one core.
 """
 
 from __future__ import annotations
@@ -55,7 +57,40 @@ def test_reported_intervals_cover_true_gaps_at_nominal_rate(n_groups, task):
             assert row["draws"] >= 0.95 * DRAWS, row
             if not low <= row["used"] <= high:
                 failures.append((gap, row["metric"], row["method"], round(row["used"], 3)))
-    # Multi-class: 10 metrics x 2 gaps with two groups, 7 x 2 with four; multi-label: 7 x 2, 4 x 2.
-    assert checked >= {("multiclass", 2): 20, ("multiclass", 4): 14, ("multilabel", 2): 14, ("multilabel", 4): 8}[
+    # Multi-class: 10 metrics x 2 gaps (all but ece_gap; with four groups eqodds, eqodds_worst and dp_gap by
+    # the band), es_auc not with four; multi-label: 7 x 2, 5 x 2 with four (not es_auc, worst_group_auc).
+    assert checked >= {("multiclass", 2): 20, ("multiclass", 4): 18, ("multilabel", 2): 14, ("multilabel", 4): 10}[
         (task, n_groups)]
     assert not failures, f"coverage outside [{low:.3f}, {high:.3f}]: {failures}"
+
+
+def test_the_simulation_clusters_images_by_patient():
+    study = _study()
+    signals, tilts = np.array([2.0, 1.8]), np.array([0.0, 0.15])
+    y, p, g, patients = study.simulate(signals, 50, np.random.default_rng(0), tilts=tilts)
+    assert (patients == np.arange(100)).all() and len(y) == 100  # one image per patient by default
+    y, p, g, patients = study.simulate(signals, 50, np.random.default_rng(0), tilts=tilts, images=5, patient_sd=1.5)
+    sizes = np.bincount(patients)
+    assert len(sizes) == 100 and sizes.min() >= 1 and sizes.max() <= 5 and len(y) == sizes.sum() > 150
+    for i in range(100):  # a patient's images share the label and the group
+        assert len(set(y[patients == i])) == 1 and len(set(g[patients == i])) == 1
+
+
+@pytest.mark.slow
+def test_patient_bootstrap_covers_clustered_images_and_an_image_bootstrap_does_not():
+    """(~2 min.) 2 groups of 100 patients with 1-5 correlated images each (``--images 5 --patient-sd 1.5``),
+    accuracy gap 0.05. RESULTS.md measured 0.94 / 0.95 / 0.95 (patients) against 0.83 / 0.83 / 0.82 (images)
+    for accuracy, f1_gap, eqodds; same bounds as above for the patient bootstrap."""
+    study = _study()
+    low, high = _bounds()
+    got = {}
+    for resample in ("patient", "image"):
+        args = SimpleNamespace(draws=DRAWS, replicates=REPLICATES, truth=TRUTH, level=0.95, images=5, patient_sd=1.5,
+                               resample=resample)
+        rows = study.run_setting(2, 100, 0.05, args, np.random.default_rng(7), "multiclass")
+        got[resample] = {r["metric"]: r["used"] for r in rows}
+    for m in ("accuracy", "f1_gap", "eqodds", "worst_group_accuracy"):
+        assert low <= got["patient"][m] <= high, (m, got["patient"][m])
+    # Redrawing images as if independent ignores the within-patient correlation: too narrow.
+    assert got["image"]["accuracy"] < 0.90 and got["image"]["f1_gap"] < 0.90
+    assert got["image"]["accuracy"] < got["patient"]["accuracy"] - 0.05

@@ -7,7 +7,10 @@ import pytest
 
 from cxrfair.core import metrics as M
 from cxrfair.core import multilabel as ML
-from cxrfair.core.intervals import (INTERVAL_METHODS, METHODS, IntervalMethod, bias_corrected, fold, interval,
+from cxrfair.core.bootstrap import patient_counts
+from cxrfair.core.groups import pair_components
+from cxrfair.core.intervals import (ABS_SPECS, BAND_MIN_GROUPS, INTERVAL_METHODS, METHODS, IntervalMethod, band_columns,
+                                    band_interval, bias_corrected, component_band, component_columns, fold, interval,
                                     interval_method, intervals_by_metric)
 
 
@@ -44,7 +47,7 @@ def _reference(reps, est, method, level, low=-np.inf, high=np.inf):
     return np.array(out).T
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "band"])  # band: from components, below
 @pytest.mark.parametrize("level", [0.95, 0.8])
 def test_each_method_matches_the_per_column_reference(method, level):
     reps = _reps() - (0.1 if method == "folded" else 0.0)  # a signed statistic around 0 for the fold
@@ -71,8 +74,9 @@ def test_basic_is_clipped_at_zero_and_may_exclude_a_biased_plug_in():
 
 
 def test_checked_groups_limits_the_coverage_flag():
-    spec = interval_method("eqodds")
+    spec = IntervalMethod("hull", checked_groups=2)
     assert spec.checked(2) and not spec.checked(4) and spec.checked(None)
+    assert interval_method("eqodds").checked(4)  # the band (RESULTS.md "Gaps over 3+ groups")
     assert not interval_method("ece_gap").checked(2) and interval_method("accuracy").checked(5)
 
 
@@ -96,7 +100,7 @@ def test_intervals_by_metric_routes_each_column_by_the_table():
     for j, (k, *_) in enumerate(keys):
         spec = interval_method(k)
         src = 2 if spec.method == "folded" else j
-        want = _reference(reps[:, [src]], est[[src]], spec.method, 0.95, spec.low, spec.high)[:, 0]
+        want = _reference(reps[:, [src]], est[[src]], methods[j], 0.95, spec.low, spec.high)[:, 0]  # band: hull here
         np.testing.assert_allclose([lo[j], hi[j], bc[j]], want, atol=1e-12, equal_nan=True)
     # A folded metric without its signed partner gets no interval (rather than a wrong one).
     lo, hi, bc, _ = intervals_by_metric(reps[:, [3]], est[[3]], [keys[3]], 0.95)
@@ -117,3 +121,133 @@ def test_the_table_covers_every_group_metric_and_names_real_metrics():
         IntervalMethod("bca")
     with pytest.raises(ValueError):
         IntervalMethod("folded")
+
+
+# ----------------------------------------------------------------------------- the max-t band of a gap's components
+
+
+def _slow_band(reps, est, level):
+    """Reference: per component sd and per replicate max |t| by loops, np.quantile of the maxima."""
+    R, K = reps.shape
+    sd = np.array([np.std(reps[:, k], ddof=1) for k in range(K)])
+    t = np.zeros(R)
+    for r in range(R):
+        for k in range(K):
+            if sd[k] > 0:
+                t[r] = max(t[r], abs(reps[r, k] - est[k]) / sd[k])
+    c = np.quantile(t, level)
+    return est - c * sd, est + c * sd
+
+
+def _slow_gap(combine, mags):
+    """Reference gap from (B, P, C) magnitudes by loops: abs_difference = the largest pair of the mean over
+    bases of the class mean; max_range = the class mean of the largest over bases and pairs."""
+    B, P, C = mags.shape
+    if combine == "abs_difference":
+        return max(sum(np.mean(mags[b, p]) for b in range(B)) / B for p in range(P))
+    return np.mean([max(mags[b, p, c] for b in range(B) for p in range(P)) for c in range(C)])
+
+
+@pytest.mark.parametrize("level", [0.95, 0.8])
+def test_component_band_matches_the_loop_reference(level):
+    rng = np.random.default_rng(3)
+    reps = rng.normal(0.0, [0.02, 0.05, 0.1, 0.03], size=(300, 4)) + [0.1, -0.05, 0.0, 0.2]
+    reps[:, 3] = 0.2  # constant: sd 0, left out of the max and a band of width 0
+    est = np.array([0.11, -0.04, 0.01, 0.2])
+    lo, hi = component_band(reps, est, level)
+    want_lo, want_hi = _slow_band(reps, est, level)
+    np.testing.assert_allclose(lo, want_lo, atol=1e-12) and np.testing.assert_allclose(hi, want_hi, atol=1e-12)
+    # Simultaneous: the critical value exceeds the pointwise one, so the band holds every pointwise interval.
+    assert ((hi - lo)[:3] / 2 > 1.6 * reps[:, :3].std(0, ddof=1)).all()
+
+
+@pytest.mark.parametrize("name", ["eqodds", "eqodds_worst", "dp_gap"])
+def test_band_interval_is_the_gap_of_the_band_ends_and_holds_every_gap_inside_the_band(name):
+    spec = ABS_SPECS[name]
+    rng = np.random.default_rng(4)
+    G, C, R = 4, 3, 400
+    per_group = {b: rng.uniform(0.1, 0.9, size=(G, C)) for b in spec.bases}
+    per_group_reps = {b: np.clip(v[:, None, :] + rng.normal(0, 0.05, size=(G, R, C)), 0, 1) for b, v in per_group.items()}
+    est = pair_components(spec, per_group)  # (B, P, C)
+    reps = np.moveaxis(pair_components(spec, per_group_reps), 2, 0)  # (R, B, P, C)
+    assert est.shape == (len(spec.bases), 6, C) and reps.shape == (R, len(spec.bases), 6, C)
+    lo, hi = band_interval(spec, reps, est, 0.95, G)
+    b_lo, b_hi = _slow_band(reps.reshape(R, -1), est.reshape(-1), 0.95)
+    b_lo, b_hi = b_lo.reshape(est.shape), b_hi.reshape(est.shape)
+    near = np.where((b_lo <= 0) & (b_hi >= 0), 0.0, np.minimum(abs(b_lo), abs(b_hi)))
+    assert float(lo) == pytest.approx(_slow_gap(spec.combine, near), abs=1e-12)
+    assert float(hi) == pytest.approx(_slow_gap(spec.combine, np.maximum(abs(b_lo), abs(b_hi))), abs=1e-12)
+    # The guarantee: any components inside the band give a gap inside the interval.
+    for _ in range(200):
+        x = rng.uniform(b_lo, b_hi)
+        assert float(lo) - 1e-12 <= _slow_gap(spec.combine, np.abs(x)) <= float(hi) + 1e-12
+    # And the plug-in gap lies inside too.
+    assert float(lo) <= _slow_gap(spec.combine, np.abs(est)) <= float(hi)
+
+
+def _bootstrapped(n_groups, seed=5, n=40, R=200):
+    rng = np.random.default_rng(seed)
+    N = n * n_groups
+    y = rng.integers(0, 3, N)
+    logits = rng.normal(size=(N, 3))
+    logits[np.arange(N), y] += 1.5
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    groups = np.repeat([f"g{i}" for i in range(n_groups)], n)
+    attrs = {"grp": (groups, [f"g{i}" for i in range(n_groups)])}
+    est = M.evaluate_all(y, p, ["a", "b", "c"], attrs)
+    w = patient_counts(np.arange(N), groups, R, np.random.default_rng(seed + 1))
+    reps = M.evaluate_all(y, p, ["a", "b", "c"], attrs, weights=w)
+    keys = list(est)
+    return keys, np.array([float(est[k]) for k in keys]), np.stack([np.asarray(reps[k], float) for k in keys], 1)
+
+
+@pytest.mark.parametrize("name", ["eqodds", "eqodds_worst", "dp_gap"])
+def test_intervals_by_metric_builds_the_band_from_the_per_group_values_it_is_given(name):
+    keys, est, reps = _bootstrapped(4)
+    where = {k: i for i, k in enumerate(keys)}
+    j = where[(name, "grp", "", "")]
+    lo, hi, bc, methods = intervals_by_metric(reps, est, keys, 0.95)
+    assert methods[j] == "band"
+    # Slow reference: the components by hand from the per-group columns (classes a, b, c; pairs of groups).
+    spec = ABS_SPECS[name]
+    pairs = [(a, b) for a in range(4) for b in range(a + 1, 4)]
+    col = lambda base, g, c: where[(base, "grp", f"g{g}", c)]  # noqa: E731
+    comp_est = np.array([[[est[col(b, g, c)] - est[col(b, h, c)] for c in "abc"] for g, h in pairs] for b in spec.bases])
+    comp_reps = np.stack([[[reps[:, col(b, g, c)] - reps[:, col(b, h, c)] for c in "abc"] for g, h in pairs]
+                          for b in spec.bases]).transpose(3, 0, 1, 2)
+    b_lo, b_hi = (x.reshape(comp_est.shape) for x in _slow_band(comp_reps.reshape(len(reps), -1), comp_est.reshape(-1), 0.95))
+    near = np.where((b_lo <= 0) & (b_hi >= 0), 0.0, np.minimum(abs(b_lo), abs(b_hi)))
+    assert lo[j] == pytest.approx(max(0.0, _slow_gap(spec.combine, near)), abs=1e-12)
+    basic_hi = 2 * est[j] - np.quantile(reps[:, j], 0.025)
+    assert hi[j] == pytest.approx(min(1.0, max(basic_hi, lo[j])), abs=1e-12)
+    assert bc[j] == pytest.approx(2 * est[j] - reps[:, j].mean(), abs=1e-12)
+    assert band_columns(reps, est, *component_columns((name, "grp", "", ""), where), 0.95)[0] == pytest.approx(lo[j])
+
+
+def test_band_falls_back_to_the_hull_with_two_groups_or_without_the_per_group_values():
+    assert BAND_MIN_GROUPS == 3
+    keys, est, reps = _bootstrapped(2)
+    j = keys.index(("eqodds", "grp", "", ""))
+    lo, hi, _, methods = intervals_by_metric(reps, est, keys, 0.95)
+    assert methods[j] == "hull"
+    want = interval(reps[:, [j]], est[[j]], "hull", 0.95, 0.0, 1.0)
+    assert (lo[j], hi[j]) == pytest.approx((want[0][0], want[1][0]))
+    keys, est, reps = _bootstrapped(4)
+    j = keys.index(("eqodds", "grp", "", ""))
+    lo, hi, _, methods = intervals_by_metric(reps[:, [j]], est[[j]], [keys[j]], 0.95)
+    want = interval(reps[:, [j]], est[[j]], "hull", 0.95, 0.0, 1.0)
+    assert methods == ["hull"] and (lo[0], hi[0]) == pytest.approx((want[0][0], want[1][0]))
+    with pytest.raises(ValueError, match="components"):
+        interval(reps[:, [j]], est[[j]], "band")
+
+
+def test_recentred_band_is_the_band_of_the_bias_corrected_components():
+    spec = ABS_SPECS["ece_gap"]
+    rng = np.random.default_rng(6)
+    est = rng.normal(0.0, 0.05, size=(1, 3, 1))  # 3 groups: 3 pairs of one base, no class axis
+    reps = est + 0.02 + rng.normal(0, 0.03, size=(300, 1, 3, 1))  # replicates biased by +0.02
+    centre = 2 * est - reps.mean(axis=0)
+    want = band_interval(spec, reps - est + centre, centre, 0.95, 3)
+    got = band_interval(spec, reps, est, 0.95, 3, recentre=True)
+    np.testing.assert_allclose(got, want, atol=1e-12)
+    assert not np.allclose(got, band_interval(spec, reps, est, 0.95, 3))
