@@ -95,7 +95,7 @@ def verdict(lo: float, hi: float, better: str, fairness: bool = False) -> str:
     return "higher" if up else "lower"
 
 
-AT_CHANCE = "not judged: at chance"
+AT_CHANCE = "not judged: not shown above chance"  # its utility interval reaches chance (headline.chance)
 
 
 def _pool(hit: pd.DataFrame) -> tuple[float, float, float, int, float, float]:

@@ -112,8 +112,9 @@ def chance_sentence(data: ReportData) -> str:
             "the accuracy of always predicting the test split's most frequent class ("
             + ", ".join(f"{m}: {100 * c:.1f}%" for m, c in sorted(levels.items())) + ")")
     low = sorted(data.at_chance)
-    said = (" At chance here: " + ", ".join(f"{m} {method_label(me)}" for m, me in low)
-            + "; their fairness verdicts are withheld (a classifier at chance has small gaps for free)."
+    said = (" Not shown above chance here: " + ", ".join(f"{m} {method_label(me)}" for m, me in low)
+            + "; their fairness verdicts are withheld (a classifier at chance has small gaps for free, and an "
+              "interval reaching chance cannot rule that out)."
             if low else " Every method is above chance.")
     return (f"**Chance level**: {rule}; a method is above chance when its {uname} interval lies above it.{said}")
 

@@ -86,7 +86,7 @@ def test_fairness_verdicts_are_withheld_at_chance_for_the_method_and_against_a_b
     assert v[("linear", "eqodds")] == F.AT_CHANCE and v[("full", "eqodds")] == "fairer"
     t = F.findings_table(c, at_chance={("m", "zeroshot")})  # the baseline (_row's) at chance: nothing judged
     assert set(t.loc[t["metric"] == "eqodds", "verdict"]) == {F.AT_CHANCE}
-    assert "not judged: at chance in 2" in F.summary_lines(t, 0.95)[1]
+    assert "not judged: not shown above chance in 2" in F.summary_lines(t, 0.95)[1]
 
 
 def test_holm_adjusted_verdicts_sit_beside_unadjusted_ones_when_comparisons_carry_them():

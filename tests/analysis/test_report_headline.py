@@ -62,8 +62,14 @@ def test_chance_is_the_majority_share_and_verdicts_at_chance_are_withheld(mc):
     assert data.chance["m"] == pytest.approx(np.bincount(y).max() / len(y))
     # Lift the chance level into zero-shot's interval, below every other method's (the rule, not the
     # synthetic data, is tested): a method is above chance only when its whole interval is.
-    acc = data.summary[(data.summary["metric"] == "accuracy") & (data.summary["attribute"] == "")].set_index("method")
-    others = acc.drop(index="zeroshot")["ci_low"].min()
+    # Zero-shot's interval is also lowered below every other method's (seed-widened intervals of the
+    # 2-seed methods may reach lower than zero-shot's on this small synthetic grid).
+    s = data.summary.copy()
+    overall = (s["metric"] == "accuracy") & (s["attribute"] == "") & (s["group"] == "") & (s["class"] == "")
+    others = s.loc[overall & (s["method"] != "zeroshot"), "ci_low"].min()
+    s.loc[overall & (s["method"] == "zeroshot"), "ci_low"] = others - 0.1
+    data.__dict__["summary"] = s
+    acc = s[overall].set_index("method")
     assert acc.loc["zeroshot", "ci_low"] < others
     data.__dict__["chance"] = {"m": float(acc.loc["zeroshot", "ci_low"] + others) / 2}
     assert data.at_chance == {("m", "zeroshot")}
@@ -72,7 +78,7 @@ def test_chance_is_the_majority_share_and_verdicts_at_chance_are_withheld(mc):
     assert set(zs.loc[zs["kind"] != "utility", "verdict"]) == {AT_CHANCE}
     assert AT_CHANCE not in set(f.loc[f["method"] == "full", "verdict"])
     said = H.chance_sentence(data)
-    assert "most frequent class" in said and "At chance here: m zero-shot" in said
+    assert "most frequent class" in said and "Not shown above chance here: m zero-shot" in said
     assert dict(zip(H.ranking(data, "m")["method"], H.ranking(data, "m")["above chance"]))["zero-shot"] == "no"
 
 
