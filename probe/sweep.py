@@ -417,13 +417,18 @@ def _run_vmapped(recipe, shapes: tuple, data, hyper: dict, seeds: np.ndarray, cf
     n_train, dim = shapes[0][0]
     per_lane = lane_bytes(dim, recipe.n_classes, recipe.max_hidden, cfg.batch_size, n_eval, cfg.epochs,
                           copies=ADAMW_COPIES, skip=cfg.skip)
-    s_chunk, k_chunk = plan_chunks(len(seeds), len(hyper["l2"]), per_lane, cfg.memory_budget_mb * 2**20)
+    from cxrfair.probe.train import lane_mesh  # jax: see the note under the imports
+
+    mesh = lane_mesh()
+    # With several devices each holds K / n of a chunk's configurations (the budget is per device).
+    s_chunk, k_chunk = plan_chunks(len(seeds), math.ceil(len(hyper["l2"]) / mesh.size), per_lane, cfg.memory_budget_mb * 2**20)
+    k_chunk *= mesh.size
     t0 = time.perf_counter()
-    program = _program(recipe, shapes, s_chunk, k_chunk)
+    program = _program(recipe, shapes, s_chunk, k_chunk, mesh if mesh.size > 1 else None)
     t1 = time.perf_counter()
     lanes = _run_chunks(program, data, hyper, seeds, s_chunk, k_chunk)
     return lanes, {"compile_s": t1 - t0, "train_s": time.perf_counter() - t1, "seeds_per_chunk": s_chunk,
-                   "configs_per_chunk": k_chunk, "sequential_lanes": False,
+                   "configs_per_chunk": k_chunk, "sequential_lanes": False, "devices": mesh.size,
                    "chunks": math.ceil(len(seeds) / s_chunk) * math.ceil(len(hyper["l2"]) / k_chunk)}
 
 
@@ -580,9 +585,11 @@ def use_compilation_cache() -> None:
 
 
 @functools.lru_cache(maxsize=8)
-def _program(recipe, shapes: tuple, s_chunk: int, k_chunk: int):
+def _program(recipe, shapes: tuple, s_chunk: int, k_chunk: int, mesh=None):
     """The compiled sweep for one chunk shape; every chunk (padded) and every later sweep of the
-    same shapes reuses it, so compile time is paid once per process."""
+    same shapes reuses it, so compile time is paid once per process (and, with the persistent
+    cache, once per machine). ``mesh``: the configurations split over its devices
+    (``train.train_sweep_sharded``); None: one device (``train.train_sweep``)."""
     import jax  # see the note under the imports
 
     import cxrfair.probe.train as train
@@ -595,7 +602,14 @@ def _program(recipe, shapes: tuple, s_chunk: int, k_chunk: int):
     l2_skip = spec((k_chunk,), f32) if recipe.skip and recipe.solver == "lbfgs" else None  # as configurations() gives it
     hyper = train.Hyper(spec((k_chunk,), f32), spec((k_chunk,), f32), spec((k_chunk,), i32), spec((k_chunk,), f32), strength,
                         l2_skip)
-    return train.train_sweep.lower(spec((s_chunk, 2), jax.numpy.uint32), hyper, data, recipe).compile()
+    keys = spec((s_chunk, 2), jax.numpy.uint32)
+    if mesh is None:
+        return train.train_sweep.lower(keys, hyper, data, recipe).compile()
+    named = lambda *axes: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*axes))  # noqa: E731
+    place = lambda a, *axes: None if a is None else spec(a.shape, a.dtype, sharding=named(*axes))  # noqa: E731
+    hyper = jax.tree.map(lambda a: place(a, train.LANE_AXIS), hyper)
+    data = train.Data(*(place(a) for a in data))
+    return train.train_sweep_sharded.lower(place(keys), hyper, data, recipe=recipe, mesh=mesh).compile()
 
 
 @functools.lru_cache(maxsize=8)

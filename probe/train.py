@@ -627,3 +627,22 @@ def train_lanes(keys: jax.Array, hyper: Hyper, data: Data, start: dict, warm: ja
     # replicated values in its lax.cond branches, which the varying-axis check rejects.
     return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, jax.sharding.PartitionSpec(), spec, spec),
                          out_specs=spec, check_vma=False)(keys, hyper, data, start, warm)
+
+
+@partial(jax.jit, static_argnames=("recipe", "mesh"))
+def train_sweep_sharded(keys: jax.Array, hyper: Hyper, data: Data, recipe: Recipe, mesh: jax.sharding.Mesh) -> LaneResult:
+    """``train_sweep`` with the configurations split evenly over the devices of ``mesh``: each
+    device runs the vmapped sweep of its K / ``mesh.size`` configurations for every seed.
+
+    Args:
+        keys: (S, 2) PRNG keys (replicated).
+        hyper: Hyper of (K,) arrays, K a multiple of ``mesh.size`` (sharded over the lane axis).
+        data: the splits (replicated).
+
+    Returns:
+        LaneResult with leading axes (S, K).
+    """
+    spec = jax.sharding.PartitionSpec
+    return jax.shard_map(lambda k, h, d: train_sweep(k, h, d, recipe), mesh=mesh,
+                         in_specs=(spec(), spec(LANE_AXIS), spec()), out_specs=spec(None, LANE_AXIS),
+                         check_vma=False)(keys, hyper, data)

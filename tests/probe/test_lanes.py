@@ -51,14 +51,18 @@ def _sweep_in_subprocess(tmp_path: Path, name: str, kw: dict, devices: int = 1, 
 @pytest.mark.parametrize("kw", [
     {"l2s": [1e-3, 1e-2, 1e-1], "seeds": [0, 1], "max_iter": 30},  # 6 lanes: 3 calls of 2
     {"method": "mlp", "hiddens": [3, 5], "l2s": [1e-2], "l2s_skip": [1e-1], "seeds": [4], "max_iter": 15, "ftol": 1e-3},
-], ids=["linear", "skip-mlp"])
+    {"solver": "adamw", "lrs": [1e-2, 3e-2, 1e-1], "weight_decays": [0.0], "seeds": [0, 1], "epochs": 3, "batch_size": 16},
+], ids=["linear", "skip-mlp", "adamw"])
 def test_two_devices_give_the_one_device_sweep(tmp_path, kw):
     one, one_info = _sweep_in_subprocess(tmp_path, "one", kw, devices=1)
     two, two_info = _sweep_in_subprocess(tmp_path, "two", kw, devices=2)
     assert (one_info["devices"], two_info["devices"]) == (1, 2)
-    assert two_info["timings"]["devices"] == 2
-    lanes = len(kw["seeds"]) * len(kw["l2s"]) * len(kw.get("hiddens", [0]))
-    assert two_info["timings"]["chunks"] == -(-lanes // 2) and one_info["timings"]["chunks"] == lanes
+    assert (one_info["timings"]["devices"], two_info["timings"]["devices"]) == (1, 2)
+    if kw.get("solver") == "adamw":  # 3 configurations: padded to 4, 2 vmapped on each device
+        assert two_info["timings"]["configs_per_chunk"] == 4 and one_info["timings"]["configs_per_chunk"] == 3
+    else:  # one lane per device at a time, chained along the penalty path
+        lanes = len(kw["seeds"]) * len(kw["l2s"]) * len(kw.get("hiddens", [0]))
+        assert two_info["timings"]["chunks"] == -(-lanes // 2) and one_info["timings"]["chunks"] == lanes
     for field, value in one.items():
         # Each device runs the same one-lane program on the same inputs: the same bits.
         np.testing.assert_array_equal(two[field], value, err_msg=field)
