@@ -1,4 +1,5 @@
-"""Linear / MLP probe sweeps: the grid, chunking to a memory budget, selection, writing runs.
+"""Linear / MLP probe sweeps: the grid, running the lanes (L-BFGS one per device, warm-started;
+AdamW vmapped in chunks that fit a memory budget), selection, writing runs.
 
 ``run_sweep`` takes arrays and returns a ``SweepResult``; ``probe_cache`` is the I/O edge used
 by the CLI (cache in, runs + ``<model>__<method>__sweep.csv`` out).
@@ -311,18 +312,17 @@ class SweepResult:
 # ---------------------------------------------------------------- chunking
 
 
-# Copies of the parameters a lane holds. AdamW: params, best params, Adam mu and nu, gradients,
-# updates and XLA's loop double-buffering. L-BFGS: 2 x 10 memory pairs, params, gradients, the
-# line search's trial point, direction and gradient, and double-buffering.
-ADAMW_COPIES, LBFGS_COPIES = 8, 30
+# Copies of the parameters an AdamW lane holds: params, best params, Adam mu and nu, gradients,
+# updates and XLA's loop double-buffering. (L-BFGS lanes run one per device, unchunked.)
+ADAMW_COPIES = 8
 
 
 def lane_bytes(dim: int, n_classes: int, max_hidden: int, batch_size: int, n_eval: int, epochs: int,
                copies: int = ADAMW_COPIES, skip: bool = False) -> int:
     """Rough working set of one lane (bytes): parameters and their copies, activations, outputs.
 
-    ``batch_size`` is the rows of one step (the training split for full-batch L-BFGS) and
-    ``epochs`` the length of the curves; activations of a step and of evaluation count ~4 times.
+    ``batch_size`` is the rows of one step and ``epochs`` the length of the curves; activations
+    of a step and of evaluation count ~4 times.
     """
     width = max_hidden if max_hidden else n_classes
     n_params = dim * width + width + (max_hidden * n_classes + n_classes if max_hidden else 0) + (dim * n_classes if skip else 0)
