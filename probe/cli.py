@@ -99,7 +99,7 @@ def _sweep_options(f):
                      help=SEEDS_HELP + " Each fixes initialisation (adamw: also data order)."),
         click.option("--epochs", default=150, show_default=True, type=int, help="adamw: passes over the training split."),
         click.option("--batch-size", default=64, show_default=True, type=int, help="adamw: minibatch size."),
-        click.option("--memory-budget", default=1024.0, show_default=True, type=float, help="MB per compiled chunk of the sweep."),
+        click.option("--memory-budget", default=1024.0, show_default=True, type=float, help="adamw: MB per compiled chunk of the sweep (per device with several; lbfgs runs one lane per device)."),
         _force,
     ]):
         f = option(f)

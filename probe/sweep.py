@@ -15,7 +15,6 @@ table's ``val_accuracy`` is empty and ``val_auc_macro`` (masked macro AUC) fille
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
 import math
@@ -82,7 +81,7 @@ WARM_PATHS = {"linear": ("l2",), "mlp": ("l2",), "mlp+skip": ("l2", "l2_skip")}
 SOLVER_OPTIONS = {"lbfgs": {"l2s": "--l2", "max_iter": "--max-iter", "l2s_skip": "--l2-skip", "ftol": "--ftol",
                              "warm_start": "--warm-start"},
                   "adamw": {"lrs": "--lr", "weight_decays": "--weight-decay", "epochs": "--epochs",
-                            "batch_size": "--batch-size"}}
+                            "batch_size": "--batch-size", "memory_budget_mb": "--memory-budget"}}
 
 
 @dataclass(frozen=True)
@@ -109,7 +108,7 @@ class SweepConfig:
     batch_size: int = 64  # AdamW; paper: 64
     max_iter: int | None = None  # L-BFGS: iterations at most; None: MAX_ITER[method]
     select: str | None = None  # "loss", "accuracy", "worst_group", "gap"; None: loss (erm), worst_group (mitigations)
-    memory_budget_mb: float = 1024.0  # estimated working set per compiled chunk
+    memory_budget_mb: float = 1024.0  # AdamW: estimated working set per compiled chunk (L-BFGS runs one lane per device)
     mitigation: str = "erm"  # one of core.mitigations.names(PROBE) (docs/CONTRACTS.md "Mitigations")
     sensitive: str | None = None  # the cohort attribute a mitigation targets (None for erm)
     strengths: tuple | None = None  # the strength axis of the grid; None: the mitigation's probe_strengths (core.mitigations)
@@ -414,11 +413,10 @@ def run_sweep(x: dict, y: dict, n_classes: int, cfg: SweepConfig, groups: dict |
 def _run_vmapped(recipe, shapes: tuple, data, hyper: dict, seeds: np.ndarray, cfg: SweepConfig, n_eval: int) -> tuple[dict, dict]:
     """AdamW: every lane vmapped (``train.train_sweep``: lanes sharing a seed share each minibatch
     matmul), in chunks of lanes that fit ``cfg.memory_budget_mb``. Returns (lanes, timings)."""
-    n_train, dim = shapes[0][0]
-    per_lane = lane_bytes(dim, recipe.n_classes, recipe.max_hidden, cfg.batch_size, n_eval, cfg.epochs,
-                          copies=ADAMW_COPIES, skip=cfg.skip)
     from cxrfair.probe.train import lane_mesh  # jax: see the note under the imports
 
+    per_lane = lane_bytes(shapes[0][0][1], recipe.n_classes, recipe.max_hidden, cfg.batch_size, n_eval, cfg.epochs,
+                          copies=ADAMW_COPIES, skip=cfg.skip)
     mesh = lane_mesh()
     # With several devices each holds K / n of a chunk's configurations (the budget is per device).
     s_chunk, k_chunk = plan_chunks(len(seeds), math.ceil(len(hyper["l2"]) / mesh.size), per_lane, cfg.memory_budget_mb * 2**20)
@@ -881,7 +879,7 @@ def _hyperparameters(cfg: SweepConfig, best: dict, multilabel: bool = False) -> 
         return {**arch, "l2": best["l2"], **skip, **hidden, "optimizer": "lbfgs", "batch": "full training split",
                 "objective": f"mean {loss} + {penalty} (biases not penalised)", "loss": loss,
                 "max_iter": cfg.max_iter, "gtol": GTOL, "ftol": cfg.ftol_value, "stopping": stopping_text(cfg),
-                # The key whose path lanes warm-start along, largest value first (null: every lane from its seed's init).
+                # The keys whose path lanes warm-start along, largest first ([]: every lane from its seed's init).
                 "warm_start": list(cfg.warm_path),
                 "memory_size": 10, "linesearch": "zoom (strong Wolfe)", **common,
                 "grid": {"l2": list(cfg.l2_grid), **skip_grid, **hidden_grid}}
