@@ -24,7 +24,10 @@ seed, hence one data order and one initialisation, so the minibatch ``x`` is *no
 JAX's batching rule turns each lane's ``x @ W`` into one matrix multiply ``[B, D] x [D, K*C]``
 (for the MLP, ``[B, D] x [D, K*H]`` then a batched second layer); the outer ``vmap`` runs over
 seeds. ``train_sweep`` is that program; ``cxrfair.probe.sweep`` compiles it once per chunk shape,
-splits a grid into equal (padded) chunks that fit a memory budget and runs each through it.
+splits an AdamW grid into equal (padded) chunks that fit a memory budget and runs each through it
+(``train_sweep_sharded``: the configurations split over several devices). L-BFGS lanes do not
+vmap well (see ``train_lanes``): the sweep runs them one per device at a time with ``train_lanes``,
+each lane warm-started from a neighbour's solution (``lbfgs_lane``'s ``start``).
 
 Weights are stored (out, in), as in PyTorch, so K stacked lanes form one contiguous (K*C, D)
 matrix and neither the forward nor the backward matmul needs a transpose of the weights.
@@ -76,7 +79,7 @@ class Recipe:
     max_iter: int = 500  # L-BFGS: iterations at most (a converged lane stops moving)
     gtol: float = GTOL  # L-BFGS: converged when every gradient entry is at most this in magnitude
     ftol: float = 0.0  # L-BFGS: also done once an iteration lowers the objective by at most ftol * max(|f|, 1)
-    sequential: bool = False  # run lanes one after another (lax.map) instead of vmapped (large N, L-BFGS)
+    sequential: bool = False  # train_sweep: lanes one after another (lax.map), not vmapped (run_sweep uses train_lanes for L-BFGS)
     skip: bool = False  # MLP: add a linear skip connection, logits = W0 x + W2 relu(W1 x + b1) + b2
     mitigation: objectives.Spec = objectives.Spec()  # the loss's fairness mitigation (default: erm)
 
