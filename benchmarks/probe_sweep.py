@@ -18,7 +18,9 @@ Measures
     counts its matrix multiplies (forward x W and backward dW, padded rows included, plus the
     validation pass each epoch).
   - L-BFGS (the default solver since issue 11): the default linear sweep (standardised features,
-    the default L2 grid, one seed, full batch) as one compiled program, against scikit-learn's
+    the default L2 grid, one seed, full batch) as one compiled *vmapped* program (``train_sweep``;
+    since issue 27 ``run_sweep`` runs L-BFGS lanes one at a time instead, measured end to end
+    against scikit-learn by ``benchmarks/probe_mlp.py``), against scikit-learn's
     ``LogisticRegression`` (lbfgs) fitted once per grid value at the same C = 1/(l2 N) on the
     same standardised features, with the same gradient tolerance (1e-4) and iteration cap.
 

@@ -21,12 +21,11 @@ Stages (synthetic data, no images, no model):
   8-value L2 grid, write the runs) on an N x 768 cache of 6 classes, split 80 / 6.7 / 13.3 %.
   ``--lbfgs-seeds`` and ``--lbfgs-iters`` (default 1 seed, at most 30 iterations; the CLI's
   default sweep is 3 seeds and at most 1000) set the grid's lanes and their iteration cap. A lane
-  stops once converged (vmapped lanes once all of them are), so the work also depends on how many
-  iterations the lanes need: the row reports them (``lane_iterations``, summed over lanes) and the
-  chunk plan (``sequential_lanes``: whether the lanes ran one after another, ``Recipe.sequential``,
-  which they do once vmapped lanes' copies of the features would pass the 1 GB budget: for 8
-  lanes from about 27k rows, for the default 24 from about 9k). ``--memory-budget`` (the probes'
-  option, default 1024 MB) sets the chunk plan.
+  stops once converged, so the work also depends on how many iterations the lanes need: the row
+  reports them (``lane_iterations``, summed over lanes) and the lane plan (since issue 27 L-BFGS
+  lanes run one per device at a time, warm-started along the L2 path; before, they were vmapped
+  until their copies of the features passed the 1 GB budget). ``--memory-budget`` (the probes'
+  option, default 1024 MB) sets AdamW's chunk plan.
 - ``adamw``: the same with the paper's recipe (AdamW, batch 64, 12-configuration lr x weight decay
   grid, 3 seeds) for ``--adamw-epochs`` epochs (default 2).
 - ``analysis``: ``analyze.analyze``, what ``cxrfair analyze`` runs (``read_runs``, ``compute``

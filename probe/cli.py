@@ -82,6 +82,10 @@ def _sweep_options(f):
         click.option("--ftol", default=None, type=float,
                      help="lbfgs: also stop once an iteration lowers the objective by at most ftol * max(|f|, 1); "
                           "0 turns it off. [default: " + "; ".join(f"{m} {v:g}" for m, v in FTOL.items()) + "]"),
+        click.option("--warm-start/--cold-start", default=True, show_default=True,
+                     help="lbfgs: start each lane from the solution at the next larger penalty of the same seed "
+                          "(the --l2 path, largest first; the skip MLP: --l2 x --l2-skip, one chain per width), or every lane "
+                          "from its seed's initialisation."),
         click.option("--select", type=click.Choice(["loss", "accuracy", "worst_group", "gap"]), default=None,
                      help="Choose the configuration on validation (mean over seeds): loss; accuracy (ties: lower "
                           "loss; multi-class only); worst_group: best worst-group accuracy of --sensitive (ties: lower loss); gap: "
@@ -106,7 +110,7 @@ def _sweep_options(f):
                           "Default --l2 grid then: " + "; ".join(f"{m} {','.join(f'{v:g}' for v in g)}"
                                                                  for m, g in FEWSHOT_L2_GRIDS.items())
                           + ". Runs <model>__<method>-k<K>__best__s<seed>. [default: all training images]"),
-        click.option("--memory-budget", default=1024.0, show_default=True, type=float, help="MB per compiled chunk of the sweep."),
+        click.option("--memory-budget", default=1024.0, show_default=True, type=float, help="adamw: MB per compiled chunk of the sweep (per device with several; lbfgs runs one lane per device)."),
         track_option(),
         _force,
     ]):
@@ -146,7 +150,8 @@ def _run(method: str, hidden: str, **kw) -> None:
                       hiddens=_ints(hidden, "--hidden"), seeds=parse_seeds(kw["seeds"]), epochs=kw["epochs"],
                       batch_size=kw["batch_size"], max_iter=kw["max_iter"], memory_budget_mb=kw["memory_budget"],
                       mitigation=kw["mitigation"], sensitive=kw["sensitive"], strengths=strengths, adversary=kw["adversary"],
-                      ftol=kw["ftol"], track=kw["track"], shots=kw["shots"], **_mlp_options(kw))
+                      ftol=kw["ftol"], track=kw["track"], shots=kw["shots"], warm_start=kw["warm_start"],
+                      **_mlp_options(kw))
     cfg.validate(given=_given())
     paths = probe_cache(kw["cache"], kw["out"], cfg, force=kw["force"])
     click.echo(f"wrote {len(paths)} {method} run(s) to {kw['out']}")

@@ -1,4 +1,5 @@
-"""Linear / MLP probe sweeps: the grid, chunking to a memory budget, selection, writing runs.
+"""Linear / MLP probe sweeps: the grid, running the lanes (L-BFGS one per device, warm-started;
+AdamW vmapped in chunks that fit a memory budget), selection, writing runs.
 
 ``run_sweep`` takes arrays and returns a ``SweepResult``; ``probe_cache`` is the I/O edge used
 by the CLI (cache in, runs + ``<model>__<method>__sweep.csv`` out).
@@ -14,10 +15,10 @@ table's ``val_accuracy`` is empty and ``val_auc_macro`` (masked macro AUC) fille
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -82,12 +83,16 @@ FTOL = {"linear": 0.0, "mlp": 1e-5}
 # L-BFGS iterations at most. The MLP's lanes run in one vmapped loop until the slowest is done, so
 # its cap sets the sweep's cost; on the demo cache 300 chose as 1,000 did (benchmarks/RESULTS.md).
 MAX_ITER = {"linear": 1000, "mlp": 300}
+# L-BFGS warm starts: along this key, from the largest value down, each lane starts from the
+# previous lane's solution (same seed, same other values): the regularisation path.
+WARM_PATHS = {"linear": ("l2",), "mlp": ("l2",), "mlp+skip": ("l2", "l2_skip")}
 
 
 # The SweepConfig fields only one solver reads, with their CLI options; the other solver ignores them.
-SOLVER_OPTIONS = {"lbfgs": {"l2s": "--l2", "max_iter": "--max-iter", "l2s_skip": "--l2-skip", "ftol": "--ftol"},
+SOLVER_OPTIONS = {"lbfgs": {"l2s": "--l2", "max_iter": "--max-iter", "l2s_skip": "--l2-skip", "ftol": "--ftol",
+                             "warm_start": "--warm-start"},
                   "adamw": {"lrs": "--lr", "weight_decays": "--weight-decay", "epochs": "--epochs",
-                            "batch_size": "--batch-size"}}
+                            "batch_size": "--batch-size", "memory_budget_mb": "--memory-budget"}}
 
 
 @dataclass(frozen=True)
@@ -114,13 +119,14 @@ class SweepConfig:
     batch_size: int = 64  # AdamW; paper: 64
     max_iter: int | None = None  # L-BFGS: iterations at most; None: MAX_ITER[method]
     select: str | None = None  # "loss", "accuracy", "worst_group", "gap"; None: loss (erm), worst_group (mitigations)
-    memory_budget_mb: float = 1024.0  # estimated working set per compiled chunk
+    memory_budget_mb: float = 1024.0  # AdamW: estimated working set per compiled chunk (L-BFGS runs one lane per device)
     mitigation: str = "erm"  # one of core.mitigations.names(PROBE) (docs/CONTRACTS.md "Mitigations")
     sensitive: str | None = None  # the cohort attribute a mitigation targets (None for erm)
     strengths: tuple | None = None  # the strength axis of the grid; None: the mitigation's probe_strengths (core.mitigations)
     adversary: str = "grl"  # adversarial: "grl" (gradient reversal) or "projection" (Zhang et al.)
     track: str | None = None  # experiment tracking (cxrfair.tracking.BACKENDS) of the runs written; None: off. Changes no result
     shots: int | None = None  # few-shot: train on K images per class of the training split, one draw per seed; None: all
+    warm_start: bool = True  # L-BFGS: each lane starts from the solution at the next larger penalty (WARM_PATHS)
 
     def __post_init__(self):
         row = self.row  # None for an unknown name: validate() names the fix
@@ -166,6 +172,11 @@ class SweepConfig:
             return ()
         return tuple(self.l2s_skip) if self.l2s_skip is not None else (L2_SKIP_GRID if self.shots is None
                                                                        else FEWSHOT_L2_SKIP_GRID)
+
+    @property
+    def warm_path(self) -> tuple[str, ...]:
+        """The configuration keys whose path L-BFGS lanes warm-start along (``warm_start_chains``; empty: cold starts)."""
+        return WARM_PATHS[self.family] if self.warm_start and self.solver == "lbfgs" else ()
 
     @property
     def ftol_value(self) -> float:
@@ -320,18 +331,17 @@ class SweepResult:
 # ---------------------------------------------------------------- chunking
 
 
-# Copies of the parameters a lane holds. AdamW: params, best params, Adam mu and nu, gradients,
-# updates and XLA's loop double-buffering. L-BFGS: 2 x 10 memory pairs, params, gradients, the
-# line search's trial point, direction and gradient, and double-buffering.
-ADAMW_COPIES, LBFGS_COPIES = 8, 30
+# Copies of the parameters an AdamW lane holds: params, best params, Adam mu and nu, gradients,
+# updates and XLA's loop double-buffering. (L-BFGS lanes run one per device, unchunked.)
+ADAMW_COPIES = 8
 
 
 def lane_bytes(dim: int, n_classes: int, max_hidden: int, batch_size: int, n_eval: int, epochs: int,
                copies: int = ADAMW_COPIES, skip: bool = False) -> int:
     """Rough working set of one lane (bytes): parameters and their copies, activations, outputs.
 
-    ``batch_size`` is the rows of one step (the training split for full-batch L-BFGS) and
-    ``epochs`` the length of the curves; activations of a step and of evaluation count ~4 times.
+    ``batch_size`` is the rows of one step and ``epochs`` the length of the curves; activations
+    of a step and of evaluation count ~4 times.
     """
     width = max_hidden if max_hidden else n_classes
     n_params = dim * width + width + (max_hidden * n_classes + n_classes if max_hidden else 0) + (dim * n_classes if skip else 0)
@@ -342,18 +352,6 @@ def lane_bytes(dim: int, n_classes: int, max_hidden: int, batch_size: int, n_eva
 def output_bytes(n_classes: int, n_eval: int, epochs: int) -> int:
     """What one lane returns (bytes): its loss curves (2 x ``epochs``) and evaluation outputs."""
     return 4 * (2 * epochs + n_eval * n_classes)
-
-
-# Vmapped L-BFGS lanes each hold about this many broadcast copies of the training features
-# (measured with XLA's memory analysis: ~41 kB per row for 8 lanes of 768 dims; see
-# ``train._sequential_sweep``).
-LBFGS_FEATURE_COPIES = 2
-
-
-def sequential_lanes(solver: str, feature_bytes: int, per_lane: int, n_lanes: int, budget_bytes: float) -> bool:
-    """Whether L-BFGS lanes run one after another: when every lane vmapped, with its copies of the
-    training features, would pass the budget. Small sweeps keep the fused (vmapped) program."""
-    return solver == "lbfgs" and n_lanes * (per_lane + LBFGS_FEATURE_COPIES * feature_bytes) > budget_bytes
 
 
 def plan_chunks(n_seeds: int, n_configs: int, per_lane: int, budget_bytes: float) -> tuple[int, int]:
@@ -420,32 +418,110 @@ def run_sweep(x: dict, y: dict, n_classes: int, cfg: SweepConfig, groups: dict |
     data = train.Data(np.asarray(x["train"], np.float32), _labels(y["train"]),
                       np.asarray(x["val"], np.float32), _labels(y["val"]), np.asarray(x["test"], np.float32),
                       **cells)
-    per_lane = lane_bytes(x["train"].shape[1], n_classes, recipe.max_hidden,
-                          len(x["train"]) if cfg.solver == "lbfgs" else cfg.batch_size,
-                          len(x["val"]) + len(x["test"]), cfg.max_iter if cfg.solver == "lbfgs" else cfg.epochs,
-                          copies=LBFGS_COPIES if cfg.solver == "lbfgs" else ADAMW_COPIES, skip=cfg.skip)
-    budget = cfg.memory_budget_mb * 2**20
-    if sequential_lanes(cfg.solver, data.x_train.nbytes, per_lane, len(cfg.seeds) * len(configs), budget):
-        recipe = dataclasses.replace(recipe, sequential=True)
-        # One lane's working set at a time (lax.map): a chunk adds only each lane's outputs, so
-        # seeds are not split into padded chunks (which would train copies of the last seed).
-        budget, per_lane = max(budget - per_lane, 0), output_bytes(n_classes, len(x["val"]) + len(x["test"]), cfg.max_iter)
-    else:
-        per_lane += LBFGS_FEATURE_COPIES * data.x_train.nbytes if cfg.solver == "lbfgs" else 0
-    s_chunk, k_chunk = plan_chunks(len(cfg.seeds), len(configs), per_lane, budget)
     seeds = np.array(cfg.seeds)
-
-    t0 = time.perf_counter()
-    program = _program(recipe, tuple(None if a is None else (a.shape, a.dtype.name) for a in data), s_chunk, k_chunk)
-    t1 = time.perf_counter()
-    lanes = _run_chunks(program, data, hyper, seeds, s_chunk, k_chunk)
-    timings = {"compile_s": t1 - t0, "train_s": time.perf_counter() - t1, "seeds_per_chunk": s_chunk,
-               "configs_per_chunk": k_chunk, "sequential_lanes": recipe.sequential, "chunks": math.ceil(len(seeds) / s_chunk) * math.ceil(len(configs) / k_chunk)}
+    shapes = tuple(None if a is None else (a.shape, a.dtype.name) for a in data)
+    if cfg.solver == "lbfgs":
+        lanes, timings = _run_lanes(recipe, shapes, data, hyper, seeds, warm_start_chains(configs, cfg.warm_path))
+    else:
+        lanes, timings = _run_vmapped(recipe, shapes, data, hyper, seeds, cfg, len(x["val"]) + len(x["test"]))
     result = _result(configs, tuple(int(s) for s in seeds), lanes, y["val"], timings, stats, cfg.solver, cfg.select,
                      None if groups is None else groups["val"])
     result.erasure = erasure
     return result
 
+
+def _run_vmapped(recipe, shapes: tuple, data, hyper: dict, seeds: np.ndarray, cfg: SweepConfig, n_eval: int) -> tuple[dict, dict]:
+    """AdamW: every lane vmapped (``train.train_sweep``: lanes sharing a seed share each minibatch
+    matmul), in chunks of lanes that fit ``cfg.memory_budget_mb``. Returns (lanes, timings)."""
+    from cxrfair.probe.train import lane_mesh  # jax: see the note under the imports
+
+    per_lane = lane_bytes(shapes[0][0][1], recipe.n_classes, recipe.max_hidden, cfg.batch_size, n_eval, cfg.epochs,
+                          copies=ADAMW_COPIES, skip=cfg.skip)
+    mesh = lane_mesh()
+    # With several devices each holds K / n of a chunk's configurations (the budget is per device).
+    s_chunk, k_chunk = plan_chunks(len(seeds), math.ceil(len(hyper["l2"]) / mesh.size), per_lane, cfg.memory_budget_mb * 2**20)
+    k_chunk *= mesh.size
+    t0 = time.perf_counter()
+    program = _program(recipe, shapes, s_chunk, k_chunk, mesh if mesh.size > 1 else None)
+    t1 = time.perf_counter()
+    lanes = _run_chunks(program, data, hyper, seeds, s_chunk, k_chunk)
+    return lanes, {"compile_s": t1 - t0, "train_s": time.perf_counter() - t1, "seeds_per_chunk": s_chunk,
+                   "configs_per_chunk": k_chunk, "sequential_lanes": False, "devices": mesh.size,
+                   "chunks": math.ceil(len(seeds) / s_chunk) * math.ceil(len(hyper["l2"]) / k_chunk)}
+
+
+def _run_lanes(recipe, shapes: tuple, data, hyper: dict, seeds: np.ndarray, chains: list[list[int]]) -> tuple[dict, dict]:
+    """L-BFGS: every (seed, configuration) lane on its own, one per device at a time
+    (``train.train_lanes``), every call dispatched before any result is read. Returns (lanes, timings).
+
+    ``chains`` (``warm_start_chains``) partition the configurations; along a chain each lane starts
+    from the previous lane's solution (same seed), the first from its seed's initialisation.
+    Chains of every seed are dealt to the devices, ``mesh.size`` at a time; a short block is
+    padded by repeating its last chain (the copies' results are dropped).
+    """
+    import jax  # see the note under the imports
+
+    from cxrfair.probe.train import lane_mesh, lane_params_shape, seed_keys
+
+    mesh = lane_mesh()
+    n_dev, n_configs = mesh.size, len(hyper["l2"])
+    t0 = time.perf_counter()
+    program = _lane_program(recipe, shapes, mesh)
+    t1 = time.perf_counter()
+    lanes_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("lanes"))
+    data = jax.device_put(data, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))  # once, on every device
+    keys = np.asarray(seed_keys(seeds))
+    zeros = jax.tree.map(lambda a: np.zeros((n_dev, *a.shape), a.dtype), lane_params_shape(shapes[0][0][1], recipe))
+    runs = [(i, chain) for i in range(len(seeds)) for chain in chains]  # (seed index, configurations)
+    outs, where = [], []  # each call's output, and the (seed index, configuration) of each of its lanes
+    for b0 in range(0, len(runs), n_dev):
+        block = runs[b0:b0 + n_dev]
+        block += block[-1:] * (n_dev - len(block))
+        seed_idx = np.array([i for i, _ in block])
+        start = jax.device_put(zeros, lanes_sharding)
+        for pos in range(max(len(chain) for _, chain in block)):
+            configs = np.array([chain[min(pos, len(chain) - 1)] for _, chain in block])
+            warm = np.full(n_dev, pos > 0)
+            out, start = program(keys[seed_idx], _hyper(hyper, configs, n_dev), data, start, warm)
+            outs.append(out)
+            real = [b0 + d < len(runs) and pos < len(block[d][1]) for d in range(n_dev)]
+            where.append([(seed_idx[d], configs[d]) if real[d] else None for d in range(n_dev)])
+    outs = jax.device_get(outs)
+    lanes = {f: np.zeros((len(seeds), n_configs, *getattr(outs[0], f).shape[1:]), getattr(outs[0], f).dtype)
+             for f in outs[0]._fields}
+    for out, places in zip(outs, where):
+        for d, place in enumerate(places):
+            if place is not None:
+                for f in out._fields:
+                    lanes[f][place] = getattr(out, f)[d]
+    return lanes, {"compile_s": t1 - t0, "train_s": time.perf_counter() - t1, "devices": n_dev,
+                   "sequential_lanes": True, "chunks": len(outs), "warm_start_chains": len(chains)}
+
+
+def warm_start_chains(configs: list[dict], path: tuple[str, ...]) -> list[list[int]]:
+    """Chains of configuration indices that differ only in the ``path`` keys, each from the largest
+    penalty to the smallest, so every lane starts from a neighbour's solution (a regularisation path).
+
+    One key (``("l2",)``): from its largest value down. Two keys (``("l2", "l2_skip")``): the
+    first key from its largest value down, and within each of its values the second key down then
+    up alternately (a snake), so consecutive lanes differ in one value. ``path`` empty: every
+    configuration alone (cold starts). Chains come in the order of their first configuration in the grid.
+    """
+    if not path:
+        return [[k] for k in range(len(configs))]
+    groups: dict = {}
+    for k, c in enumerate(configs):
+        rest = tuple((key, v) for key, v in c.items() if key not in path and not (isinstance(v, float) and math.isnan(v)))
+        groups.setdefault(rest, []).append(k)
+    chains = []
+    for ks in groups.values():
+        outer = sorted({configs[k][path[0]] for k in ks}, reverse=True)
+        chain = []
+        for i, value in enumerate(outer):
+            row = sorted((k for k in ks if configs[k][path[0]] == value), key=lambda k: [-configs[k][p] for p in path[1:]])
+            chain += row if i % 2 == 0 else row[::-1]
+        chains.append(chain)
+    return chains
 
 SPLITS_ALL = ("train", "val", "test")
 
@@ -542,14 +618,53 @@ def standardize(x: np.ndarray, stats: dict | None) -> np.ndarray:
     return ((np.asarray(x, np.float32) - stats["mean"]) / stats["std"]).astype(np.float32)
 
 
+# ---------------------------------------------------------------- compilation cache
+
+
+CACHE_ENV = "CXRFAIR_CACHE"  # cxrfair's cache folder (default ~/.cache/cxrfair); compiled sweeps go in <it>/jax
+NO_JAX_CACHE_ENV = "CXRFAIR_NO_JAX_CACHE"  # set (to anything but "" or "0") to keep compiled sweeps in memory only
+JAX_CACHE_MAX_BYTES = 2 * 2**30  # the folder is trimmed to this, least recently used first
+
+
+def jax_cache_dir() -> Path | None:
+    """Where compiled sweeps persist across processes: ``$CXRFAIR_CACHE/jax`` (default
+    ``~/.cache/cxrfair/jax``); None when ``$CXRFAIR_NO_JAX_CACHE`` is set."""
+    if os.environ.get(NO_JAX_CACHE_ENV, "") not in ("", "0"):
+        return None
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "cxrfair") / "jax"
+
+
+def use_compilation_cache() -> None:
+    """Point JAX's persistent compilation cache at ``jax_cache_dir()``, unless the user already
+    chose a folder (``JAX_COMPILATION_CACHE_DIR``) or turned ours off.
+
+    Why: compiling a sweep takes 5-13 s on 2 CPU cores, as long as training the default linear
+    sweep on a demo-sized cache; with the cache, a second process with the same shapes (another
+    model of the same embedding size, another run of the command) loads the executable instead.
+    JAX keys each entry by the program, the backend and the compiler, so a stale entry is never used.
+    """
+    import jax  # see the note under the imports
+
+    folder = jax_cache_dir()
+    if folder is None or jax.config.jax_compilation_cache_dir:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    if jax.config.jax_compilation_cache_max_size == -1:  # JAX's default: unbounded
+        jax.config.update("jax_compilation_cache_max_size", JAX_CACHE_MAX_BYTES)
+
+
 @functools.lru_cache(maxsize=8)
-def _program(recipe, shapes: tuple, s_chunk: int, k_chunk: int):
+def _program(recipe, shapes: tuple, s_chunk: int, k_chunk: int, mesh=None):
     """The compiled sweep for one chunk shape; every chunk (padded) and every later sweep of the
-    same shapes reuses it, so compile time is paid once per process."""
+    same shapes reuses it, so compile time is paid once per process (and, with the persistent
+    cache, once per machine). ``mesh``: the configurations split over its devices
+    (``train.train_sweep_sharded``); None: one device (``train.train_sweep``)."""
     import jax  # see the note under the imports
 
     import cxrfair.probe.train as train
 
+    use_compilation_cache()
     f32, i32 = jax.numpy.float32, jax.numpy.int32
     spec = jax.ShapeDtypeStruct
     data = train.Data(*(None if s is None else spec(s[0], s[1]) for s in shapes))  # mitigations add cell/group codes
@@ -557,7 +672,38 @@ def _program(recipe, shapes: tuple, s_chunk: int, k_chunk: int):
     l2_skip = spec((k_chunk,), f32) if recipe.skip and recipe.solver == "lbfgs" else None  # as configurations() gives it
     hyper = train.Hyper(spec((k_chunk,), f32), spec((k_chunk,), f32), spec((k_chunk,), i32), spec((k_chunk,), f32), strength,
                         l2_skip)
-    return train.train_sweep.lower(spec((s_chunk, 2), jax.numpy.uint32), hyper, data, recipe).compile()
+    keys = spec((s_chunk, 2), jax.numpy.uint32)
+    if mesh is None:
+        return train.train_sweep.lower(keys, hyper, data, recipe).compile()
+    named = lambda *axes: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*axes))  # noqa: E731
+    place = lambda a, *axes: None if a is None else spec(a.shape, a.dtype, sharding=named(*axes))  # noqa: E731
+    hyper = jax.tree.map(lambda a: place(a, train.LANE_AXIS), hyper)
+    data = train.Data(*(place(a) for a in data))
+    return train.train_sweep_sharded.lower(place(keys), hyper, data, recipe=recipe, mesh=mesh).compile()
+
+
+@functools.lru_cache(maxsize=8)
+def _lane_program(recipe, shapes: tuple, mesh):
+    """``train.train_lanes`` compiled for one lane per device of ``mesh``: one executable per data
+    shape and recipe, whatever the grid, the seeds or the strengths (see ``_program``)."""
+    import jax  # see the note under the imports
+
+    import cxrfair.probe.train as train
+
+    use_compilation_cache()
+    f32, i32, spec = jax.numpy.float32, jax.numpy.int32, jax.ShapeDtypeStruct
+    n = mesh.size
+    lanes = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(train.LANE_AXIS))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    data = train.Data(*(None if s is None else spec(s[0], s[1], sharding=replicated) for s in shapes))
+    lane = lambda dtype: spec((n,), dtype, sharding=lanes)  # noqa: E731
+    strength = None if recipe.mitigation.name == "erm" else lane(f32)
+    l2_skip = lane(f32) if recipe.skip else None
+    hyper = train.Hyper(lane(f32), lane(f32), lane(i32), lane(f32), strength, l2_skip)
+    keys = spec((n, 2), jax.numpy.uint32, sharding=lanes)
+    start = jax.tree.map(lambda a: spec((n, *a.shape), a.dtype, sharding=lanes), train.lane_params_shape(shapes[0][0][1], recipe))
+    return train.train_lanes.lower(keys, hyper, data, start, spec((n,), jax.numpy.bool_, sharding=lanes),
+                                   recipe=recipe, mesh=mesh).compile()
 
 
 def _run_chunks(program, data, hyper: dict, seeds: np.ndarray, s_chunk: int, k_chunk: int) -> dict:
@@ -834,7 +980,7 @@ def stopping_text(cfg: SweepConfig) -> str:
 
     rule = f"stops when the largest gradient entry is <= {GTOL:g}"
     if cfg.ftol_value > 0:
-        rule += f", or once an iteration lowers the objective by <= {cfg.ftol_value:g} * max(|f|, 1)"
+        rule += f", or once an iteration after the first lowers the objective by <= {cfg.ftol_value:g} * max(|f|, 1)"
     return f"{rule}, or after {cfg.max_iter} iterations"
 
 
@@ -856,6 +1002,8 @@ def _hyperparameters(cfg: SweepConfig, best: dict, multilabel: bool = False) -> 
         return {**arch, "l2": best["l2"], **skip, **hidden, "optimizer": "lbfgs", "batch": "full training split",
                 "objective": f"mean {loss} + {penalty} (biases not penalised)", "loss": loss,
                 "max_iter": cfg.max_iter, "gtol": GTOL, "ftol": cfg.ftol_value, "stopping": stopping_text(cfg),
+                # The keys whose path lanes warm-start along, largest first ([]: every lane from its seed's init).
+                "warm_start": list(cfg.warm_path),
                 "memory_size": 10, "linesearch": "zoom (strong Wolfe)", **common,
                 "grid": {"l2": list(cfg.l2_grid), **skip_grid, **hidden_grid}}
     from cxrfair.probe.train import ADAM_B1, ADAM_B2, ADAM_EPS  # jax: see the note under the imports

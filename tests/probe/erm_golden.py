@@ -16,7 +16,8 @@ from click.testing import CliRunner
 
 GOLDEN = Path(__file__).parent / "data" / "erm_golden.npz"
 COMMANDS = {
-    "linear_lbfgs": ["linear", "--seeds", "2", "--l2", "1e-3,1e-1", "--max-iter", "20"],
+    # --cold-start: the record predates warm starts (issue 27), and 20 iterations stop short of the optimum.
+    "linear_lbfgs": ["linear", "--seeds", "2", "--l2", "1e-3,1e-1", "--max-iter", "20", "--cold-start"],
     "mlp_adamw": ["mlp", "--architecture", "plain", "--solver", "adamw", "--epochs", "3", "--batch-size", "16", "--seeds", "2",
                   "--lr", "1e-3,1e-2", "--weight-decay", "0,0.1", "--hidden", "4"],
 }

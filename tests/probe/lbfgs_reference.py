@@ -28,8 +28,9 @@ def _finite(value, params) -> bool:
 
 def plain_lbfgs(objective, init: dict, data: tuple, recipe) -> tuple[dict, int]:
     """Minimise ``objective(params, *data)`` from ``init``. Stops when the largest gradient entry is
-    <= ``recipe.gtol``, before a non-finite step, or (``recipe.ftol`` > 0) after a kept step that
-    lowered the objective by at most ftol * max(|f_old|, |f_new|, 1); at most ``recipe.max_iter``.
+    <= ``recipe.gtol``, before a non-finite step, or (``recipe.ftol`` > 0) after a kept step, not
+    the first, that lowered the objective by at most ftol * max(|f_old|, |f_new|, 1); at most
+    ``recipe.max_iter``.
 
     Returns:
         (the parameters, iterations that moved them).
@@ -47,6 +48,6 @@ def plain_lbfgs(objective, init: dict, data: tuple, recipe) -> tuple[dict, int]:
         stalled = float(value) - float(new_value) <= recipe.ftol * max(abs(float(value)), abs(float(new_value)), 1.0)
         params, state, value, grad = new, new_state, new_value, new_grad
         iterations += 1
-        if recipe.ftol > 0 and stalled:
+        if recipe.ftol > 0 and stalled and iterations > 1:  # not on the first step
             break
     return params, iterations

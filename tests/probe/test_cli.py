@@ -160,7 +160,7 @@ def _assert_clean_failure(tmp_path, cache, command, make, extra, words):
 @pytest.mark.parametrize("extra, words", [
     # The default solver is L-BFGS: each AdamW option would be ignored.
     (["--lr", "1e-3"], "--lr: only with --solver adamw; this sweep uses lbfgs (its options: --l2, --max-iter, "
-                       "--l2-skip, --ftol), which would ignore it"),
+                       "--l2-skip, --ftol, --warm-start), which would ignore it"),
     (["--weight-decay", "0"], "--weight-decay: only with --solver adamw"),
     (["--epochs", "5"], "--epochs: only with --solver adamw"),
     (["--batch-size", "32"], "--batch-size: only with --solver adamw"),
@@ -169,6 +169,8 @@ def _assert_clean_failure(tmp_path, cache, command, make, extra, words):
     (["--solver", "adamw", "--l2", "1e-3"], "--l2: only with --solver lbfgs; this sweep uses adamw"),
     (["--solver", "adamw", "--max-iter", "10"], "--max-iter: only with --solver lbfgs"),
     (["--solver", "adamw", "--ftol", "0"], "--ftol: only with --solver lbfgs"),
+    (["--solver", "adamw", "--cold-start"], "--warm-start: only with --solver lbfgs"),
+    (["--memory-budget", "512"], "--memory-budget: only with --solver adamw"),  # L-BFGS: one lane per device
     (["--mitigation", "reweight", "--sensitive", "sex", "--adversary", "projection"],
      "--adversary: only with --mitigation adversarial, not reweight; drop it"),
     (["--adversary", "grl"], "--adversary: only with --mitigation adversarial, not erm"),

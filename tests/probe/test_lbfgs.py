@@ -13,7 +13,7 @@ import optax
 import pytest
 
 from cxrfair.probe import train
-from cxrfair.probe.sweep import LBFGS_COPIES, SweepConfig, feature_stats, lane_bytes, output_bytes, run_sweep, select_config
+from cxrfair.probe.sweep import SweepConfig, feature_stats, run_sweep, select_config
 from tests.probe.lbfgs_reference import plain_lbfgs
 from tests.probe.synth import clusters, embedding_like
 
@@ -198,6 +198,26 @@ def _test_accuracy(res, y) -> float:
 SIZES = {"train": 420, "val": 120, "test": 240}
 
 
+def test_warm_started_linear_lanes_reach_the_cold_started_optimum_in_fewer_iterations():
+    """The default L-BFGS sweep starts each lane from the solution at the next larger l2 (same
+    seed). The linear objective is strictly convex: the same optimum as cold starts and as
+    scikit-learn at C = 1/(l2 N), reached in fewer iterations."""
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = clusters({"train": 90, "val": 30, "test": 30}, dim=6, n_classes=3, spread=0.7, seed=1)
+    cfg = SweepConfig(l2s=(1e-4, 1e-3, 1e-2, 1e-1), seeds=(0, 2), standardize=False)
+    warm = run_sweep(x, y, 3, cfg)
+    cold = run_sweep(x, y, 3, dataclasses.replace(cfg, warm_start=False))
+    assert warm.timings["warm_start_chains"] == 1 and cold.timings["warm_start_chains"] == 4
+    np.testing.assert_allclose(warm.test_probs, cold.test_probs, atol=2e-3)
+    np.testing.assert_array_equal(warm.best_epoch[:, 3], cold.best_epoch[:, 3])  # the largest l2 starts the chain, cold
+    assert (warm.best_epoch[:, :3].sum(1) < cold.best_epoch[:, :3].sum(1)).all(), (warm.best_epoch, cold.best_epoch)
+    for k, l2 in enumerate(cfg.l2s):
+        ref = LogisticRegression(C=1 / (l2 * 90), tol=1e-10, max_iter=10_000).fit(x["train"], y["train"])
+        np.testing.assert_allclose(warm.test_probs[:, k], np.broadcast_to(ref.predict_proba(x["test"]), warm.test_probs[:, k].shape),
+                                   atol=2e-3)
+
+
 @pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow)])
 def test_default_linear_probe_reaches_a_tuned_logistic_regression(seed):
     x, y = offset_features(seed, SIZES)
@@ -242,27 +262,35 @@ def test_sequential_lanes_equal_the_vmapped_sweep(small):
     assert np.abs(one_by_one.best_epoch - fused.best_epoch).max() <= 1  # float noise may shift the last test
 
 
-def test_a_small_budget_runs_lanes_one_after_another_with_the_same_result(small):
+def test_the_sweeps_lbfgs_lanes_equal_the_vmapped_program_and_the_plain_loop(small):
+    """run_sweep runs L-BFGS lanes one per device at a time (``train.train_lanes``); each lane is
+    the vmapped ``train_sweep``'s lane and the plain optax loop's probe, in the (seed, config) order."""
     x, y = small
-    cfg = SweepConfig(l2s=(1e-3, 1e-1), seeds=(0, 1), max_iter=30)
-    whole = run_sweep(x, y, 3, cfg)
-    # Less than one lane with its copies of the 50 x 8 training features (so lanes run one after
-    # another), and less than one lane's working set plus two lanes' outputs (so one lane a chunk).
-    one_lane = lane_bytes(8, 3, 0, 50, 40, 30, copies=LBFGS_COPIES) + output_bytes(3, 40, 30)
-    budget = 0.99 * one_lane / 2**20  # MB
-    tiny = run_sweep(x, y, 3, SweepConfig(**{**cfg.__dict__, "memory_budget_mb": budget}))
-    assert not whole.timings["sequential_lanes"] and tiny.timings["sequential_lanes"]
-    assert whole.timings["chunks"] == 1 and tiny.timings["chunks"] > 1
-    np.testing.assert_allclose(tiny.test_probs, whole.test_probs, rtol=1e-4, atol=1e-5)
-    assert tiny.selected == whole.selected
-
-
-def test_lanes_run_one_after_another_keep_every_seed_in_one_chunk(small):
-    """Run one after another, lanes hold one working set at a time: a budget that forces that
-    mode (all 4 lanes vmapped would not fit) but holds one lane plus every lane's outputs trains
-    them in one chunk, not in padded seed chunks that train copies of the last seed."""
-    x, y = small
-    cfg = SweepConfig(l2s=(1e-3, 1e-1), seeds=(0, 1), max_iter=30, memory_budget_mb=0.04)
+    cfg = SweepConfig(l2s=(1e-3, 1e-1), seeds=(0, 5), max_iter=30, standardize=False, warm_start=False)
     res = run_sweep(x, y, 3, cfg)
-    assert res.timings["sequential_lanes"] and res.timings["chunks"] == 1
-    assert (res.timings["seeds_per_chunk"], res.timings["configs_per_chunk"]) == (2, 2)
+    assert res.timings["sequential_lanes"] and res.timings["chunks"] == 4 // res.timings["devices"]
+    recipe = train.Recipe(n_classes=3, solver="lbfgs", max_iter=30)
+    hyper = train.Hyper(jnp.zeros(2), jnp.zeros(2), jnp.zeros(2, jnp.int32), jnp.array(cfg.l2s, jnp.float32))
+    fused = jax.device_get(train.train_sweep(train.seed_keys(cfg.seeds), hyper, _data(x, y), recipe))
+    for field in ("test_probs", "val_probs", "val_loss", "train_loss", "best_val_loss"):
+        np.testing.assert_allclose(getattr(res, field), getattr(fused, field), rtol=1e-4, atol=1e-5, err_msg=field)
+    assert np.abs(res.best_epoch - fused.best_epoch).max() <= 1  # float noise may shift the last test
+    for i, seed in enumerate(cfg.seeds):
+        for k, l2 in enumerate(cfg.l2s):
+            probs, iterations = reference_lbfgs(jax.random.PRNGKey(seed), l2, 0, x, y, recipe)
+            np.testing.assert_allclose(res.test_probs[i, k], probs, atol=2e-4)
+            assert abs(int(res.best_epoch[i, k]) - iterations) <= 1
+
+
+def test_the_sweeps_skip_mlp_lanes_equal_the_plain_loop(small):
+    """The default MLP through run_sweep: lanes of two widths (the narrower zero-padded to the
+    wider, as in the vmapped program), each against the plain loop at its own width."""
+    x, y = small
+    cfg = SweepConfig(method="mlp", hiddens=(3, 6), l2s=(1e-2,), l2s_skip=(1e-1,), seeds=(4,), max_iter=20,
+                      ftol=1e-3, standardize=False, warm_start=False)
+    res = run_sweep(x, y, 3, cfg)
+    recipe = train.Recipe(n_classes=3, max_hidden=6, solver="lbfgs", max_iter=20, skip=True, ftol=1e-3)
+    for k, hidden in enumerate(cfg.hiddens):
+        probs, iterations = reference_lbfgs(jax.random.PRNGKey(4), 1e-2, hidden, x, y, recipe, 1e-1)
+        np.testing.assert_allclose(res.test_probs[0, k], probs, atol=1e-3)
+        assert int(res.best_epoch[0, k]) == iterations

@@ -46,7 +46,7 @@ def test_each_lane_of_a_mitigation_sweep_equals_one_unbatched_run(mitigation):
     strengths = (0.0, 1.0) if mitigation == "reweight" else (0.3, 2.0)
     cfg = SweepConfig(method="mlp", hiddens=(5,), lrs=(1e-2,), weight_decays=(0.0,), l2s=(1e-2,), seeds=(0, 3), epochs=2,
                       batch_size=8, max_iter=8, standardize=False, mitigation=mitigation, sensitive="sex",
-                      strengths=strengths, **LANE_CASES[mitigation])
+                      strengths=strengths, warm_start=False, **LANE_CASES[mitigation])  # cold, as fit_lane
     res = run_sweep(x, y, 3, cfg, groups)
     spec = mitigation_spec(cfg, y["train"], groups, 3)
     recipe = train.Recipe(n_classes=3, epochs=2, batch_size=8, max_hidden=5, solver=cfg.solver, max_iter=8, mitigation=spec,

@@ -84,3 +84,21 @@ def test_parameter_counts():
     assert count_params(512, 6, 0) == 512 * 6 + 6
     assert count_params(512, 6, 256) == 512 * 256 + 256 + 256 * 6 + 6
     assert count_params(512, 6, 256, skip=True) == 512 * 256 + 256 + 256 * 6 + 6 + 512 * 6
+
+
+def test_warm_start_chains_walk_each_penalty_path_from_the_largest_value():
+    from cxrfair.probe.sweep import warm_start_chains
+
+    linear = SweepConfig(l2s=(1e-3, 1e-1, 1e-2))
+    assert warm_start_chains(linear.configurations(), linear.warm_path) == [[1, 2, 0]]
+    cold = SweepConfig(l2s=(1e-3, 1e-1), warm_start=False)
+    assert warm_start_chains(cold.configurations(), cold.warm_path) == [[0], [1]]
+    assert SweepConfig(solver="adamw").warm_path == ()  # AdamW lanes never chain
+    mlp = SweepConfig(method="mlp", hiddens=(4, 8), l2s=(0.01, 1.0), l2s_skip=(1e-5, 1e-3))
+    configs = mlp.configurations()
+    chains = warm_start_chains(configs, mlp.warm_path)
+    walk = [[(configs[k]["hidden"], configs[k]["l2"], configs[k]["l2_skip"]) for k in chain] for chain in chains]
+    # One chain per width (widths never share parameters); a snake over (l2, l2_skip), largest first.
+    assert walk == [[(4, 1.0, 1e-3), (4, 1.0, 1e-5), (4, 0.01, 1e-5), (4, 0.01, 1e-3)],
+                    [(8, 1.0, 1e-3), (8, 1.0, 1e-5), (8, 0.01, 1e-5), (8, 0.01, 1e-3)]]
+    assert sorted(k for chain in chains for k in chain) == list(range(len(configs)))
