@@ -372,6 +372,9 @@ def _seeds_table(evaluated, runs_df, config: AnalyzeConfig, notes: list[str]) ->
         # Each metric's own method (core.intervals), as metrics.csv: a seed mean of a gap is biased like one run's.
         lo, hi = (seed_widened(means, *intervals_by_metric(reps, means, keys, config.level)[:2], per_run, config.level)
                   if reps is not None else (np.full(len(keys), np.nan),) * 2)
+        # The widening can reach past the metric's range (an AUC above 1 with two seeds): clip, as every interval is.
+        specs = [interval_method(k[0]) for k in keys]
+        lo, hi = (np.clip(x, [sp.low for sp in specs], [sp.high for sp in specs]) for x in (lo, hi))
         n = (~np.isnan(per_run)).sum(axis=0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # fewer than two defined runs: NaN, set below

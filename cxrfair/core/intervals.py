@@ -107,8 +107,14 @@ _HULL = ("the hull of the percentile and basic intervals: percentile alone under
 # The one table: metric name (metrics.csv ``metric``, either task) -> its method, chosen by
 # benchmarks/coverage.py (RESULTS.md "Interval coverage"; both tasks: a flag holds for the worse). Names absent here (every per-sample
 # value: accuracy, AUC, F1, TPR, ECE, ... overall or per group) are PERCENTILE.
-PERCENTILE = IntervalMethod("percentile", why="a smooth, roughly unbiased statistic: the percentile interval")
+# Their range is [0, 1] (rates, AUC, F1, ECE, AP); the few percentile metrics with another range have rows below.
+_SMOOTH = "a smooth, roughly unbiased statistic: the percentile interval"
+PERCENTILE = IntervalMethod("percentile", 0.0, 1.0, why=_SMOOTH)
 INTERVAL_METHODS: dict[str, IntervalMethod] = {
+    # Percentile metrics outside [0, 1]: AP minus prevalence (negative below chance), a signed AUC difference.
+    "adjusted_auprc": IntervalMethod("percentile", -1.0, 1.0, why=_SMOOTH),
+    "adjusted_auprc_macro": IntervalMethod("percentile", -1.0, 1.0, why=_SMOOTH),
+    "shortcut_delta": IntervalMethod("percentile", -1.0, 1.0, why=_SMOOTH),
     # Signed gaps: unbiased for two groups; with 3+ groups max − min over groups, biased upward.
     "f1_gap": IntervalMethod("hull", -1.0, 1.0, why="a signed gap (3+ groups: the largest pair, biased upward): " + _HULL),
     "fnr_gap": IntervalMethod("hull", -1.0, 1.0, why="a signed gap (3+ groups: the largest pair, biased upward): " + _HULL),

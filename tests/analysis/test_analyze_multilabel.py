@@ -156,8 +156,17 @@ def test_intervals_seed_means_and_paired_comparison_against_a_slow_loop(analysed
     assert (row["ci_low"], row["ci_high"]) == pytest.approx(tuple(np.percentile(reps[0], [2.5, 97.5])), abs=1e-12)
     s = res.seeds[(res.seeds["metric"] == "auc") & (res.seeds["attribute"] == "")
                   & (res.seeds["class"] == "Effusion")].set_index("tag")
-    assert (s.loc["best", "ci_low"], s.loc["best", "ci_high"]) == pytest.approx(
-        tuple(np.percentile(_two_level(reps[:2], "seeds|m|linear|best"), [2.5, 97.5])), abs=1e-12)
+    # The seed mean's interval: the patients-only percentile interval of the mean replicates, each side
+    # widened in quadrature by t_{S-1} sd / sqrt(S) over the seeds' own values, clipped to [0, 1].
+    from scipy import stats
+
+    per_seed = np.array([_value(res, r.run_id, "auc", cls="Effusion")["value"] for r in lin])
+    mean = per_seed.mean()
+    p_lo, p_hi = np.percentile(reps[:2].mean(axis=0), [2.5, 97.5])
+    half = stats.t.ppf(0.975, 1) * per_seed.std(ddof=1) / np.sqrt(2)
+    expected = (max(0.0, mean - np.hypot(mean - p_lo, half)), min(1.0, mean + np.hypot(p_hi - mean, half)))
+    assert s.loc["best", "mean"] == pytest.approx(mean, abs=1e-12)
+    assert (s.loc["best", "ci_low"], s.loc["best", "ci_high"]) == pytest.approx(expected, abs=1e-9)
     assert s.loc["clip", "n_seeds"] == 2  # the zero-shot draws averaged like seeds
     # The reference is the linear probe, its seeds drawn with replacement on each resample (runsets.REFERENCE_ORDER).
     c = res.comparisons[(res.comparisons["metric"] == "auc") & (res.comparisons["attribute"] == "")
