@@ -40,6 +40,8 @@ from typing import Callable
 
 import numpy as np
 
+# torch, JAX, open_clip, transformers and peft are imported inside the functions that use them:
+# ``--help``, a bad ``--models`` and the estimate's test need none of them (each costs seconds).
 ROOT = Path(__file__).resolve().parents[1]
 N_CLASSES = 6
 
