@@ -2,12 +2,17 @@
 against the same configurations one by one in a plain PyTorch loop, measured in the same run.
 
     .venv/bin/python benchmarks/mitigation_sweep.py [--epochs 150] [--torch-lanes 4] [--mitigations groupdro,reweight]
+    .venv/bin/python benchmarks/mitigation_sweep.py --mitigations groupdro,fairot --torch-lanes 0 [--grid demo]
 
 Workload: the paper's linear probe (840 train / 120 val / 240 test features of 512 dims, 6
 classes, two sensitive groups), AdamW + cosine annealing, batch 64, best-validation-loss epoch;
 grid: 4 strengths x 4 learning rates x 4 weight decays x 4 seeds = 256 lanes per mitigation.
 GroupDRO (q over 12 (group, class) cells, updated every step) and reweight (cell weights) on
-the AdamW path. JAX: ``run_sweep``'s training time (compilation reported apart). PyTorch:
+the AdamW path; fairot (the batch's debiased Sinkhorn divergence to each group's scores, every
+step) has no PyTorch lane here. With several mitigations the last line prints each one's JAX
+training time over the first's on the same grid (fairot / groupdro: the Sinkhorn term's cost).
+``--grid demo`` is the demo's AdamW grid (1 lr x 2 weight decays x 2 seeds, 50 epochs; the
+strengths stay 4). JAX: ``run_sweep``'s training time (compilation reported apart). PyTorch:
 the same loss and update, one lane at a time; ``--torch-lanes`` lanes are timed and the mean
 is extrapolated to all 256 (the loop's cost does not depend on the hyperparameters), after one
 untimed one-epoch lane (PyTorch's warm-up).
@@ -24,8 +29,9 @@ import time
 import numpy as np
 
 N_TRAIN, N_VAL, N_TEST, DIM, N_CLASSES, N_GROUPS = 840, 120, 240, 512, 6, 2
-STRENGTHS = {"groupdro": (0.01, 0.03, 0.1, 0.3), "reweight": (0.25, 0.5, 0.75, 1.0)}
+STRENGTHS = {"groupdro": (0.01, 0.03, 0.1, 0.3), "reweight": (0.25, 0.5, 0.75, 1.0), "fairot": (0.0, 0.1, 1.0, 10.0)}
 LRS, WDS, SEEDS = (1e-4, 3e-4, 1e-3, 3e-3), (0.0, 1e-4, 1e-3, 1e-2), (0, 1, 2, 3)
+GRIDS = {"paper": (LRS, WDS, SEEDS), "demo": ((3e-3,), (0.0, 1e-2), (0, 1))}  # demo: cxrfair.pipeline's demo probe grid
 
 
 def data(seed: int = 0):
@@ -39,13 +45,14 @@ def data(seed: int = 0):
     return x, y, {"train": g["train"], "val": g["val"], "names": ["a", "b"]}
 
 
-def jax_sweep(mitigation: str, x, y, groups, epochs: int) -> dict:
+def jax_sweep(mitigation: str, x, y, groups, epochs: int, grid: str = "paper") -> dict:
     from cxrfair.probe.sweep import SweepConfig, run_sweep
 
-    cfg = SweepConfig(solver="adamw", lrs=LRS, weight_decays=WDS, seeds=SEEDS, epochs=epochs, mitigation=mitigation,
+    lrs, wds, seeds = GRIDS[grid]
+    cfg = SweepConfig(solver="adamw", lrs=lrs, weight_decays=wds, seeds=seeds, epochs=epochs, mitigation=mitigation,
                       sensitive="g", strengths=STRENGTHS[mitigation], memory_budget_mb=4096)
     res = run_sweep(x, y, N_CLASSES, cfg, groups)
-    return {"compile_s": res.timings["compile_s"], "train_s": res.timings["train_s"], "lanes": len(SEEDS) * len(res.configs)}
+    return {"compile_s": res.timings["compile_s"], "train_s": res.timings["train_s"], "lanes": len(seeds) * len(res.configs)}
 
 
 def torch_lane(mitigation: str, strength: float, lr: float, wd: float, seed: int, x, y, groups, epochs: int) -> None:
@@ -88,28 +95,47 @@ def torch_lane(mitigation: str, strength: float, lr: float, wd: float, seed: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=150)
-    parser.add_argument("--torch-lanes", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=None, help="default: 150 (paper grid), 50 (demo grid)")
+    parser.add_argument("--torch-lanes", type=int, default=4, help="0: JAX only")
     parser.add_argument("--mitigations", default="groupdro,reweight")
+    parser.add_argument("--grid", choices=tuple(GRIDS), default="paper")
     args = parser.parse_args()
+    epochs = args.epochs or (150 if args.grid == "paper" else 50)
+    names = args.mitigations.split(",")
+    unknown = [n for n in names if n not in STRENGTHS]
+    if unknown:
+        parser.error(f"--mitigations: {', '.join(unknown)} not in {', '.join(STRENGTHS)}")
+    x, y, groups = data()
+    times = {}
+    for mitigation in names:
+        jx = jax_sweep(mitigation, x, y, groups, epochs, args.grid)
+        times[mitigation] = jx["train_s"]
+        line = (f"{mitigation}: {jx['lanes']} lanes, {epochs} epochs | JAX one program: train {jx['train_s']:.1f} s "
+                f"(+ compile {jx['compile_s']:.1f} s)")
+        if args.torch_lanes and mitigation != "fairot":
+            line += " | " + torch_comparison(mitigation, x, y, groups, epochs, args.torch_lanes, jx)
+        print(line, flush=True)
+    if len(times) > 1:
+        first = names[0]
+        print("same grid, JAX training time over " + first + "'s: "
+              + ", ".join(f"{n} {t / times[first]:.2f}x" for n, t in times.items() if n != first))
+
+
+def torch_comparison(mitigation: str, x, y, groups, epochs: int, lanes: int, jx: dict) -> str:
     import torch
 
     torch.set_num_threads(1)  # the lanes are small; one thread is PyTorch's fastest here
-    x, y, groups = data()
-    for mitigation in args.mitigations.split(","):
-        jx = jax_sweep(mitigation, x, y, groups, args.epochs)
-        # One untimed lane first: PyTorch's first calls (kernel dispatch set-up, allocator) are its
-        # warm-up, as JAX's compilation is reported apart.
-        torch_lane(mitigation, STRENGTHS[mitigation][0], LRS[0], WDS[0], 99, x, y, groups, 1)
-        t0 = time.perf_counter()
-        for i in range(args.torch_lanes):
-            torch_lane(mitigation, STRENGTHS[mitigation][i % 4], LRS[i % 4], WDS[0], i, x, y, groups, args.epochs)
-        per_lane = (time.perf_counter() - t0) / args.torch_lanes
-        torch_total = per_lane * jx["lanes"]
-        print(f"{mitigation}: {jx['lanes']} lanes, {args.epochs} epochs | JAX one program: train {jx['train_s']:.1f} s "
-              f"(+ compile {jx['compile_s']:.1f} s) | PyTorch one by one: {per_lane:.2f} s/lane x {jx['lanes']} = "
-              f"{torch_total:.1f} s (extrapolated from {args.torch_lanes}) | ratio {torch_total / jx['train_s']:.1f}x "
-              f"(with compile {torch_total / (jx['train_s'] + jx['compile_s']):.1f}x)")
+    # One untimed lane first: PyTorch's first calls (kernel dispatch set-up, allocator) are its
+    # warm-up, as JAX's compilation is reported apart.
+    torch_lane(mitigation, STRENGTHS[mitigation][0], LRS[0], WDS[0], 99, x, y, groups, 1)
+    t0 = time.perf_counter()
+    for i in range(lanes):
+        torch_lane(mitigation, STRENGTHS[mitigation][i % 4], LRS[i % 4], WDS[0], i, x, y, groups, epochs)
+    per_lane = (time.perf_counter() - t0) / lanes
+    torch_total = per_lane * jx["lanes"]
+    return (f"PyTorch one by one: {per_lane:.2f} s/lane x {jx['lanes']} = {torch_total:.1f} s (extrapolated from "
+            f"{lanes}) | ratio {torch_total / jx['train_s']:.1f}x (with compile "
+            f"{torch_total / (jx['train_s'] + jx['compile_s']):.1f}x)")
 
 
 if __name__ == "__main__":

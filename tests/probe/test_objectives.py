@@ -183,6 +183,63 @@ def test_fairot_term_gradient_equals_a_finite_difference_of_the_loss_it_reports(
     np.testing.assert_allclose(g_pen, _central_difference(jax.jit(pen), losses, 1e-3), rtol=2e-2, atol=5e-5)
 
 
+def test_fairot_penalty_batches_every_group_into_one_solve_and_matches_pot_per_group():
+    # The batched path (2G + 1 problems on one shared cost) against POT, one group at a time:
+    # S(batch, group g) from three converged POT problems, groups with < 2 rows skipped.
+    rng = np.random.default_rng(3)
+    scores = rng.beta(2, 2, size=24)
+    group = np.array([0] * 10 + [1] * 13 + [2])  # group 2 has one row: skipped
+    w = np.ones(24)
+    w[-3:-1] = 0  # two padding rows of group 1
+    ctx = _ctx(w, np.zeros(24), group)
+    got = float(jax.jit(ob.fairot_penalty, static_argnums=2)(jnp.asarray(scores, jnp.float32), ctx, 3))
+    batch = scores[w > 0]
+    want = 0.0
+    for g in (0, 1):
+        mine = scores[(group == g) & (w > 0)]
+        want += (_entropic_ot_pot(batch, mine, ob.SINKHORN_EPS) - 0.5 * _entropic_ot_pot(batch, batch, ob.SINKHORN_EPS)
+                 - 0.5 * _entropic_ot_pot(mine, mine, ob.SINKHORN_EPS))
+    assert want > 1e-4  # the groups do differ
+    assert got == pytest.approx(want, rel=2e-3, abs=2e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fairot_penalty_gradient_equals_a_float64_central_difference(seed):
+    # The batched solve's custom gradient (the plan of the last half-step, summed over the 2G + 1
+    # problems sharing the cost) against central differences of its own value, in float64 so the
+    # difference is exact to ~1e-9 (a doubled or missing term is off by far more).
+    rng = np.random.default_rng(20 + seed)
+    with jax.enable_x64(True):
+        scores = rng.uniform(0.05, 0.95, size=12)
+        ctx = ob.Context(jnp.asarray(np.r_[np.ones(11), 0.0]), jnp.zeros(12, jnp.int32),
+                         jnp.asarray([0] * 7 + [1] * 4 + [1]), jnp.float64(1.0), jnp.int32(0))
+        value = jax.jit(lambda s: ob.fairot_penalty(s, ctx, 2))
+        grad = np.asarray(jax.jit(jax.grad(lambda s: ob.fairot_penalty(s, ctx, 2)))(jnp.asarray(scores)))
+        h, fd = 1e-6, np.zeros(12)
+        for i in range(12):
+            up, dn = scores.copy(), scores.copy()
+            up[i] += h
+            dn[i] -= h
+            fd[i] = (float(value(jnp.asarray(up))) - float(value(jnp.asarray(dn)))) / (2 * h)
+    assert grad.dtype == np.float64 and grad[-1] == 0.0  # padding: no gradient
+    assert np.abs(fd).max() > 1e-3
+    # The solve stops after a fixed count (no tolerance loop), so the last half-step's plan is
+    # converged to ~1e-4 of the largest entry, not to float64's last bits.
+    np.testing.assert_allclose(grad, fd, rtol=2e-3, atol=1e-3 * np.abs(fd).max())
+
+
+def test_sinkhorn_value_is_the_converged_value_whatever_the_iteration_count_beyond_the_default():
+    # No warm start: the value depends only on the inputs (not on earlier steps), and the default
+    # iteration count is already converged to the tolerance the POT tests use.
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.uniform(size=20), jnp.float32)
+    a = jnp.full(20, 1 / 20)
+    cost = (x[:, None] - x[None, :]) ** 2
+    default = float(jax.jit(ob.sinkhorn_value)(cost, a, a))
+    longer = float(jax.jit(ob.sinkhorn_value, static_argnums=(3, 4))(cost, a, a, ob.SINKHORN_EPS, 4 * ob.SINKHORN_ITERS))
+    assert default == pytest.approx(longer, rel=1e-3)
+
+
 # ---------------------------------------------------------------- adversarial
 
 
