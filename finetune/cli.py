@@ -1,15 +1,17 @@
 """``cxrfair finetune lora|full``: build a FinetuneConfig from options and call ``finetune``.
 
-Only click, stdlib and the mitigation table at module level; torch/peft load inside the command.
+Only click, stdlib, the error type and the mitigation table at module level; torch/peft load inside the command.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
 
 from cxrfair.core import mitigations
+from cxrfair.errors import CxrfairError
 from cxrfair.options import MODEL_HELP, SEEDS_HELP, parse_floats, parse_seeds, renamed, track_option
 
 _MITIGATIONS = [mitigations.get(n) for n in mitigations.names(mitigations.FINETUNE)]
@@ -62,32 +64,35 @@ def _options(fn=None, *, epochs: int = 150, mitigation_help: str = "", strength_
     return fn
 
 
-def _run(method: str, seeds: str, strength: str | None, **options) -> None:  # lora | full
-    """One run per seed x strength (each its own FinetuneConfig and run id)."""
-    import os
-
-    from cxrfair.errors import CxrfairError
-    from cxrfair.finetune.config import FinetuneConfig
-    from cxrfair.finetune.train import finetune as run_finetune
-
-    main_process = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 speaks
+def _each_run(make_config, train, say, seeds: str, strength: str | None) -> None:
+    """``train`` one config per seed x strength, every config built (and checked) before any training;
+    under torchrun only rank 0 speaks (``say(config, result)``), and every process exits on an error."""
+    main_process = os.environ.get("RANK", "0") == "0"
     try:
         strengths = (None,) if strength is None else parse_floats(strength, "--strength")
-        # Every run's config first: a bad value stops the command before any training.
-        configs = [FinetuneConfig(method=method, seed=seed, strength=value, **options)
-                   for seed in parse_seeds(seeds) for value in strengths]
+        configs = [make_config(seed=seed, strength=value) for seed in parse_seeds(seeds) for value in strengths]
         for config in configs:
-            result = run_finetune(config)
+            result = train(config)
             if main_process:
-                click.echo(
-                    f"{result.run_dir}: selected epoch {result.selected_epoch}/{options['epochs']}, "
-                    f"val loss {min(result.curves['val_loss']):.4f}, {result.trainable_params:,} trainable parameters"
-                    + (f", {result.world_size} processes" if result.world_size > 1 else "")
-                )
+                click.echo(say(config, result))
     except CxrfairError:
         if not main_process:  # every process raises the same error; rank 0 prints it
             raise SystemExit(1) from None
         raise
+
+
+def _run(method: str, seeds: str, strength: str | None, **options) -> None:  # lora | full
+    """One run per seed x strength (each its own FinetuneConfig and run id)."""
+    # torch / peft load only when a command trains.
+    from cxrfair.finetune.config import FinetuneConfig
+    from cxrfair.finetune.train import finetune as run_finetune
+
+    def say(config, result) -> str:
+        return (f"{result.run_dir}: selected epoch {result.selected_epoch}/{options['epochs']}, "
+                f"val loss {min(result.curves['val_loss']):.4f}, {result.trainable_params:,} trainable parameters"
+                + (f", {result.world_size} processes" if result.world_size > 1 else ""))
+
+    _each_run(lambda **kw: FinetuneConfig(method=method, **kw, **options), run_finetune, say, seeds, strength)
 
 
 @click.group()
@@ -147,30 +152,21 @@ def contrastive(method: str, seeds: str, strength: str | None, micro_batch, **op
     adapted.safetensors); embed it with `cxrfair extract --model contrastive:FOLDER`, then
     zero-shot, probes and leakage run on it as on any model.
     """
-    import os
+    # torch loads only when the command trains.
+    from cxrfair.finetune.contrastive import finetune_contrastive
+    from cxrfair.finetune.contrastive_config import ContrastiveConfig
 
-    from cxrfair.errors import CxrfairError
-
-    main_process = os.environ.get("RANK", "0") == "0"
-    try:
+    def make(**kw) -> ContrastiveConfig:
         if micro_batch is not None:
             raise CxrfairError("--micro-batch: the contrastive loss compares every pair of the global batch, so "
                                "each process embeds its share in one forward pass; drop --micro-batch")
-        from cxrfair.finetune.contrastive import finetune_contrastive
-        from cxrfair.finetune.contrastive_config import ContrastiveConfig
+        return ContrastiveConfig(method=method, **kw, **options)
 
-        strengths = (None,) if strength is None else parse_floats(strength, "--strength")
-        configs = [ContrastiveConfig(method=method, seed=seed, strength=value, **options)
-                   for seed in parse_seeds(seeds) for value in strengths]
-        for config in configs:
-            result = finetune_contrastive(config)
-            if main_process:
-                best = result.record["curves"]["val_auc" if config.select == "auc" else "val_loss"][result.selected_epoch - 1]
-                click.echo(f"{result.folder}: selected epoch {result.selected_epoch}/{config.epochs}, validation "
-                           f"{'zero-shot macro AUC' if config.select == 'auc' else 'contrastive loss'} {best:.4f}, "
-                           f"{result.trainable_params:,} trainable parameters; "
-                           f"embed with: cxrfair extract --model contrastive:{result.folder}")
-    except CxrfairError:
-        if not main_process:
-            raise SystemExit(1) from None
-        raise
+    def say(config, result) -> str:
+        best = result.record["curves"]["val_auc" if config.select == "auc" else "val_loss"][result.selected_epoch - 1]
+        return (f"{result.folder}: selected epoch {result.selected_epoch}/{config.epochs}, validation "
+                f"{'zero-shot macro AUC' if config.select == 'auc' else 'contrastive loss'} {best:.4f}, "
+                f"{result.trainable_params:,} trainable parameters; "
+                f"embed with: cxrfair extract --model contrastive:{result.folder}")
+
+    _each_run(make, finetune_contrastive, say, seeds, strength)

@@ -15,6 +15,7 @@ table's ``val_accuracy`` is empty and ``val_auc_macro`` (masked macro AUC) fille
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math

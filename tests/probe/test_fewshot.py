@@ -155,6 +155,17 @@ def _cli(*args):
 LBFGS = ["--seeds", "3", "--l2", "1e-2,1,100", "--max-iter", "200"]
 
 
+def test_probe_linear_shots_runs_in_the_default_suite(tmp_path):
+    """A fast smoke test of the whole ``--shots`` path (the end-to-end checks are the slow test below):
+    a merge once broke ``run_fewshot_sweep`` while every fast test passed."""
+    cache = make_cache(tmp_path / "c.h5", sizes={"train": 60, "val": 18, "test": 18})[0]
+    res = _cli("linear", "--cache", cache, "--out", tmp_path / "runs", "--shots", 2, "--seeds", "1", "--l2", "1",
+               "--max-iter", "20")
+    assert res.exit_code == 0, res.output
+    meta = read_runs(tmp_path / "runs")[0].meta
+    assert meta["fewshot"]["shots"] == 2 and meta["fewshot"]["n_train"] == 2 * len(CLASSES)
+
+
 @pytest.mark.slow  # compiles several sweeps (~20-40 s on 2 shared cores)
 def test_probe_linear_shots_end_to_end(tmp_path):
     cache = make_cache(tmp_path / "c.h5", sizes={"train": 120, "val": 30, "test": 36})[0]
