@@ -38,6 +38,11 @@ PAIRWISE_COMBINES = ("difference", "abs_difference", "magnitude")
 COMBINES = PAIRWISE_COMBINES + ("max_range", "min", "equity")
 # The combines that are a nondecreasing function of |pair differences| alone (``pair_components``).
 ABS_COMBINES = ("abs_difference", "max_range")
+# The combines whose metric is a monotone function of a few signed components (``components``), so a box
+# that holds every component bounds the metric (``component_range``), with the sign of the plug-in's
+# small-sample bias (Jensen): +1, too large (the largest |difference| of noisy values), -1, too small
+# (the smallest of noisy group values; an AUC shrunk by a sum of noisy |differences|).
+COMPONENT_BIAS = {"abs_difference": +1, "max_range": +1, "min": -1, "equity": -1}
 
 
 # ----------------------------------------------------------------------------- the NaN rule
@@ -183,6 +188,69 @@ def pair_components(spec: GroupMetric, per_group: Mapping) -> np.ndarray:
     values = [_stacked(per_group[b]) for b in spec.bases]
     i, j = np.triu_indices(values[0].shape[0], k=1)
     return np.stack([v[i] - v[j] for v in values])
+
+
+def components(spec: GroupMetric, per_group: Mapping, overall: Mapping | None = None) -> np.ndarray:
+    """The signed components of a ``COMPONENT_BIAS`` metric, which ``component_range`` maps a box of back to the metric.
+
+    Args:
+        spec: the metric. per_group: {base: (G, ..., C)} (or {base: {group: (..., C)}}) in level order.
+        overall: {base: (..., C)} values on all samples; needed by "equity" only.
+
+    Returns:
+        ``abs_difference``, ``max_range``: (B, P, ..., C), ``pair_components``; ``min``: (G, ..., C) the
+        group values; ``equity``: (1 + G, ..., C) the overall value, then overall − value(g) of each group.
+    """
+    if spec.combine in ABS_COMBINES:
+        return pair_components(spec, per_group)
+    if spec.combine not in COMPONENT_BIAS:
+        raise ValueError(f"{spec.name}: combine {spec.combine!r} has no components view (only {', '.join(COMPONENT_BIAS)})")
+    values = _stacked(per_group[spec.bases[0]])
+    if spec.combine == "min":
+        return values
+    base = np.asarray(overall[spec.bases[0]], dtype=np.float64)
+    return np.concatenate([base[None], base[None] - values])
+
+
+def abs_range(low, high) -> tuple[np.ndarray, np.ndarray]:
+    """The image of intervals [low, high] under |·|: (...), (...) -> (...), (...)."""
+    low, high = np.asarray(low, dtype=np.float64), np.asarray(high, dtype=np.float64)
+    a, b = np.abs(low), np.abs(high)
+    holds0 = (low <= 0) & (high >= 0)
+    return np.where(holds0, 0.0, np.minimum(a, b)), np.maximum(a, b)
+
+
+def component_range(spec: GroupMetric, low, high, *, n_groups: int | None = None,
+                    min_range_groups: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """The smallest and largest summary a ``COMPONENT_BIAS`` metric takes while every component lies in [low, high].
+
+    Exact, not a bound: each metric is monotone in every component (or in its |·|) separately.
+
+    Args:
+        spec: the metric. low, high: bounds on its ``components``, that shape.
+        n_groups, min_range_groups: as ``combine_components`` (``abs_difference``, ``max_range``).
+
+    Returns:
+        (low, high), each (...): the class mean skips NaN, as the metric's own summary.
+    """
+    low, high = np.asarray(low, dtype=np.float64), np.asarray(high, dtype=np.float64)
+    if spec.combine in ABS_COMBINES:
+        near, far = abs_range(low, high)
+        args = dict(n_groups=n_groups, min_range_groups=min_range_groups)
+        return combine_components(spec, near, **args), combine_components(spec, far, **args)
+    if spec.combine not in COMPONENT_BIAS:
+        raise ValueError(f"{spec.name}: combine {spec.combine!r} has no components view (only {', '.join(COMPONENT_BIAS)})")
+    if spec.combine == "min":  # nondecreasing in every group value
+        if low.shape[0] == 0:
+            return np.full(low.shape[2:], np.nan), np.full(low.shape[2:], np.nan)
+        return nanmean_last(low.min(axis=0)), nanmean_last(high.min(axis=0))
+    # equity: overall / (1 + Σ_g |deviation_g|): monotone in the overall value (increasing while it is
+    # positive) and nonincreasing in each |deviation|; the extremes sit at the ends of both.
+    near, far = abs_range(low[1:], high[1:])
+    small, large = 1 + near.sum(axis=0), 1 + far.sum(axis=0)
+    lo = np.minimum(low[0] / large, low[0] / small)
+    hi = np.maximum(high[0] / small, high[0] / large)
+    return nanmean_last(lo), nanmean_last(hi)
 
 
 def combine_components(spec: GroupMetric, magnitudes, *, per_class: bool = False, n_groups: int | None = None,

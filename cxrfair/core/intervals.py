@@ -47,6 +47,13 @@ Methods (``METHODS``), each over the replicate axis and vectorised over every ot
   bias estimate, which for the largest of 6 pairs is too small (4 groups × 60: 0.80–0.84 coverage).
   With two groups (one pair) it is the hull (the basic high end under-covers large gaps there);
   without the per-group values among the keys, too (the method column says ``hull``). Estimate: ``θ̂_bc``.
+  The same route serves a smallest group value biased downward (``worst_group_auc``: ``min``) and an
+  AUC shrunk by its groups' deviations (``es_auc``: ``equity``; ``groups.COMPONENT_BIAS`` says each
+  combine's side): the components are the group values (and the overall one), the band gives the
+  *high* end (``groups.component_range``) and the basic interval the low one. Their band is pointwise
+  (``IntervalMethod.band_critical``: ``c = z_{(1+level)/2}``): a minimum's high end fails only when the
+  worst group's own bound does, so it needs no multiplicity correction (the max-t ``c`` made it wider at
+  the same coverage). With 4 groups the hull covered 0.835–0.96, the band 0.945–1.00 (RESULTS.md part 3).
 
 The plug-in value itself never changes (it equals fairlearn's); ``value_bc`` is added beside it.
 """
@@ -54,12 +61,13 @@ The plug-in value itself never changes (it equals fairlearn's); ``value_bc`` is 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 
 from cxrfair.core.bootstrap import interval as percentile_interval
 from cxrfair.core import metrics, multilabel
-from cxrfair.core.groups import ABS_COMBINES, GroupMetric, combine_components, pair_components
+from cxrfair.core.groups import COMPONENT_BIAS, GroupMetric, abs_range, component_range, components
 
 METHODS = ("percentile", "basic", "shifted", "hull", "folded", "band")
 BAND_MIN_GROUPS = 3  # a "band" gap over fewer groups (one pair) takes the hull (RESULTS.md: the basic end under-covers there)
@@ -79,6 +87,10 @@ class IntervalMethod:
             for (None: any number); with more groups the metric counts as not checked.
         why: one sentence, for the report's notes and docs.
         signed: for ``folded``, the signed metric whose interval is folded (same attribute, group, class).
+        band_critical: for ``band``, the band's critical value ``c``: ``"max_t"`` (simultaneous, for a
+            gap that is the largest of many differences: ``component_band``) or ``"pointwise"`` (the
+            normal quantile ``z_{(1+level)/2}``: for a smallest group value, whose high end fails only
+            when the worst group's own bound does, so needs no multiplicity correction).
     """
 
     method: str
@@ -88,12 +100,22 @@ class IntervalMethod:
     why: str = ""
     signed: str = ""
     checked_groups: int | None = None
+    band_critical: str = "max_t"
+
+    BAND_CRITICALS = ("max_t", "pointwise")
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown interval method {self.method!r}; choose among {', '.join(METHODS)}")
         if (self.method == "folded") != bool(self.signed):
             raise ValueError("a folded interval names its signed metric, and only a folded one")
+        if self.band_critical not in self.BAND_CRITICALS:
+            raise ValueError(f"unknown band critical value {self.band_critical!r}; choose among "
+                             f"{', '.join(self.BAND_CRITICALS)}")
+
+    def critical(self, level: float) -> float | None:
+        """The ``band``'s given critical value at ``level`` (None: the max-t quantile of the replicates)."""
+        return NormalDist().inv_cdf((1 + level) / 2) if self.band_critical == "pointwise" else None
 
     def checked(self, n_groups: int | None = None) -> bool:
         """Whether the coverage study confirmed this interval (for an attribute of ``n_groups`` groups)."""
@@ -136,12 +158,15 @@ INTERVAL_METHODS: dict[str, IntervalMethod] = {
                                 "interval reached 0.90 coverage in every simulated setting, so not coverage-checked")
        for name in ("ece_gap", "ece_gap_paper")},
     "worst_group_accuracy": IntervalMethod("hull", 0.0, 1.0, why="the smallest group's value, biased downward: " + _HULL),
-    # Multi-label with four groups the hull of these two covered 0.86-0.88 in some settings of two runs
-    # (RESULTS.md, "Gaps over 3+ groups"): checked for two groups only.
-    "worst_group_auc": IntervalMethod("hull", 0.0, 1.0, checked_groups=2,
-                                      why="the smallest group's value, biased downward: " + _HULL),
-    "es_auc": IntervalMethod("hull", 0.0, 1.0, checked_groups=2,
-                             why="AUC shrunk by Σ_g |AUC − AUC_g|, biased downward: " + _HULL),
+    # Biased downward (the smallest of noisy group values); with four groups the hull covered 0.86-0.88 in some
+    # multi-label settings, the band 0.9x (RESULTS.md, "Interval coverage, part 3").
+    **{name: IntervalMethod("band", 0.0, 1.0, why=why, band_critical="pointwise") for name, why in (
+        ("worst_group_auc", "the smallest group's value, biased downward: with two groups " + _HULL + "; with 3+ "
+                            "groups the high end of the simultaneous (max-t) band of the per-group values and the "
+                            "low end of the basic interval, as the hull under-covers the smallest of many groups"),
+        ("es_auc", "AUC shrunk by Σ_g |AUC − AUC_g|, biased downward: with two groups " + _HULL + "; with 3+ groups "
+                   "the high end of the simultaneous (max-t) band of the overall value and every group's deviation, "
+                   "and the low end of the basic interval, as the hull under-covers a sum of many noisy deviations"))},
 }
 
 
@@ -157,12 +182,7 @@ def _mean(reps: np.ndarray) -> np.ndarray:
     return np.divide(np.where(ok, reps, 0).sum(axis=0), n, out=np.full(n.shape, np.nan), where=n > 0)
 
 
-def fold(low, high) -> tuple[np.ndarray, np.ndarray]:
-    """The image of intervals [low, high] under |·|: (...), (...) -> (...), (...)."""
-    low, high = np.asarray(low, dtype=np.float64), np.asarray(high, dtype=np.float64)
-    a, b = np.abs(low), np.abs(high)
-    holds0 = (low <= 0) & (high >= 0)
-    return np.where(holds0, 0.0, np.minimum(a, b)), np.maximum(a, b)
+fold = abs_range  # the image of intervals [low, high] under |·| (the ``folded`` method)
 
 
 def interval(replicates, estimate, method: str = "percentile", level: float = 0.95, low=-np.inf,
@@ -247,9 +267,9 @@ def intervals_by_metric(replicates, estimates, keys, level: float = 0.95):
                       dtype=np.int64)
     # With fewer than BAND_MIN_GROUPS groups (or without the per-group values among the keys) a band
     # gap takes the hull, and its method column says so.
-    components = {i: component_columns(k, where) for i, (k, s) in enumerate(zip(keys, specs)) if s.method == "band"}
-    components = {i: c for i, c in components.items() if c is not None and c[1].shape[1] >= BAND_MIN_GROUPS}
-    used = [("hull" if s.method == "band" and i not in components else s.method) for i, s in enumerate(specs)]
+    views = {i: component_columns(k, where, est) for i, (k, s) in enumerate(zip(keys, specs)) if s.method == "band"}
+    views = {i: c for i, c in views.items() if c is not None and c[1].shape[1] >= BAND_MIN_GROUPS}
+    used = [("hull" if s.method == "band" and i not in views else s.method) for i, s in enumerate(specs)]
     lo, hi, bc = (np.full(len(specs), np.nan) for _ in range(3))
     for method in METHODS:
         cols = np.array([i for i, m in enumerate(used) if m == method and source[i] >= 0], dtype=np.int64)
@@ -259,17 +279,34 @@ def intervals_by_metric(replicates, estimates, keys, level: float = 0.95):
         b = np.array([specs[i].high for i in cols])
         r, e = reps[:, source[cols]], est[source[cols]]
         if method == "band":
-            # Low: the simultaneous band of the components; high: the basic interval's (bias-corrected) end.
-            band_lo = np.clip([band_columns(reps, est, *components[i], level)[0] for i in cols], a, b)
-            basic_hi = interval(r, e, "basic", level, a, b)[1]
-            bad = np.isnan(basic_hi) | np.isnan(band_lo)
-            lo[cols] = np.where(bad, np.nan, band_lo)
-            # Never below the low end (possible only when the replicates all lie far above the estimate).
-            hi[cols] = np.where(bad, np.nan, np.fmax(basic_hi, band_lo))
+            lo[cols], hi[cols] = one_sided_band(reps, est, r, e, [views[i] for i in cols], level, a, b,
+                                                [specs[i].critical(level) for i in cols])
         else:
             lo[cols], hi[cols] = interval(r, e, method, level, a, b)
         bc[cols] = bias_corrected(r, e, method, a, b)
     return lo, hi, bc, used
+
+
+def one_sided_band(reps, est, r, e, found: list, level: float, a, b, critical=None) -> tuple[np.ndarray, np.ndarray]:
+    """The ``band`` method's (n,) low and high ends of n metrics: the component band's end on the side
+    the plug-in is biased away from (``groups.COMPONENT_BIAS``: the low end of a gap biased upward, the
+    high end of a minimum biased downward), the basic interval's (bias-corrected) end on the other.
+
+    Args:
+        reps, est: (R, K), (K,) every column. r, e: (R, n), (n,) the metrics' own. found: n
+            ``component_columns`` results. level: nominal coverage. a, b: (n,) the metrics' ranges.
+        critical: n critical values of the bands (None: each the max-t quantile), ``IntervalMethod.critical``.
+    """
+    critical = [None] * len(found) if critical is None else critical
+    band = np.array([band_columns(reps, est, *f, level=level, critical=c) for f, c in zip(found, critical)])
+    band = np.clip(band.reshape(-1, 2).T, a, b)
+    basic = interval(r, e, "basic", level, a, b)
+    up = np.array([COMPONENT_BIAS[f[0].combine] > 0 for f in found])
+    # The basic end never crosses the band's (possible only when the replicates all lie far to one side).
+    lo = np.where(up, band[0], np.fmin(basic[0], band[1]))
+    hi = np.where(up, np.fmax(basic[1], band[0]), band[1])
+    bad = np.isnan(basic[0]) | np.isnan(band).any(axis=0)
+    return np.where(bad, np.nan, lo), np.where(bad, np.nan, hi)
 
 
 # ----------------------------------------------------------------------------- simultaneous component bands
@@ -327,17 +364,17 @@ def component_band(replicates, estimates, level: float = 0.95, critical=None) ->
 
 def band_interval(spec: GroupMetric, replicates, estimates, level: float = 0.95, n_groups: int | None = None,
                   critical=None, min_range_groups: int = 2, recentre: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """The interval of an ``abs_difference`` / ``max_range`` gap from the simultaneous band of its components.
+    """The interval of a ``groups.COMPONENT_BIAS`` metric from the simultaneous band of its components.
 
-    The metric is nondecreasing in every |component| (``groups.combine_components``), so when the
-    band holds every component the metric lies between the metric of the smallest |value| each
-    component's band allows (0 where the band holds 0) and that of the largest: the interval
-    covers at least as often as the band covers all components, whatever the bias of the plug-in
-    max. It is wide when many components are far below the largest (each is widened by ``c``).
+    The metric is monotone in every component (or its |·|) (``groups.component_range``), so when the
+    band holds every component the metric lies between the smallest and the largest value it takes
+    over the band: the interval covers at least as often as the band covers all components, whatever
+    the bias of the plug-in max (or min). It is wide when many components are far from the one that
+    decides the metric (each is widened by ``c``).
 
     Args:
-        spec: the metric (``groups.GroupMetric``). replicates: (R, B, P, C) replicates of its
-            ``pair_components``; estimates: (B, P, C) the plug-in components.
+        spec: the metric (``groups.GroupMetric``). replicates: (R, ...) replicates of its
+            ``groups.components`` (e.g. (R, B, P, C) for a gap over pairs); estimates: (...) the plug-in components.
         level, critical: as ``component_band`` (the components are flattened into one family).
         n_groups, min_range_groups: as ``groups.combine_components``.
         recentre: centre the band on each component's bootstrap bias-corrected value
@@ -354,44 +391,31 @@ def band_interval(spec: GroupMetric, replicates, estimates, level: float = 0.95,
         centre = 2 * est - _mean(reps)
         reps, est = reps - est + centre, centre
     lo, hi = component_band(reps.reshape(len(reps), -1), est.reshape(-1), level, critical)
-    lo_abs, hi_abs = fold(lo.reshape(est.shape), hi.reshape(est.shape))
-    args = dict(n_groups=n_groups, min_range_groups=min_range_groups)
-    return combine_components(spec, lo_abs, **args), combine_components(spec, hi_abs, **args)
+    return component_range(spec, lo.reshape(est.shape), hi.reshape(est.shape), n_groups=n_groups,
+                           min_range_groups=min_range_groups)
 
 
-def _abs_specs() -> dict[str, GroupMetric]:
-    """{name: spec} of the gaps with a components view, from both tasks' spec tables (a name means
-    the same combine and bases in both, checked here)."""
-    out: dict[str, GroupMetric] = {}
+def _component_specs() -> dict[str, tuple[GroupMetric, ...]]:
+    """{name: its specs} of the metrics with a components view (``groups.COMPONENT_BIAS``), from both
+    tasks' spec tables: a name means the same combine in both (checked here), its bases may differ
+    (``es_auc``: the macro AUC multi-class, each condition's AUC multi-label)."""
+    out: dict[str, tuple[GroupMetric, ...]] = {}
     for spec in (*metrics.GROUP_METRICS, *multilabel.GROUP_METRICS):
-        if spec.combine not in ABS_COMBINES:
+        if spec.combine not in COMPONENT_BIAS:
             continue
-        seen = out.setdefault(spec.name, spec)
-        if (seen.bases, seen.combine) != (spec.bases, spec.combine):
-            raise ValueError(f"{spec.name}: the two tasks' spec tables disagree on its bases or combine")
+        seen = out.setdefault(spec.name, (spec,))
+        if seen[0].combine != spec.combine:
+            raise ValueError(f"{spec.name}: the two tasks' spec tables disagree on its combine")
+        if spec.bases not in [s.bases for s in seen]:  # the same metric (its doc may differ by task)
+            out[spec.name] = (*seen, spec)
     return out
 
 
-ABS_SPECS = _abs_specs()
+COMPONENT_SPECS = _component_specs()
 
 
-def component_columns(key: tuple, where: dict) -> tuple[GroupMetric, np.ndarray] | None:
-    """Where a gap's per-group base values sit among the columns of a metrics table, to rebuild its components.
-
-    Args:
-        key: ``(metric, attribute, "", class)`` of an ``ABS_SPECS`` gap (class "": the summary over classes).
-        where: {metrics.csv key: column}: the per-group values ``(base, attribute, group, class)``
-            that ``evaluate_all`` / ``evaluate_multilabel`` report beside the gap.
-
-    Returns:
-        (spec, (B, G, C) int columns: base b of group g and class c, groups in column order, classes
-        sorted; the class "" alone for a base without a class axis), or None when the metric has no
-        components view or a column is missing.
-    """
-    name, attr, _, cls = key
-    spec = ABS_SPECS.get(name)
-    if spec is None or not attr:
-        return None
+def _columns_of(spec: GroupMetric, attr: str, cls: str, where: dict) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """(B, G, C) per-group columns and, for "equity", (B, C) overall columns of one spec; None if one is missing."""
     groups = list(dict.fromkeys(k[2] for k in where if k[0] == spec.bases[0] and k[1] == attr and k[2]))
     if cls:
         classes = [cls]
@@ -399,28 +423,82 @@ def component_columns(key: tuple, where: dict) -> tuple[GroupMetric, np.ndarray]
         classes = sorted({k[3] for k in where if k[0] == spec.bases[0] and k[1] == attr and k[2] and k[3]}) or [""]
     try:
         cols = np.array([[[where[(b, attr, g, c)] for c in classes] for g in groups] for b in spec.bases], dtype=np.int64)
+        overall = (np.array([[where[(b, "", "", c)] for c in classes] for b in spec.bases], dtype=np.int64)
+                   if spec.combine == "equity" else None)
     except KeyError:
         return None
-    return spec, cols
+    return cols, overall
 
 
-def band_columns(replicates, estimates, spec: GroupMetric, cols: np.ndarray, level: float = 0.95,
-                 critical=None, recentre: bool = False) -> tuple[float, float]:
-    """``band_interval`` of one gap from the columns of its per-group base values (``component_columns``).
+def component_candidates(key: tuple, where: dict) -> list[tuple[GroupMetric, np.ndarray, np.ndarray | None]]:
+    """Every spec of a metric (one per task, ``COMPONENT_SPECS``) whose per-group base values are all among the columns.
+
+    Args:
+        key: ``(metric, attribute, "", class)`` (class "": the summary over classes).
+        where: {metrics.csv key: column}: the per-group values ``(base, attribute, group, class)``
+            that ``evaluate_all`` / ``evaluate_multilabel`` report beside the metric (and, for
+            "equity", the overall ones ``(base, "", "", class)``).
+
+    Returns:
+        [(spec, (B, G, C) int columns: base b of group g and class c, groups in column order, classes
+        sorted; the class "" alone for a base without a class axis, (B, C) the overall columns for
+        "equity", else None)]; empty when the metric has no components view or a column is missing.
+    """
+    name, attr, _, cls = key
+    if not attr:
+        return []
+    found = [(spec, _columns_of(spec, attr, cls, where)) for spec in COMPONENT_SPECS.get(name, ())]
+    return [(spec, *cols) for spec, cols in found if cols is not None and cols[0].shape[1]]
+
+
+def component_columns(key: tuple, where: dict, estimates=None) -> tuple[GroupMetric, np.ndarray, np.ndarray | None] | None:
+    """Where a metric's per-group base values sit among the columns of a metrics table, to rebuild its components.
+
+    Both tasks report the bases of both (``es_auc``: each condition's AUC and the macro AUC per group), so
+    where a name has two specs the table's own is the one whose components rebuild the reported value.
+
+    Args:
+        key, where: as ``component_candidates``. estimates: (K,) the columns' values; needed only
+            to choose between two specs (without it, or when neither rebuilds the value: None).
+
+    Returns:
+        One of ``component_candidates``, or None.
+    """
+    found = component_candidates(key, where)
+    if len(found) < 2:
+        return found[0] if found else None
+    if estimates is None:
+        return None
+    est = np.asarray(estimates, dtype=np.float64)
+    value = est[where[tuple(key)]]
+    for spec, cols, overall in found:
+        comp = components(spec, {b: est[cols[i]] for i, b in enumerate(spec.bases)},
+                          None if overall is None else {b: est[overall[i]] for i, b in enumerate(spec.bases)})
+        if np.isclose(component_range(spec, comp, comp, n_groups=cols.shape[1])[0], value, rtol=0, atol=1e-9):
+            return spec, cols, overall
+    return None
+
+
+def band_columns(replicates, estimates, spec: GroupMetric, cols: np.ndarray, overall: np.ndarray | None = None,
+                 level: float = 0.95, critical=None, recentre: bool = False) -> tuple[float, float]:
+    """``band_interval`` of one metric from the columns of its per-group base values (``component_columns``).
 
     Args:
         replicates: (R, K) replicates of every column; estimates: (K,). cols: (B, G, C).
+        overall: (B, C) columns of the overall values ("equity"), else None.
 
     Returns:
-        (low, high) of the gap; NaN when it has fewer than two groups.
+        (low, high) of the metric; NaN when it has fewer than two groups.
     """
     reps, est = np.asarray(replicates, dtype=np.float64), np.asarray(estimates, dtype=np.float64)
     n_groups = cols.shape[1]
     if n_groups < 2:
         return np.nan, np.nan
     per_group = {b: reps[:, cols[i]].transpose(1, 0, 2) for i, b in enumerate(spec.bases)}  # (G, R, C)
-    comp_reps = np.moveaxis(pair_components(spec, per_group), 2, 0)  # (R, B, P, C)
-    comp_est = pair_components(spec, {b: est[cols[i]] for i, b in enumerate(spec.bases)})  # (B, P, C)
+    whole = None if overall is None else {b: reps[:, overall[i]] for i, b in enumerate(spec.bases)}  # (R, C)
+    comp_reps = np.moveaxis(components(spec, per_group, whole), -2, 0)  # (R, ..., C)
+    comp_est = components(spec, {b: est[cols[i]] for i, b in enumerate(spec.bases)},
+                          None if overall is None else {b: est[overall[i]] for i, b in enumerate(spec.bases)})
     lo, hi = band_interval(spec, comp_reps, comp_est, level, n_groups, critical, recentre=recentre)
     return float(lo), float(hi)
 
@@ -440,7 +518,8 @@ def with_components(keys: list, available) -> list:
     where = {tuple(k): i for i, k in enumerate(available)}
     extra = set()
     for k in keys:
-        if interval_method(k[0]).method == "band" and (found := component_columns(tuple(k), where)) is not None:
-            extra.update(found[1].reshape(-1).tolist())
+        if interval_method(k[0]).method == "band":  # every task's columns: intervals_by_metric picks by value
+            for found in component_candidates(tuple(k), where):
+                extra.update(np.concatenate([c.reshape(-1) for c in found[1:] if c is not None]).tolist())
     have = {tuple(k) for k in keys}
     return list(keys) + [k for k in (tuple(a) for a in available) if where[k] in extra and k not in have]

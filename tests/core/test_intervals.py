@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
 from cxrfair.core import metrics as M
 from cxrfair.core import multilabel as ML
 from cxrfair.core.bootstrap import patient_counts
-from cxrfair.core.groups import pair_components
-from cxrfair.core.intervals import (ABS_SPECS, BAND_MIN_GROUPS, INTERVAL_METHODS, METHODS, IntervalMethod, band_columns,
+from cxrfair.core.groups import combine_groups, component_range, components, pair_components
+from cxrfair.core.intervals import (COMPONENT_SPECS, BAND_MIN_GROUPS, INTERVAL_METHODS, METHODS, IntervalMethod, band_columns,
                                     band_interval, bias_corrected, component_band, component_columns, fold, interval,
-                                    interval_method, intervals_by_metric)
+                                    interval_method, intervals_by_metric, with_components)
 
 
 def _reps(seed=0, shape=(500, 4)):
@@ -163,7 +165,7 @@ def test_component_band_matches_the_loop_reference(level):
 
 @pytest.mark.parametrize("name", ["eqodds", "eqodds_worst", "dp_gap"])
 def test_band_interval_is_the_gap_of_the_band_ends_and_holds_every_gap_inside_the_band(name):
-    spec = ABS_SPECS[name]
+    spec = COMPONENT_SPECS[name][0]
     rng = np.random.default_rng(4)
     G, C, R = 4, 3, 400
     per_group = {b: rng.uniform(0.1, 0.9, size=(G, C)) for b in spec.bases}
@@ -209,7 +211,7 @@ def test_intervals_by_metric_builds_the_band_from_the_per_group_values_it_is_giv
     lo, hi, bc, methods = intervals_by_metric(reps, est, keys, 0.95)
     assert methods[j] == "band"
     # Slow reference: the components by hand from the per-group columns (classes a, b, c; pairs of groups).
-    spec = ABS_SPECS[name]
+    spec = COMPONENT_SPECS[name][0]
     pairs = [(a, b) for a in range(4) for b in range(a + 1, 4)]
     col = lambda base, g, c: where[(base, "grp", f"g{g}", c)]  # noqa: E731
     comp_est = np.array([[[est[col(b, g, c)] - est[col(b, h, c)] for c in "abc"] for g, h in pairs] for b in spec.bases])
@@ -242,7 +244,7 @@ def test_band_falls_back_to_the_hull_with_two_groups_or_without_the_per_group_va
 
 
 def test_recentred_band_is_the_band_of_the_bias_corrected_components():
-    spec = ABS_SPECS["ece_gap"]
+    spec = COMPONENT_SPECS["ece_gap"][0]
     rng = np.random.default_rng(6)
     est = rng.normal(0.0, 0.05, size=(1, 3, 1))  # 3 groups: 3 pairs of one base, no class axis
     reps = est + 0.02 + rng.normal(0, 0.03, size=(300, 1, 3, 1))  # replicates biased by +0.02
@@ -251,3 +253,99 @@ def test_recentred_band_is_the_band_of_the_bias_corrected_components():
     got = band_interval(spec, reps, est, 0.95, 3, recentre=True)
     np.testing.assert_allclose(got, want, atol=1e-12)
     assert not np.allclose(got, band_interval(spec, reps, est, 0.95, 3))
+
+
+# ----------------------------------------------------------------------------- the band of a minimum and of ES-AUC
+
+
+def _slow_range(spec, lo, hi):
+    """Reference: the smallest and largest metric over a grid of each component's ends (and 0 where the
+    range holds it), each point's metric through ``combine_groups`` from rebuilt group values; class by
+    class (a class's value depends on its own components only), then the class mean."""
+    out = []
+    for c in range(lo.shape[-1]):
+        points = [sorted({a, b} | ({0.0} if a <= 0 <= b else set())) for a, b in zip(lo[:, c], hi[:, c])]
+        found = []
+        for x in itertools.product(*points):
+            x = np.array(x)[:, None]
+            if spec.combine == "min":
+                found.append(float(combine_groups(spec, {spec.bases[0]: x})))
+            else:  # equity: x = (overall, overall - group values)
+                found.append(float(combine_groups(spec, {spec.bases[0]: x[0] - x[1:]}, {spec.bases[0]: x[0]})))
+        out.append((min(found), max(found)))
+    return tuple(np.mean(out, axis=0))
+
+
+@pytest.mark.parametrize("name", ["worst_group_auc", "es_auc"])
+def test_component_range_is_the_range_of_the_metric_over_the_box(name):
+    spec = next(s for s in ML.GROUP_METRICS if s.name == name)
+    rng = np.random.default_rng(8)
+    G, C = 3, 2
+    for _ in range(5):
+        per = rng.uniform(0.6, 0.95, size=(G, C))
+        comp = components(spec, {"auc": per}, {"auc": per.mean(0)})
+        assert comp.shape == ((G if name == "worst_group_auc" else G + 1), C)
+        # A box of width 0 gives the metric itself (one engine with combine_groups).
+        want = combine_groups(spec, {"auc": per}, {"auc": per.mean(0)})
+        np.testing.assert_allclose(component_range(spec, comp, comp), (want, want), atol=1e-12)
+        half = rng.uniform(0.0, 0.08, size=comp.shape)
+        lo, hi = component_range(spec, comp - half, comp + half)
+        assert (float(lo), float(hi)) == pytest.approx(_slow_range(spec, comp - half, comp + half), abs=1e-12)
+
+
+def _bootstrapped_multilabel(n_groups, seed=9, n=50, R=200):
+    rng = np.random.default_rng(seed)
+    N = n * n_groups
+    Y = (rng.random((N, 3)) < 0.35).astype(float)
+    P = 1 / (1 + np.exp(-(1.2 * (2 * Y - 1) + rng.normal(0, 1.3, size=Y.shape))))
+    groups = np.repeat([f"g{i}" for i in range(n_groups)], n)
+    attrs = {"grp": (groups, [f"g{i}" for i in range(n_groups)])}
+    thr = np.full(3, 0.5)
+    est = ML.evaluate_multilabel(Y, P, ["a", "b", "c"], attrs, thr)
+    w = patient_counts(np.arange(N), groups, R, np.random.default_rng(seed + 1))
+    reps = ML.evaluate_multilabel(Y, P, ["a", "b", "c"], attrs, thr, weights=w)
+    keys = list(est)
+    return keys, np.array([float(est[k]) for k in keys]), np.stack([np.asarray(reps[k], float) for k in keys], 1)
+
+
+@pytest.mark.parametrize("task, name", [("multilabel", "worst_group_auc"), ("multilabel", "es_auc"),
+                                        ("multiclass", "es_auc")])
+def test_a_minimum_takes_the_band_high_end_and_the_basic_low_end(task, name):
+    keys, est, reps = (_bootstrapped_multilabel if task == "multilabel" else _bootstrapped)(4)
+    where = {k: i for i, k in enumerate(keys)}
+    j = where[(name, "grp", "", "")]
+    lo, hi, bc, methods = intervals_by_metric(reps, est, keys, 0.95)
+    assert methods[j] == "band"
+    # Slow reference by hand from the columns: the per-group values (and the overall one) of each class.
+    base, classes = ("auc", "abc") if task == "multilabel" else ("auc_macro", [""])
+    grp = [[where[(base, "grp", f"g{g}", c)] for c in classes] for g in range(4)]
+    if name == "es_auc":
+        whole = [where[(base, "", "", c)] for c in classes]
+        cols = [whole] + [[(w, k) for w, k in zip(whole, row)] for row in grp]
+        pick = lambda x: np.array([[x[..., c] if isinstance(c, int) else x[..., c[0]] - x[..., c[1]]  # noqa: E731
+                                    for c in row] for row in cols])
+    else:
+        pick = lambda x: np.array([[x[..., c] for c in row] for row in grp])  # noqa: E731
+    comp_est, comp_reps = pick(est), np.moveaxis(pick(reps), -1, 0)
+    b_lo, b_hi = (x.reshape(comp_est.shape) for x in _slow_band(comp_reps.reshape(len(reps), -1), comp_est.reshape(-1), 0.95))
+    spec = component_columns((name, "grp", "", ""), where, est)[0]
+    assert spec.bases == (base,)
+    band_lo, band_hi = _slow_range(spec, b_lo, b_hi)
+    basic_lo = 2 * est[j] - np.quantile(reps[:, j], 0.975)
+    assert hi[j] == pytest.approx(min(1.0, band_hi), abs=1e-12)
+    assert lo[j] == pytest.approx(max(0.0, min(basic_lo, band_hi)), abs=1e-12)
+    assert band_lo <= est[j] <= band_hi and bc[j] == pytest.approx(2 * est[j] - reps[:, j].mean(), abs=1e-12)
+    # A caller with a few keys gets the component columns (the overall values too) from with_components.
+    few = with_components([(name, "grp", "", "")], keys)
+    sub = [where[k] for k in few]
+    got = intervals_by_metric(reps[:, sub], est[sub], few, 0.95)
+    assert got[3][0] == "band" and (got[0][0], got[1][0]) == pytest.approx((lo[j], hi[j]), abs=1e-12)
+
+
+@pytest.mark.parametrize("name", ["worst_group_auc", "es_auc"])
+def test_a_minimum_over_two_groups_keeps_the_hull(name):
+    keys, est, reps = _bootstrapped_multilabel(2)
+    j = keys.index((name, "grp", "", ""))
+    lo, hi, _, methods = intervals_by_metric(reps, est, keys, 0.95)
+    want = interval(reps[:, [j]], est[[j]], "hull", 0.95, 0.0, 1.0)
+    assert methods[j] == "hull" and (lo[j], hi[j]) == pytest.approx((want[0][0], want[1][0]), abs=1e-12)
