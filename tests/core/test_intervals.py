@@ -327,7 +327,9 @@ def test_a_minimum_takes_the_band_high_end_and_the_basic_low_end(task, name):
     else:
         pick = lambda x: np.array([[x[..., c] for c in row] for row in grp])  # noqa: E731
     comp_est, comp_reps = pick(est), np.moveaxis(pick(reps), -1, 0)
-    b_lo, b_hi = (x.reshape(comp_est.shape) for x in _slow_band(comp_reps.reshape(len(reps), -1), comp_est.reshape(-1), 0.95))
+    # The pointwise band (IntervalMethod.band_critical): each component ± z_0.975 times its bootstrap sd.
+    sd = np.array([[np.std(comp_reps[:, g, c], ddof=1) for c in range(comp_est.shape[1])] for g in range(len(comp_est))])
+    b_lo, b_hi = comp_est - 1.959963984540054 * sd, comp_est + 1.959963984540054 * sd
     spec = component_columns((name, "grp", "", ""), where, est)[0]
     assert spec.bases == (base,)
     band_lo, band_hi = _slow_range(spec, b_lo, b_hi)
@@ -349,3 +351,11 @@ def test_a_minimum_over_two_groups_keeps_the_hull(name):
     lo, hi, _, methods = intervals_by_metric(reps, est, keys, 0.95)
     want = interval(reps[:, [j]], est[[j]], "hull", 0.95, 0.0, 1.0)
     assert methods[j] == "hull" and (lo[j], hi[j]) == pytest.approx((want[0][0], want[1][0]), abs=1e-12)
+
+
+def test_band_critical_value_is_the_max_t_quantile_or_the_pointwise_normal_one():
+    assert IntervalMethod("band").critical(0.95) is None  # max-t: from the replicates (component_band)
+    assert IntervalMethod("band", band_critical="pointwise").critical(0.95) == pytest.approx(1.959964, abs=1e-6)
+    assert IntervalMethod("band", band_critical="pointwise").critical(0.8) == pytest.approx(1.281552, abs=1e-6)
+    with pytest.raises(ValueError, match="critical"):
+        IntervalMethod("band", band_critical="bonferroni")
