@@ -15,7 +15,7 @@ Both tasks (``--task multilabel``: ``multilabel.evaluate_multilabel``). With fou
 wide is one much wider than the oracle's, ``2 z sd(θ̂)`` with sd the plug-in's spread over the same
 200 test sets (the exact interval θ̂ − bias ± z sd when θ̂ is normal; its own error is about 5-10%).
 Every checked metric's mean width must stay within ``WIDTH_FACTOR`` times it (measured: RESULTS.md,
-"Interval coverage, part 3"), which a both-ends band (3-4 times) fails, as the test shows.
+"Interval coverage, part 3"), which the band at both ends (3-4 times with four groups) fails, as the test shows.
 About 3 minutes on one core (4 minutes under load).
 """
 
@@ -33,7 +33,11 @@ from cxrfair.core.intervals import interval_method
 
 DRAWS, REPLICATES, TRUTH = 200, 400, 50_000
 Z = 2.33
-WIDTH_FACTOR = 2.0  # the largest mean width / oracle width accepted (measured up to 1.7: RESULTS.md part 3)
+# The largest mean width / oracle width accepted. Measured for worst_group_auc and es_auc at true gaps 0.05 / 0.15
+# (RESULTS.md part 3): the hull 1.0-1.7, their band 1.05-2.3 (at 60 per group, this test's setting, up to 1.9); the
+# band at both ends 2.0-4.9. Centred, an interval 2.5 times the oracle's reaches z = 4.9: it covers all but one
+# draw in a million.
+WIDTH_FACTOR = 2.5
 
 
 def _study():
