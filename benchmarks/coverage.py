@@ -183,7 +183,7 @@ def signals_multilabel(n_groups: int, gap: float, base: float = 1.5) -> tuple[np
 # Candidates for the metrics biased downward (``worst_group_auc``, ``es_auc``; RESULTS.md, part 3), for any
 # number of groups: ``band_one`` is ``intervals.one_sided_band`` (the band's end on the side the plug-in is
 # biased away from, the basic end on the other: what ``used`` is with 3+ groups), ``band_hull`` the band's
-# end with the hull's other end.
+# end with the hull's other end (``band_basic`` above is the upward-biased gaps' variant only).
 ONE_SIDED = ("band_one", "band_hull")
 METHODS = METHODS + ONE_SIDED
 
