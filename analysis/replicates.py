@@ -83,9 +83,18 @@ def seed_resampled(stack: np.ndarray, rng: np.random.Generator | None) -> np.nda
         return np.where(n > 0, total / n, np.nan)
 
 
+def _lgamma(x: np.ndarray) -> np.ndarray:
+    """log Γ(x) elementwise for x > 0: Stirling's series at x + 10, shifted back by the recurrence
+    (error < 1e-14 relative, tested through ``t_cdf``; ``math.lgamma`` is one Python call per element)."""
+    z = x + 10.0
+    series = (z - 0.5) * np.log(z) - z + 0.5 * math.log(2 * math.pi) + (
+        1 / 12 - (1 / 360 - (1 / 1260 - (1 / 1680 - (1 / 1188 - 691 / 360360 / z ** 2) / z ** 2) / z ** 2) / z ** 2)
+        / z ** 2) / z
+    return series - np.log(np.prod([x + i for i in range(10)], axis=0))
+
+
 def _log_beta(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    lgamma = np.vectorize(math.lgamma, otypes=[np.float64])
-    return lgamma(a) + lgamma(b) - lgamma(a + b)
+    return _lgamma(a) + _lgamma(b) - _lgamma(a + b)
 
 
 def _beta_fraction(a: np.ndarray, b: np.ndarray, x: np.ndarray, iterations: int = 300) -> np.ndarray:
@@ -268,29 +277,29 @@ def _inverted_p(delta: np.ndarray, reps: np.ndarray, v: np.ndarray, df: np.ndarr
     quantile (``interval``'s); it rises as α grows. Bisection on u = t_{ν, 1−α/2} ∈ [0, |Δ| / √v]
     (α = 2 P(T > u)), so only the t CDF is needed; Δ < 0 mirrors it on the high end.
     """
-    x = np.sort(reps, axis=0)  # NaN last
-    n = (~np.isnan(x)).sum(axis=0)
-    sign = np.where(delta < 0, -1.0, 1.0)
+    n = (~np.isnan(reps)).sum(axis=0)
     active = (v > 0) & np.isfinite(delta) & (delta != 0) & (n > 0)
-    s = np.sqrt(np.where(active, v, 1.0))
-    lo, hi = np.zeros(len(delta)), np.where(active, np.abs(delta) / s, 0.0)
-    dfa = np.where(active, df, 1.0)
+    out = np.where((v > 0) & (delta == 0), 1.0, 0.0)  # Δ = 0 with a seed term: never excluded
+    if not active.any():
+        return out
+    x, n, d = np.sort(reps[:, active], axis=0), n[active], delta[active]  # NaN sort last
+    s, dfa = np.sqrt(v[active]), df[active]
+    lo, hi = np.zeros(len(d)), np.abs(d) / s
 
     def alpha(u):
         return 2 * (1 - t_cdf(u, dfa))
 
     def holds_zero(u):  # the 1 − α(u) interval, on the side towards zero, reaches zero
         a = np.clip(alpha(u), 0.0, 1.0)
-        q = np.where(sign > 0, a / 2, 1 - a / 2)
-        near = quantile_sorted(x, n, q)
-        return np.hypot(delta - near, u * s) >= np.abs(delta)
+        near = quantile_sorted(x, n, np.where(d > 0, a / 2, 1 - a / 2))
+        return np.hypot(d - near, u * s) >= np.abs(d)
 
-    for _ in range(60):
+    for _ in range(50):  # u to |Δ| / √v · 2⁻⁵⁰
         mid = (lo + hi) / 2
         h = holds_zero(mid)
         lo, hi = np.where(h, lo, mid), np.where(h, mid, hi)
-    p = np.where(holds_zero(np.zeros(len(delta))), 1.0, alpha(hi))
-    return np.where(active, p, np.where((v > 0) & (delta == 0), 1.0, 0.0))  # Δ = 0 with a seed term: never excluded
+    out[active] = np.where(holds_zero(np.zeros(len(d))), 1.0, alpha(lo))  # lo: still excluded, the safe side
+    return out
 
 
 def average(evs: list[Evaluated], keys: list | None = None) -> tuple[list, np.ndarray, np.ndarray, np.ndarray | None]:
