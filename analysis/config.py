@@ -104,9 +104,10 @@ def describe_intervals(config: AnalyzeConfig) -> str:
             "percentile for per-sample metrics, and for the gap, worst-group and ES-AUC metrics, which are "
             "biased in small samples, the hull of the percentile and basic intervals (value_bc: the "
             "bias-corrected estimate). Every run on the same test images uses the same resamples. A mean "
-            "over seeds (or over the prompt draws of a zero-shot prompt set) is resampled on two levels: each "
-            "replicate draws the seeds with replacement, then the patients, so seeds that disagree widen its "
-            "interval (made by the metric's method; with one seed the seed variance is unknown); a paired "
-            "comparison resamples both sides' seeds the same way and takes the percentile interval and a "
-            "two-sided bootstrap p-value of the difference, with Holm-adjusted p-values per comparison and "
-            "attribute.")
+            "over seeds (or over the prompt draws of a zero-shot prompt set) has its patients-only interval "
+            "widened by the seeds' variance (each side in quadrature with t_{S-1} sd / sqrt(S)), so seeds that "
+            "disagree widen it; with one seed the seed variance is unknown. A paired comparison (and a "
+            "mitigation delta) takes the percentile interval of the difference on the same resamples, widened "
+            "the same way by the seed variance of each mean in it (Welch-Satterthwaite t; seed_var_known false "
+            "where a mean has one run), a p-value that inverts that interval, and Holm-adjusted p-values per "
+            "comparison and attribute.")

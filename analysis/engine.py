@@ -12,12 +12,12 @@ Resampling: patients are redrawn within strata (the cross of ``config.cross``, b
 first two attributes; strata of fewer than ``MIN_STRATUM_PATIENTS`` patients pooled), all of a
 patient's images together (``bootstrap.patient_counts``). All runs evaluated on the same test
 images share one (R, N) matrix of bootstrap counts (images aligned by ``image_id``), so the
-intervals of different methods come from the same resamples, a paired comparison is a
-subtraction of replicate arrays, and the interval of a mean over seeds (or zero-shot prompt
-draws) is the percentile interval of the two-level bootstrap's replicates: seeds drawn with
-replacement per replicate, then averaged on its patient resample (``replicates.seed_resampled``),
-so the seed variance is in it. Paired deltas carry a bootstrap p-value and its Holm adjustment
-(``core.bootstrap.p_value`` / ``holm``). The shortcut
+intervals of different methods come from the same resamples and a paired comparison is a
+subtraction of replicate arrays. A mean over seeds (or zero-shot prompt draws) averages its runs'
+replicates (the patients-only interval) and is widened by the seeds' variance: seeds.csv by
+``replicates.seed_widened``, the paired deltas (comparisons, mitigation) by
+``replicates.delta_interval`` (both arms' seed variances, Welch–Satterthwaite), whose p-value
+inverts that interval; Holm adjusts it (``core.bootstrap.holm``). The shortcut
 test (``--shortcut``, ``shortcut``) uses the same resamples for its two AUCs, so their difference
 is paired too; so are the mitigation deltas (``mitigation``).
 """
@@ -36,12 +36,12 @@ from cxrfair.analysis import mitigation as MIT
 from cxrfair.analysis.config import MIN_STRATUM_PATIENTS, AnalyzeConfig, resolve, strata_attributes, stratum_name
 from cxrfair.analysis.fewshot import fewshot_table
 from cxrfair.analysis.groups import crossed_name, group_labels
-from cxrfair.analysis.replicates import Evaluated, average, replicate_matrix, seed_rng, seed_widened
+from cxrfair.analysis.replicates import Evaluated, average, delta_interval, replicate_matrix, seed_variance, seed_widened
 from cxrfair.analysis.runsets import baseline_method, check_runs, in_method_order, runs_table, split_rows
 from cxrfair.analysis.shortcut import SHORTCUT_COLUMNS, shortcut_metrics, shortcut_request, shortcut_subsets, shortcut_table
 from cxrfair.core import metrics as M
 from cxrfair.core import multilabel as ML
-from cxrfair.core.bootstrap import holm, interval, merge_small_strata, p_value, patient_counts
+from cxrfair.core.bootstrap import holm, merge_small_strata, patient_counts
 from cxrfair.core.intervals import interval_method, intervals_by_metric
 from cxrfair.core.runs import Run, run_attributes, targets_and_probs
 from cxrfair.errors import CxrfairError
@@ -64,7 +64,7 @@ class Results:
     metrics: pd.DataFrame  # METRIC_COLUMNS
     runs: pd.DataFrame  # run_id, model, method, seed, tag, n_images, val_accuracy, val_auc_macro, primary
     seeds: pd.DataFrame  # model, method, tag, metric, attribute, group, class, n_seeds, mean, sd, ci_low, ci_high
-    comparisons: pd.DataFrame  # COMPARISON_COLUMNS: ..., delta, ci_low, ci_high, n_seeds, p_value, p_holm, holm_m
+    comparisons: pd.DataFrame  # COMPARISON_COLUMNS: ..., delta, ci_low, ci_high, n_seeds, p_value, p_holm, holm_m, seed_var_known
     config: AnalyzeConfig
     notes: list[str] = field(default_factory=list)
     task: str = "multiclass"  # "multiclass" | "multilabel"
@@ -393,7 +393,7 @@ def _seeds_table(evaluated, runs_df, config: AnalyzeConfig, notes: list[str]) ->
 
 COMPARISON_COLUMNS = ["model", "baseline", "baseline_runs", "n_baseline", "method", "run_id", "seed", "split",
                       "metric", "attribute", "group", "class", "delta", "ci_low", "ci_high", "n_seeds", "p_value",
-                      "p_holm", "holm_m"]
+                      "p_holm", "holm_m", "seed_var_known"]
 
 
 def _comparisons_table(evaluated, runs_df, config: AnalyzeConfig, notes: list[str]) -> pd.DataFrame:
@@ -403,17 +403,20 @@ def _comparisons_table(evaluated, runs_df, config: AnalyzeConfig, notes: list[st
     draw of the chosen set), value and replicates alike; ``baseline_runs`` lists them. Per run
     (``seed`` set, ``n_seeds`` 1) the delta is conditional on that run; a method with several
     primary runs also gets a seed-mean row (``seed`` empty, ``run_id`` its runs ``;``-joined,
-    ``n_seeds`` of them), the delta a reader should quote. Both sides are means over seeds (or
-    draws) resampled with the two-level bootstrap (``replicates.seed_resampled``), independently,
-    on the same patient resamples. ``p_value`` is the two-sided bootstrap p of delta = 0
-    (``bootstrap.p_value``), ``p_holm`` its Holm adjustment within a family of ``holm_m`` rows
-    (``_holm_within``).
+    ``n_seeds`` of them), the delta a reader should quote. Each delta's replicates are the plain
+    seed means' on the shared patient resamples, subtracted; its interval and ``p_value`` come
+    from ``replicates.delta_interval``: widened by the seed variance of each seed mean in it (the
+    baseline's, and on a seed-mean row the method's too: independent trainings, Welch). The
+    two-level bootstrap used before under-covered with 2–3 seeds (RESULTS.md, "Interval coverage,
+    part 3"). ``seed_var_known`` is false where one of those means has a single defined run (its
+    seed variance unknown: the interval covers the patients and the other arm only). ``p_holm``:
+    the Holm adjustment within a family of ``holm_m`` rows (``_holm_within``).
     """
     if not config.n_boot:
         return pd.DataFrame(columns=COMPARISON_COLUMNS)
     by_id = {e.run.run_id: e for e in evaluated}
     prim = runs_df[runs_df["primary"]]
-    records, replicates, n_seeds = [], [], []
+    records, replicates, seed_terms, n_seeds = [], [], [], []
     for model, df in prim.groupby("model", sort=True):
         base = baseline_method(df["method"].unique())
         base_evs = [by_id[i] for i in df.loc[df["method"] == base].sort_values("seed")["run_id"]]
@@ -421,7 +424,6 @@ def _comparisons_table(evaluated, runs_df, config: AnalyzeConfig, notes: list[st
             notes.append(f"{model}: its {base} runs are on different test images; not compared")
             continue
         names = ";".join(e.run.run_id for e in base_evs)
-        base_draws = f"baseline|{model}|{names}"  # one name: every row of this model draws the same baseline seeds
         baselines: dict[tuple, tuple] = {}  # the baseline averaged once per set of metric keys
         compared = defaultdict(list)  # method -> its compared runs, in seed order
         for b in (by_id[i] for i in in_method_order(df[df["method"] != base])["run_id"]):
@@ -429,31 +431,33 @@ def _comparisons_table(evaluated, runs_df, config: AnalyzeConfig, notes: list[st
                 notes.append(f"{b.run.run_id} vs {names}: different test images or classes; not compared")
                 continue
             if tuple(b.values) not in baselines:
-                baselines[tuple(b.values)] = average(base_evs, list(b.values), rng=seed_rng(config.seed, base_draws))
-            keys, _, base_values, base_reps = baselines[tuple(b.values)]
+                baselines[tuple(b.values)] = average(base_evs, list(b.values))
+            keys, base_runs, base_values, base_reps = baselines[tuple(b.values)]
             compared[b.run.method].append(b)
-            reps = replicate_matrix(b, keys) - base_reps
             records.extend((model, base, names, len(base_evs), b.run.method, b.run.run_id, b.run.seed, config.split,
                             *k, float(b.values[k] - base_values[i])) for i, k in enumerate(keys))
-            replicates.append(reps)
+            replicates.append(replicate_matrix(b, keys) - base_reps)
+            seed_terms.append(seed_variance([base_runs]))  # the run itself is given: only the baseline's seeds
             n_seeds += [1] * len(keys)
         for method, evs in compared.items():
             if len(evs) < 2 or any(e.run.classes != evs[0].run.classes for e in evs):
                 continue
-            keys, _, means, reps = average(evs, rng=seed_rng(config.seed, f"comparison|{model}|{method}"))
-            _, _, base_values, base_reps = average(base_evs, keys, rng=seed_rng(config.seed, base_draws))
+            keys, per_run, means, reps = average(evs)
+            _, base_runs, base_values, base_reps = average(base_evs, keys)
             records.extend((model, base, names, len(base_evs), method, ";".join(e.run.run_id for e in evs), None,
                             config.split, *k, float(means[i] - base_values[i])) for i, k in enumerate(keys))
             replicates.append(reps - base_reps)
+            seed_terms.append(seed_variance([per_run, base_runs]))
             n_seeds += [len(evs)] * len(keys)
     if not records:
         return pd.DataFrame(columns=COMPARISON_COLUMNS)
-    reps = np.concatenate(replicates, axis=1)  # (R, rows): all rows' intervals and p-values in one call each
-    lo, hi = interval(reps, config.level)
+    reps = np.concatenate(replicates, axis=1)  # (R, rows): all rows' intervals and p-values in one call
+    v, df, known = (np.concatenate(x) for x in zip(*seed_terms))
     out = pd.DataFrame.from_records(records, columns=COMPARISON_COLUMNS[:13])
+    lo, hi, p = delta_interval(out["delta"].to_numpy(), reps, v, df, config.level)
     out["seed"] = out["seed"].astype("Int64")  # empty on a seed-mean row
-    out = out.assign(ci_low=lo, ci_high=hi, n_seeds=n_seeds, p_value=p_value(reps))
-    return _holm_within(out, ["model", "method", "run_id", "attribute"])
+    out = out.assign(ci_low=lo, ci_high=hi, n_seeds=n_seeds, p_value=p)
+    return _holm_within(out, ["model", "method", "run_id", "attribute"]).assign(seed_var_known=known)
 
 
 def _holm_within(table: pd.DataFrame, comparison: list[str]) -> pd.DataFrame:

@@ -3,8 +3,8 @@
 A few-shot run (run id ``<model>__<method>-k<K>__best__s<seed>``, ``RunKey.shots``; written by
 ``cxrfair probe linear|mlp --shots K``) is summarised over its seeds like every other run: each
 seed is its own draw of K images per class, so the draws are part of the seed variance, and the
-interval of the mean is the engine's two-level bootstrap (seeds, then patients; ``engine``'s
-``seeds.csv``). This module computes no metric: ``fewshot_table`` selects the rows of the seed
+interval of the mean is its patients-only interval widened by the seeds' variance (``engine``'s
+``seeds.csv``, ``replicates.seed_widened``). This module computes no metric: ``fewshot_table`` selects the rows of the seed
 summary (``Results.seeds``) for every K, and for the two references of each model: zero-shot
 (``shots`` 0, its primary prompt set) and the same probe on the whole training split (``shots``
 empty, setting ``all``, its primary tag). numpy + pandas only.

@@ -5,7 +5,8 @@ recomputed) with its verdict; the sentences and the summary counts are formatted
 what the report says and what comparisons.csv holds cannot drift apart.
 
 A comparison "excludes zero" when its interval lies wholly above or below 0. Intervals are the
-analysis' percentile intervals of the paired difference, not corrected for multiplicity.
+analysis' intervals of the paired difference (``replicates.delta_interval``: patients, widened by
+the seeds), not corrected for multiplicity.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ AT_CHANCE = "not judged: not shown above chance"  # its utility interval reaches
 def _pool(hit: pd.DataFrame) -> tuple[float, float, float, int, float, float]:
     """(delta, ci_low, ci_high, n_seeds, p_value, p_holm) of one question's rows for one model · method.
 
-    A seed-mean row (no seed; its interval from the two-level bootstrap over seeds and patients) is
+    A seed-mean row (no seed; its interval over patients widened by the seeds' variance) is
     used as it is. Otherwise the seeds are pooled: the mean
     difference, and the union of the seeds' intervals, so a pooled interval excludes zero only
     when every seed's does, on the same side (conservative: no seed's verdict is hidden by the

@@ -6,11 +6,14 @@ selected the same way (``recipe``: solver, grid and the validation rule that cho
 configuration; a pairing that differs in any is flagged ``like_for_like`` false and
 ``unlike_reason`` says in what). Both were evaluated by ``engine.compute`` on the same (R, N)
 patient-bootstrap counts of the same test images, so a delta's replicate r is the mitigated run's
-metric on resample r minus the ERM run's on the same resample; over seeds, the (mitigated, ERM)
-pairs are resampled with replacement per replicate and their deltas averaged (the two-level
-bootstrap of ``replicates.seed_resampled``, NaN-skipping, as ``seeds.csv``), and the interval is
-the percentile interval of that mean; ``p_value`` / ``p_holm`` test delta = 0 (``bootstrap.p_value``,
-Holm within the group's rows).
+metric on resample r minus the ERM run's on the same resample. Over seeds, the per-pair deltas are
+averaged (NaN-skipping, as ``seeds.csv``): the replicates' percentile interval is the patients-only
+one, widened by the seed variance of the mean of the S per-pair deltas (t_{S−1} · sd / √S in
+quadrature, ``replicates.delta_interval``; ``p_value`` inverts that interval, ``p_holm`` is Holm
+within the group's rows). The pairing is by seed: a mitigated run and its ERM counterpart share the
+seed (initialisation, data order), so their difference is the unit; were the two trainings
+independent, the per-pair sd would still estimate both arms' seed variance. With one pair the seed
+variance is unknown (``seed_var_known`` false): the interval covers the patients only.
 
 Tables (``mitigation_tables``):
     mitigation.csv  one row per model × method × mitigation × sensitive × tag × metric:
@@ -31,9 +34,10 @@ from collections import defaultdict
 import numpy as np
 import pandas as pd
 
-from cxrfair.analysis.replicates import average, nanmean0, replicate_matrix, seed_rng, seed_resampled, seed_widened
+from cxrfair.analysis.replicates import (average, delta_interval, nanmean0, replicate_matrix, seed_variance,
+                                        seed_widened)
 from cxrfair.analysis.runsets import base_tag, tag_of
-from cxrfair.core.bootstrap import holm, interval, p_value
+from cxrfair.core.bootstrap import holm
 from cxrfair.core.intervals import intervals_by_metric, with_components
 from cxrfair.core.multilabel import auc_macro
 from cxrfair.core.mitigations import MITIGATIONS
@@ -55,7 +59,8 @@ STRENGTH_TAG = re.compile(r"^st(?P<strength>[0-9.eE+-]+)$")
 
 MITIGATION_COLUMNS = ["model", "method", "mitigation", "sensitive", "strength", "tag", "metric", "erm", "mitigated",
                       "delta", "ci_low", "ci_high", "n_seeds", "excludes_zero", "erm_tag", "erm_run", "solver", "erm_solver",
-                      "like_for_like", "better", "selected", "p_value", "p_holm", "holm_m", "unlike_reason"]
+                      "like_for_like", "better", "selected", "p_value", "p_holm", "holm_m", "unlike_reason",
+                      "seed_var_known"]
 TRADEOFF_COLUMNS = ["model", "method", "sensitive", "mitigation", "strength", "tag", "solver", "n_seeds", "utility_metric",
                     "utility", "utility_ci_low", "utility_ci_high", "gap_metric", "gap", "gap_ci_low", "gap_ci_high",
                     "selected", "pareto"]
@@ -257,30 +262,26 @@ def metric_keys(task: str, sensitive: str, metrics=None) -> list[tuple]:
     return keys if metrics is None else [k for k in keys if k[0] in metrics]
 
 
-def paired_delta(pairs: list[tuple], keys: list[tuple], rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+def paired_delta(pairs: list[tuple], keys: list[tuple]) -> dict[str, np.ndarray]:
     """Seed-averaged paired differences, mitigated − ERM.
 
     Args:
         pairs: [(mitigated, erm) evaluated runs], one per seed, each pair on the same test set.
         keys: K metric keys.
-        rng: the seed draws' generator (``replicates.seed_rng``): the pairs are drawn with
-            replacement per replicate (a pair is the unit: its two runs share a seed);
-            None: patients only.
 
     Returns:
         {"erm", "mitigated", "delta": (K,) NaN-skipping means over the pairs; "n": (K,) pairs
-        where the delta is defined; "replicates": (R, K) two-level replicates of the mean over pairs
-        of the per-pair replicate differences, or None without bootstrap or when the pairs are on
-        different test sets}.
+        where the delta is defined; "per_pair": (pairs, K) each pair's delta; "replicates": (R, K)
+        the mean over pairs of the per-pair replicate differences (patients only), or None without
+        bootstrap or when the pairs are on different test sets}.
     """
     mit = np.array([[m.values.get(k, np.nan) for k in keys] for m, _ in pairs], dtype=np.float64)
     erm = np.array([[e.values.get(k, np.nan) for k in keys] for _, e in pairs], dtype=np.float64)
-    out = {"erm": nanmean0(erm), "mitigated": nanmean0(mit), "delta": nanmean0(mit - erm),
+    out = {"erm": nanmean0(erm), "mitigated": nanmean0(mit), "delta": nanmean0(mit - erm), "per_pair": mit - erm,
            "n": (~np.isnan(mit - erm)).sum(axis=0), "replicates": None}
     first = pairs[0][0]
     if first.replicates is not None and all(m.key == first.key for m, _ in pairs):
-        out["replicates"] = seed_resampled(np.stack([replicate_matrix(m, keys) - replicate_matrix(e, keys)
-                                                     for m, e in pairs]), rng)
+        out["replicates"] = nanmean0(np.stack([replicate_matrix(m, keys) - replicate_matrix(e, keys) for m, e in pairs]))
     return out
 
 
@@ -295,21 +296,16 @@ def common_strength(evs, notes: list[str]) -> float:
     return np.nan
 
 
-def group_rng(seed: int, gkey: tuple) -> np.random.Generator:
-    """The seed draws of one mitigated group (``replicates.seed_rng`` of its key)."""
-    return seed_rng(seed, "mitigation|" + "|".join(map(str, gkey)))
-
-
-def _mitigation_rows(gkey: tuple, pairs: list[tuple], task: str, level: float, notes: list[str],
-                     seed: int = 0) -> tuple[list[tuple], tuple]:
-    """The group's rows of MITIGATION_COLUMNS up to ``better``, and the (K,) p-values, adjusted p-values and
-    Holm family size (the group's metrics: one family per mitigated group)."""
+def _mitigation_rows(gkey: tuple, pairs: list[tuple], task: str, level: float,
+                     notes: list[str]) -> tuple[list[tuple], tuple]:
+    """The group's rows of MITIGATION_COLUMNS up to ``better``, and the (K,) p-values, adjusted p-values, Holm
+    family size (the group's metrics: one family per mitigated group) and ``seed_var_known``."""
     model, method, mitigation, sensitive, tag = gkey
     keys = metric_keys(task, sensitive)
-    d = paired_delta(pairs, keys, group_rng(seed, gkey))
+    d = paired_delta(pairs, keys)
+    v, df, known = seed_variance([d["per_pair"]])  # one arm: the pairs' differences
     if d["replicates"] is not None:
-        lo, hi = interval(d["replicates"], level)
-        p = p_value(d["replicates"])
+        lo, hi, p = delta_interval(d["delta"], d["replicates"], v, df, level)
     else:
         lo = hi = p = np.full(len(keys), np.nan)
     strength = common_strength([m for m, _ in pairs], notes)
@@ -317,7 +313,7 @@ def _mitigation_rows(gkey: tuple, pairs: list[tuple], task: str, level: float, n
     rows = [(model, method, mitigation, sensitive, strength, tag, k[0], float(d["erm"][i]), float(d["mitigated"][i]),
              float(d["delta"][i]), float(lo[i]), float(hi[i]), int(d["n"][i]), bool(lo[i] > 0 or hi[i] < 0),
              *erm, better(k[0])) for i, k in enumerate(keys)]
-    return rows, (p, holm(p), int(np.isfinite(p).sum()))
+    return rows, (p, holm(p), int(np.isfinite(p).sum()), known)
 
 
 def _joined(values) -> str:
@@ -333,18 +329,16 @@ def pairing(pairs: list[tuple]) -> tuple[str, str, str, str, bool]:
             all(recipe(m.run) == recipe(e.run) for m, e in pairs))
 
 
-def mitigation_table(groups: dict, task: str, level: float, notes: list[str], chosen: dict | None = None,
-                     seed: int = 0) -> pd.DataFrame:
+def mitigation_table(groups: dict, task: str, level: float, notes: list[str], chosen: dict | None = None) -> pd.DataFrame:
     """mitigation.csv: one row per group of ``pair_runs`` and metric of ``metric_keys``; ``selected`` from
-    ``chosen`` (``chosen_strengths``; None: only runs that are no strength point); ``seed`` the analysis
-    seed the seed draws start from (``group_rng``)."""
+    ``chosen`` (``chosen_strengths``; None: only runs that are no strength point)."""
     has_best = {f for f, gkeys in _families(groups).items() if any(g[4] == "best" for g in gkeys)}
     records = []
     for gkey, pairs in groups.items():
-        rows, (p, p_holm, m) = _mitigation_rows(gkey, pairs, task, level, notes, seed)
+        rows, (p, p_holm, m, known) = _mitigation_rows(gkey, pairs, task, level, notes)
         why = _joined(unlike_reason(mit.run, erm.run) for mit, erm in pairs)
-        records += [(*r, is_selected(gkey, r[4], chosen or {}, has_best), float(p[i]), float(p_holm[i]), m, why)
-                    for i, r in enumerate(rows)]
+        records += [(*r, is_selected(gkey, r[4], chosen or {}, has_best), float(p[i]), float(p_holm[i]), m, why,
+                     bool(known[i])) for i, r in enumerate(rows)]
     return pd.DataFrame.from_records(records, columns=MITIGATION_COLUMNS)
 
 
@@ -557,5 +551,5 @@ def mitigation_tables(evaluated, runs_df: pd.DataFrame, config, notes: list[str]
                          "method's name")
     groups = pair_runs(evaluated, runs_df, config.attributes, notes)
     chosen = chosen_strengths(evaluated, groups, notes)
-    return (mitigation_table(groups, task, config.level, notes, chosen, config.seed),
+    return (mitigation_table(groups, task, config.level, notes, chosen),
             tradeoff_table(evaluated, groups, runs_df, task, config.level, chosen))

@@ -7,26 +7,26 @@ difference is a subtraction of replicate arrays (``replicate_matrix``).
 Seeds are a second source of variance: a mean over S seeds (or zero-shot prompt draws) is an
 estimate of the mean over all seeds one could have trained, and its interval must say so. A seed
 mean's interval (seeds.csv, the trade-off points) is its patients-only interval widened by the
-seed variance, ``seed_widened`` (t_{S−1} · sd / √S in quadrature, each side): the two-level
-bootstrap below, drawing S seeds from only S values, covered 0.77–0.85 with 2–3 seeds
-(benchmarks/RESULTS.md, "Seed means"). The two-level bootstrap (``seed_resampled``: for each
-replicate r, S seeds with replacement, averaging *their* replicate r on the shared patient
-resample) still makes the baseline comparisons' and mitigation deltas' replicates (``engine``,
-``mitigation``), whose seed draws come from ``seed_rng(seed, name)`` and so depend on the
-analysis seed and the group's name only. With S = 1 the seed variance is unknown and the interval
-is the patients-only one (the tables say ``n_seeds`` = 1).
+seed variance, ``seed_widened`` (t_{S−1} · sd / √S in quadrature, each side). A delta between
+seed means (comparisons.csv, mitigation.csv) is paired on the patients (one resample, both arms)
+and widened the same way by both arms' seed variances, Welch–Satterthwaite (``seed_variance``,
+``delta_interval``); its p-value inverts that interval. The two-level bootstrap
+(``seed_resampled``: per replicate, S seeds drawn with replacement), which these tables used
+before, draws from only S values: it covered 0.77–0.85 for seed means with 2–3 seeds
+(benchmarks/RESULTS.md, "Seed means") and under-covered the deltas too ("Interval coverage,
+part 3"); it stays for the benchmark's comparison. With one run in an arm its seed variance is
+unknown: it adds nothing, and the tables say so (``n_seeds`` = 1, ``seed_var_known``).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
 
-from cxrfair.core.bootstrap import stratified_counts
+from cxrfair.core.bootstrap import interval, p_value, quantile_sorted, stratified_counts
 from cxrfair.core.runs import Run
 
 
@@ -57,12 +57,6 @@ def replicate_matrix(ev: Evaluated, keys: list) -> np.ndarray:
     return np.stack([ev.replicates.get(k, missing) for k in keys], axis=1)
 
 
-def seed_rng(seed: int, name: str) -> np.random.Generator:
-    """The generator of one group's seed draws: from the analysis ``seed`` and the group's ``name``
-    (e.g. ``"seeds|m1|linear|best"``) alone, so adding other runs to an analysis leaves it unchanged."""
-    return np.random.default_rng([int(seed), zlib.crc32(name.encode())])
-
-
 def seed_resampled(stack: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
     """Two-level bootstrap replicates of the mean over seeds: seeds with replacement, then patients.
 
@@ -72,8 +66,8 @@ def seed_resampled(stack: np.ndarray, rng: np.random.Generator | None) -> np.nda
 
     Args:
         stack: (S, R, K) each seed's replicates on the shared patient resamples.
-        rng: the seed draws' generator (``seed_rng``); None: no seed resampling, the plain mean over
-            the S seeds per replicate (the patients-only interval of the mean).
+        rng: the seed draws' generator; None: no seed resampling, the plain mean over the S seeds
+            per replicate (the patients-only interval of the mean).
 
     Returns:
         (R, K) replicates; NaN where every drawn seed is NaN. With S = 1, ``stack[0]``.
@@ -89,29 +83,142 @@ def seed_resampled(stack: np.ndarray, rng: np.random.Generator | None) -> np.nda
         return np.where(n > 0, total / n, np.nan)
 
 
-def t_quantile(q: float, df: float) -> float:
-    """The q-quantile (q > 0.5) of Student's t with ``df`` > 0 degrees of freedom, numpy only.
+def _lgamma(x: np.ndarray) -> np.ndarray:
+    """log Γ(x) elementwise for x > 0: Stirling's series at x + 10, shifted back by the recurrence
+    (error < 1e-14 relative, tested through ``t_cdf``; ``math.lgamma`` is one Python call per element)."""
+    z = x + 10.0
+    series = (z - 0.5) * np.log(z) - z + 0.5 * math.log(2 * math.pi) + (
+        1 / 12 - (1 / 360 - (1 / 1260 - (1 / 1680 - (1 / 1188 - 691 / 360360 / z ** 2) / z ** 2) / z ** 2) / z ** 2)
+        / z ** 2) / z
+    return series - np.log(np.prod([x + i for i in range(10)], axis=0))
 
-    Bisection on the CDF, ``1/2 + ∫_0^t pdf`` by Simpson's rule on 2,001 points (error < 1e-7
-    against scipy for df ≥ 1, tested); analysis does not depend on scipy.
+
+def _log_beta(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return _lgamma(a) + _lgamma(b) - _lgamma(a + b)
+
+
+def _beta_fraction(a: np.ndarray, b: np.ndarray, x: np.ndarray, iterations: int = 300) -> np.ndarray:
+    """The continued fraction of the regularized incomplete beta function (modified Lentz), elementwise.
+
+    Converges in O(√max(a, b)) terms for x < (a + 1) / (a + b + 2); it stops once every element's
+    last term changes it by less than 1e-15 (a few dozen terms for the df of a few seeds; tested
+    against scipy up to df = 5,000).
+
+    References: Press et al., Numerical Recipes, 3rd ed., § 6.4 (``betacf``).
     """
-    if not 0.5 < q < 1 or not df > 0:
+    tiny = 1e-300
+
+    def fix(v):
+        return np.where(np.abs(v) < tiny, tiny, v)
+
+    c = np.ones_like(x)
+    d = 1.0 / fix(1.0 - (a + b) * x / (a + 1.0))
+    h = d.copy()
+    for m in range(1, iterations + 1):
+        for aa in (m * (b - m) * x / ((a - 1 + 2 * m) * (a + 2 * m)),
+                   -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 1 + 2 * m))):
+            d = 1.0 / fix(1.0 + aa * d)
+            c = fix(1.0 + aa / c)
+            h = h * d * c
+        if np.all(np.abs(d * c - 1.0) < 1e-15):
+            break
+    return h
+
+
+def _beta_reg(a: np.ndarray, b: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """I_x(a, b), the regularized incomplete beta function, elementwise for x in [0, 1]."""
+    a, b, x = np.broadcast_arrays(*(np.asarray(v, dtype=np.float64) for v in (a, b, x)))
+    x = np.clip(x, 0.0, 1.0)
+    # The fraction converges fast for x < (a + 1) / (a + b + 2); elsewhere I_x(a, b) = 1 − I_{1−x}(b, a).
+    flip = x >= (a + 1) / (a + b + 2)
+    fa, fb, fx = np.where(flip, b, a), np.where(flip, a, b), np.clip(np.where(flip, 1 - x, x), 1e-300, 1 - 1e-16)
+    front = np.exp(fa * np.log(fx) + fb * np.log1p(-fx) - _log_beta(fa, fb))
+    part = front * _beta_fraction(fa, fb, fx) / fa
+    out = np.where(flip, 1 - part, part)
+    return np.where(x <= 0, 0.0, np.where(x >= 1, 1.0, out))
+
+
+def t_cdf(t, df) -> np.ndarray:
+    """P(T ≤ t) for Student's t with ``df`` > 0 degrees of freedom, elementwise (numpy only).
+
+    Via the incomplete beta function: P(|T| > |t|) = I_{df / (df + t²)}(df / 2, 1 / 2).
+    """
+    t, df = np.broadcast_arrays(*(np.asarray(v, dtype=np.float64) for v in (t, df)))
+    tail = 0.5 * _beta_reg(df / 2, np.full(df.shape, 0.5), df / (df + t * t))
+    return np.where(t >= 0, 1 - tail, tail)
+
+
+def t_quantile(q, df):
+    """The q-quantile (q > 0.5) of Student's t with ``df`` > 0 degrees of freedom, elementwise, numpy only.
+
+    Bisection on ``t_cdf`` (relative error < 1e-7 against scipy, tested); analysis does not
+    depend on scipy. Scalars in, a float out; arrays in, an array out.
+    """
+    q_arr, df_arr = np.broadcast_arrays(*(np.asarray(v, dtype=np.float64) for v in (q, df)))
+    if not (np.all((0.5 < q_arr) & (q_arr < 1)) and np.all(df_arr > 0)):
         raise ValueError(f"t_quantile needs 0.5 < q < 1 and df > 0, got q={q}, df={df}")
-    const = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
-
-    def cdf(t: float) -> float:
-        x = np.linspace(0.0, t, 2001)
-        y = const * (1 + x * x / df) ** (-(df + 1) / 2)
-        h = t / 2000
-        return 0.5 + h / 3 * (y[0] + y[-1] + 4 * y[1:-1:2].sum() + 2 * y[2:-1:2].sum())
-
-    lo, hi = 0.0, 1.0
-    while cdf(hi) < q:
-        lo, hi = hi, 2 * hi
-    for _ in range(60):
+    lo, hi = np.zeros(q_arr.shape), np.ones(q_arr.shape)
+    while np.any(short := t_cdf(hi, df_arr) < q_arr):
+        lo, hi = np.where(short, hi, lo), np.where(short, 2 * hi, hi)
+    for _ in range(64):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if cdf(mid) < q else (lo, mid)
-    return (lo + hi) / 2
+        below = t_cdf(mid, df_arr) < q_arr
+        lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
+    out = (lo + hi) / 2
+    return float(out) if out.ndim == 0 else out
+
+
+def widened(centre, low, high, half) -> tuple[np.ndarray, np.ndarray]:
+    """(low, high) with each side's distance from ``centre`` combined in quadrature with ``half``.
+
+    Args:
+        centre, low, high: (K,) an estimate and its patients-only interval. half: (K,) the seed
+            term's half-width (0: unchanged).
+    """
+    centre, low, high, half = (np.asarray(x, dtype=np.float64) for x in (centre, low, high, half))
+    return centre - np.hypot(centre - low, half), centre + np.hypot(high - centre, half)
+
+
+def seed_variance(arms: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The seed variance of a sum or difference of independent seed means, with its Welch–Satterthwaite df.
+
+    Each arm is a mean over its n_i defined runs, so its seed variance is sd_i² / n_i (sd over its
+    runs' values on the one test set, ddof 1); the arms are independent trainings, so the variance
+    of their difference is the sum v = Σ sd_i² / n_i, and v / E[v] is approximately χ²_ν / ν with
+    ν = v² / Σ (sd_i² / n_i)² / (n_i − 1). One arm: ν = n − 1, the one-sample t. An arm with
+    fewer than two defined runs has an unknown seed variance: it adds nothing and ``known`` is false.
+
+    Args:
+        arms: [(S_i, K) each run's value per arm (NaN where undefined)]; a pairing by seed is one
+            arm of the per-pair differences.
+
+    Returns:
+        ((K,) v, (K,) ν (NaN where v = 0: no seed term), (K,) bool known: every arm has 2+ defined runs).
+
+    References: Welch (1947), Biometrika 34: 28–35; Satterthwaite (1946), Biometrics Bulletin 2: 110–114.
+    """
+    parts, known = [], None
+    for arm in arms:
+        arm = np.asarray(arm, dtype=np.float64)
+        n = (~np.isnan(arm)).sum(axis=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # fewer than two defined runs: no term
+            part = np.where(n > 1, np.nanvar(arm, axis=0, ddof=1) / np.maximum(n, 1), 0.0)
+        parts.append((part, n))
+        known = n > 1 if known is None else known & (n > 1)
+    v = sum(p for p, _ in parts)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        df = v ** 2 / sum(np.where(n > 1, p ** 2 / np.maximum(n - 1, 1), 0.0) for p, n in parts)
+    return v, np.where(v > 0, df, np.nan), known
+
+
+def seed_half(v: np.ndarray, df: np.ndarray, level: float) -> np.ndarray:
+    """(K,) the seed term's half-width t_ν · √v at ``level`` (0 where there is no seed term)."""
+    ok = v > 0
+    t = np.zeros(v.shape)
+    if ok.any():
+        t[ok] = t_quantile(np.full(int(ok.sum()), (1 + level) / 2), df[ok])
+    return np.where(ok, t * np.sqrt(np.where(ok, v, 0.0)), 0.0)
 
 
 def seed_widened(means, low, high, per_run, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
@@ -129,29 +236,81 @@ def seed_widened(means, low, high, per_run, level: float = 0.95) -> tuple[np.nda
     Returns:
         (low, high), each (K,); unchanged where fewer than two runs are defined.
     """
-    means, low, high = (np.asarray(x, dtype=np.float64) for x in (means, low, high))
-    per_run = np.asarray(per_run, dtype=np.float64)
-    n = (~np.isnan(per_run)).sum(axis=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # fewer than two defined runs: no widening
-        sd = np.nanstd(per_run, axis=0, ddof=1)
-    t = np.array([t_quantile((1 + level) / 2, k - 1) if k > 1 else np.nan for k in n])
-    half = np.where(n > 1, t * sd / np.sqrt(np.maximum(n, 1)), 0.0)
-    return means - np.hypot(means - low, half), means + np.hypot(high - means, half)
+    v, df, _ = seed_variance([per_run])
+    return widened(means, low, high, seed_half(v, df, level))
 
 
-def average(evs: list[Evaluated], keys: list | None = None,
-            rng: np.random.Generator | None = None) -> tuple[list, np.ndarray, np.ndarray, np.ndarray | None]:
+def delta_interval(delta, replicates, v, df, level: float = 0.95) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The interval and p-value of a delta between seed means, paired on the test patients.
+
+    The patients-only percentile interval of ``replicates`` (each arm's plain mean over its seeds
+    on the shared resample r, subtracted), each side widened in quadrature by the seed term
+    t_ν · √v (``seed_variance`` of the arms: Welch–Satterthwaite, as ``seed_widened`` for one
+    mean). The two-level bootstrap (``seed_resampled``), drawing each arm's S seeds from only S
+    values and reading normal rather than t tails, under-covered such deltas with 2–3 seeds
+    (benchmarks/RESULTS.md, "Interval coverage, part 3").
+
+    The p-value inverts that interval: the α at which the 1 − α interval's end nearest zero
+    reaches zero (``_inverted_p``), never below the patients-only bootstrap p
+    (``bootstrap.p_value``), which it equals where there is no seed term (v = 0). So p < 1 − level
+    only where the interval excludes zero: the verdict and the test never disagree that way.
+
+    Args:
+        delta: (K,) the point estimates. replicates: (R, K) their patients-only replicates.
+        v, df: (K,) the seed variance and its degrees of freedom (``seed_variance``; v = 0: none).
+        level: nominal coverage.
+
+    Returns:
+        ((K,) low, (K,) high, (K,) p-value).
+    """
+    delta = np.asarray(delta, dtype=np.float64)
+    reps = np.asarray(replicates, dtype=np.float64)
+    v, df = np.asarray(v, dtype=np.float64), np.asarray(df, dtype=np.float64)
+    lo, hi = widened(delta, *interval(reps, level), seed_half(v, df, level))
+    return lo, hi, np.maximum(p_value(reps), _inverted_p(delta, reps, v, df))
+
+
+def _inverted_p(delta: np.ndarray, reps: np.ndarray, v: np.ndarray, df: np.ndarray) -> np.ndarray:
+    """(K,) the α at which the widened 1 − α interval's end nearest zero touches zero; 0 without a seed term.
+
+    For Δ > 0 the low end at α is Δ − hypot(Δ − Q(α/2), t_{ν, 1−α/2} √v), Q the replicates'
+    quantile (``interval``'s); it rises as α grows. Bisection on u = t_{ν, 1−α/2} ∈ [0, |Δ| / √v]
+    (α = 2 P(T > u)), so only the t CDF is needed; Δ < 0 mirrors it on the high end.
+    """
+    n = (~np.isnan(reps)).sum(axis=0)
+    active = (v > 0) & np.isfinite(delta) & (delta != 0) & (n > 0)
+    out = np.where((v > 0) & (delta == 0), 1.0, 0.0)  # Δ = 0 with a seed term: never excluded
+    if not active.any():
+        return out
+    x, n, d = np.sort(reps[:, active], axis=0), n[active], delta[active]  # NaN sort last
+    s, dfa = np.sqrt(v[active]), df[active]
+    lo, hi = np.zeros(len(d)), np.abs(d) / s
+
+    def alpha(u):
+        return 2 * (1 - t_cdf(u, dfa))
+
+    def holds_zero(u):  # the 1 − α(u) interval, on the side towards zero, reaches zero
+        a = np.clip(alpha(u), 0.0, 1.0)
+        near = quantile_sorted(x, n, np.where(d > 0, a / 2, 1 - a / 2))
+        return np.hypot(d - near, u * s) >= np.abs(d)
+
+    for _ in range(50):  # u to |Δ| / √v · 2⁻⁵⁰
+        mid = (lo + hi) / 2
+        h = holds_zero(mid)
+        lo, hi = np.where(h, lo, mid), np.where(h, mid, hi)
+    out[active] = np.where(holds_zero(np.zeros(len(d))), 1.0, alpha(lo))  # lo: still excluded, the safe side
+    return out
+
+
+def average(evs: list[Evaluated], keys: list | None = None) -> tuple[list, np.ndarray, np.ndarray, np.ndarray | None]:
     """Mean over runs of every metric's value and, when they share one test set, its replicates.
 
     The mean of replicate r over runs is the seed mean on resample r, so percentiles of these
-    means are the interval of the seed mean (not a mean of intervals); with ``rng``, the runs are
-    also drawn with replacement per replicate (``seed_resampled``), so the interval carries the
-    seed variance too.
+    means are the patients-only interval of the seed mean (not a mean of intervals); the seed
+    variance enters through ``seed_widened`` / ``delta_interval``.
 
     Args:
         evs: the runs. keys: the metric keys (default: the first run's).
-        rng: the seed draws' generator (``seed_rng``); None: patients only.
 
     Returns:
         (keys, (runs, K) values per run, (K,) means, (R, K) mean replicates or None without
@@ -161,5 +320,4 @@ def average(evs: list[Evaluated], keys: list | None = None,
     per_run = np.array([[e.values.get(k, np.nan) for k in keys] for e in evs], dtype=np.float64)
     if evs[0].replicates is None or any(e.key != evs[0].key for e in evs):
         return keys, per_run, nanmean0(per_run), None
-    reps = seed_resampled(np.stack([replicate_matrix(e, keys) for e in evs]), rng)
-    return keys, per_run, nanmean0(per_run), reps
+    return keys, per_run, nanmean0(per_run), nanmean0(np.stack([replicate_matrix(e, keys) for e in evs]))

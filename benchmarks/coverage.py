@@ -3,6 +3,8 @@
     python benchmarks/coverage.py --quick          # minutes: 2 and 4 groups, 60 per group, 100 draws
     python benchmarks/coverage.py                  # the full grid of the statistics issue
     python benchmarks/coverage.py --task multilabel  # the same grid for the multi-label metrics
+    python benchmarks/coverage.py --seed-deltas 1 2 3 5 --gaps 0.05 --sizes 60 --groups 2 --draws 300 \
+        --replicates 500 --truth 20000   # deltas of two seed means (RESULTS.md, "Interval coverage, part 3")
 
 Each setting draws a population of test images whose classifier is known: C classes, G groups,
 an image's label uniform, its predicted probabilities a softmax of Gaussian noise plus ``signal_g``
@@ -36,17 +38,20 @@ mean width per method.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
+import os
 import time
 
 from statistics import NormalDist
 
 import numpy as np
 
-from cxrfair.analysis.replicates import seed_resampled, seed_widened
+from cxrfair.analysis.replicates import delta_interval, seed_resampled, seed_variance, seed_widened
 from cxrfair.core import metrics as M
 from cxrfair.core import multilabel as ML
-from cxrfair.core.bootstrap import patient_counts
+from cxrfair.core.bootstrap import interval as interval_percentile
+from cxrfair.core.bootstrap import p_value, patient_counts
 from cxrfair.core.groups import COMPONENT_BIAS
 from cxrfair.core.intervals import band_columns, component_columns, interval, interval_method, intervals_by_metric
 from cxrfair.core.intervals import one_sided_band
@@ -399,6 +404,154 @@ def run_seed_setting(n_groups: int, n_per_group: int, gap: float, n_seeds: int, 
              **{f"w_{k}": width[(m, k)] / args.draws for k in SEED_METHODS}} for m in SEED_STUDIED]
 
 
+# Deltas of seed means (``--seed-deltas S ...``): two arms (methods) of S seeds each scored on the same test
+# images, as `analyze` compares a method's seed mean with its baseline's (comparisons.csv) and a mitigation's
+# with its ERM's (mitigation.csv). The arms are independent trainings: seed s of an arm shifts every group's
+# signal by a common N(0, sd²) plus its own N(0, (sd/2)²) (so gaps move with the seed too), with logit noise
+# correlated with every other model's (``SEED_RHO``: the same images). Arm B equals arm A (gap ``gap``, true
+# Δ = 0 for every metric) or has accuracy gap ``gap_b`` (Δ ≠ 0). The truth is Δ of the arms' means over
+# ``--truth-seeds`` seed draws of the population metric, the same draws for both arms (exactly 0 when equal).
+SEED_DELTA_STUDIED = ("accuracy", "worst_group_accuracy", "eqodds")
+# patients: no seed term; two_level: each arm seed-resampled, subtracted (comparisons.csv before issue 23);
+# two_level_pairs: (B, A) pairs by seed index resampled (mitigation.csv before); welch: the patients interval
+# widened by the Welch t term of both arms (``replicates.delta_interval``, comparisons.csv after); paired_t:
+# widened by the per-pair differences' t term (mitigation.csv after).
+SEED_DELTA_METHODS = ("patients", "two_level", "two_level_pairs", "welch", "paired_t")
+
+
+def seed_shifts(n_seeds: int, n_groups: int, sd: float, rng: np.random.Generator) -> np.ndarray:
+    """(S, G) each seed's signal shift per group: a common N(0, sd²) plus a group's own N(0, (sd/2)²)."""
+    return rng.normal(0.0, sd, (n_seeds, 1)) + rng.normal(0.0, sd / 2, (n_seeds, n_groups))
+
+
+def simulate_arms(arms: list, n_per_group: int, rng: np.random.Generator, rho: float = SEED_RHO):
+    """((N,) labels, [[(N, C) probabilities of each seed] per arm], (N,) group labels).
+
+    arms: [(signals (G,), tilts (G,), shifts (S, G))] per arm; every model's logit noise shares ``rho``."""
+    c = len(CLASSES)
+    groups = np.repeat(np.arange(len(arms[0][0])), n_per_group)
+    y = rng.integers(0, c, size=len(groups))
+    shared = rng.normal(size=(len(groups), c))
+    out = []
+    for signals, tilts, shifts in arms:
+        probs = []
+        for shift in shifts:
+            logits = rho * shared + np.sqrt(1 - rho ** 2) * rng.normal(size=shared.shape)
+            logits[np.arange(len(groups)), y] += (signals + shift)[groups]
+            logits[:, 0] += tilts[groups]
+            e = np.exp(logits - logits.max(1, keepdims=True))
+            probs.append(e / e.sum(1, keepdims=True))
+        out.append(probs)
+    return y, out, np.array([f"g{g}" for g in groups])
+
+
+def seed_delta_intervals(est_a, est_b, reps_a, reps_b, level: float, rng) -> dict:
+    """Each of ``SEED_DELTA_METHODS``' ((K,) low, (K,) high, (K,) p-value) for Δ = mean(B) − mean(A).
+
+    est_a, est_b: (S, K) each seed's values; reps_a, reps_b: (S, R, K) on the shared patient resamples."""
+    delta = est_b.mean(0) - est_a.mean(0)
+    plain = seed_resampled(reps_b, None) - seed_resampled(reps_a, None)
+    out = {}
+    for name, r in (("patients", plain),
+                    ("two_level", seed_resampled(reps_b, rng) - seed_resampled(reps_a, rng)),
+                    ("two_level_pairs", seed_resampled(reps_b - reps_a, rng) if len(est_a) == len(est_b) else None)):
+        out[name] = (*interval_percentile(r, level), p_value(r)) if r is not None else None
+    for name, arms in (("welch", [est_a, est_b]), ("paired_t", [est_b - est_a] if len(est_a) == len(est_b) else None)):
+        out[name] = delta_interval(delta, plain, *seed_variance(arms)[:2], level) if arms is not None else None
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _signals(n_groups: int, gap: float) -> tuple[np.ndarray, np.ndarray]:
+    return signals_for(n_groups, gap)
+
+
+@functools.lru_cache(maxsize=None)
+def _seed_delta_truth(n_groups: int, gap: float, gap_b: float, sd: float, n_truth: int, n_seeds: int) -> tuple:
+    """``SEED_DELTA_STUDIED``'s true Δ: the arms' population metrics averaged over the same ``n_seeds`` shifts."""
+    if gap == gap_b:
+        return (0.0,) * len(SEED_DELTA_STUDIED)  # the same arm twice: 0 by construction
+    truth_rng = np.random.default_rng(40_000 + n_groups)
+    shifts = seed_shifts(n_seeds, n_groups, sd, truth_rng)
+    y, arms, g = simulate_arms([(*_signals(n_groups, gap), shifts), (*_signals(n_groups, gap_b), shifts)],
+                               n_truth, truth_rng)
+    a, b = (np.mean([_studied(values(y, p, g)) for p in arm], axis=0) for arm in arms)
+    return tuple(float(x) for x in b - a)
+
+
+def _studied(found: dict) -> np.ndarray:
+    """(K,) or (K, R): ``SEED_DELTA_STUDIED``'s values out of ``values``' dict."""
+    return np.array([np.asarray(found[m], dtype=np.float64) for m in SEED_DELTA_STUDIED])
+
+
+def run_seed_delta_setting(n_groups: int, n_per_group: int, gap: float, gap_b: float, n_seeds: int, sd: float,
+                           args, rng) -> list[dict]:
+    """Coverage, type-I error (true Δ = 0) and width of each of ``SEED_DELTA_METHODS`` for Δ of two arms of
+    ``n_seeds`` seeds: one row per metric of ``SEED_DELTA_STUDIED``."""
+    a, b = _signals(n_groups, gap), _signals(n_groups, gap_b)
+    truth = dict(zip(SEED_DELTA_STUDIED, _seed_delta_truth(n_groups, gap, gap_b, sd, args.truth, args.truth_seeds)))
+    hits = {(m, k): 0 for m in SEED_DELTA_STUDIED for k in SEED_DELTA_METHODS}
+    excl = {(m, k): 0 for m in SEED_DELTA_STUDIED for k in SEED_DELTA_METHODS}
+    signif = {(m, k): 0 for m in SEED_DELTA_STUDIED for k in SEED_DELTA_METHODS}
+    width = {(m, k): 0.0 for m in SEED_DELTA_STUDIED for k in SEED_DELTA_METHODS}
+    seed_sd, patient_sd = dict.fromkeys(SEED_DELTA_STUDIED, 0.0), dict.fromkeys(SEED_DELTA_STUDIED, 0.0)
+    made = dict.fromkeys(SEED_DELTA_STUDIED, 0)
+    for _ in range(args.draws):
+        arms = [(*a, seed_shifts(n_seeds, n_groups, sd, rng)), (*b, seed_shifts(n_seeds, n_groups, sd, rng))]
+        y, (pa, pb), g = simulate_arms(arms, n_per_group, rng)
+        counts = patient_counts(np.arange(len(y)), g, args.replicates, rng)
+        est = [np.array([_studied(values(y, p, g)) for p in arm]) for arm in (pa, pb)]  # (S, K) per arm
+        reps = [np.stack([_studied(values(y, p, g, weights=counts)).T for p in arm]) for arm in (pa, pb)]  # (S, R, K)
+        if np.isnan(est[0]).any() or np.isnan(est[1]).any():
+            continue
+        found = seed_delta_intervals(est[0], est[1], reps[0], reps[1], args.level, rng)
+        plain = seed_resampled(reps[1], None) - seed_resampled(reps[0], None)
+        for j, m in enumerate(SEED_DELTA_STUDIED):
+            made[m] += 1
+            seed_sd[m] += float(np.std(est[0][:, j], ddof=1)) if n_seeds > 1 else np.nan
+            patient_sd[m] += float(np.nanstd(plain[:, j]))
+            for k, f in found.items():
+                if f is None:
+                    continue
+                lo, hi, p = (float(x[j]) for x in f)
+                hits[(m, k)] += lo <= truth[m] <= hi
+                excl[(m, k)] += not lo <= 0.0 <= hi
+                signif[(m, k)] += p < 1 - args.level
+                width[(m, k)] += hi - lo
+    rows = []
+    for m in SEED_DELTA_STUDIED:
+        n = max(made[m], 1)
+        rows.append({"groups": n_groups, "per_group": n_per_group, "gap": gap, "gap_b": gap_b, "seeds": n_seeds,
+                     "seed_sd": sd, "metric": m, "truth": truth[m], "draws": made[m],
+                     "metric_seed_sd": seed_sd[m] / n, "patient_sd": patient_sd[m] / n,
+                     **{k: hits[(m, k)] / n for k in SEED_DELTA_METHODS},
+                     **{f"excl_{k}": excl[(m, k)] / n for k in SEED_DELTA_METHODS},
+                     **{f"p_{k}": signif[(m, k)] / n for k in SEED_DELTA_METHODS},
+                     **{f"w_{k}": width[(m, k)] / n for k in SEED_DELTA_METHODS}})
+    return rows
+
+
+def _main_seed_deltas(args) -> None:
+    """``--seed-deltas``: print one row per (setting, metric); coverage (width), and at Δ = 0 the type-I error."""
+    rng = np.random.default_rng(args.seed)
+    print(f"{args.draws} draws, {args.replicates} replicates, nominal {args.level:.0%}, {args.truth_seeds} truth seeds; "
+          f"load {os.getloadavg()[0]:.1f}. Coverage (mean width) per method; at true Δ = 0 also 'I:' the share whose "
+          "interval excludes 0 / whose p < 1 − level (the type-I error). sd_seed: a metric's sd over an arm's "
+          "seeds; sd_pat: sd of Δ's patients-only replicates", flush=True)
+    for n_groups, n, gb, k, sd in itertools.product(args.groups, args.sizes, args.delta_gaps, args.seed_deltas,
+                                                     args.seed_sds):
+        start = time.perf_counter()
+        for r in run_seed_delta_setting(n_groups, n, args.gaps[0], gb, k, sd, args, rng):
+            cells = []
+            for m in SEED_DELTA_METHODS:
+                cells.append(f"{m} {r[m]:.3f} ({r['w_' + m]:.3f})" + (
+                    f" I:{r['excl_' + m]:.3f}/{r['p_' + m]:.3f}" if r["truth"] == 0 else ""))
+            print(f"{n_groups:>2} {n:>4} gaps {r['gap']:.2f}/{gb:.2f} S={k} sd={sd:<4} {r['metric']:<21} "
+                  f"truth {r['truth']:>7.3f} sd_seed {r['metric_seed_sd']:.3f} sd_pat {r['patient_sd']:.3f} n={r['draws']}  "
+                  + "  ".join(cells), flush=True)
+        print(f"   ({time.perf_counter() - start:.0f} s, load {os.getloadavg()[0]:.1f})", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="60 per group, gaps 0 and 0.15, at most 100 draws of 500 replicates")
@@ -424,7 +577,17 @@ def main() -> None:
                         help="sd of a patient effect on the true class's logit, shared by the patient's images")
     parser.add_argument("--resample", choices=("patient", "image"), default="patient",
                         help="bootstrap unit: patients (what `analyze` draws) or images (the contrast)")
+    parser.add_argument("--seed-deltas", type=int, nargs="+", metavar="S",
+                        help="deltas of seed means instead: two arms of S seeds each (multi-class; --gaps[0] is arm "
+                             "A's accuracy gap, --delta-gaps arm B's)")
+    parser.add_argument("--seed-sds", type=float, nargs="+", default=[0.05, 0.5],
+                        help="sd of a seed's signal shift (with --seed-deltas)")
+    parser.add_argument("--delta-gaps", type=float, nargs="+", default=[0.05, 0.15],
+                        help="arm B's accuracy gaps (with --seed-deltas; equal to --gaps[0]: true delta 0)")
+    parser.add_argument("--truth-seeds", type=int, default=200, help="seed draws of the truth (with --seed-deltas)")
     args = parser.parse_args()
+    if args.seed_deltas:
+        return _main_seed_deltas(args)
     if args.quick:
         args.sizes, args.gaps = [60], [0.0, 0.15]
         args.draws, args.replicates = min(args.draws, 100), min(args.replicates, 500)

@@ -162,11 +162,12 @@ def interval(replicates, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
     x = np.sort(reps.reshape(len(reps), -1), axis=0)  # NaN sort last
     n = (~np.isnan(x)).sum(axis=0)  # (K,) defined replicates per column
     alpha = (1 - level) / 2
-    return tuple(_quantile_sorted(x, n, q).reshape(shape) for q in (alpha, 1 - alpha))
+    return tuple(quantile_sorted(x, n, q).reshape(shape) for q in (alpha, 1 - alpha))
 
 
-def _quantile_sorted(x: np.ndarray, n: np.ndarray, q: float) -> np.ndarray:
-    """(R, K) columns sorted with NaN last, (K,) counts of numbers -> (K,) q-quantiles (numpy's linear method)."""
+def quantile_sorted(x: np.ndarray, n: np.ndarray, q) -> np.ndarray:
+    """(R, K) columns sorted with NaN last, (K,) counts of numbers, q (scalar or (K,)) -> (K,) q-quantiles
+    (numpy's linear method)."""
     virtual = q * (n - 1)
     below = np.floor(virtual)
     gamma = virtual - below

@@ -21,13 +21,14 @@ from cxrfair.core import metrics as M
 from cxrfair.core import multilabel as ML
 from cxrfair.analysis.config import AnalyzeConfig
 from cxrfair.analysis.engine import compute, in_blocks
-from cxrfair.analysis.replicates import seed_rng
+from cxrfair.analysis.findings import findings_table
 from cxrfair.analysis.runsets import check_runs, tag_of
 from cxrfair.core.bootstrap import patient_counts
 from cxrfair.core.runs import Run, make_predictions, read_runs, write_run
 from cxrfair.cli import main
 from cxrfair.errors import CxrfairError
 
+from .delta_reference import widened_delta
 from .synth import CLASSES, cohort_rows, meta_for, probs_for
 
 R = 100
@@ -163,22 +164,6 @@ def _by(runs, method):
     return sorted((r for r in runs if r.method == method), key=lambda r: r.seed)
 
 
-def _seed_drawn(per_seed: np.ndarray, name: str) -> np.ndarray:
-    """(R,) two-level replicates by a loop: replicate r averages resample r of S seeds drawn with replacement
-    from the generator the analysis names ``name`` (``seed_rng``; S draws in [0, S) per replicate)."""
-    S = len(per_seed)
-    if S == 1:
-        return per_seed[0]
-    draws = seed_rng(5, name).integers(0, S, size=(R, S))
-    return np.array([np.mean([per_seed[s, r] for s in draws[r]]) for r in range(R)])
-
-
-def _bootstrap_p(d: np.ndarray) -> float:
-    """Two-sided bootstrap p of delta = 0 by counting: twice the smaller tail, the observed one counted in."""
-    below, above = sum(x <= 0 for x in d), sum(x >= 0 for x in d)
-    return min(1.0, 2 * (min(below, above) + 1) / (len(d) + 1))
-
-
 @pytest.mark.parametrize("score, key, methods", [
     (_accuracy, ("accuracy", "", ""), (("linear", "best"), ("zeroshot", "clip"))),
     (_macro_f1_in_f, ("f1_macro", "sex", "F"), (("linear", "best"),)),  # scikit-learn is slow: one method
@@ -214,36 +199,41 @@ def test_one_run_keeps_its_own_interval_and_says_its_seed_variance_is_unknown(se
     assert any("seed variance is unknown" in n and "m full best" in n for n in res.notes)
 
 
-def test_comparison_uses_the_seed_averaged_reference_replicates(seeded):
-    """The reference is the linear probe (``runsets.REFERENCE_ORDER``), its seeds drawn with replacement on
-    each resample (two levels); every other run, each zero-shot draw included, is paired with that."""
+def test_comparison_is_paired_on_patients_and_widened_by_each_seed_mean(seeded):
+    """The reference is the linear probe (``runsets.REFERENCE_ORDER``), its seeds averaged on each resample;
+    every other run, each zero-shot draw included, is paired with that on the patients, and the interval is
+    widened by the reference's seed variance (and on a seed-mean row by the method's too, Welch)."""
     runs, res = seeded
     zs = _slow_replicates(_by(runs, "zeroshot"), _accuracy)  # (3 draws, R)
     lin = _slow_replicates(_by(runs, "linear"), _accuracy)  # (seeds, R)
     values = res.metrics[(res.metrics["metric"] == "accuracy") & (res.metrics["attribute"] == "")].set_index("run_id")["value"]
     c = res.comparisons[(res.comparisons["metric"] == "accuracy") & (res.comparisons["attribute"] == "")]
     lin_ids = [r.run_id for r in _by(runs, "linear")]
-    base = _seed_drawn(lin, "baseline|m|" + ";".join(lin_ids))  # the reference's seeds resampled too
     zs_ids = [r.run_id for r in _by(runs, "zeroshot")]
     for d, run in enumerate(_by(runs, "zeroshot")):
         row = c[c["run_id"] == run.run_id]
         assert row["baseline"].item() == "linear" and row["n_baseline"].item() == len(lin_ids)
         assert row["baseline_runs"].item() == ";".join(lin_ids) and row["n_seeds"].item() == 1
-        assert row["delta"].item() == pytest.approx(values[run.run_id] - values[lin_ids].mean())
-        diff = zs[d] - base
-        assert row["ci_low"].item() == pytest.approx(np.percentile(diff, 2.5), abs=1e-12)
-        assert row["ci_high"].item() == pytest.approx(np.percentile(diff, 97.5), abs=1e-12)
-        assert row["p_value"].item() == pytest.approx(_bootstrap_p(diff), abs=1e-12)
-    # The seed-mean row of the zero-shot draws: drawn too, independently of the reference's seeds.
+        delta = values[run.run_id] - values[lin_ids].mean()
+        assert row["delta"].item() == pytest.approx(delta)
+        # The run is given; the reference's three seeds are a sample: its seed variance alone widens it.
+        want = widened_delta(delta, zs[d] - lin.mean(axis=0), [values[lin_ids].to_numpy()])
+        got = (row["ci_low"].item(), row["ci_high"].item(), row["p_value"].item())
+        assert got == pytest.approx(want, abs=1e-9)
+        assert row["seed_var_known"].item()
+    # The seed-mean row of the zero-shot draws: both means' seed variances (3 and 3 runs).
     row = c[(c["method"] == "zeroshot") & c["seed"].isna()]
     assert row["run_id"].item() == ";".join(zs_ids) and row["n_seeds"].item() == 3
-    assert row["delta"].item() == pytest.approx(values[zs_ids].mean() - values[lin_ids].mean())
-    diff = _seed_drawn(zs, "comparison|m|zeroshot") - base
-    assert row["ci_low"].item() == pytest.approx(np.percentile(diff, 2.5), abs=1e-12)
-    assert row["ci_high"].item() == pytest.approx(np.percentile(diff, 97.5), abs=1e-12)
-    assert row["p_value"].item() == pytest.approx(_bootstrap_p(diff), abs=1e-12)
+    delta = values[zs_ids].mean() - values[lin_ids].mean()
+    assert row["delta"].item() == pytest.approx(delta)
+    want = widened_delta(delta, zs.mean(axis=0) - lin.mean(axis=0),
+                         [values[zs_ids].to_numpy(), values[lin_ids].to_numpy()])
+    assert (row["ci_low"].item(), row["ci_high"].item(), row["p_value"].item()) == pytest.approx(want, abs=1e-9)
     # One run of full: no seed-mean row of its own; the reference is never compared with itself.
     assert c.loc[c["method"] == "full", "seed"].notna().all() and not (c["method"] == "linear").any()
+    # The verdict and the test agree: p < 0.05 only where the interval excludes 0.
+    c = res.comparisons
+    assert not ((c["p_value"] < 0.05) & (c["ci_low"] <= 0) & (c["ci_high"] >= 0)).any()
 
 
 def test_comparison_p_holm_is_holm_within_each_comparison_attribute_and_headline_or_detail_rows(seeded):
@@ -464,6 +454,32 @@ def test_seeds_that_disagree_widen_the_seed_mean_interval_to_cover_both(tmp_path
     assert row["ci_low"] <= acc.min() and acc.max() <= row["ci_high"]
     assert not (patients_only[0] <= acc.min() or acc.max() <= patients_only[1])  # the old interval covered neither
     assert row["n_seeds"] == 2
+
+
+def test_a_delta_between_seed_means_whose_seeds_disagree_holds_zero(tmp_path):
+    """Two methods whose seeds are drawn alike (skill spread 0.2 to 2.0 logits, the same draw of noise, so the
+    patients barely move the delta): the mean's delta is a seed accident, and its interval must hold 0 and its
+    p-value stay above 0.05, where the patients-only interval excludes 0. Against the slow replicates."""
+    rows = cohort_rows(48)
+    rows["patient_id"] = rows.index // 2  # as ``seeded``: sex × age strata of six patients, none pooled
+    for s, (lin, mlp) in enumerate(((0.2, 0.4), (1.0, 1.2), (1.8, 2.0))):
+        _write(tmp_path, rows, "linear", s, skill=lin, probs_seed=7)
+        _write(tmp_path, rows, "mlp", s, skill=mlp, probs_seed=7)
+    runs = read_runs(tmp_path)
+    res = compute(runs, AnalyzeConfig(tmp_path, tmp_path, n_boot=R, seed=5))
+    values = res.metrics[(res.metrics["metric"] == "accuracy") & (res.metrics["attribute"] == "")].set_index("run_id")["value"]
+    lin_ids, mlp_ids = ([r.run_id for r in _by(runs, m)] for m in ("linear", "mlp"))
+    assert values[lin_ids].std() > 0.1  # the seeds disagree by far more than the patients move the delta
+    c = res.comparisons
+    row = c[(c["method"] == "mlp") & c["seed"].isna() & (c["metric"] == "accuracy") & (c["attribute"] == "")]
+    diff = _slow_replicates(_by(runs, "mlp"), _accuracy).mean(axis=0) - _slow_replicates(_by(runs, "linear"), _accuracy).mean(axis=0)
+    delta = values[mlp_ids].mean() - values[lin_ids].mean()
+    assert np.percentile(diff, 2.5) > 0  # patients only: "higher", by a seed accident
+    lo, hi, p = widened_delta(delta, diff, [values[mlp_ids].to_numpy(), values[lin_ids].to_numpy()])
+    assert (row["ci_low"].item(), row["ci_high"].item(), row["p_value"].item()) == pytest.approx((lo, hi, p), abs=1e-9)
+    assert lo < 0 < hi and p >= 0.05 and row["seed_var_known"].item()
+    f = findings_table(c)
+    assert f.loc[(f["method"] == "mlp") & (f["metric"] == "accuracy"), "verdict"].item() == "no clear change"
 
 
 def _drop_rows_record(run_dir, edit=None):

@@ -14,13 +14,13 @@ from sklearn.metrics import f1_score, roc_auc_score
 
 from cxrfair.analysis.config import MIN_STRATUM_PATIENTS, AnalyzeConfig
 from cxrfair.analysis.engine import METRIC_COLUMNS, compute
-from cxrfair.analysis.replicates import seed_rng
 from cxrfair.core.bootstrap import merge_small_strata, patient_counts
 from cxrfair.core.metrics import METRIC_DEFINITIONS, metric_definitions
 from cxrfair.core.runs import make_predictions, read_runs, write_run
 from cxrfair.cli import main
 from cxrfair.errors import CxrfairError
 
+from .delta_reference import widened_delta
 from .synth import (
     CLASSES,
     CONDITIONS,
@@ -139,13 +139,6 @@ def _slow_auc(runs, rows, cond):
     return np.array(out)
 
 
-def _two_level(per_seed: np.ndarray, name: str) -> np.ndarray:
-    """(R,) mean over S seeds drawn with replacement per replicate (the analysis' draws: ``seed_rng``), by a loop."""
-    S = len(per_seed)
-    draws = seed_rng(SEED, name).integers(0, S, size=(R, S))
-    return np.array([np.mean([per_seed[s, r] for s in draws[r]]) for r in range(R)])
-
-
 def test_intervals_seed_means_and_paired_comparison_against_a_slow_loop(analysed):
     _, rows, runs, res = analysed
     by = {r.run_id: r for r in runs}
@@ -168,12 +161,14 @@ def test_intervals_seed_means_and_paired_comparison_against_a_slow_loop(analysed
     assert s.loc["best", "mean"] == pytest.approx(mean, abs=1e-12)
     assert (s.loc["best", "ci_low"], s.loc["best", "ci_high"]) == pytest.approx(expected, abs=1e-9)
     assert s.loc["clip", "n_seeds"] == 2  # the zero-shot draws averaged like seeds
-    # The reference is the linear probe, its seeds drawn with replacement on each resample (runsets.REFERENCE_ORDER).
+    # The reference is the linear probe (runsets.REFERENCE_ORDER): its seeds averaged on each resample, the
+    # paired difference's interval widened by the reference's seed variance (replicates.delta_interval).
     c = res.comparisons[(res.comparisons["metric"] == "auc") & (res.comparisons["attribute"] == "")
                         & (res.comparisons["class"] == "Effusion") & (res.comparisons["run_id"] == zs[1].run_id)]
     assert c["baseline_runs"].item() == ";".join(r.run_id for r in lin)
-    diff = reps[3] - _two_level(reps[:2], "baseline|m|" + ";".join(r.run_id for r in lin))  # the reference's seeds drawn too
-    assert (c["ci_low"].item(), c["ci_high"].item()) == pytest.approx(tuple(np.percentile(diff, [2.5, 97.5])), abs=1e-12)
+    zs_value = _value(res, zs[1].run_id, "auc", cls="Effusion")["value"]
+    want = widened_delta(zs_value - per_seed.mean(), reps[3] - reps[:2].mean(axis=0), [per_seed])
+    assert (c["ci_low"].item(), c["ci_high"].item(), c["p_value"].item()) == pytest.approx(want, abs=1e-9)
     names = set(res.comparisons["metric"])
     assert {"auc_macro", "auc", "auc_gap", "worst_group_auc", "es_auc", "fnr_gap"} <= names
 

@@ -22,12 +22,12 @@ from cxrfair.analysis.config import AnalyzeConfig
 from cxrfair.analysis.engine import compute
 from cxrfair.core.bootstrap import merge_small_strata, patient_counts
 from cxrfair.analysis.figures import png
-from cxrfair.analysis.replicates import seed_rng
 from cxrfair.analysis.mitigation_figures import DELTA_CAPTION, TRADEOFF_CAPTION, delta_table, tradeoff_figure
 from cxrfair.core.runs import RunKey, make_predictions, read_runs, write_run
 from cxrfair.cli import main
 from cxrfair.errors import CxrfairError
 
+from .delta_reference import widened_delta
 from .synth import CLASSES, ML_ATTRIBUTES, cohort_rows, meta_for, multilabel_meta, multilabel_probs, multilabel_rows, probs_for
 
 N_BOOT = 100
@@ -120,22 +120,21 @@ def test_multiclass_deltas_match_a_plain_per_replicate_reference(tmp_path):
             a, b = _plain_multiclass(y[i], p_m[i], sex[i]), _plain_multiclass(y[i], p_e[i], sex[i])
             per_rep.append([a[n] - b[n] for n in names])
         reps.append(per_rep)
-    point, reps = _nanmean(np.array(point)), np.array(reps)  # (K,) seed mean; (pairs, R, K)
-    # Two-level: each replicate draws its 2 (mitigated, ERM) pairs with replacement, then averages their
-    # resample-r deltas (NaN-skipping); the draws come from the group's generator (seed_rng of its key).
-    draws = seed_rng(0, "mitigation|m1|linear|groupdro|sex|best").integers(0, 2, size=(N_BOOT, 2))
-    reps = np.array([_nanmean(np.array([reps[s, r] for s in draws[r]])) for r in range(N_BOOT)])
-    lo, hi = np.nanquantile(reps, [0.025, 0.975], axis=0)
+    per_pair, reps = np.array(point), np.array(reps)  # (pairs, K) point deltas; (pairs, R, K)
+    point = _nanmean(per_pair)
+    # The pairs' resample-r deltas averaged (patients only), the interval widened by the seed variance of the
+    # mean of the 2 per-pair deltas (t_1 · sd / √2, in quadrature), the p-value its inversion.
+    reps = np.array([_nanmean(reps[:, r]) for r in range(N_BOOT)])
     p_ref = []
     for j, n in enumerate(names):
+        lo, hi, p = widened_delta(point[j], reps[:, j], [per_pair[:, j]])
         assert got.loc[n, "delta"] == pytest.approx(point[j], abs=1e-12), n
-        assert got.loc[n, "ci_low"] == pytest.approx(lo[j], abs=1e-12), n
-        assert got.loc[n, "ci_high"] == pytest.approx(hi[j], abs=1e-12), n
-        assert got.loc[n, "excludes_zero"] == bool(lo[j] > 0 or hi[j] < 0)
-        d = [x for x in reps[:, j] if not np.isnan(x)]
-        below, above = sum(x <= 0 for x in d), sum(x >= 0 for x in d)
-        p_ref.append(min(1.0, 2 * (min(below, above) + 1) / (len(d) + 1)))
-        assert got.loc[n, "p_value"] == pytest.approx(p_ref[-1], abs=1e-12), n
+        assert got.loc[n, "ci_low"] == pytest.approx(lo, abs=1e-9), n
+        assert got.loc[n, "ci_high"] == pytest.approx(hi, abs=1e-9), n
+        assert got.loc[n, "excludes_zero"] == bool(lo > 0 or hi < 0)
+        assert got.loc[n, "p_value"] == pytest.approx(p, abs=1e-9), n
+        p_ref.append(got.loc[n, "p_value"])
+    assert got["seed_var_known"].all()
     # Holm over the group's metrics, by its step-down loop.
     order, running = sorted(range(len(names)), key=lambda j: p_ref[j]), 0.0
     for rank, j in enumerate(order):
@@ -146,6 +145,35 @@ def test_multiclass_deltas_match_a_plain_per_replicate_reference(tmp_path):
     assert got.loc["accuracy", "mitigated"] - got.loc["accuracy", "erm"] == pytest.approx(got.loc["accuracy", "delta"])
     assert (got["strength"] == 0.5).all() and (got["sensitive"] == "sex").all()
     assert list(res.mitigation.columns) == MIT.MITIGATION_COLUMNS
+
+
+def test_mitigation_delta_whose_seeds_disagree_holds_zero(tmp_path):
+    """Two seeds whose (mitigated, ERM) pairs move in opposite directions by far more than the patients move
+    either (skills 0.3 → 1.9 and 1.9 → 0.8, the same draw of noise): the mean delta is a seed accident, so its interval
+    holds 0, its p-value stays above 0.05 and it is not ``excludes_zero``, where the patients-only interval
+    excludes 0. Against the plain per-replicate reference."""
+    runs = tmp_path / "runs"
+    rows = cohort_rows(80)
+    pairs = []
+    for s, (erm_skill, mit_skill) in enumerate(((0.3, 1.9), (1.9, 0.8))):
+        erm = _write(runs, rows, s, erm_skill, 7)
+        mit = _write(runs, rows, s, mit_skill, 7, "groupdro", "sex", "best", 0.5)
+        pairs.append((mit, erm))
+    got = _compute(runs).mitigation.set_index("metric").loc["accuracy"]
+    test_rows, _, _ = _test_arrays(pairs[0][1])
+    idx = _resample_indices(test_rows, (test_rows["sex"] + "×" + test_rows["age_group"]).to_numpy())
+    per_pair, reps = [], []
+    for mit, erm in pairs:
+        (_, y, p_m), (_, _, p_e) = _test_arrays(mit), _test_arrays(erm)
+        right_m, right_e = p_m.argmax(1) == y, p_e.argmax(1) == y
+        per_pair.append(right_m.mean() - right_e.mean())
+        reps.append([right_m[i].mean() - right_e[i].mean() for i in idx])
+    assert abs(per_pair[0] - per_pair[1]) > 0.3  # the seeds disagree
+    diff = np.mean(reps, axis=0)  # (R,) the pairs' mean delta per resample, patients only
+    assert np.percentile(diff, 2.5) > 0 or np.percentile(diff, 97.5) < 0  # patients only: a "change"
+    lo, hi, p = widened_delta(float(np.mean(per_pair)), diff, [np.array(per_pair)])
+    assert (got["ci_low"], got["ci_high"], got["p_value"]) == pytest.approx((lo, hi, p), abs=1e-9)
+    assert lo < 0 < hi and p >= 0.05 and not got["excludes_zero"] and got["seed_var_known"]
 
 
 def _plain_auc(y, p) -> float:
