@@ -8,7 +8,9 @@ lane whose largest gradient entry falls to ``gtol`` stops moving (its state is f
 ``jnp.where`` while other vmapped lanes still run; the loop ends when every lane is done), and
 its final iterate is evaluated. With ``Recipe.ftol`` > 0 a lane also stops after an iteration that
 lowers the objective by at most ftol * max(|f|, 1) (the MLP's default: its lanes rarely reach
-``gtol``). For the linear probe this is scikit-learn's ``LogisticRegression`` at C = 1/(l2 N).
+``gtol``). For the linear probe this is scikit-learn's ``LogisticRegression`` at C = 1/(l2 N). With
+``Recipe.tile`` the full-batch loss of a split larger than a tile is streamed (``streamed_loss``):
+one pass over the features per objective and gradient (the sweep sets it for the linear probe).
 
 The MLP is the paper's one hidden ReLU layer, or with ``Recipe.skip`` that layer plus a linear
 skip connection, logits = W0 x + W2 relu(W1 x + b1) + b2, whose W0 L-BFGS penalises by its own
