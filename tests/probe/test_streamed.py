@@ -104,7 +104,11 @@ def test_the_streamed_sweep_reaches_sklearns_optimum_and_the_unstreamed_sweep(cl
         np.testing.assert_allclose(streamed.test_probs[:, k], want, atol=2e-3)
 
 
-def test_tile_rows_follow_the_feature_width():
-    assert sweep.tile_rows("linear", 64) == sweep.TILE_BYTES["linear"] // 256
-    assert sweep.tile_rows("linear", 10**9) == 1  # never 0 rows
-    assert sweep.tile_rows("mlp", 64) == (sweep.TILE_BYTES["mlp"] // 256 if sweep.TILE_BYTES["mlp"] else 0)
+def test_tile_rows_fill_the_tile_bytes_at_any_feature_width(monkeypatch):
+    monkeypatch.setitem(sweep.TILE_BYTES, "linear", 2**20)
+    for dim in (8, 64, 100, 768):
+        rows = sweep.tile_rows("linear", dim)
+        assert rows * 4 * dim <= 2**20 < (rows + 1) * 4 * dim, dim  # the most float32 rows that fit
+    assert sweep.tile_rows("linear", 10**9) == 1  # never 0 rows: 0 means "not streamed"
+    monkeypatch.setitem(sweep.TILE_BYTES, "mlp", 0)
+    assert sweep.tile_rows("mlp", 64) == 0
