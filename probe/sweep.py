@@ -84,6 +84,11 @@ FTOL = {"linear": 0.0, "mlp": 1e-5}
 # L-BFGS iterations at most. The MLP's lanes run in one vmapped loop until the slowest is done, so
 # its cap sets the sweep's cost; on the demo cache 300 chose as 1,000 did (benchmarks/RESULTS.md).
 MAX_ITER = {"linear": 1000, "mlp": 300}
+# L-BFGS: the full-batch loss streams the training split in tiles of about this many bytes of
+# features (``train.streamed_loss``), each tile's forward and backward pass while it is in cache:
+# at 100k x 64, 7-8 ms per objective and gradient against 28-55 ms whole; at 50k x 512, tiles of
+# 1-2k rows were best (benchmarks/RESULTS.md, issue 27). 0: the whole split at once (the MLP: not measured).
+TILE_BYTES = {"linear": 2 * 2**20, "mlp": 0}
 # L-BFGS warm starts: along this key, from the largest value down, each lane starts from the
 # previous lane's solution (same seed, same other values): the regularisation path.
 WARM_PATHS = {"linear": ("l2",), "mlp": ("l2",), "mlp+skip": ("l2", "l2_skip")}
@@ -411,7 +416,7 @@ def run_sweep(x: dict, y: dict, n_classes: int, cfg: SweepConfig, groups: dict |
     spec = mitigation_spec(cfg, y["train"], groups, n_classes)
     recipe = train.Recipe(n_classes=n_classes, epochs=cfg.epochs, batch_size=cfg.batch_size,
                           max_hidden=int(hyper["hidden"].max()), solver=cfg.solver, max_iter=cfg.max_iter, mitigation=spec,
-                          skip=cfg.skip, ftol=cfg.ftol_value)
+                          skip=cfg.skip, ftol=cfg.ftol_value, tile=tile_rows(cfg.method, np.shape(x["train"])[1]))
     stats = feature_stats(x["train"]) if cfg.standardize else None
     x = {k: standardize(v, stats) for k, v in x.items()}
     cells = {} if spec.name == "erm" else {"cell_train": cell_codes(y["train"], groups["train"], n_classes),
@@ -429,6 +434,11 @@ def run_sweep(x: dict, y: dict, n_classes: int, cfg: SweepConfig, groups: dict |
                      None if groups is None else groups["val"])
     result.erasure = erasure
     return result
+
+
+def tile_rows(method: str, dim: int) -> int:
+    """Rows per tile of the streamed full-batch loss (``TILE_BYTES`` of float32 features of ``dim``); 0: unstreamed."""
+    return max(1, TILE_BYTES[method] // (4 * dim)) if TILE_BYTES[method] else 0
 
 
 def _run_vmapped(recipe, shapes: tuple, data, hyper: dict, seeds: np.ndarray, cfg: SweepConfig, n_eval: int) -> tuple[dict, dict]:

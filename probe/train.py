@@ -8,7 +8,9 @@ lane whose largest gradient entry falls to ``gtol`` stops moving (its state is f
 ``jnp.where`` while other vmapped lanes still run; the loop ends when every lane is done), and
 its final iterate is evaluated. With ``Recipe.ftol`` > 0 a lane also stops after an iteration that
 lowers the objective by at most ftol * max(|f|, 1) (the MLP's default: its lanes rarely reach
-``gtol``). For the linear probe this is scikit-learn's ``LogisticRegression`` at C = 1/(l2 N).
+``gtol``). For the linear probe this is scikit-learn's ``LogisticRegression`` at C = 1/(l2 N). With
+``Recipe.tile`` the full-batch loss of a split larger than a tile is streamed (``streamed_loss``):
+one pass over the features per objective and gradient (the sweep sets it for the linear probe).
 
 The MLP is the paper's one hidden ReLU layer, or with ``Recipe.skip`` that layer plus a linear
 skip connection, logits = W0 x + W2 relu(W1 x + b1) + b2, whose W0 L-BFGS penalises by its own
@@ -79,6 +81,7 @@ class Recipe:
     max_iter: int = 500  # L-BFGS: iterations at most (a converged lane stops moving)
     gtol: float = GTOL  # L-BFGS: converged when every gradient entry is at most this in magnitude
     ftol: float = 0.0  # L-BFGS: also done once an iteration lowers the objective by at most ftol * max(|f|, 1)
+    tile: int = 0  # L-BFGS: stream the splits through the loss this many rows at a time (``streamed_loss``); 0: whole
     sequential: bool = False  # train_sweep: lanes one after another (lax.map), not vmapped (run_sweep uses train_lanes for L-BFGS)
     skip: bool = False  # MLP: add a linear skip connection, logits = W0 x + W2 relu(W1 x + b1) + b2
     mitigation: objectives.Spec = objectives.Spec()  # the loss's fairness mitigation (default: erm)
@@ -399,7 +402,7 @@ def penalty(params: dict, l2: jax.Array, l2_skip: jax.Array | None = None) -> ja
 
 
 def objective(params: dict, x: jax.Array, y: jax.Array, l2: jax.Array, weights: jax.Array | None = None,
-              l2_skip: jax.Array | None = None) -> jax.Array:
+              l2_skip: jax.Array | None = None, tile: int = 0) -> jax.Array:
     """Mean per-example loss over the training split + l2/2 * ||W||^2 (+ l2_skip/2 * ||W0||^2).
 
     For the linear probe this is scikit-learn's multinomial ``LogisticRegression`` objective
@@ -407,9 +410,87 @@ def objective(params: dict, x: jax.Array, y: jax.Array, l2: jax.Array, weights: 
     weights are separate, so it is one binary ``LogisticRegression`` per condition at that C, over
     the rows where the condition is observed, each with sample weight 1 / (the row's observed
     conditions). ``weights`` (N,) (the ``reweight`` mitigation; mean 1) weight each example's loss.
+    ``tile`` > 0 streams the mean loss over N > ``tile`` rows (``mean_loss``): the same value, and its
+    gradient from the same pass over x.
     """
+    return mean_loss(params, x, y, weights, tile) + penalty(params, l2, l2_skip)
+
+
+def mean_loss(params: dict, x: jax.Array, y: jax.Array, weights: jax.Array | None = None, tile: int = 0) -> jax.Array:
+    """Mean per-example loss (times ``weights`` (N,) if given) of features x (N, D); streamed
+    (``streamed_loss``) when ``tile`` > 0 and N > ``tile``, so a split of one tile keeps the plain
+    formula's float path (the demo's and the paper's 840-row probes are unchanged bit for bit)."""
+    if tile and x.shape[0] > tile:
+        return streamed_loss(params, x, y, weights, tile)
     losses = example_losses(params, x, y)
-    return jnp.mean(losses if weights is None else losses * weights) + penalty(params, l2, l2_skip)
+    return jnp.mean(losses if weights is None else losses * weights)
+
+
+# ---------------------------------------------------------------- full-batch loss, streamed in tiles
+
+
+def _tile_loss_sum(params: dict, i: jax.Array, x: jax.Array, y: jax.Array, weights: jax.Array | None, rows: int) -> jax.Array:
+    """Sum of the per-example losses (times ``weights``) of tile ``i``: rows [i*rows, (i+1)*rows) of x (N, D).
+
+    The last tile is the split's last ``rows`` rows, so every tile has one shape; the rows it
+    shares with the tile before get weight 0, so each row counts once.
+    """
+    n = x.shape[0]
+    start = jnp.minimum(i * rows, n - rows)
+    take = lambda a: jax.lax.dynamic_slice_in_dim(a, start, rows)  # noqa: E731
+    w = (start + jnp.arange(rows) >= i * rows).astype(jnp.float32)
+    if weights is not None:
+        w = w * take(weights)
+    return jnp.sum(example_losses(params, take(x), take(y)) * w)
+
+
+def streamed_loss_sum(params: dict, x: jax.Array, y: jax.Array, weights: jax.Array | None, tile: int,
+                      with_grad: bool = False):
+    """Sum over the rows of x (N, D) of the per-example loss (times ``weights`` (N,)), at most ``tile``
+    rows at a time (equal tiles); with ``with_grad``, (that sum, its gradient with respect to
+    ``params``) from the same pass.
+
+    Why tiles: evaluated whole, the full-batch loss of a large split runs as several XLA passes
+    over (C, N) arrays whose reductions over the short class axis are slow on CPU, and the
+    backward matmul reads x from memory again. In tiles, each tile's forward and backward run
+    while it is in cache (measured at N = 100k, D = 64: benchmarks/RESULTS.md, issue 27).
+    """
+    n = x.shape[0]
+    n_tiles = -(-n // tile)
+    rows = -(-n // n_tiles)  # at most ``tile``, and the last tile overlaps the one before by fewer than n_tiles rows
+    tile_sum = partial(_tile_loss_sum, x=x, y=y, weights=weights, rows=rows)
+    if not with_grad:
+        return jax.lax.fori_loop(0, n_tiles, lambda i, acc: acc + tile_sum(params, i), jnp.float32(0.0))
+
+    def body(i, acc):
+        value, grad = jax.value_and_grad(tile_sum)(params, i)
+        return acc[0] + value, jax.tree.map(jnp.add, acc[1], grad)
+
+    return jax.lax.fori_loop(0, n_tiles, body, (jnp.float32(0.0), jax.tree.map(jnp.zeros_like, params)))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def streamed_loss(params: dict, x: jax.Array, y: jax.Array, weights: jax.Array | None, tile: int) -> jax.Array:
+    """``mean_loss`` of x (N, D) streamed ``tile`` rows at a time (``streamed_loss_sum``).
+
+    Its custom VJP computes the gradient in the forward pass, so ``jax.value_and_grad`` (as optax's
+    line search calls it) costs one pass over x, not a forward pass and then a backward one.
+    Only ``params`` is differentiated: x, y and weights are data (zero cotangents).
+    """
+    return streamed_loss_sum(params, x, y, weights, tile) / x.shape[0]
+
+
+def _streamed_loss_fwd(params, x, y, weights, tile):
+    value, grad = streamed_loss_sum(params, x, y, weights, tile, with_grad=True)
+    n = x.shape[0]
+    return value / n, jax.tree.map(lambda g: g / n, grad)
+
+
+def _streamed_loss_bwd(tile, grad, cotangent):
+    return jax.tree.map(lambda g: cotangent * g, grad), None, None, None
+
+
+streamed_loss.defvjp(_streamed_loss_fwd, _streamed_loss_bwd)
 
 
 def lbfgs_solver() -> optax.GradientTransformationExtraArgs:
@@ -431,7 +512,7 @@ class LbfgsState(NamedTuple):
 
 def lbfgs_iteration(state: LbfgsState, _, data: Data, l2: jax.Array, gtol: float,
                     weights: jax.Array | None = None, ftol: float = 0.0,
-                    l2_skip: jax.Array | None = None) -> tuple[LbfgsState, tuple]:
+                    l2_skip: jax.Array | None = None, tile: int = 0) -> tuple[LbfgsState, tuple]:
     """One L-BFGS step on the full training split; a lane that is done keeps its parameters.
 
     The objective and gradient at the new point are the line search's (stored in its state), so
@@ -441,7 +522,7 @@ def lbfgs_iteration(state: LbfgsState, _, data: Data, l2: jax.Array, gtol: float
 
     Returns the new state and (objective, validation loss) at the parameters it leaves.
     """
-    fun = partial(objective, x=data.x_train, y=data.y_train, l2=l2, weights=weights, l2_skip=l2_skip)
+    fun = partial(objective, x=data.x_train, y=data.y_train, l2=l2, weights=weights, l2_skip=l2_skip, tile=tile)
     converged = max_abs(state.grad) <= gtol
     updates, opt_state = lbfgs_solver().update(state.grad, state.opt_state, state.params,
                                                value=state.value, grad=state.grad, value_fn=fun)
@@ -456,8 +537,7 @@ def lbfgs_iteration(state: LbfgsState, _, data: Data, l2: jax.Array, gtol: float
     stalled = stalled & (state.iterations >= 1)
     state = LbfgsState(*keep((params, opt_state, value, grad), state[:4]), stay | ((ftol > 0) & stalled),
                        state.iterations + (~stay).astype(jnp.int32))
-    val_loss = jnp.mean(example_losses(state.params, data.x_val, data.y_val))
-    return state, (state.value, val_loss)
+    return state, (state.value, mean_loss(state.params, data.x_val, data.y_val, tile=tile))
 
 
 def lbfgs_loop(step, state: LbfgsState, val0: jax.Array, max_iter: int, gtol: float) -> tuple:
@@ -521,11 +601,12 @@ def lbfgs_lane(key: jax.Array, hyper: Hyper, data: Data, recipe: Recipe, start: 
     dim = data.x_train.shape[1]
     params = init_params(jax.random.split(key)[0], dim, recipe, hyper.hidden) if start is None else start
     weights = lbfgs_weights(recipe.mitigation, data, hyper.strength)
-    value, grad = jax.value_and_grad(objective)(params, data.x_train, data.y_train, hyper.l2, weights, hyper.l2_skip)
+    value, grad = jax.value_and_grad(objective)(params, data.x_train, data.y_train, hyper.l2, weights, hyper.l2_skip,
+                                                recipe.tile)
     state = LbfgsState(params, lbfgs_solver().init(params), value, grad, jnp.array(False), jnp.array(0, jnp.int32))
     step = partial(lbfgs_iteration, data=data, l2=hyper.l2, gtol=recipe.gtol, weights=weights, ftol=recipe.ftol,
-                   l2_skip=hyper.l2_skip)
-    val0 = jnp.mean(example_losses(params, data.x_val, data.y_val))
+                   l2_skip=hyper.l2_skip, tile=recipe.tile)
+    val0 = mean_loss(params, data.x_val, data.y_val, tile=recipe.tile)
     state, train_curve, val_curve = lbfgs_loop(step, state, val0, recipe.max_iter, recipe.gtol)
     ml = is_multilabel(data.y_val)
     return LaneResult(val_curve[-1], state.iterations, train_curve, val_curve,
