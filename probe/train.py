@@ -119,7 +119,7 @@ class LaneResult(NamedTuple):
     best_val_loss: jax.Array  # ()
     best_epoch: jax.Array  # () int, 0-based; L-BFGS: iterations run (the final iterate is kept)
     train_loss: jax.Array  # (E,) mean minibatch loss of each epoch; L-BFGS: objective per iteration
-    val_loss: jax.Array  # (E,) validation loss after each epoch (L-BFGS: iteration)
+    val_loss: jax.Array  # (E,) validation loss after each epoch (L-BFGS: iteration; NaN where Recipe.val_every skips it)
     val_probs: jax.Array  # (Nv, C) from the kept parameters (multi-label: per-condition sigmoids)
     test_probs: jax.Array  # (Nt, C) from the kept parameters
 
