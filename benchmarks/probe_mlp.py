@@ -2,6 +2,7 @@
 the previous program, PyTorch and scikit-learn, all measured in the same run (issue 27).
 
     .venv/bin/python benchmarks/probe_mlp.py [--caches 0,1] [--torch-configs 3] [--rows 100000] [--skip-previous]
+        [--skip-padded] [--skip-cli-mlp] [--skip-sklearn-linear] [--sklearn-mlp-fits 6]
 
 For each demo cache (synthetic NIH images of seed s -> ``nih-6x200`` cohort -> ``tiny-clip``
 features: 840 / 120 / 240 x 64 dims, 6 classes; ``benchmarks/probe_vs_logreg.py``):
@@ -22,9 +23,13 @@ features: 840 / 120 / 240 x 64 dims, 6 classes; ``benchmarks/probe_vs_logreg.py`
     scikit-learn's ``MLPClassifier`` (lbfgs, max_iter 300; a *plain* one-hidden-layer MLP, no skip
     weight, hence 2 widths x 3 alphas x 3 seeds = 18 fits, alpha = l2 N). Test accuracy of each
     sweep's selection (validation loss, mean over seeds) is printed beside it.
+  - **MLP, end to end and before per-width programs**: ``cxrfair probe mlp`` in a subprocess
+    twice (fresh compile cache, then cached), as the linear one, and the ratios MLP / linear of
+    each; the sweep as it ran before one program per hidden width (``mlp_padded``: every lane in
+    one program padded to 512, validation loss at every iteration), in process.
   - **FLOP rate**: the sweep's matmul FLOPs counted as one objective-and-gradient evaluation per
     L-BFGS iteration (a lower bound: the line search may evaluate more) plus the validation pass,
-    at the program's padded width (512), against the machine's matmul peak (a 4096^2 ``jnp.dot``,
+    at the width each lane's program runs, against the machine's matmul peak (a 4096^2 ``jnp.dot``,
     measured at the start; under heavy load that peak is itself too low, and the fraction too high).
 
 Then, unless ``--rows 0``: the default linear sweep at ``--rows`` training rows (synthetic
@@ -71,15 +76,15 @@ def selected_accuracy(res, y_test) -> float:
 # ---------------------------------------------------------------- linear
 
 
-def cli_linear(cache: Path, cache_dir: Path) -> dict:
-    """Wall seconds of ``cxrfair probe linear`` in a fresh process, and its compile / train split."""
+def cli_probe(cache: Path, cache_dir: Path, method: str = "linear") -> dict:
+    """Wall seconds of ``cxrfair probe <method>`` in a fresh process, and its compile / train split."""
     with tempfile.TemporaryDirectory() as out:
-        cmd = [str(Path(sys.executable).with_name("cxrfair")), "probe", "linear", "--cache", str(cache), "--out", out]
+        cmd = [str(Path(sys.executable).with_name("cxrfair")), "probe", method, "--cache", str(cache), "--out", out]
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "CXRFAIR_CACHE": str(cache_dir)}
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, capture_output=True, env=env)
         wall = time.perf_counter() - t0
-        run = next(Path(out).glob("*__linear__best__s0/run.json"))
+        run = next(Path(out).glob(f"*__{method}__best__s0/run.json"))
         timings = json.loads(run.read_text())["timings"]
     return {"wall_s": round(wall, 2), **{k: round(v, 2) for k, v in timings.items()}, "load": load()}
 
@@ -128,15 +133,16 @@ def mlp_flops(iterations: int, n: int, n_eval: int, dim: int, hidden: int, n_cla
     return iterations * (3 * fwd(n) - 2 * n * dim * hidden + fwd(n_eval))
 
 
-def mlp_default(x: dict, y: dict, n_classes: int, **kw) -> dict:
+def mlp_default(x: dict, y: dict, n_classes: int, padded: bool = False, **kw) -> dict:
     from cxrfair.probe.sweep import SweepConfig, run_sweep
 
     cfg = SweepConfig(method="mlp", **kw)
     t0 = time.perf_counter()
     res = run_sweep(x, y, n_classes, cfg)
     wall = time.perf_counter() - t0
-    flops = mlp_flops(int(res.best_epoch.sum()), len(x["train"]), len(x["val"]), x["train"].shape[1],
-                      max(cfg.hiddens), n_classes)
+    # Each lane's matmuls at the width its program runs (padded: the widest).
+    flops = sum(mlp_flops(int(res.best_epoch[:, k].sum()), len(x["train"]), len(x["val"]), x["train"].shape[1],
+                          max(cfg.hiddens) if padded else c["hidden"], n_classes) for k, c in enumerate(res.configs))
     return {"wall_s": round(wall, 2), "compile_s": round(res.timings["compile_s"], 2), "train_s": round(res.timings["train_s"], 2),
             "lanes": int(res.best_epoch.size), "iterations": int(res.best_epoch.sum()), "gflop_lower_bound": flops / 1e9,
             "test_accuracy": selected_accuracy(res, y["test"]), "selected": _config(res.best_config), "load": load()}
@@ -144,6 +150,22 @@ def mlp_default(x: dict, y: dict, n_classes: int, **kw) -> dict:
 
 def _config(c: dict) -> str:
     return f"hidden {c['hidden']}, l2 {c['l2']:g}, l2_skip {c['l2_skip']:g}"
+
+
+def mlp_padded(x: dict, y: dict, n_classes: int) -> dict:
+    """The default MLP sweep as it ran before the per-width programs (issue 27, second round): the
+    same lanes, chains and stopping rule through ``run_sweep``, but every lane in one program
+    zero-padded to the widest hidden layer, the validation loss evaluated at every iteration."""
+    import dataclasses
+
+    from cxrfair.probe import sweep
+
+    widths = sweep.lane_widths
+    sweep.lane_widths = lambda recipe, chains, hidden: [(dataclasses.replace(recipe, val_every=1), chains)]
+    try:
+        return mlp_default(x, y, n_classes, padded=True)
+    finally:
+        sweep.lane_widths = widths
 
 
 def mlp_previous(x: dict, y: dict, n_classes: int) -> dict:
@@ -261,6 +283,9 @@ def main() -> None:
     ap.add_argument("--sklearn-mlp-fits", type=int, default=6, help="MLPClassifier fits timed (extrapolated to 18)")
     ap.add_argument("--rows", type=int, default=100_000, help="training rows of the large linear comparison (0: skip)")
     ap.add_argument("--skip-previous", action="store_true", help="skip the previous (vmapped, cold-start) MLP program")
+    ap.add_argument("--skip-padded", action="store_true", help="skip the padded one-program MLP sweep (before per-width programs)")
+    ap.add_argument("--skip-cli-mlp", action="store_true", help="skip `cxrfair probe mlp` end to end")
+    ap.add_argument("--skip-sklearn-linear", action="store_true", help="skip scikit-learn's LogisticRegression fits")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -285,19 +310,31 @@ def main() -> None:
             cache = demo_cache(tmp / f"c{seed}", seed)
             inputs = load_inputs(cache)
             x, y, k = inputs.x, inputs.y, len(inputs.classes)
-            row = {"cli_linear_first": cli_linear(cache, tmp / f"jax{seed}"),
-                   "cli_linear_cached": cli_linear(cache, tmp / f"jax{seed}"),
-                   "sklearn_linear": sklearn_linear(x, y, L2_GRIDS["linear"], (0, 1, 2)),
+            row = {"cli_linear_first": cli_probe(cache, tmp / f"jax{seed}"),
+                   "cli_linear_cached": cli_probe(cache, tmp / f"jax{seed}"),
+                   **({} if args.skip_sklearn_linear else {"sklearn_linear": sklearn_linear(x, y, L2_GRIDS["linear"], (0, 1, 2))}),
                    "linear_in_process": linear_in_process(x, y, k),
                    "linear_in_process_cold_starts": linear_in_process(x, y, k, warm_start=False)}
-            sk = row["sklearn_linear"]["per_seed_and_c_s"]
-            row["ratio_cli_first_vs_sklearn"] = round(row["cli_linear_first"]["wall_s"] / sk, 2)
-            row["ratio_cli_cached_vs_sklearn"] = round(row["cli_linear_cached"]["wall_s"] / sk, 2)
+            if not args.skip_sklearn_linear:
+                sk = row["sklearn_linear"]["per_seed_and_c_s"]
+                row["ratio_cli_first_vs_sklearn"] = round(row["cli_linear_first"]["wall_s"] / sk, 2)
+                row["ratio_cli_cached_vs_sklearn"] = round(row["cli_linear_cached"]["wall_s"] / sk, 2)
+            if not args.skip_cli_mlp:  # its own fresh compile cache, as the linear one's first run
+                row["cli_mlp_first"] = cli_probe(cache, tmp / f"jax-mlp{seed}", "mlp")
+                row["cli_mlp_cached"] = cli_probe(cache, tmp / f"jax-mlp{seed}", "mlp")
+                for when in ("first", "cached"):
+                    row[f"ratio_cli_mlp_vs_linear_{when}"] = round(row[f"cli_mlp_{when}"]["wall_s"] / row[f"cli_linear_{when}"]["wall_s"], 2)
+            if not args.skip_padded:
+                pad = row["mlp_padded"] = mlp_padded(x, y, k)
+                row["ratio_mlp_padded_vs_linear_in_process"] = round(pad["wall_s"] / row["linear_in_process"]["wall_s"], 2)
             mlp = row["mlp_default"] = mlp_default(x, y, k)
             mlp["gflops"] = round(mlp["gflop_lower_bound"] / mlp["train_s"], 1)
             mlp["fraction_of_peak_lower_bound"] = round(mlp["gflop_lower_bound"] * 1e9 / mlp["train_s"] / peak, 3)
             row["ratio_mlp_vs_linear_in_process"] = round(mlp["wall_s"] / row["linear_in_process"]["wall_s"], 2)
             row["ratio_mlp_vs_cli_linear_first"] = round(mlp["wall_s"] / row["cli_linear_first"]["wall_s"], 2)
+            if not args.skip_padded:
+                row["speedup_mlp_vs_padded"] = round(row["mlp_padded"]["wall_s"] / mlp["wall_s"], 2)
+                row["speedup_mlp_vs_padded_train"] = round(row["mlp_padded"]["train_s"] / mlp["train_s"], 2)
             if not args.skip_previous:
                 prev = row["mlp_previous"] = mlp_previous(x, y, k)
                 row["speedup_mlp_vs_previous"] = round(prev["wall_s"] / mlp["wall_s"], 2)

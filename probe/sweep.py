@@ -89,6 +89,10 @@ MAX_ITER = {"linear": 1000, "mlp": 300}
 # at 100k x 64, 7-8 ms per objective and gradient against 28-55 ms whole; at 50k x 512, tiles of
 # 1-2k rows were best (benchmarks/RESULTS.md, issue 27). 0: the whole split at once (the MLP: not measured).
 TILE_BYTES = {"linear": 2 * 2**20, "mlp": 0}
+# L-BFGS: the validation loss is evaluated every this many iterations (and at each lane's last,
+# which selection reads); run.json's val_loss curve is null in between. For the MLP the validation
+# pass cost ~9% of an iteration (benchmarks/RESULTS.md, issue 27); for the linear probe little.
+VAL_EVERY = {"linear": 1, "mlp": 10}
 # L-BFGS warm starts: along this key, from the largest value down, each lane starts from the
 # previous lane's solution (same seed, same other values): the regularisation path.
 WARM_PATHS = {"linear": ("l2",), "mlp": ("l2",), "mlp+skip": ("l2", "l2_skip")}
@@ -416,7 +420,8 @@ def run_sweep(x: dict, y: dict, n_classes: int, cfg: SweepConfig, groups: dict |
     spec = mitigation_spec(cfg, y["train"], groups, n_classes)
     recipe = train.Recipe(n_classes=n_classes, epochs=cfg.epochs, batch_size=cfg.batch_size,
                           max_hidden=int(hyper["hidden"].max()), solver=cfg.solver, max_iter=cfg.max_iter, mitigation=spec,
-                          skip=cfg.skip, ftol=cfg.ftol_value, tile=tile_rows(cfg.method, np.shape(x["train"])[1]))
+                          skip=cfg.skip, ftol=cfg.ftol_value, tile=tile_rows(cfg.method, np.shape(x["train"])[1]),
+                          val_every=VAL_EVERY[cfg.method])
     stats = feature_stats(x["train"]) if cfg.standardize else None
     x = {k: standardize(v, stats) for k, v in x.items()}
     cells = {} if spec.name == "erm" else {"cell_train": cell_codes(y["train"], groups["train"], n_classes),
@@ -469,22 +474,74 @@ def _run_lanes(recipe, shapes: tuple, data, hyper: dict, seeds: np.ndarray, chai
     from the previous lane's solution (same seed), the first from its seed's initialisation.
     Chains of every seed are dealt to the devices, ``mesh.size`` at a time; a short block is
     padded by repeating its last chain (the copies' results are dropped).
+
+    The MLP's lanes run in one program per hidden width (``lane_widths``), not zero-padded to the
+    widest: a 256-wide lane in a 512-wide program would do twice its matmul work. Each program is
+    compiled just before its width's lanes are dispatched, so the next width compiles while the
+    previous one's lanes run.
     """
     import jax  # see the note under the imports
 
-    from cxrfair.probe.train import lane_mesh, lane_params_shape, seed_keys
+    from cxrfair.probe.train import lane_mesh, seed_keys
 
     mesh = lane_mesh()
     n_dev, n_configs = mesh.size, len(hyper["l2"])
-    t0 = time.perf_counter()
-    program = _lane_program(recipe, shapes, mesh)
-    t1 = time.perf_counter()
+    t0, compile_s = time.perf_counter(), 0.0
     lanes_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("lanes"))
     data = jax.device_put(data, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))  # once, on every device
     keys = np.asarray(seed_keys(seeds))
-    zeros = jax.tree.map(lambda a: np.zeros((n_dev, *a.shape), a.dtype), lane_params_shape(shapes[0][0][1], recipe))
-    runs = [(i, chain) for i in range(len(seeds)) for chain in chains]  # (seed index, configurations)
     outs, where = [], []  # each call's output, and the (seed index, configuration) of each of its lanes
+    widths = lane_widths(recipe, chains, hyper["hidden"])
+    for width_recipe, width_chains in widths:
+        t1 = time.perf_counter()
+        program = _lane_program(width_recipe, shapes, mesh)
+        compile_s += time.perf_counter() - t1
+        runs = [(i, chain) for i in range(len(seeds)) for chain in width_chains]  # (seed index, configurations)
+        outs_w, where_w = _dispatch_chains(program, width_recipe, shapes, data, hyper, keys, runs, mesh, lanes_sharding)
+        outs += outs_w
+        where += where_w
+    outs = jax.device_get(outs)
+    lanes = {f: np.zeros((len(seeds), n_configs, *getattr(outs[0], f).shape[1:]), getattr(outs[0], f).dtype)
+             for f in outs[0]._fields}
+    for out, places in zip(outs, where):
+        for d, place in enumerate(places):
+            if place is not None:
+                for f in out._fields:
+                    lanes[f][place] = getattr(out, f)[d]
+    return lanes, {"compile_s": compile_s, "train_s": time.perf_counter() - t0 - compile_s, "devices": n_dev,
+                   "sequential_lanes": True, "chunks": len(outs), "warm_start_chains": len(chains),
+                   "lane_programs": len(widths)}
+
+
+def lane_widths(recipe, chains: list[list[int]], hidden: np.ndarray) -> list[tuple]:
+    """[(the recipe of one hidden width's lane program, that width's chains)], in the chains' order.
+
+    The MLP gets one recipe per width in the grid, ``max_hidden`` that width and ``draw_hidden``
+    the widest (``train.init_params``: the same initial weights as the padded program); the linear
+    probe one, ``recipe`` itself. A chain holds one width (``warm_start_chains`` never crosses
+    ``hidden``).
+    """
+    if recipe.max_hidden == 0:
+        return [(recipe, chains)]
+    by_width: dict = {}
+    for chain in chains:
+        by_width.setdefault(int(hidden[chain[0]]), []).append(chain)
+    return [(dataclasses.replace(recipe, max_hidden=width, draw_hidden=recipe.max_hidden), width_chains)
+            for width, width_chains in by_width.items()]
+
+
+def _dispatch_chains(program, recipe, shapes: tuple, data, hyper: dict, keys: np.ndarray, runs: list, mesh,
+                     lanes_sharding) -> tuple[list, list]:
+    """Dispatch ``runs`` ((seed index, chain) pairs) through one lane program, ``mesh.size`` chains at
+    a time, without reading any result. Returns (each call's output, the (seed index, configuration)
+    of each of its lanes, None for padding)."""
+    import jax  # see the note under the imports
+
+    from cxrfair.probe.train import lane_params_shape
+
+    n_dev = mesh.size
+    zeros = jax.tree.map(lambda a: np.zeros((n_dev, *a.shape), a.dtype), lane_params_shape(shapes[0][0][1], recipe))
+    outs, where = [], []
     for b0 in range(0, len(runs), n_dev):
         block = runs[b0:b0 + n_dev]
         block += block[-1:] * (n_dev - len(block))
@@ -497,16 +554,7 @@ def _run_lanes(recipe, shapes: tuple, data, hyper: dict, seeds: np.ndarray, chai
             outs.append(out)
             real = [b0 + d < len(runs) and pos < len(block[d][1]) for d in range(n_dev)]
             where.append([(seed_idx[d], configs[d]) if real[d] else None for d in range(n_dev)])
-    outs = jax.device_get(outs)
-    lanes = {f: np.zeros((len(seeds), n_configs, *getattr(outs[0], f).shape[1:]), getattr(outs[0], f).dtype)
-             for f in outs[0]._fields}
-    for out, places in zip(outs, where):
-        for d, place in enumerate(places):
-            if place is not None:
-                for f in out._fields:
-                    lanes[f][place] = getattr(out, f)[d]
-    return lanes, {"compile_s": t1 - t0, "train_s": time.perf_counter() - t1, "devices": n_dev,
-                   "sequential_lanes": True, "chunks": len(outs), "warm_start_chains": len(chains)}
+    return outs, where
 
 
 def warm_start_chains(configs: list[dict], path: tuple[str, ...]) -> list[list[int]]:
@@ -873,7 +921,7 @@ def track_runs(kind: str, out: Path | str, result: SweepResult, run_ids: list[st
         curves = _curves(result, i, k, solver)
         with open_tracker(kind, run_dir / TRACKING_DIR, run_id, chosen | {"seed": result.seeds[i]}) as tracker:
             for step, (train, val) in enumerate(zip(curves["train_loss"], curves["val_loss"]), start=1):
-                tracker.log(step, {"train_loss": train, "val_loss": val})
+                tracker.log(step, {"train_loss": train, **({} if val is None else {"val_loss": val})})
         if not lanes:
             continue
         rows = result.table[result.table["seed"] == result.seeds[i]].sort_values("config")
@@ -952,9 +1000,13 @@ def _fewshot_meta(cfg: SweepConfig, draw, inputs) -> dict:
 
 
 def _curves(result: SweepResult, i: int, k: int, solver: str) -> dict:
-    # L-BFGS curves are per iteration; after convergence they repeat, so they are cut there.
-    n = max(int(result.best_epoch[i, k]), 1) if solver == "lbfgs" else result.train_loss.shape[-1]
-    return {"train_loss": result.train_loss[i, k, :n].tolist(), "val_loss": result.val_loss[i, k, :n].tolist()}
+    # L-BFGS curves are per iteration; after convergence they repeat, so they are cut there. Their
+    # validation loss was evaluated every VAL_EVERY iterations and at the last: None (null) between.
+    if solver != "lbfgs":
+        return {"train_loss": result.train_loss[i, k].tolist(), "val_loss": result.val_loss[i, k].tolist()}
+    n = max(int(result.best_epoch[i, k]), 1)
+    val = [None if math.isnan(v) else v for v in result.val_loss[i, k, :n].tolist()]
+    return {"train_loss": result.train_loss[i, k, :n].tolist(), "val_loss": val}
 
 
 def _stats_meta(stats: dict, n_train: int) -> dict:
@@ -1013,6 +1065,8 @@ def _hyperparameters(cfg: SweepConfig, best: dict, multilabel: bool = False) -> 
         return {**arch, "l2": best["l2"], **skip, **hidden, "optimizer": "lbfgs", "batch": "full training split",
                 "objective": f"mean {loss} + {penalty} (biases not penalised)", "loss": loss,
                 "max_iter": cfg.max_iter, "gtol": GTOL, "ftol": cfg.ftol_value, "stopping": stopping_text(cfg),
+                # The validation loss curve's spacing (iterations; null between), and always the last.
+                "val_every": VAL_EVERY[cfg.method],
                 # The keys whose path lanes warm-start along, largest first ([]: every lane from its seed's init).
                 "warm_start": list(cfg.warm_path),
                 "memory_size": 10, "linesearch": "zoom (strong Wolfe)", **common,

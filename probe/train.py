@@ -77,11 +77,13 @@ class Recipe:
     epochs: int = 150  # AdamW: passes over the training split
     batch_size: int = 64  # AdamW: minibatch size; the last batch of an epoch is padded and masked
     max_hidden: int = 0  # 0: linear probe; >0: MLP whose hidden layer is padded to this width
+    draw_hidden: int = 0  # MLP: the width initial weights are drawn at, >= max_hidden (0: max_hidden); see init_params
     solver: str = "adamw"  # "adamw" (the paper's minibatch recipe) or "lbfgs" (full batch)
     max_iter: int = 500  # L-BFGS: iterations at most (a converged lane stops moving)
     gtol: float = GTOL  # L-BFGS: converged when every gradient entry is at most this in magnitude
     ftol: float = 0.0  # L-BFGS: also done once an iteration lowers the objective by at most ftol * max(|f|, 1)
     tile: int = 0  # L-BFGS: stream the splits through the loss this many rows at a time (``streamed_loss``); 0: whole
+    val_every: int = 1  # L-BFGS: validation loss at every this many iterations and the lane's last (NaN between)
     sequential: bool = False  # train_sweep: lanes one after another (lax.map), not vmapped (run_sweep uses train_lanes for L-BFGS)
     skip: bool = False  # MLP: add a linear skip connection, logits = W0 x + W2 relu(W1 x + b1) + b2
     mitigation: objectives.Spec = objectives.Spec()  # the loss's fairness mitigation (default: erm)
@@ -120,7 +122,7 @@ class LaneResult(NamedTuple):
     best_val_loss: jax.Array  # ()
     best_epoch: jax.Array  # () int, 0-based; L-BFGS: iterations run (the final iterate is kept)
     train_loss: jax.Array  # (E,) mean minibatch loss of each epoch; L-BFGS: objective per iteration
-    val_loss: jax.Array  # (E,) validation loss after each epoch (L-BFGS: iteration)
+    val_loss: jax.Array  # (E,) validation loss after each epoch (L-BFGS: iteration; NaN where Recipe.val_every skips it)
     val_probs: jax.Array  # (Nv, C) from the kept parameters (multi-label: per-condition sigmoids)
     test_probs: jax.Array  # (Nt, C) from the kept parameters
 
@@ -134,6 +136,9 @@ def init_params(key: jax.Array, dim: int, recipe: Recipe, hidden: jax.Array) -> 
     For the MLP the hidden layer is allocated ``recipe.max_hidden`` wide and the units beyond
     ``hidden`` are zero: their gradients are then exactly zero, so they stay zero and the lane
     trains exactly like an MLP of width ``hidden`` (this lets different widths share a program).
+    The weights are drawn ``recipe.draw_hidden`` wide (when set) and cut to ``max_hidden``: a
+    program of one width (``max_hidden`` = ``hidden``) then starts a lane from exactly the weights
+    of the program padded to the grid's widest (``draw_hidden``), since a draw depends on its shape.
 
     Weights are stored (out, in) like PyTorch's: stacked over K lanes, a weight (K, C, D) is
     one contiguous (K*C, D) matrix, so the fused forward and backward matmuls need no transpose.
@@ -152,12 +157,13 @@ def init_params(key: jax.Array, dim: int, recipe: Recipe, hidden: jax.Array) -> 
         bound = 1.0 / math.sqrt(dim)
         return {"w": _uniform(kw, (n_classes, dim), bound), "b": _uniform(kb, (n_classes,), bound)}
     k1, k2, k3, k4 = jax.random.split(key, 4)
-    live = (jnp.arange(recipe.max_hidden) < hidden).astype(jnp.float32)  # (H,)
+    h, drawn = recipe.max_hidden, max(recipe.draw_hidden, recipe.max_hidden)
+    live = (jnp.arange(h) < hidden).astype(jnp.float32)  # (H,)
     b1, b2 = 1.0 / math.sqrt(dim), 1.0 / jnp.sqrt(hidden.astype(jnp.float32))
     params = {
-        "w1": _uniform(k1, (recipe.max_hidden, dim), b1) * live[:, None],
-        "b1": _uniform(k2, (recipe.max_hidden,), b1) * live,
-        "w2": _uniform(k3, (n_classes, recipe.max_hidden), 1.0) * b2 * live,
+        "w1": _uniform(k1, (drawn, dim), b1)[:h] * live[:, None],
+        "b1": _uniform(k2, (drawn,), b1)[:h] * live,
+        "w2": _uniform(k3, (n_classes, drawn), 1.0)[:, :h] * b2 * live,
         "b2": _uniform(k4, (n_classes,), 1.0) * b2,
     }
     if recipe.skip:
@@ -520,7 +526,7 @@ def lbfgs_iteration(state: LbfgsState, _, data: Data, l2: jax.Array, gtol: float
     lane's first that lowers the objective by at most ftol * max(|f_old|, |f_new|, 1) is kept and
     the lane is then done (scipy's L-BFGS-B ``ftol`` rule, not tested on the first step).
 
-    Returns the new state and (objective, validation loss) at the parameters it leaves.
+    Returns the new state and the objective at the parameters it leaves.
     """
     fun = partial(objective, x=data.x_train, y=data.y_train, l2=l2, weights=weights, l2_skip=l2_skip, tile=tile)
     converged = max_abs(state.grad) <= gtol
@@ -537,21 +543,26 @@ def lbfgs_iteration(state: LbfgsState, _, data: Data, l2: jax.Array, gtol: float
     stalled = stalled & (state.iterations >= 1)
     state = LbfgsState(*keep((params, opt_state, value, grad), state[:4]), stay | ((ftol > 0) & stalled),
                        state.iterations + (~stay).astype(jnp.int32))
-    return state, (state.value, mean_loss(state.params, data.x_val, data.y_val, tile=tile))
+    return state, state.value
 
 
-def lbfgs_loop(step, state: LbfgsState, val0: jax.Array, max_iter: int, gtol: float) -> tuple:
+def lbfgs_loop(step, state: LbfgsState, val_fn, max_iter: int, gtol: float, val_every: int = 1) -> tuple:
     """Iterate ``step`` until the lane is done (converged or non-finite) or ``max_iter`` steps.
 
     A ``while_loop``, not a ``scan`` of ``max_iter`` steps: vmapped lanes stop together once every
     lane is done, instead of running frozen line searches to the cap (most lanes converge in a
     fraction of it). The curves come out as the scan's would: (max_iter,) each, the steps after
     the stop repeating the last one written (a done lane's state no longer changes), or the
-    initial (objective, ``val0``) if the lane was done before its first step.
+    initial objective and validation loss if the lane was done before its first step.
 
-    Returns (state, train_curve, val_curve).
+    ``val_fn(params)`` is the validation loss, evaluated after every ``val_every``-th iteration and
+    at the lane's last (its final parameters, what selection reads); the curve is NaN at the other
+    iterations. Why not every iteration: the curve is only a record, and for the MLP the
+    validation pass cost ~9% of an iteration (benchmarks/RESULTS.md, issue 27).
+
+    Returns (state, train_curve (max_iter,), val_curve (max_iter,)).
     """
-    curves = (jnp.full((max_iter,), state.value), jnp.full((max_iter,), val0))
+    curves = (jnp.full((max_iter,), state.value), jnp.full((max_iter,), jnp.nan, state.value.dtype))
 
     def running(carry) -> jax.Array:
         i, s, _ = carry
@@ -559,10 +570,18 @@ def lbfgs_loop(step, state: LbfgsState, val0: jax.Array, max_iter: int, gtol: fl
 
     def body(carry):
         i, s, (tc, vc) = carry
-        s, (t, v) = step(s, None)
+        s, t = step(s, None)
+        if val_every == 1:
+            v = val_fn(s.params)
+        else:
+            v = jax.lax.cond((i + 1) % val_every == 0, val_fn, lambda p: jnp.full((), jnp.nan, t.dtype), s.params)
         return i + 1, s, (tc.at[i].set(t), vc.at[i].set(v))
 
     n, state, (tc, vc) = jax.lax.while_loop(running, body, (jnp.array(0, jnp.int32), state, curves))
+    # The final parameters' loss, at the loop's last step and the lane's own last (a vmapped lane
+    # that stopped earlier has kept these parameters since): with n = 0, the initial loss.
+    final = val_fn(state.params)
+    vc = vc.at[jnp.maximum(n - 1, 0)].set(final).at[jnp.maximum(state.iterations - 1, 0)].set(final)
     idx = jnp.minimum(jnp.arange(max_iter), jnp.maximum(n - 1, 0))
     return state, tc[idx], vc[idx]
 
@@ -606,8 +625,8 @@ def lbfgs_lane(key: jax.Array, hyper: Hyper, data: Data, recipe: Recipe, start: 
     state = LbfgsState(params, lbfgs_solver().init(params), value, grad, jnp.array(False), jnp.array(0, jnp.int32))
     step = partial(lbfgs_iteration, data=data, l2=hyper.l2, gtol=recipe.gtol, weights=weights, ftol=recipe.ftol,
                    l2_skip=hyper.l2_skip, tile=recipe.tile)
-    val0 = mean_loss(params, data.x_val, data.y_val, tile=recipe.tile)
-    state, train_curve, val_curve = lbfgs_loop(step, state, val0, recipe.max_iter, recipe.gtol)
+    val_fn = partial(mean_loss, x=data.x_val, y=data.y_val, tile=recipe.tile)
+    state, train_curve, val_curve = lbfgs_loop(step, state, val_fn, recipe.max_iter, recipe.gtol, recipe.val_every)
     ml = is_multilabel(data.y_val)
     return LaneResult(val_curve[-1], state.iterations, train_curve, val_curve,
                       probabilities(state.params, data.x_val, ml), probabilities(state.params, data.x_test, ml)), state.params

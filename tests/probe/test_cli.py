@@ -72,8 +72,14 @@ def test_mlp_architecture_l2_skip_and_stopping_rule_reach_run_json(tmp_path, cac
     skip = _cli("mlp", "--cache", cache, "--out", tmp_path / "skip", *LBFGS, "--hidden", "4", "--l2-skip", "1e-4,1e-2",
                 "--ftol", "1e-3")
     assert skip.exit_code == 0, skip.output
-    hyper = read_runs(tmp_path / "skip")[0].meta["hyperparameters"]
+    meta = read_runs(tmp_path / "skip")[0].meta
+    hyper = meta["hyperparameters"]
     assert hyper["architecture"] == "mlp+skip" and hyper["grid"]["l2_skip"] == [1e-4, 1e-2] and hyper["ftol"] == 1e-3
+    # The validation loss every val_every iterations and at the last, null between (JSON null, not NaN).
+    val, n, every = meta["curves"]["val_loss"], max(hyper["iterations"], 1), hyper["val_every"]
+    assert every == 10 and len(val) == len(meta["curves"]["train_loss"]) == n
+    assert [v is not None for v in val] == [(i % every == 0) or i == n for i in range(1, n + 1)]
+    assert all(np.isfinite(v) for v in val if v is not None)
     assert "1e-3" in hyper["stopping"].replace("0.001", "1e-3") and "l2_skip" in hyper["objective"]
     assert len(pd.read_csv(tmp_path / "skip" / "tiny-clip__mlp__sweep.csv")) == 2 * 2 * 2  # l2 x l2_skip x seeds
     bad = _cli("mlp", "--cache", cache, "--out", tmp_path / "bad", *LBFGS, "--architecture", "plain", "--l2-skip", "1e-3")

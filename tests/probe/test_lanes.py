@@ -60,9 +60,11 @@ def test_two_devices_give_the_one_device_sweep(tmp_path, kw):
     assert (one_info["timings"]["devices"], two_info["timings"]["devices"]) == (1, 2)
     if kw.get("solver") == "adamw":  # 3 configurations: padded to 4, 2 vmapped on each device
         assert two_info["timings"]["configs_per_chunk"] == 4 and one_info["timings"]["configs_per_chunk"] == 3
-    else:  # one lane per device at a time, chained along the penalty path
-        lanes = len(kw["seeds"]) * len(kw["l2s"]) * len(kw.get("hiddens", [0]))
-        assert two_info["timings"]["chunks"] == -(-lanes // 2) and one_info["timings"]["chunks"] == lanes
+    else:  # one lane per device at a time, chained along the penalty path, one program per hidden width
+        widths = len(kw.get("hiddens", [0]))
+        lanes = len(kw["seeds"]) * len(kw["l2s"]) * widths
+        assert two_info["timings"]["lane_programs"] == widths
+        assert two_info["timings"]["chunks"] == widths * -(-lanes // widths // 2) and one_info["timings"]["chunks"] == lanes
     for field, value in one.items():
         # Each device runs the same one-lane program on the same inputs: the same bits.
         np.testing.assert_array_equal(two[field], value, err_msg=field)

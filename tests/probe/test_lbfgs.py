@@ -283,14 +283,62 @@ def test_the_sweeps_lbfgs_lanes_equal_the_vmapped_program_and_the_plain_loop(sma
 
 
 def test_the_sweeps_skip_mlp_lanes_equal_the_plain_loop(small):
-    """The default MLP through run_sweep: lanes of two widths (the narrower zero-padded to the
-    wider, as in the vmapped program), each against the plain loop at its own width."""
+    """The default MLP through run_sweep: lanes of two widths, each in its own width's program,
+    each against the plain loop at its own width (from the initial weights drawn at the wider)."""
     x, y = small
     cfg = SweepConfig(method="mlp", hiddens=(3, 6), l2s=(1e-2,), l2s_skip=(1e-1,), seeds=(4,), max_iter=20,
                       ftol=1e-3, standardize=False, warm_start=False)
     res = run_sweep(x, y, 3, cfg)
+    assert res.timings["lane_programs"] == 2  # one program per width, neither padded
     recipe = train.Recipe(n_classes=3, max_hidden=6, solver="lbfgs", max_iter=20, skip=True, ftol=1e-3)
     for k, hidden in enumerate(cfg.hiddens):
         probs, iterations = reference_lbfgs(jax.random.PRNGKey(4), 1e-2, hidden, x, y, recipe, 1e-1)
         np.testing.assert_allclose(res.test_probs[0, k], probs, atol=1e-3)
         assert int(res.best_epoch[0, k]) == iterations
+
+
+@pytest.mark.parametrize("skip", [True, False], ids=["skip-mlp", "mlp"])
+def test_a_lane_in_its_own_widths_program_equals_the_padded_lane(small, skip):
+    """run_sweep gives each hidden width its own L-BFGS program (``draw_hidden``: the initial
+    weights drawn at the widest, then cut). A lane there starts from exactly the padded program's
+    weights and takes the same steps: the padded units are zeros, so only the order of float32
+    sums differs (relative ~1e-7 per sum), which a dozen well-conditioned iterations keep far
+    below the tolerances here (probabilities 1e-4, objective rtol 1e-5)."""
+    x, y = small
+    padded = train.Recipe(n_classes=3, max_hidden=7, solver="lbfgs", max_iter=12, skip=skip, ftol=1e-4 if skip else 0.0)
+    own = dataclasses.replace(padded, max_hidden=4, draw_hidden=7)
+    key, hidden = jax.random.PRNGKey(4), jnp.int32(4)
+    p_pad, p_own = train.init_params(key, 8, padded, hidden), train.init_params(key, 8, own, hidden)
+    np.testing.assert_array_equal(p_own["w1"], p_pad["w1"][:4])
+    np.testing.assert_array_equal(p_own["w2"], p_pad["w2"][:, :4])
+    np.testing.assert_array_equal(p_own["b1"], p_pad["b1"][:4])
+    assert not np.asarray(p_pad["w1"][4:]).any()  # the padded program's extra units are zero
+    hyper = train.Hyper(jnp.float32(0), jnp.float32(0), hidden, jnp.float32(1e-2), None, jnp.float32(1e-1) if skip else None)
+    lane = jax.jit(lambda recipe: train.lbfgs_lane(key, hyper, _data(x, y), recipe)[0], static_argnums=0)
+    a, b = jax.device_get(lane(own)), jax.device_get(lane(padded))
+    assert int(a.best_epoch) == int(b.best_epoch) > 3
+    np.testing.assert_allclose(a.train_loss, b.train_loss, rtol=1e-5)
+    np.testing.assert_allclose(a.test_probs, b.test_probs, atol=1e-4)
+    np.testing.assert_allclose(a.val_probs, b.val_probs, atol=1e-4)
+
+
+def test_the_validation_loss_every_k_iterations_changes_nothing_else(small):
+    """``Recipe.val_every`` (the MLP's default 10): the validation loss is evaluated after every
+    k-th iteration and at the lane's last, NaN between; the optimisation never reads it, so the
+    iterations, the training curve and the outputs are those of evaluating it every iteration."""
+    x, y = small
+    every = train.Recipe(n_classes=3, max_hidden=5, solver="lbfgs", max_iter=40, skip=True, ftol=1e-4)
+    hyper = train.Hyper(jnp.float32(0), jnp.float32(0), jnp.int32(5), jnp.float32(1e-2), None, jnp.float32(1e-1))
+    lane = jax.jit(lambda recipe: train.lbfgs_lane(jax.random.PRNGKey(4), hyper, _data(x, y), recipe)[0], static_argnums=0)
+    a, b = jax.device_get(lane(every)), jax.device_get(lane(dataclasses.replace(every, val_every=3)))
+    n = int(a.best_epoch)
+    assert n == int(b.best_epoch) and 7 < n < every.max_iter and n % 3 != 0  # the last iteration is off the grid
+    np.testing.assert_allclose(b.train_loss, a.train_loss, rtol=1e-5)
+    for field in ("val_probs", "test_probs", "best_val_loss"):
+        np.testing.assert_allclose(getattr(b, field), getattr(a, field), rtol=1e-5, atol=1e-6, err_msg=field)
+    evaluated = np.isfinite(b.val_loss[:n])
+    expected = (np.arange(1, n + 1) % 3 == 0) | (np.arange(1, n + 1) == n)
+    np.testing.assert_array_equal(evaluated, expected)
+    np.testing.assert_allclose(b.val_loss[:n][evaluated], a.val_loss[:n][evaluated], rtol=1e-5)
+    np.testing.assert_allclose(b.val_loss[n:], a.val_loss[n - 1], rtol=1e-5)  # after the stop: the last, repeated
+    assert b.best_val_loss == b.val_loss[-1]
