@@ -47,13 +47,16 @@ from cxrfair.analysis.replicates import seed_resampled, seed_widened
 from cxrfair.core import metrics as M
 from cxrfair.core import multilabel as ML
 from cxrfair.core.bootstrap import patient_counts
-from cxrfair.core.intervals import band_columns, component_columns, interval, interval_method, intervals_by_metric
+from cxrfair.core.groups import pair_components
+from cxrfair.core.intervals import (band_columns, band_interval, component_columns, debiased_columns, interval,
+                                    interval_method, intervals_by_metric)
 
 # The metrics whose coverage is studied: (name in evaluate_all's keys, attribute-level?).
 STUDIED = ("accuracy", "auc_macro", "f1_gap", "f1_gap_abs", "eqodds", "eqodds_worst", "dp_gap", "ece_gap",
-           "fnr_gap", "es_auc", "worst_group_accuracy")
+           "ece_gap_paper", "fnr_gap", "es_auc", "worst_group_accuracy")
 CLASSES = ("A", "B", "C")
-METHODS = ("used", "percentile", "basic", "shifted", "hull", "bca", "band", "band_basic", "band_bc")  # "used": core.intervals' choice for the metric
+METHODS = ("used", "percentile", "basic", "shifted", "hull", "bca", "band", "band_basic", "band_bc", "debiased",
+           "debiased_band")  # "used": core.intervals' choice for the metric
 JACK_BLOCKS = 20  # delete-a-block jackknife of the BCa acceleration: blocks of patients
 
 
@@ -119,6 +122,28 @@ def intervals(name: str, estimate: float, reps: np.ndarray, jack: np.ndarray, le
     one = {k: tuple(float(v[0]) for v in interval(reps[:, None], [estimate], k, level, spec.low, spec.high))
            for k in ("percentile", "basic", "shifted", "hull")}
     return {**one, "bca": _bca(estimate, reps, jack, level)}
+
+
+def debiased_intervals(name: str, estimate: float, rep_mat: np.ndarray, est_vec: np.ndarray, where: dict,
+                       level: float) -> dict[str, tuple[float, float]]:
+    """A gap with debiased per-group values (``ece_gap``): ``debiased`` (the hull of the pivot θ*_d − θ̂ around
+    θ̂_d, ``intervals`` method ``debiased``) and ``debiased_band`` (the max-t band of the debiased pair
+    components, deviations taken from the plug-in components: the bootstrap world's truth); NaN otherwise."""
+    key = (name, "group", "", "")
+    cd, cp = component_columns(key, where, debiased=True), component_columns(key, where)
+    if cd is None:
+        return {"debiased": (np.nan, np.nan), "debiased_band": (np.nan, np.nan)}
+    spec, cols_d = cd
+    gap_d, reps_d = debiased_columns(rep_mat, est_vec, spec, cols_d)
+    (lo,), (hi,) = interval((reps_d + gap_d - estimate)[:, None], [gap_d], "hull", level, 0.0, 1.0)
+
+    def comps(x, cols):  # (..., K) -> (B, P, ..., C) pair components of the columns (B, G, C)
+        return pair_components(spec, {b: np.moveaxis(x[..., cols[i]], -2, 0) for i, b in enumerate(spec.bases)})
+
+    comp_d, comp_p = comps(est_vec, cols_d), comps(est_vec, cp[1])
+    comp_r = np.moveaxis(comps(rep_mat, cols_d), 2, 0)  # (R, B, P, C)
+    band = band_interval(spec, comp_r - comp_p + comp_d, comp_d, level, cols_d.shape[1])
+    return {"debiased": (float(lo), float(hi)), "debiased_band": tuple(float(np.clip(v, 0.0, 1.0)) for v in band)}
 
 
 def _accuracy(signal: float, tilt: float = 0.0, n: int = 50_000) -> float:
@@ -227,6 +252,7 @@ def run_setting(n_groups: int, n_per_group: int, gap: float, args, rng, task: st
             found["band_basic"] = (found["band"][0], max(found["basic"][1], found["band"][0]))
             found["band_bc"] = (band_columns(rep_mat, est_vec, *cc, args.level, recentre=True) if cc
                                 else (np.nan, np.nan))
+            found.update(debiased_intervals(m, e, rep_mat, est_vec, where, args.level))
             excludes[m] += not found["used"][0] <= e <= found["used"][1]
             for k, (lo, hi) in found.items():
                 if np.isnan(lo):  # a method that does not apply to this metric (band: no components view)
