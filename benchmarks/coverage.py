@@ -52,8 +52,8 @@ from cxrfair.core.intervals import (band_columns, band_interval, component_colum
                                     interval_method, intervals_by_metric)
 
 # The metrics whose coverage is studied: (name in evaluate_all's keys, attribute-level?).
-STUDIED = ("accuracy", "auc_macro", "f1_gap", "f1_gap_abs", "eqodds", "eqodds_worst", "dp_gap", "ece_gap",
-           "ece_gap_paper", "fnr_gap", "es_auc", "worst_group_accuracy")
+STUDIED = ("accuracy", "auc_macro", "ece", "ece_debiased", "f1_gap", "f1_gap_abs", "eqodds", "eqodds_worst", "dp_gap",
+           "ece_gap", "ece_gap_paper", "fnr_gap", "es_auc", "worst_group_accuracy")
 CLASSES = ("A", "B", "C")
 METHODS = ("used", "percentile", "basic", "shifted", "hull", "bca", "band", "band_basic", "band_bc", "debiased",
            "debiased_band")  # "used": core.intervals' choice for the metric
@@ -168,7 +168,8 @@ def signals_for(n_groups: int, gap: float, base: float = 2.0) -> tuple[np.ndarra
 # (fixed, as if chosen on validation), through ``multilabel.evaluate_multilabel``. The other groups'
 # signal is ``ML_SIGNAL_PER_GAP × gap`` lower and their scores tilted up by ``TILT_PER_GAP × gap``
 # (so TPR, FPR and calibration differ); each metric's truth is printed.
-ML_STUDIED = ("auc_macro", "auc_gap", "worst_group_auc", "es_auc", "eqodds", "eqodds_worst", "fnr_gap", "ece_gap")
+ML_STUDIED = ("auc_macro", "ece_macro", "ece_debiased_macro", "auc_gap", "worst_group_auc", "es_auc", "eqodds", "eqodds_worst",
+              "fnr_gap", "ece_gap")
 ML_PREVALENCE, ML_SIGNAL_PER_GAP, ML_NOISE = 0.3, 5.0, 1.5
 
 

@@ -57,8 +57,15 @@ Methods (``METHODS``), each over the replicate axis and vectorised over every ot
   taken of the bootstrap pivot ``θ*_d − θ̂`` (θ̂ the plug-in gap: the bootstrap world's truth, since
   the binned ECE of the sample is the population ECE of the resampled world) around ``θ̂_d``, both
   reflected and not: ``[θ̂_d − (q_hi − θ̂), θ̂_d − (q_lo − θ̂)] ∪ [θ̂_d + (q_lo − θ̂), θ̂_d + (q_hi − θ̂)]``.
-  Without the debiased values among the keys it is the hull. Estimate: ``hull``'s bias correction
-  of that pivot, ``θ̂ + θ̂_d − mean(θ*_d)``.
+  A gap over 3+ groups without a class axis (multi-class; one condition) takes, as ``band`` does,
+  both ends from the max-t band of the debiased pair differences, their deviations taken from the
+  plug-in differences (``debiased_interval``). Without the debiased values among the keys it is
+  the hull. Estimate: ``hull``'s bias correction of that pivot, ``θ̂ + θ̂_d − mean(θ*_d)``.
+
+- ``pivot``: a debiased per-sample value beside its plug-in one (``ece_debiased`` beside ``ece``): the
+  hull of the pivot ``θ*_d − θ̂`` around ``θ̂_d``, as ``debiased`` with two groups; its replicates
+  scatter about the plug-in value (the bootstrap world's truth), so the percentile interval of
+  them would be the plug-in's. Estimate: ``θ̂ + θ̂_d − mean(θ*_d)``.
 
 The plug-in value itself never changes (it equals fairlearn's); ``value_bc`` is added beside it.
 """
@@ -73,7 +80,7 @@ from cxrfair.core.bootstrap import interval as percentile_interval
 from cxrfair.core import metrics, multilabel
 from cxrfair.core.groups import ABS_COMBINES, GroupMetric, combine_components, pair_components
 
-METHODS = ("percentile", "basic", "shifted", "hull", "folded", "band", "debiased")
+METHODS = ("percentile", "basic", "shifted", "hull", "folded", "band", "debiased", "pivot")
 BAND_MIN_GROUPS = 3  # a "band" gap over fewer groups (one pair) takes the hull (RESULTS.md: the basic end under-covers there)
 
 
@@ -91,6 +98,7 @@ class IntervalMethod:
             for (None: any number); with more groups the metric counts as not checked.
         why: one sentence, for the report's notes and docs.
         signed: for ``folded``, the signed metric whose interval is folded (same attribute, group, class).
+        plugin: for ``pivot``, the plug-in metric this debiased one corrects (same attribute, group, class).
     """
 
     method: str
@@ -100,12 +108,15 @@ class IntervalMethod:
     why: str = ""
     signed: str = ""
     checked_groups: int | None = None
+    plugin: str = ""
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown interval method {self.method!r}; choose among {', '.join(METHODS)}")
         if (self.method == "folded") != bool(self.signed):
             raise ValueError("a folded interval names its signed metric, and only a folded one")
+        if (self.method == "pivot") != bool(self.plugin):
+            raise ValueError("a pivot interval names its plug-in metric, and only a pivot one")
 
     def checked(self, n_groups: int | None = None) -> bool:
         """Whether the coverage study confirmed this interval (for an attribute of ``n_groups`` groups)."""
@@ -149,6 +160,11 @@ INTERVAL_METHODS: dict[str, IntervalMethod] = {
     "ece_gap_paper": IntervalMethod("band", 0.0, 1.0, coverage_checked=False,
                                     why="|difference| of two groups' mean |p − o| (3+ groups: the largest pair), biased "
                                         "upward as eqodds is: with two groups " + _HULL + "; with 3+ groups the band"),
+    # The debiased ECE (below 0 possible) scatters in the bootstrap about the plug-in ECE, the resampled world's truth.
+    **{name: IntervalMethod("pivot", -1.0, 1.0, plugin=plugin, coverage_checked=False,
+                            why="a debiased estimate whose replicates scatter about the plug-in value (the resampled "
+                                "world's truth): the hull of the pivot, replicates minus the plug-in, about it")
+       for name, plugin in (("ece_debiased", "ece"), ("ece_debiased_macro", "ece_macro"))},
     "worst_group_accuracy": IntervalMethod("hull", 0.0, 1.0, why="the smallest group's value, biased downward: " + _HULL),
     # Multi-label with four groups the hull of these two covered 0.86-0.88 in some settings of two runs
     # (RESULTS.md, "Gaps over 3+ groups"): checked for two groups only.
@@ -207,8 +223,9 @@ def interval(replicates, estimate, method: str = "percentile", level: float = 0.
     elif method == "shifted":
         shift = 2 * (_mean(reps) - est)
         lo, hi = lo - shift, hi - shift
-    elif method in ("band", "debiased"):
-        raise ValueError(f"a {method} interval is made from the gap's per-group values: intervals_by_metric")
+    elif method in ("band", "debiased", "pivot"):
+        raise ValueError(f"a {method} interval is made from the gap's components or plug-in partner (other "
+                         "columns): intervals_by_metric")
     elif method != "percentile":
         raise ValueError(f"unknown interval method {method!r}; choose among {', '.join(METHODS)}")
     bad = np.isnan(est) | np.isnan(lo)
@@ -284,12 +301,15 @@ def intervals_by_metric(replicates, estimates, keys, level: float = 0.95):
             # Never below the low end (possible only when the replicates all lie far above the estimate).
             hi[cols] = np.where(bad, np.nan, np.fmax(basic_hi, band_lo))
         elif method == "debiased":
-            # The hull of the pivot θ*_d − θ̂ around θ̂_d: replicates shifted by θ̂_d − θ̂, centred on θ̂_d.
-            found = [debiased_columns(reps, est, *components[i]) for i in cols]
-            gap_d = np.array([f[0] for f in found])
-            shifted = np.stack([f[1] for f in found], 1) + (gap_d - e)  # (R, k)
-            lo[cols], hi[cols] = interval(shifted, gap_d, "hull", level, a, b)
-            bc[cols] = bias_corrected(shifted, gap_d, "hull", a, b)
+            found = np.array([debiased_interval(reps, est, keys[i], where, level) for i in cols])  # (k, 3)
+            lo[cols], hi[cols], bc[cols] = (np.clip(x, a, b) for x in found.T)
+            continue
+        elif method == "pivot":
+            # The pivot θ*_d − θ̂ around θ̂_d: the replicates shifted by θ̂_d − θ̂ (NaN without the plug-in column).
+            plug = np.array([est[where[p]] if (p := (specs[i].plugin, *keys[i][1:])) in where else np.nan for i in cols])
+            shifted = r + (e - plug)
+            lo[cols], hi[cols] = interval(shifted, e, "hull", level, a, b)
+            bc[cols] = bias_corrected(shifted, e, "hull", a, b)
             continue
         else:
             lo[cols], hi[cols] = interval(r, e, method, level, a, b)
@@ -412,7 +432,7 @@ def component_columns(key: tuple, where: dict, debiased: bool = False) -> tuple[
     Returns:
         (spec, (B, G, C) int columns: base b of group g and class c, groups in column order, classes
         sorted; the class "" alone for a base without a class axis), or None when the metric has no
-        components view or a column is missing.
+        components view (or no debiased bases), no group or a missing column.
     """
     name, attr, _, cls = key
     spec = ABS_SPECS.get(name)
@@ -420,6 +440,8 @@ def component_columns(key: tuple, where: dict, debiased: bool = False) -> tuple[
     if not bases or not attr:
         return None
     groups = list(dict.fromkeys(k[2] for k in where if k[0] == bases[0] and k[1] == attr and k[2]))
+    if not groups:
+        return None
     if cls:
         classes = [cls]
     else:
@@ -473,6 +495,48 @@ def debiased_columns(replicates, estimates, spec: GroupMetric, cols: np.ndarray)
     return float(gap), gap_r
 
 
+def debiased_interval(replicates, estimates, key: tuple, where: dict, level: float = 0.95) -> tuple[float, float, float]:
+    """The ``debiased`` interval of one gap and its estimate (see the module docstring).
+
+    The hull of the pivot ``θ*_d − θ̂`` around ``θ̂_d`` (``debiased_columns``), except for a gap of
+    ``BAND_MIN_GROUPS`` or more groups without a class axis (one class: multi-class ``ece_gap``,
+    a multi-label one of one condition): there, as ``band``, the gap of the max-t band's ends of
+    the debiased pair components, each component's deviations taken from the plug-in component
+    (the bootstrap world's truth) and the band centred on the debiased one. The hull of the
+    largest of six single differences trusts the bootstrap's bias estimate of a max, which falls
+    short (4 groups × 60: 0.85); a mean over conditions of |differences| (the multi-label
+    summary) is smoother, its hull covered, and the band, which bounds every condition's
+    difference at once, over-covered it (1.00 at twice the width; RESULTS.md, part 3).
+
+    Args:
+        replicates: (R, K); estimates: (K,). key: the gap's metrics.csv key. where: {key: column},
+            holding its groups' debiased (and plug-in) base values (``component_columns``).
+
+    Returns:
+        (low, high, estimate) unclipped; the estimate is ``θ̂ + θ̂_d − mean(θ*_d)`` either way. NaN
+        without the debiased values.
+    """
+    reps, est = np.asarray(replicates, dtype=np.float64), np.asarray(estimates, dtype=np.float64)
+    found, plain = component_columns(key, where, debiased=True), component_columns(key, where)
+    if found is None:
+        return np.nan, np.nan, np.nan
+    spec, cols = found
+    gap_d, reps_d = debiased_columns(reps, est, spec, cols)
+    shifted = (reps_d + gap_d - est[where[key]])[:, None]  # (R, 1): the pivot around θ̂_d
+    bc = float(bias_corrected(shifted, [gap_d], "hull")[0])
+    if cols.shape[1] < BAND_MIN_GROUPS or cols.shape[2] > 1 or plain is None:
+        (lo,), (hi,) = interval(shifted, [gap_d], "hull", level)
+        return float(lo), float(hi), bc
+
+    def components(x, c):  # (..., K) -> (B, P, ..., C) pair components of the columns c (B, G, C)
+        return pair_components(spec, {b: np.moveaxis(x[..., c[i]], -2, 0) for i, b in enumerate(spec.bases)})
+
+    comp_d, comp_p = components(est, cols), components(est, plain[1])
+    comp_r = np.moveaxis(components(reps, cols), 2, 0)  # (R, B, P, C)
+    lo, hi = band_interval(spec, comp_r - comp_p + comp_d, comp_d, level, cols.shape[1])
+    return float(lo), float(hi), bc
+
+
 def with_components(keys: list, available) -> list:
     """``keys`` and, after them, the per-group values a ``band`` gap among them is built from.
 
@@ -489,8 +553,9 @@ def with_components(keys: list, available) -> list:
     extra = set()
     for k in keys:
         method = interval_method(k[0]).method
-        if method in ("band", "debiased") and (
-                found := component_columns(tuple(k), where, debiased=method == "debiased")) is not None:
-            extra.update(found[1].reshape(-1).tolist())
+        # A band reads the plug-in bases' per-group values; a debiased gap the debiased ones, and the plug-in ones too.
+        for debiased in {"band": (False,), "debiased": (True, False)}.get(method, ()):
+            if (found := component_columns(tuple(k), where, debiased=debiased)) is not None:
+                extra.update(found[1].reshape(-1).tolist())
     have = {tuple(k) for k in keys}
     return list(keys) + [k for k in (tuple(a) for a in available) if where[k] in extra and k not in have]
