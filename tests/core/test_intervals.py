@@ -341,22 +341,27 @@ def test_with_components_adds_the_debiased_values_of_a_debiased_gap():
     got = with_components([("ece_gap", "grp", "", "")], keys)
     assert got[0] == ("ece_gap", "grp", "", "")
     assert sorted(got[1:]) == sorted((base, "grp", f"g{i}", "") for base in ("ece", "ece_debiased") for i in range(3))
+    assert with_components([("ece", "", "", "")], keys) == [("ece", "", "", ""), ("ece_debiased", "", "", "")]
 
 
-def test_pivot_interval_of_a_debiased_value_reads_its_plug_in_partner():
+def test_pivot_interval_of_the_ece_rows_is_built_from_the_debiased_value_and_the_plug_in():
     keys, est, reps = _bootstrapped_multilabel(2)
     where = {k: i for i, k in enumerate(keys)}
     lo, hi, bc, methods = intervals_by_metric(reps, est, keys, 0.95)
-    for key, plugin in ((("ece_debiased", "grp", "g1", "a"), "ece"), (("ece_debiased_macro", "", "", ""), "ece_macro")):
-        j, p = where[key], where[(plugin, *key[1:])]
-        assert methods[j] == "pivot"
-        pivot = reps[:, j] - est[p]  # slow reference: quantiles of the pivot, reflected and not, about the value
+    for plugin, debiased, cls, low in (("ece", "ece_debiased", "a", -1), ("ece_macro", "ece_debiased_macro", "", -1)):
+        p, d = where[(plugin, "grp", "g1", cls)], where[(debiased, "grp", "g1", cls)]
+        pivot = reps[:, d] - est[p]  # slow reference: quantiles of the pivot, reflected and not, about the debiased value
         q_lo, q_hi = np.quantile(pivot, [0.025, 0.975])
-        want = (min(est[j] - q_hi, est[j] + q_lo), max(est[j] - q_lo, est[j] + q_hi), est[p] + est[j] - reps[:, j].mean())
-        assert (lo[j], hi[j], bc[j]) == pytest.approx(np.clip(want, -1, 1), abs=1e-12)
-    # Without the plug-in partner no interval (rather than a wrong one).
+        want = np.array([min(est[d] - q_hi, est[d] + q_lo), max(est[d] - q_lo, est[d] + q_hi),
+                         est[p] + est[d] - reps[:, d].mean()])
+        assert methods[d] == methods[p] == "pivot"
+        assert (lo[d], hi[d], bc[d]) == pytest.approx(np.clip(want, low, 1), abs=1e-12)  # the debiased row: may be < 0
+        assert (lo[p], hi[p], bc[p]) == pytest.approx(np.clip(want, 0, 1), abs=1e-12)  # the plug-in row: clipped at 0
+    # Without its partner a row gets no interval (rather than a wrong one).
     j = where[("ece_debiased", "grp", "g1", "a")]
     lo, hi, bc, _ = intervals_by_metric(reps[:, [j]], est[[j]], [keys[j]], 0.95)
     assert np.isnan([lo[0], hi[0], bc[0]]).all()
     with pytest.raises(ValueError, match="plug-in"):
-        IntervalMethod("pivot")
+        IntervalMethod("pivot", plugin="ece")
+    with pytest.raises(ValueError, match="plug-in"):
+        IntervalMethod("hull", plugin="ece", debiased="ece_debiased")
