@@ -24,7 +24,12 @@ patients), and for the gaps with a components view (``eqodds``, ``eqodds_worst``
 ``ece_gap``) ``band`` (both ends from the max-t simultaneous band of the per-pair, per-class
 differences, ``intervals.band_interval``), ``band_basic`` (its low end, the basic high end: what
 ``used`` is for those gaps with 3+ groups) and ``band_bc`` (both ends, the band centred on the
-components' bias-corrected values: a candidate for ``ece_gap``). A nominal 95% interval should cover 95% of the time; an absolute or max-over-groups
+components' bias-corrected values: a candidate for ``ece_gap``); for ``ece_gap`` also ``debiased``
+(the hull of the pivot θ*_d − θ̂ of the gap recomputed from the groups' ``ece_debiased``: what
+``used`` is with two groups, and for the multi-label summary) and ``debiased_band`` (the max-t band
+of the debiased pair differences: what ``used`` is with 3+ groups and one class). The per-sample
+``ece`` and ``ece_debiased`` (multi-label ``ece_macro``, ``ece_debiased_macro``) are studied too:
+their truth is the population's binned ECE. A nominal 95% interval should cover 95% of the time; an absolute or max-over-groups
 gap is biased upward in small samples, which the percentile interval inherits.
 
 Prints one row per (setting, metric): truth, mean plug-in estimate (its bias), mean

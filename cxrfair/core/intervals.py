@@ -157,17 +157,17 @@ INTERVAL_METHODS: dict[str, IntervalMethod] = {
                                                   "differences and the high end of the basic interval, as the hull "
                                                   "under-covers the largest of many pairs")
        for name in ("eqodds", "eqodds_worst", "dp_gap")},
-    "ece_gap": IntervalMethod("debiased", 0.0, 1.0, coverage_checked=False,
+    "ece_gap": IntervalMethod("debiased", 0.0, 1.0,
                               why="the binned ECE is itself biased upward in small groups, most in a well-calibrated "
                                   "one, so the plug-in gap's bias has either sign: the hull of the bootstrap pivot of the "
-                                  "gap recomputed from the groups' debiased ECE (ece_debiased, Kumar et al. 2019)"),
-    "ece_gap_paper": IntervalMethod("band", 0.0, 1.0, coverage_checked=False,
+                                  "gap recomputed from the groups' debiased ECE (ece_debiased, Kumar et al. 2019); with "
+                                  "3+ groups and one class the max-t band of their pair differences"),
+    "ece_gap_paper": IntervalMethod("band", 0.0, 1.0,
                                     why="|difference| of two groups' mean |p − o| (3+ groups: the largest pair), biased "
                                         "upward as eqodds is: with two groups " + _HULL + "; with 3+ groups the band"),
     # The binned ECE and its debiased estimator (below 0 possible): the plug-in's percentile interval covered the
     # population ECE 0.44-0.95 (RESULTS.md, part 3); both rows take the pivot interval of the debiased one.
     **{name: IntervalMethod("pivot", low, 1.0, plugin=plugin, debiased=plugin.replace("ece", "ece_debiased"),
-                            coverage_checked=False,
                             why="the binned ECE is biased upward in small samples and its replicates again (the "
                                 "percentile interval sits above the truth): the hull of the pivot of its debiased "
                                 "estimator (ece_debiased, Kumar et al. 2019), whose replicates scatter about the plug-in "
