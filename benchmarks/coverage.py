@@ -27,7 +27,8 @@ differences, ``intervals.band_interval``), ``band_basic`` (its low end, the basi
 components' bias-corrected values: a candidate for ``ece_gap``); for ``ece_gap`` also ``debiased``
 (the hull of the pivot θ*_d − θ̂ of the gap recomputed from the groups' ``ece_debiased``: what
 ``used`` is with two groups, and for the multi-label summary) and ``debiased_band`` (the max-t band
-of the debiased pair differences: what ``used`` is with 3+ groups and one class). The per-sample
+of the debiased pair differences: what ``used`` is with 3+ groups and one class), ``debiased_band_hull``
+(that band's low end, the ``debiased`` high end). The per-sample
 ``ece`` and ``ece_debiased`` (multi-label ``ece_macro``, ``ece_debiased_macro``) are studied too:
 their truth is the population's binned ECE. A nominal 95% interval should cover 95% of the time; an absolute or max-over-groups
 gap is biased upward in small samples, which the percentile interval inherits.
@@ -61,7 +62,7 @@ STUDIED = ("accuracy", "auc_macro", "ece", "ece_debiased", "f1_gap", "f1_gap_abs
            "ece_gap", "ece_gap_paper", "fnr_gap", "es_auc", "worst_group_accuracy")
 CLASSES = ("A", "B", "C")
 METHODS = ("used", "percentile", "basic", "shifted", "hull", "bca", "band", "band_basic", "band_bc", "debiased",
-           "debiased_band")  # "used": core.intervals' choice for the metric
+           "debiased_band", "debiased_band_hull")  # "used": core.intervals' choice for the metric
 JACK_BLOCKS = 20  # delete-a-block jackknife of the BCa acceleration: blocks of patients
 
 
@@ -137,7 +138,7 @@ def debiased_intervals(name: str, estimate: float, rep_mat: np.ndarray, est_vec:
     key = (name, "group", "", "")
     cd, cp = component_columns(key, where, debiased=True), component_columns(key, where)
     if cd is None:
-        return {"debiased": (np.nan, np.nan), "debiased_band": (np.nan, np.nan)}
+        return dict.fromkeys(("debiased", "debiased_band", "debiased_band_hull"), (np.nan, np.nan))
     spec, cols_d = cd
     gap_d, reps_d = debiased_columns(rep_mat, est_vec, spec, cols_d)
     (lo,), (hi,) = interval((reps_d + gap_d - estimate)[:, None], [gap_d], "hull", level, 0.0, 1.0)
@@ -148,7 +149,9 @@ def debiased_intervals(name: str, estimate: float, rep_mat: np.ndarray, est_vec:
     comp_d, comp_p = comps(est_vec, cols_d), comps(est_vec, cp[1])
     comp_r = np.moveaxis(comps(rep_mat, cols_d), 2, 0)  # (R, B, P, C)
     band = band_interval(spec, comp_r - comp_p + comp_d, comp_d, level, cols_d.shape[1])
-    return {"debiased": (float(lo), float(hi)), "debiased_band": tuple(float(np.clip(v, 0.0, 1.0)) for v in band)}
+    band = tuple(float(np.clip(v, 0.0, 1.0)) for v in band)
+    return {"debiased": (float(lo), float(hi)), "debiased_band": band,
+            "debiased_band_hull": (band[0], max(float(hi), band[0]))}
 
 
 def _accuracy(signal: float, tilt: float = 0.0, n: int = 50_000) -> float:
