@@ -145,10 +145,11 @@ def test_gap_intervals_follow_the_method_table(seeded):
     eo = m.loc[("eqodds", "sex", "", "")], m.loc[("eqodds", crossed, "", "")]
     assert (eo[0]["interval"], eo[1]["interval"]) == ("hull", "band") and eo[1]["ci_low"] <= eo[1]["value_bc"] <= eo[1]["ci_high"]
     assert any(n.startswith("Intervals (percentile) of ") and "accuracy" in n for n in res.notes)
-    # eqodds is coverage-checked with any number of groups (the band with 3+), ece_gap too (its debiased interval,
-    # from the groups' ece_debiased rows; the band of their differences with four groups), ece by the pivot.
+    # eqodds is coverage-checked with any number of groups (the band with 3+), ece_gap with two (its debiased
+    # interval, from the groups' ece_debiased rows; with four the band of their differences, unchecked), ece too.
     unchecked = [n for n in res.notes if n.startswith("The intervals of ") and "not coverage-checked" in n]
-    assert len(unchecked) == 1 and "ece_gap" not in unchecked[0] and "ece," not in unchecked[0]
+    assert len(unchecked) == 1 and "ece_gap (attributes of more than 2 groups)" in unchecked[0]
+    assert "ece," not in unchecked[0] and "ece_gap_paper" not in unchecked[0]
     assert "eqodds" not in unchecked[0] and "f1_gap," not in unchecked[0]
     assert m.loc[("ece_gap", "sex", "", ""), "interval"] == m.loc[("ece_gap", crossed, "", ""), "interval"] == "debiased"
     assert set(res.metrics.loc[res.metrics["metric"].isin(["ece", "ece_debiased"]), "interval"]) == {"pivot"}
