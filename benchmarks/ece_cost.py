@@ -6,7 +6,8 @@ Times, for this checkout and for a baseline interpreter (a checkout without ``ec
 alternately in child processes of this run (``--rounds`` each, the median kept):
 ``metrics.evaluate_all`` (multi-class: 240 images, 6 classes, sex × age, 1,000 replicates) and
 ``multilabel.evaluate_multilabel`` (4,000 images, 6 conditions, sex and a 3-group attribute,
-1,000 replicates). Prints seconds (CPU seconds of the child) and the ratio new / baseline, with
+1,000 replicates), and the interval step (``intervals.intervals_by_metric``) of the latter's keys.
+Prints seconds (CPU seconds of the child) and the ratio new / baseline, with
 ``os.getloadavg()``.
 """
 
@@ -38,9 +39,17 @@ s2, r3 = rng.choice(["M", "F"], N), rng.choice(["a", "b", "c"], N)
 groups = {"sex": (s2, ["M", "F"]), "race": (r3, ["a", "b", "c"])}
 w = patient_counts(np.arange(N), s2, 1000, rng)
 t0, c0 = time.perf_counter(), time.process_time()
-ML.evaluate_multilabel(Y, P, list("abcdef"), groups, np.full(6, 0.5), weights=w)
+reps = ML.evaluate_multilabel(Y, P, list("abcdef"), groups, np.full(6, 0.5), weights=w)
 ml = (time.perf_counter() - t0, time.process_time() - c0)
-print(*mc, *ml)
+from cxrfair.core.intervals import intervals_by_metric
+est = ML.evaluate_multilabel(Y, P, list("abcdef"), groups, np.full(6, 0.5))
+keys = list(est)
+R = np.stack([np.asarray(reps[k], float) for k in keys], 1)
+E = np.array([float(est[k]) for k in keys])
+t0, c0 = time.perf_counter(), time.process_time()
+intervals_by_metric(R, E, keys)
+iv = (time.perf_counter() - t0, time.process_time() - c0)
+print(*mc, *ml, *iv)
 """
 
 
@@ -58,10 +67,11 @@ def main() -> None:
     for _ in range(args.rounds):
         runs["baseline"].append(_once(args.baseline_python))
         runs["new"].append(_once(sys.executable))
-    med = {k: [statistics.median(r[i] for r in v) for i in range(4)] for k, v in runs.items()}
+    med = {k: [statistics.median(r[i] for r in v) for i in range(6)] for k, v in runs.items()}
     print(f"load average {os.getloadavg()}; medians of {args.rounds} alternating rounds, wall s (CPU s)")
     for i, name in ((0, "evaluate_all, multi-class, 240 images x 1000 replicates"),
-                    (2, "evaluate_multilabel, 4000 images x 6 conditions x 1000 replicates")):
+                    (2, "evaluate_multilabel, 4000 images x 6 conditions x 1000 replicates"),
+                    (4, "intervals_by_metric of those multi-label values (every key, 1000 replicates)")):
         b, n = med["baseline"], med["new"]
         print(f"{name}: baseline {b[i]:.2f} ({b[i + 1]:.2f})  new {n[i]:.2f} ({n[i + 1]:.2f})  "
               f"ratio {n[i] / b[i]:.2f} ({n[i + 1] / b[i + 1]:.2f})")
