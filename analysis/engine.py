@@ -325,7 +325,7 @@ def _interval_notes(metrics: pd.DataFrame, n_groups: dict[str, int]) -> list[str
         if interval_method(name).method == "percentile":
             # The replicates sit on one side of the estimate: the percentile interval inherits their bias.
             notes.append(head + f"its bootstrap replicates are biased {'downward' if side == 'above' else 'upward'} "
-                                "in groups this small (e.g. the binned ECE of a few images), and its percentile "
+                                "in groups this small, and its percentile "
                                 "interval inherits that bias; read those rows with care.")
         else:
             notes.append(head + f"the plug-in {name} is biased {'upward' if side == 'above' else 'downward'} in "

@@ -26,7 +26,13 @@ patients), and for the gaps with a components view (``eqodds``, ``eqodds_worst``
 ``ece_gap``) ``band`` (both ends from the max-t simultaneous band of the per-pair, per-class
 differences, ``intervals.band_interval``), ``band_basic`` (its low end, the basic high end: what
 ``used`` is for those gaps with 3+ groups) and ``band_bc`` (both ends, the band centred on the
-components' bias-corrected values: a candidate for ``ece_gap``). A nominal 95% interval should cover 95% of the time; an absolute or max-over-groups
+components' bias-corrected values: a candidate for ``ece_gap``); for ``ece_gap`` also ``debiased``
+(the hull of the pivot θ*_d − θ̂ of the gap recomputed from the groups' ``ece_debiased``: what
+``used`` is with two groups, and for the multi-label summary) and ``debiased_band`` (the max-t band
+of the debiased pair differences: what ``used`` is with 3+ groups and one class), ``debiased_band_hull``
+(that band's low end, the ``debiased`` high end). The per-sample
+``ece`` and ``ece_debiased`` (multi-label ``ece_macro``, ``ece_debiased_macro``) are studied too:
+their truth is the population's binned ECE. A nominal 95% interval should cover 95% of the time; an absolute or max-over-groups
 gap is biased upward in small samples, which the percentile interval inherits.
 
 Prints one row per (setting, metric): truth, mean plug-in estimate (its bias), mean
@@ -52,15 +58,16 @@ from cxrfair.core import metrics as M
 from cxrfair.core import multilabel as ML
 from cxrfair.core.bootstrap import interval as interval_percentile
 from cxrfair.core.bootstrap import p_value, patient_counts
-from cxrfair.core.groups import COMPONENT_BIAS
-from cxrfair.core.intervals import band_columns, component_columns, interval, interval_method, intervals_by_metric
-from cxrfair.core.intervals import one_sided_band
+from cxrfair.core.groups import COMPONENT_BIAS, pair_components
+from cxrfair.core.intervals import (band_columns, band_interval, component_columns, debiased_columns, interval,
+                                    interval_method, intervals_by_metric, one_sided_band)
 
 # The metrics whose coverage is studied: (name in evaluate_all's keys, attribute-level?).
-STUDIED = ("accuracy", "auc_macro", "f1_gap", "f1_gap_abs", "eqodds", "eqodds_worst", "dp_gap", "ece_gap",
-           "fnr_gap", "es_auc", "worst_group_accuracy")
+STUDIED = ("accuracy", "auc_macro", "ece", "ece_debiased", "f1_gap", "f1_gap_abs", "eqodds", "eqodds_worst", "dp_gap",
+           "ece_gap", "ece_gap_paper", "fnr_gap", "es_auc", "worst_group_accuracy")
 CLASSES = ("A", "B", "C")
-METHODS = ("used", "percentile", "basic", "shifted", "hull", "bca", "band", "band_basic", "band_bc")  # "used": core.intervals' choice for the metric
+METHODS = ("used", "percentile", "basic", "shifted", "hull", "bca", "band", "band_basic", "band_bc", "debiased",
+           "debiased_band", "debiased_band_hull")  # "used": core.intervals' choice for the metric
 JACK_BLOCKS = 20  # delete-a-block jackknife of the BCa acceleration: blocks of patients
 
 
@@ -128,6 +135,30 @@ def intervals(name: str, estimate: float, reps: np.ndarray, jack: np.ndarray, le
     return {**one, "bca": _bca(estimate, reps, jack, level)}
 
 
+def debiased_intervals(name: str, estimate: float, rep_mat: np.ndarray, est_vec: np.ndarray, where: dict,
+                       level: float) -> dict[str, tuple[float, float]]:
+    """A gap with debiased per-group values (``ece_gap``): ``debiased`` (the hull of the pivot θ*_d − θ̂ around
+    θ̂_d, ``intervals`` method ``debiased``) and ``debiased_band`` (the max-t band of the debiased pair
+    components, deviations taken from the plug-in components: the bootstrap world's truth); NaN otherwise."""
+    key = (name, "group", "", "")
+    cd, cp = component_columns(key, where, debiased=True), component_columns(key, where)
+    if cd is None:
+        return dict.fromkeys(("debiased", "debiased_band", "debiased_band_hull"), (np.nan, np.nan))
+    spec, cols_d, _ = cd
+    gap_d, reps_d = debiased_columns(rep_mat, est_vec, spec, cols_d)
+    (lo,), (hi,) = interval((reps_d + gap_d - estimate)[:, None], [gap_d], "hull", level, 0.0, 1.0)
+
+    def comps(x, cols):  # (..., K) -> (B, P, ..., C) pair components of the columns (B, G, C)
+        return pair_components(spec, {b: np.moveaxis(x[..., cols[i]], -2, 0) for i, b in enumerate(spec.bases)})
+
+    comp_d, comp_p = comps(est_vec, cols_d), comps(est_vec, cp[1])
+    comp_r = np.moveaxis(comps(rep_mat, cols_d), 2, 0)  # (R, B, P, C)
+    band = band_interval(spec, comp_r - comp_p + comp_d, comp_d, level, cols_d.shape[1])
+    band = tuple(float(np.clip(v, 0.0, 1.0)) for v in band)
+    return {"debiased": (float(lo), float(hi)), "debiased_band": band,
+            "debiased_band_hull": (band[0], max(float(hi), band[0]))}
+
+
 def _accuracy(signal: float, tilt: float = 0.0, n: int = 50_000) -> float:
     """Population accuracy at one signal and tilt (common random numbers, so it is monotone in the signal)."""
     y, p, _, _ = simulate(np.array([signal]), n, np.random.default_rng(1), tilts=np.array([tilt]))
@@ -150,7 +181,8 @@ def signals_for(n_groups: int, gap: float, base: float = 2.0) -> tuple[np.ndarra
 # (fixed, as if chosen on validation), through ``multilabel.evaluate_multilabel``. The other groups'
 # signal is ``ML_SIGNAL_PER_GAP × gap`` lower and their scores tilted up by ``TILT_PER_GAP × gap``
 # (so TPR, FPR and calibration differ); each metric's truth is printed.
-ML_STUDIED = ("auc_macro", "auc_gap", "worst_group_auc", "es_auc", "eqodds", "eqodds_worst", "fnr_gap", "ece_gap")
+ML_STUDIED = ("auc_macro", "ece_macro", "ece_debiased_macro", "auc_gap", "worst_group_auc", "es_auc", "eqodds", "eqodds_worst",
+              "fnr_gap", "ece_gap")
 ML_PREVALENCE, ML_SIGNAL_PER_GAP, ML_NOISE = 0.3, 5.0, 1.5
 
 
@@ -257,6 +289,7 @@ def run_setting(n_groups: int, n_per_group: int, gap: float, args, rng, task: st
             found["band_bc"] = (band_columns(rep_mat, est_vec, *cc, args.level, recentre=True) if cc
                                 else (np.nan, np.nan))
             found.update(one_sided(found, cc, rep_mat, est_vec, r, e, interval_method(m), args.level))
+            found.update(debiased_intervals(m, e, rep_mat, est_vec, where, args.level))
             excludes[m] += not found["used"][0] <= e <= found["used"][1]
             for k, (lo, hi) in found.items():
                 if np.isnan(lo):  # a method that does not apply to this metric (band: no components view)

@@ -6,6 +6,8 @@ One owner per concept that several stages share:
   post-processing, read by analysis and the pipeline.
 - ``metrics`` / ``multilabel``: utility and group-fairness metrics, pure NumPy, one contract
   ``f(y_true, y_prob, *, weights=None)``; each task's group-metric table (``GROUP_METRICS``).
+- ``calibration``: the binned calibration error from per-bin sums, plug-in and debiased
+  (Kumar et al. 2019), for both tasks' ``ece`` and ``ece_debiased``.
 - ``groups``: the group-metric engine both tasks share (``by_group``, ``GroupMetric``,
   ``combine_groups``) and the NaN rule (``ratio``, ``nanmean_last``).
 - ``bootstrap``: patient-level resampling as weight matrices and the interval engine.

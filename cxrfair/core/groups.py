@@ -136,18 +136,25 @@ class GroupMetric:
             "equity": per class overall / (1 + Σ_g |overall − value(g)|) (one base); summary:
                 the class mean.
         doc: one sentence, for METRIC_DEFINITIONS and the report.
+        debiased: per-sample metrics of the task that estimate ``bases`` (same order) with their
+            small-sample bias removed (``ece`` → ``ece_debiased``); the gap's interval is built from
+            their per-group values (``core.intervals``, method ``debiased``). Empty: none.
     """
 
     name: str
     bases: tuple[str, ...]
     combine: str
     doc: str
+    debiased: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.combine not in COMBINES:
             raise ValueError(f"unknown combine {self.combine!r}; choose among {', '.join(COMBINES)}")
         if not self.bases or (self.combine in ("min", "equity") and len(self.bases) != 1):
             raise ValueError(f"{self.name}: combine {self.combine!r} takes {'one base' if self.bases else 'a base'}")
+        if self.debiased and (len(self.debiased) != len(self.bases) or self.combine not in ABS_COMBINES):
+            raise ValueError(f"{self.name}: debiased bases pair with the bases one to one, for a combine in "
+                             f"{', '.join(ABS_COMBINES)}")
 
 
 # ----------------------------------------------------------------------------- the engine

@@ -56,6 +56,27 @@ Methods (``METHODS``), each over the replicate axis and vectorised over every ot
   the same coverage). With 4 groups (gaps 0.05, 0.15) the hull covered ``worst_group_auc`` 0.89–0.955 and
   ``es_auc`` 0.835–0.995, the band 0.985–0.995 and 0.90–0.985 (RESULTS.md, "Interval coverage, part 3").
 
+- ``debiased``: for a gap whose per-group base has a debiased estimator beside it in the metric
+  tables (``GroupMetric.debiased``: ``ece_gap`` from ``ece_debiased``). The binned ECE is itself
+  biased upward in a small group, by an amount that depends on the group's calibration (a
+  well-calibrated group gains most), so the plug-in gap's bias has either sign and no interval of
+  the plug-in's own replicates covers (RESULTS.md). Instead the gap is recomputed from the groups'
+  debiased values (``debiased_columns``: ``θ̂_d``, and its replicates ``θ*_d``), and the hull is
+  taken of the bootstrap pivot ``θ*_d − θ̂`` (θ̂ the plug-in gap: the bootstrap world's truth, since
+  the binned ECE of the sample is the population ECE of the resampled world) around ``θ̂_d``, both
+  reflected and not: ``[θ̂_d − (q_hi − θ̂), θ̂_d − (q_lo − θ̂)] ∪ [θ̂_d + (q_lo − θ̂), θ̂_d + (q_hi − θ̂)]``.
+  A gap over 3+ groups without a class axis (multi-class; one condition) takes, as ``band`` does,
+  both ends from the max-t band of the debiased pair differences, their deviations taken from the
+  plug-in differences (``debiased_interval``). Without the debiased values among the keys it is
+  the hull. Estimate: ``hull``'s bias correction of that pivot, ``θ̂ + θ̂_d − mean(θ*_d)``.
+
+- ``pivot``: a per-sample value with a debiased estimator beside it (``ece`` and ``ece_debiased``,
+  both rows): the hull of the pivot ``θ*_d − θ̂`` around ``θ̂_d`` (θ̂ the plug-in, θ̂_d the
+  debiased value, θ*_d its replicates), as ``debiased`` with two groups. The debiased replicates
+  scatter about the plug-in value (the bootstrap world's truth), so their percentile interval
+  would be the plug-in's; the plug-in's own percentile interval sits above the truth. Estimate:
+  ``θ̂ + θ̂_d − mean(θ*_d)`` (the same on both rows; the row's ``value`` stays its own).
+
 The plug-in value itself never changes (it equals fairlearn's); ``value_bc`` is added beside it.
 """
 
@@ -68,9 +89,10 @@ import numpy as np
 
 from cxrfair.core.bootstrap import interval as percentile_interval
 from cxrfair.core import metrics, multilabel
-from cxrfair.core.groups import COMPONENT_BIAS, GroupMetric, abs_range, component_range, components
+from cxrfair.core.groups import (COMPONENT_BIAS, GroupMetric, abs_range, combine_components, component_range, components,
+                                 pair_components)
 
-METHODS = ("percentile", "basic", "shifted", "hull", "folded", "band")
+METHODS = ("percentile", "basic", "shifted", "hull", "folded", "band", "debiased", "pivot")
 BAND_MIN_GROUPS = 3  # a "band" gap over fewer groups (one pair) takes the hull (RESULTS.md: the basic end under-covers there)
 
 
@@ -92,6 +114,8 @@ class IntervalMethod:
             gap that is the largest of many differences: ``component_band``) or ``"pointwise"`` (the
             normal quantile ``z_{(1+level)/2}``: for a smallest group value, whose high end fails only
             when the worst group's own bound does, so needs no multiplicity correction).
+        plugin, debiased: for ``pivot``, the plug-in metric and its debiased estimator (same attribute,
+            group, class); the row is one of the two.
     """
 
     method: str
@@ -102,6 +126,8 @@ class IntervalMethod:
     signed: str = ""
     checked_groups: int | None = None
     band_critical: str = "max_t"
+    plugin: str = ""
+    debiased: str = ""
 
     BAND_CRITICALS = ("max_t", "pointwise")
 
@@ -110,6 +136,8 @@ class IntervalMethod:
             raise ValueError(f"unknown interval method {self.method!r}; choose among {', '.join(METHODS)}")
         if (self.method == "folded") != bool(self.signed):
             raise ValueError("a folded interval names its signed metric, and only a folded one")
+        if (self.method == "pivot") != bool(self.plugin) or bool(self.plugin) != bool(self.debiased):
+            raise ValueError("a pivot interval names its plug-in and debiased metrics, and only a pivot one")
         if self.band_critical not in self.BAND_CRITICALS:
             raise ValueError(f"unknown band critical value {self.band_critical!r}; choose among "
                              f"{', '.join(self.BAND_CRITICALS)}")
@@ -153,11 +181,24 @@ INTERVAL_METHODS: dict[str, IntervalMethod] = {
                                                   "differences and the high end of the basic interval, as the hull "
                                                   "under-covers the largest of many pairs")
        for name in ("eqodds", "eqodds_worst", "dp_gap")},
-    **{name: IntervalMethod("hull", 0.0, 1.0, coverage_checked=False,
-                            why="ECE is itself biased upward in small groups, by an amount that depends on the group's "
-                                "size and accuracy, so the gap's bias has either sign: " + _HULL + "; no bootstrap "
-                                "interval reached 0.90 coverage in every simulated setting, so not coverage-checked")
-       for name in ("ece_gap", "ece_gap_paper")},
+    # Four groups: multi-class 0.94-1.00, multi-label 0.845-0.975 (RESULTS.md, part 3): checked for two groups only.
+    "ece_gap": IntervalMethod("debiased", 0.0, 1.0, checked_groups=2,
+                              why="the binned ECE is itself biased upward in small groups, most in a well-calibrated "
+                                  "one, so the plug-in gap's bias has either sign: the hull of the bootstrap pivot of the "
+                                  "gap recomputed from the groups' debiased ECE (ece_debiased, Kumar et al. 2019); with "
+                                  "3+ groups and one class the max-t band of their pair differences"),
+    "ece_gap_paper": IntervalMethod("band", 0.0, 1.0,
+                                    why="|difference| of two groups' mean |p − o| (3+ groups: the largest pair), biased "
+                                        "upward as eqodds is: with two groups " + _HULL + "; with 3+ groups the band"),
+    # The binned ECE and its debiased estimator (below 0 possible): the plug-in's percentile interval covered the
+    # population ECE 0.44-0.95 (RESULTS.md, part 3); both rows take the pivot interval of the debiased one.
+    **{name: IntervalMethod("pivot", low, 1.0, plugin=plugin, debiased=plugin.replace("ece", "ece_debiased"),
+                            why="the binned ECE is biased upward in small samples and its replicates again (the "
+                                "percentile interval sits above the truth): the hull of the pivot of its debiased "
+                                "estimator (ece_debiased, Kumar et al. 2019), whose replicates scatter about the plug-in "
+                                "value (the resampled world's truth), about the debiased value")
+       for name, plugin, low in (("ece", "ece", 0.0), ("ece_macro", "ece_macro", 0.0), ("ece_debiased", "ece", -1.0),
+                                 ("ece_debiased_macro", "ece_macro", -1.0))},
     "worst_group_accuracy": IntervalMethod("hull", 0.0, 1.0, why="the smallest group's value, biased downward: " + _HULL),
     # Biased downward (the smallest of noisy group values); with four groups the hull covered 0.835-0.995, the band
     # 0.90-0.995 in every setting of both tasks (RESULTS.md, "Interval coverage, part 3"); two groups keep the hull.
@@ -214,8 +255,9 @@ def interval(replicates, estimate, method: str = "percentile", level: float = 0.
     elif method == "shifted":
         shift = 2 * (_mean(reps) - est)
         lo, hi = lo - shift, hi - shift
-    elif method == "band":
-        raise ValueError("a band interval is made from the gap's components: intervals_by_metric (or band_columns)")
+    elif method in ("band", "debiased", "pivot"):
+        raise ValueError(f"a {method} interval is made from the gap's components or plug-in partner (other "
+                         "columns): intervals_by_metric")
     elif method != "percentile":
         raise ValueError(f"unknown interval method {method!r}; choose among {', '.join(METHODS)}")
     bad = np.isnan(est) | np.isnan(lo)
@@ -270,7 +312,10 @@ def intervals_by_metric(replicates, estimates, keys, level: float = 0.95):
     # gap takes the hull, and its method column says so.
     views = {i: component_columns(k, where, est) for i, (k, s) in enumerate(zip(keys, specs)) if s.method == "band"}
     views = {i: c for i, c in views.items() if c is not None and c[1].shape[1] >= BAND_MIN_GROUPS}
-    used = [("hull" if s.method == "band" and i not in views else s.method) for i, s in enumerate(specs)]
+    # A debiased gap without its debiased per-group values among the keys takes the hull too.
+    views.update({i: c for i, (k, s) in enumerate(zip(keys, specs)) if s.method == "debiased"
+                  and (c := component_columns(k, where, est, debiased=True)) is not None})
+    used = [("hull" if s.method in ("band", "debiased") and i not in views else s.method) for i, s in enumerate(specs)]
     lo, hi, bc = (np.full(len(specs), np.nan) for _ in range(3))
     for method in METHODS:
         cols = np.array([i for i, m in enumerate(used) if m == method and source[i] >= 0], dtype=np.int64)
@@ -282,6 +327,20 @@ def intervals_by_metric(replicates, estimates, keys, level: float = 0.95):
         if method == "band":
             lo[cols], hi[cols] = one_sided_band(reps, est, r, e, [views[i] for i in cols], level, a, b,
                                                 [specs[i].critical(level) for i in cols])
+        elif method == "debiased":
+            found = np.array([debiased_interval(reps, est, keys[i], where, level) for i in cols])  # (k, 3)
+            lo[cols], hi[cols], bc[cols] = (np.clip(x, a, b) for x in found.T)
+            continue
+        elif method == "pivot":
+            # The pivot θ*_d − θ̂ around θ̂_d: the debiased replicates shifted by θ̂_d − θ̂ (NaN without both columns).
+            d, p = ([where.get((getattr(specs[i], role), *keys[i][1:]), -1) for i in cols] for role in ("debiased", "plugin"))
+            d, p = np.array(d), np.array(p)
+            ok = (d >= 0) & (p >= 0)
+            e_d = np.where(ok, est[d], np.nan)
+            shifted = reps[:, d] + np.where(ok, e_d - est[p], np.nan)
+            lo[cols], hi[cols] = interval(shifted, e_d, "hull", level, a, b)
+            bc[cols] = np.where(ok, bias_corrected(shifted, e_d, "hull", a, b), np.nan)
+            continue
         else:
             lo[cols], hi[cols] = interval(r, e, method, level, a, b)
         bc[cols] = bias_corrected(r, e, method, a, b)
@@ -405,8 +464,8 @@ def _component_specs() -> dict[str, tuple[GroupMetric, ...]]:
         if spec.combine not in COMPONENT_BIAS:
             continue
         seen = out.setdefault(spec.name, (spec,))
-        if seen[0].combine != spec.combine:
-            raise ValueError(f"{spec.name}: the two tasks' spec tables disagree on its combine")
+        if (seen[0].combine, seen[0].debiased) != (spec.combine, spec.debiased):
+            raise ValueError(f"{spec.name}: the two tasks' spec tables disagree on its combine or debiased bases")
         if spec.bases not in [s.bases for s in seen]:  # the same metric (its doc may differ by task)
             out[spec.name] = (*seen, spec)
     return out
@@ -415,23 +474,28 @@ def _component_specs() -> dict[str, tuple[GroupMetric, ...]]:
 COMPONENT_SPECS = _component_specs()
 
 
-def _columns_of(spec: GroupMetric, attr: str, cls: str, where: dict) -> tuple[np.ndarray, np.ndarray | None] | None:
-    """(B, G, C) per-group columns and, for "equity", (B, C) overall columns of one spec; None if one is missing."""
-    groups = list(dict.fromkeys(k[2] for k in where if k[0] == spec.bases[0] and k[1] == attr and k[2]))
+def _columns_of(spec: GroupMetric, attr: str, cls: str, where: dict,
+                debiased: bool = False) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """(B, G, C) per-group columns and, for "equity", (B, C) overall columns of one spec (with ``debiased``:
+    of its debiased bases, ``GroupMetric.debiased``); None if one is missing (or the spec has no debiased bases)."""
+    bases = spec.debiased if debiased else spec.bases
+    if not bases:
+        return None
+    groups = list(dict.fromkeys(k[2] for k in where if k[0] == bases[0] and k[1] == attr and k[2]))
     if cls:
         classes = [cls]
     else:
-        classes = sorted({k[3] for k in where if k[0] == spec.bases[0] and k[1] == attr and k[2] and k[3]}) or [""]
+        classes = sorted({k[3] for k in where if k[0] == bases[0] and k[1] == attr and k[2] and k[3]}) or [""]
     try:
-        cols = np.array([[[where[(b, attr, g, c)] for c in classes] for g in groups] for b in spec.bases], dtype=np.int64)
-        overall = (np.array([[where[(b, "", "", c)] for c in classes] for b in spec.bases], dtype=np.int64)
+        cols = np.array([[[where[(b, attr, g, c)] for c in classes] for g in groups] for b in bases], dtype=np.int64)
+        overall = (np.array([[where[(b, "", "", c)] for c in classes] for b in bases], dtype=np.int64)
                    if spec.combine == "equity" else None)
     except KeyError:
         return None
     return cols, overall
 
 
-def component_candidates(key: tuple, where: dict) -> list[tuple[GroupMetric, np.ndarray, np.ndarray | None]]:
+def component_candidates(key: tuple, where: dict, debiased: bool = False) -> list[tuple[GroupMetric, np.ndarray, np.ndarray | None]]:
     """Every spec of a metric (one per task, ``COMPONENT_SPECS``) whose per-group base values are all among the columns.
 
     Args:
@@ -439,6 +503,7 @@ def component_candidates(key: tuple, where: dict) -> list[tuple[GroupMetric, np.
         where: {metrics.csv key: column}: the per-group values ``(base, attribute, group, class)``
             that ``evaluate_all`` / ``evaluate_multilabel`` report beside the metric (and, for
             "equity", the overall ones ``(base, "", "", class)``).
+        debiased: the columns of the spec's debiased bases (``GroupMetric.debiased``) instead of its bases.
 
     Returns:
         [(spec, (B, G, C) int columns: base b of group g and class c, groups in column order, classes
@@ -448,24 +513,26 @@ def component_candidates(key: tuple, where: dict) -> list[tuple[GroupMetric, np.
     name, attr, _, cls = key
     if not attr:
         return []
-    found = [(spec, _columns_of(spec, attr, cls, where)) for spec in COMPONENT_SPECS.get(name, ())]
+    found = [(spec, _columns_of(spec, attr, cls, where, debiased)) for spec in COMPONENT_SPECS.get(name, ())]
     return [(spec, *cols) for spec, cols in found if cols is not None and cols[0].shape[1]]
 
 
-def component_columns(key: tuple, where: dict, estimates=None) -> tuple[GroupMetric, np.ndarray, np.ndarray | None] | None:
+def component_columns(key: tuple, where: dict, estimates=None,
+                      debiased: bool = False) -> tuple[GroupMetric, np.ndarray, np.ndarray | None] | None:
     """Where a metric's per-group base values sit among the columns of a metrics table, to rebuild its components.
 
     Both tasks report the bases of both (``es_auc``: each condition's AUC and the macro AUC per group), so
     where a name has two specs the table's own is the one whose components rebuild the reported value.
 
     Args:
-        key, where: as ``component_candidates``. estimates: (K,) the columns' values; needed only
-            to choose between two specs (without it, or when neither rebuilds the value: None).
+        key, where, debiased: as ``component_candidates``. estimates: (K,) the columns' values; needed only
+            to choose between two specs (without it, or when neither rebuilds the value: None; a
+            metric with debiased bases has one spec).
 
     Returns:
         One of ``component_candidates``, or None.
     """
-    found = component_candidates(key, where)
+    found = component_candidates(key, where, debiased)
     if len(found) < 2:
         return found[0] if found else None
     if estimates is None:
@@ -504,8 +571,73 @@ def band_columns(replicates, estimates, spec: GroupMetric, cols: np.ndarray, ove
     return float(lo), float(hi)
 
 
+def debiased_columns(replicates, estimates, spec: GroupMetric, cols: np.ndarray) -> tuple[float, np.ndarray]:
+    """A gap recomputed from its groups' debiased values (``component_columns(..., debiased=True)``).
+
+    Args:
+        replicates: (R, K) replicates of every column; estimates: (K,). cols: (B, G, C), the debiased bases'.
+
+    Returns:
+        (θ̂_d, (R,) θ*_d): the gap of the debiased per-group values and its replicates; NaN with fewer than two groups.
+    """
+    reps, est = np.asarray(replicates, dtype=np.float64), np.asarray(estimates, dtype=np.float64)
+    n_groups = cols.shape[1]
+    if n_groups < 2:
+        return np.nan, np.full(len(reps), np.nan)
+    # pair_components reads the values under the spec's base names: the debiased values take their places.
+    per_group = {b: reps[:, cols[i]].transpose(1, 0, 2) for i, b in enumerate(spec.bases)}  # (G, R, C)
+    gap_r = combine_components(spec, np.abs(pair_components(spec, per_group)), n_groups=n_groups)
+    gap = combine_components(spec, np.abs(pair_components(spec, {b: est[cols[i]] for i, b in enumerate(spec.bases)})),
+                             n_groups=n_groups)
+    return float(gap), gap_r
+
+
+def debiased_interval(replicates, estimates, key: tuple, where: dict, level: float = 0.95) -> tuple[float, float, float]:
+    """The ``debiased`` interval of one gap and its estimate (see the module docstring).
+
+    The hull of the pivot ``θ*_d − θ̂`` around ``θ̂_d`` (``debiased_columns``), except for a gap of
+    ``BAND_MIN_GROUPS`` or more groups without a class axis (one class: multi-class ``ece_gap``,
+    a multi-label one of one condition): there, as ``band``, the gap of the max-t band's ends of
+    the debiased pair components, each component's deviations taken from the plug-in component
+    (the bootstrap world's truth) and the band centred on the debiased one. The hull of the
+    largest of six single differences trusts the bootstrap's bias estimate of a max, which falls
+    short (4 groups, accuracy gap 0.05: 0.84–0.875); for a mean over conditions of |differences|
+    (the multi-label summary) the band, which bounds every condition's difference at once,
+    over-covered (1.00 at 2.4–2.9 times the width) and the hull is kept (0.845–0.975 with four
+    groups: not coverage-checked there; RESULTS.md, part 3).
+
+    Args:
+        replicates: (R, K); estimates: (K,). key: the gap's metrics.csv key. where: {key: column},
+            holding its groups' debiased (and plug-in) base values (``component_columns``).
+
+    Returns:
+        (low, high, estimate) unclipped; the estimate is ``θ̂ + θ̂_d − mean(θ*_d)`` either way. NaN
+        without the debiased values.
+    """
+    reps, est = np.asarray(replicates, dtype=np.float64), np.asarray(estimates, dtype=np.float64)
+    found, plain = component_columns(key, where, debiased=True), component_columns(key, where)
+    if found is None:
+        return np.nan, np.nan, np.nan
+    spec, cols, _ = found
+    gap_d, reps_d = debiased_columns(reps, est, spec, cols)
+    shifted = (reps_d + gap_d - est[where[key]])[:, None]  # (R, 1): the pivot around θ̂_d
+    bc = float(bias_corrected(shifted, [gap_d], "hull")[0])
+    if cols.shape[1] < BAND_MIN_GROUPS or cols.shape[2] > 1 or plain is None:
+        (lo,), (hi,) = interval(shifted, [gap_d], "hull", level)
+        return float(lo), float(hi), bc
+
+    def pairs(x, c):  # (..., K) -> (B, P, ..., C) pair components of the columns c (B, G, C)
+        return pair_components(spec, {b: np.moveaxis(x[..., c[i]], -2, 0) for i, b in enumerate(spec.bases)})
+
+    comp_d, comp_p = pairs(est, cols), pairs(est, plain[1])
+    comp_r = np.moveaxis(pairs(reps, cols), 2, 0)  # (R, B, P, C)
+    lo, hi = band_interval(spec, comp_r - comp_p + comp_d, comp_d, level, cols.shape[1])
+    return float(lo), float(hi), bc
+
+
 def with_components(keys: list, available) -> list:
-    """``keys`` and, after them, the per-group values a ``band`` gap among them is built from.
+    """``keys`` and, after them, the other columns their intervals read (a ``band`` or ``debiased`` gap's per-group
+    values, a ``pivot`` value's plug-in and debiased partners).
 
     For a caller that makes intervals of a few keys (e.g. a trade-off point): pass the result to
     ``intervals_by_metric``, and read the first ``len(keys)`` columns.
@@ -519,8 +651,14 @@ def with_components(keys: list, available) -> list:
     where = {tuple(k): i for i, k in enumerate(available)}
     extra = set()
     for k in keys:
-        if interval_method(k[0]).method == "band":  # every task's columns: intervals_by_metric picks by value
-            for found in component_candidates(tuple(k), where):
+        method = interval_method(k[0]).method
+        # A band reads the plug-in bases' per-group values (every task's: intervals_by_metric picks by value);
+        # a debiased gap the debiased ones, and the plug-in ones too.
+        for debiased in {"band": (False,), "debiased": (True, False)}.get(method, ()):
+            for found in component_candidates(tuple(k), where, debiased=debiased):
                 extra.update(np.concatenate([c.reshape(-1) for c in found[1:] if c is not None]).tolist())
+        if method == "pivot":  # its plug-in and debiased partners
+            spec = interval_method(k[0])
+            extra.update(where[p] for p in ((spec.plugin, *k[1:]), (spec.debiased, *k[1:])) if p in where)
     have = {tuple(k) for k in keys}
     return list(keys) + [k for k in (tuple(a) for a in available) if where[k] in extra and k not in have]

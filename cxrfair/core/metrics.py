@@ -25,6 +25,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
+from cxrfair.core.calibration import binned_ece, debiased_ece
 from cxrfair.core.groups import (ECE_BINS, GroupMetric, as_weights, by_group, combine_groups, nanmean_last, ratio,
                                  stack_groups)
 from cxrfair.core.multilabel import MULTILABEL_METRIC_DEFINITIONS
@@ -142,6 +143,18 @@ def _top_label(y_true, y_prob) -> tuple[np.ndarray, np.ndarray]:
     return y_prob.max(axis=1), (predicted(y_prob) == np.asarray(y_true)).astype(np.float64)
 
 
+def _ece_bins(y_true, y_prob, weights, n_bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per confidence bin (lo, hi] of the top-label probability p: (..., B) Σ w, Σ w (o − p), Σ w (o − p)².
+
+    Σ_i w_i (o_i − p_i) over a bin is n_b (acc_b − conf_b); one segment sum per quantity for all replicates.
+    """
+    conf, correct = _top_label(y_true, y_prob)
+    w = as_weights(weights, len(conf))
+    bins = np.clip(np.ceil(conf * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
+    r = correct - conf
+    return _segment_sum(w, bins, n_bins), _segment_sum(w, bins, n_bins, r), _segment_sum(w, bins, n_bins, r * r)
+
+
 def ece(y_true, y_prob, *, weights=None, n_bins: int = ECE_BINS) -> np.ndarray:
     """Binned top-label expected calibration error. Returns (...).
 
@@ -151,12 +164,20 @@ def ece(y_true, y_prob, *, weights=None, n_bins: int = ECE_BINS) -> np.ndarray:
     References:
         Guo et al., "On Calibration of Modern Neural Networks", ICML 2017.
     """
-    conf, correct = _top_label(y_true, y_prob)
-    w = as_weights(weights, len(conf))
-    bins = np.clip(np.ceil(conf * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
-    # Per bin, sum_i w_i (o_i - p_i) = n_b (acc_b - conf_b): one matrix product for all replicates.
-    gap = _segment_sum(w, bins, n_bins, correct - conf)
-    return ratio(np.abs(gap).sum(-1), w.sum(-1))
+    mass, resid, _ = _ece_bins(y_true, y_prob, weights, n_bins)
+    return binned_ece(mass, resid)
+
+
+def ece_debiased(y_true, y_prob, *, weights=None, n_bins: int = ECE_BINS) -> np.ndarray:
+    """The binned top-label ECE with each bin's upward bias estimated and subtracted. Returns (...).
+
+    Same bins as ``ece``; each bin's |acc_b − conf_b| becomes 2|d̂_b| − E|N(d̂_b, σ̂_b²)|
+    (``calibration.debiased_ece``). May be below 0 for a well-calibrated model in a small sample.
+
+    References:
+        Kumar, Liang & Ma, "Verified Uncertainty Calibration", NeurIPS 2019.
+    """
+    return debiased_ece(*_ece_bins(y_true, y_prob, weights, n_bins))
 
 
 def ece_paper(y_true, y_prob, *, weights=None) -> np.ndarray:
@@ -221,6 +242,7 @@ METRICS: dict[str, tuple[Callable, bool]] = {
     "var_f1": (var_f1, False),
     "ece": (ece, False),
     "ece_paper": (ece_paper, False),
+    "ece_debiased": (ece_debiased, False),
     "tpr": (tpr, True),
     "fpr": (fpr, True),
     "fnr": (fnr, True),
@@ -240,7 +262,8 @@ GROUP_METRICS: tuple[GroupMetric, ...] = (
     GroupMetric("eqodds_worst", ("tpr", "fpr"), "max_range",
                 "(1/C) Σ_c max(|ΔTPR_c|, |ΔFPR_c|): per class the larger of the TPR and FPR gaps "
                 "(fairlearn's equalized_odds_difference, one-vs-rest), then the mean over classes"),
-    GroupMetric("ece_gap", ("ece",), "abs_difference", "|ECE_A − ECE_A'|, with the binned top-label ECE (15 bins)"),
+    GroupMetric("ece_gap", ("ece",), "abs_difference", "|ECE_A − ECE_A'|, with the binned top-label ECE (15 bins)",
+                debiased=("ece_debiased",)),
     GroupMetric("ece_gap_paper", ("ece_paper",), "abs_difference",
                 "Sun et al. eq. 4 as written: |mean_A |p−o| − mean_A' |p−o||, p top-label confidence, o correctness"),
     GroupMetric("es_auc", ("auc_macro",), "equity",
@@ -255,8 +278,9 @@ GROUP_METRICS: tuple[GroupMetric, ...] = (
 # ----------------------------------------------------------------------------- the full set
 
 # Metrics reported on the whole split (issue 7: metrics.csv names), and per group.
-OVERALL_METRICS = ("accuracy", "f1", "f1_macro", "auc", "auc_macro", "var_f1", "ece")
-GROUP_VALUE_METRICS = ("accuracy", "f1", "f1_macro", "auc", "auc_macro", "ece", "ece_paper", "tpr", "fpr", "selection_rate")
+OVERALL_METRICS = ("accuracy", "f1", "f1_macro", "auc", "auc_macro", "var_f1", "ece", "ece_debiased")
+GROUP_VALUE_METRICS = ("accuracy", "f1", "f1_macro", "auc", "auc_macro", "ece", "ece_paper", "ece_debiased", "tpr", "fpr",
+                       "selection_rate")
 
 Key = tuple  # (metric, attribute, group, class); "" where one does not apply
 
@@ -275,6 +299,7 @@ def all_metrics(y_true, y_prob, *, weights=None) -> dict[str, np.ndarray]:
     auc = roc_auc(y_true, y_prob, weights=weights)
     f_mean = nanmean_last(f)
     dev = f - f_mean[..., None]
+    mass, resid, resid_sq = _ece_bins(y_true, y_prob, weights, ECE_BINS)
     return {
         "accuracy": ratio(k.tp.sum(-1), (k.tp + k.fn).sum(-1)),
         "f1": f,
@@ -282,8 +307,9 @@ def all_metrics(y_true, y_prob, *, weights=None) -> dict[str, np.ndarray]:
         "auc": auc,
         "auc_macro": nanmean_last(auc),
         "var_f1": nanmean_last(dev * dev),
-        "ece": ece(y_true, y_prob, weights=weights),
+        "ece": binned_ece(mass, resid),
         "ece_paper": ece_paper(y_true, y_prob, weights=weights),
+        "ece_debiased": debiased_ece(mass, resid, resid_sq),
         "tpr": ratio(k.tp, k.tp + k.fn),
         "fpr": ratio(k.fp, k.fp + k.tn),
         "fnr": ratio(k.fn, k.tp + k.fn),
@@ -333,6 +359,8 @@ _VALUE_DEFINITIONS = {
     "ece": "Binned top-label expected calibration error: 15 equal-width confidence bins, Σ_b (n_b/n) |acc_b − conf_b|.",
     "ece_paper": "Unbinned calibration error of Sun et al. eq. 4 as written: mean over images of |p_i − o_i|, "
                  "p_i the top-label confidence, o_i 1 if that label is right.",
+    "ece_debiased": "The binned top-label ECE with each bin's small-sample upward bias (Gaussian estimate) subtracted "
+                    "(Kumar et al. 2019); nearly unbiased, can be below 0; what ece_gap's interval is built from.",
     "tpr": "True-positive rate (recall) of one class, TP / (TP + FN).",
     "fpr": "False-positive rate of one class, FP / (FP + TN).",
     "fnr": "False-negative rate (missed diagnosis) of one class, FN / (TP + FN).",

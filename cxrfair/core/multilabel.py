@@ -38,6 +38,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from cxrfair.core.calibration import debiased_ece
 from cxrfair.core.groups import (ECE_BINS, GroupMetric, as_weights, by_group, combine_groups, nanmean_last, ratio,
                                  stack_groups)
 
@@ -52,9 +53,9 @@ THRESHOLD_RULE = (
 CHUNK_BYTES = 16 * 2**20
 
 # Per-condition metrics (overall and per group); each also gets "<name>_macro" but prevalence.
-CONDITION_METRICS = ("auc", "ap", "adjusted_auprc", "prevalence", "ece")
+CONDITION_METRICS = ("auc", "ap", "adjusted_auprc", "prevalence", "ece", "ece_debiased")
 THRESHOLD_METRICS = ("f1", "tpr", "fpr", "fnr")
-MACRO_METRICS = ("auc", "ap", "adjusted_auprc", "ece", "f1", "tpr", "fpr", "fnr")
+MACRO_METRICS = ("auc", "ap", "adjusted_auprc", "ece", "ece_debiased", "f1", "tpr", "fpr", "fnr")
 _TINY = np.finfo(np.float64).tiny  # 0 / max(0, tiny) = 0: the precision of a positive of weight 0 is never used
 
 
@@ -120,6 +121,8 @@ class _Unit(NamedTuple):
     fp_at: np.ndarray  # (Mp,) negatives at or above each positive's score
     resid_pos: np.ndarray  # (Mp,) 1 - p: a positive's part of its ECE bin's sum of (y - p)
     score_neg: np.ndarray  # (Mn,) p: a negative's part, subtracted
+    sq_pos: np.ndarray  # (Mp,) (1 - p)²: a positive's part of its bin's sum of (y - p)² (the debiased ECE)
+    sq_neg: np.ndarray  # (Mn,) p²: a negative's
     bins_pos: np.ndarray  # (B+1,) ECE bin b (top bin first) holds the positives [bins[b], bins[b+1])
     bins_neg: np.ndarray  # (B+1,) and these negatives
     k: tuple[int, int] | None  # positives, negatives at or above the threshold; (-1, -1): NaN threshold
@@ -149,7 +152,8 @@ def _unit(score: np.ndarray, pos: np.ndarray, neg: np.ndarray, threshold, n_bins
         k = (-1, -1) if np.isnan(threshold) else (int(np.searchsorted(asc_p, -threshold, side="right")),
                                                   int(np.searchsorted(asc_n, -threshold, side="right")))
     return _Unit(pos, neg, runs_above, runs_upto, np.searchsorted(asc_p, -sp, side="right"),
-                 np.searchsorted(asc_n, -sp, side="right"), 1 - sp, sn, _bounds(sp, n_bins), _bounds(sn, n_bins), k)
+                 np.searchsorted(asc_n, -sp, side="right"), 1 - sp, sn, (1 - sp) ** 2, sn ** 2, _bounds(sp, n_bins),
+                 _bounds(sn, n_bins), k)
 
 
 def _plan(Y, P, thresholds, groups: dict, n_bins: int = ECE_BINS) -> list[dict]:
@@ -212,8 +216,11 @@ def _unit_metrics(u: _Unit, w2: np.ndarray, counts: np.ndarray | None) -> dict[s
     ap = ratio(np.einsum("rl,rl->r", gp, tp / np.maximum(tp + np.take(cn, u.fp_at, axis=1), _TINY)), p)
     prevalence = ratio(p, p + n)
     gap = _bin_dots(gp, u.resid_pos, u.bins_pos) - _bin_dots(gn, u.score_neg, u.bins_neg)
+    # A bin's weight is a difference of the cumulative sums at its bounds (the samples are sorted by score).
+    mass = np.diff(np.take(cp, u.bins_pos, axis=1), axis=1) + np.diff(np.take(cn, u.bins_neg, axis=1), axis=1)
+    sq = _bin_dots(gp, u.sq_pos, u.bins_pos) + _bin_dots(gn, u.sq_neg, u.bins_neg)
     out = {"auc": auc, "ap": ap, "adjusted_auprc": _adjusted(ap, prevalence), "prevalence": prevalence,
-           "ece": ratio(np.abs(gap).sum(1), p + n)}
+           "ece": ratio(np.abs(gap).sum(1), p + n), "ece_debiased": debiased_ece(mass, gap, sq)}
     if u.k is not None:
         out.update(_at_threshold(u.k, cp, cn))
     return out
@@ -329,6 +336,18 @@ def ece(y, score, *, weights=None) -> np.ndarray:
     return _one("ece", y, score, weights)
 
 
+def ece_debiased(y, score, *, weights=None) -> np.ndarray:
+    """``ece`` with each bin's small-sample upward bias estimated and subtracted (``calibration.debiased_ece``).
+
+    Returns:
+        (...); NaN without labelled samples; may be below 0.
+
+    References:
+        Kumar, Liang & Ma, "Verified Uncertainty Calibration", NeurIPS 2019.
+    """
+    return _one("ece_debiased", y, score, weights)
+
+
 # ----------------------------------------------------------------------------- (N, C) arrays
 
 
@@ -391,7 +410,8 @@ GROUP_METRICS: tuple[GroupMetric, ...] = (
     GroupMetric("fnr_gap", ("fnr",), "difference",
                 "Under-diagnosis gap: FNR of the reference group minus the other's (signed; > 0: reference missed "
                 "more); with 3+ groups max − min."),
-    GroupMetric("ece_gap", ("ece",), "abs_difference", "|ECE_A − ECE_A'| of the binned binary ECE; with 3+ groups max − min."),
+    GroupMetric("ece_gap", ("ece",), "abs_difference", "|ECE_A − ECE_A'| of the binned binary ECE; with 3+ groups max − min.",
+                debiased=("ece_debiased",)),
 )
 _BY_NAME = {s.name: s for s in GROUP_METRICS}
 # The range of a single group is 0 here (multi-class: NaN), as this task has always reported it.
@@ -503,6 +523,8 @@ MULTILABEL_METRIC_DEFINITIONS: dict[str, str] = {
     "adjusted_auprc": "1 − log(AP) / log(prevalence) within the same images: 0 for a random ranking, 1 perfect (Sourget et al.).",
     "prevalence": "Share of positives among the labelled images of the condition (the AP of a random ranking).",
     "ece": "Binary calibration error of p: Σ over 15 equal-width bins of (bin mass) × |mean p − positive rate|.",
+    "ece_debiased": "The binary binned ECE with each bin's small-sample upward bias (Gaussian estimate) subtracted "
+                    "(Kumar et al. 2019); nearly unbiased, can be below 0; what ece_gap's interval is built from.",
     "f1": "F1 of p ≥ t with t the condition's max-F1 threshold chosen on validation.",
     "tpr": "True-positive rate (sensitivity) at the validation-chosen threshold.",
     "fpr": "False-positive rate at the validation-chosen threshold.",

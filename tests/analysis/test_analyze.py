@@ -146,14 +146,18 @@ def test_gap_intervals_follow_the_method_table(seeded):
     eo = m.loc[("eqodds", "sex", "", "")], m.loc[("eqodds", crossed, "", "")]
     assert (eo[0]["interval"], eo[1]["interval"]) == ("hull", "band") and eo[1]["ci_low"] <= eo[1]["value_bc"] <= eo[1]["ci_high"]
     assert any(n.startswith("Intervals (percentile) of ") and "accuracy" in n for n in res.notes)
-    # ece_gap is never coverage-checked; eqodds is, with any number of groups (the band with 3+).
+    # eqodds is coverage-checked with any number of groups (the band with 3+), ece_gap with two (its debiased
+    # interval, from the groups' ece_debiased rows; with four the band of their differences, unchecked), ece too.
     unchecked = [n for n in res.notes if n.startswith("The intervals of ") and "not coverage-checked" in n]
-    assert len(unchecked) == 1 and "ece_gap" in unchecked[0]
+    assert len(unchecked) == 1 and "ece_gap (attributes of more than 2 groups)" in unchecked[0]
+    assert "ece," not in unchecked[0] and "ece_gap_paper" not in unchecked[0]
     assert "eqodds" not in unchecked[0] and "f1_gap," not in unchecked[0]
     # es_auc too (RESULTS.md "Interval coverage, part 3"): the hull with two groups, the band's high end with four.
     assert "es_auc" not in unchecked[0]
     es = m.loc[("es_auc", "sex", "", "")], m.loc[("es_auc", crossed, "", "")]
     assert (es[0]["interval"], es[1]["interval"]) == ("hull", "band") and es[1]["ci_low"] <= es[1]["value_bc"] <= es[1]["ci_high"]
+    assert m.loc[("ece_gap", "sex", "", ""), "interval"] == m.loc[("ece_gap", crossed, "", ""), "interval"] == "debiased"
+    assert set(res.metrics.loc[res.metrics["metric"].isin(["ece", "ece_debiased"]), "interval"]) == {"pivot"}
     # Any interval that excludes its plug-in value is named in the notes.
     out = res.metrics[(res.metrics["value"] < res.metrics["ci_low"]) | (res.metrics["value"] > res.metrics["ci_high"])]
     for name in out["metric"].unique():

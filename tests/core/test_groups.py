@@ -48,6 +48,19 @@ def test_a_spec_outside_the_vocabulary_is_one_clear_error():
         G.GroupMetric("x", ("tpr", "fpr"), "range", "doc")
     with pytest.raises(ValueError, match="one base"):
         G.GroupMetric("x", ("auc", "ap"), "min", "doc")
+    with pytest.raises(ValueError, match="one to one"):
+        G.GroupMetric("x", ("tpr", "fpr"), "abs_difference", "doc", debiased=("tpr_debiased",))
+    with pytest.raises(ValueError, match="one to one"):
+        G.GroupMetric("x", ("f1",), "difference", "doc", debiased=("f1_debiased",))
+
+
+def test_a_debiased_base_is_a_per_sample_metric_of_the_same_task():
+    """Every spec's debiased bases are metrics its task computes per group (the interval reads their columns)."""
+    for task, table, values in (("multiclass", M.GROUP_METRICS, M.GROUP_VALUE_METRICS),
+                                ("multilabel", ML.GROUP_METRICS, ML.CONDITION_METRICS)):
+        for spec in table:
+            assert set(spec.debiased) <= set(values), (task, spec.name)
+    assert [s.debiased for s in (*M.GROUP_METRICS, *ML.GROUP_METRICS) if s.name == "ece_gap"] == [("ece_debiased",)] * 2
 
 
 def test_combine_groups_shapes_and_values_by_hand():

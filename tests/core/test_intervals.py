@@ -12,8 +12,8 @@ from cxrfair.core import multilabel as ML
 from cxrfair.core.bootstrap import patient_counts
 from cxrfair.core.groups import combine_groups, component_range, components, pair_components
 from cxrfair.core.intervals import (COMPONENT_SPECS, BAND_MIN_GROUPS, INTERVAL_METHODS, METHODS, IntervalMethod, band_columns,
-                                    band_interval, bias_corrected, component_band, component_columns, fold, interval,
-                                    interval_method, intervals_by_metric, with_components)
+                                    band_interval, bias_corrected, component_band, component_columns, debiased_columns,
+                                    fold, interval, interval_method, intervals_by_metric, with_components)
 
 
 def _reps(seed=0, shape=(500, 4)):
@@ -49,7 +49,7 @@ def _reference(reps, est, method, level, low=-np.inf, high=np.inf):
     return np.array(out).T
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if m != "band"])  # band: from components, below
+@pytest.mark.parametrize("method", [m for m in METHODS if m not in ("band", "debiased", "pivot")])  # from other columns: below
 @pytest.mark.parametrize("level", [0.95, 0.8])
 def test_each_method_matches_the_per_column_reference(method, level):
     reps = _reps() - (0.1 if method == "folded" else 0.0)  # a signed statistic around 0 for the fold
@@ -79,7 +79,8 @@ def test_checked_groups_limits_the_coverage_flag():
     spec = IntervalMethod("hull", checked_groups=2)
     assert spec.checked(2) and not spec.checked(4) and spec.checked(None)
     assert interval_method("eqodds").checked(4)  # the band (RESULTS.md "Gaps over 3+ groups")
-    assert not interval_method("ece_gap").checked(2) and interval_method("accuracy").checked(5)
+    assert not IntervalMethod("hull", coverage_checked=False).checked(2) and interval_method("accuracy").checked(5)
+    assert interval_method("ece_gap").checked(2) and not interval_method("ece_gap").checked(4)  # RESULTS.md, part 3
 
 
 def test_fold_is_the_image_under_abs():
@@ -359,3 +360,117 @@ def test_band_critical_value_is_the_max_t_quantile_or_the_pointwise_normal_one()
     assert IntervalMethod("band", band_critical="pointwise").critical(0.8) == pytest.approx(1.281552, abs=1e-6)
     with pytest.raises(ValueError, match="critical"):
         IntervalMethod("band", band_critical="bonferroni")
+
+
+# ----------------------------------------------------------------------------- the debiased gap (ece_gap)
+
+
+def _bootstrapped_multilabel_ece(n_groups, seed=8, n=60, R=200):
+    rng = np.random.default_rng(seed)
+    N = n * n_groups
+    Y = (rng.random((N, 3)) < 0.3).astype(float)
+    P = 1 / (1 + np.exp(-(1.2 * (2 * Y - 1) + rng.normal(0, 1.5, Y.shape))))
+    groups = np.repeat([f"g{i}" for i in range(n_groups)], n)
+    attrs = {"grp": (groups, [f"g{i}" for i in range(n_groups)])}
+    t = np.full(3, 0.5)
+    est = ML.evaluate_multilabel(Y, P, list("abc"), attrs, t)
+    reps = ML.evaluate_multilabel(Y, P, list("abc"), attrs, t,
+                                  weights=patient_counts(np.arange(N), groups, R, np.random.default_rng(seed + 1)))
+    keys = list(est)
+    return keys, np.array([float(est[k]) for k in keys]), np.stack([np.asarray(reps[k], float) for k in keys], 1)
+
+
+def _slow_debiased(reps, est, where, key, classes, n_groups, level=0.95):
+    """Reference: the gap of the per-group ece_debiased columns by loops over pairs and classes (the mean over
+    classes of |difference|, the largest pair), then the hull of the pivot by np.quantile; with 3+ groups and one
+    class the gaps of the ends of the max-t band (``_slow_band``) of the debiased components, deviations from the
+    plug-in's."""
+    _, attr, _, cls = key
+    classes = [cls] if cls else classes
+
+    def gap(x):
+        col = lambda g, c: x[..., where[("ece_debiased", attr, f"g{g}", c)]]  # noqa: E731
+        pairs = [(g, h) for g in range(n_groups) for h in range(g + 1, n_groups)]
+        return np.max([np.mean([np.abs(col(g, c) - col(h, c)) for c in classes], axis=0) for g, h in pairs], axis=0)
+
+    plug, gap_d, reps_d = est[where[key]], gap(est), gap(reps)
+    q_lo, q_hi = np.quantile(reps_d - plug, [(1 - level) / 2, (1 + level) / 2])
+    lo, hi = min(gap_d - q_hi, gap_d + q_lo), max(gap_d - q_lo, gap_d + q_hi)
+    bc = plug + gap_d - reps_d.mean()
+    if n_groups >= BAND_MIN_GROUPS and len(classes) == 1:  # the multi-label summary (3 conditions) keeps the hull
+        # The band: (P, C) components of the debiased and plug-in values, deviations from the plug-in's.
+        pairs = [(g, h) for g in range(n_groups) for h in range(g + 1, n_groups)]
+        comp = lambda x, base: np.array([[x[..., where[(base, attr, f"g{g}", c)]] - x[..., where[(base, attr, f"g{h}", c)]]  # noqa: E731
+                                          for c in classes] for g, h in pairs])
+        comp_d, comp_p, comp_r = comp(est, "ece_debiased"), comp(est, "ece"), comp(reps, "ece_debiased")  # (P, C[, R])
+        pivot = np.moveaxis(comp_r, -1, 0) - comp_p + comp_d  # (R, P, C)
+        b_lo, b_hi = (x.reshape(comp_d.shape) for x in _slow_band(pivot.reshape(len(reps), -1), comp_d.reshape(-1), level))
+        near = np.where((b_lo <= 0) & (b_hi >= 0), 0.0, np.minimum(abs(b_lo), abs(b_hi)))
+        lo, hi = _slow_gap("abs_difference", near[None]), _slow_gap("abs_difference", np.maximum(abs(b_lo), abs(b_hi))[None])
+    return tuple(float(np.clip(v, 0, 1)) for v in (lo, hi, bc)), gap_d
+
+
+@pytest.mark.parametrize("task,n_groups", [("multiclass", 2), ("multiclass", 4), ("multilabel", 2), ("multilabel", 3)])
+def test_intervals_by_metric_builds_the_debiased_gap_from_the_per_group_debiased_values(task, n_groups):
+    if task == "multiclass":
+        keys, est, reps = _bootstrapped(n_groups)
+        wanted = [("ece_gap", "grp", "", "")]
+    else:
+        keys, est, reps = _bootstrapped_multilabel_ece(n_groups)
+        wanted = [("ece_gap", "grp", "", ""), ("ece_gap", "grp", "", "b")]  # the macro over conditions, one condition
+    where = {k: i for i, k in enumerate(keys)}
+    lo, hi, bc, methods = intervals_by_metric(reps, est, keys, 0.95)
+    for key in wanted:
+        j = where[key]
+        assert methods[j] == "debiased"
+        classes = ["a", "b", "c"] if task == "multilabel" else [""]  # multi-class ECE has no class axis
+        (w_lo, w_hi, w_bc), gap_d = _slow_debiased(reps, est, where, key, classes, n_groups)
+        assert (lo[j], hi[j], bc[j]) == pytest.approx((w_lo, w_hi, w_bc), abs=1e-12)
+        spec, cols, _ = component_columns(key, where, debiased=True)
+        assert debiased_columns(reps, est, spec, cols)[0] == pytest.approx(gap_d, abs=1e-12)
+        # The debiased gap differs from the plug-in one: the interval is not the plug-in's hull moved by nothing.
+        assert gap_d != pytest.approx(est[j], abs=1e-6)
+
+
+def test_debiased_falls_back_to_the_hull_without_the_debiased_values():
+    keys, est, reps = _bootstrapped(2)
+    j = keys.index(("ece_gap", "grp", "", ""))
+    mine = [i for i, k in enumerate(keys) if k[0] != "ece_debiased"]
+    sub = [keys[i] for i in mine]
+    lo, hi, bc, methods = intervals_by_metric(reps[:, mine], est[mine], sub, 0.95)
+    k = sub.index(keys[j])
+    want = interval(reps[:, [j]], est[[j]], "hull", 0.95, 0.0, 1.0)
+    assert methods[k] == "hull" and (lo[k], hi[k]) == pytest.approx((want[0][0], want[1][0]))
+    with pytest.raises(ValueError, match="components"):
+        interval(reps[:, [j]], est[[j]], "debiased")
+
+
+def test_with_components_adds_the_debiased_values_of_a_debiased_gap():
+    keys, _, _ = _bootstrapped(3)
+    got = with_components([("ece_gap", "grp", "", "")], keys)
+    assert got[0] == ("ece_gap", "grp", "", "")
+    assert sorted(got[1:]) == sorted((base, "grp", f"g{i}", "") for base in ("ece", "ece_debiased") for i in range(3))
+    assert with_components([("ece", "", "", "")], keys) == [("ece", "", "", ""), ("ece_debiased", "", "", "")]
+
+
+def test_pivot_interval_of_the_ece_rows_is_built_from_the_debiased_value_and_the_plug_in():
+    keys, est, reps = _bootstrapped_multilabel_ece(2)
+    where = {k: i for i, k in enumerate(keys)}
+    lo, hi, bc, methods = intervals_by_metric(reps, est, keys, 0.95)
+    for plugin, debiased, cls, low in (("ece", "ece_debiased", "a", -1), ("ece_macro", "ece_debiased_macro", "", -1)):
+        p, d = where[(plugin, "grp", "g1", cls)], where[(debiased, "grp", "g1", cls)]
+        pivot = reps[:, d] - est[p]  # slow reference: quantiles of the pivot, reflected and not, about the debiased value
+        q_lo, q_hi = np.quantile(pivot, [0.025, 0.975])
+        want = np.array([min(est[d] - q_hi, est[d] + q_lo), max(est[d] - q_lo, est[d] + q_hi),
+                         est[p] + est[d] - reps[:, d].mean()])
+        assert methods[d] == methods[p] == "pivot"
+        assert (lo[d], hi[d], bc[d]) == pytest.approx(np.clip(want, low, 1), abs=1e-12)  # the debiased row: may be < 0
+        assert (lo[p], hi[p], bc[p]) == pytest.approx(np.clip(want, 0, 1), abs=1e-12)  # the plug-in row: clipped at 0
+    # Without its partner a row gets no interval (rather than a wrong one).
+    j = where[("ece_debiased", "grp", "g1", "a")]
+    lo, hi, bc, _ = intervals_by_metric(reps[:, [j]], est[[j]], [keys[j]], 0.95)
+    assert np.isnan([lo[0], hi[0], bc[0]]).all()
+    with pytest.raises(ValueError, match="plug-in"):
+        IntervalMethod("pivot", plugin="ece")
+    with pytest.raises(ValueError, match="plug-in"):
+        IntervalMethod("hull", plugin="ece", debiased="ece_debiased")

@@ -323,8 +323,9 @@ def test_each_replicate_equals_plain_metrics_on_its_resample(d, seed):
             np.testing.assert_allclose(batched[key][r], v, rtol=1e-9, atol=1e-12, equal_nan=True, err_msg=str(key))
             np.testing.assert_allclose(chunked[key][r], batched[key][r], rtol=1e-12, atol=1e-15, equal_nan=True,
                                        err_msg=str(key))  # sums in another order: last-bit differences
-            np.testing.assert_allclose(scaled[key][r], batched[key][r], rtol=1e-9, atol=1e-12, equal_nan=True,
-                                       err_msg=str(key))
+            if not key[0].startswith("ece_debiased"):  # weights are frequencies there, not a ratio's (test_calibration)
+                np.testing.assert_allclose(scaled[key][r], batched[key][r], rtol=1e-9, atol=1e-12, equal_nan=True,
+                                           err_msg=str(key))
         for fn, reps in one.items():  # the one-condition functions too
             np.testing.assert_allclose(reps[r], fn(Y[rep, 0], P[rep, 0]), rtol=1e-9, atol=1e-12, equal_nan=True)
 
