@@ -1,4 +1,4 @@
-"""Regenerate docs/report.png: a report of synthetic runs (two models x five methods x two seeds)
+"""Regenerate docs/report.png: a report of synthetic runs (two models x five methods x three seeds)
 opened in headless Chromium at 1400 x 900, the first screen, 64 colours (small enough for the README).
 
 The runs point at a cohort drawn by `cxrfair cohort synth` and carry random weights, as the demo's
@@ -46,7 +46,7 @@ def _demo_like_runs(tmp: Path) -> Path:
     (tmp / "cohort").mkdir()
     (tmp / "cohort" / "cohort.json").write_text(json.dumps({"images_root": str(images)}))
     grid = [(m, me, s) for m in ("tiny-clip", "tiny-gloria") for me in ("zeroshot", "linear", "mlp", "lora", "full")
-            for s in (0, 1)]
+            for s in (0, 1, 2)]
     write_runs(tmp / "runs", grid, n_per_split=60)
     for run_json in (tmp / "runs").glob("*/run.json"):
         meta = json.loads(run_json.read_text())
@@ -56,6 +56,8 @@ def _demo_like_runs(tmp: Path) -> Path:
 
 def main(out: Path) -> None:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        raise SystemExit("docs/screenshot.py: headless Chromium is needed; install it (Debian: apt-get install chromium)")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         page = analyze(AnalyzeConfig(runs_dir=_demo_like_runs(tmp), out=tmp / "report", n_boot=200, seed=0))

@@ -16,7 +16,9 @@ substituted); metric definitions cite "Sun et al. eq. N"; seed variance (two-lev
 seed means and deltas, seed-mean rows, p-values with Holm, ``unlike_reason``); per-metric interval
 methods (``value_bc``, ``interval`` in metrics.csv, hull intervals for gap metrics); each model's
 linear probe as the comparisons' reference, findings pooled over seeds, the report's banner and
-headline.
+headline; the band's high end for ``worst_group_auc`` / ``es_auc`` over 3+ groups, ``ece_debiased``
+rows with the ``debiased`` / ``pivot`` ECE intervals, and paired deltas over seeds widened by Welch's
+(comparisons) or a paired (mitigations) t with ``seed_var_known`` (statistics issue, part 3).
 After an intended change of the outputs, print the new digests with
 ``python -m tests.analysis.test_golden_outputs`` (from the repository root) and paste them below.
 """
@@ -43,30 +45,30 @@ TEXT_FILES = ("report.md", "report.html", "analysis.json")
 
 EXPECTED = {
     'multiclass': {
-        'analysis.json': 'cdb691d94ab46b578b1e92b49d4a8416f7c23c8b4d5b96f23a0756b57a2615de',
-        'comparisons.csv': '986fdc05ec658325fae4a18f79c714b7d0cb5faa7d4887d5476eed511caeab6a',
-        'findings.csv': 'cb3acab6841d0783fc3752de0bba1d0511ccb23d8ef4c48f9f6fa4ef01d8cabd',
-        'metrics.csv': '6344ca5c8a3206f6fbd81ad342d041622b2efc9332096a5589cd2ab5186d09b2',
-        'mitigation.csv': 'ee8b2b618924d7479a24806882607045e3d42e8988e3fcfe9e21b3cfd880f453',
+        'analysis.json': '5fca439e891ad2eea03ce4e249ce9c396e72253e77c470dc9c048335b63c77c4',
+        'comparisons.csv': '4b4b0b7eef10fcae2a85f5014bb2039ac66b7ecfe6e04d5168b20a4c549a3aa6',
+        'findings.csv': '5e09b137d9fd52a74e40899e14376ade09be90500fa9f704e32c2c4430bc05af',
+        'metrics.csv': '0b9f85550caa880e8e92e8709e720db8c5e3772e0e6c9253e176fac45736dccc',
+        'mitigation.csv': 'f25e2b462292975ff3f682bb2a11c554cd114d8ed08eaa0a625a3ed326a266d1',
         'reliability.csv': '7558390120348b17d76cc85b91dc728e09ddf41e2f27cec99d83e2f7765f9f74',
-        'report.html': '9a5065cb66ac2982c4f9fa7693a73d307d5fa02af192290d2a256d766aa5801c',
-        'report.md': 'ec1e6425c27ab3ae15084f1916f587ec0b95faed3aa1acc5c47a674eb2f65eb4',
+        'report.html': '22b4096a6f406076c5cd393fd91702a6b984f74bd779700d4a8dc7bce983d109',
+        'report.md': '6ce2eabbbcda225d6978b0a5a9dee4503d200b3355fd92529cf68e1c59111f01',
         'roc.csv': '112d1bdc65b73f0adb6e57ac976b4cde2accde615aa85982b5686e1de0b1c940',
         'runs.csv': '34b124b0c6d83591c5f5d02cbbaed0b132be0d533b7aea54c78ec4484db28404',
-        'seeds.csv': '357182efd9c511388a07a083fe8c8c5c03791714632980d89819808fba77de4e',
+        'seeds.csv': '4e7d813428c540deb5ea74e89be9aabcc33a7527d12e567f217df2879b487891',
         'tradeoff.csv': 'fca0bd7692ee4203ffdc565cadc5bcbf2ee9daab3f90c5e80552245fec422254',
     },
     'multilabel': {
-        'analysis.json': 'a3ff51d0614b3f813f0d679ac6e53f0cc7b18dfec5ac6df800afc687ece1f715',
-        'comparisons.csv': '669982b4fd091e934216a7f1f610da6bf2fd65e3715d97ab7d10740cbf80762c',
-        'findings.csv': '2c8db3cd8ee18c04dbdf0cbb1fb02576f1b9a841d0ac602af64a557b073b2d3f',
-        'metrics.csv': '34e8ef663f2285b277c0e599df743c58e4256f8ff55a70113c17f9fdb8d9868a',
+        'analysis.json': '9aee2a1ab6723c451e90cfd9360d65b2eec5ca610fa2c4fdc8370b990a9e61ad',
+        'comparisons.csv': '707c5c7879ac08218905c2397ef72a2a6fc9495cce0684df591a0cb2952ad77c',
+        'findings.csv': 'd7edc52d6000b9bb86c292da7cc0487f6306cca4d00db670e61f507e6fa38a59',
+        'metrics.csv': '8b6443659ec95129b13aba1f7e0915f55373363ed8551c9deca2c5105a238089',
         'reliability.csv': '8378c325fa3afaa6203eede27a197c73a57191ff0dd4087f7f5ac1a2d9e3c887',
-        'report.html': '5361c988d6bedaf7d1fa20df46f279c3ceb171c17fc69c6aa58771815aa0b23a',
-        'report.md': '1e6d47f6db7acd431f683b97636d741e781836838e6e05959945481dfbf81508',
+        'report.html': 'a1e2a54677458e2eb9eedb2d059e19c6f7f94c66f57a8c77edc29ee4ddce283c',
+        'report.md': '69b3f0a2be59f2cd98b6b8f89c741794a6ab6fb06a776517be339cbb8b3276fa',
         'roc.csv': '5f9f4a80015486a723c14d17b8ae8f7251f89bbf3cf432a2465206e3610818c4',
         'runs.csv': '3fc2c182e30f6ee8fde425a34743f27a33be03774dc60c318bad44329c5161aa',
-        'seeds.csv': '127fe877552d34735ca2752451299f6cdfae5d87f764997d0837c9cf42d244eb',
+        'seeds.csv': '8f4198bd1f49eaaa3234a8b1a8e9dbd07cef052b841a7a4304a2269aaac6cf40',
         'shortcut.csv': '55201224db7c47042dd2e1540a1102b6d4ac651e108eba2a917e2e792fa3bbb3',
         'thresholds.csv': 'd986bd2444e9483143db2e7c8f5074732534da80f5f03aa197c4d00ceb1f1bdb',
     },
