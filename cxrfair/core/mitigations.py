@@ -94,8 +94,31 @@ _ROWS = (
 )
 
 MITIGATIONS: dict[str, Mitigation] = {m.name: m for m in _ROWS}
+
 NAMES = tuple(MITIGATIONS)
 ERM = "erm"
+
+
+@dataclass(frozen=True)
+class SinkhornSchedule:
+    """How fairot's debiased Sinkhorn divergence S_ε is solved, for scores in [0, 1] (squared cost ≤ 1).
+
+    One schedule, two implementations (probe: ``cxrfair.probe.objectives``, JAX; fine-tuning:
+    ``cxrfair.finetune.sinkhorn``, PyTorch). S_ε(α, β) = OT_ε(α, β) − ½OT_ε(α, α) − ½OT_ε(β, β):
+    the cross problem OT_ε(α, β) gets one log-domain pass per ``anneal`` blur, then
+    ``iterations`` over-relaxed Sinkhorn iterations at ``eps``; each symmetric problem OT_ε(α, α)
+    gets ``symmetric_iterations`` averaged updates p ← (p + T(p)) / 2 (Feydy et al. 2019), which
+    converge without annealing. Measured: benchmarks/RESULTS.md, "fairot probe".
+    """
+
+    eps: float = 0.01  # the entropic blur: the contract's ε (FairCLIP's, for scores in [0, 1])
+    anneal: tuple[float, ...] = (0.1, 0.03)  # ε-scaling blurs before eps, one log-domain pass each (cross problems)
+    iterations: int = 40  # over-relaxed iterations at eps of a cross problem
+    over_relaxation: float = 1.8  # ω of those iterations (Thibault et al. 2017); 1 is plain Sinkhorn, ~10x slower
+    symmetric_iterations: int = 20  # averaged updates at eps of a symmetric problem, from p = 0
+
+
+SINKHORN = SinkhornSchedule()  # fairot's, in every stage that trains it
 
 
 def names(stage: str | None = None) -> tuple[str, ...]:

@@ -236,7 +236,7 @@ def test_sinkhorn_value_is_the_converged_value_whatever_the_iteration_count_beyo
     a = jnp.full(20, 1 / 20)
     cost = (x[:, None] - x[None, :]) ** 2
     default = float(jax.jit(ob.sinkhorn_value)(cost, a, a))
-    longer = float(jax.jit(ob.sinkhorn_value, static_argnums=(3, 4))(cost, a, a, ob.SINKHORN_EPS, 4 * ob.SINKHORN_ITERS))
+    longer = float(jax.jit(ob.sinkhorn_value, static_argnums=(3, 4))(cost, a, a, ob.SINKHORN_EPS, 4 * ob.SINKHORN.iterations))
     assert default == pytest.approx(longer, rel=1e-3)
 
 
