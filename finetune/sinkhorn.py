@@ -59,7 +59,7 @@ def potentials(x: torch.Tensor, wx: torch.Tensor, y: torch.Tensor, wy: torch.Ten
             f_new = (1 - omega) * f + omega * _softmin(eps, cost, lb, g, 2)
             g_new = (1 - omega) * g + omega * _softmin(eps, cost, la, f_new, 1)
             # Checked only past the count (the probe's): a device sync per check.
-            done = it >= schedule.iterations and max(_moved(f_new, f, wx), _moved(g_new, g, wy)) < schedule.tolerance
+            done = it >= schedule.iterations and max(_moved(f_new, f, wx), _moved(g_new, g, wy)) < _tolerance(schedule, x)
             f, g = f_new, g_new
             if done:
                 break
@@ -79,11 +79,17 @@ def symmetric_potential(x: torch.Tensor, w: torch.Tensor, schedule: SinkhornSche
         p = torch.zeros_like(x)
         for it in range(1, schedule.max_iterations + 1):
             new = 0.5 * (p + _softmin(schedule.eps, cost, lw, p, 2))
-            done = it >= schedule.symmetric_iterations and _moved(new, p, w) < schedule.tolerance
+            done = it >= schedule.symmetric_iterations and _moved(new, p, w) < _tolerance(schedule, x)
             p = new
             if done:
                 break
         return p
+
+
+def _tolerance(schedule: SinkhornSchedule, x: torch.Tensor) -> float:
+    """``schedule.tolerance``, or what the dtype can resolve if coarser: float32 potentials (~0.1)
+    jitter by a few ulps from pass to pass (16 eps = 2e-6) and would never move less than 1e-10."""
+    return max(schedule.tolerance, 16 * torch.finfo(x.dtype).eps)
 
 
 def _moved(new: torch.Tensor, old: torch.Tensor, w: torch.Tensor) -> float:
