@@ -137,8 +137,9 @@ def anneal_schedule(eps: float = SINKHORN_EPS) -> np.ndarray:
 def _solve(cost: jax.Array, a: jax.Array, b: jax.Array, eps: float, iters: int):
     """Entropic OT values (...,) and plans (..., n, m) of batched problems (see ``sinkhorn_value``).
 
-    One log-domain pass per ``anneal_schedule`` blur; then the problem at ``eps`` absorbed into
-    scaling form, K = exp((f0 ⊕ g0 - C) / ε) computed once, and ``iters`` over-relaxed Sinkhorn
+    One pass per ``anneal_schedule`` blur (scaling form on exp(-C / blur), one kernel for every
+    problem on the cost); then the problem at ``eps`` absorbed into scaling form,
+    K = exp((f0 ⊕ g0 - C) / ε) computed once per problem, and ``iters`` over-relaxed Sinkhorn
     iterations (ω = SINKHORN.over_relaxation, Thibault et al. 2017) on log u, log v: a
     matrix-vector product each instead of a log-sum-exp over n × m entries. The last f-update is
     the half-step f(g) = softmin_b(g - C) whose row-normalised kernel is the plan.
