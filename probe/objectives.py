@@ -119,16 +119,6 @@ def groupdro(losses, ctx: Context, q, spec: Spec):
 # ---------------------------------------------------------------- fairot: debiased Sinkhorn in 1-D
 
 
-def _log_weights(a: jax.Array) -> jax.Array:
-    # Absent points (weight 0) get a very negative log weight instead of -inf, so gradients stay finite.
-    return jnp.where(a > 0, jnp.log(jnp.where(a > 0, a, 1.0)), -1e30)
-
-
-def _softmin(h: jax.Array, log_w: jax.Array, cost: jax.Array, eps) -> jax.Array:
-    """-eps logsumexp_j(log_w_j + (h_j - cost_ij) / eps) -> (..., n), for h, log_w (..., m), cost (..., n, m)."""
-    return -eps * jax.nn.logsumexp(log_w[..., None, :] + (h[..., None, :] - cost) / eps, axis=-1)
-
-
 def anneal_schedule(eps: float = SINKHORN_EPS) -> np.ndarray:
     """The ε-scaling blurs of a cross problem's log-domain passes before ``eps`` (those above it)."""
     return np.asarray([e for e in SINKHORN.anneal if e > eps], np.float64)
