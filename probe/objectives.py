@@ -120,7 +120,7 @@ def groupdro(losses, ctx: Context, q, spec: Spec):
 
 
 def anneal_schedule(eps: float = SINKHORN_EPS) -> np.ndarray:
-    """The ε-scaling blurs of a cross problem's log-domain passes before ``eps`` (those above it)."""
+    """The ε-scaling blurs of a cross problem's annealing passes before ``eps`` (those above it)."""
     return np.asarray([e for e in SINKHORN.anneal if e > eps], np.float64)
 
 
