@@ -2,7 +2,7 @@
 against the same configurations one by one in a plain PyTorch loop, measured in the same run.
 
     .venv/bin/python benchmarks/mitigation_sweep.py [--epochs 150] [--torch-lanes 4] [--mitigations groupdro,reweight]
-    .venv/bin/python benchmarks/mitigation_sweep.py --mitigations groupdro,fairot --torch-lanes 0 [--grid demo]
+    .venv/bin/python benchmarks/mitigation_sweep.py --mitigations groupdro,fairot --torch-lanes 0 [--grid demo] [--repeat 3]
 
 Workload: the paper's linear probe (840 train / 120 val / 240 test features of 512 dims, 6
 classes, two sensitive groups), AdamW + cosine annealing, batch 64, best-validation-loss epoch;
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 
 import numpy as np
@@ -99,6 +100,9 @@ def main() -> None:
     parser.add_argument("--torch-lanes", type=int, default=4, help="0: JAX only")
     parser.add_argument("--mitigations", default="groupdro,reweight")
     parser.add_argument("--grid", choices=tuple(GRIDS), default="paper")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run the mitigations in turn this many times; the ratio uses each one's fastest run "
+                             "(on a shared machine the load moves between runs)")
     args = parser.parse_args()
     epochs = args.epochs or (150 if args.grid == "paper" else 50)
     names = args.mitigations.split(",")
@@ -107,17 +111,21 @@ def main() -> None:
         parser.error(f"--mitigations: {', '.join(unknown)} not in {', '.join(STRENGTHS)}")
     x, y, groups = data()
     times = {}
-    for mitigation in names:
-        jx = jax_sweep(mitigation, x, y, groups, epochs, args.grid)
-        times[mitigation] = jx["train_s"]
-        line = (f"{mitigation}: {jx['lanes']} lanes, {epochs} epochs | JAX one program: train {jx['train_s']:.1f} s "
-                f"(+ compile {jx['compile_s']:.1f} s)")
-        if args.torch_lanes and mitigation != "fairot":
-            line += " | " + torch_comparison(mitigation, x, y, groups, epochs, args.torch_lanes, jx)
-        print(line, flush=True)
+    for _ in range(args.repeat):
+        print(f"load average {os.getloadavg()[0]:.2f} {time.strftime('%H:%M:%S', time.gmtime())} UTC", flush=True)
+        for mitigation in names:
+            jx = jax_sweep(mitigation, x, y, groups, epochs, args.grid)
+            times[mitigation] = min(times.get(mitigation, math.inf), jx["train_s"])
+            line = (f"{mitigation}: {jx['lanes']} lanes, {epochs} epochs | JAX one program: train {jx['train_s']:.1f} s "
+                    f"(+ compile {jx['compile_s']:.1f} s)")
+            if args.torch_lanes and mitigation != "fairot":
+                line += " | " + torch_comparison(mitigation, x, y, groups, epochs, args.torch_lanes, jx)
+            print(line, flush=True)
+    print(f"load average {os.getloadavg()[0]:.2f} {time.strftime('%H:%M:%S', time.gmtime())} UTC", flush=True)
     if len(times) > 1:
         first = names[0]
-        print("same grid, JAX training time over " + first + "'s: "
+        fastest = " (fastest of each)" if args.repeat > 1 else ""
+        print("same grid, JAX training time over " + first + f"'s{fastest}: "
               + ", ".join(f"{n} {t / times[first]:.2f}x" for n, t in times.items() if n != first))
 
 

@@ -31,14 +31,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from cxrfair.core.mitigations import SINKHORN, SinkhornSchedule
 from cxrfair.finetune import objectives, sinkhorn
 
 ADVERSARY_LR = 1e-3  # the adversary head is fresh: it learns at a head's rate, not the encoder's
-# Sinkhorn passes at the final eps for the FairCLIP term: the fairot term's bound (cost per step).
-# The envelope gradient is exact only at convergence; at eps = 0.01 batches of matched similarities
-# took 2,000-38,000 passes to reach sinkhorn.TOL (measured on 6-8 random rows), and after 500 the
-# gradient was 0.2-2% off its converged value: a slightly inexact direction, not a wrong one.
-FAIRCLIP_MAX_ITER = sinkhorn.MAX_ITER
 
 
 def contrastive_losses(img: torch.Tensor, txt: torch.Tensor, pos: torch.Tensor, scale: float) -> torch.Tensor:
@@ -63,13 +59,13 @@ def matched_similarity(img: torch.Tensor, txt: torch.Tensor, pos: torch.Tensor) 
     return 0.5 * (1.0 + (img * txt[pos]).sum(-1))
 
 
-def fairclip_term(sims: torch.Tensor, groups: torch.Tensor, n_groups: int, eps: float = sinkhorn.EPS,
-                  max_iter: int = FAIRCLIP_MAX_ITER) -> torch.Tensor:
+def fairclip_term(sims: torch.Tensor, groups: torch.Tensor, n_groups: int,
+                  schedule: SinkhornSchedule = SINKHORN) -> torch.Tensor:
     """``sum_g S_eps(batch sims, group g's sims)``; groups with < 2 rows are skipped (0 when none is left).
 
     Args:
         sims: (n,) matched similarities of the global batch; groups: (n,) int64 group ids (-1: none).
-        eps: the entropic blur (the fairot term's, ``sinkhorn.EPS``).
+        schedule: the entropic blur and how it is solved (the fairot term's, ``core.mitigations.SINKHORN``).
     """
     pairs = []
     for g in range(n_groups):
@@ -78,7 +74,7 @@ def fairclip_term(sims: torch.Tensor, groups: torch.Tensor, n_groups: int, eps: 
             pairs.append((sims[groups >= 0], part))
     if not pairs:
         return sims.sum() * 0.0
-    return sinkhorn.divergences(pairs, eps=eps, max_iter=max_iter).sum()
+    return sinkhorn.divergences(pairs, schedule).sum()
 
 
 class Batch(NamedTuple):

@@ -27,12 +27,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cxrfair.core import mitigations
+
 ADVERSARIES = ("grl", "projection")
 ADVERSARY_HIDDEN = 64  # the adversary: an MLP with one hidden ReLU layer of this width
-SINKHORN_EPS = 0.01  # entropic blur of fairot's Sinkhorn divergence (squared cost on scores in [0, 1])
-SINKHORN_DECAY = 0.25  # eps-scaling factor per log-domain pass before the iterations at SINKHORN_EPS (4 passes)
-SINKHORN_ITERS = 50  # over-relaxed iterations at SINKHORN_EPS after the annealing (benchmarks/RESULTS.md, "fairot")
-SINKHORN_OMEGA = 1.8  # over-relaxation of those iterations: 1 is plain Sinkhorn, which needs ~10x as many
+SINKHORN = mitigations.SINKHORN  # fairot's solve: blur, annealing, iteration counts (shared with fine-tuning)
+SINKHORN_EPS = SINKHORN.eps
 
 
 @dataclass(frozen=True)
@@ -119,69 +119,69 @@ def groupdro(losses, ctx: Context, q, spec: Spec):
 # ---------------------------------------------------------------- fairot: debiased Sinkhorn in 1-D
 
 
-def _log_weights(a: jax.Array) -> jax.Array:
-    # Absent points (weight 0) get a very negative log weight instead of -inf, so gradients stay finite.
-    return jnp.where(a > 0, jnp.log(jnp.where(a > 0, a, 1.0)), -1e30)
-
-
-def _softmin(h: jax.Array, log_w: jax.Array, cost: jax.Array, eps) -> jax.Array:
-    """-eps logsumexp_j(log_w_j + (h_j - cost_ij) / eps) -> (..., n), for h, log_w (..., m), cost (..., n, m)."""
-    return -eps * jax.nn.logsumexp(log_w[..., None, :] + (h[..., None, :] - cost) / eps, axis=-1)
-
-
 def anneal_schedule(eps: float = SINKHORN_EPS) -> np.ndarray:
-    """The ε-scaling passes before the iterations at ``eps``: 1, DECAY, DECAY², ... while above ``eps``."""
-    return SINKHORN_DECAY ** np.arange(max(int(np.ceil(np.log(eps) / np.log(SINKHORN_DECAY))), 0))
+    """The ε-scaling blurs of a cross problem's annealing passes before ``eps`` (those above it)."""
+    return np.asarray([e for e in SINKHORN.anneal if e > eps], np.float64)
 
 
 def _solve(cost: jax.Array, a: jax.Array, b: jax.Array, eps: float, iters: int):
     """Entropic OT values (...,) and plans (..., n, m) of batched problems (see ``sinkhorn_value``).
 
-    Log-domain passes with ε annealed from 1 down to ``eps`` (``anneal_schedule``); then the
-    problem at ``eps`` absorbed into scaling form, K = exp((f0 ⊕ g0 - C) / ε) computed once, and
-    ``iters`` over-relaxed Sinkhorn iterations (ω = SINKHORN_OMEGA, Thibault et al. 2017) on
-    log u, log v: a matrix-vector product each instead of a log-sum-exp over n × m entries. The
-    last f-update is the half-step f(g) = softmin_b(g - C) whose row-normalised kernel is the plan.
+    One pass per ``anneal_schedule`` blur (scaling form on exp(-C / blur), one kernel for every
+    problem on the cost); then the problem at ``eps`` absorbed into scaling form,
+    K = exp((f0 ⊕ g0 - C) / ε) computed once per problem, and ``iters`` over-relaxed Sinkhorn
+    iterations (ω = SINKHORN.over_relaxation, Thibault et al. 2017) on log u, log v: a
+    matrix-vector product each instead of a log-sum-exp over n × m entries. The last f-update is
+    the half-step f(g) = softmin_b(g - C) whose row-normalised kernel is the plan.
     """
-    la, lb = _log_weights(a), _log_weights(b)
-    cost_t = jnp.swapaxes(cost, -1, -2)
-    f = jnp.zeros(jnp.broadcast_shapes(a.shape, cost.shape[:-1]), cost.dtype)
-    g = jnp.zeros(jnp.broadcast_shapes(b.shape, cost_t.shape[:-1]), cost.dtype)
-
-    def anneal(fg, e):
-        f = _softmin(fg[1], lb, cost, e)
-        return (f, _softmin(f, la, cost_t, e)), None
-
-    (f, g), _ = jax.lax.scan(anneal, (f, g), jnp.asarray(anneal_schedule(eps), cost.dtype))
+    tiny = jnp.finfo(cost.dtype).tiny
+    wa, wb = jnp.where(a > 0, a, 0.0), jnp.where(b > 0, b, 0.0)
+    g = jnp.zeros(jnp.broadcast_shapes(b.shape, cost.shape[:-2] + cost.shape[-1:]), cost.dtype)
+    for e in anneal_schedule(eps):
+        # One pass f = softmin_b(g - C), g = softmin_a(f - C) at blur e, in scaling form on exp(-C / e),
+        # one kernel for every problem sharing the cost. Safe in float32 for e >= 0.03: costs and
+        # potentials are within [-1.5, 1.5], so every exponent stays within +-50.
+        k = jnp.exp(-cost / e)
+        f = -e * jnp.log(jnp.maximum(jnp.einsum("...ij,...j->...i", k, wb * jnp.exp(g / e)), tiny))
+        g = -e * jnp.log(jnp.maximum(jnp.einsum("...ij,...i->...j", k, wa * jnp.exp(f / e)), tiny))
+    if not len(anneal_schedule(eps)):
+        f = jnp.zeros(jnp.broadcast_shapes(a.shape, cost.shape[:-1]), cost.dtype)
     # One exp for both kernels; pairs with an absent point are 0 (their exponent is unbounded).
     live = (a > 0)[..., :, None] & (b > 0)[..., None, :]
     kernel = jnp.exp(jnp.where(live, (f[..., :, None] + g[..., None, :] - cost) / eps, -jnp.inf))
-    kb = kernel * jnp.where(b > 0, b, 0.0)[..., None, :]  # f_i = f0_i - eps log sum_j kb_ij v_j
-    ka = kernel * jnp.where(a > 0, a, 0.0)[..., :, None]  # g_j = g0_j - eps log sum_i ka_ij u_i
-    tiny = jnp.finfo(cost.dtype).tiny
+    omega = SINKHORN.over_relaxation
 
     def relax(old, sums, present):
         # An absent point's scaling stays 1: its kernel row is 0, and log(0) would blow up exp(lv).
-        return jnp.where(present, (1 - SINKHORN_OMEGA) * old - SINKHORN_OMEGA * jnp.log(jnp.maximum(sums, tiny)), 0.0)
+        return jnp.where(present, (1 - omega) * old - omega * jnp.log(jnp.maximum(sums, tiny)), 0.0)
 
     def iterate(luv, _):
+        # f_i = f0_i - eps log sum_j K_ij b_j v_j, g_j = g0_j - eps log sum_i K_ij a_i u_i
         lu, lv = luv
-        lu = relax(lu, jnp.einsum("...ij,...j->...i", kb, jnp.exp(lv)), a > 0)
-        return (lu, relax(lv, jnp.einsum("...ij,...i->...j", ka, jnp.exp(lu)), b > 0)), None
+        lu = relax(lu, jnp.einsum("...ij,...j->...i", kernel, wb * jnp.exp(lv)), a > 0)
+        return (lu, relax(lv, jnp.einsum("...ij,...i->...j", kernel, wa * jnp.exp(lu)), b > 0)), None
 
     (_, lv), _ = jax.lax.scan(iterate, (jnp.zeros_like(f), jnp.zeros_like(g)), None, length=iters)
-    weighted = kb * jnp.exp(lv)[..., None, :]  # the last half-step, plain (ω = 1): rows sum to a
+    weighted = kernel * (wb * jnp.exp(lv))[..., None, :]  # the last half-step, plain (ω = 1): rows sum to a
     sums = jnp.maximum(weighted.sum(-1), tiny)
     f1 = f - eps * jnp.log(sums)
     g = g + eps * lv
     value = jnp.sum(jnp.where(a > 0, a * f1, 0.0), -1) + jnp.sum(jnp.where(b > 0, b * g, 0.0), -1)
-    plan = weighted * (jnp.where(a > 0, a, 0.0) / sums)[..., :, None]
+    plan = weighted * (wa / sums)[..., :, None]
     return value, plan
+
+
+def _cost_cotangent(ct: jax.Array, plan: jax.Array, cost: jax.Array) -> jax.Array:
+    """d(sum ct · OT)/dC from the plans (..., n, m): a cost shared by a batch of problems gets their sum."""
+    grad = ct[..., None, None] * plan
+    grad = grad.sum(tuple(range(grad.ndim - cost.ndim)))
+    grad = grad.sum(tuple(i for i, n in enumerate(cost.shape) if n == 1), keepdims=True)
+    return grad.astype(cost.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def sinkhorn_value(cost: jax.Array, a: jax.Array, b: jax.Array, eps: float = SINKHORN_EPS,
-                   iters: int = SINKHORN_ITERS) -> jax.Array:
+                   iters: int = SINKHORN.iterations) -> jax.Array:
     """Entropic OT costs OT_eps(a, b) = min_P <P, C> + eps KL(P | a ⊗ b) of batched problems -> (...,).
 
     cost (..., n, m) (broadcast against the weights' leading axes), a (..., n), b (..., m), each
@@ -201,42 +201,99 @@ def _value_fwd(cost, a, b, eps, iters):
 
 def _value_bwd(eps, iters, res, ct):
     plan, cost, a, b = res
-    grad = ct[..., None, None] * plan
-    grad = grad.sum(tuple(range(grad.ndim - cost.ndim)))  # a cost shared by a batch of problems: summed
-    grad = grad.sum(tuple(i for i, n in enumerate(cost.shape) if n == 1), keepdims=True)
-    return grad.astype(cost.dtype), jnp.zeros_like(a), jnp.zeros_like(b)
+    return _cost_cotangent(ct, plan, cost), jnp.zeros_like(a), jnp.zeros_like(b)
 
 
 sinkhorn_value.defvjp(_value_fwd, _value_bwd)
 
 
+def _solve_symmetric(cost: jax.Array, a: jax.Array, eps: float, iters: int):
+    """OT_eps(a, a) (...,) of batched symmetric problems and what their plans are made of.
+
+    Averaged updates p <- (p + T(p)) / 2, T(p) = softmin_a(p - C), from p = 0 (Feydy et al.
+    2019), in scaling form u = exp(p / eps) on one kernel exp(-C / eps) shared by every problem
+    on these points: a matrix product per update for all of them. Safe in float32: a symmetric
+    problem's potential stays in [0, (eps / 2) log(1 / min a)] (an isolated point's), so u is
+    in [1, sqrt(n)], and kernel entries past e^-80 (cost > 0.8 at eps = 0.01) are e^-80 instead
+    of smaller: their share of the plan is below e^-80 of a row's diagonal entry.
+
+    Returns value (...,) = <a, T(p)> + <a, p> and (kernel (..., n, n), row (..., n) = a / s,
+    col (..., n) = a u): the half-step plan is row_i kernel_ij col_j, rows summing to a.
+    """
+    kernel = jnp.exp(-jnp.minimum(cost / eps, 80.0))
+    w = jnp.where(a > 0, a, 0.0)
+
+    def sums(u):
+        return jnp.einsum("...kj,...ij->...ki", w * u, kernel)  # the kernel is symmetric: K (a u) per problem
+
+    def update(u, _):
+        return jnp.where(a > 0, jnp.sqrt(u / sums(u)), 1.0), None
+
+    u0 = jnp.ones(jnp.broadcast_shapes(a.shape, cost.shape[:-2] + cost.shape[-1:]), cost.dtype)
+    u, _ = jax.lax.scan(update, u0, None, length=iters)
+    s = sums(u)
+    value = eps * jnp.sum(jnp.where(a > 0, w * (jnp.log(u) - jnp.log(s)), 0.0), -1)
+    return value, (kernel, w / s, w * u)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def symmetric_value(cost: jax.Array, a: jax.Array, eps: float = SINKHORN_EPS,
+                    iters: int = SINKHORN.symmetric_iterations) -> jax.Array:
+    """OT_eps(a, a) of K problems on the same points -> (..., K): cost (..., n, n) symmetric, a (..., K, n).
+
+    The gradient in ``cost`` is the envelope one, each problem's half-step plan, summed over
+    the K problems sharing the cost; the weights are not differentiated.
+    """
+    return _solve_symmetric(cost, a, eps, iters)[0]
+
+
+def _symmetric_fwd(cost, a, eps, iters):
+    value, parts = _solve_symmetric(cost, a, eps, iters)
+    return value, (parts, a)
+
+
+def _symmetric_bwd(eps, iters, res, ct):
+    (kernel, row, col), a = res
+    # sum_k ct_k row_k,i K_ij col_k,j: one (n, K) x (K, n) product, no (K, n, n) plans stored
+    return kernel * jnp.einsum("...ki,...kj->...ij", ct[..., None] * row, col), jnp.zeros_like(a)
+
+
+symmetric_value.defvjp(_symmetric_fwd, _symmetric_bwd)
+
+
 def sinkhorn_ot(x: jax.Array, a: jax.Array, y: jax.Array, b: jax.Array, eps: float = SINKHORN_EPS,
-                iters: int = SINKHORN_ITERS) -> jax.Array:
+                iters: int = SINKHORN.iterations) -> jax.Array:
     """OT_eps(a, b) between 1-D samples x (n,) with weights a (n,) and y (m,) with b (m,); C = (x_i - y_j)^2."""
     return sinkhorn_value((x[:, None] - y[None, :]) ** 2, a, b, eps, iters)
 
 
+def self_ot(x: jax.Array, a: jax.Array, eps: float = SINKHORN_EPS) -> jax.Array:
+    """OT_eps(a, a) of the 1-D sample x (n,) with weights a (n,), by the symmetric solve."""
+    return symmetric_value((x[:, None] - x[None, :]) ** 2, a[None, :], eps)[0]
+
+
 def sinkhorn_divergence(x, a, y, b, eps: float = SINKHORN_EPS) -> jax.Array:
     """Debiased S_eps(a, b) = OT(a, b) - OT(a, a)/2 - OT(b, b)/2 (>= 0, 0 iff a = b)."""
-    return sinkhorn_ot(x, a, y, b, eps) - 0.5 * sinkhorn_ot(x, a, x, a, eps) - 0.5 * sinkhorn_ot(y, b, y, b, eps)
+    return sinkhorn_ot(x, a, y, b, eps) - 0.5 * self_ot(x, a, eps) - 0.5 * self_ot(y, b, eps)
 
 
 def fairot_penalty(scores: jax.Array, ctx: Context, n_groups: int) -> jax.Array:
     """Σ_g S_eps(scores of the batch, scores of the batch's rows in group g); groups with < 2 rows skipped.
 
     scores (B,): each row's probability of its true class (multi-class: exp(-cross-entropy)).
-    Every problem lives on the batch's own points, so all 2G + 1 of them (batch vs group g,
-    group g vs itself, the batch vs itself once) share one (B, B) cost and run as one batch.
+    Every problem lives on the batch's own points, so they share one (B, B) cost: the G cross
+    problems (batch vs group g) run as one batched solve, the G + 1 symmetric ones (group g vs
+    itself, the batch vs itself once) as another, on one shared kernel.
     """
     a = ctx.w / jnp.maximum(ctx.w.sum(), 1.0)
     in_g = ctx.w[None, :] * (ctx.group[None, :] == jnp.arange(n_groups)[:, None])  # (G, B)
     live = in_g.sum(1) >= 2
     # A skipped group's problems run on the batch's weights (a finite, zero divergence) and are masked.
     b = jnp.where(live[:, None], in_g / jnp.maximum(in_g.sum(1, keepdims=True), 1.0), a[None, :])
-    first = jnp.concatenate([jnp.broadcast_to(a, b.shape), b, a[None, :]])  # (2G + 1, B)
-    second = jnp.concatenate([b, b, a[None, :]])
-    ot = sinkhorn_value((scores[:, None] - scores[None, :]) ** 2, first, second)
-    div = ot[:n_groups] - 0.5 * ot[n_groups:2 * n_groups] - 0.5 * ot[-1]
+    cost = (scores[:, None] - scores[None, :]) ** 2
+    cross = sinkhorn_value(cost, jnp.broadcast_to(a, b.shape), b)  # (G,)
+    own = symmetric_value(cost, jnp.concatenate([b, a[None, :]]))  # (G + 1,)
+    div = cross - 0.5 * own[:n_groups] - 0.5 * own[-1]
     return jnp.sum(jnp.where(live, div, 0.0))
 
 
@@ -336,8 +393,9 @@ def adversarial_meta(spec: Spec) -> dict:
 
 
 def fairot_meta(spec: Spec) -> dict:
-    return {"sinkhorn": {"eps": SINKHORN_EPS, "anneal": [float(e) for e in anneal_schedule()],
-                         "iterations": SINKHORN_ITERS, "over_relaxation": SINKHORN_OMEGA, "cost": "squared",
+    return {"sinkhorn": {"eps": SINKHORN.eps, "anneal": [float(e) for e in anneal_schedule()],
+                         "iterations": SINKHORN.iterations, "over_relaxation": SINKHORN.over_relaxation,
+                         "symmetric_iterations": SINKHORN.symmetric_iterations, "cost": "squared",
                          "score": "probability of the true class", "debiased": True}}
 
 

@@ -94,8 +94,37 @@ _ROWS = (
 )
 
 MITIGATIONS: dict[str, Mitigation] = {m.name: m for m in _ROWS}
+
 NAMES = tuple(MITIGATIONS)
 ERM = "erm"
+
+
+@dataclass(frozen=True)
+class SinkhornSchedule:
+    """How fairot's debiased Sinkhorn divergence S_ε is solved, for scores in [0, 1] (squared cost ≤ 1).
+
+    One schedule, two implementations (probe: ``cxrfair.probe.objectives``, JAX; fine-tuning:
+    ``cxrfair.finetune.sinkhorn``, PyTorch). S_ε(α, β) = OT_ε(α, β) − ½OT_ε(α, α) − ½OT_ε(β, β):
+    the cross problem OT_ε(α, β) gets one log-domain pass per ``anneal`` blur, then
+    ``iterations`` over-relaxed Sinkhorn iterations at ``eps``; each symmetric problem OT_ε(α, α)
+    gets ``symmetric_iterations`` averaged updates p ← (p + T(p)) / 2 (Feydy et al. 2019), which
+    converge without annealing. Measured: benchmarks/RESULTS.md, "fairot probe" (the counts are
+    enough for a batch of 64; problems of a few points converge slower: see ``tolerance``).
+    """
+
+    eps: float = 0.01  # the entropic blur: the contract's ε (FairCLIP's, for scores in [0, 1])
+    anneal: tuple[float, ...] = (0.1, 0.03)  # ε-scaling blurs before eps, one log-domain pass each (cross problems)
+    iterations: int = 40  # over-relaxed iterations at eps of a cross problem
+    over_relaxation: float = 1.8  # ω of those iterations (Thibault et al. 2017); 1 is plain Sinkhorn, ~10x slower
+    symmetric_iterations: int = 20  # averaged updates at eps of a symmetric problem, from p = 0
+    # Fine-tuning solves a few problems per step beside an encoder, so it goes on past those counts
+    # until no potential moves more than `tolerance` (cost units), at most `max_iterations`; a
+    # vmapped probe sweep would run its slowest lane's count on every lane, so it stops at the counts.
+    tolerance: float = 1e-10
+    max_iterations: int = 5000
+
+
+SINKHORN = SinkhornSchedule()  # fairot's, in every stage that trains it
 
 
 def names(stage: str | None = None) -> tuple[str, ...]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import types
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -17,6 +18,7 @@ from click.testing import CliRunner
 from torch import nn
 
 from cxrfair.core import mitigations as M
+from cxrfair.core.mitigations import SINKHORN
 from cxrfair.errors import CxrfairError
 from cxrfair.finetune import contrastive_objectives as co
 from cxrfair.finetune import objectives, sinkhorn, texts
@@ -82,7 +84,7 @@ def test_fairclip_term_equals_pot_on_the_same_cost():
     sims = np.array([0.62, 0.15, 0.48, 0.9, 0.33, 0.05, 0.4])
     groups = np.array([0, 0, 0, 1, 1, 1, 2])  # group 2: one row, skipped
     eps = 0.1  # POT's reference converges in seconds here (0.01 takes it minutes)
-    got = co.fairclip_term(torch.tensor(sims), torch.tensor(groups), 3, eps=eps, max_iter=20000).item()
+    got = co.fairclip_term(torch.tensor(sims), torch.tensor(groups), 3, replace(SINKHORN, eps=eps)).item()
 
     def s_pot(a, b):
         return pot_primal(a, b, eps) - 0.5 * pot_primal(a, a, eps) - 0.5 * pot_primal(b, b, eps)
@@ -99,11 +101,12 @@ def test_fairclip_term_is_zero_for_identical_groups_and_skips_groups_under_two_r
     assert one.item() == pytest.approx(sinkhorn.sinkhorn_divergence(sims, sims[:4]).item(), abs=1e-9)
 
 
-@pytest.mark.parametrize("seed", [1, 2, pytest.param(0, marks=pytest.mark.slow)])  # seed 0: near-ties, 15 s
+@pytest.mark.parametrize("seed", [0, 1, 2])
 def test_fairclip_term_gradient_through_the_embeddings_equals_central_differences(seed):
-    # float64: d term / d image embedding (before normalisation), through the matched similarities.
-    # At eps = 0.1, where Sinkhorn converges in a few hundred passes: the envelope gradient is exact
-    # only at convergence, which eps = 0.01 reaches after thousands (FAIRCLIP_MAX_ITER's comment).
+    # float64, at the training schedule (eps = 0.01): d term / d image embedding (before
+    # normalisation), through the matched similarities. Six rows, two groups of three: isolated
+    # points, the slowest problems for Sinkhorn (a 500-pass cap left these 0.2-2% off); the
+    # envelope gradient is exact only at convergence, which the tolerance reaches.
     rng = np.random.default_rng(seed)
     raw = rng.normal(size=(6, 2))
     txt = unit(rng, 3, 2)
@@ -112,7 +115,7 @@ def test_fairclip_term_gradient_through_the_embeddings_equals_central_difference
 
     def term64(x: torch.Tensor) -> torch.Tensor:
         img = nn.functional.normalize(x, dim=-1)
-        return co.fairclip_term(co.matched_similarity(img, txt, pos), groups, 2, eps=0.1, max_iter=20000)
+        return co.fairclip_term(co.matched_similarity(img, txt, pos), groups, 2)
 
     x = torch.tensor(raw, requires_grad=True)
     term64(x).backward()

@@ -8,6 +8,9 @@ import pandas as pd
 import pytest
 import torch
 
+from dataclasses import replace
+
+from cxrfair.core.mitigations import SINKHORN
 from cxrfair.errors import CxrfairError
 from cxrfair.finetune import objectives as O
 from cxrfair.finetune import sinkhorn
@@ -123,10 +126,10 @@ SAMPLES = [(np.array([0.1, 0.9, 0.5, 0.45, 0.2, 0.8]), np.array([0.3, 0.35, 0.7]
 
 @pytest.mark.parametrize("sample,eps", [pytest.param(1, sinkhorn.EPS, marks=pytest.mark.slow), (0, 0.05)])
 def test_sinkhorn_divergence_equals_dense_numpy_and_pot(sample, eps):
-    # The training settings (at most MAX_ITER passes) against converged references. (eps = 0.01
+    # The training schedule against converged references. (eps = 0.01
     # on sample 0's near-tied points takes the references minutes to converge: eps 0.05 there.)
     a, b = SAMPLES[sample]
-    got = sinkhorn.sinkhorn_divergence(torch.tensor(a), torch.tensor(b), eps=eps).item()
+    got = sinkhorn.sinkhorn_divergence(torch.tensor(a), torch.tensor(b), replace(SINKHORN, eps=eps)).item()
     ref = divergence_numpy(a, b, eps)
     assert got == pytest.approx(ref, abs=1e-6)
     pot = pot_primal(a, b, eps) - 0.5 * pot_primal(a, a, eps) - 0.5 * pot_primal(b, b, eps)
@@ -137,8 +140,9 @@ def test_sinkhorn_divergence_equals_dense_numpy_and_pot(sample, eps):
 def test_sinkhorn_batch_of_problems_equals_one_by_one_and_is_zero_for_equal_samples():
     a, b = (torch.tensor(x) for x in SAMPLES[1])
     c = torch.tensor(SAMPLES[0][0])
-    both = sinkhorn.divergences([(a, b), (c, a), (b, b)], eps=0.05)
-    singles = [sinkhorn.sinkhorn_divergence(x, y, eps=0.05) for x, y in ((a, b), (c, a))]
+    schedule = replace(SINKHORN, eps=0.05)
+    both = sinkhorn.divergences([(a, b), (c, a), (b, b)], schedule)
+    singles = [sinkhorn.sinkhorn_divergence(x, y, schedule) for x, y in ((a, b), (c, a))]
     np.testing.assert_allclose(both[:2].numpy(), torch.stack(singles).numpy(), atol=1e-6)  # one stopping rule for all
     assert abs(both[2].item()) < 1e-10
 
@@ -150,7 +154,7 @@ def test_sinkhorn_gradient_equals_finite_differences_of_the_numpy_reference():
     eps = 0.1
     x = torch.tensor(a, requires_grad=True)
     y = torch.tensor(b, requires_grad=True)
-    sinkhorn.sinkhorn_divergence(x, y, eps=eps, tol=1e-12, max_iter=20000).backward()
+    sinkhorn.sinkhorn_divergence(x, y, replace(SINKHORN, eps=eps)).backward()
     h = 1e-5
     for vec, grad, other, first in ((a, x.grad, b, True), (b, y.grad, a, False)):
         for i in range(len(vec)):

@@ -112,6 +112,26 @@ def test_sinkhorn_divergence_matches_pot(n, m, seed):
     assert float(_div(xj, a, yj, b)) == pytest.approx(ref, rel=2e-3, abs=2e-6)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_fairot_penalty_in_float32_matches_pot_on_the_slowest_samples_and_groups_far_apart():
+    # The cases the fixed iteration counts were chosen on (benchmarks/RESULTS.md, "fairot probe"):
+    # scores piled at both ends (arcsine), a tight cluster near 1, and two groups at opposite ends
+    # (the cross problem moves mass a whole unit: exponents near the float32 limits).
+    rng = np.random.default_rng(7)
+    samples = [rng.beta(0.5, 0.5, 40), 1 - rng.exponential(0.02, 40).clip(0, 1),
+               np.r_[rng.uniform(0, 0.05, 20), rng.uniform(0.95, 1, 20)]]
+    group = np.r_[np.zeros(20, int), np.ones(20, int)]
+    penalty = jax.jit(jax.value_and_grad(ob.fairot_penalty), static_argnums=2)
+    for scores in samples:
+        ctx = _ctx(np.ones(40), np.zeros(40), group)
+        got, grad = penalty(jnp.asarray(scores, jnp.float32), ctx, 2)
+        eps = ob.SINKHORN_EPS
+        want = sum(_entropic_ot_pot(scores, scores[group == g], eps) - 0.5 * _entropic_ot_pot(scores, scores, eps)
+                   - 0.5 * _entropic_ot_pot(scores[group == g], scores[group == g], eps) for g in (0, 1))
+        assert float(got) == pytest.approx(want, rel=2e-3, abs=2e-6)
+        assert np.isfinite(np.asarray(grad)).all()
+
+
 def test_sinkhorn_weights_select_rows_and_identical_samples_have_zero_divergence():
     x = jnp.array([0.1, 0.5, 0.9, 0.3])
     full = jnp.full(4, 0.25)
@@ -236,7 +256,7 @@ def test_sinkhorn_value_is_the_converged_value_whatever_the_iteration_count_beyo
     a = jnp.full(20, 1 / 20)
     cost = (x[:, None] - x[None, :]) ** 2
     default = float(jax.jit(ob.sinkhorn_value)(cost, a, a))
-    longer = float(jax.jit(ob.sinkhorn_value, static_argnums=(3, 4))(cost, a, a, ob.SINKHORN_EPS, 4 * ob.SINKHORN_ITERS))
+    longer = float(jax.jit(ob.sinkhorn_value, static_argnums=(3, 4))(cost, a, a, ob.SINKHORN_EPS, 4 * ob.SINKHORN.iterations))
     assert default == pytest.approx(longer, rel=1e-3)
 
 
