@@ -41,7 +41,6 @@ from cxrfair.steps import Step
 
 PROBES = ("linear", "mlp")
 SELECTS = ("worst_group", "loss", "gap")  # how a mitigated probe sweep may select (probe.sweep.SELECTIONS less accuracy)
-ADVERSARIES = ("grl", "projection")  # probes: both; fine-tuning trains gradient reversal (grl) only
 
 
 def steps(config: ExperimentConfig, p: dict, cohort_cfg, producers: dict, adapted: dict | None = None) -> list[Step]:
@@ -177,7 +176,7 @@ def _check_mitigation(entry: MitigationSettings, method: str, where: str) -> Non
         raise CxrfairError(f"{where} select {entry.select!r}: " + (f"choose one of {', '.join(SELECTS)}" if probe else
                            f"probes only; fine-tuning ({method}) keeps its lowest-validation-loss checkpoint"))
     if entry.adversary is not None:
-        if m != "adversarial" or entry.adversary not in ADVERSARIES or (entry.adversary == "projection" and not probe):
+        if m != "adversarial" or stage not in mitigations.ADVERSARIES.get(entry.adversary, ()):
             raise CxrfairError(f"{where} adversary {entry.adversary!r}: only with mitigation adversarial; grl, or "
                                "projection for probes")
 

@@ -94,7 +94,7 @@ def _sweep_options(f):
         click.option("--mitigation", default=mitigations.ERM, show_default=True, help=MITIGATION_HELP),
         click.option("--sensitive", default=None, help="The cohort attribute a mitigation targets, e.g. sex, age_group, race."),
         click.option("--strength", default=None, help=STRENGTH_HELP),
-        click.option("--adversary", type=click.Choice(["grl", "projection"]), default="grl", show_default=True,
+        click.option("--adversary", type=click.Choice(mitigations.adversaries(mitigations.PROBE)), default="grl", show_default=True,
                      help="adversarial: grl = gradient reversal on the features the head reads; projection = Zhang "
                           "et al.'s projected gradient with the adversary on the outputs and label."),
         click.option("--lr", default="1e-4,3e-4,1e-3,3e-3", show_default=True, help="adamw: comma-separated peak learning rates."),

@@ -29,7 +29,6 @@ import numpy as np
 
 from cxrfair.core import mitigations
 
-ADVERSARIES = ("grl", "projection")
 ADVERSARY_HIDDEN = 64  # the adversary: an MLP with one hidden ReLU layer of this width
 SINKHORN = mitigations.SINKHORN  # fairot's solve: blur, annealing, iteration counts (shared with fine-tuning)
 SINKHORN_EPS = SINKHORN.eps

@@ -250,8 +250,6 @@ class SweepConfig:
         return self
 
     def _validate_mitigation(self) -> None:
-        from cxrfair.probe.objectives import ADVERSARIES
-
         row = mitigations.get(self.mitigation, mitigations.PROBE)
         erm = not row.needs_sensitive
         _check(erm or bool(self.sensitive), "--sensitive", f"--mitigation {self.mitigation} needs the attribute it targets, e.g. sex")
@@ -259,7 +257,8 @@ class SweepConfig:
         _check(erm or self.select != "accuracy", "--select", "a mitigation selects by worst_group, loss or gap")
         _check(not erm or self.select in ("loss", "accuracy"), "--select",
                "worst_group and gap need a --mitigation and --sensitive attribute; plain probes use loss or accuracy")
-        _check(self.adversary in ADVERSARIES, "--adversary", f"choose one of {', '.join(ADVERSARIES)}")
+        adversaries = mitigations.adversaries(mitigations.PROBE)
+        _check(self.adversary in adversaries, "--adversary", f"choose one of {', '.join(adversaries)}")
         _check(not (row.probe_solver == "adamw" and self.solver == "lbfgs"), "--solver",
                f"{self.mitigation} changes its objective every step, which full-batch L-BFGS cannot follow; use --solver adamw")
         if self.has_strength:

@@ -95,6 +95,16 @@ _ROWS = (
 
 MITIGATIONS: dict[str, Mitigation] = {m.name: m for m in _ROWS}
 
+# The adversarial mitigation's adversaries -> the stages that train each: "grl" reverses the gradient of an
+# adversary reading the features (every trained stage); "projection" (Zhang et al. 2018) reads the probe's
+# outputs and label, and only the probe's objective implements it.
+ADVERSARIES: dict[str, tuple[str, ...]] = {"grl": (PROBE, FINETUNE, CONTRASTIVE), "projection": (PROBE,)}
+
+
+def adversaries(stage: str) -> tuple[str, ...]:
+    """The adversaries ``stage`` trains (``ADVERSARIES``), in table order."""
+    return tuple(a for a, stages in ADVERSARIES.items() if stage in stages)
+
 NAMES = tuple(MITIGATIONS)
 ERM = "erm"
 

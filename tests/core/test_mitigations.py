@@ -112,3 +112,9 @@ def test_unknown_names_list_only_the_stage_s_mitigations():
         M.get("dropout", M.FINETUNE)
     assert "erase" not in str(err.value) and "thresholds" not in str(err.value)
     assert M.check_strengths("erase", ()) == ()
+
+
+def test_adversaries_come_from_one_table_that_every_stage_reads():
+    assert M.adversaries(M.PROBE) == ("grl", "projection")
+    assert M.adversaries(M.FINETUNE) == M.adversaries(M.CONTRASTIVE) == ("grl",)
+    assert set(M.ADVERSARIES) == {a for s in M.STAGE_WORDS for a in M.adversaries(s)}
