@@ -156,11 +156,11 @@ def demo_config(out: Path) -> ExperimentConfig:
     0 (fairot) is the AdamW ERM probe both compare with.
     """
 
-    # Probes: the stage's default solver (L-BFGS over its L2 grid); fine-tuning is cut to 20 epochs
-    # so the demo stays within a few minutes on 2 CPU cores. Three seeds, not two: a seed mean's
+    # Probes: the stage's default solver (L-BFGS over its L2 grid); fine-tuning is cut to 15 epochs
+    # so the demo stays within 3 minutes on 2 CPU cores. Three seeds, not two: a seed mean's
     # interval is widened by t_{S-1} sd / sqrt(S), and t_1 = 12.7 made every two-seed interval
     # span the whole range ([0, 100]); t_2 = 4.3 gives intervals a reader can use. 3 x 20 epochs
-    # costs what 2 x 30 did.
+    # took 2 min 57 s (benchmarks/RESULTS.md, "Demo end to end"), 3 x 15 keeps a margin.
     # The embedding analyses: leakage probes (linear + kNN, no MLP sweep) with the default 20
     # shuffled reruns as the chance level (after the first compile a rerun of both costs ~0.5 s
     # on 2,500 images), and 199 geometry shuffles, the fewest with which a Holm-adjusted p over
@@ -177,7 +177,7 @@ def demo_config(out: Path) -> ExperimentConfig:
         # lr / weight_decay / epochs reach only the AdamW-trained mitigation sweeps (ERM probes use
         # L-BFGS); a small grid keeps fairot's per-step Sinkhorn affordable on 2 cores.
         probe=ProbeSettings(hidden=(128,), lr=(3e-3,), weight_decay=(0.0, 1e-2), epochs=50),
-        finetune=FinetuneSettings(epochs=20, lora_lr=(1e-3,), full_lr=(1e-4,), workers=2),
+        finetune=FinetuneSettings(epochs=15, lora_lr=(1e-3,), full_lr=(1e-4,), workers=2),
         analysis=AnalysisSettings(bootstrap=1000),
         embeddings=EmbeddingsSettings(leakage=("tiny-clip",), geometry=("tiny-clip",), probes=("linear", "knn"),
                                       geometry_permutations=199),
