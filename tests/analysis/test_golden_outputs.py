@@ -60,7 +60,7 @@ EXPECTED = {
     },
     'multilabel': {
         'analysis.json': '9aee2a1ab6723c451e90cfd9360d65b2eec5ca610fa2c4fdc8370b990a9e61ad',
-        'comparisons.csv': '707c5c7879ac08218905c2397ef72a2a6fc9495cce0684df591a0cb2952ad77c',
+        'comparisons.csv': 'b22d9a3543dcfea0779d39c52d6a164ea0bbf04edb2624f0bd003a2ea6b3ea10',
         'findings.csv': 'd7edc52d6000b9bb86c292da7cc0487f6306cca4d00db670e61f507e6fa38a59',
         'metrics.csv': '8b6443659ec95129b13aba1f7e0915f55373363ed8551c9deca2c5105a238089',
         'reliability.csv': '8378c325fa3afaa6203eede27a197c73a57191ff0dd4087f7f5ac1a2d9e3c887',

@@ -63,3 +63,9 @@ def test_widened_interval_covers_the_seed_expected_accuracy(S):
         hits += lo[0] <= mu <= hi[0]
     cover = hits / n_sims
     assert 0.90 - 2.33 * math.sqrt(0.9 * 0.1 / n_sims) <= cover <= min(1.0, 0.99 + 2.33 * math.sqrt(0.99 * 0.01 / n_sims))
+
+
+def test_t_quantile_against_printed_tables():
+    # Student's t table (two-sided 95%): the values a reader checks the seed widening with.
+    for df, want in ((1, 12.7062), (2, 4.3027), (4, 2.7764), (30, 2.0423)):
+        assert t_quantile(0.975, df) == pytest.approx(want, abs=1e-4)
