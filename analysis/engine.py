@@ -457,6 +457,12 @@ def _comparisons_table(evaluated, runs_df, config: AnalyzeConfig, notes: list[st
     lo, hi, p = delta_interval(out["delta"].to_numpy(), reps, v, df, config.level)
     out["seed"] = out["seed"].astype("Int64")  # empty on a seed-mean row
     out = out.assign(ci_low=lo, ci_high=hi, n_seeds=n_seeds, p_value=p)
+    unknown = sorted(set(out.loc[~known, "model"] + " " + out.loc[~known, "method"]))
+    if unknown:
+        notes.append("comparisons where a seed mean has one defined run (one run, or a metric undefined in the "
+                     "others; comparisons.csv seed_var_known = false): that side's seed variance is unknown, so the "
+                     "interval covers the test patients and the other side's seeds only (train 2+ seeds, 3+ for "
+                     f"usable intervals): {', '.join(unknown)}")
     return _holm_within(out, ["model", "method", "run_id", "attribute"]).assign(seed_var_known=known)
 
 

@@ -522,3 +522,19 @@ def test_runs_without_a_rows_record_are_analysed_with_a_note(tmp_path):
     assert check_runs(read_runs(tmp_path / "RUNS")) == [
         "1 run(s) (m__zeroshot__best__s0) were written before run.json recorded their rows, so a cut or edited "
         "predictions.csv among them is found only by comparing its images with the other runs'"]
+
+
+def test_a_baseline_of_one_run_is_flagged_seed_var_unknown_and_noted(tmp_path):
+    rows = cohort_rows(48)
+    _write(tmp_path, rows, "linear", 0, skill=1.0)
+    for s in (0, 1):
+        _write(tmp_path, rows, "mlp", s, skill=1.2)
+    res = compute(read_runs(tmp_path), AnalyzeConfig(tmp_path, tmp_path, n_boot=R, seed=5))
+    c = res.comparisons
+    assert not c["seed_var_known"].any()  # every delta has the one-run linear probe on one side
+    said = [n for n in res.notes if "seed_var_known = false" in n]
+    assert len(said) == 1 and said[0].endswith(": m mlp")
+    # With two baseline runs the flag is set and the note is gone.
+    _write(tmp_path, rows, "linear", 1, skill=1.0)
+    res = compute(read_runs(tmp_path), AnalyzeConfig(tmp_path, tmp_path, n_boot=R, seed=5))
+    assert res.comparisons["seed_var_known"].all() and not [n for n in res.notes if "seed_var_known" in n]

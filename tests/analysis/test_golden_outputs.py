@@ -18,7 +18,8 @@ methods (``value_bc``, ``interval`` in metrics.csv, hull intervals for gap metri
 linear probe as the comparisons' reference, findings pooled over seeds, the report's banner and
 headline; the band's high end for ``worst_group_auc`` / ``es_auc`` over 3+ groups, ``ece_debiased``
 rows with the ``debiased`` / ``pivot`` ECE intervals, and paired deltas over seeds widened by Welch's
-(comparisons) or a paired (mitigations) t with ``seed_var_known`` (statistics issue, part 3).
+(comparisons) or a paired (mitigations) t with ``seed_var_known`` and a note naming its false rows
+(statistics issue, part 3).
 After an intended change of the outputs, print the new digests with
 ``python -m tests.analysis.test_golden_outputs`` (from the repository root) and paste them below.
 """
@@ -59,13 +60,13 @@ EXPECTED = {
         'tradeoff.csv': 'fca0bd7692ee4203ffdc565cadc5bcbf2ee9daab3f90c5e80552245fec422254',
     },
     'multilabel': {
-        'analysis.json': '9aee2a1ab6723c451e90cfd9360d65b2eec5ca610fa2c4fdc8370b990a9e61ad',
+        'analysis.json': '20e075ed83a5d5cfefeccd57eb1c201814ba286acf253c8c77af12b6f95a3117',
         'comparisons.csv': 'b22d9a3543dcfea0779d39c52d6a164ea0bbf04edb2624f0bd003a2ea6b3ea10',
         'findings.csv': 'd7edc52d6000b9bb86c292da7cc0487f6306cca4d00db670e61f507e6fa38a59',
         'metrics.csv': '8b6443659ec95129b13aba1f7e0915f55373363ed8551c9deca2c5105a238089',
         'reliability.csv': '8378c325fa3afaa6203eede27a197c73a57191ff0dd4087f7f5ac1a2d9e3c887',
-        'report.html': 'a1e2a54677458e2eb9eedb2d059e19c6f7f94c66f57a8c77edc29ee4ddce283c',
-        'report.md': '69b3f0a2be59f2cd98b6b8f89c741794a6ab6fb06a776517be339cbb8b3276fa',
+        'report.html': 'dd7c8132fa3d87f5ff617fc1c9d3e06d1f94565c1b451be0a999a8aa3166cfd3',
+        'report.md': 'cd5351061bff06d5cb2186c7d55dbac34ea7f648caff7968f63db4f20c2e9928',
         'roc.csv': '5f9f4a80015486a723c14d17b8ae8f7251f89bbf3cf432a2465206e3610818c4',
         'runs.csv': '3fc2c182e30f6ee8fde425a34743f27a33be03774dc60c318bad44329c5161aa',
         'seeds.csv': '8f4198bd1f49eaaa3234a8b1a8e9dbd07cef052b841a7a4304a2269aaac6cf40',
