@@ -119,7 +119,7 @@ def main() -> None:
         for mitigation in names:
             jx = jax_sweep(mitigation, x, y, groups, epochs, args.grid, args.memory_budget_mb)
             times[mitigation] = min(times.get(mitigation, math.inf), jx["train_s"])
-            line = (f"{mitigation}: {jx['lanes']} lanes, {epochs} epochs | JAX one program: train {jx['train_s']:.1f} s "
+            line = (f"{mitigation}: {jx['lanes']} lanes, {epochs} epochs | JAX one program: train {jx['train_s']:.2f} s "
                     f"(+ compile {jx['compile_s']:.1f} s)" + (f" in {jx['chunks']} chunks" if jx["chunks"] > 1 else ""))
             if args.torch_lanes and mitigation != "fairot":
                 line += " | " + torch_comparison(mitigation, x, y, groups, epochs, args.torch_lanes, jx)

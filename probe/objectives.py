@@ -326,8 +326,9 @@ def fairot_penalty(scores: jax.Array, ctx: Context, n_groups: int) -> jax.Array:
 
     scores (B,): each row's probability of its true class (multi-class: exp(-cross-entropy)).
     Every problem lives on the batch's own points, so they share one (B, B) cost: the G cross
-    problems (batch vs group g) run as one batched solve, the G + 1 symmetric ones (group g vs
-    itself, the batch vs itself once) as another, on one shared kernel.
+    problems (batch vs group g) packed into one (B, B) kernel, each column in its own group's
+    problem (``packed_sinkhorn_value``), the G + 1 symmetric ones (group g vs itself, the batch
+    vs itself once) as one batched solve on another.
     """
     a = ctx.w / jnp.maximum(ctx.w.sum(), 1.0)
     in_g = ctx.w[None, :] * (ctx.group[None, :] == jnp.arange(n_groups)[:, None])  # (G, B)
