@@ -277,7 +277,8 @@ def _solve_symmetric(cost: jax.Array, a: jax.Array, eps: float, iters: int):
     u, _ = jax.lax.scan(update, u0, None, length=iters)
     s = sums(u)
     value = eps * jnp.sum(jnp.where(a > 0, w * (jnp.log(u) - jnp.log(s)), 0.0), -1)
-    return value, (kernel, w / s, w * u)
+    # An absent point's s is 0 (a problem with no points: a batch of padding): its row is 0, not 0 / 0.
+    return value, (kernel, jnp.where(a > 0, w / jnp.where(a > 0, s, 1.0), 0.0), w * u)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

@@ -153,6 +153,10 @@ def test_fairot_penalty_is_zero_when_groups_score_alike_and_its_gradient_is_fini
     assert float(penalty(jnp.array([0.2, 0.2, 0.2, 0.2, 0.2, 0.9]), lone, 2)) == pytest.approx(0.0, abs=1e-6)
     grad = jax.grad(lambda s: ob.fairot_penalty(s, groups, 3))(apart)
     assert np.isfinite(np.asarray(grad)).all() and np.abs(np.asarray(grad)).sum() > 0
+    # A batch of padding only (every problem without points): 0, and a zero gradient, not NaN.
+    empty = _ctx(np.zeros(6), np.zeros(6), [0, 0, 0, 1, 1, 1])
+    value, grad = jax.value_and_grad(lambda s: ob.fairot_penalty(s, empty, 2))(apart)
+    assert float(value) == 0.0 and np.all(np.asarray(grad) == 0.0)
 
 
 def _central_difference(fn, x: np.ndarray, h: float) -> np.ndarray:
