@@ -46,14 +46,15 @@ def data(seed: int = 0):
     return x, y, {"train": g["train"], "val": g["val"], "names": ["a", "b"]}
 
 
-def jax_sweep(mitigation: str, x, y, groups, epochs: int, grid: str = "paper") -> dict:
+def jax_sweep(mitigation: str, x, y, groups, epochs: int, grid: str = "paper", budget_mb: float = 4096) -> dict:
     from cxrfair.probe.sweep import SweepConfig, run_sweep
 
     lrs, wds, seeds = GRIDS[grid]
     cfg = SweepConfig(solver="adamw", lrs=lrs, weight_decays=wds, seeds=seeds, epochs=epochs, mitigation=mitigation,
-                      sensitive="g", strengths=STRENGTHS[mitigation], memory_budget_mb=4096)
+                      sensitive="g", strengths=STRENGTHS[mitigation], memory_budget_mb=budget_mb)
     res = run_sweep(x, y, N_CLASSES, cfg, groups)
-    return {"compile_s": res.timings["compile_s"], "train_s": res.timings["train_s"], "lanes": len(seeds) * len(res.configs)}
+    return {"compile_s": res.timings["compile_s"], "train_s": res.timings["train_s"], "lanes": len(seeds) * len(res.configs),
+            "chunks": res.timings.get("chunks", 1)}
 
 
 def torch_lane(mitigation: str, strength: float, lr: float, wd: float, seed: int, x, y, groups, epochs: int) -> None:
@@ -103,6 +104,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1,
                         help="run the mitigations in turn this many times; the ratio uses each one's fastest run "
                              "(on a shared machine the load moves between runs)")
+    parser.add_argument("--memory-budget-mb", type=float, default=4096,
+                        help="the sweep's lane-chunk budget (default: every lane in one chunk)")
     args = parser.parse_args()
     epochs = args.epochs or (150 if args.grid == "paper" else 50)
     names = args.mitigations.split(",")
@@ -114,10 +117,10 @@ def main() -> None:
     for _ in range(args.repeat):
         print(f"load average {os.getloadavg()[0]:.2f} {time.strftime('%H:%M:%S', time.gmtime())} UTC", flush=True)
         for mitigation in names:
-            jx = jax_sweep(mitigation, x, y, groups, epochs, args.grid)
+            jx = jax_sweep(mitigation, x, y, groups, epochs, args.grid, args.memory_budget_mb)
             times[mitigation] = min(times.get(mitigation, math.inf), jx["train_s"])
-            line = (f"{mitigation}: {jx['lanes']} lanes, {epochs} epochs | JAX one program: train {jx['train_s']:.1f} s "
-                    f"(+ compile {jx['compile_s']:.1f} s)")
+            line = (f"{mitigation}: {jx['lanes']} lanes, {epochs} epochs | JAX one program: train {jx['train_s']:.2f} s "
+                    f"(+ compile {jx['compile_s']:.1f} s)" + (f" in {jx['chunks']} chunks" if jx["chunks"] > 1 else ""))
             if args.torch_lanes and mitigation != "fairot":
                 line += " | " + torch_comparison(mitigation, x, y, groups, epochs, args.torch_lanes, jx)
             print(line, flush=True)

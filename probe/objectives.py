@@ -123,31 +123,61 @@ def anneal_schedule(eps: float = SINKHORN_EPS) -> np.ndarray:
     return np.asarray([e for e in SINKHORN.anneal if e > eps], np.float64)
 
 
-def _solve(cost: jax.Array, a: jax.Array, b: jax.Array, eps: float, iters: int):
-    """Entropic OT values (...,) and plans (..., n, m) of batched problems (see ``sinkhorn_value``).
+def _by_column(rows: jax.Array, onehot: jax.Array) -> jax.Array:
+    """rows (..., K, n) of K problems spread over columns: (..., n, m), entry (i, j) = rows[problem of j, i]."""
+    return jnp.einsum("...ki,...jk->...ij", rows, onehot)
 
-    One pass per ``anneal_schedule`` blur (scaling form on exp(-C / blur), one kernel for every
-    problem on the cost); then the problem at ``eps`` absorbed into scaling form,
-    K = exp((f0 ⊕ g0 - C) / ε) computed once per problem, and ``iters`` over-relaxed Sinkhorn
-    iterations (ω = SINKHORN.over_relaxation, Thibault et al. 2017) on log u, log v: a
-    matrix-vector product each instead of a log-sum-exp over n × m entries. The last f-update is
-    the half-step f(g) = softmin_b(g - C) whose row-normalised kernel is the plan.
+
+def _solve(cost: jax.Array, a: jax.Array, b: jax.Array, onehot: jax.Array, eps: float, iters: int):
+    """Entropic OT values (..., K) and packed plans (..., n, m) of K problems sharing rows and cost.
+
+    cost (..., n, m), a (..., n) the rows' weights (shared by every problem), b (..., m) each
+    column's weight in its own problem, onehot (..., m, K) the problem each column belongs to
+    (problem k: OT_eps(a, b on the columns of k), b summing to 1 over them). The K problems
+    share one kernel of n x m entries, each column carrying its own problem's potentials, so
+    a half-step is one (n x m) x (m x K) product: the kernel is read once for all K problems
+    (the iterations are bound by reading it, not by arithmetic).
+
+    One pass per ``anneal_schedule`` blur (scaling form on exp(-C / blur)); then the problem at
+    ``eps`` absorbed into scaling form, K_ij = exp((f0_{k(j), i} + g0_j - C_ij) / ε) computed
+    once, and ``iters`` over-relaxed Sinkhorn iterations (ω = SINKHORN.over_relaxation, Thibault
+    et al. 2017) on log u (K, n), log v (m): a matrix product each instead of a log-sum-exp. The
+    last f-update is the half-step f(g) = softmin_b(g - C) whose row-normalised kernel is the
+    plan; the packed plan's column j is column j of its own problem's plan (each problem's rows
+    summing to a), so the K plans sum to it.
     """
     tiny = jnp.finfo(cost.dtype).tiny
     wa, wb = jnp.where(a > 0, a, 0.0), jnp.where(b > 0, b, 0.0)
+    onehot = onehot.astype(cost.dtype)
+    n_problems = onehot.shape[-1]
+    # A problem without columns (a group absent from the batch) keeps 0 potentials and finite
+    # sums: its row sums are 0, and -log 0 would reach every column through the products.
+    has_cols = (jnp.einsum("...j,...jk->...k", (b > 0).astype(cost.dtype), onehot) > 0)[..., :, None]  # (..., K, 1)
+
+    onehot_t = jnp.swapaxes(onehot, -1, -2)  # (..., K, m)
+
+    # Both sums contract the kernel's first axis (vectors times a matrix, "ki,ij->kj"): XLA's CPU
+    # products run that form 1.5-10x faster than a matrix times K columns; so the row sums read a
+    # transposed copy of the kernel, made once.
+    def row_sums(kern_t, col):  # (..., K, n): sum_j kern_ij col_j over each problem's columns
+        return jnp.einsum("...kj,...ji->...ki", col[..., None, :] * onehot_t, kern_t)
+
+    def col_sums(kern, rows):  # (..., m): sum_i kern_ij rows_{k(j), i} of each column's own problem
+        return jnp.sum(jnp.einsum("...ki,...ij->...kj", rows, kern) * onehot_t, -2)
+
     g = jnp.zeros(jnp.broadcast_shapes(b.shape, cost.shape[:-2] + cost.shape[-1:]), cost.dtype)
+    f = jnp.zeros(jnp.broadcast_shapes(a.shape[:-1], cost.shape[:-2]) + (n_problems, cost.shape[-2]), cost.dtype)
     for e in anneal_schedule(eps):
-        # One pass f = softmin_b(g - C), g = softmin_a(f - C) at blur e, in scaling form on exp(-C / e),
-        # one kernel for every problem sharing the cost. Safe in float32 for e >= 0.03: costs and
-        # potentials are within [-1.5, 1.5], so every exponent stays within +-50.
+        # One pass f = softmin_b(g - C), g = softmin_a(f - C) at blur e, in scaling form on exp(-C / e).
+        # Safe in float32 for e >= 0.03: costs and potentials are within [-1.5, 1.5], so every
+        # exponent stays within +-50.
         k = jnp.exp(-cost / e)
-        f = -e * jnp.log(jnp.maximum(jnp.einsum("...ij,...j->...i", k, wb * jnp.exp(g / e)), tiny))
-        g = -e * jnp.log(jnp.maximum(jnp.einsum("...ij,...i->...j", k, wa * jnp.exp(f / e)), tiny))
-    if not len(anneal_schedule(eps)):
-        f = jnp.zeros(jnp.broadcast_shapes(a.shape, cost.shape[:-1]), cost.dtype)
-    # One exp for both kernels; pairs with an absent point are 0 (their exponent is unbounded).
+        f = jnp.where(has_cols, -e * jnp.log(jnp.maximum(row_sums(jnp.swapaxes(k, -1, -2), wb * jnp.exp(g / e)), tiny)), 0.0)
+        g = -e * jnp.log(jnp.maximum(col_sums(k, wa[..., None, :] * jnp.exp(f / e)), tiny))
+    # One exp for the packed kernel; pairs with an absent point are 0 (their exponent is unbounded).
     live = (a > 0)[..., :, None] & (b > 0)[..., None, :]
-    kernel = jnp.exp(jnp.where(live, (f[..., :, None] + g[..., None, :] - cost) / eps, -jnp.inf))
+    kernel = jnp.exp(jnp.where(live, (_by_column(f, onehot) + g[..., None, :] - cost) / eps, -jnp.inf))
+    kernel_t = jnp.swapaxes(kernel, -1, -2)
     omega = SINKHORN.over_relaxation
 
     def relax(old, sums, present):
@@ -155,55 +185,69 @@ def _solve(cost: jax.Array, a: jax.Array, b: jax.Array, eps: float, iters: int):
         return jnp.where(present, (1 - omega) * old - omega * jnp.log(jnp.maximum(sums, tiny)), 0.0)
 
     def iterate(luv, _):
-        # f_i = f0_i - eps log sum_j K_ij b_j v_j, g_j = g0_j - eps log sum_i K_ij a_i u_i
+        # f_ki = f0_ki - eps log sum_{j in k} K_ij b_j v_j, g_j = g0_j - eps log sum_i K_ij a_i u_{k(j), i}
         lu, lv = luv
-        lu = relax(lu, jnp.einsum("...ij,...j->...i", kernel, wb * jnp.exp(lv)), a > 0)
-        return (lu, relax(lv, jnp.einsum("...ij,...i->...j", kernel, wa * jnp.exp(lu)), b > 0)), None
+        lu = relax(lu, row_sums(kernel_t, wb * jnp.exp(lv)), (a > 0)[..., None, :] & has_cols)
+        return (lu, relax(lv, col_sums(kernel, wa[..., None, :] * jnp.exp(lu)), b > 0)), None
 
     (_, lv), _ = jax.lax.scan(iterate, (jnp.zeros_like(f), jnp.zeros_like(g)), None, length=iters)
-    weighted = kernel * (wb * jnp.exp(lv))[..., None, :]  # the last half-step, plain (ω = 1): rows sum to a
-    sums = jnp.maximum(weighted.sum(-1), tiny)
+    bv = wb * jnp.exp(lv)
+    sums = jnp.where(has_cols, jnp.maximum(row_sums(kernel_t, bv), tiny), 1.0)  # the last half-step, plain (ω = 1): rows sum to a
     f1 = f - eps * jnp.log(sums)
     g = g + eps * lv
-    value = jnp.sum(jnp.where(a > 0, a * f1, 0.0), -1) + jnp.sum(jnp.where(b > 0, b * g, 0.0), -1)
-    plan = weighted * (wa / sums)[..., :, None]
+    value = (jnp.sum(jnp.where(a > 0, a, 0.0)[..., None, :] * f1, -1)
+             + jnp.einsum("...j,...jk->...k", jnp.where(b > 0, b * g, 0.0), onehot))
+    plan = kernel * bv[..., None, :] * _by_column(wa[..., None, :] / sums, onehot)
     return value, plan
 
 
-def _cost_cotangent(ct: jax.Array, plan: jax.Array, cost: jax.Array) -> jax.Array:
-    """d(sum ct · OT)/dC from the plans (..., n, m): a cost shared by a batch of problems gets their sum."""
-    grad = ct[..., None, None] * plan
-    grad = grad.sum(tuple(range(grad.ndim - cost.ndim)))
+def _cost_cotangent(plan: jax.Array, cost: jax.Array) -> jax.Array:
+    """d/dC of a sum of problems on ``cost`` from their (cotangent-weighted) plans (..., n, m):
+    a cost shared (broadcast) by a batch of problems gets their sum."""
+    grad = plan.sum(tuple(range(plan.ndim - cost.ndim)))
     grad = grad.sum(tuple(i for i, n in enumerate(cost.shape) if n == 1), keepdims=True)
     return grad.astype(cost.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def packed_sinkhorn_value(cost: jax.Array, a: jax.Array, b: jax.Array, onehot: jax.Array,
+                          eps: float = SINKHORN_EPS, iters: int = SINKHORN.iterations) -> jax.Array:
+    """Entropic OT costs OT_eps(a, b_k) = min_P <P, C> + eps KL(P | a ⊗ b_k) of K problems -> (..., K).
+
+    cost (..., n, m), a (..., n) summing to 1 (0 = absent), b (..., m) each column's weight in
+    its own problem (summing to 1 over the problem's columns), onehot (..., m, K) the problem of
+    each column (a column with weight 0 is absent everywhere). The value is the dual one,
+    <a, f(g)> + <b, g>, with f(g) = softmin_b(g - C) the last half-step; its gradient in
+    ``cost`` is the envelope-theorem one, the plan P of that half-step (dOT/dC_ij = P_ij, no
+    backpropagation through the iterations; an earlier version differentiated both potentials:
+    an effective 2λ, docs/fairness.md). The weights are not differentiated (their cotangents
+    are 0): the loop's weights are masks.
+    """
+    return _solve(cost, a, b, onehot, eps, iters)[0]
+
+
+def _packed_fwd(cost, a, b, onehot, eps, iters):
+    value, plan = _solve(cost, a, b, onehot, eps, iters)
+    return value, (plan, cost, a, b, onehot)
+
+
+def _packed_bwd(eps, iters, res, ct):
+    plan, cost, a, b, onehot = res
+    # Each column's plan entries belong to its own problem: scaled by that problem's cotangent.
+    per_column = jnp.einsum("...k,...jk->...j", ct, onehot.astype(plan.dtype))
+    return (_cost_cotangent(plan * per_column[..., None, :], cost), jnp.zeros_like(a), jnp.zeros_like(b),
+            jnp.zeros_like(onehot))
+
+
+packed_sinkhorn_value.defvjp(_packed_fwd, _packed_bwd)
+
+
 def sinkhorn_value(cost: jax.Array, a: jax.Array, b: jax.Array, eps: float = SINKHORN_EPS,
                    iters: int = SINKHORN.iterations) -> jax.Array:
-    """Entropic OT costs OT_eps(a, b) = min_P <P, C> + eps KL(P | a ⊗ b) of batched problems -> (...,).
-
-    cost (..., n, m) (broadcast against the weights' leading axes), a (..., n), b (..., m), each
-    row summing to 1 (0 = absent). The value is the dual one, <a, f(g)> + <b, g>, with f(g) =
-    softmin_b(g - C) the last half-step; its gradient in ``cost`` is the envelope-theorem one,
-    the plan P of that half-step (dOT/dC_ij = P_ij, no backpropagation through the iterations;
-    an earlier version differentiated both potentials: an effective 2λ, docs/fairness.md). The
-    weights are not differentiated (their cotangents are 0): the loop's weights are masks.
-    """
-    return _solve(cost, a, b, eps, iters)[0]
-
-
-def _value_fwd(cost, a, b, eps, iters):
-    value, plan = _solve(cost, a, b, eps, iters)
-    return value, (plan, cost, a, b)
-
-
-def _value_bwd(eps, iters, res, ct):
-    plan, cost, a, b = res
-    return _cost_cotangent(ct, plan, cost), jnp.zeros_like(a), jnp.zeros_like(b)
-
-
-sinkhorn_value.defvjp(_value_fwd, _value_bwd)
+    """OT_eps(a, b) of batched problems -> (...,): cost (..., n, m), a (..., n), b (..., m), each
+    summing to 1 (0 = absent); ``packed_sinkhorn_value`` with one problem."""
+    ones = jnp.ones(jnp.broadcast_shapes(b.shape, cost.shape[:-2] + cost.shape[-1:]) + (1,), cost.dtype)
+    return packed_sinkhorn_value(cost, a, b, ones, eps, iters)[..., 0]
 
 
 def _solve_symmetric(cost: jax.Array, a: jax.Array, eps: float, iters: int):
@@ -223,7 +267,8 @@ def _solve_symmetric(cost: jax.Array, a: jax.Array, eps: float, iters: int):
     w = jnp.where(a > 0, a, 0.0)
 
     def sums(u):
-        return jnp.einsum("...kj,...ij->...ki", w * u, kernel)  # the kernel is symmetric: K (a u) per problem
+        # K (a u) per problem as (a u)^T K (the kernel is symmetric): the fast form of the product (see _solve)
+        return jnp.einsum("...kj,...ji->...ki", w * u, kernel)
 
     def update(u, _):
         return jnp.where(a > 0, jnp.sqrt(u / sums(u)), 1.0), None
@@ -232,7 +277,8 @@ def _solve_symmetric(cost: jax.Array, a: jax.Array, eps: float, iters: int):
     u, _ = jax.lax.scan(update, u0, None, length=iters)
     s = sums(u)
     value = eps * jnp.sum(jnp.where(a > 0, w * (jnp.log(u) - jnp.log(s)), 0.0), -1)
-    return value, (kernel, w / s, w * u)
+    # An absent point's s is 0 (a problem with no points: a batch of padding): its row is 0, not 0 / 0.
+    return value, (kernel, jnp.where(a > 0, w / jnp.where(a > 0, s, 1.0), 0.0), w * u)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -281,16 +327,21 @@ def fairot_penalty(scores: jax.Array, ctx: Context, n_groups: int) -> jax.Array:
 
     scores (B,): each row's probability of its true class (multi-class: exp(-cross-entropy)).
     Every problem lives on the batch's own points, so they share one (B, B) cost: the G cross
-    problems (batch vs group g) run as one batched solve, the G + 1 symmetric ones (group g vs
-    itself, the batch vs itself once) as another, on one shared kernel.
+    problems (batch vs group g) packed into one (B, B) kernel, each column in its own group's
+    problem (``packed_sinkhorn_value``), the G + 1 symmetric ones (group g vs itself, the batch
+    vs itself once) as one batched solve on another.
     """
     a = ctx.w / jnp.maximum(ctx.w.sum(), 1.0)
     in_g = ctx.w[None, :] * (ctx.group[None, :] == jnp.arange(n_groups)[:, None])  # (G, B)
     live = in_g.sum(1) >= 2
-    # A skipped group's problems run on the batch's weights (a finite, zero divergence) and are masked.
-    b = jnp.where(live[:, None], in_g / jnp.maximum(in_g.sum(1, keepdims=True), 1.0), a[None, :])
+    count = in_g.sum(1)
     cost = (scores[:, None] - scores[None, :]) ** 2
-    cross = sinkhorn_value(cost, jnp.broadcast_to(a, b.shape), b)  # (G,)
+    # The G cross problems packed into one kernel: column j is in group(j)'s problem, weight 1 / its
+    # group's rows (a skipped group's problem, of 0 or 1 column, is finite; value and gradient masked).
+    onehot = jax.nn.one_hot(ctx.group, n_groups, dtype=cost.dtype)  # (B, G)
+    cross = packed_sinkhorn_value(cost, a, ctx.w / jnp.maximum(count, 1.0)[ctx.group], onehot)  # (G,)
+    # A skipped group's symmetric problem runs on the batch's weights (finite) and is masked.
+    b = jnp.where(live[:, None], in_g / jnp.maximum(count[:, None], 1.0), a[None, :])
     own = symmetric_value(cost, jnp.concatenate([b, a[None, :]]))  # (G + 1,)
     div = cross - 0.5 * own[:n_groups] - 0.5 * own[-1]
     return jnp.sum(jnp.where(live, div, 0.0))

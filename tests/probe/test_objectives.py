@@ -153,6 +153,10 @@ def test_fairot_penalty_is_zero_when_groups_score_alike_and_its_gradient_is_fini
     assert float(penalty(jnp.array([0.2, 0.2, 0.2, 0.2, 0.2, 0.9]), lone, 2)) == pytest.approx(0.0, abs=1e-6)
     grad = jax.grad(lambda s: ob.fairot_penalty(s, groups, 3))(apart)
     assert np.isfinite(np.asarray(grad)).all() and np.abs(np.asarray(grad)).sum() > 0
+    # A batch of padding only (every problem without points): 0, and a zero gradient, not NaN.
+    empty = _ctx(np.zeros(6), np.zeros(6), [0, 0, 0, 1, 1, 1])
+    value, grad = jax.value_and_grad(lambda s: ob.fairot_penalty(s, empty, 2))(apart)
+    assert float(value) == 0.0 and np.all(np.asarray(grad) == 0.0)
 
 
 def _central_difference(fn, x: np.ndarray, h: float) -> np.ndarray:
@@ -221,6 +225,39 @@ def test_fairot_penalty_batches_every_group_into_one_solve_and_matches_pot_per_g
                  - 0.5 * _entropic_ot_pot(mine, mine, ob.SINKHORN_EPS))
     assert want > 1e-4  # the groups do differ
     assert got == pytest.approx(want, rel=2e-3, abs=2e-6)
+
+
+def test_packed_problems_equal_each_problem_solved_alone_values_and_gradients():
+    # The fast path fairot_penalty takes: K problems with shared rows and cost packed into one
+    # kernel, each column in one problem. Against each problem solved alone on its own columns
+    # (sinkhorn_value, one problem): values, and the gradient in the cost of a weighted sum of
+    # them. Problem 2 has no columns (a group absent from the batch) and column 5 is padding:
+    # both must leave the others untouched and everything finite.
+    rng = np.random.default_rng(4)
+    x = rng.uniform(size=9)
+    a = np.r_[np.full(8, 1 / 8), 0.0]  # the last row is padding
+    label = np.array([0, 1, 0, 0, 1, 1, 3, 0, 3])  # problems 0, 1, 3 (2 has no column)
+    b = np.zeros(9)
+    for k in (0, 1, 3):
+        b[label == k] = 1.0
+    b[5] = 0.0  # padding column
+    for k in (0, 1, 3):
+        b[label == k] /= b[label == k].sum()
+    cost = jnp.asarray((x[:, None] - x[None, :]) ** 2, jnp.float32)
+    onehot = jax.nn.one_hot(label, 4, dtype=jnp.float32)
+    ct = jnp.array([1.0, -2.0, 0.0, 0.5])  # a problem without columns gets cotangent 0 (the penalty masks it)
+    packed = lambda c: ob.packed_sinkhorn_value(c, jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), onehot)  # noqa: E731
+    values = np.asarray(jax.jit(packed)(cost))
+    grad = np.asarray(jax.jit(jax.grad(lambda c: jnp.dot(ct, packed(c))))(cost))
+    assert np.isfinite(values).all() and np.isfinite(grad).all()
+    want_grad = np.zeros((9, 9))
+    for k in (0, 1, 3):
+        cols = np.flatnonzero((label == k) & (b > 0))
+        alone = lambda c: ob.sinkhorn_value(c[:, cols], jnp.asarray(a, jnp.float32), jnp.asarray(b[cols], jnp.float32))  # noqa: E731, B023
+        assert values[k] == pytest.approx(float(alone(cost)), rel=1e-5, abs=1e-7)
+        want_grad += float(ct[k]) * np.asarray(jax.grad(alone)(cost))
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-6 * np.abs(want_grad).max())
+    assert np.abs(want_grad).max() > 1e-2  # the comparison is not between zeros
 
 
 @pytest.mark.parametrize("seed", [0, 1])
