@@ -22,6 +22,7 @@ import math
 import os
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -495,9 +496,9 @@ def _run_lanes(recipe, shapes: tuple, data, hyper: dict, seeds: np.ndarray, chai
     padded by repeating its last chain (the copies' results are dropped).
 
     The MLP's lanes run in one program per hidden width (``lane_widths``), not zero-padded to the
-    widest: a 256-wide lane in a 512-wide program would do twice its matmul work. Each program is
-    compiled just before its width's lanes are dispatched, so the next width compiles while the
-    previous one's lanes run.
+    widest: a 256-wide lane in a 512-wide program would do twice its matmul work. The programs
+    (the linear one too, with ``linear_start``) compile in parallel threads, and each one's lanes
+    are dispatched as soon as it is ready.
     """
     import jax  # see the note under the imports
 
@@ -511,24 +512,31 @@ def _run_lanes(recipe, shapes: tuple, data, hyper: dict, seeds: np.ndarray, chai
     keys = np.asarray(seed_keys(seeds))
     outs, where = [], []  # each call's output, and the (seed index, configuration) of each of its lanes
     heads, n_linear = None, 0
-    if linear_start:
-        t1 = time.perf_counter()
-        linear = linear_recipe(recipe, shapes[0][0][1])
-        program = _lane_program(linear, shapes, mesh)
-        compile_s += time.perf_counter() - t1
-        heads = linear_starts(program, linear, shapes, data, hyper, keys[0], [chain[0] for chain in chains], mesh,
-                              lanes_sharding)
-        n_linear = len({id(w) for w, _ in heads.values()})
     widths = lane_widths(recipe, chains, hyper["hidden"])
-    for width_recipe, width_chains in widths:
-        t1 = time.perf_counter()
-        program = _lane_program(width_recipe, shapes, mesh)
-        compile_s += time.perf_counter() - t1
-        runs = [(i, chain) for i in range(len(seeds)) for chain in width_chains]  # (seed index, configurations)
-        outs_w, where_w = _dispatch_chains(program, width_recipe, shapes, data, hyper, keys, runs, mesh, lanes_sharding,
-                                           heads)
-        outs += outs_w
-        where += where_w
+    linear = linear_recipe(recipe, shapes[0][0][1]) if linear_start else None
+    # Every program compiles at once, each in its own thread (XLA compiles outside the GIL): with
+    # the linear start the lanes train in ~1-2 s on the demo caches, and the 2-3 compilations are
+    # most of a first run (benchmarks/RESULTS.md, issue 27, third round). Same executables, same results.
+    recipes = ([linear] if linear_start else []) + [r for r, _ in widths]
+    use_compilation_cache()  # here, not first in several threads at once
+    with ThreadPoolExecutor(len(recipes)) as pool:
+        programs = iter([pool.submit(_lane_program, r, shapes, mesh) for r in recipes])
+        if linear_start:
+            t1 = time.perf_counter()
+            program = next(programs).result()
+            compile_s += time.perf_counter() - t1
+            heads = linear_starts(program, linear, shapes, data, hyper, keys[0], [chain[0] for chain in chains], mesh,
+                                  lanes_sharding)
+            n_linear = len({id(w) for w, _ in heads.values()})
+        for width_recipe, width_chains in widths:
+            t1 = time.perf_counter()
+            program = next(programs).result()
+            compile_s += time.perf_counter() - t1
+            runs = [(i, chain) for i in range(len(seeds)) for chain in width_chains]  # (seed index, configurations)
+            outs_w, where_w = _dispatch_chains(program, width_recipe, shapes, data, hyper, keys, runs, mesh,
+                                               lanes_sharding, heads)
+            outs += outs_w
+            where += where_w
     outs = jax.device_get(outs)
     lanes = {f: np.zeros((len(seeds), n_configs, *getattr(outs[0], f).shape[1:]), getattr(outs[0], f).dtype)
              for f in outs[0]._fields}
