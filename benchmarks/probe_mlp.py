@@ -83,10 +83,17 @@ def selected_accuracy(res, y_test) -> float:
 # ---------------------------------------------------------------- linear
 
 
-def cli_probe(cache: Path, cache_dir: Path, method: str = "linear") -> dict:
-    """Wall seconds of ``cxrfair probe <method>`` in a fresh process, and its compile / train split."""
+# ``cxrfair probe mlp`` as before the linear-probe start: the same CLI with the skip MLP's chains of then.
+BEFORE = ("from cxrfair.probe import sweep; sweep.WARM_PATHS['mlp+skip'] = ('l2', 'l2_skip'); sweep.LINEAR_START = (); "
+          "from cxrfair.cli import main; main()")
+
+
+def cli_probe(cache: Path, cache_dir: Path, method: str = "linear", before: bool = False) -> dict:
+    """Wall seconds of ``cxrfair probe <method>`` in a fresh process, and its compile / train split
+    (``before``: the MLP's chains as before the linear-probe start, ``BEFORE``)."""
     with tempfile.TemporaryDirectory() as out:
-        cmd = [str(Path(sys.executable).with_name("cxrfair")), "probe", method, "--cache", str(cache), "--out", out]
+        exe = [sys.executable, "-c", BEFORE] if before else [str(Path(sys.executable).with_name("cxrfair"))]
+        cmd = [*exe, "probe", method, "--cache", str(cache), "--out", out]
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "CXRFAIR_CACHE": str(cache_dir)}
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, capture_output=True, env=env)
@@ -364,10 +371,21 @@ def main() -> None:
                 row["ratio_cli_first_vs_sklearn"] = round(row["cli_linear_first"]["wall_s"] / sk, 2)
                 row["ratio_cli_cached_vs_sklearn"] = round(row["cli_linear_cached"]["wall_s"] / sk, 2)
             if not args.skip_cli_mlp:  # its own fresh compile cache, as the linear one's first run
+                if not args.skip_before:
+                    row["cli_mlp_before_first"] = cli_probe(cache, tmp / f"jax-before{seed}", "mlp", before=True)
+                    row["cli_mlp_before_cached"] = cli_probe(cache, tmp / f"jax-before{seed}", "mlp", before=True)
                 row["cli_mlp_first"] = cli_probe(cache, tmp / f"jax-mlp{seed}", "mlp")
                 row["cli_mlp_cached"] = cli_probe(cache, tmp / f"jax-mlp{seed}", "mlp")
+                # As in a pipeline: `probe mlp` after `probe linear` in one compile cache (the linear
+                # start's program is the linear probe's).
+                row["cli_mlp_after_linear"] = cli_probe(cache, tmp / f"jax{seed}", "mlp")
                 for when in ("first", "cached"):
                     row[f"ratio_cli_mlp_vs_linear_{when}"] = round(row[f"cli_mlp_{when}"]["wall_s"] / row[f"cli_linear_{when}"]["wall_s"], 2)
+                    if not args.skip_before:
+                        row[f"ratio_cli_mlp_before_vs_linear_{when}"] = round(
+                            row[f"cli_mlp_before_{when}"]["wall_s"] / row[f"cli_linear_{when}"]["wall_s"], 2)
+                row["ratio_cli_mlp_after_linear_vs_linear_first"] = round(
+                    row["cli_mlp_after_linear"]["wall_s"] / row["cli_linear_first"]["wall_s"], 2)
             if not args.skip_padded:
                 pad = row["mlp_padded"] = mlp_padded(x, y, k)
                 row["ratio_mlp_padded_vs_linear_in_process"] = round(pad["wall_s"] / row["linear_in_process"]["wall_s"], 2)

@@ -100,7 +100,7 @@ VAL_EVERY = {"linear": 1, "mlp": 10}
 # starts its skip weight W0 and bias from the linear probe's solution at that l2_skip
 # (``linear_starts``; LINEAR_START): most of a skip-MLP lane's iterations went into solving for
 # W0 (an ill-conditioned linear problem at l2_skip 1e-5, ~500 iterations), which the linear
-# program does ~20x cheaper per iteration. Measured on the demo caches (benchmarks/RESULTS.md,
+# program does ~17x cheaper per iteration. Measured on the demo caches (benchmarks/RESULTS.md,
 # issue 27, third round): 54 lanes in ~320 iterations instead of ~6,000, every lane's training
 # objective as low or lower; the snake over (l2, l2_skip) walked W0 between l2_skip values in
 # 120-280 iterations a step, or stopped after 2 (the ftol test) far from that l2_skip's optimum.
@@ -618,7 +618,7 @@ def linear_starts(program, recipe, shapes: tuple, data, hyper: dict, key: np.nda
     The skip MLP, logits = W0 x + W2 relu(W1 x + b1) + b2, is the linear probe when its ReLU branch
     is off; a chain's first lane starts W0 and b2 here (the branch from its seed's initialisation),
     so its iterations go to the branch, not to re-solving the convex linear part (a skip-MLP
-    iteration costs ~20 linear ones at 256 hidden units). One solve per distinct (strength,
+    iteration costs ~17 linear ones at 256 hidden units). One solve per distinct (strength,
     l2_skip), from ``key`` (the sweep's first seed): the linear objective is strictly convex for
     l2_skip > 0, so its optimum does not depend on the start, and every seed's chain shares it.
 
