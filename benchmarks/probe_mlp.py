@@ -2,7 +2,7 @@
 the previous program, PyTorch and scikit-learn, all measured in the same run (issue 27).
 
     .venv/bin/python benchmarks/probe_mlp.py [--caches 0,1] [--torch-configs 3] [--rows 100000] [--skip-previous]
-        [--skip-padded] [--skip-cli-mlp] [--skip-sklearn-linear] [--sklearn-mlp-fits 6]
+        [--skip-padded] [--skip-before] [--skip-cli-mlp] [--skip-sklearn-linear] [--sklearn-mlp-fits 6]
 
 For each demo cache (synthetic NIH images of seed s -> ``nih-6x200`` cohort -> ``tiny-clip``
 features: 840 / 120 / 240 x 64 dims, 6 classes; ``benchmarks/probe_vs_logreg.py``):
@@ -23,6 +23,13 @@ features: 840 / 120 / 240 x 64 dims, 6 classes; ``benchmarks/probe_vs_logreg.py`
     scikit-learn's ``MLPClassifier`` (lbfgs, max_iter 300; a *plain* one-hidden-layer MLP, no skip
     weight, hence 2 widths x 3 alphas x 3 seeds = 18 fits, alpha = l2 N). Test accuracy of each
     sweep's selection (validation loss, mean over seeds) is printed beside it.
+  - **MLP before the linear-probe start** (``mlp_before_linear_start``): the default as it ran
+    before each skip-MLP chain started from the linear probe (snake chains over l2 x l2_skip, each
+    chain's first lane from the seed's initialisation), in process, just before the default; lane
+    by lane (``compare_lanes``): final training objectives, selections, test accuracies. It runs
+    first and compiles the two width programs the default then reuses (and the linear program is
+    already compiled by the linear sweep), so compare the two by ``train_s``; the end-to-end
+    figures below pay every compilation.
   - **MLP, end to end and before per-width programs**: ``cxrfair probe mlp`` in a subprocess
     twice (fresh compile cache, then cached), as the linear one, and the ratios MLP / linear of
     each; the sweep as it ran before one program per hidden width (``mlp_padded``: every lane in
@@ -76,10 +83,17 @@ def selected_accuracy(res, y_test) -> float:
 # ---------------------------------------------------------------- linear
 
 
-def cli_probe(cache: Path, cache_dir: Path, method: str = "linear") -> dict:
-    """Wall seconds of ``cxrfair probe <method>`` in a fresh process, and its compile / train split."""
+# ``cxrfair probe mlp`` as before the linear-probe start: the same CLI with the skip MLP's chains of then.
+BEFORE = ("from cxrfair.probe import sweep; sweep.WARM_PATHS['mlp+skip'] = ('l2', 'l2_skip'); sweep.LINEAR_START = (); "
+          "from cxrfair.cli import main; main()")
+
+
+def cli_probe(cache: Path, cache_dir: Path, method: str = "linear", before: bool = False) -> dict:
+    """Wall seconds of ``cxrfair probe <method>`` in a fresh process, and its compile / train split
+    (``before``: the MLP's chains as before the linear-probe start, ``BEFORE``)."""
     with tempfile.TemporaryDirectory() as out:
-        cmd = [str(Path(sys.executable).with_name("cxrfair")), "probe", method, "--cache", str(cache), "--out", out]
+        exe = [sys.executable, "-c", BEFORE] if before else [str(Path(sys.executable).with_name("cxrfair"))]
+        cmd = [*exe, "probe", method, "--cache", str(cache), "--out", out]
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "CXRFAIR_CACHE": str(cache_dir)}
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, capture_output=True, env=env)
@@ -133,18 +147,22 @@ def mlp_flops(iterations: int, n: int, n_eval: int, dim: int, hidden: int, n_cla
     return iterations * (3 * fwd(n) - 2 * n * dim * hidden + fwd(n_eval))
 
 
-def mlp_default(x: dict, y: dict, n_classes: int, padded: bool = False, **kw) -> dict:
+def mlp_default(x: dict, y: dict, n_classes: int, padded: bool = False, keep: dict | None = None, **kw) -> dict:
+    """The default MLP sweep in process; ``keep``: a dict that gets the SweepResult (``"result"``)."""
     from cxrfair.probe.sweep import SweepConfig, run_sweep
 
     cfg = SweepConfig(method="mlp", **kw)
     t0 = time.perf_counter()
     res = run_sweep(x, y, n_classes, cfg)
     wall = time.perf_counter() - t0
+    if keep is not None:
+        keep["result"] = res
     # Each lane's matmuls at the width its program runs (padded: the widest).
     flops = sum(mlp_flops(int(res.best_epoch[:, k].sum()), len(x["train"]), len(x["val"]), x["train"].shape[1],
                           max(cfg.hiddens) if padded else c["hidden"], n_classes) for k, c in enumerate(res.configs))
     return {"wall_s": round(wall, 2), "compile_s": round(res.timings["compile_s"], 2), "train_s": round(res.timings["train_s"], 2),
             "lanes": int(res.best_epoch.size), "iterations": int(res.best_epoch.sum()), "gflop_lower_bound": flops / 1e9,
+            "linear_start_lanes": res.timings.get("linear_start_lanes", 0),
             "test_accuracy": selected_accuracy(res, y["test"]), "selected": _config(res.best_config), "load": load()}
 
 
@@ -166,6 +184,38 @@ def mlp_padded(x: dict, y: dict, n_classes: int) -> dict:
         return mlp_default(x, y, n_classes, padded=True)
     finally:
         sweep.lane_widths = widths
+
+
+def mlp_before_linear_start(x: dict, y: dict, n_classes: int, keep: dict | None = None) -> dict:
+    """The default MLP sweep as it ran before the linear-probe start (issue 27, third round): the
+    same per-width programs, but the warm-start chains a snake over (l2, l2_skip) per width, each
+    chain's first lane from its seed's initialisation (the ``WARM_PATHS`` / ``LINEAR_START`` of then)."""
+    from cxrfair.probe import sweep
+
+    paths, linear = dict(sweep.WARM_PATHS), sweep.LINEAR_START
+    sweep.WARM_PATHS["mlp+skip"], sweep.LINEAR_START = ("l2", "l2_skip"), ()
+    try:
+        return mlp_default(x, y, n_classes, keep=keep)
+    finally:
+        sweep.WARM_PATHS.update(paths)
+        sweep.LINEAR_START = linear
+
+
+def compare_lanes(new, old, y_test) -> dict:
+    """Lane by lane (S, K), the default against the sweep before the linear-probe start: final
+    training objectives (the curves repeat the last value after a lane stops), validation losses,
+    each configuration's test accuracy (mean over seeds) and the selected one's probabilities."""
+    f_new, f_old = new.train_loss[..., -1], old.train_loss[..., -1]
+    acc = lambda r: (r.test_probs.argmax(-1) == np.asarray(y_test)).mean(-1).mean(0)  # noqa: E731  (K,)
+    return {"lanes_objective_lower_or_equal": int((f_new <= f_old + 1e-4).sum()), "lanes": int(f_new.size),
+            "objective_change_min": round(float((f_new - f_old).min()), 4),
+            "objective_change_max": round(float((f_new - f_old).max()), 4),
+            "best_mean_val_loss": [round(float(new.best_val_loss.mean(0).min()), 4), round(float(old.best_val_loss.mean(0).min()), 4)],
+            "selected": [_config(new.best_config), _config(old.best_config)],
+            "test_accuracy_selected": [round(float(acc(new)[new.selected]), 4), round(float(acc(old)[old.selected]), 4)],
+            "test_accuracy_of_before_selection_now": round(float(acc(new)[old.selected]), 4),
+            "test_prob_max_abs_diff_selected_config": round(float(np.abs(new.test_probs[:, new.selected]
+                                                                        - old.test_probs[:, new.selected]).max()), 4)}
 
 
 def mlp_previous(x: dict, y: dict, n_classes: int) -> dict:
@@ -284,6 +334,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=100_000, help="training rows of the large linear comparison (0: skip)")
     ap.add_argument("--skip-previous", action="store_true", help="skip the previous (vmapped, cold-start) MLP program")
     ap.add_argument("--skip-padded", action="store_true", help="skip the padded one-program MLP sweep (before per-width programs)")
+    ap.add_argument("--skip-before", action="store_true", help="skip the MLP sweep before the linear-probe start (snake chains)")
     ap.add_argument("--skip-cli-mlp", action="store_true", help="skip `cxrfair probe mlp` end to end")
     ap.add_argument("--skip-sklearn-linear", action="store_true", help="skip scikit-learn's LogisticRegression fits")
     args = ap.parse_args()
@@ -320,14 +371,33 @@ def main() -> None:
                 row["ratio_cli_first_vs_sklearn"] = round(row["cli_linear_first"]["wall_s"] / sk, 2)
                 row["ratio_cli_cached_vs_sklearn"] = round(row["cli_linear_cached"]["wall_s"] / sk, 2)
             if not args.skip_cli_mlp:  # its own fresh compile cache, as the linear one's first run
+                if not args.skip_before:
+                    row["cli_mlp_before_first"] = cli_probe(cache, tmp / f"jax-before{seed}", "mlp", before=True)
+                    row["cli_mlp_before_cached"] = cli_probe(cache, tmp / f"jax-before{seed}", "mlp", before=True)
                 row["cli_mlp_first"] = cli_probe(cache, tmp / f"jax-mlp{seed}", "mlp")
                 row["cli_mlp_cached"] = cli_probe(cache, tmp / f"jax-mlp{seed}", "mlp")
+                # As in a pipeline: `probe mlp` after `probe linear` in one compile cache (the linear
+                # start's program is the linear probe's).
+                row["cli_mlp_after_linear"] = cli_probe(cache, tmp / f"jax{seed}", "mlp")
                 for when in ("first", "cached"):
                     row[f"ratio_cli_mlp_vs_linear_{when}"] = round(row[f"cli_mlp_{when}"]["wall_s"] / row[f"cli_linear_{when}"]["wall_s"], 2)
+                    if not args.skip_before:
+                        row[f"ratio_cli_mlp_before_vs_linear_{when}"] = round(
+                            row[f"cli_mlp_before_{when}"]["wall_s"] / row[f"cli_linear_{when}"]["wall_s"], 2)
+                row["ratio_cli_mlp_after_linear_vs_linear_first"] = round(
+                    row["cli_mlp_after_linear"]["wall_s"] / row["cli_linear_first"]["wall_s"], 2)
             if not args.skip_padded:
                 pad = row["mlp_padded"] = mlp_padded(x, y, k)
                 row["ratio_mlp_padded_vs_linear_in_process"] = round(pad["wall_s"] / row["linear_in_process"]["wall_s"], 2)
-            mlp = row["mlp_default"] = mlp_default(x, y, k)
+            kept_before, kept_now = {}, {}
+            if not args.skip_before:  # first, so that neither order favours the default's compile
+                before = row["mlp_before_linear_start"] = mlp_before_linear_start(x, y, k, keep=kept_before)
+                row["ratio_mlp_before_vs_linear_in_process"] = round(before["wall_s"] / row["linear_in_process"]["wall_s"], 2)
+            mlp = row["mlp_default"] = mlp_default(x, y, k, keep=kept_now)
+            if not args.skip_before:
+                row["speedup_mlp_vs_before"] = round(before["wall_s"] / mlp["wall_s"], 2)
+                row["speedup_mlp_vs_before_train"] = round(before["train_s"] / mlp["train_s"], 2)
+                row["lanes_vs_before"] = compare_lanes(kept_now["result"], kept_before["result"], y["test"])
             mlp["gflops"] = round(mlp["gflop_lower_bound"] / mlp["train_s"], 1)
             mlp["fraction_of_peak_lower_bound"] = round(mlp["gflop_lower_bound"] * 1e9 / mlp["train_s"] / peak, 3)
             row["ratio_mlp_vs_linear_in_process"] = round(mlp["wall_s"] / row["linear_in_process"]["wall_s"], 2)

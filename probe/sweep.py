@@ -22,6 +22,7 @@ import math
 import os
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -94,8 +95,18 @@ TILE_BYTES = {"linear": 2 * 2**20, "mlp": 0}
 # pass cost ~9% of an iteration (benchmarks/RESULTS.md, issue 27); for the linear probe little.
 VAL_EVERY = {"linear": 1, "mlp": 10}
 # L-BFGS warm starts: along this key, from the largest value down, each lane starts from the
-# previous lane's solution (same seed, same other values): the regularisation path.
-WARM_PATHS = {"linear": ("l2",), "mlp": ("l2",), "mlp+skip": ("l2", "l2_skip")}
+# previous lane's solution (same seed, same other values): the regularisation path. The skip MLP
+# walks its branch penalty l2 only, one chain per (width, l2_skip), and each chain's first lane
+# starts its skip weight W0 and bias from the linear probe's solution at that l2_skip
+# (``linear_starts``; LINEAR_START): most of a skip-MLP lane's iterations went into solving for
+# W0 (an ill-conditioned linear problem at l2_skip 1e-5, ~500 iterations), which the linear
+# program does ~17x cheaper per iteration. Measured on the demo caches (benchmarks/RESULTS.md,
+# issue 27, third round): 54 lanes in ~320 iterations instead of ~6,000, every lane's training
+# objective as low or lower; the snake over (l2, l2_skip) walked W0 between l2_skip values in
+# 120-280 iterations a step, or stopped after 2 (the ftol test) far from that l2_skip's optimum.
+WARM_PATHS = {"linear": ("l2",), "mlp": ("l2",), "mlp+skip": ("l2",)}
+# The families whose warm-start chains begin from the linear probe's solution (``linear_starts``).
+LINEAR_START = ("mlp+skip",)
 
 
 # The SweepConfig fields only one solver reads, with their CLI options; the other solver ignores them.
@@ -187,6 +198,12 @@ class SweepConfig:
     def warm_path(self) -> tuple[str, ...]:
         """The configuration keys whose path L-BFGS lanes warm-start along (``warm_start_chains``; empty: cold starts)."""
         return WARM_PATHS[self.family] if self.warm_start and self.solver == "lbfgs" else ()
+
+    @property
+    def linear_start(self) -> bool:
+        """Whether each warm-start chain's first lane takes its skip weight and bias from the linear
+        probe at its ``l2_skip`` (``linear_starts``): the skip MLP with warm starts."""
+        return bool(self.warm_path) and self.family in LINEAR_START
 
     @property
     def ftol_value(self) -> float:
@@ -431,7 +448,8 @@ def run_sweep(x: dict, y: dict, n_classes: int, cfg: SweepConfig, groups: dict |
     seeds = np.array(cfg.seeds)
     shapes = tuple(None if a is None else (a.shape, a.dtype.name) for a in data)
     if cfg.solver == "lbfgs":
-        lanes, timings = _run_lanes(recipe, shapes, data, hyper, seeds, warm_start_chains(configs, cfg.warm_path))
+        lanes, timings = _run_lanes(recipe, shapes, data, hyper, seeds, warm_start_chains(configs, cfg.warm_path),
+                                    cfg.linear_start)
     else:
         lanes, timings = _run_vmapped(recipe, shapes, data, hyper, seeds, cfg, len(x["val"]) + len(x["test"]))
     result = _result(configs, tuple(int(s) for s in seeds), lanes, y["val"], timings, stats, cfg.solver, cfg.select,
@@ -465,19 +483,22 @@ def _run_vmapped(recipe, shapes: tuple, data, hyper: dict, seeds: np.ndarray, cf
                    "chunks": math.ceil(len(seeds) / s_chunk) * math.ceil(len(hyper["l2"]) / k_chunk)}
 
 
-def _run_lanes(recipe, shapes: tuple, data, hyper: dict, seeds: np.ndarray, chains: list[list[int]]) -> tuple[dict, dict]:
+def _run_lanes(recipe, shapes: tuple, data, hyper: dict, seeds: np.ndarray, chains: list[list[int]],
+               linear_start: bool = False) -> tuple[dict, dict]:
     """L-BFGS: every (seed, configuration) lane on its own, one per device at a time
     (``train.train_lanes``), every call dispatched before any result is read. Returns (lanes, timings).
 
     ``chains`` (``warm_start_chains``) partition the configurations; along a chain each lane starts
-    from the previous lane's solution (same seed), the first from its seed's initialisation.
+    from the previous lane's solution (same seed), the first from its seed's initialisation; with
+    ``linear_start`` (the skip MLP) the first's skip weight W0 and bias b2 from the linear probe's
+    solution at its ``l2_skip`` instead (``linear_starts``, solved first, in the linear probe's program).
     Chains of every seed are dealt to the devices, ``mesh.size`` at a time; a short block is
     padded by repeating its last chain (the copies' results are dropped).
 
     The MLP's lanes run in one program per hidden width (``lane_widths``), not zero-padded to the
-    widest: a 256-wide lane in a 512-wide program would do twice its matmul work. Each program is
-    compiled just before its width's lanes are dispatched, so the next width compiles while the
-    previous one's lanes run.
+    widest: a 256-wide lane in a 512-wide program would do twice its matmul work. The programs
+    (the linear one too, with ``linear_start``) compile in parallel threads, and each one's lanes
+    are dispatched as soon as it is ready.
     """
     import jax  # see the note under the imports
 
@@ -490,15 +511,32 @@ def _run_lanes(recipe, shapes: tuple, data, hyper: dict, seeds: np.ndarray, chai
     data = jax.device_put(data, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))  # once, on every device
     keys = np.asarray(seed_keys(seeds))
     outs, where = [], []  # each call's output, and the (seed index, configuration) of each of its lanes
+    heads, n_linear = None, 0
     widths = lane_widths(recipe, chains, hyper["hidden"])
-    for width_recipe, width_chains in widths:
-        t1 = time.perf_counter()
-        program = _lane_program(width_recipe, shapes, mesh)
-        compile_s += time.perf_counter() - t1
-        runs = [(i, chain) for i in range(len(seeds)) for chain in width_chains]  # (seed index, configurations)
-        outs_w, where_w = _dispatch_chains(program, width_recipe, shapes, data, hyper, keys, runs, mesh, lanes_sharding)
-        outs += outs_w
-        where += where_w
+    linear = linear_recipe(recipe, shapes[0][0][1]) if linear_start else None
+    # Every program compiles at once, each in its own thread (XLA compiles outside the GIL): with
+    # the linear start the lanes train in ~1-2 s on the demo caches, and the 2-3 compilations are
+    # most of a first run (benchmarks/RESULTS.md, issue 27, third round). Same executables, same results.
+    recipes = ([linear] if linear_start else []) + [r for r, _ in widths]
+    use_compilation_cache()  # here, not first in several threads at once
+    with ThreadPoolExecutor(len(recipes)) as pool:
+        programs = iter([pool.submit(_lane_program, r, shapes, mesh) for r in recipes])
+        if linear_start:
+            t1 = time.perf_counter()
+            program = next(programs).result()
+            compile_s += time.perf_counter() - t1
+            heads = linear_starts(program, linear, shapes, data, hyper, keys[0], [chain[0] for chain in chains], mesh,
+                                  lanes_sharding)
+            n_linear = len({id(w) for w, _ in heads.values()})
+        for width_recipe, width_chains in widths:
+            t1 = time.perf_counter()
+            program = next(programs).result()
+            compile_s += time.perf_counter() - t1
+            runs = [(i, chain) for i in range(len(seeds)) for chain in width_chains]  # (seed index, configurations)
+            outs_w, where_w = _dispatch_chains(program, width_recipe, shapes, data, hyper, keys, runs, mesh,
+                                               lanes_sharding, heads)
+            outs += outs_w
+            where += where_w
     outs = jax.device_get(outs)
     lanes = {f: np.zeros((len(seeds), n_configs, *getattr(outs[0], f).shape[1:]), getattr(outs[0], f).dtype)
              for f in outs[0]._fields}
@@ -509,7 +547,7 @@ def _run_lanes(recipe, shapes: tuple, data, hyper: dict, seeds: np.ndarray, chai
                     lanes[f][place] = getattr(out, f)[d]
     return lanes, {"compile_s": compile_s, "train_s": time.perf_counter() - t0 - compile_s, "devices": n_dev,
                    "sequential_lanes": True, "chunks": len(outs), "warm_start_chains": len(chains),
-                   "lane_programs": len(widths)}
+                   "lane_programs": len(widths), "linear_start_lanes": n_linear}
 
 
 def lane_widths(recipe, chains: list[list[int]], hidden: np.ndarray) -> list[tuple]:
@@ -530,30 +568,85 @@ def lane_widths(recipe, chains: list[list[int]], hidden: np.ndarray) -> list[tup
 
 
 def _dispatch_chains(program, recipe, shapes: tuple, data, hyper: dict, keys: np.ndarray, runs: list, mesh,
-                     lanes_sharding) -> tuple[list, list]:
+                     lanes_sharding, heads: dict | None = None) -> tuple[list, list]:
     """Dispatch ``runs`` ((seed index, chain) pairs) through one lane program, ``mesh.size`` chains at
-    a time, without reading any result. Returns (each call's output, the (seed index, configuration)
-    of each of its lanes, None for padding)."""
+    a time, without reading any result. ``heads`` (``linear_starts``): the skip weight and bias each
+    chain's first lane starts from; None: it starts from its seed's initialisation. Returns (each
+    call's output, the (seed index, configuration) of each of its lanes, None for padding)."""
     import jax  # see the note under the imports
 
     from cxrfair.probe.train import lane_params_shape
 
     n_dev = mesh.size
     zeros = jax.tree.map(lambda a: np.zeros((n_dev, *a.shape), a.dtype), lane_params_shape(shapes[0][0][1], recipe))
+    mask = lambda keys: {k: np.full(n_dev, k in keys) for k in zeros}  # noqa: E731  (train_lanes' warm)
     outs, where = [], []
     for b0 in range(0, len(runs), n_dev):
         block = runs[b0:b0 + n_dev]
         block += block[-1:] * (n_dev - len(block))
         seed_idx = np.array([i for i, _ in block])
-        start = jax.device_put(zeros, lanes_sharding)
+        start, warm = jax.device_put(zeros, lanes_sharding), mask(())
+        if heads is not None:  # W0 and b2 from the linear probe's solution (same for every seed)
+            solved = [heads[chain[0]] for _, chain in block]
+            start = dict(start, w0=jax.device_put(jax.numpy.stack([w for w, _ in solved]), lanes_sharding),
+                         b2=jax.device_put(jax.numpy.stack([b for _, b in solved]), lanes_sharding))
+            warm = mask(("w0", "b2"))
         for pos in range(max(len(chain) for _, chain in block)):
             configs = np.array([chain[min(pos, len(chain) - 1)] for _, chain in block])
-            warm = np.full(n_dev, pos > 0)
+            if pos > 0:
+                warm = mask(tuple(zeros))
             out, start = program(keys[seed_idx], _hyper(hyper, configs, n_dev), data, start, warm)
             outs.append(out)
             real = [b0 + d < len(runs) and pos < len(block[d][1]) for d in range(n_dev)]
             where.append([(seed_idx[d], configs[d]) if real[d] else None for d in range(n_dev)])
     return outs, where
+
+
+def linear_recipe(recipe, dim: int):
+    """The linear probe's L-BFGS lane recipe beside an MLP's ``recipe`` (its defaults: MAX_ITER,
+    FTOL, TILE_BYTES, VAL_EVERY), equal to the one ``probe linear`` compiles for the same data, so
+    the persistent compilation cache serves both."""
+    return dataclasses.replace(recipe, max_hidden=0, draw_hidden=0, skip=False, max_iter=MAX_ITER["linear"],
+                               ftol=FTOL["linear"], tile=tile_rows("linear", dim), val_every=VAL_EVERY["linear"])
+
+
+def linear_starts(program, recipe, shapes: tuple, data, hyper: dict, key: np.ndarray, heads: list[int], mesh,
+                  lanes_sharding) -> dict:
+    """The linear probe's solution at each chain head's ``l2_skip`` (and strength), dispatched
+    through the linear lane ``program`` (``linear_recipe``), ``mesh.size`` at a time, not read.
+
+    The skip MLP, logits = W0 x + W2 relu(W1 x + b1) + b2, is the linear probe when its ReLU branch
+    is off; a chain's first lane starts W0 and b2 here (the branch from its seed's initialisation),
+    so its iterations go to the branch, not to re-solving the convex linear part (a skip-MLP
+    iteration costs ~17 linear ones at 256 hidden units). One solve per distinct (strength,
+    l2_skip), from ``key`` (the sweep's first seed): the linear objective is strictly convex for
+    l2_skip > 0, so its optimum does not depend on the start, and every seed's chain shares it.
+
+    Args:
+        heads: the configuration index of each chain's first lane.
+
+    Returns:
+        configuration index (each of ``heads``) -> (W (C, D), b (C,)) device arrays.
+    """
+    import jax  # see the note under the imports
+
+    from cxrfair.probe.train import lane_params_shape
+
+    problem = lambda k: (hyper["l2_skip"][k], hyper["strength"][k] if "strength" in hyper else None)  # noqa: E731
+    todo = list(dict.fromkeys(problem(k) for k in heads))  # distinct, in chain order
+    first = {p: next(k for k in heads if problem(k) == p) for p in todo}
+    n_dev = mesh.size
+    linear = {k: v for k, v in hyper.items() if k != "l2_skip"} | {"l2": hyper["l2_skip"]}  # W's penalty: W0's
+    zeros = jax.tree.map(lambda a: np.zeros((n_dev, *a.shape), a.dtype), lane_params_shape(shapes[0][0][1], recipe))
+    cold = {k: np.zeros(n_dev, bool) for k in zeros}
+    solved = {}
+    for b0 in range(0, len(todo), n_dev):
+        block = todo[b0:b0 + n_dev]
+        configs = np.array([first[p] for p in block] + [first[block[-1]]] * (n_dev - len(block)))
+        _, params = program(np.repeat(key[None], n_dev, 0), _hyper(linear, configs, n_dev), data,
+                            jax.device_put(zeros, lanes_sharding), cold)
+        solved |= {p: (params["w"][d], params["b"][d]) for d, p in enumerate(block)}
+    return {k: solved[problem(k)] for k in heads}
 
 
 def warm_start_chains(configs: list[dict], path: tuple[str, ...]) -> list[list[int]]:
@@ -760,8 +853,8 @@ def _lane_program(recipe, shapes: tuple, mesh):
     hyper = train.Hyper(lane(f32), lane(f32), lane(i32), lane(f32), strength, l2_skip)
     keys = spec((n, 2), jax.numpy.uint32, sharding=lanes)
     start = jax.tree.map(lambda a: spec((n, *a.shape), a.dtype, sharding=lanes), train.lane_params_shape(shapes[0][0][1], recipe))
-    return train.train_lanes.lower(keys, hyper, data, start, spec((n,), jax.numpy.bool_, sharding=lanes),
-                                   recipe=recipe, mesh=mesh).compile()
+    warm = {k: spec((n,), jax.numpy.bool_, sharding=lanes) for k in start}  # per parameter (train_lanes)
+    return train.train_lanes.lower(keys, hyper, data, start, warm, recipe=recipe, mesh=mesh).compile()
 
 
 def _run_chunks(program, data, hyper: dict, seeds: np.ndarray, s_chunk: int, k_chunk: int) -> dict:
@@ -1046,6 +1139,16 @@ def stopping_text(cfg: SweepConfig) -> str:
     return f"{rule}, or after {cfg.max_iter} iterations"
 
 
+def start_text(cfg: SweepConfig) -> str:
+    """Where an L-BFGS lane starts, in words (run.json ``hyperparameters.start``)."""
+    if not cfg.warm_path:
+        return "every lane from its seed's initialisation"
+    path = " x ".join(cfg.warm_path)
+    first = ("W0 and b2 from the linear probe's solution at its l2_skip (L-BFGS, gradient test; shared by the seeds), "
+             "W1, b1, W2 from its seed's initialisation" if cfg.linear_start else "from its seed's initialisation")
+    return f"from the same seed's solution at the next larger {path}; the largest: {first}"
+
+
 def _hyperparameters(cfg: SweepConfig, best: dict, multilabel: bool = False) -> dict:
     """run.json ``hyperparameters``: the architecture, the chosen values, the solver's settings and the grid."""
     loss = LOSS_TEXT["multilabel" if multilabel else "multiclass"]
@@ -1067,7 +1170,7 @@ def _hyperparameters(cfg: SweepConfig, best: dict, multilabel: bool = False) -> 
                 # The validation loss curve's spacing (iterations; null between), and always the last.
                 "val_every": VAL_EVERY[cfg.method],
                 # The keys whose path lanes warm-start along, largest first ([]: every lane from its seed's init).
-                "warm_start": list(cfg.warm_path),
+                "warm_start": list(cfg.warm_path), "start": start_text(cfg),
                 "memory_size": 10, "linesearch": "zoom (strong Wolfe)", **common,
                 "grid": {"l2": list(cfg.l2_grid), **skip_grid, **hidden_grid}}
     from cxrfair.probe.train import ADAM_B1, ADAM_B2, ADAM_EPS  # jax: see the note under the imports

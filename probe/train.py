@@ -691,7 +691,7 @@ def lane_params_shape(dim: int, recipe: Recipe) -> dict:
 
 
 @partial(jax.jit, static_argnames=("recipe", "mesh"))
-def train_lanes(keys: jax.Array, hyper: Hyper, data: Data, start: dict, warm: jax.Array, recipe: Recipe,
+def train_lanes(keys: jax.Array, hyper: Hyper, data: Data, start: dict, warm: dict, recipe: Recipe,
                 mesh: jax.sharding.Mesh) -> tuple[LaneResult, dict]:
     """One L-BFGS lane per device of ``mesh``, each exactly ``lbfgs_lane``, in one compiled program.
 
@@ -710,7 +710,11 @@ def train_lanes(keys: jax.Array, hyper: Hyper, data: Data, start: dict, warm: ja
         hyper: Hyper of (L,) arrays, one configuration per lane.
         data: the splits, replicated on every device.
         start: parameters of (L, ...) (``lane_params_shape``) a lane starts from where ``warm``.
-        warm: (L,) bool; False: the lane starts from its seed's initialisation (``start`` unread).
+        warm: per parameter (the keys of ``start``), (L,) bool: True, that lane's parameter starts
+            from ``start``; False, from its seed's initialisation (``start``'s entry unread). All
+            True: a warm start (the previous lane's solution); all False: a cold start; the skip
+            MLP's ``w0`` and ``b2`` alone: the skip weight and bias from the linear probe, the
+            ReLU branch from the initialisation (``cxrfair.probe.sweep``, ``linear_starts``).
         recipe: static shapes and schedule (``solver="lbfgs"``).
         mesh: a 1-D mesh over the lane axis (``lane_mesh``).
 
@@ -723,7 +727,7 @@ def train_lanes(keys: jax.Array, hyper: Hyper, data: Data, start: dict, warm: ja
         first = lambda tree: jax.tree.map(lambda a: a[0], tree)  # noqa: E731
         k, h, p = k[0], first(h), first(p)
         cold = init_params(jax.random.split(k)[0], d.x_train.shape[1], recipe, h.hidden)
-        out = lbfgs_lane(k, h, d, recipe, jax.tree.map(lambda a, b: jnp.where(w[0], a, b), p, cold))
+        out = lbfgs_lane(k, h, d, recipe, jax.tree.map(lambda a, b, m: jnp.where(m[0], a, b), p, cold, w))
         return jax.tree.map(lambda a: a[None], out)
 
     # check_vma off: the lanes never communicate, and optax's line search mixes per-lane and

@@ -342,3 +342,35 @@ def test_the_validation_loss_every_k_iterations_changes_nothing_else(small):
     np.testing.assert_allclose(b.val_loss[:n][evaluated], a.val_loss[:n][evaluated], rtol=1e-5)
     np.testing.assert_allclose(b.val_loss[n:], a.val_loss[n - 1], rtol=1e-5)  # after the stop: the last, repeated
     assert b.best_val_loss == b.val_loss[-1]
+
+
+def test_the_skip_mlps_chains_start_from_the_linear_probe(small):
+    """The default skip-MLP sweep (warm starts): one chain per (width, l2_skip) along l2, its first
+    lane starting W0 and b2 from the linear probe's solution at that l2_skip and W1, b1, W2 from
+    the seed's initialisation, the next lane from the first's solution. Against the plain loop:
+    the linear probe solved from the first seed's initialisation with the linear recipe, then
+    each lane of the chain from the start described, at its own width."""
+    x, y = small
+    cfg = SweepConfig(method="mlp", hiddens=(3,), l2s=(1e-2, 1.0), l2s_skip=(1e-1, 1e-3), seeds=(4, 7), max_iter=20,
+                      ftol=1e-3, standardize=False)
+    res = run_sweep(x, y, 3, cfg)
+    assert res.timings["warm_start_chains"] == 2 and res.timings["linear_start_lanes"] == 2
+    linear = train.Recipe(n_classes=3, solver="lbfgs", max_iter=1000)  # the linear probe's defaults (ftol 0)
+    mlp = train.Recipe(n_classes=3, max_hidden=3, solver="lbfgs", max_iter=20, skip=True, ftol=1e-3)
+    data = lambda l2, l2_skip: (jnp.asarray(x["train"]), jnp.asarray(y["train"]), jnp.float32(l2), jnp.float32(l2_skip))  # noqa: E731
+    configs = cfg.configurations()
+    for l2_skip in cfg.l2s_skip:
+        init = train.init_params(jax.random.split(jax.random.PRNGKey(4))[0], 8, linear, jnp.int32(0))
+        solved, _ = plain_lbfgs(_objective, init, data(l2_skip, 0.0), linear)  # "w", "b": the linear probe
+        for i, seed in enumerate(cfg.seeds):
+            params = dict(train.init_params(jax.random.split(jax.random.PRNGKey(seed))[0], 8, mlp, jnp.int32(3)),
+                          w0=solved["w"], b2=solved["b"])
+            for l2 in (1.0, 1e-2):  # the chain: the largest l2 first
+                k = next(k for k, c in enumerate(configs) if c["l2"] == l2 and c["l2_skip"] == l2_skip)
+                params, iterations = plain_lbfgs(_objective, params, data(l2, l2_skip), mlp)
+                probs = np.asarray(jax.nn.softmax(_forward(params, x["test"])))
+                np.testing.assert_allclose(res.test_probs[i, k], probs, atol=1e-3, err_msg=f"{seed} {l2} {l2_skip}")
+                assert abs(int(res.best_epoch[i, k]) - iterations) <= 1  # float noise may shift the last test
+    # The start is not the cold one: started cold, the chains' first lanes end elsewhere.
+    cold = run_sweep(x, y, 3, dataclasses.replace(cfg, warm_start=False))
+    assert np.abs(cold.test_probs - res.test_probs).max() > 1e-2

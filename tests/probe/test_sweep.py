@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -98,7 +99,15 @@ def test_warm_start_chains_walk_each_penalty_path_from_the_largest_value():
     configs = mlp.configurations()
     chains = warm_start_chains(configs, mlp.warm_path)
     walk = [[(configs[k]["hidden"], configs[k]["l2"], configs[k]["l2_skip"]) for k in chain] for chain in chains]
-    # One chain per width (widths never share parameters); a snake over (l2, l2_skip), largest first.
-    assert walk == [[(4, 1.0, 1e-3), (4, 1.0, 1e-5), (4, 0.01, 1e-5), (4, 0.01, 1e-3)],
-                    [(8, 1.0, 1e-3), (8, 1.0, 1e-5), (8, 0.01, 1e-5), (8, 0.01, 1e-3)]]
+    # One chain per (width, l2_skip) (widths never share parameters; each l2_skip's chain starts from
+    # the linear probe at that l2_skip), along l2, largest first.
+    assert mlp.warm_path == ("l2",) and mlp.linear_start
+    assert walk == [[(4, 1.0, 1e-5), (4, 0.01, 1e-5)], [(4, 1.0, 1e-3), (4, 0.01, 1e-3)],
+                    [(8, 1.0, 1e-5), (8, 0.01, 1e-5)], [(8, 1.0, 1e-3), (8, 0.01, 1e-3)]]
     assert sorted(k for chain in chains for k in chain) == list(range(len(configs)))
+    # Two keys still snake: (l2, l2_skip), the second down then up.
+    two = warm_start_chains(configs, ("l2", "l2_skip"))
+    assert [[(configs[k]["l2"], configs[k]["l2_skip"]) for k in chain] for chain in two][0] == \
+        [(1.0, 1e-3), (1.0, 1e-5), (0.01, 1e-5), (0.01, 1e-3)]
+    assert not dataclasses.replace(mlp, warm_start=False).linear_start
+    assert not SweepConfig(method="mlp", architecture="plain").linear_start  # no skip weight to start
