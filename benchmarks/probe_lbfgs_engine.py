@@ -16,23 +16,31 @@ synthetic features of ``--rows`` training rows (``probe_mlp.large_features``). P
   - with ``--mlp`` (demo cache): one MLP width's lane program compiled alone (the widest, 512),
     then the default MLP sweep (skip MLP, 2 widths x 9 penalties x 3 seeds = 54 lanes), counted.
 
-Then the converged solutions: each sweep's selected configuration, test accuracy and the largest
-|difference| of any lane's test probabilities between the engines. ``os.getloadavg`` is printed
+Then the converged solutions: each sweep's selected configuration, test accuracy, the largest
+|difference| of any lane's test probabilities between the engines and the share of test predictions
+(argmax) that agree; for the synthetic set also scikit-learn's 8 fits at the same C (one thread,
+``probe_linear_large.sklearn_fits``) against our first-run wall. ``os.getloadavg`` is printed
 beside every figure: the machine is shared, only ratios within one run count.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import subprocess
-import sys
-import tempfile
-import time
-from pathlib import Path
 
-import numpy as np
+# One thread for scikit-learn's BLAS and OpenMP, set before numpy loads them (see probe_linear_large.py);
+# the JAX workers run in their own processes, with these removed.
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import subprocess
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -115,7 +123,8 @@ def worker(data: Path, out: Path, mlp: bool) -> None:
 
 
 def run_worker(engine: str, data: Path, out: Path, mlp: bool) -> dict:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "CXRFAIR_NO_JAX_CACHE": "1", "CXRFAIR_LBFGS_ENGINE": engine, "HF_HUB_OFFLINE": "1"}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+    env |= {"JAX_PLATFORMS": "cpu", "CXRFAIR_NO_JAX_CACHE": "1", "CXRFAIR_LBFGS_ENGINE": engine, "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, __file__, "--worker", str(data), "--out", str(out)] + (["--mlp"] if mlp else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
@@ -149,7 +158,8 @@ def compare(name: str, data: Path, tmp: Path, rounds: int, mlp: bool) -> dict:
         "linear_compile": round(best["optax"]["linear_first"]["compile_s"] / best["lean"]["linear_first"]["compile_s"], 2),
         "linear_first_wall": round(best["optax"]["linear_first"]["wall_s"] / best["lean"]["linear_first"]["wall_s"], 2),
         "linear_repeat_train": round(best["optax"]["linear_repeat_train_s"] / best["lean"]["linear_repeat_train_s"], 2)},
-        "max_abs_dprob": {k: float(np.abs(a[k] - b[k]).max()) for k in a.files}}
+        "max_abs_dprob": {k: float(np.abs(a[k] - b[k]).max()) for k in a.files},
+        "same_test_predictions": {k: round(float((a[k].argmax(-1) == b[k].argmax(-1)).mean()), 4) for k in a.files}}
     if mlp:
         row["ratios_optax_over_lean"] |= {
             "mlp_width_compile": round(best["optax"]["mlp_width_512_compile_s"]["s"] / best["lean"]["mlp_width_512_compile_s"]["s"], 2),
@@ -192,7 +202,13 @@ def main() -> None:
             sets.append((f"synthetic-{args.rows}x{args.dim}", x, y, 6, False))
         for name, x, y, k, mlp in sets:
             np.savez(tmp / f"{name}.npz", n_classes=k, **{f"x_{s}": x[s] for s in x}, **{f"y_{s}": np.asarray(y[s]) for s in y})
-            print(json.dumps(compare(name, tmp / f"{name}.npz", tmp, args.rounds, mlp)), flush=True)
+            row = compare(name, tmp / f"{name}.npz", tmp, args.rounds, mlp)
+            if name.startswith("synthetic"):  # scikit-learn's 8 fits at the same C, one thread (probe_linear_large.py)
+                from probe_linear_large import sklearn_fits
+
+                sk = row["sklearn"] = sklearn_fits(args.rows, args.dim)
+                row["sklearn_8_over_ours_first_wall"] = {e: round(sk["fits_8_s"] / row[e]["linear_first"]["wall_s"], 2) for e in ENGINES}
+            print(json.dumps(row), flush=True)
     print(json.dumps({"load_at_end": load(), "end": time.strftime("%H:%M:%S UTC", time.gmtime())}))
 
 

@@ -1,6 +1,7 @@
 """The plain L-BFGS loop the probe lanes are checked against: the algorithm of
 ``cxrfair.probe.lbfgs`` written out as an unbatched Python/NumPy loop (Nocedal & Wright's two-loop
-recursion over a list of pairs, a backtracking Armijo search (strict decrease) with cubic/quadratic interpolation;
+recursion over a list of pairs, a backtracking search (Armijo with a strict decrease, or approximate Wolfe) with cubic/quadratic
+interpolation;
 no vmap, no scan, no while_loop, no ring buffer) with the library's stopping rules, shared by the
 multi-class and multi-label lane tests. Only the objective and its gradient come from JAX (the
 tests' own textbook objectives); the constants are the library's."""
@@ -11,7 +12,7 @@ import jax
 import jax.flatten_util
 import numpy as np
 
-from cxrfair.probe.lbfgs import C1, CURVATURE_EPS, MAX_LINESEARCH, MEMORY, SHRINK
+from cxrfair.probe.lbfgs import C1, CURVATURE_EPS, DELTA, EPS_F, MAX_LINESEARCH, MEMORY, SHRINK, SIGMA
 
 
 def _flat(tree) -> np.ndarray:
@@ -76,12 +77,13 @@ def plain_lbfgs(objective, init: dict, data: tuple, recipe) -> tuple[dict, int]:
         for _ in range(MAX_LINESEARCH):
             x_new = (x + t * d).astype(np.float32).astype(np.float64)
             f_new, g_new = fg(x_new.astype(np.float32))
-            if f_new <= f + C1 * t * slope and f_new < f:
+            g_t = g_new @ d
+            armijo = f_new <= f + C1 * t * slope and f_new < f
+            wolfe = SIGMA * slope <= g_t <= (2 * DELTA - 1) * slope and f_new <= f + EPS_F * abs(f)
+            if armijo or wolfe:
                 accepted = True
                 break
-            if f_new == f:  # nothing measurable: give up
-                break
-            t = _trial(t, f, slope, f_new, g_new @ d)
+            t = _trial(t, f, slope, f_new, g_t)
         if not (accepted and np.isfinite(f_new) and np.isfinite(x_new).all() and np.isfinite(g_new).all()):
             break
         s, y = x_new - x, g_new - g

@@ -101,8 +101,9 @@ def test_the_two_loop_recursion_is_the_dense_bfgs_inverse():
 def test_the_line_search_interpolates_and_gives_up_without_a_decrease():
     """A rejected unit step on phi(t) = (t - 0.3)^2 is replaced by the exact minimiser 0.3 (the cubic
     through a quadratic); the result is kept in [0.1 t, 0.5 t]. A search along a direction that does
-    not descend (a gradient of the wrong sign) shrinks the step until f no longer changes, reports
-    failure, and the lane then stops where it was."""
+    not descend (a gradient of the wrong sign) reports failure after MAX_LINESEARCH evaluations, and
+    the lane then stops where it was. The approximate Wolfe conditions accept a step that f cannot
+    resolve when its slope rose enough, not one whose slope did not (a null step)."""
     phi = lambda t: (t - 0.3) ** 2  # noqa: E731
     assert float(lbfgs.next_trial(1.0, phi(0.0), -0.6, phi(1.0), 1.4)) == pytest.approx(0.3, rel=1e-5)
     assert float(lbfgs.next_trial(1.0, 0.0, -1.0, 0.0, 1.0)) == pytest.approx(0.5)  # the cubic's minimiser, 0.5 t
@@ -110,10 +111,14 @@ def test_the_line_search_interpolates_and_gives_up_without_a_decrease():
     assert float(lbfgs.next_trial(1.0, steep(0.0), -2.0, steep(1.0), 198.0)) == pytest.approx(0.1)  # minimiser 0.01: at least 0.1 t
     assert float(lbfgs.next_trial(1.0, 0.0, -1.0, jnp.inf, jnp.nan)) == pytest.approx(0.1)  # overflow: the quadratic's 0, so 0.1 t
 
+    assert bool(lbfgs.accept(1.0, -1e-9, 1.0, 1.0, -0.5e-9))  # f unchanged in float32, slope halved
+    assert not bool(lbfgs.accept(1.0, -1e-9, 1e-3, 1.0, -0.99e-9))  # f unchanged, slope as at 0: a null step
+    assert not bool(lbfgs.accept(1.0, -1e-9, 1.0, 1.0 + 1e-5, -0.5e-9))  # f rose beyond EPS_F |f|
+    assert bool(lbfgs.accept(1.0, -1.0, 0.5, 0.5, -2.0))  # Armijo alone (the slope still steep)
     wrong = lambda p: (jnp.sum(p["x"] ** 2), {"x": -2.0 * p["x"]})  # noqa: E731
     start = {"x": jnp.array([1.0, -2.0])}
     out = lbfgs.step(wrong, start, *wrong(start), lbfgs.init(start))
-    assert not bool(out.accepted) and 1 < int(out.evaluations) < lbfgs.MAX_LINESEARCH  # gave up once f stopped changing
+    assert not bool(out.accepted) and int(out.evaluations) == lbfgs.MAX_LINESEARCH
     recipe = train.Recipe(n_classes=2, solver="lbfgs", max_iter=5)
     state = train.LbfgsState(start, lbfgs.init(start), *wrong(start), jnp.array(False), jnp.int32(0), jnp.int32(1))
     fun = lambda p: jnp.sum(p["x"] ** 2)  # noqa: E731
