@@ -2,7 +2,8 @@
 
 One probe (one hyperparameter configuration, one seed) is ``fit_lane``, with one of two solvers.
 
-L-BFGS (``fit_lane_lbfgs``, the default): full-batch ``optax.lbfgs`` with a zoom line search on
+L-BFGS (``fit_lane_lbfgs``, the default): full-batch L-BFGS (``cxrfair.probe.lbfgs``: two-loop
+recursion on one flat parameter vector, a backtracking line search from the unit step) on
 mean cross-entropy + l2/2 * ||W||^2, a ``lax.while_loop`` of at most ``max_iter`` iterations; a
 lane whose largest gradient entry falls to ``gtol`` stops moving (its state is frozen with
 ``jnp.where`` while other vmapped lanes still run; the loop ends when every lane is done), and
@@ -482,7 +483,7 @@ def streamed_loss_sum(params: dict, x: jax.Array, y: jax.Array, weights: jax.Arr
 def streamed_loss(params: dict, x: jax.Array, y: jax.Array, weights: jax.Array | None, tile: int) -> jax.Array:
     """``mean_loss`` of x (N, D) streamed ``tile`` rows at a time (``streamed_loss_sum``).
 
-    Its custom VJP computes the gradient in the forward pass, so ``jax.value_and_grad`` (as optax's
+    Its custom VJP computes the gradient in the forward pass, so ``jax.value_and_grad`` (as the L-BFGS
     line search calls it) costs one pass over x, not a forward pass and then a backward one.
     Only ``params`` is differentiated: x, y and weights are data (zero cotangents).
     """
@@ -721,10 +722,9 @@ def train_lanes(keys: jax.Array, hyper: Hyper, data: Data, start: dict, warm: ja
                 mesh: jax.sharding.Mesh) -> tuple[LaneResult, dict]:
     """One L-BFGS lane per device of ``mesh``, each exactly ``lbfgs_lane``, in one compiled program.
 
-    Why not ``train_sweep``'s ``vmap``: vmapped, L-BFGS's zoom line search branches per lane
-    (``lax.cond`` on a batched predicate), so JAX evaluates both branches (two objective and
-    gradient evaluations per line-search step instead of one) and broadcasts the training
-    features into every lane; and the vmapped loop runs every lane until the slowest is done.
+    Why not ``train_sweep``'s ``vmap``: the vmapped loop runs every lane until the slowest is done
+    (and, with optax's zoom line search, the engine before ``cxrfair.probe.lbfgs``, JAX evaluated
+    both branches of its per-lane ``lax.cond`` on features broadcast into every lane).
     One lane at a time each lane stops at its own iteration count (measured on the demo cache:
     the default linear sweep's training 7.1 s vmapped, 1.9 s one lane at a time). The program
     depends only on the data's shapes, the recipe and the device count, so one compilation serves
@@ -752,8 +752,8 @@ def train_lanes(keys: jax.Array, hyper: Hyper, data: Data, start: dict, warm: ja
         out = lbfgs_lane(k, h, d, recipe, jax.tree.map(lambda a, b: jnp.where(w[0], a, b), p, cold))
         return jax.tree.map(lambda a: a[None], out)
 
-    # check_vma off: the lanes never communicate, and optax's line search mixes per-lane and
-    # replicated values in its lax.cond branches, which the varying-axis check rejects.
+    # check_vma off: the lanes never communicate, and optax's line search (ENGINE "optax") mixes
+    # per-lane and replicated values in its lax.cond branches, which the varying-axis check rejects.
     return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, jax.sharding.PartitionSpec(), spec, spec),
                          out_specs=spec, check_vma=False)(keys, hyper, data, start, warm)
 

@@ -416,3 +416,22 @@ def test_the_validation_loss_every_k_iterations_changes_nothing_else(small):
     np.testing.assert_allclose(b.val_loss[:n][evaluated], a.val_loss[:n][evaluated], rtol=1e-5)
     np.testing.assert_allclose(b.val_loss[n:], a.val_loss[n - 1], rtol=1e-5)  # after the stop: the last, repeated
     assert b.best_val_loss == b.val_loss[-1]
+
+
+def test_the_optax_engine_kept_for_benchmarks_reaches_the_same_optimum(small, monkeypatch):
+    """``CXRFAIR_LBFGS_ENGINE=optax`` (``train.ENGINE``: the previous engine, benchmarks' baseline):
+    a linear lane (strictly convex) reaches the lean engine's optimum, both stopping at gtol."""
+    x, y = small
+    recipe = train.Recipe(n_classes=3, solver="lbfgs", max_iter=200)
+    hyper = train.Hyper(jnp.float32(0), jnp.float32(0), jnp.int32(0), jnp.float32(1e-2))
+
+    def lane():  # a fresh function each time: the engine is read when the lane is traced
+        return jax.device_get(jax.jit(lambda: train.lbfgs_lane(jax.random.PRNGKey(0), hyper, _data(x, y), recipe)[0])())
+
+    lean = lane()
+    monkeypatch.setattr(train, "ENGINE", "optax")
+    old = lane()
+    assert 0 < int(old.best_epoch) < recipe.max_iter and 0 < int(lean.best_epoch) < recipe.max_iter
+    assert not np.array_equal(old.train_loss, lean.train_loss)  # two engines ran: different paths
+    np.testing.assert_allclose(old.test_probs, lean.test_probs, atol=1e-3)
+    np.testing.assert_allclose(old.train_loss[-1], lean.train_loss[-1], rtol=1e-5)
