@@ -39,6 +39,9 @@ MEMORY = 10  # curvature pairs kept (optax's and scipy's default)
 C1 = 1e-4  # Armijo's sufficient-decrease constant (Nocedal & Wright's, scipy's)
 MAX_LINESEARCH = 20  # evaluations per line search at most (t then <= 0.5^19 ~ 2e-6)
 SIGMA, DELTA, EPS_F = 0.9, 0.1, 1e-6  # Hager & Zhang's approximate Wolfe conditions (their defaults)
+# run.json's description of the line search (``train.LBFGS_RECORD``).
+LINESEARCH = ("backtracking from the unit step, cubic interpolation (Armijo, strict decrease; "
+              "approximate Wolfe where float32 cannot resolve it)")
 SHRINK = (0.1, 0.5)  # a rejected step t is replaced by one in [0.1 t, 0.5 t]
 CURVATURE_EPS = float(jnp.finfo(jnp.float32).eps)  # a pair is kept if s.y > this * y.y
 

@@ -511,18 +511,22 @@ def lbfgs_solver() -> optax.GradientTransformationExtraArgs:
 
 
 # The L-BFGS engine: "lean" (``cxrfair.probe.lbfgs``, the default) or "optax" (``lbfgs_solver``, the
-# previous one, for benchmarks/probe_linear_large.py and probe_mlp.py to time side by side). Read
-# once at import: a process trains with one engine (its compiled programs are cached by recipe).
+# previous one, for benchmarks/probe_lbfgs_engine.py to time side by side). Read once at import: a
+# process trains with one engine (its compiled programs are cached by recipe, not by engine).
 ENGINE = os.environ.get("CXRFAIR_LBFGS_ENGINE", "lean")
+
+# What run.json records of the engine (``cxrfair.probe.sweep``'s hyperparameters).
+LBFGS_RECORD = ({"memory_size": lbfgs.MEMORY, "linesearch": lbfgs.LINESEARCH} if ENGINE == "lean" else
+                {"memory_size": 10, "linesearch": "zoom (strong Wolfe), optax"})
 
 
 class LbfgsState(NamedTuple):
     """The carry of the L-BFGS loop."""
 
-    params: dict
+    params: jax.Array | dict  # lean engine: one flat vector (P,) (``ravel_pytree``); optax: the parameters
     opt_state: lbfgs.Memory | optax.OptState  # the curvature memory (lean) or optax's state
     value: jax.Array  # () the objective at params
-    grad: dict  # its gradient
+    grad: jax.Array | dict  # its gradient, shaped like params
     done: jax.Array  # () bool: converged (or stopped by a non-finite step or a failed line search); params frozen since
     iterations: jax.Array  # () int: iterations that moved the parameters
     evaluations: jax.Array  # () int: objective-and-gradient evaluations, the lane's start included
@@ -534,7 +538,8 @@ def lbfgs_init(params: dict) -> lbfgs.Memory | optax.OptState:
 
 
 def lbfgs_iteration(state: LbfgsState, _, fun, gtol: float, ftol: float = 0.0) -> tuple[LbfgsState, tuple]:
-    """One L-BFGS step on ``fun`` (the full-batch objective of the parameters in the state); a lane that is done keeps its parameters.
+    """One L-BFGS step on ``fun`` (the full-batch objective of ``state.params``); a lane that is
+    done keeps its parameters.
 
     The objective and gradient at the new point are the line search's, so an iteration costs only
     the line search's evaluations. The lane is done (and keeps its parameters) once its largest
@@ -644,7 +649,8 @@ def lbfgs_lane(key: jax.Array, hyper: Hyper, data: Data, recipe: Recipe, start: 
     params = init_params(jax.random.split(key)[0], dim, recipe, hyper.hidden) if start is None else start
     weights = lbfgs_weights(recipe.mitigation, data, hyper.strength)
     # The lean engine works on one flat parameter vector (P,): its two-loop recursion and memory
-    # are then one array each, not one per weight (a fifth of the MLP program's vector code).
+    # are then one array each, not one per weight (per weight, the skip MLP's recursion and memory
+    # update alone took ~2 s to compile; benchmarks/RESULTS.md, issue 27, third round).
     flat, unravel = jax.flatten_util.ravel_pytree(params) if ENGINE == "lean" else (params, lambda p: p)
     fun = partial(objective, x=data.x_train, y=data.y_train, l2=hyper.l2, weights=weights, l2_skip=hyper.l2_skip,
                   tile=recipe.tile)
