@@ -1159,7 +1159,7 @@ def _hyperparameters(cfg: SweepConfig, best: dict, multilabel: bool = False) -> 
         hidden, hidden_grid = {"strength": best["strength"], **hidden}, {"strength": list(cfg.strengths), **hidden_grid}
     common = {"selection": SELECTION_TEXT[cfg.select], "seeds": list(cfg.seeds)}
     if cfg.solver == "lbfgs":
-        from cxrfair.probe.train import GTOL  # jax: see the note under the imports
+        from cxrfair.probe.train import GTOL, LBFGS_RECORD  # jax: see the note under the imports
 
         skip = {"l2_skip": best["l2_skip"]} if "l2_skip" in best else {}
         skip_grid = {"l2_skip": list(cfg.l2_skip_grid)} if skip else {}
@@ -1171,7 +1171,7 @@ def _hyperparameters(cfg: SweepConfig, best: dict, multilabel: bool = False) -> 
                 "val_every": VAL_EVERY[cfg.method],
                 # The keys whose path lanes warm-start along, largest first ([]: every lane from its seed's init).
                 "warm_start": list(cfg.warm_path), "start": start_text(cfg),
-                "memory_size": 10, "linesearch": "zoom (strong Wolfe)", **common,
+                **LBFGS_RECORD, **common,
                 "grid": {"l2": list(cfg.l2_grid), **skip_grid, **hidden_grid}}
     from cxrfair.probe.train import ADAM_B1, ADAM_B2, ADAM_EPS  # jax: see the note under the imports
 

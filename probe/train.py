@@ -2,7 +2,8 @@
 
 One probe (one hyperparameter configuration, one seed) is ``fit_lane``, with one of two solvers.
 
-L-BFGS (``fit_lane_lbfgs``, the default): full-batch ``optax.lbfgs`` with a zoom line search on
+L-BFGS (``fit_lane_lbfgs``, the default): full-batch L-BFGS (``cxrfair.probe.lbfgs``: two-loop
+recursion on one flat parameter vector, a backtracking line search from the unit step) on
 mean cross-entropy + l2/2 * ||W||^2, a ``lax.while_loop`` of at most ``max_iter`` iterations; a
 lane whose largest gradient entry falls to ``gtol`` stops moving (its state is frozen with
 ``jnp.where`` while other vmapped lanes still run; the loop ends when every lane is done), and
@@ -50,15 +51,18 @@ example, so per-example weights (mitigations) wrap them unchanged.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+import cxrfair.probe.lbfgs as lbfgs
 import cxrfair.probe.objectives as objectives
 
 # AdamW moments as in PyTorch's defaults, so the paper's recipe means the same thing here.
@@ -479,7 +483,7 @@ def streamed_loss_sum(params: dict, x: jax.Array, y: jax.Array, weights: jax.Arr
 def streamed_loss(params: dict, x: jax.Array, y: jax.Array, weights: jax.Array | None, tile: int) -> jax.Array:
     """``mean_loss`` of x (N, D) streamed ``tile`` rows at a time (``streamed_loss_sum``).
 
-    Its custom VJP computes the gradient in the forward pass, so ``jax.value_and_grad`` (as optax's
+    Its custom VJP computes the gradient in the forward pass, so ``jax.value_and_grad`` (as the L-BFGS
     line search calls it) costs one pass over x, not a forward pass and then a backward one.
     Only ``params`` is differentiated: x, y and weights are data (zero cotangents).
     """
@@ -500,49 +504,73 @@ streamed_loss.defvjp(_streamed_loss_fwd, _streamed_loss_bwd)
 
 
 def lbfgs_solver() -> optax.GradientTransformationExtraArgs:
-    """optax's L-BFGS (memory 10) with its zoom line search (strong Wolfe conditions)."""
+    """optax's L-BFGS (memory 10) with its zoom line search (strong Wolfe conditions): the engine
+    before ``cxrfair.probe.lbfgs`` (``ENGINE`` "optax"), kept as the benchmarks' baseline."""
     return optax.lbfgs(memory_size=10, linesearch=optax.scale_by_zoom_linesearch(
         max_linesearch_steps=30, initial_guess_strategy="one"))
+
+
+# The L-BFGS engine: "lean" (``cxrfair.probe.lbfgs``, the default) or "optax" (``lbfgs_solver``, the
+# previous one, for benchmarks/probe_lbfgs_engine.py to time side by side). Read once at import: a
+# process trains with one engine (its compiled programs are cached by recipe, not by engine).
+ENGINE = os.environ.get("CXRFAIR_LBFGS_ENGINE", "lean")
+
+# What run.json records of the engine (``cxrfair.probe.sweep``'s hyperparameters).
+LBFGS_RECORD = ({"memory_size": lbfgs.MEMORY, "linesearch": lbfgs.LINESEARCH} if ENGINE == "lean" else
+                {"memory_size": 10, "linesearch": "zoom (strong Wolfe), optax"})
 
 
 class LbfgsState(NamedTuple):
     """The carry of the L-BFGS loop."""
 
-    params: dict
-    opt_state: optax.OptState
+    params: jax.Array | dict  # lean engine: one flat vector (P,) (``ravel_pytree``); optax: the parameters
+    opt_state: lbfgs.Memory | optax.OptState  # the curvature memory (lean) or optax's state
     value: jax.Array  # () the objective at params
-    grad: dict  # its gradient
-    done: jax.Array  # () bool: converged (or stopped by a non-finite step); params frozen since
+    grad: jax.Array | dict  # its gradient, shaped like params
+    done: jax.Array  # () bool: converged (or stopped by a non-finite step or a failed line search); params frozen since
     iterations: jax.Array  # () int: iterations that moved the parameters
+    evaluations: jax.Array  # () int: objective-and-gradient evaluations, the lane's start included
 
 
-def lbfgs_iteration(state: LbfgsState, _, data: Data, l2: jax.Array, gtol: float,
-                    weights: jax.Array | None = None, ftol: float = 0.0,
-                    l2_skip: jax.Array | None = None, tile: int = 0) -> tuple[LbfgsState, tuple]:
-    """One L-BFGS step on the full training split; a lane that is done keeps its parameters.
+def lbfgs_init(params: dict) -> lbfgs.Memory | optax.OptState:
+    """The engine's initial state for ``params``."""
+    return lbfgs.init(params) if ENGINE == "lean" else lbfgs_solver().init(params)
 
-    The objective and gradient at the new point are the line search's (stored in its state), so
-    an iteration costs only the line search's evaluations. With ``ftol`` > 0, a step after the
+
+def lbfgs_iteration(state: LbfgsState, _, fun, gtol: float, ftol: float = 0.0) -> tuple[LbfgsState, tuple]:
+    """One L-BFGS step on ``fun`` (the full-batch objective of ``state.params``); a lane that is
+    done keeps its parameters.
+
+    The objective and gradient at the new point are the line search's, so an iteration costs only
+    the line search's evaluations. The lane is done (and keeps its parameters) once its largest
+    gradient entry is at most ``gtol``, or when the step would leave the finite numbers or (lean
+    engine) its line search finds no sufficient decrease. With ``ftol`` > 0, a step after the
     lane's first that lowers the objective by at most ftol * max(|f_old|, |f_new|, 1) is kept and
     the lane is then done (scipy's L-BFGS-B ``ftol`` rule, not tested on the first step).
 
     Returns the new state and the objective at the parameters it leaves.
     """
-    fun = partial(objective, x=data.x_train, y=data.y_train, l2=l2, weights=weights, l2_skip=l2_skip, tile=tile)
     converged = max_abs(state.grad) <= gtol
-    updates, opt_state = lbfgs_solver().update(state.grad, state.opt_state, state.params,
-                                               value=state.value, grad=state.grad, value_fn=fun)
-    params = optax.apply_updates(state.params, updates)
-    value, grad = optax.tree.get(opt_state, "value"), optax.tree.get(opt_state, "grad")
+    if ENGINE == "lean":
+        out = lbfgs.step(jax.value_and_grad(fun), state.params, state.value, state.grad, state.opt_state)
+        params, opt_state, value, grad, accepted, evaluations = (out.params, out.memory, out.value, out.grad,
+                                                                 out.accepted, out.evaluations)
+    else:
+        updates, opt_state = lbfgs_solver().update(state.grad, state.opt_state, state.params,
+                                                   value=state.value, grad=state.grad, value_fn=fun)
+        params = optax.apply_updates(state.params, updates)
+        value, grad = optax.tree.get(opt_state, "value"), optax.tree.get(opt_state, "grad")
+        accepted, evaluations = jnp.array(True), optax.tree.get(opt_state, "num_linesearch_steps")
     finite = jnp.isfinite(value) & jnp.isfinite(max_abs(params)) & jnp.isfinite(max_abs(grad))
-    stay = state.done | converged | ~finite
+    stay = state.done | converged | ~finite | ~accepted
     stalled = state.value - value <= ftol * jnp.maximum(jnp.maximum(jnp.abs(state.value), jnp.abs(value)), 1.0)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(stay, b, a), new, old)  # noqa: E731
     # Not on a lane's first step: with an empty memory L-BFGS steps along the scaled gradient, whose
     # small decrease says little about convergence (warm-started lanes would stop there).
     stalled = stalled & (state.iterations >= 1)
+    evaluations = state.evaluations + jnp.where(state.done | converged, 0, evaluations).astype(jnp.int32)
     state = LbfgsState(*keep((params, opt_state, value, grad), state[:4]), stay | ((ftol > 0) & stalled),
-                       state.iterations + (~stay).astype(jnp.int32))
+                       state.iterations + (~stay).astype(jnp.int32), evaluations)
     return state, state.value
 
 
@@ -620,16 +648,21 @@ def lbfgs_lane(key: jax.Array, hyper: Hyper, data: Data, recipe: Recipe, start: 
     dim = data.x_train.shape[1]
     params = init_params(jax.random.split(key)[0], dim, recipe, hyper.hidden) if start is None else start
     weights = lbfgs_weights(recipe.mitigation, data, hyper.strength)
-    value, grad = jax.value_and_grad(objective)(params, data.x_train, data.y_train, hyper.l2, weights, hyper.l2_skip,
-                                                recipe.tile)
-    state = LbfgsState(params, lbfgs_solver().init(params), value, grad, jnp.array(False), jnp.array(0, jnp.int32))
-    step = partial(lbfgs_iteration, data=data, l2=hyper.l2, gtol=recipe.gtol, weights=weights, ftol=recipe.ftol,
-                   l2_skip=hyper.l2_skip, tile=recipe.tile)
-    val_fn = partial(mean_loss, x=data.x_val, y=data.y_val, tile=recipe.tile)
+    # The lean engine works on one flat parameter vector (P,): its two-loop recursion and memory
+    # are then one array each, not one per weight (per weight, the skip MLP's recursion and memory
+    # update alone took ~2 s to compile; benchmarks/RESULTS.md, issue 27, third round).
+    flat, unravel = jax.flatten_util.ravel_pytree(params) if ENGINE == "lean" else (params, lambda p: p)
+    fun = partial(objective, x=data.x_train, y=data.y_train, l2=hyper.l2, weights=weights, l2_skip=hyper.l2_skip,
+                  tile=recipe.tile)
+    value, grad = jax.value_and_grad(lambda p: fun(unravel(p)))(flat)
+    state = LbfgsState(flat, lbfgs_init(flat), value, grad, jnp.array(False), jnp.array(0, jnp.int32),
+                       jnp.array(1, jnp.int32))
+    step = partial(lbfgs_iteration, fun=lambda p: fun(unravel(p)), gtol=recipe.gtol, ftol=recipe.ftol)
+    val_fn = lambda p: mean_loss(unravel(p), x=data.x_val, y=data.y_val, tile=recipe.tile)  # noqa: E731
     state, train_curve, val_curve = lbfgs_loop(step, state, val_fn, recipe.max_iter, recipe.gtol, recipe.val_every)
-    ml = is_multilabel(data.y_val)
+    ml, params = is_multilabel(data.y_val), unravel(state.params)
     return LaneResult(val_curve[-1], state.iterations, train_curve, val_curve,
-                      probabilities(state.params, data.x_val, ml), probabilities(state.params, data.x_test, ml)), state.params
+                      probabilities(params, data.x_val, ml), probabilities(params, data.x_test, ml)), params
 
 
 # ---------------------------------------------------------------- a sweep
@@ -695,10 +728,9 @@ def train_lanes(keys: jax.Array, hyper: Hyper, data: Data, start: dict, warm: di
                 mesh: jax.sharding.Mesh) -> tuple[LaneResult, dict]:
     """One L-BFGS lane per device of ``mesh``, each exactly ``lbfgs_lane``, in one compiled program.
 
-    Why not ``train_sweep``'s ``vmap``: vmapped, L-BFGS's zoom line search branches per lane
-    (``lax.cond`` on a batched predicate), so JAX evaluates both branches (two objective and
-    gradient evaluations per line-search step instead of one) and broadcasts the training
-    features into every lane; and the vmapped loop runs every lane until the slowest is done.
+    Why not ``train_sweep``'s ``vmap``: the vmapped loop runs every lane until the slowest is done
+    (and, with optax's zoom line search, the engine before ``cxrfair.probe.lbfgs``, JAX evaluated
+    both branches of its per-lane ``lax.cond`` on features broadcast into every lane).
     One lane at a time each lane stops at its own iteration count (measured on the demo cache:
     the default linear sweep's training 7.1 s vmapped, 1.9 s one lane at a time). The program
     depends only on the data's shapes, the recipe and the device count, so one compilation serves
@@ -730,8 +762,8 @@ def train_lanes(keys: jax.Array, hyper: Hyper, data: Data, start: dict, warm: di
         out = lbfgs_lane(k, h, d, recipe, jax.tree.map(lambda a, b, m: jnp.where(m[0], a, b), p, cold, w))
         return jax.tree.map(lambda a: a[None], out)
 
-    # check_vma off: the lanes never communicate, and optax's line search mixes per-lane and
-    # replicated values in its lax.cond branches, which the varying-axis check rejects.
+    # check_vma off: the lanes never communicate, and optax's line search (ENGINE "optax") mixes
+    # per-lane and replicated values in its lax.cond branches, which the varying-axis check rejects.
     return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, jax.sharding.PartitionSpec(), spec, spec),
                          out_specs=spec, check_vma=False)(keys, hyper, data, start, warm)
 

@@ -1,4 +1,6 @@
-"""Full-batch L-BFGS probes and standardisation: each lane against a plain optax loop written here,
+"""Full-batch L-BFGS probes and standardisation: the engine's pieces (two-loop recursion against the
+dense BFGS inverse, the line search's interpolation and its failure), each lane against the plain
+loop of ``tests/probe/lbfgs_reference.py``,
 the linear probe against scikit-learn at every C, and the default sweeps against a tuned
 ``LogisticRegression`` on features with a large common offset (the demo cache's pathology)."""
 
@@ -12,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from cxrfair.probe import train
+from cxrfair.probe import lbfgs, train
 from cxrfair.probe.sweep import SweepConfig, feature_stats, run_sweep, select_config
 from tests.probe.lbfgs_reference import plain_lbfgs
 from tests.probe.synth import clusters, embedding_like
@@ -37,7 +39,7 @@ def _objective(p, x, y, l2, l2_skip):
 
 
 def reference_lbfgs(key, l2, hidden, x, y, recipe, l2_skip=None):
-    """One probe the plain way: an unbatched Python loop over ``optax.lbfgs`` steps (no vmap, no
+    """One probe the plain way: the unbatched Python/NumPy L-BFGS loop (``plain_lbfgs``; no vmap, no
     scan), the MLP at its own width (``recipe.skip``: plus the linear skip weight W0, penalised
     by ``l2_skip``). The same stopping rules as the library's (largest gradient entry <= gtol, a
     non-finite step, or with ``recipe.ftol`` > 0 a kept step that lowered the objective by at
@@ -55,12 +57,84 @@ def reference_lbfgs(key, l2, hidden, x, y, recipe, l2_skip=None):
     return np.asarray(jax.nn.softmax(_forward(params, x["test"]))), iterations
 
 
+def _dense_bfgs_direction(grad, pairs, first):
+    """-H g with H built densely: H0 = gamma I (s.y / y.y of the newest pair; ``first`` if none), then
+    H <- V^T H V + rho s s^T, V = I - rho y s^T, for each pair oldest first (Nocedal & Wright 7.19)."""
+    if not pairs:
+        return -first * grad
+    s, y = pairs[-1]
+    h = np.eye(len(grad)) * (s @ y) / (y @ y)
+    for s, y in pairs:
+        rho = 1.0 / (s @ y)
+        v = np.eye(len(grad)) - rho * np.outer(y, s)
+        h = v.T @ h @ v + rho * np.outer(s, s)
+    return -h @ grad
+
+
+def test_the_two_loop_recursion_is_the_dense_bfgs_inverse():
+    """``lbfgs.direction`` over the ring buffer (wrapped around, a negative-curvature pair skipped)
+    equals -H g from the dense BFGS update over the last MEMORY kept pairs; with an empty memory it is
+    the gradient step scaled to length <= 1."""
+    rng = np.random.default_rng(0)
+    n = 7
+    a = rng.normal(size=(n, n))
+    hessian = a @ a.T + n * np.eye(n)  # SPD: every pair (s, A s) has positive curvature
+    tree = lambda v: {"a": jnp.asarray(v[:3], jnp.float32), "b": jnp.asarray(v[3:].reshape(2, 2), jnp.float32)}  # noqa: E731
+    flat = lambda t: np.concatenate([np.asarray(t["a"], np.float64), np.asarray(t["b"], np.float64).ravel()])  # noqa: E731
+    grad = flat(tree(rng.normal(size=n)))
+    memory, kept = lbfgs.init(tree(np.zeros(n))), []
+    d, _ = lbfgs.direction(tree(grad), memory)
+    np.testing.assert_allclose(flat(d), -min(1.0, 1.0 / np.linalg.norm(grad)) * grad, rtol=1e-6)
+    for i in range(lbfgs.MEMORY + 4):
+        s = flat(tree(rng.normal(size=n)))
+        y = -s if i == 5 else flat(tree(hessian @ s))  # pair 5: s.y < 0, skipped
+        memory = lbfgs.remember(memory, tree(s), tree(y))
+        if i != 5:
+            kept.append((s, y))
+    assert int(memory.count) == lbfgs.MEMORY + 3
+    d, after = lbfgs.direction(tree(grad), memory)
+    expected = _dense_bfgs_direction(grad, kept[-lbfgs.MEMORY:], None)
+    np.testing.assert_allclose(flat(d), expected, rtol=2e-4, atol=1e-5 * np.abs(expected).max())
+    assert int(after.count) == int(memory.count)  # a descent direction: the memory is kept
+
+
+def test_the_line_search_interpolates_and_gives_up_without_a_decrease():
+    """A rejected unit step on phi(t) = (t - 0.3)^2 is replaced by the exact minimiser 0.3 (the cubic
+    through a quadratic); the result is kept in [0.1 t, 0.5 t]. A search along a direction that does
+    not descend (a gradient of the wrong sign) reports failure after MAX_LINESEARCH evaluations, and
+    the lane then stops where it was. The approximate Wolfe conditions accept a step that f cannot
+    resolve when its slope rose enough, not one whose slope did not (a null step)."""
+    phi = lambda t: (t - 0.3) ** 2  # noqa: E731
+    assert float(lbfgs.next_trial(1.0, phi(0.0), -0.6, phi(1.0), 1.4)) == pytest.approx(0.3, rel=1e-5)
+    assert float(lbfgs.next_trial(1.0, 0.0, -1.0, 0.0, 1.0)) == pytest.approx(0.5)  # the cubic's minimiser, 0.5 t
+    steep = lambda t: 100.0 * (t - 0.01) ** 2  # noqa: E731
+    assert float(lbfgs.next_trial(1.0, steep(0.0), -2.0, steep(1.0), 198.0)) == pytest.approx(0.1)  # minimiser 0.01: at least 0.1 t
+    assert float(lbfgs.next_trial(1.0, 0.0, -1.0, jnp.inf, jnp.nan)) == pytest.approx(0.1)  # overflow: the quadratic's 0, so 0.1 t
+
+    assert bool(lbfgs.accept(1.0, -1e-9, 1.0, 1.0, -0.5e-9))  # f unchanged in float32, slope halved
+    assert not bool(lbfgs.accept(1.0, -1e-9, 1e-3, 1.0, -0.99e-9))  # f unchanged, slope as at 0: a null step
+    assert not bool(lbfgs.accept(1.0, -1e-9, 1.0, 1.0 + 1e-5, -0.5e-9))  # f rose beyond EPS_F |f|
+    assert bool(lbfgs.accept(1.0, -1.0, 0.5, 0.5, -2.0))  # Armijo alone (the slope still steep)
+    wrong = lambda p: (jnp.sum(p["x"] ** 2), {"x": -2.0 * p["x"]})  # noqa: E731
+    start = {"x": jnp.array([1.0, -2.0])}
+    out = lbfgs.step(wrong, start, *wrong(start), lbfgs.init(start))
+    assert not bool(out.accepted) and int(out.evaluations) == lbfgs.MAX_LINESEARCH
+    recipe = train.Recipe(n_classes=2, solver="lbfgs", max_iter=5)
+    state = train.LbfgsState(start, lbfgs.init(start), *wrong(start), jnp.array(False), jnp.int32(0), jnp.int32(1))
+    fun = lambda p: jnp.sum(p["x"] ** 2)  # noqa: E731
+    monkey = jax.custom_vjp(fun)
+    monkey.defvjp(lambda p: (fun(p), p), lambda p, ct: ({"x": -2.0 * ct * p["x"]},))
+    state, _ = train.lbfgs_iteration(state, None, monkey, recipe.gtol)
+    assert bool(state.done) and int(state.iterations) == 0
+    np.testing.assert_array_equal(state.params["x"], start["x"])
+
+
 @pytest.fixture(scope="module")
 def small():
     return clusters({"train": 50, "val": 20, "test": 20}, dim=8, n_classes=3, spread=1.0, seed=3)
 
 
-def test_each_lane_of_the_lbfgs_sweep_equals_a_plain_optax_loop(small):
+def test_each_lane_of_the_lbfgs_sweep_equals_the_plain_loop(small):
     """Linear lanes (two seeds x two penalties), in one compiled vmapped program."""
     x, y = small
     recipe = train.Recipe(n_classes=3, solver="lbfgs", max_iter=40)
@@ -76,7 +150,7 @@ def test_each_lane_of_the_lbfgs_sweep_equals_a_plain_optax_loop(small):
 
 
 @pytest.mark.slow  # keeps the default suite under ~10 min; `make test-all` runs it
-def test_each_mlp_lane_of_the_lbfgs_sweep_equals_a_plain_optax_loop(small):
+def test_each_mlp_lane_of_the_lbfgs_sweep_equals_the_plain_loop(small):
     """Different widths share a program (zero-padded units); each lane is still its own MLP."""
     x, y = small
     recipe = train.Recipe(n_classes=3, max_hidden=8, solver="lbfgs", max_iter=12)
@@ -89,7 +163,7 @@ def test_each_mlp_lane_of_the_lbfgs_sweep_equals_a_plain_optax_loop(small):
         assert out.best_epoch[0, k] == iterations
 
 
-def test_each_skip_mlp_lane_equals_a_plain_optax_loop(small):
+def test_each_skip_mlp_lane_equals_the_plain_loop(small):
     """The default MLP, the skip MLP (logits = W0 x + W2 relu(W1 x + b1) + b2, W0 penalised by its
     own l2_skip), with the relative-decrease stop on: lanes of two widths and two (l2, l2_skip)
     pairs in one vmapped program, each against the plain loop at its own width."""
@@ -264,7 +338,7 @@ def test_sequential_lanes_equal_the_vmapped_sweep(small):
 
 def test_the_sweeps_lbfgs_lanes_equal_the_vmapped_program_and_the_plain_loop(small):
     """run_sweep runs L-BFGS lanes one per device at a time (``train.train_lanes``); each lane is
-    the vmapped ``train_sweep``'s lane and the plain optax loop's probe, in the (seed, config) order."""
+    the vmapped ``train_sweep``'s lane and the plain loop's probe, in the (seed, config) order."""
     x, y = small
     cfg = SweepConfig(l2s=(1e-3, 1e-1), seeds=(0, 5), max_iter=30, standardize=False, warm_start=False)
     res = run_sweep(x, y, 3, cfg)
@@ -374,3 +448,21 @@ def test_the_skip_mlps_chains_start_from_the_linear_probe(small):
     # The start is not the cold one: started cold, the chains' first lanes end elsewhere.
     cold = run_sweep(x, y, 3, dataclasses.replace(cfg, warm_start=False))
     assert np.abs(cold.test_probs - res.test_probs).max() > 1e-2
+
+def test_the_optax_engine_kept_for_benchmarks_reaches_the_same_optimum(small, monkeypatch):
+    """``CXRFAIR_LBFGS_ENGINE=optax`` (``train.ENGINE``: the previous engine, benchmarks' baseline):
+    a linear lane (strictly convex) reaches the lean engine's optimum, both stopping at gtol."""
+    x, y = small
+    recipe = train.Recipe(n_classes=3, solver="lbfgs", max_iter=200)
+    hyper = train.Hyper(jnp.float32(0), jnp.float32(0), jnp.int32(0), jnp.float32(1e-2))
+
+    def lane():  # a fresh function each time: the engine is read when the lane is traced
+        return jax.device_get(jax.jit(lambda: train.lbfgs_lane(jax.random.PRNGKey(0), hyper, _data(x, y), recipe)[0])())
+
+    lean = lane()
+    monkeypatch.setattr(train, "ENGINE", "optax")
+    old = lane()
+    assert 0 < int(old.best_epoch) < recipe.max_iter and 0 < int(lean.best_epoch) < recipe.max_iter
+    assert not np.array_equal(old.train_loss, lean.train_loss)  # two engines ran: different paths
+    np.testing.assert_allclose(old.test_probs, lean.test_probs, atol=1e-3)
+    np.testing.assert_allclose(old.train_loss[-1], lean.train_loss[-1], rtol=1e-5)

@@ -1,5 +1,5 @@
 """Multi-label probes: the masked sigmoid cross-entropy inside the same compiled sweep, each lane
-against a plain unbatched reference written here (NumPy AdamW, optax MLP, optax L-BFGS), the
+against a plain unbatched reference written here (NumPy AdamW, optax MLP, the plain L-BFGS loop of tests/probe/lbfgs_reference.py), the
 linear L-BFGS probe against one scikit-learn ``LogisticRegression`` per condition, and the runs."""
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def reference_lbfgs(key, l2, x, y, recipe):
     return np.asarray(jax.nn.sigmoid(x["test"] @ params["w"].T + params["b"])), iterations
 
 
-def test_each_lane_of_the_multilabel_lbfgs_sweep_equals_a_plain_optax_loop(small):
+def test_each_lane_of_the_multilabel_lbfgs_sweep_equals_the_plain_loop(small):
     x, y = small
     recipe = train.Recipe(n_classes=3, solver="lbfgs", max_iter=30)
     l2s = [1e-3, 1e-1]
