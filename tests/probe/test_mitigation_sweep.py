@@ -84,6 +84,13 @@ def test_erm_is_bit_identical_to_before_mitigations(tmp_path, name, monkeypatch)
     keys = [k for k in golden.files if k.startswith(name + "/")]
     assert sorted(keys) == sorted(out)
     for k in keys:
+        if k.endswith("/sweep"):
+            # The iteration count is where a float path stops, not an output: another CPU's last bits
+            # (or the L-BFGS engine of issue 27) move it by one or two (17 for 16 was seen on a fresh
+            # machine); every other column of the table, and every probability, is held to 1e-4 below.
+            it = list(golden[name + "/sweep_columns"]).index("iterations")
+            assert np.abs(out[k][:, it] - golden[k][:, it]).max() <= 3
+            out[k][:, it] = golden[k][:, it]
         if golden[k].dtype.kind == "f":
             # Exact on the machine that wrote the record. Another CPU's float32 kernels (vector width,
             # FMA, XLA's fusion choices) change the last bits, and 20 L-BFGS line searches amplify
