@@ -89,7 +89,8 @@ def test_erm_is_bit_identical_to_before_mitigations(tmp_path, name, monkeypatch)
             # (or the L-BFGS engine of issue 27) move it by one or two (17 for 16 was seen on a fresh
             # machine); every other column of the table, and every probability, is held to 1e-4 below.
             it = list(golden[name + "/sweep_columns"]).index("iterations")
-            assert np.abs(out[k][:, it] - golden[k][:, it]).max() <= 3
+            got, want = out[k][:, it], golden[k][:, it]  # NaN for AdamW sweeps
+            assert np.array_equal(np.isnan(got), np.isnan(want)) and np.nan_to_num(np.abs(got - want)).max() <= 3
             out[k][:, it] = golden[k][:, it]
         if golden[k].dtype.kind == "f":
             # Exact on the machine that wrote the record. Another CPU's float32 kernels (vector width,
