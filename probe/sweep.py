@@ -94,19 +94,24 @@ TILE_BYTES = {"linear": 2 * 2**20, "mlp": 0}
 # which selection reads); run.json's val_loss curve is null in between. For the MLP the validation
 # pass cost ~9% of an iteration (benchmarks/RESULTS.md, issue 27); for the linear probe little.
 VAL_EVERY = {"linear": 1, "mlp": 10}
-# L-BFGS warm starts: along this key, from the largest value down, each lane starts from the
-# previous lane's solution (same seed, same other values): the regularisation path. The skip MLP
-# walks its branch penalty l2 only, one chain per (width, l2_skip), and each chain's first lane
-# starts its skip weight W0 and bias from the linear probe's solution at that l2_skip
-# (``linear_starts``; LINEAR_START): most of a skip-MLP lane's iterations went into solving for
-# W0 (an ill-conditioned linear problem at l2_skip 1e-5, ~500 iterations), which the linear
-# program does ~17x cheaper per iteration. Measured on the demo caches (benchmarks/RESULTS.md,
-# issue 27, third round): 54 lanes in ~320 iterations instead of ~6,000, every lane's training
-# objective as low or lower; the snake over (l2, l2_skip) walked W0 between l2_skip values in
-# 120-280 iterations a step, or stopped after 2 (the ftol test) far from that l2_skip's optimum.
+# L-BFGS warm starts: along this key each lane starts from the previous lane's solution (same
+# seed, same other values): the regularisation path. The linear probe walks it from the largest
+# value down. The MLPs walk it from the SMALLEST up (WARM_ASCENDING): l2 penalises the ReLU branch
+# (W1, W2), and W1 = W2 = 0 is a stationary point (zero gradient for both), so a path that starts at
+# a large l2 kills the branch and the smaller penalties never revive it: from l2 = 1 down, every
+# lane of the default sweep had ||W2|| <= 0.04, even at l2 = 0.01 (a linear probe in disguise;
+# benchmarks/RESULTS.md, issue 27, fourth round). From the smallest l2 the chain's first lane
+# trains the branch from its seed's initialisation, and each larger penalty shrinks it from there
+# (and turns it off only where that is the better solution). The skip MLP walks l2 only, one chain
+# per (width, l2_skip), and each chain's first lane starts its skip weight W0 and bias from the
+# linear probe's solution at that l2_skip (``linear_starts``; LINEAR_START): W0 is an
+# ill-conditioned linear problem at l2_skip 1e-5 (~500 iterations), which the linear program
+# solves ~17x cheaper per iteration (benchmarks/RESULTS.md, issue 27, third round).
 WARM_PATHS = {"linear": ("l2",), "mlp": ("l2",), "mlp+skip": ("l2",)}
 # The families whose warm-start chains begin from the linear probe's solution (``linear_starts``).
 LINEAR_START = ("mlp+skip",)
+# The families whose warm-start chains walk their penalty from the smallest value up (see above).
+WARM_ASCENDING = ("mlp", "mlp+skip")
 
 
 # The SweepConfig fields only one solver reads, with their CLI options; the other solver ignores them.
@@ -147,7 +152,7 @@ class SweepConfig:
     adversary: str = "grl"  # adversarial: "grl" (gradient reversal) or "projection" (Zhang et al.)
     track: str | None = None  # experiment tracking (cxrfair.tracking.BACKENDS) of the runs written; None: off. Changes no result
     shots: int | None = None  # few-shot: train on K images per class of the training split, one draw per seed; None: all
-    warm_start: bool = True  # L-BFGS: each lane starts from the solution at the next larger penalty (WARM_PATHS)
+    warm_start: bool = True  # L-BFGS: each lane starts from the solution at the neighbouring penalty (WARM_PATHS, WARM_ASCENDING)
 
     def __post_init__(self):
         row = self.row  # None for an unknown name: validate() names the fix
@@ -198,6 +203,11 @@ class SweepConfig:
     def warm_path(self) -> tuple[str, ...]:
         """The configuration keys whose path L-BFGS lanes warm-start along (``warm_start_chains``; empty: cold starts)."""
         return WARM_PATHS[self.family] if self.warm_start and self.solver == "lbfgs" else ()
+
+    @property
+    def warm_ascending(self) -> bool:
+        """Whether the warm-start chains walk the penalty from the smallest value up (the MLPs: WARM_ASCENDING)."""
+        return self.family in WARM_ASCENDING
 
     @property
     def linear_start(self) -> bool:
@@ -448,7 +458,8 @@ def run_sweep(x: dict, y: dict, n_classes: int, cfg: SweepConfig, groups: dict |
     seeds = np.array(cfg.seeds)
     shapes = tuple(None if a is None else (a.shape, a.dtype.name) for a in data)
     if cfg.solver == "lbfgs":
-        lanes, timings = _run_lanes(recipe, shapes, data, hyper, seeds, warm_start_chains(configs, cfg.warm_path),
+        lanes, timings = _run_lanes(recipe, shapes, data, hyper, seeds, warm_start_chains(configs, cfg.warm_path,
+                                                                                        cfg.warm_ascending),
                                     cfg.linear_start)
     else:
         lanes, timings = _run_vmapped(recipe, shapes, data, hyper, seeds, cfg, len(x["val"]) + len(x["test"]))
@@ -649,11 +660,12 @@ def linear_starts(program, recipe, shapes: tuple, data, hyper: dict, key: np.nda
     return {k: solved[problem(k)] for k in heads}
 
 
-def warm_start_chains(configs: list[dict], path: tuple[str, ...]) -> list[list[int]]:
+def warm_start_chains(configs: list[dict], path: tuple[str, ...], ascending: bool = False) -> list[list[int]]:
     """Chains of configuration indices that differ only in the ``path`` keys, each from the largest
-    penalty to the smallest, so every lane starts from a neighbour's solution (a regularisation path).
+    penalty to the smallest (``ascending``: from the smallest to the largest, the MLPs'
+    WARM_ASCENDING), so every lane starts from a neighbour's solution (a regularisation path).
 
-    One key (``("l2",)``): from its largest value down. Two keys (``("l2", "l2_skip")``): the
+    One key (``("l2",)``): from its largest value down (``ascending``: up). Two keys (``("l2", "l2_skip")``): the
     first key from its largest value down, and within each of its values the second key down then
     up alternately (a snake), so consecutive lanes differ in one value. ``path`` empty: every
     configuration alone (cold starts). Chains come in the order of their first configuration in the grid.
@@ -666,7 +678,7 @@ def warm_start_chains(configs: list[dict], path: tuple[str, ...]) -> list[list[i
         groups.setdefault(rest, []).append(k)
     chains = []
     for ks in groups.values():
-        outer = sorted({configs[k][path[0]] for k in ks}, reverse=True)
+        outer = sorted({configs[k][path[0]] for k in ks}, reverse=not ascending)
         chain = []
         for i, value in enumerate(outer):
             row = sorted((k for k in ks if configs[k][path[0]] == value), key=lambda k: [-configs[k][p] for p in path[1:]])
@@ -1146,7 +1158,9 @@ def start_text(cfg: SweepConfig) -> str:
     path = " x ".join(cfg.warm_path)
     first = ("W0 and b2 from the linear probe's solution at its l2_skip (L-BFGS, gradient test; shared by the seeds), "
              "W1, b1, W2 from its seed's initialisation" if cfg.linear_start else "from its seed's initialisation")
-    return f"from the same seed's solution at the next larger {path}; the largest: {first}"
+    side = "smaller" if cfg.warm_ascending else "larger"
+    end = "the smallest" if cfg.warm_ascending else "the largest"
+    return f"from the same seed's solution at the next {side} {path}; {end}: {first}"
 
 
 def _hyperparameters(cfg: SweepConfig, best: dict, multilabel: bool = False) -> dict:

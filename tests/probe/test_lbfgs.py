@@ -365,7 +365,7 @@ def test_the_skip_mlps_chains_start_from_the_linear_probe(small):
         for i, seed in enumerate(cfg.seeds):
             params = dict(train.init_params(jax.random.split(jax.random.PRNGKey(seed))[0], 8, mlp, jnp.int32(3)),
                           w0=solved["w"], b2=solved["b"])
-            for l2 in (1.0, 1e-2):  # the chain: the largest l2 first
+            for l2 in (1e-2, 1.0):  # the chain: the smallest l2 first
                 k = next(k for k, c in enumerate(configs) if c["l2"] == l2 and c["l2_skip"] == l2_skip)
                 params, iterations = plain_lbfgs(_objective, params, data(l2, l2_skip), mlp)
                 probs = np.asarray(jax.nn.softmax(_forward(params, x["test"])))
@@ -374,3 +374,54 @@ def test_the_skip_mlps_chains_start_from_the_linear_probe(small):
     # The start is not the cold one: started cold, the chains' first lanes end elsewhere.
     cold = run_sweep(x, y, 3, dataclasses.replace(cfg, warm_start=False))
     assert np.abs(cold.test_probs - res.test_probs).max() > 1e-2
+
+
+def _xor(seed: int, sizes: dict, dim: int = 8):
+    """A planted non-linear signal: the label is the XOR of the signs of features 0 and 1, the
+    other features noise. No linear probe beats chance; a one-hidden-layer ReLU MLP can."""
+    rng = np.random.default_rng(seed)
+    x = {s: rng.normal(size=(n, dim)).astype(np.float32) for s, n in sizes.items()}
+    return x, {s: ((a[:, 0] > 0) ^ (a[:, 1] > 0)).astype(np.int32) for s, a in x.items()}
+
+
+@pytest.mark.parametrize("ascending", [True, False])
+def test_the_mlp_path_keeps_the_relu_branch_alive_where_it_pays(monkeypatch, ascending):
+    """On a planted XOR signal the skip MLP at the small l2 must beat the linear probe on
+    validation, with its branch clearly on (||W2||_F read from the lanes' final parameters). The
+    default chains walk l2 from the smallest up (``WARM_ASCENDING``); walked from the largest down
+    (main's order before issue 27's fourth round: ``ascending`` False), l2 = 1 drives W1, W2 to ~0,
+    a stationary point, and the small l2 inherits a dead branch: a linear probe in disguise. That
+    order is run here too and must fail the same checks, so the data is known to tell them apart."""
+    from cxrfair.probe import sweep
+
+    if not ascending:
+        monkeypatch.setattr(sweep, "WARM_ASCENDING", ())
+    norms = []  # (l2, ||W2||_F) of each MLP lane, from its program's final parameters
+    program_of = sweep._lane_program
+
+    def recording(recipe, shapes, mesh):
+        program = program_of(recipe, shapes, mesh)
+        if recipe.max_hidden == 0:
+            return program
+
+        def run(keys, hyper, data, start, warm):
+            out, params = program(keys, hyper, data, start, warm)
+            norms.extend(zip(np.asarray(hyper.l2), np.linalg.norm(np.asarray(params["w2"]), axis=(1, 2))))
+            return out, params
+        return run
+
+    monkeypatch.setattr(sweep, "_lane_program", recording)
+    x, y = _xor(0, {"train": 300, "val": 150, "test": 150})
+    cfg = SweepConfig(method="mlp", hiddens=(16,), l2s=(1e-2, 1.0), l2s_skip=(1e-3,), seeds=(0,))
+    res = run_sweep(x, y, 2, cfg)
+    linear = run_sweep(x, y, 2, SweepConfig(seeds=(0,)))
+    val_acc = (res.val_probs.argmax(-1) == y["val"]).mean(-1)[0]  # (K,)
+    linear_val = (linear.val_probs[0, linear.selected].argmax(-1) == y["val"]).mean()
+    small = next(k for k, c in enumerate(res.configs) if c["l2"] == 1e-2)
+    w2_small = [w for l2, w in norms if np.isclose(l2, 1e-2)]
+    assert len(w2_small) == 1 and len(norms) == 2
+    assert linear_val < 0.65, "the planted signal must be invisible to a linear probe"
+    alive = val_acc[small] > linear_val + 0.2 and w2_small[0] > 0.5
+    assert alive == ascending, (ascending, val_acc, linear_val, norms)
+    if ascending:  # selected on validation, and it generalises
+        assert res.selected == small and _test_accuracy(res, y) > 0.8

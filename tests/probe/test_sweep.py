@@ -87,7 +87,7 @@ def test_parameter_counts():
     assert count_params(512, 6, 256, skip=True) == 512 * 256 + 256 + 256 * 6 + 6 + 512 * 6
 
 
-def test_warm_start_chains_walk_each_penalty_path_from_the_largest_value():
+def test_warm_start_chains_walk_the_linear_path_down_and_the_mlps_path_up():
     from cxrfair.probe.sweep import warm_start_chains
 
     linear = SweepConfig(l2s=(1e-3, 1e-1, 1e-2))
@@ -97,13 +97,16 @@ def test_warm_start_chains_walk_each_penalty_path_from_the_largest_value():
     assert SweepConfig(solver="adamw").warm_path == ()  # AdamW lanes never chain
     mlp = SweepConfig(method="mlp", hiddens=(4, 8), l2s=(0.01, 1.0), l2s_skip=(1e-5, 1e-3))
     configs = mlp.configurations()
-    chains = warm_start_chains(configs, mlp.warm_path)
+    # The MLPs walk l2 from the smallest up (a large l2 first would kill the ReLU branch for good):
+    # one chain per (width, l2_skip) (widths never share parameters; each l2_skip's chain starts from
+    # the linear probe at that l2_skip). The linear probe walks down.
+    assert warm_start_chains(configs, mlp.warm_path) != warm_start_chains(configs, mlp.warm_path, ascending=True)
+    chains = warm_start_chains(configs, mlp.warm_path, mlp.warm_ascending)
     walk = [[(configs[k]["hidden"], configs[k]["l2"], configs[k]["l2_skip"]) for k in chain] for chain in chains]
-    # One chain per (width, l2_skip) (widths never share parameters; each l2_skip's chain starts from
-    # the linear probe at that l2_skip), along l2, largest first.
-    assert mlp.warm_path == ("l2",) and mlp.linear_start
-    assert walk == [[(4, 1.0, 1e-5), (4, 0.01, 1e-5)], [(4, 1.0, 1e-3), (4, 0.01, 1e-3)],
-                    [(8, 1.0, 1e-5), (8, 0.01, 1e-5)], [(8, 1.0, 1e-3), (8, 0.01, 1e-3)]]
+    assert mlp.warm_path == ("l2",) and mlp.linear_start and mlp.warm_ascending and not linear.warm_ascending
+    assert SweepConfig(method="mlp", architecture="plain").warm_ascending
+    assert walk == [[(4, 0.01, 1e-5), (4, 1.0, 1e-5)], [(4, 0.01, 1e-3), (4, 1.0, 1e-3)],
+                    [(8, 0.01, 1e-5), (8, 1.0, 1e-5)], [(8, 0.01, 1e-3), (8, 1.0, 1e-3)]]
     assert sorted(k for chain in chains for k in chain) == list(range(len(configs)))
     # Two keys still snake: (l2, l2_skip), the second down then up.
     two = warm_start_chains(configs, ("l2", "l2_skip"))
