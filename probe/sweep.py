@@ -96,19 +96,22 @@ TILE_BYTES = {"linear": 2 * 2**20, "mlp": 0}
 VAL_EVERY = {"linear": 1, "mlp": 10}
 # L-BFGS warm starts: along this key each lane starts from the previous lane's solution (same
 # seed, same other values): the regularisation path. The linear probe walks it from the largest
-# value down. The MLPs walk it from the SMALLEST up (WARM_ASCENDING): l2 penalises the ReLU branch
-# (W1, W2), and W1 = W2 = 0 is a stationary point (zero gradient for both), so a path that starts at
-# a large l2 kills the branch and the smaller penalties never revive it: from l2 = 1 down, every
-# lane of the default sweep had ||W2|| <= 0.04, even at l2 = 0.01 (a linear probe in disguise;
-# benchmarks/RESULTS.md, issue 27, fourth round). From the smallest l2 the chain's first lane
-# trains the branch from its seed's initialisation, and each larger penalty shrinks it from there
-# (and turns it off only where that is the better solution). The skip MLP walks l2 only, one chain
-# per (width, l2_skip), and each chain's first lane starts its skip weight W0 and bias from the
-# linear probe's solution at that l2_skip (``linear_starts``; LINEAR_START): W0 is an
+# value down. The plain MLP walks it from the SMALLEST up (WARM_ASCENDING): l2 penalises the ReLU
+# layer (W1, W2), and W1 = W2 = 0 is a stationary point (zero gradient for both), so a path that
+# starts at a large l2 switches the layer off and the smaller penalties never switch it back on.
+# The skip MLP does not chain at all (an empty path): every lane starts its skip weight W0 and
+# bias b2 from the linear probe's solution at its l2_skip (``linear_starts``; LINEAR_START) and its
+# branch W1, b1, W2 from its seed's initialisation, so the branch is alive at every l2 and the
+# objective alone decides whether it stays on; where it does not, W0 starts at that lane's exact
+# solution. Its chains from l2 = 1 down had left the branch off in every lane (||W2|| <= 0.04 at
+# l2 = 0.01: a linear probe in disguise); walked upwards instead they cost 6,820 / 6,814
+# iterations on the demo caches against 6,064 / 6,043 lane by lane, and on one cache stopped the
+# larger-l2 lanes short of the linear solution (validation loss 1.0656 against 1.0599)
+# (benchmarks/RESULTS.md, issue 27, fourth round). The linear start is there because W0 is an
 # ill-conditioned linear problem at l2_skip 1e-5 (~500 iterations), which the linear program
-# solves ~17x cheaper per iteration (benchmarks/RESULTS.md, issue 27, third round).
-WARM_PATHS = {"linear": ("l2",), "mlp": ("l2",), "mlp+skip": ("l2",)}
-# The families whose warm-start chains begin from the linear probe's solution (``linear_starts``).
+# solves ~17x cheaper per iteration (third round).
+WARM_PATHS = {"linear": ("l2",), "mlp": ("l2",), "mlp+skip": ()}
+# The families whose lanes start W0 and b2 from the linear probe (``linear_starts``).
 LINEAR_START = ("mlp+skip",)
 # The families whose warm-start chains walk their penalty from the smallest value up (see above).
 WARM_ASCENDING = ("mlp", "mlp+skip")
@@ -211,9 +214,9 @@ class SweepConfig:
 
     @property
     def linear_start(self) -> bool:
-        """Whether each warm-start chain's first lane takes its skip weight and bias from the linear
-        probe at its ``l2_skip`` (``linear_starts``): the skip MLP with warm starts."""
-        return bool(self.warm_path) and self.family in LINEAR_START
+        """Whether each chain's first lane (the skip MLP: every lane) takes its skip weight and bias
+        from the linear probe at its ``l2_skip`` (``linear_starts``): the skip MLP with ``warm_start``."""
+        return self.warm_start and self.solver == "lbfgs" and self.family in LINEAR_START
 
     @property
     def ftol_value(self) -> float:
@@ -1153,11 +1156,12 @@ def stopping_text(cfg: SweepConfig) -> str:
 
 def start_text(cfg: SweepConfig) -> str:
     """Where an L-BFGS lane starts, in words (run.json ``hyperparameters.start``)."""
+    linear = ("W0 and b2 from the linear probe's solution at its l2_skip (L-BFGS, gradient test; shared by the seeds), "
+              "W1, b1, W2 from its seed's initialisation")
     if not cfg.warm_path:
-        return "every lane from its seed's initialisation"
+        return f"every lane: {linear}" if cfg.linear_start else "every lane from its seed's initialisation"
     path = " x ".join(cfg.warm_path)
-    first = ("W0 and b2 from the linear probe's solution at its l2_skip (L-BFGS, gradient test; shared by the seeds), "
-             "W1, b1, W2 from its seed's initialisation" if cfg.linear_start else "from its seed's initialisation")
+    first = linear if cfg.linear_start else "from its seed's initialisation"
     side = "smaller" if cfg.warm_ascending else "larger"
     end = "the smallest" if cfg.warm_ascending else "the largest"
     return f"from the same seed's solution at the next {side} {path}; {end}: {first}"

@@ -97,17 +97,18 @@ def test_warm_start_chains_walk_the_linear_path_down_and_the_mlps_path_up():
     assert SweepConfig(solver="adamw").warm_path == ()  # AdamW lanes never chain
     mlp = SweepConfig(method="mlp", hiddens=(4, 8), l2s=(0.01, 1.0), l2s_skip=(1e-5, 1e-3))
     configs = mlp.configurations()
-    # The MLPs walk l2 from the smallest up (a large l2 first would kill the ReLU branch for good):
-    # one chain per (width, l2_skip) (widths never share parameters; each l2_skip's chain starts from
-    # the linear probe at that l2_skip). The linear probe walks down.
-    assert warm_start_chains(configs, mlp.warm_path) != warm_start_chains(configs, mlp.warm_path, ascending=True)
-    chains = warm_start_chains(configs, mlp.warm_path, mlp.warm_ascending)
-    walk = [[(configs[k]["hidden"], configs[k]["l2"], configs[k]["l2_skip"]) for k in chain] for chain in chains]
-    assert mlp.warm_path == ("l2",) and mlp.linear_start and mlp.warm_ascending and not linear.warm_ascending
-    assert SweepConfig(method="mlp", architecture="plain").warm_ascending
-    assert walk == [[(4, 0.01, 1e-5), (4, 1.0, 1e-5)], [(4, 0.01, 1e-3), (4, 1.0, 1e-3)],
-                    [(8, 0.01, 1e-5), (8, 1.0, 1e-5)], [(8, 0.01, 1e-3), (8, 1.0, 1e-3)]]
-    assert sorted(k for chain in chains for k in chain) == list(range(len(configs)))
+    # The plain MLP walks l2 from the smallest up (a large l2 first would switch its ReLU layer off
+    # for good), one chain per width; the linear probe walks down.
+    plain = SweepConfig(method="mlp", architecture="plain", hiddens=(4, 8), l2s=(0.01, 0.1, 1.0))
+    walk = [[(plain.configurations()[k]["hidden"], plain.configurations()[k]["l2"]) for k in chain]
+            for chain in warm_start_chains(plain.configurations(), plain.warm_path, plain.warm_ascending)]
+    assert plain.warm_path == ("l2",) and plain.warm_ascending and not linear.warm_ascending and not plain.linear_start
+    assert walk == [[(4, 0.01), (4, 0.1), (4, 1.0)], [(8, 0.01), (8, 0.1), (8, 1.0)]]
+    assert warm_start_chains(plain.configurations(), plain.warm_path) == [chain[::-1] for chain in
+                                                                          warm_start_chains(plain.configurations(), plain.warm_path, True)]
+    # The skip MLP does not chain: every lane alone, W0 and b2 from the linear probe at its l2_skip.
+    assert mlp.warm_path == () and mlp.linear_start
+    assert warm_start_chains(configs, mlp.warm_path, mlp.warm_ascending) == [[k] for k in range(len(configs))]
     # Two keys still snake: (l2, l2_skip), the second down then up.
     two = warm_start_chains(configs, ("l2", "l2_skip"))
     assert [[(configs[k]["l2"], configs[k]["l2_skip"]) for k in chain] for chain in two][0] == \
