@@ -204,7 +204,7 @@ class SweepConfig:
 
     @property
     def warm_path(self) -> tuple[str, ...]:
-        """The configuration keys whose path L-BFGS lanes warm-start along (``warm_start_chains``; empty: cold starts)."""
+        """The configuration keys whose path L-BFGS lanes warm-start along (``warm_start_chains``; empty: no chains)."""
         return WARM_PATHS[self.family] if self.warm_start and self.solver == "lbfgs" else ()
 
     @property

@@ -48,8 +48,15 @@ def test_run_json_names_the_architecture_and_the_stopping_rule():
     assert plain["ftol"] == 1e-5 and "1e-05 * max(|f|, 1)" in plain["stopping"] and "300 iterations" in plain["stopping"]
     skip = _hyperparameters(SweepConfig(method="mlp"), best | {"l2_skip": 1e-4})
     assert skip["architecture"] == "mlp+skip" and skip["l2_skip"] == 1e-4 and skip["grid"]["l2_skip"] == list(L2_SKIP_GRID)
+    # Where lanes start: the skip MLP's every lane from the linear probe and its seed (no chain);
+    # the plain MLP's chains from the smallest l2 up; the linear probe's from the largest down.
+    assert skip["warm_start"] == [] and skip["start"].startswith("every lane: W0 and b2 from the linear probe")
+    assert plain["warm_start"] == ["l2"] and "next smaller l2; the smallest: from its seed's" in plain["start"]
+    cold = _hyperparameters(SweepConfig(method="mlp", warm_start=False), best | {"l2_skip": 1e-4})
+    assert cold["start"] == "every lane from its seed's initialisation"
     linear = _hyperparameters(SweepConfig(), best | {"hidden": 0})
     assert linear["architecture"] == "linear" and linear["ftol"] == 0 and "max(|f|" not in linear["stopping"]
+    assert "next larger l2; the largest" in linear["start"]
     adamw = _hyperparameters(SweepConfig(method="mlp", solver="adamw"), best)
     assert adamw["architecture"] == "mlp+skip" and "stopping" not in adamw
 
