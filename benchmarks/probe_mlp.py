@@ -335,7 +335,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=100_000, help="training rows of the large linear comparison (0: skip)")
     ap.add_argument("--skip-previous", action="store_true", help="skip the previous (vmapped, cold-start) MLP program")
     ap.add_argument("--skip-padded", action="store_true", help="skip the padded one-program MLP sweep (before per-width programs)")
-    ap.add_argument("--skip-before", action="store_true", help="skip the MLP sweep before its lanes started alone (chains from the largest l2 down)")
+    ap.add_argument("--skip-before", action="store_true", help="skip main's MLP sweep (chains from the largest l2 down)")
     ap.add_argument("--skip-cli-mlp", action="store_true", help="skip `cxrfair probe mlp` end to end")
     ap.add_argument("--skip-sklearn-linear", action="store_true", help="skip scikit-learn's LogisticRegression fits")
     args = ap.parse_args()

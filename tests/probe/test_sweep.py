@@ -111,8 +111,8 @@ def test_warm_start_chains_walk_the_linear_path_down_and_the_mlps_path_up():
             for chain in warm_start_chains(plain.configurations(), plain.warm_path, plain.warm_ascending)]
     assert plain.warm_path == ("l2",) and plain.warm_ascending and not linear.warm_ascending and not plain.linear_start
     assert walk == [[(4, 0.01), (4, 0.1), (4, 1.0)], [(8, 0.01), (8, 0.1), (8, 1.0)]]
-    assert warm_start_chains(plain.configurations(), plain.warm_path) == [chain[::-1] for chain in
-                                                                          warm_start_chains(plain.configurations(), plain.warm_path, True)]
+    up = warm_start_chains(plain.configurations(), plain.warm_path, True)
+    assert warm_start_chains(plain.configurations(), plain.warm_path) == [chain[::-1] for chain in up]
     # The skip MLP does not chain: every lane alone, W0 and b2 from the linear probe at its l2_skip.
     assert mlp.warm_path == () and mlp.linear_start
     assert warm_start_chains(configs, mlp.warm_path, mlp.warm_ascending) == [[k] for k in range(len(configs))]
