@@ -86,8 +86,7 @@ def selected_accuracy(res, y_test) -> float:
 # ``cxrfair probe mlp`` as before every skip-MLP lane started alone (issue 27, fourth round): the
 # same CLI with the skip MLP's chains of then, along l2 from the largest down (the ReLU branch off
 # in every lane). The third round's "before" (snake chains, no linear start) is in git history (06d06a5).
-BEFORE = ("from cxrfair.probe import sweep; sweep.WARM_ASCENDING = (); sweep.WARM_PATHS['mlp+skip'] = ('l2',); "
-          "from cxrfair.cli import main; main()")
+BEFORE = "from cxrfair.probe import sweep; sweep.WARM_PATHS['mlp+skip'] = ('l2',); from cxrfair.cli import main; main()"
 
 
 def cli_probe(cache: Path, cache_dir: Path, method: str = "linear", before: bool = False) -> dict:
@@ -193,12 +192,11 @@ def mlp_before_ascending(x: dict, y: dict, n_classes: int, keep: dict | None = N
     round): the same programs and linear start, but chains along l2 from the largest down."""
     from cxrfair.probe import sweep
 
-    kept, paths = sweep.WARM_ASCENDING, dict(sweep.WARM_PATHS)
-    sweep.WARM_ASCENDING, sweep.WARM_PATHS["mlp+skip"] = (), ("l2",)
+    paths = dict(sweep.WARM_PATHS)
+    sweep.WARM_PATHS["mlp+skip"] = ("l2",)
     try:
         return mlp_default(x, y, n_classes, keep=keep)
     finally:
-        sweep.WARM_ASCENDING = kept
         sweep.WARM_PATHS.update(paths)
 
 

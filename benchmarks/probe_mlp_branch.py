@@ -5,7 +5,8 @@
 
 The skip MLP, logits = W0 x + W2 relu(W1 x + b1) + b2. Variants of where its lanes start, each
 through the default ``cxrfair probe mlp`` sweep (``run_sweep``, in process), interleaved,
-``--repeats`` times each, beside the default linear probe:
+``--repeats`` times each, beside the default linear probe (``--plain``: and the plain MLP's
+default sweep, its chains from the largest l2 down and from the smallest up):
 
   - ``main_descending``: main before this round: chains along l2 from the largest down, the first
     lane's W0, b2 from the linear probe (l2 = 1 drives W1, W2 to ~0, a stationary point, and the
@@ -63,7 +64,7 @@ def variant(name):
     @contextmanager
     def ctx():
         kept, paths = sweep.WARM_ASCENDING, dict(sweep.WARM_PATHS)
-        sweep.WARM_ASCENDING = () if name == "main_descending" else ("mlp", "mlp+skip")
+        sweep.WARM_ASCENDING = ("mlp+skip",) if name == "ascending" else ()
         sweep.WARM_PATHS["mlp+skip"] = () if name == "alone" else ("l2",)
         try:
             yield
@@ -128,11 +129,31 @@ def one(x, y, n_classes, method: str, name: str = "alone"):
             "load": load()}
 
 
+def plain(x, y, n_classes, ascending: bool) -> dict:
+    """The plain MLP's default sweep (``--architecture plain``), its chains from the largest l2 down
+    (the default) or, ``ascending``, from the smallest up (``WARM_ASCENDING``)."""
+    from cxrfair.probe import sweep
+
+    kept = sweep.WARM_ASCENDING
+    sweep.WARM_ASCENDING = ("mlp",) if ascending else ()
+    try:
+        t0 = time.perf_counter()
+        res = sweep.run_sweep(x, y, n_classes, sweep.SweepConfig(method="mlp", architecture="plain"))
+    finally:
+        sweep.WARM_ASCENDING = kept
+    acc = (res.test_probs.argmax(-1) == np.asarray(y["test"])).mean(-1).mean(0)
+    return {"wall_s": round(time.perf_counter() - t0, 2), "train_s": round(res.timings["train_s"], 2),
+            "iterations": int(res.best_epoch.sum()), "selected": {k: res.best_config[k] for k in ("hidden", "l2")},
+            "test_accuracy": round(float(acc[res.selected]), 4),
+            "best_mean_val_loss": round(float(res.best_val_loss.mean(0)[res.selected]), 4), "load": load()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--caches", default="0,1", help="demo cache seeds ('' for none)")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs of each variant, interleaved (best reported)")
     ap.add_argument("--variants", default="main_descending,alone", help="from " + ",".join(VARIANTS))
+    ap.add_argument("--plain", action="store_true", help="also the plain MLP, chains down (default) and up")
     ap.add_argument("--no-planted", action="store_true", help="skip the planted non-linear data")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -164,6 +185,10 @@ def main() -> None:
                 row[f"train_ratio_{v}_vs_linear"] = round(row[v]["train_s"] / row["linear"]["train_s"], 2)
                 if v != "main_descending" and "main_descending" in runs:
                     row[f"train_ratio_{v}_vs_main"] = round(row[v]["train_s"] / row["main_descending"]["train_s"], 2)
+            if args.plain:
+                for r in range(args.repeats):
+                    for up in (False, True):
+                        row.setdefault("plain_ascending" if up else "plain_default", []).append(plain(x, y, k, up))
             out[name] = row
             print(json.dumps({name: row}, indent=1), flush=True)
     out["load_at_end"] = load()

@@ -396,7 +396,6 @@ def test_the_skip_mlps_relu_branch_is_alive_where_it_pays(monkeypatch, default):
     from cxrfair.probe import sweep
 
     if not default:
-        monkeypatch.setattr(sweep, "WARM_ASCENDING", ())
         monkeypatch.setitem(sweep.WARM_PATHS, "mlp+skip", ("l2",))
     norms = []  # (l2, ||W2||_F) of each MLP lane, from its program's final parameters
     program_of = sweep._lane_program

@@ -49,9 +49,9 @@ def test_run_json_names_the_architecture_and_the_stopping_rule():
     skip = _hyperparameters(SweepConfig(method="mlp"), best | {"l2_skip": 1e-4})
     assert skip["architecture"] == "mlp+skip" and skip["l2_skip"] == 1e-4 and skip["grid"]["l2_skip"] == list(L2_SKIP_GRID)
     # Where lanes start: the skip MLP's every lane from the linear probe and its seed (no chain);
-    # the plain MLP's chains from the smallest l2 up; the linear probe's from the largest down.
+    # the plain MLP's and the linear probe's chains from the largest l2 down.
     assert skip["warm_start"] == [] and skip["start"].startswith("every lane: W0 and b2 from the linear probe")
-    assert plain["warm_start"] == ["l2"] and "next smaller l2; the smallest: from its seed's" in plain["start"]
+    assert plain["warm_start"] == ["l2"] and "next larger l2; the largest: from its seed's" in plain["start"]
     cold = _hyperparameters(SweepConfig(method="mlp", warm_start=False), best | {"l2_skip": 1e-4})
     assert cold["start"] == "every lane from its seed's initialisation"
     linear = _hyperparameters(SweepConfig(), best | {"hidden": 0})
@@ -104,13 +104,13 @@ def test_warm_start_chains_walk_the_linear_path_down_and_the_mlps_path_up():
     assert SweepConfig(solver="adamw").warm_path == ()  # AdamW lanes never chain
     mlp = SweepConfig(method="mlp", hiddens=(4, 8), l2s=(0.01, 1.0), l2s_skip=(1e-5, 1e-3))
     configs = mlp.configurations()
-    # The plain MLP walks l2 from the smallest up (a large l2 first would switch its ReLU layer off
-    # for good), one chain per width; the linear probe walks down.
+    # The plain MLP walks l2 from the largest down, one chain per width, like the linear probe;
+    # ``ascending`` (WARM_ASCENDING, empty by default) walks it up.
     plain = SweepConfig(method="mlp", architecture="plain", hiddens=(4, 8), l2s=(0.01, 0.1, 1.0))
     walk = [[(plain.configurations()[k]["hidden"], plain.configurations()[k]["l2"]) for k in chain]
             for chain in warm_start_chains(plain.configurations(), plain.warm_path, plain.warm_ascending)]
-    assert plain.warm_path == ("l2",) and plain.warm_ascending and not linear.warm_ascending and not plain.linear_start
-    assert walk == [[(4, 0.01), (4, 0.1), (4, 1.0)], [(8, 0.01), (8, 0.1), (8, 1.0)]]
+    assert plain.warm_path == ("l2",) and not plain.warm_ascending and not linear.warm_ascending and not plain.linear_start
+    assert walk == [[(4, 1.0), (4, 0.1), (4, 0.01)], [(8, 1.0), (8, 0.1), (8, 0.01)]]
     up = warm_start_chains(plain.configurations(), plain.warm_path, True)
     assert warm_start_chains(plain.configurations(), plain.warm_path) == [chain[::-1] for chain in up]
     # The skip MLP does not chain: every lane alone, W0 and b2 from the linear probe at its l2_skip.
