@@ -113,10 +113,11 @@ WARM_PATHS = {"linear": ("l2",), "mlp": ("l2",), "mlp+skip": ()}
 # The families whose lanes start W0 and b2 from the linear probe (``linear_starts``).
 LINEAR_START = ("mlp+skip",)
 # The families whose warm-start chains walk their penalty from the smallest value up: none. The
-# plain MLP's default grid (l2 <= 0.1) does not switch its layer off, and walked upwards it cost
-# more (8,452 against 7,462 iterations on the seed-0 demo cache) and chose worse on validation
-# (0.931 against 0.9197; planted XOR: 0.8181 against 0.8042 test) (benchmarks/RESULTS.md, issue
-# 27, fourth round). Kept as a knob: ``benchmarks/probe_mlp_branch.py`` measures it.
+# plain MLP's default grid (l2 <= 0.1) does not switch its layer off; walked upwards it cost more
+# iterations (8,452 against 7,462 on the seed-0 demo cache, 4,494 against 3,860 on planted XOR) and
+# its selection's validation loss was mixed (0.931 against 0.9197 on the cache, 0.5189 against
+# 0.5289 on XOR) (benchmarks/RESULTS.md, issue 27, fourth round). A knob that
+# ``benchmarks/probe_mlp_branch.py --plain`` measures.
 WARM_ASCENDING: tuple = ()
 
 
