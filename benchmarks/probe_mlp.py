@@ -23,9 +23,9 @@ features: 840 / 120 / 240 x 64 dims, 6 classes; ``benchmarks/probe_vs_logreg.py`
     scikit-learn's ``MLPClassifier`` (lbfgs, max_iter 300; a *plain* one-hidden-layer MLP, no skip
     weight, hence 2 widths x 3 alphas x 3 seeds = 18 fits, alpha = l2 N). Test accuracy of each
     sweep's selection (validation loss, mean over seeds) is printed beside it.
-  - **MLP before the linear-probe start** (``mlp_before_linear_start``): the default as it ran
-    before each skip-MLP chain started from the linear probe (snake chains over l2 x l2_skip, each
-    chain's first lane from the seed's initialisation), in process, just before the default; lane
+  - **MLP before the lanes started alone** (``mlp_before_ascending``): the default as it ran before
+    every skip-MLP lane started its branch from its seed (issue 27, fourth round: chains along l2
+    from the largest down, which left the ReLU branch off in every lane), in process, just before the default; lane
     by lane (``compare_lanes``): final training objectives, selections, test accuracies. It runs
     first and compiles the two width programs the default then reuses (and the linear program is
     already compiled by the linear sweep), so compare the two by ``train_s``; the end-to-end
@@ -83,14 +83,15 @@ def selected_accuracy(res, y_test) -> float:
 # ---------------------------------------------------------------- linear
 
 
-# ``cxrfair probe mlp`` as before the linear-probe start: the same CLI with the skip MLP's chains of then.
-BEFORE = ("from cxrfair.probe import sweep; sweep.WARM_PATHS['mlp+skip'] = ('l2', 'l2_skip'); sweep.LINEAR_START = (); "
-          "from cxrfair.cli import main; main()")
+# ``cxrfair probe mlp`` as before every skip-MLP lane started alone (issue 27, fourth round): the
+# same CLI with the skip MLP's chains of then, along l2 from the largest down (the ReLU branch off
+# in every lane). The third round's "before" (snake chains, no linear start) is in git history (06d06a5).
+BEFORE = "from cxrfair.probe import sweep; sweep.WARM_PATHS['mlp+skip'] = ('l2',); from cxrfair.cli import main; main()"
 
 
 def cli_probe(cache: Path, cache_dir: Path, method: str = "linear", before: bool = False) -> dict:
     """Wall seconds of ``cxrfair probe <method>`` in a fresh process, and its compile / train split
-    (``before``: the MLP's chains as before the linear-probe start, ``BEFORE``)."""
+    (``before``: the skip MLP's chains as before its lanes started alone, ``BEFORE``)."""
     with tempfile.TemporaryDirectory() as out:
         exe = [sys.executable, "-c", BEFORE] if before else [str(Path(sys.executable).with_name("cxrfair"))]
         cmd = [*exe, "probe", method, "--cache", str(cache), "--out", out]
@@ -186,23 +187,21 @@ def mlp_padded(x: dict, y: dict, n_classes: int) -> dict:
         sweep.lane_widths = widths
 
 
-def mlp_before_linear_start(x: dict, y: dict, n_classes: int, keep: dict | None = None) -> dict:
-    """The default MLP sweep as it ran before the linear-probe start (issue 27, third round): the
-    same per-width programs, but the warm-start chains a snake over (l2, l2_skip) per width, each
-    chain's first lane from its seed's initialisation (the ``WARM_PATHS`` / ``LINEAR_START`` of then)."""
+def mlp_before_ascending(x: dict, y: dict, n_classes: int, keep: dict | None = None) -> dict:
+    """The default MLP sweep as it ran before every skip-MLP lane started alone (issue 27, fourth
+    round): the same programs and linear start, but chains along l2 from the largest down."""
     from cxrfair.probe import sweep
 
-    paths, linear = dict(sweep.WARM_PATHS), sweep.LINEAR_START
-    sweep.WARM_PATHS["mlp+skip"], sweep.LINEAR_START = ("l2", "l2_skip"), ()
+    paths = dict(sweep.WARM_PATHS)
+    sweep.WARM_PATHS["mlp+skip"] = ("l2",)
     try:
         return mlp_default(x, y, n_classes, keep=keep)
     finally:
         sweep.WARM_PATHS.update(paths)
-        sweep.LINEAR_START = linear
 
 
 def compare_lanes(new, old, y_test) -> dict:
-    """Lane by lane (S, K), the default against the sweep before the linear-probe start: final
+    """Lane by lane (S, K), the default against the sweep before its lanes started alone: final
     training objectives (the curves repeat the last value after a lane stops), validation losses,
     each configuration's test accuracy (mean over seeds) and the selected one's probabilities."""
     f_new, f_old = new.train_loss[..., -1], old.train_loss[..., -1]
@@ -334,7 +333,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=100_000, help="training rows of the large linear comparison (0: skip)")
     ap.add_argument("--skip-previous", action="store_true", help="skip the previous (vmapped, cold-start) MLP program")
     ap.add_argument("--skip-padded", action="store_true", help="skip the padded one-program MLP sweep (before per-width programs)")
-    ap.add_argument("--skip-before", action="store_true", help="skip the MLP sweep before the linear-probe start (snake chains)")
+    ap.add_argument("--skip-before", action="store_true", help="skip main's MLP sweep (chains from the largest l2 down)")
     ap.add_argument("--skip-cli-mlp", action="store_true", help="skip `cxrfair probe mlp` end to end")
     ap.add_argument("--skip-sklearn-linear", action="store_true", help="skip scikit-learn's LogisticRegression fits")
     args = ap.parse_args()
@@ -391,7 +390,7 @@ def main() -> None:
                 row["ratio_mlp_padded_vs_linear_in_process"] = round(pad["wall_s"] / row["linear_in_process"]["wall_s"], 2)
             kept_before, kept_now = {}, {}
             if not args.skip_before:  # first, so that neither order favours the default's compile
-                before = row["mlp_before_linear_start"] = mlp_before_linear_start(x, y, k, keep=kept_before)
+                before = row["mlp_before_ascending"] = mlp_before_ascending(x, y, k, keep=kept_before)
                 row["ratio_mlp_before_vs_linear_in_process"] = round(before["wall_s"] / row["linear_in_process"]["wall_s"], 2)
             mlp = row["mlp_default"] = mlp_default(x, y, k, keep=kept_now)
             if not args.skip_before:

@@ -83,9 +83,10 @@ def _sweep_options(f):
                      help="lbfgs: also stop once an iteration lowers the objective by at most ftol * max(|f|, 1); "
                           "0 turns it off. [default: " + "; ".join(f"{m} {v:g}" for m, v in FTOL.items()) + "]"),
         click.option("--warm-start/--cold-start", default=True, show_default=True,
-                     help="lbfgs: start each lane from the solution at the next larger penalty of the same seed "
-                          "(the --l2 path, largest first; the skip MLP: --l2 x --l2-skip, one chain per width), or every lane "
-                          "from its seed's initialisation."),
+                     help="lbfgs: start each lane from the solution at the next larger --l2 of the same seed (the "
+                          "linear probe and the plain MLP); the skip MLP: every lane's W0 and bias from the linear "
+                          "probe at its --l2-skip, its ReLU branch from its seed. Or every lane from its seed's "
+                          "initialisation."),
         click.option("--select", type=click.Choice(["loss", "accuracy", "worst_group", "gap"]), default=None,
                      help="Choose the configuration on validation (mean over seeds): loss; accuracy (ties: lower "
                           "loss; multi-class only); worst_group: best worst-group accuracy of --sensitive (ties: lower loss); gap: "

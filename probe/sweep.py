@@ -94,19 +94,31 @@ TILE_BYTES = {"linear": 2 * 2**20, "mlp": 0}
 # which selection reads); run.json's val_loss curve is null in between. For the MLP the validation
 # pass cost ~9% of an iteration (benchmarks/RESULTS.md, issue 27); for the linear probe little.
 VAL_EVERY = {"linear": 1, "mlp": 10}
-# L-BFGS warm starts: along this key, from the largest value down, each lane starts from the
-# previous lane's solution (same seed, same other values): the regularisation path. The skip MLP
-# walks its branch penalty l2 only, one chain per (width, l2_skip), and each chain's first lane
-# starts its skip weight W0 and bias from the linear probe's solution at that l2_skip
-# (``linear_starts``; LINEAR_START): most of a skip-MLP lane's iterations went into solving for
-# W0 (an ill-conditioned linear problem at l2_skip 1e-5, ~500 iterations), which the linear
-# program does ~17x cheaper per iteration. Measured on the demo caches (benchmarks/RESULTS.md,
-# issue 27, third round): 54 lanes in ~320 iterations instead of ~6,000, every lane's training
-# objective as low or lower; the snake over (l2, l2_skip) walked W0 between l2_skip values in
-# 120-280 iterations a step, or stopped after 2 (the ftol test) far from that l2_skip's optimum.
-WARM_PATHS = {"linear": ("l2",), "mlp": ("l2",), "mlp+skip": ("l2",)}
-# The families whose warm-start chains begin from the linear probe's solution (``linear_starts``).
+# L-BFGS warm starts: along this key each lane starts from the previous lane's solution (same
+# seed, same other values): the regularisation path, from the largest value down (the families in
+# WARM_ASCENDING: from the smallest up). l2 penalises an MLP's ReLU layer (W1, W2), and W1 = W2 = 0
+# is a stationary point (zero gradient for both): a path that reaches it at a large l2 never leaves.
+# The skip MLP does not chain at all (an empty path): every lane starts its skip weight W0 and
+# bias b2 from the linear probe's solution at its l2_skip (``linear_starts``; LINEAR_START) and its
+# branch W1, b1, W2 from its seed's initialisation, so the branch is alive at every l2 and the
+# objective alone decides whether it stays on; where it does not, W0 starts at that lane's exact
+# solution. Its chains from l2 = 1 down had left the branch off in every lane (||W2|| <= 0.04 at
+# l2 = 0.01: a linear probe in disguise); walked upwards instead they cost 6,820 / 6,814
+# iterations on the demo caches against 6,064 / 6,043 lane by lane, and on one cache stopped the
+# larger-l2 lanes short of the linear solution (validation loss 1.0656 against 1.0599)
+# (benchmarks/RESULTS.md, issue 27, fourth round). The linear start is there because W0 is an
+# ill-conditioned linear problem at l2_skip 1e-5 (~500 iterations), which the linear program
+# solves ~17x cheaper per iteration (third round).
+WARM_PATHS = {"linear": ("l2",), "mlp": ("l2",), "mlp+skip": ()}
+# The families whose lanes start W0 and b2 from the linear probe (``linear_starts``).
 LINEAR_START = ("mlp+skip",)
+# The families whose warm-start chains walk their penalty from the smallest value up: none. The
+# plain MLP's default grid (l2 <= 0.1) does not switch its layer off; walked upwards it cost more
+# iterations (8,452 against 7,462 on the seed-0 demo cache, 4,494 against 3,860 on planted XOR) and
+# its selection's validation loss was mixed (0.931 against 0.9197 on the cache, 0.5189 against
+# 0.5289 on XOR) (benchmarks/RESULTS.md, issue 27, fourth round). A knob that
+# ``benchmarks/probe_mlp_branch.py --plain`` measures.
+WARM_ASCENDING: tuple = ()
 
 
 # The SweepConfig fields only one solver reads, with their CLI options; the other solver ignores them.
@@ -147,7 +159,7 @@ class SweepConfig:
     adversary: str = "grl"  # adversarial: "grl" (gradient reversal) or "projection" (Zhang et al.)
     track: str | None = None  # experiment tracking (cxrfair.tracking.BACKENDS) of the runs written; None: off. Changes no result
     shots: int | None = None  # few-shot: train on K images per class of the training split, one draw per seed; None: all
-    warm_start: bool = True  # L-BFGS: each lane starts from the solution at the next larger penalty (WARM_PATHS)
+    warm_start: bool = True  # L-BFGS: each lane starts from the solution at the neighbouring penalty (WARM_PATHS, WARM_ASCENDING)
 
     def __post_init__(self):
         row = self.row  # None for an unknown name: validate() names the fix
@@ -196,14 +208,19 @@ class SweepConfig:
 
     @property
     def warm_path(self) -> tuple[str, ...]:
-        """The configuration keys whose path L-BFGS lanes warm-start along (``warm_start_chains``; empty: cold starts)."""
+        """The configuration keys whose path L-BFGS lanes warm-start along (``warm_start_chains``; empty: no chains)."""
         return WARM_PATHS[self.family] if self.warm_start and self.solver == "lbfgs" else ()
 
     @property
+    def warm_ascending(self) -> bool:
+        """Whether the warm-start chains walk the penalty from the smallest value up (WARM_ASCENDING)."""
+        return self.family in WARM_ASCENDING
+
+    @property
     def linear_start(self) -> bool:
-        """Whether each warm-start chain's first lane takes its skip weight and bias from the linear
-        probe at its ``l2_skip`` (``linear_starts``): the skip MLP with warm starts."""
-        return bool(self.warm_path) and self.family in LINEAR_START
+        """Whether each chain's first lane (the skip MLP: every lane) takes its skip weight and bias
+        from the linear probe at its ``l2_skip`` (``linear_starts``): the skip MLP with ``warm_start``."""
+        return self.warm_start and self.solver == "lbfgs" and self.family in LINEAR_START
 
     @property
     def ftol_value(self) -> float:
@@ -448,7 +465,8 @@ def run_sweep(x: dict, y: dict, n_classes: int, cfg: SweepConfig, groups: dict |
     seeds = np.array(cfg.seeds)
     shapes = tuple(None if a is None else (a.shape, a.dtype.name) for a in data)
     if cfg.solver == "lbfgs":
-        lanes, timings = _run_lanes(recipe, shapes, data, hyper, seeds, warm_start_chains(configs, cfg.warm_path),
+        lanes, timings = _run_lanes(recipe, shapes, data, hyper, seeds, warm_start_chains(configs, cfg.warm_path,
+                                                                                        cfg.warm_ascending),
                                     cfg.linear_start)
     else:
         lanes, timings = _run_vmapped(recipe, shapes, data, hyper, seeds, cfg, len(x["val"]) + len(x["test"]))
@@ -649,11 +667,12 @@ def linear_starts(program, recipe, shapes: tuple, data, hyper: dict, key: np.nda
     return {k: solved[problem(k)] for k in heads}
 
 
-def warm_start_chains(configs: list[dict], path: tuple[str, ...]) -> list[list[int]]:
+def warm_start_chains(configs: list[dict], path: tuple[str, ...], ascending: bool = False) -> list[list[int]]:
     """Chains of configuration indices that differ only in the ``path`` keys, each from the largest
-    penalty to the smallest, so every lane starts from a neighbour's solution (a regularisation path).
+    penalty to the smallest (``ascending``: from the smallest to the largest, WARM_ASCENDING), so
+    every lane starts from a neighbour's solution (a regularisation path).
 
-    One key (``("l2",)``): from its largest value down. Two keys (``("l2", "l2_skip")``): the
+    One key (``("l2",)``): from its largest value down (``ascending``: up). Two keys (``("l2", "l2_skip")``): the
     first key from its largest value down, and within each of its values the second key down then
     up alternately (a snake), so consecutive lanes differ in one value. ``path`` empty: every
     configuration alone (cold starts). Chains come in the order of their first configuration in the grid.
@@ -666,7 +685,7 @@ def warm_start_chains(configs: list[dict], path: tuple[str, ...]) -> list[list[i
         groups.setdefault(rest, []).append(k)
     chains = []
     for ks in groups.values():
-        outer = sorted({configs[k][path[0]] for k in ks}, reverse=True)
+        outer = sorted({configs[k][path[0]] for k in ks}, reverse=not ascending)
         chain = []
         for i, value in enumerate(outer):
             row = sorted((k for k in ks if configs[k][path[0]] == value), key=lambda k: [-configs[k][p] for p in path[1:]])
@@ -1141,12 +1160,15 @@ def stopping_text(cfg: SweepConfig) -> str:
 
 def start_text(cfg: SweepConfig) -> str:
     """Where an L-BFGS lane starts, in words (run.json ``hyperparameters.start``)."""
+    linear = ("W0 and b2 from the linear probe's solution at its l2_skip (L-BFGS, gradient test; shared by the seeds), "
+              "W1, b1, W2 from its seed's initialisation")
     if not cfg.warm_path:
-        return "every lane from its seed's initialisation"
+        return f"every lane: {linear}" if cfg.linear_start else "every lane from its seed's initialisation"
     path = " x ".join(cfg.warm_path)
-    first = ("W0 and b2 from the linear probe's solution at its l2_skip (L-BFGS, gradient test; shared by the seeds), "
-             "W1, b1, W2 from its seed's initialisation" if cfg.linear_start else "from its seed's initialisation")
-    return f"from the same seed's solution at the next larger {path}; the largest: {first}"
+    first = linear if cfg.linear_start else "from its seed's initialisation"
+    side = "smaller" if cfg.warm_ascending else "larger"
+    end = "the smallest" if cfg.warm_ascending else "the largest"
+    return f"from the same seed's solution at the next {side} {path}; {end}: {first}"
 
 
 def _hyperparameters(cfg: SweepConfig, best: dict, multilabel: bool = False) -> dict:

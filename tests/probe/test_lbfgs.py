@@ -418,17 +418,17 @@ def test_the_validation_loss_every_k_iterations_changes_nothing_else(small):
     assert b.best_val_loss == b.val_loss[-1]
 
 
-def test_the_skip_mlps_chains_start_from_the_linear_probe(small):
-    """The default skip-MLP sweep (warm starts): one chain per (width, l2_skip) along l2, its first
-    lane starting W0 and b2 from the linear probe's solution at that l2_skip and W1, b1, W2 from
-    the seed's initialisation, the next lane from the first's solution. Against the plain loop:
-    the linear probe solved from the first seed's initialisation with the linear recipe, then
-    each lane of the chain from the start described, at its own width."""
+def test_the_skip_mlps_lanes_start_from_the_linear_probe(small):
+    """The default skip-MLP sweep (``--warm-start``): every lane alone, starting W0 and b2 from the
+    linear probe's solution at its l2_skip and W1, b1, W2 from its seed's initialisation (no chain
+    along l2: from a large l2 the branch died and stayed dead). Against the plain loop: the linear
+    probe solved from the first seed's initialisation with the linear recipe, then each lane from
+    the start described, at its own width."""
     x, y = small
     cfg = SweepConfig(method="mlp", hiddens=(3,), l2s=(1e-2, 1.0), l2s_skip=(1e-1, 1e-3), seeds=(4, 7), max_iter=20,
                       ftol=1e-3, standardize=False)
     res = run_sweep(x, y, 3, cfg)
-    assert res.timings["warm_start_chains"] == 2 and res.timings["linear_start_lanes"] == 2
+    assert res.timings["warm_start_chains"] == 4 and res.timings["linear_start_lanes"] == 2
     linear = train.Recipe(n_classes=3, solver="lbfgs", max_iter=1000)  # the linear probe's defaults (ftol 0)
     mlp = train.Recipe(n_classes=3, max_hidden=3, solver="lbfgs", max_iter=20, skip=True, ftol=1e-3)
     data = lambda l2, l2_skip: (jnp.asarray(x["train"]), jnp.asarray(y["train"]), jnp.float32(l2), jnp.float32(l2_skip))  # noqa: E731
@@ -437,15 +437,15 @@ def test_the_skip_mlps_chains_start_from_the_linear_probe(small):
         init = train.init_params(jax.random.split(jax.random.PRNGKey(4))[0], 8, linear, jnp.int32(0))
         solved, _ = plain_lbfgs(_objective, init, data(l2_skip, 0.0), linear)  # "w", "b": the linear probe
         for i, seed in enumerate(cfg.seeds):
-            params = dict(train.init_params(jax.random.split(jax.random.PRNGKey(seed))[0], 8, mlp, jnp.int32(3)),
-                          w0=solved["w"], b2=solved["b"])
-            for l2 in (1.0, 1e-2):  # the chain: the largest l2 first
+            start = dict(train.init_params(jax.random.split(jax.random.PRNGKey(seed))[0], 8, mlp, jnp.int32(3)),
+                         w0=solved["w"], b2=solved["b"])
+            for l2 in cfg.l2s:  # each lane from the same start
                 k = next(k for k, c in enumerate(configs) if c["l2"] == l2 and c["l2_skip"] == l2_skip)
-                params, iterations = plain_lbfgs(_objective, params, data(l2, l2_skip), mlp)
+                params, iterations = plain_lbfgs(_objective, start, data(l2, l2_skip), mlp)
                 probs = np.asarray(jax.nn.softmax(_forward(params, x["test"])))
                 np.testing.assert_allclose(res.test_probs[i, k], probs, atol=1e-3, err_msg=f"{seed} {l2} {l2_skip}")
                 assert abs(int(res.best_epoch[i, k]) - iterations) <= 1  # float noise may shift the last test
-    # The start is not the cold one: started cold, the chains' first lanes end elsewhere.
+    # The start is not the cold one: started cold, the lanes end elsewhere.
     cold = run_sweep(x, y, 3, dataclasses.replace(cfg, warm_start=False))
     assert np.abs(cold.test_probs - res.test_probs).max() > 1e-2
 
@@ -466,3 +466,55 @@ def test_the_optax_engine_kept_for_benchmarks_reaches_the_same_optimum(small, mo
     assert not np.array_equal(old.train_loss, lean.train_loss)  # two engines ran: different paths
     np.testing.assert_allclose(old.test_probs, lean.test_probs, atol=1e-3)
     np.testing.assert_allclose(old.train_loss[-1], lean.train_loss[-1], rtol=1e-5)
+
+
+def _xor(seed: int, sizes: dict, dim: int = 8):
+    """A planted non-linear signal: the label is the XOR of the signs of features 0 and 1, the
+    other features noise. No linear probe beats chance; a one-hidden-layer ReLU MLP can."""
+    rng = np.random.default_rng(seed)
+    x = {s: rng.normal(size=(n, dim)).astype(np.float32) for s, n in sizes.items()}
+    return x, {s: ((a[:, 0] > 0) ^ (a[:, 1] > 0)).astype(np.int32) for s, a in x.items()}
+
+
+@pytest.mark.parametrize("default", [True, False])
+def test_the_skip_mlps_relu_branch_is_alive_where_it_pays(monkeypatch, default):
+    """On a planted XOR signal the skip MLP at the small l2 must beat the linear probe on
+    validation, with its branch clearly on (||W2||_F read from the lanes' final parameters). By
+    default every lane starts its branch from its seed's initialisation (``WARM_PATHS``). The
+    chains before issue 27's fourth round (``default`` False: along l2 from the largest down, W0,
+    b2 of the first lane from the linear probe) fail: l2 = 1 drives W1, W2 to ~0, a stationary
+    point, and the small l2 inherits a dead branch, a linear probe in disguise. They are run here
+    too and must fail the same checks, so the data is known to tell the two apart."""
+    from cxrfair.probe import sweep
+
+    if not default:
+        monkeypatch.setitem(sweep.WARM_PATHS, "mlp+skip", ("l2",))
+    norms = []  # (l2, ||W2||_F) of each MLP lane, from its program's final parameters
+    program_of = sweep._lane_program
+
+    def recording(recipe, shapes, mesh):
+        program = program_of(recipe, shapes, mesh)
+        if recipe.max_hidden == 0:
+            return program
+
+        def run(keys, hyper, data, start, warm):
+            out, params = program(keys, hyper, data, start, warm)
+            norms.extend(zip(np.asarray(hyper.l2), np.linalg.norm(np.asarray(params["w2"]), axis=(1, 2))))
+            return out, params
+        return run
+
+    monkeypatch.setattr(sweep, "_lane_program", recording)
+    x, y = _xor(0, {"train": 300, "val": 150, "test": 150})
+    cfg = SweepConfig(method="mlp", hiddens=(16,), l2s=(1e-2, 1.0), l2s_skip=(1e-3,), seeds=(0,))
+    res = run_sweep(x, y, 2, cfg)
+    linear = run_sweep(x, y, 2, SweepConfig(seeds=(0,)))
+    val_acc = (res.val_probs.argmax(-1) == y["val"]).mean(-1)[0]  # (K,)
+    linear_val = (linear.val_probs[0, linear.selected].argmax(-1) == y["val"]).mean()
+    small = next(k for k, c in enumerate(res.configs) if c["l2"] == 1e-2)
+    w2_small = [w for l2, w in norms if np.isclose(l2, 1e-2)]
+    assert len(w2_small) == 1 and len(norms) == 2
+    assert linear_val < 0.65, "the planted signal must be invisible to a linear probe"
+    alive = val_acc[small] > linear_val + 0.2 and w2_small[0] > 0.5
+    assert alive == default, (default, val_acc, linear_val, norms)
+    if default:  # selected on validation, and it generalises
+        assert res.selected == small and _test_accuracy(res, y) > 0.8

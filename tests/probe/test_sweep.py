@@ -48,8 +48,15 @@ def test_run_json_names_the_architecture_and_the_stopping_rule():
     assert plain["ftol"] == 1e-5 and "1e-05 * max(|f|, 1)" in plain["stopping"] and "300 iterations" in plain["stopping"]
     skip = _hyperparameters(SweepConfig(method="mlp"), best | {"l2_skip": 1e-4})
     assert skip["architecture"] == "mlp+skip" and skip["l2_skip"] == 1e-4 and skip["grid"]["l2_skip"] == list(L2_SKIP_GRID)
+    # Where lanes start: the skip MLP's every lane from the linear probe and its seed (no chain);
+    # the plain MLP's and the linear probe's chains from the largest l2 down.
+    assert skip["warm_start"] == [] and skip["start"].startswith("every lane: W0 and b2 from the linear probe")
+    assert plain["warm_start"] == ["l2"] and "next larger l2; the largest: from its seed's" in plain["start"]
+    cold = _hyperparameters(SweepConfig(method="mlp", warm_start=False), best | {"l2_skip": 1e-4})
+    assert cold["start"] == "every lane from its seed's initialisation"
     linear = _hyperparameters(SweepConfig(), best | {"hidden": 0})
     assert linear["architecture"] == "linear" and linear["ftol"] == 0 and "max(|f|" not in linear["stopping"]
+    assert "next larger l2; the largest" in linear["start"]
     adamw = _hyperparameters(SweepConfig(method="mlp", solver="adamw"), best)
     assert adamw["architecture"] == "mlp+skip" and "stopping" not in adamw
 
@@ -87,7 +94,7 @@ def test_parameter_counts():
     assert count_params(512, 6, 256, skip=True) == 512 * 256 + 256 + 256 * 6 + 6 + 512 * 6
 
 
-def test_warm_start_chains_walk_each_penalty_path_from_the_largest_value():
+def test_warm_start_chains_walk_the_linear_path_down_and_the_mlps_path_up():
     from cxrfair.probe.sweep import warm_start_chains
 
     linear = SweepConfig(l2s=(1e-3, 1e-1, 1e-2))
@@ -97,14 +104,18 @@ def test_warm_start_chains_walk_each_penalty_path_from_the_largest_value():
     assert SweepConfig(solver="adamw").warm_path == ()  # AdamW lanes never chain
     mlp = SweepConfig(method="mlp", hiddens=(4, 8), l2s=(0.01, 1.0), l2s_skip=(1e-5, 1e-3))
     configs = mlp.configurations()
-    chains = warm_start_chains(configs, mlp.warm_path)
-    walk = [[(configs[k]["hidden"], configs[k]["l2"], configs[k]["l2_skip"]) for k in chain] for chain in chains]
-    # One chain per (width, l2_skip) (widths never share parameters; each l2_skip's chain starts from
-    # the linear probe at that l2_skip), along l2, largest first.
-    assert mlp.warm_path == ("l2",) and mlp.linear_start
-    assert walk == [[(4, 1.0, 1e-5), (4, 0.01, 1e-5)], [(4, 1.0, 1e-3), (4, 0.01, 1e-3)],
-                    [(8, 1.0, 1e-5), (8, 0.01, 1e-5)], [(8, 1.0, 1e-3), (8, 0.01, 1e-3)]]
-    assert sorted(k for chain in chains for k in chain) == list(range(len(configs)))
+    # The plain MLP walks l2 from the largest down, one chain per width, like the linear probe;
+    # ``ascending`` (WARM_ASCENDING, empty by default) walks it up.
+    plain = SweepConfig(method="mlp", architecture="plain", hiddens=(4, 8), l2s=(0.01, 0.1, 1.0))
+    walk = [[(plain.configurations()[k]["hidden"], plain.configurations()[k]["l2"]) for k in chain]
+            for chain in warm_start_chains(plain.configurations(), plain.warm_path, plain.warm_ascending)]
+    assert plain.warm_path == ("l2",) and not plain.warm_ascending and not linear.warm_ascending and not plain.linear_start
+    assert walk == [[(4, 1.0), (4, 0.1), (4, 0.01)], [(8, 1.0), (8, 0.1), (8, 0.01)]]
+    up = warm_start_chains(plain.configurations(), plain.warm_path, True)
+    assert warm_start_chains(plain.configurations(), plain.warm_path) == [chain[::-1] for chain in up]
+    # The skip MLP does not chain: every lane alone, W0 and b2 from the linear probe at its l2_skip.
+    assert mlp.warm_path == () and mlp.linear_start
+    assert warm_start_chains(configs, mlp.warm_path, mlp.warm_ascending) == [[k] for k in range(len(configs))]
     # Two keys still snake: (l2, l2_skip), the second down then up.
     two = warm_start_chains(configs, ("l2", "l2_skip"))
     assert [[(configs[k]["l2"], configs[k]["l2_skip"]) for k in chain] for chain in two][0] == \
