@@ -4,7 +4,6 @@ selection and runs follow CONTRACTS ("Mitigations"), and groupdro / reweight hel
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,9 +14,8 @@ from click.testing import CliRunner
 
 from cxrfair.core.runs import read_runs
 from cxrfair.cli import main
-from cxrfair.errors import CxrfairError
 from cxrfair.extract.cache import write_cache
-from cxrfair.probe import objectives, train
+from cxrfair.probe import train
 from cxrfair.probe.sweep import SweepConfig, mitigation_spec, run_sweep, select_config
 from tests.probe.erm_golden import COMMANDS, GOLDEN, erm_outputs
 from tests.probe.synth import CLASSES, cohort_table, make_cache

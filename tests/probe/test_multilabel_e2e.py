@@ -4,7 +4,6 @@ cache -> zero-shot and linear probe -> analysis with per-condition, per-group AU
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from cxrfair.analysis.analyze import AnalyzeConfig, compute
