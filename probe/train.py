@@ -64,6 +64,7 @@ import optax
 
 import cxrfair.probe.lbfgs as lbfgs
 import cxrfair.probe.objectives as objectives
+from cxrfair.errors import CxrfairError
 
 # AdamW moments as in PyTorch's defaults, so the paper's recipe means the same thing here.
 ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8
@@ -514,6 +515,8 @@ def lbfgs_solver() -> optax.GradientTransformationExtraArgs:
 # previous one, for benchmarks/probe_lbfgs_engine.py to time side by side). Read once at import: a
 # process trains with one engine (its compiled programs are cached by recipe, not by engine).
 ENGINE = os.environ.get("CXRFAIR_LBFGS_ENGINE", "lean")
+if ENGINE not in ("lean", "optax"):
+    raise CxrfairError(f"CXRFAIR_LBFGS_ENGINE={ENGINE!r}: expected lean (the default) or optax (the benchmarks' baseline); unset it")
 
 # What run.json records of the engine (``cxrfair.probe.sweep``'s hyperparameters).
 LBFGS_RECORD = ({"memory_size": lbfgs.MEMORY, "linesearch": lbfgs.LINESEARCH} if ENGINE == "lean" else

@@ -518,3 +518,21 @@ def test_the_skip_mlps_relu_branch_is_alive_where_it_pays(monkeypatch, default):
     assert alive == default, (default, val_acc, linear_val, norms)
     if default:  # selected on validation, and it generalises
         assert res.selected == small and _test_accuracy(res, y) > 0.8
+
+
+def test_an_unknown_lbfgs_engine_is_refused(tmp_path):
+    """``CXRFAIR_LBFGS_ENGINE`` other than lean / optax: one line naming the variable and the fix, exit 1,
+    nothing written (read at import, in a fresh process)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.probe.synth import make_cache
+
+    cache = make_cache(tmp_path / "c.h5")[0]
+    env = {**os.environ, "CXRFAIR_LBFGS_ENGINE": "zoom", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-m", "cxrfair", "probe", "linear", "--cache", str(cache), "--out",
+                          str(tmp_path / "runs")], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "CXRFAIR_LBFGS_ENGINE='zoom'" in out.stderr + out.stdout
+    assert not (tmp_path / "runs").exists()
